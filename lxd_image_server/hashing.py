@@ -1,0 +1,357 @@
+"""sha256 of every published file and the combined fingerprints, cached on disk.
+
+The only step whose cost grows with the bytes on disk. Each file is read once; when a root
+filesystem needs both its own sha256 and one or more combined fingerprints
+(sha256(metadata bytes + root bytes)), every chunk read is fed to one hashing thread per digest,
+so two cores compute both in the time one needs for one (hashlib releases the GIL).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import queue
+import sqlite3
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from .layout import Role
+from .scan import FileStat, ScannedVersion
+
+log = logging.getLogger(__name__)
+
+CHUNK = 1 << 20
+Progress = Callable[[int], None]
+Identity = tuple[str, int, int, int, int, int]
+
+
+class Hasher(Protocol):
+    def update(self, data: bytes | memoryview, /) -> None: ...
+    def hexdigest(self) -> str: ...
+    def copy(self) -> Any: ...
+
+
+def _no_progress(_: int) -> None:
+    return None
+
+
+class FileChanged(Exception):
+    """The file changed or vanished while it was being hashed."""
+
+
+# -- the cache ---------------------------------------------------------------------------------
+
+
+class HashCache:
+    """sqlite3 cache: a digest is reused only while path, device, inode, size, mtime and ctime
+    all match, so any write, truncation, replacement or rename of a file invalidates it."""
+
+    SCHEMA = """
+    CREATE TABLE IF NOT EXISTS files (
+        path TEXT PRIMARY KEY, dev INTEGER, inode INTEGER, size INTEGER,
+        mtime_ns INTEGER, ctime_ns INTEGER, sha256 TEXT NOT NULL);
+    CREATE TABLE IF NOT EXISTS combined (
+        meta_path TEXT, root_path TEXT, meta_ident TEXT, root_ident TEXT, sha256 TEXT NOT NULL,
+        PRIMARY KEY (meta_path, root_path));
+    """
+
+    def __init__(self, path: str | None) -> None:
+        """`path` None keeps the cache in memory (nothing persists)."""
+        self.path = path
+        self._db: sqlite3.Connection | None = None
+        try:
+            if path is not None:
+                os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+            self._db = sqlite3.connect(path or ":memory:", timeout=60, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.executescript(self.SCHEMA)
+        except (OSError, sqlite3.Error) as e:
+            log.warning("hash cache %s unusable (%s); hashing everything", path, e)
+            self._db = None
+
+    def close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+    def _query(self, sql: str, args: Sequence[Any]) -> Any:
+        if self._db is None:
+            return None
+        try:
+            return self._db.execute(sql, args).fetchone()
+        except sqlite3.Error as e:
+            log.warning("hash cache read failed (%s); hashing instead", e)
+            return None
+
+    def _write(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
+        if self._db is None:
+            return
+        try:
+            with self._db:
+                self._db.execute("BEGIN")
+                self._db.executemany(sql, rows)
+        except sqlite3.Error as e:
+            log.warning("hash cache write failed (%s); results not cached", e)
+
+    def get(self, f: FileStat) -> str | None:
+        row = self._query(
+            "SELECT dev, inode, size, mtime_ns, ctime_ns, sha256 FROM files WHERE path = ?",
+            (f.path,),
+        )
+        if row and tuple(row[:5]) == f.identity[1:]:
+            return str(row[5])
+        return None
+
+    def get_combined(self, meta: FileStat, root: FileStat) -> str | None:
+        row = self._query(
+            "SELECT meta_ident, root_ident, sha256 FROM combined "
+            "WHERE meta_path = ? AND root_path = ?",
+            (meta.path, root.path),
+        )
+        if row and row[0] == _ident(meta) and row[1] == _ident(root):
+            return str(row[2])
+        return None
+
+    def put_many(
+        self,
+        files: Iterable[tuple[FileStat, str]],
+        combined: Iterable[tuple[FileStat, FileStat, str]],
+    ) -> None:
+        self._write(
+            "INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?, ?)",
+            [(*f.identity, d) for f, d in files],
+        )
+        self._write(
+            "INSERT OR REPLACE INTO combined VALUES (?, ?, ?, ?, ?)",
+            [(m.path, r.path, _ident(m), _ident(r), d) for m, r, d in combined],
+        )
+
+    def forget_except(self, keep_paths: set[str]) -> None:
+        """Drops entries of files no longer in the tree (after a full scan)."""
+        if self._db is None:
+            return
+        try:
+            rows = self._db.execute("SELECT path FROM files").fetchall()
+            gone = [(p,) for (p,) in rows if p not in keep_paths]
+            rows = self._db.execute("SELECT meta_path, root_path FROM combined").fetchall()
+            gone_c = [(m, r) for (m, r) in rows if m not in keep_paths or r not in keep_paths]
+            with self._db:
+                self._db.execute("BEGIN")
+                self._db.executemany("DELETE FROM files WHERE path = ?", gone)
+                self._db.executemany(
+                    "DELETE FROM combined WHERE meta_path = ? AND root_path = ?", gone_c
+                )
+        except sqlite3.Error as e:
+            log.warning("hash cache cleanup failed (%s)", e)
+
+
+def _ident(f: FileStat) -> str:
+    return ":".join(str(x) for x in f.identity[1:])
+
+
+# -- hashing one file into several digests ------------------------------------------------------
+
+
+def _same_file(f: FileStat, st: os.stat_result) -> bool:
+    return (st.st_ino, st.st_size, st.st_mtime_ns) == (f.inode, f.size, f.mtime_ns)
+
+
+def hash_file(f: FileStat, sinks: Sequence[Hasher], progress: Progress = _no_progress) -> None:
+    """Feeds every byte of `f` to each sink, in parallel when there are several.
+
+    Raises FileChanged if the file is not the one scanned, or changes while being read.
+    """
+    try:
+        fd = os.open(f.path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        raise FileChanged(f"cannot open it ({e.strerror})") from e
+    with os.fdopen(fd, "rb", buffering=0) as fh:
+        if not _same_file(f, os.fstat(fd)):
+            raise FileChanged("it changed since it was scanned")
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        if len(sinks) == 1:
+            _feed_one(fh, sinks[0], progress)
+        else:
+            _feed_many(fh, sinks, progress)
+        st = os.fstat(fd)
+    if not _same_file(f, st) or st.st_ctime_ns != f.ctime_ns:
+        raise FileChanged("it was modified while being hashed")
+
+
+def _feed_one(fh: Any, sink: Hasher, progress: Progress) -> None:
+    buf = bytearray(CHUNK)
+    view = memoryview(buf)
+    while n := fh.readinto(buf):
+        sink.update(view[:n])
+        progress(n)
+
+
+def _feed_many(fh: Any, sinks: Sequence[Hasher], progress: Progress) -> None:
+    queues: list[queue.Queue[bytes | None]] = [queue.Queue(maxsize=8) for _ in sinks]
+
+    def consume(q: queue.Queue[bytes | None], sink: Hasher) -> None:
+        while (chunk := q.get()) is not None:
+            sink.update(chunk)
+
+    threads = [
+        threading.Thread(target=consume, args=(q, s), daemon=True, name="sha256")
+        for q, s in zip(queues, sinks, strict=True)
+    ]
+    for t in threads:
+        t.start()
+    try:
+        while chunk := fh.read(CHUNK):
+            for q in queues:
+                q.put(chunk)
+            progress(len(chunk))
+    finally:
+        for q in queues:
+            q.put(None)
+        for t in threads:
+            t.join()
+
+
+# -- hashing versions ----------------------------------------------------------------------------
+
+
+@dataclass
+class Digests:
+    """sha256 by file path, and combined fingerprints by (metadata path, root path)."""
+
+    files: dict[str, str] = field(default_factory=dict)
+    combined: dict[tuple[str, str], str] = field(default_factory=dict)
+    #: Files that could not be hashed this time (changed or vanished); left out of the catalog.
+    failed: set[str] = field(default_factory=set)
+
+
+@dataclass
+class _Plan:
+    file: FileStat
+    need_plain: bool
+    #: metadata files whose combined fingerprint with this root is needed
+    combine_with: list[FileStat] = field(default_factory=list)
+
+
+class HashEngine:
+    def __init__(self, cache: HashCache, workers: int | None = None) -> None:
+        self.cache = cache
+        self.workers = workers or min(8, os.cpu_count() or 1)
+
+    def digest(
+        self,
+        versions: Iterable[ScannedVersion],
+        rehash: bool = False,
+        progress_start: Callable[[int], Progress] | None = None,
+    ) -> Digests:
+        """Digests for every file of `versions`, from the cache where still valid.
+
+        `progress_start(total_bytes)` is called once if anything must be read, and returns
+        the callback that receives byte counts as they are hashed.
+        """
+        out = Digests()
+        metas: dict[str, _Plan] = {}
+        roots: dict[str, _Plan] = {}
+        for v in versions:
+            vmetas = [f for f in v.files.values() if f.role.role is Role.META]
+            for f in v.files.values():
+                cached = None if rehash else self.cache.get(f)
+                if cached:
+                    out.files[f.path] = cached
+                plan = _Plan(f, need_plain=cached is None)
+                if f.role.role is Role.ROOT:
+                    for m in vmetas:
+                        c = None if rehash else self.cache.get_combined(m, f)
+                        if c:
+                            out.combined[(m.path, f.path)] = c
+                        else:
+                            plan.combine_with.append(m)
+                    if plan.need_plain or plan.combine_with:
+                        roots[f.path] = plan
+                elif plan.need_plain:
+                    metas[f.path] = plan
+        # metadata files that prime a combined hash are read again even when cached
+        for r in roots.values():
+            for m in r.combine_with:
+                metas.setdefault(m.path, _Plan(m, need_plain=False))
+        if not metas and not roots:
+            return out
+        total = sum(p.file.size for p in (*metas.values(), *roots.values()))
+        progress = progress_start(total) if progress_start else _no_progress
+        lock = threading.Lock()
+
+        def safe_progress(n: int) -> None:
+            with lock:
+                progress(n)
+
+        # Phase 1: metadata tarballs and unified tarballs (their state primes the combined).
+        primed: dict[str, Hasher] = {}
+        with ThreadPoolExecutor(self.workers, thread_name_prefix="hash") as pool:
+            results = list(pool.map(lambda p: self._run_plain(p, safe_progress), metas.values()))
+        for plan, hasher in zip(metas.values(), results, strict=True):
+            if hasher is None:
+                out.failed.add(plan.file.path)
+                continue
+            primed[plan.file.path] = hasher
+            out.files[plan.file.path] = hasher.hexdigest()
+        # Phase 2: roots, each read once into its own sha256 and every combined fingerprint.
+        with ThreadPoolExecutor(self.workers, thread_name_prefix="hash") as pool:
+            root_results = list(
+                pool.map(lambda p: self._run_root(p, primed, safe_progress), roots.values())
+            )
+        new_files = [
+            (p.file, out.files[p.file.path])
+            for p in metas.values()
+            if p.file.path in out.files and p.need_plain
+        ]
+        new_combined = []
+        for plan, res in zip(roots.values(), root_results, strict=True):
+            if res is None:
+                out.failed.add(plan.file.path)
+                continue
+            plain, combined = res
+            if plain is not None:
+                out.files[plan.file.path] = plain
+                new_files.append((plan.file, plain))
+            for meta, digest in combined:
+                out.combined[(meta.path, plan.file.path)] = digest
+                new_combined.append((meta, plan.file, digest))
+        self.cache.put_many(new_files, new_combined)
+        return out
+
+    @staticmethod
+    def _run_plain(plan: _Plan, progress: Progress) -> Hasher | None:
+        h = hashlib.sha256()
+        try:
+            hash_file(plan.file, [h], progress)
+        except FileChanged as e:
+            log.warning("not publishing %s yet: %s", plan.file.path, e)
+            return None
+        return h
+
+    @staticmethod
+    def _run_root(
+        plan: _Plan, primed: dict[str, Hasher], progress: Progress
+    ) -> tuple[str | None, list[tuple[FileStat, str]]] | None:
+        sinks: list[Hasher] = []
+        plain = hashlib.sha256() if plan.need_plain else None
+        if plain is not None:
+            sinks.append(plain)
+        combos = [(m, primed[m.path].copy()) for m in plan.combine_with if m.path in primed]
+        sinks.extend(h for _, h in combos)
+        if not sinks:
+            return (None, [])
+        try:
+            hash_file(plan.file, sinks, progress)
+        except FileChanged as e:
+            log.warning("not publishing %s yet: %s", plan.file.path, e)
+            return None
+        return (
+            plain.hexdigest() if plain is not None else None,
+            [(m, h.hexdigest()) for m, h in combos],
+        )

@@ -1,0 +1,183 @@
+"""The image tree's layout: path <-> version key, file name -> role.
+
+images/<os>/<release>/<arch>/<variant>/<serial>/<file>
+
+Everything here is pure: no file system access.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from enum import Enum
+
+#: Number of directory levels between images/ and a version's files.
+VERSION_DEPTH = 5
+
+#: Architecture names the LXD and Incus clients understand (shared/osarch in both). A product
+#: with any other arch is silently dropped by the clients, so we refuse it loudly instead.
+KNOWN_ARCHES = frozenset(
+    {
+        "amd64", "x86_64",
+        "arm64", "aarch64",
+        "armhf", "armel", "arm", "armv6l", "armv7l", "armv8l",
+        "i386", "i686", "386",
+        "ppc", "powerpc", "ppc64", "ppc64el", "ppc64le",
+        "s390x",
+        "mips", "mips64", "mipsel", "mips64el",
+        "riscv32", "riscv64",
+        "loongarch64", "loong64",
+    }
+)  # fmt: skip
+
+# YYYYMMDD_HH:MM (the seeds'), YYYYMMDD_HHMM, YYYYMMDDHHMM.
+_SERIAL_RE = re.compile(
+    r"^(?P<y>\d{4})(?P<m>\d{2})(?P<d>\d{2})(?:_(?P<h1>\d{2}):?(?P<n1>\d{2})|(?P<h2>\d{2})(?P<n2>\d{2}))$"
+)
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+~-]*$")
+
+#: Suffixes of files still being written by some tool; never published.
+TEMP_SUFFIXES = (".part", ".tmp", ".partial", ".filepart", ".swp")
+
+
+class LayoutError(ValueError):
+    """A path under images/ that does not fit the layout; the message says why."""
+
+
+class Role(Enum):
+    """What a file in a version directory is for."""
+
+    META = "metadata tarball"
+    ROOT = "root filesystem"
+    UNIFIED = "unified tarball"
+    OVERRIDES = "metadata.json"
+
+
+@dataclass(frozen=True)
+class FileRole:
+    role: Role
+    #: The simplestreams ftype (for META: the client the file was named for).
+    ftype: str
+    #: Lower sorts first when several files could fill the same slot.
+    preference: int = 0
+
+
+# Metadata tarballs: one file serves both clients (listed once per ftype).
+_META = {"lxd.tar.xz": 0, "incus.tar.xz": 1}
+# Root filesystems: file name -> (ftype, preference among names of that ftype).
+_ROOTS = {
+    "rootfs.squashfs": ("squashfs", 0),
+    "root.squashfs": ("squashfs", 1),
+    "root.tar.xz": ("root.tar.xz", 0),
+    "rootfs.tar.xz": ("root.tar.xz", 1),
+    "disk.qcow2": ("disk-kvm.img", 0),
+    "disk-kvm.img": ("disk-kvm.img", 1),
+    "rootfs.img": ("disk-kvm.img", 2),
+}
+OVERRIDES_NAME = "metadata.json"
+
+#: Item key prefix and combined-fingerprint fields on the metadata item, per root ftype.
+COMBINED_FIELDS: dict[str, tuple[str, ...]] = {
+    "squashfs": ("combined_squashfs_sha256",),
+    "root.tar.xz": ("combined_rootxz_sha256", "combined_sha256"),
+    "disk-kvm.img": ("combined_disk-kvm-img_sha256",),
+}
+VM_FTYPES = frozenset({"disk-kvm.img"})
+
+
+@dataclass(frozen=True, order=True)
+class VersionKey:
+    """Where one image version lives: images/<os>/<release>/<arch>/<variant>/<serial>/."""
+
+    os: str
+    release: str
+    arch: str
+    variant: str
+    serial: str
+
+    @property
+    def product(self) -> str:
+        return f"{self.os}:{self.release}:{self.arch}:{self.variant}"
+
+    @property
+    def relpath(self) -> str:
+        """Path of the version directory relative to images/."""
+        return "/".join((self.os, self.release, self.arch, self.variant, self.serial))
+
+
+def is_ignored_name(name: str) -> bool:
+    """Hidden names and temporary suffixes are never published (uploads in progress)."""
+    return name.startswith(".") or name.endswith(TEMP_SUFFIXES) or name.startswith("~")
+
+
+def valid_serial(serial: str) -> bool:
+    m = _SERIAL_RE.match(serial)
+    if not m:
+        return False
+    month, day = int(m["m"]), int(m["d"])
+    hour = int(m["h1"] or m["h2"])
+    minute = int(m["n1"] or m["n2"])
+    return 1 <= month <= 12 and 1 <= day <= 31 and hour <= 23 and minute <= 59
+
+
+def check_component(value: str, what: str) -> None:
+    if not _NAME_RE.match(value):
+        raise LayoutError(f"{what} {value!r} is not a valid name (letters, digits, . _ + ~ -)")
+
+
+def parse_version_dir(parts: tuple[str, ...] | list[str]) -> VersionKey:
+    """Path components below images/ of a version directory -> its key, or LayoutError."""
+    if len(parts) != VERSION_DEPTH:
+        raise LayoutError(
+            f"expected os/release/arch/variant/serial ({VERSION_DEPTH} levels), got {len(parts)}"
+        )
+    os_, release, arch, variant, serial = parts
+    for value, what in ((os_, "os"), (release, "release"), (variant, "variant")):
+        check_component(value, what)
+    if arch not in KNOWN_ARCHES:
+        raise LayoutError(f"unknown architecture {arch!r} (LXD and Incus would skip it)")
+    if not valid_serial(serial):
+        raise LayoutError(
+            f"bad serial {serial!r}: expected YYYYMMDD_HH:MM, YYYYMMDD_HHMM or YYYYMMDDHHMM"
+        )
+    return VersionKey(os_, release, arch, variant, serial)
+
+
+def parse_file_path(relpath: str) -> tuple[VersionKey, str]:
+    """'os/release/arch/variant/serial/file' -> (key, file name), or LayoutError.
+
+    Used by the upload paths: refuses anything that could leave the tree.
+    """
+    if "\x00" in relpath:
+        raise LayoutError("path contains a NUL byte")
+    if relpath.startswith("/"):
+        raise LayoutError("path must be relative to images/")
+    parts = relpath.split("/")
+    if any(p in ("", ".", "..") for p in parts):
+        raise LayoutError("path has an empty, '.' or '..' component")
+    if any(p.startswith(".") for p in parts):
+        raise LayoutError("path has a hidden component")
+    if len(parts) != VERSION_DEPTH + 1:
+        raise LayoutError("expected os/release/arch/variant/serial/file")
+    key = parse_version_dir(parts[:-1])
+    name = parts[-1]
+    if is_ignored_name(name) or "/" in name:
+        raise LayoutError(f"file name {name!r} is reserved for temporary files")
+    check_component(name, "file name")
+    return key, name
+
+
+def classify(name: str) -> FileRole | None:
+    """File name -> its role in a version, or None for files we do not publish."""
+    if is_ignored_name(name):
+        return None
+    if name in _META:
+        return FileRole(Role.META, name, _META[name])
+    if name in _ROOTS:
+        ftype, pref = _ROOTS[name]
+        return FileRole(Role.ROOT, ftype, pref)
+    if name == OVERRIDES_NAME:
+        return FileRole(Role.OVERRIDES, "")
+    if name.endswith(".tar.gz"):
+        return FileRole(Role.UNIFIED, "combined")
+    return None

@@ -1,0 +1,52 @@
+"""A one-line byte counter on a terminal while files are hashed."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import TextIO
+
+from .hashing import Progress
+
+
+def human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+class TerminalProgress:
+    """Call with the total to get the per-chunk callback; redraws at most 10 times a second."""
+
+    def __init__(self, stream: TextIO = sys.stderr, label: str = "hashing") -> None:
+        self.stream = stream
+        self.label = label
+        self.total = 0
+        self.done = 0
+        self.started = 0.0
+        self.drawn = 0.0
+
+    def __call__(self, total: int) -> Progress:
+        self.total, self.done = total, 0
+        self.started = self.drawn = time.monotonic()
+        return self.advance
+
+    def advance(self, n: int) -> None:
+        self.done += n
+        now = time.monotonic()
+        if now - self.drawn >= 0.1 or self.done >= self.total:
+            self.drawn = now
+            pct = 100 * self.done / self.total if self.total else 100.0
+            rate = self.done / max(now - self.started, 1e-6)
+            end = "\n" if self.done >= self.total else ""
+            self.stream.write(
+                f"\r{self.label} {human(self.done)} of {human(self.total)} "
+                f"({pct:.0f}%, {human(rate)}/s)\033[K{end}"
+            )
+            self.stream.flush()
+
+
+def for_terminal(stream: TextIO = sys.stderr) -> TerminalProgress | None:
+    return TerminalProgress(stream) if stream.isatty() else None

@@ -1,0 +1,31 @@
+"""Packaging metadata for lxd-image-server."""
+
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+setup(
+    name="lxd-image-server",
+    version="0.1.0",
+    description="Private simplestreams image server for LXD and Incus",
+    long_description=(Path(__file__).parent / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.11",
+    packages=find_packages(include=["lxd_image_server", "lxd_image_server.*"]),
+    package_data={"lxd_image_server": ["py.typed"]},
+    install_requires=[
+        "click>=8.1",
+        "inotify_simple>=1.3",
+        "pyOpenSSL>=23.0",
+        "cryptography>=38",
+    ],
+    entry_points={
+        "console_scripts": ["lxd-image-server=lxd_image_server.cli:main"],
+    },
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Operating System :: POSIX :: Linux",
+        "Topic :: System :: Systems Administration",
+    ],
+)
