@@ -1,0 +1,45 @@
+"""Small builders for unit tests: real files in a tmp tree, no mocks."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+SERIAL = "20240101_12:00"
+
+
+def version_dir(
+    img: Path, os_="busybox", release="1.35", arch="amd64", variant="default", serial=SERIAL
+) -> Path:
+    d = img / os_ / release / arch / variant / serial
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def write(path: Path, data: bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+def sha(*parts: bytes) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(p)
+    return h.hexdigest()
+
+
+def blob(n: int, seed: int = 0) -> bytes:
+    """Deterministic pseudo-random bytes."""
+    out = bytearray()
+    counter = 0
+    while len(out) < n:
+        out += hashlib.sha256(f"{seed}:{counter}".encode()).digest()
+        counter += 1
+    return bytes(out[:n])
+
+
+def make_tree(root: Path) -> Path:
+    os.makedirs(root / "images", exist_ok=True)
+    return root / "images"

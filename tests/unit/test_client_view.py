@@ -1,0 +1,123 @@
+"""What LXD and Incus clients would make of our images.json.
+
+`client_images` restates, in Python, how both clients turn products into images
+(shared/simplestreams/products.go in canonical/lxd and lxc/incus): a metadata item of the
+client's own ftype pairs with every root item of the version, a unified item stands alone, and
+the fingerprint comes from the metadata item's combined_* field. Each image's files are then
+"downloaded" from the tree and checked the way the clients (and the LXD daemon) check them.
+"""
+
+import hashlib
+import json
+
+import pytest
+
+from lxd_image_server.config import Paths
+from lxd_image_server.hashing import HashCache
+from lxd_image_server.pipeline import Pipeline
+
+from .helpers import blob, version_dir, write
+
+ROOT_FTYPES = ("disk1.img", "disk-kvm.img", "uefi1.img", "root.tar.xz", "squashfs")
+FINGERPRINT_FIELD = {
+    "squashfs": "combined_squashfs_sha256",
+    "root.tar.xz": "combined_rootxz_sha256",
+    "disk-kvm.img": "combined_disk-kvm-img_sha256",
+}
+KNOWN_ARCHES = {"amd64", "x86_64", "arm64", "aarch64"}
+
+
+def client_images(images_json, client):
+    meta_ftype = f"{client}.tar.xz"
+    unified_ftype = f"{client}_combined.tar.gz"
+    out = []
+    for product in images_json["products"].values():
+        if product["arch"] not in KNOWN_ARCHES:
+            continue
+        for serial, version in product["versions"].items():
+            if len(serial) < 8 or not serial[:8].isdigit():
+                continue
+            items = version["items"].values()
+            for item in items:
+                if item["ftype"] == unified_ftype:
+                    out.append(
+                        {
+                            "fingerprint": item["sha256"],
+                            "files": [item],
+                            "type": "container",
+                            "aliases": product["aliases"].split(","),
+                        }
+                    )
+                if item["ftype"] == meta_ftype:
+                    for root in items:
+                        if root["ftype"] in ROOT_FTYPES:
+                            fp = item.get(FINGERPRINT_FIELD[root["ftype"]], "")
+                            assert fp, f"{client}: no fingerprint for {root['ftype']}"
+                            vm = root["ftype"] in ("disk1.img", "disk-kvm.img", "uefi1.img")
+                            out.append(
+                                {
+                                    "fingerprint": fp,
+                                    "files": [item, root],
+                                    "type": "virtual-machine" if vm else "container",
+                                    "aliases": product["aliases"].split(","),
+                                }
+                            )
+    return out
+
+
+def download_and_verify(root, image):
+    combined = hashlib.sha256()
+    for item in image["files"]:
+        data = (root / item["path"]).read_bytes()
+        assert len(data) == item["size"]
+        assert hashlib.sha256(data).hexdigest() == item["sha256"]
+        combined.update(data)
+    assert combined.hexdigest() == image["fingerprint"]
+
+
+@pytest.fixture
+def published(tmp_path):
+    img = tmp_path / "images"
+    d = version_dir(img)
+    write(d / "lxd.tar.xz", blob(4000, 1))
+    write(d / "rootfs.squashfs", blob(300_000, 2))
+    write(d / "disk.qcow2", blob(200_000, 3))
+    d = version_dir(img, variant="rootxz")
+    write(d / "incus.tar.xz", blob(4100, 4))
+    write(d / "root.tar.xz", blob(250_000, 5))
+    d = version_dir(img, variant="unified")
+    write(d / "0f0f0f.tar.gz", blob(220_000, 6))
+    paths = Paths.resolve(root_dir=str(tmp_path), state_dir=str(tmp_path / "state"))
+    Pipeline(paths, HashCache(None)).update_all()
+    return tmp_path, json.loads((tmp_path / "streams/v1/images.json").read_bytes())
+
+
+@pytest.mark.parametrize("client", ["lxd", "incus"])
+def test_every_image_visible_and_verifiable(published, client):
+    root, doc = published
+    images = client_images(doc, client)
+    kinds = sorted((img["type"], img["files"][-1]["ftype"]) for img in images)
+    assert kinds == [
+        ("container", "incus_combined.tar.gz" if client == "incus" else "lxd_combined.tar.gz"),
+        ("container", "root.tar.xz"),
+        ("container", "squashfs"),
+        ("virtual-machine", "disk-kvm.img"),
+    ]
+    for image in images:
+        download_and_verify(root, image)
+
+
+def test_both_clients_see_the_same_fingerprints(published):
+    _, doc = published
+    lxd = sorted(i["fingerprint"] for i in client_images(doc, "lxd"))
+    incus = sorted(i["fingerprint"] for i in client_images(doc, "incus"))
+    assert lxd == incus
+    assert len(set(lxd)) == 4
+
+
+def test_each_client_ignores_the_other_items(published):
+    _, doc = published
+    for image in client_images(doc, "incus"):
+        assert not any(f["ftype"].startswith("lxd") for f in image["files"])
+    for image in client_images(doc, "lxd"):
+        assert not any(f["ftype"].startswith("incus") for f in image["files"])

@@ -1,0 +1,155 @@
+import os
+
+import pytest
+
+from lxd_image_server.hashing import CHUNK, FileChanged, HashCache, HashEngine, hash_file
+from lxd_image_server.scan import Scanner
+
+from .helpers import blob, sha, version_dir, write
+
+META = blob(5000, 1)
+ROOT = blob(3 * CHUNK + 12345, 2)  # several chunks, ragged end
+
+
+def scan(root):
+    return Scanner(root / "images").scan()
+
+
+def tree(root):
+    d = version_dir(root / "images")
+    write(d / "lxd.tar.xz", META)
+    write(d / "rootfs.squashfs", ROOT)
+    return d
+
+
+class Counting:
+    """Progress sink that records the bytes read."""
+
+    def __init__(self):
+        self.total = None
+        self.read = 0
+
+    def start(self, total):
+        self.total = total
+        return self.add
+
+    def add(self, n):
+        self.read += n
+
+
+def test_digests_and_combined(tmp_path):
+    d = tree(tmp_path)
+    digests = HashEngine(HashCache(None)).digest(scan(tmp_path))
+    assert digests.files[str(d / "lxd.tar.xz")] == sha(META)
+    assert digests.files[str(d / "rootfs.squashfs")] == sha(ROOT)
+    assert digests.combined[(str(d / "lxd.tar.xz"), str(d / "rootfs.squashfs"))] == sha(META, ROOT)
+
+
+def test_cache_persists_and_skips_unchanged(tmp_path):
+    tree(tmp_path)
+    db = str(tmp_path / "state" / "hashes.sqlite3")
+    first = Counting()
+    HashEngine(HashCache(db)).digest(scan(tmp_path), progress_start=first.start)
+    assert first.read == len(META) + len(ROOT)
+    again = Counting()
+    digests = HashEngine(HashCache(db)).digest(scan(tmp_path), progress_start=again.start)
+    assert again.total is None  # nothing to read at all
+    assert len(digests.files) == 2
+    assert len(digests.combined) == 1
+
+
+def test_rehash_ignores_cache(tmp_path):
+    tree(tmp_path)
+    db = str(tmp_path / "hashes.sqlite3")
+    HashEngine(HashCache(db)).digest(scan(tmp_path))
+    c = Counting()
+    HashEngine(HashCache(db)).digest(scan(tmp_path), rehash=True, progress_start=c.start)
+    assert c.read == len(META) + len(ROOT)
+
+
+@pytest.mark.parametrize("how", ["rewrite_same_size", "append", "replace"])
+def test_any_change_invalidates(tmp_path, how):
+    d = tree(tmp_path)
+    db = str(tmp_path / "hashes.sqlite3")
+    HashEngine(HashCache(db)).digest(scan(tmp_path))
+    root = d / "rootfs.squashfs"
+    st = root.stat()
+    new = bytearray(ROOT)
+    new[100] ^= 0xFF
+    if how == "rewrite_same_size":
+        with open(root, "r+b") as f:
+            f.seek(100)
+            f.write(bytes(new[100:101]))
+        os.utime(root, ns=(st.st_atime_ns, st.st_mtime_ns))  # same mtime: ctime still moves
+    elif how == "append":
+        new = bytearray(ROOT + b"x")
+        root.write_bytes(new)
+    else:
+        tmp = d / ".new"
+        tmp.write_bytes(new)
+        os.replace(tmp, root)
+    digests = HashEngine(HashCache(db)).digest(scan(tmp_path))
+    assert digests.files[str(root)] == sha(bytes(new))
+    assert digests.combined[(str(d / "lxd.tar.xz"), str(root))] == sha(META, bytes(new))
+
+
+def test_meta_change_recomputes_combined_only_needing_one_read_of_root(tmp_path):
+    d = tree(tmp_path)
+    db = str(tmp_path / "hashes.sqlite3")
+    HashEngine(HashCache(db)).digest(scan(tmp_path))
+    new_meta = blob(4000, 7)
+    (d / "lxd.tar.xz").write_bytes(new_meta)
+    c = Counting()
+    digests = HashEngine(HashCache(db)).digest(scan(tmp_path), progress_start=c.start)
+    assert c.read == len(new_meta) + len(ROOT)
+    assert digests.combined[(str(d / "lxd.tar.xz"), str(d / "rootfs.squashfs"))] == sha(
+        new_meta, ROOT
+    )
+
+
+def test_file_replaced_after_scan_is_not_trusted(tmp_path):
+    d = tree(tmp_path)
+    versions = scan(tmp_path)
+    (d / "rootfs.squashfs").write_bytes(b"short now")
+    digests = HashEngine(HashCache(None)).digest(versions)
+    assert str(d / "rootfs.squashfs") in digests.failed
+    assert str(d / "rootfs.squashfs") not in digests.files
+
+
+def test_vanished_file(tmp_path):
+    d = tree(tmp_path)
+    versions = scan(tmp_path)
+    (d / "rootfs.squashfs").unlink()
+    digests = HashEngine(HashCache(None)).digest(versions)
+    assert str(d / "rootfs.squashfs") in digests.failed
+
+
+def test_hash_file_detects_identity_mismatch(tmp_path):
+    d = tree(tmp_path)
+    (f,) = [f for f in scan(tmp_path)[0].files.values() if f.name == "rootfs.squashfs"]
+    os.truncate(d / "rootfs.squashfs", 10)
+    with pytest.raises(FileChanged):
+        import hashlib
+
+        hash_file(f, [hashlib.sha256()])
+
+
+def test_unusable_cache_still_hashes(tmp_path, caplog):
+    tree(tmp_path)
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("x")
+    digests = HashEngine(HashCache(str(blocker / "hashes.sqlite3"))).digest(scan(tmp_path))
+    assert len(digests.files) == 2
+    assert "hash cache" in caplog.text
+
+
+def test_forget_except_prunes(tmp_path):
+    d = tree(tmp_path)
+    cache = HashCache(str(tmp_path / "h.sqlite3"))
+    HashEngine(cache).digest(scan(tmp_path))
+    cache.forget_except({str(d / "lxd.tar.xz")})
+    (meta,) = [f for f in scan(tmp_path)[0].files.values() if f.name == "lxd.tar.xz"]
+    (root,) = [f for f in scan(tmp_path)[0].files.values() if f.name == "rootfs.squashfs"]
+    assert cache.get(meta) == sha(META)
+    assert cache.get(root) is None
+    assert cache.get_combined(meta, root) is None

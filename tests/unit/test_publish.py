@@ -1,0 +1,137 @@
+import contextlib
+import datetime as dt
+import gzip
+import json
+import multiprocessing
+import subprocess
+import time
+
+import pytest
+
+from lxd_image_server.catalog import UPDATED_FORMAT
+from lxd_image_server.publish import PublishError, catalog_lock, publish
+
+PRODUCTS = {
+    "busybox:1.35:amd64:default": {
+        "aliases": "busybox/1.35",
+        "arch": "amd64",
+        "os": "busybox",
+        "release": "1.35",
+        "release_title": "1.35",
+        "variant": "default",
+        "versions": {"20240101_1200": {"items": {}}},
+    }
+}
+T1 = dt.datetime(2024, 1, 1, 12, 0, tzinfo=dt.UTC)
+T2 = dt.datetime(2024, 1, 2, 12, 0, tzinfo=dt.UTC)
+
+
+def read(streams, name):
+    return json.loads((streams / name).read_bytes())
+
+
+def test_writes_both_documents_and_gz(tmp_path):
+    streams = tmp_path / "streams" / "v1"
+    assert publish(str(streams), PRODUCTS, T1)
+    images = read(streams, "images.json")
+    index = read(streams, "index.json")
+    assert images["format"] == "products:1.0"
+    assert images["datatype"] == "image-downloads"
+    assert images["content_id"] == "images"
+    assert images["updated"] == T1.strftime(UPDATED_FORMAT)
+    assert index["index"]["images"]["products"] == list(PRODUCTS)
+    for name in ("images.json", "index.json"):
+        assert (
+            gzip.decompress((streams / (name + ".gz")).read_bytes())
+            == (streams / name).read_bytes()
+        )
+    leftovers = [p.name for p in streams.iterdir() if p.name.endswith(".tmp")]
+    assert leftovers == []
+
+
+def test_unchanged_content_keeps_bytes_and_timestamp(tmp_path):
+    streams = tmp_path / "v1"
+    publish(str(streams), PRODUCTS, T1)
+    before = {n: (streams / n).read_bytes() for n in ("images.json", "index.json")}
+    mtime = (streams / "images.json").stat().st_mtime_ns
+    assert not publish(str(streams), PRODUCTS, T2)
+    assert {n: (streams / n).read_bytes() for n in before} == before
+    assert (streams / "images.json").stat().st_mtime_ns == mtime
+
+
+def test_changed_content_moves_timestamp(tmp_path):
+    streams = tmp_path / "v1"
+    publish(str(streams), PRODUCTS, T1)
+    assert publish(str(streams), {}, T2)
+    assert read(streams, "images.json")["updated"] == T2.strftime(UPDATED_FORMAT)
+    assert read(streams, "index.json")["index"]["images"]["products"] == []
+
+
+def test_deterministic_bytes(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    publish(str(a), PRODUCTS, T1)
+    reordered = {k: dict(reversed(list(v.items()))) for k, v in PRODUCTS.items()}
+    publish(str(b), reordered, T1)
+    for n in ("images.json", "images.json.gz", "index.json", "index.json.gz"):
+        assert (a / n).read_bytes() == (b / n).read_bytes()
+
+
+def test_missing_gz_is_rewritten(tmp_path):
+    streams = tmp_path / "v1"
+    publish(str(streams), PRODUCTS, T1)
+    (streams / "images.json.gz").unlink()
+    assert publish(str(streams), PRODUCTS, T2)
+    assert (streams / "images.json.gz").exists()
+    # content unchanged: timestamp kept
+    assert read(streams, "images.json")["updated"] == T1.strftime(UPDATED_FORMAT)
+
+
+@pytest.fixture
+def tiny_fs(tmp_path):
+    """A real 256 KiB tmpfs (we run as root), unmounted afterwards."""
+    mnt = tmp_path / "tiny"
+    mnt.mkdir()
+    rc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)]).returncode
+    assert rc == 0, "mounting a tmpfs needs root (the test suite runs as root)"
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=True)
+
+
+def test_full_disk_raises_publish_error_and_keeps_old(tiny_fs):
+    streams = tiny_fs / "v1"
+    publish(str(streams), PRODUCTS, T1)
+    old = {n: (streams / n).read_bytes() for n in ("images.json", "index.json")}
+    filler = tiny_fs / "filler"
+    with open(filler, "wb", buffering=0) as f, contextlib.suppress(OSError):
+        while True:
+            f.write(b"\0" * 4096)
+    big = {f"p{i}:1:amd64:default": PRODUCTS["busybox:1.35:amd64:default"] for i in range(300)}
+    with pytest.raises(PublishError, match="disk full"):
+        publish(str(streams), big, T2)
+    assert {n: (streams / n).read_bytes() for n in old} == old
+    assert [p.name for p in streams.iterdir() if p.name.endswith(".tmp")] == []
+
+
+def _hold_lock(streams, started, seconds, marker):
+    with catalog_lock(streams):
+        started.set()
+        time.sleep(seconds)
+        with open(marker, "w") as f:
+            f.write("released")
+
+
+def test_lock_is_exclusive_across_processes(tmp_path):
+    streams = str(tmp_path / "v1")
+    ctx = multiprocessing.get_context("fork")
+    started = ctx.Event()
+    marker = tmp_path / "marker"
+    p = ctx.Process(target=_hold_lock, args=(streams, started, 0.5, str(marker)))
+    p.start()
+    try:
+        assert started.wait(10)
+        assert not marker.exists()
+        with catalog_lock(streams):
+            # we only got the lock after the holder was done with it
+            assert marker.read_text() == "released"
+    finally:
+        p.join(10)
