@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import socket
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -12,12 +13,24 @@ from typing import Any, TypeVar
 
 import click
 
-from . import __version__, logs
+from . import __version__, htpasswd, logs, nginx, tls
 from .config import DEFAULT_STATE_DIR, ConfigError, Paths
 from .hashing import HashCache
+from .initialize import (
+    DEFAULT_HTPASSWD,
+    DEFAULT_NGINX_DIR,
+    DEFAULT_SSL_DIR,
+    DEFAULT_UPLOAD_SOCKET,
+    InitOptions,
+    client_instructions,
+    initialize,
+    nginx_group,
+)
 from .pipeline import Pipeline
 from .progress import for_terminal
 from .publish import PublishError
+from .run import RunOptions
+from .run import run as run_server
 from .watch import Watcher
 
 log = logging.getLogger(__name__)
@@ -28,6 +41,8 @@ F = TypeVar("F", bound=Callable[..., Any])
 class Globals:
     config: str | None
     state_dir: str | None
+    verbose: bool = False
+    log_file_given: bool = False
 
 
 def tree_options(f: F) -> F:
@@ -74,6 +89,9 @@ def handle_errors(f: F) -> F:
         except PermissionError as e:
             log.error("permission denied: %s", e.filename or e)
             sys.exit(1)
+        except (nginx.NginxError, tls.TLSError) as e:
+            log.error("%s", e)
+            sys.exit(1)
 
     return wrapper  # type: ignore[return-value]
 
@@ -99,9 +117,10 @@ def main(
     ctx: click.Context, config: str | None, state_dir: str | None, log_file: str, verbose: bool
 ) -> None:
     """Serve a directory of LXD and Incus images as a simplestreams remote."""
-    debug_env = os.environ.get("DEBUG", "").strip().lower() not in ("", "0", "false", "no")
-    logs.setup(log_file, verbose or debug_env)
-    ctx.obj = Globals(config=config, state_dir=state_dir)
+    verbose = verbose or logs.truthy(os.environ.get("DEBUG"))
+    logs.setup(log_file, verbose)
+    given = ctx.get_parameter_source("log_file") is not click.core.ParameterSource.DEFAULT
+    ctx.obj = Globals(config=config, state_dir=state_dir, verbose=verbose, log_file_given=given)
 
 
 @main.command()
@@ -136,6 +155,221 @@ def watch(g: Globals, root_dir: str | None, img_dir: str | None, streams_dir: st
         sys.exit(Watcher(Pipeline(paths, cache)).run())
     finally:
         cache.close()
+
+
+def _root_dir_only(f: F) -> F:
+    return click.option(
+        "--root-dir",
+        "--root_dir",
+        "root_dir",
+        type=click.Path(file_okay=False),
+        help="Directory served as the remote's root [default: /var/www/simplestreams].",
+    )(f)
+
+
+@main.command()
+@_root_dir_only
+@click.option(
+    "--ssl-dir",
+    "--ssl_dir",
+    "ssl_dir",
+    default=DEFAULT_SSL_DIR,
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="Where nginx.crt and nginx.key live.",
+)
+@click.option(
+    "--hostname",
+    "hostnames",
+    multiple=True,
+    metavar="NAME",
+    help="Name or address clients use (repeatable; also in the certificate).",
+)
+@click.option(
+    "--ssl-skip", "--ssl_skip", "ssl_skip", is_flag=True, help="Leave the certificate alone."
+)
+@click.option(
+    "--nginx-skip", "--nginx_skip", "nginx_skip", is_flag=True, help="Do not write the nginx site."
+)
+@click.option("--force", is_flag=True, help="Replace an existing certificate.")
+@click.option(
+    "--nginx-dir",
+    default=DEFAULT_NGINX_DIR,
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="nginx configuration directory.",
+)
+@click.option(
+    "--htpasswd",
+    "htpasswd_path",
+    default=DEFAULT_HTPASSWD,
+    show_default=True,
+    type=click.Path(dir_okay=False),
+    help="Upload credentials file.",
+)
+@click.option(
+    "--listen",
+    multiple=True,
+    default=["8443"],
+    show_default=True,
+    metavar="[HOST:]PORT",
+    help="Where nginx listens (repeatable).",
+)
+@click.option("--private", is_flag=True, help="Require the credentials for reads too.")
+@click.option(
+    "--upload-socket",
+    default=DEFAULT_UPLOAD_SOCKET,
+    show_default=True,
+    type=click.Path(dir_okay=False),
+    help="Unix socket of the upload app.",
+)
+@click.pass_obj
+@handle_errors
+def init(
+    g: Globals,
+    root_dir: str | None,
+    ssl_dir: str,
+    hostnames: tuple[str, ...],
+    ssl_skip: bool,
+    nginx_skip: bool,
+    force: bool,
+    nginx_dir: str,
+    htpasswd_path: str,
+    listen: tuple[str, ...],
+    private: bool,
+    upload_socket: str,
+) -> None:
+    """Create the tree, a self-signed certificate, upload credentials and the nginx site."""
+    paths = _paths(g, root_dir, None, None)
+    report = initialize(
+        InitOptions(
+            paths=paths,
+            ssl_dir=ssl_dir,
+            hostnames=hostnames,
+            ssl_skip=ssl_skip,
+            nginx_skip=nginx_skip,
+            force=force,
+            nginx_dir=nginx_dir,
+            htpasswd=htpasswd_path,
+            listen=listen,
+            private=private,
+            upload_socket=upload_socket,
+        )
+    )
+    for change in report.changes:
+        click.echo(f"- {change}")
+    if not report.changes:
+        click.echo("Nothing to change: everything was already in place.")
+    if report.cert is not None:
+        click.echo("")
+        click.echo(tls.describe(report.cert.cert_path))
+    if report.new_credentials:
+        user, password = report.new_credentials
+        click.echo("")
+        click.echo(f"Upload user {user!r}, password {password}")
+        click.echo("(shown once; change it with: lxd-image-server passwd USER)")
+    host = hostnames[0] if hostnames else socket.getfqdn()
+    port = listen[0].rsplit(":", 1)[-1]
+    cert = report.cert.cert_path if report.cert else (None if ssl_skip else ssl_dir + "/nginx.crt")
+    click.echo("")
+    click.echo(client_instructions(host, port, cert, report.new_credentials))
+
+
+@main.command()
+@click.argument("user")
+@click.option(
+    "--htpasswd",
+    "htpasswd_path",
+    default=DEFAULT_HTPASSWD,
+    show_default=True,
+    type=click.Path(dir_okay=False),
+    help="Upload credentials file.",
+)
+@click.pass_obj
+@handle_errors
+def passwd(g: Globals, user: str, htpasswd_path: str) -> None:
+    """Add an upload USER or change its password (from a prompt, or standard input)."""
+    try:
+        htpasswd.validate_user(user)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="USER") from e
+    if sys.stdin.isatty():
+        password = click.prompt("Password", hide_input=True, confirmation_prompt=True)
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    if not password:
+        raise click.UsageError("the password is empty")
+    os.makedirs(os.path.dirname(os.path.abspath(htpasswd_path)), exist_ok=True)
+    new = htpasswd.set_password(htpasswd_path, user, password, group=nginx_group())
+    click.echo(f"{'added' if new else 'changed the password of'} {user} in {htpasswd_path}")
+
+
+@main.command()
+@_root_dir_only
+@click.option(
+    "--listen",
+    default="8443",
+    show_default=True,
+    metavar="[HOST:]PORT",
+    help="Where nginx listens.",
+)
+@click.option(
+    "--ssl-dir",
+    type=click.Path(file_okay=False),
+    help="nginx.crt and nginx.key (made if missing) [default: STATE_DIR/ssl].",
+)
+@click.option(
+    "--htpasswd",
+    "htpasswd_path",
+    type=click.Path(dir_okay=False),
+    help="Upload credentials (a user is made if empty) [default: STATE_DIR/htpasswd].",
+)
+@click.option(
+    "--allow-anonymous-uploads",
+    is_flag=True,
+    help="Accept uploads without credentials (a proxy in front authenticates).",
+)
+@click.option(
+    "--hostname",
+    "hostnames",
+    multiple=True,
+    metavar="NAME",
+    help="Name or address clients use (repeatable; also in a new certificate).",
+)
+@click.option("--plain-http", is_flag=True, help="Serve plain HTTP (behind a TLS proxy).")
+@click.option("--private", is_flag=True, help="Require the credentials for reads too.")
+@click.pass_obj
+@handle_errors
+def run(
+    g: Globals,
+    root_dir: str | None,
+    listen: str,
+    ssl_dir: str | None,
+    htpasswd_path: str | None,
+    allow_anonymous_uploads: bool,
+    hostnames: tuple[str, ...],
+    plain_http: bool,
+    private: bool,
+) -> None:
+    """Run nginx, the upload server and the watcher in the foreground."""
+    if not g.log_file_given:
+        logs.setup("STDOUT", g.verbose)
+    paths = _paths(g, root_dir, None, None)
+    sys.exit(
+        run_server(
+            RunOptions(
+                paths=paths,
+                listen=listen,
+                ssl_dir=ssl_dir,
+                htpasswd=htpasswd_path,
+                allow_anonymous_uploads=allow_anonymous_uploads,
+                hostnames=hostnames,
+                plain_http=plain_http,
+                private=private,
+                verbose=g.verbose,
+            )
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -32,3 +32,8 @@ def setup(target: str = "STDERR", verbose: bool = False) -> None:
 
 def _under_journal() -> bool:
     return "JOURNAL_STREAM" in os.environ
+
+
+def truthy(value: str | None) -> bool:
+    """Environment flags: 1, true, yes, on (any case) are true."""
+    return (value or "").strip().lower() in ("1", "true", "yes", "on")

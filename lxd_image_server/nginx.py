@@ -1,0 +1,188 @@
+"""Renders the nginx templates in nginx/ and installs, checks and reloads the site.
+
+Templates use @NAME@ placeholders (nginx itself uses $var and braces).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from .publish import write_atomic
+
+log = logging.getLogger(__name__)
+
+SITE_NAME = "lxd-image-server"
+_PLACEHOLDER = re.compile(r"@([A-Z_]+)@")
+
+
+class NginxError(Exception):
+    """nginx refused the configuration, or could not be found or reloaded."""
+
+
+def template_dirs() -> list[Path]:
+    """Where the templates may be: env override, the installed copy, the source tree."""
+    dirs = []
+    if env := os.environ.get("LXD_IMAGE_SERVER_TEMPLATES"):
+        dirs.append(Path(env))
+    dirs += [
+        Path(sys.prefix) / "share" / "lxd-image-server" / "nginx",
+        Path("/usr/share/lxd-image-server/nginx"),
+        Path(__file__).resolve().parent.parent / "nginx",
+    ]
+    return dirs
+
+
+def render(name: str, values: dict[str, str]) -> str:
+    for d in template_dirs():
+        path = d / name
+        if path.is_file():
+            text = path.read_text(encoding="utf-8")
+            break
+    else:
+        raise NginxError(f"template {name} not found in {', '.join(map(str, template_dirs()))}")
+
+    def sub(m: re.Match[str]) -> str:
+        if m[1] not in values:
+            raise NginxError(f"template {name}: no value for @{m[1]}@")
+        return values[m[1]]
+
+    return _PLACEHOLDER.sub(sub, text)
+
+
+@dataclass(frozen=True)
+class SiteSettings:
+    root_dir: str
+    upload_socket: str
+    #: nginx listen addresses: "8443", "127.0.0.1:8443", "[::]:8443"
+    listen: tuple[str, ...] = ("8443",)
+    tls: bool = True
+    ssl_dir: str = "/etc/nginx/ssl"
+    #: None: anyone may upload (the proxy in front authenticates)
+    htpasswd: str | None = "/etc/lxd-image-server/htpasswd"
+    #: auth on reads too (LXD accepts https://user:pass@host remotes)
+    private: bool = False
+    #: client_max_body_size: "0" is unlimited; the upload app enforces its own limit too
+    max_body: str = "0"
+
+
+def _auth(htpasswd: str | None, indent: str) -> str:
+    if htpasswd is None:
+        return f"{indent}auth_basic off;"
+    return f'{indent}auth_basic "lxd-image-server";\n{indent}auth_basic_user_file {htpasswd};'
+
+
+def render_locations(s: SiteSettings) -> str:
+    return render(
+        "locations.conf.in",
+        {
+            "ROOT": s.root_dir,
+            "READ_AUTH": _auth(s.htpasswd, "") if s.private and s.htpasswd else "",
+            "WRITE_AUTH": _auth(s.htpasswd, "    "),
+            "MAX_BODY": s.max_body,
+            "UPLOAD_SOCKET": s.upload_socket,
+        },
+    )
+
+
+def render_site(s: SiteSettings, snippet_path: str) -> str:
+    suffix = " ssl http2" if s.tls else ""
+    return render(
+        "site.conf.in",
+        {
+            "LISTEN": "\n".join(f"    listen {addr}{suffix};" for addr in s.listen),
+            "TLS": render("tls.conf.in", {"SSL_DIR": s.ssl_dir}) if s.tls else "",
+            "SNIPPET": snippet_path,
+        },
+    )
+
+
+def render_standalone(run_dir: str, site_path: str, user: str | None, verbose: bool) -> str:
+    return render(
+        "standalone.conf.in",
+        {
+            "RUN_DIR": run_dir,
+            "SITE": site_path,
+            "USER": f"user {user};" if user else "",
+            "ACCESS_LOG": "/dev/stdout" if verbose else "off",
+            "ERROR_LEVEL": "info" if verbose else "warn",
+        },
+    )
+
+
+def _write_if_changed(path: Path, text: str) -> bool:
+    data = text.encode()
+    try:
+        if path.read_bytes() == data:
+            return False
+    except FileNotFoundError:
+        pass
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(str(path), data)
+    return True
+
+
+def install_site(nginx_dir: str, s: SiteSettings) -> bool:
+    """Debian layout: snippets/, sites-available/ and the sites-enabled/ link.
+
+    Returns True if anything changed.
+    """
+    base = Path(nginx_dir)
+    snippet = base / "snippets" / f"{SITE_NAME}.conf"
+    site = base / "sites-available" / SITE_NAME
+    link = base / "sites-enabled" / SITE_NAME
+    changed = _write_if_changed(snippet, render_locations(s))
+    changed |= _write_if_changed(site, render_site(s, str(snippet)))
+    if not (link.is_symlink() and os.readlink(link) == str(site)):
+        link.parent.mkdir(parents=True, exist_ok=True)
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        link.symlink_to(site)
+        changed = True
+    return changed
+
+
+def nginx_binary() -> str:
+    found = shutil.which("nginx") or (
+        "/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None
+    )
+    if not found:
+        raise NginxError("nginx is not installed (apt install nginx-light)")
+    return found
+
+
+def check(conf: str | None = None, prefix: str | None = None) -> None:
+    """`nginx -t`; raises NginxError with nginx's own words if the config is refused."""
+    cmd = [nginx_binary(), "-t", "-q"]
+    if prefix:
+        cmd += ["-p", prefix]
+    if conf:
+        cmd += ["-c", conf]
+    r = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if r.returncode != 0:
+        raise NginxError(f"nginx -t failed:\n{(r.stderr or r.stdout).strip()}")
+
+
+def reload() -> bool:
+    """Asks the running nginx to reload. False if no nginx is running (nothing to do)."""
+    if Path("/run/systemd/system").is_dir() and shutil.which("systemctl"):
+        active = (
+            subprocess.run(["systemctl", "is-active", "--quiet", "nginx"], check=False).returncode
+            == 0
+        )
+        if not active:
+            return False
+        r = subprocess.run(["systemctl", "reload", "nginx"], capture_output=True, text=True)
+    else:
+        if not Path("/run/nginx.pid").exists():
+            return False
+        r = subprocess.run([nginx_binary(), "-s", "reload"], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise NginxError(f"reloading nginx failed: {(r.stderr or r.stdout).strip()}")
+    return True

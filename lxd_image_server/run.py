@@ -1,0 +1,252 @@
+"""`run`: nginx, the upload server and the watcher in the foreground, as one unit.
+
+What the seeds' container did with supervisord: prepares what `init` would (into the state
+directory, not /etc), starts the three as child processes, logs to stdout, stops them all on
+SIGTERM/SIGINT (exit 0), and stops the rest and exits 1 if one of them dies.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import grp
+import logging
+import os
+import pwd
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+
+from . import nginx, tls
+from .config import Paths
+from .initialize import InitReport, client_instructions, ensure_credentials, ensure_tree
+
+log = logging.getLogger(__name__)
+
+STOP_TIMEOUT = 10.0
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    paths: Paths
+    #: HOST:PORT or PORT
+    listen: str = "8443"
+    ssl_dir: str | None = None
+    htpasswd: str | None = None
+    allow_anonymous_uploads: bool = False
+    hostnames: tuple[str, ...] = ()
+    plain_http: bool = False
+    private: bool = False
+    verbose: bool = False
+    upload_workers: int = 2
+
+    @property
+    def run_dir(self) -> str:
+        return os.path.join(self.paths.state_dir, "run")
+
+    @property
+    def nginx_dir(self) -> str:
+        return os.path.join(self.paths.state_dir, "nginx")
+
+    @property
+    def upload_socket(self) -> str:
+        return os.path.join(self.run_dir, "upload.sock")
+
+
+def _worker_user() -> str | None:
+    """nginx's workers drop to www-data when we are root (never serve as root)."""
+    if os.geteuid() != 0:
+        return None
+    try:
+        pwd.getpwnam("www-data")
+    except KeyError:
+        return "nobody nogroup"
+    return "www-data www-data"
+
+
+def prepare(opts: RunOptions) -> tuple[str, InitReport]:
+    """Tree, catalog, certificate, credentials, nginx config. Returns the nginx.conf path."""
+    report = InitReport()
+    ensure_tree(opts.paths, report)
+    for d in (opts.run_dir, opts.nginx_dir):
+        os.makedirs(d, exist_ok=True)
+    user = _worker_user()
+    if user:
+        # the workers must reach the upload socket and their temp dirs
+        group = user.split()[1]
+        os.chmod(opts.run_dir, 0o750)
+        with contextlib.suppress(KeyError):
+            os.chown(opts.run_dir, 0, grp.getgrnam(group).gr_gid)
+    ssl_dir = opts.ssl_dir or os.path.join(opts.paths.state_dir, "ssl")
+    if not opts.plain_http:
+        report.cert = tls.ensure_certificate(ssl_dir, opts.hostnames or ("localhost",))
+    htpasswd_path = None
+    if not opts.allow_anonymous_uploads:
+        htpasswd_path = opts.htpasswd or os.path.join(opts.paths.state_dir, "htpasswd")
+        ensure_credentials(htpasswd_path, "upload", report)
+    settings = nginx.SiteSettings(
+        root_dir=opts.paths.root_dir,
+        upload_socket=opts.upload_socket,
+        listen=(opts.listen,),
+        tls=not opts.plain_http,
+        ssl_dir=ssl_dir,
+        htpasswd=htpasswd_path,
+        private=opts.private,
+    )
+    base = Path(opts.nginx_dir)
+    (base / "locations.conf").write_text(nginx.render_locations(settings))
+    (base / "site.conf").write_text(nginx.render_site(settings, str(base / "locations.conf")))
+    conf = base / "nginx.conf"
+    conf.write_text(
+        nginx.render_standalone(opts.run_dir, str(base / "site.conf"), user, opts.verbose)
+    )
+    nginx.check(str(conf), prefix=opts.run_dir)
+    return str(conf), report
+
+
+def _commands(opts: RunOptions, conf: str) -> dict[str, list[str]]:
+    py = sys.executable
+    tree = ["--root-dir", opts.paths.root_dir]
+    watch = [
+        py,
+        "-m",
+        "lxd_image_server",
+        "--state-dir",
+        opts.paths.state_dir,
+        "--log-file",
+        "STDOUT",
+        "watch",
+        *tree,
+    ]
+    if opts.verbose:
+        watch.insert(3, "--verbose")
+    upload = [
+        py,
+        "-m",
+        "gunicorn",
+        "--bind",
+        f"unix:{opts.upload_socket}",
+        "--worker-class",
+        "gthread",
+        "--workers",
+        str(opts.upload_workers),
+        "--threads",
+        "4",
+        "--timeout",
+        "120",
+        "--graceful-timeout",
+        "5",
+        "--access-logfile",
+        "-" if opts.verbose else "/dev/null",
+        "--error-logfile",
+        "-",
+    ]
+    if _gunicorn_has_control_socket():
+        upload.append("--no-control-socket")  # it would live in $HOME; we never use it
+    user = _worker_user()
+    if user:
+        upload += ["--group", user.split()[1], "--umask", "0o007"]
+    upload.append("lxd_image_server.upload:app_from_env()")
+    return {
+        "watcher": watch,
+        "upload": upload,
+        "nginx": [nginx.nginx_binary(), "-p", opts.run_dir, "-c", conf, "-e", "stderr"],
+    }
+
+
+def _gunicorn_has_control_socket() -> bool:
+    """gunicorn >= 24 opens a control socket unless told not to; Debian 12's 20.1 has none."""
+    try:
+        from gunicorn.config import Config
+    except ImportError:
+        return False
+    return "control_socket_disable" in Config().settings
+
+
+class Supervisor:
+    """Starts children, waits for a stop signal or a death, stops the rest."""
+
+    def __init__(self, commands: dict[str, list[str]], env: dict[str, str]) -> None:
+        self.commands = commands
+        self.env = env
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.stop = threading.Event()
+        self.signal_name = ""
+
+    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
+        self.signal_name = signal.Signals(signum).name
+        self.stop.set()
+
+    def run(self) -> int:
+        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            for name, cmd in self.commands.items():
+                log.info("starting %s: %s", name, " ".join(cmd))
+                # own process group: a terminal's Ctrl-C reaches us only, we stop them in order
+                self.procs[name] = subprocess.Popen(cmd, env=self.env, start_new_session=True)
+            failed = ""
+            while not self.stop.wait(0.2):
+                failed = next((n for n, p in self.procs.items() if p.poll() is not None), "")
+                if failed:
+                    log.error(
+                        "%s exited with status %s; stopping everything",
+                        failed,
+                        self.procs[failed].returncode,
+                    )
+                    break
+            if not failed:
+                log.info("received %s; stopping", self.signal_name)
+            self._stop_all()
+            return 1 if failed else 0
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+            self._stop_all()
+
+    def _stop_all(self) -> None:
+        # nginx first (no new requests), then uploads, then the watcher publishes what landed
+        for name in ("nginx", "upload", "watcher"):
+            p = self.procs.get(name)
+            if p is None or p.poll() is not None:
+                continue
+            sig = signal.SIGQUIT if name == "nginx" else signal.SIGTERM
+            with contextlib.suppress(ProcessLookupError):
+                p.send_signal(sig)
+            try:
+                p.wait(STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                log.warning("%s did not stop in %.0f s; killing it", name, STOP_TIMEOUT)
+                p.kill()
+                p.wait()
+
+
+def upload_env(opts: RunOptions, base: dict[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ if base is None else base)
+    env["LXD_IMAGE_SERVER_IMG_DIR"] = opts.paths.img_dir
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+def run(opts: RunOptions, hostnames_for_help: Sequence[str] = ()) -> int:
+    conf, report = prepare(opts)
+    host = (hostnames_for_help or opts.hostnames or ("127.0.0.1",))[0]
+    port = opts.listen.rsplit(":", 1)[-1]
+    for change in report.changes:
+        log.info("%s", change)
+    if report.new_credentials:
+        user, password = report.new_credentials
+        log.warning("upload credentials created: user %s password %s (shown once)", user, password)
+    if opts.allow_anonymous_uploads:
+        log.warning("anonymous uploads are allowed: anyone who reaches this server may upload")
+    cert = report.cert.cert_path if report.cert else None
+    sys.stdout.write(client_instructions(host, port, cert, report.new_credentials) + "\n")
+    sys.stdout.flush()
+    started = time.monotonic()
+    rc = Supervisor(_commands(opts, conf), upload_env(opts)).run()
+    log.info("stopped after %.0f s", time.monotonic() - started)
+    return rc
