@@ -19,6 +19,7 @@ setup(
         "inotify_simple>=1.3",
         "pyOpenSSL>=23.0",
         "cryptography>=38",
+        "gunicorn>=20.1",
     ],
     entry_points={
         "console_scripts": ["lxd-image-server=lxd_image_server.cli:main"],
