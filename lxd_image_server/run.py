@@ -13,6 +13,7 @@ import logging
 import os
 import pwd
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -58,24 +59,56 @@ class RunOptions:
         return os.path.join(self.run_dir, "upload.sock")
 
 
-def _worker_user() -> str | None:
-    """nginx's workers drop to www-data when we are root (never serve as root)."""
+def _can_reach(path: str, uid: int, gids: set[int]) -> bool:
+    """Whether a process with `uid`/`gids` may traverse every directory down to `path`."""
+    current = Path(path).resolve()
+    for d in [*reversed(current.parents), current]:
+        try:
+            st = d.stat()
+        except OSError:
+            return False
+        if st.st_uid == uid:
+            bit = stat.S_IXUSR
+        elif st.st_gid in gids:
+            bit = stat.S_IXGRP
+        else:
+            bit = stat.S_IXOTH
+        if not st.st_mode & bit:
+            return False
+    return True
+
+
+def _worker_user(must_reach: Sequence[str]) -> str | None:
+    """The user nginx's workers run as: None (ours) unless we are root, where they drop to
+    www-data if it can reach the tree; otherwise they stay root, with a warning."""
     if os.geteuid() != 0:
         return None
     try:
-        pwd.getpwnam("www-data")
+        pw = pwd.getpwnam("www-data")
     except KeyError:
-        return "nobody nogroup"
+        return "root root"
+    gids = {pw.pw_gid, *(g.gr_gid for g in grp.getgrall() if pw.pw_name in g.gr_mem)}
+    blocked = [p for p in must_reach if not _can_reach(p, pw.pw_uid, gids)]
+    if blocked:
+        log.warning(
+            "nginx workers run as root: www-data cannot reach %s (make it and its parents "
+            "traversable, e.g. chmod o+x, to have them run as www-data)",
+            ", ".join(blocked),
+        )
+        return "root root"
     return "www-data www-data"
 
 
-def prepare(opts: RunOptions) -> tuple[str, InitReport]:
-    """Tree, catalog, certificate, credentials, nginx config. Returns the nginx.conf path."""
+def prepare(opts: RunOptions) -> tuple[str, str | None, InitReport]:
+    """Tree, catalog, certificate, credentials, nginx config.
+
+    Returns the nginx.conf path and the user nginx's workers run as.
+    """
     report = InitReport()
     ensure_tree(opts.paths, report)
     for d in (opts.run_dir, opts.nginx_dir):
         os.makedirs(d, exist_ok=True)
-    user = _worker_user()
+    user = _worker_user([opts.paths.root_dir, opts.paths.state_dir])
     if user:
         # the workers must reach the upload socket and their temp dirs
         group = user.split()[1]
@@ -106,10 +139,10 @@ def prepare(opts: RunOptions) -> tuple[str, InitReport]:
         nginx.render_standalone(opts.run_dir, str(base / "site.conf"), user, opts.verbose)
     )
     nginx.check(str(conf), prefix=opts.run_dir)
-    return str(conf), report
+    return str(conf), user, report
 
 
-def _commands(opts: RunOptions, conf: str) -> dict[str, list[str]]:
+def _commands(opts: RunOptions, conf: str, user: str | None) -> dict[str, list[str]]:
     py = sys.executable
     tree = ["--root-dir", opts.paths.root_dir]
     watch = [
@@ -148,7 +181,6 @@ def _commands(opts: RunOptions, conf: str) -> dict[str, list[str]]:
     ]
     if _gunicorn_has_control_socket():
         upload.append("--no-control-socket")  # it would live in $HOME; we never use it
-    user = _worker_user()
     if user:
         upload += ["--group", user.split()[1], "--umask", "0o007"]
     upload.append("lxd_image_server.upload:app_from_env()")
@@ -233,7 +265,7 @@ def upload_env(opts: RunOptions, base: dict[str, str] | None = None) -> dict[str
 
 
 def run(opts: RunOptions, hostnames_for_help: Sequence[str] = ()) -> int:
-    conf, report = prepare(opts)
+    conf, user, report = prepare(opts)
     host = (hostnames_for_help or opts.hostnames or ("127.0.0.1",))[0]
     port = opts.listen.rsplit(":", 1)[-1]
     for change in report.changes:
@@ -247,6 +279,6 @@ def run(opts: RunOptions, hostnames_for_help: Sequence[str] = ()) -> int:
     sys.stdout.write(client_instructions(host, port, cert, report.new_credentials) + "\n")
     sys.stdout.flush()
     started = time.monotonic()
-    rc = Supervisor(_commands(opts, conf), upload_env(opts)).run()
+    rc = Supervisor(_commands(opts, conf, user), upload_env(opts)).run()
     log.info("stopped after %.0f s", time.monotonic() - started)
     return rc

@@ -1,0 +1,307 @@
+"""`lxd-image-server run` end to end: real nginx, gunicorn, watcher, curl and the LXD daemon.
+
+The seeds' own curl commands upload an image over HTTPS; LXD launches it from the same server.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from .images import build_rootfs, make_squashfs, sha256_file, write_metadata_tarball
+from .servers import Pki, delete_images, delete_instance, free_port, lxc
+
+BIN = Path(sys.executable).parent / "lxd-image-server"
+PASSWORD = "seed-password-1"
+DEADLINE = 60.0
+SERIAL = "20240105_10:00"
+
+
+@dataclass
+class Server:
+    root: Path
+    url: str
+    port: int
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    def catalog(self) -> dict:
+        return json.loads((self.root / "streams/v1/images.json").read_bytes())
+
+    def files(self) -> set[str]:
+        """Every file below the served root, hidden ones included (relative paths)."""
+        return {str(p.relative_to(self.root)) for p in self.root.rglob("*") if p.is_file()}
+
+
+def curl(*args: str | Path, auth: bool = True) -> tuple[int, str]:
+    cmd = ["curl", "-sS", "-o", "-", "-w", "\n%{http_code}"]
+    if auth:
+        cmd += ["-u", f"upload:{PASSWORD}"]
+    out = subprocess.run([*cmd, *map(str, args)], capture_output=True, text=True, timeout=120)
+    body, _, code = out.stdout.rpartition("\n")
+    return int(code or 0), body
+
+
+def start_server(tmp: Path, pki: Pki, env_flags: dict[str, str]) -> Iterator[Server]:
+    root, state, ssl = tmp / "root", tmp / "state", tmp / "ssl"
+    ssl.mkdir(parents=True)
+    (ssl / "nginx.crt").write_bytes(pki.server_cert.read_bytes())
+    (ssl / "nginx.key").write_bytes(pki.server_key.read_bytes())
+    htpasswd = tmp / "htpasswd"
+    r = subprocess.run(
+        [BIN, "passwd", "upload", "--htpasswd", htpasswd],
+        input=PASSWORD + "\n",
+        text=True,
+        capture_output=True,
+    )
+    assert r.returncode == 0, r.stderr
+    port = free_port()
+    log = tmp / "run.log"
+    env = {k: v for k, v in os.environ.items() if k not in ("ALLOW_OVERWRITES", "ALLOW_DELETES")}
+    env.update(env_flags)
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [
+                BIN,
+                "--state-dir",
+                state,
+                "run",
+                "--root-dir",
+                root,
+                "--listen",
+                f"127.0.0.1:{port}",
+                "--ssl-dir",
+                ssl,
+                "--htpasswd",
+                htpasswd,
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+    server = Server(root, f"https://127.0.0.1:{port}", port, proc, log)
+    deadline = time.monotonic() + DEADLINE
+    while curl(f"{server.url}/streams/v1/index.json", auth=False)[0] != 200:
+        assert proc.poll() is None, f"run exited early:\n{log.read_text()}"
+        assert time.monotonic() < deadline, f"run never served:\n{log.read_text()}"
+        time.sleep(0.1)
+    # the upload server answers through nginx (a bad path: refused before anything is written)
+    while curl("-X", "PUT", "--data-binary", "x", f"{server.url}/images/x")[0] in (0, 502):
+        assert time.monotonic() < deadline, f"upload server never answered:\n{log.read_text()}"
+        time.sleep(0.1)
+    try:
+        yield server
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                rc = proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                raise
+            assert rc == 0, f"run exited {rc} on SIGTERM:\n{log.read_text()}"
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory: pytest.TempPathFactory, label: str) -> tuple[Path, Path]:
+    work = tmp_path_factory.mktemp("seed-image")
+    rootfs = build_rootfs(work / "rootfs")
+    meta = write_metadata_tarball(work / "meta", work / "meta.tar.xz", f"run test {label}")
+    return meta, make_squashfs(rootfs, work / "rootfs.squashfs")
+
+
+@pytest.fixture(scope="module")
+def server(pki: Pki) -> Iterator[Server]:
+    """In a directory www-data can traverse, so nginx's workers drop to www-data (the normal
+    case); `permissive` below lives in pytest's private tmp, where they must stay root."""
+    base = Path(tempfile.mkdtemp(prefix="lis-run-", dir="/var/tmp"))
+    base.chmod(0o755)
+    try:
+        yield from start_server(base, pki, {})
+    finally:
+        shutil.rmtree(base)
+
+
+@pytest.fixture(scope="module")
+def permissive(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    yield from start_server(
+        tmp_path_factory.mktemp("run-permissive"),
+        pki,
+        {"ALLOW_OVERWRITES": "1", "ALLOW_DELETES": "true"},
+    )
+
+
+def wait_listed(server: Server, product: str, serial: str) -> float:
+    start = time.monotonic()
+    while True:
+        versions = server.catalog()["products"].get(product, {}).get("versions", {})
+        if serial in versions:
+            return time.monotonic() - start
+        assert time.monotonic() - start < DEADLINE, f"{product} {serial} never listed"
+        time.sleep(0.01)
+
+
+@pytest.mark.lxd
+def test_seed_curl_uploads_then_lxc_launch(server: Server, image, label: str) -> None:
+    meta, squashfs = image
+    d = f"busyrun/1.35/amd64/default/{SERIAL}"
+    # the seeds' two commands, verbatim apart from host and credentials
+    code, body = curl(f"-Fupload=@{meta};filename={d}/lxd.tar.xz", f"{server.url}/images/")
+    assert code == 201, body
+    code, body = curl(f"-Fupload=@{squashfs};filename={d}/rootfs.squashfs", f"{server.url}/images/")
+    assert code == 201, body
+    stored = json.loads(body)["files"][0]
+    assert stored["path"] == f"{d}/rootfs.squashfs"
+    assert stored["size"] == squashfs.stat().st_size
+    # nginx's workers serve as www-data here (root only when it cannot reach the tree)
+    assert "nginx workers run as root" not in server.log.read_text()
+    latency = wait_listed(server, "busyrun:1.35:amd64:default", SERIAL)
+    print(f"catalog listed the upload {latency:.3f} s after the second curl returned")
+
+    remote = f"run{server.port}"
+    name = f"lis-{label}-run"
+    lxc("remote", "add", remote, server.url, "--protocol", "simplestreams")
+    try:
+        lxc("launch", f"{remote}:busyrun/1.35", name, timeout=300)
+        assert lxc("exec", name, "--", "/bin/busybox", "echo", "ok").strip() == "ok"
+    finally:
+        delete_instance(name)
+        lxc("remote", "remove", remote)
+        delete_images({sha256_file(meta, squashfs)})
+
+
+def test_upload_without_credentials_is_refused(server: Server, image) -> None:
+    meta, _ = image
+    before = server.files()
+    d = "nocreds/1.0/amd64/default/20240101_1200"
+    code, _ = curl(f"-Fupload=@{meta};filename={d}/lxd.tar.xz", f"{server.url}/images/", auth=False)
+    assert code == 401
+    code, _ = curl("-T", meta, f"{server.url}/images/{d}/lxd.tar.xz", auth=False)
+    assert code == 401
+    code, _ = curl(
+        "-u", "upload:wrong", "-T", meta, f"{server.url}/images/{d}/lxd.tar.xz", auth=False
+    )
+    assert code == 401
+    assert server.files() == before
+
+
+def test_put_is_the_fast_path(server: Server, image) -> None:
+    _, squashfs = image
+    d = "putter/1.0/amd64/default/20240101_1200"
+    code, body = curl("-T", squashfs, f"{server.url}/images/{d}/rootfs.squashfs")
+    assert code == 201, body
+    assert (server.root / "images" / d / "rootfs.squashfs").read_bytes() == squashfs.read_bytes()
+
+
+def test_delete_refused_without_allow_deletes(server: Server, image) -> None:
+    meta, _ = image
+    d = "keepme/1.0/amd64/default/20240101_1200"
+    assert curl("-T", meta, f"{server.url}/images/{d}/lxd.tar.xz")[0] == 201
+    code, _ = curl("-X", "DELETE", f"{server.url}/images/{d}/lxd.tar.xz")
+    assert code == 405
+    code, _ = curl("-X", "DELETE", f"{server.url}/images/{d}")
+    assert code == 405
+    assert (server.root / "images" / d / "lxd.tar.xz").exists()
+
+
+def test_delete_with_allow_deletes(permissive: Server, image) -> None:
+    meta, squashfs = image
+    d = "gone/1.0/amd64/default/20240101_1200"
+    assert curl("-T", meta, f"{permissive.url}/images/{d}/lxd.tar.xz")[0] == 201
+    assert curl("-T", squashfs, f"{permissive.url}/images/{d}/rootfs.squashfs")[0] == 201
+    wait_listed(permissive, "gone:1.0:amd64:default", "20240101_1200")
+    code, body = curl("-X", "DELETE", f"{permissive.url}/images/{d}")
+    assert code in (200, 204), body
+    assert not (permissive.root / "images" / d).exists()
+    deadline = time.monotonic() + DEADLINE
+    while "gone:1.0:amd64:default" in permissive.catalog()["products"]:
+        assert time.monotonic() < deadline, "the deleted version stayed in the catalog"
+        time.sleep(0.02)
+    code, _ = curl("-X", "DELETE", f"{permissive.url}/images/{d}")
+    assert code == 404
+    # without credentials, not even a permissive server deletes
+    assert curl("-T", meta, f"{permissive.url}/images/{d}/lxd.tar.xz")[0] == 201
+    code, _ = curl("-X", "DELETE", f"{permissive.url}/images/{d}/lxd.tar.xz", auth=False)
+    assert code == 401
+    assert (permissive.root / "images" / d / "lxd.tar.xz").exists()
+
+
+def test_existing_file_kept_without_allow_overwrites(server: Server, tmp_path: Path) -> None:
+    d = "twice/1.0/amd64/default/20240101_1200"
+    first, second = tmp_path / "a", tmp_path / "b"
+    first.write_bytes(b"first version")
+    second.write_bytes(b"second version")
+    assert curl(f"-Fupload=@{first};filename={d}/lxd.tar.xz", f"{server.url}/images/")[0] == 201
+    code, body = curl(f"-Fupload=@{second};filename={d}/lxd.tar.xz", f"{server.url}/images/")
+    assert code == 201, body
+    assert "ALLOW_OVERWRITES" in body
+    target = server.root / "images" / d
+    assert (target / "lxd.tar.xz").read_bytes() == b"first version"
+    assert (target / "lxd.tar.xz.1").read_bytes() == b"second version"
+    assert "lxd.tar.xz.1" in body
+
+
+def test_existing_file_replaced_with_allow_overwrites(permissive: Server, tmp_path: Path) -> None:
+    d = "twice/1.0/amd64/default/20240101_1200"
+    first, second = tmp_path / "a", tmp_path / "b"
+    first.write_bytes(b"first version")
+    second.write_bytes(b"second version")
+    assert curl("-T", first, f"{permissive.url}/images/{d}/lxd.tar.xz")[0] == 201
+    code, body = curl("-T", second, f"{permissive.url}/images/{d}/lxd.tar.xz")
+    assert code == 201, body
+    target = permissive.root / "images" / d
+    assert (target / "lxd.tar.xz").read_bytes() == b"second version"
+    assert not (target / "lxd.tar.xz.1").exists()
+
+
+@pytest.mark.parametrize(
+    ("path", "expect"),
+    [
+        ("..%2F..%2Fescape/1.0/amd64/default/20240101_1200/lxd.tar.xz", (400, 403, 404)),
+        ("busybox/1.0/amd64/default/notaserial/lxd.tar.xz", (400,)),
+        ("busybox/1.0/amd64/.hidden/20240101_1200/lxd.tar.xz", (400, 403)),
+        ("busybox/1.0/amd64/default/20240101_1200/.lxd.tar.xz", (400, 403)),
+        ("busybox/1.0/sparc9/default/20240101_1200/lxd.tar.xz", (400,)),
+        ("busybox/1.0/amd64/default/20240101_1200/lxd.tar.xz%00", (400,)),
+    ],
+)
+def test_bad_paths_write_nothing(
+    server: Server, path: str, expect: tuple[int, ...], tmp_path: Path
+) -> None:
+    f = tmp_path / "payload"
+    f.write_bytes(b"payload")
+    before = server.files()
+    code, body = curl("--path-as-is", "-T", f, f"{server.url}/images/{path}")
+    assert code in expect, body
+    assert server.files() == before
+    assert not (server.root.parent / "escape").exists()
+
+
+def test_tls_refuses_1_1_and_accepts_1_3(server: Server) -> None:
+    def handshake(*flags: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["openssl", "s_client", "-connect", f"127.0.0.1:{server.port}", "-brief", *flags],
+            input="",
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+
+    # the client is made willing to speak TLS 1.1 (security level 0): only the server refuses
+    old = handshake("-tls1_1", "-cipher", "DEFAULT@SECLEVEL=0")
+    assert old.returncode != 0
+    assert "Protocol version: TLSv1.1" not in old.stderr
+    new = handshake("-tls1_3")
+    assert new.returncode == 0, new.stderr
+    assert "Protocol version: TLSv1.3" in new.stderr
