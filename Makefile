@@ -8,10 +8,12 @@ SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST  := $(BIN)/pytest
 RUN_DIR ?= $(CURDIR)/var
 
-.PHONY: help deps venv lint unit integration compat test bench run clean
+RUN_PACKAGES := nginx-light python3-venv openssl
+
+.PHONY: help deps run-deps venv lint unit integration compat test bench run clean
 
 help:
-	@echo "make run    - serve a local tree ($(RUN_DIR)) and republish it on every change"
+	@echo "make run    - the whole server in the foreground on https://127.0.0.1:8443 ($(RUN_DIR))"
 	@echo "make test   - install what is needed, lint, run every test"
 	@echo "make bench  - benchmarks (ratios against a baseline measured in the same run)"
 
@@ -19,7 +21,19 @@ help:
 deps:
 	$(SUDO) bash tests/host-setup.sh
 
+# What `make run` needs: nginx (any Debian flavour) and python3-venv.
+run-deps:
+	@missing=""; for p in $(RUN_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -x /usr/sbin/nginx ]; then missing=$$(echo $$missing | sed 's/nginx-light//'); fi; \
+	if [ -n "$$(echo $$missing)" ]; then \
+	  echo "installing:$$missing"; \
+	  $(SUDO) apt-get update -q && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; \
+	fi
+
 $(BIN)/.stamp: setup.py requirements-dev.txt
+	@[ -x $(PYTHON) ] && $(PYTHON) -c 'import ensurepip' 2>/dev/null || $(MAKE) run-deps
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e . -r requirements-dev.txt
@@ -51,9 +65,9 @@ bench: venv
 	$(BIN)/python bench/bench_update.py
 	$(BIN)/python bench/bench_watch.py
 
-run: venv
-	mkdir -p $(RUN_DIR)/root/images $(RUN_DIR)/state
-	$(BIN)/lxd-image-server --state-dir $(RUN_DIR)/state watch --root-dir $(RUN_DIR)/root
+# ALLOW_OVERWRITES, ALLOW_DELETES and DEBUG pass through from the environment.
+run: run-deps venv
+	$(BIN)/lxd-image-server --state-dir $(RUN_DIR)/state run --root-dir $(RUN_DIR)/root $(RUN_ARGS)
 
 clean:
 	rm -rf $(VENV) .venv-debian build dist *.egg-info .mypy_cache .ruff_cache .pytest_cache

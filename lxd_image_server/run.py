@@ -265,20 +265,22 @@ def upload_env(opts: RunOptions, base: dict[str, str] | None = None) -> dict[str
 
 
 def run(opts: RunOptions, hostnames_for_help: Sequence[str] = ()) -> int:
-    conf, user, report = prepare(opts)
+    conf, worker_user, report = prepare(opts)
     host = (hostnames_for_help or opts.hostnames or ("127.0.0.1",))[0]
     port = opts.listen.rsplit(":", 1)[-1]
     for change in report.changes:
         log.info("%s", change)
     if report.new_credentials:
-        user, password = report.new_credentials
-        log.warning("upload credentials created: user %s password %s (shown once)", user, password)
+        upload_user, password = report.new_credentials
+        log.warning(
+            "upload credentials created: user %s password %s (shown once)", upload_user, password
+        )
     if opts.allow_anonymous_uploads:
         log.warning("anonymous uploads are allowed: anyone who reaches this server may upload")
     cert = report.cert.cert_path if report.cert else None
     sys.stdout.write(client_instructions(host, port, cert, report.new_credentials) + "\n")
     sys.stdout.flush()
     started = time.monotonic()
-    rc = Supervisor(_commands(opts, conf, user), upload_env(opts)).run()
+    rc = Supervisor(_commands(opts, conf, worker_user), upload_env(opts)).run()
     log.info("stopped after %.0f s", time.monotonic() - started)
     return rc

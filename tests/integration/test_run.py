@@ -53,19 +53,22 @@ def curl(*args: str | Path, auth: bool = True) -> tuple[int, str]:
     return int(code or 0), body
 
 
-def start_server(tmp: Path, pki: Pki, env_flags: dict[str, str]) -> Iterator[Server]:
+def start_server(
+    tmp: Path, pki: Pki, env_flags: dict[str, str], make_htpasswd: bool = True
+) -> Iterator[Server]:
     root, state, ssl = tmp / "root", tmp / "state", tmp / "ssl"
     ssl.mkdir(parents=True)
     (ssl / "nginx.crt").write_bytes(pki.server_cert.read_bytes())
     (ssl / "nginx.key").write_bytes(pki.server_key.read_bytes())
     htpasswd = tmp / "htpasswd"
-    r = subprocess.run(
-        [BIN, "passwd", "upload", "--htpasswd", htpasswd],
-        input=PASSWORD + "\n",
-        text=True,
-        capture_output=True,
-    )
-    assert r.returncode == 0, r.stderr
+    if make_htpasswd:
+        r = subprocess.run(
+            [BIN, "passwd", "upload", "--htpasswd", htpasswd],
+            input=PASSWORD + "\n",
+            text=True,
+            capture_output=True,
+        )
+        assert r.returncode == 0, r.stderr
     port = free_port()
     log = tmp / "run.log"
     env = {k: v for k, v in os.environ.items() if k not in ("ALLOW_OVERWRITES", "ALLOW_DELETES")}
@@ -305,3 +308,35 @@ def test_tls_refuses_1_1_and_accepts_1_3(server: Server) -> None:
     new = handshake("-tls1_3")
     assert new.returncode == 0, new.stderr
     assert "Protocol version: TLSv1.3" in new.stderr
+
+
+def test_run_creates_credentials_and_prints_them_once(pki: Pki, tmp_path: Path) -> None:
+    gen = start_server(tmp_path, pki, {}, make_htpasswd=False)
+    server = next(gen)
+    try:
+        text = server.log.read_text()
+        password = text.split("upload credentials created: user upload password ")[1].split()[0]
+        f = tmp_path / "lxd.tar.xz"
+        f.write_bytes(b"meta")
+        d = "creds/1.0/amd64/default/20240101_1200"
+        out = subprocess.run(
+            [
+                "curl",
+                "-sS",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "-u",
+                f"upload:{password}",
+                "-T",
+                str(f),
+                f"{server.url}/images/{d}/lxd.tar.xz",
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        assert out.stdout == "201"
+    finally:
+        gen.close()
