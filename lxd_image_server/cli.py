@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 import click
 
 from . import __version__, htpasswd, logs, nginx, tls
+from . import settings as settings_module
 from .config import DEFAULT_STATE_DIR, ConfigError, Paths
 from .hashing import HashCache
 from .initialize import (
@@ -31,7 +32,8 @@ from .progress import for_terminal
 from .publish import PublishError
 from .run import RunOptions
 from .run import run as run_server
-from .watch import Watcher
+from .settings import Settings
+from .watch import Watcher, signal_watcher
 
 log = logging.getLogger(__name__)
 F = TypeVar("F", bound=Callable[..., Any])
@@ -41,8 +43,14 @@ F = TypeVar("F", bound=Callable[..., Any])
 class Globals:
     config: str | None
     state_dir: str | None
+    settings: Settings
     verbose: bool = False
+    log_file: str = "STDERR"
     log_file_given: bool = False
+
+    @property
+    def state(self) -> str:
+        return self.state_dir or self.settings.state_dir
 
 
 def tree_options(f: F) -> F:
@@ -72,10 +80,26 @@ def tree_options(f: F) -> F:
 
 
 def _paths(g: Globals, root_dir: str | None, img_dir: str | None, streams_dir: str | None) -> Paths:
+    if root_dir is None and img_dir is None and streams_dir is None:
+        root_dir = g.settings.root_dir
     try:
-        return Paths.resolve(root_dir, img_dir, streams_dir, g.state_dir)
+        return Paths.resolve(root_dir, img_dir, streams_dir, g.state)
     except ConfigError as e:
         raise click.UsageError(str(e)) from e
+
+
+def load_settings(config: str | None) -> Settings:
+    """The layered configuration, or a usage error naming the file and line."""
+    try:
+        return settings_module.load(config)
+    except ConfigError as e:
+        raise click.UsageError(str(e)) from e
+
+
+def apply_logging(g: Globals) -> None:
+    logs.setup(g.log_file, g.verbose)
+    if g.settings.logging is not None and not g.log_file_given:
+        logs.configure(g.settings.logging)
 
 
 def handle_errors(f: F) -> F:
@@ -117,10 +141,18 @@ def main(
     ctx: click.Context, config: str | None, state_dir: str | None, log_file: str, verbose: bool
 ) -> None:
     """Serve a directory of LXD and Incus images as a simplestreams remote."""
-    verbose = verbose or logs.truthy(os.environ.get("DEBUG"))
-    logs.setup(log_file, verbose)
+    logs.setup(log_file, verbose or logs.truthy(os.environ.get("DEBUG")))
+    settings = load_settings(config)
     given = ctx.get_parameter_source("log_file") is not click.core.ParameterSource.DEFAULT
-    ctx.obj = Globals(config=config, state_dir=state_dir, verbose=verbose, log_file_given=given)
+    ctx.obj = g = Globals(
+        config=config,
+        state_dir=state_dir,
+        settings=settings,
+        verbose=verbose or settings.debug,
+        log_file=log_file,
+        log_file_given=given,
+    )
+    apply_logging(g)
 
 
 @main.command()
@@ -150,11 +182,39 @@ def update(
 def watch(g: Globals, root_dir: str | None, img_dir: str | None, streams_dir: str | None) -> None:
     """Publish the tree, then republish whenever images are added or removed."""
     paths = _paths(g, root_dir, img_dir, streams_dir)
+
+    def reload_settings() -> None:
+        g.settings = settings_module.load(g.config)  # ConfigError: the watcher keeps the old
+        apply_logging(g)
+        log.info("configuration reloaded (%s)", ", ".join(g.settings.sources) or "defaults")
+
     cache = HashCache(paths.cache_path)
     try:
-        sys.exit(Watcher(Pipeline(paths, cache)).run())
+        watcher = Watcher(
+            Pipeline(paths, cache), on_reload=reload_settings, pid_file=pid_file(paths)
+        )
+        sys.exit(watcher.run())
     finally:
         cache.close()
+
+
+def pid_file(paths: Paths) -> str:
+    return os.path.join(paths.state_dir, "watch.pid")
+
+
+@main.command()
+@click.pass_obj
+def reload(g: Globals) -> None:
+    """Make the running watcher re-read its configuration and rescan (like SIGHUP)."""
+    try:
+        settings_module.load(g.config)
+    except ConfigError as e:
+        raise click.ClickException(f"not reloading: {e}") from e
+    try:
+        pid = signal_watcher(os.path.join(g.state, "watch.pid"))
+    except ProcessLookupError as e:
+        raise click.ClickException(str(e)) from e
+    click.echo(f"asked the watcher (pid {pid}) to reload")
 
 
 def _root_dir_only(f: F) -> F:

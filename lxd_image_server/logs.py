@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import logging.config
 import os
 import sys
+from typing import Any
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 JOURNAL_FORMAT = "%(levelname)s %(name)s: %(message)s"
@@ -37,3 +39,9 @@ def _under_journal() -> bool:
 def truthy(value: str | None) -> bool:
     """Environment flags: 1, true, yes, on (any case) are true."""
     return (value or "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def configure(table: dict[str, Any]) -> None:
+    """A [logging] table from the configuration (logging.config.dictConfig), as the original
+    tool had. Existing loggers keep working."""
+    logging.config.dictConfig({"disable_existing_loggers": False, **table})

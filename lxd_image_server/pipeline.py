@@ -41,6 +41,8 @@ class Pipeline:
         self.versions: dict[str, ScannedVersion] = {}
         self.digests = Digests()
         self.products: Products = {}
+        #: called after every publish that changed the catalog (e.g. to push to mirrors)
+        self.on_publish: list[Callable[[], None]] = []
 
     def update_all(self, rehash: bool = False) -> bool:
         """Rescans and republishes everything. True if the catalog changed."""
@@ -80,7 +82,11 @@ class Pipeline:
 
     def _publish(self) -> bool:
         self.products = build_products(self.versions.values(), self.digests, self.paths.root_dir)
-        return publish(self.paths.streams_dir, self.products)
+        changed = publish(self.paths.streams_dir, self.products)
+        if changed:
+            for listener in self.on_publish:
+                listener()
+        return changed
 
 
 def _under(rel: str, prefix: str) -> bool:

@@ -44,6 +44,7 @@ from urllib.parse import unquote_to_bytes
 from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
 
 from . import logs
+from . import settings as settings_module
 from .layout import (
     OVERRIDES_NAME,
     LayoutError,
@@ -71,8 +72,6 @@ _COLLECTION = "/images"
 _FORM_HINT = "-F 'upload=@lxd.tar.xz;filename=os/release/arch/variant/serial/lxd.tar.xz'"
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 _NO_LINKS = (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EXDEV, errno.EMLINK, errno.ENOSYS)
-_TRUE = ("1", "true", "yes", "on")
-_FALSE = ("", "0", "false", "no", "off")
 
 
 @dataclass(frozen=True)
@@ -608,30 +607,18 @@ def make_app(settings: UploadSettings) -> WSGIApplication:
     return UploadApp(settings)
 
 
-def _flag(env: Mapping[str, str], name: str) -> bool:
-    value = env.get(name, "").strip().lower()
-    if value in _TRUE:
-        return True
-    if value in _FALSE:
-        return False
-    raise ValueError(f"{name}={env[name]!r}: expected one of {', '.join(_TRUE + _FALSE[1:])}")
-
-
 def settings_from_env(env: Mapping[str, str] | None = None) -> UploadSettings:
-    """LXD_IMAGE_SERVER_IMG_DIR, ALLOW_OVERWRITES, ALLOW_DELETES, DEBUG, UPLOAD_MAX_SIZE."""
+    """From the layered configuration (upload.* in config.toml) and the environment:
+    LXD_IMAGE_SERVER_IMG_DIR, ALLOW_OVERWRITES, ALLOW_DELETES, DEBUG, UPLOAD_MAX_SIZE."""
     env = os.environ if env is None else env
-    raw_max = env.get("UPLOAD_MAX_SIZE", "").strip()
-    max_size: int | None = None
-    if raw_max:
-        if not raw_max.isdigit():
-            raise ValueError(f"UPLOAD_MAX_SIZE={raw_max!r}: expected a number of bytes")
-        max_size = int(raw_max) or None  # 0: no limit
+    cfg = settings_module.load(env=env)
     return UploadSettings(
-        img_dir=env.get("LXD_IMAGE_SERVER_IMG_DIR", "").strip() or DEFAULT_IMG_DIR,
-        allow_overwrites=_flag(env, "ALLOW_OVERWRITES"),
-        allow_deletes=_flag(env, "ALLOW_DELETES"),
-        max_size=max_size,
-        debug=_flag(env, "DEBUG"),
+        img_dir=env.get("LXD_IMAGE_SERVER_IMG_DIR", "").strip()
+        or os.path.join(cfg.root_dir, "images"),
+        allow_overwrites=cfg.allow_overwrites,
+        allow_deletes=cfg.allow_deletes,
+        max_size=cfg.max_upload_size,
+        debug=cfg.debug,
     )
 
 

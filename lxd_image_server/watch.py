@@ -24,6 +24,7 @@ from types import FrameType
 
 from inotify_simple import INotify, flags
 
+from .config import ConfigError
 from .layout import VERSION_DEPTH, is_ignored_name
 from .pipeline import Pipeline
 from .publish import PublishError
@@ -60,12 +61,14 @@ class Watcher:
         quiet: float = 0.2,
         max_delay: float = 1.0,
         on_reload: Callable[[], None] | None = None,
+        pid_file: str | None = None,
     ) -> None:
         self.pipeline = pipeline
         self.img_dir = pipeline.paths.img_dir
         self.quiet = quiet
         self.max_delay = max_delay
         self.on_reload = on_reload
+        self.pid_file = pid_file
         #: absolute paths of files opened for writing and not yet closed
         self.writing: set[str] = set()
         pipeline.scanner.exclude = self.writing.__contains__
@@ -242,8 +245,10 @@ class Watcher:
         if self.on_reload is not None:
             try:
                 self.on_reload()
+            except ConfigError as e:
+                log.error("%s; keeping the previous configuration", e)
             except Exception:
-                log.exception("reload failed; keeping the previous settings")
+                log.exception("reload failed; keeping the previous configuration")
         self._rewatch_all()
         self._mark("")
 
@@ -259,6 +264,8 @@ class Watcher:
             )
         }
         try:
+            if self.pid_file:
+                write_pid_file(self.pid_file)
             os.makedirs(self.img_dir, exist_ok=True)
             self._add_tree("")
             log.info("watching %s (%d directories)", self.img_dir, len(self.wds))
@@ -291,6 +298,40 @@ class Watcher:
         finally:
             for s, h in previous.items():
                 signal.signal(s, h)
+            if self.pid_file:
+                with contextlib.suppress(OSError):
+                    os.unlink(self.pid_file)
             self.inotify.close()
             os.close(self._wake_r)
             os.close(self._wake_w)
+
+
+def write_pid_file(path: str) -> None:
+    """Where `lxd-image-server reload` finds the running watcher."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        f.write(f"{os.getpid()}\n")
+    os.replace(path + ".tmp", path)
+
+
+def signal_watcher(pid_file: str, signum: int = signal.SIGHUP) -> int:
+    """Sends `signum` to the watcher named in `pid_file`; returns its pid.
+
+    Raises ProcessLookupError (with a clear message) when no watcher runs.
+    """
+    try:
+        with open(pid_file) as f:
+            pid = int(f.read().strip())
+    except (OSError, ValueError):
+        raise ProcessLookupError(f"no running watcher ({pid_file} is missing or empty)") from None
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmdline = f.read()
+    except OSError:
+        raise ProcessLookupError(
+            f"no running watcher (pid {pid} from {pid_file} is gone)"
+        ) from None
+    if b"watch" not in cmdline:
+        raise ProcessLookupError(f"pid {pid} from {pid_file} is not a watcher")
+    os.kill(pid, signum)
+    return pid

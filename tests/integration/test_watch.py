@@ -216,3 +216,57 @@ def test_half_copied_file_never_listed(watcher):
     record()
     assert sizes_seen == {len(data)}
     assert proc.poll() is None
+
+
+def test_reload_keeps_old_configuration_when_malformed(tmp_path):
+    root = tmp_path / "root"
+    (root / "images").mkdir(parents=True)
+    conf = tmp_path / "extra.toml"
+    conf.write_text("[upload]\nallow_deletes = true\n")
+    env = {**os.environ, "LXD_IMAGE_SERVER_CONFIG": str(conf)}
+    state = tmp_path / "state"
+    log_path = tmp_path / "watch.log"
+
+    def log_text():
+        return log_path.read_text()
+
+    def wait_log(needle, count=1):
+        deadline = time.monotonic() + DEADLINE
+        while log_text().count(needle) < count:
+            assert time.monotonic() < deadline, f"never logged {needle!r}:\n{log_text()}"
+            time.sleep(0.05)
+
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            [str(BIN), "--state-dir", str(state), "watch", "--root-dir", str(root)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+    try:
+        wait_log("watching")
+        reload = [str(BIN), "--state-dir", str(state), "reload"]
+        r = subprocess.run(reload, env=env, capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        wait_log("configuration reloaded")
+        conf.write_text("[upload]\nallow_deletes = maybe\n")
+        # `reload` checks the file first and refuses, naming file and line
+        r = subprocess.run(reload, env=env, capture_output=True, text=True)
+        assert r.returncode == 2  # a configuration error is a usage error
+        assert str(conf) in r.stderr and "line 2" in r.stderr
+        # a SIGHUP anyway: the watcher keeps its configuration and goes on
+        proc.send_signal(signal.SIGHUP)
+        wait_log("keeping the previous configuration")
+        assert proc.poll() is None
+        conf.write_text("[upload]\nallow_deletes = false\n")
+        proc.send_signal(signal.SIGHUP)
+        wait_log("configuration reloaded", 2)
+        assert "Traceback" not in log_text()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(DEADLINE) == 0
+    assert not (state / "watch.pid").exists()
+    r = subprocess.run(
+        [str(BIN), "--state-dir", str(state), "reload"], env=env, capture_output=True, text=True
+    )
+    assert r.returncode == 1 and "no running watcher" in r.stderr

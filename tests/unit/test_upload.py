@@ -818,8 +818,9 @@ def test_settings_from_env() -> None:
     assert (s.allow_overwrites, s.debug, s.max_size) == (False, False, None)
     with pytest.raises(ValueError, match="ALLOW_DELETES"):
         settings_from_env({"ALLOW_DELETES": "sure"})
+    assert settings_from_env({"UPLOAD_MAX_SIZE": "2G"}).max_size == 2 << 30
     with pytest.raises(ValueError, match="UPLOAD_MAX_SIZE"):
-        settings_from_env({"UPLOAD_MAX_SIZE": "2G"})
+        settings_from_env({"UPLOAD_MAX_SIZE": "lots"})
 
 
 def test_app_from_env(tree: Tree, monkeypatch: pytest.MonkeyPatch) -> None:

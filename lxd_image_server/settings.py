@@ -1,0 +1,266 @@
+"""The layered configuration: defaults < /etc/lxd-image-server/config.toml < conf.d/*.toml
+< ~/.config/lxd-image-server/config.toml < --config FILE < $LXD_IMAGE_SERVER_CONFIG < the
+environment flags (ALLOW_OVERWRITES, ALLOW_DELETES, DEBUG). Later wins, key by key.
+
+A missing file is fine; a malformed one is a ConfigError naming the file and the line.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from .config import DEFAULT_ROOT, DEFAULT_STATE_DIR, ConfigError
+
+SYSTEM_DIR = "/etc/lxd-image-server"
+ENV_CONFIG = "LXD_IMAGE_SERVER_CONFIG"
+DEFAULT_GRACE = 3600
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("", "0", "false", "no", "off")
+
+
+@dataclass(frozen=True)
+class MirrorConfig:
+    name: str
+    host: str
+    user: str = "lxdmirror"
+    key_path: str | None = None
+    port: int = 22
+    path: str = DEFAULT_ROOT
+
+
+@dataclass(frozen=True)
+class Settings:
+    root_dir: str = DEFAULT_ROOT
+    state_dir: str = DEFAULT_STATE_DIR
+    allow_overwrites: bool = False
+    allow_deletes: bool = False
+    #: bytes per uploaded file; None: no limit
+    max_upload_size: int | None = None
+    debug: bool = False
+    #: seconds between a version leaving the catalog (prune/remove) and its files going
+    prune_grace: int = DEFAULT_GRACE
+    mirrors: tuple[MirrorConfig, ...] = ()
+    #: a logging.config.dictConfig table, or None for the built-in setup
+    logging: dict[str, Any] | None = None
+    #: the files read, in order
+    sources: tuple[str, ...] = field(default=())
+
+
+# -- reading ----------------------------------------------------------------------------------
+
+
+def _read(path: Path) -> dict[str, Any] | None:
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read it ({e.strerror})") from e
+    try:
+        return tomllib.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e})") from e
+    except tomllib.TOMLDecodeError as e:
+        # the message ends with "(at line N, column M)"
+        raise ConfigError(f"{path}: {e}") from e
+
+
+def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def config_files(
+    explicit: str | None, env: Mapping[str, str], system_dir: str, home: str | None
+) -> list[tuple[Path, bool]]:
+    """(path, must_exist) in the order they apply."""
+    base = Path(system_dir)
+    files: list[tuple[Path, bool]] = [(base / "config.toml", False)]
+    conf_d = base / "conf.d"
+    if conf_d.is_dir():
+        files += [(p, False) for p in sorted(conf_d.glob("*.toml"))]
+    if home:
+        files.append((Path(home) / ".config" / "lxd-image-server" / "config.toml", False))
+    if explicit:
+        files.append((Path(explicit), True))
+    if env.get(ENV_CONFIG):
+        files.append((Path(env[ENV_CONFIG]), True))
+    return files
+
+
+def load(
+    explicit: str | None = None,
+    env: Mapping[str, str] | None = None,
+    system_dir: str = SYSTEM_DIR,
+    home: str | None = None,
+) -> Settings:
+    """Reads every layer and validates the result. Raises ConfigError."""
+    env = os.environ if env is None else env
+    if home is None:
+        home = env.get("HOME")
+    merged: dict[str, Any] = {}
+    sources: list[str] = []
+    where: dict[str, str] = {}  # top-level section -> last file that set it, for errors
+    for path, must_exist in config_files(explicit, env, system_dir, home):
+        doc = _read(path)
+        if doc is None:
+            if must_exist:
+                raise ConfigError(f"{path}: no such file")
+            continue
+        sources.append(str(path))
+        for key in doc:
+            where[key] = str(path)
+        merged = _merge(merged, doc)
+    return _validate(merged, env, tuple(sources), where)
+
+
+# -- validating --------------------------------------------------------------------------------
+
+_SECTIONS = {"paths", "upload", "prune", "mirrors", "logging"}
+_KEYS = {
+    "paths": {"root", "state_dir"},
+    "upload": {"allow_overwrites", "allow_deletes", "max_size"},
+    "prune": {"grace_period"},
+}
+_MIRROR_KEYS = {"remote", "url", "user", "key_path", "port", "path"}
+
+
+def _flag(env: Mapping[str, str], name: str) -> bool | None:
+    raw = env.get(name)
+    if raw is None:
+        return None
+    value = raw.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ConfigError(f"environment {name}={raw!r}: expected 1/true/yes/on or 0/false/no/off")
+
+
+def _typed(value: Any, kind: type, what: str, src: str) -> Any:
+    if kind is int and isinstance(value, bool):
+        raise ConfigError(f"{src}: {what} must be a number, not {value!r}")
+    if not isinstance(value, kind):
+        raise ConfigError(f"{src}: {what} must be a {kind.__name__}, not {value!r}")
+    return value
+
+
+def _size(value: Any, src: str) -> int | None:
+    """max_size: bytes as a number, or a string with K/M/G/T (powers of 1024); 0: no limit."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        n = value
+    elif isinstance(value, str):
+        text = value.strip().upper().removesuffix("B").removesuffix("I")
+        factor = 1
+        for i, unit in enumerate("KMGT", start=1):
+            if text.endswith(unit):
+                factor, text = 1024**i, text[:-1]
+        try:
+            n = int(float(text) * factor)
+        except ValueError:
+            raise ConfigError(f"{src}: upload.max_size {value!r} is not a size") from None
+    else:
+        raise ConfigError(f"{src}: upload.max_size must be a number of bytes or like '10G'")
+    if n < 0:
+        raise ConfigError(f"{src}: upload.max_size must not be negative")
+    return n or None
+
+
+def _mirror(name: str, table: Any, src: str) -> MirrorConfig:
+    what = f"mirrors.{name}"
+    if not isinstance(table, Mapping):
+        raise ConfigError(f"{src}: [{what}] must be a table")
+    unknown = set(table) - _MIRROR_KEYS
+    if unknown:
+        raise ConfigError(f"{src}: unknown key(s) in [{what}]: {', '.join(sorted(unknown))}")
+    host = table.get("remote")
+    if host is None and "url" in table:
+        # the original tool's `url = "https://host:8443"`: the host is what matters for ssh
+        host = urlsplit(_typed(table["url"], str, f"{what}.url", src)).hostname
+    if not host:
+        raise ConfigError(f'{src}: [{what}] needs remote = "host" (or url)')
+    _typed(host, str, f"{what}.remote", src)
+    port = _typed(table.get("port", 22), int, f"{what}.port", src)
+    if not 0 < port < 65536:
+        raise ConfigError(f"{src}: {what}.port {port} is not a port")
+    key = table.get("key_path")
+    return MirrorConfig(
+        name=name,
+        host=host,
+        user=_typed(table.get("user", "lxdmirror"), str, f"{what}.user", src),
+        key_path=_typed(key, str, f"{what}.key_path", src) if key is not None else None,
+        port=port,
+        path=_typed(table.get("path", DEFAULT_ROOT), str, f"{what}.path", src),
+    )
+
+
+def _validate(
+    doc: dict[str, Any], env: Mapping[str, str], sources: tuple[str, ...], where: dict[str, str]
+) -> Settings:
+    def src(section: str) -> str:
+        return where.get(section, "configuration")
+
+    unknown = set(doc) - _SECTIONS
+    if unknown:
+        key = sorted(unknown)[0]
+        raise ConfigError(f"{src(key)}: unknown section or key {key!r}")
+    for section, keys in _KEYS.items():
+        table = doc.get(section, {})
+        if not isinstance(table, Mapping):
+            raise ConfigError(f"{src(section)}: [{section}] must be a table")
+        bad = set(table) - keys
+        if bad:
+            raise ConfigError(
+                f"{src(section)}: unknown key(s) in [{section}]: {', '.join(sorted(bad))}"
+            )
+    paths, upload, prune = doc.get("paths", {}), doc.get("upload", {}), doc.get("prune", {})
+    values: dict[str, Any] = {"sources": sources}
+    if "root" in paths:
+        values["root_dir"] = _typed(paths["root"], str, "paths.root", src("paths"))
+    if "state_dir" in paths:
+        values["state_dir"] = _typed(paths["state_dir"], str, "paths.state_dir", src("paths"))
+    for key in ("allow_overwrites", "allow_deletes"):
+        if key in upload:
+            values[key] = _typed(upload[key], bool, f"upload.{key}", src("upload"))
+    if "max_size" in upload:
+        values["max_upload_size"] = _size(upload["max_size"], src("upload"))
+    if "grace_period" in prune:
+        grace = _typed(prune["grace_period"], int, "prune.grace_period", src("prune"))
+        if grace < 0:
+            raise ConfigError(f"{src('prune')}: prune.grace_period must not be negative")
+        values["prune_grace"] = grace
+    mirrors = doc.get("mirrors", {})
+    if not isinstance(mirrors, Mapping):
+        raise ConfigError(f"{src('mirrors')}: [mirrors] must hold [mirrors.NAME] tables")
+    values["mirrors"] = tuple(_mirror(n, t, src("mirrors")) for n, t in sorted(mirrors.items()))
+    if "logging" in doc:
+        table = doc["logging"]
+        if not isinstance(table, Mapping) or "version" not in table:
+            raise ConfigError(
+                f"{src('logging')}: [logging] must be a logging.config.dictConfig table "
+                "(with version = 1)"
+            )
+        values["logging"] = dict(table)
+    # the environment has the last word
+    for key, name in (
+        ("allow_overwrites", "ALLOW_OVERWRITES"),
+        ("allow_deletes", "ALLOW_DELETES"),
+        ("debug", "DEBUG"),
+    ):
+        flag = _flag(env, name)
+        if flag is not None:
+            values[key] = flag
+    if env.get("UPLOAD_MAX_SIZE", "").strip():
+        values["max_upload_size"] = _size(env["UPLOAD_MAX_SIZE"].strip(), "UPLOAD_MAX_SIZE")
+    return Settings(**values)
