@@ -13,27 +13,23 @@ from typing import Any, TypeVar
 
 import click
 
-from . import __version__, htpasswd, logs, nginx, tls
+from . import __version__, logs
 from . import settings as settings_module
-from .config import DEFAULT_STATE_DIR, ConfigError, Paths
-from .hashing import HashCache
-from .initialize import (
+from .config import (
     DEFAULT_HTPASSWD,
     DEFAULT_NGINX_DIR,
     DEFAULT_SSL_DIR,
+    DEFAULT_STATE_DIR,
     DEFAULT_UPLOAD_SOCKET,
-    InitOptions,
-    client_instructions,
-    initialize,
-    nginx_group,
+    ConfigError,
+    Paths,
+    ServiceError,
 )
+from .hashing import HashCache
 from .pipeline import Pipeline
 from .progress import for_terminal
 from .publish import PublishError
-from .run import RunOptions
-from .run import run as run_server
 from .settings import Settings
-from .watch import Watcher, signal_watcher
 
 log = logging.getLogger(__name__)
 F = TypeVar("F", bound=Callable[..., Any])
@@ -113,7 +109,7 @@ def handle_errors(f: F) -> F:
         except PermissionError as e:
             log.error("permission denied: %s", e.filename or e)
             sys.exit(1)
-        except (nginx.NginxError, tls.TLSError) as e:
+        except ServiceError as e:
             log.error("%s", e)
             sys.exit(1)
 
@@ -181,6 +177,8 @@ def update(
 @handle_errors
 def watch(g: Globals, root_dir: str | None, img_dir: str | None, streams_dir: str | None) -> None:
     """Publish the tree, then republish whenever images are added or removed."""
+    from .watch import Watcher
+
     paths = _paths(g, root_dir, img_dir, streams_dir)
 
     def reload_settings() -> None:
@@ -210,6 +208,8 @@ def reload(g: Globals) -> None:
         settings_module.load(g.config)
     except ConfigError as e:
         raise click.ClickException(f"not reloading: {e}") from e
+    from .watch import signal_watcher
+
     try:
         pid = signal_watcher(os.path.join(g.state, "watch.pid"))
     except ProcessLookupError as e:
@@ -301,6 +301,10 @@ def init(
 ) -> None:
     """Create the tree, a self-signed certificate, upload credentials and the nginx site."""
     paths = _paths(g, root_dir, None, None)
+    # imported here: certificates pull in `cryptography`, which the other commands never need
+    from . import tls
+    from .initialize import InitOptions, client_instructions, initialize
+
     report = initialize(
         InitOptions(
             paths=paths,
@@ -349,6 +353,9 @@ def init(
 @handle_errors
 def passwd(g: Globals, user: str, htpasswd_path: str) -> None:
     """Add an upload USER or change its password (from a prompt, or standard input)."""
+    from . import htpasswd
+    from .initialize import nginx_group
+
     try:
         htpasswd.validate_user(user)
     except ValueError as e:
@@ -412,6 +419,9 @@ def run(
     private: bool,
 ) -> None:
     """Run nginx, the upload server and the watcher in the foreground."""
+    from .run import RunOptions
+    from .run import run as run_server
+
     if not g.log_file_given:
         logs.setup("STDOUT", g.verbose)
     paths = _paths(g, root_dir, None, None)

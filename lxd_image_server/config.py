@@ -7,6 +7,14 @@ from dataclasses import dataclass
 
 DEFAULT_ROOT = "/var/www/simplestreams"
 DEFAULT_STATE_DIR = "/var/lib/lxd-image-server"
+DEFAULT_SSL_DIR = "/etc/nginx/ssl"
+DEFAULT_HTPASSWD = "/etc/lxd-image-server/htpasswd"
+DEFAULT_NGINX_DIR = "/etc/nginx"
+DEFAULT_UPLOAD_SOCKET = "/run/lxd-image-server/upload.sock"
+
+
+class ServiceError(Exception):
+    """A part the server relies on (nginx, the certificate, ...) refused; the message says why."""
 
 
 class ConfigError(ValueError):

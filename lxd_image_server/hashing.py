@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import queue
 import sqlite3
 import threading
 from collections.abc import Callable, Iterable, Sequence
@@ -175,10 +174,13 @@ def hash_file(f: FileStat, sinks: Sequence[Hasher], progress: Progress = _no_pro
             raise FileChanged("it changed since it was scanned")
         if hasattr(os, "posix_fadvise"):
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-        if len(sinks) == 1:
-            _feed_one(fh, sinks[0], progress)
-        else:
-            _feed_many(fh, sinks, progress)
+        try:
+            if len(sinks) == 1:
+                _feed_one(fh, sinks[0], progress)
+            else:
+                _feed_many(fh, sinks, progress)
+        except OSError as e:
+            raise FileChanged(f"read error ({e.strerror or e})") from e
         st = os.fstat(fd)
     if not _same_file(f, st) or st.st_ctime_ns != f.ctime_ns:
         raise FileChanged("it was modified while being hashed")
@@ -193,28 +195,34 @@ def _feed_one(fh: Any, sink: Hasher, progress: Progress) -> None:
 
 
 def _feed_many(fh: Any, sinks: Sequence[Hasher], progress: Progress) -> None:
-    queues: list[queue.Queue[bytes | None]] = [queue.Queue(maxsize=8) for _ in sinks]
+    """One thread per sink, each reading the file itself into a reused buffer (the second read
+    comes from the page cache): cheaper than handing chunks between threads."""
+    fd = fh.fileno()
+    errors: list[BaseException] = []
 
-    def consume(q: queue.Queue[bytes | None], sink: Hasher) -> None:
-        while (chunk := q.get()) is not None:
-            sink.update(chunk)
+    def consume(sink: Hasher, report: bool) -> None:
+        buf = bytearray(CHUNK)
+        view = memoryview(buf)
+        offset = 0
+        try:
+            while n := os.preadv(fd, [buf], offset):
+                sink.update(view[:n])
+                offset += n
+                if report:
+                    progress(n)
+        except BaseException as e:  # re-raised in the caller's thread
+            errors.append(e)
 
     threads = [
-        threading.Thread(target=consume, args=(q, s), daemon=True, name="sha256")
-        for q, s in zip(queues, sinks, strict=True)
+        threading.Thread(target=consume, args=(s, i == 0), daemon=True, name="sha256")
+        for i, s in enumerate(sinks)
     ]
     for t in threads:
         t.start()
-    try:
-        while chunk := fh.read(CHUNK):
-            for q in queues:
-                q.put(chunk)
-            progress(len(chunk))
-    finally:
-        for q in queues:
-            q.put(None)
-        for t in threads:
-            t.join()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
 
 
 # -- hashing versions ----------------------------------------------------------------------------

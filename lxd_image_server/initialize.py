@@ -13,16 +13,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import htpasswd, nginx, tls
-from .config import Paths
+from .config import (
+    DEFAULT_HTPASSWD,
+    DEFAULT_NGINX_DIR,
+    DEFAULT_SSL_DIR,
+    DEFAULT_UPLOAD_SOCKET,
+    Paths,
+)
 from .hashing import HashCache
 from .pipeline import Pipeline
 
 log = logging.getLogger(__name__)
 
-DEFAULT_SSL_DIR = "/etc/nginx/ssl"
-DEFAULT_HTPASSWD = "/etc/lxd-image-server/htpasswd"
-DEFAULT_NGINX_DIR = "/etc/nginx"
-DEFAULT_UPLOAD_SOCKET = "/run/lxd-image-server/upload.sock"
 DEFAULT_UPLOAD_USER = "upload"
 
 

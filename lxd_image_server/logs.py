@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import logging.config
 import os
 import sys
 from typing import Any
@@ -44,4 +43,6 @@ def truthy(value: str | None) -> bool:
 def configure(table: dict[str, Any]) -> None:
     """A [logging] table from the configuration (logging.config.dictConfig), as the original
     tool had. Existing loggers keep working."""
+    import logging.config
+
     logging.config.dictConfig({"disable_existing_loggers": False, **table})

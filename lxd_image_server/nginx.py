@@ -14,6 +14,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from .config import ServiceError
 from .publish import write_atomic
 
 log = logging.getLogger(__name__)
@@ -22,7 +23,7 @@ SITE_NAME = "lxd-image-server"
 _PLACEHOLDER = re.compile(r"@([A-Z_]+)@")
 
 
-class NginxError(Exception):
+class NginxError(ServiceError):
     """nginx refused the configuration, or could not be found or reloaded."""
 
 

@@ -33,6 +33,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from .config import ServiceError
+
 log = logging.getLogger(__name__)
 
 CERT_NAME = "nginx.crt"
@@ -46,7 +48,7 @@ LOOPBACK = ("127.0.0.1", "::1")
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
-class TLSError(Exception):
+class TLSError(ServiceError):
     """The certificate or key cannot be used or created as asked."""
 
 

@@ -1,0 +1,295 @@
+"""Helpers shared by the benchmarks: scratch directories, random image versions, the
+single-thread hashing baseline, running the CLI, reading the catalog, printing results.
+
+Every benchmark compares against a baseline measured in the same run, on the same files, with
+the same (warm) page cache, so the printed ratios stay meaningful on a shared, noisy machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import hashlib
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+MiB = 1 << 20
+CHUNK = MiB
+#: Where the benchmark versions live, relative to the served root.
+VARIANT_REL = Path("images/bench/1.0/amd64/default")
+META_NAME = "lxd.tar.xz"
+ROOT_NAME = "rootfs.squashfs"
+META_SIZE = 4 * 1024
+#: mkdtemp() makes a private directory below it; /var/tmp is on disk (/tmp may be a tmpfs).
+DEFAULT_WORKDIR = "/var/tmp"  # noqa: S108
+#: Serials count minutes from here: YYYYMMDD_HH:MM, the spelling the build seeds use.
+SERIAL_EPOCH = dt.datetime(2024, 1, 1)
+
+
+class BenchError(Exception):
+    """The benchmark cannot go on (a command failed, a deadline passed); the message says why."""
+
+
+# -- command line -------------------------------------------------------------------------------
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def add_common_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--repeat",
+        type=positive_int,
+        default=3,
+        help="timed repetitions; the median is reported (default: 3)",
+    )
+    parser.add_argument(
+        "--workdir",
+        default=DEFAULT_WORKDIR,
+        help="scratch data goes in a new temporary directory under this one, removed "
+        "afterwards; keep it on the same file system as the real tree "
+        f"(default: {DEFAULT_WORKDIR})",
+    )
+    parser.add_argument(
+        "--keep", action="store_true", help="do not remove the scratch directory at the end"
+    )
+    parser.add_argument(
+        "--exe",
+        default=None,
+        help="the lxd-image-server executable (default: the repository's .venv)",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=900.0,
+        help="seconds after which one step counts as failed (default: 900)",
+    )
+
+
+def server_exe(explicit: str | None) -> str:
+    """The lxd-image-server to benchmark: --exe, else the repository's venv, else $PATH."""
+    candidates = [explicit] if explicit else []
+    candidates += [
+        str(REPO / ".venv" / "bin" / "lxd-image-server"),
+        str(Path(sys.executable).with_name("lxd-image-server")),
+    ]
+    for c in candidates:
+        if c and os.access(c, os.X_OK) and os.path.isfile(c):
+            return c
+    found = shutil.which("lxd-image-server")
+    if found and not explicit:
+        return found
+    raise BenchError(
+        f"lxd-image-server not found (tried {', '.join(c for c in candidates if c)} and $PATH); "
+        "install the package in the venv or pass --exe"
+    )
+
+
+def main_wrapper(run: Callable[[], int]) -> None:
+    """Runs a benchmark's body; a BenchError becomes a message and exit status 1."""
+    try:
+        status = run()
+    except BenchError as e:
+        print(f"benchmark failed: {e}", file=sys.stderr)
+        status = 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        status = 130
+    sys.exit(status)
+
+
+# -- scratch space and image files --------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def scratch_dir(parent: str, keep: bool, prefix: str) -> Iterator[Path]:
+    """A new directory under `parent`, removed afterwards unless `keep`."""
+    os.makedirs(parent, exist_ok=True)
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    print(f"scratch directory: {path}")
+    try:
+        yield path
+    finally:
+        if keep:
+            print(f"kept scratch directory {path}")
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def write_random(path: Path, size: int) -> None:
+    """`size` random bytes (incompressible, like a squashfs), written 1 MiB at a time."""
+    with open(path, "wb") as f:
+        left = size
+        while left > 0:
+            n = min(CHUNK, left)
+            f.write(os.urandom(n))
+            left -= n
+
+
+def build_version(directory: Path, root_size: int) -> list[Path]:
+    """lxd.tar.xz (a few KiB) and rootfs.squashfs (`root_size` bytes) in `directory`."""
+    directory.mkdir(parents=True, exist_ok=True)
+    meta = directory / META_NAME
+    root = directory / ROOT_NAME
+    write_random(meta, META_SIZE)
+    write_random(root, root_size)
+    return [meta, root]
+
+
+def serial(n: int) -> str:
+    """The n-th serial: 20240101_00:00, 20240101_00:01, ..."""
+    return (SERIAL_EPOCH + dt.timedelta(minutes=n)).strftime("%Y%m%d_%H:%M")
+
+
+def settle() -> None:
+    """Flushes dirty pages so that write-back does not run during a timed step."""
+    os.sync()
+
+
+# -- the baseline -------------------------------------------------------------------------------
+
+
+def warm(paths: Sequence[Path]) -> None:
+    """Reads every byte once (untimed), so the timed reader finds them in the page cache."""
+    buf = bytearray(CHUNK)
+    for p in paths:
+        with open(p, "rb", buffering=0) as f:
+            while f.readinto(buf):
+                pass
+
+
+def sha256_seconds(paths: Sequence[Path]) -> float:
+    """Seconds one thread needs to read and sha256 every byte of `paths` (1 MiB reads)."""
+    buf = bytearray(CHUNK)
+    view = memoryview(buf)
+    start = time.perf_counter()
+    for p in paths:
+        h = hashlib.sha256()
+        with open(p, "rb", buffering=0) as f:
+            while n := f.readinto(buf):
+                h.update(view[:n])
+        h.hexdigest()
+    return time.perf_counter() - start
+
+
+def parallel_sha256_seconds(jobs: Sequence[Path], threads: int) -> float:
+    """Seconds `threads` threads need to sha256 every file of `jobs` (a file may appear more
+    than once: each occurrence is read and hashed on its own)."""
+
+    def one(p: Path) -> None:
+        buf = bytearray(CHUNK)
+        view = memoryview(buf)
+        h = hashlib.sha256()
+        with open(p, "rb", buffering=0) as f:
+            while n := f.readinto(buf):
+                h.update(view[:n])
+        h.hexdigest()
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(one, jobs))
+    return time.perf_counter() - start
+
+
+def total_size(paths: Sequence[Path]) -> int:
+    return sum(p.stat().st_size for p in paths)
+
+
+# -- the program under test ---------------------------------------------------------------------
+
+
+def run_timed(cmd: Sequence[str], log_path: Path, timeout: float) -> float:
+    """Wall-clock seconds of `cmd`; its output goes to `log_path`. A failure is a BenchError."""
+    with open(log_path, "ab") as log:
+        log.write(f"$ {' '.join(cmd)}\n".encode())
+        log.flush()
+        start = time.perf_counter()
+        try:
+            proc = subprocess.run(
+                cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log, timeout=timeout, check=False
+            )
+        except subprocess.TimeoutExpired as e:
+            raise BenchError(f"{' '.join(cmd)} did not finish in {timeout:.0f} s") from e
+        elapsed = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise BenchError(
+            f"{' '.join(cmd)} exited with status {proc.returncode}; its output:\n" + tail(log_path)
+        )
+    return elapsed
+
+
+def tail(path: Path, lines: int = 30) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError as e:
+        return f"(cannot read {path}: {e.strerror})"
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def read_catalog(root: Path) -> dict[str, Any] | None:
+    """images.json below `root`, or None while it does not exist (or is not JSON)."""
+    try:
+        with open(root / "streams" / "v1" / "images.json", "rb") as f:
+            doc = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def catalog_versions(doc: dict[str, Any]) -> set[tuple[str, str]]:
+    """(product, serial) of every version the catalog lists."""
+    out: set[tuple[str, str]] = set()
+    products = doc.get("products")
+    if not isinstance(products, dict):
+        return out
+    for name, product in products.items():
+        versions = product.get("versions") if isinstance(product, dict) else None
+        if isinstance(versions, dict):
+            out.update((name, s) for s in versions)
+    return out
+
+
+# -- reporting ----------------------------------------------------------------------------------
+
+
+def median(values: Sequence[float]) -> float:
+    return statistics.median(values)
+
+
+def verdict(ok: bool) -> str:
+    return "PASS" if ok else "MISS"
+
+
+def runs(values: Sequence[float]) -> str:
+    return " ".join(f"{v:.3f}" for v in values)
+
+
+def print_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    """Left-aligned first column, right-aligned numbers."""
+    widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header))]
+    for r in (header, *rows):
+        cells = [r[0].ljust(widths[0])] + [
+            c.rjust(w) for c, w in zip(r[1:], widths[1:], strict=True)
+        ]
+        print("  ".join(cells).rstrip())
+
+
+def machine_line() -> str:
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    return f"{os.cpu_count()} CPUs (load {load}), Python {sys.version.split()[0]}"
