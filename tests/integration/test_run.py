@@ -340,3 +340,16 @@ def test_run_creates_credentials_and_prints_them_once(pki: Pki, tmp_path: Path) 
         assert out.stdout == "201"
     finally:
         gen.close()
+
+
+def test_run_stops_everything_and_fails_when_a_part_dies(pki: Pki, tmp_path: Path) -> None:
+    gen = start_server(tmp_path, pki, {})
+    server = next(gen)
+    nginx_pid = int((tmp_path / "state" / "run" / "nginx.pid").read_text())
+    watcher_pid = int((tmp_path / "state" / "watch.pid").read_text())
+    os.kill(nginx_pid, signal.SIGKILL)
+    assert server.proc.wait(DEADLINE) == 1
+    text = server.log.read_text()
+    assert "nginx exited" in text and "stopping everything" in text
+    assert not Path(f"/proc/{watcher_pid}").exists(), "the watcher outlived run"
+    gen.close()
