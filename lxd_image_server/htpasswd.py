@@ -13,7 +13,6 @@ are ignored by nginx, and the first line naming a user wins.
 from __future__ import annotations
 
 import base64
-import contextlib
 import grp
 import hashlib
 import hmac
@@ -21,6 +20,8 @@ import logging
 import os
 import re
 import secrets
+
+from .fsutil import fsync_dir, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -292,33 +293,9 @@ def set_password(path: str, user: str, password: str, group: str | int | None = 
             gid = grp.getgrnam(group).gr_gid
         except KeyError:
             raise ValueError(f"no such group: {group!r}") from None
-    _write_atomic(path, data, FILE_MODE, uid, gid)
+    if (uid, gid) == (os.geteuid(), os.getegid()):
+        uid = gid = -1
+    write_atomic(path, data, FILE_MODE, uid, gid)
+    fsync_dir(os.path.dirname(os.path.abspath(path)))
     log.info("%s user %s in %s", "added" if not found else "updated", user, path)
     return not found
-
-
-def _write_atomic(path: str, data: bytes, mode: int, uid: int, gid: int) -> None:
-    directory, name = os.path.split(path)
-    tmp = os.path.join(directory, f".{name}.{secrets.token_hex(6)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
-    try:
-        try:
-            os.fchmod(fd, mode)
-            if (uid, gid) != (-1, -1) and (uid, gid) != (os.geteuid(), os.getegid()):
-                os.fchown(fd, uid, gid)
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)

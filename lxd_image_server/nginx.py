@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import ServiceError
-from .publish import write_atomic
+from .fsutil import write_atomic
 
 log = logging.getLogger(__name__)
 

@@ -15,11 +15,12 @@ import gzip
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Iterator
 from typing import Any
 
 from .catalog import UPDATED_FORMAT, Products, images_document, index_document
+from .fsutil import fsync_dir as fsync_dir
+from .fsutil import write_atomic as write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -53,31 +54,6 @@ def encode(doc: dict[str, Any]) -> bytes:
 
 def _gzip(data: bytes) -> bytes:
     return gzip.compress(data, compresslevel=9, mtime=0)
-
-
-def write_atomic(path: str, data: bytes, mode: int = 0o644) -> None:
-    """Writes `data` to `path` so that readers see the old bytes or the new, never a mix."""
-    directory, name = os.path.split(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-def fsync_dir(directory: str) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _read_json(path: str) -> dict[str, Any] | None:

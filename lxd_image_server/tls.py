@@ -21,7 +21,6 @@ import fcntl
 import ipaddress
 import logging
 import os
-import secrets
 import socket
 import struct
 from collections.abc import Iterable, Sequence
@@ -34,6 +33,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from .config import ServiceError
+from .fsutil import fsync_dir, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -102,9 +102,9 @@ def ensure_certificate(ssl_dir: str, hostnames: Sequence[str], force: bool = Fal
     )
     # The key first: a crash between the two renames leaves a new key with the old
     # certificate, which the next run reports (the pair is checked) instead of using.
-    _write_atomic(key_path, key_pem, 0o600)
-    _write_atomic(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
-    _fsync_dir(ssl_dir)
+    write_atomic(key_path, key_pem, 0o600)
+    write_atomic(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    fsync_dir(ssl_dir)
     sans = _sans_of(cert)
     log.info("created the self-signed certificate %s for %s", cert_path, ", ".join(sans))
     return CertResult(cert_path, key_path, True, sans)
@@ -393,32 +393,3 @@ def _not_after(cert: x509.Certificate) -> dt.datetime:
 
 
 # ---- files -------------------------------------------------------------------------------
-
-
-def _write_atomic(path: str, data: bytes, mode: int) -> None:
-    """Writes `path` via a hidden temporary file created with `mode` from the start."""
-    directory, name = os.path.split(path)
-    tmp = os.path.join(directory, f".{name}.{secrets.token_hex(6)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, mode)
-    try:
-        try:
-            os.fchmod(fd, mode)  # whatever the umask
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-def _fsync_dir(directory: str) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

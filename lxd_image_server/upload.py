@@ -45,6 +45,7 @@ from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
 
 from . import logs
 from . import settings as settings_module
+from .fsutil import fsync_dir
 from .layout import (
     OVERRIDES_NAME,
     LayoutError,
@@ -404,13 +405,13 @@ class UploadApp:
             # One rename makes the whole version vanish at once for the watcher.
             doomed = os.path.join(parent, f".deleting-{secrets.token_hex(8)}")
             os.rename(target, doomed)
-            _fsync_dir(parent)
+            fsync_dir(parent)
             shutil.rmtree(doomed, ignore_errors=True)
         else:
             if stat.S_ISDIR(st.st_mode):
                 raise HTTPError(400, f"{rel} is a directory, not a file")
             os.unlink(target)
-            _fsync_dir(parent)
+            fsync_dir(parent)
         self._prune(parent)
         log.info("deleted %s", rel)
         return _Outcome(200, {"deleted": rel})
@@ -463,7 +464,7 @@ class UploadApp:
                     raise HTTPError(400, f"{rel}: {problem.removesuffix('; using defaults')}")
                 warning = problem
             final, replaced = self._place(tmp, target_dir, name)
-            _fsync_dir(target_dir)
+            fsync_dir(target_dir)
         except BaseException as e:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
@@ -504,7 +505,7 @@ class UploadApp:
                 continue
             created.append(path)
             os.chmod(path, DIR_MODE)
-            _fsync_dir(parent)
+            fsync_dir(parent)
 
     def _place(self, tmp: str, target_dir: str, name: str) -> tuple[str, bool]:
         """Renames the finished temp file into place -> (final name, replaced an old file)."""
@@ -549,7 +550,7 @@ class UploadApp:
             except OSError:
                 return
             directory = os.path.dirname(directory)
-            _fsync_dir(directory)
+            fsync_dir(directory)
 
 
 def _require_length(body: BodyReader) -> None:
@@ -580,14 +581,6 @@ def _write_all(f: Any, data: bytes) -> None:
     while view:
         written = f.write(view)
         view = view[written:]
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _os_error(e: OSError, rel: str) -> HTTPError:
