@@ -1,0 +1,535 @@
+"""The catalog page: products (as in images.json) -> one static, self-contained index.html.
+
+`render_page` is a pure function of its arguments (same input, same bytes): it lists every
+product with its versions and, per version, the images a client sees (one per root
+filesystem, or the unified tarball) with their fingerprints, sizes and ready-to-copy `lxc`
+lines. Every value taken from the catalog goes through `html.escape(quote=True)`.
+
+The page loads nothing from anywhere: CSS and JS are inline and allowed by their sha256 in a
+Content-Security-Policy that forbids everything else. The remote URL cannot be known when the
+file is written (nginx may be reached under any name), so a tiny script fills it in from
+`window.location.origin`; without JS the page still reads well, with a placeholder URL.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import errno
+import hashlib
+import html
+import json
+import logging
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from .catalog import CLIENT_META_FTYPES, CLIENT_UNIFIED_FTYPES, serial_sort_key
+from .layout import COMBINED_FIELDS, VM_FTYPES
+from .publish import PublishError, write_atomic
+
+log = logging.getLogger(__name__)
+
+PAGE_NAME = "index.html"
+DEFAULT_TITLE = "LXD image server"
+#: The remote name the page suggests; not "images", which LXD already defines.
+DEFAULT_REMOTE = "myimages"
+#: Shown where the remote URL goes until the script replaces it with the page's origin.
+URL_PLACEHOLDER = "https://SERVER"
+#: Versions shown open per product; older ones are folded into a <details>.
+OPEN_VERSIONS = 1
+
+CONTAINER = "container"
+VM = "virtual-machine"
+
+
+def esc(value: object) -> str:
+    return html.escape(str(value), quote=True)
+
+
+@dataclass(frozen=True)
+class Image:
+    """One image of a version, as `lxc image list` shows it."""
+
+    #: "container" or "virtual-machine"
+    kind: str
+    #: what the root is: "squashfs", "root.tar.xz", "disk-kvm.img" or "unified"
+    form: str
+    fingerprint: str
+    #: metadata + root (or the unified tarball), what the client downloads; None if unknown
+    size: int | None
+
+
+def _size(*items: Mapping[str, Any]) -> int | None:
+    sizes = [i.get("size") for i in items]
+    if all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in sizes):
+        return sum(s for s in sizes if isinstance(s, int))
+    return None
+
+
+def _first_item(items: Mapping[str, Any], ftypes: Iterable[str]) -> Mapping[str, Any] | None:
+    """The item whose ftype is the first of `ftypes` present (keys are free, ftype counts)."""
+    by_ftype: dict[str, Mapping[str, Any]] = {}
+    for key in sorted(items):
+        item = items[key]
+        if isinstance(item, Mapping) and isinstance(item.get("ftype"), str):
+            by_ftype.setdefault(item["ftype"], item)
+    return next((by_ftype[f] for f in ftypes if f in by_ftype), None)
+
+
+def version_images(items: Mapping[str, Any]) -> list[Image]:
+    """The images a client builds from one version's items.
+
+    A metadata item with a combined fingerprint for a root present gives one image per root
+    (fingerprint: that combined_* field); a unified tarball gives one image (its sha256).
+    """
+    images: list[Image] = []
+    meta = _first_item(items, CLIENT_META_FTYPES)
+    if meta is not None:
+        for root_ftype, fields in COMBINED_FIELDS.items():
+            root = _first_item(items, (root_ftype,))
+            fp = next((meta[f] for f in fields if isinstance(meta.get(f), str)), None)
+            if root is None or fp is None:
+                continue
+            kind = VM if root_ftype in VM_FTYPES else CONTAINER
+            images.append(Image(kind, root_ftype, fp, _size(meta, root)))
+    unified = _first_item(items, CLIENT_UNIFIED_FTYPES)
+    if unified is not None and isinstance(unified.get("sha256"), str):
+        images.append(Image(CONTAINER, "unified", unified["sha256"], _size(unified)))
+    return images
+
+
+def serial_time(serial: str) -> dt.datetime | None:
+    """The build time a serial names (YYYYMMDD, then optionally HHMM), or None."""
+    digits = "".join(c for c in serial if c.isdigit())
+    for length, fmt in ((12, "%Y%m%d%H%M"), (8, "%Y%m%d")):
+        if len(digits) >= length:
+            try:
+                return dt.datetime.strptime(digits[:length], fmt)
+            except ValueError:
+                continue
+    return None
+
+
+def human_size(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{n} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def _aliases(product: Mapping[str, Any]) -> list[str]:
+    raw = product.get("aliases", "")
+    parts = raw.split(",") if isinstance(raw, str) else [str(a) for a in raw or ()]
+    return [a.strip() for a in parts if a.strip()]
+
+
+def _text(product: Mapping[str, Any], field: str, default: str = "") -> str:
+    value = product.get(field)
+    return default if value is None else str(value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Inline assets. Their sha256 goes into the Content-Security-Policy, so they must be emitted
+# byte for byte as written here.
+
+STYLE = """
+:root{color-scheme:light dark;--fg:#1f2328;--bg:#ffffff;--muted:#59636e;--line:#d1d9e0;
+--card:#f6f8fa;--code:#eaeef2;--accent:#0969da;--ok:#1a7f37}
+@media (prefers-color-scheme:dark){:root{--fg:#e6edf3;--bg:#0d1117;--muted:#9198a1;
+--line:#3d444d;--card:#151b23;--code:#212830;--accent:#4493f8;--ok:#3fb950}}
+*{box-sizing:border-box}
+html{-webkit-text-size-adjust:100%;text-size-adjust:100%}
+body{margin:0;background:var(--bg);color:var(--fg);
+font:16px/1.5 system-ui,-apple-system,"Segoe UI",Roboto,"Helvetica Neue",Arial,sans-serif}
+main{max-width:64rem;margin:0 auto;padding:1rem}
+h1{font-size:1.6rem;margin:.5rem 0}
+h2{font-size:1.25rem;margin:0 0 .5rem}
+h3{font-size:1rem;margin:.75rem 0 .25rem}
+a{color:var(--accent)}
+code,.mono{font-family:ui-monospace,SFMono-Regular,"SF Mono",Menlo,Consolas,
+"Liberation Mono",monospace;font-size:.875rem}
+.muted{color:var(--muted)}
+.cmd{display:flex;gap:.5rem;align-items:flex-start;background:var(--code);
+border-radius:6px;padding:.45rem .6rem;margin:.35rem 0}
+.cmd code{flex:1 1 auto;min-width:0;white-space:pre-wrap;overflow-wrap:anywhere}
+button.copy{flex:none;font:inherit;font-size:.8125rem;line-height:1.3;cursor:pointer;
+padding:.15rem .6rem;border:1px solid var(--line);border-radius:6px;
+background:var(--bg);color:var(--fg)}
+button.copy:hover{border-color:var(--accent)}
+button.copy.done{color:var(--ok);border-color:var(--ok)}
+input.manual{flex:1 1 100%;min-width:0;font:inherit;font-size:.8125rem}
+.summary{margin:.25rem 0 1rem}
+#filter{width:100%;max-width:24rem;font:inherit;padding:.35rem .5rem;
+border:1px solid var(--line);border-radius:6px;background:var(--bg);color:var(--fg)}
+.product{background:var(--card);border:1px solid var(--line);border-radius:8px;
+padding:.9rem 1rem;margin:1rem 0}
+.product h2 a{text-decoration:none;color:inherit}
+.key{font-weight:normal;color:var(--muted);font-size:.875rem;overflow-wrap:anywhere}
+.facts{display:flex;flex-wrap:wrap;gap:.25rem 1.25rem;margin:0 0 .5rem;padding:0}
+.facts div{display:flex;gap:.35rem}
+.facts dt{color:var(--muted)}
+.facts dd{margin:0;overflow-wrap:anywhere}
+.aliases code{display:inline-block;background:var(--code);border-radius:4px;
+padding:0 .35rem;margin:.1rem .15rem .1rem 0;overflow-wrap:anywhere}
+.images{list-style:none;margin:0;padding:0}
+.image{display:grid;grid-template-columns:10rem 11rem minmax(0,1fr) auto;gap:.25rem .75rem;
+align-items:baseline;border-top:1px solid var(--line);padding:.4rem 0}
+.image .fp{overflow-wrap:anywhere}
+.tag{display:inline-block;border:1px solid var(--line);border-radius:999px;
+padding:0 .5rem;font-size:.8125rem}
+.tag.vm{border-color:var(--accent)}
+.exact{display:block;font-size:.8125rem}
+details>summary{cursor:pointer;color:var(--accent);margin:.5rem 0}
+.empty{padding:2rem 0}
+footer{margin:2rem 0 1rem;font-size:.875rem}
+@media (max-width:44rem){main{padding:.75rem}
+.image{grid-template-columns:1fr auto}
+.image .fp{grid-column:1/-1;grid-row:2}
+.image .size{text-align:right}
+.image button.copy{grid-column:1/-1;justify-self:start}}
+"""
+
+SCRIPT = """
+(function () {
+  "use strict";
+  var loc = window.location;
+  if (loc.protocol === "https:" || loc.protocol === "http:") {
+    document.querySelectorAll(".origin").forEach(function (el) {
+      el.textContent = loc.origin;
+    });
+  }
+
+  function textOf(button) {
+    if (button.dataset.copy) {
+      return button.dataset.copy;
+    }
+    var code = button.closest(".cmd").querySelector("code");
+    return code.textContent;
+  }
+
+  function flash(button, label) {
+    button.textContent = label;
+    button.classList.add("done");
+    window.setTimeout(function () {
+      button.textContent = button.dataset.label;
+      button.classList.remove("done");
+    }, 2000);
+  }
+
+  function selectForManualCopy(button, text) {
+    var box = button.parentElement.querySelector("input.manual");
+    if (!box) {
+      box = document.createElement("input");
+      box.className = "manual";
+      box.readOnly = true;
+      button.parentElement.appendChild(box);
+    }
+    box.value = text;
+    box.focus();
+    box.select();
+    flash(button, "press Ctrl+C");
+  }
+
+  document.querySelectorAll("button.copy").forEach(function (button) {
+    button.dataset.label = button.textContent;
+    button.hidden = false;
+    button.addEventListener("click", function () {
+      var text = textOf(button);
+      if (navigator.clipboard && window.isSecureContext) {
+        navigator.clipboard.writeText(text).then(function () {
+          flash(button, "copied");
+        }, function () {
+          selectForManualCopy(button, text);
+        });
+      } else {
+        selectForManualCopy(button, text);
+      }
+    });
+  });
+
+  var filter = document.getElementById("filter");
+  if (filter) {
+    filter.hidden = false;
+    filter.addEventListener("input", function () {
+      var words = filter.value.toLowerCase().split(/\\s+/).filter(Boolean);
+      document.querySelectorAll(".product").forEach(function (card) {
+        var hay = card.dataset.search;
+        card.hidden = !words.every(function (w) { return hay.indexOf(w) !== -1; });
+      });
+    });
+  }
+})();
+"""
+
+
+def csp_hash(source: str) -> str:
+    digest = hashlib.sha256(source.encode("utf-8")).digest()
+    return "'sha256-" + base64.b64encode(digest).decode("ascii") + "'"
+
+
+def content_security_policy(script: str = SCRIPT, style: str = STYLE) -> str:
+    """Nothing may load from anywhere; only these exact inline script and style may run."""
+    return "; ".join(
+        [
+            "default-src 'none'",
+            f"script-src {csp_hash(script)}",
+            f"style-src {csp_hash(style)}",
+            "img-src data:",
+            "base-uri 'none'",
+            "form-action 'none'",
+        ]
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Rendering
+
+
+def _cmd(code_html: str) -> str:
+    """A command line and its copy button (hidden until the script can make it work)."""
+    return (
+        f'<div class="cmd"><code>{code_html}</code>'
+        '<button type="button" class="copy" hidden>copy</button></div>'
+    )
+
+
+def _launch_line(remote: str, target: str, kind: str) -> str:
+    return f"lxc launch {remote}:{target}" + (" --vm" if kind == VM else "")
+
+
+def _render_image(image: Image, remote: str) -> str:
+    tag = "vm" if image.kind == VM else "ct"
+    label = "VM" if image.kind == VM else "container"
+    if image.size is None:
+        size = '<span class="size">size unknown</span>'
+    else:
+        size = (
+            f'<span class="size">{esc(human_size(image.size))}'
+            f'<span class="exact muted">{image.size:,} bytes</span></span>'
+        )
+    line = _launch_line(remote, image.fingerprint, image.kind)
+    return (
+        f'<li class="image" data-kind="{esc(image.kind)}">'
+        f'<span><span class="tag {tag}">{label}</span> '
+        f'<span class="muted mono">{esc(image.form)}</span></span>'
+        f"{size}"
+        f'<span class="fp"><span class="muted">fingerprint </span>'
+        f"<code>{esc(image.fingerprint)}</code></span>"
+        f'<button type="button" class="copy" hidden data-copy="{esc(line)}" '
+        f'title="{esc(line)}">copy launch</button>'
+        "</li>"
+    )
+
+
+def _render_version(serial: str, items: Any, remote: str, newest: bool) -> str:
+    when = serial_time(serial)
+    if when is None:
+        date = '<span class="muted">no date</span>'
+    else:
+        shown = when.strftime("%Y-%m-%d %H:%M") if len(serial) > 8 else when.strftime("%Y-%m-%d")
+        date = f'<time datetime="{esc(when.isoformat(timespec="minutes"))}">{esc(shown)}</time>'
+    images = version_images(items if isinstance(items, Mapping) else {})
+    rows = "".join(_render_image(i, remote) for i in images)
+    if not rows:
+        rows = '<li class="image muted">no image a client can use</li>'
+    badge = ' <span class="tag">newest</span>' if newest else ""
+    return (
+        f'<div class="version" data-serial="{esc(serial)}">'
+        f'<h3><span class="serial mono">{esc(serial)}</span> '
+        f'<span class="muted">{date}</span>{badge}</h3>'
+        f'<ul class="images">{rows}</ul></div>'
+    )
+
+
+def _render_product(key: str, product: Mapping[str, Any], remote: str) -> str:
+    title = _text(product, "release_title") or _text(product, "release")
+    os_name = _text(product, "os")
+    aliases = _aliases(product)
+    raw_versions = product.get("versions")
+    versions: Mapping[str, Any] = raw_versions if isinstance(raw_versions, Mapping) else {}
+    serials = sorted(versions, key=serial_sort_key, reverse=True)
+    per_version = {s: version_images(_items(versions[s])) for s in serials}
+    kinds = sorted({i.kind for imgs in per_version.values() for i in imgs})
+
+    facts = [
+        ("OS", os_name),
+        ("release", _text(product, "release")),
+        ("codename", _text(product, "release_codename")),
+        ("architecture", _text(product, "arch")),
+        ("variant", _text(product, "variant")),
+        ("end of support", _text(product, "support_eol")),
+    ]
+    requirements = product.get("requirements")
+    if isinstance(requirements, Mapping) and requirements:
+        facts.append(
+            ("requires", ", ".join(f"{k}={requirements[k]}" for k in sorted(requirements)))
+        )
+    facts_html = "".join(
+        f"<div><dt>{esc(name)}</dt><dd>{esc(value)}</dd></div>" for name, value in facts if value
+    )
+    if aliases:
+        alias_html = "".join(f"<code>{esc(a)}</code>" for a in aliases)
+        aliases_html = f'<p class="aliases"><span class="muted">aliases </span>{alias_html}</p>'
+    else:
+        aliases_html = '<p class="aliases muted">no aliases: launch by fingerprint</p>'
+
+    launches = []
+    for kind in kinds:
+        # the shortest alias is what people type; it names the newest version
+        target = min(aliases, key=len) if aliases else _newest(per_version, serials, kind)
+        if target:
+            launches.append(_cmd(esc(_launch_line(remote, target, kind))))
+
+    shown = [
+        _render_version(s, _items(versions[s]), remote, i == 0)
+        for i, s in enumerate(serials[:OPEN_VERSIONS])
+    ]
+    older = [
+        _render_version(s, _items(versions[s]), remote, False) for s in serials[OPEN_VERSIONS:]
+    ]
+    if older:
+        n = len(older)
+        shown.append(
+            f"<details><summary>{n} older version{'s' if n != 1 else ''}</summary>"
+            + "".join(older)
+            + "</details>"
+        )
+    search = " ".join([key, title, os_name, *aliases]).lower()
+    anchor = "p-" + key
+    prefix = os_name if os_name and os_name.lower() not in title.lower() else ""
+    heading = f"{prefix} {title}".strip()
+    return (
+        f'<section class="product" id="{esc(anchor)}" data-product="{esc(key)}" '
+        f'data-search="{esc(search)}">'
+        f'<h2><a href="#{esc(anchor)}">{esc(heading or key)}</a> '
+        f'<span class="key mono">{esc(key)}</span></h2>'
+        f'<dl class="facts">{facts_html}</dl>'
+        f"{aliases_html}"
+        + "".join(launches)
+        + '<div class="versions">'
+        + "".join(shown)
+        + "</div></section>"
+    )
+
+
+def _items(version: Any) -> Mapping[str, Any]:
+    items = version.get("items") if isinstance(version, Mapping) else None
+    return items if isinstance(items, Mapping) else {}
+
+
+def _newest(per_version: Mapping[str, list[Image]], serials: list[str], kind: str) -> str:
+    for s in serials:
+        for image in per_version[s]:
+            if image.kind == kind:
+                return image.fingerprint
+    return ""
+
+
+def render_page(
+    products: Mapping[str, Mapping[str, Any]],
+    *,
+    updated: str | None = None,
+    title: str = DEFAULT_TITLE,
+    remote_name: str = DEFAULT_REMOTE,
+) -> str:
+    """The whole page. `updated` is the catalog's own timestamp (the only one shown)."""
+    remote = remote_name
+    keys = sorted(products)
+    n_versions = n_images = 0
+    for key in keys:
+        versions = products[key].get("versions")
+        if isinstance(versions, Mapping):
+            n_versions += len(versions)
+            n_images += sum(len(version_images(_items(v))) for v in versions.values())
+    body = "".join(_render_product(k, products[k], remote) for k in keys)
+    if not keys:
+        body = '<p class="empty">No images are published yet.</p>'
+
+    remote_add = (
+        f'lxc remote add {esc(remote)} <span class="origin">{esc(URL_PLACEHOLDER)}</span> '
+        "--protocol simplestreams"
+    )
+    counts = (
+        f"{len(keys)} product{'s' if len(keys) != 1 else ''}, "
+        f"{n_versions} version{'s' if n_versions != 1 else ''}, "
+        f"{n_images} image{'s' if n_images != 1 else ''}"
+    )
+    updated_html = f", catalog updated {esc(updated)}" if updated else ""
+    search = (
+        '<p><input type="search" id="filter" hidden placeholder="Filter: name, alias, arch…" '
+        'aria-label="Filter the images"></p>'
+        if keys
+        else ""
+    )
+    return (
+        "<!DOCTYPE html>\n"
+        '<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
+        f'<meta http-equiv="Content-Security-Policy" content="{esc(content_security_policy())}">\n'
+        '<meta name="referrer" content="no-referrer">\n'
+        '<link rel="icon" href="data:,">\n'
+        f"<title>{esc(title)}</title>\n"
+        f"<style>{STYLE}</style>\n"
+        "</head>\n<body>\n<main>\n"
+        f"<header><h1>{esc(title)}</h1>"
+        f'<p class="summary muted">{counts}{updated_html}</p>'
+        "<p>Add this server as a remote (once per client machine):</p>"
+        f"{_cmd(remote_add)}"
+        '<p class="muted">With Incus, type <code>incus</code> instead of <code>lxc</code>. '
+        "Launch the newest version of an image by its alias, or an exact image by its "
+        "fingerprint.</p>"
+        f"{search}</header>\n"
+        f'<div id="products">{body}</div>\n'
+        '<footer class="muted">Catalog: <a href="streams/v1/index.json">streams/v1/index.json'
+        '</a>, <a href="streams/v1/images.json">streams/v1/images.json</a></footer>\n'
+        "</main>\n"
+        f"<script>{SCRIPT}</script>\n"
+        "</body>\n</html>\n"
+    )
+
+
+def catalog_updated(root_dir: str) -> str | None:
+    """The `updated` field of the published images.json, if there is one."""
+    try:
+        with open(os.path.join(root_dir, "streams", "v1", "images.json"), "rb") as f:
+            doc = json.load(f)
+    except (OSError, ValueError):
+        return None
+    updated = doc.get("updated") if isinstance(doc, dict) else None
+    return updated if isinstance(updated, str) else None
+
+
+def write_page(
+    root_dir: str,
+    products: Mapping[str, Mapping[str, Any]],
+    *,
+    updated: str | None = None,
+    title: str = DEFAULT_TITLE,
+    remote_name: str = DEFAULT_REMOTE,
+) -> bool:
+    """Writes <root>/index.html atomically if its content changed (or it is missing).
+
+    `updated` defaults to the published catalog's own. Returns True when written. The caller
+    holds `catalog_lock`, as for the catalog.
+    """
+    if updated is None:
+        updated = catalog_updated(root_dir)
+    data = render_page(products, updated=updated, title=title, remote_name=remote_name).encode()
+    path = os.path.join(root_dir, PAGE_NAME)
+    try:
+        with open(path, "rb") as f:
+            if f.read() == data:
+                return False
+    except OSError:
+        pass
+    try:
+        write_atomic(path, data)
+    except OSError as e:
+        reason = "disk full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+        raise PublishError(f"cannot write the catalog page {path}: {reason}") from e
+    log.info("wrote the catalog page %s", path)
+    return True
