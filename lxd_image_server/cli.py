@@ -161,6 +161,12 @@ def update(
 ) -> None:
     """Rebuild streams/v1/index.json and images.json from the image tree."""
     paths = _paths(g, root_dir, img_dir, streams_dir)
+    from .retention import RetentionError, delete_expired
+
+    try:
+        delete_expired(paths)  # pruned versions whose grace period is over
+    except RetentionError as e:
+        log.error("not deleting pruned versions: %s", e)
     cache = HashCache(paths.cache_path)
     try:
         pipeline = Pipeline(paths, cache, progress_start=for_terminal())
@@ -169,6 +175,17 @@ def update(
         cache.close()
     if not changed:
         log.info("catalog unchanged (%d products)", len(pipeline.products))
+    if g.settings.mirrors:
+        from .mirror import push_once
+
+        results = push_once(g.settings.mirrors, paths)
+        for r in results:
+            if r.ok:
+                log.info("mirror %s: pushed in %.1f s", r.name, r.duration)
+            else:
+                log.error("mirror %s: push failed: %s", r.name, r.message)
+        if not all(r.ok for r in results):
+            sys.exit(1)
 
 
 @main.command()
@@ -177,22 +194,27 @@ def update(
 @handle_errors
 def watch(g: Globals, root_dir: str | None, img_dir: str | None, streams_dir: str | None) -> None:
     """Publish the tree, then republish whenever images are added or removed."""
+    from .mirror import Mirrors
     from .watch import Watcher
 
     paths = _paths(g, root_dir, img_dir, streams_dir)
+    mirrors = Mirrors(paths)
 
     def reload_settings() -> None:
         g.settings = settings_module.load(g.config)  # ConfigError: the watcher keeps the old
         apply_logging(g)
         log.info("configuration reloaded (%s)", ", ".join(g.settings.sources) or "defaults")
+        mirrors.configure(g.settings.mirrors)
 
     cache = HashCache(paths.cache_path)
     try:
-        watcher = Watcher(
-            Pipeline(paths, cache), on_reload=reload_settings, pid_file=pid_file(paths)
-        )
+        pipeline = Pipeline(paths, cache)
+        pipeline.on_publish.append(mirrors.request)
+        mirrors.configure(g.settings.mirrors)
+        watcher = Watcher(pipeline, on_reload=reload_settings, pid_file=pid_file(paths))
         sys.exit(watcher.run())
     finally:
+        mirrors.stop()
         cache.close()
 
 
@@ -397,6 +419,11 @@ def passwd(g: Globals, user: str, htpasswd_path: str) -> None:
     help="Accept uploads without credentials (a proxy in front authenticates).",
 )
 @click.option(
+    "--no-create-user",
+    is_flag=True,
+    help="Never make an upload user: with none in the htpasswd file, uploads are refused.",
+)
+@click.option(
     "--hostname",
     "hostnames",
     multiple=True,
@@ -414,6 +441,7 @@ def run(
     ssl_dir: str | None,
     htpasswd_path: str | None,
     allow_anonymous_uploads: bool,
+    no_create_user: bool,
     hostnames: tuple[str, ...],
     plain_http: bool,
     private: bool,
@@ -433,6 +461,7 @@ def run(
                 ssl_dir=ssl_dir,
                 htpasswd=htpasswd_path,
                 allow_anonymous_uploads=allow_anonymous_uploads,
+                create_user=not no_create_user,
                 hostnames=hostnames,
                 plain_http=plain_http,
                 private=private,
@@ -440,6 +469,20 @@ def run(
             )
         )
     )
+
+
+from .cli_health import health  # noqa: E402  (it needs `main`'s Globals, defined above)
+
+main.add_command(health)
+
+from .cli_mirror import mirror  # noqa: E402  (it needs `main`'s Globals, defined above)
+
+main.add_command(mirror)
+
+from .cli_ops import COMMANDS as OPS_COMMANDS  # noqa: E402  (needs main's helpers, above)
+
+for _command in OPS_COMMANDS:  # import, push, list, verify, prune, remove
+    main.add_command(_command)
 
 
 if __name__ == "__main__":

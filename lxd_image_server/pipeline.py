@@ -8,12 +8,14 @@ writers never interleave and the last one to publish saw the newest tree.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Set
 
 from .catalog import Products, build_products
 from .config import Paths
 from .hashing import Digests, HashCache, HashEngine, Progress
+from .page import write_page
 from .publish import catalog_lock, publish
+from .retention import PendingVersions
 from .scan import Exclude, ScannedVersion, Scanner
 
 log = logging.getLogger(__name__)
@@ -32,6 +34,7 @@ class Pipeline:
         cache: HashCache,
         progress_start: ProgressStart | None = None,
         exclude: Exclude = _never,
+        hidden: Callable[[], Set[str]] | None = None,
     ) -> None:
         self.paths = paths
         self.hasher = HashEngine(cache)
@@ -41,6 +44,9 @@ class Pipeline:
         self.versions: dict[str, ScannedVersion] = {}
         self.digests = Digests()
         self.products: Products = {}
+        #: absolute version directories left out of the catalog: pruned or removed, files
+        #: kept until their grace period is over (retention.py)
+        self.hidden = hidden if hidden is not None else PendingVersions(paths.state_dir)
         #: called after every publish that changed the catalog (e.g. to push to mirrors)
         self.on_publish: list[Callable[[], None]] = []
 
@@ -81,8 +87,11 @@ class Pipeline:
         self.digests = Digests(files=files, combined=combined, failed=set(fresh.failed))
 
     def _publish(self) -> bool:
-        self.products = build_products(self.versions.values(), self.digests, self.paths.root_dir)
+        hidden = self.hidden()
+        shown = [v for v in self.versions.values() if v.path not in hidden]
+        self.products = build_products(shown, self.digests, self.paths.root_dir)
         changed = publish(self.paths.streams_dir, self.products)
+        write_page(self.paths.root_dir, self.products)  # when its bytes change, or it is missing
         if changed:
             for listener in self.on_publish:
                 listener()

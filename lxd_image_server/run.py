@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
-from . import nginx, tls
+from . import htpasswd, nginx, tls
 from .config import Paths
 from .initialize import InitReport, client_instructions, ensure_credentials, ensure_tree
 
@@ -40,6 +40,8 @@ class RunOptions:
     ssl_dir: str | None = None
     htpasswd: str | None = None
     allow_anonymous_uploads: bool = False
+    #: False: never make an upload user; with none in the htpasswd file, uploads get 401
+    create_user: bool = True
     hostnames: tuple[str, ...] = ()
     plain_http: bool = False
     private: bool = False
@@ -57,6 +59,20 @@ class RunOptions:
     @property
     def upload_socket(self) -> str:
         return os.path.join(self.run_dir, "upload.sock")
+
+    @property
+    def url_file(self) -> str:
+        """Where `prepare` notes the URL nginx serves on (for `lxd-image-server health`)."""
+        return os.path.join(self.run_dir, "url")
+
+    def local_url(self) -> str:
+        """The URL of the catalog's root as seen from this machine."""
+        host, _, port = self.listen.rpartition(":")
+        if host in ("", "*", "0.0.0.0"):
+            host = "127.0.0.1"
+        elif host == "[::]":
+            host = "[::1]"
+        return f"{'http' if self.plain_http else 'https'}://{host}:{port}/"
 
 
 def _can_reach(path: str, uid: int, gids: set[int]) -> bool:
@@ -121,7 +137,17 @@ def prepare(opts: RunOptions) -> tuple[str, str | None, InitReport]:
     htpasswd_path = None
     if not opts.allow_anonymous_uploads:
         htpasswd_path = opts.htpasswd or os.path.join(opts.paths.state_dir, "htpasswd")
-        ensure_credentials(htpasswd_path, "upload", report)
+        if opts.create_user:
+            ensure_credentials(htpasswd_path, "upload", report)
+        elif not htpasswd.read_users(htpasswd_path):
+            if not os.path.exists(htpasswd_path):
+                Path(htpasswd_path).touch(0o640)  # nginx answers 500, not 401, without it
+            log.warning(
+                "uploads are refused (401): %s has no users; add one with "
+                "`lxd-image-server passwd USER --htpasswd %s` (no restart needed)",
+                htpasswd_path,
+                htpasswd_path,
+            )
     settings = nginx.SiteSettings(
         root_dir=opts.paths.root_dir,
         upload_socket=opts.upload_socket,
@@ -139,6 +165,7 @@ def prepare(opts: RunOptions) -> tuple[str, str | None, InitReport]:
         nginx.render_standalone(opts.run_dir, str(base / "site.conf"), user, opts.verbose)
     )
     nginx.check(str(conf), prefix=opts.run_dir)
+    Path(opts.url_file).write_text(opts.local_url() + "\n")
     return str(conf), user, report
 
 

@@ -14,7 +14,7 @@ set -euo pipefail
 LXD_LOG=/var/log/lxd-test.log
 PACKAGES=(
     lxd nginx-light busybox-static squashfs-tools xz-utils qemu-utils
-    openssl ca-certificates curl python3-venv man-db chromium
+    openssl ca-certificates curl python3-venv man-db chromium openssh-server rsync
     python3-click python3-openssl python3-cryptography python3-pytest python3-pytest-timeout
 )
 

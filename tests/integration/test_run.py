@@ -345,8 +345,12 @@ def test_run_creates_credentials_and_prints_them_once(pki: Pki, tmp_path: Path) 
 def test_run_stops_everything_and_fails_when_a_part_dies(pki: Pki, tmp_path: Path) -> None:
     gen = start_server(tmp_path, pki, {})
     server = next(gen)
-    nginx_pid = int((tmp_path / "state" / "run" / "nginx.pid").read_text())
-    watcher_pid = int((tmp_path / "state" / "watch.pid").read_text())
+    pid_files = (tmp_path / "state" / "run" / "nginx.pid", tmp_path / "state" / "watch.pid")
+    deadline = time.monotonic() + DEADLINE
+    while not all(p.exists() and p.read_text().strip() for p in pid_files):
+        assert time.monotonic() < deadline, "nginx or the watcher never wrote its pid file"
+        time.sleep(0.05)
+    nginx_pid, watcher_pid = (int(p.read_text()) for p in pid_files)
     os.kill(nginx_pid, signal.SIGKILL)
     assert server.proc.wait(DEADLINE) == 1
     text = server.log.read_text()

@@ -1,0 +1,771 @@
+"""`import`: place what `lxc image export` produced into the image tree, atomically.
+
+`lxc image export` (LXD 5.0) writes either
+- one unified tarball `<fingerprint>.tar.gz` (metadata.yaml, templates/ and rootfs/ inside:
+  what `lxc publish` makes), or
+- a split image: `meta-<fingerprint>.tar.xz` (metadata.yaml, templates/) plus the root as
+  `<fingerprint>.squashfs`, `<fingerprint>.tar.xz` (a root tarball) or `<fingerprint>.qcow2`
+  (a VM's disk).
+
+Files are told apart by their content, not their names. Whatever the naming options leave open
+is read from metadata.yaml, streamed out of the (metadata or unified) tarball: nothing is ever
+extracted to disk. The files are copied (or moved) into a hidden temporary directory inside the
+variant directory, fsynced, and the whole version directory is renamed into place, so the
+watcher never sees half of an image. Copying also hashes: the fingerprint in lxc's file names is
+checked, and the digests go into the hash cache so publishing does not read the files again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import errno
+import hashlib
+import logging
+import os
+import re
+import secrets
+import shutil
+import tarfile
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .hashing import HashCache, Hasher
+from .layout import (
+    KNOWN_ARCHES,
+    LayoutError,
+    Role,
+    VersionKey,
+    check_component,
+    classify,
+    valid_serial,
+)
+from .scan import Scanner
+
+log = logging.getLogger(__name__)
+
+CHUNK = 1 << 20
+DIR_MODE = 0o755
+FILE_MODE = 0o644
+#: metadata.yaml is a few hundred bytes; anything this large is not one
+MAX_METADATA_YAML = 1 << 20
+
+#: Kernel architecture names (metadata.yaml) -> the tree's (Debian) names.
+ARCH_NAMES = {
+    "x86_64": "amd64",
+    "aarch64": "arm64",
+    "armv7l": "armhf",
+    "armv8l": "armhf",
+    "armv6l": "armel",
+    "i686": "i386",
+    "i586": "i386",
+    "386": "i386",
+    "ppc64le": "ppc64el",
+    "s390x": "s390x",
+    "riscv64": "riscv64",
+    "loong64": "loongarch64",
+}
+
+META_NAME = "lxd.tar.xz"
+ROOT_NAMES = {"squashfs": "rootfs.squashfs", "tarball": "root.tar.xz", "qcow2": "disk.qcow2"}
+#: root kind -> the catalog ftype (for the combined fingerprint)
+ROOT_FTYPES = {"squashfs": "squashfs", "tarball": "root.tar.xz", "qcow2": "disk-kvm.img"}
+
+_FP = r"([0-9a-f]{64})"
+_META_EXPORT_RE = re.compile(rf"^meta-{_FP}\.")
+_ROOT_EXPORT_RE = re.compile(rf"^{_FP}\.(?:squashfs|tar\.xz|qcow2|img)$")
+_UNIFIED_EXPORT_RE = re.compile(rf"^{_FP}\.tar\.gz$")
+
+
+class ImportFailed(Exception):
+    """The files cannot be imported; the message says why. Nothing was changed."""
+
+
+class NamingError(ImportFailed):
+    """A naming option (--os, --arch, ...) is unusable: a usage error."""
+
+
+class VersionExists(ImportFailed):
+    """The version directory exists and --force was not given."""
+
+
+# -- what the files are -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Naming:
+    """Naming options from the command line; None: read from metadata.yaml."""
+
+    os: str | None = None
+    release: str | None = None
+    arch: str | None = None
+    variant: str | None = None
+    serial: str | None = None
+
+
+@dataclass(frozen=True)
+class Source:
+    path: str
+    role: Role
+    #: name in the version directory; None for a unified tarball (<sha256>.tar.gz)
+    target: str | None
+    #: root filesystems: squashfs, tarball or qcow2
+    kind: str = ""
+
+
+@dataclass(frozen=True)
+class ImagePlan:
+    key: VersionKey
+    #: metadata tarball first
+    sources: tuple[Source, ...]
+    metadata: dict[str, Any]
+    #: the fingerprint lxc wrote into the file names, if it did
+    export_fingerprint: str | None = None
+
+    @property
+    def unified(self) -> bool:
+        return len(self.sources) == 1
+
+
+@dataclass(frozen=True)
+class TarballInfo:
+    metadata: dict[str, Any] | None
+    has_rootfs: bool
+    #: members that belong neither to a metadata nor a unified tarball: a root tarball
+    foreign: bool
+    compression: str
+
+
+def sniff(path: str) -> str:
+    """'squashfs', 'qcow2', 'xz', 'gzip', 'bzip2', 'tar', 'zstd' or 'unknown'."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(512)
+    except OSError as e:
+        raise ImportFailed(f"cannot read {path}: {e.strerror or e}") from e
+    if head.startswith(b"hsqs"):
+        return "squashfs"
+    if head.startswith(b"QFI\xfb"):
+        return "qcow2"
+    if head.startswith(b"\xfd7zXZ\x00"):
+        return "xz"
+    if head.startswith(b"\x1f\x8b"):
+        return "gzip"
+    if head.startswith(b"BZh"):
+        return "bzip2"
+    if head.startswith(b"\x28\xb5\x2f\xfd"):
+        return "zstd"
+    if head[257:262] == b"ustar":
+        return "tar"
+    return "unknown"
+
+
+def _member_name(name: str) -> str:
+    while name.startswith("./"):
+        name = name[2:]
+    return name.strip("/")
+
+
+def inspect_tarball(path: str, compression: str) -> TarballInfo:
+    """Streams through the tarball until it knows what it is; reads metadata.yaml if present.
+
+    Nothing is extracted: only a regular-file member named metadata.yaml is read, into memory
+    and at most MAX_METADATA_YAML bytes. Links, devices and odd paths are never followed.
+    """
+    metadata: dict[str, Any] | None = None
+    has_rootfs = foreign = False
+    try:
+        with tarfile.open(path, mode="r|*") as tf:
+            for member in tf:
+                name = _member_name(member.name)
+                if name in ("", "."):
+                    continue
+                if name == "metadata.yaml":
+                    if not member.isfile():
+                        raise ImportFailed(f"{path}: metadata.yaml is not a regular file")
+                    if member.size > MAX_METADATA_YAML:
+                        raise ImportFailed(f"{path}: metadata.yaml is implausibly large")
+                    stream = tf.extractfile(member)
+                    if stream is None:
+                        raise ImportFailed(f"{path}: cannot read metadata.yaml")
+                    text = stream.read(MAX_METADATA_YAML).decode("utf-8", errors="replace")
+                    metadata = parse_yaml(text)
+                elif name == "rootfs" or name.startswith("rootfs/"):
+                    has_rootfs = True
+                elif name == "templates" or name.startswith("templates/"):
+                    pass
+                else:
+                    foreign = True
+                if foreign and metadata is None:
+                    break  # a root file system tarball: its first entry tells
+                if metadata is not None and has_rootfs:
+                    break  # a unified tarball: no need to read the root file system
+    except ImportFailed:
+        raise
+    except (tarfile.TarError, EOFError, OSError, ValueError) as e:
+        raise ImportFailed(f"cannot read {path} as a tarball: {e}") from e
+    except Exception as e:  # lzma.LZMAError, zlib.error: corrupt compressed data
+        raise ImportFailed(f"cannot read {path} as a tarball: {e}") from e
+    return TarballInfo(metadata, has_rootfs, foreign, compression)
+
+
+def plan_import(files: Sequence[str], naming: Naming = Naming()) -> ImagePlan:
+    """What the files are and where they go. Raises ImportFailed / NamingError."""
+    if not 1 <= len(files) <= 2:
+        raise NamingError("give one unified tarball, or a metadata tarball and a root filesystem")
+    if len(files) == 2 and os.path.realpath(files[0]) == os.path.realpath(files[1]):
+        raise NamingError(f"{files[0]} was given twice")
+    found: list[tuple[str, str, TarballInfo | None]] = []
+    for path in files:
+        kind = sniff(path)
+        info = None
+        if kind in ("xz", "gzip", "bzip2", "tar"):
+            info = inspect_tarball(path, kind)
+        elif kind == "zstd":
+            raise ImportFailed(f"{path}: zstd-compressed; recompress it with xz (or gzip)")
+        elif kind == "unknown":
+            raise ImportFailed(
+                f"{path}: not an image file (expected a tarball, a squashfs or a qcow2 disk)"
+            )
+        found.append((path, kind, info))
+
+    if len(found) == 1:
+        path, kind, info = found[0]
+        if info is None:
+            raise ImportFailed(f"{path} is a root filesystem; give its metadata tarball too")
+        if info.metadata is None:
+            raise ImportFailed(f"{path} has no metadata.yaml: not an image tarball")
+        if not info.has_rootfs:
+            raise ImportFailed(
+                f"{path} is a metadata tarball (no rootfs/ inside); give the root filesystem too"
+            )
+        if kind != "gzip":
+            raise ImportFailed(
+                f"{path} is a {kind}-compressed unified tarball; the catalog serves unified "
+                "images as <fingerprint>.tar.gz: recompress it with gzip"
+            )
+        m = _UNIFIED_EXPORT_RE.match(os.path.basename(path))
+        return ImagePlan(
+            key=_version_key(naming, info.metadata, path),
+            sources=(Source(path, Role.UNIFIED, None),),
+            metadata=info.metadata,
+            export_fingerprint=m.group(1) if m else None,
+        )
+
+    metas: list[tuple[str, TarballInfo]] = []
+    roots: list[Source] = []
+    for path, kind, info in found:
+        if info is None:
+            roots.append(Source(path, Role.ROOT, ROOT_NAMES[kind], kind))
+        elif info.has_rootfs:
+            raise ImportFailed(f"{path} is a unified tarball (it holds rootfs/): import it alone")
+        elif info.metadata is not None and not info.foreign:
+            metas.append((path, info))
+        elif info.foreign and info.metadata is None:
+            if kind != "xz":
+                raise ImportFailed(
+                    f"{path} is a {kind}-compressed root tarball; the catalog serves root "
+                    "tarballs as root.tar.xz: recompress it with xz"
+                )
+            roots.append(Source(path, Role.ROOT, ROOT_NAMES["tarball"], "tarball"))
+        else:
+            raise ImportFailed(f"{path}: neither a metadata tarball nor a root filesystem")
+    if len(metas) != 1 or len(roots) != 1:
+        what = "metadata tarballs" if len(metas) != 1 else "root filesystems"
+        raise ImportFailed(f"{files[0]} and {files[1]} are both {what}")
+    meta_path, meta_info = metas[0]
+    assert meta_info.metadata is not None
+    root = roots[0]
+    fingerprint = _split_export_fingerprint(meta_path, root.path)
+    return ImagePlan(
+        key=_version_key(naming, meta_info.metadata, meta_path),
+        sources=(Source(meta_path, Role.META, META_NAME), root),
+        metadata=meta_info.metadata,
+        export_fingerprint=fingerprint,
+    )
+
+
+def _split_export_fingerprint(meta: str, root: str) -> str | None:
+    mm = _META_EXPORT_RE.match(os.path.basename(meta))
+    mr = _ROOT_EXPORT_RE.match(os.path.basename(root))
+    if mm and mr and mm.group(1) != mr.group(1):
+        raise ImportFailed(
+            f"{meta} and {root} come from different exports (their names carry different "
+            "fingerprints)"
+        )
+    m = mm or mr
+    return m.group(1) if m else None
+
+
+# -- naming ----------------------------------------------------------------------------------
+
+
+def tree_arch(arch: str) -> str:
+    """An architecture name (kernel's or Debian's) -> the tree's name. Raises NamingError."""
+    name = ARCH_NAMES.get(arch, arch)
+    if name not in KNOWN_ARCHES:
+        raise NamingError(f"unknown architecture {arch!r} (LXD and Incus would skip it)")
+    return name
+
+
+def serial_from_timestamp(value: Any) -> str:
+    """metadata.yaml's creation_date (seconds since the epoch) -> YYYYMMDD_HH:MM in UTC."""
+    try:
+        seconds = int(str(value).strip())
+        when = dt.datetime.fromtimestamp(seconds, dt.UTC)
+    except (TypeError, ValueError, OverflowError, OSError):
+        raise NamingError(f"creation_date {value!r} in metadata.yaml is not a timestamp") from None
+    return when.strftime("%Y%m%d_%H:%M")
+
+
+def _version_key(naming: Naming, metadata: dict[str, Any], where: str) -> VersionKey:
+    props = metadata.get("properties")
+    props = props if isinstance(props, dict) else {}
+
+    def pick(given: str | None, found: Any, what: str, option: str) -> str:
+        if given is not None:
+            return given
+        if found is None or found == "" or isinstance(found, dict):
+            raise NamingError(f"metadata.yaml in {where} has no {what}: give {option}")
+        return str(found)
+
+    os_name = pick(naming.os, props.get("os"), "properties.os", "--os")
+    release = pick(naming.release, props.get("release"), "properties.release", "--release")
+    variant = naming.variant if naming.variant is not None else str(props.get("variant") or "")
+    variant = variant or "default"
+    arch_raw = pick(naming.arch, metadata.get("architecture"), "architecture", "--arch")
+    if naming.serial is not None:
+        serial = naming.serial
+    else:
+        created = metadata.get("creation_date")
+        if created is None:
+            raise NamingError(f"metadata.yaml in {where} has no creation_date: give --serial")
+        serial = serial_from_timestamp(created)
+    try:
+        check_component(os_name, "os")
+        check_component(release, "release")
+        check_component(variant, "variant")
+    except LayoutError as e:
+        raise NamingError(str(e)) from None
+    if not valid_serial(serial):
+        raise NamingError(
+            f"bad serial {serial!r}: expected YYYYMMDD_HH:MM, YYYYMMDD_HHMM or YYYYMMDDHHMM"
+        )
+    return VersionKey(os_name, release, tree_arch(arch_raw), variant, serial)
+
+
+# -- metadata.yaml ------------------------------------------------------------------------------
+
+
+def parse_yaml(text: str) -> dict[str, Any]:
+    """The subset of YAML metadata.yaml uses: nested block mappings of scalars.
+
+    Sequences and block scalars (templates' `when:` lists) are skipped, flow collections are
+    kept as their text ('{}' as an empty mapping), plain and quoted scalars become strings,
+    and scalars folded over several lines are joined. Enough for architecture, creation_date
+    and properties.*; it never raises.
+    """
+    root: dict[str, Any] = {}
+    stack: list[tuple[int, dict[str, Any]]] = [(-1, root)]
+    raw: list[tuple[dict[str, Any], str]] = []  # scalars to unquote at the end
+    last: tuple[dict[str, Any], str, int] | None = None
+    skip_deeper_than: int | None = None
+    for line in text.replace("\t", " ").splitlines():
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#") or stripped in ("---", "..."):
+            continue
+        indent = len(line) - len(line.lstrip(" "))
+        if skip_deeper_than is not None:
+            if indent > skip_deeper_than:
+                continue
+            skip_deeper_than = None
+        if stripped == "-" or stripped.startswith("- "):
+            skip_deeper_than = indent
+            last = None
+            continue
+        key, value = _split_key(stripped)
+        if key is None:
+            if last is not None and indent > last[2]:
+                container, k, _ = last
+                container[k] = f"{container[k]} {stripped}"
+            continue
+        while stack[-1][0] >= indent:
+            stack.pop()
+        container = stack[-1][1]
+        value = _strip_comment(value)
+        last = None
+        if value == "":
+            child: dict[str, Any] = {}
+            container[key] = child
+            stack.append((indent, child))
+        elif value[0] in "|>":
+            container[key] = ""
+            skip_deeper_than = indent
+        elif value == "{}":
+            container[key] = {}
+        else:
+            container[key] = value
+            raw.append((container, key))
+            last = (container, key, indent)
+    for container, key in raw:
+        container[key] = _scalar(container[key])
+    return root
+
+
+def _split_key(line: str) -> tuple[str | None, str]:
+    if line[0] in "\"'":
+        end = _quoted_end(line)
+        if end is not None and line[end + 1 : end + 2] == ":":
+            return _scalar(line[: end + 1]), line[end + 2 :]
+        return None, line
+    for i, ch in enumerate(line):
+        if ch == ":" and (i + 1 == len(line) or line[i + 1] == " "):
+            return line[:i].strip(), line[i + 1 :]
+        if ch == "#" and i > 0 and line[i - 1] == " ":
+            break
+    return None, line
+
+
+def _quoted_end(text: str) -> int | None:
+    quote = text[0]
+    i = 1
+    while i < len(text):
+        ch = text[i]
+        if quote == '"' and ch == "\\":
+            i += 2
+            continue
+        if ch == quote:
+            if quote == "'" and text[i + 1 : i + 2] == "'":
+                i += 2
+                continue
+            return i
+        i += 1
+    return None
+
+
+def _strip_comment(value: str) -> str:
+    value = value.strip()
+    if value[:1] in ("'", '"'):
+        end = _quoted_end(value)
+        return value[: end + 1] if end is not None else value
+    cut = value.find(" #")
+    return value[:cut].rstrip() if cut >= 0 else value
+
+
+_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "0": "\0", '"': '"', "\\": "\\", "/": "/", " ": " "}
+
+
+def _scalar(value: str) -> Any:
+    value = value.strip()
+    if len(value) >= 2 and value[0] == value[-1] == "'":
+        return value[1:-1].replace("''", "'")
+    if len(value) >= 2 and value[0] == value[-1] == '"':
+        body, out, i = value[1:-1], [], 0
+        while i < len(body):
+            ch = body[i]
+            if ch == "\\" and i + 1 < len(body):
+                nxt = body[i + 1]
+                if nxt in ("u", "x", "U"):
+                    width = {"x": 2, "u": 4, "U": 8}[nxt]
+                    try:
+                        out.append(chr(int(body[i + 2 : i + 2 + width], 16)))
+                        i += 2 + width
+                        continue
+                    except ValueError:
+                        pass
+                out.append(_ESCAPES.get(nxt, nxt))
+                i += 2
+                continue
+            out.append(ch)
+            i += 1
+        return "".join(out)
+    if value in ("~", "null", "Null", "NULL"):
+        return None
+    return value
+
+
+# -- placing the files -------------------------------------------------------------------------
+
+
+@dataclass
+class Placed:
+    key: VersionKey
+    version_dir: str
+    #: name in the version directory -> (size, sha256)
+    files: dict[str, tuple[int, str]] = field(default_factory=dict)
+    #: the image's fingerprint as clients see it (combined for split images)
+    fingerprint: str = ""
+    replaced: bool = False
+    moved: list[str] = field(default_factory=list)
+
+
+Progress = Callable[[int], None]
+
+
+def _no_progress(_: int) -> None:
+    return None
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _makedirs(base: str, parts: Sequence[str]) -> str:
+    """mkdir -p below `base`, each new directory 0755 whatever the umask, fsynced."""
+    path = base
+    for component in parts:
+        parent, path = path, os.path.join(path, component)
+        try:
+            os.mkdir(path, DIR_MODE)
+        except FileExistsError:
+            if os.path.islink(path) or not os.path.isdir(path):
+                raise ImportFailed(f"{path} exists and is not a directory") from None
+            continue
+        os.chmod(path, DIR_MODE)
+        _fsync_dir(parent)
+    return path
+
+
+def _copy_hashing(src: str, dst: str, sinks: Sequence[Hasher], progress: Progress) -> int:
+    """Copies src to a new file dst (0644), feeding every byte to `sinks`; fsyncs. -> size."""
+    size = 0
+    with open(src, "rb") as fin:
+        fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
+        with os.fdopen(fd, "wb", buffering=0) as fout:
+            os.fchmod(fout.fileno(), FILE_MODE)
+            buf = bytearray(CHUNK)
+            view = memoryview(buf)
+            while n := fin.readinto(buf):
+                chunk = view[:n]
+                for sink in sinks:
+                    sink.update(chunk)
+                written = 0
+                while written < n:
+                    written += fout.write(chunk[written:]) or 0
+                size += n
+                progress(n)
+            os.fsync(fout.fileno())
+    return size
+
+
+def _hash_in_place(path: str, sinks: Sequence[Hasher], progress: Progress) -> int:
+    size = 0
+    with open(path, "rb") as f:
+        buf = bytearray(CHUNK)
+        view = memoryview(buf)
+        while n := f.readinto(buf):
+            for sink in sinks:
+                sink.update(view[:n])
+            size += n
+            progress(n)
+    return size
+
+
+class _Transfer:
+    """Brings the plan's files to temporary names in one directory; undoes itself on failure."""
+
+    def __init__(self, plan: ImagePlan, move: bool, progress: Progress) -> None:
+        self.plan = plan
+        self.move = move
+        self.progress = progress
+        #: temporary path -> the source it was moved from (to move back on failure)
+        self.moved_from: dict[str, str] = {}
+        self.created: list[str] = []
+        self.copied_instead: list[str] = []
+
+    def bring(self, src: Source, tmp: str, sinks: Sequence[Hasher]) -> int:
+        if self.move:
+            try:
+                os.rename(src.path, tmp)
+            except OSError as e:
+                if e.errno != errno.EXDEV:
+                    raise ImportFailed(f"cannot move {src.path}: {e.strerror or e}") from e
+                log.info("%s is on another file system: copying it instead", src.path)
+                self.copied_instead.append(src.path)
+            else:
+                self.moved_from[tmp] = src.path
+                os.chmod(tmp, FILE_MODE)
+                size = _hash_in_place(tmp, sinks, self.progress)
+                with open(tmp, "rb") as f:
+                    os.fsync(f.fileno())
+                return size
+        self.created.append(tmp)
+        return _copy_hashing(src.path, tmp, sinks, self.progress)
+
+    def renamed(self, tmp: str, final: str, temporary: bool) -> None:
+        """`tmp` is now `final`; still removed (or moved back) on failure if `temporary`."""
+        if tmp in self.moved_from:
+            self.moved_from[final] = self.moved_from.pop(tmp)
+        if tmp in self.created:
+            self.created.remove(tmp)
+            if temporary:
+                self.created.append(final)
+
+    def done(self) -> list[str]:
+        """The sources moved; nothing is undone any more."""
+        moved = list(self.moved_from.values())
+        self.moved_from.clear()
+        self.created.clear()
+        return moved
+
+    def undo(self) -> None:
+        for tmp, src in self.moved_from.items():
+            with contextlib.suppress(OSError):
+                os.rename(tmp, src)
+        for tmp in self.created:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        self.moved_from.clear()
+        self.created.clear()
+
+
+def _check_fingerprint(plan: ImagePlan, fingerprint: str) -> None:
+    if plan.export_fingerprint and plan.export_fingerprint != fingerprint:
+        names = " and ".join(os.path.basename(s.path) for s in plan.sources)
+        raise ImportFailed(
+            f"{names}: the content does not match the fingerprint in the name "
+            f"({plan.export_fingerprint[:12]}, content gives {fingerprint[:12]}): "
+            "a damaged or altered export; nothing imported"
+        )
+
+
+def place(
+    plan: ImagePlan,
+    img_dir: str,
+    move: bool = False,
+    force: bool = False,
+    progress_start: Callable[[int], Progress] | None = None,
+) -> Placed:
+    """Puts the plan's files into images/<os>/<release>/<arch>/<variant>/<serial>/.
+
+    New version: a hidden temporary directory in the variant directory, renamed into place.
+    Existing version (only with `force`): each file through a hidden temporary name, then the
+    version's other image files are removed (metadata.json is kept).
+    """
+    key = plan.key
+    img_dir = os.path.abspath(img_dir)
+    try:
+        os.makedirs(img_dir, DIR_MODE, exist_ok=True)
+    except OSError as e:
+        raise ImportFailed(f"cannot create {img_dir}: {e.strerror or e}") from e
+    version_dir = os.path.join(img_dir, key.relpath)
+    exists = os.path.lexists(version_dir)
+    if exists and not force:
+        raise VersionExists(f"{version_dir} already exists; --force replaces its files")
+    if exists and (os.path.islink(version_dir) or not os.path.isdir(version_dir)):
+        raise ImportFailed(f"{version_dir} exists and is not a directory")
+    try:
+        total = sum(os.path.getsize(s.path) for s in plan.sources)
+    except OSError as e:
+        raise ImportFailed(f"cannot read {e.filename}: {e.strerror or e}") from e
+    progress = progress_start(total) if progress_start else _no_progress
+    transfer = _Transfer(plan, move, progress)
+    placed = Placed(key=key, version_dir=version_dir, replaced=exists)
+    try:
+        if exists:
+            _fill(plan, version_dir, transfer, placed, into_existing=True)
+        else:
+            variant_dir = _makedirs(img_dir, key.relpath.split("/")[:-1])
+            tmp_dir = tempfile.mkdtemp(prefix=".import-", dir=variant_dir)
+            try:
+                os.chmod(tmp_dir, DIR_MODE)
+                _fill(plan, tmp_dir, transfer, placed, into_existing=False)
+                _fsync_dir(tmp_dir)
+                if os.path.lexists(version_dir):
+                    raise VersionExists(f"{version_dir} appeared while importing; not replaced")
+                os.rename(tmp_dir, version_dir)
+            except BaseException:
+                transfer.undo()
+                shutil.rmtree(tmp_dir, ignore_errors=True)
+                raise
+            _fsync_dir(variant_dir)
+    except OSError as e:
+        transfer.undo()
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise ImportFailed(f"no space left in {img_dir}; nothing imported") from e
+        raise ImportFailed(f"importing into {version_dir} failed: {e.strerror or e}") from e
+    placed.moved = transfer.done()
+    for src in transfer.copied_instead:
+        log.info("%s was copied (another file system) and left where it was", src)
+    return placed
+
+
+def _fill(
+    plan: ImagePlan, directory: str, transfer: _Transfer, placed: Placed, into_existing: bool
+) -> None:
+    """Brings every file of the plan into `directory` under its final name."""
+    staged: list[tuple[str, str]] = []  # (temporary path, final name)
+    meta_hasher: Hasher | None = None
+    try:
+        for src in plan.sources:
+            tmp = os.path.join(directory, f".import-{secrets.token_hex(6)}.part")
+            plain = hashlib.sha256()
+            sinks: list[Hasher] = [plain]
+            combined: Hasher | None = None
+            if src.role is Role.ROOT and meta_hasher is not None:
+                combined = meta_hasher.copy()
+                sinks.append(combined)
+            size = transfer.bring(src, tmp, sinks)
+            digest = plain.hexdigest()
+            if src.role is Role.META:
+                meta_hasher = plain
+            name = src.target or f"{digest}.tar.gz"
+            if combined is not None:
+                placed.fingerprint = combined.hexdigest()
+            elif src.role is Role.UNIFIED:
+                placed.fingerprint = digest
+            placed.files[name] = (size, digest)
+            staged.append((tmp, name))
+        _check_fingerprint(plan, placed.fingerprint)
+    except BaseException:
+        transfer.undo()
+        raise
+    # every file is complete: give them their names
+    for tmp, name in staged:
+        final = os.path.join(directory, name)
+        os.replace(tmp, final)
+        transfer.renamed(tmp, final, temporary=not into_existing)
+    if into_existing:
+        for stale in _other_image_files(directory, {name for _, name in staged}):
+            log.info("removing %s (replaced by the import)", stale)
+            os.unlink(stale)
+        _fsync_dir(directory)
+
+
+def _other_image_files(directory: str, keep: set[str]) -> Iterator[str]:
+    for entry in os.scandir(directory):
+        role = classify(entry.name)
+        if (
+            role is not None
+            and role.role in (Role.META, Role.ROOT, Role.UNIFIED)
+            and entry.name not in keep
+            and entry.is_file(follow_symlinks=False)
+        ):
+            yield entry.path
+
+
+def seed_cache(cache: HashCache, img_dir: str, placed: Placed) -> None:
+    """Records the digests computed while copying, so publishing does not read the files again."""
+    versions = Scanner(img_dir).scan(placed.key.relpath)
+    if not versions:
+        return
+    files = versions[0].files
+    plain = [(files[n], sha) for n, (_, sha) in placed.files.items() if n in files]
+    combined = []
+    metas = [f for f in files.values() if f.role.role is Role.META and f.name in placed.files]
+    roots = [f for f in files.values() if f.role.role is Role.ROOT and f.name in placed.files]
+    if len(metas) == 1 and len(roots) == 1 and placed.fingerprint:
+        combined.append((metas[0], roots[0], placed.fingerprint))
+    cache.put_many(plain, combined)
+
+
+def describe(plan: ImagePlan) -> str:
+    kinds = {"squashfs": "squashfs", "tarball": "root.tar.xz", "qcow2": "VM disk"}
+    kind = "unified tarball" if plan.unified else f"metadata + {kinds[plan.sources[1].kind]}"
+    return f"{plan.key.product} {plan.key.serial} ({kind})"

@@ -1,0 +1,401 @@
+"""`prune` and `remove`: versions leave the catalog at once, their files after a grace period.
+
+Clients and the LXD daemon cache images.json (the daemon for about an hour), so a version's
+files must stay downloadable for a while after the catalog stops listing it. A pruned version
+is recorded in <state_dir>/pruned.json with its expiry; every catalog build (the `update`
+command, the watcher, these commands; all through Pipeline) leaves recorded versions out, and
+`update` (the daily timer) deletes the files of those whose expiry has passed.
+
+    {"format": 1, "pending": [{"path": "/var/www/simplestreams/images/os/rel/arch/var/serial",
+      "product": "os:rel:arch:var", "serial": "...", "pruned": 1700000000,
+      "expires": 1700003600, "expires_utc": "2023-11-14 23:13 UTC"}]}
+
+`path` is the absolute version directory, so one state directory can serve several trees.
+Changes are made under a lock and written atomically (temporary file + rename).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import fcntl
+import json
+import logging
+import os
+import secrets
+import shutil
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from .catalog import Products, serial_sort_key
+from .config import Paths
+from .layout import VERSION_DEPTH, LayoutError, check_component, parse_version_dir
+from .publish import write_atomic
+
+if TYPE_CHECKING:
+    from .pipeline import Pipeline
+    from .scan import ScannedVersion
+
+log = logging.getLogger(__name__)
+
+STATE_NAME = "pruned.json"
+LOCK_NAME = ".pruned.lock"
+FORMAT = 1
+
+
+class RetentionError(Exception):
+    """prune/remove cannot proceed; the message says why. Nothing was changed."""
+
+
+@dataclass(frozen=True)
+class Pending:
+    """A version out of the catalog whose files are deleted once `expires` has passed."""
+
+    path: str
+    product: str
+    serial: str
+    pruned: int
+    expires: int
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "product": self.product,
+            "serial": self.serial,
+            "pruned": self.pruned,
+            "expires": self.expires,
+            "expires_utc": utc_text(self.expires),
+        }
+
+    @classmethod
+    def from_json(cls, doc: Any) -> Pending:
+        if not isinstance(doc, dict):
+            raise ValueError("an entry is not an object")
+        path, product, serial = doc.get("path"), doc.get("product"), doc.get("serial")
+        pruned, expires = doc.get("pruned"), doc.get("expires")
+        if not (isinstance(path, str) and isinstance(product, str) and isinstance(serial, str)):
+            raise ValueError("path, product and serial must be strings")
+        if not (_seconds(pruned) and _seconds(expires)):
+            raise ValueError("pruned and expires must be numbers of seconds")
+        assert isinstance(pruned, int) and isinstance(expires, int)
+        return cls(path, product, serial, pruned, expires)
+
+
+def _seconds(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def utc_text(seconds: float) -> str:
+    return dt.datetime.fromtimestamp(seconds, dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+# -- the state file -----------------------------------------------------------------------------
+
+
+def state_path(state_dir: str) -> str:
+    return os.path.join(state_dir, STATE_NAME)
+
+
+def _parse(data: bytes, where: str) -> list[Pending]:
+    try:
+        doc = json.loads(data)
+        if not isinstance(doc, dict) or not isinstance(doc.get("pending"), list):
+            raise ValueError('expected {"format": 1, "pending": [...]}')
+        return [Pending.from_json(e) for e in doc["pending"]]
+    except ValueError as e:
+        raise RetentionError(f"{where} is damaged ({e}); fix or remove it") from None
+
+
+def load(state_dir: str) -> list[Pending]:
+    """The recorded versions (none if the file does not exist). Raises RetentionError."""
+    path = state_path(state_dir)
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        return []
+    except OSError as e:
+        raise RetentionError(f"cannot read {path}: {e.strerror or e}") from e
+    return _parse(data, path)
+
+
+def save(state_dir: str, entries: Iterable[Pending]) -> None:
+    ordered = sorted(entries, key=lambda p: (p.expires, p.path))
+    doc = {"format": FORMAT, "pending": [p.as_json() for p in ordered]}
+    os.makedirs(state_dir, exist_ok=True)
+    write_atomic(state_path(state_dir), (json.dumps(doc, indent=1) + "\n").encode())
+
+
+@contextlib.contextmanager
+def state_lock(state_dir: str) -> Iterator[None]:
+    """Serializes changes to pruned.json (readers need no lock: writes are atomic)."""
+    os.makedirs(state_dir, exist_ok=True)
+    fd = os.open(os.path.join(state_dir, LOCK_NAME), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+class PendingVersions:
+    """The pipeline's view: absolute version directories to leave out of the catalog.
+
+    Re-reads pruned.json only when it changed. A damaged file hides nothing (logged): the
+    versions come back into the catalog rather than the catalog failing to publish.
+    """
+
+    def __init__(self, state_dir: str) -> None:
+        self.path = state_path(state_dir)
+        self._seen: tuple[int, int, int] | None = None
+        self._paths: frozenset[str] = frozenset()
+
+    def __call__(self) -> frozenset[str]:
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            self._seen, self._paths = None, frozenset()
+            return self._paths
+        ident = (st.st_ino, st.st_mtime_ns, st.st_size)
+        if ident != self._seen:
+            try:
+                with open(self.path, "rb") as f:
+                    entries = _parse(f.read(), self.path)
+            except (OSError, RetentionError) as e:
+                log.warning("%s; not hiding pruned versions", e)
+                entries = []
+            self._seen = ident
+            self._paths = frozenset(p.path for p in entries)
+        return self._paths
+
+
+# -- choosing ------------------------------------------------------------------------------------
+
+
+def select_prunable(products: Products, keep: int) -> list[tuple[str, str]]:
+    """(product, serial) of every version beyond the newest `keep` of its product."""
+    if keep < 1:
+        raise ValueError("keep must be at least 1")
+    out: list[tuple[str, str]] = []
+    for pkey in sorted(products):
+        serials = sorted(products[pkey]["versions"], key=serial_sort_key)
+        out.extend((pkey, s) for s in serials[:-keep])
+    return out
+
+
+def parse_product(text: str) -> tuple[str, str, str, str]:
+    """'os:release:arch:variant' -> its parts. Raises RetentionError."""
+    parts = text.split(":")
+    if len(parts) != 4:
+        raise RetentionError(
+            f"{text!r} is not a product: expected os:release:arch:variant "
+            "(the keys `lxd-image-server list` shows)"
+        )
+    for value, what in zip(parts, ("os", "release", "arch", "variant"), strict=True):
+        try:
+            check_component(value, what)
+        except LayoutError as e:
+            raise RetentionError(str(e)) from None
+    return parts[0], parts[1], parts[2], parts[3]
+
+
+# -- recording ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Outcome:
+    #: newly out of the catalog
+    scheduled: list[Pending] = field(default_factory=list)
+    #: were already out of the catalog
+    already: list[Pending] = field(default_factory=list)
+    #: files deleted now (their grace period was over)
+    deleted: list[Pending] = field(default_factory=list)
+    #: --dry-run: (product, serial) that would go
+    would: list[tuple[str, str]] = field(default_factory=list)
+
+
+def schedule(
+    state_dir: str,
+    versions: Iterable[ScannedVersion],
+    grace: int,
+    now: float | None = None,
+) -> tuple[list[Pending], list[Pending]]:
+    """Records `versions` as pruned, expiring `grace` seconds from now.
+
+    Returns (newly recorded, already recorded: their expiry is left as it was).
+    """
+    now_s = int(now if now is not None else time.time())
+    new: list[Pending] = []
+    already: list[Pending] = []
+    with state_lock(state_dir):
+        entries = {p.path: p for p in load(state_dir)}
+        for v in versions:
+            if v.path in entries:
+                already.append(entries[v.path])
+                continue
+            p = Pending(v.path, v.key.product, v.key.serial, now_s, now_s + max(0, grace))
+            entries[v.path] = p
+            new.append(p)
+        if new:
+            save(state_dir, entries.values())
+    return new, already
+
+
+def unschedule(state_dir: str, version_paths: Iterable[str]) -> list[Pending]:
+    """Forgets the given versions (they were imported again). Returns those forgotten."""
+    wanted = set(version_paths)
+    with state_lock(state_dir):
+        entries = load(state_dir)
+        dropped = [p for p in entries if p.path in wanted]
+        if dropped:
+            save(state_dir, [p for p in entries if p.path not in wanted])
+    return dropped
+
+
+def pending_for(state_dir: str, version_path: str) -> Pending | None:
+    try:
+        entries = load(state_dir)
+    except RetentionError:
+        return None
+    return next((p for p in entries if p.path == version_path), None)
+
+
+# -- deleting ------------------------------------------------------------------------------------
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _is_version_dir(img_dir: str, path: str) -> bool:
+    """Whether `path` names a version directory inside `img_dir` (never anything else)."""
+    if os.path.commonpath([img_dir, path]) != img_dir or path == img_dir:
+        return False
+    parts = os.path.relpath(path, img_dir).split(os.sep)
+    if len(parts) != VERSION_DEPTH:
+        return False
+    try:
+        parse_version_dir(parts)
+    except LayoutError:
+        return False
+    return True
+
+
+def _delete_version(img_dir: str, path: str) -> None:
+    """One rename makes the version vanish at once, then its files go; empty parents too."""
+    parent = os.path.dirname(path)
+    doomed = os.path.join(parent, f".deleting-{secrets.token_hex(8)}")
+    os.rename(path, doomed)
+    _fsync_dir(parent)
+    shutil.rmtree(doomed, ignore_errors=True)
+    directory = parent
+    while directory != img_dir and os.path.commonpath([img_dir, directory]) == img_dir:
+        try:
+            os.rmdir(directory)
+        except OSError:
+            break
+        directory = os.path.dirname(directory)
+    with contextlib.suppress(OSError):
+        _fsync_dir(directory)
+
+
+def delete_expired(paths: Paths, now: float | None = None) -> list[Pending]:
+    """Deletes the files of recorded versions of this tree whose grace period is over, and
+    forgets versions whose directory is already gone. Returns those deleted."""
+    now_s = now if now is not None else time.time()
+    img_dir = os.path.abspath(paths.img_dir)
+    deleted: list[Pending] = []
+    with state_lock(paths.state_dir):
+        entries = load(paths.state_dir)
+        if not entries:
+            return []
+        keep: list[Pending] = []
+        for p in entries:
+            if not _is_version_dir(img_dir, p.path):
+                keep.append(p)  # another tree's (or not ours to touch)
+                continue
+            if not os.path.isdir(p.path) or os.path.islink(p.path):
+                log.info("%s %s: already gone", p.product, p.serial)
+                continue
+            if p.expires > now_s:
+                keep.append(p)
+                continue
+            try:
+                _delete_version(img_dir, p.path)
+            except OSError as e:
+                log.error("cannot delete %s: %s", p.path, e.strerror or e)
+                keep.append(p)
+                continue
+            log.info("deleted %s %s (pruned %s)", p.product, p.serial, utc_text(p.pruned))
+            deleted.append(p)
+        if len(keep) != len(entries):
+            save(paths.state_dir, keep)
+    return deleted
+
+
+# -- the commands ----------------------------------------------------------------------------
+
+
+def _prefixes(versions: Iterable[ScannedVersion]) -> set[str]:
+    return {v.key.relpath.rsplit("/", 1)[0] for v in versions}
+
+
+def _finish(
+    pipeline: Pipeline, doomed: list[ScannedVersion], grace: int, now: float | None
+) -> Outcome:
+    outcome = Outcome()
+    outcome.scheduled, outcome.already = schedule(pipeline.paths.state_dir, doomed, grace, now=now)
+    if outcome.scheduled:
+        pipeline.refresh(_prefixes(doomed))
+    outcome.deleted = delete_expired(pipeline.paths, now=now)
+    return outcome
+
+
+def prune(
+    pipeline: Pipeline, keep: int, grace: int, dry_run: bool = False, now: float | None = None
+) -> Outcome:
+    """Takes every version but the newest `keep` of each product out of the catalog.
+
+    Only published versions count (an upload still in progress is neither kept nor pruned).
+    """
+    pipeline.update_all()
+    by_key = {(v.key.product, v.key.serial): v for v in pipeline.versions.values()}
+    chosen = select_prunable(pipeline.products, keep)
+    if dry_run:
+        return Outcome(would=chosen)
+    return _finish(pipeline, [by_key[c] for c in chosen], grace, now)
+
+
+def remove(
+    pipeline: Pipeline,
+    product: str,
+    serial: str | None,
+    grace: int,
+    dry_run: bool = False,
+    now: float | None = None,
+) -> Outcome:
+    """Takes a product (every version, published or not) or one version out of the catalog."""
+    parse_product(product)
+    pipeline.update_all()
+    matches = [v for v in pipeline.versions.values() if v.key.product == product]
+    if not matches:
+        raise RetentionError(f"no product {product} in {pipeline.paths.img_dir}")
+    if serial is not None:
+        exact = [v for v in matches if v.key.serial == serial]
+        if not exact:  # another spelling of the same time (20240101_1200 for 20240101_12:00)
+            digits = serial_sort_key(serial)[0]
+            exact = [v for v in matches if serial_sort_key(v.key.serial)[0] == digits]
+        if len(exact) != 1:
+            have = ", ".join(sorted((v.key.serial for v in matches), key=serial_sort_key))
+            raise RetentionError(f"{product} has no version {serial} (it has {have})")
+        matches = exact
+    matches.sort(key=lambda v: serial_sort_key(v.key.serial))
+    if dry_run:
+        return Outcome(would=[(v.key.product, v.key.serial) for v in matches])
+    return _finish(pipeline, matches, grace, now)

@@ -1,0 +1,491 @@
+"""Mirrors end to end, all real and on this machine: a master (`lxd-image-server run`) pushes
+with rsync over ssh to a mirror, which is Debian's sshd on a loopback port with its own host
+key and a push user made by `lxd-image-server mirror authorize` (rrsync, write-only), and
+nginx serving the mirror's tree over TLS. The LXD daemon launches an image from the mirror.
+
+A watchdog thread reads the mirror's catalog all along and checks that every file it lists is
+on the mirror's disk: the push order (images, catalog, deletions) must never break that.
+
+Prerequisites: root, `bash tests/host-setup.sh` (openssh-server, rsync, nginx, LXD).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from .images import build_rootfs, make_squashfs, sha256_file, write_metadata_tarball
+from .servers import Nginx, Pki, delete_images, delete_instance, free_port, lxc, run
+from .test_run import BIN, Server, curl, start_server
+
+SSHD = Path("/usr/sbin/sshd")
+TOOLS = ("rsync", "rrsync", "ssh", "ssh-keygen", "useradd", "userdel")
+DEADLINE = 60.0
+#: a push that failed is retried after 5 s, 10 s, 20 s...: room for a few of them
+CATCH_UP = 180.0
+
+SSHD_CONFIG = """\
+Port {port}
+ListenAddress 127.0.0.1
+HostKey {host_key}
+PidFile {work}/sshd.pid
+AuthorizedKeysFile .ssh/authorized_keys
+PubkeyAuthentication yes
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+# pam_loginuid fails in containers; `mirror authorize` gives the user the password '*', which
+# sshd accepts for key logins with or without PAM
+UsePAM no
+PermitRootLogin no
+AllowUsers {user}
+StrictModes yes
+LogLevel VERBOSE
+"""
+
+
+class Sshd:
+    """Debian's sshd in the foreground (-D), as root, with its own config and host key."""
+
+    def __init__(self, work: Path, port: int, user: str, host_key: Path) -> None:
+        self.work = work
+        self.port = port
+        self.user = user
+        self.host_key = host_key
+        self.conf = work / "sshd_config"
+        self.log = work / "sshd.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        # the privilege separation directory, normally made by the init system
+        Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
+        self.conf.write_text(
+            SSHD_CONFIG.format(
+                port=self.port, host_key=self.host_key, work=self.work, user=self.user
+            )
+        )
+        run([SSHD, "-t", "-f", self.conf])
+        self.proc = subprocess.Popen(
+            [os.fspath(SSHD), "-D", "-f", os.fspath(self.conf), "-E", os.fspath(self.log)]
+        )
+        end = time.monotonic() + DEADLINE
+        while True:
+            assert self.proc.poll() is None, f"sshd exited:\n{self.log.read_text()}"
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                    return
+            except OSError:
+                assert time.monotonic() < end, f"sshd never listened:\n{self.log.read_text()}"
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(30)
+
+
+@dataclass
+class MirrorHost:
+    root: Path
+    user: str
+    key: Path
+    sshd: Sshd
+    nginx: Nginx
+    ctx: ssl.SSLContext
+
+    def fetch(self, path: str) -> tuple[int, bytes]:
+        """GET from the mirror's nginx."""
+        try:
+            with urllib.request.urlopen(
+                f"{self.nginx.url}/{path}", context=self.ctx, timeout=10
+            ) as r:
+                return r.status, r.read()
+        except urllib.error.HTTPError as e:
+            return e.code, b""
+
+    def files(self) -> set[str]:
+        return {str(p.relative_to(self.root)) for p in self.root.rglob("*") if p.is_file()}
+
+
+class Watchdog(threading.Thread):
+    """Checks, as often as it can, that every file the mirror's catalog lists is on its disk.
+    A listing read just before the catalog changed is not held against the mirror."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(daemon=True)
+        self.root = root
+        self.catalog = root / "streams" / "v1" / "images.json"
+        self.stop_event = threading.Event()
+        self.violations: list[str] = []
+        self.checks = 0
+
+    def _stamp(self) -> tuple[int, int] | None:
+        try:
+            st = self.catalog.stat()
+        except FileNotFoundError:
+            return None
+        return st.st_ino, st.st_mtime_ns
+
+    def run(self) -> None:
+        while not self.stop_event.wait(0.005):
+            before = self._stamp()
+            if before is None:
+                continue
+            try:
+                doc = json.loads(self.catalog.read_bytes())
+            except (OSError, ValueError):
+                continue
+            missing = [
+                item["path"]
+                for product in doc.get("products", {}).values()
+                for version in product.get("versions", {}).values()
+                for item in version.get("items", {}).values()
+                if not (self.root / item["path"]).is_file()
+            ]
+            if missing and self._stamp() == before:
+                self.violations.append(f"listed but missing on the mirror: {missing}")
+            self.checks += 1
+
+
+def wait_until(predicate, what: str, deadline: float, log: Path | None = None) -> float:
+    start = time.monotonic()
+    while not predicate():
+        if time.monotonic() - start > deadline:
+            detail = f"\n--- master log ---\n{log.read_text()[-6000:]}" if log else ""
+            raise AssertionError(f"timed out after {deadline:.0f} s waiting for {what}{detail}")
+        time.sleep(0.01)
+    return time.monotonic() - start
+
+
+@pytest.fixture(scope="module")
+def mirror_host(pki: Pki, label: str) -> Iterator[MirrorHost]:
+    missing = [t for t in TOOLS if shutil.which(t) is None]
+    if missing or not SSHD.exists():
+        pytest.fail(
+            f"missing {', '.join(missing) or SSHD}: run `bash tests/host-setup.sh` "
+            "(openssh-server, rsync)"
+        )
+    user = f"lism{label}"
+    with pytest.raises(KeyError):
+        pwd.getpwnam(user)  # unique to this run
+    base = Path(tempfile.mkdtemp(prefix="lis-mirror-", dir="/var/tmp"))
+    base.chmod(0o755)  # the push user and nginx's workers must reach the tree
+    root = base / "root"
+    key, host_key = base / "push_key", base / "host_key"
+    for k in (key, host_key):
+        run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"lis-{label}", "-f", k])
+    sshd = Sshd(base, free_port(), user, host_key)
+    nginx = Nginx(root, pki, base / "nginx", free_port())
+    try:
+        first = run([BIN, "mirror", "authorize", f"{key}.pub", "--user", user, "--root", root])
+        assert f"created the system user {user}" in first.stdout
+        assert f'path = "{root}"' in first.stdout
+        again = run([BIN, "mirror", "authorize", f"{key}.pub", "--user", user, "--root", root])
+        assert "Nothing to change" in again.stdout, again.stdout
+        home = Path(pwd.getpwnam(user).pw_dir)
+        lines = (home / ".ssh" / "authorized_keys").read_text().splitlines()
+        assert len(lines) == 1, lines
+        assert lines[0].startswith(
+            f'restrict,command="/usr/bin/rrsync -wo -munge -absolute {root}"'
+        )
+        for d in ("images", "streams", "streams/v1"):
+            assert (root / d).owner() == user
+        sshd.start()
+        nginx.start()
+        ctx = ssl.create_default_context(cafile=os.fspath(pki.ca_cert))
+        yield MirrorHost(root, user, key, sshd, nginx, ctx)
+    finally:
+        nginx.stop()
+        sshd.stop()
+        gone = run(["userdel", "-r", user], check=False)
+        assert gone.returncode in (0, 12), gone.stderr  # 12: no mail spool to remove
+        shutil.rmtree(base, ignore_errors=True)
+        with pytest.raises(KeyError):
+            pwd.getpwnam(user)
+
+
+@pytest.fixture(scope="module")
+def master(pki: Pki, mirror_host: MirrorHost) -> Iterator[Server]:
+    base = Path(tempfile.mkdtemp(prefix="lis-master-", dir="/var/tmp"))
+    base.chmod(0o755)
+    config = base / "config.toml"
+    config.write_text(
+        "[mirrors.m1]\n"
+        'remote = "127.0.0.1"\n'
+        f'user = "{mirror_host.user}"\n'
+        f'key_path = "{mirror_host.key}"\n'
+        f"port = {mirror_host.sshd.port}\n"
+        f'path = "{mirror_host.root}"\n'
+    )
+    env = {"LXD_IMAGE_SERVER_CONFIG": os.fspath(config), "ALLOW_DELETES": "1"}
+    try:
+        yield from start_server(base, pki, env)
+    finally:
+        shutil.rmtree(base)
+
+
+@pytest.fixture(scope="module")
+def watchdog(mirror_host: MirrorHost) -> Iterator[Watchdog]:
+    w = Watchdog(mirror_host.root)
+    w.start()
+    yield w
+    w.stop_event.set()
+    w.join(10)
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory: pytest.TempPathFactory, label: str) -> tuple[Path, Path]:
+    work = tmp_path_factory.mktemp("mirror-image")
+    rootfs = build_rootfs(work / "rootfs")
+    meta = write_metadata_tarball(work / "meta", work / "meta.tar.xz", f"mirror test {label}")
+    return meta, make_squashfs(rootfs, work / "rootfs.squashfs")
+
+
+def upload(server: Server, image: tuple[Path, Path], version_dir: str) -> None:
+    meta, squashfs = image
+    for src, name in ((meta, "lxd.tar.xz"), (squashfs, "rootfs.squashfs")):
+        code, body = curl("-T", src, f"{server.url}/images/{version_dir}/{name}")
+        assert code == 201, body
+
+
+def listed(catalog: bytes, product: str) -> set[str]:
+    try:
+        doc = json.loads(catalog)
+    except ValueError:
+        return set()
+    return set(doc["products"].get(product, {}).get("versions", {}))
+
+
+def master_catalog(server: Server) -> bytes:
+    return (server.root / "streams/v1/images.json").read_bytes()
+
+
+def in_step(server: Server, mirror: MirrorHost) -> bool:
+    """The mirror serves the master's catalog, byte for byte."""
+    code, served = mirror.fetch("streams/v1/images.json")
+    if code != 200 or served != master_catalog(server):
+        return False
+    code, served = mirror.fetch("streams/v1/index.json")
+    return code == 200 and served == (server.root / "streams/v1/index.json").read_bytes()
+
+
+def mirror_status(server: Server) -> subprocess.CompletedProcess[str]:
+    return run([BIN, "--state-dir", server.root.parent / "state", "mirror", "status"], check=False)
+
+
+@pytest.mark.lxd
+def test_upload_reaches_the_mirror_and_lxd_launches_from_it(
+    master: Server, mirror_host: MirrorHost, watchdog: Watchdog, image, label: str
+) -> None:
+    serial = "20240105_1000"
+    d, product = f"busymirror/1.35/amd64/default/{serial}", "busymirror:1.35:amd64:default"
+    upload(master, image, d)
+    latency = wait_until(
+        lambda: serial in listed(mirror_host.fetch("streams/v1/images.json")[1], product),
+        "the mirror to serve the new version",
+        DEADLINE,
+        master.log,
+    )
+    print(f"\nthe mirror served the upload {latency:.2f} s after the upload returned")
+    wait_until(lambda: in_step(master, mirror_host), "identical catalogs", DEADLINE, master.log)
+    pushes = [line for line in master.log.read_text().splitlines() if "m1: pushed in" in line]
+    print("pushes so far:", *pushes, sep="\n  ")
+    for name in ("streams/v1/images.json", "streams/v1/index.json", "streams/v1/images.json.gz"):
+        assert (mirror_host.root / name).read_bytes() == (master.root / name).read_bytes(), name
+    for name in ("lxd.tar.xz", "rootfs.squashfs"):
+        mirrored = mirror_host.root / "images" / d / name
+        assert mirrored.read_bytes() == (master.root / "images" / d / name).read_bytes()
+        assert mirrored.stat().st_mode & 0o777 == 0o644
+    page = master.root / "index.html"
+    if page.exists():  # the catalog page, when the master writes one
+        wait_until(
+            lambda: (mirror_host.root / "index.html").read_bytes() == page.read_bytes(),
+            "the mirror's page to match",
+            DEADLINE,
+            master.log,
+        )
+    hidden = [f for f in mirror_host.files() if any(p.startswith(".") for p in f.split("/"))]
+    assert not hidden, f"hidden files were pushed: {hidden}"
+    known_hosts = (master.root.parent / "state" / "mirrors" / "known_hosts").read_text()
+    host_key = (mirror_host.sshd.host_key.parent / "host_key.pub").read_text().split()[1]
+    assert f"[127.0.0.1]:{mirror_host.sshd.port} ssh-ed25519 {host_key}" in known_hosts
+    status = mirror_status(master)
+    assert status.returncode == 0, status.stdout
+    assert "state:        ok" in status.stdout
+
+    remote = f"mir{mirror_host.nginx.port}"
+    name = f"lis-{label}-mirror"
+    meta, squashfs = image
+    lxc("remote", "add", remote, mirror_host.nginx.url, "--protocol", "simplestreams")
+    try:
+        lxc("launch", f"{remote}:busymirror/1.35", name, timeout=300)
+        assert lxc("exec", name, "--", "/bin/busybox", "echo", "ok").strip() == "ok"
+    finally:
+        delete_instance(name)
+        lxc("remote", "remove", remote)
+        delete_images({sha256_file(meta, squashfs)})
+    served = {(m, s, p) for m, s, p in mirror_host.nginx.requests() if m == "GET" and s == 200}
+    for name in ("lxd.tar.xz", "rootfs.squashfs"):
+        assert ("GET", 200, f"/images/{d}/{name}") in served, "LXD did not download from the mirror"
+    assert not watchdog.violations, watchdog.violations
+
+
+def test_removal_propagates(master: Server, mirror_host: MirrorHost, watchdog: Watchdog, image):
+    d, product = "gonemirror/1.0/amd64/default/20240101_1200", "gonemirror:1.0:amd64:default"
+    upload(master, image, d)
+    wait_until(
+        lambda: "20240101_1200" in listed(mirror_host.fetch("streams/v1/images.json")[1], product),
+        "the mirror to list the version",
+        DEADLINE,
+        master.log,
+    )
+    assert (mirror_host.root / "images" / d / "rootfs.squashfs").is_file()
+    code, body = curl("-X", "DELETE", f"{master.url}/images/{d}")
+    assert code in (200, 204), body
+    wait_until(
+        lambda: not listed(mirror_host.fetch("streams/v1/images.json")[1], product),
+        "the mirror to drop the version",
+        DEADLINE,
+        master.log,
+    )
+    wait_until(
+        lambda: not (mirror_host.root / "images" / d).exists(),
+        "the version's files to go from the mirror",
+        DEADLINE,
+        master.log,
+    )
+    wait_until(lambda: in_step(master, mirror_host), "identical catalogs", DEADLINE, master.log)
+    assert not watchdog.violations, watchdog.violations
+    assert watchdog.checks > 0
+
+
+def test_an_unreachable_mirror_does_not_stop_publishing_and_catches_up(
+    master: Server, mirror_host: MirrorHost, watchdog: Watchdog, image
+) -> None:
+    wait_until(lambda: in_step(master, mirror_host), "a mirror in step", DEADLINE, master.log)
+    mirror_host.sshd.stop()
+    try:
+        d, product = "offline/1.0/amd64/default/20240101_1200", "offline:1.0:amd64:default"
+        upload(master, image, d)
+        wait_until(
+            lambda: "20240101_1200" in listed(master_catalog(master), product),
+            "the master to publish while its mirror is down",
+            DEADLINE,
+            master.log,
+        )
+        wait_until(
+            lambda: "Connection refused" in mirror_status(master).stdout,
+            "`mirror status` to show the failure",
+            DEADLINE,
+            master.log,
+        )
+        status = mirror_status(master)
+        assert status.returncode == 1, status.stdout
+        assert "failing" in status.stdout and "next attempt" in status.stdout, status.stdout
+        assert "mirror m1" in master.log.read_text() and "push failed" in master.log.read_text()
+        assert not listed(mirror_host.fetch("streams/v1/images.json")[1], product)
+    finally:
+        mirror_host.sshd.start()
+    took = wait_until(
+        lambda: in_step(master, mirror_host), "the mirror to catch up", CATCH_UP, master.log
+    )
+    print(f"\nthe mirror caught up {took:.1f} s after its sshd came back")
+    assert (mirror_host.root / "images" / d / "rootfs.squashfs").is_file()
+    wait_until(
+        lambda: mirror_status(master).returncode == 0, "status ok again", DEADLINE, master.log
+    )
+    text = master.log.read_text()
+    assert text.count("mirror m1 (") == 1, "the failure was logged more than once"
+    assert "push works again" in text
+    assert not watchdog.violations, watchdog.violations
+
+
+def test_a_changed_host_key_is_refused_until_forgotten(
+    master: Server, mirror_host: MirrorHost, watchdog: Watchdog, image
+) -> None:
+    """accept-new: the key seen first is kept; a different one stops the pushes until the
+    operator removes the old one (ssh-keygen -R) and reloads (which also retries at once)."""
+    sshd = mirror_host.sshd
+    wait_until(lambda: in_step(master, mirror_host), "a mirror in step", DEADLINE, master.log)
+    sshd.stop()
+    new_key = sshd.host_key.parent / "host_key_new"
+    run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", new_key])
+    sshd.host_key = new_key
+    sshd.start()
+    d, product = "rekeyed/1.0/amd64/default/20240101_1200", "rekeyed:1.0:amd64:default"
+    upload(master, image, d)
+    wait_until(
+        lambda: "Host key verification failed" in mirror_status(master).stdout,
+        "`mirror status` to show the refused host key",
+        DEADLINE,
+        master.log,
+    )
+    assert not listed(mirror_host.fetch("streams/v1/images.json")[1], product)
+    state = master.root.parent / "state"
+    run(["ssh-keygen", "-R", f"[127.0.0.1]:{sshd.port}", "-f", state / "mirrors" / "known_hosts"])
+    run([BIN, "--state-dir", state, "reload"])
+    took = wait_until(
+        lambda: in_step(master, mirror_host), "the mirror to catch up", DEADLINE, master.log
+    )
+    print(f"\nafter the reload the mirror caught up in {took:.1f} s")
+    known_hosts = (state / "mirrors" / "known_hosts").read_text()
+    assert Path(f"{new_key}.pub").read_text().split()[1] in known_hosts
+    assert not watchdog.violations, watchdog.violations
+
+
+def test_update_by_hand_pushes_and_reports_each_mirror(
+    master: Server, mirror_host: MirrorHost, watchdog: Watchdog, tmp_path: Path
+) -> None:
+    down = free_port()  # nothing listens there
+    config = tmp_path / "update.toml"
+    config.write_text(
+        "[mirrors.m1]\n"
+        'remote = "127.0.0.1"\n'
+        f'user = "{mirror_host.user}"\n'
+        f'key_path = "{mirror_host.key}"\n'
+        f"port = {mirror_host.sshd.port}\n"
+        f'path = "{mirror_host.root}"\n'
+        "[mirrors.down]\n"
+        'remote = "127.0.0.1"\n'
+        f'key_path = "{mirror_host.key}"\n'
+        f"port = {down}\n"
+    )
+    state = tmp_path / "state"
+    env = {**os.environ, "LXD_IMAGE_SERVER_CONFIG": os.fspath(config)}
+    proc = subprocess.run(
+        [BIN, "--state-dir", state, "update", "--root-dir", master.root],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 1, proc.stderr
+    assert "mirror m1: pushed in" in proc.stderr
+    assert "mirror down: push failed: connect:" in proc.stderr
+    assert "Connection refused" in proc.stderr
+    doc = json.loads((state / "mirrors.json").read_text())
+    assert doc["mirrors"]["m1"]["state"] == "ok"
+    assert doc["mirrors"]["down"]["state"] == "failing"
+    assert in_step(master, mirror_host)
+    status = subprocess.run(
+        [BIN, "--state-dir", state, "mirror", "status"], env=env, capture_output=True, text=True
+    )
+    assert status.returncode == 1
+    assert "down: ssh://lxdmirror@127.0.0.1:" in status.stdout
+    assert not watchdog.violations, watchdog.violations
