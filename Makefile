@@ -16,6 +16,9 @@ help:
 	@echo "make run    - the whole server in the foreground on https://127.0.0.1:8443 ($(RUN_DIR))"
 	@echo "make test   - install what is needed, lint, run every test"
 	@echo "make bench  - benchmarks (ratios against a baseline measured in the same run)"
+	@echo "make deb    - the Debian package and a flat apt repository in dist/"
+	@echo "make system-test - install the .deb in a booted Debian 12 container and check it"
+	@echo "make image  - the all-in-one container image lxd-image-server:latest (podman or docker)"
 
 # Debian packages and a running LXD daemon (idempotent, fast when already done).
 deps:
@@ -59,15 +62,19 @@ compat: deps
 	.venv-debian/bin/python -c 'import click, OpenSSL; print("debian libs: click", click.__version__, "pyOpenSSL", OpenSSL.__version__)'
 	.venv-debian/bin/python -m pytest -p no:cacheprovider -o addopts="-W error::DeprecationWarning" tests/unit tests/integration/test_watch.py tests/integration/test_init.py
 
-test: deps venv lint unit integration compat
+test: deps venv lint unit integration compat system-test container-test
 
-bench: venv
+bench: venv run-deps
 	$(BIN)/python bench/bench_update.py
 	$(BIN)/python bench/bench_watch.py
+	$(BIN)/python bench/bench_upload.py
 
 # ALLOW_OVERWRITES, ALLOW_DELETES and DEBUG pass through from the environment.
 run: run-deps venv
 	$(BIN)/lxd-image-server --state-dir $(RUN_DIR)/state run --root-dir $(RUN_DIR)/root $(RUN_ARGS)
 
+include packaging.mk
+include container.mk
+
 clean:
-	rm -rf $(VENV) .venv-debian build dist *.egg-info .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) .venv-debian .venv-k8s build dist *.egg-info .mypy_cache .ruff_cache .pytest_cache

@@ -181,9 +181,24 @@ def reload() -> bool:
             return False
         r = subprocess.run(["systemctl", "reload", "nginx"], capture_output=True, text=True)
     else:
-        if not Path("/run/nginx.pid").exists():
+        if not _nginx_running(Path("/run/nginx.pid")):
             return False
         r = subprocess.run([nginx_binary(), "-s", "reload"], capture_output=True, text=True)
     if r.returncode != 0:
         raise NginxError(f"reloading nginx failed: {(r.stderr or r.stdout).strip()}")
+    return True
+
+
+def _nginx_running(pid_file: Path) -> bool:
+    """`nginx -t` leaves an empty pid file behind: only a live pid counts."""
+    try:
+        pid = int(pid_file.read_text().strip())
+    except (OSError, ValueError):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
     return True
