@@ -32,10 +32,12 @@ import hashlib
 import json
 import logging
 import os
+import queue
 import secrets
 import shutil
 import stat
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -59,6 +61,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_IMG_DIR = "/var/www/simplestreams/images"
 CHUNK_SIZE = 1 << 20
+#: Chunks received but not yet written and hashed, at most (memory: SINK_DEPTH + 2 chunks).
+SINK_DEPTH = 2
 #: metadata.json is read whole by the catalog; keep it small.
 MAX_OVERRIDES_SIZE = 64 * 1024
 #: After an error, at most this much of an unread body is read and discarded, so the client
@@ -448,14 +452,17 @@ class UploadApp:
             size = 0
             with os.fdopen(fd, "wb", buffering=0, closefd=True) as f:
                 os.fchmod(f.fileno(), FILE_MODE)
-                while chunk := read(CHUNK_SIZE):
-                    size += len(chunk)
-                    if limit is not None and size > limit:
-                        raise HTTPError(413, f"{rel} is larger than the limit of {limit} bytes")
-                    _write_all(f, chunk)
-                    digest.update(chunk)
-                    if keep is not None:
-                        keep += chunk
+                sink = _Sink(f, digest)
+                try:
+                    while chunk := read(CHUNK_SIZE):
+                        size += len(chunk)
+                        if limit is not None and size > limit:
+                            raise HTTPError(413, f"{rel} is larger than the limit of {limit} bytes")
+                        sink.put(chunk)
+                        if keep is not None:
+                            keep += chunk
+                finally:
+                    sink.close()
                 os.fsync(f.fileno())
             warning = None
             if keep is not None:
@@ -574,6 +581,41 @@ def _remove_empty(created: list[str]) -> None:
             os.rmdir(path)
         except OSError:
             return
+
+
+class _Sink:
+    """Writes and hashes the chunks in a second thread, so that the request thread receives
+    the next chunk meanwhile (os.write and hashlib release the GIL). At most SINK_DEPTH
+    chunks wait in the queue, so memory stays flat."""
+
+    def __init__(self, f: BinaryIO, digest: Any) -> None:
+        self._queue: queue.Queue[bytes | None] = queue.Queue(SINK_DEPTH)
+        self._f = f
+        self._digest = digest
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="upload-sink", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (chunk := self._queue.get()) is not None:
+            if self._error is None:
+                try:
+                    _write_all(self._f, chunk)
+                    self._digest.update(chunk)
+                except BaseException as e:  # re-raised in the request thread
+                    self._error = e
+
+    def put(self, chunk: bytes) -> None:
+        if self._error is not None:
+            raise self._error
+        self._queue.put(chunk)
+
+    def close(self) -> None:
+        """Waits until every chunk is written; raises the writer's error, if any."""
+        self._queue.put(None)
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
 
 
 def _write_all(f: Any, data: bytes) -> None:

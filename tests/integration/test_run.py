@@ -357,3 +357,17 @@ def test_run_stops_everything_and_fails_when_a_part_dies(pki: Pki, tmp_path: Pat
     assert "nginx exited" in text and "stopping everything" in text
     assert not Path(f"/proc/{watcher_pid}").exists(), "the watcher outlived run"
     gen.close()
+
+
+def test_large_uploads_pass_through_nginx(server: Server, tmp_path: Path) -> None:
+    """nginx's default body limit (1 MiB) must not apply to uploads, POST or PUT."""
+    big = tmp_path / "rootfs.squashfs"
+    big.write_bytes(os.urandom(24 << 20))
+    d = "large/1.0/amd64/default/20240101_1200"
+    code, body = curl(f"-Fupload=@{big};filename={d}/rootfs.squashfs", f"{server.url}/images/")
+    assert code == 201, body
+    code, body = curl("-T", big, f"{server.url}/images/{d}/root.tar.xz")
+    assert code == 201, body
+    stored = server.root / "images" / d
+    assert (stored / "rootfs.squashfs").read_bytes() == big.read_bytes()
+    assert (stored / "root.tar.xz").stat().st_size == big.stat().st_size

@@ -1,0 +1,772 @@
+"""Upload throughput of `lxd-image-server run` (nginx + the upload app) against nginx's WebDAV.
+
+    python bench/bench_upload.py [--size-mb 1024] [--repeat 3] [--warmup 1] [--http 1.1]
+                                 [--workdir DIR] [--keep] [--exe PATH] [--timeout S]
+
+Starts `lxd-image-server run` on 127.0.0.1 (TLS with its own self-signed certificate, uploads
+behind basic auth with an htpasswd made by `lxd-image-server passwd`), and next to it a second
+nginx serving WebDAV PUT over the same TLS settings, the same certificate and the same
+credentials, writing to a directory on the same file system (client_body_temp_path too). Then,
+WARMUP untimed rounds and REPEAT timed ones (the order of the three steps rotates), with the
+source file warm in the page cache and dirty pages flushed before each step, curl uploads
+SIZE_MB MiB of random bytes as rootfs.squashfs:
+
+- baseline: `curl -T f https://.../images/<path>` to nginx's WebDAV (dav_methods PUT);
+- PUT:      `curl -T f https://.../images/<path>` to the upload app;
+- POST:     `curl -F "upload=@f;filename=<path>" https://.../images/` (the seeds' command).
+
+Every upload goes to a new serial (lxd.tar.xz is put there first, untimed, so the version is
+complete once the rootfs lands); the benchmark waits until the watcher lists it in the catalog,
+then deletes it, so the disk does not fill and the watcher's hashing never overlaps a timed
+upload. The first round checks the stored files' sha256 (and the one the app reports). Time is
+curl's own time_total (TLS handshake to the final response, which the upload app sends after
+fsync and rename; nginx's WebDAV does not fsync: the "(info)" row adds an fsync of its file).
+
+Also per step: the CPU seconds of curl, of the nginx workers and of the upload app's gunicorn
+workers (from /proc), which show where the time goes. Peak RSS: before each upload to the app,
+every gunicorn worker's peak (VmHWM) is reset with `echo 5 > /proc/PID/clear_refs`; afterwards
+the largest VmHWM is the peak during the upload, and VmHWM minus the RSS just before is the
+growth.
+
+If nginx answers 413 to a body over 1 MiB (a site without client_max_body_size in its /images
+locations), the generated locations.conf in the state directory is patched and nginx reloaded,
+with a WARNING, so that the rest can still be measured.
+
+Prints the medians, MiB/s and the ratios to the baseline against the target (>= 0.8x); a
+missed target is printed (MISS), not fatal. A failing command or a deadline is (exit status 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import os
+import re
+import resource
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from common import (
+    META_NAME,
+    META_SIZE,
+    ROOT_NAME,
+    VARIANT_REL,
+    BenchError,
+    MiB,
+    add_common_args,
+    catalog_versions,
+    machine_line,
+    main_wrapper,
+    median,
+    print_table,
+    read_catalog,
+    runs,
+    scratch_dir,
+    serial,
+    server_exe,
+    settle,
+    tail,
+    verdict,
+    warm,
+    write_random,
+)
+
+TARGET = 0.8
+USER = "bench"
+START_DEADLINE = 60.0
+STOP_DEADLINE = 60.0
+#: How long the watcher may take to list (and, after a delete, drop) an uploaded version.
+CATALOG_DEADLINE = 300.0
+POLL = 0.05
+#: Below images/ (the layout's os/release/arch/variant), as in the other benchmarks.
+VARIANT = str(VARIANT_REL.relative_to("images"))
+
+DAV_CONF = """\
+# WebDAV baseline for bench_upload.py: same TLS settings, certificate and credentials as the
+# `lxd-image-server run` it is compared with.
+daemon off;
+master_process on;
+worker_processes auto;
+pid {run}/nginx.pid;
+error_log stderr warn;
+{user}
+
+events {{
+    worker_connections 1024;
+}}
+
+http {{
+    default_type application/octet-stream;
+    access_log off;
+    sendfile on;
+    tcp_nopush on;
+    client_body_temp_path {tmp};
+    proxy_temp_path {run}/proxy;
+    fastcgi_temp_path {run}/fastcgi;
+    uwsgi_temp_path {run}/uwsgi;
+    scgi_temp_path {run}/scgi;
+
+    server {{
+        listen 127.0.0.1:{port} ssl http2;
+        server_name _;
+        ssl_certificate {ssl}/nginx.crt;
+        ssl_certificate_key {ssl}/nginx.key;
+        ssl_protocols TLSv1.2 TLSv1.3;
+        ssl_prefer_server_ciphers off;
+        ssl_session_cache shared:bench_dav:10m;
+        ssl_session_timeout 1d;
+        root {root};
+
+        location /images/ {{
+            auth_basic "bench";
+            auth_basic_user_file {htpasswd};
+            dav_methods PUT DELETE;
+            create_full_put_path on;
+            dav_access user:rw group:r all:r;
+            client_max_body_size 0;
+            client_body_timeout 1h;
+        }}
+    }}
+}}
+"""
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument(
+        "--size-mb", type=int, default=1024, help="MiB uploaded per step (default: 1024)"
+    )
+    parser.add_argument(
+        "--http",
+        choices=("default", "1.1", "2"),
+        default="default",
+        help="HTTP version curl uses for every step: curl's default (HTTP/2 over TLS when "
+        "nginx offers it), --http1.1 or --http2 (default: default)",
+    )
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=1,
+        help="untimed rounds first (default: 1). The first writes into pages the machine has "
+        "not used yet, which is much slower on some VMs; it also checks the stored sha256",
+    )
+    add_common_args(parser)
+    args = parser.parse_args(argv)
+    if args.size_mb < 1:
+        parser.error("--size-mb must be at least 1")
+    if args.warmup < 0:
+        parser.error("--warmup must be at least 0")
+    return args
+
+
+# -- processes --------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def stop(proc: subprocess.Popen[bytes], sig: signal.Signals, name: str, log: Path) -> int:
+    """Sends `sig` and waits; kills after STOP_DEADLINE. Returns the exit status."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(sig)
+        try:
+            proc.wait(STOP_DEADLINE)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            raise BenchError(
+                f"{name} did not stop in {STOP_DEADLINE:.0f} s; killed. Log:\n{tail(log)}"
+            ) from None
+    return proc.returncode
+
+
+def read_status(pid: int) -> dict[str, int]:
+    """VmRSS and VmHWM of `pid` in KiB ({} if it is gone)."""
+    out: dict[str, int] = {}
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return out
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            out[key] = int(value.split()[0])
+    return out
+
+
+def children(pid: int) -> list[int]:
+    found: list[int] = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            text = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        # pid (comm) state ppid ...: comm may hold spaces and parentheses
+        fields = text[text.rindex(")") + 2 :].split()
+        if int(fields[1]) == pid:
+            found.append(int(entry))
+    return sorted(found)
+
+
+def cmdline(pid: int) -> list[str]:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return []
+
+
+@dataclass
+class Gunicorn:
+    master: int
+
+    def workers(self) -> list[int]:
+        return children(self.master)
+
+    def reset_peaks(self) -> dict[int, int]:
+        """Resets every worker's VmHWM; returns each one's VmRSS (KiB) just after."""
+        before: dict[int, int] = {}
+        for pid in self.workers():
+            with contextlib.suppress(OSError):
+                Path(f"/proc/{pid}/clear_refs").write_text("5")
+            st = read_status(pid)
+            if "VmRSS" in st:
+                before[pid] = st["VmRSS"]
+        return before
+
+    def peaks(self) -> dict[int, int]:
+        return {pid: st["VmHWM"] for pid in self.workers() if "VmHWM" in (st := read_status(pid))}
+
+
+def child_named(parent: int, name: str) -> int:
+    """The child of `parent` whose command line mentions `name`."""
+    for pid in children(parent):
+        if any(name in arg for arg in cmdline(pid)):
+            if not children(pid):
+                raise BenchError(f"the {name} master {pid} has no workers")
+            return pid
+    raise BenchError(f"no {name} among the children of pid {parent}")
+
+
+def cpu_seconds(pids: Sequence[int]) -> float:
+    """User + system CPU seconds the processes have used so far."""
+    ticks = 0
+    for pid in pids:
+        try:
+            text = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            continue
+        fields = text[text.rindex(")") + 2 :].split()
+        ticks += int(fields[11]) + int(fields[12])  # utime, stime
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def children_cpu_seconds() -> float:
+    """CPU seconds of this process's children that have been waited for (curl)."""
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
+# -- curl -------------------------------------------------------------------------------------
+
+
+@dataclass
+class Curl:
+    cacert: Path
+    password: str
+    http: str
+
+    def base(self) -> list[str]:
+        cmd = ["curl", "-sS", "--cacert", str(self.cacert), "-u", f"{USER}:{self.password}"]
+        if self.http == "1.1":
+            cmd.append("--http1.1")
+        elif self.http == "2":
+            cmd.append("--http2")
+        return cmd
+
+    def request(self, args: Sequence[str], timeout: float) -> tuple[int, float, int, str]:
+        """(status, curl's time_total, bytes sent, response body)."""
+        cmd = [*self.base(), "-o", "-", "-w", "\n%{http_code} %{time_total} %{size_upload}", *args]
+        try:
+            out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+        except subprocess.TimeoutExpired as e:
+            raise BenchError(f"curl {' '.join(args)} did not finish in {timeout:.0f} s") from e
+        body, _, stats = out.stdout.rpartition("\n")
+        parts = stats.split()
+        if out.returncode != 0 or len(parts) != 3:
+            raise BenchError(f"curl {' '.join(args)} failed ({out.returncode}): {out.stderr}")
+        return int(parts[0]), float(parts[1]), int(float(parts[2])), body
+
+    def status(self, args: Sequence[str]) -> int:
+        """The status code; 0 when the connection failed (not up yet)."""
+        cmd = [*self.base(), "-o", "/dev/null", "-w", "%{http_code}", *args]
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=False)
+        return int(out.stdout or 0)
+
+
+# -- the servers ------------------------------------------------------------------------------
+
+
+@dataclass
+class Servers:
+    url: str
+    dav_url: str
+    root: Path
+    dav_root: Path
+    run_proc: subprocess.Popen[bytes]
+    gunicorn: Gunicorn
+    curl: Curl
+    #: the nginx masters of `run` and of the WebDAV baseline (their workers do the work)
+    run_nginx: int
+    dav_nginx: int
+
+
+def make_htpasswd(exe: str, path: Path, password: str, log: Path) -> None:
+    with open(log, "ab") as out:
+        r = subprocess.run(
+            [exe, "passwd", USER, "--htpasswd", str(path)],
+            input=(password + "\n").encode(),
+            stdout=out,
+            stderr=out,
+            timeout=60,
+            check=False,
+        )
+    if r.returncode != 0:
+        raise BenchError(f"lxd-image-server passwd failed ({r.returncode}):\n{tail(log)}")
+
+
+def wait_for(what: str, ready: Any, procs: Sequence[tuple[subprocess.Popen[bytes], Path]]) -> None:
+    deadline = time.monotonic() + START_DEADLINE
+    while not ready():
+        for proc, log in procs:
+            if proc.poll() is not None:
+                raise BenchError(f"{what}: exited with status {proc.returncode}:\n{tail(log)}")
+        if time.monotonic() > deadline:
+            raise BenchError(f"{what}: not ready after {START_DEADLINE:.0f} s")
+        time.sleep(0.1)
+
+
+def nginx_user(conf: Path) -> str | None:
+    """The `user` directive of the nginx.conf `run` wrote (None: none, the workers stay ours)."""
+    m = re.search(r"^\s*user\s+([^;]+);", conf.read_text(), re.MULTILINE)
+    return m.group(1).strip() if m else None
+
+
+def work_around_body_limit(
+    curl: Curl,
+    url: str,
+    state: Path,
+    work: Path,
+    procs: Sequence[tuple[subprocess.Popen[bytes], Path]],
+) -> None:
+    """If nginx refuses bodies over 1 MiB (its default client_max_body_size) before they reach
+    the upload app, sets the limit to 0 in the generated copy of locations.conf under the
+    state directory and reloads nginx, saying so loudly; a no-op once the site allows them."""
+    probe = work / "probe"
+    write_random(probe, MiB + 1)
+    # a bad path: the upload app answers 400 without storing anything; nginx's limit gives 413
+    args = ["-X", "PUT", "--data-binary", f"@{probe}", f"{url}/images/x"]
+    if curl.status(args) != 413:
+        return
+    conf = state / "nginx" / "locations.conf"
+    text = conf.read_text()
+    patched, n = re.subn(
+        r"^(location (?:= )?/images/? \{)$", r"\1\n    client_max_body_size 0;", text, flags=re.M
+    )
+    if not n:
+        raise BenchError(f"nginx refuses bodies over 1 MiB and {conf} has no /images location")
+    conf.write_text(patched)
+    print(
+        "WARNING: nginx refused a 1 MiB + 1 byte upload with 413 (client_max_body_size is set "
+        "only in @upload; nginx checks the limit of the location the request matched, "
+        f"/images/); benchmarking with client_max_body_size 0 added to {n} /images "
+        f"location(s) in {conf}, nginx reloaded",
+        flush=True,
+    )
+    pid = int((state / "run" / "nginx.pid").read_text().split()[0])
+    os.kill(pid, signal.SIGHUP)
+    wait_for("nginx after the reload", lambda: curl.status(args) == 400, procs)
+
+
+@contextlib.contextmanager
+def servers(exe: str, work: Path, http: str) -> Iterator[Servers]:
+    root, state, ssl = work / "root", work / "state", work / "ssl"
+    dav = work / "dav"
+    htpasswd = work / "htpasswd"
+    password = secrets.token_urlsafe(16)
+    run_log, dav_log = work / "run.log", work / "dav.log"
+    make_htpasswd(exe, htpasswd, password, run_log)
+
+    port = free_port()
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("ALLOW_OVERWRITES", "ALLOW_DELETES", "DEBUG", "UPLOAD_MAX_SIZE")
+    }
+    run_cmd = [
+        exe, "--state-dir", str(state), "run", "--root-dir", str(root),
+        "--listen", f"127.0.0.1:{port}", "--ssl-dir", str(ssl), "--htpasswd", str(htpasswd),
+    ]  # fmt: skip
+    with open(run_log, "ab") as out:
+        out.write(f"$ {' '.join(run_cmd)}\n".encode())
+        out.flush()
+        run_proc = subprocess.Popen(
+            run_cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env
+        )
+    dav_proc: subprocess.Popen[bytes] | None = None
+    try:
+        url = f"https://127.0.0.1:{port}"
+        curl = Curl(ssl / "nginx.crt", password, http)
+        wait_for(
+            "lxd-image-server run",
+            lambda: (
+                (ssl / "nginx.crt").exists()
+                and curl.status([f"{url}/streams/v1/index.json"]) == 200
+            ),
+            [(run_proc, run_log)],
+        )
+        # the upload app answers through nginx (a bad path: refused before anything is written)
+        wait_for(
+            "the upload app",
+            lambda: curl.status(["-X", "PUT", "--data-binary", "x", f"{url}/images/x"]) == 400,
+            [(run_proc, run_log)],
+        )
+
+        dav_root, dav_tmp, dav_run = dav / "root", dav / "tmp", dav / "run"
+        for d in (dav_root / "images", dav_tmp, dav_run):
+            d.mkdir(parents=True)
+        user = nginx_user(state / "nginx" / "nginx.conf")
+        if user:
+            owner, group = user.split()[0], user.split()[-1]
+            for d in (dav_root, dav_root / "images", dav_tmp):
+                shutil.chown(d, owner, group)
+        dav_port = free_port()
+        conf = dav / "nginx.conf"
+        conf.write_text(
+            DAV_CONF.format(
+                run=dav_run,
+                tmp=dav_tmp,
+                root=dav_root,
+                ssl=ssl,
+                port=dav_port,
+                htpasswd=htpasswd,
+                user=f"user {user};" if user else "",
+            )
+        )
+        with open(dav_log, "ab") as out:
+            dav_proc = subprocess.Popen(
+                ["nginx", "-p", str(dav_run), "-c", str(conf), "-e", "stderr"],
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        dav_url = f"https://127.0.0.1:{dav_port}"
+        # a GET of a missing file: 404 once nginx (and its auth) answers
+        wait_for(
+            "the WebDAV nginx",
+            lambda: curl.status([f"{dav_url}/images/missing"]) == 404,
+            [(dav_proc, dav_log)],
+        )
+        work_around_body_limit(curl, url, state, work, [(run_proc, run_log)])
+        yield Servers(
+            url,
+            dav_url,
+            root,
+            dav_root,
+            run_proc,
+            Gunicorn(child_named(run_proc.pid, "gunicorn")),
+            curl,
+            child_named(run_proc.pid, "nginx"),
+            dav_proc.pid,
+        )
+    finally:
+        if dav_proc is not None:
+            stop(dav_proc, signal.SIGQUIT, "the WebDAV nginx", dav_log)
+        rc = stop(run_proc, signal.SIGTERM, "lxd-image-server run", run_log)
+        if rc != 0 and sys.exc_info()[0] is None:
+            raise BenchError(f"lxd-image-server run exited {rc} on SIGTERM:\n{tail(run_log)}")
+
+
+# -- the steps --------------------------------------------------------------------------------
+
+
+@dataclass
+class Results:
+    seconds: dict[str, list[float]] = field(default_factory=dict)
+    #: extra seconds to fsync the baseline's file after curl returned (not in the baseline)
+    dav_fsync: list[float] = field(default_factory=list)
+    #: per upload to the app: (largest worker VmHWM, largest growth over its RSS before), KiB
+    rss: list[tuple[int, int]] = field(default_factory=list)
+    #: per step: CPU seconds of (curl, the nginx workers, the upload app's workers) per upload
+    cpu: dict[str, list[tuple[float, float, float]]] = field(default_factory=dict)
+
+    def add(self, step: str, seconds: float) -> None:
+        self.seconds.setdefault(step, []).append(seconds)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb", buffering=0) as f:
+        while chunk := f.read(MiB):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fsync_seconds(path: Path) -> float:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        start = time.perf_counter()
+        os.fsync(fd)
+        return time.perf_counter() - start
+    finally:
+        os.close(fd)
+
+
+class Bench:
+    def __init__(self, s: Servers, src: Path, meta: Path, size: int, timeout: float) -> None:
+        self.s = s
+        self.src = src
+        self.meta = meta
+        self.size = size
+        self.timeout = timeout
+        self.serials = 0
+        self.results = Results()
+        #: False during the warm-up round: times are not kept (peak RSS is)
+        self.recording = False
+        self.src_sha256 = sha256_file(src)
+
+    def next_serial(self) -> str:
+        self.serials += 1
+        return serial(self.serials)
+
+    def prepare(self) -> None:
+        """Flush dirty pages (the last step's write-back), then warm the source."""
+        settle()
+        warm([self.src])
+
+    def timed(self, args: Sequence[str], what: str, nginx: int) -> tuple[float, str]:
+        """One upload with curl: (curl's time_total, response body). Also notes the CPU time
+        of curl, of `nginx`'s workers and of the upload app's workers."""
+        workers, app = children(nginx), self.s.gunicorn.workers()
+        cpu = (children_cpu_seconds(), cpu_seconds(workers), cpu_seconds(app))
+        status, seconds, sent, body = self.s.curl.request(args, self.timeout)
+        after = (children_cpu_seconds(), cpu_seconds(workers), cpu_seconds(app))
+        if status not in (200, 201, 204):
+            raise BenchError(f"{what}: HTTP {status}: {body.strip()[:500]}")
+        if sent < self.size:
+            raise BenchError(f"{what}: curl sent {sent} bytes, expected at least {self.size}")
+        if self.recording:
+            used = tuple(b - a for a, b in zip(cpu, after, strict=True))
+            self.results.cpu.setdefault(what, []).append((used[0], used[1], used[2]))
+        return seconds, body
+
+    def baseline(self, check: bool) -> None:
+        rel = f"{VARIANT}/{self.next_serial()}/{ROOT_NAME}"
+        self.prepare()
+        seconds, _ = self.timed(
+            ["-T", str(self.src), f"{self.s.dav_url}/images/{rel}"], "baseline", self.s.dav_nginx
+        )
+        stored = self.s.dav_root / "images" / rel
+        fsync = fsync_seconds(stored)
+        if self.recording:
+            self.results.add("baseline", seconds)
+            self.results.dav_fsync.append(fsync)
+        if check and sha256_file(stored) != self.src_sha256:
+            raise BenchError(f"WebDAV: {stored} differs from the source")
+        shutil.rmtree(stored.parent)
+
+    def upload(self, method: str, check: bool) -> None:
+        ser = self.next_serial()
+        rel = f"{VARIANT}/{ser}/{ROOT_NAME}"
+        # untimed: lxd.tar.xz first, so the version is complete when the rootfs lands
+        status, _, _, body = self.s.curl.request(
+            ["-T", str(self.meta), f"{self.s.url}/images/{VARIANT}/{ser}/{META_NAME}"],
+            self.timeout,
+        )
+        if status != 201:
+            raise BenchError(f"PUT {META_NAME}: HTTP {status}: {body.strip()[:500]}")
+        if method == "PUT":
+            args = ["-T", str(self.src), f"{self.s.url}/images/{rel}"]
+        else:
+            args = ["-F", f"upload=@{self.src};filename={rel}", f"{self.s.url}/images/"]
+        self.prepare()
+        before = self.s.gunicorn.reset_peaks()
+        seconds, body = self.timed(args, method, self.s.run_nginx)
+        peaks = self.s.gunicorn.peaks()
+        if self.recording:
+            self.results.add(method, seconds)
+        if peaks:
+            growth = max(peaks[p] - before.get(p, peaks[p]) for p in peaks)
+            self.results.rss.append((max(peaks.values()), growth))
+        stored = self.s.root / "images" / rel
+        if check:
+            self.check_stored(method, stored, body)
+        self.wait_catalog(ser, listed=True)
+        shutil.rmtree(stored.parent)
+        self.wait_catalog(ser, listed=False)
+
+    def check_stored(self, method: str, stored: Path, body: str) -> None:
+        try:
+            files = json.loads(body)["files"]
+        except (ValueError, KeyError, TypeError):
+            raise BenchError(f"{method}: unexpected response {body.strip()[:500]}") from None
+        if len(files) != 1 or files[0].get("sha256") != self.src_sha256:
+            raise BenchError(f"{method}: the response's sha256 is not the source's: {files}")
+        if files[0].get("size") != self.size:
+            raise BenchError(f"{method}: the response's size is not {self.size}: {files}")
+        if sha256_file(stored) != self.src_sha256:
+            raise BenchError(f"{method}: {stored} differs from the source")
+        print(f"  {method}: stored file's sha256 matches the source")
+
+    def wait_catalog(self, ser: str, listed: bool) -> None:
+        deadline = time.monotonic() + CATALOG_DEADLINE
+        while True:
+            doc = read_catalog(self.s.root)
+            present = doc is not None and any(s == ser for _, s in catalog_versions(doc))
+            if present == listed:
+                return
+            if self.s.run_proc.poll() is not None:
+                raise BenchError(f"lxd-image-server run exited ({self.s.run_proc.returncode})")
+            if time.monotonic() > deadline:
+                state = "list" if listed else "drop"
+                raise BenchError(f"the watcher did not {state} {ser} in {CATALOG_DEADLINE:.0f} s")
+            time.sleep(POLL)
+
+
+# -- main -------------------------------------------------------------------------------------
+
+
+def run(argv: list[str]) -> int:
+    args = parse_args(argv)
+    exe = server_exe(args.exe)
+    for tool in ("curl", "nginx"):
+        if shutil.which(tool) is None:
+            raise BenchError(f"{tool} not found (apt-get install {tool})")
+    size = args.size_mb * MiB
+    with scratch_dir(args.workdir, args.keep, "bench-upload-") as work:
+        work.chmod(0o755)  # nginx's workers drop to www-data only if it can reach the tree
+        src_dir = work / "src"
+        src_dir.mkdir()
+        src, meta = src_dir / ROOT_NAME, src_dir / META_NAME
+        print(f"writing {args.size_mb} MiB of random bytes ...", flush=True)
+        write_random(src, size)
+        write_random(meta, META_SIZE)
+        settle()
+        with servers(exe, work, args.http) as s:
+            bench = Bench(s, src, meta, size, args.timeout)
+            idle = {p: read_status(p).get("VmRSS", 0) for p in s.gunicorn.workers()}
+            steps = ["baseline", "PUT", "POST"]
+            for rnd in range(args.warmup + args.repeat):
+                rep = rnd - args.warmup
+                order = steps[rnd % 3 :] + steps[: rnd % 3]
+                what = f"warm-up {rnd + 1}" if rep < 0 else f"repetition {rep + 1} of {args.repeat}"
+                print(f"{what}: {', '.join(order)} ...", flush=True)
+                bench.recording = rep >= 0
+                for step in order:
+                    if step == "baseline":
+                        bench.baseline(check=rnd == 0)
+                    else:
+                        bench.upload(step, check=rnd == 0)
+            workers = len(idle)
+        report(args, bench.results, size, idle, workers)
+    return 0
+
+
+def report(
+    args: argparse.Namespace, r: Results, size: int, idle: dict[int, int], workers: int
+) -> None:
+    mib = size / MiB
+    base = median(r.seconds["baseline"])
+    fsync = median(r.dav_fsync)
+    rows: list[tuple[str, ...]] = [
+        ("baseline: nginx WebDAV PUT", f"{base:.3f}", f"{mib / base:.0f}", "1.00", "", "")
+    ]
+    verdicts: list[str] = []
+    for step, label in (("PUT", "PUT (curl -T)"), ("POST", "POST (curl -F, multipart)")):
+        t = median(r.seconds[step])
+        ratio = base / t
+        ok = ratio >= TARGET
+        rows.append(
+            (
+                f"{label}",
+                f"{t:.3f}",
+                f"{mib / t:.0f}",
+                f"{ratio:.2f}",
+                f">= {TARGET:.2f}x",
+                verdict(ok),
+            )
+        )
+        verdicts.append(
+            f"{step}: {mib / t:.0f} MiB/s, {ratio:.2f}x the WebDAV baseline "
+            f"(target >= {TARGET}x) {verdict(ok)}"
+        )
+    with_sync = base + fsync
+    rows.append(
+        (
+            "(info) WebDAV PUT + fsync after",
+            f"{with_sync:.3f}",
+            f"{mib / with_sync:.0f}",
+            f"{base / with_sync:.2f}",
+            "",
+            "",
+        )
+    )
+    http = "curl's default" if args.http == "default" else f"HTTP/{args.http}"
+    print()
+    print(
+        f"upload of {mib:.0f} MiB over TLS to 127.0.0.1 ({http}); {machine_line()}; "
+        f"median of {args.repeat}; 'x baseline' is throughput over the baseline's"
+    )
+    print_table(("step", "seconds", "MiB/s", "x baseline", "target", ""), rows)
+    print(
+        f"runs (s): baseline {runs(r.seconds['baseline'])} | PUT {runs(r.seconds['PUT'])} | "
+        f"POST {runs(r.seconds['POST'])} | WebDAV fsync {runs(r.dav_fsync)}"
+    )
+    cpu_rows = []
+    for step in ("baseline", "PUT", "POST"):
+        if r.cpu.get(step):
+            client, web, app = (median([u[i] for u in r.cpu[step]]) for i in range(3))
+            cpu_rows.append(
+                (step, f"{client:.2f}", f"{web:.2f}", f"{app:.2f}" if step != "baseline" else "")
+            )
+    print(f"CPU seconds per upload (median; the machine has {os.cpu_count()} CPUs):")
+    print_table(
+        ("  step", "curl", "nginx workers", "upload app"), [("  " + a, *b) for a, *b in cpu_rows]
+    )
+    idle_mib = max(idle.values(), default=0) / 1024
+    if r.rss:
+        peak = max(p for p, _ in r.rss) / 1024
+        growth = max(g for _, g in r.rss) / 1024
+        print(
+            f"upload server RSS ({workers} gunicorn workers): idle {idle_mib:.1f} MiB per worker, "
+            f"peak during the uploads {peak:.1f} MiB (largest VmHWM), growth over the RSS "
+            f"before each upload at most {growth:.1f} MiB"
+        )
+        print(
+            "  per upload (peak/growth MiB): "
+            + " ".join(f"{p / 1024:.1f}/{g / 1024:.1f}" for p, g in r.rss)
+        )
+    print()
+    for line in verdicts:
+        print(line)
+
+
+if __name__ == "__main__":
+    main_wrapper(lambda: run(sys.argv[1:]))
