@@ -6,8 +6,8 @@ is a few rsync runs over one ssh connection, in this order, so that a mirror nev
 file it does not have:
 
   1. images/ without deleting: new and changed image files arrive;
-  2. the catalog (streams/), from a copy taken before step 1, so it lists nothing step 1 did
-     not see; then the catalog page (index.html) if the master has one;
+  2. the catalog (streams/: v1/ and the catalog page, streams/index.html), from a copy taken
+     before step 1, so it lists nothing step 1 did not see;
   3. images/ again with --delete-after: files the master no longer has go, except those the
      catalog of step 2 lists (the next push, with the next catalog, takes them).
 
@@ -50,6 +50,7 @@ from typing import Any, Protocol
 
 from .config import Paths
 from .layout import TEMP_SUFFIXES
+from .page import PAGE_NAME
 from .publish import write_atomic
 from .settings import MirrorConfig
 
@@ -63,8 +64,6 @@ IO_TIMEOUT = 300
 CONNECT_TIMEOUT = 20
 #: what is never pushed: hidden names (uploads in progress, lock files) and temporary suffixes
 EXCLUDES = (".*", "~*", *(f"*{suffix}" for suffix in TEMP_SUFFIXES))
-#: the catalog page at the root, pushed when the master has one
-PAGE = "index.html"
 COPY_ORDER = ("index.json", "index.json.gz", "images.json", "images.json.gz")
 #: rsync: "some files vanished before they could be transferred" (deleted meanwhile; the
 #: publish that follows the deletion asks for another push)
@@ -167,9 +166,9 @@ def rsync_passes(
 
     Sources carry no trailing slash: rsync then sets the attributes of images/ and streams/
     (the push user's on the mirror), never those of the mirror's root, which the push user
-    cannot write; so the page goes --inplace into the index.html `mirror authorize` gave
-    that user. The deletions spare what the pushed catalog lists, even if the master deleted
-    it meanwhile: the next push, with the next catalog, deletes it.
+    cannot write; the catalog page travels inside streams/. The deletions spare what the
+    pushed catalog lists, even if the master deleted it meanwhile: the next push, with the
+    next catalog, deletes it.
     """
     rsh = " ".join(_rsh_quote(a) for a in ssh_command(m, known_hosts, control))
     common = [
@@ -192,25 +191,20 @@ def rsync_passes(
     rel_streams = os.path.relpath(os.path.dirname(source.streams_dir), source.root_dir)
     images = [source.img_dir.rstrip("/"), remote(os.path.dirname(rel_img))]
     catalog = [os.path.join(snapshot.root, rel_streams), remote(os.path.dirname(rel_streams))]
-    passes = [
+    spare = [f"--filter=merge {snapshot.protect}"] if snapshot.protect else []
+    return [
         ("images", [*common, *images]),
         ("catalog", [*common, "--delete-after", *catalog]),
+        ("deletions", [*common, *spare, "--delete-after", *images]),
     ]
-    if snapshot.page:
-        page = os.path.join(snapshot.root, PAGE)
-        passes.append(("page", [*common, "--inplace", page, remote("")]))
-    spare = [f"--filter=merge {snapshot.protect}"] if snapshot.protect else []
-    passes.append(("deletions", [*common, *spare, "--delete-after", *images]))
-    return passes
 
 
 @dataclass(frozen=True)
 class Snapshot:
-    """The catalog as it was when a push began, copied aside (`root` holds streams/)."""
+    """The catalog as it was when a push began, copied aside (`root` holds streams/, with
+    the catalog page streams/index.html if the master has one)."""
 
     root: str
-    #: there is an index.html (in `root`)
-    page: bool = False
     #: rsync filter rules protecting the files the catalog lists from deletion, if any
     protect: str | None = None
 
@@ -247,10 +241,19 @@ def protect_rules(paths: Iterable[str], source: Source) -> str:
 
 
 def take_snapshot(source: Source, root: str) -> Snapshot:
-    """Copies the visible catalog files (and the root's index.html) into `root`, in the same
-    layout, and writes the rules that keep what they list from deletion."""
+    """Copies the visible catalog files and the catalog page (streams/index.html) into `root`,
+    in the same layout, and writes the rules that keep what they list from deletion."""
     target = os.path.join(root, os.path.relpath(source.streams_dir, source.root_dir))
     os.makedirs(target, exist_ok=True)
+    # the pipeline writes the catalog, then the page: the page, copied first, never shows more
+    # than the catalog copied after it
+    page = os.path.join(os.path.dirname(source.streams_dir), PAGE_NAME)
+    copy = os.path.join(os.path.dirname(target), PAGE_NAME)
+    if os.path.isfile(page):
+        shutil.copy2(page, copy)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(copy)
     wanted: set[str] = set()
     # publish.py writes images.json(.gz), then index.json(.gz): copied in the reverse order,
     # an index.json is never newer than the images.json copied with it
@@ -266,18 +269,11 @@ def take_snapshot(source: Source, root: str) -> Snapshot:
     for entry in os.scandir(target):
         if entry.name not in wanted:
             os.unlink(entry.path)
-    page, copy = os.path.join(source.root_dir, PAGE), os.path.join(root, PAGE)
-    has_page = os.path.isfile(page)
-    if has_page:
-        shutil.copy2(page, copy)
-    else:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(copy)
     rules = protect_rules(_listed_paths(os.path.join(target, "images.json")), source)
     protect = os.path.join(root, "protect.rules")
     with open(protect, "w", encoding="utf-8") as f:
         f.write(rules)
-    return Snapshot(root=root, page=has_page, protect=protect if rules else None)
+    return Snapshot(root=root, protect=protect if rules else None)
 
 
 #: the lines that say what went wrong, ahead of ssh's banners and rsync's epilogue
@@ -1056,26 +1052,6 @@ def _own_tree(top: str, uid: int, gid: int) -> int:
     return changed
 
 
-def _own_page(path: str, pw: pwd.struct_passwd, report: AuthorizeReport) -> None:
-    """The push user cannot write the root itself (it may be an sftp chroot, root's): it
-    updates this file in place instead, so it must exist and be the user's."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
-        os.fchown(fd, pw.pw_uid, pw.pw_gid)
-        os.fchmod(fd, 0o644)
-        os.close(fd)
-        st = os.lstat(path)
-        report.changes.append(f"created an empty {path}, owned by {pw.pw_name}")
-    if not stat.S_ISREG(st.st_mode):
-        raise AuthorizeError(f"{path} is not a regular file; remove it and run this again")
-    if (st.st_uid, st.st_gid) != (pw.pw_uid, pw.pw_gid) or stat.S_IMODE(st.st_mode) != 0o644:
-        os.chown(path, pw.pw_uid, pw.pw_gid, follow_symlinks=False)
-        os.chmod(path, 0o644)
-        report.changes.append(f"{path}: owned by {pw.pw_name}, mode 0644")
-
-
 def _can_traverse(path: str, uid: int, gids: set[int]) -> bool:
     current = os.path.realpath(path)
     parts = [current]
@@ -1129,7 +1105,6 @@ def authorize(key_text: str, user: str, root: str) -> AuthorizeReport:
             os.chown(d, pw.pw_uid, pw.pw_gid, follow_symlinks=False)
             os.chmod(d, 0o755)
             report.changes.append(f"{d}: owned by {user}, mode 0755")
-    _own_page(os.path.join(real_root, PAGE), pw, report)
     for rel in ("images", "streams"):
         n = _own_tree(os.path.join(real_root, rel), pw.pw_uid, pw.pw_gid)
         if n:

@@ -1,5 +1,10 @@
 """The catalog page: products (as in images.json) -> one static, self-contained index.html.
 
+It lives in <root>/streams/ (streams/index.html), next to the catalog it shows: streams/ is the
+catalog writer's everywhere, while the root itself may belong to root alone (the Debian
+package's root is lxdadm's sftp chroot). nginx serves it at `/` (locations.conf.in), and a
+push carries it to the mirrors with the catalog.
+
 `render_page` is a pure function of its arguments (same input, same bytes): it lists every
 product with its versions and, per version, the images a client sees (one per root
 filesystem, or the unified tarball) with their fingerprints, sizes and ready-to-copy `lxc`
@@ -32,6 +37,8 @@ from .publish import PublishError, write_atomic
 log = logging.getLogger(__name__)
 
 PAGE_NAME = "index.html"
+#: Where the page is, relative to the served root.
+PAGE_PATH = f"streams/{PAGE_NAME}"
 DEFAULT_TITLE = "LXD image server"
 #: The remote name the page suggests; not "images", which LXD already defines.
 DEFAULT_REMOTE = "myimages"
@@ -484,8 +491,9 @@ def render_page(
         "fingerprint.</p>"
         f"{search}</header>\n"
         f'<div id="products">{body}</div>\n'
-        '<footer class="muted">Catalog: <a href="streams/v1/index.json">streams/v1/index.json'
-        '</a>, <a href="streams/v1/images.json">streams/v1/images.json</a></footer>\n'
+        # absolute: the same page is served at / and at /streams/index.html
+        '<footer class="muted">Catalog: <a href="/streams/v1/index.json">streams/v1/index.json'
+        '</a>, <a href="/streams/v1/images.json">streams/v1/images.json</a></footer>\n'
         "</main>\n"
         f"<script>{SCRIPT}</script>\n"
         "</body>\n</html>\n"
@@ -503,6 +511,11 @@ def catalog_updated(root_dir: str) -> str | None:
     return updated if isinstance(updated, str) else None
 
 
+def page_path(root_dir: str) -> str:
+    """The page's file below the served root `root_dir`."""
+    return os.path.join(root_dir, *PAGE_PATH.split("/"))
+
+
 def write_page(
     root_dir: str,
     products: Mapping[str, Mapping[str, Any]],
@@ -511,7 +524,7 @@ def write_page(
     title: str = DEFAULT_TITLE,
     remote_name: str = DEFAULT_REMOTE,
 ) -> bool:
-    """Writes <root>/index.html atomically if its content changed (or it is missing).
+    """Writes <root>/streams/index.html atomically if its content changed (or it is missing).
 
     `updated` defaults to the published catalog's own. Returns True when written. The caller
     holds `catalog_lock`, as for the catalog.
@@ -519,7 +532,7 @@ def write_page(
     if updated is None:
         updated = catalog_updated(root_dir)
     data = render_page(products, updated=updated, title=title, remote_name=remote_name).encode()
-    path = os.path.join(root_dir, PAGE_NAME)
+    path = page_path(root_dir)
     try:
         with open(path, "rb") as f:
             if f.read() == data:
@@ -527,6 +540,7 @@ def write_page(
     except OSError:
         pass
     try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
         write_atomic(path, data)
     except OSError as e:
         reason = "disk full" if e.errno == errno.ENOSPC else (e.strerror or str(e))

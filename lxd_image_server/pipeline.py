@@ -91,7 +91,8 @@ class Pipeline:
         shown = [v for v in self.versions.values() if v.path not in hidden]
         self.products = build_products(shown, self.digests, self.paths.root_dir)
         changed = publish(self.paths.streams_dir, self.products)
-        write_page(self.paths.root_dir, self.products)  # when its bytes change, or it is missing
+        # <root>/streams/index.html, when its bytes change or it is missing
+        write_page(self.paths.root_dir, self.products)
         if changed:
             for listener in self.on_publish:
                 listener()

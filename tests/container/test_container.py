@@ -214,7 +214,7 @@ def test_tls_mode_upload_launch_restart(
     assert {p.stat().st_uid for p in c.volumes.root.rglob("*")} == {UID}
 
     catalog = catalog_files(c.volumes.root)
-    page = (c.volumes.root / "index.html").stat()
+    page = (c.volumes.root / "streams" / "index.html").stat()
     hashes = cached_hashes(c.volumes.state)
     for name in ("lxd.tar.xz", "rootfs.squashfs"):
         assert any(path.endswith(f"{product}/{SERIAL}/{name}") for path, _ in hashes), hashes
@@ -229,7 +229,7 @@ def test_tls_mode_upload_launch_restart(
     c.wait_healthy()
     logs = c.logs()
     assert catalog_files(c.volumes.root) == catalog, "the catalog was rewritten"
-    assert (c.volumes.root / "index.html").stat().st_mtime_ns == page.st_mtime_ns
+    assert (c.volumes.root / "streams" / "index.html").stat().st_mtime_ns == page.st_mtime_ns
     assert cached_hashes(c.volumes.state) == hashes
     assert "published" not in logs, logs
     launch(c.url, "busyct/1.35", img, f"lis-{label}-ct-tls2")

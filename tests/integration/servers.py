@@ -282,6 +282,11 @@ http {{
         root {root};
         gzip_static on;
 
+        # the catalog page at /, as in nginx/locations.conf.in
+        location = / {{
+            try_files /streams/index.html =404;
+        }}
+
         location / {{
             try_files $uri =404;
         }}

@@ -206,6 +206,9 @@ def mirror_host(pki: Pki, label: str) -> Iterator[MirrorHost]:
         )
         for d in ("images", "streams", "streams/v1"):
             assert (root / d).owner() == user
+        # the root stays root's and gets nothing else: the page travels inside streams/
+        assert root.owner() == "root"
+        assert sorted(p.name for p in root.iterdir()) == ["images", "streams"]
         sshd.start()
         nginx.start()
         ctx = ssl.create_default_context(cafile=os.fspath(pki.ca_cert))
@@ -312,14 +315,16 @@ def test_upload_reaches_the_mirror_and_lxd_launches_from_it(
         mirrored = mirror_host.root / "images" / d / name
         assert mirrored.read_bytes() == (master.root / "images" / d / name).read_bytes()
         assert mirrored.stat().st_mode & 0o777 == 0o644
-    page = master.root / "index.html"
-    if page.exists():  # the catalog page, when the master writes one
-        wait_until(
-            lambda: (mirror_host.root / "index.html").read_bytes() == page.read_bytes(),
-            "the mirror's page to match",
-            DEADLINE,
-            master.log,
-        )
+    # the catalog page, in streams/ with the catalog; the mirror's nginx serves it at /
+    page = master.root / "streams" / "index.html"
+    assert product in page.read_text()
+    wait_until(
+        lambda: mirror_host.fetch("") == (200, page.read_bytes()),
+        "the mirror's page to match",
+        DEADLINE,
+        master.log,
+    )
+    assert not (mirror_host.root / "index.html").exists()
     hidden = [f for f in mirror_host.files() if any(p.startswith(".") for p in f.split("/"))]
     assert not hidden, f"hidden files were pushed: {hidden}"
     known_hosts = (master.root.parent / "state" / "mirrors" / "known_hosts").read_text()

@@ -55,8 +55,8 @@ class Site:
 
     @property
     def page(self) -> str:
-        # this minimal nginx serves files only; the real site maps / to it (locations.conf.in)
-        return f"{self.url}/index.html"
+        # streams/index.html, served at / as by the real site (nginx/locations.conf.in)
+        return f"{self.url}/"
 
 
 def write_tree(root: Path) -> dict[str, set[str]]:
@@ -116,7 +116,8 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
         [BIN, "--state-dir", work / "state", "update", "--root-dir", root], timeout=120, check=False
     )
     assert proc.returncode == 0, f"update exited {proc.returncode}:\n{proc.stderr}"
-    assert (root / "index.html").is_file(), "update wrote no index.html"
+    assert (root / "streams" / "index.html").is_file(), "update wrote no streams/index.html"
+    assert not (root / "index.html").exists()
     catalog = json.loads((root / "streams/v1/images.json").read_text())
     assert sorted(catalog["products"]) == sorted(fps)
 
@@ -169,6 +170,7 @@ def test_page_loads_cleanly_and_lists_the_catalog(site: Site, tab: Tab) -> None:
         injected: document.querySelectorAll('img, b, main script').length,
         secure: window.isSecureContext,
         title: document.title,
+        catalogLinks: [...document.querySelectorAll('footer a')].map(a => a.href),
     }))()"""
     )
     products = {p["key"]: p for p in dom["products"]}
@@ -184,8 +186,15 @@ def test_page_loads_cleanly_and_lists_the_catalog(site: Site, tab: Tab) -> None:
     assert dom["injected"] == 0
     assert dom["secure"] is True
     assert dom["title"] == "LXD image server"
-    # self-contained: the page was the only thing fetched (no favicon, font, script or style)
-    assert site.nginx.requests()[seen:] == [("GET", 200, "/index.html")]
+    # self-contained: the page was the only thing fetched (no favicon, font, script or style);
+    # the log shows the file / was mapped to
+    assert site.nginx.requests()[seen:] == [("GET", 200, "/streams/index.html")]
+    # the footer's links lead to the catalog, whether the page is read at / or at its own path
+    links = [f"{site.url}/streams/v1/index.json", f"{site.url}/streams/v1/images.json"]
+    assert dom["catalogLinks"] == links
+    open_page(tab, f"{site.url}/streams/index.html")
+    assert tab.evaluate("[...document.querySelectorAll('footer a')].map(a => a.href)") == links
+    assert tab.problems() == []
 
 
 def copy_and_read(tab: Tab, selector: str) -> str:
@@ -260,7 +269,7 @@ def test_screenshots(
 def test_harness_sees_errors(site: Site, tab: Tab) -> None:
     """Control: a page whose script no longer matches its CSP hash is reported, so a clean
     report above means a clean page, not a deaf listener."""
-    page = (site.root / "index.html").read_text()
+    page = (site.root / "streams" / "index.html").read_text()
     tampered = SCRIPT.replace('"use strict";', '"use strict"; console.log("tampered");')
     assert tampered != SCRIPT
     (site.root / "tampered.html").write_text(page.replace(SCRIPT, tampered))

@@ -532,6 +532,14 @@ def test_watcher_publishes_every_upload(
     index = curl("--cacert", str(server_cert), "--fail", f"{URL}/streams/v1/index.json")
     assert json.loads(index.stdout)["index"]["images"]["path"] == "streams/v1/images.json"
 
+    # the catalog page: written by lxdadm into streams/ (the root is root's, the sftp chroot),
+    # served at /
+    def page_lists_all() -> bool:
+        page = curl("--cacert", str(server_cert), "--fail", f"{URL}/")
+        return page.returncode == 0 and all(fp in page.stdout for fp in expected)
+
+    wait_for("the page at / lists the three uploads", page_lists_all, deadline=60)
+
 
 # -- the other units ---------------------------------------------------------------------------
 
@@ -617,6 +625,10 @@ def test_sandboxed_units_push_to_a_mirror(
         for local in (image.meta, image.root):
             path = f"/srv/mirror/images/{image.relpath}/{local.name}"
             assert sha256_in_container(container, path) == sha256_file(local), path
+    # the catalog page travels with the catalog, in streams/; nothing lands in the root
+    page = sha256_in_container(container, f"{ROOT}/streams/index.html")
+    assert sha256_in_container(container, "/srv/mirror/streams/index.html") == page
+    assert not container.path("/srv/mirror/index.html").exists()
     # `update` (timer, .rebuild) pushes after every run too
     log = run_update_by_trigger(container)
     assert "mirror self: pushed" in log, log

@@ -315,20 +315,21 @@ def source(tmp_path: Path) -> Source:
     return Source(str(root), str(root / "images"), str(root / "streams" / "v1"))
 
 
-def test_push_order_images_then_catalog_then_page_then_deletions(tmp_path):
+def test_push_order_images_then_catalog_then_deletions(tmp_path):
     src = source(tmp_path)
-    snap = Snapshot("/snap", page=True, protect="/snap/protect.rules")
+    snap = Snapshot("/snap", protect="/snap/protect.rules")
     passes = rsync_passes(M1, src, snap, "/state/mirrors/known_hosts")
-    assert [name for name, _ in passes] == ["images", "catalog", "page", "deletions"]
-    images, catalog, page, deletions = (cmd for _, cmd in passes)
+    assert [name for name, _ in passes] == ["images", "catalog", "deletions"]
+    images, catalog, deletions = (cmd for _, cmd in passes)
     dest = "push@mirror1.example.com:/var/www/simplestreams/"
     assert images[-2:] == [src.img_dir, dest]
     assert not any(a.startswith("--delete") for a in images), "images pass deletes"
+    # streams/ as a whole: v1/ and the page (streams/index.html) travel together
     assert catalog[-2:] == ["/snap/streams", dest] and "--delete-after" in catalog
-    assert page[-2:] == ["/snap/index.html", dest] and "--inplace" in page
+    assert not any(a == "--inplace" for cmd in (images, catalog) for a in cmd)
     assert deletions[-2:] == images[-2:] and "--delete-after" in deletions
     assert "--filter=merge /snap/protect.rules" in deletions
-    for cmd in (images, catalog, page, deletions):
+    for cmd in (images, catalog, deletions):
         assert cmd[0] == "rsync"
         for pattern in EXCLUDES:
             assert f"--exclude={pattern}" in cmd
@@ -369,12 +370,49 @@ def test_snapshot_copies_the_visible_catalog_and_the_page(tmp_path):
     (snap / "streams" / "v1" / "stale.json").write_text("old")
     assert take_snapshot(src, str(snap)) == Snapshot(str(snap))
     assert sorted(os.listdir(snap / "streams" / "v1")) == ["images.json", "index.json"]
-    Path(src.root_dir, "index.html").write_text("<html>")
-    assert take_snapshot(src, str(snap)).page
-    assert (snap / "index.html").read_text() == "<html>"
-    os.unlink(Path(src.root_dir, "index.html"))
-    assert not take_snapshot(src, str(snap)).page
-    assert not (snap / "index.html").exists()
+    assert sorted(os.listdir(snap / "streams")) == ["v1"]
+    page = Path(src.root_dir, "streams", "index.html")
+    page.write_text("<html>")
+    assert take_snapshot(src, str(snap)) == Snapshot(str(snap))
+    assert (snap / "streams" / "index.html").read_text() == "<html>"
+    assert sorted(os.listdir(snap)) == ["protect.rules", "streams"]
+    os.unlink(page)
+    take_snapshot(src, str(snap))
+    assert sorted(os.listdir(snap / "streams")) == ["v1"]
+
+
+def test_rsync_catalog_pass_carries_the_page_and_leaves_the_root_alone(tmp_path):
+    """The catalog pass's real rsync, to a local directory instead of over ssh: the page
+    arrives in streams/ with the catalog (and goes when the master has none); the mirror's
+    root, which the push user cannot write, is not touched."""
+    src = source(tmp_path)
+    streams = Path(src.streams_dir)
+    streams.mkdir(parents=True)
+    (streams / "images.json").write_text("{}")
+    (streams / "index.json").write_text("{}")
+    (streams.parent / "index.html").write_text("<html>")
+    mirror = tmp_path / "mirror"
+    (mirror / "streams" / "v1").mkdir(parents=True)
+    (mirror / "streams" / "v1" / "stale.json").write_text("old")
+    os.chmod(mirror, 0o750)
+    before = os.stat(mirror)
+
+    def catalog_pass() -> None:
+        snap = take_snapshot(src, str(tmp_path / "snap"))
+        [cmd] = [cmd for name, cmd in rsync_passes(M1, src, snap, "/kh") if name == "catalog"]
+        e = cmd.index("-e")
+        local = [*cmd[:e], *cmd[e + 2 : -1], f"{mirror}/"]
+        subprocess.run(local, check=True, capture_output=True, timeout=60)
+
+    catalog_pass()
+    assert (mirror / "streams" / "index.html").read_text() == "<html>"
+    assert sorted(os.listdir(mirror / "streams" / "v1")) == ["images.json", "index.json"]
+    assert sorted(os.listdir(mirror)) == ["streams"]
+    after = os.stat(mirror)
+    assert (after.st_mode, after.st_mtime_ns) == (before.st_mode, before.st_mtime_ns)
+    os.unlink(streams.parent / "index.html")
+    catalog_pass()
+    assert sorted(os.listdir(mirror / "streams")) == ["v1"]
 
 
 def test_snapshot_protects_what_its_catalog_lists(tmp_path):

@@ -6,7 +6,11 @@ import base64
 import datetime as dt
 import hashlib
 import json
+import os
 import re
+import subprocess
+import sys
+import tempfile
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
@@ -15,7 +19,9 @@ import pytest
 
 from lxd_image_server.config import Paths
 from lxd_image_server.hashing import HashCache
+from lxd_image_server.nginx import SiteSettings, render_locations
 from lxd_image_server.page import (
+    PAGE_PATH,
     SCRIPT,
     STYLE,
     Image,
@@ -315,7 +321,7 @@ def test_csp_allows_exactly_the_inline_script_and_style() -> None:
     assert directives["script-src"] == f"'sha256-{sha256_b64(''.join(dom.raw['script']))}'"
     assert directives["style-src"] == f"'sha256-{sha256_b64(''.join(dom.raw['style']))}'"
     assert "unsafe-inline" not in csp[0] and "http" not in csp[0]
-    # nothing loads from elsewhere: every link is relative, an anchor or data:
+    # nothing loads from elsewhere: every link is a path on this server, an anchor or data:
     for _, attrs in dom.elements:
         for key in ("src", "href"):
             if key in attrs:
@@ -365,7 +371,7 @@ def test_write_page_is_atomic_and_only_when_changed(tmp_path: Path) -> None:
     streams = tmp_path / "streams" / "v1"
     publish(str(streams), PRODUCTS, dt.datetime(2024, 1, 5, 10, 0, tzinfo=dt.UTC))
     assert write_page(str(tmp_path), PRODUCTS)
-    page = tmp_path / "index.html"
+    page = tmp_path / "streams" / "index.html"
     assert page.read_text() == render_page(PRODUCTS, updated=UPDATED)
     assert page.stat().st_mode & 0o777 == 0o644
     mtime = page.stat().st_mtime_ns
@@ -373,7 +379,21 @@ def test_write_page_is_atomic_and_only_when_changed(tmp_path: Path) -> None:
     assert page.stat().st_mtime_ns == mtime
     assert write_page(str(tmp_path), {})
     assert "No images are published yet." in page.read_text()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["index.html", "streams"]
+    # nothing at the root, which the catalog writer may not own (the package's is root's)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["streams"]
+    assert sorted(p.name for p in (tmp_path / "streams").iterdir()) == ["index.html", "v1"]
+
+
+def test_write_page_makes_streams_when_missing(tmp_path: Path) -> None:
+    assert write_page(str(tmp_path), {}, updated=None)
+    assert (tmp_path / "streams" / "index.html").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["streams"]
+
+
+def test_nginx_serves_the_page_at_the_root() -> None:
+    conf = render_locations(SiteSettings(root_dir="/srv/root", upload_socket="/run/u.sock"))
+    block = conf.split("location = / {", 1)[1].split("}", 1)[0]
+    assert f"try_files /{PAGE_PATH} @about;" in block
 
 
 def test_pipeline_writes_the_page_and_restores_it(tmp_path: Path) -> None:
@@ -384,7 +404,7 @@ def test_pipeline_writes_the_page_and_restores_it(tmp_path: Path) -> None:
     paths = Paths.resolve(root_dir=str(tmp_path), state_dir=str(tmp_path / "state"))
     pipeline = Pipeline(paths, HashCache(None))
     assert pipeline.update_all()
-    page = tmp_path / "index.html"
+    page = tmp_path / "streams" / "index.html"
     dom = Dom(page.read_text())
     assert dom.attr_values("data-product") == ["busybox:1.35:amd64:default"]
     assert sha(meta, root) in dom.texts
@@ -395,3 +415,48 @@ def test_pipeline_writes_the_page_and_restores_it(tmp_path: Path) -> None:
     page.unlink()
     assert not pipeline.update_all()
     assert page.read_bytes() == before
+
+
+def test_update_writes_the_page_without_write_access_to_the_root() -> None:
+    """The package's root is root's (lxdadm's sftp chroot); its writer owns only images/ and
+    streams/. As root the test plays that writer as nobody; otherwise it runs as itself with
+    the root made read-only."""
+    uid, gid = (65534, 65534) if os.geteuid() == 0 else (os.geteuid(), os.getegid())
+    # not below pytest's tmp_path: /tmp/pytest-of-root is 0700, which nobody cannot traverse
+    with tempfile.TemporaryDirectory(prefix="lis-page-") as tmp:
+        base = Path(tmp)
+        root = base / "root"
+        d = version_dir(root / "images")
+        write(d / "lxd.tar.xz", blob(300, 1))
+        write(d / "rootfs.squashfs", blob(5000, 2))
+        (root / "streams" / "v1").mkdir(parents=True)
+        (base / "state").mkdir()
+        for sub in ("images", "streams"):
+            for dirpath, dirnames, filenames in os.walk(root / sub):
+                for name in [dirpath, *(os.path.join(dirpath, n) for n in dirnames + filenames)]:
+                    os.chown(name, uid, gid)
+        os.chown(base / "state", uid, gid)
+        os.chmod(base, 0o755)
+        os.chmod(root, 0o755 if os.geteuid() == 0 else 0o555)
+        try:
+            cli = Path(sys.executable).parent / "lxd-image-server"
+            cmd = [cli, "--state-dir", base / "state", "--log-file", "STDERR"]
+            proc = subprocess.run(
+                [*cmd, "update", "--root-dir", root],
+                user=uid,
+                group=gid,
+                extra_groups=[],
+                # the writer's own home: root's ~/.config is not readable to nobody
+                env={**os.environ, "HOME": str(base / "state")},
+                capture_output=True,
+                text=True,
+                timeout=120,
+                check=False,
+            )
+            assert proc.returncode == 0, f"update exited {proc.returncode}:\n{proc.stderr}"
+            page = root / "streams" / "index.html"
+            assert "busybox:1.35:amd64:default" in page.read_text()
+            assert page.stat().st_uid == uid
+            assert sorted(p.name for p in root.iterdir()) == ["images", "streams"]
+        finally:
+            os.chmod(root, 0o755)
