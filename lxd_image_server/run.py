@@ -8,6 +8,7 @@ SIGTERM/SIGINT (exit 0), and stops the rest and exits 1 if one of them dies.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import grp
 import logging
 import os
@@ -227,6 +228,12 @@ def _gunicorn_has_control_socket() -> bool:
     return "control_socket_disable" in Config().settings
 
 
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGTERM when `run` dies, even by SIGKILL (no orphans)."""
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
 class Supervisor:
     """Starts children, waits for a stop signal or a death, stops the rest."""
 
@@ -247,7 +254,9 @@ class Supervisor:
             for name, cmd in self.commands.items():
                 log.info("starting %s: %s", name, " ".join(cmd))
                 # own process group: a terminal's Ctrl-C reaches us only, we stop them in order
-                self.procs[name] = subprocess.Popen(cmd, env=self.env, start_new_session=True)
+                self.procs[name] = subprocess.Popen(
+                    cmd, env=self.env, start_new_session=True, preexec_fn=_die_with_parent
+                )
             failed = ""
             while not self.stop.wait(0.2):
                 failed = next((n for n, p in self.procs.items() if p.poll() is not None), "")

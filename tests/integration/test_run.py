@@ -371,3 +371,44 @@ def test_large_uploads_pass_through_nginx(server: Server, tmp_path: Path) -> Non
     stored = server.root / "images" / d
     assert (stored / "rootfs.squashfs").read_bytes() == big.read_bytes()
     assert (stored / "root.tar.xz").stat().st_size == big.stat().st_size
+
+
+def test_run_killed_leaves_no_orphans(tmp_path: Path) -> None:
+    """Even SIGKILL of `run` takes nginx, gunicorn and the watcher down with it."""
+    port = free_port()
+    with open(tmp_path / "log", "wb") as log:
+        proc = subprocess.Popen(
+            [
+                BIN,
+                "--state-dir",
+                tmp_path / "state",
+                "run",
+                "--root-dir",
+                tmp_path / "root",
+                "--listen",
+                f"127.0.0.1:{port}",
+                "--allow-anonymous-uploads",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    pid_files = (tmp_path / "state" / "run" / "nginx.pid", tmp_path / "state" / "watch.pid")
+    deadline = time.monotonic() + DEADLINE
+    while not all(p.exists() and p.read_text().strip() for p in pid_files):
+        assert proc.poll() is None, (tmp_path / "log").read_text()
+        assert time.monotonic() < deadline, "run never started nginx and the watcher"
+        time.sleep(0.05)
+    children = [int(p.read_text()) for p in pid_files]
+    proc.kill()
+    proc.wait()
+    deadline = time.monotonic() + DEADLINE
+    while any(Path(f"/proc/{pid}").exists() and "Z" not in _state(pid) for pid in children):
+        assert time.monotonic() < deadline, "children of a killed run are still alive"
+        time.sleep(0.05)
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return "Z"
