@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import importlib
 import logging
 import os
 import socket
@@ -116,7 +117,41 @@ def handle_errors(f: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class LazyGroup(click.Group):
+    """Commands from other modules are imported only when used, so that `update` and `watch`
+    do not pay for what `push` or `health` import (TLS clients, tarfile, ...)."""
+
+    def __init__(self, *args: Any, lazy: dict[str, str] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.lazy = lazy or {}
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self.lazy})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in self.lazy and cmd_name not in self.commands:
+            module, attr = self.lazy[cmd_name].split(":")
+            self.add_command(getattr(importlib.import_module(module), attr), cmd_name)
+        return super().get_command(ctx, cmd_name)
+
+
+LAZY_COMMANDS = {
+    "health": "lxd_image_server.cli_health:health",
+    "mirror": "lxd_image_server.cli_mirror:mirror",
+    "import": "lxd_image_server.cli_ops:import_cmd",
+    "push": "lxd_image_server.cli_ops:push_cmd",
+    "list": "lxd_image_server.cli_ops:list_cmd",
+    "verify": "lxd_image_server.cli_ops:verify_cmd",
+    "prune": "lxd_image_server.cli_ops:prune_cmd",
+    "remove": "lxd_image_server.cli_ops:remove_cmd",
+}
+
+
+@click.group(
+    cls=LazyGroup,
+    lazy=LAZY_COMMANDS,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+)
 @click.option("--config", type=click.Path(dir_okay=False), help="Extra configuration file.")
 @click.option(
     "--state-dir",
@@ -469,20 +504,6 @@ def run(
             )
         )
     )
-
-
-from .cli_health import health  # noqa: E402  (it needs `main`'s Globals, defined above)
-
-main.add_command(health)
-
-from .cli_mirror import mirror  # noqa: E402  (it needs `main`'s Globals, defined above)
-
-main.add_command(mirror)
-
-from .cli_ops import COMMANDS as OPS_COMMANDS  # noqa: E402  (needs main's helpers, above)
-
-for _command in OPS_COMMANDS:  # import, push, list, verify, prune, remove
-    main.add_command(_command)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,10 @@ def man_text() -> str:
 
 
 def commands(group: click.Group, prefix: str = ""):
-    for name, cmd in sorted(group.commands.items()):
+    ctx = click.Context(group)
+    for name in group.list_commands(ctx):
+        cmd = group.get_command(ctx, name)
+        assert cmd is not None, name
         yield f"{prefix}{name}", cmd
         if isinstance(cmd, click.Group):
             yield from commands(cmd, f"{prefix}{name} ")
