@@ -18,6 +18,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -219,14 +220,19 @@ def run_timed(cmd: Sequence[str], log_path: Path, timeout: float) -> float:
     with open(log_path, "ab") as log:
         log.write(f"$ {' '.join(cmd)}\n".encode())
         log.flush()
+        # Popen.wait() with a timeout polls with sleeps of up to 50 ms, which would round every
+        # figure up to the next 50 ms: wait without one, and let a timer enforce the deadline.
         start = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+        timer = threading.Timer(timeout, proc.kill)
+        timer.start()
         try:
-            proc = subprocess.run(
-                cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log, timeout=timeout, check=False
-            )
-        except subprocess.TimeoutExpired as e:
-            raise BenchError(f"{' '.join(cmd)} did not finish in {timeout:.0f} s") from e
+            proc.wait()
+        finally:
+            timer.cancel()
         elapsed = time.perf_counter() - start
+        if elapsed >= timeout:
+            raise BenchError(f"{' '.join(cmd)} did not finish in {timeout:.0f} s")
     if proc.returncode != 0:
         raise BenchError(
             f"{' '.join(cmd)} exited with status {proc.returncode}; its output:\n" + tail(log_path)
