@@ -1,10 +1,12 @@
-"""Durable, atomic file writes: readers see the old bytes or the new ones, never a mix."""
+"""File-system helpers: durable, atomic writes (readers see the old bytes or the new ones, never
+a mix), and whether another user can reach a directory."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import secrets
+import stat
 
 
 def write_atomic(path: str, data: bytes, mode: int = 0o644, uid: int = -1, gid: int = -1) -> None:
@@ -40,3 +42,27 @@ def fsync_dir(directory: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def can_traverse(path: str, uid: int, gids: set[int]) -> bool:
+    """Whether a process with `uid`/`gids` may traverse every directory down to `path` (which
+    must exist: a missing one counts as not reachable)."""
+    current = os.path.realpath(path)
+    chain = [current]
+    while current != "/":
+        current = os.path.dirname(current)
+        chain.append(current)
+    for d in chain:
+        try:
+            st = os.stat(d)
+        except OSError:
+            return False
+        if st.st_uid == uid:
+            bit = stat.S_IXUSR
+        elif st.st_gid in gids:
+            bit = stat.S_IXGRP
+        else:
+            bit = stat.S_IXOTH
+        if not st.st_mode & bit:
+            return False
+    return True

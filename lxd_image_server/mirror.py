@@ -49,9 +49,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 from .config import Paths
+from .fsutil import can_traverse, write_atomic
 from .layout import TEMP_SUFFIXES
 from .page import PAGE_NAME
-from .publish import write_atomic
+from .procs import pid_alive
 from .settings import MirrorConfig
 
 log = logging.getLogger(__name__)
@@ -776,18 +777,6 @@ def _span(secs: float) -> str:
     return f"{secs / 86400:.0f} days"
 
 
-def _pid_alive(pid: Any) -> bool:
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def describe(
     doc: dict[str, Any] | None, configured: Sequence[MirrorConfig], now: float
 ) -> tuple[list[str], bool]:
@@ -799,7 +788,7 @@ def describe(
         lines.append("no mirror state recorded yet (the watcher writes it once it pushes)")
     else:
         pid = doc.get("pid")
-        alive = "" if _pid_alive(pid) else ", which is no longer running"
+        alive = "" if pid_alive(pid) else ", which is no longer running"
         lines.append(f"recorded {_ago(doc.get('updated'), now)} by pid {pid}{alive}")
     names = sorted({*entries, *(m.name for m in configured)})
     if not names:
@@ -1052,25 +1041,6 @@ def _own_tree(top: str, uid: int, gid: int) -> int:
     return changed
 
 
-def _can_traverse(path: str, uid: int, gids: set[int]) -> bool:
-    current = os.path.realpath(path)
-    parts = [current]
-    while current != "/":
-        current = os.path.dirname(current)
-        parts.append(current)
-    for d in parts:
-        st = os.stat(d)
-        if st.st_uid == uid:
-            bit = stat.S_IXUSR
-        elif st.st_gid in gids:
-            bit = stat.S_IXGRP
-        else:
-            bit = stat.S_IXOTH
-        if not st.st_mode & bit:
-            return False
-    return True
-
-
 def authorize(key_text: str, user: str, root: str) -> AuthorizeReport:
     """Prepares this machine (as root) to receive pushes for `root` from the holder of the
     keys in `key_text`. Idempotent."""
@@ -1087,7 +1057,7 @@ def authorize(key_text: str, user: str, root: str) -> AuthorizeReport:
     real_root = os.path.realpath(root)
     pw = _ensure_user(user, report)
     gids = {pw.pw_gid, *os.getgrouplist(user, pw.pw_gid)}
-    if not _can_traverse(real_root, pw.pw_uid, gids):
+    if not can_traverse(real_root, pw.pw_uid, gids):
         raise AuthorizeError(
             f"{user} cannot reach {real_root}: make it and its parents traversable "
             "(chmod o+x), then run this again"

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from .config import ServiceError
 from .fsutil import write_atomic
+from .procs import pid_alive
 
 log = logging.getLogger(__name__)
 
@@ -192,13 +193,6 @@ def reload() -> bool:
 def _nginx_running(pid_file: Path) -> bool:
     """`nginx -t` leaves an empty pid file behind: only a live pid counts."""
     try:
-        pid = int(pid_file.read_text().strip())
+        return pid_alive(int(pid_file.read_text().strip()))
     except (OSError, ValueError):
         return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -14,7 +14,6 @@ import logging
 import os
 import pwd
 import signal
-import stat
 import subprocess
 import sys
 import threading
@@ -26,6 +25,7 @@ from types import FrameType
 
 from . import htpasswd, nginx, tls
 from .config import Paths
+from .fsutil import can_traverse
 from .initialize import InitReport, client_instructions, ensure_credentials, ensure_tree
 
 log = logging.getLogger(__name__)
@@ -76,25 +76,6 @@ class RunOptions:
         return f"{'http' if self.plain_http else 'https'}://{host}:{port}/"
 
 
-def _can_reach(path: str, uid: int, gids: set[int]) -> bool:
-    """Whether a process with `uid`/`gids` may traverse every directory down to `path`."""
-    current = Path(path).resolve()
-    for d in [*reversed(current.parents), current]:
-        try:
-            st = d.stat()
-        except OSError:
-            return False
-        if st.st_uid == uid:
-            bit = stat.S_IXUSR
-        elif st.st_gid in gids:
-            bit = stat.S_IXGRP
-        else:
-            bit = stat.S_IXOTH
-        if not st.st_mode & bit:
-            return False
-    return True
-
-
 def _worker_user(must_reach: Sequence[str]) -> str | None:
     """The user nginx's workers run as: None (ours) unless we are root, where they drop to
     www-data if it can reach the tree; otherwise they stay root, with a warning."""
@@ -105,7 +86,7 @@ def _worker_user(must_reach: Sequence[str]) -> str | None:
     except KeyError:
         return "root root"
     gids = {pw.pw_gid, *(g.gr_gid for g in grp.getgrall() if pw.pw_name in g.gr_mem)}
-    blocked = [p for p in must_reach if not _can_reach(p, pw.pw_uid, gids)]
+    blocked = [p for p in must_reach if not can_traverse(p, pw.pw_uid, gids)]
     if blocked:
         log.warning(
             "nginx workers run as root: www-data cannot reach %s (make it and its parents "
