@@ -1,12 +1,16 @@
 """File-system helpers: durable, atomic writes (readers see the old bytes or the new ones, never
-a mix), and whether another user can reach a directory."""
+a mix), whether another user can reach a directory, and safe, bounded reads of what an uploader
+wrote (regular files only, no link followed)."""
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import json
 import os
 import secrets
 import stat
+from typing import Any
 
 
 def write_atomic(path: str, data: bytes, mode: int = 0o644, uid: int = -1, gid: int = -1) -> None:
@@ -66,3 +70,112 @@ def can_traverse(path: str, uid: int, gids: set[int]) -> bool:
         if not st.st_mode & bit:
             return False
     return True
+
+
+# -- reading what an uploader may have written ---------------------------------------------------
+#
+# Everything below images/ may be a symlink, a FIFO, a device or a file swapped between a check
+# and its use. These helpers act on what they checked: they open without following links and
+# without blocking, and check the opened file itself.
+
+#: open(2) flags for a file an uploader controls: no link followed, no FIFO waited on
+_READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+class NotRegularFile(OSError):
+    """The name is not a regular file (a directory, FIFO, device, socket or symbolic link)."""
+
+
+class TooLarge(ValueError):
+    """More bytes than the caller allows."""
+
+
+def open_regular(name: str, dir_fd: int | None = None) -> int:
+    """Opens `name` (relative to `dir_fd` when given) for reading if, and only if, it is a
+    regular file: a symbolic link is refused by the kernel (ELOOP), a FIFO or device is opened
+    without blocking and refused after fstat. The returned descriptor blocks again."""
+    try:
+        fd = os.open(name, _READ_FLAGS, dir_fd=dir_fd)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise NotRegularFile(errno.ELOOP, "a symbolic link", name) from None
+        raise
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise NotRegularFile(errno.EINVAL, "not a regular file", name)
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def open_dir(name: str, dir_fd: int | None = None) -> int:
+    """Opens the directory `name` (relative to `dir_fd` when given) without following a link:
+    a link or anything else that is not a directory raises NotADirectoryError."""
+    try:
+        return os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise NotADirectoryError(errno.ENOTDIR, "a symbolic link", name) from None
+        raise
+
+
+def read_bounded(fd: int, limit: int) -> bytes:
+    """All bytes of `fd` from its current offset, or TooLarge when there are more than `limit`
+    (the file may grow while it is read: the bound is on what is read, not on fstat)."""
+    chunks: list[bytes] = []
+    total = 0
+    while True:
+        chunk = os.read(fd, min(1 << 20, limit + 1 - total))
+        if not chunk:
+            return b"".join(chunks)
+        total += len(chunk)
+        if total > limit:
+            raise TooLarge(f"more than {limit} bytes")
+        chunks.append(chunk)
+
+
+def read_regular(name: str, limit: int, dir_fd: int | None = None) -> bytes:
+    """The bytes of the regular file `name`, at most `limit` of them (see open_regular)."""
+    fd = open_regular(name, dir_fd=dir_fd)
+    try:
+        return read_bounded(fd, limit)
+    finally:
+        os.close(fd)
+
+
+def load_json_bounded(data: bytes | str, max_bytes: int, max_depth: int) -> Any:
+    """Parses JSON an uploader may have written: ValueError (one line, no traceback worth
+    logging) when it has more than `max_bytes`, nests deeper than `max_depth`, or is not JSON."""
+    if len(data) > max_bytes:
+        raise ValueError(f"larger than {max_bytes} bytes")
+    try:
+        value = json.loads(data)
+    except RecursionError:
+        raise ValueError(f"nested deeper than {max_depth} levels") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"not JSON: {e}") from None
+    if _depth(value) > max_depth:
+        raise ValueError(f"nested deeper than {max_depth} levels")
+    return value
+
+
+def _depth(value: Any) -> int:
+    """How deeply lists and objects nest in a parsed JSON value (a scalar: 0), iteratively."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, dict):
+            children: Any = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        level += 1
+        deepest = max(deepest, level)
+        stack.extend((child, level) for child in children)
+    return deepest

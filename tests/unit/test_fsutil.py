@@ -1,0 +1,109 @@
+"""The safe-read primitives: what an uploader can plant is refused, never followed or waited on."""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import pytest
+
+from lxd_image_server.fsutil import (
+    NotRegularFile,
+    TooLarge,
+    load_json_bounded,
+    open_dir,
+    open_regular,
+    read_bounded,
+    read_regular,
+)
+
+
+def test_open_regular_reads_a_regular_file(tmp_path: Path) -> None:
+    (tmp_path / "f").write_bytes(b"abc")
+    dfd = open_dir(str(tmp_path))
+    try:
+        assert read_regular("f", 10, dir_fd=dfd) == b"abc"
+    finally:
+        os.close(dfd)
+
+
+def test_symlink_to_a_secret_is_refused(tmp_path: Path) -> None:
+    secret = tmp_path / "secret"
+    secret.write_text("password")
+    (tmp_path / "link").symlink_to(secret)
+    with pytest.raises(NotRegularFile):
+        open_regular(str(tmp_path / "link"))
+
+
+def test_fifo_is_refused_without_blocking(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "fifo")
+    result: list[BaseException] = []
+
+    def attempt() -> None:
+        try:
+            open_regular(str(tmp_path / "fifo"))
+        except BaseException as e:
+            result.append(e)
+
+    t = threading.Thread(target=attempt, daemon=True)
+    t.start()
+    t.join(10)
+    assert not t.is_alive(), "open_regular blocked on a FIFO"
+    assert isinstance(result[0], NotRegularFile)
+
+
+def test_directory_and_device_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(NotRegularFile):
+        open_regular(str(tmp_path))
+    with pytest.raises(NotRegularFile):
+        open_regular("/dev/null")
+
+
+def test_directory_symlink_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "d").mkdir()
+    (tmp_path / "l").symlink_to(tmp_path / "d")
+    with pytest.raises(NotADirectoryError):
+        open_dir(str(tmp_path / "l"))
+    with pytest.raises(NotADirectoryError):
+        open_dir(str(tmp_path / "l"), dir_fd=None)
+    os.close(open_dir(str(tmp_path / "d")))
+
+
+def test_read_bounded_stops_at_the_limit(tmp_path: Path) -> None:
+    (tmp_path / "big").write_bytes(b"x" * 101)
+    (tmp_path / "ok").write_bytes(b"x" * 100)
+    assert read_regular(str(tmp_path / "ok"), 100) == b"x" * 100
+    with pytest.raises(TooLarge):
+        read_regular(str(tmp_path / "big"), 100)
+
+
+def test_read_bounded_on_an_endless_source() -> None:
+    fd = os.open("/dev/zero", os.O_RDONLY)
+    try:
+        with pytest.raises(TooLarge):
+            read_bounded(fd, 5 << 20)
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"[" * 5000 + b"]" * 5000,
+        b"[" * 200000,
+        b'{"a":' * 40 + b"1" + b"}" * 40,
+        b"not json",
+        b"\xff\xfe",
+        b"x" * 2000,
+    ],
+)
+def test_load_json_bounded_refuses_with_value_error(data: bytes) -> None:
+    with pytest.raises(ValueError):
+        load_json_bounded(data, max_bytes=1000 if len(data) == 2000 else 1 << 20, max_depth=32)
+
+
+def test_load_json_bounded_accepts_what_fits() -> None:
+    assert load_json_bounded(b'{"a": [1, {"b": 2}]}', 100, 3) == {"a": [1, {"b": 2}]}
+    with pytest.raises(ValueError):
+        load_json_bounded(b'{"a": [1, {"b": 2}]}', 100, 2)
