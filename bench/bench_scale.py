@@ -1,0 +1,256 @@
+"""The catalog at scale: trees of many small versions, against one os.walk + stat pass.
+
+    python bench/bench_scale.py [--sizes 1000,5000,20000] [--repeat 3] [--workdir DIR]
+
+For each size N, builds a tree of N versions (lxd.tar.xz + rootfs.squashfs of 4 KiB each, so
+hashing is negligible and every figure measures the per-file and per-version work), spread over
+N/100 products (at least one), and measures, with the tree warm in the page cache:
+
+- baseline: one `os.walk` of images/ with an `os.stat` of every file, in-process;
+- cold `update`: `update` with an empty state directory (every file hashed, catalog written);
+- no-change `update`: `update` again on the unchanged tree (everything from the hash cache);
+- watch: a running watcher on the tree; a new version is built in a hidden staging directory and
+  renamed into place; seconds until images.json lists it (median of REPEAT renames);
+- watcher peak RSS (VmHWM of the watcher process, in MiB) after those renames.
+
+Prints each figure and its ratio to the baseline of the same size, measured in the same run,
+and the goals of issue 13 (no-change update <= 3x, cold update <= 10x, watch <= 0.5 s, peak
+RSS <= 150 MiB at 20,000 versions). A missed goal only prints MISS; a failing command is fatal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from common import (
+    BenchError,
+    MiB,
+    add_common_args,
+    build_version,
+    catalog_versions,
+    machine_line,
+    main_wrapper,
+    median,
+    print_table,
+    read_catalog,
+    run_timed,
+    runs,
+    scratch_dir,
+    serial,
+    server_exe,
+    settle,
+    tail,
+    verdict,
+)
+
+#: a version's two files
+FILE_SIZE = 4 * 1024
+VERSIONS_PER_PRODUCT = 100
+GOAL_NOCHANGE = 3.0
+GOAL_COLD = 10.0
+GOAL_WATCH_S = 0.5
+GOAL_RSS_MIB = 150.0
+POLL_INTERVAL = 0.01
+STOP_TIMEOUT = 60.0
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument(
+        "--sizes",
+        default="1000,5000,20000",
+        help="comma-separated numbers of versions (default: 1000,5000,20000)",
+    )
+    add_common_args(parser)
+    args = parser.parse_args(argv)
+    try:
+        args.sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
+    except ValueError:
+        parser.error("--sizes takes numbers separated by commas")
+    if not args.sizes or min(args.sizes) < 1:
+        parser.error("--sizes needs at least one positive number")
+    return args
+
+
+def variant_dir(root: Path, product: int) -> Path:
+    return root / "images" / f"scale{product}" / "1.0" / "amd64" / "default"
+
+
+def build_tree(root: Path, versions: int) -> None:
+    """`versions` versions of two 4 KiB files each, VERSIONS_PER_PRODUCT per product."""
+    for i in range(versions):
+        product, n = divmod(i, VERSIONS_PER_PRODUCT)
+        build_version(variant_dir(root, product) / serial(n), FILE_SIZE)
+
+
+def walk_stat_seconds(root: Path) -> float:
+    """One os.walk of images/ with an os.stat of every file: the least a full scan must do."""
+    start = time.perf_counter()
+    for directory, _dirs, files in os.walk(root / "images"):
+        for name in files:
+            os.stat(os.path.join(directory, name))
+    return time.perf_counter() - start
+
+
+def peak_rss_mib(pid: int) -> float:
+    """VmHWM of `pid`: the most resident memory it has had, in MiB."""
+    with open(f"/proc/{pid}/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024 / MiB
+    raise BenchError(f"no VmHWM in /proc/{pid}/status")
+
+
+def wait_for(
+    what: str, check: Callable[[], bool], proc: subprocess.Popen[bytes], log: Path, timeout: float
+) -> float:
+    """Polls `check` every 10 ms; returns the perf_counter() time it first held."""
+    deadline = time.perf_counter() + timeout
+    while True:
+        if check():
+            return time.perf_counter()
+        if proc.poll() is not None:
+            raise BenchError(
+                f"the watcher exited with status {proc.returncode} while waiting for {what}:\n"
+                + tail(log)
+            )
+        if time.perf_counter() > deadline:
+            raise BenchError(f"no {what} after {timeout:.0f} s; the watcher's log:\n{tail(log)}")
+        time.sleep(POLL_INTERVAL)
+
+
+def listed(root: Path, name: str) -> Callable[[], bool]:
+    # a cheap test first: the serial's bytes in the file, then the parse
+    path = root / "streams" / "v1" / "images.json"
+    needle = name.encode()
+
+    def check() -> bool:
+        try:
+            if needle not in path.read_bytes():
+                return False
+        except OSError:
+            return False
+        doc = read_catalog(root)
+        return doc is not None and any(s == name for _, s in catalog_versions(doc))
+
+    return check
+
+
+def measure_watch(
+    exe: str, root: Path, state: Path, log: Path, repeat: int, timeout: float
+) -> tuple[list[float], float]:
+    """(seconds from rename to listed, per repetition; the watcher's peak RSS in MiB)."""
+    cmd = [exe, "--state-dir", str(state), "watch", "--root-dir", str(root)]
+    with open(log, "ab") as log_f:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log_f, stderr=log_f)
+    try:
+        # the watcher publishes once at start (from the hash cache); wait until it is idle
+        first = serial(VERSIONS_PER_PRODUCT + 1)
+        warmup = variant_dir(root, 0) / first
+        build_version(warmup, FILE_SIZE)
+        wait_for("the first catalog", listed(root, first), proc, log, timeout)
+        latencies = []
+        for rep in range(repeat):
+            name = serial(VERSIONS_PER_PRODUCT + 2 + rep)
+            staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=variant_dir(root, 0)))
+            build_version(staging, FILE_SIZE)
+            settle()
+            time.sleep(1.5)  # past the watcher's debounce of the staging directory's events
+            start = time.perf_counter()
+            staging.rename(variant_dir(root, 0) / name)
+            latencies.append(wait_for(name, listed(root, name), proc, log, timeout) - start)
+        rss = peak_rss_mib(proc.pid)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return latencies, rss
+
+
+def one_size(exe: str, work: Path, versions: int, args: argparse.Namespace) -> list[list[str]]:
+    root, state, log = work / f"root-{versions}", work / f"state-{versions}", work / "log"
+    print(f"building {versions} versions ...", flush=True)
+    build_tree(root, versions)
+    settle()
+    walk_stat_seconds(root)  # warm the dentry and inode caches
+    bases, colds, nochanges = [], [], []
+    update = [exe, "--state-dir", str(state), "update", "--root-dir", str(root)]
+    for _ in range(args.repeat):
+        bases.append(walk_stat_seconds(root))
+        shutil.rmtree(state, ignore_errors=True)
+        colds.append(run_timed(update, log, args.timeout))
+        nochanges.append(run_timed(update, log, args.timeout))
+    doc = read_catalog(root)
+    if doc is None or len(catalog_versions(doc)) != versions:
+        count = 0 if doc is None else len(catalog_versions(doc))
+        raise BenchError(f"the catalog lists {count} versions, not {versions}:\n{tail(log)}")
+    latencies, rss = measure_watch(exe, root, state, log, args.repeat, args.timeout)
+    base, cold, nochange, lat = median(bases), median(colds), median(nochanges), median(latencies)
+    print(
+        f"  {versions}: walk {runs(bases)} | cold {runs(colds)} | no-change {runs(nochanges)}"
+        f" | watch {runs(latencies)} | peak RSS {rss:.0f} MiB",
+        flush=True,
+    )
+    shutil.rmtree(root, ignore_errors=True)
+    shutil.rmtree(state, ignore_errors=True)
+    goals = versions >= 20000
+    return [
+        [f"{versions}: os.walk + stat (baseline)", f"{base:.3f}", "1.00", ""],
+        [
+            f"{versions}: update, nothing changed",
+            f"{nochange:.3f}",
+            f"{nochange / base:.2f}",
+            verdict(nochange / base <= GOAL_NOCHANGE) if goals else "",
+        ],
+        [
+            f"{versions}: update, cold hash cache",
+            f"{cold:.3f}",
+            f"{cold / base:.2f}",
+            verdict(cold / base <= GOAL_COLD) if goals else "",
+        ],
+        [
+            f"{versions}: watch, renamed in -> listed",
+            f"{lat:.3f}",
+            f"{lat / base:.2f}",
+            verdict(lat <= GOAL_WATCH_S) if goals else "",
+        ],
+        [
+            f"{versions}: watcher peak RSS (MiB)",
+            f"{rss:.0f}",
+            "",
+            verdict(rss <= GOAL_RSS_MIB) if goals else "",
+        ],
+    ]
+
+
+def run(argv: list[str]) -> int:
+    args = parse_args(argv)
+    exe = server_exe(args.exe)
+    rows: list[list[str]] = []
+    with scratch_dir(args.workdir, args.keep, "bench-scale-") as work:
+        for versions in args.sizes:
+            rows += one_size(exe, work, versions, args)
+    print()
+    print(f"{machine_line()}; median of {args.repeat}; files of 4 KiB, warm")
+    print(
+        f"goals at 20,000 versions: no-change <= {GOAL_NOCHANGE:.0f}x, cold <= {GOAL_COLD:.0f}x, "
+        f"watch <= {GOAL_WATCH_S} s, peak RSS <= {GOAL_RSS_MIB:.0f} MiB"
+    )
+    print_table(("figure", "seconds", "x baseline", "goal"), rows)
+    return 0
+
+
+if __name__ == "__main__":
+    main_wrapper(lambda: run(sys.argv[1:]))
