@@ -225,9 +225,22 @@ def update(
 
 @main.command()
 @tree_options
+@click.option(
+    "--max-watches",
+    type=click.IntRange(min=1),
+    default=4096,
+    show_default=True,
+    help="Most directories watched with inotify; past it, the tree is rescanned every minute.",
+)
 @click.pass_obj
 @handle_errors
-def watch(g: Globals, root_dir: str | None, img_dir: str | None, streams_dir: str | None) -> None:
+def watch(
+    g: Globals,
+    root_dir: str | None,
+    img_dir: str | None,
+    streams_dir: str | None,
+    max_watches: int,
+) -> None:
     """Publish the tree, then republish whenever images are added or removed."""
     from .mirror import Mirrors
     from .watch import Watcher
@@ -246,7 +259,12 @@ def watch(g: Globals, root_dir: str | None, img_dir: str | None, streams_dir: st
         pipeline = Pipeline(paths, cache)
         pipeline.on_publish.append(mirrors.request)
         mirrors.configure(g.settings.mirrors)
-        watcher = Watcher(pipeline, on_reload=reload_settings, pid_file=pid_file(paths))
+        watcher = Watcher(
+            pipeline,
+            on_reload=reload_settings,
+            pid_file=pid_file(paths),
+            max_watches=max_watches,
+        )
         sys.exit(watcher.run())
     finally:
         mirrors.stop()
