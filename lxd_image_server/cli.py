@@ -230,7 +230,14 @@ def update(
     type=click.IntRange(min=1),
     default=4096,
     show_default=True,
-    help="Most directories watched with inotify; past it, the tree is rescanned every minute.",
+    help="Most directories watched with inotify; past it, the tree is rescanned periodically.",
+)
+@click.option(
+    "--rescan-interval",
+    type=click.FloatRange(min=1),
+    default=60.0,
+    show_default=True,
+    help="Seconds between full rescans once --max-watches is reached.",
 )
 @click.pass_obj
 @handle_errors
@@ -240,6 +247,7 @@ def watch(
     img_dir: str | None,
     streams_dir: str | None,
     max_watches: int,
+    rescan_interval: float,
 ) -> None:
     """Publish the tree, then republish whenever images are added or removed."""
     from .mirror import Mirrors
@@ -264,6 +272,7 @@ def watch(
             on_reload=reload_settings,
             pid_file=pid_file(paths),
             max_watches=max_watches,
+            rescan_interval=rescan_interval,
         )
         sys.exit(watcher.run())
     finally:

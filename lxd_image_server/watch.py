@@ -52,6 +52,8 @@ from .pipeline import Pipeline
 from .publish import PublishError
 
 log = logging.getLogger(__name__)
+#: what an uploader can make us say again and again: said once an hour (QUIET_LOGGERS)
+quiet_log = logging.getLogger(f"{__name__}.quiet")
 
 DIR_MASK = (
     flags.CREATE
@@ -71,7 +73,7 @@ DEFAULT_RESCAN_INTERVAL = 60.0
 #: seconds a pass waits for the versions it hashes before publishing those that are done
 DEFAULT_BUDGET = 1.0
 #: loggers whose repeated warnings (one per bad path per scan) are said once an hour
-QUIET_LOGGERS = ("scan", "catalog", "overrides", "hashing", "hashjobs", "pipeline", "watch")
+QUIET_LOGGERS = ("scan", "catalog", "overrides", "hashing", "watch.quiet")
 
 
 def _depth(rel: str) -> int:
@@ -171,14 +173,14 @@ class Watcher:
                 wd = self.inotify.add_watch(path, DIR_MASK)
             except OSError as e:
                 if e.errno == errno.ENOSPC:
-                    log.error(
+                    quiet_log.warning(
                         "cannot watch %r: inotify watch limit reached "
                         "(raise fs.inotify.max_user_watches or lower --max-watches)",
                         path,
                     )
                     self._cap_hit = True
                 elif e.errno not in (errno.ENOENT, errno.ENOTDIR):
-                    log.warning("cannot watch %r: %s", path, e.strerror or e)
+                    quiet_log.warning("cannot watch %r: %s", path, e.strerror or e)
                 return
             old = self.wds.get(wd)
             if old is not None and self.watched.get(old) == wd:
@@ -208,7 +210,7 @@ class Watcher:
         self._cap_hit = False
         self._add_tree(rel)
         if self._cap_hit and not self.over_cap:
-            log.warning(
+            quiet_log.warning(
                 "inotify watch cap (%d) reached: directories beyond it are not watched; "
                 "rescanning the whole tree every %.0f s",
                 self.max_watches,
@@ -275,7 +277,7 @@ class Watcher:
 
     def handle(self, wd: int, mask: int, name: str) -> None:
         if mask & flags.Q_OVERFLOW:
-            log.warning("inotify queue overflowed; rescanning everything")
+            quiet_log.warning("inotify queue overflowed; rescanning everything")
             self._rewatch_all()
             self._mark("")
             return
@@ -305,7 +307,7 @@ class Watcher:
             self._mark(rel)
             return
         if _depth(base) != VERSION_DEPTH:
-            log.debug("ignoring %s: not inside a version directory", rel)
+            log.debug("ignoring %r: not inside a version directory", rel)
             return
         path = os.path.join(self.img_dir, rel)
         if mask & (flags.CREATE | flags.MODIFY) and classify(name) is None:
