@@ -225,9 +225,30 @@ def update(
 
 @main.command()
 @tree_options
+@click.option(
+    "--max-watches",
+    type=click.IntRange(min=1),
+    default=4096,
+    show_default=True,
+    help="Most directories watched with inotify; past it, the tree is rescanned periodically.",
+)
+@click.option(
+    "--rescan-interval",
+    type=click.FloatRange(min=1),
+    default=60.0,
+    show_default=True,
+    help="Seconds between full rescans once --max-watches is reached.",
+)
 @click.pass_obj
 @handle_errors
-def watch(g: Globals, root_dir: str | None, img_dir: str | None, streams_dir: str | None) -> None:
+def watch(
+    g: Globals,
+    root_dir: str | None,
+    img_dir: str | None,
+    streams_dir: str | None,
+    max_watches: int,
+    rescan_interval: float,
+) -> None:
     """Publish the tree, then republish whenever images are added or removed."""
     from .mirror import Mirrors
     from .watch import Watcher
@@ -246,7 +267,13 @@ def watch(g: Globals, root_dir: str | None, img_dir: str | None, streams_dir: st
         pipeline = Pipeline(paths, cache)
         pipeline.on_publish.append(mirrors.request)
         mirrors.configure(g.settings.mirrors)
-        watcher = Watcher(pipeline, on_reload=reload_settings, pid_file=pid_file(paths))
+        watcher = Watcher(
+            pipeline,
+            on_reload=reload_settings,
+            pid_file=pid_file(paths),
+            max_watches=max_watches,
+            rescan_interval=rescan_interval,
+        )
         sys.exit(watcher.run())
     finally:
         mirrors.stop()

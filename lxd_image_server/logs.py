@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import sys
+import time
+from collections import OrderedDict
 from typing import Any
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -46,3 +49,38 @@ def configure(table: dict[str, Any]) -> None:
     import logging.config
 
     logging.config.dictConfig({"disable_existing_loggers": False, **table})
+
+
+class Once(logging.Filter):
+    """Lets each distinct message below ERROR through once per `ttl` seconds: a long-running
+    process that rescans the same bad files (the watcher) says so once, not at every scan.
+
+    Memory stays bounded whatever the messages: at most `size` 16-byte digests are kept, the
+    oldest forgotten first (a forgotten message may be logged again).
+    """
+
+    def __init__(self, ttl: float = 3600.0, size: int = 4096) -> None:
+        super().__init__()
+        self.ttl = ttl
+        self.size = size
+        self._seen: OrderedDict[bytes, float] = OrderedDict()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR:
+            return True
+        try:
+            text = record.getMessage()
+        except Exception:  # a malformed record: let logging report it as it would
+            return True
+        key = hashlib.blake2b(
+            f"{record.name}\0{text}".encode(errors="surrogateescape"), digest_size=16
+        ).digest()
+        now = time.monotonic()
+        last = self._seen.get(key)
+        if last is not None and now - last < self.ttl:
+            return False
+        self._seen[key] = now
+        self._seen.move_to_end(key)
+        while len(self._seen) > self.size:
+            self._seen.popitem(last=False)
+        return True

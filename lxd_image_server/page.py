@@ -23,7 +23,6 @@ import datetime as dt
 import errno
 import hashlib
 import html
-import json
 import logging
 import os
 from collections.abc import Iterable, Mapping
@@ -31,12 +30,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from .catalog import CLIENT_META_FTYPES, CLIENT_UNIFIED_FTYPES, serial_sort_key
+from .fsutil import TooLarge, read_regular
 from .layout import COMBINED_FIELDS, VM_FTYPES
-from .publish import PublishError, write_atomic
+from .publish import PublishError, updated_of, write_atomic
 
 log = logging.getLogger(__name__)
 
 PAGE_NAME = "index.html"
+#: the most of images.json read back for its `updated` (a link or a bigger file: none)
+MAX_CATALOG = 32 << 20
 #: Where the page is, relative to the served root.
 PAGE_PATH = f"streams/{PAGE_NAME}"
 DEFAULT_TITLE = "LXD image server"
@@ -503,12 +505,10 @@ def render_page(
 def catalog_updated(root_dir: str) -> str | None:
     """The `updated` field of the published images.json, if there is one."""
     try:
-        with open(os.path.join(root_dir, "streams", "v1", "images.json"), "rb") as f:
-            doc = json.load(f)
-    except (OSError, ValueError):
+        data = read_regular(os.path.join(root_dir, "streams", "v1", "images.json"), MAX_CATALOG)
+    except (OSError, TooLarge):
         return None
-    updated = doc.get("updated") if isinstance(doc, dict) else None
-    return updated if isinstance(updated, str) else None
+    return updated_of(data)
 
 
 def page_path(root_dir: str) -> str:
@@ -534,11 +534,10 @@ def write_page(
     data = render_page(products, updated=updated, title=title, remote_name=remote_name).encode()
     path = page_path(root_dir)
     try:
-        with open(path, "rb") as f:
-            if f.read() == data:
-                return False
-    except OSError:
-        pass
+        if read_regular(path, len(data)) == data:
+            return False
+    except (OSError, TooLarge):
+        pass  # missing, not a regular file, or longer: replaced
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         write_atomic(path, data)

@@ -1,18 +1,34 @@
 """The catalog pipeline: scan -> hash -> catalog -> publish, the one writer of streams/.
 
 `update` runs it over the whole tree; `watch` keeps one instance and re-runs it over the
-directories that changed. Every run holds the catalog lock from scan to publish, so two
-writers never interleave and the last one to publish saw the newest tree.
+directories that changed.
+
+Hashing is the only step whose cost grows with the bytes on disk, and an uploader chooses those
+bytes. So the catalog lock is held only to build and write the catalog, never while hashing:
+- `update_all` (the `update` command, the watcher's start) hashes everything it scanned, then
+  takes the lock. If another writer published meanwhile (it may have seen a newer tree), it
+  scans again under the lock and publishes what the hash cache already covers; anything else is
+  left to that writer, which publishes it once hashed.
+- `refresh` (the watcher) hashes each changed version in the background (hashjobs.py), waits at
+  most `budget` seconds, and publishes the versions whose digests are done. A version still
+  being hashed is left out (a new one does not appear yet; a changed one is withdrawn, its old
+  digests being wrong) and added by `collect`, in a later publish, once its digests are done.
+A version is published only with the digests of exactly the files scanned (same identity).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
 from collections.abc import Callable, Iterable, Set
+from dataclasses import dataclass
 
 from .catalog import Products, build_products
 from .config import Paths
 from .hashing import Digests, HashCache, HashEngine, Progress
+from .hashjobs import DEFAULT_JOBS, HashJobs, Identity, Known, hash_version, identity
+from .layout import Role
 from .page import write_page
 from .publish import catalog_lock, publish
 from .retention import PendingVersions
@@ -21,10 +37,19 @@ from .scan import Exclude, ScannedVersion, Scanner
 log = logging.getLogger(__name__)
 
 ProgressStart = Callable[[int], Progress]
+CatalogState = tuple[int, int, int, int] | None
 
 
 def _never(_: str) -> bool:
     return False
+
+
+@dataclass(frozen=True)
+class _Ready:
+    """A version's digests, valid while its files have identity `ident`."""
+
+    ident: Identity
+    digests: Digests
 
 
 class Pipeline:
@@ -35,6 +60,7 @@ class Pipeline:
         progress_start: ProgressStart | None = None,
         exclude: Exclude = _never,
         hidden: Callable[[], Set[str]] | None = None,
+        jobs: int = DEFAULT_JOBS,
     ) -> None:
         self.paths = paths
         self.hasher = HashEngine(cache)
@@ -42,54 +68,164 @@ class Pipeline:
         self.progress_start = progress_start
         #: version directory (relative to images/) -> what was found there
         self.versions: dict[str, ScannedVersion] = {}
-        self.digests = Digests()
+        #: version directory -> its digests, once computed
+        self._ready: dict[str, _Ready] = {}
         self.products: Products = {}
         #: absolute version directories left out of the catalog: pruned or removed, files
         #: kept until their grace period is over (retention.py)
         self.hidden = hidden if hidden is not None else PendingVersions(paths.state_dir)
         #: called after every publish that changed the catalog (e.g. to push to mirrors)
         self.on_publish: list[Callable[[], None]] = []
+        #: called from a hashing thread when a version's digests are done (`collect` them)
+        self.on_hashed: Callable[[], None] | None = None
+        self.jobs = HashJobs(jobs, on_done=self._hashed)
+
+    def _hashed(self) -> None:
+        if self.on_hashed is not None:
+            self.on_hashed()
+
+    @property
+    def cache(self) -> HashCache:
+        return self.hasher.cache
+
+    # -- the two ways in --------------------------------------------------------------------
 
     def update_all(self, rehash: bool = False) -> bool:
-        """Rescans and republishes everything. True if the catalog changed."""
-        with catalog_lock(self.paths.streams_dir):
-            found = self.scanner.scan()
-            self.versions = {v.key.relpath: v for v in found}
-            self.digests = self.hasher.digest(found, rehash, self.progress_start)
-            self.hasher.cache.forget_except({f.path for v in found for f in v.files.values()})
+        """Rescans and republishes everything, once every version is hashed. True if the
+        catalog changed."""
+        before = self._catalog_state()
+        found = self.scanner.scan()
+        digests = self.hasher.digest(found, rehash, self.progress_start)
+        self.versions = {v.key.relpath: v for v in found}
+        self._ready = {v.key.relpath: _Ready(identity(v), digests) for v in found}
+        with catalog_lock(self.paths.state_dir):
+            if self._catalog_state() != before:
+                log.info("the catalog was published by another writer meanwhile; rescanning")
+                self._rescan("")
+            # (under the lock: what another writer cached meanwhile is in this scan)
+            self.cache.forget_except(
+                {f.path for v in self.versions.values() for f in v.files.values()}
+            )
             return self._publish()
 
-    def refresh(self, prefixes: Iterable[str]) -> bool:
-        """Rescans the directories `prefixes` (relative to images/) and republishes."""
-        with catalog_lock(self.paths.streams_dir):
-            rescanned: list[ScannedVersion] = []
-            for prefix in _outermost(prefixes):
-                for rel in [r for r in self.versions if _under(r, prefix)]:
-                    del self.versions[rel]
-                rescanned.extend(self.scanner.scan(prefix))
-            for v in rescanned:
-                self.versions[v.key.relpath] = v
-            fresh = self.hasher.digest(rescanned, False, self.progress_start)
-            self._merge(fresh, rescanned)
+    def refresh(self, prefixes: Iterable[str], budget: float | None = None) -> bool:
+        """Rescans the directories `prefixes` (relative to images/) and republishes, waiting at
+        most `budget` seconds (None: as long as it takes) for the versions to hash."""
+        submitted: set[str] = set()
+        for prefix in _outermost(prefixes):
+            submitted |= self._rescan(prefix)
+        # wait for this pass's versions only: one slow to hash from before delays nothing
+        self.jobs.wait(budget, submitted)
+        self._take_results()
+        with catalog_lock(self.paths.state_dir):
             return self._publish()
 
-    def _merge(self, fresh: Digests, rescanned: list[ScannedVersion]) -> None:
-        live = {f.path for v in self.versions.values() for f in v.files.values()}
-        redone = {f.path for v in rescanned for f in v.files.values()}
-        files = {p: d for p, d in self.digests.files.items() if p in live and p not in redone}
-        files.update(fresh.files)
-        combined = {
-            k: d
-            for k, d in self.digests.combined.items()
-            if k[0] in live and k[1] in live and k[1] not in redone and k[0] not in redone
-        }
-        combined.update(fresh.combined)
-        self.digests = Digests(files=files, combined=combined, failed=set(fresh.failed))
+    def collect(self) -> bool:
+        """Publishes the versions hashed in the background since; False if nothing changed."""
+        if not self._take_results():
+            return False
+        with catalog_lock(self.paths.state_dir):
+            return self._publish()
+
+    def hashing(self) -> int:
+        """How many versions are being hashed in the background."""
+        return self.jobs.pending()
+
+    # -- steps --------------------------------------------------------------------------------
+
+    def _rescan(self, prefix: str) -> set[str]:
+        """Rescans below `prefix`; returns the versions now hashing in the background."""
+        for rel in [r for r in self.versions if _under(r, prefix)]:
+            del self.versions[rel]
+            self._ready.pop(rel, None)
+        submitted = set()
+        for v in self.scanner.scan(prefix):
+            self.versions[v.key.relpath] = v
+            if self._schedule(v):
+                submitted.add(v.key.relpath)
+        return submitted
+
+    def _schedule(self, v: ScannedVersion) -> bool:
+        """Makes `v` ready from the cache, or hashes what the cache lacks in the background
+        (then True)."""
+        rel, ident = v.key.relpath, identity(v)
+        ready = self._ready.get(rel)
+        if ready is not None and ready.ident == ident:
+            return False
+        known = self._known(v)
+        if known.complete:
+            self._ready[rel] = _Ready(ident, known.digests())
+            return False
+        cached = {f.path for f, _ in known.files}
+        size = sum(f.size for f in v.files.values() if f.path not in cached)
+        self.jobs.submit(rel, ident, size, functools.partial(hash_version, v, known))
+        return True
+
+    def _known(self, v: ScannedVersion) -> Known:
+        """The digests of `v` in the hash cache (this thread owns it: lookups only)."""
+        known = Known()
+        metas = [f for f in v.files.values() if f.role.role is Role.META]
+        for f in v.files.values():
+            d = self.cache.get(f)
+            if d is None:
+                known.complete = False
+            else:
+                known.files.append((f, d))
+            if f.role.role is Role.ROOT:
+                for m in metas:
+                    c = self.cache.get_combined(m, f)
+                    if c is None:
+                        known.complete = False
+                    else:
+                        known.combined.append((m, f, c))
+        return known
+
+    def _take_results(self) -> bool:
+        """Keeps the background results that still match what was scanned; True if any."""
+        fresh = False
+        for r in self.jobs.take():
+            v = self.versions.get(r.rel)
+            if v is None or identity(v) != r.ident:
+                continue  # changed or gone since: its next job brings the right digests
+            self._ready[r.rel] = _Ready(r.ident, r.digests)
+            d = r.digests
+            self.cache.put_many(
+                [
+                    (f, d.files[f.path])
+                    for f in v.files.values()
+                    if f.path in d.files and f.path not in d.failed
+                ],
+                [
+                    (m, root, c)
+                    for m in v.files.values()
+                    for root in v.files.values()
+                    if (c := d.combined.get((m.path, root.path))) is not None
+                ],
+            )
+            fresh = True
+        return fresh
+
+    def _catalog_state(self) -> CatalogState:
+        try:
+            st = os.lstat(os.path.join(self.paths.streams_dir, "images.json"))
+        except OSError:
+            return None
+        return (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
 
     def _publish(self) -> bool:
         hidden = self.hidden()
-        shown = [v for v in self.versions.values() if v.path not in hidden]
-        self.products = build_products(shown, self.digests, self.paths.root_dir)
+        shown: list[ScannedVersion] = []
+        digests = Digests()
+        for rel, v in self.versions.items():
+            ready = self._ready.get(rel)
+            if v.path in hidden:
+                continue
+            if ready is None or ready.ident != identity(v):
+                log.debug("not publishing %s yet: still hashing", v.path)
+                continue
+            shown.append(v)
+            _copy_digests(ready.digests, v, digests)
+        self.products = build_products(shown, digests, self.paths.root_dir)
         changed = publish(self.paths.streams_dir, self.products)
         # <root>/streams/index.html, when its bytes change or it is missing
         write_page(self.paths.root_dir, self.products)
@@ -97,6 +233,18 @@ class Pipeline:
             for listener in self.on_publish:
                 listener()
         return changed
+
+
+def _copy_digests(src: Digests, v: ScannedVersion, dst: Digests) -> None:
+    for f in v.files.values():
+        if f.path in src.files:
+            dst.files[f.path] = src.files[f.path]
+        if f.path in src.failed:
+            dst.failed.add(f.path)
+        for m in v.files.values():
+            c = src.combined.get((m.path, f.path))
+            if c is not None:
+                dst.combined[(m.path, f.path)] = c
 
 
 def _under(rel: str, prefix: str) -> bool:

@@ -15,16 +15,23 @@ import gzip
 import json
 import logging
 import os
+import re
+import stat
 from collections.abc import Iterator
 from typing import Any
 
 from .catalog import UPDATED_FORMAT, Products, images_document, index_document
+from .fsutil import TooLarge, read_regular
 from .fsutil import fsync_dir as fsync_dir
 from .fsutil import write_atomic as write_atomic
 
 log = logging.getLogger(__name__)
 
-LOCK_NAME = ".lxd-image-server.lock"
+#: in the state directory, which only the catalog writer may write (streams/ is served)
+LOCK_NAME = "catalog.lock"
+#: what is read back of the previous documents: as much as the new one has, and a little more
+_SLACK = 256
+_UPDATED_RE = re.compile(rb'^ "updated": "([A-Za-z0-9 ,:+]{1,64})",?$', re.MULTILINE)
 
 
 class PublishError(Exception):
@@ -32,20 +39,34 @@ class PublishError(Exception):
 
 
 @contextlib.contextmanager
-def catalog_lock(streams_dir: str) -> Iterator[None]:
-    """Exclusive lock on the catalog, held by `update`, `watch` and any other writer."""
-    os.makedirs(streams_dir, exist_ok=True)
-    path = os.path.join(streams_dir, LOCK_NAME)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o664)
+def catalog_lock(state_dir: str) -> Iterator[None]:
+    """Exclusive lock on the catalog, held by `update`, `watch` and any other writer while they
+    build and write it (never while they hash). The lock file lives in the state directory; it
+    is opened without following a link, and anything but a regular file there is refused with a
+    one-line PublishError naming it."""
+    path = os.path.join(state_dir, LOCK_NAME)
     try:
+        os.makedirs(state_dir, exist_ok=True)
+        fd = os.open(path, _LOCK_FLAGS, 0o644)
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.EISDIR, errno.ENXIO):
+            raise PublishError(f"cannot lock the catalog: {path} is not a regular file") from e
+        raise PublishError(f"cannot lock the catalog: {path}: {e.strerror or e}") from e
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise PublishError(f"cannot lock the catalog: {path} is not a regular file")
+        os.set_blocking(fd, True)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            log.info("waiting for another writer of %s to finish", streams_dir)
+            log.info("waiting for another writer of the catalog to finish (%s)", path)
             fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
         os.close(fd)
+
+
+_LOCK_FLAGS = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY
 
 
 def encode(doc: dict[str, Any]) -> bytes:
@@ -56,26 +77,26 @@ def _gzip(data: bytes) -> bytes:
     return gzip.compress(data, compresslevel=9, mtime=0)
 
 
-def _read_json(path: str) -> dict[str, Any] | None:
+def _previous(path: str, limit: int) -> bytes | None:
+    """The bytes of a document published before, if it is a regular file of at most `limit`
+    bytes: a link, a FIFO or a huge file is never followed or read whole (it is replaced)."""
     try:
-        with open(path, "rb") as f:
-            doc = json.load(f)
-    except (OSError, ValueError):
+        return read_regular(path, limit)
+    except (OSError, TooLarge):
         return None
-    return doc if isinstance(doc, dict) else None
 
 
-def _without_updated(doc: dict[str, Any] | None) -> Any:
-    if doc is None:
-        return None
-    doc = dict(doc)
-    doc.pop("updated", None)
-    if isinstance(doc.get("index"), dict):
-        doc["index"] = {
-            k: {kk: vv for kk, vv in v.items() if kk != "updated"} if isinstance(v, dict) else v
-            for k, v in doc["index"].items()
-        }
-    return doc
+def updated_of(data: bytes | None) -> str | None:
+    """The top-level `updated` of a document `encode` wrote (no JSON parse needed)."""
+    m = _UPDATED_RE.search(data) if data is not None else None
+    return m.group(1).decode() if m else None
+
+
+def _is_regular(path: str) -> bool:
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
 
 
 def now_updated(now: dt.datetime | None = None) -> str:
@@ -85,32 +106,37 @@ def now_updated(now: dt.datetime | None = None) -> str:
 def publish(streams_dir: str, products: Products, now: dt.datetime | None = None) -> bool:
     """Writes images.json and index.json (+ .gz) if their content changed.
 
-    Returns True when something was written. The caller holds `catalog_lock`.
+    Returns True when something was written. The caller holds `catalog_lock`. The previous
+    documents are compared byte for byte (with their own `updated`), read bounded.
     """
     images_path = os.path.join(streams_dir, "images.json")
     index_path = os.path.join(streams_dir, "index.json")
-    old_images = _read_json(images_path)
-    old_index = _read_json(index_path)
     updated = now_updated(now)
     images = images_document(products, updated)
     index = index_document(products, updated)
-    same_images = _without_updated(old_images) == _without_updated(images)
-    same_index = _without_updated(old_index) == _without_updated(index)
-    gz_present = all(os.path.exists(p + ".gz") for p in (images_path, index_path))
+    images_bytes = encode(images)
+    old_images = _previous(images_path, len(images_bytes) + _SLACK)
+    old_updated = updated_of(old_images)
+    if old_updated is not None and old_updated != updated:
+        images["updated"] = old_updated
+        if encode(images) == old_images:
+            # content unchanged: keep its timestamp so clients' caches stay valid
+            updated = old_updated
+            index["updated"] = index["index"]["images"]["updated"] = updated
+        else:
+            images["updated"] = updated
+    images_bytes = encode(images)
+    index_bytes = encode(index)
+    same_images = images_bytes == old_images
+    same_index = index_bytes == _previous(index_path, len(index_bytes) + _SLACK)
+    gz_present = all(_is_regular(p + ".gz") for p in (images_path, index_path))
     if same_images and same_index and gz_present:
         return False
-    if same_images and old_images is not None and isinstance(old_images.get("updated"), str):
-        # content unchanged: keep its timestamp so clients' caches stay valid
-        updated = old_images["updated"]
-        images["updated"] = index["updated"] = updated
-        index["index"]["images"]["updated"] = updated
     try:
         os.makedirs(streams_dir, exist_ok=True)
-        images_bytes = encode(images)
         write_atomic(images_path + ".gz", _gzip(images_bytes))
         write_atomic(images_path, images_bytes)
         fsync_dir(streams_dir)
-        index_bytes = encode(index)
         write_atomic(index_path + ".gz", _gzip(index_bytes))
         write_atomic(index_path, index_bytes)
         fsync_dir(streams_dir)

@@ -8,6 +8,19 @@
   at the latest `max_delay` seconds after the first event of a burst.
 - Queue overflow: everything is rescanned. SIGTERM/SIGINT: the current publish finishes, then
   exit 0. SIGHUP: full rescan (and whatever `on_reload` does).
+- Versions are hashed in the background (pipeline.py): a pass publishes what is hashed within
+  `budget` seconds; a version slow to hash is added by a later pass, woken when it is done.
+
+What an uploader can do to it (every uploader is assumed hostile):
+- Only directories that fit the layout get a watch (valid names, no deeper than a version),
+  and at most `max_watches` of them (default 4096: half of the smallest default of
+  fs.inotify.max_user_watches, 8192, so the kernel limit is never what stops us; enough for
+  about 3,000 versions). Past the cap: one warning, and the whole tree is rescanned every
+  `rescan_interval` seconds, with new watches added as room frees; a file in a directory
+  without a watch is published only once unchanged for that long (nothing tells us it is
+  still being written).
+- Warnings about the same bad path are logged once an hour, not at every scan (logs.Once).
+- Nothing on disk stops the loop: every pass's error is logged and retried.
 """
 
 from __future__ import annotations
@@ -25,11 +38,22 @@ from types import FrameType
 from inotify_simple import INotify, flags
 
 from .config import ConfigError
-from .layout import VERSION_DEPTH, is_ignored_name
+from .layout import (
+    KNOWN_ARCHES,
+    VERSION_DEPTH,
+    LayoutError,
+    check_component,
+    classify,
+    is_ignored_name,
+    valid_serial,
+)
+from .logs import Once
 from .pipeline import Pipeline
 from .publish import PublishError
 
 log = logging.getLogger(__name__)
+#: what an uploader can make us say again and again: said once an hour (QUIET_LOGGERS)
+quiet_log = logging.getLogger(f"{__name__}.quiet")
 
 DIR_MASK = (
     flags.CREATE
@@ -44,6 +68,12 @@ DIR_MASK = (
     | flags.DONT_FOLLOW
 )
 RETRY_AFTER_ERROR = 5.0
+DEFAULT_MAX_WATCHES = 4096
+DEFAULT_RESCAN_INTERVAL = 60.0
+#: seconds a pass waits for the versions it hashes before publishing those that are done
+DEFAULT_BUDGET = 1.0
+#: loggers whose repeated warnings (one per bad path per scan) are said once an hour
+QUIET_LOGGERS = ("scan", "catalog", "overrides", "hashing", "watch.quiet")
 
 
 def _depth(rel: str) -> int:
@@ -54,6 +84,21 @@ def _join(rel: str, name: str) -> str:
     return f"{rel}/{name}" if rel else name
 
 
+def fits_layout(depth: int, name: str) -> bool:
+    """Whether a directory `name` at `depth` below images/ could hold or lead to a version."""
+    if depth < 1 or depth > VERSION_DEPTH or is_ignored_name(name):
+        return False
+    if depth == 3:
+        return name in KNOWN_ARCHES
+    if depth == VERSION_DEPTH:
+        return valid_serial(name)
+    try:
+        check_component(name, "name")
+    except LayoutError:
+        return False
+    return True
+
+
 class Watcher:
     def __init__(
         self,
@@ -62,6 +107,9 @@ class Watcher:
         max_delay: float = 1.0,
         on_reload: Callable[[], None] | None = None,
         pid_file: str | None = None,
+        max_watches: int = DEFAULT_MAX_WATCHES,
+        rescan_interval: float = DEFAULT_RESCAN_INTERVAL,
+        budget: float = DEFAULT_BUDGET,
     ) -> None:
         self.pipeline = pipeline
         self.img_dir = pipeline.paths.img_dir
@@ -69,12 +117,23 @@ class Watcher:
         self.max_delay = max_delay
         self.on_reload = on_reload
         self.pid_file = pid_file
+        self.max_watches = max(1, max_watches)
+        self.rescan_interval = rescan_interval
+        self.budget = budget
         #: absolute paths of files opened for writing and not yet closed
         self.writing: set[str] = set()
-        pipeline.scanner.exclude = self.writing.__contains__
+        pipeline.scanner.exclude = self._excluded
+        pipeline.on_hashed = self._wake
         self.inotify = INotify()
         self.wds: dict[int, str] = {}
+        #: the same, the other way round: watched directory (relative to images/) -> wd
+        self.watched: dict[str, int] = {}
+        #: some directory that fits the layout has no watch (the cap): poll the tree
+        self.over_cap = False
+        self._cap_hit = False
+        self.next_rescan: float | None = None
         self.dirty: set[str] = set()
+        self.collect_due = False
         self.first_event = 0.0
         self.last_event = 0.0
         self.retry_at: float | None = None
@@ -103,36 +162,78 @@ class Watcher:
     # -- watches ----------------------------------------------------------------------------
 
     def _add_tree(self, rel: str) -> None:
-        """Watches `rel` and every visible directory below it, down to version directories."""
+        """Watches `rel` and every directory below it that fits the layout, down to versions
+        (at most `max_watches` in all)."""
         path = os.path.join(self.img_dir, rel) if rel else self.img_dir
-        try:
-            wd = self.inotify.add_watch(path, DIR_MASK)
-        except OSError as e:
-            if e.errno == errno.ENOSPC:
-                log.error(
-                    "cannot watch %s: inotify watch limit reached "
-                    "(raise fs.inotify.max_user_watches)",
-                    path,
-                )
-            elif e.errno not in (errno.ENOENT, errno.ENOTDIR):
-                log.warning("cannot watch %s: %s", path, e.strerror or e)
+        if rel not in self.watched:
+            if len(self.watched) >= self.max_watches:
+                self._cap_hit = True
+                return
+            try:
+                wd = self.inotify.add_watch(path, DIR_MASK)
+            except OSError as e:
+                if e.errno == errno.ENOSPC:
+                    quiet_log.warning(
+                        "cannot watch %r: inotify watch limit reached "
+                        "(raise fs.inotify.max_user_watches or lower --max-watches)",
+                        path,
+                    )
+                    self._cap_hit = True
+                elif e.errno not in (errno.ENOENT, errno.ENOTDIR):
+                    quiet_log.warning("cannot watch %r: %s", path, e.strerror or e)
+                return
+            old = self.wds.get(wd)
+            if old is not None and self.watched.get(old) == wd:
+                del self.watched[old]  # the same directory, moved: known by its new name
+            self.wds[wd] = rel
+            self.watched[rel] = wd
+        depth = _depth(rel)
+        if depth >= VERSION_DEPTH:
             return
-        self.wds[wd] = rel
-        if _depth(rel) >= VERSION_DEPTH:
-            return
         try:
-            entries = list(os.scandir(path))
+            entries = os.scandir(path)
         except OSError:
             return
-        for entry in entries:
-            if not is_ignored_name(entry.name) and entry.is_dir(follow_symlinks=False):
-                self._add_tree(_join(rel, entry.name))
+        with entries:
+            for entry in entries:
+                if not fits_layout(depth + 1, entry.name):
+                    continue
+                try:
+                    is_dir = entry.is_dir(follow_symlinks=False)
+                except OSError:
+                    continue
+                if is_dir:
+                    self._add_tree(_join(rel, entry.name))
+
+    def _watch_tree(self, rel: str) -> None:
+        """`_add_tree`, then says once when the cap left directories without a watch."""
+        self._cap_hit = False
+        self._add_tree(rel)
+        if self._cap_hit and not self.over_cap:
+            quiet_log.warning(
+                "inotify watch cap (%d) reached: directories beyond it are not watched; "
+                "rescanning the whole tree every %.0f s",
+                self.max_watches,
+                self.rescan_interval,
+            )
+            self.over_cap = True
+            self.next_rescan = time.monotonic() + self.rescan_interval
+        elif not self._cap_hit and rel == "" and self.over_cap:
+            log.info("every directory is watched again (%d watches)", len(self.watched))
+            self.over_cap = False
+            self.next_rescan = None
+
+    def _forget_wd(self, wd: int) -> str | None:
+        rel = self.wds.pop(wd, None)
+        if rel is not None and self.watched.get(rel) == wd:
+            del self.watched[rel]
+        return rel
 
     def _drop_tree(self, rel: str) -> None:
         """Stops watching `rel` and below (it was moved away)."""
         for wd, wrel in list(self.wds.items()):
             if wrel == rel or wrel.startswith(rel + "/"):
-                del self.wds[wd]
+                self._forget_wd(wd)
                 with contextlib.suppress(OSError):
                     self.inotify.rm_watch(wd)
         prefix = os.path.join(self.img_dir, rel) + "/"
@@ -144,8 +245,26 @@ class Watcher:
             with contextlib.suppress(OSError):
                 self.inotify.rm_watch(wd)
         self.wds.clear()
+        self.watched.clear()
         self.writing.clear()
-        self._add_tree("")
+        self.over_cap = False
+        self._watch_tree("")
+
+    def _excluded(self, path: str) -> bool:
+        """Files the scanner leaves out: being written, as far as we can tell."""
+        if path in self.writing:
+            return True
+        if not self.over_cap:
+            return False
+        parent = os.path.relpath(os.path.dirname(path), self.img_dir)
+        if parent in self.watched:
+            return False
+        # no watch there: publish it only once it has not changed for a rescan interval
+        try:
+            st = os.lstat(path)
+        except OSError:
+            return False
+        return time.time() - max(st.st_mtime, st.st_ctime) < self.rescan_interval
 
     # -- events -----------------------------------------------------------------------------
 
@@ -158,12 +277,12 @@ class Watcher:
 
     def handle(self, wd: int, mask: int, name: str) -> None:
         if mask & flags.Q_OVERFLOW:
-            log.warning("inotify queue overflowed; rescanning everything")
+            quiet_log.warning("inotify queue overflowed; rescanning everything")
             self._rewatch_all()
             self._mark("")
             return
         if mask & flags.IGNORED:
-            rel = self.wds.pop(wd, None)
+            rel = self._forget_wd(wd)
             if rel == "":
                 log.error("%s disappeared; waiting for it to come back", self.img_dir)
                 self._mark("")
@@ -179,21 +298,24 @@ class Watcher:
             return
         rel = _join(base, name)
         if mask & flags.ISDIR:
-            if _depth(rel) > VERSION_DEPTH:
-                return
+            if not fits_layout(_depth(rel), name):
+                return  # nothing that does not fit the layout is published: no watch either
             if mask & (flags.CREATE | flags.MOVED_TO):
-                self._add_tree(rel)
+                self._watch_tree(rel)
             elif mask & flags.MOVED_FROM:
                 self._drop_tree(rel)
             self._mark(rel)
             return
         if _depth(base) != VERSION_DEPTH:
-            log.debug("ignoring %s: not inside a version directory", rel)
+            log.debug("ignoring %r: not inside a version directory", rel)
             return
         path = os.path.join(self.img_dir, rel)
+        if mask & (flags.CREATE | flags.MODIFY) and classify(name) is None:
+            self._mark(base)  # never published: no need to remember it is being written
+            return
         if mask & flags.CREATE:
             try:
-                empty = os.stat(path).st_size == 0
+                empty = os.lstat(path).st_size == 0
             except OSError:
                 empty = False
             if empty:
@@ -210,20 +332,36 @@ class Watcher:
         """Seconds until the pending work is due (0: now), None if nothing is pending."""
         now = time.monotonic()
         times = []
-        if self.dirty:
+        if self.dirty or self.collect_due:
             times.append(min(self.last_event + self.quiet, self.first_event + self.max_delay))
         if self.retry_at is not None:
             times.append(self.retry_at)
+        if self.next_rescan is not None:
+            times.append(self.next_rescan)
         if not times:
             return None
         return max(0.0, min(times) - now)
 
+    def _results_ready(self) -> None:
+        """A version hashed in the background: publish it with the next pass."""
+        if not self.collect_due:
+            self.collect_due = True
+            now = time.monotonic()
+            if not self.dirty:
+                self.first_event = now
+            self.last_event = now
+
     def _process(self) -> None:
+        if self.next_rescan is not None and time.monotonic() >= self.next_rescan:
+            self.next_rescan = time.monotonic() + self.rescan_interval
+            self._watch_tree("")  # room may have freed up
+            self.dirty.add("")
         prefixes, self.dirty = self.dirty, set()
-        if "" in prefixes and "" not in self.wds.values() and os.path.isdir(self.img_dir):
+        self.collect_due = False
+        if "" in prefixes and "" not in self.watched and os.path.isdir(self.img_dir):
             self._rewatch_all()
         try:
-            self.pipeline.refresh(prefixes)
+            self.pipeline.refresh(prefixes, self.budget)
             self.retry_at = None
         except PublishError as e:
             log.error("%s; retrying in %.0f s", e, RETRY_AFTER_ERROR)
@@ -255,6 +393,17 @@ class Watcher:
     # -- main loop --------------------------------------------------------------------------
 
     def run(self) -> int:
+        once = Once()
+        quiet = [logging.getLogger(f"{__package__}.{name}") for name in QUIET_LOGGERS]
+        for logger in quiet:
+            logger.addFilter(once)
+        try:
+            return self._run()
+        finally:
+            for logger in quiet:
+                logger.removeFilter(once)
+
+    def _run(self) -> int:
         previous = {
             s: signal.signal(s, h)
             for s, h in (
@@ -267,12 +416,17 @@ class Watcher:
             if self.pid_file:
                 write_pid_file(self.pid_file)
             os.makedirs(self.img_dir, exist_ok=True)
-            self._add_tree("")
+            self._watch_tree("")
             log.info("watching %s (%d directories)", self.img_dir, len(self.wds))
             try:
+                # at start, everything is hashed before the first publish (without the lock):
+                # a lost hash cache must not publish a shrunken catalog for a while
                 self.pipeline.update_all()
             except PublishError as e:
                 log.error("%s; retrying in %.0f s", e, RETRY_AFTER_ERROR)
+                self._retry({""})
+            except Exception:
+                log.exception("unexpected error while publishing; retrying")
                 self._retry({""})
             poller = select.poll()
             poller.register(self.inotify.fileno(), select.POLLIN)
@@ -288,6 +442,8 @@ class Watcher:
                     break
                 for event in self.inotify.read(timeout=0):
                     self.handle(event.wd, event.mask, event.name)
+                if self.pipeline.jobs.has_results():
+                    self._results_ready()
                 if self.reload_requested:
                     self._reload()
                 due = self._due()

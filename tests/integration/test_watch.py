@@ -1,5 +1,6 @@
 """The watcher as a real process on a real tree, driven the way users change it."""
 
+import contextlib
 import hashlib
 import json
 import os
@@ -270,3 +271,290 @@ def test_reload_keeps_old_configuration_when_malformed(tmp_path):
         [str(BIN), "--state-dir", str(state), "reload"], env=env, capture_output=True, text=True
     )
     assert r.returncode == 1 and "no running watcher" in r.stderr
+
+
+# -- issue 9: what an uploader can do to the watcher ---------------------------------------------
+
+#: the real watcher, with hashing of any file below a `slow` variant held while GATE exists
+GATED_WATCHER = """
+import os, sys, time
+from lxd_image_server import hashing
+real, gate = hashing.hash_file, os.environ["TEST_HASH_GATE"]
+def gated(f, *args, **kwargs):
+    while "/slow/" in f.path and os.path.exists(gate):
+        time.sleep(0.05)
+    return real(f, *args, **kwargs)
+hashing.hash_file = gated
+from lxd_image_server.cli import main
+sys.argv[0] = "lxd-image-server"
+main()
+"""
+
+
+def start_watcher(tmp_path: Path, *extra: str, env=None, script: str | None = None):
+    root = tmp_path / "root"
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    log = open(tmp_path / "watch.log", "w+")  # noqa: SIM115 (closed by stop_watcher)
+    prefix = [sys.executable, "-c", script] if script else [str(BIN)]
+    proc = subprocess.Popen(
+        [*prefix, "--state-dir", str(tmp_path / "state"), "watch", "--root-dir", str(root), *extra],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, **(env or {})},
+    )
+    catalog = Catalog(root)
+    deadline = time.monotonic() + DEADLINE
+    while not catalog.path.exists():
+        assert proc.poll() is None, "watcher died at start"
+        assert time.monotonic() < deadline, "watcher never published its first catalog"
+        time.sleep(0.02)
+    return root, proc, catalog, log
+
+
+def stop_watcher(proc, log) -> str:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(DEADLINE)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    log.seek(0)
+    text = log.read()
+    log.close()
+    return text
+
+
+def move_in_version(root: Path, key: str, seed: int = 0) -> tuple[bytes, bytes]:
+    """A complete version, written aside then moved in whole (as the upload app does)."""
+    staging = root / "images" / f".staging-{seed}"
+    staging.mkdir()
+    meta, squash = os.urandom(500 + seed), os.urandom(20_000 + seed)
+    (staging / "lxd.tar.xz").write_bytes(meta)
+    (staging / "rootfs.squashfs").write_bytes(squash)
+    target = root / "images" / key
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging.rename(target)
+    return meta, squash
+
+
+def test_a_version_slow_to_hash_does_not_delay_one_uploaded_after_it(tmp_path):
+    """Finding 6: the slow version is hashed outside the lock; the fast one, uploaded later, is
+    published first, and the slow one follows once its digests are done."""
+    gate = tmp_path / "gate"
+    gate.write_text("closed")
+    root, proc, catalog, log = start_watcher(
+        tmp_path, script=GATED_WATCHER, env={"TEST_HASH_GATE": str(gate)}
+    )
+    try:
+        slow = "busybox/1.35/amd64/slow/20240101_1200"
+        fast = "busybox/1.35/amd64/default/20240102_1200"
+        move_in_version(root, slow, 1)
+        # the watcher has started hashing the slow one (or is about to) ...
+        time.sleep(0.5)
+        move_in_version(root, fast, 2)
+        versions = catalog.wait_for(lambda v: fast in v, "the version uploaded second")
+        assert slow not in versions
+        gate.unlink()
+        catalog.wait_for(lambda v: slow in v and fast in v, "the slow version, once hashed")
+        assert proc.poll() is None
+    finally:
+        text = stop_watcher(proc, log)
+    assert "Traceback" not in text
+
+
+def inotify_watches(pid: int) -> int:
+    count = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}") != "anon_inode:inotify":
+                continue
+            with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+                count += sum(1 for line in f if line.startswith("inotify wd:"))
+        except OSError:
+            continue
+    return count
+
+
+def peak_rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+
+
+def wait_log(log, needle: str, count: int = 1) -> str:
+    deadline = time.monotonic() + DEADLINE
+    while True:
+        log.seek(0)
+        text = log.read()
+        if text.count(needle) >= count:
+            return text
+        assert time.monotonic() < deadline, f"never logged {needle!r} {count}x:\n{text[-3000:]}"
+        time.sleep(0.05)
+
+
+def test_junk_directories_cannot_exhaust_watches_flood_the_log_or_grow_memory(tmp_path):
+    """Finding 14: thousands of directories that do not fit the layout get no watch and one log
+    line each at most; thousands that do fit stop at the watch cap, with one warning; past it,
+    periodic rescans still publish (a short interval here)."""
+    root, proc, catalog, log = start_watcher(tmp_path, "--rescan-interval", "2")
+    img = root / "images"
+    try:
+        (img / "busybox/1.35/amd64/default").mkdir(parents=True)
+        junk = 0
+        for i in range(2000):
+            os.mkdir(img / f"not a name {i}")  # not a valid os name
+            junk += 1
+        deep = img / "busybox/1.35/amd64/default/20240101_1200"
+        for i in range(200):
+            (deep / f"d{i}" / "x" / "y").mkdir(parents=True)  # below a version: never watched
+        for i in range(1000):
+            os.mkdir(img / "busybox/1.35" / f"arch{i}")  # not an architecture
+        for i in range(5000):
+            os.mkdir(img / f"os{i}")  # valid names: watched up to the cap
+        # two full rescans (SIGHUP), the junk still there
+        for n in (1, 2):
+            proc.send_signal(signal.SIGHUP)
+            wait_log(log, "reloading", n)
+        key = "busybox/1.35/amd64/default/20240301_1200"
+        move_in_version(root, key)
+        catalog.wait_for(lambda v: key in v, "a good version after the junk")
+        watches = inotify_watches(proc.pid)
+        assert watches <= 4096, watches
+        peak = peak_rss_kib(proc.pid)
+        assert peak < 150 * 1024, f"peak RSS {peak} KiB"
+        assert proc.poll() is None
+    finally:
+        text = stop_watcher(proc, log)
+    lines = text.splitlines()
+    assert "Traceback" not in text
+    # at most one line per junk directory over three full scans, and one cap warning
+    assert len(lines) < junk + 1200 + 100, f"{len(lines)} log lines"
+    assert sum("inotify watch" in line and "cap" in line for line in lines) == 1, "\n".join(
+        line for line in lines if "cap" in line
+    )
+
+
+def _fifo(d: Path) -> None:
+    d.mkdir(parents=True)
+    (d / "lxd.tar.xz").write_bytes(b"meta")
+    os.mkfifo(d / "rootfs.squashfs")
+
+
+def _socket(d: Path) -> None:
+    import socket
+
+    d.mkdir(parents=True)
+    (d / "lxd.tar.xz").write_bytes(b"meta")
+    for where, name in ((d, "rootfs.squashfs"), (d.parent, "sock")):
+        with contextlib.chdir(where), socket.socket(socket.AF_UNIX) as s:
+            s.bind(name)  # relative: the tmp path is longer than a socket address
+
+
+def _symlinks(d: Path) -> None:
+    d.mkdir(parents=True)
+    (d / "lxd.tar.xz").write_bytes(b"meta")
+    (d / "rootfs.squashfs").symlink_to("/etc/passwd")
+    (d.parent / "20240505_1200").symlink_to("/etc")
+    (d.parent.parent / "loop").symlink_to("loop")
+    (d.parent.parent / "cycle").symlink_to(".")
+    (d.parent.parent / "dangling").symlink_to("/nonexistent")
+    (d.parent.parent.parent.parent / "etc").symlink_to("/etc")
+
+
+def _unreadable(d: Path) -> None:
+    d.mkdir(parents=True)
+    (d / "lxd.tar.xz").write_bytes(b"meta")
+    (d / "rootfs.squashfs").write_bytes(b"root")
+    os.chmod(d / "rootfs.squashfs", 0)
+    os.chmod(d, 0)
+    os.chmod(d.parent, 0)
+
+
+def _replaced_by_file(d: Path) -> None:
+    d.mkdir(parents=True)
+    time.sleep(0.5)
+    os.rmdir(d)
+    os.rmdir(d.parent)
+    d.parent.write_bytes(b"now a file")
+
+
+def _bad_names(d: Path) -> None:
+    base = os.fsencode(d.parent.parent)
+    for name in (b"ctl\x1b[31m", b"new\nline", b"\xff\xfe", b"caf\xc3\xa9", b"x" * 255):
+        os.makedirs(os.path.join(base, name, b"20240101_1200"))
+        with open(os.path.join(base, name, b"20240101_1200", b"lxd.tar.xz"), "wb") as f:
+            f.write(b"m")
+    os.makedirs(os.path.join(os.fsencode(d.parent), b"2024\xff_1200"))
+    d.mkdir(parents=True)
+    (d / "lxd.tar.xz").write_bytes(b"meta")
+    (d / "root\xff.squashfs".encode("utf-8", "surrogateescape").decode()).write_bytes(b"?")
+    os.mkdir(os.path.join(os.fsencode(d), b"\xc0\xaf"))
+
+
+def _churn(d: Path) -> None:
+    """Directories created and removed while the watcher scans them."""
+    stop = time.monotonic() + 3
+    i = 0
+    while time.monotonic() < stop:
+        v = d.parent / f"2024010{i % 9 + 1}_1200"
+        v.mkdir(parents=True, exist_ok=True)
+        (v / "lxd.tar.xz").write_bytes(b"m")
+        (v / "rootfs.squashfs").write_bytes(b"r")
+        shutil.rmtree(v)
+        if i % 50 == 0:
+            shutil.rmtree(d.parent.parent)
+        i += 1
+
+
+def _overflow(d: Path, proc) -> None:
+    """More events than the kernel queues while the watcher cannot read them."""
+    d.mkdir(parents=True)
+    limit = int(Path("/proc/sys/fs/inotify/max_queued_events").read_text())
+    proc.send_signal(signal.SIGSTOP)
+    try:
+        for i in range(limit // 2 + 100):
+            p = d / f"f{i}"
+            p.write_bytes(b"")
+            p.unlink()
+    finally:
+        proc.send_signal(signal.SIGCONT)
+
+
+HOSTILE = {
+    "fifo": _fifo,
+    "socket": _socket,
+    "symlinks": _symlinks,
+    "unreadable": _unreadable,
+    "replaced_by_file": _replaced_by_file,
+    "bad_names": _bad_names,
+    "churn": _churn,
+    "overflow": _overflow,
+}
+
+
+@pytest.mark.parametrize("scenario", sorted(HOSTILE))
+def test_nothing_on_disk_stops_the_watcher(tmp_path, scenario):
+    """Finding 10: whatever lies in the tree, the watcher keeps running and publishing."""
+    root, proc, catalog, log = start_watcher(tmp_path)
+    try:
+        d = root / "images" / "evil/1/amd64/default/20240101_1200"
+        if scenario == "overflow":
+            _overflow(d, proc)
+        else:
+            HOSTILE[scenario](d)
+        time.sleep(1)
+        key = "busybox/1.35/amd64/default/20240301_1200"
+        _, squash = move_in_version(root, key)
+        versions = catalog.wait_for(lambda v: key in v, f"a good version after {scenario}")
+        assert versions[key]["squashfs"]["sha256"] == sha(squash)
+        if scenario != "unreadable" or os.geteuid() != 0:  # root reads mode 000 anyway
+            assert not any("evil" in p for p in catalog.seen_paths)
+        assert proc.poll() is None, "the watcher died"
+    finally:
+        for dirpath, dirnames, _ in os.walk(root / "images"):
+            for n in dirnames:
+                with contextlib.suppress(OSError):
+                    os.chmod(os.path.join(dirpath, n), 0o755)
+        text = stop_watcher(proc, log)
+    assert proc.returncode == 0, text[-3000:]
+    assert "Traceback" not in text, text[-3000:]

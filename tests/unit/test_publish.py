@@ -3,6 +3,8 @@ import datetime as dt
 import gzip
 import json
 import multiprocessing
+import os
+import stat
 import subprocess
 import time
 
@@ -135,3 +137,96 @@ def test_lock_is_exclusive_across_processes(tmp_path):
             assert marker.read_text() == "released"
     finally:
         p.join(10)
+
+
+# -- issue 9, finding 3: what the publisher reads back, and its lock ------------------------------
+
+
+def _publish_with_little_memory(streams: str, conn) -> None:
+    """In a child limited to 256 MiB more address space than it has: publish, report."""
+    import resource
+
+    with open("/proc/self/status") as f:
+        vm = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
+    limit = vm + 256 * 1024 * 1024
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    try:
+        conn.send(("ok", publish(streams, PRODUCTS, T2)))
+    except BaseException as e:
+        conn.send(("error", repr(e)[:200]))
+
+
+def _publish_in_child(streams) -> tuple[str, object]:
+    ctx = multiprocessing.get_context("fork")
+    parent, child = ctx.Pipe()
+    p = ctx.Process(target=_publish_with_little_memory, args=(str(streams), child))
+    p.start()
+    p.join(60)
+    if p.is_alive():
+        p.kill()
+        p.join()
+        return ("hung", None)
+    return parent.recv() if parent.poll() else ("died", p.exitcode)
+
+
+@pytest.mark.parametrize("target", ["/dev/zero", "huge"])
+def test_previous_catalog_is_read_bounded(tmp_path, target):
+    """images.json or index.json a symlink to /dev/zero or a huge file: the publisher neither
+    follows the link nor reads without bound; it replaces the documents."""
+    streams = tmp_path / "v1"
+    publish(str(streams), PRODUCTS, T1)
+    if target == "huge":
+        huge = tmp_path / "huge"
+        with open(huge, "wb") as f:
+            f.truncate(8 << 30)  # sparse: 8 GiB of zeros, no disk used
+        target = str(huge)
+    for name in ("images.json", "index.json"):
+        (streams / name).unlink()
+        (streams / name).symlink_to(target)
+    assert _publish_in_child(streams) == ("ok", True)
+    for name in ("images.json", "index.json"):
+        assert not (streams / name).is_symlink()
+        assert read(streams, name)["updated"] == T2.strftime(UPDATED_FORMAT)
+
+
+def test_a_huge_regular_catalog_is_not_read_whole(tmp_path):
+    streams = tmp_path / "v1"
+    publish(str(streams), PRODUCTS, T1)
+    with open(streams / "images.json", "r+b") as f:
+        f.truncate(8 << 30)
+    assert _publish_in_child(streams) == ("ok", True)
+    assert read(streams, "images.json")["updated"] == T2.strftime(UPDATED_FORMAT)
+
+
+@pytest.mark.parametrize("kind", ["directory", "symlink", "dangling symlink", "fifo"])
+def test_lock_that_is_not_a_regular_file_is_refused_by_name(tmp_path, kind):
+    state = tmp_path / "state"
+    state.mkdir()
+    lock = state / "catalog.lock"
+    victim = tmp_path / "victim"
+    if kind == "directory":
+        lock.mkdir()
+    elif kind == "symlink":
+        victim.write_text("precious")
+        lock.symlink_to(victim)
+    elif kind == "dangling symlink":
+        lock.symlink_to(victim)
+    else:
+        os.mkfifo(lock)
+    with pytest.raises(PublishError) as e, catalog_lock(str(state)):
+        pass
+    message = str(e.value)
+    assert str(lock) in message and "\n" not in message
+    assert "not a regular file" in message
+    if kind == "symlink":
+        assert victim.read_text() == "precious"
+    else:
+        assert not victim.exists()
+
+
+def test_lock_is_created_private_to_its_writer(tmp_path):
+    state = tmp_path / "state"
+    with catalog_lock(str(state)):
+        st = os.lstat(state / "catalog.lock")
+    assert stat.S_ISREG(st.st_mode)
+    assert not st.st_mode & 0o022
