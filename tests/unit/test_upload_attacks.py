@@ -7,6 +7,7 @@ import base64
 import json
 import logging
 import os
+import shutil
 import socket
 import stat
 import threading
@@ -37,7 +38,7 @@ def _one_line(reason: str) -> None:
 
 LONG = "a" * 5000
 BAD_NAMES = [
-    f"x\n/1.35/amd64/default/20240101_12:00/lxd.tar.xz",  # trailing newline in a component
+    "x\n/1.35/amd64/default/20240101_12:00/lxd.tar.xz",  # trailing newline in a component
     f"{VERSION}/lxd.tar.xz\n",
     "busybox/1.35/amd64/default/\uff12\uff10\uff12\uff14\uff10\uff11\uff10\uff11_12:00/lxd.tar.xz",
     "busybox/1.35/amd64/default/20240101_12:00/lxd\x00.tar.xz",
@@ -47,7 +48,7 @@ BAD_NAMES = [
     f"{VERSION}/{LONG}.tar.gz",
     f"{VERSION}/lxd\t.tar.xz",
     f"{VERSION}/lxd\x7f.tar.xz",
-    f"bus\u00e9box/1.35/amd64/default/20240101_12:00/lxd.tar.xz",
+    "bus\u00e9box/1.35/amd64/default/20240101_12:00/lxd.tar.xz",
 ]
 
 
@@ -106,7 +107,7 @@ def _disposition_form(disposition: str) -> tuple[bytes, str]:
         f"form-data; name=\"upload\"; filename*=utf-8''{META.replace(':', '%3A')}%00",
         f"form-data; name=\"upload\"; filename*=utf-8''{'%41' * 3000}",
         "form-data; name=\"upload\"; filename*=''",
-        "form-data; name=\"upload\"; filename*=utf-8'",
+        'form-data; name="upload"; filename*=utf-8\'',
         f'form-data; name="upload"; filename="{LONG}"',
         'form-data; name="upload"; filename="\\',
     ],
@@ -193,10 +194,11 @@ def _basic(user: str, password: str) -> dict[str, str]:
 
 
 @pytest.fixture
-def passwords(tmp_path: Path) -> Path:
-    path = tmp_path / "htpasswd"
+def passwords(tree: Tree) -> Path:
+    path = tree.base / "htpasswd"
     htpasswd.set_password(str(path), "alice", "s3cret")
     htpasswd.set_password(str(path), "bob", "hunter2")
+    tree.start()
     return path
 
 
@@ -240,6 +242,8 @@ def test_password_change_is_seen_without_restart(tree: Tree, passwords: Path) ->
     passwords.unlink()
     r = call(app, "PUT", f"/images/{META}", b"4", extra=_basic("alice", "new one"))
     assert r.status == 401
+    htpasswd.set_password(str(passwords), "alice", "s3cret")
+    tree.start()
 
 
 def test_no_credentials_configured_refuses_everyone(tree: Tree, tmp_path: Path) -> None:
@@ -272,15 +276,14 @@ def _swapper(images: Path, outside: Path, rel: str, stop: threading.Event) -> Ca
             try:
                 os.symlink(outside, target)
                 swaps["n"] += 1
+                stop.wait(0.0005)  # long enough for a check-then-use to fall into
                 os.unlink(target)
             except OSError:
                 pass
             try:
                 os.rename(aside, target)
-            except OSError:  # the app made a new one meanwhile: merge ours back by hand
-                for p in aside.iterdir():
-                    os.replace(p, target / p.name)
-                os.rmdir(aside)
+            except OSError:  # the app made a new one meanwhile: drop ours
+                shutil.rmtree(aside, ignore_errors=True)
 
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
@@ -288,6 +291,7 @@ def _swapper(images: Path, outside: Path, rel: str, stop: threading.Event) -> Ca
     def finish() -> int:
         stop.set()
         thread.join()
+        shutil.rmtree(aside, ignore_errors=True)
         return swaps["n"]
 
     return finish
@@ -310,6 +314,7 @@ def test_directory_swapped_for_a_symlink_during_uploads(
     finally:
         swaps = finish()
     assert swaps > 0
+    assert 201 in statuses, statuses
     assert sorted(p.name for p in tree.outside.iterdir()) == ["precious"], statuses
     assert (tree.outside / "precious").read_text() == "do not touch"
     tree.check()
