@@ -196,8 +196,8 @@ class UploadApp:
         body: BodyReader | None = None
         user = "-"
         try:
-            user = self._authenticate(environ)
             body = _body_reader(environ, self.guard)
+            user = self._authenticate(environ)
             outcome = self._dispatch(method, environ, body)
         except HTTPError as e:
             outcome = _Outcome(e.status, {"error": e.message}, list(e.headers))
@@ -208,10 +208,11 @@ class UploadApp:
                 internal=f"{type(e).__name__}: {clip(str(e))}",
             )
             log.debug("%s %s failed", method, shown, exc_info=True)
-        if body is not None and outcome.status >= 400:
-            if outcome.status != 401:
-                body.drain()
+        if body is not None and outcome.status in (401, 408):
+            # nothing more is read from a client without credentials, or one that stalled
             body.abandon()
+        elif body is not None and outcome.status >= 400:
+            body.drain()
         payload = json.dumps(outcome.body, sort_keys=True).encode() + b"\n"
         headers = [
             ("Content-Type", "application/json"),
