@@ -66,7 +66,7 @@ def parse_options_header(value: str) -> tuple[str, dict[str, str]]:
                 out.append(value[i])
                 i += 1
             if i >= n:
-                raise MultipartError(f"unterminated quoted string in header parameter {key!r}")
+                raise MultipartError(f"unterminated quoted string in header parameter {_show(key)}")
             i += 1  # closing quote
             val = "".join(out)
             while i < n and value[i] not in ";":
@@ -86,22 +86,37 @@ def parse_options_header(value: str) -> tuple[str, dict[str, str]]:
     return main, params
 
 
+#: Charsets accepted in `key*=charset'lang'value` (RFC 8187 requires UTF-8 and ISO-8859-1).
+_CHARSETS = {"utf-8": "utf-8", "iso-8859-1": "latin-1", "us-ascii": "ascii"}
+
+
 def _decode_rfc5987(value: str) -> str:
     parts = value.split("'", 2)
     if len(parts) != 3:
-        raise MultipartError(f"malformed extended parameter value {value!r}")
+        raise MultipartError(f"malformed extended parameter value {_show(value)}")
     charset = parts[0].strip().lower() or "utf-8"
+    encoding = _CHARSETS.get(charset)
+    if encoding is None:
+        raise MultipartError(f"unsupported charset {_show(charset)} in an extended parameter")
     try:
-        return unquote(parts[2], encoding=charset, errors="strict")
-    except (LookupError, UnicodeDecodeError) as e:
-        raise MultipartError(f"cannot decode extended parameter value {value!r}: {e}") from None
+        return unquote(parts[2], encoding=encoding, errors="strict")
+    except (UnicodeDecodeError, ValueError):
+        raise MultipartError(
+            f"cannot decode extended parameter value {_show(value)} as {charset}"
+        ) from None
+
+
+def _show(text: str, limit: int = 60) -> str:
+    """A short, one-line, ASCII quotation of client-supplied text."""
+    shown = ascii(text[:limit])
+    return shown + f"... ({len(text)} characters)" if len(text) > limit else shown
 
 
 def boundary_from_content_type(content_type: str) -> bytes:
     """The boundary of a multipart/form-data Content-Type, or MultipartError."""
     mime, params = parse_options_header(content_type)
     if mime != "multipart/form-data":
-        raise MultipartError(f"expected multipart/form-data, got {mime or 'nothing'!r}")
+        raise MultipartError(f"expected multipart/form-data, got {_show(mime or 'nothing')}")
     boundary = params.get("boundary", "")
     if not 1 <= len(boundary) <= _MAX_BOUNDARY:
         raise MultipartError("multipart/form-data without a valid boundary parameter")
@@ -300,6 +315,6 @@ def _parse_header_block(block: bytes) -> dict[str, str]:
     for line in lines:
         name, sep, value = line.partition(":")
         if not sep or not name.strip() or name != name.strip():
-            raise MultipartError(f"malformed part header line {line[:80]!r}")
+            raise MultipartError(f"malformed part header line {_show(line)}")
         headers[name.lower()] = value.strip()
     return headers

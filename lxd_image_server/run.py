@@ -171,25 +171,21 @@ def _commands(opts: RunOptions, conf: str, user: str | None) -> dict[str, list[s
         py,
         "-m",
         "gunicorn",
+        "-c",
+        "python:lxd_image_server.gunicorn_conf",
         "--bind",
         f"unix:{opts.upload_socket}",
-        "--worker-class",
-        "gthread",
         "--workers",
         str(opts.upload_workers),
-        "--threads",
-        "4",
-        "--timeout",
-        "120",
-        "--graceful-timeout",
-        "5",
         "--access-logfile",
         "-" if opts.verbose else "/dev/null",
-        "--error-logfile",
-        "-",
+        # the app checks the credentials itself too (its socket is no way around them)
+        "--env",
+        "ALLOW_ANONYMOUS_UPLOADS=yes"
+        if opts.allow_anonymous_uploads
+        else "LXD_IMAGE_SERVER_HTPASSWD="
+        + (opts.htpasswd or os.path.join(opts.paths.state_dir, "htpasswd")),
     ]
-    if _gunicorn_has_control_socket():
-        upload.append("--no-control-socket")  # it would live in $HOME; we never use it
     if user:
         upload += ["--group", user.split()[1], "--umask", "0o007"]
     upload.append("lxd_image_server.upload:app_from_env()")
@@ -198,15 +194,6 @@ def _commands(opts: RunOptions, conf: str, user: str | None) -> dict[str, list[s
         "upload": upload,
         "nginx": [nginx.nginx_binary(), "-p", opts.run_dir, "-c", conf, "-e", "stderr"],
     }
-
-
-def _gunicorn_has_control_socket() -> bool:
-    """gunicorn >= 24 opens a control socket unless told not to; Debian 12's 20.1 has none."""
-    try:
-        from gunicorn.config import Config
-    except ImportError:
-        return False
-    return "control_socket_disable" in Config().settings
 
 
 def _die_with_parent() -> None:

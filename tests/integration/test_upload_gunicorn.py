@@ -2,16 +2,21 @@
 
 Uses the seeds' commands (`-u u:p "-Fupload=@file;filename=<path>"`, `-T file`), a chunked PUT
 from stdin, ~300 MB uploads while the worker's memory is watched in /proc, and a curl killed
-in the middle of its body.
+in the middle of its body. gunicorn runs with the settings the package and `run` use
+(-c python:lxd_image_server.gunicorn_conf). Attacks straight on the socket (issue 9): no or
+wrong credentials, 66 MB of refused multipart parts, more stalled clients than threads.
 """
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import hashlib
 import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -24,12 +29,16 @@ from typing import Any
 
 import pytest
 
+from lxd_image_server import htpasswd
+
 GUNICORN = Path(sys.executable).parent / "gunicorn"
 VERSION = "busybox/1.35/amd64/default/20240101_12:00"
 MiB = 1 << 20
 BIG_SIZE = 300 * MiB
 MEMORY_BOUND = 32 * MiB
 DEADLINE = 60.0
+USER, PASSWORD = "u", "p"
+CONFIG = "python:lxd_image_server.gunicorn_conf"
 
 
 def _require_tools() -> None:
@@ -81,12 +90,16 @@ class Server:
     proc: subprocess.Popen[bytes]
     worker: int
 
-    def curl(self, *args: str, path: str = "/images/", stdin: Any = None) -> tuple[int, Any]:
-        """Runs curl against the server -> (HTTP status, JSON body)."""
+    def curl(
+        self, *args: str, path: str = "/images/", stdin: Any = None, auth: bool = True
+    ) -> tuple[int, Any]:
+        """Runs curl against the server (with the right credentials unless `auth` is False)
+        -> (HTTP status, JSON body)."""
+        creds = ["-u", f"{USER}:{PASSWORD}"] if auth else []
         out = subprocess.run(
             [
                 "curl", "-sS", "--unix-socket", str(self.sock), "-w", "\n%{http_code}",
-                *args, f"http://localhost{path}",
+                *creds, *args, f"http://localhost{path}",
             ],
             stdin=stdin,
             capture_output=True,
@@ -114,19 +127,30 @@ def start_server(workdir: Path) -> Iterator[Callable[..., Server]]:
     _require_tools()
     started: list[Server] = []
 
-    def start(**env: str) -> Server:
+    def start(*options: str, workers: int = 1, **env: str) -> Server:
         n = len(started)
         images = workdir / f"root{n}" / "images"
         images.mkdir(parents=True)
         sock = workdir / f"upload{n}.sock"
         log = workdir / f"gunicorn{n}.log"
+        passwords = workdir / f"htpasswd{n}"
+        htpasswd.set_password(str(passwords), USER, PASSWORD)
         environ = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
-        environ.update({"LXD_IMAGE_SERVER_IMG_DIR": str(images), "DEBUG": "1", **env})
+        environ.update(
+            {
+                "LXD_IMAGE_SERVER_IMG_DIR": str(images),
+                "LXD_IMAGE_SERVER_HTPASSWD": str(passwords),
+                "DEBUG": "1",
+                **env,
+            }
+        )
+        if not options:
+            options = ("--threads", "2", "--timeout", "300")
         with open(log, "wb") as logf:
             proc = subprocess.Popen(
                 [
-                    str(GUNICORN), "--bind", f"unix:{sock}", "--workers", "1",
-                    "--worker-class", "gthread", "--threads", "2", "--timeout", "300",
+                    str(GUNICORN), "-c", CONFIG, "--bind", f"unix:{sock}",
+                    "--workers", str(workers), *options,
                     "lxd_image_server.upload:app_from_env()",
                 ],
                 env=environ,
@@ -138,7 +162,7 @@ def start_server(workdir: Path) -> Iterator[Callable[..., Server]]:
         def up() -> bool:
             if proc.poll() is not None:
                 pytest.fail(f"gunicorn exited with {proc.returncode}:\n{log.read_text()}")
-            return sock.exists() and len(_children(proc.pid)) == 1
+            return sock.exists() and len(_children(proc.pid)) == workers
 
         _wait_for("gunicorn to start", up)
         server = Server(sock, images, log, proc, _children(proc.pid)[0])
@@ -206,7 +230,7 @@ def test_seed_form_upload(start_server: Callable[..., Server], workdir: Path) ->
     assert status == 201, doc
     assert doc["files"][0]["stored_as"] == f"{VERSION}/lxd.tar.xz.1"
     # the request log (DEBUG=1) reaches gunicorn's output
-    assert "POST /images/ -> 201" in server.log.read_text()
+    assert f"POST /images/ by {USER} -> 201" in server.log.read_text()
     assert server.leftovers() == []
 
 
@@ -326,9 +350,10 @@ def test_client_killed_mid_body_leaves_nothing(
         args = ["-T", source, f"http://localhost/images/{VERSION}/rootfs.squashfs"]
     else:
         args = [f"-Fupload=@{big};filename={VERSION}/rootfs.squashfs", "http://localhost/images/"]
+    auth = ["-u", f"{USER}:{PASSWORD}"]
     with open(big, "rb") as stdin:
         curl = subprocess.Popen(
-            ["curl", "-sS", "--unix-socket", str(server.sock), "--limit-rate", "4M", *args],
+            ["curl", "-sS", "--unix-socket", str(server.sock), "--limit-rate", "4M", *auth, *args],
             stdin=stdin,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -351,3 +376,165 @@ def test_client_killed_mid_body_leaves_nothing(
     status, doc = server.curl("-T", str(small), path=f"/images/{VERSION}/lxd.tar.xz")
     assert status == 201, doc
     assert server.proc.poll() is None
+
+
+# -- attacks straight on the socket (issue 9) --------------------------------------------------
+
+
+def _request(sock: Path, head: str, body: bytes = b"", timeout: float = DEADLINE) -> bytes:
+    """One raw HTTP/1.1 request on the unix socket -> the whole answer (the body is sent by
+    a thread, so an answer that comes before the body is complete is read too)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        s.connect(str(sock))
+        s.sendall(head.encode())
+
+        def send() -> None:
+            with contextlib.suppress(OSError):
+                view = memoryview(body)
+                while view:
+                    view = view[s.send(view[: 1 << 20]) :]
+
+        sender = threading.Thread(target=send, daemon=True)
+        sender.start()
+        answer = bytearray()
+        try:
+            while chunk := s.recv(1 << 16):
+                answer += chunk
+                if len(answer) > 64 << 20:
+                    break
+        except ConnectionResetError:
+            # a unix socket closed with unread data (the rest of a refused body) is reset,
+            # after the answer, which was read in full before
+            if not answer:
+                raise
+        with contextlib.suppress(OSError):
+            s.shutdown(socket.SHUT_RDWR)
+        sender.join(timeout)
+    return bytes(answer)
+
+
+def _status(answer: bytes) -> int:
+    return int(answer.split(b" ", 2)[1])
+
+
+def _basic(user: str, password: str) -> str:
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+
+def test_socket_is_no_way_around_credentials(
+    start_server: Callable[..., Server], workdir: Path
+) -> None:
+    """Finding 8: whoever reaches the socket (group www-data) must still know a password."""
+    server = start_server()
+    data = workdir / "lxd.tar.xz"
+    data.write_bytes(b"meta")
+    url = f"/images/{VERSION}/lxd.tar.xz"
+    status, doc = server.curl("-T", str(data), path=url, auth=False)
+    assert status == 401, doc
+    status, doc = server.curl("-H", "X-Remote-User: u", "-T", str(data), path=url, auth=False)
+    assert status == 401, doc
+    status, doc = server.curl("-u", "u:wrong", "-T", str(data), path=url, auth=False)
+    assert status == 401, doc
+    status, doc = server.curl(f"-Fupload=@{data};filename={VERSION}/lxd.tar.xz", auth=False)
+    assert status == 401, doc
+    assert list(server.images.iterdir()) == []
+    status, doc = server.curl("-T", str(data), path=url)
+    assert status == 201, doc
+    anonymous = start_server(ALLOW_ANONYMOUS_UPLOADS="yes")
+    status, doc = anonymous.curl("-T", str(data), path=url, auth=False)
+    assert status == 201, doc
+
+
+@pytest.mark.timeout(600)
+def test_refused_parts_keep_memory_and_answer_small(start_server: Callable[..., Server]) -> None:
+    """Finding 7: 66 MB of parts with refused names grew a worker to 1 GiB, answered 222 MB."""
+    server = start_server()
+    boundary = "refused-parts-boundary"
+    part = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="upload"; '
+        f'filename="../../etc/{"x" * 40}"\r\n\r\nx\r\n'
+    ).encode()
+    end = f"--{boundary}--\r\n".encode()
+
+    def head(length: int) -> str:
+        return (
+            "POST /images/ HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n"
+            f"Authorization: {_basic(USER, PASSWORD)}\r\n"
+            f"Content-Type: multipart/form-data; boundary={boundary}\r\n"
+            f"Content-Length: {length}\r\n\r\n"
+        )
+
+    # warm up: imports, first-request allocations
+    small = part * 10 + end
+    assert _status(_request(server.sock, head(len(small)), small)) == 400
+    body = part * (66_000_000 // len(part)) + end
+    sampler = RssSampler(server.worker)
+    try:
+        answer = _request(server.sock, head(len(body)), body)
+    finally:
+        growth = sampler.growth()
+    assert 400 <= _status(answer) < 500, answer[:300]
+    assert len(answer) < 64 * 1024, f"an answer of {len(answer)} bytes"
+    assert growth < 50 * MiB, f"the worker grew by {growth / MiB:.1f} MiB"
+    assert list(server.images.iterdir()) == []
+    assert server.proc.poll() is None
+
+
+@pytest.mark.timeout(600)
+def test_stalled_clients_do_not_starve_uploads(
+    start_server: Callable[..., Server], workdir: Path
+) -> None:
+    """Finding 11: more stalled clients than threads (some silent, some sending a byte now
+    and then) hold no thread for long: another upload still gets through."""
+    from lxd_image_server import gunicorn_conf
+
+    server = start_server("--timeout", "300", workers=2, UPLOAD_READ_TIMEOUT="2")
+    stalled = gunicorn_conf.workers * gunicorn_conf.threads + 8
+    head = (
+        f"PUT /images/{VERSION}/rootfs.squashfs HTTP/1.1\r\nHost: localhost\r\n"
+        f"Authorization: {_basic(USER, PASSWORD)}\r\nContent-Length: 1000000\r\n\r\n"
+    )
+    stop = threading.Event()
+    answers: list[bytes] = []
+    clients = []
+    for i in range(stalled):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(DEADLINE)
+        s.connect(str(server.sock))
+        s.sendall(head.encode() + b"x" * 100)
+        clients.append((s, i % 2 == 0))
+
+    def trickle(s: socket.socket) -> None:
+        while not stop.wait(0.5):
+            try:
+                s.sendall(b"x")
+            except OSError:
+                return
+
+    def collect(s: socket.socket) -> None:
+        answer = bytearray()
+        with contextlib.suppress(OSError):
+            while chunk := s.recv(65536):
+                answer += chunk
+        answers.append(bytes(answer))
+
+    threads = [threading.Thread(target=trickle, args=(s,), daemon=True) for s, t in clients if t]
+    threads += [threading.Thread(target=collect, args=(s,), daemon=True) for s, _ in clients]
+    for t in threads:
+        t.start()
+    try:
+        data = workdir / "lxd.tar.xz"
+        data.write_bytes(os.urandom(100_000))
+        status, doc = server.curl(
+            "--max-time", str(DEADLINE), "-T", str(data), path=f"/images/{VERSION}/lxd.tar.xz"
+        )
+        assert status == 201, doc
+        _wait_for("every stalled client to be answered", lambda: len(answers) == stalled)
+    finally:
+        stop.set()
+        for s, _ in clients:
+            s.close()
+    statuses = sorted({_status(a) for a in answers if a})
+    assert statuses == [408], statuses
+    assert sorted(p.name for p in (server.images / VERSION).iterdir()) == ["lxd.tar.xz"]

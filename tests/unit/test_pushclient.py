@@ -50,7 +50,10 @@ class FakeNginx:
 
     def __init__(self, root: Path, upload: App | None = None) -> None:
         self.root = root
-        self.upload = upload or make_app(UploadSettings(img_dir=str(root / "images")))
+        self.upload = upload or make_app(
+            # this stand-in checks the credentials, as nginx does; the app trusts it here
+            UploadSettings(img_dir=str(root / "images"), allow_anonymous=True)
+        )
         self.requests: list[tuple[str, str]] = []
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
