@@ -85,6 +85,15 @@ def _paths(g: Globals, root_dir: str | None, img_dir: str | None, streams_dir: s
         raise click.UsageError(str(e)) from e
 
 
+def refuse_private_anonymous(private: bool, anonymous: bool) -> None:
+    """Reads behind credentials that do not exist would silently stay public."""
+    if private and anonymous:
+        raise click.UsageError(
+            "--private needs upload credentials: it cannot go with --allow-anonymous-uploads "
+            "(reads would be public)"
+        )
+
+
 def load_settings(config: str | None) -> Settings:
     """The layered configuration, or a usage error naming the file and line."""
     try:
@@ -361,6 +370,11 @@ def _root_dir_only(f: F) -> F:
 )
 @click.option("--private", is_flag=True, help="Require the credentials for reads too.")
 @click.option(
+    "--allow-anonymous-uploads",
+    is_flag=True,
+    help="No upload credentials: anyone may upload (a proxy in front authenticates).",
+)
+@click.option(
     "--upload-socket",
     default=DEFAULT_UPLOAD_SOCKET,
     show_default=True,
@@ -381,9 +395,11 @@ def init(
     htpasswd_path: str,
     listen: tuple[str, ...],
     private: bool,
+    allow_anonymous_uploads: bool,
     upload_socket: str,
 ) -> None:
     """Create the tree, a self-signed certificate, upload credentials and the nginx site."""
+    refuse_private_anonymous(private, allow_anonymous_uploads)
     paths = _paths(g, root_dir, None, None)
     # imported here: certificates pull in `cryptography`, which the other commands never need
     from . import tls
@@ -398,7 +414,7 @@ def init(
             nginx_skip=nginx_skip,
             force=force,
             nginx_dir=nginx_dir,
-            htpasswd=htpasswd_path,
+            htpasswd=None if allow_anonymous_uploads else htpasswd_path,
             listen=listen,
             private=private,
             upload_socket=upload_socket,
@@ -509,6 +525,7 @@ def run(
     private: bool,
 ) -> None:
     """Run nginx, the upload server and the watcher in the foreground."""
+    refuse_private_anonymous(private, allow_anonymous_uploads)
     from .run import RunOptions
     from .run import run as run_server
 

@@ -1,6 +1,7 @@
 """Renders the nginx templates in nginx/ and installs, checks and reloads the site.
 
-Templates use @NAME@ placeholders (nginx itself uses $var and braces).
+Templates use @NAME@ placeholders (nginx itself uses $var and braces). A value of several
+lines keeps the indentation of its placeholder.
 """
 
 from __future__ import annotations
@@ -21,7 +22,22 @@ from .procs import pid_alive
 log = logging.getLogger(__name__)
 
 SITE_NAME = "lxd-image-server"
-_PLACEHOLDER = re.compile(r"@([A-Z_]+)@")
+_PLACEHOLDER = re.compile(r"^([ \t]*)@([A-Z_]+)@|@([A-Z_]+)@", re.MULTILINE)
+_VERSION = re.compile(r"nginx/(\d+)\.(\d+)\.(\d+)", re.ASCII)
+
+#: nginx >= 1.25.1 turns HTTP/2 on with `http2 on;` and warns about `listen ... http2`
+HTTP2_DIRECTIVE_SINCE = (1, 25, 1)
+#: On everything nginx serves, errors included: nothing loads, runs or frames it.
+STRICT_CSP = "default-src 'none'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+#: The catalog page's header. The page's own <meta> policy (page.content_security_policy)
+#: allows exactly its inline script and style by their sha256; both policies apply, so the
+#: header only has to let inline code through to it and forbid the rest. Hashes are not
+#: repeated here: the site outlives package upgrades that change the page.
+PAGE_CSP = (
+    "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+    "img-src data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
+UPLOAD_ZONE = "lxd_image_server_uploads"
 
 
 class NginxError(ServiceError):
@@ -51,9 +67,10 @@ def render(name: str, values: dict[str, str]) -> str:
         raise NginxError(f"template {name} not found in {', '.join(map(str, template_dirs()))}")
 
     def sub(m: re.Match[str]) -> str:
-        if m[1] not in values:
-            raise NginxError(f"template {name}: no value for @{m[1]}@")
-        return values[m[1]]
+        indent, key = (m[1], m[2]) if m[2] else ("", m[3])
+        if key not in values:
+            raise NginxError(f"template {name}: no value for @{key}@")
+        return indent + values[key].replace("\n", "\n" + indent)
 
     return _PLACEHOLDER.sub(sub, text)
 
@@ -72,6 +89,19 @@ class SiteSettings:
     private: bool = False
     #: client_max_body_size: "0" is unlimited; the upload app enforces its own limit too
     max_body: str = "0"
+    #: uploads in progress per client address; more get 429
+    uploads_per_client: int = 4
+    #: nginx's longest wait between two reads of an upload's body (or writes to the app)
+    body_timeout: str = "60s"
+    #: how long the app may take to answer once the body is sent (it fsyncs the file)
+    answer_timeout: str = "120s"
+
+    def __post_init__(self) -> None:
+        if self.private and self.htpasswd is None:
+            raise NginxError(
+                "a private server needs credentials: reads would be public without them "
+                "(drop --private or --allow-anonymous-uploads)"
+            )
 
 
 def _auth(htpasswd: str | None, indent: str) -> str:
@@ -80,29 +110,77 @@ def _auth(htpasswd: str | None, indent: str) -> str:
     return f'{indent}auth_basic "lxd-image-server";\n{indent}auth_basic_user_file {htpasswd};'
 
 
+def _headers(csp: str, *extra: str) -> str:
+    lines = [
+        'add_header X-Content-Type-Options "nosniff" always;',
+        f'add_header Content-Security-Policy "{csp}" always;',
+        *extra,
+    ]
+    return "\n".join(lines)
+
+
 def render_locations(s: SiteSettings) -> str:
     return render(
         "locations.conf.in",
         {
-            "ROOT": s.root_dir,
-            "READ_AUTH": _auth(s.htpasswd, "") if s.private and s.htpasswd else "",
+            # resolved, so that disable_symlinks can check every component of every path
+            "ROOT": os.path.realpath(s.root_dir),
+            "READ_AUTH": _auth(s.htpasswd, "") if s.private else "",
             "WRITE_AUTH": _auth(s.htpasswd, "    "),
             "MAX_BODY": s.max_body,
             "UPLOAD_SOCKET": s.upload_socket,
+            "UPLOAD_ZONE": UPLOAD_ZONE,
+            "UPLOADS_PER_CLIENT": str(s.uploads_per_client),
+            "BODY_TIMEOUT": s.body_timeout,
+            "ANSWER_TIMEOUT": s.answer_timeout,
+            "HEADERS": _headers(STRICT_CSP),
+            "PAGE_HEADERS": _headers(PAGE_CSP),
+            "DOWNLOAD_HEADERS": _headers(
+                STRICT_CSP, 'add_header Content-Disposition "attachment" always;'
+            ),
         },
     )
 
 
-def render_site(s: SiteSettings, snippet_path: str) -> str:
-    suffix = " ssl http2" if s.tls else ""
+def render_site(s: SiteSettings, snippet_path: str, version: tuple[int, ...] | None = None) -> str:
+    """`version`: of the nginx that will run it (None: the one installed here, `nginx -v`)."""
+    if s.tls and version is None:
+        version = installed_version()
+    http2_on = s.tls and version is not None and version >= HTTP2_DIRECTIVE_SINCE
+    suffix = " ssl" if http2_on else " ssl http2" if s.tls else ""
+    listen = [f"    listen {addr}{suffix};" for addr in s.listen]
+    if http2_on:
+        listen.append("    http2 on;")
     return render(
         "site.conf.in",
         {
-            "LISTEN": "\n".join(f"    listen {addr}{suffix};" for addr in s.listen),
+            "LISTEN": "\n".join(listen),
             "TLS": render("tls.conf.in", {"SSL_DIR": s.ssl_dir}) if s.tls else "",
             "SNIPPET": snippet_path,
+            "UPLOAD_ZONE": UPLOAD_ZONE,
         },
     )
+
+
+def parse_version(text: str) -> tuple[int, int, int] | None:
+    """From `nginx -v` ("nginx version: nginx/1.22.1", maybe with a vendor suffix)."""
+    m = _VERSION.search(text)
+    return (int(m[1]), int(m[2]), int(m[3])) if m else None
+
+
+def installed_version() -> tuple[int, int, int] | None:
+    """The installed nginx's version; None if there is none or it does not say (the
+    configuration then uses the older syntax, which newer nginx accepts with a warning)."""
+    try:
+        r = subprocess.run(
+            [nginx_binary(), "-v"], capture_output=True, text=True, timeout=30, check=False
+        )
+    except (NginxError, OSError, subprocess.TimeoutExpired):
+        return None
+    found = parse_version(r.stderr + r.stdout)
+    if found is None:
+        log.warning("cannot tell the nginx version from %r", (r.stderr or r.stdout).strip())
+    return found
 
 
 def render_standalone(run_dir: str, site_path: str, user: str | None, verbose: bool) -> str:
@@ -130,7 +208,7 @@ def _write_if_changed(path: Path, text: str) -> bool:
     return True
 
 
-def install_site(nginx_dir: str, s: SiteSettings) -> bool:
+def install_site(nginx_dir: str, s: SiteSettings, version: tuple[int, ...] | None = None) -> bool:
     """Debian layout: snippets/, sites-available/ and the sites-enabled/ link.
 
     Returns True if anything changed.
@@ -140,7 +218,7 @@ def install_site(nginx_dir: str, s: SiteSettings) -> bool:
     site = base / "sites-available" / SITE_NAME
     link = base / "sites-enabled" / SITE_NAME
     changed = _write_if_changed(snippet, render_locations(s))
-    changed |= _write_if_changed(site, render_site(s, str(snippet)))
+    changed |= _write_if_changed(site, render_site(s, str(snippet), version))
     if not (link.is_symlink() and os.readlink(link) == str(site)):
         link.parent.mkdir(parents=True, exist_ok=True)
         if link.is_symlink() or link.exists():

@@ -24,13 +24,21 @@ from pathlib import Path
 from types import FrameType
 
 from . import htpasswd, nginx, tls
-from .config import Paths
+from .config import Paths, ServiceError
 from .fsutil import can_traverse
 from .initialize import InitReport, client_instructions, ensure_credentials, ensure_tree
 
 log = logging.getLogger(__name__)
 
 STOP_TIMEOUT = 10.0
+#: The user nginx's workers take when `run` is root (Debian's nginx package makes it)
+WORKER_USER = "www-data"
+#: How `run` tells the upload app where the credentials are (unset: anonymous uploads)
+HTPASSWD_ENV = "LXD_IMAGE_SERVER_HTPASSWD"
+
+
+class RunError(ServiceError):
+    """`run` will not start this way; the message says what to change."""
 
 
 @dataclass(frozen=True)
@@ -78,35 +86,56 @@ class RunOptions:
 
 def _worker_user(must_reach: Sequence[str]) -> str | None:
     """The user nginx's workers run as: None (ours) unless we are root, where they drop to
-    www-data if it can reach the tree; otherwise they stay root, with a warning."""
+    www-data. Never root: a link planted in the tree must not reach /etc/shadow or the key."""
     if os.geteuid() != 0:
         return None
     try:
-        pw = pwd.getpwnam("www-data")
+        pw = pwd.getpwnam(WORKER_USER)
     except KeyError:
-        return "root root"
+        raise RunError(
+            f"nginx's workers would run as root: there is no user {WORKER_USER} for them "
+            f"(create it, e.g. `adduser --system --group {WORKER_USER}`, or run "
+            "`lxd-image-server run` as a user other than root)"
+        ) from None
     gids = {pw.pw_gid, *(g.gr_gid for g in grp.getgrall() if pw.pw_name in g.gr_mem)}
     blocked = [p for p in must_reach if not can_traverse(p, pw.pw_uid, gids)]
     if blocked:
-        log.warning(
-            "nginx workers run as root: www-data cannot reach %s (make it and its parents "
-            "traversable, e.g. chmod o+x, to have them run as www-data)",
-            ", ".join(blocked),
+        raise RunError(
+            f"nginx's workers would run as root: {WORKER_USER} cannot reach "
+            f"{', '.join(blocked)}. Make these directories and their parents traversable "
+            f"(e.g. chmod o+x, or group {WORKER_USER} with g+x), move them somewhere it can "
+            "reach, or run `lxd-image-server run` as a user other than root"
         )
-        return "root root"
-    return "www-data www-data"
+    return f"{WORKER_USER} {WORKER_USER}"
 
 
-def prepare(opts: RunOptions) -> tuple[str, str | None, InitReport]:
-    """Tree, catalog, certificate, credentials, nginx config.
+@dataclass(frozen=True)
+class Prepared:
+    #: nginx.conf for the nginx `run` starts
+    conf: str
+    #: "USER GROUP" of nginx's workers; None: ours
+    worker_user: str | None
+    #: the credentials nginx (and the upload app) check; None: anonymous uploads
+    htpasswd: str | None
+    report: InitReport
 
-    Returns the nginx.conf path and the user nginx's workers run as.
-    """
+
+def prepare(opts: RunOptions) -> Prepared:
+    """Tree, catalog, certificate, credentials, nginx config."""
+    if opts.private and opts.allow_anonymous_uploads:
+        raise RunError("--private needs credentials: it cannot go with --allow-anonymous-uploads")
     report = InitReport()
     ensure_tree(opts.paths, report)
     for d in (opts.run_dir, opts.nginx_dir):
         os.makedirs(d, exist_ok=True)
-    user = _worker_user([opts.paths.root_dir, opts.paths.state_dir])
+    htpasswd_path = None
+    if not opts.allow_anonymous_uploads:
+        htpasswd_path = opts.htpasswd or os.path.join(opts.paths.state_dir, "htpasswd")
+        os.makedirs(os.path.dirname(os.path.abspath(htpasswd_path)), exist_ok=True)
+    must_reach = [opts.paths.root_dir, opts.paths.state_dir]
+    if htpasswd_path:
+        must_reach.append(os.path.dirname(os.path.abspath(htpasswd_path)))
+    user = _worker_user(must_reach)
     if user:
         # the workers must reach the upload socket and their temp dirs
         group = user.split()[1]
@@ -116,9 +145,7 @@ def prepare(opts: RunOptions) -> tuple[str, str | None, InitReport]:
     ssl_dir = opts.ssl_dir or os.path.join(opts.paths.state_dir, "ssl")
     if not opts.plain_http:
         report.cert = tls.ensure_certificate(ssl_dir, opts.hostnames or ("localhost",))
-    htpasswd_path = None
-    if not opts.allow_anonymous_uploads:
-        htpasswd_path = opts.htpasswd or os.path.join(opts.paths.state_dir, "htpasswd")
+    if htpasswd_path:
         if opts.create_user:
             ensure_credentials(htpasswd_path, "upload", report)
         elif not htpasswd.read_users(htpasswd_path):
@@ -148,7 +175,7 @@ def prepare(opts: RunOptions) -> tuple[str, str | None, InitReport]:
     )
     nginx.check(str(conf), prefix=opts.run_dir)
     Path(opts.url_file).write_text(opts.local_url() + "\n")
-    return str(conf), user, report
+    return Prepared(str(conf), user, htpasswd_path, report)
 
 
 def _commands(opts: RunOptions, conf: str, user: str | None) -> dict[str, list[str]]:
@@ -261,15 +288,24 @@ class Supervisor:
                 p.wait()
 
 
-def upload_env(opts: RunOptions, base: dict[str, str] | None = None) -> dict[str, str]:
+def upload_env(
+    opts: RunOptions, htpasswd_path: str | None, base: dict[str, str] | None = None
+) -> dict[str, str]:
+    """The upload app's environment: where images go and which credentials nginx checks
+    (the app checks them too, so its socket is no way around them)."""
     env = dict(os.environ if base is None else base)
     env["LXD_IMAGE_SERVER_IMG_DIR"] = opts.paths.img_dir
+    if htpasswd_path:
+        env[HTPASSWD_ENV] = os.path.abspath(htpasswd_path)
+    else:
+        env.pop(HTPASSWD_ENV, None)
     env.setdefault("PYTHONUNBUFFERED", "1")
     return env
 
 
 def run(opts: RunOptions, hostnames_for_help: Sequence[str] = ()) -> int:
-    conf, worker_user, report = prepare(opts)
+    prepared = prepare(opts)
+    report = prepared.report
     host = (hostnames_for_help or opts.hostnames or ("127.0.0.1",))[0]
     port = opts.listen.rsplit(":", 1)[-1]
     for change in report.changes:
@@ -285,6 +321,9 @@ def run(opts: RunOptions, hostnames_for_help: Sequence[str] = ()) -> int:
     sys.stdout.write(client_instructions(host, port, cert, report.new_credentials) + "\n")
     sys.stdout.flush()
     started = time.monotonic()
-    rc = Supervisor(_commands(opts, conf, worker_user), upload_env(opts)).run()
+    rc = Supervisor(
+        _commands(opts, prepared.conf, prepared.worker_user),
+        upload_env(opts, prepared.htpasswd),
+    ).run()
     log.info("stopped after %.0f s", time.monotonic() - started)
     return rc

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from lxd_image_server import htpasswd
+from lxd_image_server import htpasswd, nginx
 
 BIN = Path(sys.executable).parent / "lxd-image-server"
 
@@ -81,7 +81,10 @@ def test_init_creates_everything(env):
     assert link.is_symlink() and os.readlink(link) == str(site)
     text = site.read_text() + (env["nginx"] / "snippets/lxd-image-server.conf").read_text()
     assert "ssl_protocols TLSv1.2 TLSv1.3;" in text
-    assert "listen 8443 ssl http2;" in text
+    if nginx.installed_version() >= nginx.HTTP2_DIRECTIVE_SINCE:
+        assert "listen 8443 ssl;" in text and "http2 on;" in text
+    else:
+        assert "listen 8443 ssl http2;" in text and "http2 on;" not in text
     assert "proxy_request_buffering off;" in text
     assert f"auth_basic_user_file {env['htpasswd']};" in text
     # the password is printed once and works
@@ -94,11 +97,23 @@ def test_init_creates_everything(env):
     assert "update-ca-certificates" in r.stdout
     assert "lxc remote add" in r.stdout and "--protocol simplestreams" in r.stdout
     assert "-Fupload=@" in r.stdout
-    # nginx accepts the result
+    # nginx accepts the result, without a warning (Debian 13's nginx warns about
+    # `listen ... http2`, so the syntax follows the installed version)
     check = subprocess.run(
         ["nginx", "-t", "-c", str(env["nginx"] / "nginx.conf")], capture_output=True, text=True
     )
     assert check.returncode == 0, check.stderr
+    assert "[warn]" not in check.stderr and "deprecated" not in check.stderr, check.stderr
+    # finding 1 and 11: no link is followed; uploads are limited per client and time out
+    for directive in (
+        "disable_symlinks on;",
+        "limit_conn_zone $binary_remote_addr zone=lxd_image_server_uploads:1m;",
+        "limit_conn lxd_image_server_uploads 4;",
+        "limit_conn_status 429;",
+        "client_body_timeout 60s;",
+        'add_header X-Content-Type-Options "nosniff" always;',
+    ):
+        assert directive in text, directive
 
 
 def test_init_twice_changes_nothing(env):
@@ -176,3 +191,23 @@ def test_passwd_from_stdin(env):
     assert not htpasswd.verify_password("s3cret", users["alice"])
     assert cli("passwd", "bad:name", "--htpasswd", path, input="x\n").returncode == 2
     assert cli("passwd", "bob", "--htpasswd", path, input="\n").returncode == 2
+
+
+def test_private_with_anonymous_uploads_is_refused(env):
+    """Finding 16: reads behind credentials that do not exist were silently public."""
+    r = init(env, "--private", "--allow-anonymous-uploads")
+    assert r.returncode == 2, r.stdout + r.stderr
+    reason = [ln for ln in r.stderr.splitlines() if ln.startswith("Error:")]
+    assert len(reason) == 1 and "--private" in reason[0], r.stderr
+    assert "--allow-anonymous-uploads" in reason[0]
+    assert not env["root"].exists()
+    assert not (env["nginx"] / "sites-enabled").exists()
+
+
+def test_anonymous_uploads_make_no_credentials(env):
+    r = init(env, "--allow-anonymous-uploads")
+    assert r.returncode == 0, r.stderr
+    assert not env["htpasswd"].exists()
+    text = (env["nginx"] / "snippets/lxd-image-server.conf").read_text()
+    assert "auth_basic off;" in text and "auth_basic_user_file" not in text
+    assert "Upload user" not in r.stdout

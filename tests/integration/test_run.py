@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import shutil
 import signal
 import subprocess
@@ -124,25 +125,32 @@ def image(tmp_path_factory: pytest.TempPathFactory, label: str) -> tuple[Path, P
     return meta, make_squashfs(rootfs, work / "rootfs.squashfs")
 
 
-@pytest.fixture(scope="module")
-def server(pki: Pki) -> Iterator[Server]:
-    """In a directory www-data can traverse, so nginx's workers drop to www-data (the normal
-    case); `permissive` below lives in pytest's private tmp, where they must stay root."""
+def reachable_dir() -> Iterator[Path]:
+    """A directory www-data can traverse, so nginx's workers drop to www-data: `run` refuses
+    to start them as root (pytest's own tmp is 0700)."""
     base = Path(tempfile.mkdtemp(prefix="lis-run-", dir="/var/tmp"))
     base.chmod(0o755)
     try:
-        yield from start_server(base, pki, {})
+        yield base
     finally:
         shutil.rmtree(base)
 
 
+@pytest.fixture
+def reachable() -> Iterator[Path]:
+    yield from reachable_dir()
+
+
 @pytest.fixture(scope="module")
-def permissive(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    yield from start_server(
-        tmp_path_factory.mktemp("run-permissive"),
-        pki,
-        {"ALLOW_OVERWRITES": "1", "ALLOW_DELETES": "true"},
-    )
+def server(pki: Pki) -> Iterator[Server]:
+    for base in reachable_dir():
+        yield from start_server(base, pki, {})
+
+
+@pytest.fixture(scope="module")
+def permissive(pki: Pki) -> Iterator[Server]:
+    for base in reachable_dir():
+        yield from start_server(base, pki, {"ALLOW_OVERWRITES": "1", "ALLOW_DELETES": "true"})
 
 
 def wait_listed(server: Server, product: str, serial: str) -> float:
@@ -167,8 +175,12 @@ def test_seed_curl_uploads_then_lxc_launch(server: Server, image, label: str) ->
     stored = json.loads(body)["files"][0]
     assert stored["path"] == f"{d}/rootfs.squashfs"
     assert stored["size"] == squashfs.stat().st_size
-    # nginx's workers serve as www-data here (root only when it cannot reach the tree)
-    assert "nginx workers run as root" not in server.log.read_text()
+    # nginx's workers serve as www-data (never root)
+    nginx_pid = int((server.root.parent / "state/run/nginx.pid").read_text())
+    workers = Path(f"/proc/{nginx_pid}/task/{nginx_pid}/children").read_text().split()
+    assert workers
+    uids = {uid_of(int(w)) for w in workers}
+    assert uids == {pwd.getpwnam("www-data").pw_uid}
     latency = wait_listed(server, "busyrun:1.35:amd64:default", SERIAL)
     print(f"catalog listed the upload {latency:.3f} s after the second curl returned")
 
@@ -310,7 +322,8 @@ def test_tls_refuses_1_1_and_accepts_1_3(server: Server) -> None:
     assert "Protocol version: TLSv1.3" in new.stderr
 
 
-def test_run_creates_credentials_and_prints_them_once(pki: Pki, tmp_path: Path) -> None:
+def test_run_creates_credentials_and_prints_them_once(pki: Pki, reachable: Path) -> None:
+    tmp_path = reachable
     gen = start_server(tmp_path, pki, {}, make_htpasswd=False)
     server = next(gen)
     try:
@@ -342,7 +355,8 @@ def test_run_creates_credentials_and_prints_them_once(pki: Pki, tmp_path: Path) 
         gen.close()
 
 
-def test_run_stops_everything_and_fails_when_a_part_dies(pki: Pki, tmp_path: Path) -> None:
+def test_run_stops_everything_and_fails_when_a_part_dies(pki: Pki, reachable: Path) -> None:
+    tmp_path = reachable
     gen = start_server(tmp_path, pki, {})
     server = next(gen)
     pid_files = (tmp_path / "state" / "run" / "nginx.pid", tmp_path / "state" / "watch.pid")
@@ -373,8 +387,9 @@ def test_large_uploads_pass_through_nginx(server: Server, tmp_path: Path) -> Non
     assert (stored / "root.tar.xz").stat().st_size == big.stat().st_size
 
 
-def test_run_killed_leaves_no_orphans(tmp_path: Path) -> None:
+def test_run_killed_leaves_no_orphans(reachable: Path) -> None:
     """Even SIGKILL of `run` takes nginx, gunicorn and the watcher down with it."""
+    tmp_path = reachable
     port = free_port()
     with open(tmp_path / "log", "wb") as log:
         proc = subprocess.Popen(
@@ -405,6 +420,14 @@ def test_run_killed_leaves_no_orphans(tmp_path: Path) -> None:
     while any(Path(f"/proc/{pid}").exists() and "Z" not in _state(pid) for pid in children):
         assert time.monotonic() < deadline, "children of a killed run are still alive"
         time.sleep(0.05)
+
+
+def uid_of(pid: int) -> int:
+    """The effective uid (/proc/PID itself is root's for a process that dropped root)."""
+    line = next(
+        ln for ln in Path(f"/proc/{pid}/status").read_text().splitlines() if ln.startswith("Uid:")
+    )
+    return int(line.split()[2])
 
 
 def _state(pid: int) -> str:

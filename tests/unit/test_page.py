@@ -392,7 +392,7 @@ def test_write_page_makes_streams_when_missing(tmp_path: Path) -> None:
 
 def test_nginx_serves_the_page_at_the_root() -> None:
     conf = render_locations(SiteSettings(root_dir="/srv/root", upload_socket="/run/u.sock"))
-    block = conf.split("location = / {", 1)[1].split("}", 1)[0]
+    block = conf.split("location = / {", 1)[1].split("\n}", 1)[0]
     assert f"try_files /{PAGE_PATH} @about;" in block
 
 

@@ -1,0 +1,197 @@
+"""The nginx site as rendered from nginx/*.in: headers on every location, symlinks refused,
+upload limits, HTTP/2 in the syntax of the nginx it runs on. nginx itself checks the result in
+tests/integration (test_init.py, test_nginx_site.py)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from lxd_image_server import nginx, page
+from lxd_image_server.nginx import (
+    PAGE_CSP,
+    STRICT_CSP,
+    NginxError,
+    SiteSettings,
+    parse_version,
+    render,
+    render_locations,
+    render_site,
+)
+
+SETTINGS = SiteSettings(root_dir="/srv/root", upload_socket="/run/u.sock")
+NOSNIFF = 'add_header X-Content-Type-Options "nosniff" always;'
+DOWNLOAD = 'add_header Content-Disposition "attachment" always;'
+DEBIAN_12 = (1, 22, 1)
+DEBIAN_13 = (1, 26, 3)
+
+
+def locations(conf: str) -> dict[str, str]:
+    """Location argument -> its block (top-level blocks of the snippet)."""
+    blocks = re.findall(r"^location ([^{]+?) \{\n(.*?)^\}", conf, re.MULTILINE | re.DOTALL)
+    return {name: body for name, body in blocks}
+
+
+def csp(block: str) -> list[str]:
+    return re.findall(r'add_header Content-Security-Policy "([^"]*)" always;', block)
+
+
+def test_every_location_sends_nosniff_and_a_policy() -> None:
+    found = locations(render_locations(SETTINGS))
+    assert set(found) == {
+        "= /",
+        "= /streams/index.html",
+        "@about",
+        "/streams/v1/",
+        "/images/",
+        "= /images",
+        "@upload",
+        r"~ /\.",
+        "/",
+    }
+    for name, block in found.items():
+        assert NOSNIFF in block, name
+        page_location = name in ("= /", "= /streams/index.html")
+        assert csp(block) == [PAGE_CSP if page_location else STRICT_CSP], name
+
+
+def test_the_server_level_has_them_too() -> None:
+    conf = render_locations(SETTINGS)
+    top = conf.split("\nlocation ", 1)[0]
+    assert NOSNIFF in top and csp(top) == [STRICT_CSP]
+
+
+def test_downloads_and_html() -> None:
+    conf = render_locations(SETTINGS)
+    found = locations(conf)
+    assert DOWNLOAD in found["/images/"] and DOWNLOAD in found["/"]
+    assert DOWNLOAD not in found["= /"] and DOWNLOAD not in found["= /streams/index.html"]
+    # nothing but the page maps to text/html; the server's own mime.types are not used
+    assert conf.count("text/html") == 2
+    assert "types { }\ndefault_type application/octet-stream;" in conf
+    for name in ("= /", "= /streams/index.html"):
+        assert "types { text/html html; }" in found[name]
+
+
+def test_strict_policy_forbids_everything() -> None:
+    assert STRICT_CSP.startswith("default-src 'none';")
+    assert "frame-ancestors 'none'" in STRICT_CSP
+
+
+def directives(policy: str) -> dict[str, set[str]]:
+    out = {}
+    for part in policy.split(";"):
+        name, *sources = part.split()
+        out[name] = set(sources)
+    return out
+
+
+def test_page_header_lets_through_what_the_page_allows_and_nothing_else() -> None:
+    """Both policies apply: the page works only if the header allows every source the page's
+    <meta> policy allows (its hashes through 'unsafe-inline')."""
+    header, meta = directives(PAGE_CSP), directives(page.content_security_policy())
+    assert header["default-src"] == {"'none'"}
+    assert header["frame-ancestors"] == {"'none'"}
+    for name, sources in meta.items():
+        allowed = header.get(name, header["default-src"])
+        for source in sources:
+            if source.startswith("'sha256-"):
+                assert "'unsafe-inline'" in allowed, name
+            else:
+                assert source in allowed, (name, source)
+    # and the header allows nothing the page does not need
+    for name, sources in header.items():
+        if name == "frame-ancestors":
+            continue
+        extra = sources - meta.get(name, set()) - {"'unsafe-inline'"}
+        assert not extra, (name, extra)
+
+
+def test_symlinks_are_refused_for_the_whole_resolved_root(tmp_path: Path) -> None:
+    real = tmp_path / "real"
+    real.mkdir()
+    (tmp_path / "link").symlink_to(real)
+    conf = render_locations(SiteSettings(root_dir=str(tmp_path / "link"), upload_socket="/s"))
+    assert f"root {real};" in conf
+    assert re.search(r"^disable_symlinks on;$", conf, re.MULTILINE)
+    assert "from=" not in conf
+
+
+def test_uploads_are_limited_per_client_and_time_out() -> None:
+    up = locations(render_locations(SETTINGS))["@upload"]
+    assert f"limit_conn {nginx.UPLOAD_ZONE} 4;" in up
+    assert "limit_conn_status 429;" in up
+    assert "client_body_timeout 60s;" in up
+    assert "proxy_send_timeout 60s;" in up
+    assert "proxy_read_timeout 120s;" in up
+    assert "1h" not in render_locations(SETTINGS)
+    site = render_site(SETTINGS, "/snippet", DEBIAN_12)
+    zone = f"limit_conn_zone $binary_remote_addr zone={nginx.UPLOAD_ZONE}:1m;"
+    # http level: before the server block
+    assert zone in site.split("server {", 1)[0]
+
+
+def test_private_needs_credentials() -> None:
+    conf = render_locations(SiteSettings(root_dir="/r", upload_socket="/s", private=True))
+    top = conf.split("\nlocation ", 1)[0]
+    assert "auth_basic_user_file /etc/lxd-image-server/htpasswd;" in top
+    with pytest.raises(NginxError, match="--private"):
+        SiteSettings(root_dir="/r", upload_socket="/s", private=True, htpasswd=None)
+
+
+def test_anonymous_uploads_render_auth_off() -> None:
+    conf = render_locations(SiteSettings(root_dir="/r", upload_socket="/s", htpasswd=None))
+    assert "auth_basic off;" in locations(conf)["@upload"]
+    assert "auth_basic_user_file" not in conf
+
+
+@pytest.mark.parametrize("version", [DEBIAN_12, (1, 25, 0)])
+def test_http2_on_the_listen_line_before_1_25_1(version: tuple[int, int, int]) -> None:
+    s = SiteSettings(root_dir="/r", upload_socket="/s", listen=("8443", "[::]:8443"))
+    site = render_site(s, "/snippet", version)
+    assert "    listen 8443 ssl http2;\n    listen [::]:8443 ssl http2;\n" in site
+    assert "http2 on;" not in site
+
+
+@pytest.mark.parametrize("version", [(1, 25, 1), DEBIAN_13, (2, 0, 0)])
+def test_http2_directive_from_1_25_1(version: tuple[int, int, int]) -> None:
+    s = SiteSettings(root_dir="/r", upload_socket="/s", listen=("8443", "[::]:8443"))
+    site = render_site(s, "/snippet", version)
+    assert "    listen 8443 ssl;\n    listen [::]:8443 ssl;\n    http2 on;\n" in site
+    assert "ssl http2" not in site
+
+
+def test_plain_http_has_no_http2() -> None:
+    s = SiteSettings(root_dir="/r", upload_socket="/s", tls=False)
+    for version in (DEBIAN_12, DEBIAN_13):
+        site = render_site(s, "/snippet", version)
+        assert "    listen 8443;\n" in site
+        assert "http2" not in site and "ssl_certificate" not in site
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("nginx version: nginx/1.22.1\n", (1, 22, 1)),
+        ("nginx version: nginx/1.26.3 (Debian)\n", (1, 26, 3)),
+        ("nginx version: openresty/1.25.3.1\n", None),
+        ("nginx version: nginx/1.\uff126.0\n", None),
+        ("", None),
+    ],
+)
+def test_parse_version(text: str, expected: tuple[int, int, int] | None) -> None:
+    assert parse_version(text) == expected
+
+
+def test_multiline_values_keep_the_placeholder_indentation(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "t.in").write_text("a {\n    @X@\n}\nb @Y@ c\n@X@\n")
+    monkeypatch.setenv("LXD_IMAGE_SERVER_TEMPLATES", str(tmp_path))
+    assert render("t.in", {"X": "one;\ntwo;", "Y": "y"}) == (
+        "a {\n    one;\n    two;\n}\nb y c\none;\ntwo;\n"
+    )
+    with pytest.raises(NginxError, match="@Y@"):
+        render("t.in", {"X": ""})
