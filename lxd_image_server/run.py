@@ -35,6 +35,8 @@ STOP_TIMEOUT = 10.0
 WORKER_USER = "www-data"
 #: How `run` tells the upload app where the credentials are (unset: anonymous uploads)
 HTPASSWD_ENV = "LXD_IMAGE_SERVER_HTPASSWD"
+#: ... and that uploads need none (only with --allow-anonymous-uploads)
+ANONYMOUS_ENV = "ALLOW_ANONYMOUS_UPLOADS"
 
 
 class RunError(ServiceError):
@@ -206,12 +208,6 @@ def _commands(opts: RunOptions, conf: str, user: str | None) -> dict[str, list[s
         str(opts.upload_workers),
         "--access-logfile",
         "-" if opts.verbose else "/dev/null",
-        # the app checks the credentials itself too (its socket is no way around them)
-        "--env",
-        "ALLOW_ANONYMOUS_UPLOADS=yes"
-        if opts.allow_anonymous_uploads
-        else "LXD_IMAGE_SERVER_HTPASSWD="
-        + (opts.htpasswd or os.path.join(opts.paths.state_dir, "htpasswd")),
     ]
     if user:
         upload += ["--group", user.split()[1], "--umask", "0o007"]
@@ -297,8 +293,10 @@ def upload_env(
     env["LXD_IMAGE_SERVER_IMG_DIR"] = opts.paths.img_dir
     if htpasswd_path:
         env[HTPASSWD_ENV] = os.path.abspath(htpasswd_path)
+        env.pop(ANONYMOUS_ENV, None)
     else:
         env.pop(HTPASSWD_ENV, None)
+        env[ANONYMOUS_ENV] = "yes"
     env.setdefault("PYTHONUNBUFFERED", "1")
     return env
 

@@ -34,18 +34,6 @@ def test_unit_and_run_use_the_config_module(tmp_path: Path) -> None:
         assert argv[-1] == "lxd_image_server.upload:app_from_env()"
 
 
-def test_run_passes_the_credentials_file_or_anonymous(tmp_path: Path) -> None:
-    paths = Paths(str(tmp_path), str(tmp_path / "images"), str(tmp_path / "streams"), str(tmp_path))
-    run = _commands(RunOptions(paths=paths), "nginx.conf", None)["upload"]
-    assert run[run.index("--env") + 1] == f"LXD_IMAGE_SERVER_HTPASSWD={tmp_path}/htpasswd"
-    opts = RunOptions(paths=paths, htpasswd="/x/pw")
-    run = _commands(opts, "nginx.conf", None)["upload"]
-    assert run[run.index("--env") + 1] == "LXD_IMAGE_SERVER_HTPASSWD=/x/pw"
-    opts = RunOptions(paths=paths, allow_anonymous_uploads=True)
-    run = _commands(opts, "nginx.conf", None)["upload"]
-    assert run[run.index("--env") + 1] == "ALLOW_ANONYMOUS_UPLOADS=yes"
-
-
 def test_settings() -> None:
     assert gunicorn_conf.worker_class == "gthread"
     assert gunicorn_conf.workers * gunicorn_conf.threads >= 32

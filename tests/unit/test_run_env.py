@@ -8,7 +8,14 @@ from typing import Any
 import pytest
 
 from lxd_image_server.config import Paths
-from lxd_image_server.run import HTPASSWD_ENV, RunError, RunOptions, prepare, upload_env
+from lxd_image_server.run import (
+    ANONYMOUS_ENV,
+    HTPASSWD_ENV,
+    RunError,
+    RunOptions,
+    prepare,
+    upload_env,
+)
 
 
 def options(tmp_path: Path, **kw: Any) -> RunOptions:
@@ -18,8 +25,11 @@ def options(tmp_path: Path, **kw: Any) -> RunOptions:
 
 def test_the_app_learns_the_htpasswd_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
-    env = upload_env(options(tmp_path), "creds/htpasswd", base={"PATH": "/bin"})
+    env = upload_env(
+        options(tmp_path), "creds/htpasswd", base={"PATH": "/bin", ANONYMOUS_ENV: "yes"}
+    )
     assert env[HTPASSWD_ENV] == str(tmp_path / "creds" / "htpasswd")
+    assert ANONYMOUS_ENV not in env
     assert env["LXD_IMAGE_SERVER_IMG_DIR"] == str(tmp_path / "root" / "images")
     assert env["PATH"] == "/bin"
 
@@ -27,6 +37,7 @@ def test_the_app_learns_the_htpasswd_file(tmp_path: Path, monkeypatch: pytest.Mo
 def test_anonymous_uploads_drop_an_inherited_htpasswd(tmp_path: Path) -> None:
     env = upload_env(options(tmp_path), None, base={HTPASSWD_ENV: "/etc/elsewhere"})
     assert HTPASSWD_ENV not in env
+    assert env[ANONYMOUS_ENV] == "yes"
 
 
 def test_prepare_refuses_private_without_credentials(tmp_path: Path) -> None:
