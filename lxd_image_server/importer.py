@@ -74,9 +74,9 @@ ROOT_NAMES = {"squashfs": "rootfs.squashfs", "tarball": "root.tar.xz", "qcow2": 
 ROOT_FTYPES = {"squashfs": "squashfs", "tarball": "root.tar.xz", "qcow2": "disk-kvm.img"}
 
 _FP = r"([0-9a-f]{64})"
-_META_EXPORT_RE = re.compile(rf"^meta-{_FP}\.")
-_ROOT_EXPORT_RE = re.compile(rf"^{_FP}\.(?:squashfs|tar\.xz|qcow2|img)$")
-_UNIFIED_EXPORT_RE = re.compile(rf"^{_FP}\.tar\.gz$")
+_META_EXPORT_RE = re.compile(rf"meta-{_FP}\.[a-z0-9.]+", re.ASCII)
+_ROOT_EXPORT_RE = re.compile(rf"{_FP}\.(?:squashfs|tar\.xz|qcow2|img)", re.ASCII)
+_UNIFIED_EXPORT_RE = re.compile(rf"{_FP}\.tar\.gz", re.ASCII)
 
 
 class ImportFailed(Exception):
@@ -246,7 +246,7 @@ def plan_import(files: Sequence[str], naming: Naming = Naming()) -> ImagePlan:
                 f"{path} is a {kind}-compressed unified tarball; the catalog serves unified "
                 "images as <fingerprint>.tar.gz: recompress it with gzip"
             )
-        m = _UNIFIED_EXPORT_RE.match(os.path.basename(path))
+        m = _UNIFIED_EXPORT_RE.fullmatch(os.path.basename(path))
         return ImagePlan(
             key=_version_key(naming, info.metadata, path),
             sources=(Source(path, Role.UNIFIED, None),),
@@ -288,8 +288,8 @@ def plan_import(files: Sequence[str], naming: Naming = Naming()) -> ImagePlan:
 
 
 def _split_export_fingerprint(meta: str, root: str) -> str | None:
-    mm = _META_EXPORT_RE.match(os.path.basename(meta))
-    mr = _ROOT_EXPORT_RE.match(os.path.basename(root))
+    mm = _META_EXPORT_RE.fullmatch(os.path.basename(meta))
+    mr = _ROOT_EXPORT_RE.fullmatch(os.path.basename(root))
     if mm and mr and mm.group(1) != mr.group(1):
         raise ImportFailed(
             f"{meta} and {root} come from different exports (their names carry different "
