@@ -32,6 +32,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import yaml
+
 from .hashing import HashCache, Hasher
 from .layout import (
     KNOWN_ARCHES,
@@ -49,8 +51,14 @@ log = logging.getLogger(__name__)
 CHUNK = 1 << 20
 DIR_MODE = 0o755
 FILE_MODE = 0o644
-#: metadata.yaml is a few hundred bytes; anything this large is not one
-MAX_METADATA_YAML = 1 << 20
+#: metadata.yaml is a few hundred bytes (a few KB with many templates): bigger is not one
+MAX_METADATA_YAML = 256 << 10
+#: LXD's metadata.yaml nests three levels (templates -> path -> properties)
+MAX_YAML_DEPTH = 16
+#: Members read before a tarball must have told what it is: a metadata tarball has a handful,
+#: a unified one may list its rootfs/ before metadata.yaml (a root filesystem has tens of
+#: thousands of entries). Bounds the time and the member list tarfile keeps.
+MAX_MEMBERS = 200_000
 
 #: Kernel architecture names (metadata.yaml) -> the tree's (Debian) names.
 ARCH_NAMES = {
@@ -178,7 +186,11 @@ def inspect_tarball(path: str, compression: str) -> TarballInfo:
     has_rootfs = foreign = False
     try:
         with tarfile.open(path, mode="r|*") as tf:
-            for member in tf:
+            for count, member in enumerate(tf, 1):
+                if count > MAX_MEMBERS:
+                    raise ImportFailed(
+                        f"{path}: more than {MAX_MEMBERS} entries without telling what it is"
+                    )
                 name = _member_name(member.name)
                 if name in ("", "."):
                     continue
@@ -190,8 +202,10 @@ def inspect_tarball(path: str, compression: str) -> TarballInfo:
                     stream = tf.extractfile(member)
                     if stream is None:
                         raise ImportFailed(f"{path}: cannot read metadata.yaml")
-                    text = stream.read(MAX_METADATA_YAML).decode("utf-8", errors="replace")
-                    metadata = parse_yaml(text)
+                    try:
+                        metadata = parse_yaml(stream.read(MAX_METADATA_YAML + 1))
+                    except ImportFailed as e:
+                        raise ImportFailed(f"{path}: {e}") from None
                 elif name == "rootfs" or name.startswith("rootfs/"):
                     has_rootfs = True
                 elif name == "templates" or name.startswith("templates/"):
@@ -359,131 +373,48 @@ def _version_key(naming: Naming, metadata: dict[str, Any], where: str) -> Versio
 # -- metadata.yaml ------------------------------------------------------------------------------
 
 
-def parse_yaml(text: str) -> dict[str, Any]:
-    """The subset of YAML metadata.yaml uses: nested block mappings of scalars.
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader (the pure-Python one: a recursive parser in C could exhaust the
+    stack), with every scalar left a string but null: a release `3.10` is not the float 3.1,
+    a creation_date is read with int() anyway."""
 
-    Sequences and block scalars (templates' `when:` lists) are skipped, flow collections are
-    kept as their text ('{}' as an empty mapping), plain and quoted scalars become strings,
-    and scalars folded over several lines are joined. Enough for architecture, creation_date
-    and properties.*; it never raises.
+    yaml_implicit_resolvers = {
+        first: [(tag, rx) for tag, rx in resolvers if tag == "tag:yaml.org,2002:null"]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
+
+
+def parse_yaml(data: str | bytes) -> dict[str, Any]:
+    """A metadata.yaml -> its mapping, or ImportFailed saying why in one line.
+
+    Bounded before anything is built: at most MAX_METADATA_YAML bytes, nesting at most
+    MAX_YAML_DEPTH levels, no anchors or aliases (LXD never writes them; they are how a few
+    bytes expand into a huge document). Scalars stay strings (null is None).
     """
-    root: dict[str, Any] = {}
-    stack: list[tuple[int, dict[str, Any]]] = [(-1, root)]
-    raw: list[tuple[dict[str, Any], str]] = []  # scalars to unquote at the end
-    last: tuple[dict[str, Any], str, int] | None = None
-    skip_deeper_than: int | None = None
-    for line in text.replace("\t", " ").splitlines():
-        stripped = line.strip()
-        if not stripped or stripped.startswith("#") or stripped in ("---", "..."):
-            continue
-        indent = len(line) - len(line.lstrip(" "))
-        if skip_deeper_than is not None:
-            if indent > skip_deeper_than:
-                continue
-            skip_deeper_than = None
-        if stripped == "-" or stripped.startswith("- "):
-            skip_deeper_than = indent
-            last = None
-            continue
-        key, value = _split_key(stripped)
-        if key is None:
-            if last is not None and indent > last[2]:
-                container, k, _ = last
-                container[k] = f"{container[k]} {stripped}"
-            continue
-        while stack[-1][0] >= indent:
-            stack.pop()
-        container = stack[-1][1]
-        value = _strip_comment(value)
-        last = None
-        if value == "":
-            child: dict[str, Any] = {}
-            container[key] = child
-            stack.append((indent, child))
-        elif value[0] in "|>":
-            container[key] = ""
-            skip_deeper_than = indent
-        elif value == "{}":
-            container[key] = {}
-        else:
-            container[key] = value
-            raw.append((container, key))
-            last = (container, key, indent)
-    for container, key in raw:
-        container[key] = _scalar(container[key])
-    return root
-
-
-def _split_key(line: str) -> tuple[str | None, str]:
-    if line[0] in "\"'":
-        end = _quoted_end(line)
-        if end is not None and line[end + 1 : end + 2] == ":":
-            return _scalar(line[: end + 1]), line[end + 2 :]
-        return None, line
-    for i, ch in enumerate(line):
-        if ch == ":" and (i + 1 == len(line) or line[i + 1] == " "):
-            return line[:i].strip(), line[i + 1 :]
-        if ch == "#" and i > 0 and line[i - 1] == " ":
-            break
-    return None, line
-
-
-def _quoted_end(text: str) -> int | None:
-    quote = text[0]
-    i = 1
-    while i < len(text):
-        ch = text[i]
-        if quote == '"' and ch == "\\":
-            i += 2
-            continue
-        if ch == quote:
-            if quote == "'" and text[i + 1 : i + 2] == "'":
-                i += 2
-                continue
-            return i
-        i += 1
-    return None
-
-
-def _strip_comment(value: str) -> str:
-    value = value.strip()
-    if value[:1] in ("'", '"'):
-        end = _quoted_end(value)
-        return value[: end + 1] if end is not None else value
-    cut = value.find(" #")
-    return value[:cut].rstrip() if cut >= 0 else value
-
-
-_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "0": "\0", '"': '"', "\\": "\\", "/": "/", " ": " "}
-
-
-def _scalar(value: str) -> Any:
-    value = value.strip()
-    if len(value) >= 2 and value[0] == value[-1] == "'":
-        return value[1:-1].replace("''", "'")
-    if len(value) >= 2 and value[0] == value[-1] == '"':
-        body, out, i = value[1:-1], [], 0
-        while i < len(body):
-            ch = body[i]
-            if ch == "\\" and i + 1 < len(body):
-                nxt = body[i + 1]
-                if nxt in ("u", "x", "U"):
-                    width = {"x": 2, "u": 4, "U": 8}[nxt]
-                    try:
-                        out.append(chr(int(body[i + 2 : i + 2 + width], 16)))
-                        i += 2 + width
-                        continue
-                    except ValueError:
-                        pass
-                out.append(_ESCAPES.get(nxt, nxt))
-                i += 2
-                continue
-            out.append(ch)
-            i += 1
-        return "".join(out)
-    if value in ("~", "null", "Null", "NULL"):
-        return None
-    return value
+    if len(data) > MAX_METADATA_YAML:
+        raise ImportFailed(f"metadata.yaml is larger than {MAX_METADATA_YAML} bytes")
+    try:
+        depth = 0
+        for event in yaml.parse(data, Loader=_Loader):
+            if isinstance(event, yaml.CollectionStartEvent):
+                depth += 1
+                if depth > MAX_YAML_DEPTH:
+                    raise ImportFailed(f"metadata.yaml nests deeper than {MAX_YAML_DEPTH} levels")
+            elif isinstance(event, yaml.CollectionEndEvent):
+                depth -= 1
+            if isinstance(event, yaml.AliasEvent) or (
+                isinstance(event, yaml.NodeEvent) and event.anchor is not None
+            ):
+                raise ImportFailed("metadata.yaml uses anchors or aliases")
+        doc = yaml.load(data, Loader=_Loader)
+    except yaml.YAMLError as e:
+        reason = " ".join(str(e).split())
+        raise ImportFailed(f"metadata.yaml is not valid YAML: {reason[:200]}") from None
+    except (RecursionError, ValueError, UnicodeDecodeError) as e:
+        raise ImportFailed(f"metadata.yaml cannot be read: {str(e)[:200]}") from None
+    if not isinstance(doc, dict):
+        raise ImportFailed("metadata.yaml is not a mapping of keys to values")
+    return doc
 
 
 # -- placing the files -------------------------------------------------------------------------

@@ -188,8 +188,61 @@ def test_parse_yaml_quotes_comments_folds_and_block_scalars() -> None:
     assert doc["empty"] is None
 
 
-def test_parse_yaml_never_raises_on_junk() -> None:
-    assert isinstance(parse_yaml(":\n  - [\n\t\"unterminated\n'x: y\n"), dict)
+def test_parse_yaml_junk_is_one_import_error() -> None:
+    with pytest.raises(ImportFailed, match="not valid YAML"):
+        parse_yaml(":\n  - [\n\t\"unterminated\n'x: y\n")
+
+
+def test_parse_yaml_keeps_scalars_as_strings() -> None:
+    doc = parse_yaml("properties:\n  release: 3.10\n  os: yes\ncreation_date: 1704110400\n")
+    assert doc["properties"] == {"release": "3.10", "os": "yes"}
+    assert doc["creation_date"] == "1704110400"
+
+
+# -- hostile metadata.yaml (issue 9, finding 5): bounded, one error line, never a crash --------
+
+
+@pytest.mark.parametrize(
+    ("text", "why"),
+    [
+        ("[" * 5000, "deeper"),
+        ("a:\n" + "".join(" " * i + "b:\n" for i in range(1, 300)), "deeper"),
+        ("- " * 3000 + "x", "deeper"),
+        ("a: &a [x, x]\nb: &b [*a, *a]\nc: [*b, *b]\n", "anchors"),
+        ("x: " + "y" * (300 << 10), "larger than"),
+        ("- a\n- b\n", "not a mapping"),
+        ("just a string", "not a mapping"),
+        ("", "not a mapping"),
+        ("a: !!python/object:os.system x\n", "not valid YAML"),
+        ("\x00\x01", "not valid YAML"),
+    ],
+)
+def test_parse_yaml_hostile(text: str, why: str) -> None:
+    with pytest.raises(ImportFailed, match=why) as e:
+        parse_yaml(text)
+    assert "\n" not in str(e.value)
+
+
+def test_nested_metadata_yaml_in_a_tarball_is_one_import_error(tmp_path: Path) -> None:
+    bad = meta_tarball(tmp_path / "bad.tar.xz", "[" * 5000)
+    with pytest.raises(ImportFailed, match="bad.tar.xz: metadata.yaml nests deeper"):
+        inspect_tarball(str(bad), "xz")
+    with pytest.raises(ImportFailed):
+        plan_import([str(bad), str(squashfs(tmp_path / "r.squashfs"))])
+
+
+def test_tarball_with_too_many_entries_is_refused(tmp_path: Path, monkeypatch) -> None:
+    import lxd_image_server.importer as importer
+
+    monkeypatch.setattr(importer, "MAX_MEMBERS", 50)
+    path = tmp_path / "u.tar.gz"
+    with tarfile.open(path, "w:gz") as tf:
+        _add(tf, "rootfs")
+        for i in range(60):
+            _add(tf, f"rootfs/f{i}", b"x")
+        _add(tf, "metadata.yaml", metadata_yaml().encode())
+    with pytest.raises(ImportFailed, match="more than 50 entries"):
+        inspect_tarball(str(path), "gzip")
 
 
 @pytest.mark.parametrize(
