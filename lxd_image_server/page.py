@@ -23,7 +23,6 @@ import datetime as dt
 import errno
 import hashlib
 import html
-import json
 import logging
 import os
 from collections.abc import Iterable, Mapping
@@ -31,8 +30,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from .catalog import CLIENT_META_FTYPES, CLIENT_UNIFIED_FTYPES, serial_sort_key
+from .fsutil import TooLarge, read_regular
 from .layout import COMBINED_FIELDS, VM_FTYPES
 from .publish import PublishError, write_atomic
+from .readback import read_document
 
 log = logging.getLogger(__name__)
 
@@ -502,10 +503,13 @@ def render_page(
 
 def catalog_updated(root_dir: str) -> str | None:
     """The `updated` field of the published images.json, if there is one."""
+    path = os.path.join(root_dir, "streams", "v1", "images.json")
     try:
-        with open(os.path.join(root_dir, "streams", "v1", "images.json"), "rb") as f:
-            doc = json.load(f)
-    except (OSError, ValueError):
+        doc = read_document(path)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        log.warning("cannot read %s (%s); the page shows no update time", path, e)
         return None
     updated = doc.get("updated") if isinstance(doc, dict) else None
     return updated if isinstance(updated, str) else None
@@ -534,11 +538,10 @@ def write_page(
     data = render_page(products, updated=updated, title=title, remote_name=remote_name).encode()
     path = page_path(root_dir)
     try:
-        with open(path, "rb") as f:
-            if f.read() == data:
-                return False
-    except OSError:
-        pass
+        if read_regular(path, len(data)) == data:
+            return False
+    except (OSError, TooLarge):
+        pass  # missing, not a regular file, or longer than the new page: written again
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         write_atomic(path, data)
