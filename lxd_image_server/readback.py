@@ -19,9 +19,11 @@ MAX_CATALOG_DEPTH = 32
 
 
 def read_document(path: str) -> Any:
-    """The JSON value in the regular file `path` (the caller checks its shape). Raises FileNotFoundError when it does not
-    exist, another OSError when it cannot be read (NotRegularFile for a link or FIFO), and
-    ValueError (one line) when it is too large, too deep or not JSON."""
+    """The JSON value in the regular file `path` (the caller checks its shape).
+
+    Raises FileNotFoundError when it does not exist, another OSError when it cannot be read
+    (NotRegularFile for a link or FIFO), ValueError (one line) when it is too large, too deep
+    or not JSON."""
     try:
         data = read_regular(path, MAX_CATALOG_BYTES)
     except TooLarge:
