@@ -517,7 +517,7 @@ def test_failure_leaves_no_temporary_files(tmp_path: Path) -> None:
     # the root becomes unreadable after the metadata was copied (a directory: we run as root)
     os.unlink(files[1])
     os.mkdir(files[1])
-    with pytest.raises(ImportFailed, match=r"failed|cannot read"):
+    with pytest.raises(ImportFailed, match=r"failed|cannot read|not a regular file"):
         place(plan, str(img))
     assert not (img / VERSION).exists()
     assert not [p for p in img.rglob("*") if p.is_file() or p.name.startswith(".")]
@@ -562,3 +562,38 @@ def test_logs_a_copy_when_move_crosses_file_systems(
         for f in src_dir.glob("*"):
             f.unlink()
         src_dir.rmdir()
+
+
+# -- placement never leaves images/ (issue 9): directory fds, no link followed -----------------
+
+
+@pytest.mark.parametrize("force", [False, True])
+@pytest.mark.parametrize("level", [1, 2, 3, 4])
+def test_a_symlinked_directory_on_the_way_is_refused(
+    tmp_path: Path, level: int, force: bool
+) -> None:
+    """An uploader replaced a directory of the version's path by a symlink to an outside tree
+    holding the same version: import (even --force) writes and deletes nothing there."""
+    img = tmp_path / "images"
+    outside = tmp_path / "outside"
+    parts = VERSION.split("/")
+    precious = outside.joinpath(*parts)
+    precious.mkdir(parents=True)
+    (precious / "rootfs.squashfs").write_bytes(b"keep me")
+    (precious / "lxd.tar.xz").write_bytes(b"keep me too")
+    link = img.joinpath(*parts[:level])
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.symlink_to(outside.joinpath(*parts[:level]))
+    before = tree_files(outside)
+    files = split_export(tmp_path / "export")
+    with pytest.raises(ImportFailed, match=r"symbolic link|not a directory|exists"):
+        place(plan_import([str(f) for f in files]), str(img), force=force)
+    assert tree_files(outside) == before
+    assert (precious / "rootfs.squashfs").read_bytes() == b"keep me"
+    assert (precious / "lxd.tar.xz").read_bytes() == b"keep me too"
+
+
+def test_a_fifo_given_to_import_is_refused_without_blocking(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "export.tar.gz")
+    with pytest.raises(ImportFailed, match="not a regular file"):
+        plan_import([str(tmp_path / "export.tar.gz")])
