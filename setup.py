@@ -20,6 +20,7 @@ setup(
         "pyOpenSSL>=23.0",
         "cryptography>=38",
         "gunicorn>=20.1",
+        "PyYAML>=6.0",
     ],
     entry_points={
         "console_scripts": ["lxd-image-server=lxd_image_server.cli:main"],

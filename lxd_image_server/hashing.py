@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from .layout import Role
-from .scan import FileStat, ScannedVersion
+from .scan import FileStat, ScannedVersion, open_below
 
 log = logging.getLogger(__name__)
 
@@ -156,21 +156,24 @@ def _ident(f: FileStat) -> str:
 # -- hashing one file into several digests ------------------------------------------------------
 
 
-def _same_file(f: FileStat, st: os.stat_result) -> bool:
-    return (st.st_ino, st.st_size, st.st_mtime_ns) == (f.inode, f.size, f.mtime_ns)
+def _identity(st: os.stat_result) -> tuple[int, int, int, int, int]:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def hash_file(f: FileStat, sinks: Sequence[Hasher], progress: Progress = _no_progress) -> None:
     """Feeds every byte of `f` to each sink, in parallel when there are several.
 
-    Raises FileChanged if the file is not the one scanned, or changes while being read.
+    The file is opened again below `f.base` through directory descriptors, without following
+    any link and without waiting on a FIFO (scan.open_below), and only if the opened file is
+    the regular file scanned: same device, inode, size, mtime and ctime (by fstat of the open
+    descriptor). Raises FileChanged otherwise, or if it changes while being read.
     """
     try:
-        fd = os.open(f.path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = open_below(f.base, f.rel)
     except OSError as e:
-        raise FileChanged(f"cannot open it ({e.strerror})") from e
+        raise FileChanged(f"cannot open it ({e.strerror or e})") from e
     with os.fdopen(fd, "rb", buffering=0) as fh:
-        if not _same_file(f, os.fstat(fd)):
+        if _identity(os.fstat(fd)) != f.identity[1:]:
             raise FileChanged("it changed since it was scanned")
         if hasattr(os, "posix_fadvise"):
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
@@ -182,7 +185,7 @@ def hash_file(f: FileStat, sinks: Sequence[Hasher], progress: Progress = _no_pro
         except OSError as e:
             raise FileChanged(f"read error ({e.strerror or e})") from e
         st = os.fstat(fd)
-    if not _same_file(f, st) or st.st_ctime_ns != f.ctime_ns:
+    if _identity(st) != f.identity[1:]:
         raise FileChanged("it was modified while being hashed")
 
 

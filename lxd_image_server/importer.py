@@ -27,11 +27,13 @@ import re
 import secrets
 import shutil
 import tarfile
-import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import yaml
+
+from .fsutil import NotRegularFile, open_dir, open_regular
 from .hashing import HashCache, Hasher
 from .layout import (
     KNOWN_ARCHES,
@@ -49,8 +51,14 @@ log = logging.getLogger(__name__)
 CHUNK = 1 << 20
 DIR_MODE = 0o755
 FILE_MODE = 0o644
-#: metadata.yaml is a few hundred bytes; anything this large is not one
-MAX_METADATA_YAML = 1 << 20
+#: metadata.yaml is a few hundred bytes (a few KB with many templates): bigger is not one
+MAX_METADATA_YAML = 256 << 10
+#: LXD's metadata.yaml nests three levels (templates -> path -> properties)
+MAX_YAML_DEPTH = 16
+#: Members read before a tarball must have told what it is: a metadata tarball has a handful,
+#: a unified one may list its rootfs/ before metadata.yaml (a root filesystem has tens of
+#: thousands of entries). Bounds the time and the member list tarfile keeps.
+MAX_MEMBERS = 200_000
 
 #: Kernel architecture names (metadata.yaml) -> the tree's (Debian) names.
 ARCH_NAMES = {
@@ -74,9 +82,9 @@ ROOT_NAMES = {"squashfs": "rootfs.squashfs", "tarball": "root.tar.xz", "qcow2": 
 ROOT_FTYPES = {"squashfs": "squashfs", "tarball": "root.tar.xz", "qcow2": "disk-kvm.img"}
 
 _FP = r"([0-9a-f]{64})"
-_META_EXPORT_RE = re.compile(rf"^meta-{_FP}\.")
-_ROOT_EXPORT_RE = re.compile(rf"^{_FP}\.(?:squashfs|tar\.xz|qcow2|img)$")
-_UNIFIED_EXPORT_RE = re.compile(rf"^{_FP}\.tar\.gz$")
+_META_EXPORT_RE = re.compile(rf"meta-{_FP}\.[a-z0-9.]+", re.ASCII)
+_ROOT_EXPORT_RE = re.compile(rf"{_FP}\.(?:squashfs|tar\.xz|qcow2|img)", re.ASCII)
+_UNIFIED_EXPORT_RE = re.compile(rf"{_FP}\.tar\.gz", re.ASCII)
 
 
 class ImportFailed(Exception):
@@ -141,8 +149,11 @@ class TarballInfo:
 def sniff(path: str) -> str:
     """'squashfs', 'qcow2', 'xz', 'gzip', 'bzip2', 'tar', 'zstd' or 'unknown'."""
     try:
-        with open(path, "rb") as f:
-            head = f.read(512)
+        fd = _open_source(path)
+        try:
+            head = os.pread(fd, 512, 0)
+        finally:
+            os.close(fd)
     except OSError as e:
         raise ImportFailed(f"cannot read {path}: {e.strerror or e}") from e
     if head.startswith(b"hsqs"):
@@ -178,7 +189,11 @@ def inspect_tarball(path: str, compression: str) -> TarballInfo:
     has_rootfs = foreign = False
     try:
         with tarfile.open(path, mode="r|*") as tf:
-            for member in tf:
+            for count, member in enumerate(tf, 1):
+                if count > MAX_MEMBERS:
+                    raise ImportFailed(
+                        f"{path}: more than {MAX_MEMBERS} entries without telling what it is"
+                    )
                 name = _member_name(member.name)
                 if name in ("", "."):
                     continue
@@ -190,8 +205,10 @@ def inspect_tarball(path: str, compression: str) -> TarballInfo:
                     stream = tf.extractfile(member)
                     if stream is None:
                         raise ImportFailed(f"{path}: cannot read metadata.yaml")
-                    text = stream.read(MAX_METADATA_YAML).decode("utf-8", errors="replace")
-                    metadata = parse_yaml(text)
+                    try:
+                        metadata = parse_yaml(stream.read(MAX_METADATA_YAML + 1))
+                    except ImportFailed as e:
+                        raise ImportFailed(f"{path}: {e}") from None
                 elif name == "rootfs" or name.startswith("rootfs/"):
                     has_rootfs = True
                 elif name == "templates" or name.startswith("templates/"):
@@ -246,7 +263,7 @@ def plan_import(files: Sequence[str], naming: Naming = Naming()) -> ImagePlan:
                 f"{path} is a {kind}-compressed unified tarball; the catalog serves unified "
                 "images as <fingerprint>.tar.gz: recompress it with gzip"
             )
-        m = _UNIFIED_EXPORT_RE.match(os.path.basename(path))
+        m = _UNIFIED_EXPORT_RE.fullmatch(os.path.basename(path))
         return ImagePlan(
             key=_version_key(naming, info.metadata, path),
             sources=(Source(path, Role.UNIFIED, None),),
@@ -288,8 +305,8 @@ def plan_import(files: Sequence[str], naming: Naming = Naming()) -> ImagePlan:
 
 
 def _split_export_fingerprint(meta: str, root: str) -> str | None:
-    mm = _META_EXPORT_RE.match(os.path.basename(meta))
-    mr = _ROOT_EXPORT_RE.match(os.path.basename(root))
+    mm = _META_EXPORT_RE.fullmatch(os.path.basename(meta))
+    mr = _ROOT_EXPORT_RE.fullmatch(os.path.basename(root))
     if mm and mr and mm.group(1) != mr.group(1):
         raise ImportFailed(
             f"{meta} and {root} come from different exports (their names carry different "
@@ -359,131 +376,48 @@ def _version_key(naming: Naming, metadata: dict[str, Any], where: str) -> Versio
 # -- metadata.yaml ------------------------------------------------------------------------------
 
 
-def parse_yaml(text: str) -> dict[str, Any]:
-    """The subset of YAML metadata.yaml uses: nested block mappings of scalars.
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader (the pure-Python one: a recursive parser in C could exhaust the
+    stack), with every scalar left a string but null: a release `3.10` is not the float 3.1,
+    a creation_date is read with int() anyway."""
 
-    Sequences and block scalars (templates' `when:` lists) are skipped, flow collections are
-    kept as their text ('{}' as an empty mapping), plain and quoted scalars become strings,
-    and scalars folded over several lines are joined. Enough for architecture, creation_date
-    and properties.*; it never raises.
+    yaml_implicit_resolvers = {
+        first: [(tag, rx) for tag, rx in resolvers if tag == "tag:yaml.org,2002:null"]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
+
+
+def parse_yaml(data: str | bytes) -> dict[str, Any]:
+    """A metadata.yaml -> its mapping, or ImportFailed saying why in one line.
+
+    Bounded before anything is built: at most MAX_METADATA_YAML bytes, nesting at most
+    MAX_YAML_DEPTH levels, no anchors or aliases (LXD never writes them; they are how a few
+    bytes expand into a huge document). Scalars stay strings (null is None).
     """
-    root: dict[str, Any] = {}
-    stack: list[tuple[int, dict[str, Any]]] = [(-1, root)]
-    raw: list[tuple[dict[str, Any], str]] = []  # scalars to unquote at the end
-    last: tuple[dict[str, Any], str, int] | None = None
-    skip_deeper_than: int | None = None
-    for line in text.replace("\t", " ").splitlines():
-        stripped = line.strip()
-        if not stripped or stripped.startswith("#") or stripped in ("---", "..."):
-            continue
-        indent = len(line) - len(line.lstrip(" "))
-        if skip_deeper_than is not None:
-            if indent > skip_deeper_than:
-                continue
-            skip_deeper_than = None
-        if stripped == "-" or stripped.startswith("- "):
-            skip_deeper_than = indent
-            last = None
-            continue
-        key, value = _split_key(stripped)
-        if key is None:
-            if last is not None and indent > last[2]:
-                container, k, _ = last
-                container[k] = f"{container[k]} {stripped}"
-            continue
-        while stack[-1][0] >= indent:
-            stack.pop()
-        container = stack[-1][1]
-        value = _strip_comment(value)
-        last = None
-        if value == "":
-            child: dict[str, Any] = {}
-            container[key] = child
-            stack.append((indent, child))
-        elif value[0] in "|>":
-            container[key] = ""
-            skip_deeper_than = indent
-        elif value == "{}":
-            container[key] = {}
-        else:
-            container[key] = value
-            raw.append((container, key))
-            last = (container, key, indent)
-    for container, key in raw:
-        container[key] = _scalar(container[key])
-    return root
-
-
-def _split_key(line: str) -> tuple[str | None, str]:
-    if line[0] in "\"'":
-        end = _quoted_end(line)
-        if end is not None and line[end + 1 : end + 2] == ":":
-            return _scalar(line[: end + 1]), line[end + 2 :]
-        return None, line
-    for i, ch in enumerate(line):
-        if ch == ":" and (i + 1 == len(line) or line[i + 1] == " "):
-            return line[:i].strip(), line[i + 1 :]
-        if ch == "#" and i > 0 and line[i - 1] == " ":
-            break
-    return None, line
-
-
-def _quoted_end(text: str) -> int | None:
-    quote = text[0]
-    i = 1
-    while i < len(text):
-        ch = text[i]
-        if quote == '"' and ch == "\\":
-            i += 2
-            continue
-        if ch == quote:
-            if quote == "'" and text[i + 1 : i + 2] == "'":
-                i += 2
-                continue
-            return i
-        i += 1
-    return None
-
-
-def _strip_comment(value: str) -> str:
-    value = value.strip()
-    if value[:1] in ("'", '"'):
-        end = _quoted_end(value)
-        return value[: end + 1] if end is not None else value
-    cut = value.find(" #")
-    return value[:cut].rstrip() if cut >= 0 else value
-
-
-_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "0": "\0", '"': '"', "\\": "\\", "/": "/", " ": " "}
-
-
-def _scalar(value: str) -> Any:
-    value = value.strip()
-    if len(value) >= 2 and value[0] == value[-1] == "'":
-        return value[1:-1].replace("''", "'")
-    if len(value) >= 2 and value[0] == value[-1] == '"':
-        body, out, i = value[1:-1], [], 0
-        while i < len(body):
-            ch = body[i]
-            if ch == "\\" and i + 1 < len(body):
-                nxt = body[i + 1]
-                if nxt in ("u", "x", "U"):
-                    width = {"x": 2, "u": 4, "U": 8}[nxt]
-                    try:
-                        out.append(chr(int(body[i + 2 : i + 2 + width], 16)))
-                        i += 2 + width
-                        continue
-                    except ValueError:
-                        pass
-                out.append(_ESCAPES.get(nxt, nxt))
-                i += 2
-                continue
-            out.append(ch)
-            i += 1
-        return "".join(out)
-    if value in ("~", "null", "Null", "NULL"):
-        return None
-    return value
+    if len(data) > MAX_METADATA_YAML:
+        raise ImportFailed(f"metadata.yaml is larger than {MAX_METADATA_YAML} bytes")
+    try:
+        depth = 0
+        for event in yaml.parse(data, Loader=_Loader):
+            if isinstance(event, yaml.CollectionStartEvent):
+                depth += 1
+                if depth > MAX_YAML_DEPTH:
+                    raise ImportFailed(f"metadata.yaml nests deeper than {MAX_YAML_DEPTH} levels")
+            elif isinstance(event, yaml.CollectionEndEvent):
+                depth -= 1
+            if isinstance(event, yaml.AliasEvent) or (
+                isinstance(event, yaml.NodeEvent) and event.anchor is not None
+            ):
+                raise ImportFailed("metadata.yaml uses anchors or aliases")
+        doc = yaml.load(data, Loader=_Loader)
+    except yaml.YAMLError as e:
+        reason = " ".join(str(e).split())
+        raise ImportFailed(f"metadata.yaml is not valid YAML: {reason[:200]}") from None
+    except (RecursionError, ValueError, UnicodeDecodeError) as e:
+        raise ImportFailed(f"metadata.yaml cannot be read: {str(e)[:200]}") from None
+    if not isinstance(doc, dict):
+        raise ImportFailed("metadata.yaml is not a mapping of keys to values")
+    return doc
 
 
 # -- placing the files -------------------------------------------------------------------------
@@ -508,73 +442,80 @@ def _no_progress(_: int) -> None:
     return None
 
 
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _makedirs(base: str, parts: Sequence[str]) -> str:
-    """mkdir -p below `base`, each new directory 0755 whatever the umask, fsynced."""
+def _makedirs(base_fd: int, base: str, parts: Sequence[str]) -> int:
+    """mkdir -p below the directory `base_fd` (at `base`), each new directory 0755 whatever
+    the umask, fsynced; every component is opened without following a link. -> the last
+    directory's descriptor (the caller closes it)."""
+    fd = os.dup(base_fd)
     path = base
-    for component in parts:
-        parent, path = path, os.path.join(path, component)
-        try:
-            os.mkdir(path, DIR_MODE)
-        except FileExistsError:
-            if os.path.islink(path) or not os.path.isdir(path):
-                raise ImportFailed(f"{path} exists and is not a directory") from None
-            continue
-        os.chmod(path, DIR_MODE)
-        _fsync_dir(parent)
-    return path
+    try:
+        for component in parts:
+            path = os.path.join(path, component)
+            created = True
+            try:
+                os.mkdir(component, DIR_MODE, dir_fd=fd)
+            except FileExistsError:
+                created = False
+            sub = _open_dir(component, fd, path)
+            if created:
+                os.fchmod(sub, DIR_MODE)
+                os.fsync(fd)
+            os.close(fd)
+            fd = sub
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
-def _copy_hashing(src: str, dst: str, sinks: Sequence[Hasher], progress: Progress) -> int:
-    """Copies src to a new file dst (0644), feeding every byte to `sinks`; fsyncs. -> size."""
+def _open_dir(name: str, dir_fd: int, path: str) -> int:
+    try:
+        return open_dir(name, dir_fd=dir_fd)
+    except NotADirectoryError:
+        raise ImportFailed(
+            f"{path} exists and is not a directory (or is a symbolic link, never followed)"
+        ) from None
+
+
+def _open_source(path: str) -> int:
+    """A file the operator named (links followed), if it is a regular file."""
+    try:
+        return open_regular(os.path.realpath(path))
+    except NotRegularFile:
+        raise ImportFailed(f"{path} is not a regular file") from None
+
+
+def _feed(fd: int, sinks: Sequence[Hasher], progress: Progress, out: int | None = None) -> int:
+    """Reads `fd` to its end into every sink (and writes it to `out`). -> bytes read."""
     size = 0
-    with open(src, "rb") as fin:
-        fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
-        with os.fdopen(fd, "wb", buffering=0) as fout:
-            os.fchmod(fout.fileno(), FILE_MODE)
-            buf = bytearray(CHUNK)
-            view = memoryview(buf)
-            while n := fin.readinto(buf):
-                chunk = view[:n]
-                for sink in sinks:
-                    sink.update(chunk)
-                written = 0
-                while written < n:
-                    written += fout.write(chunk[written:]) or 0
-                size += n
-                progress(n)
-            os.fsync(fout.fileno())
+    buf = bytearray(CHUNK)
+    view = memoryview(buf)
+    while n := os.readv(fd, [buf]):
+        chunk = view[:n]
+        for sink in sinks:
+            sink.update(chunk)
+        if out is not None:
+            written = 0
+            while written < n:
+                written += os.write(out, chunk[written:])
+        size += n
+        progress(n)
     return size
 
 
-def _hash_in_place(path: str, sinks: Sequence[Hasher], progress: Progress) -> int:
-    size = 0
-    with open(path, "rb") as f:
-        buf = bytearray(CHUNK)
-        view = memoryview(buf)
-        while n := f.readinto(buf):
-            for sink in sinks:
-                sink.update(view[:n])
-            size += n
-            progress(n)
-    return size
+_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 class _Transfer:
-    """Brings the plan's files to temporary names in one directory; undoes itself on failure."""
+    """Brings the plan's files to temporary names in one directory (a descriptor: nothing is
+    resolved by path inside images/ again); undoes itself on failure."""
 
     def __init__(self, plan: ImagePlan, move: bool, progress: Progress) -> None:
         self.plan = plan
         self.move = move
         self.progress = progress
-        #: temporary path -> the source it was moved from (to move back on failure)
+        self.dir_fd = -1
+        #: temporary name -> the source it was moved from (to move back on failure)
         self.moved_from: dict[str, str] = {}
         self.created: list[str] = []
         self.copied_instead: list[str] = []
@@ -582,7 +523,7 @@ class _Transfer:
     def bring(self, src: Source, tmp: str, sinks: Sequence[Hasher]) -> int:
         if self.move:
             try:
-                os.rename(src.path, tmp)
+                os.rename(src.path, tmp, dst_dir_fd=self.dir_fd)
             except OSError as e:
                 if e.errno != errno.EXDEV:
                     raise ImportFailed(f"cannot move {src.path}: {e.strerror or e}") from e
@@ -590,13 +531,27 @@ class _Transfer:
                 self.copied_instead.append(src.path)
             else:
                 self.moved_from[tmp] = src.path
-                os.chmod(tmp, FILE_MODE)
-                size = _hash_in_place(tmp, sinks, self.progress)
-                with open(tmp, "rb") as f:
-                    os.fsync(f.fileno())
+                fd = open_regular(tmp, dir_fd=self.dir_fd)
+                try:
+                    os.fchmod(fd, FILE_MODE)
+                    size = _feed(fd, sinks, self.progress)
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
                 return size
         self.created.append(tmp)
-        return _copy_hashing(src.path, tmp, sinks, self.progress)
+        fin = _open_source(src.path)
+        try:
+            out = os.open(tmp, _CREATE, FILE_MODE, dir_fd=self.dir_fd)
+            try:
+                os.fchmod(out, FILE_MODE)
+                size = _feed(fin, sinks, self.progress, out)
+                os.fsync(out)
+            finally:
+                os.close(out)
+        finally:
+            os.close(fin)
+        return size
 
     def renamed(self, tmp: str, final: str, temporary: bool) -> None:
         """`tmp` is now `final`; still removed (or moved back) on failure if `temporary`."""
@@ -617,10 +572,10 @@ class _Transfer:
     def undo(self) -> None:
         for tmp, src in self.moved_from.items():
             with contextlib.suppress(OSError):
-                os.rename(tmp, src)
+                os.rename(tmp, src, src_dir_fd=self.dir_fd)
         for tmp in self.created:
             with contextlib.suppress(OSError):
-                os.unlink(tmp)
+                os.unlink(tmp, dir_fd=self.dir_fd)
         self.moved_from.clear()
         self.created.clear()
 
@@ -635,6 +590,14 @@ def _check_fingerprint(plan: ImagePlan, fingerprint: str) -> None:
         )
 
 
+def _exists(name: str, dir_fd: int) -> bool:
+    try:
+        os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return True
+
+
 def place(
     plan: ImagePlan,
     img_dir: str,
@@ -647,64 +610,76 @@ def place(
     New version: a hidden temporary directory in the variant directory, renamed into place.
     Existing version (only with `force`): each file through a hidden temporary name, then the
     version's other image files are removed (metadata.json is kept).
+
+    Below images/ everything is done relative to directory descriptors opened without
+    following links: a directory an uploader swapped for a symlink makes the import fail,
+    it never leads outside images/.
     """
     key = plan.key
     img_dir = os.path.abspath(img_dir)
+    parts = key.relpath.split("/")
+    version_dir = os.path.join(img_dir, key.relpath)
     try:
         os.makedirs(img_dir, DIR_MODE, exist_ok=True)
+        img_fd = os.open(img_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError as e:
         raise ImportFailed(f"cannot create {img_dir}: {e.strerror or e}") from e
-    version_dir = os.path.join(img_dir, key.relpath)
-    exists = os.path.lexists(version_dir)
-    if exists and not force:
-        raise VersionExists(f"{version_dir} already exists; --force replaces its files")
-    if exists and (os.path.islink(version_dir) or not os.path.isdir(version_dir)):
-        raise ImportFailed(f"{version_dir} exists and is not a directory")
     try:
         total = sum(os.path.getsize(s.path) for s in plan.sources)
     except OSError as e:
+        os.close(img_fd)
         raise ImportFailed(f"cannot read {e.filename}: {e.strerror or e}") from e
-    progress = progress_start(total) if progress_start else _no_progress
-    transfer = _Transfer(plan, move, progress)
-    placed = Placed(key=key, version_dir=version_dir, replaced=exists)
+    transfer = _Transfer(plan, move, _no_progress)
+    variant_fd = -1
     try:
+        variant_fd = _makedirs(img_fd, img_dir, parts[:-1])
+        exists = _exists(parts[-1], variant_fd)
+        if exists and not force:
+            raise VersionExists(f"{version_dir} already exists; --force replaces its files")
+        transfer.progress = progress_start(total) if progress_start else _no_progress
+        placed = Placed(key=key, version_dir=version_dir, replaced=exists)
         if exists:
-            _fill(plan, version_dir, transfer, placed, into_existing=True)
+            transfer.dir_fd = _open_dir(parts[-1], variant_fd, version_dir)
+            _fill(plan, transfer, placed, into_existing=True)
         else:
-            variant_dir = _makedirs(img_dir, key.relpath.split("/")[:-1])
-            tmp_dir = tempfile.mkdtemp(prefix=".import-", dir=variant_dir)
+            tmp_name = f".import-{secrets.token_hex(6)}"
+            os.mkdir(tmp_name, DIR_MODE, dir_fd=variant_fd)
             try:
-                os.chmod(tmp_dir, DIR_MODE)
-                _fill(plan, tmp_dir, transfer, placed, into_existing=False)
-                _fsync_dir(tmp_dir)
-                if os.path.lexists(version_dir):
+                transfer.dir_fd = open_dir(tmp_name, dir_fd=variant_fd)
+                os.fchmod(transfer.dir_fd, DIR_MODE)
+                _fill(plan, transfer, placed, into_existing=False)
+                os.fsync(transfer.dir_fd)
+                if _exists(parts[-1], variant_fd):
                     raise VersionExists(f"{version_dir} appeared while importing; not replaced")
-                os.rename(tmp_dir, version_dir)
+                os.rename(tmp_name, parts[-1], src_dir_fd=variant_fd, dst_dir_fd=variant_fd)
             except BaseException:
                 transfer.undo()
-                shutil.rmtree(tmp_dir, ignore_errors=True)
+                shutil.rmtree(tmp_name, dir_fd=variant_fd, ignore_errors=True)
                 raise
-            _fsync_dir(variant_dir)
+            os.fsync(variant_fd)
     except OSError as e:
         transfer.undo()
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
             raise ImportFailed(f"no space left in {img_dir}; nothing imported") from e
         raise ImportFailed(f"importing into {version_dir} failed: {e.strerror or e}") from e
+    finally:
+        for fd in (img_fd, variant_fd, transfer.dir_fd):
+            if fd >= 0:
+                os.close(fd)
     placed.moved = transfer.done()
     for src in transfer.copied_instead:
         log.info("%s was copied (another file system) and left where it was", src)
     return placed
 
 
-def _fill(
-    plan: ImagePlan, directory: str, transfer: _Transfer, placed: Placed, into_existing: bool
-) -> None:
-    """Brings every file of the plan into `directory` under its final name."""
-    staged: list[tuple[str, str]] = []  # (temporary path, final name)
+def _fill(plan: ImagePlan, transfer: _Transfer, placed: Placed, into_existing: bool) -> None:
+    """Brings every file of the plan into the transfer's directory under its final name."""
+    directory = transfer.dir_fd
+    staged: list[tuple[str, str]] = []  # (temporary name, final name)
     meta_hasher: Hasher | None = None
     try:
         for src in plan.sources:
-            tmp = os.path.join(directory, f".import-{secrets.token_hex(6)}.part")
+            tmp = f".import-{secrets.token_hex(6)}.part"
             plain = hashlib.sha256()
             sinks: list[Hasher] = [plain]
             combined: Hasher | None = None
@@ -728,18 +703,21 @@ def _fill(
         raise
     # every file is complete: give them their names
     for tmp, name in staged:
-        final = os.path.join(directory, name)
-        os.replace(tmp, final)
-        transfer.renamed(tmp, final, temporary=not into_existing)
+        os.rename(tmp, name, src_dir_fd=directory, dst_dir_fd=directory)
+        transfer.renamed(tmp, name, temporary=not into_existing)
     if into_existing:
         for stale in _other_image_files(directory, {name for _, name in staged}):
-            log.info("removing %s (replaced by the import)", stale)
-            os.unlink(stale)
-        _fsync_dir(directory)
+            log.info(
+                "removing %s (replaced by the import)", os.path.join(placed.version_dir, stale)
+            )
+            os.unlink(stale, dir_fd=directory)
+        os.fsync(directory)
 
 
-def _other_image_files(directory: str, keep: set[str]) -> Iterator[str]:
-    for entry in os.scandir(directory):
+def _other_image_files(dir_fd: int, keep: set[str]) -> Iterator[str]:
+    with os.scandir(dir_fd) as it:
+        entries = list(it)
+    for entry in entries:
         role = classify(entry.name)
         if (
             role is not None
@@ -747,7 +725,7 @@ def _other_image_files(directory: str, keep: set[str]) -> Iterator[str]:
             and entry.name not in keep
             and entry.is_file(follow_symlinks=False)
         ):
-            yield entry.path
+            yield entry.name
 
 
 def seed_cache(cache: HashCache, img_dir: str, placed: Placed) -> None:

@@ -30,11 +30,18 @@ KNOWN_ARCHES = frozenset(
     }
 )  # fmt: skip
 
-# YYYYMMDD_HH:MM (the seeds'), YYYYMMDD_HHMM, YYYYMMDDHHMM.
+# Names an uploader chooses are matched whole (re.fullmatch: `$` would accept a trailing
+# newline), ASCII only (re.ASCII, and [0-9] rather than \d, which matches any script's digits:
+# a serial of full-width digits would sort as the newest).
+#: YYYYMMDD_HH:MM (the seeds'), YYYYMMDD_HHMM, YYYYMMDDHHMM.
 _SERIAL_RE = re.compile(
-    r"^(?P<y>\d{4})(?P<m>\d{2})(?P<d>\d{2})(?:_(?P<h1>\d{2}):?(?P<n1>\d{2})|(?P<h2>\d{2})(?P<n2>\d{2}))$"
+    r"(?P<y>[0-9]{4})(?P<m>[0-9]{2})(?P<d>[0-9]{2})"
+    r"(?:_(?P<h1>[0-9]{2}):?(?P<n1>[0-9]{2})|(?P<h2>[0-9]{2})(?P<n2>[0-9]{2}))",
+    re.ASCII,
 )
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+~-]*$")
+#: Longest directory or file name accepted below images/ (a unified tarball's name is 71).
+MAX_NAME = 128
+_NAME_RE = re.compile(rf"[A-Za-z0-9][A-Za-z0-9._+~-]{{0,{MAX_NAME - 1}}}", re.ASCII)
 
 #: Suffixes of files still being written by some tool; never published.
 TEMP_SUFFIXES = (".part", ".tmp", ".partial", ".filepart", ".swp")
@@ -111,7 +118,7 @@ def is_ignored_name(name: str) -> bool:
 
 
 def valid_serial(serial: str) -> bool:
-    m = _SERIAL_RE.match(serial)
+    m = _SERIAL_RE.fullmatch(serial)
     if not m:
         return False
     month, day = int(m["m"]), int(m["d"])
@@ -120,9 +127,19 @@ def valid_serial(serial: str) -> bool:
     return 1 <= month <= 12 and 1 <= day <= 31 and hour <= 23 and minute <= 59
 
 
+def valid_name(value: str) -> bool:
+    """An ASCII name of at most MAX_NAME letters, digits and . _ + ~ -, starting with a letter
+    or digit: no control characters, no look-alikes from other scripts."""
+    return _NAME_RE.fullmatch(value) is not None
+
+
 def check_component(value: str, what: str) -> None:
-    if not _NAME_RE.match(value):
-        raise LayoutError(f"{what} {value!r} is not a valid name (letters, digits, . _ + ~ -)")
+    if not valid_name(value):
+        shown = value if len(value) <= 2 * MAX_NAME else value[: 2 * MAX_NAME] + "..."
+        raise LayoutError(
+            f"{what} {shown!r} is not a valid name "
+            f"(at most {MAX_NAME} ASCII letters, digits, . _ + ~ -)"
+        )
 
 
 def parse_version_dir(parts: tuple[str, ...] | list[str]) -> VersionKey:
@@ -169,7 +186,7 @@ def parse_file_path(relpath: str) -> tuple[VersionKey, str]:
 
 def classify(name: str) -> FileRole | None:
     """File name -> its role in a version, or None for files we do not publish."""
-    if is_ignored_name(name):
+    if is_ignored_name(name) or not valid_name(name):
         return None
     if name in _META:
         return FileRole(Role.META, name, _META[name])

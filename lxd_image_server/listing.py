@@ -18,6 +18,7 @@ from typing import Any
 from .catalog import CLIENT_META_FTYPES, CLIENT_UNIFIED_FTYPES, serial_sort_key
 from .layout import COMBINED_FIELDS, VM_FTYPES
 from .progress import human
+from .readback import read_document
 
 FORMATS = ("table", "json", "csv")
 
@@ -44,12 +45,13 @@ class ImageRow:
 def read_catalog(streams_dir: str) -> dict[str, Any]:
     path = os.path.join(streams_dir, "images.json")
     try:
-        with open(path, "rb") as f:
-            doc = json.load(f)
+        doc = read_document(path)
     except FileNotFoundError:
         raise CatalogMissing(f"no catalog at {path}: run `lxd-image-server update`") from None
-    except (OSError, ValueError) as e:
-        raise CatalogMissing(f"cannot read {path}: {e}") from e
+    except OSError as e:
+        raise CatalogMissing(f"cannot read {path}: {e.strerror or e}") from None
+    except ValueError as e:
+        raise CatalogMissing(f"cannot read {path}: {e}") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("products"), dict):
         raise CatalogMissing(f"{path} is not a simplestreams products document")
     return doc

@@ -24,6 +24,7 @@ import logging
 import os
 import secrets
 import shutil
+import stat
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from .catalog import Products, serial_sort_key
 from .config import Paths
+from .fsutil import TooLarge, load_json_bounded, open_dir, read_regular
 from .layout import VERSION_DEPTH, LayoutError, check_component, parse_version_dir
 from .publish import write_atomic
 
@@ -41,6 +43,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 STATE_NAME = "pruned.json"
+#: pruned.json holds one short entry per pruned version
+MAX_STATE_BYTES = 64 << 20
+MAX_STATE_DEPTH = 8
 LOCK_NAME = ".pruned.lock"
 FORMAT = 1
 
@@ -100,7 +105,7 @@ def state_path(state_dir: str) -> str:
 
 def _parse(data: bytes, where: str) -> list[Pending]:
     try:
-        doc = json.loads(data)
+        doc = load_json_bounded(data, MAX_STATE_BYTES, MAX_STATE_DEPTH)
         if not isinstance(doc, dict) or not isinstance(doc.get("pending"), list):
             raise ValueError('expected {"format": 1, "pending": [...]}')
         return [Pending.from_json(e) for e in doc["pending"]]
@@ -112,10 +117,11 @@ def load(state_dir: str) -> list[Pending]:
     """The recorded versions (none if the file does not exist). Raises RetentionError."""
     path = state_path(state_dir)
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        data = read_regular(path, MAX_STATE_BYTES)
     except FileNotFoundError:
         return []
+    except TooLarge:
+        raise RetentionError(f"{path} is damaged (larger than {MAX_STATE_BYTES} bytes)") from None
     except OSError as e:
         raise RetentionError(f"cannot read {path}: {e.strerror or e}") from e
     return _parse(data, path)
@@ -161,8 +167,14 @@ class PendingVersions:
         ident = (st.st_ino, st.st_mtime_ns, st.st_size)
         if ident != self._seen:
             try:
-                with open(self.path, "rb") as f:
-                    entries = _parse(f.read(), self.path)
+                entries = _parse(read_regular(self.path, MAX_STATE_BYTES), self.path)
+            except TooLarge:
+                log.warning(
+                    "%s is larger than %d bytes; not hiding pruned versions",
+                    self.path,
+                    MAX_STATE_BYTES,
+                )
+                entries = []
             except (OSError, RetentionError) as e:
                 log.warning("%s; not hiding pruned versions", e)
                 entries = []
@@ -265,14 +277,6 @@ def pending_for(state_dir: str, version_path: str) -> Pending | None:
 # -- deleting ------------------------------------------------------------------------------------
 
 
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _is_version_dir(img_dir: str, path: str) -> bool:
     """Whether `path` names a version directory inside `img_dir` (never anything else)."""
     if os.path.commonpath([img_dir, path]) != img_dir or path == img_dir:
@@ -287,22 +291,48 @@ def _is_version_dir(img_dir: str, path: str) -> bool:
     return True
 
 
+class _Gone(Exception):
+    """The version directory no longer exists."""
+
+
 def _delete_version(img_dir: str, path: str) -> None:
-    """One rename makes the version vanish at once, then its files go; empty parents too."""
-    parent = os.path.dirname(path)
-    doomed = os.path.join(parent, f".deleting-{secrets.token_hex(8)}")
-    os.rename(path, doomed)
-    _fsync_dir(parent)
-    shutil.rmtree(doomed, ignore_errors=True)
-    directory = parent
-    while directory != img_dir and os.path.commonpath([img_dir, directory]) == img_dir:
+    """One rename makes the version vanish at once, then its files go; empty parents too.
+
+    Everything happens relative to directory descriptors opened from `img_dir` down without
+    following a link, so a directory an uploader swaps for a symlink on the way leads nowhere
+    outside images/ (NotADirectoryError); shutil.rmtree with dir_fd never follows links either.
+    Raises _Gone when the version directory is missing, OSError when it cannot be deleted.
+    """
+    parts = os.path.relpath(path, img_dir).split(os.sep)
+    fds = [os.open(img_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)]
+    try:
         try:
-            os.rmdir(directory)
-        except OSError:
-            break
-        directory = os.path.dirname(directory)
-    with contextlib.suppress(OSError):
-        _fsync_dir(directory)
+            for name in parts[:-1]:
+                fds.append(open_dir(name, dir_fd=fds[-1]))
+            os.close(open_dir(parts[-1], dir_fd=fds[-1]))
+        except FileNotFoundError:
+            raise _Gone() from None
+        parent = fds[-1]
+        doomed = f".deleting-{secrets.token_hex(8)}"
+        os.rename(parts[-1], doomed, src_dir_fd=parent, dst_dir_fd=parent)
+        os.fsync(parent)
+        if stat.S_ISLNK(os.stat(doomed, dir_fd=parent, follow_symlinks=False).st_mode):
+            os.unlink(doomed, dir_fd=parent)  # swapped for a link after the check: just the link
+        else:
+            shutil.rmtree(doomed, dir_fd=parent, ignore_errors=True)
+        # empty parents go too, up to (not including) images/
+        changed = parent
+        for depth in range(len(parts) - 1, 0, -1):
+            try:
+                os.rmdir(parts[depth - 1], dir_fd=fds[depth - 1])
+            except OSError:
+                break
+            changed = fds[depth - 1]
+        with contextlib.suppress(OSError):
+            os.fsync(changed)
+    finally:
+        for fd in fds:
+            os.close(fd)
 
 
 def delete_expired(paths: Paths, now: float | None = None) -> list[Pending]:
@@ -320,14 +350,22 @@ def delete_expired(paths: Paths, now: float | None = None) -> list[Pending]:
             if not _is_version_dir(img_dir, p.path):
                 keep.append(p)  # another tree's (or not ours to touch)
                 continue
-            if not os.path.isdir(p.path) or os.path.islink(p.path):
-                log.info("%s %s: already gone", p.product, p.serial)
-                continue
             if p.expires > now_s:
                 keep.append(p)
                 continue
             try:
                 _delete_version(img_dir, p.path)
+            except _Gone:
+                log.info("%s %s: already gone", p.product, p.serial)
+                continue
+            except NotADirectoryError:
+                log.warning(
+                    "not deleting %s: it or a directory on the way is a symbolic link or a file "
+                    "(links are never followed); kept for the next run",
+                    p.path,
+                )
+                keep.append(p)
+                continue
             except OSError as e:
                 log.error("cannot delete %s: %s", p.path, e.strerror or e)
                 keep.append(p)

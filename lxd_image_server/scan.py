@@ -2,10 +2,17 @@
 
 Never raises for what it finds on disk: anything that does not fit the layout is skipped with
 one log line naming the path and the reason.
+
+Everything below images/ is an uploader's and may change under us, so the walk acts on what it
+checked: it goes down through directory file descriptors opened without following links, opens
+each file relative to its version directory's descriptor (no link followed, no FIFO waited on)
+and describes the file by fstat of that descriptor. A symbolic link anywhere below images/, a
+FIFO, a device, a setuid, setgid or executable file and a sparse giant are never published.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import stat
@@ -13,6 +20,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .fsutil import NotRegularFile, TooLarge, open_dir, open_regular, read_bounded
 from .layout import (
     KNOWN_ARCHES,
     VERSION_DEPTH,
@@ -25,12 +33,60 @@ from .layout import (
     is_ignored_name,
     parse_version_dir,
 )
-from .overrides import NO_OVERRIDES, Overrides, parse_overrides
+from .overrides import MAX_OVERRIDES_BYTES, NO_OVERRIDES, Overrides, parse_overrides
 
 log = logging.getLogger(__name__)
 
-MAX_OVERRIDES_BYTES = 64 * 1024
 _COMPONENT_NAMES = ("os", "release", "arch", "variant", "serial")
+
+#: Mode bits no published file needs: setuid, setgid, sticky and the executable bits.
+SPECIAL_BITS = 0o7111
+#: A file larger than this whose blocks on disk cover less than SPARSE_RATIO of its size is
+#: sparse: holes an uploader made with one write at a far offset. Hashing it reads zeros for
+#: minutes and mirrors would receive them all. Images are compressed (squashfs, xz, gzip,
+#: qcow2), so none is legitimately mostly holes.
+SPARSE_MIN_SIZE = 64 << 20
+SPARSE_RATIO = 0.5
+
+
+def _shown(path: str) -> str:
+    """A path for a log line: as is, or escaped when it holds control characters (so a name
+    with a newline cannot forge a second line)."""
+    return path if path.isprintable() else repr(path)
+
+
+def unpublishable(st: os.stat_result) -> str | None:
+    """Why a regular file with status `st` is not published, or None when it may be."""
+    if st.st_mode & SPECIAL_BITS:
+        return (
+            f"mode {stat.S_IMODE(st.st_mode):04o} has setuid, setgid, sticky or executable bits "
+            "(no image file needs them: chmod 0644 it)"
+        )
+    if st.st_size > SPARSE_MIN_SIZE and st.st_blocks * 512 < st.st_size * SPARSE_RATIO:
+        return (
+            f"sparse ({st.st_blocks * 512} bytes on disk for {st.st_size}): "
+            "images are compressed, upload the file itself"
+        )
+    return None
+
+
+def open_below(base: str, rel: str) -> int:
+    """Opens the regular file `rel` (a relative path with '/') below the directory `base`
+    without following a link anywhere below `base`: each directory is opened relative to its
+    parent's descriptor with O_NOFOLLOW, the file with fsutil.open_regular. Raises OSError
+    (NotRegularFile, NotADirectoryError, FileNotFoundError, ...)."""
+    parts = rel.split("/")
+    if any(p in ("", ".", "..") for p in parts):
+        raise NotRegularFile(errno.EINVAL, "not a plain relative path", rel)
+    fd = os.open(base, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for name in parts[:-1]:
+            sub = open_dir(name, dir_fd=fd)
+            os.close(fd)
+            fd = sub
+        return open_regular(parts[-1], dir_fd=fd)
+    finally:
+        os.close(fd)
 
 
 @dataclass(frozen=True)
@@ -45,6 +101,14 @@ class FileStat:
     ctime_ns: int
     inode: int
     dev: int
+    #: The trusted directory `path` lies below: the file is opened again from there, through
+    #: directory descriptors without following links (see open_below).
+    base: str
+
+    @property
+    def rel(self) -> str:
+        """`path` relative to `base`."""
+        return os.path.relpath(self.path, self.base)
 
     @property
     def identity(self) -> tuple[str, int, int, int, int, int]:
@@ -78,15 +142,29 @@ class Scanner:
     def scan(self, rel_prefix: str = "") -> list[ScannedVersion]:
         """Versions at or below images/<rel_prefix> (a directory path, '' for all)."""
         parts = [p for p in rel_prefix.split("/") if p]
-        start = os.path.join(self.img_dir, *parts)
-        if len(parts) > VERSION_DEPTH or not os.path.isdir(start) or os.path.islink(start):
+        if len(parts) > VERSION_DEPTH:
             return []
         for i, name in enumerate(parts):
             if is_ignored_name(name):
                 return []
             if not self._component_ok(os.path.join(self.img_dir, *parts[: i + 1]), parts[: i + 1]):
                 return []
-        return sorted(self._walk(start, parts), key=lambda v: v.key)
+        try:
+            fd = os.open(self.img_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError:
+            return []
+        path = self.img_dir
+        try:
+            for name in parts:
+                path = os.path.join(path, name)
+                sub = self._open_subdir(name, fd, path, quiet_if_missing=True)
+                if sub is None:
+                    return []
+                os.close(fd)
+                fd = sub
+            return sorted(self._walk(fd, path, parts), key=lambda v: v.key)
+        finally:
+            os.close(fd)
 
     # -- walking ------------------------------------------------------------------------------
 
@@ -99,14 +177,14 @@ class Scanner:
             try:
                 parse_version_dir(parts)
             except LayoutError as e:
-                log.warning("skipping %s: %s", path, e)
+                log.warning("skipping %s: %s", _shown(path), e)
                 return False
             return True
         if what == "arch":
             if name not in KNOWN_ARCHES:
                 log.warning(
-                    "skipping %s: unknown architecture %r (LXD and Incus would skip it)",
-                    path,
+                    "skipping %s: unknown architecture %s (LXD and Incus would skip it)",
+                    _shown(path),
                     name,
                 )
                 return False
@@ -114,77 +192,116 @@ class Scanner:
         try:
             check_component(name, what)
         except LayoutError as e:
-            log.warning("skipping %s: %s", path, e)
+            log.warning("skipping %s: %s", _shown(path), e)
             return False
         return True
 
-    def _walk(self, path: str, parts: list[str]) -> Iterator[ScannedVersion]:
+    @staticmethod
+    def _open_subdir(name: str, fd: int, path: str, quiet_if_missing: bool = False) -> int | None:
+        """The directory `name` in `fd`, opened without following a link; None (logged) when
+        it is a link, not a directory or gone."""
+        try:
+            return open_dir(name, dir_fd=fd)
+        except FileNotFoundError:
+            if not quiet_if_missing:
+                log.info("skipping %s: it vanished", _shown(path))
+            return None
+        except NotADirectoryError:
+            try:
+                link = stat.S_ISLNK(os.stat(name, dir_fd=fd, follow_symlinks=False).st_mode)
+            except OSError:
+                link = False
+            if link:
+                log.warning("skipping %s: a symbolic link (links are never followed)", _shown(path))
+            elif not quiet_if_missing:
+                log.warning("skipping %s: not a directory", _shown(path))
+            return None
+        except OSError as e:
+            log.warning("skipping %s: cannot open it (%s)", _shown(path), e.strerror or e)
+            return None
+
+    def _walk(self, fd: int, path: str, parts: list[str]) -> Iterator[ScannedVersion]:
+        """Versions below the directory `fd` (at `path`, `parts` below images/)."""
         if len(parts) == VERSION_DEPTH:
-            version = self._read_version(path, parts)
+            version = self._read_version(fd, path, parts)
             if version is not None:
                 yield version
             return
         try:
-            entries = sorted(os.scandir(path), key=lambda e: e.name)
+            with os.scandir(fd) as it:
+                entries = sorted(it, key=lambda e: e.name)
         except OSError as e:
-            log.warning("skipping %s: cannot list it (%s)", path, e.strerror or e)
+            log.warning("skipping %s: cannot list it (%s)", _shown(path), e.strerror or e)
             return
         for entry in entries:
             if is_ignored_name(entry.name):
                 continue
+            sub_path = os.path.join(path, entry.name)
             try:
                 is_dir = entry.is_dir(follow_symlinks=False)
             except OSError:
                 is_dir = False
             if not is_dir:
                 if entry.is_symlink():
-                    log.warning("skipping %s: symlinks are not followed above versions", entry.path)
+                    log.warning(
+                        "skipping %s: a symbolic link (links are never followed)", _shown(sub_path)
+                    )
                 else:
                     level = _COMPONENT_NAMES[len(parts)]
                     log.warning(
                         "skipping %s: a file where the %s directory belongs "
                         "(expected images/os/release/arch/variant/serial/FILE)",
-                        entry.path,
+                        _shown(sub_path),
                         level,
                     )
                 continue
             sub = [*parts, entry.name]
-            if self._component_ok(entry.path, sub):
-                yield from self._walk(entry.path, sub)
+            if not self._component_ok(sub_path, sub):
+                continue
+            sub_fd = self._open_subdir(entry.name, fd, sub_path)
+            if sub_fd is None:
+                continue
+            try:
+                yield from self._walk(sub_fd, sub_path, sub)
+            finally:
+                os.close(sub_fd)
 
-    def _read_version(self, path: str, parts: list[str]) -> ScannedVersion | None:
+    def _read_version(self, fd: int, path: str, parts: list[str]) -> ScannedVersion | None:
         key = parse_version_dir(parts)
         try:
-            entries = sorted(os.scandir(path), key=lambda e: e.name)
+            with os.scandir(fd) as it:
+                entries = sorted(it, key=lambda e: e.name)
         except OSError as e:
-            log.warning("skipping %s: cannot list it (%s)", path, e.strerror or e)
+            log.warning("skipping %s: cannot list it (%s)", _shown(path), e.strerror or e)
             return None
         files: dict[str, FileStat] = {}
         overrides = NO_OVERRIDES
         for entry in entries:
-            if is_ignored_name(entry.name) or self.exclude(entry.path):
+            file_path = os.path.join(path, entry.name)
+            if is_ignored_name(entry.name) or self.exclude(file_path):
                 continue
             role = classify(entry.name)
-            try:
-                st = self._stat(entry)
-            except OSError as e:
-                log.warning("skipping %s: cannot stat it (%s)", entry.path, e.strerror or e)
-                continue
-            if st is None:
-                continue
-            if stat.S_ISDIR(st.st_mode):
-                log.warning(
-                    "skipping %s: directories inside a version are not published", entry.path
-                )
-                continue
             if role is None:
-                log.debug("ignoring %s: not a file LXD or Incus use", entry.path)
+                try:
+                    is_dir = entry.is_dir(follow_symlinks=False)
+                except OSError:
+                    is_dir = False
+                if is_dir:
+                    log.warning(
+                        "skipping %s: directories inside a version are not published",
+                        _shown(file_path),
+                    )
+                else:
+                    log.debug("ignoring %s: not a file LXD or Incus use", _shown(file_path))
                 continue
             if role.role is Role.OVERRIDES:
-                overrides = self._read_overrides(entry.path, st.st_size)
+                overrides = self._read_overrides(fd, entry.name, file_path)
+                continue
+            st = self._stat_file(fd, entry.name, file_path)
+            if st is None:
                 continue
             files[entry.name] = FileStat(
-                path=entry.path,
+                path=file_path,
                 name=entry.name,
                 role=role,
                 size=st.st_size,
@@ -192,33 +309,57 @@ class Scanner:
                 ctime_ns=st.st_ctime_ns,
                 inode=st.st_ino,
                 dev=st.st_dev,
+                base=self.img_dir,
             )
         return ScannedVersion(key=key, path=path, files=files, overrides=overrides)
 
-    def _stat(self, entry: os.DirEntry[str]) -> os.stat_result | None:
-        if entry.is_symlink():
-            target = os.path.realpath(entry.path)
-            if os.path.commonpath([target, self.img_dir]) != self.img_dir:
-                log.warning("skipping %s: symlink leads out of %s", entry.path, self.img_dir)
-                return None
-        st = os.stat(entry.path)
-        if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
-            log.warning("skipping %s: not a regular file", entry.path)
+    @staticmethod
+    def _open_file(dir_fd: int, name: str, path: str) -> int | None:
+        """`name` in the version directory `dir_fd`, if it is a regular file (else logged)."""
+        try:
+            return open_regular(name, dir_fd=dir_fd)
+        except NotRegularFile as e:
+            log.warning(
+                "skipping %s: %s; only regular files are published", _shown(path), e.strerror
+            )
+        except FileNotFoundError:
+            log.info("skipping %s: it vanished", _shown(path))
+        except OSError as e:
+            log.warning("skipping %s: cannot open it (%s)", _shown(path), e.strerror or e)
+        return None
+
+    def _stat_file(self, dir_fd: int, name: str, path: str) -> os.stat_result | None:
+        """fstat of the opened file, when it may be published (else logged)."""
+        fd = self._open_file(dir_fd, name, path)
+        if fd is None:
+            return None
+        try:
+            st = os.fstat(fd)
+        finally:
+            os.close(fd)
+        reason = unpublishable(st)
+        if reason is not None:
+            log.warning("skipping %s: %s", _shown(path), reason)
             return None
         return st
 
-    @staticmethod
-    def _read_overrides(path: str, size: int) -> Overrides:
-        if size > MAX_OVERRIDES_BYTES:
-            log.warning("%s: larger than %d bytes; using defaults", path, MAX_OVERRIDES_BYTES)
+    def _read_overrides(self, dir_fd: int, name: str, path: str) -> Overrides:
+        fd = self._open_file(dir_fd, name, path)
+        if fd is None:
             return NO_OVERRIDES
         try:
-            with open(path, "rb") as f:
-                data = f.read(MAX_OVERRIDES_BYTES + 1)
-        except OSError as e:
-            log.warning("%s: cannot read it (%s); using defaults", path, e.strerror or e)
+            data = read_bounded(fd, MAX_OVERRIDES_BYTES)
+        except TooLarge:
+            log.warning(
+                "%s: larger than %d bytes; using defaults", _shown(path), MAX_OVERRIDES_BYTES
+            )
             return NO_OVERRIDES
+        except OSError as e:
+            log.warning("%s: cannot read it (%s); using defaults", _shown(path), e.strerror or e)
+            return NO_OVERRIDES
+        finally:
+            os.close(fd)
         overrides, problem = parse_overrides(data)
         if problem:
-            log.warning("%s: %s", path, problem)
+            log.warning("%s: %s", _shown(path), problem)
         return overrides

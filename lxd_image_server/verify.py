@@ -16,9 +16,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .catalog import CLIENT_META_FTYPES
+from .fsutil import NotRegularFile
 from .hashing import FileChanged, Hasher, Progress, hash_file
 from .layout import COMBINED_FIELDS, FileRole, Role, classify
-from .scan import FileStat
+from .scan import FileStat, open_below
 
 log = logging.getLogger(__name__)
 
@@ -109,28 +110,37 @@ def _collect(doc: dict[str, Any]) -> tuple[dict[str, list[_Expect]], list[_Combi
 
 
 def _stat(root_dir: str, rel: str) -> tuple[FileStat | None, Problem | None]:
+    """The file `rel` below `root_dir`, opened without following a link below the root (as
+    nginx serves it: regular files only), described by fstat of the opened descriptor."""
     if not rel or os.path.isabs(rel) or ".." in rel.split("/"):
         return None, Problem("outside", rel, "the path leaves the served root")
-    path = os.path.join(root_dir, rel)
     try:
-        st = os.stat(path)
+        fd = open_below(root_dir, rel)
     except FileNotFoundError:
         return None, Problem("missing", rel, "listed in the catalog, not on disk")
+    except NotRegularFile as e:
+        return None, Problem("unreadable", rel, f"not a regular file ({e.strerror})")
+    except NotADirectoryError:
+        return None, Problem("unreadable", rel, "a directory on the way is a symbolic link")
     except OSError as e:
         return None, Problem("unreadable", rel, e.strerror or str(e))
-    if not os.path.isfile(path):
-        return None, Problem("unreadable", rel, "not a regular file")
-    role = classify(os.path.basename(path)) or FileRole(Role.ROOT, "")
+    try:
+        st = os.fstat(fd)
+    finally:
+        os.close(fd)
+    name = rel.rsplit("/", 1)[-1]
+    role = classify(name) or FileRole(Role.ROOT, "")
     return (
         FileStat(
-            path=path,
-            name=os.path.basename(path),
+            path=os.path.join(root_dir, rel),
+            name=name,
             role=role,
             size=st.st_size,
             mtime_ns=st.st_mtime_ns,
             ctime_ns=st.st_ctime_ns,
             inode=st.st_ino,
             dev=st.st_dev,
+            base=root_dir,
         ),
         None,
     )

@@ -266,7 +266,7 @@ def test_symlink_out_of_tree_not_published(tmp_path, caplog):
     (d / "rootfs.squashfs").symlink_to(outside)
     with caplog.at_level(logging.WARNING):
         assert catalog(tmp_path) == {}
-    assert "symlink leads out" in caplog.text
+    assert "a symbolic link" in caplog.text
 
 
 def test_index_lists_exactly_the_products(tmp_path):

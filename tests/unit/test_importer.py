@@ -188,8 +188,61 @@ def test_parse_yaml_quotes_comments_folds_and_block_scalars() -> None:
     assert doc["empty"] is None
 
 
-def test_parse_yaml_never_raises_on_junk() -> None:
-    assert isinstance(parse_yaml(":\n  - [\n\t\"unterminated\n'x: y\n"), dict)
+def test_parse_yaml_junk_is_one_import_error() -> None:
+    with pytest.raises(ImportFailed, match="not valid YAML"):
+        parse_yaml(":\n  - [\n\t\"unterminated\n'x: y\n")
+
+
+def test_parse_yaml_keeps_scalars_as_strings() -> None:
+    doc = parse_yaml("properties:\n  release: 3.10\n  os: yes\ncreation_date: 1704110400\n")
+    assert doc["properties"] == {"release": "3.10", "os": "yes"}
+    assert doc["creation_date"] == "1704110400"
+
+
+# -- hostile metadata.yaml (issue 9, finding 5): bounded, one error line, never a crash --------
+
+
+@pytest.mark.parametrize(
+    ("text", "why"),
+    [
+        ("[" * 5000, "deeper"),
+        ("a:\n" + "".join(" " * i + "b:\n" for i in range(1, 300)), "deeper"),
+        ("- " * 3000 + "x", "deeper"),
+        ("a: &a [x, x]\nb: &b [*a, *a]\nc: [*b, *b]\n", "anchors"),
+        ("x: " + "y" * (300 << 10), "larger than"),
+        ("- a\n- b\n", "not a mapping"),
+        ("just a string", "not a mapping"),
+        ("", "not a mapping"),
+        ("a: !!python/object:os.system x\n", "not valid YAML"),
+        ("\x00\x01", "not valid YAML"),
+    ],
+)
+def test_parse_yaml_hostile(text: str, why: str) -> None:
+    with pytest.raises(ImportFailed, match=why) as e:
+        parse_yaml(text)
+    assert "\n" not in str(e.value)
+
+
+def test_nested_metadata_yaml_in_a_tarball_is_one_import_error(tmp_path: Path) -> None:
+    bad = meta_tarball(tmp_path / "bad.tar.xz", "[" * 5000)
+    with pytest.raises(ImportFailed, match=r"bad\.tar\.xz: metadata\.yaml nests deeper"):
+        inspect_tarball(str(bad), "xz")
+    with pytest.raises(ImportFailed):
+        plan_import([str(bad), str(squashfs(tmp_path / "r.squashfs"))])
+
+
+def test_tarball_with_too_many_entries_is_refused(tmp_path: Path, monkeypatch) -> None:
+    import lxd_image_server.importer as importer
+
+    monkeypatch.setattr(importer, "MAX_MEMBERS", 50)
+    path = tmp_path / "u.tar.gz"
+    with tarfile.open(path, "w:gz") as tf:
+        _add(tf, "rootfs")
+        for i in range(60):
+            _add(tf, f"rootfs/f{i}", b"x")
+        _add(tf, "metadata.yaml", metadata_yaml().encode())
+    with pytest.raises(ImportFailed, match="more than 50 entries"):
+        inspect_tarball(str(path), "gzip")
 
 
 @pytest.mark.parametrize(
@@ -464,7 +517,7 @@ def test_failure_leaves_no_temporary_files(tmp_path: Path) -> None:
     # the root becomes unreadable after the metadata was copied (a directory: we run as root)
     os.unlink(files[1])
     os.mkdir(files[1])
-    with pytest.raises(ImportFailed, match=r"failed|cannot read"):
+    with pytest.raises(ImportFailed, match=r"failed|cannot read|not a regular file"):
         place(plan, str(img))
     assert not (img / VERSION).exists()
     assert not [p for p in img.rglob("*") if p.is_file() or p.name.startswith(".")]
@@ -509,3 +562,38 @@ def test_logs_a_copy_when_move_crosses_file_systems(
         for f in src_dir.glob("*"):
             f.unlink()
         src_dir.rmdir()
+
+
+# -- placement never leaves images/ (issue 9): directory fds, no link followed -----------------
+
+
+@pytest.mark.parametrize("force", [False, True])
+@pytest.mark.parametrize("level", [1, 2, 3, 4])
+def test_a_symlinked_directory_on_the_way_is_refused(
+    tmp_path: Path, level: int, force: bool
+) -> None:
+    """An uploader replaced a directory of the version's path by a symlink to an outside tree
+    holding the same version: import (even --force) writes and deletes nothing there."""
+    img = tmp_path / "images"
+    outside = tmp_path / "outside"
+    parts = VERSION.split("/")
+    precious = outside.joinpath(*parts)
+    precious.mkdir(parents=True)
+    (precious / "rootfs.squashfs").write_bytes(b"keep me")
+    (precious / "lxd.tar.xz").write_bytes(b"keep me too")
+    link = img.joinpath(*parts[:level])
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.symlink_to(outside.joinpath(*parts[:level]))
+    before = tree_files(outside)
+    files = split_export(tmp_path / "export")
+    with pytest.raises(ImportFailed, match=r"symbolic link|not a directory|exists"):
+        place(plan_import([str(f) for f in files]), str(img), force=force)
+    assert tree_files(outside) == before
+    assert (precious / "rootfs.squashfs").read_bytes() == b"keep me"
+    assert (precious / "lxd.tar.xz").read_bytes() == b"keep me too"
+
+
+def test_a_fifo_given_to_import_is_refused_without_blocking(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "export.tar.gz")
+    with pytest.raises(ImportFailed, match="not a regular file"):
+        plan_import([str(tmp_path / "export.tar.gz")])

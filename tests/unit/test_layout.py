@@ -110,3 +110,77 @@ def test_ignored_names():
     assert is_ignored_name(".staging")
     assert is_ignored_name("x.part")
     assert not is_ignored_name("lxd.tar.xz")
+
+
+# -- strict names (issue 9, finding 13): ASCII only, no control characters, the whole string --
+
+FULLWIDTH_SERIAL = "\uff12\uff10\uff19\uff19\uff10\uff11\uff10\uff11_\uff11\uff12:\uff10\uff10"
+ARABIC_INDIC_SERIAL = "\u0662\u0660\u0662\u0664\u0660\u0661\u0660\u0661\u0661\u0662\u0660\u0660"
+
+
+@pytest.mark.parametrize(
+    "serial",
+    [
+        "20180716_12:00\n",
+        "201807161200\n",
+        FULLWIDTH_SERIAL,
+        ARABIC_INDIC_SERIAL,
+        "20180716_12:0\uff10",
+        "20180716_12:00\x00",
+        "2018\u06f00716_1200",
+    ],
+)
+def test_serials_with_newline_or_non_ascii_digits_refused(serial):
+    assert not valid_serial(serial)
+
+
+BAD_NAMES = [
+    "x\n",
+    "busybox\n",
+    "x\r",
+    "x\x00",
+    "x\ty",
+    "\u0431usybox",  # Cyrillic be
+    "busyb\u043ex",  # Cyrillic o
+    "ubuntu\u200b",  # zero-width space
+    "\uff55buntu",  # full-width u
+    "1\u0662",  # Arabic-Indic digit
+    "x\x7f",
+    "x\x85",
+    "a" * 129,
+]
+
+
+@pytest.mark.parametrize("name", BAD_NAMES)
+def test_component_names_strict(name):
+    with pytest.raises(LayoutError):
+        parse_version_dir([name, "1.35", "amd64", "default", "20180716_1200"])
+    with pytest.raises(LayoutError):
+        parse_version_dir(["busybox", name, "amd64", "default", "20180716_1200"])
+    with pytest.raises(LayoutError):
+        parse_version_dir(["busybox", "1.35", "amd64", name, "20180716_1200"])
+    with pytest.raises(LayoutError):
+        parse_file_path(f"{name}/1.35/amd64/default/20180716_1200/lxd.tar.xz")
+
+
+def test_long_but_reasonable_names_accepted():
+    parse_version_dir(["a" * 128, "1.35", "amd64", "default", "20180716_1200"])
+
+
+@pytest.mark.parametrize("name", ["amd64\n", "amd\u0466", "x86_64\x00"])
+def test_arch_strict(name):
+    with pytest.raises(LayoutError):
+        parse_version_dir(["busybox", "1.35", name, "default", "20180716_1200"])
+
+
+@pytest.mark.parametrize(
+    "name", ["lxd.tar.xz\n", "rootfs.squashfs\n", "x\n.tar.gz", "\u0430.tar.gz", "a\x00.tar.gz"]
+)
+def test_file_names_strict(name):
+    assert classify(name) is None
+    with pytest.raises(LayoutError):
+        parse_file_path(f"busybox/1.35/amd64/default/20180716_1200/{name}")
+
+
+def test_unified_tarball_name_too_long_not_published():
+    assert classify("a" * 200 + ".tar.gz") is None

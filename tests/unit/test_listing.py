@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -73,3 +74,22 @@ def test_empty_and_missing_catalogs(tmp_path: Path) -> None:
         read_catalog(str(tmp_path))
     (tmp_path / "images.json").write_text('{"products": {}}')
     assert render(image_rows(read_catalog(str(tmp_path))), "table") == "(the catalog is empty)\n"
+
+
+# -- the catalog read back is bounded (issue 9, finding 3) ---------------------------------------
+
+
+def test_nested_catalog_is_refused_not_a_crash(tmp_path: Path) -> None:
+    (tmp_path / "images.json").write_text('{"products": ' + "[" * 100_000)
+    with pytest.raises(CatalogMissing, match="cannot read"):
+        read_catalog(str(tmp_path))
+
+
+def test_catalog_that_is_a_symlink_or_a_fifo_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "images.json").symlink_to("/dev/zero")
+    with pytest.raises(CatalogMissing, match="cannot read"):
+        read_catalog(str(tmp_path))
+    (tmp_path / "images.json").unlink()
+    os.mkfifo(tmp_path / "images.json")
+    with pytest.raises(CatalogMissing, match="cannot read"):
+        read_catalog(str(tmp_path))

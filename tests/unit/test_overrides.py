@@ -2,6 +2,8 @@ import pytest
 
 from lxd_image_server.overrides import NO_OVERRIDES, parse_overrides
 
+MAX_OVERRIDES_BYTES = 64 * 1024
+
 
 def test_full():
     ov, problem = parse_overrides(
@@ -54,3 +56,50 @@ def test_unknown_keys_reported_but_applied():
     assert ov.os == "X"
     assert problem is not None
     assert "alias" in problem
+
+
+# -- hostile metadata.json (issue 9, finding 5): bounded, one problem line, never an exception --
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"[" * 5000,
+        b'{"a":' * 5000 + b"1" + b"}" * 5000,
+        b'{"requirements": ' + b"[" * 3000 + b"]" * 3000 + b"}",
+        b'{"os": "x", "aliases": [' + b"[" * 100 + b"]" * 100 + b"]}",
+    ],
+)
+def test_deeply_nested_json_means_defaults(data):
+    ov, problem = parse_overrides(data)
+    assert ov == NO_OVERRIDES
+    assert problem is not None
+    assert "\n" not in problem
+    assert problem.endswith("using defaults")
+
+
+def test_too_large_means_defaults():
+    ov, problem = parse_overrides(b'{"os": "' + b"x" * (MAX_OVERRIDES_BYTES + 1) + b'"}')
+    assert ov == NO_OVERRIDES
+    assert problem is not None and "larger than" in problem
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b'{"aliases": ["bb\\n"]}',
+        b'{"aliases": "bb\\n"}',
+        b'{"aliases": ["\\u0431b"]}',
+        b'{"aliases": ["' + b"a" * 300 + b'"]}',
+        b'{"aliases": [' + b",".join(b'"a%d"' % i for i in range(1000)) + b"]}",
+        b'{"os": "Busy\\u0000Box"}',
+        b'{"release_title": "1.35\\n<script>"}',
+        b'{"os": "' + b"x" * 1000 + b'"}',
+        b'{"requirements": {"a\\n": "true"}}',
+        b'{"requirements": {"secureboot": "fa\\u0000lse"}}',
+    ],
+)
+def test_control_characters_and_giants_refused(data):
+    ov, problem = parse_overrides(data)
+    assert ov == NO_OVERRIDES
+    assert problem is not None and problem.endswith("using defaults")

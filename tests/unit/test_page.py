@@ -25,6 +25,7 @@ from lxd_image_server.page import (
     SCRIPT,
     STYLE,
     Image,
+    catalog_updated,
     human_size,
     render_page,
     serial_time,
@@ -460,3 +461,22 @@ def test_update_writes_the_page_without_write_access_to_the_root() -> None:
             assert sorted(p.name for p in root.iterdir()) == ["images", "streams"]
         finally:
             os.chmod(root, 0o755)
+
+
+# -- the catalog read back is bounded (issue 9, finding 3) ---------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["nested", "dev-zero", "fifo"])
+def test_hostile_images_json_does_not_stop_the_page(tmp_path: Path, kind: str, caplog) -> None:
+    streams = tmp_path / "streams" / "v1"
+    streams.mkdir(parents=True)
+    target = streams / "images.json"
+    if kind == "nested":
+        target.write_text('{"updated": ' + "[" * 100_000)
+    elif kind == "dev-zero":
+        target.symlink_to("/dev/zero")
+    else:
+        os.mkfifo(target)
+    assert catalog_updated(str(tmp_path)) is None
+    assert write_page(str(tmp_path), {}) is True
+    assert (tmp_path / PAGE_PATH).is_file()

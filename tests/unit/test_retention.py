@@ -273,3 +273,61 @@ def test_state_is_written_atomically_and_readable(paths: Paths, pipeline: Pipeli
     assert entry["product"] == PRODUCT and entry["serial"] == "20240101_1200"
     assert entry["expires_utc"] == "2027-01-15 09:00:00 UTC"
     assert not [n for n in os.listdir(paths.state_dir) if n.endswith(".tmp")]
+
+
+# -- deletions never leave images/ (issue 9): relative to directory fds, no link followed ------
+
+
+def _expired(paths: Paths, version: Path) -> None:
+    os.makedirs(paths.state_dir, exist_ok=True)
+    entry = {"path": str(version), "product": PRODUCT, "serial": version.name, "pruned": 0,
+             "expires": 0}  # fmt: skip
+    Path(state_path(paths.state_dir)).write_text(json.dumps({"format": 1, "pending": [entry]}))
+
+
+def test_symlink_planted_in_a_doomed_version_keeps_its_target(paths: Paths, tmp_path: Path) -> None:
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "file").write_text("keep me")
+    doomed = add_version(Path(paths.img_dir), "20240101_1200")
+    (doomed / "link-to-dir").symlink_to(precious)
+    (doomed / "link-to-file").symlink_to(precious / "file")
+    (doomed / "sub").mkdir()
+    (doomed / "sub" / "deeper").symlink_to(precious)
+    _expired(paths, doomed)
+    assert [p.path for p in delete_expired(paths, now=NOW)] == [str(doomed)]
+    assert not doomed.exists()
+    assert (precious / "file").read_text() == "keep me"
+
+
+@pytest.mark.parametrize("level", ["variant", "arch", "version"])
+def test_parent_swapped_for_a_symlink_deletes_nothing_outside(
+    paths: Paths, tmp_path: Path, level: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An uploader swaps a directory on the way to a doomed version for a symlink to an outside
+    tree with the same names: the outside files survive, and the entry is kept."""
+    img = Path(paths.img_dir)
+    doomed = add_version(img, "20240101_1200")
+    outside = add_version(tmp_path / "outside", "20240101_1200")
+    (outside / "file").write_text("keep me")
+    up = {"version": 0, "variant": 1, "arch": 2}[level]
+    inner, outer = doomed, outside
+    for _ in range(up):
+        inner, outer = inner.parent, outer.parent
+    inner.rename(inner.with_name(".moved-away"))
+    inner.symlink_to(outer)
+    _expired(paths, doomed)
+    with caplog.at_level(logging.WARNING):
+        assert delete_expired(paths, now=NOW) == []
+    assert (outside / "file").read_text() == "keep me"
+    assert (outside / "rootfs.squashfs").exists()
+    assert inner.is_symlink()
+    assert "symbolic link" in caplog.text
+
+
+def test_nested_state_file_is_damaged_not_a_crash(paths: Paths) -> None:
+    os.makedirs(paths.state_dir)
+    Path(state_path(paths.state_dir)).write_text('{"pending": ' + "[" * 5000)
+    with pytest.raises(RetentionError, match="damaged"):
+        load(paths.state_dir)
+    assert PendingVersions(paths.state_dir)() == frozenset()

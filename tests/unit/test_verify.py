@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -127,3 +128,24 @@ def test_progress_counts_every_byte(tree: Paths) -> None:
 
     report = verify(tree.root_dir, catalog(tree), progress_start=start)
     assert totals == [report.bytes] and sum(seen) == report.bytes
+
+
+def test_a_version_swapped_for_a_symlink_is_not_read_through(tree: Paths, tmp_path: Path) -> None:
+    """An uploader replaces a published version directory by a symlink to a copy elsewhere:
+    nginx (disable_symlinks) would not serve it, so verify reports it rather than reading the
+    outside copy and calling it good."""
+    real = Path(tree.root_dir) / DEFAULT
+    copy = tmp_path / "outside-copy"
+    real.rename(copy)
+    real.symlink_to(copy)
+    report = verify(tree.root_dir, catalog(tree))
+    assert ("unreadable", f"{DEFAULT}/rootfs.squashfs") in kinds(report)
+    assert not report.ok
+
+
+def test_a_fifo_in_place_of_a_file_is_reported(tree: Paths) -> None:
+    target = Path(tree.root_dir) / DEFAULT / "disk.qcow2"
+    target.unlink()
+    os.mkfifo(target)
+    report = verify(tree.root_dir, catalog(tree))
+    assert ("unreadable", f"{DEFAULT}/disk.qcow2") in kinds(report)

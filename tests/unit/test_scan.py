@@ -1,0 +1,247 @@
+"""The scanner and hasher against a hostile uploader (issue 9): symlinks, FIFOs, sparse giants,
+setuid bits, names with control characters and directories swapped between check and use.
+Real files in tmp_path; the races run a real second thread, bounded by a number of rounds."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from lxd_image_server.catalog import build_products
+from lxd_image_server.hashing import HashCache, HashEngine
+from lxd_image_server.retention import select_prunable
+from lxd_image_server.scan import Scanner
+
+from .helpers import blob, sha, version_dir, write
+
+META = blob(3000, 1)
+ROOT = blob(50_000, 2)
+EVIL_META = blob(3000, 66)
+EVIL_ROOT = blob(50_000, 67)
+PRODUCT = "busybox:1.35:amd64:default"
+
+
+def complete(d: Path, meta: bytes = META, root: bytes = ROOT) -> Path:
+    write(d / "lxd.tar.xz", meta)
+    write(d / "rootfs.squashfs", root)
+    return d
+
+
+def catalog(root: Path) -> dict:
+    versions = Scanner(root / "images").scan()
+    digests = HashEngine(HashCache(None)).digest(versions)
+    return build_products(versions, digests, str(root))
+
+
+def lines_about(caplog: pytest.LogCaptureFixture, text: str) -> list[str]:
+    return [r.getMessage() for r in caplog.records if text in r.getMessage()]
+
+
+# -- only regular files travel ------------------------------------------------------------------
+
+
+def test_symlink_inside_the_tree_is_not_published(tmp_path, caplog):
+    d = complete(version_dir(tmp_path / "images"))
+    other = complete(version_dir(tmp_path / "images", serial="20240102_12:00"))
+    (other / "rootfs.squashfs").unlink()
+    (other / "rootfs.squashfs").symlink_to(d / "rootfs.squashfs")
+    with caplog.at_level(logging.WARNING):
+        products = catalog(tmp_path)
+    assert list(products[PRODUCT]["versions"]) == ["20240101_12:00"]
+    assert len(lines_about(caplog, str(other / "rootfs.squashfs"))) == 1
+
+
+@pytest.mark.parametrize("level", [1, 2, 3, 4, 5])
+def test_symlinked_directory_at_any_level_is_skipped(tmp_path, caplog, level):
+    outside = complete(version_dir(tmp_path / "outside"))
+    img = tmp_path / "images"
+    img.mkdir()
+    parts = ["busybox", "1.35", "amd64", "default", "20240101_12:00"]
+    real = img.joinpath(*parts[: level - 1])
+    real.mkdir(parents=True, exist_ok=True)
+    (real / parts[level - 1]).symlink_to(tmp_path / "outside" / Path(*parts[:level]))
+    with caplog.at_level(logging.WARNING):
+        assert catalog(tmp_path) == {}
+        # the watcher rescans the directory that changed: the same answer
+        assert Scanner(img).scan("/".join(parts[:level])) == []
+        assert Scanner(img).scan("/".join(parts)) == []
+    assert outside.exists()
+    assert lines_about(caplog, "symbolic link")
+
+
+def test_fifo_swapped_in_after_the_scan_does_not_block(tmp_path, caplog):
+    d = complete(version_dir(tmp_path / "images"))
+    versions = Scanner(tmp_path / "images").scan()
+    fifo = d / "rootfs.squashfs"
+    fifo.unlink()
+    os.mkfifo(fifo)
+    result: dict[str, object] = {}
+    worker = threading.Thread(
+        target=lambda: result.update(d=HashEngine(HashCache(None)).digest(versions)), daemon=True
+    )
+    worker.start()
+    worker.join(60)  # a hang guard, not a timing assertion: hashing 3 KB takes milliseconds
+    blocked = worker.is_alive()
+    if blocked:  # release the reader stuck in open(2) so the test process can end
+        with contextlib.suppress(OSError):
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        worker.join()
+    assert not blocked, "hashing blocked on a FIFO"
+    digests = result["d"]
+    assert str(fifo) in digests.failed
+    assert build_products(versions, digests, str(tmp_path)) == {}
+
+
+def test_fifo_device_and_socket_are_skipped_by_the_scan(tmp_path, caplog):
+    d = complete(version_dir(tmp_path / "images"))
+    (d / "rootfs.squashfs").unlink()
+    os.mkfifo(d / "rootfs.squashfs")
+    with caplog.at_level(logging.WARNING):
+        assert catalog(tmp_path) == {}
+    assert len(lines_about(caplog, "not a regular file")) == 1
+
+
+def test_sparse_giant_is_not_hashed(tmp_path, caplog):
+    d = complete(version_dir(tmp_path / "images"))
+    with open(d / "disk.qcow2", "wb") as f:
+        f.write(b"QFI\xfb")
+        f.truncate(256 << 20)
+    with caplog.at_level(logging.WARNING):
+        products = catalog(tmp_path)
+    items = products[PRODUCT]["versions"]["20240101_12:00"]["items"]
+    assert "disk-kvm.img" not in items and "squashfs" in items
+    assert len(lines_about(caplog, "sparse")) == 1
+
+
+def test_small_sparse_file_is_still_published(tmp_path):
+    d = complete(version_dir(tmp_path / "images"), root=b"")
+    with open(d / "rootfs.squashfs", "wb") as f:
+        f.write(b"hsqs")
+        f.truncate(1 << 20)
+    items = catalog(tmp_path)[PRODUCT]["versions"]["20240101_12:00"]["items"]
+    assert items["squashfs"]["size"] == 1 << 20
+
+
+@pytest.mark.parametrize("mode", [0o4644, 0o2644, 0o755, 0o744, 0o1644])
+def test_setuid_setgid_and_executable_files_are_not_published(tmp_path, caplog, mode):
+    d = complete(version_dir(tmp_path / "images"))
+    os.chmod(d / "rootfs.squashfs", mode)
+    with caplog.at_level(logging.WARNING):
+        assert catalog(tmp_path) == {}
+    assert len(lines_about(caplog, str(d / "rootfs.squashfs"))) == 1
+
+
+def test_group_writable_files_are_published(tmp_path):
+    d = complete(version_dir(tmp_path / "images"))
+    os.chmod(d / "rootfs.squashfs", 0o664)
+    assert PRODUCT in catalog(tmp_path)
+
+
+# -- names (finding 13) --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("level", [0, 1, 3])
+def test_name_with_a_trailing_newline_is_not_published(tmp_path, caplog, level):
+    parts = ["busybox", "1.35", "amd64", "default", "20240101_12:00"]
+    parts[level] += "\n"
+    complete((tmp_path / "images").joinpath(*parts))
+    with caplog.at_level(logging.WARNING):
+        assert catalog(tmp_path) == {}
+    assert lines_about(caplog, "not a valid name")
+
+
+def test_full_width_serial_does_not_sort_as_newest(tmp_path, caplog):
+    img = tmp_path / "images"
+    complete(version_dir(img, serial="20240101_12:00"))
+    complete(version_dir(img, serial="20240301_12:00"))
+    fake = "\uff12\uff10\uff19\uff19\uff10\uff11\uff10\uff11_\uff11\uff12:\uff10\uff10"
+    complete(version_dir(img, serial=fake))
+    with caplog.at_level(logging.WARNING):
+        products = catalog(tmp_path)
+    assert sorted(products[PRODUCT]["versions"]) == ["20240101_12:00", "20240301_12:00"]
+    assert select_prunable(products, keep=1) == [(PRODUCT, "20240101_12:00")]
+    assert lines_about(caplog, "bad serial")
+
+
+# -- check-then-use races (finding 12) -----------------------------------------------------------
+
+
+#: The racing uploader: another process (two cores race for real, no GIL between them) that
+#: swaps a directory for a symlink to a decoy and back, forever, pausing a little in each state
+#: (the pauses only pace it; nothing is asserted about time).
+SWAPPER = """
+import os, sys, time
+victim, decoy, parked = sys.argv[1:4]
+print("ready", flush=True)
+while True:
+    os.rename(victim, parked)
+    os.symlink(decoy, victim)
+    time.sleep(0.002)
+    os.unlink(victim)
+    os.rename(parked, victim)
+    time.sleep(0.002)
+"""
+
+
+@contextlib.contextmanager
+def swapping(victim: Path, decoy: Path) -> Iterator[None]:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SWAPPER, str(victim), str(decoy), str(victim.with_name(".parked"))],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
+        yield
+    finally:
+        proc.kill()
+        proc.wait()
+    parked = victim.with_name(".parked")
+    if parked.exists():  # killed while the symlink was in place: put the real directory back
+        with contextlib.suppress(FileNotFoundError):
+            victim.unlink()
+        parked.rename(victim)
+
+
+@pytest.mark.parametrize("swapped", ["variant", "version"])
+def test_directory_swapped_for_a_symlink_never_publishes_the_outside(tmp_path, swapped):
+    """A racing uploader swaps a directory of the tree (the last of 20 siblings, so the scan is
+    busy elsewhere when the swap lands) for a symlink to an outside directory holding a
+    valid-looking image; scan + hash + catalog, 600 times: only bytes from inside the tree are
+    ever published. The old scanner (hashing by path after checking) published the decoy in
+    about one run of a hundred."""
+    img = tmp_path / "images"
+    for k in range(20):
+        where = {"serial": f"202401{k + 1:02d}_12:00"} if swapped == "version" else {}
+        where |= {"variant": f"v{k:02d}"} if swapped == "variant" else {}
+        inside = complete(version_dir(img, **where))
+    decoy = complete(version_dir(tmp_path / "outside", **where), EVIL_META, EVIL_ROOT)
+    victim, target = (inside, decoy) if swapped == "version" else (inside.parent, decoy.parent)
+    good = {sha(META), sha(ROOT), sha(META, ROOT)}
+    evil = {sha(EVIL_META), sha(EVIL_ROOT), sha(EVIL_META, EVIL_ROOT)}
+    published = 0
+    logging.disable(logging.WARNING)
+    try:
+        with swapping(victim, target):
+            for _ in range(600):
+                seen: set[str] = set()
+                for product in catalog(tmp_path).values():
+                    for version in product["versions"].values():
+                        published += 1
+                        for item in version["items"].values():
+                            seen.add(item["sha256"])
+                            seen.update(v for k, v in item.items() if k.startswith("combined_"))
+                assert not seen & evil, "a file from outside images/ was published"
+                assert seen <= good
+    finally:
+        logging.disable(logging.NOTSET)
+    assert published > 0
+    assert (inside / "rootfs.squashfs").read_bytes() == ROOT
