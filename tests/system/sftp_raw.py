@@ -127,7 +127,8 @@ class RawSftp:
     # -- requests ----------------------------------------------------------------------------
 
     def open(self, path: str, flags: int, mode: int | None = None) -> bytes:
-        reply = self._request(OPEN, _string(path.encode()) + struct.pack(">I", flags) + _attrs(mode))
+        payload = _string(path.encode()) + struct.pack(">I", flags) + _attrs(mode)
+        reply = self._request(OPEN, payload)
         if reply.kind != HANDLE:
             raise SftpError(-1, f"expected HANDLE, got packet type {reply.kind}")
         (hlen,) = struct.unpack(">I", reply.body[:4])
