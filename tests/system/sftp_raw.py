@@ -3,7 +3,7 @@ uploader's own client would (OpenSSH's sftp masks modes with 0777 before sending
 
 It speaks over the pipes of a subprocess: `ssh -s user@host sftp` for the real server, or a
 local `sftp-server` for quick checks. Only what the attack tests need: open (with any mode),
-write, close, setstat, mkdir, symlink, hardlink.
+write, close, setstat, mkdir, rename, symlink, hardlink.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import IO
 
 INIT, VERSION = 1, 2
-OPEN, CLOSE, WRITE, SETSTAT, MKDIR, SYMLINK, EXTENDED = 3, 4, 6, 9, 14, 20, 200
+OPEN, CLOSE, WRITE, SETSTAT, MKDIR, RENAME, SYMLINK, EXTENDED = 3, 4, 6, 9, 14, 18, 20, 200
 STATUS, HANDLE = 101, 102
 #: open flags (SSH2_FXF_*)
 READ, WRITE_FLAG, CREAT, TRUNC = 0x01, 0x02, 0x08, 0x10
@@ -154,6 +154,9 @@ class RawSftp:
 
     def mkdir(self, path: str, mode: int | None = None) -> None:
         self._request(MKDIR, _string(path.encode()) + _attrs(mode))
+
+    def rename(self, old: str, new: str) -> None:
+        self._request(RENAME, _string(old.encode()) + _string(new.encode()))
 
     def symlink(self, target: str, link: str) -> None:
         # OpenSSH's server reads (target, link): the reverse of the draft's order
