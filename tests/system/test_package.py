@@ -428,7 +428,7 @@ def test_tree_user_and_credentials(installed: Installed, container: Container) -
     assert passwd[5] == "/home/lxdadm", passwd
     assert container.path("/etc/nginx/sites-enabled/lxd-image-server").is_symlink()
     assert stat_in_container(container, PASSWORD_FILE) == "root:root 600"
-    assert "warning" not in installed.output, installed.output[-3000:]
+    assert "lxd-image-server: warning" not in installed.output, installed.output[-3000:]
     assert container.path("/etc/nginx/sites-enabled/default").exists(), "Debian's site is gone"
     listening = container.run("ss -ltn").stdout
     assert re.search(r":80\s", listening) and re.search(rf":{HTTPS_PORT}\s", listening), listening
