@@ -375,6 +375,12 @@ def _root_dir_only(f: F) -> F:
     help="No upload credentials: anyone may upload (a proxy in front authenticates).",
 )
 @click.option(
+    "--password-file",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="Write a new upload user's password to this file (mode 0600) instead of printing it.",
+)
+@click.option(
     "--upload-socket",
     default=DEFAULT_UPLOAD_SOCKET,
     show_default=True,
@@ -396,6 +402,7 @@ def init(
     listen: tuple[str, ...],
     private: bool,
     allow_anonymous_uploads: bool,
+    password_file: str | None,
     upload_socket: str,
 ) -> None:
     """Create the tree, a self-signed certificate, upload credentials and the nginx site."""
@@ -427,16 +434,25 @@ def init(
     if report.cert is not None:
         click.echo("")
         click.echo(tls.describe(report.cert.cert_path))
+    shown = report.new_credentials
     if report.new_credentials:
         user, password = report.new_credentials
         click.echo("")
-        click.echo(f"Upload user {user!r}, password {password}")
+        if password_file:
+            # kept out of the output, which may land in a log (apt's, for the package)
+            from .fsutil import write_atomic
+
+            write_atomic(password_file, f"{password}\n".encode(), mode=0o600)
+            click.echo(f"Upload user {user!r}: its password is in {password_file} (mode 0600)")
+            shown = (user, "PASSWORD")
+        else:
+            click.echo(f"Upload user {user!r}, password {password}")
         click.echo("(shown once; change it with: lxd-image-server passwd USER)")
     host = hostnames[0] if hostnames else socket.getfqdn()
     port = listen[0].rsplit(":", 1)[-1]
     cert = report.cert.cert_path if report.cert else (None if ssl_skip else ssl_dir + "/nginx.crt")
     click.echo("")
-    click.echo(client_instructions(host, port, cert, report.new_credentials))
+    click.echo(client_instructions(host, port, cert, shown))
 
 
 @main.command()

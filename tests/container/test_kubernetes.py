@@ -21,6 +21,7 @@ K8S_DIR = REPO / "kubernetes"
 VENV = REPO / ".venv-k8s"
 VALIDATE = VENV / "bin" / "kubernetes-validate"
 CONTAINERFILE = REPO / "container" / "Containerfile"
+README = REPO / "README.md"
 ENTRYPOINT = REPO / "container" / "entrypoint.sh"
 HEALTH = ["lxd-image-server", "--state-dir", "/var/lib/lxd-image-server", "health"]
 
@@ -58,7 +59,7 @@ def test_manifests_validate_against_the_kubernetes_schemas() -> None:
     lines = [line for line in out.splitlines() if line.strip()]
     # a kind without a schema is only a warning to the tool: here it is a failure
     assert lines and all(" passed for resource " in line for line in lines), out
-    assert len(lines) == 6, out
+    assert len(lines) == 5, out
 
 
 def test_the_validator_rejects_a_broken_manifest(tmp_path: Path) -> None:
@@ -74,6 +75,26 @@ def test_the_validator_rejects_a_broken_manifest(tmp_path: Path) -> None:
     assert code != 0 and "maxSurge" in out, out
 
 
+def test_nothing_applied_carries_a_password(
+    resources: dict[tuple[str, str], dict[str, Any]],
+) -> None:
+    """`kubectl apply -f kubernetes/` after creating the Secret by hand must not replace it with
+    a shipped password (issue 9, finding 17): no Secret, and no literal credential anywhere."""
+    assert not [name for kind, name in resources if kind == "Secret"]
+    for path in K8S_DIR.iterdir():
+        applied = path.suffix in (".yaml", ".yml", ".json")
+        assert not applied or path in manifests(), f"{path} would be applied but is not checked"
+    for (kind, name), doc in resources.items():
+        text = json.dumps(doc)
+        assert "stringData" not in text and '"data"' not in text, (kind, name)
+        for container in (
+            doc.get("spec", {}).get("template", {}).get("spec", {}).get("containers", [])
+        ):
+            for e in container.get("env", []):
+                if "PASSWORD" in e["name"]:
+                    assert "value" not in e, f"{kind} {name}: {e['name']} has a literal value"
+
+
 def test_the_parts_fit_together(resources: dict[tuple[str, str], dict[str, Any]]) -> None:
     kinds = sorted(kind for kind, _ in resources)
     assert kinds == [
@@ -81,7 +102,6 @@ def test_the_parts_fit_together(resources: dict[tuple[str, str], dict[str, Any]]
         "Ingress",
         "PersistentVolumeClaim",
         "PersistentVolumeClaim",
-        "Secret",
         "Service",
     ]
     deploy = resources[("Deployment", "lxd-image-server")]
@@ -126,11 +146,17 @@ def test_the_parts_fit_together(resources: dict[tuple[str, str], dict[str, Any]]
     assert set(claims) <= set(mounts.values())
     for claim in claims.values():
         assert ("PersistentVolumeClaim", claim) in resources, claim
+    # the Secret is the one the README's `kubectl create secret` makes (none is shipped)
     refs = [e["valueFrom"]["secretKeyRef"] for e in env.values() if "valueFrom" in e]
     assert {"UPLOAD_USER", "UPLOAD_PASSWORD"} <= set(env)
+    created = re.search(
+        r"kubectl create secret generic (\S+) \\\n"
+        r"\s+--from-literal=(\w+)=\S+ --from-literal=(\w+)=",
+        README.read_text(),
+    )
+    assert created, "the README does not say how to create the upload Secret"
     for ref in refs:
-        secret = resources[("Secret", ref["name"])]
-        assert ref["key"] in secret["stringData"], ref
+        assert ref["name"] == created[1] and ref["key"] in (created[2], created[3]), ref
 
     # service -> pod, ingress -> service, TLS and unlimited bodies at the ingress
     service = resources[("Service", "lxd-image-server")]

@@ -116,6 +116,22 @@ def test_init_creates_everything(env):
         assert directive in text, directive
 
 
+def test_password_file_keeps_the_password_out_of_the_output(env, tmp_path):
+    """The package's postinst: its output lands in /var/log/apt/term.log (issue 9, finding 18)."""
+    secret = tmp_path / "etc" / "initial-password"
+    r = init(env, "--password-file", secret)
+    assert r.returncode == 0, r.stderr
+    password = secret.read_text().strip()
+    assert stat.S_IMODE(secret.stat().st_mode) == 0o600
+    assert htpasswd.verify_password(password, htpasswd.read_users(str(env["htpasswd"]))["upload"])
+    assert password not in r.stdout + r.stderr
+    assert f"password is in {secret}" in r.stdout
+    # nothing new to hide the second time: the file is left alone
+    before = secret.stat().st_mtime_ns
+    assert init(env, "--password-file", secret).returncode == 0
+    assert secret.stat().st_mtime_ns == before
+
+
 def test_init_twice_changes_nothing(env):
     assert init(env).returncode == 0
     files = [p for p in env["root"].parent.rglob("*") if p.is_file() and "state" not in p.parts]

@@ -48,6 +48,7 @@ from tests.integration.servers import (
 )
 
 from .container import CACHE_DIR, Bind, Container, ensure_base
+from .sftp_raw import RawSftp, SftpError
 
 pytestmark = pytest.mark.timeout(1200)
 
@@ -62,6 +63,15 @@ HTTPS_PORT = 8443
 HOST_PORTS = (80, HTTPS_PORT, SSH_PORT)
 URL = f"https://127.0.0.1:{HTTPS_PORT}"
 ROOT = "/var/www/simplestreams"
+STATE = "/var/lib/lxd-image-server"
+#: the uploader (sftp/scp and the HTTPS upload app) and the catalog writer
+UPLOADER = "lxdadm"
+WRITER = "lxd-image-server"
+PASSWORD_FILE = "/etc/lxd-image-server/initial-password"
+#: the previous release (0.1.0, lxdadm wrote the catalog): see fixtures/README.md
+PREVIOUS_DEB = Path(__file__).resolve().parent / "fixtures" / "lxd-image-server_0.1.0_all.deb"
+#: SSH2_FX_PERMISSION_DENIED: what internal-sftp answers to a refused request
+FX_PERMISSION_DENIED = 3
 PREFIX = "busybox/1.35/amd64"
 #: the CA file this test puts in the host's store (the integration tests use other names)
 HOST_CA = Path("/usr/local/share/ca-certificates/lxd-image-server-system-test.crt")
@@ -224,9 +234,12 @@ def installed(container: Container) -> Installed:
     print(f"apt install: {time.monotonic() - started:.1f} s")
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     (ARTIFACTS / "apt-install.txt").write_text(proc.stdout + proc.stderr)
-    m = re.search(r"Upload user '(\S+)', password (\S+)", proc.stdout)
-    assert m, f"init printed no upload credentials:\n{proc.stdout[-3000:]}"
-    return Installed(proc.stdout, hosts_before, m[1], m[2])
+    m = re.search(r"Upload user '(\S+)': its password is in (\S+) ", proc.stdout)
+    assert m, f"init named no password file:\n{proc.stdout[-3000:]}"
+    assert m[2] == PASSWORD_FILE, m[0]
+    password = container.run(f"cat {PASSWORD_FILE}").stdout.strip()
+    assert password
+    return Installed(proc.stdout + proc.stderr, hosts_before, m[1], password)
 
 
 @pytest.fixture(scope="module")
@@ -363,6 +376,14 @@ def test_install_leaves_etc_hosts_alone(installed: Installed, container: Contain
     assert container.run("sha256sum /etc/hosts").stdout == installed.hosts_before
 
 
+def test_first_password_is_not_in_apts_log(installed: Installed, container: Container) -> None:
+    """Issue 9, finding 18: apt keeps the maintainer scripts' output in term.log."""
+    term_log = container.run("cat /var/log/apt/term.log").stdout
+    assert PASSWORD_FILE in term_log, term_log[-2000:]
+    assert installed.password not in term_log
+    assert installed.password not in installed.output
+
+
 def test_units_run(installed: Installed, container: Container) -> None:
     states = container.run(f"systemctl is-active {' '.join(RUNNING_UNITS)}", check=False).stdout
     assert states.split() == ["active"] * len(RUNNING_UNITS), dict(
@@ -385,8 +406,20 @@ def test_tree_user_and_credentials(installed: Installed, container: Container) -
     # the sftp chroot: root-owned, writable by root only, up to /
     for path in ("/var", "/var/www", ROOT):
         assert stat_in_container(container, path) == "root:root 755", path
-    for path in (f"{ROOT}/images", f"{ROOT}/streams", f"{ROOT}/streams/v1"):
-        assert stat_in_container(container, path).startswith("lxdadm:lxdadm "), path
+    # the uploader owns images/ (setgid, group-writable); the catalog writer streams/ and the
+    # state; nothing the writer reads back as trusted is the uploader's
+    assert stat_in_container(container, f"{ROOT}/images") == "lxdadm:lxdadm 2775"
+    for path in (f"{ROOT}/streams", f"{ROOT}/streams/v1", STATE):
+        assert stat_in_container(container, path) == f"{WRITER}:{WRITER} 755", path
+    owners = container.run(
+        f"find {ROOT}/streams {STATE} -printf '%u:%g %p\\n' | grep -v '^{WRITER}:{WRITER} ' || true"
+    ).stdout
+    assert owners == "", f"not the writer's:\n{owners}"
+    assert container.path(f"{STATE}/hashes.sqlite3").is_file()
+    writer = container.run(f"getent passwd {WRITER}").stdout.strip().split(":")
+    assert writer[5] == STATE and writer[6] == "/usr/sbin/nologin", writer
+    assert UPLOADER in container.run(f"id -nG {WRITER}").stdout.split()
+    assert WRITER not in container.run(f"id -nG {UPLOADER}").stdout.split()
     assert stat_in_container(container, "/etc/lxd-image-server/htpasswd") == "root:www-data 640"
     assert container.path("/etc/nginx/ssl/nginx.crt").is_file()
     assert container.path("/etc/nginx/ssl/nginx.key").is_file()
@@ -394,6 +427,8 @@ def test_tree_user_and_credentials(installed: Installed, container: Container) -
     passwd = container.run("getent passwd lxdadm").stdout.strip().split(":")
     assert passwd[5] == "/home/lxdadm", passwd
     assert container.path("/etc/nginx/sites-enabled/lxd-image-server").is_symlink()
+    assert stat_in_container(container, PASSWORD_FILE) == "root:root 600"
+    assert "lxd-image-server: warning" not in installed.output, installed.output[-3000:]
     assert container.path("/etc/nginx/sites-enabled/default").exists(), "Debian's site is gone"
     listening = container.run("ss -ltn").stdout
     assert re.search(r":80\s", listening) and re.search(rf":{HTTPS_PORT}\s", listening), listening
@@ -403,12 +438,34 @@ def test_units_verify_and_are_hardened(installed: Installed, container: Containe
     paths = " ".join(f"/lib/systemd/system/{u}" for u in OUR_UNITS)
     proc = container.run(f"systemd-analyze verify {paths}", check=False)
     assert (proc.returncode, proc.stdout, proc.stderr) == (0, "", ""), proc
-    for unit in ("lxd-image-server.service", "lxd-image-server-upload.service"):
+    # at most what 0.1.0 had (the catalog writer's own user hides /home now)
+    limits = {
+        "lxd-image-server.service": 1.2,
+        "lxd-image-server-update.service": 1.2,
+        "lxd-image-server-upload.service": 0.3,
+    }
+    for unit, limit in limits.items():
         out = container.run(f"systemd-analyze security --no-pager {unit}", check=False).stdout
         m = re.search(rf"Overall exposure level for {re.escape(unit)}: ([\d.]+)", out)
         assert m, out
         print(f"{unit}: exposure {m[1]}")
-        assert float(m[1]) <= 2.0, out
+        assert float(m[1]) <= limit, out
+    users = {
+        "lxd-image-server.service": WRITER,
+        "lxd-image-server-update.service": WRITER,
+        "lxd-image-server-upload.service": UPLOADER,
+    }
+    for unit, user in users.items():
+        assert unit_property(container, unit, "User") == user, unit
+    assert unit_property(container, "lxd-image-server-upload.service", "UMask") == "0002"
+    # the watcher really runs as the writer, with group lxdadm (to delete expired versions),
+    # even in its user namespace (PrivateUsers=yes)
+    pid = unit_property(container, "lxd-image-server.service", "MainPID")
+    status = container.run(f"cat /proc/{pid}/status").stdout
+    uid = container.run(f"id -u {WRITER}").stdout.strip()
+    gid = container.run(f"getent group {UPLOADER} | cut -d: -f3").stdout.strip()
+    assert re.search(rf"^Uid:\s+{uid}\s", status, re.M), status
+    assert gid in re.search(r"^Groups:(.*)$", status, re.M)[1].split(), status
 
 
 def test_man_page_renders(installed: Installed, container: Container) -> None:
@@ -541,6 +598,166 @@ def test_watcher_publishes_every_upload(
     wait_for("the page at / lists the three uploads", page_lists_all, deadline=60)
 
 
+# -- an uploader's attacks (issue 9) ---------------------------------------------------------
+
+
+def raw_sftp(key: Path) -> RawSftp:
+    """A session as lxdadm through the package's internal-sftp, sending requests unmasked."""
+    return RawSftp(
+        ["ssh", *ssh_options(key), "-p", str(SSH_PORT), "-s", "lxdadm@127.0.0.1", "sftp"]
+    )
+
+
+def refused(call: Any) -> int:
+    """The SSH2_FX_* code a request was refused with (the test fails if it was accepted)."""
+    try:
+        call()
+    except SftpError as e:
+        return e.code
+    pytest.fail("the request was accepted")
+
+
+def test_sftp_refuses_links_and_chmod(
+    ssh_key: Path, images: dict[str, Image], container: Container, installed: Installed
+) -> None:
+    """Findings 1 and 9: no symlink (nginx or a mirror would follow it), no hard link, no
+    chmod (`chmod 4755` left a setuid-lxdadm executable), with OpenSSH's own client too."""
+    version = f"/images/{images['sftp'].relpath}"
+    meta = f"{version}/lxd.tar.xz"
+    with raw_sftp(ssh_key) as s:
+        assert refused(lambda: s.symlink("/etc/shadow", f"{version}/evil")) == FX_PERMISSION_DENIED
+        assert refused(lambda: s.symlink("/etc", "/images/etc")) == FX_PERMISSION_DENIED
+        assert refused(lambda: s.hardlink(meta, f"{version}/hard")) == FX_PERMISSION_DENIED
+        assert refused(lambda: s.setstat(meta, 0o104755)) == FX_PERMISSION_DENIED
+    batch = [
+        f"-symlink /etc/passwd {version}/evil2",
+        f"-ln {meta} {version}/hard2",
+        f"-chmod 4755 {meta}",
+        f"-chmod 2775 {version}",
+    ]
+    proc = run(
+        ["sftp", *ssh_options(ssh_key), "-P", str(SSH_PORT), "-b", "-", "lxdadm@127.0.0.1"],
+        input="\n".join(batch) + "\n",
+        timeout=120,
+        check=False,
+    )
+    # symlink and the two chmods refused; ln: internal-sftp no longer offers hard links at all
+    assert proc.stderr.count("Permission denied") == 3, proc
+    assert "does not support hardlink@openssh.com" in proc.stderr, proc
+    here = f"{ROOT}{version}"
+    for name in ("evil", "evil2", "hard", "hard2"):
+        assert container.run(f"test -e {here}/{name} -o -L {here}/{name}", check=False).returncode
+    assert container.run(f"test -L {ROOT}/images/etc", check=False).returncode != 0
+    assert container.run(f"stat -c '%h %a' {ROOT}{meta}").stdout.split() == ["1", "644"]
+    assert_uploaded(container, images["sftp"])
+
+
+def test_sftp_leaves_no_setuid_file(ssh_key: Path, container: Container) -> None:
+    """Finding 9: a client may send any mode with OPEN (04755, 06775); internal-sftp passes it to
+    open(2), the umask does not clear special bits, but the kernel clears setuid and setgid at
+    the first write by a writer without CAP_FSETID, and no chmod is accepted afterwards. So no
+    file with content keeps a setuid or setgid bit (an empty one may: it runs nothing)."""
+    payload = b"#!/bin/sh\nid\n"
+    with raw_sftp(ssh_key) as s:
+        s.mkdir("/images/attack", 0o7777)
+        s.put("/images/attack/suid", payload, 0o4755)
+        s.put("/images/attack/sgid", payload, 0o6775)
+        s.put("/images/attack/empty", b"", 0o4755)
+        s.put("/images/attack/late", b"", 0o4755)
+        handle = s.open("/images/attack/late", 0x02)  # WRITE, no CREAT: fill it afterwards
+        s.write(handle, 0, payload)
+        s.close(handle)
+    attack = f"{ROOT}/images/attack"
+    try:
+        listing = container.run(f"stat -c '%n %s %A' {attack}/*").stdout
+        special = container.run(f"find {attack} -type f -perm /6000 -size +0c").stdout
+        assert special == "", f"a setuid/setgid file with content:\n{listing}"
+        assert container.path(f"{attack}/suid").read_bytes() == payload
+        # no way to run anything as lxdadm through it
+        assert container.run(f"find {ROOT}/images -type f -perm /6000 -size +0c").stdout == ""
+    finally:
+        container.run(f"rm -rf {attack}")
+
+
+def test_uploader_cannot_write_streams_lock_or_state(
+    ssh_key: Path, server_cert: Path, container: Container, installed: Installed
+) -> None:
+    """Finding 3: the catalog, its lock, its page and the state are the writer's; neither sftp
+    nor anything else running as lxdadm (the HTTPS upload app) can change them."""
+    with raw_sftp(ssh_key) as s:
+        html = b"<script>alert(1)</script>"
+        for path in ("/streams/x.html", "/streams/v1/images.json", "/streams/v1/x.json"):
+            assert refused(lambda p=path: s.put(p, html)) == FX_PERMISSION_DENIED, path
+        assert refused(lambda: s.mkdir("/streams/v2")) == FX_PERMISSION_DENIED
+        assert refused(lambda: s.rename("/streams/v1", "/streams/old")) == FX_PERMISSION_DENIED
+        # the lock (in streams/v1 or the state): never replaced by a directory
+        lock = "/streams/v1/.lxd-image-server.lock"
+        assert refused(lambda: s.mkdir(lock)) in (FX_PERMISSION_DENIED, 4)
+    assert container.run(f"test -d {ROOT}{lock}", check=False).returncode != 0
+    assert (
+        curl(
+            "--cacert",
+            str(server_cert),
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            f"{URL}/streams/x.html",
+        ).stdout
+        == "404"
+    )
+    # as lxdadm outside the jail too (the upload app's identity): no write anywhere of the writer
+    for path in (
+        f"{ROOT}/streams/x.html",
+        f"{ROOT}/streams/v1/images.json",
+        f"{ROOT}/streams/v1/.lxd-image-server.lock",
+        f"{STATE}/hashes.sqlite3",
+        f"{STATE}/new-file",
+    ):
+        attempt = container.run(f"runuser -u {UPLOADER} -- sh -c ': >> {path}'", check=False)
+        assert attempt.returncode != 0, path
+    assert (
+        container.run(
+            f"runuser -u {UPLOADER} -- mv {ROOT}/streams/v1 {ROOT}/streams/old", check=False
+        ).returncode
+        != 0
+    )
+    assert not container.path(f"{ROOT}/streams/x.html").exists()
+
+
+def test_a_symlink_in_images_is_not_served(
+    server_cert: Path, images: dict[str, Image], container: Container
+) -> None:
+    """Finding 1: links root plants under images/ (standing in for any way one may get there)
+    answer 403 or 404, never the target's bytes."""
+    version = f"{ROOT}/images/{images['https'].relpath}"
+    container.run(
+        f"ln -s /etc/lxd-image-server/htpasswd {version}/rootfs-link.squashfs && "
+        f"ln -s /etc {ROOT}/images/etc-link && ln -s {version} {ROOT}/images/version-link"
+    )
+    try:
+        for path in (
+            f"images/{images['https'].relpath}/rootfs-link.squashfs",
+            "images/etc-link/passwd",
+            f"images/version-link/{images['https'].root.name}",
+        ):
+            proc = curl("--cacert", str(server_cert), "-w", "\n%{http_code}", f"{URL}/{path}")
+            code = proc.stdout.rsplit("\n", 1)[-1]
+            assert code in ("403", "404"), (path, proc.stdout[-500:])
+            assert "upload:" not in proc.stdout and "root:" not in proc.stdout, path
+        # the real file next to the link is still served
+        real = f"images/{images['https'].relpath}/{images['https'].root.name}"
+        ok = curl(
+            "--cacert", str(server_cert), "-o", "/dev/null", "-w", "%{http_code}", f"{URL}/{real}"
+        )
+        assert ok.stdout == "200", ok
+    finally:
+        container.run(
+            f"rm -f {version}/rootfs-link.squashfs {ROOT}/images/etc-link "
+            f"{ROOT}/images/version-link"
+        )
+
+
 # -- the other units ---------------------------------------------------------------------------
 
 
@@ -608,7 +825,7 @@ def test_sandboxed_units_push_to_a_mirror(
     container.run(
         "set -e; install -d /srv/mirror; "
         "ssh-keygen -q -t ed25519 -N '' -C mirror -f /etc/lxd-image-server/mirror.key; "
-        "chown lxdadm:lxdadm /etc/lxd-image-server/mirror.key; "
+        f"chown {WRITER}:{WRITER} /etc/lxd-image-server/mirror.key; "
         "lxd-image-server mirror authorize /etc/lxd-image-server/mirror.key.pub --root /srv/mirror"
     )
     master = sha256_in_container(container, f"{ROOT}/streams/v1/images.json")
@@ -751,3 +968,103 @@ def test_purge_removes_configuration_and_keeps_images(
     assert container.run("sshd -t", check=False).returncode == 0
     assert container.run("systemctl is-active nginx ssh").stdout.split() == ["active"] * 2
     assert container.path("/etc/nginx/sites-enabled/default").exists()
+
+
+# -- upgrade from the previous release ---------------------------------------------------------
+# 0.1.0 (tests/system/fixtures/): lxdadm uploaded AND wrote the catalog. Installed on the purged
+# machine (the images are still there), attacked the way its uploader could, then upgraded.
+
+VICTIM = "/srv/victim"
+
+
+def test_upgrade_from_the_previous_release(
+    images: dict[str, Image], ssh_key: Path, container: Container, tmp_path: Path
+) -> None:
+    """Findings 3 and 4, and the acceptance's upgrade: ownership moves to the writer without
+    following the link an uploader planted at streams/v1; what the uploader left in streams/
+    is gone; images, credentials and certificate are kept."""
+    container.run(
+        f"deluser --quiet --system {WRITER} >/dev/null 2>&1 || true; "
+        f"delgroup --quiet --system {WRITER} >/dev/null 2>&1 || true"
+    )
+    assert container.run(f"getent passwd {WRITER}", check=False).returncode != 0
+    shutil.copyfile(PREVIOUS_DEB, container.path(f"/root/{PREVIOUS_DEB.name}"))
+    proc = container.run(
+        f"apt-get install -y -q --allow-downgrades /root/{PREVIOUS_DEB.name}", timeout=300
+    )
+    m = re.search(r"Upload user '(\S+)', password (\S+)", proc.stdout)
+    assert m, proc.stdout[-3000:]
+    login = f"{m[1]}:{m[2]}"
+    assert stat_in_container(container, f"{ROOT}/streams/v1").startswith("lxdadm:lxdadm ")
+    assert unit_property(container, "lxd-image-server.service", "User") == UPLOADER
+
+    # what 0.1.0's uploader could do: a page in streams/, streams/v1 a link to a root-owned
+    # directory (0.1.0's postinst gave its target to lxdadm at the next upgrade), a setuid file
+    container.run(f"install -d -m 0755 {VICTIM} && echo root > {VICTIM}/file")
+    page = tmp_path / "x.html"
+    page.write_text("<script>alert(document.cookie)</script>\n")
+    sftp_image = images["sftp"]
+    batch = [
+        f"put {page} /streams/x.html",
+        "rename /streams/v1 /streams/v1.old",
+        f"symlink {VICTIM} /streams/v1",
+        f"chmod 4755 /images/{sftp_image.relpath}/lxd.tar.xz",
+    ]
+    attack = run(
+        ["sftp", *ssh_options(ssh_key), "-P", str(SSH_PORT), "-b", "-", "lxdadm@127.0.0.1"],
+        input="\n".join(batch) + "\n",
+        timeout=120,
+        check=False,
+    )
+    assert attack.returncode == 0, attack
+    assert container.path(f"{ROOT}/streams/v1").is_symlink()
+    mode = stat_in_container(container, f"{ROOT}/images/{sftp_image.relpath}/lxd.tar.xz")
+    assert mode == "lxdadm:lxdadm 4755", mode
+    before = {p: sha256_in_container(container, p) for p in ADMIN_STATE}
+
+    proc = container.run("apt-get install -y -q lxd-image-server", timeout=600)
+    (ARTIFACTS / "apt-upgrade-from-0.1.0.txt").write_text(proc.stdout + proc.stderr)
+    version = container.run("dpkg-query -W -f '${Version}' lxd-image-server").stdout
+    assert not version.startswith("0.1."), version
+    said = proc.stdout + proc.stderr
+    assert "streams/v1 was not a directory (a link?): removed, not followed" in said, said[-3000:]
+
+    # the link's target is untouched; the tree and the state are the writer's, nothing else
+    assert stat_in_container(container, VICTIM) == "root:root 755"
+    assert stat_in_container(container, f"{VICTIM}/file") == "root:root 644"
+    assert not container.path(f"{ROOT}/streams/v1").is_symlink()
+    for path in (f"{ROOT}/streams", f"{ROOT}/streams/v1", STATE):
+        assert stat_in_container(container, path) == f"{WRITER}:{WRITER} 755", path
+    assert stat_in_container(container, f"{ROOT}/images") == "lxdadm:lxdadm 2775"
+    others = container.run(
+        f"find {ROOT}/streams {STATE} ! -user {WRITER} -printf '%u %p\\n'"
+    ).stdout
+    assert others == "", others
+    for gone in ("x.html", "v1.old"):
+        assert not container.path(f"{ROOT}/streams/{gone}").exists(), gone
+    assert UPLOADER in container.run(f"id -nG {WRITER}").stdout.split()
+    assert unit_property(container, "lxd-image-server.service", "User") == WRITER
+    states = container.run(f"systemctl is-active {' '.join(RUNNING_UNITS)}", check=False).stdout
+    assert states.split() == ["active"] * len(RUNNING_UNITS), states
+
+    # kept: certificate, key, credentials, site, images (the setuid bit cleared)
+    assert {p: sha256_in_container(container, p) for p in ADMIN_STATE} == before
+    for image in images.values():
+        assert_uploaded(container, image)
+    cert = tmp_path / "nginx.crt"
+    shutil.copyfile(container.path("/etc/nginx/ssl/nginx.crt"), cert)
+    wait_for(
+        "the writer published the catalog again",
+        lambda: {i.fingerprint for i in images.values()} <= published_fingerprints(catalog(cert)),
+    )
+    page_status = curl(
+        "--cacert", str(cert), "-o", "/dev/null", "-w", "%{http_code}", f"{URL}/streams/x.html"
+    )
+    assert page_status.stdout == "404", page_status
+    # the old password still opens the upload app (401 without it)
+    auth = [f"{URL}/images/", "-X", "POST", "-o", "/dev/null", "-w", "%{http_code}"]
+    assert curl("--cacert", str(cert), *auth).stdout == "401"
+    assert curl("--cacert", str(cert), "-u", login, *auth).stdout not in ("401", "000")
+    # and the new sshd drop-in is in force
+    with raw_sftp(ssh_key) as s:
+        assert refused(lambda: s.symlink("/etc", "/images/etc")) == FX_PERMISSION_DENIED
