@@ -470,7 +470,7 @@ def init(
 def passwd(g: Globals, user: str, htpasswd_path: str) -> None:
     """Add an upload USER or change its password (from a prompt, or standard input)."""
     from . import htpasswd
-    from .initialize import nginx_group
+    from .initialize import credentials_group
 
     try:
         htpasswd.validate_user(user)
@@ -483,7 +483,7 @@ def passwd(g: Globals, user: str, htpasswd_path: str) -> None:
     if not password:
         raise click.UsageError("the password is empty")
     os.makedirs(os.path.dirname(os.path.abspath(htpasswd_path)), exist_ok=True)
-    new = htpasswd.set_password(htpasswd_path, user, password, group=nginx_group())
+    new = htpasswd.set_password(htpasswd_path, user, password, group=credentials_group())
     click.echo(f"{'added' if new else 'changed the password of'} {user} in {htpasswd_path}")
 
 

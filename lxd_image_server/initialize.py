@@ -67,14 +67,21 @@ def ensure_tree(paths: Paths, report: InitReport) -> None:
         report.changes.append(f"published the catalog in {paths.streams_dir}")
 
 
-def nginx_group() -> str | None:
-    """The group nginx's workers run as, when we are root and it exists (Debian: www-data)."""
+#: The package's group of those who read the credentials: nginx's workers (www-data) and the
+#: upload app (lxdadm), which checks them too. Without it (not the package): nginx's group.
+CREDENTIALS_GROUPS = ("lxd-image-server-auth", "www-data")
+
+
+def credentials_group() -> str | None:
+    """The group of the htpasswd file, when we are root and it exists (see CREDENTIALS_GROUPS)."""
     if os.geteuid() != 0:
         return None
-    try:
-        return grp.getgrnam("www-data").gr_name
-    except KeyError:
-        return None
+    for name in CREDENTIALS_GROUPS:
+        try:
+            return grp.getgrnam(name).gr_name
+        except KeyError:
+            continue
+    return None
 
 
 def ensure_credentials(path: str, user: str, report: InitReport) -> None:
@@ -82,7 +89,7 @@ def ensure_credentials(path: str, user: str, report: InitReport) -> None:
         return
     password = htpasswd.generate_password()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    htpasswd.set_password(path, user, password, group=nginx_group())
+    htpasswd.set_password(path, user, password, group=credentials_group())
     report.new_credentials = (user, password)
     report.changes.append(f"created upload user {user!r} in {path}")
 
