@@ -11,6 +11,7 @@ Prerequisites: root, `bash tests/host-setup.sh` (openssh-server, rsync, nginx, L
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pwd
@@ -27,8 +28,13 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from stat import S_ISDIR, S_ISREG
 
 import pytest
+
+from lxd_image_server.config import Paths
+from lxd_image_server.mirror import PushResult, push_once
+from lxd_image_server.settings import MirrorConfig
 
 from .images import build_rootfs, make_squashfs, sha256_file, write_metadata_tarball
 from .servers import Nginx, Pki, delete_images, delete_instance, free_port, lxc, run
@@ -173,15 +179,20 @@ def wait_until(predicate, what: str, deadline: float, log: Path | None = None) -
     return time.monotonic() - start
 
 
-@pytest.fixture(scope="module")
-def mirror_host(pki: Pki, label: str) -> Iterator[MirrorHost]:
+def require_tools() -> None:
     missing = [t for t in TOOLS if shutil.which(t) is None]
     if missing or not SSHD.exists():
         pytest.fail(
             f"missing {', '.join(missing) or SSHD}: run `bash tests/host-setup.sh` "
             "(openssh-server, rsync)"
         )
-    user = f"lism{label}"
+
+
+@contextlib.contextmanager
+def prepared_mirror(user: str, label: str) -> Iterator[tuple[Path, Path, Sshd]]:
+    """A mirror tree prepared by `mirror authorize` for a new push user, and an sshd (not yet
+    started) that lets only that user in: (root, push key, sshd). Everything goes at exit."""
+    require_tools()
     with pytest.raises(KeyError):
         pwd.getpwnam(user)  # unique to this run
     base = Path(tempfile.mkdtemp(prefix="lis-mirror-", dir="/var/tmp"))
@@ -191,36 +202,45 @@ def mirror_host(pki: Pki, label: str) -> Iterator[MirrorHost]:
     for k in (key, host_key):
         run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"lis-{label}", "-f", k])
     sshd = Sshd(base, free_port(), user, host_key)
-    nginx = Nginx(root, pki, base / "nginx", free_port())
     try:
         first = run([BIN, "mirror", "authorize", f"{key}.pub", "--user", user, "--root", root])
         assert f"created the system user {user}" in first.stdout
         assert f'path = "{root}"' in first.stdout
-        again = run([BIN, "mirror", "authorize", f"{key}.pub", "--user", user, "--root", root])
-        assert "Nothing to change" in again.stdout, again.stdout
-        home = Path(pwd.getpwnam(user).pw_dir)
-        lines = (home / ".ssh" / "authorized_keys").read_text().splitlines()
-        assert len(lines) == 1, lines
-        assert lines[0].startswith(
-            f'restrict,command="/usr/bin/rrsync -wo -munge -absolute {root}"'
-        )
-        for d in ("images", "streams", "streams/v1"):
-            assert (root / d).owner() == user
-        # the root stays root's and gets nothing else: the page travels inside streams/
-        assert root.owner() == "root"
-        assert sorted(p.name for p in root.iterdir()) == ["images", "streams"]
-        sshd.start()
-        nginx.start()
-        ctx = ssl.create_default_context(cafile=os.fspath(pki.ca_cert))
-        yield MirrorHost(root, user, key, sshd, nginx, ctx)
+        yield root, key, sshd
     finally:
-        nginx.stop()
         sshd.stop()
         gone = run(["userdel", "-r", user], check=False)
         assert gone.returncode in (0, 12), gone.stderr  # 12: no mail spool to remove
         shutil.rmtree(base, ignore_errors=True)
         with pytest.raises(KeyError):
             pwd.getpwnam(user)
+
+
+@pytest.fixture(scope="module")
+def mirror_host(pki: Pki, label: str) -> Iterator[MirrorHost]:
+    user = f"lism{label}"
+    with prepared_mirror(user, label) as (root, key, sshd):
+        nginx = Nginx(root, pki, root.parent / "nginx", free_port())
+        try:
+            again = run([BIN, "mirror", "authorize", f"{key}.pub", "--user", user, "--root", root])
+            assert "Nothing to change" in again.stdout, again.stdout
+            home = Path(pwd.getpwnam(user).pw_dir)
+            lines = (home / ".ssh" / "authorized_keys").read_text().splitlines()
+            assert len(lines) == 1, lines
+            assert lines[0].startswith(
+                f'restrict,command="/usr/bin/rrsync -wo -munge -absolute {root}"'
+            )
+            for d in ("images", "streams", "streams/v1"):
+                assert (root / d).owner() == user
+            # the root stays root's and gets nothing else: the page travels inside streams/
+            assert root.owner() == "root"
+            assert sorted(p.name for p in root.iterdir()) == ["images", "streams"]
+            sshd.start()
+            nginx.start()
+            ctx = ssl.create_default_context(cafile=os.fspath(pki.ca_cert))
+            yield MirrorHost(root, user, key, sshd, nginx, ctx)
+        finally:
+            nginx.stop()
 
 
 @pytest.fixture(scope="module")
@@ -494,3 +514,300 @@ def test_update_by_hand_pushes_and_reports_each_mirror(
     assert status.returncode == 1
     assert "down: ssh://lxdmirror@127.0.0.1:" in status.stdout
     assert not watchdog.violations, watchdog.violations
+
+
+# -- an uploader's plants must not reach the mirror (issue 9, finding 2) -------------------------
+#
+# No LXD, no nginx, no CA: a master tree published and pushed by `update` (the real scanner,
+# hasher, publisher and rsync over a real sshd to a tree `mirror authorize` prepared), and
+# pushes without a publish (push_once, in this process) for files swapped after publishing.
+
+SECRET = b"-----BEGIN OPENSSH PRIVATE KEY----- (the mirror push key, say)\n"
+SPARSE_SIZE = 1 << 30
+
+
+@dataclass
+class AttackSite:
+    """The mirror of the attack tests, and what lies outside any tree: a secret file and an
+    /etc-like directory an uploader would like to see copied."""
+
+    root: Path
+    user: str
+    key: Path
+    sshd: Sshd
+    outside: Path
+
+    @property
+    def secret(self) -> Path:
+        return self.outside / "id_ed25519"
+
+    @property
+    def etc(self) -> Path:
+        return self.outside / "etc"
+
+
+@pytest.fixture(scope="module")
+def attack_site(label: str) -> Iterator[AttackSite]:
+    with prepared_mirror(f"lisa{label}", label) as (root, key, sshd):
+        outside = root.parent / "outside"
+        (outside / "etc").mkdir(parents=True)
+        (outside / "id_ed25519").write_bytes(SECRET)
+        (outside / "etc" / "shadow").write_bytes(b"root:$6$secret-hash:19000::::::\n" + SECRET)
+        (outside / "etc" / "rootfs.squashfs").write_bytes(SECRET)
+        (outside / "etc" / "lxd.tar.xz").write_bytes(SECRET)
+        sshd.start()
+        yield AttackSite(root, f"lisa{label}", key, sshd, outside)
+
+
+@pytest.fixture(scope="module")
+def small_image(tmp_path_factory: pytest.TempPathFactory, label: str) -> tuple[Path, Path]:
+    work = tmp_path_factory.mktemp("attack-image")
+    rootfs = build_rootfs(work / "rootfs")
+    meta = write_metadata_tarball(work / "meta", work / "meta.tar.xz", f"attack {label}")
+    return meta, make_squashfs(rootfs, work / "rootfs.squashfs")
+
+
+class Master:
+    """A master tree on disk, its state directory and a configuration naming the mirror."""
+
+    def __init__(self, base: Path, site: AttackSite, image: tuple[Path, Path]) -> None:
+        self.root = base / "root"
+        self.state = base / "state"
+        self.image = image
+        (self.root / "images").mkdir(parents=True)
+        self.mirror = MirrorConfig(
+            name="attacked",
+            host="127.0.0.1",
+            user=site.user,
+            key_path=os.fspath(site.key),
+            port=site.sshd.port,
+            path=os.fspath(site.root),
+        )
+        self.config = base / "config.toml"
+        self.config.write_text(
+            "[mirrors.attacked]\n"
+            'remote = "127.0.0.1"\n'
+            f'user = "{site.user}"\n'
+            f'key_path = "{site.key}"\n'
+            f"port = {site.sshd.port}\n"
+            f'path = "{site.root}"\n'
+        )
+        self.serial = 0
+
+    def version(self, product: str = "attack/1.0/amd64/default") -> Path:
+        """A real image version, as an sftp upload leaves it: a new serial each time."""
+        self.serial += 1
+        d = self.root / "images" / product / f"20240101_{self.serial:04d}"
+        d.mkdir(parents=True)
+        meta, squashfs = self.image
+        shutil.copyfile(meta, d / "lxd.tar.xz")
+        shutil.copyfile(squashfs, d / "rootfs.squashfs")
+        return d
+
+    def update(self) -> subprocess.CompletedProcess[str]:
+        """`update`: scan, hash, publish, then push to the mirror."""
+        return subprocess.run(
+            [BIN, "--state-dir", self.state, "update", "--root-dir", self.root],
+            env={**os.environ, "LXD_IMAGE_SERVER_CONFIG": os.fspath(self.config)},
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+
+    def push(self) -> PushResult:
+        """A push of what is published now, without publishing first."""
+        paths = Paths.resolve(root_dir=os.fspath(self.root), state_dir=os.fspath(self.state))
+        [result] = push_once([self.mirror], paths, attempts=1)
+        return result
+
+    def listed(self) -> set[str]:
+        doc = json.loads((self.root / "streams/v1/images.json").read_bytes())
+        return {
+            item["path"]
+            for product in doc["products"].values()
+            for version in product["versions"].values()
+            for item in version["items"].values()
+        }
+
+
+@pytest.fixture
+def attack_master(
+    attack_site: AttackSite, small_image: tuple[Path, Path], tmp_path: Path
+) -> Master:
+    return Master(tmp_path, attack_site, small_image)
+
+
+def mirror_entries(root: Path) -> dict[str, os.stat_result]:
+    """Every entry below the mirror's root (never following a link), by relative path."""
+    found = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in [*dirnames, *filenames]:
+            p = os.path.join(dirpath, name)
+            found[os.path.relpath(p, root)] = os.lstat(p)
+    return found
+
+
+def assert_mirror_clean(site: AttackSite) -> None:
+    """The mirror holds regular files and directories only; every file below images/ is one its
+    catalog lists; no byte of the secret arrived anywhere."""
+    entries = mirror_entries(site.root)
+    odd = sorted(p for p, st in entries.items() if not (S_ISREG(st.st_mode) or S_ISDIR(st.st_mode)))
+    assert not odd, f"not regular files on the mirror: {odd}"
+    catalog = json.loads((site.root / "streams/v1/images.json").read_bytes())
+    listed = {
+        item["path"]
+        for product in catalog["products"].values()
+        for version in product["versions"].values()
+        for item in version["items"].values()
+    }
+    files = {p for p, st in entries.items() if S_ISREG(st.st_mode) and p.startswith("images/")}
+    assert files <= listed, f"on the mirror but not in its catalog: {sorted(files - listed)}"
+    for p, st in entries.items():
+        if S_ISREG(st.st_mode) and st.st_size < (64 << 20):
+            assert SECRET not in (site.root / p).read_bytes(), f"the secret reached {p}"
+
+
+def assert_real_version_arrives(master: Master, site: AttackSite) -> None:
+    """A real version uploaded after the attack is published and arrives on the mirror."""
+    d = master.version("later/1.0/amd64/default")
+    proc = master.update()
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rel = d.relative_to(master.root)
+    for name in ("lxd.tar.xz", "rootfs.squashfs"):
+        assert f"{rel}/{name}" in master.listed()
+        assert (site.root / rel / name).read_bytes() == (d / name).read_bytes()
+    mirrored = (site.root / "streams/v1/images.json").read_bytes()
+    assert mirrored == (master.root / "streams/v1/images.json").read_bytes()
+    assert_mirror_clean(site)
+
+
+def test_attack_symlinks_to_a_secret_file_are_not_pushed(
+    attack_master: Master, attack_site: AttackSite
+) -> None:
+    """(a) links to a file outside the tree (a private key): planted where nothing lists them,
+    as a file of an incomplete version, and swapped in for a published file after publishing."""
+    images = attack_master.root / "images"
+    (images / "id_ed25519").symlink_to(attack_site.secret)
+    incomplete = images / "attack/1.0/amd64/default/20230101_0000"
+    incomplete.mkdir(parents=True)
+    (incomplete / "rootfs.squashfs").symlink_to(attack_site.secret)
+    published = attack_master.version()
+    proc = attack_master.update()
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_mirror_clean(attack_site)
+    assert not (attack_site.root / "images/id_ed25519").exists()
+    assert not (attack_site.root / incomplete.relative_to(attack_master.root)).exists()
+
+    # swapped after publishing: the catalog still lists the file, the link is not followed
+    rel = published.relative_to(attack_master.root)
+    before = (attack_site.root / rel / "rootfs.squashfs").read_bytes()
+    (published / "rootfs.squashfs").unlink()
+    (published / "rootfs.squashfs").symlink_to(attack_site.secret)
+    other = attack_master.version("other/1.0/amd64/default")
+    shutil.copytree(other, other.parent / "20240201_0000")  # in no catalog yet
+    result = attack_master.push()
+    assert result.ok, result.message
+    assert (attack_site.root / rel / "rootfs.squashfs").read_bytes() == before
+    assert_mirror_clean(attack_site)
+    assert_real_version_arrives(attack_master, attack_site)
+
+
+def test_attack_symlink_to_a_directory_outside_is_not_pushed(
+    attack_master: Master, attack_site: AttackSite
+) -> None:
+    """(b) a link to an /etc-like directory: planted, and swapped in for a published version's
+    directory (whose files' names the outside directory has too)."""
+    images = attack_master.root / "images"
+    (images / "etc").symlink_to(attack_site.etc, target_is_directory=True)
+    published = attack_master.version()
+    proc = attack_master.update()
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not (attack_site.root / "images/etc").exists()
+    assert_mirror_clean(attack_site)
+
+    rel = published.relative_to(attack_master.root)
+    published.rename(published.with_name("moved-away"))
+    published.symlink_to(attack_site.etc, target_is_directory=True)
+    result = attack_master.push()
+    assert result.ok, result.message
+    # what the mirror had stays; the outside directory's files never arrive
+    assert (attack_site.root / rel / "lxd.tar.xz").read_bytes() == attack_master.image[
+        0
+    ].read_bytes()
+    assert_mirror_clean(attack_site)
+    assert_real_version_arrives(attack_master, attack_site)
+
+
+def test_attack_symlink_loop_does_not_grow_on_the_mirror(
+    attack_master: Master, attack_site: AttackSite
+) -> None:
+    """(c) a directory holding a link to itself: followed, it nests until paths are too long."""
+    loop = attack_master.root / "images/loop"
+    loop.mkdir()
+    (loop / "data").write_bytes(b"x" * 1024)
+    (loop / "again").symlink_to(".", target_is_directory=True)
+    proc = attack_master.update()
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not (attack_site.root / "images/loop").exists()
+    assert_mirror_clean(attack_site)
+    assert_real_version_arrives(attack_master, attack_site)
+
+
+def test_attack_dangling_symlink_does_not_stop_pushing(
+    attack_master: Master, attack_site: AttackSite
+) -> None:
+    """(d) a link to nothing: with links followed, rsync exits 23 and no push ever succeeds."""
+    published = attack_master.version()
+    (published.parent / "dangling").symlink_to(attack_master.root / "nothing-here")
+    proc = attack_master.update()
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_mirror_clean(attack_site)
+    # swapped after publishing: a listed file that is now a dangling link or gone
+    (published / "lxd.tar.xz").unlink()
+    (published / "lxd.tar.xz").symlink_to("/nonexistent")
+    (published / "rootfs.squashfs").unlink()
+    result = attack_master.push()
+    assert result.ok, result.message
+    assert_mirror_clean(attack_site)
+    assert_real_version_arrives(attack_master, attack_site)
+
+
+def test_attack_fifo_is_not_pushed_and_blocks_nothing(
+    attack_master: Master, attack_site: AttackSite
+) -> None:
+    """(e) a FIFO (nobody ever writes to it), planted and swapped in for a published file."""
+    published = attack_master.version()
+    os.mkfifo(attack_master.root / "images/fifo")
+    proc = attack_master.update()
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not (attack_site.root / "images/fifo").exists()
+    (published / "rootfs.squashfs").unlink()
+    os.mkfifo(published / "rootfs.squashfs")
+    result = attack_master.push()
+    assert result.ok, result.message
+    assert_mirror_clean(attack_site)
+    assert_real_version_arrives(attack_master, attack_site)
+
+
+def test_attack_sparse_file_arrives_sparse(attack_master: Master, attack_site: AttackSite) -> None:
+    """(f) a listed root file of 1 GiB apparent size and no data (one write at its end): it
+    arrives, as sparse as it left. One never listed stays on the master."""
+    d = attack_master.root / "images/sparse/1.0/amd64/default/20240101_0000"
+    d.mkdir(parents=True)
+    shutil.copyfile(attack_master.image[0], d / "lxd.tar.xz")
+    with (d / "rootfs.squashfs").open("wb") as f:
+        f.truncate(SPARSE_SIZE - 1)
+        f.seek(SPARSE_SIZE - 1)
+        f.write(b"\1")
+    with (attack_master.root / "images/unlisted.img").open("wb") as f:
+        f.truncate(SPARSE_SIZE)
+    proc = attack_master.update()
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rel = d.relative_to(attack_master.root)
+    assert f"{rel}/rootfs.squashfs" in attack_master.listed()
+    st = os.stat(attack_site.root / rel / "rootfs.squashfs")
+    assert st.st_size == SPARSE_SIZE
+    assert st.st_blocks * 512 < (16 << 20), f"{st.st_blocks * 512} bytes on the mirror's disk"
+    assert not (attack_site.root / "images/unlisted.img").exists()
+    assert_mirror_clean(attack_site)
+    assert_real_version_arrives(attack_master, attack_site)
