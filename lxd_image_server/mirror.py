@@ -50,7 +50,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 from .config import Paths
-from .fsutil import can_traverse, write_atomic
+from .fsutil import can_traverse, open_dir, write_atomic
 from .layout import TEMP_SUFFIXES
 from .mirror_list import (
     CatalogError,
@@ -1067,17 +1067,63 @@ def _install_keys(pw: pwd.struct_passwd, keys: Sequence[PublicKey], options: str
 
 
 def _own_tree(top: str, uid: int, gid: int) -> int:
-    """Makes everything below `top` the push user's (never following links). Returns the
-    number of entries changed."""
+    """Makes everything below `top` the push user's, through directory descriptors opened
+    without following links (os.fwalk): a link, or a directory swapped for one meanwhile, is
+    never followed out of the tree. Returns the number of entries changed."""
     changed = 0
-    for dirpath, dirnames, filenames in os.walk(top):
+    for _, dirnames, filenames, dir_fd in os.fwalk(top, follow_symlinks=False):
         for name in [*dirnames, *filenames]:
-            p = os.path.join(dirpath, name)
-            st = os.lstat(p)
-            if (st.st_uid, st.st_gid) != (uid, gid):
-                os.chown(p, uid, gid, follow_symlinks=False)
-                changed += 1
+            try:
+                st = os.lstat(name, dir_fd=dir_fd)
+                if (st.st_uid, st.st_gid) != (uid, gid):
+                    os.chown(name, uid, gid, dir_fd=dir_fd, follow_symlinks=False)
+                    changed += 1
+            except FileNotFoundError:
+                continue  # gone meanwhile
     return changed
+
+
+def _home_inside(real_root: str, user: str) -> str | None:
+    """The push user's home (existing, or the one useradd will make) if `real_root` holds it:
+    rrsync there could replace ~/.ssh/authorized_keys and lift the key's restrictions."""
+    try:
+        home = pwd.getpwnam(user).pw_dir
+    except KeyError:
+        home = f"/home/{user}"
+    real_home = os.path.realpath(home)
+    if real_home == real_root or real_home.startswith(real_root.rstrip("/") + "/"):
+        return home
+    return None
+
+
+def _push_dir(root_fd: int, rel: str, pw: pwd.struct_passwd, shown: str) -> str | None:
+    """Makes `rel` (below the tree) a real directory of the push user's, mode 0755, through
+    descriptors (a link there is refused, never followed). Returns what changed, if anything."""
+    parent, name = os.path.split(rel)
+    parent_fd = open_dir(parent, dir_fd=root_fd) if parent else os.dup(root_fd)
+    try:
+        made = None
+        try:
+            fd = open_dir(name, dir_fd=parent_fd)
+        except FileNotFoundError:
+            os.mkdir(name, 0o755, dir_fd=parent_fd)
+            fd = open_dir(name, dir_fd=parent_fd)
+            made = f"created {shown}, owned by {pw.pw_name}"
+    except NotADirectoryError:
+        raise AuthorizeError(
+            f"{shown} is a symlink or not a directory; the push writes into a real directory"
+        ) from None
+    finally:
+        os.close(parent_fd)
+    try:
+        st = os.fstat(fd)
+        if (st.st_uid, st.st_gid) != (pw.pw_uid, pw.pw_gid) or stat.S_IMODE(st.st_mode) != 0o755:
+            os.fchown(fd, pw.pw_uid, pw.pw_gid)
+            os.fchmod(fd, 0o755)
+            made = made or f"{shown}: owned by {pw.pw_name}, mode 0755"
+    finally:
+        os.close(fd)
+    return made
 
 
 def authorize(key_text: str, user: str, root: str) -> AuthorizeReport:
@@ -1090,10 +1136,17 @@ def authorize(key_text: str, user: str, root: str) -> AuthorizeReport:
         raise AuthorizeError("run it as root (it creates a user and changes owners)")
     rrsync = rrsync_path()
     report = AuthorizeReport(user=user)
+    real_root = os.path.realpath(root)
+    home = _home_inside(real_root, user)
+    if home is not None:
+        raise AuthorizeError(
+            f"{real_root} holds {user}'s home {home}: a push there could replace "
+            "~/.ssh/authorized_keys and lift the key's restrictions; choose another --root "
+            "or --user"
+        )
     if not os.path.isdir(root):
         os.makedirs(root, mode=0o755)
         report.changes.append(f"created {root}")
-    real_root = os.path.realpath(root)
     pw = _ensure_user(user, report)
     gids = {pw.pw_gid, *os.getgrouplist(user, pw.pw_gid)}
     if not can_traverse(real_root, pw.pw_uid, gids):
@@ -1101,19 +1154,14 @@ def authorize(key_text: str, user: str, root: str) -> AuthorizeReport:
             f"{user} cannot reach {real_root}: make it and its parents traversable "
             "(chmod o+x), then run this again"
         )
-    for rel in ("images", "streams", "streams/v1"):
-        d = os.path.join(real_root, rel)
-        if os.path.islink(d):
-            raise AuthorizeError(f"{d} is a symlink; the push writes into a real directory")
-        if not os.path.isdir(d):
-            os.mkdir(d, 0o755)
-            os.chown(d, pw.pw_uid, pw.pw_gid, follow_symlinks=False)
-            report.changes.append(f"created {d}, owned by {user}")
-        st = os.lstat(d)
-        if (st.st_uid, st.st_gid) != (pw.pw_uid, pw.pw_gid) or stat.S_IMODE(st.st_mode) != 0o755:
-            os.chown(d, pw.pw_uid, pw.pw_gid, follow_symlinks=False)
-            os.chmod(d, 0o755)
-            report.changes.append(f"{d}: owned by {user}, mode 0755")
+    root_fd = os.open(real_root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for rel in ("images", "streams", "streams/v1"):
+            change = _push_dir(root_fd, rel, pw, os.path.join(real_root, rel))
+            if change:
+                report.changes.append(change)
+    finally:
+        os.close(root_fd)
     for rel in ("images", "streams"):
         n = _own_tree(os.path.join(real_root, rel), pw.pw_uid, pw.pw_gid)
         if n:

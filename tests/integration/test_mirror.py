@@ -811,3 +811,30 @@ def test_attack_sparse_file_arrives_sparse(attack_master: Master, attack_site: A
     assert not (attack_site.root / "images/unlisted.img").exists()
     assert_mirror_clean(attack_site)
     assert_real_version_arrives(attack_master, attack_site)
+
+
+def test_authorize_refuses_a_tree_that_holds_the_push_users_home(label: str) -> None:
+    """rrsync -wo in a tree that holds the push user's home would let a push replace
+    ~/.ssh/authorized_keys, dropping the forced command: a shell on the mirror."""
+    require_tools()
+    user = f"lish{label}"
+    base = Path(tempfile.mkdtemp(prefix="lis-home-", dir="/var/tmp"))
+    base.chmod(0o755)
+    root = base / "root"
+    home = root / "home" / user
+    key = base / "push_key"
+    run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", key])
+    run(["useradd", "--system", "--create-home", "--home-dir", home, "--shell", "/bin/sh", user])
+    try:
+        proc = run(
+            [BIN, "mirror", "authorize", f"{key}.pub", "--user", user, "--root", root],
+            check=False,
+        )
+        assert proc.returncode == 1, proc.stdout
+        assert f"holds {user}'s home" in proc.stderr
+        assert not (home / ".ssh").exists()
+        assert sorted(p.name for p in root.iterdir()) == ["home"]
+    finally:
+        gone = run(["userdel", "-r", user], check=False)
+        shutil.rmtree(base, ignore_errors=True)
+        assert gone.returncode in (0, 12), gone.stderr
