@@ -1025,17 +1025,59 @@ def _ensure_user(name: str, report: AuthorizeReport) -> pwd.struct_passwd:
     return pw
 
 
+def _root_owns(fd: int, mode: int) -> bool:
+    """Makes the open file root's, with `mode`; True if that changed anything."""
+    st = os.fstat(fd)
+    if (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (0, 0, mode):
+        return False
+    os.fchown(fd, 0, 0)
+    os.fchmod(fd, mode)
+    return True
+
+
+def _lock_ssh_dir(pw: pwd.struct_passwd) -> bool:
+    """The push user's home, ~/.ssh and authorized_keys become root's (0755, 0755, 0644, as
+    sshd's StrictModes accepts): whatever the push user may run, it cannot change its key's
+    restrictions. Links there are refused, never followed. True if anything changed."""
+    try:
+        home_fd = os.open(pw.pw_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        raise AuthorizeError(f"{pw.pw_name}'s home {pw.pw_dir} is not a directory") from None
+    try:
+        changed = _root_owns(home_fd, 0o755)
+        try:
+            ssh_fd = open_dir(".ssh", dir_fd=home_fd)
+        except FileNotFoundError:
+            os.mkdir(".ssh", 0o755, dir_fd=home_fd)
+            ssh_fd = open_dir(".ssh", dir_fd=home_fd)
+        except NotADirectoryError:
+            raise AuthorizeError(
+                f"{pw.pw_dir}/.ssh is a symlink or not a directory; refusing to write through it"
+            ) from None
+    finally:
+        os.close(home_fd)
+    try:
+        changed = _root_owns(ssh_fd, 0o755) or changed
+        try:
+            keys_fd = os.open(
+                "authorized_keys", os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=ssh_fd
+            )
+        except FileNotFoundError:
+            return changed
+        except OSError as e:
+            raise AuthorizeError(f"cannot open {pw.pw_dir}/.ssh/authorized_keys: {e}") from e
+        try:
+            return _root_owns(keys_fd, 0o644) or changed
+        finally:
+            os.close(keys_fd)
+    finally:
+        os.close(ssh_fd)
+
+
 def _install_keys(pw: pwd.struct_passwd, keys: Sequence[PublicKey], options: str) -> bool:
-    home = pw.pw_dir
-    if not os.path.isdir(home) or os.path.islink(home):
-        raise AuthorizeError(f"{pw.pw_name}'s home {home} is not a directory")
-    ssh_dir = os.path.join(home, ".ssh")
-    if os.path.islink(ssh_dir):
-        raise AuthorizeError(f"{ssh_dir} is a symlink; refusing to write through it")
-    if not os.path.isdir(ssh_dir):
-        os.mkdir(ssh_dir, 0o700)
-    os.chown(ssh_dir, pw.pw_uid, pw.pw_gid, follow_symlinks=False)
-    os.chmod(ssh_dir, 0o700)
+    """Merges `keys` with `options` into the push user's authorized_keys (root's, 0644, see
+    _lock_ssh_dir, which must have run). True if the file changed."""
+    ssh_dir = os.path.join(pw.pw_dir, ".ssh")
     path = os.path.join(ssh_dir, "authorized_keys")
     existing = ""
     try:
@@ -1055,9 +1097,8 @@ def _install_keys(pw: pwd.struct_passwd, keys: Sequence[PublicKey], options: str
         with os.fdopen(fd, "w", encoding="utf-8", errors="surrogateescape") as f:
             f.write(merged)
             f.flush()
+            _root_owns(f.fileno(), 0o644)
             os.fsync(f.fileno())
-        os.chown(tmp, pw.pw_uid, pw.pw_gid)
-        os.chmod(tmp, 0o600)
         os.replace(tmp, path)  # a symlink at `path` is replaced, never followed
     except BaseException:
         with contextlib.suppress(OSError):
@@ -1168,6 +1209,11 @@ def authorize(key_text: str, user: str, root: str) -> AuthorizeReport:
             report.changes.append(f"{real_root}/{rel}: {n} entries given to {user}")
     absolute = rrsync_has_absolute(rrsync)
     report.path = real_root if absolute else "/"
+    if _lock_ssh_dir(pw):
+        report.changes.append(
+            f"{pw.pw_dir}, its .ssh/ and authorized_keys: root's, so {user} cannot change "
+            "its key's restrictions"
+        )
     if _install_keys(pw, keys, key_options(rrsync, real_root, absolute)):
         report.changes.append(
             f"{pw.pw_dir}/.ssh/authorized_keys: {len(keys)} key(s) limited to "
