@@ -372,7 +372,8 @@ class RsyncPusher:
                     self._run("images", cmd, pass_fds=batch.fds)
                     shutil.rmtree(stage, ignore_errors=True)
         except OSError as e:
-            raise PushError(f"images: cannot open {src.img_dir}: {e.strerror or e}") from e
+            where = e.filename or src.img_dir
+            raise PushError(f"images: {where}: {e.strerror or e}") from e
         if skipped:
             log.warning(
                 "mirror %s: %d listed file(s) not pushed (the mirror keeps what it has): %s",
