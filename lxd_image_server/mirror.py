@@ -5,15 +5,16 @@ worker is asked to push; asks that arrive during a push are folded into one more
 is a few rsync runs over one ssh connection, in this order, so that a mirror never lists a
 file it does not have:
 
-  1. images/ without deleting: new and changed image files arrive;
-  2. the catalog (streams/: v1/ and the catalog page, streams/index.html), from a copy taken
-     before step 1, so it lists nothing step 1 did not see;
-  3. images/ again with --delete-after: files the master no longer has go, except those the
-     catalog of step 2 lists (the next push, with the next catalog, takes them).
+  0. the catalog (streams/v1 and the page, streams/index.html) is copied aside; what its
+     images.json lists, checked, is all that travels below images/ (mirror_list.py);
+  1. images: the listed files, regular files only, never through a link, kept sparse;
+  2. the catalog copied in step 0, so it lists nothing step 1 did not send;
+  3. deletions: below images/, whatever that catalog does not list goes from the mirror.
 
-Hidden files (uploads in progress, locks) and temporary names are never pushed. A failed push
-is retried after 5 s, doubling up to 10 min; the state (ok -> failing, failing -> ok) is logged
-once per change and recorded in <state>/mirrors.json for `lxd-image-server mirror status`.
+Hidden files (uploads in progress, locks) and temporary names are never pushed nor deleted.
+A failed push is retried after 5 s, doubling up to 10 min; the state (ok -> failing,
+failing -> ok) is logged once per change and recorded in <state>/mirrors.json for
+`lxd-image-server mirror status`.
 A mirror that is down never holds back the others nor the publishing.
 
 Host keys: first contact is trusted and remembered in <state>/mirrors/known_hosts; a changed
@@ -49,9 +50,17 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 from .config import Paths
-from .fsutil import can_traverse, write_atomic
+from .fsutil import can_traverse, open_dir, write_atomic
 from .layout import TEMP_SUFFIXES
-from .page import PAGE_NAME
+from .mirror_list import (
+    CatalogError,
+    Listing,
+    copy_catalog,
+    held_batches,
+    image_prefix,
+    list_catalog,
+    make_keep_tree,
+)
 from .procs import pid_alive
 from .settings import MirrorConfig
 
@@ -65,7 +74,6 @@ IO_TIMEOUT = 300
 CONNECT_TIMEOUT = 20
 #: what is never pushed: hidden names (uploads in progress, lock files) and temporary suffixes
 EXCLUDES = (".*", "~*", *(f"*{suffix}" for suffix in TEMP_SUFFIXES))
-COPY_ORDER = ("index.json", "index.json.gz", "images.json", "images.json.gz")
 #: rsync: "some files vanished before they could be transferred" (deleted meanwhile; the
 #: publish that follows the deletion asks for another push)
 RSYNC_VANISHED = 24
@@ -156,125 +164,119 @@ class Source:
         return cls(paths.root_dir, paths.img_dir, paths.streams_dir)
 
 
-def rsync_passes(
-    m: MirrorConfig,
-    source: Source,
-    snapshot: Snapshot,
-    known_hosts: str,
-    control: str | None = None,
-) -> list[tuple[str, list[str]]]:
-    """The rsync command lines of one push, in order, named for messages.
+def rsync_command(m: MirrorConfig, known_hosts: str, control: str | None = None) -> list[str]:
+    """What every rsync run of a push has in common.
 
-    Sources carry no trailing slash: rsync then sets the attributes of images/ and streams/
-    (the push user's on the mirror), never those of the mirror's root, which the push user
-    cannot write; the catalog page travels inside streams/. The deletions spare what the
-    pushed catalog lists, even if the master deleted it meanwhile: the next push, with the
-    next catalog, deletes it.
+    Regular files only, never dereferenced: no -l/-L, so a link is skipped, and rsync opens
+    each file with O_NOFOLLOW; no devices or specials. Permissions are set, not copied: D755
+    and F644 exactly (nginx on the mirror reads them whatever the master's umask; no setuid,
+    setgid or executable bit travels). Directory times are left alone (ours come from staging
+    trees). Hidden names and temporary suffixes are never sent nor deleted.
     """
     rsh = " ".join(_rsh_quote(a) for a in ssh_command(m, known_hosts, control))
-    common = [
+    return [
         "rsync",
-        # recursive, times, permissions forced to world-readable (nginx on the mirror reads
-        # them whatever the master's umask), symlinks followed: the mirror gets the files
-        "-rtpL",
+        "--times",
+        "--omit-dir-times",
+        "--perms",
         "--chmod=D755,F644",
+        "--no-links",
+        "--no-devices",
+        "--no-specials",
         f"--timeout={IO_TIMEOUT}",
         "-e",
         rsh,
         *(f"--exclude={pattern}" for pattern in EXCLUDES),
     ]
 
-    def remote(rel: str) -> str:
-        path = posixpath.join(m.path, rel) if rel else m.path
-        return f"{m.user}@{_host(m.host)}:{path.rstrip('/')}/"
 
-    rel_img = os.path.relpath(source.img_dir, source.root_dir)
-    rel_streams = os.path.relpath(os.path.dirname(source.streams_dir), source.root_dir)
-    images = [source.img_dir.rstrip("/"), remote(os.path.dirname(rel_img))]
-    catalog = [os.path.join(snapshot.root, rel_streams), remote(os.path.dirname(rel_streams))]
-    spare = [f"--filter=merge {snapshot.protect}"] if snapshot.protect else []
+def _remote(m: MirrorConfig, rel: str) -> str:
+    path = posixpath.join(m.path, rel) if rel else m.path
+    return f"{m.user}@{_host(m.host)}:{path.rstrip('/')}/"
+
+
+def images_command(common: list[str], m: MirrorConfig, stage: str, files_from: str) -> list[str]:
+    """Pass 1: the listed files (NUL-separated paths in `files_from`, relative to `stage`, the
+    staging tree), kept sparse, nothing deleted. A file gone since it was checked is no error."""
     return [
-        ("images", [*common, *images]),
-        ("catalog", [*common, "--delete-after", *catalog]),
-        ("deletions", [*common, *spare, "--delete-after", *images]),
+        *common,
+        f"--files-from={files_from}",
+        "--from0",
+        "--sparse",
+        "--ignore-missing-args",
+        stage.rstrip("/") + "/",
+        _remote(m, ""),
+    ]
+
+
+def catalog_command(common: list[str], m: MirrorConfig, snapshot: Snapshot) -> list[str]:
+    """Pass 2: streams/ as copied aside (v1/ and the page), replacing what the mirror has.
+
+    The source carries no trailing slash: rsync then sets the attributes of streams/ (the push
+    user's on the mirror), never those of the mirror's root, which the push user cannot write.
+    """
+    return [*common, "--recursive", "--delete-after", snapshot.streams, _remote(m, "")]
+
+
+def deletions_command(common: list[str], m: MirrorConfig, snapshot: Snapshot) -> list[str]:
+    """Pass 3: below images/, whatever the pushed catalog does not list goes. Nothing is sent
+    (--existing --ignore-existing): the placeholders only name what stays."""
+    return [
+        *common,
+        "--recursive",
+        "--existing",
+        "--ignore-existing",
+        "--delete-after",
+        snapshot.keep_images,
+        _remote(m, posixpath.dirname(snapshot.images_rel)),
     ]
 
 
 @dataclass(frozen=True)
 class Snapshot:
-    """The catalog as it was when a push began, copied aside (`root` holds streams/, with
-    the catalog page streams/index.html if the master has one)."""
+    """The catalog as it was when a push began, copied aside below `root`: streams/ (with the
+    page streams/index.html if the master has one), what its images.json lists, and the
+    placeholder tree of those files for the deletions."""
 
     root: str
-    #: rsync filter rules protecting the files the catalog lists from deletion, if any
-    protect: str | None = None
+    #: the image directory relative to the served root ('images')
+    images_rel: str
+    listing: Listing = field(default_factory=lambda: Listing(()))
 
+    @property
+    def streams(self) -> str:
+        return os.path.join(self.root, "streams")
 
-def _listed_paths(images_json: str) -> list[str]:
-    """Every item path (relative to the root) of a catalog."""
-    try:
-        with open(images_json, "rb") as f:
-            doc = json.load(f)
-        products = doc["products"]
-        return sorted(
-            {
-                item["path"]
-                for product in products.values()
-                for version in product["versions"].values()
-                for item in version["items"].values()
-            }
-        )
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return []
-
-
-def protect_rules(paths: Iterable[str], source: Source) -> str:
-    """rsync filter rules (P: protect from deletion) for catalog paths, anchored at the
-    deletions pass's transfer root (the parent of images/)."""
-    base = os.path.dirname(source.img_dir.rstrip("/"))
-    lines = []
-    for path in paths:
-        rel = os.path.relpath(os.path.join(source.root_dir, path), base)
-        if rel.startswith("..") or any(c in rel for c in "*?[\\\n"):
-            continue  # not below images/, or not expressible as a plain rule
-        lines.append(f"P /{rel}\n")
-    return "".join(lines)
+    @property
+    def keep_images(self) -> str:
+        return os.path.join(self.root, "keep", self.images_rel)
 
 
 def take_snapshot(source: Source, root: str) -> Snapshot:
-    """Copies the visible catalog files and the catalog page (streams/index.html) into `root`,
-    in the same layout, and writes the rules that keep what they list from deletion."""
-    target = os.path.join(root, os.path.relpath(source.streams_dir, source.root_dir))
-    os.makedirs(target, exist_ok=True)
-    # the pipeline writes the catalog, then the page: the page, copied first, never shows more
-    # than the catalog copied after it
-    page = os.path.join(os.path.dirname(source.streams_dir), PAGE_NAME)
-    copy = os.path.join(os.path.dirname(target), PAGE_NAME)
-    if os.path.isfile(page):
-        shutil.copy2(page, copy)
-    else:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(copy)
-    wanted: set[str] = set()
-    # publish.py writes images.json(.gz), then index.json(.gz): copied in the reverse order,
-    # an index.json is never newer than the images.json copied with it
-    entries = sorted(
-        os.scandir(source.streams_dir),
-        key=lambda e: (COPY_ORDER.index(e.name) if e.name in COPY_ORDER else 99, e.name),
-    )
-    for entry in entries:
-        if entry.name.startswith(".") or not entry.is_file(follow_symlinks=False):
-            continue
-        wanted.add(entry.name)
-        shutil.copy2(entry.path, os.path.join(target, entry.name))
-    for entry in os.scandir(target):
-        if entry.name not in wanted:
-            os.unlink(entry.path)
-    rules = protect_rules(_listed_paths(os.path.join(target, "images.json")), source)
-    protect = os.path.join(root, "protect.rules")
-    with open(protect, "w", encoding="utf-8") as f:
-        f.write(rules)
-    return Snapshot(root=root, protect=protect if rules else None)
+    """Copies the catalog and the page into `root` (bounded, regular files only), reads what
+    images.json lists and makes the placeholders. CatalogError: this push cannot go ahead."""
+    prefix = image_prefix(source.root_dir, source.img_dir)
+    if os.path.relpath(os.path.dirname(source.streams_dir), source.root_dir) != "streams":
+        raise CatalogError(f"{source.streams_dir} is not <root>/streams/v1")
+    streams = os.path.join(root, "streams")
+    copied = copy_catalog(source.streams_dir, streams)
+    if "images.json" not in copied:
+        raise CatalogError("streams/v1/images.json is missing or not a regular file")
+    with open(os.path.join(streams, "v1", "images.json"), "rb") as f:
+        data = f.read()
+    listing = list_catalog(data, prefix)
+    snapshot = Snapshot(root, "/".join(prefix), listing)
+    keep = os.path.join(root, "keep")
+    shutil.rmtree(keep, ignore_errors=True)
+    make_keep_tree(listing.paths, keep)
+    os.makedirs(snapshot.keep_images, exist_ok=True)
+    return snapshot
+
+
+def _examples(pairs: Sequence[tuple[str, str]], limit: int = 3) -> str:
+    shown = "; ".join(f"{path}: {why}" for path, why in pairs[:limit])
+    more = len(pairs) - limit
+    return shown + (f"; and {more} more" if more > 0 else "")
 
 
 #: the lines that say what went wrong, ahead of ssh's banners and rsync's epilogue
@@ -309,7 +311,7 @@ class RsyncPusher:
         for what, value in (("remote", self.mirror.host), ("user", self.mirror.user)):
             if not value or value.startswith("-") or any(c.isspace() for c in value):
                 raise PushError(f"mirror {self.mirror.name}: {what} {value!r} is not usable")
-        if not os.path.isfile(os.path.join(self.source.streams_dir, "images.json")):
+        if not os.path.lexists(os.path.join(self.source.streams_dir, "images.json")):
             log.debug("mirror %s: nothing published yet; nothing to push", self.mirror.name)
             return
         # a directory of its own: `update` by hand may push to the same mirror meanwhile
@@ -323,8 +325,17 @@ class RsyncPusher:
         try:
             try:
                 snapshot = take_snapshot(self.source, snap_dir)
+            except CatalogError as e:
+                raise PushError(f"catalog: {e}") from e
             except OSError as e:
                 raise PushError(f"cannot copy the catalog to {snap_dir}: {e}") from e
+            if snapshot.listing.refused:
+                log.warning(
+                    "mirror %s: %d path(s) of the catalog are not pushed: %s",
+                    self.mirror.name,
+                    len(snapshot.listing.refused),
+                    _examples(snapshot.listing.refused),
+                )
             self._push(snapshot)
         finally:
             shutil.rmtree(snap_dir, ignore_errors=True)
@@ -334,9 +345,10 @@ class RsyncPusher:
         control = os.path.join(self.work_dir, f"cm-{secrets.token_hex(4)}")
         master = self._connect(control)
         try:
-            passes = rsync_passes(self.mirror, self.source, snapshot, self.known_hosts, control)
-            for step, cmd in passes:
-                self._run(step, cmd)
+            common = rsync_command(self.mirror, self.known_hosts, control)
+            self._send_images(snapshot, common)
+            self._run("catalog", catalog_command(common, self.mirror, snapshot))
+            self._run("deletions", deletions_command(common, self.mirror, snapshot))
         finally:
             master.terminate()
             master.communicate()
@@ -345,7 +357,34 @@ class RsyncPusher:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(control)
 
-    def _spawn(self, step: str, cmd: list[str]) -> subprocess.Popen[str]:
+    def _send_images(self, snapshot: Snapshot, common: list[str]) -> None:
+        """Pass 1, in runs of at most PINS_PER_RUN held directories."""
+        skipped: list[tuple[str, str]] = []
+        src = self.source
+        prefix = snapshot.images_rel.split("/")
+        try:
+            with held_batches(snapshot.listing.paths, src.img_dir, prefix, skipped) as batches:
+                for n, batch in enumerate(batches):
+                    stage = os.path.join(snapshot.root, f"stage-{n}")
+                    files_from = os.path.join(snapshot.root, f"files-{n}")
+                    batch.stage(stage, files_from)
+                    cmd = images_command(common, self.mirror, stage, files_from)
+                    self._run("images", cmd, pass_fds=batch.fds)
+                    shutil.rmtree(stage, ignore_errors=True)
+        except OSError as e:
+            where = e.filename or src.img_dir
+            raise PushError(f"images: {where}: {e.strerror or e}") from e
+        if skipped:
+            log.warning(
+                "mirror %s: %d listed file(s) not pushed (the mirror keeps what it has): %s",
+                self.mirror.name,
+                len(skipped),
+                _examples(skipped),
+            )
+
+    def _spawn(
+        self, step: str, cmd: list[str], pass_fds: Sequence[int] = ()
+    ) -> subprocess.Popen[str]:
         log.debug("mirror %s: %s", self.mirror.name, shlex.join(cmd))
         with self._lock:
             if self._cancelled:
@@ -358,6 +397,7 @@ class RsyncPusher:
                     stderr=subprocess.PIPE,
                     text=True,
                     errors="replace",
+                    pass_fds=pass_fds,
                 )
             except FileNotFoundError as e:
                 raise PushError(f"{step}: {e.filename} is not installed") from e
@@ -387,8 +427,8 @@ class RsyncPusher:
             time.sleep(0.01)
         return proc
 
-    def _run(self, step: str, cmd: list[str]) -> None:
-        proc = self._spawn(step, cmd)
+    def _run(self, step: str, cmd: list[str], pass_fds: Sequence[int] = ()) -> None:
+        proc = self._spawn(step, cmd, pass_fds)
         try:
             _, stderr = proc.communicate()
         finally:
@@ -986,17 +1026,59 @@ def _ensure_user(name: str, report: AuthorizeReport) -> pwd.struct_passwd:
     return pw
 
 
+def _root_owns(fd: int, mode: int) -> bool:
+    """Makes the open file root's, with `mode`; True if that changed anything."""
+    st = os.fstat(fd)
+    if (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (0, 0, mode):
+        return False
+    os.fchown(fd, 0, 0)
+    os.fchmod(fd, mode)
+    return True
+
+
+def _lock_ssh_dir(pw: pwd.struct_passwd) -> bool:
+    """The push user's home, ~/.ssh and authorized_keys become root's (0755, 0755, 0644, as
+    sshd's StrictModes accepts): whatever the push user may run, it cannot change its key's
+    restrictions. Links there are refused, never followed. True if anything changed."""
+    try:
+        home_fd = os.open(pw.pw_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        raise AuthorizeError(f"{pw.pw_name}'s home {pw.pw_dir} is not a directory") from None
+    try:
+        changed = _root_owns(home_fd, 0o755)
+        try:
+            ssh_fd = open_dir(".ssh", dir_fd=home_fd)
+        except FileNotFoundError:
+            os.mkdir(".ssh", 0o755, dir_fd=home_fd)
+            ssh_fd = open_dir(".ssh", dir_fd=home_fd)
+        except NotADirectoryError:
+            raise AuthorizeError(
+                f"{pw.pw_dir}/.ssh is a symlink or not a directory; refusing to write through it"
+            ) from None
+    finally:
+        os.close(home_fd)
+    try:
+        changed = _root_owns(ssh_fd, 0o755) or changed
+        try:
+            keys_fd = os.open(
+                "authorized_keys", os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=ssh_fd
+            )
+        except FileNotFoundError:
+            return changed
+        except OSError as e:
+            raise AuthorizeError(f"cannot open {pw.pw_dir}/.ssh/authorized_keys: {e}") from e
+        try:
+            return _root_owns(keys_fd, 0o644) or changed
+        finally:
+            os.close(keys_fd)
+    finally:
+        os.close(ssh_fd)
+
+
 def _install_keys(pw: pwd.struct_passwd, keys: Sequence[PublicKey], options: str) -> bool:
-    home = pw.pw_dir
-    if not os.path.isdir(home) or os.path.islink(home):
-        raise AuthorizeError(f"{pw.pw_name}'s home {home} is not a directory")
-    ssh_dir = os.path.join(home, ".ssh")
-    if os.path.islink(ssh_dir):
-        raise AuthorizeError(f"{ssh_dir} is a symlink; refusing to write through it")
-    if not os.path.isdir(ssh_dir):
-        os.mkdir(ssh_dir, 0o700)
-    os.chown(ssh_dir, pw.pw_uid, pw.pw_gid, follow_symlinks=False)
-    os.chmod(ssh_dir, 0o700)
+    """Merges `keys` with `options` into the push user's authorized_keys (root's, 0644, see
+    _lock_ssh_dir, which must have run). True if the file changed."""
+    ssh_dir = os.path.join(pw.pw_dir, ".ssh")
     path = os.path.join(ssh_dir, "authorized_keys")
     existing = ""
     try:
@@ -1016,9 +1098,8 @@ def _install_keys(pw: pwd.struct_passwd, keys: Sequence[PublicKey], options: str
         with os.fdopen(fd, "w", encoding="utf-8", errors="surrogateescape") as f:
             f.write(merged)
             f.flush()
+            _root_owns(f.fileno(), 0o644)
             os.fsync(f.fileno())
-        os.chown(tmp, pw.pw_uid, pw.pw_gid)
-        os.chmod(tmp, 0o600)
         os.replace(tmp, path)  # a symlink at `path` is replaced, never followed
     except BaseException:
         with contextlib.suppress(OSError):
@@ -1028,17 +1109,63 @@ def _install_keys(pw: pwd.struct_passwd, keys: Sequence[PublicKey], options: str
 
 
 def _own_tree(top: str, uid: int, gid: int) -> int:
-    """Makes everything below `top` the push user's (never following links). Returns the
-    number of entries changed."""
+    """Makes everything below `top` the push user's, through directory descriptors opened
+    without following links (os.fwalk): a link, or a directory swapped for one meanwhile, is
+    never followed out of the tree. Returns the number of entries changed."""
     changed = 0
-    for dirpath, dirnames, filenames in os.walk(top):
+    for _, dirnames, filenames, dir_fd in os.fwalk(top, follow_symlinks=False):
         for name in [*dirnames, *filenames]:
-            p = os.path.join(dirpath, name)
-            st = os.lstat(p)
-            if (st.st_uid, st.st_gid) != (uid, gid):
-                os.chown(p, uid, gid, follow_symlinks=False)
-                changed += 1
+            try:
+                st = os.lstat(name, dir_fd=dir_fd)
+                if (st.st_uid, st.st_gid) != (uid, gid):
+                    os.chown(name, uid, gid, dir_fd=dir_fd, follow_symlinks=False)
+                    changed += 1
+            except FileNotFoundError:
+                continue  # gone meanwhile
     return changed
+
+
+def _home_inside(real_root: str, user: str) -> str | None:
+    """The push user's home (existing, or the one useradd will make) if `real_root` holds it:
+    rrsync there could replace ~/.ssh/authorized_keys and lift the key's restrictions."""
+    try:
+        home = pwd.getpwnam(user).pw_dir
+    except KeyError:
+        home = f"/home/{user}"
+    real_home = os.path.realpath(home)
+    if real_home == real_root or real_home.startswith(real_root.rstrip("/") + "/"):
+        return home
+    return None
+
+
+def _push_dir(root_fd: int, rel: str, pw: pwd.struct_passwd, shown: str) -> str | None:
+    """Makes `rel` (below the tree) a real directory of the push user's, mode 0755, through
+    descriptors (a link there is refused, never followed). Returns what changed, if anything."""
+    parent, name = os.path.split(rel)
+    parent_fd = open_dir(parent, dir_fd=root_fd) if parent else os.dup(root_fd)
+    try:
+        made = None
+        try:
+            fd = open_dir(name, dir_fd=parent_fd)
+        except FileNotFoundError:
+            os.mkdir(name, 0o755, dir_fd=parent_fd)
+            fd = open_dir(name, dir_fd=parent_fd)
+            made = f"created {shown}, owned by {pw.pw_name}"
+    except NotADirectoryError:
+        raise AuthorizeError(
+            f"{shown} is a symlink or not a directory; the push writes into a real directory"
+        ) from None
+    finally:
+        os.close(parent_fd)
+    try:
+        st = os.fstat(fd)
+        if (st.st_uid, st.st_gid) != (pw.pw_uid, pw.pw_gid) or stat.S_IMODE(st.st_mode) != 0o755:
+            os.fchown(fd, pw.pw_uid, pw.pw_gid)
+            os.fchmod(fd, 0o755)
+            made = made or f"{shown}: owned by {pw.pw_name}, mode 0755"
+    finally:
+        os.close(fd)
+    return made
 
 
 def authorize(key_text: str, user: str, root: str) -> AuthorizeReport:
@@ -1051,10 +1178,17 @@ def authorize(key_text: str, user: str, root: str) -> AuthorizeReport:
         raise AuthorizeError("run it as root (it creates a user and changes owners)")
     rrsync = rrsync_path()
     report = AuthorizeReport(user=user)
+    real_root = os.path.realpath(root)
+    home = _home_inside(real_root, user)
+    if home is not None:
+        raise AuthorizeError(
+            f"{real_root} holds {user}'s home {home}: a push there could replace "
+            "~/.ssh/authorized_keys and lift the key's restrictions; choose another --root "
+            "or --user"
+        )
     if not os.path.isdir(root):
         os.makedirs(root, mode=0o755)
         report.changes.append(f"created {root}")
-    real_root = os.path.realpath(root)
     pw = _ensure_user(user, report)
     gids = {pw.pw_gid, *os.getgrouplist(user, pw.pw_gid)}
     if not can_traverse(real_root, pw.pw_uid, gids):
@@ -1062,25 +1196,25 @@ def authorize(key_text: str, user: str, root: str) -> AuthorizeReport:
             f"{user} cannot reach {real_root}: make it and its parents traversable "
             "(chmod o+x), then run this again"
         )
-    for rel in ("images", "streams", "streams/v1"):
-        d = os.path.join(real_root, rel)
-        if os.path.islink(d):
-            raise AuthorizeError(f"{d} is a symlink; the push writes into a real directory")
-        if not os.path.isdir(d):
-            os.mkdir(d, 0o755)
-            os.chown(d, pw.pw_uid, pw.pw_gid, follow_symlinks=False)
-            report.changes.append(f"created {d}, owned by {user}")
-        st = os.lstat(d)
-        if (st.st_uid, st.st_gid) != (pw.pw_uid, pw.pw_gid) or stat.S_IMODE(st.st_mode) != 0o755:
-            os.chown(d, pw.pw_uid, pw.pw_gid, follow_symlinks=False)
-            os.chmod(d, 0o755)
-            report.changes.append(f"{d}: owned by {user}, mode 0755")
+    root_fd = os.open(real_root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for rel in ("images", "streams", "streams/v1"):
+            change = _push_dir(root_fd, rel, pw, os.path.join(real_root, rel))
+            if change:
+                report.changes.append(change)
+    finally:
+        os.close(root_fd)
     for rel in ("images", "streams"):
         n = _own_tree(os.path.join(real_root, rel), pw.pw_uid, pw.pw_gid)
         if n:
             report.changes.append(f"{real_root}/{rel}: {n} entries given to {user}")
     absolute = rrsync_has_absolute(rrsync)
     report.path = real_root if absolute else "/"
+    if _lock_ssh_dir(pw):
+        report.changes.append(
+            f"{pw.pw_dir}, its .ssh/ and authorized_keys: root's, so {user} cannot change "
+            "its key's restrictions"
+        )
     if _install_keys(pw, keys, key_options(rrsync, real_root, absolute)):
         report.changes.append(
             f"{pw.pw_dir}/.ssh/authorized_keys: {len(keys)} key(s) limited to "

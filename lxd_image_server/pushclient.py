@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 from urllib.parse import quote, urlsplit
 
+from .fsutil import load_json_bounded
 from .importer import ImagePlan
 
 log = logging.getLogger(__name__)
@@ -34,6 +35,10 @@ DEFAULT_USER = "upload"
 PASSWORD_ENV = "LXD_IMAGE_SERVER_PASSWORD"
 TIMEOUT = 300.0
 CHUNK = 1 << 20
+#: the most of a server's answer read (the rest is dropped with the connection), and how deeply
+#: its JSON may nest: a broken or hostile server cannot exhaust this process
+MAX_ANSWER = 1 << 20
+MAX_ANSWER_DEPTH = 32
 
 Progress = Callable[[int], None]
 #: label -> a progress callback factory (called with the total bytes), or None
@@ -87,7 +92,7 @@ class Pushed:
 
 def _server_message(body: bytes) -> str:
     try:
-        doc = json.loads(body)
+        doc = load_json_bounded(body, MAX_ANSWER, MAX_ANSWER_DEPTH)
     except ValueError:
         text = body.decode("utf-8", errors="replace").strip()
         # nginx's error pages are HTML: their <title> is the useful part
@@ -168,8 +173,17 @@ class Client:
             conn = self._connection()
             conn.request(method, path, headers=self._headers(headers))
             resp = conn.getresponse()
-            body = resp.read()
+            body = self._read_answer(resp)
             return resp.status, {k.lower(): v for k, v in resp.getheaders()}, body
+
+    def _read_answer(self, resp: http.client.HTTPResponse) -> bytes:
+        """At most MAX_ANSWER bytes of the answer; a longer one is cut and the connection
+        closed (the rest is never read)."""
+        body = resp.read(MAX_ANSWER + 1)
+        if len(body) > MAX_ANSWER:
+            self.close()
+            return body[:MAX_ANSWER]
+        return body
 
     def check_credentials(self) -> None:
         """An empty PUT to a path the upload app refuses: 400 means we got through nginx."""
@@ -195,7 +209,7 @@ class Client:
             conn.request("GET", self.remote.path(rel), headers=self._headers())
             resp = conn.getresponse()
             if resp.status != 200:
-                body = resp.read()
+                body = self._read_answer(resp)
                 self._fail(resp.status, body, f"reading {rel}")
             h = hashlib.sha256()
             while chunk := resp.read(CHUNK):
@@ -230,7 +244,7 @@ class Client:
                 if sent_error is not None:
                     raise sent_error from None
                 raise
-            body = resp.read()
+            body = self._read_answer(resp)
             status = resp.status
         if status != 201:
             self._fail(status, body, f"uploading {rel}")
@@ -238,7 +252,7 @@ class Client:
 
     def _check_stored(self, rel: str, size: int, sha256: str, body: bytes) -> Pushed:
         try:
-            doc: Any = json.loads(body)
+            doc: Any = load_json_bounded(body, MAX_ANSWER, MAX_ANSWER_DEPTH)
             stored = doc["files"][0]
         except (ValueError, KeyError, IndexError, TypeError):
             raise PushError(

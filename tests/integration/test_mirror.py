@@ -11,6 +11,7 @@ Prerequisites: root, `bash tests/host-setup.sh` (openssh-server, rsync, nginx, L
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pwd
@@ -27,8 +28,13 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from stat import S_ISDIR, S_ISREG
 
 import pytest
+
+from lxd_image_server.config import Paths
+from lxd_image_server.mirror import PushResult, push_once
+from lxd_image_server.settings import MirrorConfig
 
 from .images import build_rootfs, make_squashfs, sha256_file, write_metadata_tarball
 from .servers import Nginx, Pki, delete_images, delete_instance, free_port, lxc, run
@@ -173,15 +179,31 @@ def wait_until(predicate, what: str, deadline: float, log: Path | None = None) -
     return time.monotonic() - start
 
 
-@pytest.fixture(scope="module")
-def mirror_host(pki: Pki, label: str) -> Iterator[MirrorHost]:
+def require_tools() -> None:
     missing = [t for t in TOOLS if shutil.which(t) is None]
     if missing or not SSHD.exists():
         pytest.fail(
             f"missing {', '.join(missing) or SSHD}: run `bash tests/host-setup.sh` "
             "(openssh-server, rsync)"
         )
-    user = f"lism{label}"
+
+
+def remove_user(user: str) -> subprocess.CompletedProcess[str]:
+    """userdel -r, once the user's last sshd session process has gone (they outlive the
+    listening sshd for a moment)."""
+    end = time.monotonic() + DEADLINE
+    while True:
+        gone = run(["userdel", "-r", user], check=False)
+        if gone.returncode != 8 or time.monotonic() > end:  # 8: the user is logged in
+            return gone
+        time.sleep(0.1)
+
+
+@contextlib.contextmanager
+def prepared_mirror(user: str, label: str) -> Iterator[tuple[Path, Path, Sshd]]:
+    """A mirror tree prepared by `mirror authorize` for a new push user, and an sshd (not yet
+    started) that lets only that user in: (root, push key, sshd). Everything goes at exit."""
+    require_tools()
     with pytest.raises(KeyError):
         pwd.getpwnam(user)  # unique to this run
     base = Path(tempfile.mkdtemp(prefix="lis-mirror-", dir="/var/tmp"))
@@ -191,36 +213,45 @@ def mirror_host(pki: Pki, label: str) -> Iterator[MirrorHost]:
     for k in (key, host_key):
         run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"lis-{label}", "-f", k])
     sshd = Sshd(base, free_port(), user, host_key)
-    nginx = Nginx(root, pki, base / "nginx", free_port())
     try:
         first = run([BIN, "mirror", "authorize", f"{key}.pub", "--user", user, "--root", root])
         assert f"created the system user {user}" in first.stdout
         assert f'path = "{root}"' in first.stdout
-        again = run([BIN, "mirror", "authorize", f"{key}.pub", "--user", user, "--root", root])
-        assert "Nothing to change" in again.stdout, again.stdout
-        home = Path(pwd.getpwnam(user).pw_dir)
-        lines = (home / ".ssh" / "authorized_keys").read_text().splitlines()
-        assert len(lines) == 1, lines
-        assert lines[0].startswith(
-            f'restrict,command="/usr/bin/rrsync -wo -munge -absolute {root}"'
-        )
-        for d in ("images", "streams", "streams/v1"):
-            assert (root / d).owner() == user
-        # the root stays root's and gets nothing else: the page travels inside streams/
-        assert root.owner() == "root"
-        assert sorted(p.name for p in root.iterdir()) == ["images", "streams"]
-        sshd.start()
-        nginx.start()
-        ctx = ssl.create_default_context(cafile=os.fspath(pki.ca_cert))
-        yield MirrorHost(root, user, key, sshd, nginx, ctx)
+        yield root, key, sshd
     finally:
-        nginx.stop()
         sshd.stop()
-        gone = run(["userdel", "-r", user], check=False)
-        assert gone.returncode in (0, 12), gone.stderr  # 12: no mail spool to remove
+        gone = remove_user(user)
         shutil.rmtree(base, ignore_errors=True)
+        assert gone.returncode in (0, 12), gone.stderr  # 12: no mail spool to remove
         with pytest.raises(KeyError):
             pwd.getpwnam(user)
+
+
+@pytest.fixture(scope="module")
+def mirror_host(pki: Pki, label: str) -> Iterator[MirrorHost]:
+    user = f"lism{label}"
+    with prepared_mirror(user, label) as (root, key, sshd):
+        nginx = Nginx(root, pki, root.parent / "nginx", free_port())
+        try:
+            again = run([BIN, "mirror", "authorize", f"{key}.pub", "--user", user, "--root", root])
+            assert "Nothing to change" in again.stdout, again.stdout
+            home = Path(pwd.getpwnam(user).pw_dir)
+            lines = (home / ".ssh" / "authorized_keys").read_text().splitlines()
+            assert len(lines) == 1, lines
+            assert lines[0].startswith(
+                f'restrict,command="/usr/bin/rrsync -wo -munge -absolute {root}"'
+            )
+            for d in ("images", "streams", "streams/v1"):
+                assert (root / d).owner() == user
+            # the root stays root's and gets nothing else: the page travels inside streams/
+            assert root.owner() == "root"
+            assert sorted(p.name for p in root.iterdir()) == ["images", "streams"]
+            sshd.start()
+            nginx.start()
+            ctx = ssl.create_default_context(cafile=os.fspath(pki.ca_cert))
+            yield MirrorHost(root, user, key, sshd, nginx, ctx)
+        finally:
+            nginx.stop()
 
 
 @pytest.fixture(scope="module")
@@ -494,3 +525,402 @@ def test_update_by_hand_pushes_and_reports_each_mirror(
     assert status.returncode == 1
     assert "down: ssh://lxdmirror@127.0.0.1:" in status.stdout
     assert not watchdog.violations, watchdog.violations
+
+
+# -- an uploader's plants must not reach the mirror (issue 9, finding 2) -------------------------
+#
+# No LXD, no nginx, no CA: a master tree published and pushed by `update` (the real scanner,
+# hasher, publisher and rsync over a real sshd to a tree `mirror authorize` prepared), and
+# pushes without a publish (push_once, in this process) for files swapped after publishing.
+
+SECRET = b"-----BEGIN OPENSSH PRIVATE KEY----- (the mirror push key, say)\n"
+SPARSE_SIZE = 1 << 30
+
+
+@dataclass
+class AttackSite:
+    """The mirror of the attack tests, and what lies outside any tree: a secret file and an
+    /etc-like directory an uploader would like to see copied."""
+
+    root: Path
+    user: str
+    key: Path
+    sshd: Sshd
+    outside: Path
+
+    @property
+    def secret(self) -> Path:
+        return self.outside / "id_ed25519"
+
+    @property
+    def etc(self) -> Path:
+        return self.outside / "etc"
+
+
+@pytest.fixture(scope="module")
+def attack_site(label: str) -> Iterator[AttackSite]:
+    with prepared_mirror(f"lisa{label}", label) as (root, key, sshd):
+        outside = root.parent / "outside"
+        (outside / "etc").mkdir(parents=True)
+        (outside / "id_ed25519").write_bytes(SECRET)
+        (outside / "etc" / "shadow").write_bytes(b"root:$6$secret-hash:19000::::::\n" + SECRET)
+        (outside / "etc" / "rootfs.squashfs").write_bytes(SECRET)
+        (outside / "etc" / "lxd.tar.xz").write_bytes(SECRET)
+        sshd.start()
+        yield AttackSite(root, f"lisa{label}", key, sshd, outside)
+
+
+@pytest.fixture(scope="module")
+def small_image(tmp_path_factory: pytest.TempPathFactory, label: str) -> tuple[Path, Path]:
+    work = tmp_path_factory.mktemp("attack-image")
+    rootfs = build_rootfs(work / "rootfs")
+    meta = write_metadata_tarball(work / "meta", work / "meta.tar.xz", f"attack {label}")
+    return meta, make_squashfs(rootfs, work / "rootfs.squashfs")
+
+
+class Master:
+    """A master tree on disk, its state directory and a configuration naming the mirror."""
+
+    def __init__(self, base: Path, site: AttackSite, image: tuple[Path, Path]) -> None:
+        self.root = base / "root"
+        self.state = base / "state"
+        self.image = image
+        (self.root / "images").mkdir(parents=True)
+        self.mirror = MirrorConfig(
+            name="attacked",
+            host="127.0.0.1",
+            user=site.user,
+            key_path=os.fspath(site.key),
+            port=site.sshd.port,
+            path=os.fspath(site.root),
+        )
+        self.config = base / "config.toml"
+        self.config.write_text(
+            "[mirrors.attacked]\n"
+            'remote = "127.0.0.1"\n'
+            f'user = "{site.user}"\n'
+            f'key_path = "{site.key}"\n'
+            f"port = {site.sshd.port}\n"
+            f'path = "{site.root}"\n'
+        )
+        self.serial = 0
+
+    def version(self, product: str = "attack/1.0/amd64/default") -> Path:
+        """A real image version, as an sftp upload leaves it: a new serial each time."""
+        self.serial += 1
+        d = self.root / "images" / product / f"20240101_{self.serial:04d}"
+        d.mkdir(parents=True)
+        meta, squashfs = self.image
+        shutil.copyfile(meta, d / "lxd.tar.xz")
+        shutil.copyfile(squashfs, d / "rootfs.squashfs")
+        return d
+
+    def update(self) -> subprocess.CompletedProcess[str]:
+        """`update`: scan, hash, publish, then push to the mirror."""
+        return subprocess.run(
+            [BIN, "--state-dir", self.state, "update", "--root-dir", self.root],
+            env={**os.environ, "LXD_IMAGE_SERVER_CONFIG": os.fspath(self.config)},
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+
+    def push(self) -> PushResult:
+        """A push of what is published now, without publishing first."""
+        paths = Paths.resolve(root_dir=os.fspath(self.root), state_dir=os.fspath(self.state))
+        [result] = push_once([self.mirror], paths, attempts=1)
+        return result
+
+    def listed(self) -> set[str]:
+        doc = json.loads((self.root / "streams/v1/images.json").read_bytes())
+        return {
+            item["path"]
+            for product in doc["products"].values()
+            for version in product["versions"].values()
+            for item in version["items"].values()
+        }
+
+
+@pytest.fixture
+def attack_master(
+    attack_site: AttackSite, small_image: tuple[Path, Path], tmp_path: Path
+) -> Master:
+    return Master(tmp_path, attack_site, small_image)
+
+
+def mirror_entries(root: Path) -> dict[str, os.stat_result]:
+    """Every entry below the mirror's root (never following a link), by relative path."""
+    found = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in [*dirnames, *filenames]:
+            p = os.path.join(dirpath, name)
+            found[os.path.relpath(p, root)] = os.lstat(p)
+    return found
+
+
+def assert_mirror_clean(site: AttackSite) -> None:
+    """The mirror holds regular files and directories only; every file below images/ is one its
+    catalog lists; no byte of the secret arrived anywhere."""
+    entries = mirror_entries(site.root)
+    odd = sorted(p for p, st in entries.items() if not (S_ISREG(st.st_mode) or S_ISDIR(st.st_mode)))
+    assert not odd, f"not regular files on the mirror: {odd}"
+    catalog = json.loads((site.root / "streams/v1/images.json").read_bytes())
+    listed = {
+        item["path"]
+        for product in catalog["products"].values()
+        for version in product["versions"].values()
+        for item in version["items"].values()
+    }
+    files = {p for p, st in entries.items() if S_ISREG(st.st_mode) and p.startswith("images/")}
+    assert files <= listed, f"on the mirror but not in its catalog: {sorted(files - listed)}"
+    for p, st in entries.items():
+        if S_ISREG(st.st_mode) and st.st_size < (64 << 20):
+            assert SECRET not in (site.root / p).read_bytes(), f"the secret reached {p}"
+
+
+def assert_real_version_arrives(master: Master, site: AttackSite) -> None:
+    """A real version uploaded after the attack is published and arrives on the mirror."""
+    d = master.version("later/1.0/amd64/default")
+    proc = master.update()
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rel = d.relative_to(master.root)
+    for name in ("lxd.tar.xz", "rootfs.squashfs"):
+        assert f"{rel}/{name}" in master.listed()
+        assert (site.root / rel / name).read_bytes() == (d / name).read_bytes()
+    mirrored = (site.root / "streams/v1/images.json").read_bytes()
+    assert mirrored == (master.root / "streams/v1/images.json").read_bytes()
+    assert_mirror_clean(site)
+
+
+def test_attack_symlinks_to_a_secret_file_are_not_pushed(
+    attack_master: Master, attack_site: AttackSite
+) -> None:
+    """(a) links to a file outside the tree (a private key): planted where nothing lists them,
+    as a file of an incomplete version, and swapped in for a published file after publishing."""
+    images = attack_master.root / "images"
+    (images / "id_ed25519").symlink_to(attack_site.secret)
+    incomplete = images / "attack/1.0/amd64/default/20230101_0000"
+    incomplete.mkdir(parents=True)
+    (incomplete / "rootfs.squashfs").symlink_to(attack_site.secret)
+    published = attack_master.version()
+    proc = attack_master.update()
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_mirror_clean(attack_site)
+    assert not (attack_site.root / "images/id_ed25519").exists()
+    assert not (attack_site.root / incomplete.relative_to(attack_master.root)).exists()
+
+    # swapped after publishing: the catalog still lists the file, the link is not followed
+    rel = published.relative_to(attack_master.root)
+    before = (attack_site.root / rel / "rootfs.squashfs").read_bytes()
+    (published / "rootfs.squashfs").unlink()
+    (published / "rootfs.squashfs").symlink_to(attack_site.secret)
+    other = attack_master.version("other/1.0/amd64/default")
+    shutil.copytree(other, other.parent / "20240201_0000")  # in no catalog yet
+    result = attack_master.push()
+    assert result.ok, result.message
+    assert (attack_site.root / rel / "rootfs.squashfs").read_bytes() == before
+    assert_mirror_clean(attack_site)
+    assert_real_version_arrives(attack_master, attack_site)
+
+
+def test_attack_symlink_to_a_directory_outside_is_not_pushed(
+    attack_master: Master, attack_site: AttackSite
+) -> None:
+    """(b) a link to an /etc-like directory: planted, and swapped in for a published version's
+    directory (whose files' names the outside directory has too)."""
+    images = attack_master.root / "images"
+    (images / "etc").symlink_to(attack_site.etc, target_is_directory=True)
+    published = attack_master.version()
+    proc = attack_master.update()
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not (attack_site.root / "images/etc").exists()
+    assert_mirror_clean(attack_site)
+
+    rel = published.relative_to(attack_master.root)
+    published.rename(published.with_name("moved-away"))
+    published.symlink_to(attack_site.etc, target_is_directory=True)
+    result = attack_master.push()
+    assert result.ok, result.message
+    # what the mirror had stays; the outside directory's files never arrive
+    assert (attack_site.root / rel / "lxd.tar.xz").read_bytes() == attack_master.image[
+        0
+    ].read_bytes()
+    assert_mirror_clean(attack_site)
+    assert_real_version_arrives(attack_master, attack_site)
+
+
+def test_attack_symlink_loop_does_not_grow_on_the_mirror(
+    attack_master: Master, attack_site: AttackSite
+) -> None:
+    """(c) a directory holding a link to itself: followed, it nests until paths are too long."""
+    loop = attack_master.root / "images/loop"
+    loop.mkdir()
+    (loop / "data").write_bytes(b"x" * 1024)
+    (loop / "again").symlink_to(".", target_is_directory=True)
+    proc = attack_master.update()
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not (attack_site.root / "images/loop").exists()
+    assert_mirror_clean(attack_site)
+    assert_real_version_arrives(attack_master, attack_site)
+
+
+def test_attack_dangling_symlink_does_not_stop_pushing(
+    attack_master: Master, attack_site: AttackSite
+) -> None:
+    """(d) a link to nothing: with links followed, rsync exits 23 and no push ever succeeds."""
+    published = attack_master.version()
+    (published.parent / "dangling").symlink_to(attack_master.root / "nothing-here")
+    proc = attack_master.update()
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_mirror_clean(attack_site)
+    # swapped after publishing: a listed file that is now a dangling link or gone
+    (published / "lxd.tar.xz").unlink()
+    (published / "lxd.tar.xz").symlink_to("/nonexistent")
+    (published / "rootfs.squashfs").unlink()
+    result = attack_master.push()
+    assert result.ok, result.message
+    assert_mirror_clean(attack_site)
+    assert_real_version_arrives(attack_master, attack_site)
+
+
+def test_attack_fifo_is_not_pushed_and_blocks_nothing(
+    attack_master: Master, attack_site: AttackSite
+) -> None:
+    """(e) a FIFO (nobody ever writes to it), planted and swapped in for a published file."""
+    published = attack_master.version()
+    os.mkfifo(attack_master.root / "images/fifo")
+    proc = attack_master.update()
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not (attack_site.root / "images/fifo").exists()
+    (published / "rootfs.squashfs").unlink()
+    os.mkfifo(published / "rootfs.squashfs")
+    result = attack_master.push()
+    assert result.ok, result.message
+    assert_mirror_clean(attack_site)
+    assert_real_version_arrives(attack_master, attack_site)
+
+
+def test_attack_sparse_file_arrives_sparse(attack_master: Master, attack_site: AttackSite) -> None:
+    """(f) a listed root file of 1 GiB apparent size and no data (one write at its end): it
+    arrives, as sparse as it left. One never listed stays on the master."""
+    d = attack_master.root / "images/sparse/1.0/amd64/default/20240101_0000"
+    d.mkdir(parents=True)
+    shutil.copyfile(attack_master.image[0], d / "lxd.tar.xz")
+    with (d / "rootfs.squashfs").open("wb") as f:
+        f.truncate(SPARSE_SIZE - 1)
+        f.seek(SPARSE_SIZE - 1)
+        f.write(b"\1")
+    with (attack_master.root / "images/unlisted.img").open("wb") as f:
+        f.truncate(SPARSE_SIZE)
+    proc = attack_master.update()
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rel = d.relative_to(attack_master.root)
+    assert f"{rel}/rootfs.squashfs" in attack_master.listed()
+    st = os.stat(attack_site.root / rel / "rootfs.squashfs")
+    assert st.st_size == SPARSE_SIZE
+    assert st.st_blocks * 512 < (16 << 20), f"{st.st_blocks * 512} bytes on the mirror's disk"
+    assert not (attack_site.root / "images/unlisted.img").exists()
+    assert_mirror_clean(attack_site)
+    assert_real_version_arrives(attack_master, attack_site)
+
+
+def test_authorize_refuses_a_tree_that_holds_the_push_users_home(label: str) -> None:
+    """rrsync -wo in a tree that holds the push user's home would let a push replace
+    ~/.ssh/authorized_keys, dropping the forced command: a shell on the mirror."""
+    require_tools()
+    user = f"lish{label}"
+    base = Path(tempfile.mkdtemp(prefix="lis-home-", dir="/var/tmp"))
+    base.chmod(0o755)
+    root = base / "root"
+    home = root / "home" / user
+    key = base / "push_key"
+    run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", key])
+    run(["useradd", "--system", "--create-home", "--home-dir", home, "--shell", "/bin/sh", user])
+    try:
+        proc = run(
+            [BIN, "mirror", "authorize", f"{key}.pub", "--user", user, "--root", root],
+            check=False,
+        )
+        assert proc.returncode == 1, proc.stdout
+        assert f"holds {user}'s home" in proc.stderr
+        assert not (home / ".ssh").exists()
+        assert sorted(p.name for p in root.iterdir()) == ["home"]
+    finally:
+        gone = run(["userdel", "-r", user], check=False)
+        shutil.rmtree(base, ignore_errors=True)
+        assert gone.returncode in (0, 12), gone.stderr
+
+
+def test_a_stolen_push_key_plants_no_live_link_outside_the_tree(
+    attack_site: AttackSite, tmp_path: Path
+) -> None:
+    """The receiving side, as `authorize` sets it up, against a pusher that sends links
+    (-l), FIFOs (--specials), setuid modes (-p) and paths out of the tree: links arrive
+    munged (pointing nowhere), nothing lands outside the tree, and reading is refused."""
+    src = tmp_path / "src" / "images"
+    src.mkdir(parents=True)
+    (src / "passwd").symlink_to("/etc/passwd")
+    (src / "setuid").write_text("#!/bin/sh\n")
+    (src / "setuid").chmod(0o4755)
+    os.mkfifo(src / "fifo")
+    known_hosts = tmp_path / "known_hosts"
+    rsh = (
+        f"ssh -p {attack_site.sshd.port} -i {attack_site.key} -o IdentitiesOnly=yes "
+        f"-o BatchMode=yes -o StrictHostKeyChecking=accept-new "
+        f"-o UserKnownHostsFile={known_hosts}"
+    )
+    dest = f"{attack_site.user}@127.0.0.1:{attack_site.root}/"
+    base = ["rsync", "-e", rsh, "--timeout=60"]
+    proc = subprocess.run(
+        [*base, "-rlp", "--specials", src, dest], capture_output=True, text=True, timeout=120
+    )
+    planted = attack_site.root / "images" / "passwd"
+    assert planted.is_symlink(), proc.stderr
+    assert os.readlink(planted).startswith("/rsyncd-munged/"), os.readlink(planted)
+    assert not planted.exists()  # points nowhere
+    outside = f"{attack_site.user}@127.0.0.1:{attack_site.root.parent / 'outside'}/"
+    escape = subprocess.run(
+        [*base, "-r", src, outside], capture_output=True, text=True, timeout=120
+    )
+    assert escape.returncode != 0
+    assert not (attack_site.root.parent / "outside" / "images").exists()
+    read = subprocess.run(
+        [*base, "-r", f"{attack_site.user}@127.0.0.1:{attack_site.root}/streams/", tmp_path / "r"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert read.returncode != 0 and not (tmp_path / "r").exists()
+    fifo = attack_site.root / "images" / "fifo"
+    print(
+        f"\nrsync {proc.returncode}; FIFO on the mirror: {os.path.lexists(fifo)}; "
+        f"setuid file mode: {oct((attack_site.root / 'images/setuid').stat().st_mode)}"
+    )
+    # the next real push cleans up what the stolen key left below images/
+
+
+def test_the_push_user_cannot_change_its_own_key_restrictions(attack_site: AttackSite) -> None:
+    """Whatever the push user gets to run (a setuid file a stolen key planted, say), its home,
+    ~/.ssh and authorized_keys are root's: the forced rrsync command stays. sshd accepts that
+    (the other attack tests push through it), and `authorize` again changes nothing."""
+    home = Path(pwd.getpwnam(attack_site.user).pw_dir)
+    for path, mode in (
+        (home, 0o755),
+        (home / ".ssh", 0o755),
+        (home / ".ssh/authorized_keys", 0o644),
+    ):
+        st = path.lstat()
+        assert (st.st_uid, st.st_gid, st.st_mode & 0o7777) == (0, 0, mode), path
+    again = run(
+        [
+            BIN,
+            "mirror",
+            "authorize",
+            f"{attack_site.key}.pub",
+            "--user",
+            attack_site.user,
+            "--root",
+            attack_site.root,
+        ]
+    )
+    assert "Nothing to change" in again.stdout, again.stdout

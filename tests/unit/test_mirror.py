@@ -29,21 +29,26 @@ from lxd_image_server.mirror import (
     PublicKey,
     PushCancelled,
     PushError,
+    RsyncPusher,
     Snapshot,
     Source,
     _rsh_quote,
+    catalog_command,
+    deletions_command,
     describe,
     describe_target,
+    images_command,
     key_options,
     merge_authorized_keys,
     parse_public_keys,
     push_once,
     read_state,
     retry_delay,
-    rsync_passes,
+    rsync_command,
     take_snapshot,
     write_state,
 )
+from lxd_image_server.mirror_list import CatalogError
 from lxd_image_server.settings import MirrorConfig
 
 DEADLINE = 10.0
@@ -315,22 +320,34 @@ def source(tmp_path: Path) -> Source:
     return Source(str(root), str(root / "images"), str(root / "streams" / "v1"))
 
 
-def test_push_order_images_then_catalog_then_deletions(tmp_path):
-    src = source(tmp_path)
-    snap = Snapshot("/snap", protect="/snap/protect.rules")
-    passes = rsync_passes(M1, src, snap, "/state/mirrors/known_hosts")
-    assert [name for name, _ in passes] == ["images", "catalog", "deletions"]
-    images, catalog, deletions = (cmd for _, cmd in passes)
+def test_commands_send_regular_files_only_and_in_order(tmp_path):
+    common = rsync_command(M1, "/state/mirrors/known_hosts")
+    snap = Snapshot("/snap", "images")
+    images = images_command(common, M1, "/snap/stage-0", "/snap/files-0")
+    catalog = catalog_command(common, M1, snap)
+    deletions = deletions_command(common, M1, snap)
     dest = "push@mirror1.example.com:/var/www/simplestreams/"
-    assert images[-2:] == [src.img_dir, dest]
+    # 1: the checked list of files below the staging tree; nothing deleted; sparse stays sparse
+    assert images[-2:] == ["/snap/stage-0/", dest]
+    assert "--files-from=/snap/files-0" in images and "--from0" in images
+    assert "--sparse" in images and "--ignore-missing-args" in images
     assert not any(a.startswith("--delete") for a in images), "images pass deletes"
-    # streams/ as a whole: v1/ and the page (streams/index.html) travel together
+    assert "--recursive" not in images
+    # 2: streams/ as a whole: v1/ and the page (streams/index.html) travel together
     assert catalog[-2:] == ["/snap/streams", dest] and "--delete-after" in catalog
-    assert not any(a == "--inplace" for cmd in (images, catalog) for a in cmd)
-    assert deletions[-2:] == images[-2:] and "--delete-after" in deletions
-    assert "--filter=merge /snap/protect.rules" in deletions
+    # 3: nothing sent, only deleted: placeholders name what stays
+    assert deletions[-2:] == ["/snap/keep/images", dest]
+    for flag in ("--existing", "--ignore-existing", "--delete-after", "--recursive"):
+        assert flag in deletions
     for cmd in (images, catalog, deletions):
         assert cmd[0] == "rsync"
+        # never a link followed or copied, no devices or FIFOs, modes set rather than copied
+        for flag in ("--no-links", "--no-devices", "--no-specials", "--perms", "--chmod=D755,F644"):
+            assert flag in cmd
+        short = [a for a in cmd if a.startswith("-") and not a.startswith("--")]
+        assert short == ["-e"], f"short options hide what they do: {short}"
+        for bad in ("--links", "--copy-links", "--copy-dirlinks", "--keep-dirlinks", "--inplace"):
+            assert bad not in cmd
         for pattern in EXCLUDES:
             assert f"--exclude={pattern}" in cmd
         rsh = cmd[cmd.index("-e") + 1]
@@ -342,14 +359,11 @@ def test_push_order_images_then_catalog_then_deletions(tmp_path):
         ):
             assert f"-o {opt}" in rsh
     assert "--exclude=.*" in images and "--exclude=*.part" in images
-    bare = rsync_passes(M1, src, Snapshot("/snap"), "/kh")
-    assert [name for name, _ in bare] == ["images", "catalog", "deletions"]
-    assert not any(a.startswith("--filter") for a in bare[-1][1])
 
 
 def test_remote_paths_ipv6_and_quoting(tmp_path):
     m = MirrorConfig(name="v6", host="2001:db8::5", user="u", key_path="/etc/my key", path="/")
-    images = rsync_passes(m, source(tmp_path), Snapshot("/snap"), "/kh")[0][1]
+    images = images_command(rsync_command(m, "/kh"), m, "/stage", "/files")
     assert images[-1] == "u@[2001:db8::5]:/"
     assert "-i '/etc/my key'" in images[images.index("-e") + 1]
     assert _rsh_quote("it's") == '"it\'s"'
@@ -357,28 +371,94 @@ def test_remote_paths_ipv6_and_quoting(tmp_path):
         _rsh_quote("both'\"")
 
 
-def test_snapshot_copies_the_visible_catalog_and_the_page(tmp_path):
-    src = source(tmp_path)
+def local(cmd: list[str], dest: Path) -> list[str]:
+    """A pass's command to a local directory instead of over ssh."""
+    e = cmd.index("-e")
+    return [*cmd[:e], *cmd[e + 2 : -1], f"{dest}/"]
+
+
+def catalog_doc(*paths: str) -> str:
+    items = {f"i{n}": {"path": p, "ftype": "squashfs"} for n, p in enumerate(paths)}
+    return json.dumps({"products": {"p": {"versions": {"20240101_1200": {"items": items}}}}})
+
+
+def publish_catalog(src: Source, *paths: str) -> None:
     streams = Path(src.streams_dir)
-    streams.mkdir(parents=True)
-    (streams / "images.json").write_text("{}")
+    streams.mkdir(parents=True, exist_ok=True)
+    (streams / "images.json").write_text(catalog_doc(*paths))
     (streams / "index.json").write_text("{}")
+
+
+def test_snapshot_copies_the_catalog_files_and_the_page_only(tmp_path):
+    src = source(tmp_path)
+    publish_catalog(src)
+    streams = Path(src.streams_dir)
     (streams / ".lxd-image-server.lock").write_text("")
     (streams / ".images.json.abc.tmp").write_text("partial")
+    (streams / "x.html").write_text("<script>")  # not a catalog file: never pushed
+    (streams / "index.json.gz").symlink_to("/etc/passwd")
     snap = tmp_path / "snap"
     (snap / "streams" / "v1").mkdir(parents=True)
     (snap / "streams" / "v1" / "stale.json").write_text("old")
-    assert take_snapshot(src, str(snap)) == Snapshot(str(snap))
+    taken = take_snapshot(src, str(snap))
+    assert taken.listing.paths == () and taken.images_rel == "images"
     assert sorted(os.listdir(snap / "streams" / "v1")) == ["images.json", "index.json"]
     assert sorted(os.listdir(snap / "streams")) == ["v1"]
+    assert (
+        os.stat(snap / "streams/v1/images.json").st_mtime_ns
+        == os.stat(streams / "images.json").st_mtime_ns
+    )
     page = Path(src.root_dir, "streams", "index.html")
     page.write_text("<html>")
-    assert take_snapshot(src, str(snap)) == Snapshot(str(snap))
+    take_snapshot(src, str(snap))
     assert (snap / "streams" / "index.html").read_text() == "<html>"
-    assert sorted(os.listdir(snap)) == ["protect.rules", "streams"]
+    assert sorted(os.listdir(snap)) == ["keep", "streams"]
     os.unlink(page)
+    page.symlink_to("/etc/hostname")  # a link is not the page
     take_snapshot(src, str(snap))
     assert sorted(os.listdir(snap / "streams")) == ["v1"]
+
+
+def test_snapshot_refuses_a_catalog_that_is_a_link_fifo_or_too_large(tmp_path, monkeypatch):
+    src = source(tmp_path)
+    publish_catalog(src)
+    images = Path(src.streams_dir) / "images.json"
+    images.unlink()
+    images.symlink_to(tmp_path / "elsewhere.json")
+    (tmp_path / "elsewhere.json").write_text(catalog_doc())
+    with pytest.raises(CatalogError, match="missing or not a regular file"):
+        take_snapshot(src, str(tmp_path / "snap"))
+    images.unlink()
+    os.mkfifo(images)  # nobody writes: a blocking open would hang here
+    with pytest.raises(CatalogError, match="missing or not a regular file"):
+        take_snapshot(src, str(tmp_path / "snap"))
+    images.unlink()
+    images.write_text(catalog_doc())
+    monkeypatch.setattr("lxd_image_server.mirror_list.MAX_CATALOG_BYTES", 10)
+    with pytest.raises(CatalogError, match="larger than 10 bytes"):
+        take_snapshot(src, str(tmp_path / "snap"))
+
+
+def test_a_bad_catalog_fails_the_push_with_one_line_and_the_worker_goes_on(tmp_path, caplog):
+    src = source(tmp_path)
+    publish_catalog(src)
+    (Path(src.streams_dir) / "images.json").write_text("[" * 200_000 + "]" * 200_000)
+    pusher = RsyncPusher(M1, src, str(tmp_path / "work"))
+    with pytest.raises(PushError, match=r"^catalog: images\.json: nested deeper"):
+        pusher.push()  # before any connection: nothing is sent
+    assert os.listdir(tmp_path / "work") == []
+    caplog.set_level(logging.DEBUG, logger="lxd_image_server.mirror")
+    w = MirrorWorker(M1, pusher, first_retry=3600)
+    w.start()
+    try:
+        w.request()
+        wait_for(lambda: w.status().failures == 1, "the failed push")
+        assert w._thread.is_alive()
+        assert (w.status().last_error or "").startswith("catalog: images.json: nested deeper")
+    finally:
+        w.stop(timeout=DEADLINE)
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "\n" not in errors[0].getMessage()
 
 
 def test_rsync_catalog_pass_carries_the_page_and_leaves_the_root_alone(tmp_path):
@@ -386,10 +466,8 @@ def test_rsync_catalog_pass_carries_the_page_and_leaves_the_root_alone(tmp_path)
     arrives in streams/ with the catalog (and goes when the master has none); the mirror's
     root, which the push user cannot write, is not touched."""
     src = source(tmp_path)
+    publish_catalog(src)
     streams = Path(src.streams_dir)
-    streams.mkdir(parents=True)
-    (streams / "images.json").write_text("{}")
-    (streams / "index.json").write_text("{}")
     (streams.parent / "index.html").write_text("<html>")
     mirror = tmp_path / "mirror"
     (mirror / "streams" / "v1").mkdir(parents=True)
@@ -399,10 +477,8 @@ def test_rsync_catalog_pass_carries_the_page_and_leaves_the_root_alone(tmp_path)
 
     def catalog_pass() -> None:
         snap = take_snapshot(src, str(tmp_path / "snap"))
-        [cmd] = [cmd for name, cmd in rsync_passes(M1, src, snap, "/kh") if name == "catalog"]
-        e = cmd.index("-e")
-        local = [*cmd[:e], *cmd[e + 2 : -1], f"{mirror}/"]
-        subprocess.run(local, check=True, capture_output=True, timeout=60)
+        cmd = catalog_command(rsync_command(M1, "/kh"), M1, snap)
+        subprocess.run(local(cmd, mirror), check=True, capture_output=True, timeout=60)
 
     catalog_pass()
     assert (mirror / "streams" / "index.html").read_text() == "<html>"
@@ -415,55 +491,39 @@ def test_rsync_catalog_pass_carries_the_page_and_leaves_the_root_alone(tmp_path)
     assert sorted(os.listdir(mirror / "streams")) == ["v1"]
 
 
-def test_snapshot_protects_what_its_catalog_lists(tmp_path):
-    src = source(tmp_path)
-    streams = Path(src.streams_dir)
-    streams.mkdir(parents=True)
-    v = "images/busybox/1.35/amd64/default/20240101_12:00"
-    items = {
-        "meta": {"path": f"{v}/lxd.tar.xz", "ftype": "lxd.tar.xz"},
-        "incus": {"path": f"{v}/lxd.tar.xz", "ftype": "incus.tar.xz"},
-        "root": {"path": f"{v}/rootfs.squashfs", "ftype": "squashfs"},
-        "odd": {"path": "images/a*b", "ftype": "squashfs"},
-    }
-    doc = {"products": {"p": {"versions": {"20240101_12:00": {"items": items}}}}}
-    (streams / "images.json").write_text(json.dumps(doc))
-    snap = take_snapshot(src, str(tmp_path / "snap"))
-    assert snap.protect is not None
-    assert Path(snap.protect).read_text() == (f"P /{v}/lxd.tar.xz\nP /{v}/rootfs.squashfs\n")
-    (streams / "images.json").write_text("not json")
-    assert take_snapshot(src, str(tmp_path / "snap")).protect is None
-
-
-def test_rsync_deletions_spare_what_the_pushed_catalog_lists(tmp_path):
-    """The deletions pass's real rsync, to a local directory instead of over ssh: a file the
-    master deleted after the catalog was copied stays until a catalog stops listing it."""
+def test_rsync_deletions_keep_exactly_what_the_catalog_lists_and_follow_no_link(tmp_path):
+    """The deletions pass's real rsync, to a local directory instead of over ssh: every file
+    below images/ the catalog does not list goes (even one the master still has), hidden names
+    stay, and a link on the mirror is removed, never followed."""
     src = source(tmp_path)
     v = "images/busybox/1.35/amd64/default/20240101_12:00"
     kept, gone = f"{v}/lxd.tar.xz", "images/old/1.0/amd64/default/20230101_1200/lxd.tar.xz"
-    streams = Path(src.streams_dir)
-    streams.mkdir(parents=True)
-    items = {"meta": {"path": kept, "ftype": "lxd.tar.xz"}}
-    doc = {"products": {"p": {"versions": {"20240101_12:00": {"items": items}}}}}
-    (streams / "images.json").write_text(json.dumps(doc))
-    Path(src.img_dir).mkdir()
+    publish_catalog(src, kept)
+    Path(src.img_dir, "unlisted").mkdir(parents=True)
+    Path(src.img_dir, "unlisted", "junk").write_text("x")
     mirror = tmp_path / "mirror"
-    for rel in (kept, gone, "images/.upload-in-progress"):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "precious").write_text("keep me")
+    for rel in (kept, gone, "images/.upload-in-progress", "images/unlisted/junk"):
         (mirror / rel).parent.mkdir(parents=True, exist_ok=True)
         (mirror / rel).write_text("x")
+    (mirror / v / "evil").symlink_to(outside, target_is_directory=True)
+    (mirror / "images/old/link").symlink_to(outside / "precious")
     snap = take_snapshot(src, str(tmp_path / "snap"))
-    cmd = rsync_passes(M1, src, snap, "/kh")[-1][1]
-    e = cmd.index("-e")
-    local = [*cmd[:e], *cmd[e + 2 : -1], f"{mirror}/"]
-    subprocess.run(local, check=True, capture_output=True, timeout=60)
-    assert (mirror / kept).exists()
-    assert not (mirror / gone).exists()
+    cmd = deletions_command(rsync_command(M1, "/kh"), M1, snap)
+    subprocess.run(local(cmd, mirror), check=True, capture_output=True, timeout=60)
+    assert (mirror / kept).read_text() == "x", "a placeholder was sent"
+    assert not (mirror / "images/old").exists()
+    assert not (mirror / "images/unlisted").exists()
+    assert not os.path.lexists(mirror / v / "evil")
     assert (mirror / "images/.upload-in-progress").exists()  # hidden: never touched
-    (streams / "images.json").write_text(json.dumps({"products": {}}))
+    assert (outside / "precious").read_text() == "keep me"
+    publish_catalog(src)
     snap = take_snapshot(src, str(tmp_path / "snap"))
-    cmd = rsync_passes(M1, src, snap, "/kh")[-1][1]
-    subprocess.run([*cmd[:e], *cmd[e + 2 : -1], f"{mirror}/"], check=True, timeout=60)
-    assert not (mirror / kept).exists()
+    cmd = deletions_command(rsync_command(M1, "/kh"), M1, snap)
+    subprocess.run(local(cmd, mirror), check=True, capture_output=True, timeout=60)
+    assert sorted(os.listdir(mirror / "images")) == [".upload-in-progress"]
 
 
 # -- authorize: keys and authorized_keys ------------------------------------------------------

@@ -287,3 +287,45 @@ def test_password_file(tmp_path: Path) -> None:
     with pytest.raises(PushError, match="cannot read"):
         read_password_file(str(tmp_path / "missing"))
     os.unlink(f)
+
+
+def raw_app(status: str, body: bytes) -> App:
+    """An upload app that answers every write with `status` and exactly `body`."""
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
+        if "push-check" in environ["PATH_INFO"]:
+            start_response("400 Bad Request", [("Content-Type", "application/json")])
+            return [b'{"error": "invalid path"}']
+        start_response(status, [("Content-Length", str(len(body)))])
+        return [body]
+
+    return app
+
+
+NESTED = b"[" * 100_000 + b"]" * 100_000
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "message"),
+    [
+        ("201 Created", NESTED, "not JSON as expected"),
+        ("500 Internal Server Error", NESTED, r"answered 500: \[\[\["),
+        ("201 Created", b'{"files": [' + b" " * (4 << 20) + b"]}", "not JSON as expected"),
+        ("418 I'm a teapot", b"x" * (4 << 20), "answered 418: xxx"),
+    ],
+)
+def test_a_hostile_answer_is_a_push_error_in_bounded_memory(
+    tmp_path: Path, cert: tls.CertResult, status: str, body: bytes, message: str
+) -> None:
+    """Nested deeper than Python's recursion limit, or larger than MAX_ANSWER: a clear
+    PushError (never RecursionError), the message cut short."""
+    root = tmp_path / "root"
+    (root / "images").mkdir(parents=True)
+    meta, rootfs = split_export(tmp_path / "export")
+    for port, ctx in serve(FakeNginx(root, raw_app(status, body)), cert):
+        c = Client(Remote("127.0.0.1", port, ""), USER, PASSWORD, context=ctx, timeout=30)
+        with pytest.raises(PushError, match=message) as e:
+            push(plan_import([str(meta), str(rootfs)]), c)
+        assert len(str(e.value)) < 1000
+        c.close()
