@@ -420,7 +420,10 @@ def test_tree_user_and_credentials(installed: Installed, container: Container) -
     assert writer[5] == STATE and writer[6] == "/usr/sbin/nologin", writer
     assert UPLOADER in container.run(f"id -nG {WRITER}").stdout.split()
     assert WRITER not in container.run(f"id -nG {UPLOADER}").stdout.split()
-    assert stat_in_container(container, "/etc/lxd-image-server/htpasswd") == "root:lxd-image-server-auth 640"
+    assert (
+        stat_in_container(container, "/etc/lxd-image-server/htpasswd")
+        == "root:lxd-image-server-auth 640"
+    )
     assert container.path("/etc/nginx/ssl/nginx.crt").is_file()
     assert container.path("/etc/nginx/ssl/nginx.key").is_file()
     assert stat_in_container(container, "/home/lxdadm/.ssh") == "lxdadm:lxdadm 700"
