@@ -140,9 +140,11 @@ def nginx(tree: Tree, pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Ite
         server.stop()
 
 
-@pytest.fixture(scope="session", params=CLIENTS, ids=str)
+@pytest.fixture(scope="module", params=CLIENTS, ids=str)
 def client(request: pytest.FixtureRequest, pki: Pki) -> Client:
-    """`lxc` (LXD) or `incus` (Incus): the test runs once with each."""
+    """`lxc` (LXD) or `incus` (Incus): the test runs once with each. Module-scoped, so that a
+    module runs all its tests with one client, then with the other, keeping its own
+    module-scoped fixtures (servers, uploads) for both."""
     c: Client = request.param
     return c
 
@@ -158,7 +160,7 @@ def added_remote(client: Client, name: str, url: str) -> Iterator[str]:
         client.remove_remote(name)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def remote(client: Client, nginx: Nginx) -> Iterator[str]:
     """The nginx of this session as the remote t<port> of `client`."""
     with added_remote(client, f"t{nginx.port}", nginx.url) as name:

@@ -87,6 +87,12 @@ class Client:
     def json(self, *args: str, timeout: float = 180) -> Any:
         return json.loads(self(*args, "--format", "json", timeout=timeout))
 
+    def exec(
+        self, instance: str, *argv: str, timeout: float = 60, check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
+        """`<client> exec INSTANCE -- ARGV`."""
+        return run([self.command, "exec", instance, "--", *argv], timeout=timeout, check=check)
+
     def is_up(self) -> bool:
         return run([self.command, "info"], timeout=30, check=False).returncode == 0
 
