@@ -8,12 +8,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from lxd_image_server import cli, run
 from lxd_image_server.config import Paths
 from lxd_image_server.settings import MirrorConfig, Settings
 from lxd_image_server.upload import settings_from_env
+
+
+@pytest.fixture(autouse=True)
+def any_nginx(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The argv of nginx is not under test here: no need for it to be installed."""
+    monkeypatch.setattr(run.nginx, "nginx_binary", lambda: "/usr/sbin/nginx")
 
 
 def options(tmp_path: Path, **kw: object) -> run.RunOptions:
@@ -63,7 +70,9 @@ def test_the_upload_app_gets_the_resolved_settings_over_its_own_environment(
     )
 
 
-def test_the_run_command_passes_config_and_settings_on(tmp_path: Path, monkeypatch) -> None:
+def test_the_run_command_passes_config_and_settings_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     config = tmp_path / "config.toml"
     config.write_text(
         '[upload]\nallow_overwrites = true\n[mirrors.m1]\nremote = "mirror.example"\n'
