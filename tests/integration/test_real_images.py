@@ -154,11 +154,12 @@ def scratch(client: Client, label: str) -> Iterator[Scratch]:
     s.cleanup()
 
 
-def launch_fresh(client: Client, scratch: Scratch, image: str, fingerprint: str) -> str:
+def launch_fresh(client: Client, scratch: Scratch, image: str, fingerprint: str, short: str) -> str:
+    """Launches `image` as lis-<label>-<client>-<short>, which must download it."""
     scratch.fingerprints.add(fingerprint)
     scratch.cleanup()
     assert fingerprint not in client.local_images(), "the image must come from the server"
-    name = scratch.instance(f"{client}-{len(scratch.instances)}")
+    name = scratch.instance(f"{client}-{short}")
     client("launch", image, name, timeout=600)
     assert client("config", "get", name, "volatile.base_image").strip() == fingerprint
     return name
@@ -208,7 +209,7 @@ def test_busybox_launches_through_a_credentials_url(
     client: Client, private_remote: str, uploaded: Uploaded, scratch: Scratch
 ) -> None:
     name = launch_fresh(
-        client, scratch, f"{private_remote}:busypriv/1.35", uploaded.busybox.fingerprint
+        client, scratch, f"{private_remote}:busypriv/1.35", uploaded.busybox.fingerprint, "priv"
     )
     assert client.exec(name, "/bin/busybox", "echo", "ok").stdout == "ok\n"
 
@@ -218,7 +219,7 @@ def test_debian_boots_with_systemd_as_pid_1(
 ) -> None:
     started = time.monotonic()
     name = launch_fresh(
-        client, scratch, f"{private_remote}:debian/{SUITE}", uploaded.debian.fingerprint
+        client, scratch, f"{private_remote}:debian/{SUITE}", uploaded.debian.fingerprint, "deb"
     )
     launched = time.monotonic() - started
     state = wait_booted(client, name)
@@ -248,10 +249,12 @@ def republished(
     published: set[str] = set()
     try:
         with added_remote(LXC, f"r{server.port}", credentials_url(server)) as remote:
-            name = launch_fresh(LXC, s, f"{remote}:debian/{SUITE}", uploaded.debian.fingerprint)
+            source = f"{remote}:debian/{SUITE}"
+            name = launch_fresh(LXC, s, source, uploaded.debian.fingerprint, "source")
         wait_booted(LXC, name)
         LXC("stop", name, "--timeout", "60", timeout=120)
         LXC("publish", name, "--alias", alias, timeout=600)
+        s.cleanup()  # the source container and its image: not needed any more
         published = {
             fp
             for fp, img in LXC.local_images().items()
@@ -296,7 +299,7 @@ def test_round_trip_publish_export_import_launches(
     url = credentials_url(server, ROUND_TRIP_USER, ROUND_TRIP_PASSWORD)
     with added_remote(client, f"rt{server.port}", url) as remote:
         name = launch_fresh(
-            client, scratch, f"{remote}:debian/{SUITE}/published", republished.fingerprint
+            client, scratch, f"{remote}:debian/{SUITE}/published", republished.fingerprint, "rt"
         )
     wait_booted(client, name)
     assert_systemd_is_pid_1(client, name)
