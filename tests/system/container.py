@@ -121,6 +121,9 @@ def ensure_base(cache_dir: Path = CACHE_DIR) -> Path:
         raise ContainerError(f"unknown suite {SUITE!r}: expected one of {', '.join(SUITES)}")
     base = cache_dir / SUITE
     if (base / ".complete").is_file():
+        release = (base / "etc/os-release").read_text()
+        if f"VERSION_CODENAME={SUITE}\n" not in release:
+            raise ContainerError(f"{base} is not Debian {SUITE}:\n{release}")
         return base
     if shutil.which("debootstrap") is None:
         raise ContainerError("debootstrap is missing: run `make deb-deps`")
