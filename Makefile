@@ -1,5 +1,5 @@
 # lxd-image-server: the two commands that matter are `make run` and `make test`.
-# Both install what they need on a Debian 12 machine (as root, or with sudo).
+# Both install what they need on a Debian 12 or 13 machine (as root, or with sudo).
 
 PYTHON  ?= /usr/bin/python3
 VENV    ?= .venv
@@ -17,7 +17,8 @@ help:
 	@echo "make test   - install what is needed, lint, run every test"
 	@echo "make bench  - benchmarks (ratios against a baseline measured in the same run)"
 	@echo "make deb    - the Debian package and a flat apt repository in dist/"
-	@echo "make system-test - install the .deb in a booted Debian 12 container and check it"
+	@echo "make system-test SUITE=bookworm|trixie - install the .deb in a booted Debian 12 or 13"
+	@echo "                   container and check it (make system-tests: both)"
 	@echo "make image  - the all-in-one container image lxd-image-server:latest (podman or docker)"
 
 # Debian packages and a running LXD daemon (idempotent, fast when already done).
@@ -62,7 +63,7 @@ compat: deps
 	.venv-debian/bin/python -c 'import click, OpenSSL; print("debian libs: click", click.__version__, "pyOpenSSL", OpenSSL.__version__)'
 	.venv-debian/bin/python -m pytest -p no:cacheprovider -o addopts="-W error::DeprecationWarning" tests/unit tests/integration/test_watch.py tests/integration/test_init.py
 
-test: deps venv lint unit integration compat system-test container-test
+test: deps venv lint unit integration compat system-tests container-test
 
 bench: venv run-deps
 	$(BIN)/python bench/bench_update.py

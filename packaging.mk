@@ -3,8 +3,10 @@
 #   make deb          dist/lxd-image-server_<version>_all.deb, and dist/apt: a flat apt
 #                     repository with it and python3-inotify-simple (built from PyPI with stdeb)
 #   make lintian      lintian on the package: no errors, no warnings
-#   make system-test  installs the package in a booted Debian 12 container (systemd-nspawn)
-#                     and checks it end to end, including real LXD launches; see tests/system/
+#   make system-test  installs the package in a booted Debian container (systemd-nspawn) and
+#                     checks it end to end, including real LXD launches; see tests/system/.
+#                     SUITE=bookworm (Debian 12, the default) or SUITE=trixie (Debian 13)
+#   make system-tests both suites, one after the other (what `make test` runs)
 #
 # Everything is built in build/ (ignored by git) from a copy of the sources, so the build never
 # touches the working tree. Host packages are installed by `make deb-deps` (idempotent).
@@ -28,7 +30,11 @@ DEB_HOST_PKGS   := dpkg-dev debhelper dh-python python3-all python3-setuptools p
                    python3-pip apt-utils lintian debootstrap systemd-container \
                    openssh-client curl busybox-static squashfs-tools xz-utils
 
-.PHONY: deb deb-deps lintian system-test
+# the Debian release the system test boots (tests/system/container.py reads it)
+SUITE           ?= bookworm
+SYSTEM_SUITES   := bookworm trixie
+
+.PHONY: deb deb-deps lintian system-test system-tests
 
 deb-deps:
 	@missing=""; for p in $(DEB_HOST_PKGS); do \
@@ -86,5 +92,12 @@ lintian: deb
 
 # Needs root; `deps` (tests/host-setup.sh: LXD, busybox, squashfs-tools) and `venv` come from
 # the Makefile. Takes a few minutes on a warm cache (/var/cache/lxd-image-server-test).
+# One package for every suite: the same .deb installs on Debian 12 and 13.
 system-test: deps venv deb
-	$(PYTEST) -v --durations=0 tests/system
+	LXD_IMAGE_SERVER_TEST_SUITE=$(SUITE) $(PYTEST) -v --durations=0 tests/system
+
+system-tests: deps venv deb
+	@set -e; for s in $(SYSTEM_SUITES); do \
+	    echo "system test: Debian $$s"; \
+	    LXD_IMAGE_SERVER_TEST_SUITE=$$s $(PYTEST) -v --durations=0 tests/system; \
+	done

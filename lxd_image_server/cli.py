@@ -561,6 +561,9 @@ def run(
                 plain_http=plain_http,
                 private=private,
                 verbose=g.verbose,
+                config=g.config,
+                settings=g.settings,
+                log_file=g.log_file if g.log_file_given else "STDOUT",
             )
         )
     )

@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 
@@ -27,6 +27,7 @@ from . import htpasswd, nginx, tls
 from .config import Paths, ServiceError
 from .fsutil import can_traverse
 from .initialize import InitReport, client_instructions, ensure_credentials, ensure_tree
+from .settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,12 @@ class RunOptions:
     private: bool = False
     verbose: bool = False
     upload_workers: int = 2
+    #: what the parts get: --config is handed to the watcher (which re-reads it on reload),
+    #: the settings as resolved here (every layer) to the upload app
+    config: str | None = None
+    settings: Settings = field(default_factory=Settings)
+    #: where the watcher logs (the --log-file given to `run`)
+    log_file: str = "STDOUT"
 
     @property
     def run_dir(self) -> str:
@@ -183,19 +190,13 @@ def prepare(opts: RunOptions) -> Prepared:
 def _commands(opts: RunOptions, conf: str, user: str | None) -> dict[str, list[str]]:
     py = sys.executable
     tree = ["--root-dir", opts.paths.root_dir]
-    watch = [
-        py,
-        "-m",
-        "lxd_image_server",
-        "--state-dir",
-        opts.paths.state_dir,
-        "--log-file",
-        "STDOUT",
-        "watch",
-        *tree,
-    ]
+    watch = [py, "-m", "lxd_image_server", "--state-dir", opts.paths.state_dir]
+    watch += ["--log-file", opts.log_file]
+    if opts.config:
+        watch += ["--config", opts.config]
     if opts.verbose:
-        watch.insert(3, "--verbose")
+        watch.append("--verbose")
+    watch += ["watch", *tree]
     upload = [
         py,
         "-m",
@@ -287,9 +288,12 @@ class Supervisor:
 def upload_env(
     opts: RunOptions, htpasswd_path: str | None, base: dict[str, str] | None = None
 ) -> dict[str, str]:
-    """The upload app's environment: where images go and which credentials nginx checks
-    (the app checks them too, so its socket is no way around them)."""
+    """The children's environment. The upload app reads its settings from the environment,
+    which outranks every configuration file: it gets the values `run` resolved, --config
+    included, and the credentials nginx checks (the app checks them too, so its socket is no
+    way around them)."""
     env = dict(os.environ if base is None else base)
+    s = opts.settings
     env["LXD_IMAGE_SERVER_IMG_DIR"] = opts.paths.img_dir
     if htpasswd_path:
         env[HTPASSWD_ENV] = os.path.abspath(htpasswd_path)
@@ -297,6 +301,10 @@ def upload_env(
     else:
         env.pop(HTPASSWD_ENV, None)
         env[ANONYMOUS_ENV] = "yes"
+    env["ALLOW_OVERWRITES"] = "1" if s.allow_overwrites else "0"
+    env["ALLOW_DELETES"] = "1" if s.allow_deletes else "0"
+    env["DEBUG"] = "1" if opts.verbose else "0"
+    env["UPLOAD_MAX_SIZE"] = str(s.max_upload_size or 0)
     env.setdefault("PYTHONUNBUFFERED", "1")
     return env
 

@@ -3,12 +3,13 @@
 The tree built here:
 
     images/busybox/1.35/amd64/default/<serial>/{lxd.tar.xz, rootfs.squashfs, disk.qcow2}
-    images/busybox/1.35/amd64/rootxz/<serial>/{lxd.tar.xz, root.tar.xz}
+    images/busybox/1.35/amd64/rootxz/<serial>/{lxd.tar.xz, root.tar.xz, metadata.json}
     images/busybox/1.35/amd64/unified/<serial>/<fingerprint>.tar.gz
 
 The VM disk shares the container's metadata tarball, as on images.linuxcontainers.org; nothing
-boots it, it only has to be listed. The unified tarball comes from a real `lxc publish` and
-`lxc image export`, so it is exactly what users upload.
+boots it, it only has to be listed. The rootxz version's metadata.json adds an alias. The
+unified tarball comes from a real `lxc publish` and `lxc image export`, so it is exactly what
+users upload.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ INITTAB = """\
 ::respawn:/bin/busybox sleep 1000000
 """
 PREFIX = "images/busybox/1.35/amd64"
+#: the alias the rootxz version's metadata.json adds to its product
+OVERRIDE_ALIAS = "bbx-rootxz"
 
 
 def sha256_file(*paths: Path) -> str:
@@ -165,6 +168,7 @@ def build_tree(workdir: Path, label: str) -> Tree:
     rootxz.mkdir(parents=True)
     rootxz_meta = write_metadata_tarball(build / "meta-rootxz", rootxz / "lxd.tar.xz", "rootxz")
     root_tar_xz = make_root_tar_xz(rootfs, rootxz / "root.tar.xz")
+    (rootxz / "metadata.json").write_text(f'{{"aliases": ["{OVERRIDE_ALIAS}"]}}\n')
 
     exported = export_unified(meta, squashfs, build / "export", label)
     unified_dir = root / PREFIX / "unified" / serial

@@ -1,4 +1,4 @@
-"""Real parts for the LXD acceptance tests: commands, a test CA, nginx, the LXD daemon.
+"""Real parts for the acceptance tests: commands, a test CA, nginx, the LXD and Incus daemons.
 
 Everything here runs real programs (openssl-free: the CA is made with `cryptography`); nothing
 is mocked. Failures raise with the command's output so a broken run explains itself.
@@ -60,50 +60,117 @@ def run(
 
 
 # ---------------------------------------------------------------------------------------------
-# LXD
+# LXD and Incus: the same steps through each one's client
+
+
+@dataclass(frozen=True)
+class Client:
+    """The command-line client of one daemon: `lxc` for LXD, `incus` for Incus. Both take the
+    same commands for everything the tests do."""
+
+    command: str
+    daemon: str
+    #: the daemon's name in tests/host-setup.sh (--restart-NAME) and in its log's name
+    setup_name: str
+
+    def __str__(self) -> str:
+        return self.command
+
+    @property
+    def log(self) -> str:
+        return f"/var/log/{self.setup_name}-test.log"
+
+    def __call__(self, *args: str, timeout: float = 180) -> str:
+        # --quiet: no progress bars, so a failure's message is the error itself
+        return run([self.command, "--quiet", *args], timeout=timeout).stdout
+
+    def json(self, *args: str, timeout: float = 180) -> Any:
+        return json.loads(self(*args, "--format", "json", timeout=timeout))
+
+    def exec(
+        self, instance: str, *argv: str, timeout: float = 60, check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
+        """`<client> exec INSTANCE -- ARGV`."""
+        return run([self.command, "exec", instance, "--", *argv], timeout=timeout, check=check)
+
+    def is_up(self) -> bool:
+        return run([self.command, "info"], timeout=30, check=False).returncode == 0
+
+    def restart(self) -> None:
+        """Stop the daemon and start it again, detached (see tests/host-setup.sh).
+
+        Both daemons load the system CA store once, when they start: a CA installed later is
+        not trusted for image downloads until the daemon restarts."""
+        run(["bash", HOST_SETUP, f"--restart-{self.setup_name}"], timeout=240)
+        if not self.is_up():
+            raise AssertionError(f"{self.daemon} does not answer after the restart; see {self.log}")
+
+    def local_images(self) -> dict[str, dict[str, Any]]:
+        """Fingerprint -> image, for the images in the daemon's local image store."""
+        return {img["fingerprint"]: img for img in self.json("image", "list")}
+
+    def instance_names(self) -> set[str]:
+        return {inst["name"] for inst in self.json("list")}
+
+    def delete_instance(self, name: str) -> None:
+        if name in self.instance_names():
+            self("delete", "--force", name)
+
+    def delete_images(self, fingerprints: set[str]) -> None:
+        for fp in sorted(fingerprints & set(self.local_images())):
+            self("image", "delete", fp)
+
+    def remove_remote(self, name: str) -> None:
+        if name in self.json("remote", "list"):
+            self("remote", "remove", name)
+
+
+LXC = Client("lxc", "LXD", "lxd")
+INCUS = Client("incus", "Incus", "incus")
+CLIENTS = (LXC, INCUS)
+
+
+def restart_daemons() -> None:
+    """Both daemons, in one call of tests/host-setup.sh."""
+    run(["bash", HOST_SETUP, "--restart-all"], timeout=480)
+    for c in CLIENTS:
+        if not c.is_up():
+            raise AssertionError(f"{c.daemon} does not answer after the restart; see {c.log}")
+
+
+# The LXD client's steps as functions, for the tests that only use LXD.
 
 
 def lxc(*args: str, timeout: float = 180) -> str:
-    # --quiet: no progress bars, so a failure's message is the error itself
-    return run(["lxc", "--quiet", *args], timeout=timeout).stdout
+    return LXC(*args, timeout=timeout)
 
 
 def lxc_json(*args: str, timeout: float = 180) -> Any:
-    return json.loads(lxc(*args, "--format", "json", timeout=timeout))
+    return LXC.json(*args, timeout=timeout)
 
 
 def lxd_is_up() -> bool:
-    return run(["lxc", "info"], timeout=30, check=False).returncode == 0
+    return LXC.is_up()
 
 
 def restart_lxd() -> None:
-    """Stop the daemon and start it again, detached (see tests/host-setup.sh).
-
-    LXD loads the system CA store once, when it starts: a CA installed later is not trusted
-    for image downloads until the daemon restarts.
-    """
-    run(["bash", HOST_SETUP, "--restart-lxd"], timeout=240)
-    if not lxd_is_up():
-        raise AssertionError("LXD does not answer after the restart; see /var/log/lxd-test.log")
+    LXC.restart()
 
 
 def local_images() -> dict[str, dict[str, Any]]:
-    """Fingerprint -> image, for the images in the local LXD image store."""
-    return {img["fingerprint"]: img for img in lxc_json("image", "list")}
+    return LXC.local_images()
 
 
 def instance_names() -> set[str]:
-    return {inst["name"] for inst in lxc_json("list")}
+    return LXC.instance_names()
 
 
 def delete_instance(name: str) -> None:
-    if name in instance_names():
-        lxc("delete", "--force", name)
+    LXC.delete_instance(name)
 
 
 def delete_images(fingerprints: set[str]) -> None:
-    for fp in sorted(fingerprints & set(local_images())):
-        lxc("image", "delete", fp)
+    LXC.delete_images(fingerprints)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,6 +1,8 @@
 """Acceptance: a tree published by `lxd-image-server update`, served by nginx over TLS, is a
-simplestreams remote that a real LXD lists and launches containers from, in every image form
-(squashfs, root.tar.xz, unified tarball) and by every alias users type.
+simplestreams remote that the real LXD and the real Incus list and launch containers from, in
+every image form (squashfs, root.tar.xz, unified tarball) and by every alias users type (the
+layout's and one from metadata.json). The VM is listed as a virtual machine (nothing here can
+boot one). Every test that takes `client` runs once with `lxc` and once with `incus`.
 
 Needs root and `bash tests/host-setup.sh`; see conftest.py for the session's set-up.
 """
@@ -13,8 +15,8 @@ from typing import Any
 import pytest
 
 from .conftest import Scratch
-from .images import Tree, sha256_file
-from .servers import Nginx, local_images, lxc, lxc_json
+from .images import OVERRIDE_ALIAS, Tree, sha256_file
+from .servers import Client, Nginx
 
 pytestmark = [pytest.mark.lxd, pytest.mark.timeout(600)]
 
@@ -83,14 +85,16 @@ def test_update_published_every_form(tree: Tree, catalog: dict[str, Any]) -> Non
     assert catalog_fingerprints(catalog, tree) == recomputed_fingerprints(tree)
 
 
-def test_remote_is_added(remote: str, nginx: Nginx) -> None:
-    remotes = lxc_json("remote", "list")
+def test_remote_is_added(client: Client, remote: str, nginx: Nginx) -> None:
+    remotes = client.json("remote", "list")
     assert remotes[remote]["Addr"] == nginx.url
     assert remotes[remote]["Protocol"] == "simplestreams"
 
 
-def test_image_list_shows_every_image(remote: str, tree: Tree, catalog: dict[str, Any]) -> None:
-    listed = {img["fingerprint"]: img for img in lxc_json("image", "list", f"{remote}:")}
+def test_image_list_shows_every_image(
+    client: Client, remote: str, tree: Tree, catalog: dict[str, Any]
+) -> None:
+    listed = {img["fingerprint"]: img for img in client.json("image", "list", f"{remote}:")}
     fps = recomputed_fingerprints(tree)
     assert catalog_fingerprints(catalog, tree) == fps
     expected = {
@@ -105,19 +109,30 @@ def test_image_list_shows_every_image(remote: str, tree: Tree, catalog: dict[str
         assert img["type"] == kind, (alias, img)
         assert img["architecture"] == "x86_64", (alias, img)
         assert alias in {a["name"] for a in img["aliases"]}, (alias, img["aliases"])
+    assert OVERRIDE_ALIAS in {a["name"] for a in listed[fps["rootxz"]]["aliases"]}
+    # what `image info` says of the VM, by its fingerprint
+    info = client("image", "info", f"{remote}:{fps['vm']}")
+    assert "Type: virtual-machine" in info, info
 
 
 LAUNCHES = [
     pytest.param("busybox/1.35", "squashfs", id="short-alias"),
     pytest.param("busybox/1.35/amd64/default", "squashfs", id="seeds-alias"),
     pytest.param("busybox/1.35/rootxz", "rootxz", id="root.tar.xz"),
+    pytest.param(OVERRIDE_ALIAS, "rootxz", id="metadata.json-alias"),
     pytest.param("busybox/1.35/unified", "unified", id="unified"),
 ]
 
 
 @pytest.mark.parametrize(("alias", "form"), LAUNCHES)
 def test_launch(
-    remote: str, nginx: Nginx, tree: Tree, scratch: Scratch, alias: str, form: str
+    client: Client,
+    remote: str,
+    nginx: Nginx,
+    tree: Tree,
+    scratch: Scratch,
+    alias: str,
+    form: str,
 ) -> None:
     fingerprint = recomputed_fingerprints(tree)[form]
     downloads: dict[str, set[Path]] = {
@@ -125,14 +140,14 @@ def test_launch(
         "rootxz": {tree.rootxz_meta, tree.root_tar_xz},
         "unified": {tree.unified},
     }
-    assert fingerprint not in local_images(), "the image must come from the remote"
+    assert fingerprint not in client.local_images(), "the image must come from the remote"
     served_before = len(nginx.requests())
 
-    name = scratch.instance(form if alias != "busybox/1.35/amd64/default" else "seed")
-    lxc("launch", f"{remote}:{alias}", name, timeout=300)
+    name = scratch.instance(client.command)
+    client("launch", f"{remote}:{alias}", name, timeout=300)
 
-    assert lxc("config", "get", name, "volatile.base_image").strip() == fingerprint
-    assert lxc("exec", name, "--", "/bin/busybox", "echo", "ok", timeout=60) == "ok\n"
+    assert client("config", "get", name, "volatile.base_image").strip() == fingerprint
+    assert client("exec", name, "--", "/bin/busybox", "echo", "ok", timeout=60) == "ok\n"
     served = {path for method, status, path in nginx.requests()[served_before:] if status == 200}
     for f in downloads[form]:
-        assert f"/{tree.relpath(f)}" in served, f"LXD did not download {tree.relpath(f)}"
+        assert f"/{tree.relpath(f)}" in served, f"{client.daemon} did not download {f.name}"

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,8 +55,14 @@ def curl(*args: str | Path, auth: bool = True) -> tuple[int, str]:
 
 
 def start_server(
-    tmp: Path, pki: Pki, env_flags: dict[str, str], make_htpasswd: bool = True
+    tmp: Path,
+    pki: Pki,
+    env_flags: dict[str, str],
+    make_htpasswd: bool = True,
+    global_args: Sequence[str | Path] = (),
+    run_args: Sequence[str | Path] = (),
 ) -> Iterator[Server]:
+    """`lxd-image-server [GLOBAL_ARGS] run ... [RUN_ARGS]`, once it serves and takes uploads."""
     root, state, ssl = tmp / "root", tmp / "state", tmp / "ssl"
     ssl.mkdir(parents=True)
     (ssl / "nginx.crt").write_bytes(pki.server_cert.read_bytes())
@@ -80,6 +86,7 @@ def start_server(
                 BIN,
                 "--state-dir",
                 state,
+                *global_args,
                 "run",
                 "--root-dir",
                 root,
@@ -89,6 +96,7 @@ def start_server(
                 ssl,
                 "--htpasswd",
                 htpasswd,
+                *run_args,
             ],
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -96,7 +104,8 @@ def start_server(
         )
     server = Server(root, f"https://127.0.0.1:{port}", port, proc, log)
     deadline = time.monotonic() + DEADLINE
-    while curl(f"{server.url}/streams/v1/index.json", auth=False)[0] != 200:
+    private = "--private" in map(str, run_args)  # then reads need the credentials too
+    while curl(f"{server.url}/streams/v1/index.json", auth=private)[0] != 200:
         assert proc.poll() is None, f"run exited early:\n{log.read_text()}"
         assert time.monotonic() < deadline, f"run never served:\n{log.read_text()}"
         time.sleep(0.1)

@@ -1,8 +1,11 @@
-"""A throwaway Debian 12 booted with `systemd-nspawn -b`, for the system test.
+"""A throwaway Debian 12 or 13 booted with `systemd-nspawn -b`, for the system test.
 
+- The suite is $LXD_IMAGE_SERVER_TEST_SUITE (`make system-test SUITE=...` sets it): bookworm
+  (Debian 12, the default) or trixie (Debian 13).
 - The base tree is made once with debootstrap (from the mirror the host's apt uses) and cached
-  outside the repository, in CACHE_DIR/bookworm (rebuilt if missing). Each run boots a fresh
-  copy of it, so every run starts from a clean Debian.
+  outside the repository, in CACHE_DIR/<suite> (rebuilt if missing). Each run boots a fresh
+  copy of it, so every run starts from a clean Debian. tests/integration/test_real_images.py
+  makes its Debian image from the same tree.
 - Downloaded .debs are cached in CACHE_DIR/apt-archives, bind-mounted on the container's
   /var/cache/apt/archives: apt still resolves everything from Debian's archive, it just does not
   download the same files again.
@@ -30,7 +33,8 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 CACHE_DIR = Path(os.environ.get("LXD_IMAGE_SERVER_TEST_CACHE", "/var/cache/lxd-image-server-test"))
-SUITE = "bookworm"
+SUITES = ("bookworm", "trixie")
+SUITE = os.environ.get("LXD_IMAGE_SERVER_TEST_SUITE") or SUITES[0]
 #: what the container needs beyond debootstrap's minbase to boot and to run `man`
 BASE_PACKAGES = ("systemd", "systemd-sysv", "dbus", "man-db")
 FALLBACK_MIRROR = "http://deb.debian.org/debian"
@@ -87,15 +91,17 @@ def _sources_entries(etc_apt: Path) -> list[tuple[str, list[str]]]:
     return entries
 
 
-def host_mirrors(etc_apt: Path = Path("/etc/apt")) -> tuple[str, str]:
-    """The Debian mirror and security mirror the host's apt uses for bookworm."""
-    mirror, security = "", ""
-    for uri, suites in _sources_entries(etc_apt):
-        if f"{SUITE}-security" in suites and not security:
-            security = uri
-        elif SUITE in suites and not mirror:
-            mirror = uri
-    return mirror or FALLBACK_MIRROR, security or FALLBACK_SECURITY
+def host_mirrors(etc_apt: Path = Path("/etc/apt"), suite: str = SUITE) -> tuple[str, str]:
+    """The Debian mirror and security mirror the host's apt uses for `suite`, or else for
+    another Debian release (a Debian 12 host has no trixie sources: the same mirror serves
+    it)."""
+    entries = _sources_entries(etc_apt)
+    for wanted in (suite, *SUITES):
+        mirror = next((uri for uri, suites in entries if wanted in suites), "")
+        security = next((uri for uri, suites in entries if f"{wanted}-security" in suites), "")
+        if mirror:
+            return mirror, security or FALLBACK_SECURITY
+    return FALLBACK_MIRROR, FALLBACK_SECURITY
 
 
 def sources_list(mirror: str, security: str) -> str:
@@ -111,8 +117,13 @@ def sources_list(mirror: str, security: str) -> str:
 
 def ensure_base(cache_dir: Path = CACHE_DIR) -> Path:
     """The debootstrapped tree, made if missing (about a minute). Never booted itself."""
+    if SUITE not in SUITES:
+        raise ContainerError(f"unknown suite {SUITE!r}: expected one of {', '.join(SUITES)}")
     base = cache_dir / SUITE
     if (base / ".complete").is_file():
+        release = (base / "etc/os-release").read_text()
+        if f"VERSION_CODENAME={SUITE}\n" not in release:
+            raise ContainerError(f"{base} is not Debian {SUITE}:\n{release}")
         return base
     if shutil.which("debootstrap") is None:
         raise ContainerError("debootstrap is missing: run `make deb-deps`")

@@ -5,6 +5,9 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
+from typing import Any
+
+from lxd_image_server.hashing import Digests, HashCache, HashEngine
 
 SERIAL = "20240101_12:00"
 
@@ -43,3 +46,13 @@ def blob(n: int, seed: int = 0) -> bytes:
 def make_tree(root: Path) -> Path:
     os.makedirs(root / "images", exist_ok=True)
     return root / "images"
+
+
+def digest_once(db: str | None, versions: Any, *args: Any, **kwargs: Any) -> Digests:
+    """HashEngine(HashCache(db)).digest(...), closing the cache afterwards: Python 3.13 warns
+    (ResourceWarning) about every sqlite3 connection left to the garbage collector."""
+    cache = HashCache(db)
+    try:
+        return HashEngine(cache).digest(versions, *args, **kwargs)
+    finally:
+        cache.close()

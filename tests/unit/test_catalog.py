@@ -6,10 +6,9 @@ import logging
 import pytest
 
 from lxd_image_server.catalog import build_products, index_document, serial_sort_key
-from lxd_image_server.hashing import HashCache, HashEngine
 from lxd_image_server.scan import Scanner
 
-from .helpers import blob, sha, version_dir, write
+from .helpers import blob, digest_once, sha, version_dir, write
 
 META = blob(3000, 1)
 SQUASH = blob(200_000, 2)
@@ -21,7 +20,7 @@ UNIFIED = blob(90_000, 5)
 def catalog(root, rehash=False):
     img = root / "images"
     versions = Scanner(img).scan()
-    digests = HashEngine(HashCache(None)).digest(versions, rehash)
+    digests = digest_once(None, versions, rehash)
     return build_products(versions, digests, str(root))
 
 

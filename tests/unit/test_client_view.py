@@ -88,7 +88,11 @@ def published(tmp_path):
     d = version_dir(img, variant="unified")
     write(d / "0f0f0f.tar.gz", blob(220_000, 6))
     paths = Paths.resolve(root_dir=str(tmp_path), state_dir=str(tmp_path / "state"))
-    Pipeline(paths, HashCache(None)).update_all()
+    cache = HashCache(None)
+    try:
+        Pipeline(paths, cache).update_all()
+    finally:
+        cache.close()
     return tmp_path, json.loads((tmp_path / "streams/v1/images.json").read_bytes())
 
 

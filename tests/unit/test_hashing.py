@@ -5,7 +5,7 @@ import pytest
 from lxd_image_server.hashing import CHUNK, FileChanged, HashCache, HashEngine, hash_file
 from lxd_image_server.scan import Scanner
 
-from .helpers import blob, sha, version_dir, write
+from .helpers import blob, digest_once, sha, version_dir, write
 
 META = blob(5000, 1)
 ROOT = blob(3 * CHUNK + 12345, 2)  # several chunks, ragged end
@@ -39,7 +39,7 @@ class Counting:
 
 def test_digests_and_combined(tmp_path):
     d = tree(tmp_path)
-    digests = HashEngine(HashCache(None)).digest(scan(tmp_path))
+    digests = digest_once(None, scan(tmp_path))
     assert digests.files[str(d / "lxd.tar.xz")] == sha(META)
     assert digests.files[str(d / "rootfs.squashfs")] == sha(ROOT)
     assert digests.combined[(str(d / "lxd.tar.xz"), str(d / "rootfs.squashfs"))] == sha(META, ROOT)
@@ -49,10 +49,10 @@ def test_cache_persists_and_skips_unchanged(tmp_path):
     tree(tmp_path)
     db = str(tmp_path / "state" / "hashes.sqlite3")
     first = Counting()
-    HashEngine(HashCache(db)).digest(scan(tmp_path), progress_start=first.start)
+    digest_once(db, scan(tmp_path), progress_start=first.start)
     assert first.read == len(META) + len(ROOT)
     again = Counting()
-    digests = HashEngine(HashCache(db)).digest(scan(tmp_path), progress_start=again.start)
+    digests = digest_once(db, scan(tmp_path), progress_start=again.start)
     assert again.total is None  # nothing to read at all
     assert len(digests.files) == 2
     assert len(digests.combined) == 1
@@ -61,9 +61,9 @@ def test_cache_persists_and_skips_unchanged(tmp_path):
 def test_rehash_ignores_cache(tmp_path):
     tree(tmp_path)
     db = str(tmp_path / "hashes.sqlite3")
-    HashEngine(HashCache(db)).digest(scan(tmp_path))
+    digest_once(db, scan(tmp_path))
     c = Counting()
-    HashEngine(HashCache(db)).digest(scan(tmp_path), rehash=True, progress_start=c.start)
+    digest_once(db, scan(tmp_path), rehash=True, progress_start=c.start)
     assert c.read == len(META) + len(ROOT)
 
 
@@ -71,7 +71,7 @@ def test_rehash_ignores_cache(tmp_path):
 def test_any_change_invalidates(tmp_path, how):
     d = tree(tmp_path)
     db = str(tmp_path / "hashes.sqlite3")
-    HashEngine(HashCache(db)).digest(scan(tmp_path))
+    digest_once(db, scan(tmp_path))
     root = d / "rootfs.squashfs"
     st = root.stat()
     new = bytearray(ROOT)
@@ -88,7 +88,7 @@ def test_any_change_invalidates(tmp_path, how):
         tmp = d / ".new"
         tmp.write_bytes(new)
         os.replace(tmp, root)
-    digests = HashEngine(HashCache(db)).digest(scan(tmp_path))
+    digests = digest_once(db, scan(tmp_path))
     assert digests.files[str(root)] == sha(bytes(new))
     assert digests.combined[(str(d / "lxd.tar.xz"), str(root))] == sha(META, bytes(new))
 
@@ -96,11 +96,11 @@ def test_any_change_invalidates(tmp_path, how):
 def test_meta_change_recomputes_combined_only_needing_one_read_of_root(tmp_path):
     d = tree(tmp_path)
     db = str(tmp_path / "hashes.sqlite3")
-    HashEngine(HashCache(db)).digest(scan(tmp_path))
+    digest_once(db, scan(tmp_path))
     new_meta = blob(4000, 7)
     (d / "lxd.tar.xz").write_bytes(new_meta)
     c = Counting()
-    digests = HashEngine(HashCache(db)).digest(scan(tmp_path), progress_start=c.start)
+    digests = digest_once(db, scan(tmp_path), progress_start=c.start)
     assert c.read == len(new_meta) + len(ROOT)
     assert digests.combined[(str(d / "lxd.tar.xz"), str(d / "rootfs.squashfs"))] == sha(
         new_meta, ROOT
@@ -111,7 +111,7 @@ def test_file_replaced_after_scan_is_not_trusted(tmp_path):
     d = tree(tmp_path)
     versions = scan(tmp_path)
     (d / "rootfs.squashfs").write_bytes(b"short now")
-    digests = HashEngine(HashCache(None)).digest(versions)
+    digests = digest_once(None, versions)
     assert str(d / "rootfs.squashfs") in digests.failed
     assert str(d / "rootfs.squashfs") not in digests.files
 
@@ -120,7 +120,7 @@ def test_vanished_file(tmp_path):
     d = tree(tmp_path)
     versions = scan(tmp_path)
     (d / "rootfs.squashfs").unlink()
-    digests = HashEngine(HashCache(None)).digest(versions)
+    digests = digest_once(None, versions)
     assert str(d / "rootfs.squashfs") in digests.failed
 
 
@@ -138,7 +138,7 @@ def test_unusable_cache_still_hashes(tmp_path, caplog):
     tree(tmp_path)
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("x")
-    digests = HashEngine(HashCache(str(blocker / "hashes.sqlite3"))).digest(scan(tmp_path))
+    digests = digest_once(str(blocker / "hashes.sqlite3"), scan(tmp_path))
     assert len(digests.files) == 2
     assert "hash cache" in caplog.text
 
@@ -153,3 +153,4 @@ def test_forget_except_prunes(tmp_path):
     assert cache.get(meta) == sha(META)
     assert cache.get(root) is None
     assert cache.get_combined(meta, root) is None
+    cache.close()

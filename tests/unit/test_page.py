@@ -397,13 +397,17 @@ def test_nginx_serves_the_page_at_the_root() -> None:
     assert f"try_files /{PAGE_PATH} @about;" in block
 
 
-def test_pipeline_writes_the_page_and_restores_it(tmp_path: Path) -> None:
+def test_pipeline_writes_the_page_and_restores_it(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
     meta, root = blob(300, 1), blob(5000, 2)
     d = version_dir(tmp_path / "images")
     write(d / "lxd.tar.xz", meta)
     write(d / "rootfs.squashfs", root)
     paths = Paths.resolve(root_dir=str(tmp_path), state_dir=str(tmp_path / "state"))
-    pipeline = Pipeline(paths, HashCache(None))
+    cache = HashCache(None)
+    request.addfinalizer(cache.close)
+    pipeline = Pipeline(paths, cache)
     assert pipeline.update_all()
     page = tmp_path / "streams" / "index.html"
     dom = Dom(page.read_text())

@@ -111,6 +111,7 @@ def test_prune_hides_at_once_and_deletes_after_the_grace_period(
     cache = HashCache(None)
     other = Pipeline(paths, cache)
     other.update_all()
+    cache.close()
     assert other.products[PRODUCT]["versions"].keys() == {"20240103_1200"}
 
     assert delete_expired(paths, now=NOW + HOUR - 1) == []
