@@ -94,6 +94,22 @@ def refuse_private_anonymous(private: bool, anonymous: bool) -> None:
         )
 
 
+def refuse_private_http(private: bool, http_listen: tuple[str, ...]) -> None:
+    """Basic auth over plain HTTP would send the credentials in clear text."""
+    if private and http_listen:
+        raise click.UsageError(
+            "--private cannot go with --http-listen: the credentials would cross the network "
+            "in clear text"
+        )
+
+
+HTTP_LISTEN_HELP = (
+    "Also serve image files (only them: GET and HEAD below /images/) over plain HTTP here, "
+    "for caching proxies; clients try http://HOST first when their remote is https://HOST "
+    "(port 443). Off by default."
+)
+
+
 def load_settings(config: str | None) -> Settings:
     """The layered configuration, or a usage error naming the file and line."""
     try:
@@ -368,6 +384,12 @@ def _root_dir_only(f: F) -> F:
     metavar="[HOST:]PORT",
     help="Where nginx listens (repeatable).",
 )
+@click.option(
+    "--http-listen",
+    multiple=True,
+    metavar="[HOST:]PORT",
+    help=HTTP_LISTEN_HELP + " Repeatable.",
+)
 @click.option("--private", is_flag=True, help="Require the credentials for reads too.")
 @click.option(
     "--allow-anonymous-uploads",
@@ -400,6 +422,7 @@ def init(
     nginx_dir: str,
     htpasswd_path: str,
     listen: tuple[str, ...],
+    http_listen: tuple[str, ...],
     private: bool,
     allow_anonymous_uploads: bool,
     password_file: str | None,
@@ -407,6 +430,7 @@ def init(
 ) -> None:
     """Create the tree, a self-signed certificate, upload credentials and the nginx site."""
     refuse_private_anonymous(private, allow_anonymous_uploads)
+    refuse_private_http(private, http_listen)
     paths = _paths(g, root_dir, None, None)
     # imported here: certificates pull in `cryptography`, which the other commands never need
     from . import tls
@@ -425,6 +449,8 @@ def init(
             listen=listen,
             private=private,
             upload_socket=upload_socket,
+            http_listen=http_listen,
+            allow_overwrites=g.settings.allow_overwrites,
         )
     )
     for change in report.changes:
@@ -496,6 +522,7 @@ def passwd(g: Globals, user: str, htpasswd_path: str) -> None:
     metavar="[HOST:]PORT",
     help="Where nginx listens.",
 )
+@click.option("--http-listen", metavar="[HOST:]PORT", help=HTTP_LISTEN_HELP)
 @click.option(
     "--ssl-dir",
     type=click.Path(file_okay=False),
@@ -532,6 +559,7 @@ def run(
     g: Globals,
     root_dir: str | None,
     listen: str,
+    http_listen: str | None,
     ssl_dir: str | None,
     htpasswd_path: str | None,
     allow_anonymous_uploads: bool,
@@ -542,6 +570,7 @@ def run(
 ) -> None:
     """Run nginx, the upload server and the watcher in the foreground."""
     refuse_private_anonymous(private, allow_anonymous_uploads)
+    refuse_private_http(private, (http_listen,) if http_listen else ())
     from .run import RunOptions
     from .run import run as run_server
 
@@ -553,6 +582,7 @@ def run(
             RunOptions(
                 paths=paths,
                 listen=listen,
+                http_listen=http_listen,
                 ssl_dir=ssl_dir,
                 htpasswd=htpasswd_path,
                 allow_anonymous_uploads=allow_anonymous_uploads,
