@@ -204,7 +204,8 @@ def test_image_files_over_plain_http(served: Served) -> None:
     assert_strict(headers, "GET over http")
     status, headers, body = served.http("HEAD", ROOT_FILE)
     assert (status, body) == (200, b"")
-    assert int(headers["Content-Length"]) == (served.root / VERSION / "rootfs.squashfs").stat().st_size
+    size = (served.root / VERSION / "rootfs.squashfs").stat().st_size
+    assert int(headers["Content-Length"]) == size
 
 
 def test_what_plain_http_serves_is_what_the_catalog_lists(served: Served) -> None:
@@ -337,8 +338,10 @@ def test_run_refuses_http_listen_on_the_https_port(base: Path) -> None:
 
 def test_run_refuses_private_with_http_listen(base: Path) -> None:
     r = subprocess.run(
-        [BIN, "--state-dir", base / "four", "run", "--root-dir", base / "four" / "root"]
-        + ["--private", "--http-listen", "8080"],
+        [
+            *(BIN, "--state-dir", base / "four", "run", "--root-dir", base / "four" / "root"),
+            *("--private", "--http-listen", "8080"),
+        ],
         capture_output=True,
         text=True,
         timeout=60,
