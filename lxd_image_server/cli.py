@@ -30,6 +30,7 @@ from .hashing import HashCache
 from .pipeline import Pipeline
 from .progress import for_terminal
 from .publish import PublishError
+from .retention import Retention
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -83,6 +84,11 @@ def _paths(g: Globals, root_dir: str | None, img_dir: str | None, streams_dir: s
         return Paths.resolve(root_dir, img_dir, streams_dir, g.state)
     except ConfigError as e:
         raise click.UsageError(str(e)) from e
+
+
+def retention_of(settings: Settings) -> Retention:
+    """[retention] with the grace period of [prune], for the pipeline."""
+    return Retention(settings.retention, settings.prune_grace)
 
 
 def refuse_private_anonymous(private: bool, anonymous: bool) -> None:
@@ -223,16 +229,22 @@ def update(
     paths = _paths(g, root_dir, img_dir, streams_dir)
     from .retention import RetentionError, delete_expired
 
-    try:
-        delete_expired(paths)  # pruned versions whose grace period is over
-    except RetentionError as e:
-        log.error("not deleting pruned versions: %s", e)
+    def expire() -> None:
+        try:
+            delete_expired(paths)  # pruned versions whose grace period is over
+        except RetentionError as e:
+            log.error("not deleting pruned versions: %s", e)
+
+    expire()
     cache = HashCache(paths.cache_path)
     try:
-        pipeline = Pipeline(paths, cache, progress_start=for_terminal())
+        pipeline = Pipeline(
+            paths, cache, progress_start=for_terminal(), retention=retention_of(g.settings)
+        )
         changed = pipeline.update_all(rehash=rehash)
     finally:
         cache.close()
+    expire()  # with no grace period, what [retention] took out just now
     if not changed:
         log.info("catalog unchanged (%d products)", len(pipeline.products))
     if g.settings.mirrors:
@@ -286,10 +298,11 @@ def watch(
         apply_logging(g)
         log.info("configuration reloaded (%s)", ", ".join(g.settings.sources) or "defaults")
         mirrors.configure(g.settings.mirrors)
+        pipeline.retention = retention_of(g.settings)
 
     cache = HashCache(paths.cache_path)
     try:
-        pipeline = Pipeline(paths, cache)
+        pipeline = Pipeline(paths, cache, retention=retention_of(g.settings))
         pipeline.on_publish.append(mirrors.request)
         mirrors.configure(g.settings.mirrors)
         watcher = Watcher(
