@@ -93,7 +93,14 @@ def _request(
         conn.close()
 
 
-def start(base: Path, pki: Pki, port: int, http_port: int | None, **env_flags: str) -> Served:
+def start(
+    base: Path,
+    pki: Pki,
+    port: int,
+    http_port: int | None,
+    config: Path | None = None,
+    **env_flags: str,
+) -> Served:
     ssl_dir = base / "ssl"
     ssl_dir.mkdir(parents=True, exist_ok=True)
     (ssl_dir / "nginx.crt").write_bytes(pki.server_cert.read_bytes())
@@ -106,6 +113,7 @@ def start(base: Path, pki: Pki, port: int, http_port: int | None, **env_flags: s
         proc = subprocess.Popen(
             [
                 BIN,
+                *(["--config", config] if config else []),
                 "--state-dir",
                 base / "state",
                 "run",
