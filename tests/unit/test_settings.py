@@ -219,3 +219,19 @@ def test_a_later_file_replaces_the_rules(tmp_path):
     s = load(env={}, system_dir=str(system), home=None)
     assert s.retention.keep == 2
     assert [r.pattern for r in s.retention.rules] == ["b/*"]
+
+
+def test_shipped_retention_example_is_valid(tmp_path):
+    """The commented example in etc/config.toml, uncommented, is what it says."""
+    import re
+    from pathlib import Path
+
+    shipped = (Path(__file__).resolve().parents[2] / "etc" / "config.toml").read_text()
+    block = shipped.split("\n[retention]\n", 1)[1].split("\n# Mirrors", 1)[0]
+    lines = [m[1] for m in re.finditer(r"^# ((?:\[\[|[a-z_]+ = ).*)$", block, re.MULTILINE)]
+    s = load_text(tmp_path, "[retention]\n" + "\n".join(lines) + "\n")
+    assert s.retention.keep == 0
+    assert [(r.pattern, r.keep) for r in s.retention.rules] == [
+        ("debian/12", 7),
+        ("*/*/*/cloud", 0),
+    ]
