@@ -35,6 +35,16 @@ class MirrorConfig:
 
 
 @dataclass(frozen=True)
+class DeltaSettings:
+    """[deltas]: delta updates (deltawork.DeltaConfig takes these)."""
+
+    enabled: bool = True
+    bases: int = 1
+    max_ratio: float = 0.5
+    timeout: int = 1800
+
+
+@dataclass(frozen=True)
 class Settings:
     root_dir: str = DEFAULT_ROOT
     state_dir: str = DEFAULT_STATE_DIR
@@ -46,6 +56,7 @@ class Settings:
     #: seconds between a version leaving the catalog (prune/remove) and its files going
     prune_grace: int = DEFAULT_GRACE
     mirrors: tuple[MirrorConfig, ...] = ()
+    deltas: DeltaSettings = DeltaSettings()
     #: a logging.config.dictConfig table, or None for the built-in setup
     logging: dict[str, Any] | None = None
     #: the files read, in order
@@ -127,11 +138,12 @@ def load(
 
 # -- validating --------------------------------------------------------------------------------
 
-_SECTIONS = {"paths", "upload", "prune", "mirrors", "logging"}
+_SECTIONS = {"paths", "upload", "prune", "deltas", "mirrors", "logging"}
 _KEYS = {
     "paths": {"root", "state_dir"},
     "upload": {"allow_overwrites", "allow_deletes", "max_size"},
     "prune": {"grace_period"},
+    "deltas": {"enabled", "bases", "max_ratio", "timeout"},
 }
 _MIRROR_KEYS = {"remote", "url", "user", "key_path", "port", "path"}
 
@@ -205,6 +217,21 @@ def _mirror(name: str, table: Any, src: str) -> MirrorConfig:
     )
 
 
+def _deltas(table: Mapping[str, Any], src: str) -> DeltaSettings:
+    d = DeltaSettings()
+    enabled = _typed(table.get("enabled", d.enabled), bool, "deltas.enabled", src)
+    bases = _typed(table.get("bases", d.bases), int, "deltas.bases", src)
+    if not 1 <= bases <= 10:
+        raise ConfigError(f"{src}: deltas.bases must be between 1 and 10, not {bases}")
+    ratio = table.get("max_ratio", d.max_ratio)
+    if isinstance(ratio, bool) or not isinstance(ratio, int | float) or not 0 < ratio <= 1:
+        raise ConfigError(f"{src}: deltas.max_ratio must be a number above 0 and at most 1")
+    timeout = _typed(table.get("timeout", d.timeout), int, "deltas.timeout", src)
+    if timeout < 1:
+        raise ConfigError(f"{src}: deltas.timeout must be at least 1 (seconds)")
+    return DeltaSettings(enabled, bases, float(ratio), timeout)
+
+
 def _validate(
     doc: dict[str, Any], env: Mapping[str, str], sources: tuple[str, ...], where: dict[str, str]
 ) -> Settings:
@@ -240,6 +267,8 @@ def _validate(
         if grace < 0:
             raise ConfigError(f"{src('prune')}: prune.grace_period must not be negative")
         values["prune_grace"] = grace
+    if "deltas" in doc:
+        values["deltas"] = _deltas(doc["deltas"], src("deltas"))
     mirrors = doc.get("mirrors", {})
     if not isinstance(mirrors, Mapping):
         raise ConfigError(f"{src('mirrors')}: [mirrors] must hold [mirrors.NAME] tables")
