@@ -136,10 +136,28 @@ def wait_delta(server: Server, product: str) -> dict:
         time.sleep(1)
 
 
+def own_metadata(client: Client, work: Path) -> Path:
+    """A metadata tarball of this client's own: each client's images get fingerprints of their
+    own (one fingerprint in two products is "more than one match" to Incus)."""
+    (work / "meta").mkdir()
+    (work / "meta" / "metadata.yaml").write_text(
+        "architecture: x86_64\n"
+        f"creation_date: {int(time.time())}\n"
+        "properties:\n"
+        "  os: debian\n"
+        f"  release: {SUITE}\n"
+        "  variant: default\n"
+        f"  description: Debian {SUITE} for the delta test of {client}\n"
+    )
+    run(["tar", "-C", work / "meta", "-cJf", work / "lxd.tar.xz", "metadata.yaml"])
+    return work / "lxd.tar.xz"
+
+
 def test_refresh_downloads_the_delta_and_boots(
-    client: Client, server: Server, images: tuple[Image, Image], label: str
+    client: Client, server: Server, images: tuple[Image, Image], label: str, tmp_path: Path
 ) -> None:
-    v1, v2 = images
+    meta = own_metadata(client, tmp_path)
+    v1, v2 = (Image(meta, image.root) for image in images)
     os_name = f"debdelta{client}"
     product = f"{os_name}:{SUITE}:amd64:default"
     dir_1 = f"{os_name}/{SUITE}/amd64/default/{SERIAL_1}"
@@ -172,6 +190,7 @@ def test_refresh_downloads_the_delta_and_boots(
         assert not [p for p, _, _ in fetched if p == f"/images/{dir_2}/rootfs.squashfs"], fetched
         root_size = v2.root.stat().st_size
         got = sum(ok.values())
+        print(f"{client}: image requests during the refresh: {fetched}")
         print(
             f"{client}: refresh downloaded {got} bytes (delta {delta['size']}) for a root of "
             f"{root_size}: {got / root_size:.3f} of the full root "
