@@ -31,6 +31,7 @@ from .hashing import HashCache
 from .pipeline import Pipeline
 from .progress import for_terminal
 from .publish import PublishError
+from .retention import Retention
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -86,6 +87,11 @@ def _paths(g: Globals, root_dir: str | None, img_dir: str | None, streams_dir: s
         raise click.UsageError(str(e)) from e
 
 
+def retention_of(settings: Settings) -> Retention:
+    """[retention] with the grace period of [prune], for the pipeline."""
+    return Retention(settings.retention, settings.prune_grace)
+
+
 def refuse_private_anonymous(private: bool, anonymous: bool) -> None:
     """Reads behind credentials that do not exist would silently stay public."""
     if private and anonymous:
@@ -93,6 +99,22 @@ def refuse_private_anonymous(private: bool, anonymous: bool) -> None:
             "--private needs upload credentials: it cannot go with --allow-anonymous-uploads "
             "(reads would be public)"
         )
+
+
+def refuse_private_http(private: bool, http_listen: tuple[str, ...]) -> None:
+    """Basic auth over plain HTTP would send the credentials in clear text."""
+    if private and http_listen:
+        raise click.UsageError(
+            "--private cannot go with --http-listen: the credentials would cross the network "
+            "in clear text"
+        )
+
+
+HTTP_LISTEN_HELP = (
+    "Also serve image files (only them: GET and HEAD below /images/) over plain HTTP here, "
+    "for caching proxies; clients try http://HOST first when their remote is https://HOST "
+    "(port 443). Off by default."
+)
 
 
 def load_settings(config: str | None) -> Settings:
@@ -208,20 +230,30 @@ def update(
     paths = _paths(g, root_dir, img_dir, streams_dir)
     from .retention import RetentionError, delete_expired
 
-    try:
-        delete_expired(paths)  # pruned versions whose grace period is over
-    except RetentionError as e:
-        log.error("not deleting pruned versions: %s", e)
+    def expire() -> None:
+        try:
+            delete_expired(paths)  # pruned versions whose grace period is over
+        except RetentionError as e:
+            log.error("not deleting pruned versions: %s", e)
+
+    expire()
     cache = HashCache(paths.cache_path)
     try:
         deltas = DeltaService(paths.img_dir, paths.state_dir, delta_config(g.settings), FOREGROUND)
-        pipeline = Pipeline(paths, cache, progress_start=for_terminal(), deltas=deltas)
+        pipeline = Pipeline(
+            paths,
+            cache,
+            progress_start=for_terminal(),
+            retention=retention_of(g.settings),
+            deltas=deltas,
+        )
         changed = pipeline.update_all(rehash=rehash)
         # the deltas still missing, made (and checked) now, then published too
         if deltas.run_pending():
             changed = pipeline.update_all() or changed
     finally:
         cache.close()
+    expire()  # with no grace period, what [retention] took out just now
     if not changed:
         log.info("catalog unchanged (%d products)", len(pipeline.products))
     if g.settings.mirrors:
@@ -277,11 +309,12 @@ def watch(
         apply_logging(g)
         log.info("configuration reloaded (%s)", ", ".join(g.settings.sources) or "defaults")
         mirrors.configure(g.settings.mirrors)
+        pipeline.retention = retention_of(g.settings)
         deltas.configure(delta_config(g.settings))
 
     cache = HashCache(paths.cache_path)
     try:
-        pipeline = Pipeline(paths, cache, deltas=deltas)
+        pipeline = Pipeline(paths, cache, retention=retention_of(g.settings), deltas=deltas)
         pipeline.on_publish.append(mirrors.request)
         mirrors.configure(g.settings.mirrors)
         watcher = Watcher(
@@ -381,6 +414,12 @@ def _root_dir_only(f: F) -> F:
     metavar="[HOST:]PORT",
     help="Where nginx listens (repeatable).",
 )
+@click.option(
+    "--http-listen",
+    multiple=True,
+    metavar="[HOST:]PORT",
+    help=HTTP_LISTEN_HELP + " Repeatable.",
+)
 @click.option("--private", is_flag=True, help="Require the credentials for reads too.")
 @click.option(
     "--allow-anonymous-uploads",
@@ -413,6 +452,7 @@ def init(
     nginx_dir: str,
     htpasswd_path: str,
     listen: tuple[str, ...],
+    http_listen: tuple[str, ...],
     private: bool,
     allow_anonymous_uploads: bool,
     password_file: str | None,
@@ -420,6 +460,7 @@ def init(
 ) -> None:
     """Create the tree, a self-signed certificate, upload credentials and the nginx site."""
     refuse_private_anonymous(private, allow_anonymous_uploads)
+    refuse_private_http(private, http_listen)
     paths = _paths(g, root_dir, None, None)
     # imported here: certificates pull in `cryptography`, which the other commands never need
     from . import tls
@@ -438,6 +479,8 @@ def init(
             listen=listen,
             private=private,
             upload_socket=upload_socket,
+            http_listen=http_listen,
+            allow_overwrites=g.settings.allow_overwrites,
         )
     )
     for change in report.changes:
@@ -509,6 +552,7 @@ def passwd(g: Globals, user: str, htpasswd_path: str) -> None:
     metavar="[HOST:]PORT",
     help="Where nginx listens.",
 )
+@click.option("--http-listen", metavar="[HOST:]PORT", help=HTTP_LISTEN_HELP)
 @click.option(
     "--ssl-dir",
     type=click.Path(file_okay=False),
@@ -545,6 +589,7 @@ def run(
     g: Globals,
     root_dir: str | None,
     listen: str,
+    http_listen: str | None,
     ssl_dir: str | None,
     htpasswd_path: str | None,
     allow_anonymous_uploads: bool,
@@ -555,6 +600,7 @@ def run(
 ) -> None:
     """Run nginx, the upload server and the watcher in the foreground."""
     refuse_private_anonymous(private, allow_anonymous_uploads)
+    refuse_private_http(private, (http_listen,) if http_listen else ())
     from .run import RunOptions
     from .run import run as run_server
 
@@ -566,6 +612,7 @@ def run(
             RunOptions(
                 paths=paths,
                 listen=listen,
+                http_listen=http_listen,
                 ssl_dir=ssl_dir,
                 htpasswd=htpasswd_path,
                 allow_anonymous_uploads=allow_anonymous_uploads,

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import click
 
 from . import importer, listing, pushclient, retention
-from .cli import Globals, _paths, handle_errors, tree_options
+from .cli import Globals, _paths, handle_errors, retention_of, tree_options
 from .config import Paths
 from .hashing import HashCache, Progress
 from .pipeline import Pipeline
@@ -86,12 +86,18 @@ def _files(files: tuple[str, ...]) -> tuple[str, ...]:
     return files
 
 
-def _with_pipeline(paths: Paths, run: Callable[[Pipeline], Any], cache_first: Any = None) -> Any:
+def _with_pipeline(
+    g: Globals, paths: Paths, run: Callable[[Pipeline], Any], cache_first: Any = None
+) -> Any:
+    """`run` with a pipeline that publishes as the watcher does ([retention] included)."""
     cache = HashCache(paths.cache_path)
     try:
         if cache_first is not None:
             cache_first(cache)
-        return run(Pipeline(paths, cache, progress_start=for_terminal()))
+        pipeline = Pipeline(
+            paths, cache, progress_start=for_terminal(), retention=retention_of(g.settings)
+        )
+        return run(pipeline)
     finally:
         cache.close()
 
@@ -155,7 +161,7 @@ def import_cmd(
         return pipeline
 
     pipeline = _with_pipeline(
-        paths, publish, lambda cache: importer.seed_cache(cache, paths.img_dir, placed)
+        g, paths, publish, lambda cache: importer.seed_cache(cache, paths.img_dir, placed)
     )
     listed = plan.key.serial in pipeline.products.get(plan.key.product, {}).get("versions", {})
     what = importer.describe(plan)
@@ -341,7 +347,7 @@ def prune_cmd(
     their files are deleted after the grace period ([prune] grace_period)."""
     paths = _paths(g, root_dir, img_dir, streams_dir)
     grace = g.settings.prune_grace
-    outcome = _with_pipeline(paths, lambda p: retention.prune(p, keep, grace, dry_run=dry_run))
+    outcome = _with_pipeline(g, paths, lambda p: retention.prune(p, keep, grace, dry_run=dry_run))
     _report(outcome, dry_run, f"nothing to prune: no product has more than {keep} version(s)")
 
 
@@ -371,7 +377,7 @@ def remove_cmd(
     paths = _paths(g, root_dir, img_dir, streams_dir)
     grace = g.settings.prune_grace
     outcome = _with_pipeline(
-        paths, lambda p: retention.remove(p, product, serial, grace, dry_run=dry_run)
+        g, paths, lambda p: retention.remove(p, product, serial, grace, dry_run=dry_run)
     )
     _report(outcome, dry_run, "nothing to remove")
 

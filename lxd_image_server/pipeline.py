@@ -32,7 +32,7 @@ from .hashjobs import DEFAULT_JOBS, HashJobs, Identity, Known, hash_version, ide
 from .layout import Role
 from .page import write_page
 from .publish import catalog_lock, publish
-from .retention import PendingVersions
+from .retention import PendingVersions, Retention
 from .scan import Exclude, FileStat, ScannedVersion, Scanner
 
 log = logging.getLogger(__name__)
@@ -62,6 +62,7 @@ class Pipeline:
         exclude: Exclude = _never,
         hidden: Callable[[], Set[str]] | None = None,
         jobs: int = DEFAULT_JOBS,
+        retention: Retention | None = None,
         deltas: DeltaService | None = None,
     ) -> None:
         self.paths = paths
@@ -76,6 +77,9 @@ class Pipeline:
         #: absolute version directories left out of the catalog: pruned or removed, files
         #: kept until their grace period is over (retention.py)
         self.hidden = hidden if hidden is not None else PendingVersions(paths.state_dir)
+        #: [retention], applied at every publish: versions beyond it leave this very catalog
+        #: and are recorded like pruned ones (None: keep every version)
+        self.retention = retention
         #: called after every publish that changed the catalog (e.g. to push to mirrors)
         self.on_publish: list[Callable[[], None]] = []
         #: called from a hashing thread when a version's digests are done (`collect` them)
@@ -249,6 +253,13 @@ class Pipeline:
             _copy_digests(ready.digests, v, digests)
         listed = self.deltas.listable(shown)
         self.products = build_products(shown, digests, self.paths.root_dir, listed)
+        if self.retention is not None:
+            # under the catalog lock: the one writer decides what leaves
+            doomed = self.retention.apply(self.paths.state_dir, self.products, shown)
+            if doomed:
+                shown = [v for v in shown if v.path not in doomed]
+                listed = self.deltas.listable(shown)
+                self.products = build_products(shown, digests, self.paths.root_dir, listed)
         changed = publish(self.paths.streams_dir, self.products)
         self.deltas.published(shown, digests)
         # <root>/streams/index.html, when its bytes change or it is missing

@@ -26,7 +26,7 @@ import secrets
 import shutil
 import stat
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -34,8 +34,9 @@ from .catalog import Products, serial_sort_key
 from .config import Paths
 from .deltas import drop_deltas_on
 from .fsutil import TooLarge, load_json_bounded, open_dir, read_regular
-from .layout import VERSION_DEPTH, LayoutError, check_component, parse_version_dir
+from .layout import VERSION_DEPTH, LayoutError, check_component, parse_version_dir, valid_serial
 from .publish import write_atomic
+from .retention_policy import RetentionPolicy
 
 if TYPE_CHECKING:
     from .pipeline import Pipeline
@@ -187,14 +188,29 @@ class PendingVersions:
 # -- choosing ------------------------------------------------------------------------------------
 
 
-def select_prunable(products: Products, keep: int) -> list[tuple[str, str]]:
-    """(product, serial) of every version beyond the newest `keep` of its product."""
-    if keep < 1:
+def select_prunable(products: Products, keep: int | Callable[[str], int]) -> list[tuple[str, str]]:
+    """(product, serial) of every version beyond the newest `keep` of its product.
+
+    `keep` is a number for every product (`prune --keep`), or a function of the product key
+    (a [retention] policy) where 0 keeps every version. The newest version always stays, and a
+    version whose serial does not parse is neither counted nor chosen (the layout refuses such
+    serials, so the catalog should hold none).
+    """
+    if not callable(keep) and keep < 1:
         raise ValueError("keep must be at least 1")
     out: list[tuple[str, str]] = []
     for pkey in sorted(products):
-        serials = sorted(products[pkey]["versions"], key=serial_sort_key)
-        out.extend((pkey, s) for s in serials[:-keep])
+        n = keep(pkey) if callable(keep) else keep
+        if n < 1:
+            continue
+        serials = []
+        for s in products[pkey]["versions"]:
+            if valid_serial(s):
+                serials.append(s)
+            else:
+                log.warning("%s: version %r has no valid serial; never pruned", pkey, s)
+        serials.sort(key=serial_sort_key)
+        out.extend((pkey, s) for s in serials[:-n])
     return out
 
 
@@ -379,6 +395,63 @@ def delete_expired(paths: Paths, now: float | None = None) -> list[Pending]:
         if len(keep) != len(entries):
             save(paths.state_dir, keep)
     return deleted
+
+
+def next_expiry(paths: Paths) -> int | None:
+    """When the first recorded version of this tree is due for deletion (seconds since the
+    epoch), or None. A damaged state file: None (logged by whoever reads it next)."""
+    img_dir = os.path.abspath(paths.img_dir)
+    try:
+        entries = load(paths.state_dir)
+    except RetentionError:
+        return None
+    due = [p.expires for p in entries if _is_version_dir(img_dir, p.path)]
+    return min(due) if due else None
+
+
+# -- the policy: applied by the catalog writer at every publish ---------------------------------
+
+
+@dataclass(frozen=True)
+class Retention:
+    """`[retention]` and the grace period, as the pipeline applies them."""
+
+    policy: RetentionPolicy
+    grace: int
+
+    def apply(
+        self,
+        state_dir: str,
+        products: Products,
+        versions: Iterable[ScannedVersion],
+        now: float | None = None,
+    ) -> set[str]:
+        """Records the published versions beyond the policy as pruned, exactly as `prune`
+        does; returns their directories, to leave out of the catalog being written.
+
+        Called under the catalog lock (the one writer). If the record cannot be written,
+        nothing is left out (logged): a version hidden but not recorded would never go.
+        """
+        if not self.policy.active:
+            return set()
+        chosen = set(select_prunable(products, self.policy.keep_for))
+        if not chosen:
+            return set()
+        doomed = [v for v in versions if (v.key.product, v.key.serial) in chosen]
+        try:
+            new, _ = schedule(state_dir, doomed, self.grace, now=now)
+        except (RetentionError, OSError) as e:
+            log.error("retention: cannot record what leaves the catalog (%s); keeping it", e)
+            return set()
+        for p in new:
+            log.info(
+                "retention: %s %s leaves the catalog (keep %d); its files go after %s",
+                p.product,
+                p.serial,
+                self.policy.keep_for(p.product),
+                utc_text(p.expires),
+            )
+        return {v.path for v in doomed}
 
 
 # -- the commands ----------------------------------------------------------------------------

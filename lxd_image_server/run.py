@@ -49,6 +49,8 @@ class RunOptions:
     paths: Paths
     #: HOST:PORT or PORT
     listen: str = "8443"
+    #: HOST:PORT or PORT of a plain-HTTP listener serving image files only (None: none)
+    http_listen: str | None = None
     ssl_dir: str | None = None
     htpasswd: str | None = None
     allow_anonymous_uploads: bool = False
@@ -174,10 +176,20 @@ def prepare(opts: RunOptions) -> Prepared:
         ssl_dir=ssl_dir,
         htpasswd=htpasswd_path,
         private=opts.private,
+        overwrites=opts.settings.allow_overwrites,
+        http_listen=(opts.http_listen,) if opts.http_listen else (),
+        server_names=opts.hostnames,
     )
     base = Path(opts.nginx_dir)
+    http_snippet = base / "http-locations.conf"
     (base / "locations.conf").write_text(nginx.render_locations(settings))
-    (base / "site.conf").write_text(nginx.render_site(settings, str(base / "locations.conf")))
+    if opts.http_listen:
+        http_snippet.write_text(nginx.render_http_locations(settings))
+    else:
+        http_snippet.unlink(missing_ok=True)
+    (base / "site.conf").write_text(
+        nginx.render_site(settings, str(base / "locations.conf"), None, str(http_snippet))
+    )
     conf = base / "nginx.conf"
     conf.write_text(
         nginx.render_standalone(opts.run_dir, str(base / "site.conf"), user, opts.verbose)

@@ -16,6 +16,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from .config import DEFAULT_ROOT, DEFAULT_STATE_DIR, ConfigError
+from .retention_policy import KeepRule, PolicyError, RetentionPolicy
 
 SYSTEM_DIR = "/etc/lxd-image-server"
 ENV_CONFIG = "LXD_IMAGE_SERVER_CONFIG"
@@ -55,6 +56,8 @@ class Settings:
     debug: bool = False
     #: seconds between a version leaving the catalog (prune/remove) and its files going
     prune_grace: int = DEFAULT_GRACE
+    #: [retention]: versions kept per product, applied at every publish
+    retention: RetentionPolicy = field(default_factory=RetentionPolicy)
     mirrors: tuple[MirrorConfig, ...] = ()
     deltas: DeltaSettings = DeltaSettings()
     #: a logging.config.dictConfig table, or None for the built-in setup
@@ -138,13 +141,15 @@ def load(
 
 # -- validating --------------------------------------------------------------------------------
 
-_SECTIONS = {"paths", "upload", "prune", "deltas", "mirrors", "logging"}
+_SECTIONS = {"paths", "upload", "prune", "retention", "deltas", "mirrors", "logging"}
 _KEYS = {
     "paths": {"root", "state_dir"},
     "upload": {"allow_overwrites", "allow_deletes", "max_size"},
     "prune": {"grace_period"},
+    "retention": {"keep", "rule"},
     "deltas": {"enabled", "bases", "max_ratio", "timeout"},
 }
+_RULE_KEYS = {"match", "keep"}
 _MIRROR_KEYS = {"remote", "url", "user", "key_path", "port", "path"}
 
 
@@ -187,6 +192,41 @@ def _size(value: Any, src: str) -> int | None:
     if n < 0:
         raise ConfigError(f"{src}: upload.max_size must not be negative")
     return n or None
+
+
+def _count(value: Any, what: str, src: str) -> int:
+    n = _typed(value, int, what, src)
+    if n < 0:
+        raise ConfigError(f"{src}: {what} must not be negative (0 keeps every version)")
+    assert isinstance(n, int)
+    return n
+
+
+def _retention(table: Mapping[str, Any], src: str) -> RetentionPolicy:
+    keep = _count(table.get("keep", 0), "retention.keep", src)
+    rules = table.get("rule", [])
+    if not isinstance(rules, list):
+        raise ConfigError(
+            f'{src}: retention.rule must be a list of tables: [[retention.rule]] match = "os/*" '
+            "keep = N"
+        )
+    parsed: list[KeepRule] = []
+    for i, rule in enumerate(rules, start=1):
+        what = f"retention.rule #{i}"
+        if not isinstance(rule, Mapping):
+            raise ConfigError(f"{src}: {what} must be a table ([[retention.rule]])")
+        if set(rule) != _RULE_KEYS:
+            raise ConfigError(
+                f"{src}: {what} must have exactly match and keep "
+                f"(has {', '.join(sorted(rule)) or 'nothing'})"
+            )
+        pattern = _typed(rule["match"], str, f"{what} match", src)
+        count = _count(rule["keep"], f"{what} keep", src)
+        try:
+            parsed.append(KeepRule(pattern, count))
+        except PolicyError as e:
+            raise ConfigError(f"{src}: {what}: {e}") from None
+    return RetentionPolicy(keep, tuple(parsed))
 
 
 def _mirror(name: str, table: Any, src: str) -> MirrorConfig:
@@ -267,6 +307,8 @@ def _validate(
         if grace < 0:
             raise ConfigError(f"{src('prune')}: prune.grace_period must not be negative")
         values["prune_grace"] = grace
+    if "retention" in doc:
+        values["retention"] = _retention(doc["retention"], src("retention"))
     if "deltas" in doc:
         values["deltas"] = _deltas(doc["deltas"], src("deltas"))
     mirrors = doc.get("mirrors", {})
