@@ -47,10 +47,10 @@ from . import settings as settings_module
 from .config import DEFAULT_HTPASSWD, ConfigError
 from .multipart import MultipartError, MultipartReader, Part, boundary_from_content_type
 from .upload_auth import Credentials, CredentialsUnavailable, challenge
-from .upload_body import BodyReader, StallGuard, raw_body
+from .upload_body import READ_PIECE, BodyReader, StallGuard, raw_body
 from .upload_errors import HTTPError, clip, quote
 from .upload_paths import check_file_path, check_version_path
-from .upload_sink import CHUNK_SIZE, ReadInto
+from .upload_sink import ReadInto
 from .upload_store import MAX_OVERRIDES_SIZE, Store, Stored
 
 log = logging.getLogger(__name__)
@@ -299,7 +299,7 @@ class UploadApp:
         except MultipartError as e:
             status = 415 if not content_type.lower().startswith("multipart/") else 400
             raise HTTPError(status, clip(str(e))) from None
-        reader = MultipartReader(body.read, boundary, CHUNK_SIZE)
+        reader = MultipartReader(body.read, boundary, READ_PIECE, readinto=body.readinto)
         stored: list[Stored] = []
         failed: list[dict[str, Any]] = []
         failures = 0
@@ -382,25 +382,16 @@ def _require_length(body: BodyReader) -> None:
 
 def _part_reader(part: Part) -> ReadInto:
     """Fills a buffer with the part's next bytes."""
-    pending = memoryview(b"")
 
     def readinto(buf: bytearray) -> int:
-        nonlocal pending
+        view = memoryview(buf)
         total = 0
-        while total < len(buf):
-            if not pending:
-                try:
-                    data = part.read()
-                except MultipartError as e:
-                    msg = f"malformed multipart body: {clip(str(e))}"
-                    raise HTTPError(400, msg, fatal=True) from None
-                if not data:
-                    break
-                pending = memoryview(data)
-            n = min(len(pending), len(buf) - total)
-            buf[total : total + n] = pending[:n]
-            pending = pending[n:]
-            total += n
+        try:
+            while total < len(view) and (n := part.readinto(view[total:])):
+                total += n
+        except MultipartError as e:
+            msg = f"malformed multipart body: {clip(str(e))}"
+            raise HTTPError(400, msg, fatal=True) from None
         return total
 
     return readinto
