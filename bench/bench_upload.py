@@ -81,7 +81,7 @@ from common import (
     write_random,
 )
 
-from lxd_image_server.nginx import NginxSettings
+from lxd_image_server.nginx import SiteSettings
 
 TARGET = 0.85
 USER = "bench"
@@ -432,7 +432,7 @@ def servers(exe: str, work: Path) -> Iterator[Servers]:
                 port=dav_port,
                 htpasswd=htpasswd,
                 user=f"user {user};" if user else "",
-                body_timeout=NginxSettings.body_timeout,
+                body_timeout=SiteSettings.body_timeout,
             )
         )
         with open(dav_log, "ab") as out:
