@@ -114,7 +114,9 @@ class RawBody:
             return n
         if self.remaining <= 0:
             return 0
-        n = self._sock.recv_into(buf, min(len(buf), self.remaining))
+        # MSG_WAITALL: one call (and one wake-up of this thread) per buffer, not per piece
+        # the proxy wrote; it returns early at the end of the body or on shutdown (a stall)
+        n = self._sock.recv_into(buf, min(len(buf), self.remaining), socket.MSG_WAITALL)
         self.remaining -= n
         return n
 
