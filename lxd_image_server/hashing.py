@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from .handover import Key, Records, record_name
 from .layout import Role
 from .scan import FileStat, ScannedVersion, open_below
 
@@ -130,6 +131,38 @@ class HashCache:
             [(m.path, r.path, _ident(m), _ident(r), d) for m, r, d in combined],
         )
 
+    def adopt(
+        self, records: Records, versions: Iterable[ScannedVersion], prune: bool = False
+    ) -> None:
+        """Takes the digests the upload app recorded for files of `versions` (handover.py):
+        each is used only if it names the file's current identity. `prune`: `versions` is
+        the whole tree; records matching none of its files are removed once stale."""
+        waiting = records.names()
+        if not waiting:
+            return
+        files: list[tuple[FileStat, str]] = []
+        combined: list[tuple[FileStat, FileStat, str]] = []
+        for v in versions:
+            metas = {f.name: f for f in v.files.values() if f.role.role is Role.META}
+            for f in v.files.values():
+                key = _key(f)
+                if record_name(key) not in waiting:
+                    continue
+                waiting.discard(record_name(key))
+                rec = records.take(key)
+                if rec is None:
+                    continue
+                log.debug("sha256 of %s taken from its upload, not read again", f.path)
+                files.append((f, rec.sha256))
+                for c in rec.combined:
+                    m = metas.get(c.meta)
+                    if m is not None and _key(m) == c.meta_key:
+                        combined.append((m, f, c.sha256))
+        if files:
+            self.put_many(files, combined)
+        if prune and waiting:
+            records.prune(waiting)
+
     def forget_except(self, keep_paths: set[str]) -> None:
         """Drops entries of files no longer in the tree (after a full scan)."""
         if self._db is None:
@@ -147,6 +180,10 @@ class HashCache:
                 )
         except sqlite3.Error as e:
             log.warning("hash cache cleanup failed (%s)", e)
+
+
+def _key(f: FileStat) -> Key:
+    return (f.dev, f.inode, f.size, f.mtime_ns, f.ctime_ns)
 
 
 def _ident(f: FileStat) -> str:
@@ -168,6 +205,7 @@ def hash_file(f: FileStat, sinks: Sequence[Hasher], progress: Progress = _no_pro
     the regular file scanned: same device, inode, size, mtime and ctime (by fstat of the open
     descriptor). Raises FileChanged otherwise, or if it changes while being read.
     """
+    log.debug("reading %s to hash it (%d bytes)", f.path, f.size)
     try:
         fd = open_below(f.base, f.rel)
     except OSError as e:

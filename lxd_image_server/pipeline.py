@@ -24,9 +24,11 @@ import os
 from collections.abc import Callable, Iterable, Set
 from dataclasses import dataclass, replace
 
+from . import handover
 from .catalog import Products, build_products
 from .config import Paths
 from .deltawork import DeltaService
+from .handover import Records
 from .hashing import Digests, HashCache, HashEngine, Progress
 from .hashjobs import DEFAULT_JOBS, HashJobs, Identity, Known, hash_version, identity
 from .layout import Role
@@ -68,6 +70,8 @@ class Pipeline:
         self.paths = paths
         self.hasher = HashEngine(cache)
         self.scanner = Scanner(paths.img_dir, exclude)
+        #: digests the upload app computed (handover.py)
+        self.records = Records(os.path.join(paths.state_dir, handover.DIR_NAME))
         self.progress_start = progress_start
         #: version directory (relative to images/) -> what was found there
         self.versions: dict[str, ScannedVersion] = {}
@@ -104,6 +108,7 @@ class Pipeline:
         catalog changed."""
         before = self._catalog_state()
         found = self.scanner.scan()
+        self.cache.adopt(self.records, found, prune=True)
         digests = self.hasher.digest(found, rehash, self.progress_start)
         self.versions = {v.key.relpath: v for v in found}
         self._ready = {v.key.relpath: _Ready(identity(v), digests) for v in found}
@@ -154,7 +159,9 @@ class Pipeline:
             del self.versions[rel]
             self._ready.pop(rel, None)
         submitted = set()
-        for v in self.scanner.scan(prefix):
+        found = self.scanner.scan(prefix)
+        self.cache.adopt(self.records, found)
+        for v in found:
             self.versions[v.key.relpath] = v
             if self._schedule(v):
                 submitted.add(v.key.relpath)

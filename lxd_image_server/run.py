@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 
-from . import htpasswd, nginx, tls
+from . import handover, htpasswd, nginx, tls
 from .config import Paths, ServiceError
 from .fsutil import can_traverse
 from .initialize import InitReport, client_instructions, ensure_credentials, ensure_tree
@@ -36,6 +36,7 @@ STOP_TIMEOUT = 10.0
 WORKER_USER = "www-data"
 #: How `run` tells the upload app where the credentials are (unset: anonymous uploads)
 HTPASSWD_ENV = "LXD_IMAGE_SERVER_HTPASSWD"
+DIGEST_DIR_ENV = "LXD_IMAGE_SERVER_DIGEST_DIR"
 #: ... and that uploads need none (only with --allow-anonymous-uploads)
 ANONYMOUS_ENV = "ALLOW_ANONYMOUS_UPLOADS"
 
@@ -137,7 +138,7 @@ def prepare(opts: RunOptions) -> Prepared:
         raise RunError("--private needs credentials: it cannot go with --allow-anonymous-uploads")
     report = InitReport()
     ensure_tree(opts.paths, report)
-    for d in (opts.run_dir, opts.nginx_dir):
+    for d in (opts.run_dir, opts.nginx_dir, digest_dir(opts)):
         os.makedirs(d, exist_ok=True)
     htpasswd_path = None
     if not opts.allow_anonymous_uploads:
@@ -297,6 +298,11 @@ class Supervisor:
                 p.wait()
 
 
+def digest_dir(opts: RunOptions) -> str:
+    """Where the upload app hands its digests to the watcher (handover.py)."""
+    return os.path.join(opts.paths.state_dir, handover.DIR_NAME)
+
+
 def upload_env(
     opts: RunOptions, htpasswd_path: str | None, base: dict[str, str] | None = None
 ) -> dict[str, str]:
@@ -307,6 +313,7 @@ def upload_env(
     env = dict(os.environ if base is None else base)
     s = opts.settings
     env["LXD_IMAGE_SERVER_IMG_DIR"] = opts.paths.img_dir
+    env[DIGEST_DIR_ENV] = digest_dir(opts)
     if htpasswd_path:
         env[HTPASSWD_ENV] = os.path.abspath(htpasswd_path)
         env.pop(ANONYMOUS_ENV, None)
