@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 
 #: The records' directory inside the state directory.
 DIR_NAME = "upload-digests"
+#: The environment variable that tells the upload app another directory (`run` sets it).
+DIR_ENV = "LXD_IMAGE_SERVER_DIGEST_DIR"
 #: Bytes of one record, at most (a real one has a few hundred).
 MAX_RECORD = 4096
 MAX_DEPTH = 4

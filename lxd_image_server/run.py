@@ -36,7 +36,7 @@ STOP_TIMEOUT = 10.0
 WORKER_USER = "www-data"
 #: How `run` tells the upload app where the credentials are (unset: anonymous uploads)
 HTPASSWD_ENV = "LXD_IMAGE_SERVER_HTPASSWD"
-DIGEST_DIR_ENV = "LXD_IMAGE_SERVER_DIGEST_DIR"
+DIGEST_DIR_ENV = handover.DIR_ENV
 #: ... and that uploads need none (only with --allow-anonymous-uploads)
 ANONYMOUS_ENV = "ALLOW_ANONYMOUS_UPLOADS"
 

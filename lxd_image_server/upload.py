@@ -68,7 +68,7 @@ __all__ = [
 
 DEFAULT_IMG_DIR = "/var/www/simplestreams/images"
 DEFAULT_READ_TIMEOUT = 60.0
-DIGEST_DIR_ENV = "LXD_IMAGE_SERVER_DIGEST_DIR"
+DIGEST_DIR_ENV = handover.DIR_ENV
 #: Parts of one multipart body, at most (any field counts); the rest is refused (413).
 MAX_PARTS = 256
 #: Failed parts listed in an answer, at most; the rest are only counted.
