@@ -56,11 +56,11 @@ unit: venv
 integration: deps venv
 	$(PYTEST) tests/integration
 
-# The unit tests again with Debian 12's own python3-click, python3-openssl and cryptography.
+# The unit tests again with Debian's own python3-click, python3-cryptography and python3-yaml.
 compat: deps
 	$(PYTHON) -m venv --system-site-packages .venv-debian
 	.venv-debian/bin/pip install --quiet --no-deps -e . inotify_simple==1.3.5
-	.venv-debian/bin/python -c 'import click, OpenSSL; print("debian libs: click", click.__version__, "pyOpenSSL", OpenSSL.__version__)'
+	.venv-debian/bin/python -c 'import click, cryptography, yaml; print("debian libs: click", click.__version__, "cryptography", cryptography.__version__, "yaml", yaml.__version__)'
 	.venv-debian/bin/python -m pytest -p no:cacheprovider -o addopts="-W error::DeprecationWarning" tests/unit tests/integration/test_watch.py tests/integration/test_init.py
 
 test: deps venv lint unit integration compat system-tests container-test

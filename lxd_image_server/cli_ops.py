@@ -380,6 +380,3 @@ def remove_cmd(
         g, paths, lambda p: retention.remove(p, product, serial, grace, dry_run=dry_run)
     )
     _report(outcome, dry_run, "nothing to remove")
-
-
-COMMANDS = (import_cmd, push_cmd, list_cmd, verify_cmd, prune_cmd, remove_cmd)

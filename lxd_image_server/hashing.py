@@ -25,7 +25,6 @@ log = logging.getLogger(__name__)
 
 CHUNK = 1 << 20
 Progress = Callable[[int], None]
-Identity = tuple[str, int, int, int, int, int]
 
 
 class Hasher(Protocol):

@@ -78,8 +78,6 @@ ARCH_NAMES = {
 
 META_NAME = "lxd.tar.xz"
 ROOT_NAMES = {"squashfs": "rootfs.squashfs", "tarball": "root.tar.xz", "qcow2": "disk.qcow2"}
-#: root kind -> the catalog ftype (for the combined fingerprint)
-ROOT_FTYPES = {"squashfs": "squashfs", "tarball": "root.tar.xz", "qcow2": "disk-kvm.img"}
 
 _FP = r"([0-9a-f]{64})"
 _META_EXPORT_RE = re.compile(rf"meta-{_FP}\.[a-z0-9.]+", re.ASCII)

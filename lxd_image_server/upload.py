@@ -58,7 +58,6 @@ from .upload_store import (
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "DEFAULT_IMG_DIR",
     "MAX_OVERRIDES_SIZE",
     "HTTPError",
     "UploadApp",
@@ -68,7 +67,6 @@ __all__ = [
     "settings_from_env",
 ]
 
-DEFAULT_IMG_DIR = "/var/www/simplestreams/images"
 DEFAULT_READ_TIMEOUT = 60.0
 #: Parts of one multipart body, at most (any field counts); the rest is refused (413).
 MAX_PARTS = 256

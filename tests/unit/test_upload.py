@@ -22,7 +22,6 @@ from wsgiref.util import setup_testing_defaults
 import pytest
 
 from lxd_image_server.upload import (
-    DEFAULT_IMG_DIR,
     MAX_OVERRIDES_SIZE,
     UploadSettings,
     app_from_env,
@@ -797,7 +796,12 @@ def test_full_disk_post(small_disk: Tree) -> None:
 def test_settings_from_env() -> None:
     s = settings_from_env({})
     assert s == UploadSettings(
-        DEFAULT_IMG_DIR, False, False, None, False, "/etc/lxd-image-server/htpasswd"
+        "/var/www/simplestreams/images",
+        False,
+        False,
+        None,
+        False,
+        "/etc/lxd-image-server/htpasswd",
     )
     s = settings_from_env(
         {
