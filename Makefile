@@ -49,6 +49,7 @@ lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy lxd_image_server
+	$(PYTEST) -q -p no:cacheprovider tests/lint
 
 unit: venv
 	$(PYTEST) tests/unit

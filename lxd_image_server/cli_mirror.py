@@ -13,7 +13,7 @@ from typing import IO, TYPE_CHECKING
 import click
 
 if TYPE_CHECKING:
-    from .cli import Globals
+    from .cli_common import Globals
 
 #: mirror.DEFAULT_PUSH_USER (mirror.py is imported only when a mirror command runs)
 DEFAULT_PUSH_USER = "lxdmirror"

@@ -14,14 +14,13 @@ import pytest
 from lxd_image_server.config import Paths
 from lxd_image_server.hashing import HashCache
 from lxd_image_server.pipeline import Pipeline
+from lxd_image_server.pruning import prune, remove
 from lxd_image_server.retention import (
     PendingVersions,
     RetentionError,
     delete_expired,
     load,
     parse_product,
-    prune,
-    remove,
     select_prunable,
     state_path,
     unschedule,
