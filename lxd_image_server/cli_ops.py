@@ -19,14 +19,14 @@ import click
 from . import importer, listing, pruning, pushclient, retention
 from .cli_common import Globals, handle_errors, retention_of, tree_options, tree_paths
 from .config import Paths
-from .hashing import HashCache, Progress
+from .hashing import HashCache
 from .pipeline import Pipeline
-from .progress import TerminalProgress, for_terminal
+from .progress import ProgressStart, TerminalProgress, for_terminal
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def _terminal_progress(label: str) -> Callable[[int], Progress] | None:
+def _terminal_progress(label: str) -> ProgressStart | None:
     return TerminalProgress(sys.stderr, label) if sys.stderr.isatty() else None
 
 

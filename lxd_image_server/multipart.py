@@ -18,7 +18,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from urllib.parse import unquote
 
-DEFAULT_CHUNK_SIZE = 1 << 20
+from .fsutil import CHUNK_SIZE
+
 #: Upper bound of one part's header block (browsers and curl send a few hundred bytes).
 MAX_HEADER_BYTES = 16 * 1024
 _MAX_BOUNDARY = 70  # RFC 2046 5.1.1
@@ -160,7 +161,7 @@ class MultipartReader:
         self,
         read: Callable[[int], bytes],
         boundary: bytes,
-        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        chunk_size: int = CHUNK_SIZE,
     ) -> None:
         if not 1 <= len(boundary) <= _MAX_BOUNDARY:
             raise MultipartError("the multipart boundary must be 1 to 70 bytes long")

@@ -43,13 +43,13 @@ from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
 from . import logs
 from . import settings as settings_module
 from .config import DEFAULT_HTPASSWD, ConfigError
+from .fsutil import CHUNK_SIZE
 from .multipart import MultipartError, MultipartReader, Part, boundary_from_content_type
 from .upload_auth import Credentials, CredentialsUnavailable, challenge
 from .upload_body import BodyReader, StallGuard
 from .upload_errors import HTTPError, clip, quote
 from .upload_paths import check_file_path, check_version_path
 from .upload_store import (
-    CHUNK_SIZE,
     MAX_OVERRIDES_SIZE,
     Store,
     Stored,

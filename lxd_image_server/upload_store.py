@@ -32,7 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .fsutil import load_json_bounded, open_dir
+from .fsutil import CHUNK_SIZE, load_json_bounded, open_dir
 from .layout import OVERRIDES_NAME, VersionKey
 from .overrides import parse_overrides
 from .upload_errors import HTTPError, clip
@@ -48,7 +48,6 @@ MAX_OVERRIDES_DEPTH = 8
 MAX_ALTERNATES = 1000
 #: Chunks received but not yet written and hashed, at most.
 SINK_DEPTH = 2
-CHUNK_SIZE = 1 << 20
 _TEMP_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 _NO_LINKS = (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EXDEV, errno.EMLINK, errno.ENOSYS)

@@ -2,7 +2,8 @@ import os
 
 import pytest
 
-from lxd_image_server.hashing import CHUNK, FileChanged, HashCache, HashEngine, hash_file
+from lxd_image_server.fsutil import CHUNK_SIZE as CHUNK
+from lxd_image_server.hashing import FileChanged, HashCache, HashEngine, hash_file
 from lxd_image_server.scan import Scanner
 
 from .helpers import blob, digest_once, sha, version_dir, write
