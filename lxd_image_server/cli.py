@@ -22,6 +22,7 @@ from .config import (
     DEFAULT_UPLOAD_SOCKET,
     ConfigError,
     Paths,
+    StateDir,
 )
 from .hashing import HashCache
 from .pipeline import Pipeline
@@ -241,7 +242,7 @@ def watch(
 
 
 def pid_file(paths: Paths) -> str:
-    return os.path.join(paths.state_dir, "watch.pid")
+    return paths.state.watch_pid
 
 
 @main.command()
@@ -255,7 +256,7 @@ def reload(g: Globals) -> None:
     from .watch import signal_watcher
 
     try:
-        pid = signal_watcher(os.path.join(g.state, "watch.pid"))
+        pid = signal_watcher(StateDir(g.state).watch_pid)
     except ProcessLookupError as e:
         raise click.ClickException(str(e)) from e
     click.echo(f"asked the watcher (pid {pid}) to reload")

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .catalog import Products, serial_sort_key
-from .config import Paths
+from .config import Paths, StateDir
 from .fsutil import TooLarge, load_json_bounded, open_dir, read_regular
 from .layout import VERSION_DEPTH, LayoutError, check_component, parse_version_dir, valid_serial
 from .publish import write_atomic
@@ -45,11 +45,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-STATE_NAME = "pruned.json"
 #: pruned.json holds one short entry per pruned version
 MAX_STATE_BYTES = 64 << 20
 MAX_STATE_DEPTH = 8
-LOCK_NAME = ".pruned.lock"
 FORMAT = 1
 
 
@@ -103,7 +101,7 @@ def utc_text(seconds: float) -> str:
 
 
 def state_path(state_dir: str) -> str:
-    return os.path.join(state_dir, STATE_NAME)
+    return StateDir(state_dir).pruned
 
 
 def _parse(data: bytes, where: str) -> list[Pending]:
@@ -141,7 +139,7 @@ def save(state_dir: str, entries: Iterable[Pending]) -> None:
 def state_lock(state_dir: str) -> Iterator[None]:
     """Serializes changes to pruned.json (readers need no lock: writes are atomic)."""
     os.makedirs(state_dir, exist_ok=True)
-    fd = os.open(os.path.join(state_dir, LOCK_NAME), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    fd = os.open(StateDir(state_dir).pruned_lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield

@@ -572,9 +572,13 @@ def test_merge_authorized_keys_is_idempotent_and_updates_options():
 
 
 def test_push_user_default_is_the_same_everywhere():
-    from lxd_image_server.cli_mirror import DEFAULT_PUSH_USER
+    from lxd_image_server.cli_mirror import authorize_command
 
-    assert DEFAULT_PUSH_USER == mirror_module.DEFAULT_PUSH_USER == MirrorConfig("n", "h").user
+    option = next(p for p in authorize_command.params if p.name == "user")
+    # the name the README and the man page give
+    assert option.default == "lxdmirror"
+    assert mirror_module.AuthorizeReport().user == option.default
+    assert MirrorConfig("n", "h").user == option.default
 
 
 def test_authorize_refuses_bad_user_names_before_changing_anything():
