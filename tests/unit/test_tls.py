@@ -1,4 +1,5 @@
 import datetime as dt
+import hashlib
 import ipaddress
 import os
 import shutil
@@ -307,14 +308,10 @@ def test_a_single_string_is_not_a_list_of_names(tmp_path):
 
 def test_describe(made):
     text = describe(made.cert_path)
-    out = subprocess.run(
-        [need("openssl"), "x509", "-in", made.cert_path, "-noout", "-fingerprint", "-sha256"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    fingerprint = out.strip().split("=", 1)[1]
-    assert f"sha256:      {fingerprint}" in text
+    with open(made.cert_path, encoding="ascii") as f:
+        der = ssl.PEM_cert_to_DER_cert(f.read())
+    fingerprint = hashlib.sha256(der).hexdigest().upper()
+    assert f"sha256:      {':'.join(fingerprint[i : i + 2] for i in range(0, 64, 2))}" in text
     assert "CN=images.example.org" in text
     assert "self-signed" in text
     assert "images.example.org, 10.1.2.3, 2001:db8::5" in text
@@ -324,34 +321,6 @@ def test_describe(made):
 def test_describe_missing_file(tmp_path):
     with pytest.raises(TLSError, match="cannot read"):
         describe(str(tmp_path / "nope.crt"))
-
-
-@pytest.mark.parametrize(
-    "check", [["-verify_hostname", "images.example.org"], ["-verify_ip", "10.1.2.3"]]
-)
-def test_openssl_verifies_it_as_a_trust_anchor(made, check):
-    result = subprocess.run(
-        [
-            *(need("openssl"), "verify", "-x509_strict", "-purpose", "sslserver"),
-            *("-CAfile", made.cert_path, *check, made.cert_path),
-        ],
-        capture_output=True,
-        text=True,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.strip().endswith(": OK")
-
-
-def test_openssl_rejects_a_name_not_in_it(made):
-    result = subprocess.run(
-        [
-            *(need("openssl"), "verify", "-CAfile", made.cert_path),
-            *("-verify_hostname", "elsewhere.example", made.cert_path),
-        ],
-        capture_output=True,
-        text=True,
-    )
-    assert result.returncode != 0
 
 
 def handshake(result: CertResult, server_hostname: str) -> str:
