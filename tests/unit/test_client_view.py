@@ -119,9 +119,25 @@ def test_both_clients_see_the_same_fingerprints(published):
     assert len(set(lxd)) == 4
 
 
-def test_each_client_ignores_the_other_items(published):
+#: The items each client reads a version's metadata (or unified tarball) from, by client.
+TWIN_FTYPES = [
+    {"lxd": "lxd.tar.xz", "incus": "incus.tar.xz"},
+    {"lxd": "lxd_combined.tar.gz", "incus": "incus_combined.tar.gz"},
+]
+
+
+def test_each_client_gets_its_own_identical_copy_of_every_metadata_item(published):
+    """Each client reads only the items of its own ftypes, so every metadata and unified item
+    is listed once per client: the same file, size, hashes and combined fingerprints."""
     _, doc = published
-    for image in client_images(doc, "incus"):
-        assert not any(f["ftype"].startswith("lxd") for f in image["files"])
-    for image in client_images(doc, "lxd"):
-        assert not any(f["ftype"].startswith("incus") for f in image["files"])
+    twins = 0
+    for product in doc["products"].values():
+        for version in product["versions"].values():
+            items = list(version["items"].values())
+            for ftypes in TWIN_FTYPES:
+                mine = {c: [i for i in items if i["ftype"] == f] for c, f in ftypes.items()}
+                assert len(mine["lxd"]) == len(mine["incus"]) <= 1, mine
+                for lxd, incus in zip(mine["lxd"], mine["incus"], strict=True):
+                    assert {**lxd, "ftype": None} == {**incus, "ftype": None}
+                    twins += 1
+    assert twins == 3  # one per version of the fixture
