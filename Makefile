@@ -10,11 +10,12 @@ RUN_DIR ?= $(CURDIR)/var
 
 RUN_PACKAGES := nginx-light python3-venv openssl
 
-.PHONY: help deps run-deps venv lint unit integration compat test bench run clean
+.PHONY: help deps run-deps venv lint unit check integration compat test bench run clean
 
 help:
 	@echo "make run    - the whole server in the foreground on https://127.0.0.1:8443 ($(RUN_DIR))"
 	@echo "make test   - install what is needed, lint, run every test"
+	@echo "make check  - lint and the unit tests only: quick, and needs no root"
 	@echo "make bench  - benchmarks (ratios against a baseline measured in the same run)"
 	@echo "make deb    - the Debian package and a flat apt repository in dist/"
 	@echo "make system-test SUITE=bookworm|trixie - install the .deb in a booted Debian 12 or 13"
@@ -48,11 +49,15 @@ venv: $(BIN)/.stamp
 lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy lxd_image_server
+	$(BIN)/mypy lxd_image_server tests bench
 	$(PYTEST) -q -p no:cacheprovider tests/lint
 
 unit: venv
 	$(PYTEST) tests/unit
+
+# The quick tier: lint and the unit tests. No root, no servers, no network: any user, any
+# Debian machine with python3-venv.
+check: lint unit
 
 integration: deps venv
 	$(PYTEST) tests/integration

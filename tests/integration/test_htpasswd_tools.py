@@ -31,13 +31,13 @@ pytestmark = pytest.mark.filterwarnings("error")
 OPENSSL_PASSWORDS = [p for p in PASSWORDS if p]
 
 
-def need(tool):
+def need(tool: str) -> str:
     path = shutil.which(tool)
     assert path, f"{tool} is required for this test (Debian: apt-get install {tool})"
     return path
 
 
-def openssl_passwd(*args):
+def openssl_passwd(*args: str) -> str:
     return subprocess.run(
         [need("openssl"), "passwd", *args], capture_output=True, text=True, check=True
     ).stdout.strip()
@@ -101,7 +101,7 @@ http {{
 """
 
 
-def http_status(sock_path, user=None, password=None):
+def http_status(sock_path: str, user: str | None = None, password: str | None = None) -> int:
     request = "GET / HTTP/1.0\r\nHost: localhost\r\n"
     if user is not None:
         token = base64.b64encode(f"{user}:{password}".encode()).decode()

@@ -65,7 +65,7 @@ def test_update_writes_the_page_without_write_access_to_the_root() -> None:
         os.chmod(base, 0o755)
         os.chmod(root, 0o755)
         cli = Path(sys.executable).parent / "lxd-image-server"
-        cmd = [cli, "--state-dir", base / "state", "--log-file", "STDERR"]
+        cmd: list[str | Path] = [cli, "--state-dir", base / "state", "--log-file", "STDERR"]
         proc = subprocess.run(
             [*cmd, "update", "--root-dir", root],
             user=NOBODY,

@@ -9,6 +9,8 @@ the fingerprint comes from the metadata item's combined_* field. Each image's fi
 
 import hashlib
 import json
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -27,10 +29,10 @@ FINGERPRINT_FIELD = {
 KNOWN_ARCHES = {"amd64", "x86_64", "arm64", "aarch64"}
 
 
-def client_images(images_json, client):
+def client_images(images_json: dict[str, Any], client: str) -> list[dict[str, Any]]:
     meta_ftype = f"{client}.tar.xz"
     unified_ftype = f"{client}_combined.tar.gz"
-    out = []
+    out: list[dict[str, Any]] = []
     for product in images_json["products"].values():
         if product["arch"] not in KNOWN_ARCHES:
             continue
@@ -65,7 +67,7 @@ def client_images(images_json, client):
     return out
 
 
-def download_and_verify(root, image):
+def download_and_verify(root: Path, image: dict[str, Any]) -> None:
     combined = hashlib.sha256()
     for item in image["files"]:
         data = (root / item["path"]).read_bytes()

@@ -113,7 +113,7 @@ def test_empty_salt():
     assert libcrypt().crypt(b"foo", b"$6$$") == expected.encode()
 
 
-def libcrypt():
+def libcrypt() -> ctypes.CDLL:
     name = ctypes.util.find_library("crypt")
     assert name, "libcrypt is required for this test (Debian: apt-get install libcrypt1)"
     lib = ctypes.CDLL(name)
@@ -212,11 +212,11 @@ def test_validate_user_rejects(name, why):
         validate_user(name)
 
 
-def mode(path):
+def mode(path: str | os.PathLike[str]) -> int:
     return stat.S_IMODE(os.stat(path).st_mode)
 
 
-def dotfiles(directory):
+def dotfiles(directory: str | os.PathLike[str]) -> list[str]:
     return [n for n in os.listdir(directory) if n.startswith(".")]
 
 

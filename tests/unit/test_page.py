@@ -68,7 +68,9 @@ def unified_items() -> dict[str, Any]:
     }
 
 
-def product(os_: str, release: str, arch: str, variant: str, aliases: str, versions: dict) -> dict:
+def product(
+    os_: str, release: str, arch: str, variant: str, aliases: str, versions: dict[str, Any]
+) -> dict[str, Any]:
     return {
         "os": os_,
         "release": release,

@@ -5,6 +5,8 @@ import multiprocessing
 import os
 import stat
 import time
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -26,7 +28,7 @@ T1 = dt.datetime(2024, 1, 1, 12, 0, tzinfo=dt.UTC)
 T2 = dt.datetime(2024, 1, 2, 12, 0, tzinfo=dt.UTC)
 
 
-def read(streams, name):
+def read(streams: Path, name: str) -> Any:
     return json.loads((streams / name).read_bytes())
 
 

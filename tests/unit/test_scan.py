@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from lxd_image_server.catalog import build_products
-from lxd_image_server.hashing import HashCache, HashEngine
+from lxd_image_server.catalog import Products, build_products
+from lxd_image_server.hashing import Digests, HashCache, HashEngine
 from lxd_image_server.retention import select_prunable
 from lxd_image_server.scan import Scanner
 
@@ -33,7 +33,7 @@ def complete(d: Path, meta: bytes = META, root: bytes = ROOT) -> Path:
     return d
 
 
-def catalog(root: Path) -> dict:
+def catalog(root: Path) -> Products:
     versions = Scanner(root / "images").scan()
     digests = HashEngine(HashCache(None)).digest(versions)
     return build_products(versions, digests, str(root))
@@ -81,7 +81,7 @@ def test_fifo_swapped_in_after_the_scan_does_not_block(tmp_path, caplog):
     fifo = d / "rootfs.squashfs"
     fifo.unlink()
     os.mkfifo(fifo)
-    result: dict[str, object] = {}
+    result: dict[str, Digests] = {}
     worker = threading.Thread(
         target=lambda: result.update(d=HashEngine(HashCache(None)).digest(versions)), daemon=True
     )
