@@ -55,8 +55,8 @@ lint: venv
 unit: venv
 	$(PYTEST) tests/unit
 
-# The quick tier: lint and the unit tests. No root, no servers, no network: any user, any
-# Debian machine with python3-venv.
+# The quick tier: lint and the unit tests. No root, no servers, no daemons: any user who can
+# write this checkout (the first `make venv` needs PyPI).
 check: lint unit
 
 integration: deps venv
