@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from .deltas import candidates
 from .hashing import Digests
 from .layout import COMBINED_FIELDS, VM_FTYPES, Role, VersionKey
 from .scan import FileStat, ScannedVersion
@@ -133,13 +134,52 @@ def _dedupe(values: Iterable[str]) -> list[str]:
     return list(dict.fromkeys(values))
 
 
-def build_products(versions: Iterable[ScannedVersion], digests: Digests, root_dir: str) -> Products:
-    """All products of the tree, keyed os:release:arch:variant (from the path)."""
+def delta_item_key(ftype: str, base_serial: str) -> str:
+    return f"{ftype}-{base_serial}"
+
+
+def _add_deltas(
+    grouped: dict[str, list[tuple[ScannedVersion, BuiltVersion]]],
+    digests: Digests,
+    root_dir: str,
+    deltas: frozenset[str],
+) -> None:
+    """Adds to each version the items of its deltas in `deltas` (checked: deltas.py) whose
+    base is a published version of the same product with a root of the delta's kind."""
+    built = {v.path: b for group in grouped.values() for v, b in group}
+    every = [v for group in grouped.values() for v, _ in group]
+    for c in candidates(every):
+        f = c.delta
+        if f.path not in deltas or f.path not in digests.files or f.path in digests.failed:
+            continue
+        items, base_items = built[c.version.path].items, built[c.base.path].items
+        # the roots listed must be the very files the delta was checked against
+        if items.get(c.root_ftype, {}).get("path") != os.path.relpath(
+            c.target_root.path, root_dir
+        ) or base_items.get(c.root_ftype, {}).get("path") != os.path.relpath(
+            c.base_root.path, root_dir
+        ):
+            continue
+        item = _item(f, f.role.ftype, digests.files[f.path], root_dir)
+        item["delta_base"] = c.base.key.serial
+        items[delta_item_key(f.role.ftype, c.base.key.serial)] = item
+
+
+def build_products(
+    versions: Iterable[ScannedVersion],
+    digests: Digests,
+    root_dir: str,
+    deltas: frozenset[str] = frozenset(),
+) -> Products:
+    """All products of the tree, keyed os:release:arch:variant (from the path). `deltas`:
+    the delta files that may be listed (checked against their base, deltas.py)."""
     grouped: dict[str, list[tuple[ScannedVersion, BuiltVersion]]] = defaultdict(list)
     for v in versions:
         built = build_version(v, digests, root_dir)
         if built is not None:
             grouped[v.key.product].append((v, built))
+    if deltas:
+        _add_deltas(grouped, digests, root_dir, deltas)
 
     products: Products = {}
     types: dict[str, frozenset[str]] = {}

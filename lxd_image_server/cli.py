@@ -24,6 +24,7 @@ from .config import (
     Paths,
     StateDir,
 )
+from .deltawork import BACKGROUND, FOREGROUND, DeltaConfig, DeltaService
 from .hashing import HashCache
 from .pipeline import Pipeline
 from .progress import for_terminal
@@ -161,10 +162,18 @@ def update(
     expire()
     cache = HashCache(paths.cache_path)
     try:
+        deltas = DeltaService(paths.img_dir, paths.state_dir, delta_config(g.settings), FOREGROUND)
         pipeline = Pipeline(
-            paths, cache, progress_start=for_terminal(), retention=retention_of(g.settings)
+            paths,
+            cache,
+            progress_start=for_terminal(),
+            retention=retention_of(g.settings),
+            deltas=deltas,
         )
         changed = pipeline.update_all(rehash=rehash)
+        # the deltas still missing, made (and checked) now, then published too
+        if deltas.run_pending():
+            changed = pipeline.update_all() or changed
     finally:
         cache.close()
     expire()  # with no grace period, what [retention] took out just now
@@ -216,16 +225,19 @@ def watch(
     paths = tree_paths(g, root_dir, img_dir, streams_dir)
     mirrors = Mirrors(paths)
 
+    deltas = DeltaService(paths.img_dir, paths.state_dir, delta_config(g.settings), BACKGROUND)
+
     def reload_settings() -> None:
         g.settings = settings_module.load(g.config)  # ConfigError: the watcher keeps the old
         apply_logging(g)
         log.info("configuration reloaded (%s)", ", ".join(g.settings.sources) or "defaults")
         mirrors.configure(g.settings.mirrors)
         pipeline.retention = retention_of(g.settings)
+        deltas.configure(delta_config(g.settings))
 
     cache = HashCache(paths.cache_path)
     try:
-        pipeline = Pipeline(paths, cache, retention=retention_of(g.settings))
+        pipeline = Pipeline(paths, cache, retention=retention_of(g.settings), deltas=deltas)
         pipeline.on_publish.append(mirrors.request)
         mirrors.configure(g.settings.mirrors)
         watcher = Watcher(
@@ -239,6 +251,11 @@ def watch(
     finally:
         mirrors.stop()
         cache.close()
+
+
+def delta_config(settings: Settings) -> DeltaConfig:
+    d = settings.deltas
+    return DeltaConfig(d.enabled, d.bases, d.max_ratio, float(d.timeout))
 
 
 def pid_file(paths: Paths) -> str:

@@ -53,6 +53,15 @@ class StateDir:
         return self._in(".pruned.lock")
 
     @property
+    def deltas(self) -> str:
+        """The deltas made or refused, and why (deltas.py)."""
+        return self._in("deltas.json")
+
+    @property
+    def deltas_lock(self) -> str:
+        return self._in(".deltas.lock")
+
+    @property
     def mirror_state(self) -> str:
         """Each mirror's last push, for `mirror status` (mirror.py)."""
         return self._in("mirrors.json")

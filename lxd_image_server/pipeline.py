@@ -22,10 +22,11 @@ import functools
 import logging
 import os
 from collections.abc import Callable, Iterable, Set
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .catalog import Products, build_products
 from .config import Paths
+from .deltawork import DeltaService
 from .hashing import Digests, HashCache, HashEngine
 from .hashjobs import DEFAULT_JOBS, HashJobs, Identity, Known, hash_version, identity
 from .layout import Role
@@ -33,7 +34,7 @@ from .page import write_page
 from .progress import Progress
 from .publish import catalog_lock, publish
 from .retention import PendingVersions, Retention
-from .scan import Exclude, ScannedVersion, Scanner
+from .scan import Exclude, FileStat, ScannedVersion, Scanner
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,7 @@ class Pipeline:
         hidden: Callable[[], Set[str]] | None = None,
         jobs: int = DEFAULT_JOBS,
         retention: Retention | None = None,
+        deltas: DeltaService | None = None,
     ) -> None:
         self.paths = paths
         self.hasher = HashEngine(cache)
@@ -84,6 +86,9 @@ class Pipeline:
         #: called from a hashing thread when a version's digests are done (`collect` them)
         self.on_hashed: Callable[[], None] | None = None
         self.jobs = HashJobs(jobs, on_done=self._hashed)
+        #: lists checked deltas; makes and checks the others after each publish (deltawork.py)
+        self.deltas = deltas or DeltaService(paths.img_dir, paths.state_dir)
+        self.deltas.on_done = self._hashed
 
     def _hashed(self) -> None:
         if self.on_hashed is not None:
@@ -126,11 +131,17 @@ class Pipeline:
             return self._publish()
 
     def collect(self) -> bool:
-        """Publishes the versions hashed in the background since; False if nothing changed."""
-        if not self._take_results():
+        """Publishes the versions hashed (and the deltas made or checked) in the background
+        since; False if nothing changed."""
+        fresh = self._take_results()
+        if not (fresh | self.deltas.take_news()):
             return False
         with catalog_lock(self.paths.state_dir):
             return self._publish()
+
+    def has_news(self) -> bool:
+        """Background work is done (hashes, deltas): `collect` would publish it."""
+        return self.jobs.has_results() or self.deltas.has_news()
 
     def hashing(self) -> int:
         """How many versions are being hashed in the background."""
@@ -161,6 +172,10 @@ class Pipeline:
         if known.complete:
             self._ready[rel] = _Ready(ident, known.digests())
             return False
+        # what the cache knows is published meanwhile when it is all but deltas (_publish)
+        self._ready[rel] = _Ready(
+            tuple(sorted(f.identity for f, _ in known.files)), known.digests()
+        )
         cached = {f.path for f, _ in known.files}
         size = sum(f.size for f in v.files.values() if f.path not in cached)
         self.jobs.submit(rel, ident, size, functools.partial(hash_version, v, known))
@@ -225,19 +240,29 @@ class Pipeline:
             ready = self._ready.get(rel)
             if v.path in hidden:
                 continue
-            if ready is None or ready.ident != identity(v):
+            if ready is None:
                 log.debug("not publishing %s yet: still hashing", v.path)
                 continue
+            if ready.ident != identity(v):
+                # a delta being hashed does not hold its version back: published without it
+                done = set(ready.ident)
+                if any(f.identity not in done for f in v.files.values() if not _is_delta(f)):
+                    log.debug("not publishing %s yet: still hashing", v.path)
+                    continue
+                v = replace(v, files={n: f for n, f in v.files.items() if f.identity in done})
             shown.append(v)
             _copy_digests(ready.digests, v, digests)
-        self.products = build_products(shown, digests, self.paths.root_dir)
+        listed = self.deltas.listable(shown)
+        self.products = build_products(shown, digests, self.paths.root_dir, listed)
         if self.retention is not None:
             # under the catalog lock: the one writer decides what leaves
             doomed = self.retention.apply(self.paths.state_dir, self.products, shown)
             if doomed:
                 shown = [v for v in shown if v.path not in doomed]
-                self.products = build_products(shown, digests, self.paths.root_dir)
+                listed = self.deltas.listable(shown)
+                self.products = build_products(shown, digests, self.paths.root_dir, listed)
         changed = publish(self.paths.streams_dir, self.products)
+        self.deltas.published(shown, digests)
         # <root>/streams/index.html, when its bytes change or it is missing
         write_page(self.paths.root_dir, self.products)
         if changed:
@@ -256,6 +281,10 @@ def _copy_digests(src: Digests, v: ScannedVersion, dst: Digests) -> None:
             c = src.combined.get((m.path, f.path))
             if c is not None:
                 dst.combined[(m.path, f.path)] = c
+
+
+def _is_delta(f: FileStat) -> bool:
+    return f.role.role is Role.DELTA
 
 
 def _under(rel: str, prefix: str) -> bool:

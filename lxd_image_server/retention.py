@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 from .catalog import Products, serial_sort_key
 from .config import Paths, StateDir
+from .deltas import drop_deltas_on
 from .fsutil import TooLarge, load_json_bounded, open_dir, read_regular
 from .layout import VERSION_DEPTH, LayoutError, check_component, parse_version_dir, valid_serial
 from .publish import write_atomic
@@ -320,6 +321,9 @@ def _delete_version(img_dir: str, path: str) -> None:
         doomed = f".deleting-{secrets.token_hex(8)}"
         os.rename(parts[-1], doomed, src_dir_fd=parent, dst_dir_fd=parent)
         os.fsync(parent)
+        # deltas on this version, in the others of its product, go with it
+        for rel in drop_deltas_on(parent, parts[-1]):
+            log.info("deleted %s/%s (its base is gone)", os.path.dirname(path), rel)
         if stat.S_ISLNK(os.stat(doomed, dir_fd=parent, follow_symlinks=False).st_mode):
             os.unlink(doomed, dir_fd=parent)  # swapped for a link after the check: just the link
         else:

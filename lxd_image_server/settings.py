@@ -36,6 +36,16 @@ class MirrorConfig:
 
 
 @dataclass(frozen=True)
+class DeltaSettings:
+    """[deltas]: delta updates (deltawork.DeltaConfig takes these)."""
+
+    enabled: bool = True
+    bases: int = 1
+    max_ratio: float = 0.5
+    timeout: int = 1800
+
+
+@dataclass(frozen=True)
 class Settings:
     root_dir: str = DEFAULT_ROOT
     state_dir: str = DEFAULT_STATE_DIR
@@ -49,6 +59,7 @@ class Settings:
     #: [retention]: versions kept per product, applied at every publish
     retention: RetentionPolicy = field(default_factory=RetentionPolicy)
     mirrors: tuple[MirrorConfig, ...] = ()
+    deltas: DeltaSettings = DeltaSettings()
     #: a logging.config.dictConfig table, or None for the built-in setup
     logging: dict[str, Any] | None = None
     #: the files read, in order
@@ -130,12 +141,13 @@ def load(
 
 # -- validating --------------------------------------------------------------------------------
 
-_SECTIONS = {"paths", "upload", "prune", "retention", "mirrors", "logging"}
+_SECTIONS = {"paths", "upload", "prune", "retention", "deltas", "mirrors", "logging"}
 _KEYS = {
     "paths": {"root", "state_dir"},
     "upload": {"allow_overwrites", "allow_deletes", "max_size"},
     "prune": {"grace_period"},
     "retention": {"keep", "rule"},
+    "deltas": {"enabled", "bases", "max_ratio", "timeout"},
 }
 _RULE_KEYS = {"match", "keep"}
 _MIRROR_KEYS = {"remote", "url", "user", "key_path", "port", "path"}
@@ -245,6 +257,21 @@ def _mirror(name: str, table: Any, src: str) -> MirrorConfig:
     )
 
 
+def _deltas(table: Mapping[str, Any], src: str) -> DeltaSettings:
+    d = DeltaSettings()
+    enabled = _typed(table.get("enabled", d.enabled), bool, "deltas.enabled", src)
+    bases = _typed(table.get("bases", d.bases), int, "deltas.bases", src)
+    if not 1 <= bases <= 10:
+        raise ConfigError(f"{src}: deltas.bases must be between 1 and 10, not {bases}")
+    ratio = table.get("max_ratio", d.max_ratio)
+    if isinstance(ratio, bool) or not isinstance(ratio, int | float) or not 0 < ratio <= 1:
+        raise ConfigError(f"{src}: deltas.max_ratio must be a number above 0 and at most 1")
+    timeout = _typed(table.get("timeout", d.timeout), int, "deltas.timeout", src)
+    if timeout < 1:
+        raise ConfigError(f"{src}: deltas.timeout must be at least 1 (seconds)")
+    return DeltaSettings(enabled, bases, float(ratio), timeout)
+
+
 def _validate(
     doc: dict[str, Any], env: Mapping[str, str], sources: tuple[str, ...], where: dict[str, str]
 ) -> Settings:
@@ -282,6 +309,8 @@ def _validate(
         values["prune_grace"] = grace
     if "retention" in doc:
         values["retention"] = _retention(doc["retention"], src("retention"))
+    if "deltas" in doc:
+        values["deltas"] = _deltas(doc["deltas"], src("deltas"))
     mirrors = doc.get("mirrors", {})
     if not isinstance(mirrors, Mapping):
         raise ConfigError(f"{src('mirrors')}: [mirrors] must hold [mirrors.NAME] tables")

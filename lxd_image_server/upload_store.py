@@ -111,7 +111,12 @@ class _Walk:
                     self.created.pop()
                     raise HTTPError(409, f"{self.shown}: a directory changed; try again") from None
                 self.fds.append(fd)
-                os.fchmod(fd, DIR_MODE | (os.fstat(fd).st_mode & stat.S_ISGID))
+                mode = os.fstat(fd).st_mode
+                if stat.S_IMODE(mode) & 0o777 != DIR_MODE:
+                    # only when a umask narrowed it: the service's mask (0002) gives DIR_MODE
+                    # and the setgid bit inherited from images/ as they are, and systemd's
+                    # RestrictSUIDSGID refuses any chmod that names a setgid bit
+                    os.fchmod(fd, DIR_MODE | (mode & stat.S_ISGID))
                 os.fsync(parent)
                 return
             except NotADirectoryError:

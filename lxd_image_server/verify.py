@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Problem:
-    #: missing, outside, unreadable, size, sha256 or fingerprint
+    #: missing, outside, unreadable, size, sha256, fingerprint or delta
     kind: str
     #: the file's path relative to the root (for fingerprints: "product version")
     where: str
@@ -65,8 +65,11 @@ class _Combined:
     expected: str
 
 
-def _collect(doc: dict[str, Any]) -> tuple[dict[str, list[_Expect]], list[_Combined]]:
-    """Every file the catalog names (with each listing of it) and every combined fingerprint."""
+def _collect(
+    doc: dict[str, Any], bad_deltas: list[Problem]
+) -> tuple[dict[str, list[_Expect]], list[_Combined]]:
+    """Every file the catalog names (with each listing of it: deltas too) and every combined
+    fingerprint; deltas whose base is not in their product go to `bad_deltas`."""
     files: dict[str, list[_Expect]] = {}
     combined: list[_Combined] = []
     for pkey in sorted(doc.get("products") or {}):
@@ -74,6 +77,15 @@ def _collect(doc: dict[str, Any]) -> tuple[dict[str, list[_Expect]], list[_Combi
         for serial in sorted(versions):
             items = (versions[serial] or {}).get("items") or {}
             for item in items.values():
+                base = item.get("delta_base")
+                if base is not None and base not in versions:
+                    bad_deltas.append(
+                        Problem(
+                            "delta",
+                            f"{pkey} {serial}",
+                            f"{item.get('path')} is a delta from {base!r}, not a version here",
+                        )
+                    )
                 rel = str(item.get("path", ""))
                 files.setdefault(rel, []).append(
                     _Expect(rel, int(item.get("size", -1)), str(item.get("sha256", "")))
@@ -150,7 +162,7 @@ def verify(
 ) -> Report:
     """Rehashes every file `doc` (images.json) lists below `root_dir`."""
     report = Report()
-    files, combined = _collect(doc)
+    files, combined = _collect(doc, report.problems)
     stats: dict[str, FileStat] = {}
     for rel in sorted(files):
         fs, problem = _stat(root_dir, rel)

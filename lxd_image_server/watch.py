@@ -482,7 +482,7 @@ class Watcher:
                     break
                 for event in self.inotify.read(timeout=0):
                     self.handle(event.wd, event.mask, event.name)
-                if self.pipeline.jobs.has_results():
+                if self.pipeline.has_news():
                     self._results_ready()
                 if self.reload_requested:
                     self._reload()

@@ -60,7 +60,7 @@ def test_formats(tree: Paths) -> None:  # noqa: F811
     assert parsed[0]["aliases"] == ",".join(rows[0].aliases)
     table = render(rows, "table").splitlines()
     assert table[0].split() == [
-        "PRODUCT", "VERSION", "TYPE", "ROOT", "SIZE", "FINGERPRINT", "ALIASES"
+        "PRODUCT", "VERSION", "TYPE", "ROOT", "SIZE", "FINGERPRINT", "DELTAS", "ALIASES"
     ]  # fmt: skip
     assert len(table) == 5
     assert rows[0].fingerprint[:12] in table[1] and rows[0].fingerprint not in table[1]

@@ -86,6 +86,12 @@ def test_malformed_file_names_file_and_line(layers):
         ("[mirrors.eu1]\nremote = 'h'\nkey = '/k'\n", "unknown key(s) in [mirrors.eu1]: key"),
         ("[logging]\nroot = {level = 'INFO'}\n", "dictConfig"),
         ("[prune]\ngrace_period = -1\n", "negative"),
+        ("[deltas]\nbases = 0\n", "deltas.bases must be between 1 and 10"),
+        ("[deltas]\nmax_ratio = 1.5\n", "deltas.max_ratio"),
+        ("[deltas]\nmax_ratio = true\n", "deltas.max_ratio"),
+        ("[deltas]\nenabled = 'no'\n", "deltas.enabled must be a bool"),
+        ("[deltas]\ntimeout = 0\n", "deltas.timeout"),
+        ("[deltas]\nwindow = 1\n", "unknown key(s) in [deltas]: window"),
     ],
 )
 def test_invalid_values(tmp_path, text, why):
@@ -95,6 +101,15 @@ def test_invalid_values(tmp_path, text, why):
         load(str(f), env={}, system_dir=str(tmp_path / "none"), home=None)
     assert why in str(e.value)
     assert str(f) in str(e.value)
+
+
+def test_deltas_table(tmp_path):
+    f = tmp_path / "c.toml"
+    f.write_text("[deltas]\nenabled = false\nbases = 2\nmax_ratio = 0.25\ntimeout = 60\n")
+    d = load(str(f), env={}, system_dir=str(tmp_path / "none"), home=None).deltas
+    assert (d.enabled, d.bases, d.max_ratio, d.timeout) == (False, 2, 0.25, 60)
+    default = load(env={}, system_dir=str(tmp_path / "none"), home=None).deltas
+    assert (default.enabled, default.bases, default.max_ratio) == (True, 1, 0.5)
 
 
 def test_missing_explicit_file_is_an_error(tmp_path):
