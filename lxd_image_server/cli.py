@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import functools
 import importlib
 import logging
 import os
 import socket
 import sys
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 import click
 
 from . import __version__, logs
 from . import settings as settings_module
+from .cli_common import F, Globals, handle_errors, retention_of, tree_options, tree_paths
 from .config import (
     DEFAULT_HTPASSWD,
     DEFAULT_NGINX_DIR,
@@ -24,72 +22,15 @@ from .config import (
     DEFAULT_UPLOAD_SOCKET,
     ConfigError,
     Paths,
-    ServiceError,
+    StateDir,
 )
 from .deltawork import BACKGROUND, FOREGROUND, DeltaConfig, DeltaService
 from .hashing import HashCache
 from .pipeline import Pipeline
 from .progress import for_terminal
-from .publish import PublishError
-from .retention import Retention
 from .settings import Settings
 
 log = logging.getLogger(__name__)
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-@dataclass
-class Globals:
-    config: str | None
-    state_dir: str | None
-    settings: Settings
-    verbose: bool = False
-    log_file: str = "STDERR"
-    log_file_given: bool = False
-
-    @property
-    def state(self) -> str:
-        return self.state_dir or self.settings.state_dir
-
-
-def tree_options(f: F) -> F:
-    """--root-dir/--img-dir/--streams-dir, with the original tool's underscore spellings."""
-    f = click.option(
-        "--streams-dir",
-        "--streams_dir",
-        "streams_dir",
-        type=click.Path(file_okay=False),
-        help="Catalog directory [default: ROOT/streams/v1].",
-    )(f)
-    f = click.option(
-        "--img-dir",
-        "--img_dir",
-        "img_dir",
-        type=click.Path(file_okay=False),
-        help="Image tree [default: ROOT/images].",
-    )(f)
-    f = click.option(
-        "--root-dir",
-        "--root_dir",
-        "root_dir",
-        type=click.Path(file_okay=False),
-        help="Directory served as the remote's root [default: /var/www/simplestreams].",
-    )(f)
-    return f
-
-
-def _paths(g: Globals, root_dir: str | None, img_dir: str | None, streams_dir: str | None) -> Paths:
-    if root_dir is None and img_dir is None and streams_dir is None:
-        root_dir = g.settings.root_dir
-    try:
-        return Paths.resolve(root_dir, img_dir, streams_dir, g.state)
-    except ConfigError as e:
-        raise click.UsageError(str(e)) from e
-
-
-def retention_of(settings: Settings) -> Retention:
-    """[retention] with the grace period of [prune], for the pipeline."""
-    return Retention(settings.retention, settings.prune_grace)
 
 
 def refuse_private_anonymous(private: bool, anonymous: bool) -> None:
@@ -129,24 +70,6 @@ def apply_logging(g: Globals) -> None:
     logs.setup(g.log_file, g.verbose)
     if g.settings.logging is not None and not g.log_file_given:
         logs.configure(g.settings.logging)
-
-
-def handle_errors(f: F) -> F:
-    @functools.wraps(f)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return f(*args, **kwargs)
-        except PublishError as e:
-            log.error("%s", e)
-            sys.exit(1)
-        except PermissionError as e:
-            log.error("permission denied: %s", e.filename or e)
-            sys.exit(1)
-        except ServiceError as e:
-            log.error("%s", e)
-            sys.exit(1)
-
-    return wrapper  # type: ignore[return-value]
 
 
 class LazyGroup(click.Group):
@@ -227,7 +150,7 @@ def update(
     g: Globals, root_dir: str | None, img_dir: str | None, streams_dir: str | None, rehash: bool
 ) -> None:
     """Rebuild streams/v1/index.json and images.json from the image tree."""
-    paths = _paths(g, root_dir, img_dir, streams_dir)
+    paths = tree_paths(g, root_dir, img_dir, streams_dir)
     from .retention import RetentionError, delete_expired
 
     def expire() -> None:
@@ -299,7 +222,7 @@ def watch(
     from .mirror import Mirrors
     from .watch import Watcher
 
-    paths = _paths(g, root_dir, img_dir, streams_dir)
+    paths = tree_paths(g, root_dir, img_dir, streams_dir)
     mirrors = Mirrors(paths)
 
     deltas = DeltaService(paths.img_dir, paths.state_dir, delta_config(g.settings), BACKGROUND)
@@ -336,7 +259,7 @@ def delta_config(settings: Settings) -> DeltaConfig:
 
 
 def pid_file(paths: Paths) -> str:
-    return os.path.join(paths.state_dir, "watch.pid")
+    return paths.state.watch_pid
 
 
 @main.command()
@@ -350,7 +273,7 @@ def reload(g: Globals) -> None:
     from .watch import signal_watcher
 
     try:
-        pid = signal_watcher(os.path.join(g.state, "watch.pid"))
+        pid = signal_watcher(StateDir(g.state).watch_pid)
     except ProcessLookupError as e:
         raise click.ClickException(str(e)) from e
     click.echo(f"asked the watcher (pid {pid}) to reload")
@@ -461,7 +384,7 @@ def init(
     """Create the tree, a self-signed certificate, upload credentials and the nginx site."""
     refuse_private_anonymous(private, allow_anonymous_uploads)
     refuse_private_http(private, http_listen)
-    paths = _paths(g, root_dir, None, None)
+    paths = tree_paths(g, root_dir, None, None)
     # imported here: certificates pull in `cryptography`, which the other commands never need
     from . import tls
     from .initialize import InitOptions, client_instructions, initialize
@@ -606,7 +529,7 @@ def run(
 
     if not g.log_file_given:
         logs.setup("STDOUT", g.verbose)
-    paths = _paths(g, root_dir, None, None)
+    paths = tree_paths(g, root_dir, None, None)
     sys.exit(
         run_server(
             RunOptions(

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import IO
 
 from .deltas import FAILED, OK, TOO_BIG, WRONG, Job, Record, ident
-from .fsutil import open_dir
+from .fsutil import CHUNK_SIZE, open_dir
 from .scan import FileStat, open_below
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,6 @@ log = logging.getLogger(__name__)
 #: still diffed, with matches found only within this distance)
 MAX_WINDOW = 1 << 30
 MIN_WINDOW = 16 << 20
-CHUNK = 1 << 20
 TMP_PREFIX = ".vcdiff-"
 _ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"}
 
@@ -112,7 +111,7 @@ def _run(
     timer.start()
     reader.start()
     try:
-        while chunk := proc.stdout.read(CHUNK):
+        while chunk := proc.stdout.read(CHUNK_SIZE):
             sink(chunk)
     except BaseException:
         proc.kill()

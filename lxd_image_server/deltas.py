@@ -25,14 +25,13 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from .config import StateDir
 from .fsutil import TooLarge, load_json_bounded, open_dir, read_regular, write_atomic
 from .layout import DELTA_PREFIXES, Role, delta_name, delta_token
 from .scan import FileStat, ScannedVersion
 
 log = logging.getLogger(__name__)
 
-STATE_NAME = "deltas.json"
-LOCK_NAME = ".deltas.lock"
 MAX_STATE_BYTES = 16 << 20
 MAX_STATE_DEPTH = 6
 FORMAT = 1
@@ -91,7 +90,7 @@ class Record:
 
 
 def state_path(state_dir: str) -> str:
-    return os.path.join(state_dir, STATE_NAME)
+    return StateDir(state_dir).deltas
 
 
 def load(state_dir: str) -> dict[str, Record]:
@@ -126,7 +125,7 @@ def state_lock(state_dir: str) -> Iterator[None]:
     """Held while deltas are made or checked and their records written: `update` run by hand
     and the watcher never run xdelta3 on the same files at once."""
     os.makedirs(state_dir, exist_ok=True)
-    fd = os.open(os.path.join(state_dir, LOCK_NAME), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    fd = os.open(StateDir(state_dir).deltas_lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield

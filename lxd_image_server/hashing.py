@@ -18,25 +18,19 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from .fsutil import CHUNK_SIZE
 from .handover import Key, Records, record_name
 from .layout import Role
+from .progress import Progress, no_progress
 from .scan import FileStat, ScannedVersion, open_below
 
 log = logging.getLogger(__name__)
-
-CHUNK = 1 << 20
-Progress = Callable[[int], None]
-Identity = tuple[str, int, int, int, int, int]
 
 
 class Hasher(Protocol):
     def update(self, data: bytes | memoryview, /) -> None: ...
     def hexdigest(self) -> str: ...
     def copy(self) -> Any: ...
-
-
-def _no_progress(_: int) -> None:
-    return None
 
 
 class FileChanged(Exception):
@@ -197,7 +191,7 @@ def _identity(st: os.stat_result) -> tuple[int, int, int, int, int]:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
-def hash_file(f: FileStat, sinks: Sequence[Hasher], progress: Progress = _no_progress) -> None:
+def hash_file(f: FileStat, sinks: Sequence[Hasher], progress: Progress = no_progress) -> None:
     """Feeds every byte of `f` to each sink, in parallel when there are several.
 
     The file is opened again below `f.base` through directory descriptors, without following
@@ -228,7 +222,7 @@ def hash_file(f: FileStat, sinks: Sequence[Hasher], progress: Progress = _no_pro
 
 
 def _feed_one(fh: Any, sink: Hasher, progress: Progress) -> None:
-    buf = bytearray(CHUNK)
+    buf = bytearray(CHUNK_SIZE)
     view = memoryview(buf)
     while n := fh.readinto(buf):
         sink.update(view[:n])
@@ -242,7 +236,7 @@ def _feed_many(fh: Any, sinks: Sequence[Hasher], progress: Progress) -> None:
     errors: list[BaseException] = []
 
     def consume(sink: Hasher, report: bool) -> None:
-        buf = bytearray(CHUNK)
+        buf = bytearray(CHUNK_SIZE)
         view = memoryview(buf)
         offset = 0
         try:
@@ -331,7 +325,7 @@ class HashEngine:
         if not metas and not roots:
             return out
         total = sum(p.file.size for p in (*metas.values(), *roots.values()))
-        progress = progress_start(total) if progress_start else _no_progress
+        progress = progress_start(total) if progress_start else no_progress
         lock = threading.Lock()
 
         def safe_progress(n: int) -> None:

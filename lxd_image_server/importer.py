@@ -33,7 +33,7 @@ from typing import Any
 
 import yaml
 
-from .fsutil import NotRegularFile, open_dir, open_regular
+from .fsutil import CHUNK_SIZE, NotRegularFile, open_dir, open_regular
 from .hashing import HashCache, Hasher
 from .layout import (
     KNOWN_ARCHES,
@@ -44,11 +44,11 @@ from .layout import (
     classify,
     valid_serial,
 )
+from .progress import Progress, no_progress
 from .scan import Scanner
 
 log = logging.getLogger(__name__)
 
-CHUNK = 1 << 20
 DIR_MODE = 0o755
 FILE_MODE = 0o644
 #: metadata.yaml is a few hundred bytes (a few KB with many templates): bigger is not one
@@ -78,8 +78,6 @@ ARCH_NAMES = {
 
 META_NAME = "lxd.tar.xz"
 ROOT_NAMES = {"squashfs": "rootfs.squashfs", "tarball": "root.tar.xz", "qcow2": "disk.qcow2"}
-#: root kind -> the catalog ftype (for the combined fingerprint)
-ROOT_FTYPES = {"squashfs": "squashfs", "tarball": "root.tar.xz", "qcow2": "disk-kvm.img"}
 
 _FP = r"([0-9a-f]{64})"
 _META_EXPORT_RE = re.compile(rf"meta-{_FP}\.[a-z0-9.]+", re.ASCII)
@@ -435,13 +433,6 @@ class Placed:
     moved: list[str] = field(default_factory=list)
 
 
-Progress = Callable[[int], None]
-
-
-def _no_progress(_: int) -> None:
-    return None
-
-
 def _makedirs(base_fd: int, base: str, parts: Sequence[str]) -> int:
     """mkdir -p below the directory `base_fd` (at `base`), each new directory 0755 whatever
     the umask, fsynced; every component is opened without following a link. -> the last
@@ -488,7 +479,7 @@ def _open_source(path: str) -> int:
 def _feed(fd: int, sinks: Sequence[Hasher], progress: Progress, out: int | None = None) -> int:
     """Reads `fd` to its end into every sink (and writes it to `out`). -> bytes read."""
     size = 0
-    buf = bytearray(CHUNK)
+    buf = bytearray(CHUNK_SIZE)
     view = memoryview(buf)
     while n := os.readv(fd, [buf]):
         chunk = view[:n]
@@ -629,14 +620,14 @@ def place(
     except OSError as e:
         os.close(img_fd)
         raise ImportFailed(f"cannot read {e.filename}: {e.strerror or e}") from e
-    transfer = _Transfer(plan, move, _no_progress)
+    transfer = _Transfer(plan, move, no_progress)
     variant_fd = -1
     try:
         variant_fd = _makedirs(img_fd, img_dir, parts[:-1])
         exists = _exists(parts[-1], variant_fd)
         if exists and not force:
             raise VersionExists(f"{version_dir} already exists; --force replaces its files")
-        transfer.progress = progress_start(total) if progress_start else _no_progress
+        transfer.progress = progress_start(total) if progress_start else no_progress
         placed = Placed(key=key, version_dir=version_dir, replaced=exists)
         if exists:
             transfer.dir_fd = _open_dir(parts[-1], variant_fd, version_dir)

@@ -19,7 +19,8 @@ from collections.abc import Callable, Iterator
 from typing import overload
 from urllib.parse import unquote
 
-DEFAULT_CHUNK_SIZE = 1 << 20
+from .fsutil import CHUNK_SIZE
+
 #: Upper bound of one part's header block (browsers and curl send a few hundred bytes).
 MAX_HEADER_BYTES = 16 * 1024
 _MAX_BOUNDARY = 70  # RFC 2046 5.1.1
@@ -165,7 +166,7 @@ class MultipartReader:
         self,
         read: Callable[[int], bytes],
         boundary: bytes,
-        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        chunk_size: int = CHUNK_SIZE,
         readinto: Callable[[memoryview], int] | None = None,
     ) -> None:
         if not 1 <= len(boundary) <= _MAX_BOUNDARY:

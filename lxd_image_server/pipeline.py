@@ -29,10 +29,11 @@ from .catalog import Products, build_products
 from .config import Paths
 from .deltawork import DeltaService
 from .handover import Records
-from .hashing import Digests, HashCache, HashEngine, Progress
+from .hashing import Digests, HashCache, HashEngine
 from .hashjobs import DEFAULT_JOBS, HashJobs, Identity, Known, hash_version, identity
 from .layout import Role
 from .page import write_page
+from .progress import Progress
 from .publish import catalog_lock, publish
 from .retention import PendingVersions, Retention
 from .scan import Exclude, FileStat, ScannedVersion, Scanner

@@ -21,14 +21,13 @@ from collections.abc import Iterator
 from typing import Any
 
 from .catalog import UPDATED_FORMAT, Products, images_document, index_document
+from .config import StateDir
 from .fsutil import TooLarge, read_regular
 from .fsutil import fsync_dir as fsync_dir
 from .fsutil import write_atomic as write_atomic
 
 log = logging.getLogger(__name__)
 
-#: in the state directory, which only the catalog writer may write (streams/ is served)
-LOCK_NAME = "catalog.lock"
 #: what is read back of the previous documents: as much as the new one has, and a little more
 _SLACK = 256
 _UPDATED_RE = re.compile(rb'^ "updated": "([A-Za-z0-9 ,:+]{1,64})",?$', re.MULTILINE)
@@ -44,7 +43,7 @@ def catalog_lock(state_dir: str) -> Iterator[None]:
     build and write it (never while they hash). The lock file lives in the state directory; it
     is opened without following a link, and anything but a regular file there is refused with a
     one-line PublishError naming it."""
-    path = os.path.join(state_dir, LOCK_NAME)
+    path = StateDir(state_dir).catalog_lock
     try:
         os.makedirs(state_dir, exist_ok=True)
         fd = os.open(path, _LOCK_FLAGS, 0o644)

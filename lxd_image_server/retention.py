@@ -1,9 +1,9 @@
-"""`prune` and `remove`: versions leave the catalog at once, their files after a grace period.
+"""Pruned versions: they leave the catalog at once, their files after a grace period.
 
 Clients and the LXD daemon cache images.json (the daemon for about an hour), so a version's
 files must stay downloadable for a while after the catalog stops listing it. A pruned version
 is recorded in <state_dir>/pruned.json with its expiry; every catalog build (the `update`
-command, the watcher, these commands; all through Pipeline) leaves recorded versions out, and
+command, the watcher, `prune` and `remove`; all through Pipeline) leaves recorded versions out, and
 `update` (the daily timer) deletes the files of those whose expiry has passed.
 
     {"format": 1, "pending": [{"path": "/var/www/simplestreams/images/os/rel/arch/var/serial",
@@ -12,6 +12,9 @@ command, the watcher, these commands; all through Pipeline) leaves recorded vers
 
 `path` is the absolute version directory, so one state directory can serve several trees.
 Changes are made under a lock and written atomically (temporary file + rename).
+
+This module sits below the pipeline (which reads the record and applies [retention]); the
+`prune` and `remove` use cases, which run the pipeline, are in pruning.py.
 """
 
 from __future__ import annotations
@@ -27,11 +30,11 @@ import shutil
 import stat
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .catalog import Products, serial_sort_key
-from .config import Paths
+from .config import Paths, StateDir
 from .deltas import drop_deltas_on
 from .fsutil import TooLarge, load_json_bounded, open_dir, read_regular
 from .layout import VERSION_DEPTH, LayoutError, check_component, parse_version_dir, valid_serial
@@ -39,16 +42,13 @@ from .publish import write_atomic
 from .retention_policy import RetentionPolicy
 
 if TYPE_CHECKING:
-    from .pipeline import Pipeline
     from .scan import ScannedVersion
 
 log = logging.getLogger(__name__)
 
-STATE_NAME = "pruned.json"
 #: pruned.json holds one short entry per pruned version
 MAX_STATE_BYTES = 64 << 20
 MAX_STATE_DEPTH = 8
-LOCK_NAME = ".pruned.lock"
 FORMAT = 1
 
 
@@ -102,7 +102,7 @@ def utc_text(seconds: float) -> str:
 
 
 def state_path(state_dir: str) -> str:
-    return os.path.join(state_dir, STATE_NAME)
+    return StateDir(state_dir).pruned
 
 
 def _parse(data: bytes, where: str) -> list[Pending]:
@@ -140,7 +140,7 @@ def save(state_dir: str, entries: Iterable[Pending]) -> None:
 def state_lock(state_dir: str) -> Iterator[None]:
     """Serializes changes to pruned.json (readers need no lock: writes are atomic)."""
     os.makedirs(state_dir, exist_ok=True)
-    fd = os.open(os.path.join(state_dir, LOCK_NAME), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    fd = os.open(StateDir(state_dir).pruned_lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
@@ -231,18 +231,6 @@ def parse_product(text: str) -> tuple[str, str, str, str]:
 
 
 # -- recording ----------------------------------------------------------------------------------
-
-
-@dataclass
-class Outcome:
-    #: newly out of the catalog
-    scheduled: list[Pending] = field(default_factory=list)
-    #: were already out of the catalog
-    already: list[Pending] = field(default_factory=list)
-    #: files deleted now (their grace period was over)
-    deleted: list[Pending] = field(default_factory=list)
-    #: --dry-run: (product, serial) that would go
-    would: list[tuple[str, str]] = field(default_factory=list)
 
 
 def schedule(
@@ -452,65 +440,3 @@ class Retention:
                 utc_text(p.expires),
             )
         return {v.path for v in doomed}
-
-
-# -- the commands ----------------------------------------------------------------------------
-
-
-def _prefixes(versions: Iterable[ScannedVersion]) -> set[str]:
-    return {v.key.relpath.rsplit("/", 1)[0] for v in versions}
-
-
-def _finish(
-    pipeline: Pipeline, doomed: list[ScannedVersion], grace: int, now: float | None
-) -> Outcome:
-    outcome = Outcome()
-    outcome.scheduled, outcome.already = schedule(pipeline.paths.state_dir, doomed, grace, now=now)
-    if outcome.scheduled:
-        pipeline.refresh(_prefixes(doomed))
-    outcome.deleted = delete_expired(pipeline.paths, now=now)
-    return outcome
-
-
-def prune(
-    pipeline: Pipeline, keep: int, grace: int, dry_run: bool = False, now: float | None = None
-) -> Outcome:
-    """Takes every version but the newest `keep` of each product out of the catalog.
-
-    Only published versions count (an upload still in progress is neither kept nor pruned).
-    """
-    pipeline.update_all()
-    by_key = {(v.key.product, v.key.serial): v for v in pipeline.versions.values()}
-    chosen = select_prunable(pipeline.products, keep)
-    if dry_run:
-        return Outcome(would=chosen)
-    return _finish(pipeline, [by_key[c] for c in chosen], grace, now)
-
-
-def remove(
-    pipeline: Pipeline,
-    product: str,
-    serial: str | None,
-    grace: int,
-    dry_run: bool = False,
-    now: float | None = None,
-) -> Outcome:
-    """Takes a product (every version, published or not) or one version out of the catalog."""
-    parse_product(product)
-    pipeline.update_all()
-    matches = [v for v in pipeline.versions.values() if v.key.product == product]
-    if not matches:
-        raise RetentionError(f"no product {product} in {pipeline.paths.img_dir}")
-    if serial is not None:
-        exact = [v for v in matches if v.key.serial == serial]
-        if not exact:  # another spelling of the same time (20240101_1200 for 20240101_12:00)
-            digits = serial_sort_key(serial)[0]
-            exact = [v for v in matches if serial_sort_key(v.key.serial)[0] == digits]
-        if len(exact) != 1:
-            have = ", ".join(sorted((v.key.serial for v in matches), key=serial_sort_key))
-            raise RetentionError(f"{product} has no version {serial} (it has {have})")
-        matches = exact
-    matches.sort(key=lambda v: serial_sort_key(v.key.serial))
-    if dry_run:
-        return Outcome(would=[(v.key.product, v.key.serial) for v in matches])
-    return _finish(pipeline, matches, grace, now)

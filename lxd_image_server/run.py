@@ -61,7 +61,6 @@ class RunOptions:
     plain_http: bool = False
     private: bool = False
     verbose: bool = False
-    upload_workers: int = 2
     #: what the parts get: --config is handed to the watcher (which re-reads it on reload),
     #: the settings as resolved here (every layer) to the upload app
     config: str | None = None
@@ -71,20 +70,20 @@ class RunOptions:
 
     @property
     def run_dir(self) -> str:
-        return os.path.join(self.paths.state_dir, "run")
+        return self.paths.state.run_dir
 
     @property
     def nginx_dir(self) -> str:
-        return os.path.join(self.paths.state_dir, "nginx")
+        return self.paths.state.nginx_dir
 
     @property
     def upload_socket(self) -> str:
-        return os.path.join(self.run_dir, "upload.sock")
+        return self.paths.state.upload_socket
 
     @property
     def url_file(self) -> str:
         """Where `prepare` notes the URL nginx serves on (for `lxd-image-server health`)."""
-        return os.path.join(self.run_dir, "url")
+        return self.paths.state.url_file
 
     def local_url(self) -> str:
         """The URL of the catalog's root as seen from this machine."""
@@ -142,7 +141,7 @@ def prepare(opts: RunOptions) -> Prepared:
         os.makedirs(d, exist_ok=True)
     htpasswd_path = None
     if not opts.allow_anonymous_uploads:
-        htpasswd_path = opts.htpasswd or os.path.join(opts.paths.state_dir, "htpasswd")
+        htpasswd_path = opts.htpasswd or opts.paths.state.htpasswd
         os.makedirs(os.path.dirname(os.path.abspath(htpasswd_path)), exist_ok=True)
     must_reach = [opts.paths.root_dir, opts.paths.state_dir]
     if htpasswd_path:
@@ -154,7 +153,7 @@ def prepare(opts: RunOptions) -> Prepared:
         os.chmod(opts.run_dir, 0o750)
         with contextlib.suppress(KeyError):
             os.chown(opts.run_dir, 0, grp.getgrnam(group).gr_gid)
-    ssl_dir = opts.ssl_dir or os.path.join(opts.paths.state_dir, "ssl")
+    ssl_dir = opts.ssl_dir or opts.paths.state.ssl_dir
     if not opts.plain_http:
         report.cert = tls.ensure_certificate(ssl_dir, opts.hostnames or ("localhost",))
     if htpasswd_path:
@@ -218,11 +217,9 @@ def _commands(opts: RunOptions, conf: str, user: str | None) -> dict[str, list[s
         "python:lxd_image_server.gunicorn_conf",
         "--bind",
         f"unix:{opts.upload_socket}",
-        "--workers",
-        str(opts.upload_workers),
-        "--access-logfile",
-        "-" if opts.verbose else "/dev/null",
     ]
+    if opts.verbose:
+        upload += ["--access-logfile", "-"]  # off in gunicorn_conf
     if user:
         upload += ["--group", user.split()[1], "--umask", "0o007"]
     upload.append("lxd_image_server.upload:app_from_env()")

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from .config import DEFAULT_ROOT, DEFAULT_STATE_DIR, ConfigError
+from .config import DEFAULT_MIRROR_USER, DEFAULT_ROOT, DEFAULT_STATE_DIR, ConfigError
 from .retention_policy import KeepRule, PolicyError, RetentionPolicy
 
 SYSTEM_DIR = "/etc/lxd-image-server"
@@ -29,7 +29,7 @@ _FALSE = ("", "0", "false", "no", "off")
 class MirrorConfig:
     name: str
     host: str
-    user: str = "lxdmirror"
+    user: str = DEFAULT_MIRROR_USER
     key_path: str | None = None
     port: int = 22
     path: str = DEFAULT_ROOT
@@ -250,7 +250,7 @@ def _mirror(name: str, table: Any, src: str) -> MirrorConfig:
     return MirrorConfig(
         name=name,
         host=host,
-        user=_typed(table.get("user", "lxdmirror"), str, f"{what}.user", src),
+        user=_typed(table.get("user", DEFAULT_MIRROR_USER), str, f"{what}.user", src),
         key_path=_typed(key, str, f"{what}.key_path", src) if key is not None else None,
         port=port,
         path=_typed(table.get("path", DEFAULT_ROOT), str, f"{what}.path", src),

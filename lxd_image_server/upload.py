@@ -56,7 +56,6 @@ from .upload_store import MAX_OVERRIDES_SIZE, Store, Stored
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "DEFAULT_IMG_DIR",
     "MAX_OVERRIDES_SIZE",
     "HTTPError",
     "UploadApp",
@@ -66,7 +65,6 @@ __all__ = [
     "settings_from_env",
 ]
 
-DEFAULT_IMG_DIR = "/var/www/simplestreams/images"
 DEFAULT_READ_TIMEOUT = 60.0
 DIGEST_DIR_ENV = handover.DIR_ENV
 #: Parts of one multipart body, at most (any field counts); the rest is refused (413).

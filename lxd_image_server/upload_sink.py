@@ -19,8 +19,9 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
-#: Bytes per buffer (one read from the client, one write).
-CHUNK_SIZE = 1 << 20
+# CHUNK_SIZE: bytes per buffer (one read from the client, one write)
+from .fsutil import CHUNK_SIZE
+
 #: Buffers per upload: one being received, the others written and hashed.
 DEPTH = 3
 #: Write-back is started every this many bytes.

@@ -17,8 +17,9 @@ from typing import Any
 
 from .catalog import CLIENT_META_FTYPES
 from .fsutil import NotRegularFile
-from .hashing import FileChanged, Hasher, Progress, hash_file
+from .hashing import FileChanged, Hasher, hash_file
 from .layout import COMBINED_FIELDS, FileRole, Role, classify
+from .progress import Progress, no_progress
 from .scan import FileStat, open_below
 
 log = logging.getLogger(__name__)
@@ -62,10 +63,6 @@ class _Combined:
     meta: str
     root: str
     expected: str
-
-
-def _no_progress(_: int) -> None:
-    return None
 
 
 def _collect(
@@ -185,7 +182,7 @@ def verify(
             continue
         stats[rel] = fs
     total = sum(f.size for f in stats.values())
-    progress = progress_start(total) if progress_start and stats else _no_progress
+    progress = progress_start(total) if progress_start and stats else no_progress
 
     # combined fingerprints need the metadata's hash state before the root is read
     metas = {c.meta for c in combined if c.meta in stats}

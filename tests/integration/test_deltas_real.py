@@ -23,6 +23,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -124,14 +125,15 @@ def forget_catalog(client: Client, product_dir: str) -> None:
     assert dropped, f"no cached catalog of {product_dir} under {cache}"
 
 
-def wait_delta(server: Server, product: str) -> dict:
+def wait_delta(server: Server, product: str) -> dict[str, Any]:
     end = time.monotonic() + DELTA_DEADLINE
     while True:
         items = server.catalog()["products"].get(product, {}).get("versions", {})
         items = items.get(SERIAL_2, {}).get("items", {})
         deltas = [i for i in items.values() if i["ftype"] == "squashfs.vcdiff"]
         if deltas:
-            return deltas[0]
+            found: dict[str, Any] = deltas[0]
+            return found
         assert time.monotonic() < end, f"no delta listed:\n{server.log.read_text()[-3000:]}"
         time.sleep(1)
 

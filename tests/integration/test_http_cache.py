@@ -25,7 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,7 +81,11 @@ class Served:
 
 
 def _request(
-    conn: http.client.HTTPConnection, method: str, path: str, body: bytes | None, headers: dict
+    conn: http.client.HTTPConnection,
+    method: str,
+    path: str,
+    body: bytes | None,
+    headers: dict[str, str],
 ) -> Response:
     # keyword arguments cannot hold dashes: If_None_Match -> If-None-Match
     sent = {k.replace("_", "-"): v for k, v in headers.items()}
@@ -113,7 +117,7 @@ def start(
         proc = subprocess.Popen(
             [
                 BIN,
-                *(["--config", config] if config else []),
+                *(["--config", str(config)] if config else []),
                 "--state-dir",
                 base / "state",
                 "run",
@@ -362,11 +366,10 @@ def test_run_refuses_private_with_http_listen(base: Path) -> None:
 
 
 def assert_revalidates(
-    fetch: object, path: str, cache_control: str, **headers: str
+    fetch: Callable[..., Response], path: str, cache_control: str, **headers: str
 ) -> http.client.HTTPMessage:
     """200 with ETag and Last-Modified, then 304 for either validator sent back."""
     get = fetch  # Served.https or Served.http
-    assert callable(get)
     status, first, body = get("GET", path, **headers)
     assert status == 200 and body, (path, status)
     assert first["Cache-Control"] == cache_control, path

@@ -14,7 +14,7 @@ from lxd_image_server import htpasswd, nginx
 BIN = Path(sys.executable).parent / "lxd-image-server"
 
 
-def cli(*args, input=None):
+def cli(*args: object, input: str | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [str(BIN), *map(str, args)], capture_output=True, text=True, input=input, check=False
     )
@@ -37,11 +37,11 @@ def env(tmp_path):
     }
 
 
-def init(env, *extra):
+def init(env: dict[str, Path], *extra: object) -> subprocess.CompletedProcess[str]:
     return cli(*init_args(env, *extra))
 
 
-def init_args(env, *extra):
+def init_args(env: dict[str, Path], *extra: object) -> tuple[object, ...]:
     return (
         "--state-dir",
         env["state"],
@@ -85,7 +85,9 @@ def test_init_creates_everything(env):
     assert link.is_symlink() and os.readlink(link) == str(site)
     text = site.read_text() + (env["nginx"] / "snippets/lxd-image-server.conf").read_text()
     assert "ssl_protocols TLSv1.2 TLSv1.3;" in text
-    if nginx.installed_version() >= nginx.HTTP2_DIRECTIVE_SINCE:
+    version = nginx.installed_version()
+    assert version, "`nginx -v` named no version"
+    if version >= nginx.HTTP2_DIRECTIVE_SINCE:
         assert "listen 8443 ssl;" in text and "http2 on;" in text
     else:
         assert "listen 8443 ssl http2;" in text and "http2 on;" not in text

@@ -15,9 +15,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -38,8 +39,9 @@ class Server:
     proc: subprocess.Popen[bytes]
     log: Path
 
-    def catalog(self) -> dict:
-        return json.loads((self.root / "streams/v1/images.json").read_bytes())
+    def catalog(self) -> dict[str, Any]:
+        doc: dict[str, Any] = json.loads((self.root / "streams/v1/images.json").read_bytes())
+        return doc
 
     def files(self) -> set[str]:
         """Every file below the served root, hidden ones included (relative paths)."""
@@ -62,7 +64,7 @@ def start_server(
     make_htpasswd: bool = True,
     global_args: Sequence[str | Path] = (),
     run_args: Sequence[str | Path] = (),
-) -> Iterator[Server]:
+) -> Generator[Server, None, None]:
     """`lxd-image-server [GLOBAL_ARGS] run ... [RUN_ARGS]`, once it serves and takes uploads."""
     root, state, ssl = tmp / "root", tmp / "state", tmp / "ssl"
     ssl.mkdir(parents=True)

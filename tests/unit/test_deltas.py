@@ -8,16 +8,18 @@ import json
 import os
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from lxd_image_server import deltagen, deltas, retention
-from lxd_image_server.catalog import build_products
+from lxd_image_server.catalog import Products, build_products
 from lxd_image_server.config import Paths
 from lxd_image_server.deltawork import FOREGROUND, DeltaConfig, DeltaService
 from lxd_image_server.hashing import HashCache
 from lxd_image_server.layout import Role, classify, delta_name
 from lxd_image_server.pipeline import Pipeline
+from lxd_image_server.pruning import prune
 from lxd_image_server.scan import Scanner
 
 from .helpers import blob, digest_once, sha, version_dir, write
@@ -49,15 +51,16 @@ def xdelta(old: Path, new: Path, out: Path) -> Path:
     return out
 
 
-def catalog(paths: Paths, listed: bool = True) -> dict:
+def catalog(paths: Paths, listed: bool = True) -> Products:
     versions = Scanner(paths.img_dir).scan()
     digests = digest_once(None, versions)
     ok = frozenset(f.path for v in versions for f in v.files.values() if f.role.role is Role.DELTA)
     return build_products(versions, digests, paths.root_dir, ok if listed else frozenset())
 
 
-def items(products: dict, serial: str = NEW) -> dict:
-    return products[PRODUCT]["versions"][serial]["items"]
+def items(products: Products, serial: str = NEW) -> dict[str, Any]:
+    found: dict[str, Any] = products[PRODUCT]["versions"][serial]["items"]
+    return found
 
 
 def update(paths: Paths, config: DeltaConfig | None = None) -> Pipeline:
@@ -72,8 +75,9 @@ def update(paths: Paths, config: DeltaConfig | None = None) -> Pipeline:
     return pipeline
 
 
-def published(paths: Paths) -> dict:
-    return json.loads(Path(paths.streams_dir, "images.json").read_bytes())["products"]
+def published(paths: Paths) -> Products:
+    products: Products = json.loads(Path(paths.streams_dir, "images.json").read_bytes())["products"]
+    return products
 
 
 # -- names ----------------------------------------------------------------------------------
@@ -264,7 +268,7 @@ def test_deltas_leave_the_catalog_and_the_disk_with_their_base(paths: Paths) -> 
     cache = HashCache(None)
     try:
         pipeline = Pipeline(paths, cache)  # as `prune` runs it: lists, makes nothing
-        outcome = retention.prune(pipeline, keep=1, grace=3600)
+        outcome = prune(pipeline, keep=1, grace=3600)
     finally:
         cache.close()
     assert [p.serial for p in outcome.scheduled] == [OLD]

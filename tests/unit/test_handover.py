@@ -9,7 +9,7 @@ import io
 import json
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ from lxd_image_server import handover, hashing, upload_seal
 from lxd_image_server.config import Paths
 from lxd_image_server.hashing import HashCache
 from lxd_image_server.pipeline import Pipeline
+from lxd_image_server.scan import FileStat
 from lxd_image_server.upload import UploadSettings, make_app
 
 from .test_upload import call
@@ -41,7 +42,7 @@ def reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     seen: list[str] = []
     real = hashing.hash_file
 
-    def counting(f: hashing.FileStat, *args: Any) -> None:
+    def counting(f: FileStat, *args: Any) -> None:
         seen.append(f.name)
         real(f, *args)
 
@@ -201,7 +202,7 @@ def _record(key: handover.Key, sha: str) -> dict[str, Any]:
     return {"format": 1, "key": list(key), "sha256": sha, "combined": []}
 
 
-FORGED = {
+FORGED: dict[str, Callable[[handover.Key], bytes]] = {
     "garbage": lambda key: b"\x00\xffnot json",
     "huge": lambda key: b" " * (handover.MAX_RECORD + 1),
     "nested": lambda key: b"[" * 3000 + b"]" * 3000,

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import pytest
 
+from lxd_image_server.catalog import Products
 from lxd_image_server.config import Paths
 from lxd_image_server.hashing import HashCache
 from lxd_image_server.pipeline import Pipeline
@@ -23,6 +24,7 @@ from lxd_image_server.retention import (
     state_path,
 )
 from lxd_image_server.retention_policy import KeepRule, PolicyError, RetentionPolicy
+from lxd_image_server.scan import ScannedVersion
 
 from .test_retention import HOUR, PRODUCT, add_version, published
 
@@ -83,7 +85,7 @@ def test_first_matching_rule_decides_and_zero_keeps_all() -> None:
 def test_select_by_policy_never_the_newest_nor_an_unparsable_serial(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    products = {
+    products: Products = {
         "a:1:amd64:default": {"versions": {"20240101_1200": {}, "20240102_1200": {}}},
         "b:1:amd64:default": {
             "versions": {"20240101_1200": {}, "not-a-serial": {}, "20240102_1200": {}}
@@ -193,7 +195,13 @@ def test_runs_under_the_catalog_lock(paths: Paths, pipeline: Pipeline) -> None:
     assert real is not None
 
     class Probe(Retention):
-        def apply(self, state_dir, products, versions, now=None):  # type: ignore[no-untyped-def]
+        def apply(
+            self,
+            state_dir: str,
+            products: Products,
+            versions: Iterable[ScannedVersion],
+            now: float | None = None,
+        ) -> set[str]:
             fd = os.open(os.path.join(state_dir, "catalog.lock"), os.O_RDWR)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

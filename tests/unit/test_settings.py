@@ -1,7 +1,9 @@
+from pathlib import Path
+
 import pytest
 
 from lxd_image_server.config import ConfigError
-from lxd_image_server.settings import load
+from lxd_image_server.settings import Settings, load
 
 
 @pytest.fixture
@@ -166,7 +168,7 @@ def test_shipped_config_is_valid_and_all_defaults():
 # -- [retention] (issue 12) ---------------------------------------------------------------------
 
 
-def load_text(tmp_path, text):
+def load_text(tmp_path: Path, text: str) -> Settings:
     f = tmp_path / "c.toml"
     f.write_text(text)
     return load(str(f), env={}, system_dir=str(tmp_path / "none"), home=None)
