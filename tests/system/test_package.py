@@ -64,6 +64,8 @@ HOST_PORTS = (80, HTTPS_PORT, SSH_PORT)
 URL = f"https://127.0.0.1:{HTTPS_PORT}"
 ROOT = "/var/www/simplestreams"
 STATE = "/var/lib/lxd-image-server"
+#: where the upload app (lxdadm) hands the digests it computed to the writer
+DIGESTS = f"{STATE}/upload-digests"
 #: the uploader (sftp/scp and the HTTPS upload app) and the catalog writer
 UPLOADER = "lxdadm"
 WRITER = "lxd-image-server"
@@ -411,8 +413,12 @@ def test_tree_user_and_credentials(installed: Installed, container: Container) -
     assert stat_in_container(container, f"{ROOT}/images") == "lxdadm:lxdadm 2775"
     for path in (f"{ROOT}/streams", f"{ROOT}/streams/v1", STATE):
         assert stat_in_container(container, path) == f"{WRITER}:{WRITER} 755", path
+    # except where the upload app hands its digests over (out of the sftp chroot; the writer
+    # trusts a record only while the file keeps the identity it names)
+    assert stat_in_container(container, DIGESTS) == "lxdadm:lxdadm 2770"
     owners = container.run(
-        f"find {ROOT}/streams {STATE} -printf '%u:%g %p\\n' | grep -v '^{WRITER}:{WRITER} ' || true"
+        f"find {ROOT}/streams {STATE} -path {DIGESTS} -prune -o -printf '%u:%g %p\\n'"
+        f" | grep -v '^{WRITER}:{WRITER} ' || true"
     ).stdout
     assert owners == "", f"not the writer's:\n{owners}"
     assert container.path(f"{STATE}/hashes.sqlite3").is_file()
@@ -1044,7 +1050,7 @@ def test_upgrade_from_the_previous_release(
         assert stat_in_container(container, path) == f"{WRITER}:{WRITER} 755", path
     assert stat_in_container(container, f"{ROOT}/images") == "lxdadm:lxdadm 2775"
     others = container.run(
-        f"find {ROOT}/streams {STATE} ! -user {WRITER} -printf '%u %p\\n'"
+        f"find {ROOT}/streams {STATE} -path {DIGESTS} -prune -o ! -user {WRITER} -printf '%u %p\\n'"
     ).stdout
     assert others == "", others
     for gone in ("x.html", "v1.old"):
