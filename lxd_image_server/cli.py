@@ -180,7 +180,7 @@ def update(
     if not changed:
         log.info("catalog unchanged (%d products)", len(pipeline.products))
     if g.settings.mirrors:
-        from .mirror import push_once
+        from .mirror.worker import push_once
 
         results = push_once(g.settings.mirrors, paths)
         for r in results:
@@ -219,7 +219,7 @@ def watch(
     rescan_interval: float,
 ) -> None:
     """Publish the tree, then republish whenever images are added or removed."""
-    from .mirror import Mirrors
+    from .mirror.worker import Mirrors
     from .watch import Watcher
 
     paths = tree_paths(g, root_dir, img_dir, streams_dir)

@@ -30,7 +30,7 @@ def status(g: Globals) -> None:
 
     Read from STATE_DIR/mirrors.json, which the running watcher keeps up to date. Exits 1
     unless every mirror's last push worked."""
-    from .mirror import describe, read_state, state_path
+    from .mirror.state import describe, read_state, state_path
 
     path = state_path(g.state)
     click.echo(f"mirror state: {path}")
@@ -60,7 +60,7 @@ def authorize_command(g: Globals, key_file: IO[str], user: str, root_dir: str | 
 
     Run as root on the mirror. The key may run rsync write-only into the tree and nothing
     else (rrsync; no shell, no forwarding). Idempotent."""
-    from .mirror import AuthorizeError, authorize
+    from .mirror.authorize import AuthorizeError, authorize
 
     root = root_dir or g.settings.root_dir
     try:
