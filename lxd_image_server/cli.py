@@ -1,11 +1,14 @@
-"""The lxd-image-server command: options in, calls out. No logic of its own."""
+"""The lxd-image-server command: options in, one call out, errors to exit codes (cli_common).
+
+The use cases live below: `update` and `watch` in updating.py, `init` in initialize.py, `run` in
+run.py; the operator commands are in cli_ops.py, `mirror` in cli_mirror.py, `health` in
+cli_health.py, loaded by name when used."""
 
 from __future__ import annotations
 
 import importlib
 import logging
 import os
-import socket
 import sys
 from typing import Any
 
@@ -13,7 +16,7 @@ import click
 
 from . import __version__, logs
 from . import settings as settings_module
-from .cli_common import F, Globals, handle_errors, retention_of, tree_options, tree_paths
+from .cli_common import F, Globals, handle_errors, tree_options, tree_paths
 from .config import (
     DEFAULT_HTPASSWD,
     DEFAULT_NGINX_DIR,
@@ -21,12 +24,8 @@ from .config import (
     DEFAULT_STATE_DIR,
     DEFAULT_UPLOAD_SOCKET,
     ConfigError,
-    Paths,
     StateDir,
 )
-from .deltawork import BACKGROUND, FOREGROUND, DeltaConfig, DeltaService
-from .hashing import HashCache
-from .pipeline import Pipeline
 from .progress import for_terminal
 from .settings import Settings
 
@@ -150,46 +149,9 @@ def update(
     g: Globals, root_dir: str | None, img_dir: str | None, streams_dir: str | None, rehash: bool
 ) -> None:
     """Rebuild streams/v1/index.json and images.json from the image tree."""
-    paths = tree_paths(g, root_dir, img_dir, streams_dir)
-    from .retention import RetentionError, delete_expired
+    from .updating import update as update_tree
 
-    def expire() -> None:
-        try:
-            delete_expired(paths)  # pruned versions whose grace period is over
-        except RetentionError as e:
-            log.error("not deleting pruned versions: %s", e)
-
-    expire()
-    cache = HashCache(paths.cache_path)
-    try:
-        deltas = DeltaService(paths.img_dir, paths.state_dir, delta_config(g.settings), FOREGROUND)
-        pipeline = Pipeline(
-            paths,
-            cache,
-            progress_start=for_terminal(),
-            retention=retention_of(g.settings),
-            deltas=deltas,
-        )
-        changed = pipeline.update_all(rehash=rehash)
-        # the deltas still missing, made (and checked) now, then published too
-        if deltas.run_pending():
-            changed = pipeline.update_all() or changed
-    finally:
-        cache.close()
-    expire()  # with no grace period, what [retention] took out just now
-    if not changed:
-        log.info("catalog unchanged (%d products)", len(pipeline.products))
-    if g.settings.mirrors:
-        from .mirror import push_once
-
-        results = push_once(g.settings.mirrors, paths)
-        for r in results:
-            if r.ok:
-                log.info("mirror %s: pushed in %.1f s", r.name, r.duration)
-            else:
-                log.error("mirror %s: push failed: %s", r.name, r.message)
-        if not all(r.ok for r in results):
-            sys.exit(1)
+    update_tree(tree_paths(g, root_dir, img_dir, streams_dir), g.settings, rehash, for_terminal())
 
 
 @main.command()
@@ -219,51 +181,21 @@ def watch(
     rescan_interval: float,
 ) -> None:
     """Publish the tree, then republish whenever images are added or removed."""
-    from .mirror import Mirrors
-    from .watch import Watcher
+    from .updating import watch as watch_tree
 
-    paths = tree_paths(g, root_dir, img_dir, streams_dir)
-    mirrors = Mirrors(paths)
-
-    deltas = DeltaService(paths.img_dir, paths.state_dir, delta_config(g.settings), BACKGROUND)
-
-    def reload_settings() -> None:
+    def reload_settings() -> Settings:
         g.settings = settings_module.load(g.config)  # ConfigError: the watcher keeps the old
         apply_logging(g)
         log.info("configuration reloaded (%s)", ", ".join(g.settings.sources) or "defaults")
-        mirrors.configure(g.settings.mirrors)
-        pipeline.retention = retention_of(g.settings)
-        deltas.configure(delta_config(g.settings))
+        return g.settings
 
-    cache = HashCache(paths.cache_path)
-    try:
-        pipeline = Pipeline(paths, cache, retention=retention_of(g.settings), deltas=deltas)
-        pipeline.on_publish.append(mirrors.request)
-        mirrors.configure(g.settings.mirrors)
-        watcher = Watcher(
-            pipeline,
-            on_reload=reload_settings,
-            pid_file=pid_file(paths),
-            max_watches=max_watches,
-            rescan_interval=rescan_interval,
-        )
-        sys.exit(watcher.run())
-    finally:
-        mirrors.stop()
-        cache.close()
-
-
-def delta_config(settings: Settings) -> DeltaConfig:
-    d = settings.deltas
-    return DeltaConfig(d.enabled, d.bases, d.max_ratio, float(d.timeout))
-
-
-def pid_file(paths: Paths) -> str:
-    return paths.state.watch_pid
+    paths = tree_paths(g, root_dir, img_dir, streams_dir)
+    sys.exit(watch_tree(paths, g.settings, reload_settings, max_watches, rescan_interval))
 
 
 @main.command()
 @click.pass_obj
+@handle_errors
 def reload(g: Globals) -> None:
     """Make the running watcher re-read its configuration and rescan (like SIGHUP)."""
     try:
@@ -387,7 +319,7 @@ def init(
     paths = tree_paths(g, root_dir, None, None)
     # imported here: certificates pull in `cryptography`, which the other commands never need
     from . import tls
-    from .initialize import InitOptions, client_instructions, initialize
+    from .initialize import InitOptions, initialize, instructions_for
 
     report = initialize(
         InitOptions(
@@ -404,6 +336,7 @@ def init(
             upload_socket=upload_socket,
             http_listen=http_listen,
             allow_overwrites=g.settings.allow_overwrites,
+            password_file=password_file,
         )
     )
     for change in report.changes:
@@ -413,25 +346,18 @@ def init(
     if report.cert is not None:
         click.echo("")
         click.echo(tls.describe(report.cert.cert_path))
-    shown = report.new_credentials
     if report.new_credentials:
         user, password = report.new_credentials
         click.echo("")
-        if password_file:
-            # kept out of the output, which may land in a log (apt's, for the package)
-            from .fsutil import write_atomic
-
-            write_atomic(password_file, f"{password}\n".encode(), mode=0o600)
-            click.echo(f"Upload user {user!r}: its password is in {password_file} (mode 0600)")
-            shown = (user, "PASSWORD")
+        if report.password_file:
+            where = f"{report.password_file} (mode 0600)"
+            click.echo(f"Upload user {user!r}: its password is in {where}")
         else:
             click.echo(f"Upload user {user!r}, password {password}")
         click.echo("(shown once; change it with: lxd-image-server passwd USER)")
-    host = hostnames[0] if hostnames else socket.getfqdn()
-    port = listen[0].rsplit(":", 1)[-1]
-    cert = report.cert.cert_path if report.cert else (None if ssl_skip else ssl_dir + "/nginx.crt")
+    cert_fallback = None if ssl_skip else ssl_dir + "/nginx.crt"
     click.echo("")
-    click.echo(client_instructions(host, port, cert, shown))
+    click.echo(instructions_for(report, hostnames, listen[0], cert_fallback=cert_fallback))
 
 
 @main.command()

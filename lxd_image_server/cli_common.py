@@ -1,11 +1,11 @@
-"""What the command modules share: the global options, the tree options, the tree's paths, the
-pipeline's retention, and the one map from errors to exit codes. cli.py loads the other command
-modules (cli_*.py) by name, so they import this module, never cli.py."""
+"""What the command modules share: the global options, the tree options, the tree's paths, and
+the one map from the package's errors to exit codes. cli.py loads the other command modules
+(cli_*.py) by name, so they import this module, never cli.py."""
 
 from __future__ import annotations
 
 import functools
-import logging
+import importlib
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -13,12 +13,9 @@ from typing import Any, TypeVar
 
 import click
 
-from .config import ConfigError, Paths, ServiceError
-from .publish import PublishError
-from .retention import Retention
+from .config import ConfigError, Paths
 from .settings import Settings
 
-log = logging.getLogger(__name__)
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -73,24 +70,64 @@ def tree_paths(
         raise click.UsageError(str(e)) from e
 
 
-def retention_of(settings: Settings) -> Retention:
-    """[retention] with the grace period of [prune], for the pipeline."""
-    return Retention(settings.retention, settings.prune_grace)
+#: exit codes: 1 the command failed, 2 it was used wrongly (click's own usage errors too)
+FAILED, USAGE = 1, 2
+
+#: The package's errors, "module:class", and the exit code each means; anything else is a bug
+#: (a traceback). Named, not imported: a command imports only what it uses (`update` never
+#: loads the push client), and an error of a module that is not loaded cannot be raised.
+EXIT_CODES: tuple[tuple[str, int], ...] = (
+    ("lxd_image_server.importer:NamingError", USAGE),
+    ("lxd_image_server.importer:ImportFailed", FAILED),
+    ("lxd_image_server.pushclient:PushError", FAILED),
+    ("lxd_image_server.retention:RetentionError", FAILED),
+    ("lxd_image_server.listing:CatalogMissing", FAILED),
+    ("lxd_image_server.publish:PublishError", FAILED),
+    ("lxd_image_server.config:ServiceError", FAILED),
+    ("lxd_image_server.mirror.authorize:AuthorizeError", FAILED),
+    ("lxd_image_server.updating:MirrorsFailed", FAILED),
+    ("builtins:PermissionError", FAILED),
+)
+
+
+def error_class(spec: str, load: bool = False) -> type[BaseException] | None:
+    """The class EXIT_CODES names by `spec`; None while its module is not loaded (or `load`)."""
+    module_name, _, name = spec.partition(":")
+    module = importlib.import_module(module_name) if load else sys.modules.get(module_name)
+    cls = getattr(module, name, None) if module is not None else None
+    return cls if isinstance(cls, type) and issubclass(cls, BaseException) else None
+
+
+def exit_code(e: BaseException) -> int | None:
+    """The exit code the package's error `e` means, or None (not one of ours: a bug)."""
+    for spec, code in EXIT_CODES:
+        cls = error_class(spec)
+        if cls is not None and isinstance(e, cls):
+            return code
+    return None
+
+
+def message(e: BaseException) -> str:
+    if isinstance(e, PermissionError):
+        return f"permission denied: {e.filename or e}"
+    return str(e)
 
 
 def handle_errors(f: F) -> F:
+    """Every command's errors -> their exit code (EXIT_CODES), with the message on stderr."""
+
     @functools.wraps(f)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return f(*args, **kwargs)
-        except PublishError as e:
-            log.error("%s", e)
-            sys.exit(1)
-        except PermissionError as e:
-            log.error("permission denied: %s", e.filename or e)
-            sys.exit(1)
-        except ServiceError as e:
-            log.error("%s", e)
-            sys.exit(1)
+        except click.ClickException:
+            raise
+        except Exception as e:
+            code = exit_code(e)
+            if code is None:
+                raise
+            if code == USAGE:
+                raise click.UsageError(message(e)) from e
+            raise click.ClickException(message(e)) from e
 
     return wrapper  # type: ignore[return-value]

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 import click
 
+from .cli_common import handle_errors
 from .health import DEFAULT_TIMEOUT, check_all
 
 if TYPE_CHECKING:
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
     help="Seconds each check may take.",
 )
 @click.pass_obj
+@handle_errors
 def health(g: Globals, url: str | None, timeout: float) -> None:
     """Exit 0 if nginx, the upload server and the watcher of `run` all answer, else 1."""
     checks = check_all(g.state, url, timeout)

@@ -12,6 +12,7 @@ from typing import IO, TYPE_CHECKING
 
 import click
 
+from .cli_common import handle_errors
 from .config import DEFAULT_MIRROR_USER
 
 if TYPE_CHECKING:
@@ -25,12 +26,13 @@ def mirror() -> None:
 
 @mirror.command()
 @click.pass_obj
+@handle_errors
 def status(g: Globals) -> None:
     """Show each mirror's last push, last error and pending push.
 
     Read from STATE_DIR/mirrors.json, which the running watcher keeps up to date. Exits 1
     unless every mirror's last push worked."""
-    from .mirror import describe, read_state, state_path
+    from .mirror.state import describe, read_state, state_path
 
     path = state_path(g.state)
     click.echo(f"mirror state: {path}")
@@ -55,18 +57,15 @@ def status(g: Globals) -> None:
     help="The mirror's served root [default: the configured root, /var/www/simplestreams].",
 )
 @click.pass_obj
+@handle_errors
 def authorize_command(g: Globals, key_file: IO[str], user: str, root_dir: str | None) -> None:
     """Let the holder of KEY.pub push into this mirror's tree.
 
     Run as root on the mirror. The key may run rsync write-only into the tree and nothing
     else (rrsync; no shell, no forwarding). Idempotent."""
-    from .mirror import AuthorizeError, authorize
+    from .mirror.authorize import authorize
 
-    root = root_dir or g.settings.root_dir
-    try:
-        report = authorize(key_file.read(), user, root)
-    except AuthorizeError as e:
-        raise click.ClickException(str(e)) from e
+    report = authorize(key_file.read(), user, root_dir or g.settings.root_dir)
     for change in report.changes:
         click.echo(f"- {change}")
     if not report.changes:

@@ -1,14 +1,14 @@
 """The operator commands: import, push, list, verify, prune, remove. Options in, calls out.
 
 cli.py loads them by name when one is used (LazyGroup); what they share with cli.py comes from
-cli_common.py. Commands that change the tree publish
-the result themselves, under the catalog lock, so they work with or without a running watcher.
+cli_common.py, with the one map from errors to exit codes. Commands that change the tree
+publish the result themselves (updating.with_pipeline), under the catalog lock, so they work
+with or without a running watcher.
 Exit codes: 0 done, 1 failed (or `verify` found problems), 2 usage error.
 """
 
 from __future__ import annotations
 
-import functools
 import os
 import sys
 from collections.abc import Callable
@@ -17,37 +17,17 @@ from typing import Any, TypeVar
 import click
 
 from . import importer, listing, pruning, pushclient, retention
-from .cli_common import Globals, handle_errors, retention_of, tree_options, tree_paths
+from .cli_common import F, Globals, handle_errors, tree_options, tree_paths
 from .config import Paths
-from .hashing import HashCache
 from .pipeline import Pipeline
 from .progress import ProgressStart, TerminalProgress, for_terminal
+from .updating import with_pipeline
 
-F = TypeVar("F", bound=Callable[..., Any])
+T = TypeVar("T")
 
 
 def _terminal_progress(label: str) -> ProgressStart | None:
     return TerminalProgress(sys.stderr, label) if sys.stderr.isatty() else None
-
-
-def ops_errors(f: F) -> F:
-    """The operator modules' errors -> exit 1 with their message (usage errors: exit 2)."""
-
-    @functools.wraps(f)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return f(*args, **kwargs)
-        except importer.NamingError as e:
-            raise click.UsageError(str(e)) from e
-        except (
-            importer.ImportFailed,
-            pushclient.PushError,
-            retention.RetentionError,
-            listing.CatalogMissing,
-        ) as e:
-            raise click.ClickException(str(e)) from e
-
-    return wrapper  # type: ignore[return-value]
 
 
 def naming_options(f: F) -> F:
@@ -87,19 +67,9 @@ def _files(files: tuple[str, ...]) -> tuple[str, ...]:
 
 
 def _with_pipeline(
-    g: Globals, paths: Paths, run: Callable[[Pipeline], Any], cache_first: Any = None
-) -> Any:
-    """`run` with a pipeline that publishes as the watcher does ([retention] included)."""
-    cache = HashCache(paths.cache_path)
-    try:
-        if cache_first is not None:
-            cache_first(cache)
-        pipeline = Pipeline(
-            paths, cache, progress_start=for_terminal(), retention=retention_of(g.settings)
-        )
-        return run(pipeline)
-    finally:
-        cache.close()
+    g: Globals, paths: Paths, run: Callable[[Pipeline], T], cache_first: Any = None
+) -> T:
+    return with_pipeline(paths, g.settings, run, for_terminal(), cache_first)
 
 
 # -- import ---------------------------------------------------------------------------------
@@ -113,7 +83,6 @@ def _with_pipeline(
 @click.option("--force", is_flag=True, help="Replace the files of an existing version.")
 @click.pass_obj
 @handle_errors
-@ops_errors
 def import_cmd(
     g: Globals,
     files: tuple[str, ...],
@@ -205,7 +174,6 @@ def _password(password_file: str | None, user: str) -> str | None:
 )
 @naming_options
 @handle_errors
-@ops_errors
 def push_cmd(
     files: tuple[str, ...],
     remote: str,
@@ -253,7 +221,6 @@ def push_cmd(
 )
 @click.pass_obj
 @handle_errors
-@ops_errors
 def list_cmd(
     g: Globals, root_dir: str | None, img_dir: str | None, streams_dir: str | None, fmt: str
 ) -> None:
@@ -267,7 +234,6 @@ def list_cmd(
 @tree_options
 @click.pass_obj
 @handle_errors
-@ops_errors
 def verify_cmd(
     g: Globals, root_dir: str | None, img_dir: str | None, streams_dir: str | None
 ) -> None:
@@ -334,7 +300,6 @@ def _report(outcome: pruning.Outcome, dry_run: bool, nothing: str) -> None:
 @click.option("--dry-run", is_flag=True, help="Only say what would be removed.")
 @click.pass_obj
 @handle_errors
-@ops_errors
 def prune_cmd(
     g: Globals,
     root_dir: str | None,
@@ -358,7 +323,6 @@ def prune_cmd(
 @click.option("--dry-run", is_flag=True, help="Only say what would be removed.")
 @click.pass_obj
 @handle_errors
-@ops_errors
 def remove_cmd(
     g: Globals,
     product: str,

@@ -63,7 +63,7 @@ class StateDir:
 
     @property
     def mirror_state(self) -> str:
-        """Each mirror's last push, for `mirror status` (mirror.py)."""
+        """Each mirror's last push, for `mirror status` (mirror/state.py)."""
         return self._in("mirrors.json")
 
     @property

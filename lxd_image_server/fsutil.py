@@ -9,6 +9,7 @@ import errno
 import json
 import os
 import secrets
+import shutil
 import stat
 from typing import Any
 
@@ -182,3 +183,112 @@ def _depth(value: Any) -> int:
         deepest = max(deepest, level)
         stack.extend((child, level) for child in children)
     return deepest
+
+
+# -- directory trees, relative to a descriptor, never through a link ---------------------------
+
+
+class DirectoryChanged(OSError):
+    """A directory made or found on the way was removed or replaced meanwhile; try again."""
+
+
+class DirChain:
+    """Directory descriptors from a root down, each opened below the one before without
+    following a link (open_dir), made with mkdir relative to its parent's descriptor when asked:
+    a directory swapped for a link on the way leads nowhere (NotADirectoryError), never out of
+    the tree. `fds[i + 1]` is `names[i]` in `fds[i]`; the chain owns every descriptor, the root's
+    too, and closes them (`close`, or as a context manager)."""
+
+    def __init__(self, root_fd: int) -> None:
+        self.fds = [root_fd]
+        self.names: list[str] = []
+        #: indexes into `names` of the directories this chain made
+        self.created: list[int] = []
+
+    def __enter__(self) -> DirChain:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def fd(self) -> int:
+        return self.fds[-1]
+
+    def down(self, name: str, mode: int | None = None) -> None:
+        """Opens directory `name` in the current one, or, with a `mode`, makes it if missing
+        (with exactly that mode, the setgid bit it inherits kept, and the parent fsynced).
+        FileNotFoundError: missing (no `mode`); NotADirectoryError: a link or not a directory;
+        DirectoryChanged: it kept being made and removed, or was swapped right after mkdir."""
+        parent = self.fds[-1]
+        for _ in range(3):
+            try:
+                fd = open_dir(name, dir_fd=parent)
+            except FileNotFoundError:
+                if mode is None:
+                    raise
+                try:
+                    os.mkdir(name, mode, dir_fd=parent)
+                except FileExistsError:
+                    continue
+                try:
+                    fd = open_dir(name, dir_fd=parent)
+                except (FileNotFoundError, NotADirectoryError):
+                    raise DirectoryChanged(errno.EAGAIN, "a directory changed", name) from None
+                self.created.append(len(self.names))
+                self.names.append(name)
+                self.fds.append(fd)
+                st_mode = os.fstat(fd).st_mode
+                if stat.S_IMODE(st_mode) & 0o777 != mode:
+                    # only when a umask narrowed it; a chmod naming the setgid bit is refused by
+                    # systemd's RestrictSUIDSGID, so the inherited bit is kept as it is
+                    os.fchmod(fd, mode | (st_mode & stat.S_ISGID))
+                os.fsync(parent)
+                return
+            self.names.append(name)
+            self.fds.append(fd)
+            return
+        raise DirectoryChanged(errno.EAGAIN, "a directory kept changing", name)
+
+    def remove_created(self) -> None:
+        """Removes the (empty) directories this chain made, deepest first."""
+        for i in reversed(self.created):
+            try:
+                os.rmdir(self.names[i], dir_fd=self.fds[i])
+            except OSError:
+                return
+
+    def prune(self) -> int:
+        """Removes the directories of the chain left empty, deepest first, up to (not
+        including) the root; returns the descriptor of the deepest directory changed."""
+        changed = self.fds[-1]
+        for i in reversed(range(len(self.names))):
+            try:
+                os.rmdir(self.names[i], dir_fd=self.fds[i])
+            except OSError:
+                break
+            changed = self.fds[i]
+        with contextlib.suppress(OSError):
+            os.fsync(changed)
+        return changed
+
+    def close(self) -> None:
+        for fd in self.fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.fds = []
+
+
+def delete_tree(name: str, dir_fd: int) -> None:
+    """Deletes the directory `name` in `dir_fd`: one rename to a hidden name makes it vanish at
+    once (for a scanner, a reader, a mirror push), the parent is fsynced, then its files go.
+    Nothing is followed: shutil.rmtree with dir_fd opens each directory without following a
+    link, and a link or file swapped in for the renamed directory is removed itself.
+    OSError (FileNotFoundError: it is gone) when the rename fails; what is left after it (a
+    file that cannot be removed) stays under the hidden name."""
+    doomed = f".deleting-{secrets.token_hex(8)}"
+    os.rename(name, doomed, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    os.fsync(dir_fd)
+    shutil.rmtree(doomed, dir_fd=dir_fd, ignore_errors=True)
+    with contextlib.suppress(OSError):  # a link or a file swapped in; rmtree left it
+        os.unlink(doomed, dir_fd=dir_fd)

@@ -9,6 +9,7 @@ import grp
 import logging
 import os
 import socket
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from .config import (
     DEFAULT_UPLOAD_SOCKET,
     Paths,
 )
+from .fsutil import write_atomic
 from .hashing import HashCache
 from .pipeline import Pipeline
 
@@ -47,6 +49,8 @@ class InitOptions:
     http_listen: tuple[str, ...] = ()
     #: ALLOW_OVERWRITES as configured: image files are then not cached as immutable
     allow_overwrites: bool = False
+    #: a new upload user's password goes to this file (mode 0600), not into the report's text
+    password_file: str | None = None
 
 
 @dataclass
@@ -55,6 +59,8 @@ class InitReport:
     #: (user, password) when a user was created: shown once, never stored in clear
     new_credentials: tuple[str, str] | None = None
     cert: tls.CertResult | None = None
+    #: where the new user's password was written (InitOptions.password_file)
+    password_file: str | None = None
 
 
 def ensure_tree(paths: Paths, report: InitReport) -> None:
@@ -140,9 +146,34 @@ def initialize(opts: InitOptions) -> InitReport:
             report.changes.append(f"created the certificate {report.cert.cert_path}")
     if opts.htpasswd is not None:
         ensure_credentials(opts.htpasswd, opts.upload_user, report)
+        if report.new_credentials and opts.password_file:
+            # kept out of the output, which may land in a log (apt's, for the package)
+            password = report.new_credentials[1]
+            write_atomic(opts.password_file, f"{password}\n".encode(), mode=0o600)
+            report.password_file = opts.password_file
     if not opts.nginx_skip:
         ensure_site(opts, report)
     return report
+
+
+def instructions_for(
+    report: InitReport,
+    hostnames: Sequence[str],
+    listen: str,
+    default_host: str | None = None,
+    cert_fallback: str | None = None,
+) -> str:
+    """The client instructions once `init` or `run` has set the server up: for its first name
+    (else `default_host`, else this machine's name), the port of `listen`, the certificate made
+    or kept (else `cert_fallback`), and the new upload user, if one was made (its password shown
+    unless it went to a file)."""
+    host = hostnames[0] if hostnames else (default_host or socket.getfqdn())
+    port = listen.rsplit(":", 1)[-1]
+    cert = report.cert.cert_path if report.cert else cert_fallback
+    credentials = report.new_credentials
+    if credentials and report.password_file:
+        credentials = (credentials[0], "PASSWORD")
+    return client_instructions(host, port, cert, credentials)
 
 
 def client_instructions(

@@ -25,9 +25,6 @@ import fcntl
 import json
 import logging
 import os
-import secrets
-import shutil
-import stat
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -36,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 from .catalog import Products, serial_sort_key
 from .config import Paths, StateDir
 from .deltas import drop_deltas_on
-from .fsutil import TooLarge, load_json_bounded, open_dir, read_regular
+from .fsutil import DirChain, TooLarge, delete_tree, load_json_bounded, open_dir, read_regular
 from .layout import VERSION_DEPTH, LayoutError, check_component, parse_version_dir, valid_serial
 from .publish import write_atomic
 from .retention_policy import RetentionPolicy
@@ -304,43 +301,23 @@ def _delete_version(img_dir: str, path: str) -> None:
     """One rename makes the version vanish at once, then its files go; empty parents too.
 
     Everything happens relative to directory descriptors opened from `img_dir` down without
-    following a link, so a directory an uploader swaps for a symlink on the way leads nowhere
-    outside images/ (NotADirectoryError); shutil.rmtree with dir_fd never follows links either.
+    following a link (fsutil.DirChain, fsutil.delete_tree), so a directory an uploader swaps for
+    a symlink on the way leads nowhere outside images/ (NotADirectoryError).
     Raises _Gone when the version directory is missing, OSError when it cannot be deleted.
     """
     parts = os.path.relpath(path, img_dir).split(os.sep)
-    fds = [os.open(img_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)]
-    try:
+    with DirChain(os.open(img_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)) as chain:
         try:
             for name in parts[:-1]:
-                fds.append(open_dir(name, dir_fd=fds[-1]))
-            os.close(open_dir(parts[-1], dir_fd=fds[-1]))
+                chain.down(name)
+            os.close(open_dir(parts[-1], dir_fd=chain.fd))
+            delete_tree(parts[-1], chain.fd)
         except FileNotFoundError:
             raise _Gone() from None
-        parent = fds[-1]
-        doomed = f".deleting-{secrets.token_hex(8)}"
-        os.rename(parts[-1], doomed, src_dir_fd=parent, dst_dir_fd=parent)
-        os.fsync(parent)
         # deltas on this version, in the others of its product, go with it
-        for rel in drop_deltas_on(parent, parts[-1]):
+        for rel in drop_deltas_on(chain.fd, parts[-1]):
             log.info("deleted %s/%s (its base is gone)", os.path.dirname(path), rel)
-        if stat.S_ISLNK(os.stat(doomed, dir_fd=parent, follow_symlinks=False).st_mode):
-            os.unlink(doomed, dir_fd=parent)  # swapped for a link after the check: just the link
-        else:
-            shutil.rmtree(doomed, dir_fd=parent, ignore_errors=True)
-        # empty parents go too, up to (not including) images/
-        changed = parent
-        for depth in range(len(parts) - 1, 0, -1):
-            try:
-                os.rmdir(parts[depth - 1], dir_fd=fds[depth - 1])
-            except OSError:
-                break
-            changed = fds[depth - 1]
-        with contextlib.suppress(OSError):
-            os.fsync(changed)
-    finally:
-        for fd in fds:
-            os.close(fd)
+        chain.prune()  # empty parents go too, up to (not including) images/
 
 
 def delete_expired(paths: Paths, now: float | None = None) -> list[Pending]:

@@ -26,7 +26,7 @@ from types import FrameType
 from . import handover, htpasswd, nginx, tls
 from .config import Paths, ServiceError
 from .fsutil import can_traverse
-from .initialize import InitReport, client_instructions, ensure_credentials, ensure_tree
+from .initialize import InitReport, ensure_credentials, ensure_tree, instructions_for
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -328,8 +328,6 @@ def upload_env(
 def run(opts: RunOptions, hostnames_for_help: Sequence[str] = ()) -> int:
     prepared = prepare(opts)
     report = prepared.report
-    host = (hostnames_for_help or opts.hostnames or ("127.0.0.1",))[0]
-    port = opts.listen.rsplit(":", 1)[-1]
     for change in report.changes:
         log.info("%s", change)
     if report.new_credentials:
@@ -339,8 +337,9 @@ def run(opts: RunOptions, hostnames_for_help: Sequence[str] = ()) -> int:
         )
     if opts.allow_anonymous_uploads:
         log.warning("anonymous uploads are allowed: anyone who reaches this server may upload")
-    cert = report.cert.cert_path if report.cert else None
-    sys.stdout.write(client_instructions(host, port, cert, report.new_credentials) + "\n")
+    names = hostnames_for_help or opts.hostnames
+    text = instructions_for(report, names, opts.listen, default_host="127.0.0.1")
+    sys.stdout.write(text + "\n")
     sys.stdout.flush()
     started = time.monotonic()
     rc = Supervisor(

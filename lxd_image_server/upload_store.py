@@ -3,7 +3,7 @@
 Everything below images/ may be swapped by an uploader at any moment (a directory replaced by
 a symbolic link to elsewhere). So nothing here uses a path below images/: the tree is walked
 from a descriptor of images/ one component at a time, each directory opened without following
-a link (fsutil.open_dir), created with mkdir relative to its parent's descriptor; files are
+a link, created with mkdir relative to its parent's descriptor (fsutil.DirChain); files are
 created, renamed, linked and removed relative to their directory's descriptor. A swap then
 changes nothing but which directory inside images/ receives the file.
 
@@ -23,13 +23,11 @@ import errno
 import hashlib
 import logging
 import os
-import secrets
-import shutil
 import stat
 from dataclasses import dataclass
 from typing import Any
 
-from .fsutil import load_json_bounded, open_dir
+from .fsutil import DirChain, DirectoryChanged, delete_tree, load_json_bounded
 from .layout import OVERRIDES_NAME, VersionKey, classify
 from .overrides import parse_overrides
 from .upload_errors import HTTPError, clip
@@ -73,77 +71,25 @@ class Stored:
         return doc
 
 
-class _Walk:
-    """Open directory descriptors from images/ down; `fds[i + 1]` is `names[i]` in `fds[i]`."""
+class _Walk(DirChain):
+    """The DirChain from images/ down to a version directory, its errors as HTTP answers."""
 
     def __init__(self, root_fd: int, shown: str) -> None:
-        self.fds = [root_fd]
-        self.names: list[str] = []
-        self.created: list[int] = []  # indexes into names of the directories made here
+        super().__init__(root_fd)
         self.shown = shown
 
-    @property
-    def fd(self) -> int:
-        return self.fds[-1]
-
-    def down(self, name: str, create: bool) -> None:
-        parent = self.fds[-1]
-        for _ in range(3):
-            try:
-                fd = open_dir(name, dir_fd=parent)
-            except FileNotFoundError:
-                if not create:
-                    raise HTTPError(404, f"{self.shown} does not exist") from None
-                try:
-                    os.mkdir(name, DIR_MODE, dir_fd=parent)
-                except FileExistsError:
-                    continue
-                self.created.append(len(self.names))
-                self.names.append(name)
-                try:
-                    fd = open_dir(name, dir_fd=parent)
-                except (FileNotFoundError, NotADirectoryError):
-                    self.names.pop()
-                    self.created.pop()
-                    raise HTTPError(409, f"{self.shown}: a directory changed; try again") from None
-                self.fds.append(fd)
-                mode = os.fstat(fd).st_mode
-                if stat.S_IMODE(mode) & 0o777 != DIR_MODE:
-                    # only when a umask narrowed it: the service's mask (0002) gives DIR_MODE
-                    # and the setgid bit inherited from images/ as they are, and systemd's
-                    # RestrictSUIDSGID refuses any chmod that names a setgid bit
-                    os.fchmod(fd, DIR_MODE | (mode & stat.S_ISGID))
-                os.fsync(parent)
-                return
-            except NotADirectoryError:
-                raise _not_a_directory(name, parent, self.shown) from None
-            self.names.append(name)
-            self.fds.append(fd)
-            return
-        raise HTTPError(409, f"{self.shown}: a directory kept changing; try again")
-
-    def remove_created(self) -> None:
-        """Removes the (empty) directories made by this walk, deepest first."""
-        for i in reversed(self.created):
-            try:
-                os.rmdir(self.names[i], dir_fd=self.fds[i])
-            except OSError:
-                return
-
-    def prune(self) -> None:
-        """Removes directories left empty, deepest first, up to (not including) images/."""
-        for i in reversed(range(len(self.names))):
-            try:
-                os.rmdir(self.names[i], dir_fd=self.fds[i])
-            except OSError:
-                return
-            os.fsync(self.fds[i])
-
-    def close(self) -> None:
-        for fd in self.fds:
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        self.fds = []
+    def down(self, name: str, mode: int | None = None) -> None:
+        parent = self.fd
+        try:
+            super().down(name, mode)
+        except FileNotFoundError:
+            if mode is not None:
+                raise  # a directory on the way went meanwhile (_os_error: 409)
+            raise HTTPError(404, f"{self.shown} does not exist") from None
+        except NotADirectoryError:
+            raise _not_a_directory(name, parent, self.shown) from None
+        except DirectoryChanged as e:
+            raise HTTPError(409, f"{self.shown}: {e.strerror}; try again") from None
 
 
 def _not_a_directory(name: str, parent: int, shown: str) -> HTTPError:
@@ -194,7 +140,7 @@ class Store:
         temp: Temp | None = None
         try:
             for component in key.relpath.split("/"):
-                walk.down(component, create=True)
+                walk.down(component, DIR_MODE)
             temp = open_temp(walk.fd, self.digest_dir is not None and self._unnamed)
             tmp = temp.name
             os.fchmod(temp.fd, FILE_MODE)
@@ -303,7 +249,7 @@ class Store:
         walk = self._walk(rel)
         try:
             for component in parents:
-                walk.down(component, create=False)
+                walk.down(component)
             try:
                 st = os.stat(name, dir_fd=walk.fd, follow_symlinks=False)
             except FileNotFoundError:
@@ -313,13 +259,8 @@ class Store:
             if version:
                 if not stat.S_ISDIR(st.st_mode):
                     raise HTTPError(400, f"{rel} is not a version directory")
-                # One rename makes the whole version vanish at once for the watcher.
-                doomed = f".deleting-{secrets.token_hex(8)}"
-                os.rename(name, doomed, src_dir_fd=walk.fd, dst_dir_fd=walk.fd)
-                os.fsync(walk.fd)
-                shutil.rmtree(doomed, dir_fd=walk.fd, ignore_errors=True)
-                with contextlib.suppress(OSError):  # swapped for a link or a file meanwhile
-                    os.unlink(doomed, dir_fd=walk.fd)
+                # one rename makes the whole version vanish at once for the watcher
+                delete_tree(name, walk.fd)
             else:
                 if stat.S_ISDIR(st.st_mode):
                     raise HTTPError(400, f"{rel} is a directory, not a file")

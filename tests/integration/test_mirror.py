@@ -33,7 +33,7 @@ from stat import S_ISDIR, S_ISREG
 import pytest
 
 from lxd_image_server.config import Paths
-from lxd_image_server.mirror import PushResult, push_once
+from lxd_image_server.mirror.worker import PushResult, push_once
 from lxd_image_server.settings import MirrorConfig
 
 from .images import build_rootfs, make_squashfs, sha256_file, write_metadata_tarball

@@ -9,14 +9,14 @@ import os
 import subprocess
 from pathlib import Path
 
-from lxd_image_server.mirror import (
+from lxd_image_server.mirror.sendlist import held_batches
+from lxd_image_server.mirror.transport import (
     catalog_command,
     deletions_command,
     images_command,
     rsync_command,
     take_snapshot,
 )
-from lxd_image_server.mirror_list import held_batches
 from lxd_image_server.settings import MirrorConfig
 
 from ..unit.test_mirror import M1, local, publish_catalog, source

@@ -16,16 +16,21 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from lxd_image_server import mirror as mirror_module
 from lxd_image_server.cli import main
 from lxd_image_server.config import Paths
-from lxd_image_server.mirror import (
-    EXCLUDES,
+from lxd_image_server.mirror.authorize import (
     AuthorizeError,
-    Mirrors,
-    MirrorStatus,
-    MirrorWorker,
+    AuthorizeReport,
     PublicKey,
+    authorize,
+    key_options,
+    merge_authorized_keys,
+    parse_public_keys,
+)
+from lxd_image_server.mirror.sendlist import CatalogError
+from lxd_image_server.mirror.state import MirrorStatus, describe, read_state, write_state
+from lxd_image_server.mirror.transport import (
+    EXCLUDES,
     PushCancelled,
     PushError,
     RsyncPusher,
@@ -34,20 +39,12 @@ from lxd_image_server.mirror import (
     _rsh_quote,
     catalog_command,
     deletions_command,
-    describe,
     describe_target,
     images_command,
-    key_options,
-    merge_authorized_keys,
-    parse_public_keys,
-    push_once,
-    read_state,
-    retry_delay,
     rsync_command,
     take_snapshot,
-    write_state,
 )
-from lxd_image_server.mirror_list import CatalogError
+from lxd_image_server.mirror.worker import Mirrors, MirrorWorker, push_once, retry_delay
 from lxd_image_server.settings import MirrorConfig
 
 DEADLINE = 10.0
@@ -147,7 +144,7 @@ def test_failures_back_off_are_logged_once_and_recovery_once(workers, caplog):
     wait_for(lambda: w.status().state == "ok", "the mirror to recover")
     wait_for(lambda: "works again" in caplog.text, "the recovery to be logged")
     assert pusher.pushes == 4
-    records = [r for r in caplog.records if r.name == "lxd_image_server.mirror"]
+    records = [r for r in caplog.records if r.name == "lxd_image_server.mirror.worker"]
     errors = [r for r in records if r.levelno == logging.ERROR]
     recovered = [r for r in records if "works again" in r.getMessage()]
     assert len(errors) == 1 and "push failed" in errors[0].getMessage()
@@ -433,7 +430,7 @@ def test_snapshot_refuses_a_catalog_that_is_a_link_fifo_or_too_large(tmp_path, m
         take_snapshot(src, str(tmp_path / "snap"))
     images.unlink()
     images.write_text(catalog_doc())
-    monkeypatch.setattr("lxd_image_server.mirror_list.MAX_CATALOG_BYTES", 10)
+    monkeypatch.setattr("lxd_image_server.mirror.sendlist.MAX_CATALOG_BYTES", 10)
     with pytest.raises(CatalogError, match="larger than 10 bytes"):
         take_snapshot(src, str(tmp_path / "snap"))
 
@@ -511,13 +508,13 @@ def test_push_user_default_is_the_same_everywhere():
     option = next(p for p in authorize_command.params if p.name == "user")
     # the name the README and the man page give
     assert option.default == "lxdmirror"
-    assert mirror_module.AuthorizeReport().user == option.default
+    assert AuthorizeReport().user == option.default
     assert MirrorConfig("n", "h").user == option.default
 
 
 def test_authorize_refuses_bad_user_names_before_changing_anything():
     with pytest.raises(AuthorizeError, match="not a valid user name"):
-        mirror_module.authorize(f"ssh-ed25519 {fake_key()}", "Bad User", "/nonexistent")
+        authorize(f"ssh-ed25519 {fake_key()}", "Bad User", "/nonexistent")
 
 
 def test_state_json_is_what_status_reads(tmp_path):

@@ -1,5 +1,5 @@
 """What a mirror push may send: the catalog's paths checked, the listed files checked and held
-open, the staging tree and the NUL-separated list rsync reads (mirror_list.py). The pin is
+open, the staging tree and the NUL-separated list rsync reads (mirror/sendlist.py). The pin is
 checked with the real rsync, locally: a version directory swapped for a link after the check
 is not followed."""
 
@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from lxd_image_server import mirror_list
-from lxd_image_server.mirror_list import (
+from lxd_image_server.mirror import sendlist
+from lxd_image_server.mirror.sendlist import (
     Batch,
     CatalogError,
     Listing,
@@ -111,7 +111,7 @@ def test_list_catalog_refuses_what_is_not_a_catalog(data: bytes, why: str) -> No
 
 
 def test_list_catalog_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(mirror_list, "MAX_CATALOG_BYTES", 100)
+    monkeypatch.setattr(sendlist, "MAX_CATALOG_BYTES", 100)
     with pytest.raises(CatalogError, match="larger than 100 bytes"):
         list_catalog(catalog(*(f"images/{n}" for n in range(20))), IMG)
 
@@ -183,7 +183,7 @@ def test_only_regular_files_reached_without_links_are_held(tmp_path: Path) -> No
 def test_batches_hold_at_most_so_many_directories_and_none_inside_another(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(mirror_list, "PINS_PER_RUN", 2)
+    monkeypatch.setattr(sendlist, "PINS_PER_RUN", 2)
     root, _ = tree(tmp_path)
     paths = []
     for n in range(5):

@@ -28,7 +28,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .fsutil import (
+from ..fsutil import (
     NotRegularFile,
     TooLarge,
     load_json_bounded,
@@ -36,7 +36,7 @@ from .fsutil import (
     open_regular,
     read_bounded,
 )
-from .page import PAGE_NAME
+from ..page import PAGE_NAME
 
 log = logging.getLogger(__name__)
 
