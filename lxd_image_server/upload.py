@@ -66,6 +66,8 @@ __all__ = [
 ]
 
 DEFAULT_READ_TIMEOUT = 60.0
+#: Bytes of a refused body still read before a 401 (a small upload's whole body).
+UNAUTHORIZED_DRAIN = 64 * 1024
 DIGEST_DIR_ENV = handover.DIR_ENV
 #: Parts of one multipart body, at most (any field counts); the rest is refused (413).
 MAX_PARTS = 256
@@ -212,8 +214,13 @@ class UploadApp:
                 internal=f"{type(e).__name__}: {clip(str(e))}",
             )
             log.debug("%s %s failed", method, shown, exc_info=True)
-        if body is not None and outcome.status in (401, 408):
-            # nothing more is read from a client without credentials, or one that stalled
+        if body is not None and outcome.status == 401:
+            # a small rest is read, so that the client reads its 401 instead of a broken pipe;
+            # beyond that nothing more is read from a client without credentials
+            body.drain(UNAUTHORIZED_DRAIN)
+            body.abandon()
+        elif body is not None and outcome.status == 408:
+            # nothing more is read from a client that stalled
             body.abandon()
         elif body is not None and outcome.status >= 400:
             body.drain()
