@@ -12,14 +12,14 @@ import datetime as dt
 import errno
 import fcntl
 import gzip
-import json
 import logging
 import os
 import re
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
+from . import catalog_json
 from .catalog import UPDATED_FORMAT, Products, images_document, index_document
 from .fsutil import TooLarge, read_regular
 from .fsutil import fsync_dir as fsync_dir
@@ -70,11 +70,28 @@ _LOCK_FLAGS = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBL
 
 
 def encode(doc: dict[str, Any]) -> bytes:
-    return (json.dumps(doc, sort_keys=True, indent=1, ensure_ascii=False) + "\n").encode()
+    """json.dumps(doc, sort_keys=True, indent=1, ensure_ascii=False) + a line break, as bytes
+    (catalog_json: the same bytes, reusing the text of versions encoded before)."""
+    return (catalog_json.encode(doc) + "\n").encode()
+
+
+def _dated(doc: dict[str, Any]) -> Callable[[str], bytes]:
+    """encode(doc) for any value of its top-level `updated`, the last key, encoding the rest
+    once: doc's bytes are the same up to that last line."""
+    text = encode({**doc, "updated": ""})
+    tail = b' "updated": ""\n}\n'
+    if not text.endswith(tail):
+        raise AssertionError("`updated` is not the document's last key")
+    head = text[: -len(tail)]
+    return lambda updated: head + encode({"updated": updated})[2:]
+
+
+#: gzip's default level: at 20,000 versions level 9 takes three times as long for 0.3 % less
+GZIP_LEVEL = 6
 
 
 def _gzip(data: bytes) -> bytes:
-    return gzip.compress(data, compresslevel=9, mtime=0)
+    return gzip.compress(data, compresslevel=GZIP_LEVEL, mtime=0)
 
 
 def _previous(path: str, limit: int) -> bytes | None:
@@ -112,20 +129,16 @@ def publish(streams_dir: str, products: Products, now: dt.datetime | None = None
     images_path = os.path.join(streams_dir, "images.json")
     index_path = os.path.join(streams_dir, "index.json")
     updated = now_updated(now)
-    images = images_document(products, updated)
+    images = _dated(images_document(products, updated))
     index = index_document(products, updated)
-    images_bytes = encode(images)
+    images_bytes = images(updated)
     old_images = _previous(images_path, len(images_bytes) + _SLACK)
     old_updated = updated_of(old_images)
-    if old_updated is not None and old_updated != updated:
-        images["updated"] = old_updated
-        if encode(images) == old_images:
-            # content unchanged: keep its timestamp so clients' caches stay valid
-            updated = old_updated
-            index["updated"] = index["index"]["images"]["updated"] = updated
-        else:
-            images["updated"] = updated
-    images_bytes = encode(images)
+    if old_updated not in (None, updated) and images(old_updated) == old_images:
+        # content unchanged: keep its timestamp so clients' caches stay valid
+        updated = old_updated
+        index["updated"] = index["index"]["images"]["updated"] = updated
+    images_bytes = images(updated)
     index_bytes = encode(index)
     same_images = images_bytes == old_images
     same_index = index_bytes == _previous(index_path, len(index_bytes) + _SLACK)
