@@ -11,9 +11,10 @@ import os
 import re
 from collections import defaultdict
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+from .catalog_json import Encoded
 from .hashing import Digests
 from .layout import COMBINED_FIELDS, VM_FTYPES, Role, VersionKey
 from .scan import FileStat, ScannedVersion
@@ -39,12 +40,27 @@ class BuiltVersion:
     items: dict[str, dict[str, Any]]
     #: "container" and/or "virtual-machine"
     types: frozenset[str]
+    #: the version's entry in its product's "versions": {"items": items}, which keeps its JSON
+    #: once encoded (catalog_json), so a publish reuses the text of every version it built before
+    entry: Encoded = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "entry", Encoded(items=self.items))
+
+
+def _relpath(path: str, root_dir: str) -> str:
+    """os.path.relpath for a path the scan built below root_dir (normalized, no '..'): a
+    prefix cut, without relpath's normalization of both paths at every item."""
+    prefix = root_dir if root_dir.endswith("/") else root_dir + "/"
+    if path.startswith(prefix) and os.path.isabs(root_dir):
+        return path[len(prefix) :]
+    return os.path.relpath(path, root_dir)
 
 
 def _item(f: FileStat, ftype: str, sha256: str, root_dir: str) -> dict[str, Any]:
     return {
         "ftype": ftype,
-        "path": os.path.relpath(f.path, root_dir),
+        "path": _relpath(f.path, root_dir),
         "size": f.size,
         "sha256": sha256,
     }
@@ -135,11 +151,16 @@ def _dedupe(values: Iterable[str]) -> list[str]:
 
 def build_products(versions: Iterable[ScannedVersion], digests: Digests, root_dir: str) -> Products:
     """All products of the tree, keyed os:release:arch:variant (from the path)."""
+    return products_of(
+        (v, built) for v in versions if (built := build_version(v, digests, root_dir)) is not None
+    )
+
+
+def products_of(built: Iterable[tuple[ScannedVersion, BuiltVersion]]) -> Products:
+    """The products of versions already built (`build_version`), e.g. kept from before."""
     grouped: dict[str, list[tuple[ScannedVersion, BuiltVersion]]] = defaultdict(list)
-    for v in versions:
-        built = build_version(v, digests, root_dir)
-        if built is not None:
-            grouped[v.key.product].append((v, built))
+    for v, b in built:
+        grouped[v.key.product].append((v, b))
 
     products: Products = {}
     types: dict[str, frozenset[str]] = {}
@@ -154,7 +175,7 @@ def build_products(versions: Iterable[ScannedVersion], digests: Digests, root_di
             "arch": key.arch,
             "variant": ov.variant or key.variant,
             "aliases": _dedupe([*default_aliases(key), *ov.aliases]),
-            "versions": {v.key.serial: {"items": b.items} for v, b in entries},
+            "versions": {v.key.serial: b.entry for v, b in entries},
         }
         if ov.requirements:
             # "requirements" for current clients, "lxd_requirements" for LXD before 5.21

@@ -24,7 +24,7 @@ import os
 from collections.abc import Callable, Iterable, Set
 from dataclasses import dataclass
 
-from .catalog import Products, build_products
+from .catalog import BuiltVersion, Products, build_version, products_of
 from .config import Paths
 from .hashing import Digests, HashCache, HashEngine, Progress
 from .hashjobs import DEFAULT_JOBS, HashJobs, Identity, Known, hash_version, identity
@@ -52,6 +52,16 @@ class _Ready:
     digests: Digests
 
 
+@dataclass(frozen=True)
+class _Built:
+    """A version's catalog entry (None: not publishable), built from the digests `ready`.
+    Kept between publishes: a version whose files did not change is not built again, and its
+    JSON is not encoded again (catalog.BuiltVersion.entry)."""
+
+    ready: _Ready
+    built: BuiltVersion | None
+
+
 class Pipeline:
     def __init__(
         self,
@@ -68,8 +78,12 @@ class Pipeline:
         self.progress_start = progress_start
         #: version directory (relative to images/) -> what was found there
         self.versions: dict[str, ScannedVersion] = {}
+        #: version directory -> the identity of its files as scanned (hashjobs.identity)
+        self._idents: dict[str, Identity] = {}
         #: version directory -> its digests, once computed
         self._ready: dict[str, _Ready] = {}
+        #: version directory -> its catalog entry, once built
+        self._built: dict[str, _Built] = {}
         self.products: Products = {}
         #: absolute version directories left out of the catalog: pruned or removed, files
         #: kept until their grace period is over (retention.py)
@@ -97,7 +111,8 @@ class Pipeline:
         found = self.scanner.scan()
         digests = self.hasher.digest(found, rehash, self.progress_start)
         self.versions = {v.key.relpath: v for v in found}
-        self._ready = {v.key.relpath: _Ready(identity(v), digests) for v in found}
+        self._idents = {rel: identity(v) for rel, v in self.versions.items()}
+        self._ready = {rel: _Ready(self._idents[rel], digests) for rel in self.versions}
         with catalog_lock(self.paths.state_dir):
             if self._catalog_state() != before:
                 log.info("the catalog was published by another writer meanwhile; rescanning")
@@ -137,10 +152,12 @@ class Pipeline:
         """Rescans below `prefix`; returns the versions now hashing in the background."""
         for rel in [r for r in self.versions if _under(r, prefix)]:
             del self.versions[rel]
+            del self._idents[rel]
             self._ready.pop(rel, None)
         submitted = set()
         for v in self.scanner.scan(prefix):
             self.versions[v.key.relpath] = v
+            self._idents[v.key.relpath] = identity(v)
             if self._schedule(v):
                 submitted.add(v.key.relpath)
         return submitted
@@ -148,7 +165,7 @@ class Pipeline:
     def _schedule(self, v: ScannedVersion) -> bool:
         """Makes `v` ready from the cache, or hashes what the cache lacks in the background
         (then True)."""
-        rel, ident = v.key.relpath, identity(v)
+        rel, ident = v.key.relpath, self._idents[v.key.relpath]
         ready = self._ready.get(rel)
         if ready is not None and ready.ident == ident:
             return False
@@ -185,7 +202,7 @@ class Pipeline:
         fresh = False
         for r in self.jobs.take():
             v = self.versions.get(r.rel)
-            if v is None or identity(v) != r.ident:
+            if v is None or self._idents[r.rel] != r.ident:
                 continue  # changed or gone since: its next job brings the right digests
             self._ready[r.rel] = _Ready(r.ident, r.digests)
             d = r.digests
@@ -214,18 +231,24 @@ class Pipeline:
 
     def _publish(self) -> bool:
         hidden = self.hidden()
-        shown: list[ScannedVersion] = []
-        digests = Digests()
+        shown: list[tuple[ScannedVersion, BuiltVersion]] = []
+        built: dict[str, _Built] = {}
         for rel, v in self.versions.items():
             ready = self._ready.get(rel)
             if v.path in hidden:
                 continue
-            if ready is None or ready.ident != identity(v):
+            ident = self._idents[rel]
+            if ready is None or ready.ident != ident:
                 log.debug("not publishing %s yet: still hashing", v.path)
                 continue
-            shown.append(v)
-            _copy_digests(ready.digests, v, digests)
-        self.products = build_products(shown, digests, self.paths.root_dir)
+            b = self._built.get(rel)
+            if b is None or b.ready is not ready:
+                b = _Built(ready, build_version(v, ready.digests, self.paths.root_dir))
+            built[rel] = b
+            if b.built is not None:
+                shown.append((v, b.built))
+        self._built = built
+        self.products = products_of(shown)
         changed = publish(self.paths.streams_dir, self.products)
         # <root>/streams/index.html, when its bytes change or it is missing
         write_page(self.paths.root_dir, self.products)
@@ -233,18 +256,6 @@ class Pipeline:
             for listener in self.on_publish:
                 listener()
         return changed
-
-
-def _copy_digests(src: Digests, v: ScannedVersion, dst: Digests) -> None:
-    for f in v.files.values():
-        if f.path in src.files:
-            dst.files[f.path] = src.files[f.path]
-        if f.path in src.failed:
-            dst.failed.add(f.path)
-        for m in v.files.values():
-            c = src.combined.get((m.path, f.path))
-            if c is not None:
-                dst.combined[(m.path, f.path)] = c
 
 
 def _under(rel: str, prefix: str) -> bool:
