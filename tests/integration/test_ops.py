@@ -34,7 +34,9 @@ from .servers import (
     lxc_json,
     run,
 )
-from .test_run import PASSWORD, start_server
+from .test_run import PASSWORD, reachable, start_server
+
+__all__ = ["reachable"]  # a fixture, used by name
 
 pytestmark = [pytest.mark.lxd, pytest.mark.timeout(600)]
 
@@ -179,10 +181,9 @@ def test_import_real_exports_then_launch(
         assert launch(remote, "busybox/1.35/unified", names[-1]) == exports.fp_unified
 
 
-def test_push_to_run_then_launch(exports: Exports, pki: Pki, tmp_path: Path, label: str) -> None:
-    base = tmp_path / "server"
-    base.mkdir()
-    server_gen = start_server(base, pki, {})
+def test_push_to_run_then_launch(exports: Exports, pki: Pki, reachable: Path, label: str) -> None:
+    # a directory www-data can traverse: `run` as root never starts nginx's workers as root
+    server_gen = start_server(reachable, pki, {})
     server = next(server_gen)
     try:
         env = {**os.environ, "LXD_IMAGE_SERVER_PASSWORD": PASSWORD}

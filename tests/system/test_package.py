@@ -435,6 +435,9 @@ def test_tree_user_and_credentials(installed: Installed, container: Container) -
     assert container.path("/etc/nginx/sites-enabled/default").exists(), "Debian's site is gone"
     listening = container.run("ss -ltn").stdout
     assert re.search(r":80\s", listening) and re.search(rf":{HTTPS_PORT}\s", listening), listening
+    # the site fits the nginx of this release (1.22 on Debian 12, 1.26 on 13: `http2 on;`)
+    checked = container.run("nginx -t 2>&1")
+    assert "[warn]" not in checked.stdout and "deprecated" not in checked.stdout, checked.stdout
 
 
 def test_units_verify_and_are_hardened(installed: Installed, container: Container) -> None:
