@@ -8,12 +8,13 @@ so two cores compute both in the time one needs for one (hashlib releases the GI
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import sqlite3
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -72,6 +73,35 @@ class HashCache:
         except (OSError, sqlite3.Error) as e:
             log.warning("hash cache %s unusable (%s); hashing everything", path, e)
             self._db = None
+        #: both tables in memory while `preloaded` (a full scan looks up every file)
+        self._files: dict[str, tuple[Any, ...]] | None = None
+        self._combined: dict[tuple[str, str], tuple[Any, ...]] | None = None
+
+    @contextlib.contextmanager
+    def preloaded(self) -> Iterator[None]:
+        """Answers lookups from one read of each table instead of one query per file (what
+        looking up a whole tree wants); writes go to both."""
+        if self._db is None:
+            yield
+            return
+        try:
+            files = self._db.execute(
+                "SELECT path, dev, inode, size, mtime_ns, ctime_ns, sha256 FROM files"
+            ).fetchall()
+            combined = self._db.execute(
+                "SELECT meta_path, root_path, meta_ident, root_ident, sha256 FROM combined"
+            ).fetchall()
+        except sqlite3.Error as e:
+            log.warning("hash cache read failed (%s); looking files up one by one", e)
+            yield
+            return
+        self._files = {r[0]: r[1:] for r in files}
+        self._combined = {(r[0], r[1]): r[2:] for r in combined}
+        del files, combined
+        try:
+            yield
+        finally:
+            self._files = self._combined = None
 
     def close(self) -> None:
         if self._db is not None:
@@ -98,20 +128,26 @@ class HashCache:
             log.warning("hash cache write failed (%s); results not cached", e)
 
     def get(self, f: FileStat) -> str | None:
-        row = self._query(
-            "SELECT dev, inode, size, mtime_ns, ctime_ns, sha256 FROM files WHERE path = ?",
-            (f.path,),
-        )
+        if self._files is not None:
+            row = self._files.get(f.path)
+        else:
+            row = self._query(
+                "SELECT dev, inode, size, mtime_ns, ctime_ns, sha256 FROM files WHERE path = ?",
+                (f.path,),
+            )
         if row and tuple(row[:5]) == f.identity[1:]:
             return str(row[5])
         return None
 
     def get_combined(self, meta: FileStat, root: FileStat) -> str | None:
-        row = self._query(
-            "SELECT meta_ident, root_ident, sha256 FROM combined "
-            "WHERE meta_path = ? AND root_path = ?",
-            (meta.path, root.path),
-        )
+        if self._combined is not None:
+            row = self._combined.get((meta.path, root.path))
+        else:
+            row = self._query(
+                "SELECT meta_ident, root_ident, sha256 FROM combined "
+                "WHERE meta_path = ? AND root_path = ?",
+                (meta.path, root.path),
+            )
         if row and row[0] == _ident(meta) and row[1] == _ident(root):
             return str(row[2])
         return None
@@ -121,14 +157,13 @@ class HashCache:
         files: Iterable[tuple[FileStat, str]],
         combined: Iterable[tuple[FileStat, FileStat, str]],
     ) -> None:
-        self._write(
-            "INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?, ?)",
-            [(*f.identity, d) for f, d in files],
-        )
-        self._write(
-            "INSERT OR REPLACE INTO combined VALUES (?, ?, ?, ?, ?)",
-            [(m.path, r.path, _ident(m), _ident(r), d) for m, r, d in combined],
-        )
+        file_rows = [(*f.identity, d) for f, d in files]
+        combined_rows = [(m.path, r.path, _ident(m), _ident(r), d) for m, r, d in combined]
+        self._write("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?, ?)", file_rows)
+        self._write("INSERT OR REPLACE INTO combined VALUES (?, ?, ?, ?, ?)", combined_rows)
+        if self._files is not None and self._combined is not None:
+            self._files.update((r[0], r[1:]) for r in file_rows)
+            self._combined.update(((r[0], r[1]), r[2:]) for r in combined_rows)
 
     def forget_except(self, keep_paths: set[str]) -> None:
         """Drops entries of files no longer in the tree (after a full scan)."""

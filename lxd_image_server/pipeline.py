@@ -109,7 +109,8 @@ class Pipeline:
         catalog changed."""
         before = self._catalog_state()
         found = self.scanner.scan()
-        digests = self.hasher.digest(found, rehash, self.progress_start)
+        with self.cache.preloaded():
+            digests = self.hasher.digest(found, rehash, self.progress_start)
         self.versions = {v.key.relpath: v for v in found}
         self._idents = {rel: identity(v) for rel, v in self.versions.items()}
         self._ready = {rel: _Ready(self._idents[rel], digests) for rel in self.versions}
