@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterable, Set
 from dataclasses import dataclass
 
 from .catalog import BuiltVersion, Products, build_version, products_of
+from .catalog_gzip import GzipCache
 from .config import Paths
 from .hashing import Digests, HashCache, HashEngine, Progress
 from .hashjobs import DEFAULT_JOBS, HashJobs, Identity, Known, hash_version, identity
@@ -88,8 +89,17 @@ class Pipeline:
         #: absolute version directories left out of the catalog: pruned or removed, files
         #: kept until their grace period is over (retention.py)
         self.hidden = hidden if hidden is not None else PendingVersions(paths.state_dir)
-        #: called after every publish that changed the catalog (e.g. to push to mirrors)
+        #: called after every publish that changed the catalog (e.g. to push to mirrors), once
+        #: the page is written too
         self.on_publish: list[Callable[[], None]] = []
+        #: write the page only when `write_page` is called (the watcher: once no publish is
+        #: due), not right after the catalog: the page never delays a publish
+        self.defer_page = False
+        #: the catalog was published since the page was last written
+        self.page_due = False
+        self._notify = False
+        #: what images.json.gz's last publish compressed, reused by the next
+        self._gzip = GzipCache()
         #: called from a hashing thread when a version's digests are done (`collect` them)
         self.on_hashed: Callable[[], None] | None = None
         self.jobs = HashJobs(jobs, on_done=self._hashed)
@@ -250,13 +260,29 @@ class Pipeline:
                 shown.append((v, b.built))
         self._built = built
         self.products = products_of(shown)
-        changed = publish(self.paths.streams_dir, self.products)
-        # <root>/streams/index.html, when its bytes change or it is missing
-        write_page(self.paths.root_dir, self.products)
-        if changed:
-            for listener in self.on_publish:
-                listener()
+        changed = publish(self.paths.streams_dir, self.products, images_gz=self._gzip)
+        self.page_due = True
+        self._notify = self._notify or changed
+        if not self.defer_page:
+            self._write_page()
         return changed
+
+    def write_page(self) -> None:
+        """Writes the catalog page of the last publish, if not written yet (defer_page)."""
+        if self.page_due:
+            with catalog_lock(self.paths.state_dir):
+                self._write_page()
+
+    def _write_page(self) -> None:
+        self.page_due = False
+        try:
+            # <root>/streams/index.html, when its bytes change or it is missing
+            write_page(self.paths.root_dir, self.products)
+        finally:
+            if self._notify:
+                self._notify = False
+                for listener in self.on_publish:
+                    listener()
 
 
 def _under(rel: str, prefix: str) -> bool:

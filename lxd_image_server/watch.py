@@ -128,6 +128,7 @@ class Watcher:
         self.writing: set[str] = set()
         pipeline.scanner.exclude = self._excluded
         pipeline.on_hashed = self._wake
+        pipeline.defer_page = True  # written once no publish is due (_write_page)
         self.inotify = INotify()
         self.wds: dict[int, str] = {}
         #: the same, the other way round: watched directory (relative to images/) -> wd
@@ -418,6 +419,18 @@ class Watcher:
             )
             self._retry(prefixes)
 
+    def _page_ready(self) -> bool:
+        """The catalog page is due and no publish is pending: its turn."""
+        return self.pipeline.page_due and not self.dirty and not self.collect_due
+
+    def _write_page(self) -> None:
+        try:
+            self.pipeline.write_page()
+        except PublishError as e:
+            log.error("%s; writing it again after the next publish", e)
+        except Exception:
+            log.exception("unexpected error while writing the catalog page")
+
     def _retry(self, prefixes: set[str]) -> None:
         self.dirty |= prefixes
         self.first_event = self.last_event = time.monotonic() + RETRY_AFTER_ERROR
@@ -480,6 +493,8 @@ class Watcher:
             while not self.stopping:
                 due = self._due()
                 timeout_ms = None if due is None else int(due * 1000) + 1
+                if self._page_ready():
+                    timeout_ms = 0  # look for events first: the page waits for them
                 for fd, _ in poller.poll(timeout_ms):
                     if fd == self._wake_r:
                         with contextlib.suppress(BlockingIOError):
@@ -495,6 +510,10 @@ class Watcher:
                 due = self._due()
                 if due is not None and due <= 0:
                     self._process()
+                elif self._page_ready():
+                    self._write_page()
+            if self.pipeline.page_due:
+                self._write_page()
             log.info("stopped")
             return 0
         finally:
