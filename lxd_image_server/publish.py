@@ -11,7 +11,6 @@ import contextlib
 import datetime as dt
 import errno
 import fcntl
-import gzip
 import logging
 import os
 import re
@@ -21,6 +20,7 @@ from typing import Any
 
 from . import catalog_json
 from .catalog import UPDATED_FORMAT, Products, images_document, index_document
+from .catalog_gzip import GzipCache
 from .fsutil import TooLarge, read_regular
 from .fsutil import fsync_dir as fsync_dir
 from .fsutil import write_atomic as write_atomic
@@ -86,14 +86,6 @@ def _dated(doc: dict[str, Any]) -> Callable[[str], bytes]:
     return lambda updated: head + encode({"updated": updated})[2:]
 
 
-#: gzip's default level: at 20,000 versions level 9 takes three times as long for 0.3 % less
-GZIP_LEVEL = 6
-
-
-def _gzip(data: bytes) -> bytes:
-    return gzip.compress(data, compresslevel=GZIP_LEVEL, mtime=0)
-
-
 def _previous(path: str, limit: int) -> bytes | None:
     """The bytes of a document published before, if it is a regular file of at most `limit`
     bytes: a link, a FIFO or a huge file is never followed or read whole (it is replaced)."""
@@ -104,9 +96,15 @@ def _previous(path: str, limit: int) -> bytes | None:
 
 
 def updated_of(data: bytes | None) -> str | None:
-    """The top-level `updated` of a document `encode` wrote (no JSON parse needed)."""
-    m = _UPDATED_RE.search(data) if data is not None else None
-    return m.group(1).decode() if m else None
+    """The top-level `updated` of a document `encode` wrote (no JSON parse needed). It is the
+    last key, so its line is looked for from the end (the only line indented by one space
+    that starts so), and only that line is matched."""
+    if data is None:
+        return None
+    start = data.rfind(b'\n "updated": "')
+    end = data.find(b"\n", start + 1)
+    m = _UPDATED_RE.fullmatch(data, start + 1, end if end != -1 else len(data))
+    return m.group(1).decode() if start != -1 and m else None
 
 
 def _is_regular(path: str) -> bool:
@@ -120,11 +118,17 @@ def now_updated(now: dt.datetime | None = None) -> str:
     return (now or dt.datetime.now(dt.UTC)).strftime(UPDATED_FORMAT)
 
 
-def publish(streams_dir: str, products: Products, now: dt.datetime | None = None) -> bool:
+def publish(
+    streams_dir: str,
+    products: Products,
+    now: dt.datetime | None = None,
+    images_gz: GzipCache | None = None,
+) -> bool:
     """Writes images.json and index.json (+ .gz) if their content changed.
 
     Returns True when something was written. The caller holds `catalog_lock`. The previous
     documents are compared byte for byte (with their own `updated`), read bounded.
+    `images_gz` keeps what was compressed of the previous images.json (catalog_gzip).
     """
     images_path = os.path.join(streams_dir, "images.json")
     index_path = os.path.join(streams_dir, "index.json")
@@ -147,10 +151,10 @@ def publish(streams_dir: str, products: Products, now: dt.datetime | None = None
         return False
     try:
         os.makedirs(streams_dir, exist_ok=True)
-        write_atomic(images_path + ".gz", _gzip(images_bytes))
+        write_atomic(images_path + ".gz", (images_gz or GzipCache()).compress(images_bytes))
         write_atomic(images_path, images_bytes)
         fsync_dir(streams_dir)
-        write_atomic(index_path + ".gz", _gzip(index_bytes))
+        write_atomic(index_path + ".gz", GzipCache().compress(index_bytes))
         write_atomic(index_path, index_bytes)
         fsync_dir(streams_dir)
     except OSError as e:
