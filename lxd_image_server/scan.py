@@ -92,7 +92,7 @@ def open_below(base: str, rel: str) -> int:
         os.close(fd)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class FileStat:
     """One file as found on disk; (path, dev, inode, size, mtime, ctime) identify its bytes."""
 
@@ -118,7 +118,7 @@ class FileStat:
         return (self.path, self.dev, self.inode, self.size, self.mtime_ns, self.ctime_ns)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ScannedVersion:
     key: VersionKey
     #: Directory of the version, absolute.

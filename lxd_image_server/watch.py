@@ -301,7 +301,8 @@ class Watcher:
             return True
         if not self.over_cap:
             return False
-        parent = os.path.relpath(os.path.dirname(path), self.img_dir)
+        # (the scanner's paths are img_dir/rel/name: no relpath needed)
+        parent = path[len(self.img_dir) + 1 :].rpartition("/")[0]
         if parent in self.watched:
             return False
         # no watch there: publish it only once it has not changed for a rescan interval
