@@ -30,7 +30,7 @@ class Encoded(dict[str, Any]):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.cached: tuple[int, str] | None = None
+        self.cached: tuple[int, bytes] | None = None
 
 
 def _scalar(value: object) -> str | None:
@@ -50,22 +50,29 @@ def _scalar(value: object) -> str | None:
     raise TypeError(f"the catalog holds no {type(value).__name__}")
 
 
-def _parts(value: Any, level: int, out: list[str]) -> None:
+Parts = list[str | bytes]
+
+
+def _utf8(parts: Parts) -> bytes:
+    return b"".join([p.encode() if isinstance(p, str) else p for p in parts])
+
+
+def _parts(value: Any, level: int, out: Parts) -> None:
     scalar = _scalar(value)
     if scalar is not None:
         out.append(scalar)
         return
     if isinstance(value, Encoded):
         if value.cached is None or value.cached[0] != level:
-            own: list[str] = []
+            own: Parts = []
             _container(value, level, own)
-            value.cached = (level, "".join(own))
+            value.cached = (level, _utf8(own))
         out.append(value.cached[1])
         return
     _container(value, level, out)
 
 
-def _container(value: Any, level: int, out: list[str]) -> None:
+def _container(value: Any, level: int, out: Parts) -> None:
     inner = "\n" + _INDENT * (level + 1)
     if isinstance(value, dict):
         if not value:
@@ -102,9 +109,14 @@ def _container(value: Any, level: int, out: list[str]) -> None:
     out.append("\n" + _INDENT * level + "]")
 
 
-def encode(value: Any) -> str:
-    """`json.dumps(value, sort_keys=True, indent=1, ensure_ascii=False)`, reusing the text of
-    every `Encoded` mapping inside."""
-    out: list[str] = []
+def encode_utf8(value: Any) -> bytes:
+    """`json.dumps(value, sort_keys=True, indent=1, ensure_ascii=False).encode()`, reusing
+    the text of every `Encoded` mapping inside (kept as UTF-8: joined without a copy as str)."""
+    out: Parts = []
     _parts(value, 0, out)
-    return "".join(out)
+    return _utf8(out)
+
+
+def encode(value: Any) -> str:
+    """`json.dumps(value, sort_keys=True, indent=1, ensure_ascii=False)` (see encode_utf8)."""
+    return encode_utf8(value).decode()

@@ -70,7 +70,7 @@ _LOCK_FLAGS = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBL
 def encode(doc: dict[str, Any]) -> bytes:
     """json.dumps(doc, sort_keys=True, indent=1, ensure_ascii=False) + a line break, as bytes
     (catalog_json: the same bytes, reusing the text of versions encoded before)."""
-    return (catalog_json.encode(doc) + "\n").encode()
+    return catalog_json.encode_utf8(doc) + b"\n"
 
 
 Parts = list[bytes | memoryview]
@@ -79,8 +79,8 @@ Parts = list[bytes | memoryview]
 def _dated(doc: dict[str, Any]) -> Callable[[str], Parts]:
     """encode(doc) for any value of its top-level `updated`, the last key, in two parts: the
     rest is encoded once (and not copied), as doc's bytes are the same up to that last line."""
-    text = encode({**doc, "updated": ""})
-    tail = b' "updated": ""\n}\n'
+    text = catalog_json.encode_utf8({**doc, "updated": ""})
+    tail = b' "updated": ""\n}'
     if not text.endswith(tail):
         raise AssertionError("`updated` is not the document's last key")
     head = memoryview(text)[: -len(tail)]
