@@ -43,9 +43,12 @@ class BuiltVersion:
     #: the version's entry in its product's "versions": {"items": items}, which keeps its JSON
     #: once encoded (catalog_json), so a publish reuses the text of every version it built before
     entry: Encoded = field(init=False, repr=False, compare=False)
+    #: serial_sort_key of the serial, kept: the products sort every version at every publish
+    order: tuple[str, str] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "entry", Encoded(items=self.items))
+        object.__setattr__(self, "order", serial_sort_key(self.key.serial))
 
 
 def _relpath(path: str, root_dir: str) -> str:
@@ -165,7 +168,7 @@ def products_of(built: Iterable[tuple[ScannedVersion, BuiltVersion]]) -> Product
     products: Products = {}
     types: dict[str, frozenset[str]] = {}
     for pkey in sorted(grouped):
-        entries = sorted(grouped[pkey], key=lambda e: serial_sort_key(e[0].key.serial))
+        entries = sorted(grouped[pkey], key=lambda e: e[1].order)
         newest, _ = entries[-1]
         key, ov = newest.key, newest.overrides
         product: dict[str, Any] = {
@@ -186,7 +189,7 @@ def products_of(built: Iterable[tuple[ScannedVersion, BuiltVersion]]) -> Product
         if ov.support_eol:
             product["support_eol"] = ov.support_eol
         products[pkey] = product
-        types[pkey] = frozenset().union(*(b.types for _, b in entries))
+        types[pkey] = frozenset().union(*[b.types for _, b in entries])
 
     _resolve_alias_conflicts(products, types)
     for product in products.values():
