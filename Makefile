@@ -70,6 +70,7 @@ bench: venv run-deps
 	$(BIN)/python bench/bench_watch.py
 	$(BIN)/python bench/bench_upload.py
 	$(BIN)/python bench/bench_scale.py
+	$(BIN)/python bench/bench_import.py
 
 # ALLOW_OVERWRITES, ALLOW_DELETES and DEBUG pass through from the environment.
 run: run-deps venv
