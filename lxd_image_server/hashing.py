@@ -17,7 +17,7 @@ import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from .layout import Role
 from .scan import FileStat, ScannedVersion, open_below
@@ -25,6 +25,9 @@ from .scan import FileStat, ScannedVersion, open_below
 log = logging.getLogger(__name__)
 
 CHUNK = 1 << 20
+#: files up to this size feed their digests one after the other in one thread: starting a
+#: thread per digest costs more than hashing a few MiB (a cold update of 20,000 small versions)
+SMALL = 4 << 20
 Progress = Callable[[int], None]
 Identity = tuple[str, int, int, int, int, int]
 
@@ -213,8 +216,8 @@ def hash_file(f: FileStat, sinks: Sequence[Hasher], progress: Progress = _no_pro
         if hasattr(os, "posix_fadvise"):
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
         try:
-            if len(sinks) == 1:
-                _feed_one(fh, sinks[0], progress)
+            if len(sinks) == 1 or f.size <= SMALL:
+                _feed_each(fh, sinks, progress)
             else:
                 _feed_many(fh, sinks, progress)
         except OSError as e:
@@ -224,11 +227,13 @@ def hash_file(f: FileStat, sinks: Sequence[Hasher], progress: Progress = _no_pro
         raise FileChanged("it was modified while being hashed")
 
 
-def _feed_one(fh: Any, sink: Hasher, progress: Progress) -> None:
+def _feed_each(fh: Any, sinks: Sequence[Hasher], progress: Progress) -> None:
+    """Every chunk to each sink in turn, in this thread."""
     buf = bytearray(CHUNK)
     view = memoryview(buf)
     while n := fh.readinto(buf):
-        sink.update(view[:n])
+        for sink in sinks:
+            sink.update(view[:n])
         progress(n)
 
 
@@ -282,6 +287,31 @@ class _Plan:
     need_plain: bool
     #: metadata files whose combined fingerprint with this root is needed
     combine_with: list[FileStat] = field(default_factory=list)
+
+
+#: small files handed to a hashing thread at a time (one task per file costs more than hashing
+#: a 4 KiB file)
+BATCH = 32
+
+T = TypeVar("T")
+
+
+def _map_batched(pool: ThreadPoolExecutor, fn: Callable[[_Plan], T], plans: list[_Plan]) -> list[T]:
+    """[fn(p) for p in plans] on the pool's threads: a big file is a task of its own, small
+    ones go BATCH at a time; results in the order of `plans`."""
+    batches: list[list[_Plan]] = []
+    for p in plans:
+        if (
+            p.file.size > SMALL
+            or not batches
+            or len(batches[-1]) >= BATCH
+            or batches[-1][0].file.size > SMALL
+        ):
+            batches.append([p])
+        else:
+            batches[-1].append(p)
+    done = pool.map(lambda batch: [fn(p) for p in batch], batches)
+    return [r for batch in done for r in batch]
 
 
 class HashEngine:
@@ -338,7 +368,9 @@ class HashEngine:
         # Phase 1: metadata tarballs and unified tarballs (their state primes the combined).
         primed: dict[str, Hasher] = {}
         with ThreadPoolExecutor(self.workers, thread_name_prefix="hash") as pool:
-            results = list(pool.map(lambda p: self._run_plain(p, safe_progress), metas.values()))
+            results = _map_batched(
+                pool, lambda p: self._run_plain(p, safe_progress), list(metas.values())
+            )
         for plan, hasher in zip(metas.values(), results, strict=True):
             if hasher is None:
                 out.failed.add(plan.file.path)
@@ -347,8 +379,8 @@ class HashEngine:
             out.files[plan.file.path] = hasher.hexdigest()
         # Phase 2: roots, each read once into its own sha256 and every combined fingerprint.
         with ThreadPoolExecutor(self.workers, thread_name_prefix="hash") as pool:
-            root_results = list(
-                pool.map(lambda p: self._run_root(p, primed, safe_progress), roots.values())
+            root_results = _map_batched(
+                pool, lambda p: self._run_root(p, primed, safe_progress), list(roots.values())
             )
         new_files = [
             (p.file, out.files[p.file.path])
