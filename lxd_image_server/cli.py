@@ -218,7 +218,7 @@ def update(
     finally:
         cache.close()
     if not changed:
-        log.info("catalog unchanged (%d products)", len(pipeline.products))
+        log.info("catalog unchanged (%d versions scanned)", len(pipeline.versions))
     if g.settings.mirrors:
         from .mirror import push_once
 

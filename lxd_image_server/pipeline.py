@@ -24,6 +24,7 @@ import os
 from collections.abc import Callable, Iterable, Set
 from dataclasses import dataclass
 
+from . import unchanged
 from .catalog import BuiltVersion, Products, build_version, products_of
 from .catalog_gzip import GzipCache
 from .config import Paths
@@ -85,7 +86,10 @@ class Pipeline:
         self._ready: dict[str, _Ready] = {}
         #: version directory -> its catalog entry, once built
         self._built: dict[str, _Built] = {}
-        self.products: Products = {}
+        self._products: Products = {}
+        #: the versions of a full update that found the catalog published already: built into
+        #: `products` only if someone asks (unchanged.py)
+        self._unbuilt: list[tuple[str, ScannedVersion, _Ready]] | None = None
         #: absolute version directories left out of the catalog: pruned or removed, files
         #: kept until their grace period is over (retention.py)
         self.hidden = hidden if hidden is not None else PendingVersions(paths.state_dir)
@@ -132,7 +136,7 @@ class Pipeline:
             self.cache.forget_except(
                 {f.path for v in self.versions.values() for f in v.files.values()}
             )
-            return self._publish()
+            return self._publish(full=not rehash)
 
     def refresh(self, prefixes: Iterable[str], budget: float | None = None) -> bool:
         """Rescans the directories `prefixes` (relative to images/) and republishes, waiting at
@@ -240,31 +244,63 @@ class Pipeline:
             return None
         return (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
 
-    def _publish(self) -> bool:
-        hidden = self.hidden()
-        shown: list[tuple[ScannedVersion, BuiltVersion]] = []
+    @property
+    def products(self) -> Products:
+        """The catalog last published (or found published already)."""
+        if self._unbuilt is not None:
+            self._products = products_of(self._build(self._unbuilt))
+            self._unbuilt = None
+        return self._products
+
+    def _build(
+        self, shown: list[tuple[str, ScannedVersion, _Ready]]
+    ) -> list[tuple[ScannedVersion, BuiltVersion]]:
+        """Each version's catalog entry, kept from before while its digests are the same."""
+        out: list[tuple[ScannedVersion, BuiltVersion]] = []
         built: dict[str, _Built] = {}
-        for rel, v in self.versions.items():
-            ready = self._ready.get(rel)
-            if v.path in hidden:
-                continue
-            ident = self._idents[rel]
-            if ready is None or ready.ident != ident:
-                log.debug("not publishing %s yet: still hashing", v.path)
-                continue
+        for rel, v, ready in shown:
             b = self._built.get(rel)
             if b is None or b.ready is not ready:
                 b = _Built(ready, build_version(v, ready.digests, self.paths.root_dir))
             built[rel] = b
             if b.built is not None:
-                shown.append((v, b.built))
+                out.append((v, b.built))
         self._built = built
-        self.products = products_of(shown)
-        changed = publish(self.paths.streams_dir, self.products, images_gz=self._gzip)
+        return out
+
+    def _publish(self, full: bool = False) -> bool:
+        """Publishes what is ready. `full`: a full update, which skips building and writing
+        when the catalog and page were published from the same inputs (unchanged.py)."""
+        hidden = self.hidden()
+        shown: list[tuple[str, ScannedVersion, _Ready]] = []
+        for rel, v in self.versions.items():
+            ready = self._ready.get(rel)
+            if v.path in hidden:
+                continue
+            if ready is None or ready.ident != self._idents[rel]:
+                log.debug("not publishing %s yet: still hashing", v.path)
+                continue
+            shown.append((rel, v, ready))
+        state, root = self.paths.state_dir, self.paths.root_dir
+        inputs = None
+        if full:
+            inputs = unchanged.inputs_digest(((v, r.digests) for _, v, r in shown), hidden, root)
+            if unchanged.is_published(state, root, inputs):
+                log.debug("the catalog and page were published from these inputs already")
+                self._unbuilt = shown
+                return False
+        self._unbuilt = None
+        self._products = products_of(self._build(shown))
+        if not self.defer_page:
+            # (what is published from here on is not what the record vouches for)
+            unchanged.record(state, root, None)
+        changed = publish(self.paths.streams_dir, self._products, images_gz=self._gzip)
         self.page_due = True
         self._notify = self._notify or changed
         if not self.defer_page:
             self._write_page()
+            if inputs is not None:
+                unchanged.record(state, root, inputs)
         return changed
 
     def write_page(self) -> None:
@@ -277,7 +313,7 @@ class Pipeline:
         self.page_due = False
         try:
             # <root>/streams/index.html, when its bytes change or it is missing
-            write_page(self.paths.root_dir, self.products)
+            write_page(self.paths.root_dir, self._products)
         finally:
             if self._notify:
                 self._notify = False

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from lxd_image_server import catalog_json
 from lxd_image_server.config import Paths
 from lxd_image_server.hashing import HashCache
 from lxd_image_server.pipeline import Pipeline
@@ -194,3 +195,40 @@ def test_incremental_passes_give_the_bytes_of_a_full_update(paths: Paths, tmp_pa
                 assert normalized(incremental[name]) == normalized(full[name]), (prefixes, name)
     finally:
         cache.close()
+
+
+def test_an_unchanged_update_skips_work_but_never_leaves_streams_wrong(paths: Paths) -> None:
+    """A full update whose inputs were published already writes nothing (unchanged.py), yet
+    its products are the catalog's, and anything changed on either side is published again."""
+    got = run_update(paths)
+    streams = Path(paths.streams_dir)
+    page = Path(paths.root_dir, "streams", "index.html")
+    cache = HashCache(paths.cache_path)
+    try:
+        pipeline = Pipeline(paths, cache, hidden=frozenset)
+        assert pipeline.update_all() is False
+        assert pipeline._unbuilt is not None  # skipped: nothing built yet
+        assert json.loads(got["images.json"])["products"] == json.loads(
+            catalog_json.encode(pipeline.products)
+        )
+    finally:
+        cache.close()
+    # the page removed, a document edited in place, the .gz removed: all put back
+    page.unlink()
+    with open(streams / "images.json", "r+b") as f:
+        f.write(b"[")
+    (streams / "index.json.gz").unlink()
+    assert run_update(paths) == got
+    assert page.exists()
+    # an override changed (metadata.json is no file of the version's identity)
+    alp = Path(paths.img_dir, "alpine/3.19/arm64/cloud/20240301_0000")
+    (alp / "metadata.json").write_text(json.dumps({"release_title": "other"}))
+    after = run_update(paths)
+    assert b'"release_title": "other"' in after["images.json"]
+    # and a version hidden (pruned): gone from the catalog
+    cache = HashCache(paths.cache_path)
+    try:
+        Pipeline(paths, cache, hidden=lambda: frozenset({str(alp)})).update_all()
+    finally:
+        cache.close()
+    assert b"20240301_0000" not in Path(paths.streams_dir, "images.json").read_bytes()
