@@ -10,11 +10,12 @@ RUN_DIR ?= $(CURDIR)/var
 
 RUN_PACKAGES := nginx-light python3-venv openssl
 
-.PHONY: help deps run-deps venv lint unit integration compat test bench run clean
+.PHONY: help deps run-deps venv lint unit check integration compat test bench run clean
 
 help:
 	@echo "make run    - the whole server in the foreground on https://127.0.0.1:8443 ($(RUN_DIR))"
 	@echo "make test   - install what is needed, lint, run every test"
+	@echo "make check  - lint and the unit tests only: quick, and needs no root"
 	@echo "make bench  - benchmarks (ratios against a baseline measured in the same run)"
 	@echo "make deb    - the Debian package and a flat apt repository in dist/"
 	@echo "make system-test SUITE=bookworm|trixie - install the .deb in a booted Debian 12 or 13"
@@ -48,19 +49,24 @@ venv: $(BIN)/.stamp
 lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy lxd_image_server
+	$(BIN)/mypy lxd_image_server tests bench
+	$(PYTEST) -q -p no:cacheprovider tests/lint
 
 unit: venv
 	$(PYTEST) tests/unit
 
+# The quick tier: lint and the unit tests. No root, no servers, no daemons: any user who can
+# write this checkout (the first `make venv` needs PyPI).
+check: lint unit
+
 integration: deps venv
 	$(PYTEST) tests/integration
 
-# The unit tests again with Debian 12's own python3-click, python3-openssl and cryptography.
+# The unit tests again with Debian's own python3-click, python3-cryptography and python3-yaml.
 compat: deps
 	$(PYTHON) -m venv --system-site-packages .venv-debian
 	.venv-debian/bin/pip install --quiet --no-deps -e . inotify_simple==1.3.5
-	.venv-debian/bin/python -c 'import click, OpenSSL; print("debian libs: click", click.__version__, "pyOpenSSL", OpenSSL.__version__)'
+	.venv-debian/bin/python -c 'import click, cryptography, yaml; print("debian libs: click", click.__version__, "cryptography", cryptography.__version__, "yaml", yaml.__version__)'
 	.venv-debian/bin/python -m pytest -p no:cacheprovider -o addopts="-W error::DeprecationWarning" tests/unit tests/integration/test_watch.py tests/integration/test_init.py
 
 test: deps venv lint unit integration compat system-tests container-test
@@ -71,6 +77,7 @@ bench: venv run-deps
 	$(BIN)/python bench/bench_upload.py
 	$(BIN)/python bench/bench_scale.py
 	$(BIN)/python bench/bench_import.py
+	$(BIN)/python bench/bench_delta.py
 
 # ALLOW_OVERWRITES, ALLOW_DELETES and DEBUG pass through from the environment.
 run: run-deps venv

@@ -17,7 +17,6 @@ setup(
     install_requires=[
         "click>=8.1",
         "inotify_simple>=1.3",
-        "pyOpenSSL>=23.0",
         "cryptography>=38",
         "gunicorn>=20.1",
         "PyYAML>=6.0",

@@ -8,6 +8,9 @@
 #                             /etc/lxd-image-server/ssl/nginx.crt + nginx.key, or one made once
 #                             and kept in the state volume)
 #   LISTEN=[HOST:]PORT        where nginx listens instead (default 8443, or 1080 with PLAIN_HTTP)
+#   HTTP_LISTEN=[HOST:]PORT   also serve image files, and nothing else, over plain HTTP there
+#                             (for caching proxies; clients try http://HOST first when their
+#                             remote is https://HOST; off by default)
 #   SERVER_NAMES="a b"        names/addresses clients use: in a generated certificate, and in
 #                             the instructions printed at start
 #   UPLOAD_USER, UPLOAD_PASSWORD   the upload credentials (a file is made from them each start)
@@ -68,6 +71,10 @@ else
         say "TLS with a self-signed certificate kept in $STATE/ssl" \
             "(mount nginx.crt and nginx.key at $SSL to use your own)"
     fi
+fi
+if [ -n "${HTTP_LISTEN:-}" ]; then
+    set -- "$@" --http-listen "$HTTP_LISTEN"
+    say "image files (only them) over plain HTTP on $HTTP_LISTEN"
 fi
 for name in $(printf '%s' "${SERVER_NAMES:-}" | tr ',' ' '); do
     set -- "$@" --hostname "$name"

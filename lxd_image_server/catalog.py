@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .catalog_json import Encoded
+from .deltas import candidates
 from .hashing import Digests
 from .layout import COMBINED_FIELDS, VM_FTYPES, Role, VersionKey
 from .scan import FileStat, ScannedVersion
@@ -152,18 +153,71 @@ def _dedupe(values: Iterable[str]) -> list[str]:
     return list(dict.fromkeys(values))
 
 
-def build_products(versions: Iterable[ScannedVersion], digests: Digests, root_dir: str) -> Products:
-    """All products of the tree, keyed os:release:arch:variant (from the path)."""
+def delta_item_key(ftype: str, base_serial: str) -> str:
+    return f"{ftype}-{base_serial}"
+
+
+def _add_deltas(
+    grouped: dict[str, list[tuple[ScannedVersion, BuiltVersion]]],
+    digests: Digests,
+    root_dir: str,
+    deltas: frozenset[str],
+) -> None:
+    """Adds to each version the items of its deltas in `deltas` (checked: deltas.py) whose
+    base is a published version of the same product with a root of the delta's kind. A
+    version that gets one is a new BuiltVersion: the one given may be kept for later
+    publishes (its items and text stay as they were)."""
+    built = {v.path: b for group in grouped.values() for v, b in group}
+    every = [v for group in grouped.values() for v, _ in group]
+    added: dict[str, dict[str, dict[str, Any]]] = defaultdict(dict)
+    for c in candidates(every):
+        f = c.delta
+        if f.path not in deltas or f.path not in digests.files or f.path in digests.failed:
+            continue
+        items, base_items = built[c.version.path].items, built[c.base.path].items
+        # the roots listed must be the very files the delta was checked against
+        if items.get(c.root_ftype, {}).get("path") != _relpath(
+            c.target_root.path, root_dir
+        ) or base_items.get(c.root_ftype, {}).get("path") != _relpath(c.base_root.path, root_dir):
+            continue
+        item = _item(f, f.role.ftype, digests.files[f.path], root_dir)
+        item["delta_base"] = c.base.key.serial
+        added[c.version.path][delta_item_key(f.role.ftype, c.base.key.serial)] = item
+    for group in grouped.values():
+        for i, (v, b) in enumerate(group):
+            if v.path in added:
+                group[i] = (v, BuiltVersion(b.key, {**b.items, **added[v.path]}, b.types))
+
+
+def build_products(
+    versions: Iterable[ScannedVersion],
+    digests: Digests,
+    root_dir: str,
+    deltas: frozenset[str] = frozenset(),
+) -> Products:
+    """All products of the tree, keyed os:release:arch:variant (from the path). `deltas`:
+    the delta files that may be listed (checked against their base, deltas.py)."""
     return products_of(
-        (v, built) for v in versions if (built := build_version(v, digests, root_dir)) is not None
+        [(v, b) for v in versions if (b := build_version(v, digests, root_dir)) is not None],
+        digests,
+        root_dir,
+        deltas,
     )
 
 
-def products_of(built: Iterable[tuple[ScannedVersion, BuiltVersion]]) -> Products:
-    """The products of versions already built (`build_version`), e.g. kept from before."""
+def products_of(
+    built: Iterable[tuple[ScannedVersion, BuiltVersion]],
+    digests: Digests | None = None,
+    root_dir: str = "",
+    deltas: frozenset[str] = frozenset(),
+) -> Products:
+    """The products of versions already built (`build_version`), e.g. kept from before, with
+    the items of their deltas in `deltas` (their digests in `digests`)."""
     grouped: dict[str, list[tuple[ScannedVersion, BuiltVersion]]] = defaultdict(list)
     for v, b in built:
         grouped[v.key.product].append((v, b))
+    if deltas and digests is not None:
+        _add_deltas(grouped, digests, root_dir, deltas)
 
     products: Products = {}
     types: dict[str, frozenset[str]] = {}

@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import functools
 import importlib
 import logging
 import os
 import socket
 import sys
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 import click
 
 from . import __version__, logs
 from . import settings as settings_module
+from .cli_common import F, Globals, handle_errors, retention_of, tree_options, tree_paths
 from .config import (
     DEFAULT_HTPASSWD,
     DEFAULT_NGINX_DIR,
@@ -24,65 +22,15 @@ from .config import (
     DEFAULT_UPLOAD_SOCKET,
     ConfigError,
     Paths,
-    ServiceError,
+    StateDir,
 )
+from .deltawork import BACKGROUND, FOREGROUND, DeltaConfig, DeltaService
 from .hashing import HashCache
 from .pipeline import Pipeline
 from .progress import for_terminal
-from .publish import PublishError
 from .settings import Settings
 
 log = logging.getLogger(__name__)
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-@dataclass
-class Globals:
-    config: str | None
-    state_dir: str | None
-    settings: Settings
-    verbose: bool = False
-    log_file: str = "STDERR"
-    log_file_given: bool = False
-
-    @property
-    def state(self) -> str:
-        return self.state_dir or self.settings.state_dir
-
-
-def tree_options(f: F) -> F:
-    """--root-dir/--img-dir/--streams-dir, with the original tool's underscore spellings."""
-    f = click.option(
-        "--streams-dir",
-        "--streams_dir",
-        "streams_dir",
-        type=click.Path(file_okay=False),
-        help="Catalog directory [default: ROOT/streams/v1].",
-    )(f)
-    f = click.option(
-        "--img-dir",
-        "--img_dir",
-        "img_dir",
-        type=click.Path(file_okay=False),
-        help="Image tree [default: ROOT/images].",
-    )(f)
-    f = click.option(
-        "--root-dir",
-        "--root_dir",
-        "root_dir",
-        type=click.Path(file_okay=False),
-        help="Directory served as the remote's root [default: /var/www/simplestreams].",
-    )(f)
-    return f
-
-
-def _paths(g: Globals, root_dir: str | None, img_dir: str | None, streams_dir: str | None) -> Paths:
-    if root_dir is None and img_dir is None and streams_dir is None:
-        root_dir = g.settings.root_dir
-    try:
-        return Paths.resolve(root_dir, img_dir, streams_dir, g.state)
-    except ConfigError as e:
-        raise click.UsageError(str(e)) from e
 
 
 def refuse_private_anonymous(private: bool, anonymous: bool) -> None:
@@ -92,6 +40,22 @@ def refuse_private_anonymous(private: bool, anonymous: bool) -> None:
             "--private needs upload credentials: it cannot go with --allow-anonymous-uploads "
             "(reads would be public)"
         )
+
+
+def refuse_private_http(private: bool, http_listen: tuple[str, ...]) -> None:
+    """Basic auth over plain HTTP would send the credentials in clear text."""
+    if private and http_listen:
+        raise click.UsageError(
+            "--private cannot go with --http-listen: the credentials would cross the network "
+            "in clear text"
+        )
+
+
+HTTP_LISTEN_HELP = (
+    "Also serve image files (only them: GET and HEAD below /images/) over plain HTTP here, "
+    "for caching proxies; clients try http://HOST first when their remote is https://HOST "
+    "(port 443). Off by default."
+)
 
 
 def load_settings(config: str | None) -> Settings:
@@ -106,24 +70,6 @@ def apply_logging(g: Globals) -> None:
     logs.setup(g.log_file, g.verbose)
     if g.settings.logging is not None and not g.log_file_given:
         logs.configure(g.settings.logging)
-
-
-def handle_errors(f: F) -> F:
-    @functools.wraps(f)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return f(*args, **kwargs)
-        except PublishError as e:
-            log.error("%s", e)
-            sys.exit(1)
-        except PermissionError as e:
-            log.error("permission denied: %s", e.filename or e)
-            sys.exit(1)
-        except ServiceError as e:
-            log.error("%s", e)
-            sys.exit(1)
-
-    return wrapper  # type: ignore[return-value]
 
 
 class LazyGroup(click.Group):
@@ -204,19 +150,33 @@ def update(
     g: Globals, root_dir: str | None, img_dir: str | None, streams_dir: str | None, rehash: bool
 ) -> None:
     """Rebuild streams/v1/index.json and images.json from the image tree."""
-    paths = _paths(g, root_dir, img_dir, streams_dir)
+    paths = tree_paths(g, root_dir, img_dir, streams_dir)
     from .retention import RetentionError, delete_expired
 
-    try:
-        delete_expired(paths)  # pruned versions whose grace period is over
-    except RetentionError as e:
-        log.error("not deleting pruned versions: %s", e)
+    def expire() -> None:
+        try:
+            delete_expired(paths)  # pruned versions whose grace period is over
+        except RetentionError as e:
+            log.error("not deleting pruned versions: %s", e)
+
+    expire()
     cache = HashCache(paths.cache_path)
     try:
-        pipeline = Pipeline(paths, cache, progress_start=for_terminal())
+        deltas = DeltaService(paths.img_dir, paths.state_dir, delta_config(g.settings), FOREGROUND)
+        pipeline = Pipeline(
+            paths,
+            cache,
+            progress_start=for_terminal(),
+            retention=retention_of(g.settings),
+            deltas=deltas,
+        )
         changed = pipeline.update_all(rehash=rehash)
+        # the deltas still missing, made (and checked) now, then published too
+        if deltas.run_pending():
+            changed = pipeline.update_all() or changed
     finally:
         cache.close()
+    expire()  # with no grace period, what [retention] took out just now
     if not changed:
         log.info("catalog unchanged (%d versions scanned)", len(pipeline.versions))
     if g.settings.mirrors:
@@ -262,18 +222,22 @@ def watch(
     from .mirror import Mirrors
     from .watch import Watcher
 
-    paths = _paths(g, root_dir, img_dir, streams_dir)
+    paths = tree_paths(g, root_dir, img_dir, streams_dir)
     mirrors = Mirrors(paths)
+
+    deltas = DeltaService(paths.img_dir, paths.state_dir, delta_config(g.settings), BACKGROUND)
 
     def reload_settings() -> None:
         g.settings = settings_module.load(g.config)  # ConfigError: the watcher keeps the old
         apply_logging(g)
         log.info("configuration reloaded (%s)", ", ".join(g.settings.sources) or "defaults")
         mirrors.configure(g.settings.mirrors)
+        pipeline.retention = retention_of(g.settings)
+        deltas.configure(delta_config(g.settings))
 
     cache = HashCache(paths.cache_path)
     try:
-        pipeline = Pipeline(paths, cache)
+        pipeline = Pipeline(paths, cache, retention=retention_of(g.settings), deltas=deltas)
         pipeline.on_publish.append(mirrors.request)
         mirrors.configure(g.settings.mirrors)
         watcher = Watcher(
@@ -289,8 +253,13 @@ def watch(
         cache.close()
 
 
+def delta_config(settings: Settings) -> DeltaConfig:
+    d = settings.deltas
+    return DeltaConfig(d.enabled, d.bases, d.max_ratio, float(d.timeout))
+
+
 def pid_file(paths: Paths) -> str:
-    return os.path.join(paths.state_dir, "watch.pid")
+    return paths.state.watch_pid
 
 
 @main.command()
@@ -304,7 +273,7 @@ def reload(g: Globals) -> None:
     from .watch import signal_watcher
 
     try:
-        pid = signal_watcher(os.path.join(g.state, "watch.pid"))
+        pid = signal_watcher(StateDir(g.state).watch_pid)
     except ProcessLookupError as e:
         raise click.ClickException(str(e)) from e
     click.echo(f"asked the watcher (pid {pid}) to reload")
@@ -368,6 +337,12 @@ def _root_dir_only(f: F) -> F:
     metavar="[HOST:]PORT",
     help="Where nginx listens (repeatable).",
 )
+@click.option(
+    "--http-listen",
+    multiple=True,
+    metavar="[HOST:]PORT",
+    help=HTTP_LISTEN_HELP + " Repeatable.",
+)
 @click.option("--private", is_flag=True, help="Require the credentials for reads too.")
 @click.option(
     "--allow-anonymous-uploads",
@@ -400,6 +375,7 @@ def init(
     nginx_dir: str,
     htpasswd_path: str,
     listen: tuple[str, ...],
+    http_listen: tuple[str, ...],
     private: bool,
     allow_anonymous_uploads: bool,
     password_file: str | None,
@@ -407,7 +383,8 @@ def init(
 ) -> None:
     """Create the tree, a self-signed certificate, upload credentials and the nginx site."""
     refuse_private_anonymous(private, allow_anonymous_uploads)
-    paths = _paths(g, root_dir, None, None)
+    refuse_private_http(private, http_listen)
+    paths = tree_paths(g, root_dir, None, None)
     # imported here: certificates pull in `cryptography`, which the other commands never need
     from . import tls
     from .initialize import InitOptions, client_instructions, initialize
@@ -425,6 +402,8 @@ def init(
             listen=listen,
             private=private,
             upload_socket=upload_socket,
+            http_listen=http_listen,
+            allow_overwrites=g.settings.allow_overwrites,
         )
     )
     for change in report.changes:
@@ -496,6 +475,7 @@ def passwd(g: Globals, user: str, htpasswd_path: str) -> None:
     metavar="[HOST:]PORT",
     help="Where nginx listens.",
 )
+@click.option("--http-listen", metavar="[HOST:]PORT", help=HTTP_LISTEN_HELP)
 @click.option(
     "--ssl-dir",
     type=click.Path(file_okay=False),
@@ -532,6 +512,7 @@ def run(
     g: Globals,
     root_dir: str | None,
     listen: str,
+    http_listen: str | None,
     ssl_dir: str | None,
     htpasswd_path: str | None,
     allow_anonymous_uploads: bool,
@@ -542,17 +523,19 @@ def run(
 ) -> None:
     """Run nginx, the upload server and the watcher in the foreground."""
     refuse_private_anonymous(private, allow_anonymous_uploads)
+    refuse_private_http(private, (http_listen,) if http_listen else ())
     from .run import RunOptions
     from .run import run as run_server
 
     if not g.log_file_given:
         logs.setup("STDOUT", g.verbose)
-    paths = _paths(g, root_dir, None, None)
+    paths = tree_paths(g, root_dir, None, None)
     sys.exit(
         run_server(
             RunOptions(
                 paths=paths,
                 listen=listen,
+                http_listen=http_listen,
                 ssl_dir=ssl_dir,
                 htpasswd=htpasswd_path,
                 allow_anonymous_uploads=allow_anonymous_uploads,

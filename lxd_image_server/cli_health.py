@@ -10,7 +10,7 @@ import click
 from .health import DEFAULT_TIMEOUT, check_all
 
 if TYPE_CHECKING:
-    from .cli import Globals
+    from .cli_common import Globals
 
 
 @click.command()

@@ -12,11 +12,10 @@ from typing import IO, TYPE_CHECKING
 
 import click
 
-if TYPE_CHECKING:
-    from .cli import Globals
+from .config import DEFAULT_MIRROR_USER
 
-#: mirror.DEFAULT_PUSH_USER (mirror.py is imported only when a mirror command runs)
-DEFAULT_PUSH_USER = "lxdmirror"
+if TYPE_CHECKING:
+    from .cli_common import Globals
 
 
 @click.group()
@@ -45,7 +44,7 @@ def status(g: Globals) -> None:
 @click.argument("key_file", metavar="KEY.pub", type=click.File("r", encoding="utf-8"))
 @click.option(
     "--user",
-    default=DEFAULT_PUSH_USER,
+    default=DEFAULT_MIRROR_USER,
     show_default=True,
     help="The push user (created if missing).",
 )

@@ -1,7 +1,7 @@
 """The operator commands: import, push, list, verify, prune, remove. Options in, calls out.
 
-Registered on the `lxd-image-server` group at the end of cli.py (which imports this module:
-import `lxd_image_server.cli`, not this module, first). Commands that change the tree publish
+cli.py loads them by name when one is used (LazyGroup); what they share with cli.py comes from
+cli_common.py. Commands that change the tree publish
 the result themselves, under the catalog lock, so they work with or without a running watcher.
 Exit codes: 0 done, 1 failed (or `verify` found problems), 2 usage error.
 """
@@ -16,17 +16,17 @@ from typing import Any, TypeVar
 
 import click
 
-from . import importer, listing, pushclient, retention
-from .cli import Globals, _paths, handle_errors, tree_options
+from . import importer, listing, pruning, pushclient, retention
+from .cli_common import Globals, handle_errors, retention_of, tree_options, tree_paths
 from .config import Paths
-from .hashing import HashCache, Progress
+from .hashing import HashCache
 from .pipeline import Pipeline
-from .progress import TerminalProgress, for_terminal
+from .progress import ProgressStart, TerminalProgress, for_terminal
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def _terminal_progress(label: str) -> Callable[[int], Progress] | None:
+def _terminal_progress(label: str) -> ProgressStart | None:
     return TerminalProgress(sys.stderr, label) if sys.stderr.isatty() else None
 
 
@@ -86,12 +86,18 @@ def _files(files: tuple[str, ...]) -> tuple[str, ...]:
     return files
 
 
-def _with_pipeline(paths: Paths, run: Callable[[Pipeline], Any], cache_first: Any = None) -> Any:
+def _with_pipeline(
+    g: Globals, paths: Paths, run: Callable[[Pipeline], Any], cache_first: Any = None
+) -> Any:
+    """`run` with a pipeline that publishes as the watcher does ([retention] included)."""
     cache = HashCache(paths.cache_path)
     try:
         if cache_first is not None:
             cache_first(cache)
-        return run(Pipeline(paths, cache, progress_start=for_terminal()))
+        pipeline = Pipeline(
+            paths, cache, progress_start=for_terminal(), retention=retention_of(g.settings)
+        )
+        return run(pipeline)
     finally:
         cache.close()
 
@@ -128,7 +134,7 @@ def import_cmd(
     tarball (meta-<fingerprint>.tar.xz) and the root filesystem (.squashfs, .tar.xz or .qcow2),
     in any order. Naming options not given are read from metadata.yaml.
     """
-    paths = _paths(g, root_dir, img_dir, streams_dir)
+    paths = tree_paths(g, root_dir, img_dir, streams_dir)
     plan = importer.plan_import(_files(files), _naming(os_name, release, arch, variant, serial))
     version_dir = os.path.join(paths.img_dir, plan.key.relpath)
     pending = retention.pending_for(paths.state_dir, version_dir)
@@ -155,7 +161,7 @@ def import_cmd(
         return pipeline
 
     pipeline = _with_pipeline(
-        paths, publish, lambda cache: importer.seed_cache(cache, paths.img_dir, placed)
+        g, paths, publish, lambda cache: importer.seed_cache(cache, paths.img_dir, placed)
     )
     listed = plan.key.serial in pipeline.products.get(plan.key.product, {}).get("versions", {})
     what = importer.describe(plan)
@@ -252,7 +258,7 @@ def list_cmd(
     g: Globals, root_dir: str | None, img_dir: str | None, streams_dir: str | None, fmt: str
 ) -> None:
     """List the published images: product, version, type, size, fingerprint, aliases."""
-    paths = _paths(g, root_dir, img_dir, streams_dir)
+    paths = tree_paths(g, root_dir, img_dir, streams_dir)
     rows = listing.image_rows(listing.read_catalog(paths.streams_dir))
     click.echo(listing.render(rows, fmt), nl=False)
 
@@ -268,7 +274,7 @@ def verify_cmd(
     """Rehash every published file and compare with the catalog (exit 1 on any mismatch)."""
     from .verify import verify
 
-    paths = _paths(g, root_dir, img_dir, streams_dir)
+    paths = tree_paths(g, root_dir, img_dir, streams_dir)
     doc = listing.read_catalog(paths.streams_dir)
     report = verify(paths.root_dir, doc, progress_start=_terminal_progress("verifying"))
     for problem in report.problems:
@@ -286,7 +292,7 @@ def verify_cmd(
 # -- prune / remove -------------------------------------------------------------------------
 
 
-def _report(outcome: retention.Outcome, dry_run: bool, nothing: str) -> None:
+def _report(outcome: pruning.Outcome, dry_run: bool, nothing: str) -> None:
     if dry_run:
         for product, serial in outcome.would:
             click.echo(f"would remove {product} {serial}")
@@ -339,9 +345,9 @@ def prune_cmd(
 ) -> None:
     """Keep the newest N versions of each product; the others leave the catalog now and
     their files are deleted after the grace period ([prune] grace_period)."""
-    paths = _paths(g, root_dir, img_dir, streams_dir)
+    paths = tree_paths(g, root_dir, img_dir, streams_dir)
     grace = g.settings.prune_grace
-    outcome = _with_pipeline(paths, lambda p: retention.prune(p, keep, grace, dry_run=dry_run))
+    outcome = _with_pipeline(g, paths, lambda p: pruning.prune(p, keep, grace, dry_run=dry_run))
     _report(outcome, dry_run, f"nothing to prune: no product has more than {keep} version(s)")
 
 
@@ -368,12 +374,9 @@ def remove_cmd(
         retention.parse_product(product)
     except retention.RetentionError as e:
         raise click.BadParameter(str(e), param_hint="PRODUCT") from e
-    paths = _paths(g, root_dir, img_dir, streams_dir)
+    paths = tree_paths(g, root_dir, img_dir, streams_dir)
     grace = g.settings.prune_grace
     outcome = _with_pipeline(
-        paths, lambda p: retention.remove(p, product, serial, grace, dry_run=dry_run)
+        g, paths, lambda p: pruning.remove(p, product, serial, grace, dry_run=dry_run)
     )
     _report(outcome, dry_run, "nothing to remove")
-
-
-COMMANDS = (import_cmd, push_cmd, list_cmd, verify_cmd, prune_cmd, remove_cmd)

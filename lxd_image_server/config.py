@@ -1,4 +1,5 @@
-"""Where things are: the image root, its images/ and streams/v1/, and the state directory."""
+"""Where things are: the image root, its images/ and streams/v1/, the state directory and the
+names inside it, and the default names of things (one place for each)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ DEFAULT_SSL_DIR = "/etc/nginx/ssl"
 DEFAULT_HTPASSWD = "/etc/lxd-image-server/htpasswd"
 DEFAULT_NGINX_DIR = "/etc/nginx"
 DEFAULT_UPLOAD_SOCKET = "/run/lxd-image-server/upload.sock"
+#: the user a mirror's pushes log in as (`mirror authorize --user`, [mirrors.NAME] user)
+DEFAULT_MIRROR_USER = "lxdmirror"
 
 
 class ServiceError(Exception):
@@ -22,6 +25,85 @@ class ConfigError(ValueError):
 
 
 @dataclass(frozen=True)
+class StateDir:
+    """The names in the state directory. Only the catalog writer writes here (in `run` mode and
+    the container, one uid runs everything)."""
+
+    path: str
+
+    def _in(self, *names: str) -> str:
+        return os.path.join(self.path, *names)
+
+    @property
+    def hash_cache(self) -> str:
+        return self._in("hashes.sqlite3")
+
+    @property
+    def catalog_lock(self) -> str:
+        """Held by every writer of streams/ while it builds and writes the catalog."""
+        return self._in("catalog.lock")
+
+    @property
+    def pruned(self) -> str:
+        """Versions out of the catalog whose files go after a grace period (retention.py)."""
+        return self._in("pruned.json")
+
+    @property
+    def pruned_lock(self) -> str:
+        return self._in(".pruned.lock")
+
+    @property
+    def deltas(self) -> str:
+        """The deltas made or refused, and why (deltas.py)."""
+        return self._in("deltas.json")
+
+    @property
+    def deltas_lock(self) -> str:
+        return self._in(".deltas.lock")
+
+    @property
+    def mirror_state(self) -> str:
+        """Each mirror's last push, for `mirror status` (mirror.py)."""
+        return self._in("mirrors.json")
+
+    @property
+    def mirror_work(self) -> str:
+        """The mirrors' working files (snapshots of what was pushed)."""
+        return self._in("mirrors")
+
+    @property
+    def watch_pid(self) -> str:
+        return self._in("watch.pid")
+
+    # what `run` makes: nginx's prefix and config, its certificate and credentials
+
+    @property
+    def run_dir(self) -> str:
+        return self._in("run")
+
+    @property
+    def upload_socket(self) -> str:
+        return self._in("run", "upload.sock")
+
+    @property
+    def url_file(self) -> str:
+        """The URL `run` serves on, noted at start for `health`."""
+        return self._in("run", "url")
+
+    @property
+    def nginx_dir(self) -> str:
+        return self._in("nginx")
+
+    @property
+    def ssl_dir(self) -> str:
+        return self._in("ssl")
+
+    @property
+    def htpasswd(self) -> str:
+        return self._in("htpasswd")
+
+
+@dataclass(frozen=True)
 class Paths:
     #: The directory served as the remote's URL root.
     root_dir: str
@@ -30,8 +112,12 @@ class Paths:
     state_dir: str
 
     @property
+    def state(self) -> StateDir:
+        return StateDir(self.state_dir)
+
+    @property
     def cache_path(self) -> str:
-        return os.path.join(self.state_dir, "hashes.sqlite3")
+        return self.state.hash_cache
 
     @classmethod
     def resolve(

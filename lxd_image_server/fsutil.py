@@ -12,6 +12,9 @@ import secrets
 import stat
 from typing import Any
 
+#: bytes per read or write when a file is streamed: hashing, uploads, imports, pushes
+CHUNK_SIZE = 1 << 20
+
 
 def write_atomic(path: str, data: bytes, mode: int = 0o644, uid: int = -1, gid: int = -1) -> None:
     """Writes `path` through a hidden temporary file in the same directory, created with `mode`
@@ -129,7 +132,7 @@ def read_bounded(fd: int, limit: int) -> bytes:
     chunks: list[bytes] = []
     total = 0
     while True:
-        chunk = os.read(fd, min(1 << 20, limit + 1 - total))
+        chunk = os.read(fd, min(CHUNK_SIZE, limit + 1 - total))
         if not chunk:
             return b"".join(chunks)
         total += len(chunk)

@@ -19,27 +19,23 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
+from .fsutil import CHUNK_SIZE
+from .handover import Key, Records, record_name
 from .layout import Role
+from .progress import Progress, no_progress
 from .scan import FileStat, ScannedVersion, open_below
 
 log = logging.getLogger(__name__)
 
-CHUNK = 1 << 20
 #: files up to this size feed their digests one after the other in one thread: starting a
 #: thread per digest costs more than hashing a few MiB (a cold update of 20,000 small versions)
 SMALL = 4 << 20
-Progress = Callable[[int], None]
-Identity = tuple[str, int, int, int, int, int]
 
 
 class Hasher(Protocol):
     def update(self, data: bytes | memoryview, /) -> None: ...
     def hexdigest(self) -> str: ...
     def copy(self) -> Any: ...
-
-
-def _no_progress(_: int) -> None:
-    return None
 
 
 class FileChanged(Exception):
@@ -168,6 +164,38 @@ class HashCache:
             self._files.update((r[0], r[1:]) for r in file_rows)
             self._combined.update(((r[0], r[1]), r[2:]) for r in combined_rows)
 
+    def adopt(
+        self, records: Records, versions: Iterable[ScannedVersion], prune: bool = False
+    ) -> None:
+        """Takes the digests the upload app recorded for files of `versions` (handover.py):
+        each is used only if it names the file's current identity. `prune`: `versions` is
+        the whole tree; records matching none of its files are removed once stale."""
+        waiting = records.names()
+        if not waiting:
+            return
+        files: list[tuple[FileStat, str]] = []
+        combined: list[tuple[FileStat, FileStat, str]] = []
+        for v in versions:
+            metas = {f.name: f for f in v.files.values() if f.role.role is Role.META}
+            for f in v.files.values():
+                key = _key(f)
+                if record_name(key) not in waiting:
+                    continue
+                waiting.discard(record_name(key))
+                rec = records.take(key)
+                if rec is None:
+                    continue
+                log.debug("sha256 of %s taken from its upload, not read again", f.path)
+                files.append((f, rec.sha256))
+                for c in rec.combined:
+                    m = metas.get(c.meta)
+                    if m is not None and _key(m) == c.meta_key:
+                        combined.append((m, f, c.sha256))
+        if files:
+            self.put_many(files, combined)
+        if prune and waiting:
+            records.prune(waiting)
+
     def forget_except(self, keep_paths: set[str]) -> None:
         """Drops entries of files no longer in the tree (after a full scan)."""
         if self._db is None:
@@ -187,6 +215,10 @@ class HashCache:
             log.warning("hash cache cleanup failed (%s)", e)
 
 
+def _key(f: FileStat) -> Key:
+    return (f.dev, f.inode, f.size, f.mtime_ns, f.ctime_ns)
+
+
 def _ident(f: FileStat) -> str:
     return ":".join(str(x) for x in f.identity[1:])
 
@@ -198,7 +230,7 @@ def _identity(st: os.stat_result) -> tuple[int, int, int, int, int]:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
-def hash_file(f: FileStat, sinks: Sequence[Hasher], progress: Progress = _no_progress) -> None:
+def hash_file(f: FileStat, sinks: Sequence[Hasher], progress: Progress = no_progress) -> None:
     """Feeds every byte of `f` to each sink, in parallel when there are several.
 
     The file is opened again below `f.base` through directory descriptors, without following
@@ -206,6 +238,7 @@ def hash_file(f: FileStat, sinks: Sequence[Hasher], progress: Progress = _no_pro
     the regular file scanned: same device, inode, size, mtime and ctime (by fstat of the open
     descriptor). Raises FileChanged otherwise, or if it changes while being read.
     """
+    log.debug("reading %s to hash it (%d bytes)", f.path, f.size)
     try:
         fd = open_below(f.base, f.rel)
     except OSError as e:
@@ -229,7 +262,7 @@ def hash_file(f: FileStat, sinks: Sequence[Hasher], progress: Progress = _no_pro
 
 def _feed_each(fh: Any, sinks: Sequence[Hasher], progress: Progress) -> None:
     """Every chunk to each sink in turn, in this thread."""
-    buf = bytearray(CHUNK)
+    buf = bytearray(CHUNK_SIZE)
     view = memoryview(buf)
     while n := fh.readinto(buf):
         for sink in sinks:
@@ -244,7 +277,7 @@ def _feed_many(fh: Any, sinks: Sequence[Hasher], progress: Progress) -> None:
     errors: list[BaseException] = []
 
     def consume(sink: Hasher, report: bool) -> None:
-        buf = bytearray(CHUNK)
+        buf = bytearray(CHUNK_SIZE)
         view = memoryview(buf)
         offset = 0
         try:
@@ -358,7 +391,7 @@ class HashEngine:
         if not metas and not roots:
             return out
         total = sum(p.file.size for p in (*metas.values(), *roots.values()))
-        progress = progress_start(total) if progress_start else _no_progress
+        progress = progress_start(total) if progress_start else no_progress
         lock = threading.Lock()
 
         def safe_progress(n: int) -> None:

@@ -10,12 +10,13 @@ Used by the container's HEALTHCHECK and the Kubernetes probes; exit status 0 onl
 
 from __future__ import annotations
 
-import os
 import socket
 import ssl
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
+
+from .config import StateDir
 
 DEFAULT_TIMEOUT = 5.0
 CATALOG = "streams/v1/index.json"
@@ -28,14 +29,10 @@ class Check:
     detail: str
 
 
-def run_dir(state_dir: str) -> str:
-    return os.path.join(state_dir, "run")
-
-
 def noted_url(state_dir: str) -> str | None:
     """The URL `run` serves on, as it noted it at start; None if it never got that far."""
     try:
-        with open(os.path.join(run_dir(state_dir), "url"), encoding="utf-8") as f:
+        with open(StateDir(state_dir).url_file, encoding="utf-8") as f:
             return f.read().strip() or None
     except OSError:
         return None
@@ -107,14 +104,15 @@ def check_watcher(pid_file: str) -> Check:
 def check_all(
     state_dir: str, url: str | None = None, timeout: float = DEFAULT_TIMEOUT
 ) -> list[Check]:
+    state = StateDir(state_dir)
     url = url or noted_url(state_dir)
     nginx = (
         check_nginx(url, timeout)
         if url
-        else Check("nginx", False, f"no URL: {run_dir(state_dir)}/url is missing (is `run` up?)")
+        else Check("nginx", False, f"no URL: {state.url_file} is missing (is `run` up?)")
     )
     return [
         nginx,
-        check_upload_socket(os.path.join(run_dir(state_dir), "upload.sock"), timeout),
-        check_watcher(os.path.join(state_dir, "watch.pid")),
+        check_upload_socket(state.upload_socket, timeout),
+        check_watcher(state.watch_pid),
     ]

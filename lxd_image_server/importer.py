@@ -34,7 +34,7 @@ from typing import Any
 
 import yaml
 
-from .fsutil import NotRegularFile, open_dir, open_regular
+from .fsutil import CHUNK_SIZE, NotRegularFile, open_dir, open_regular
 from .hashing import HashCache, Hasher
 from .layout import (
     KNOWN_ARCHES,
@@ -45,11 +45,11 @@ from .layout import (
     classify,
     valid_serial,
 )
+from .progress import Progress, no_progress
 from .scan import Scanner
 
 log = logging.getLogger(__name__)
 
-CHUNK = 1 << 20
 DIR_MODE = 0o755
 FILE_MODE = 0o644
 #: metadata.yaml is a few hundred bytes (a few KB with many templates): bigger is not one
@@ -79,8 +79,6 @@ ARCH_NAMES = {
 
 META_NAME = "lxd.tar.xz"
 ROOT_NAMES = {"squashfs": "rootfs.squashfs", "tarball": "root.tar.xz", "qcow2": "disk.qcow2"}
-#: root kind -> the catalog ftype (for the combined fingerprint)
-ROOT_FTYPES = {"squashfs": "squashfs", "tarball": "root.tar.xz", "qcow2": "disk-kvm.img"}
 
 _FP = r"([0-9a-f]{64})"
 _META_EXPORT_RE = re.compile(rf"meta-{_FP}\.[a-z0-9.]+", re.ASCII)
@@ -436,13 +434,6 @@ class Placed:
     moved: list[str] = field(default_factory=list)
 
 
-Progress = Callable[[int], None]
-
-
-def _no_progress(_: int) -> None:
-    return None
-
-
 def _makedirs(base_fd: int, base: str, parts: Sequence[str]) -> int:
     """mkdir -p below the directory `base_fd` (at `base`), each new directory 0755 whatever
     the umask, fsynced; every component is opened without following a link. -> the last
@@ -495,7 +486,7 @@ def _feed(fd: int, sinks: Sequence[Hasher], progress: Progress, out: int | None 
     time of one on two cores."""
     helpers = ThreadPoolExecutor(len(sinks) - 1) if len(sinks) > 1 else None
     size = 0
-    buffers = [bytearray(CHUNK), bytearray(CHUNK)]
+    buffers = [bytearray(CHUNK_SIZE), bytearray(CHUNK_SIZE)]
     pending: list[Future[None]] = []
     try:
         while True:
@@ -651,14 +642,14 @@ def place(
     except OSError as e:
         os.close(img_fd)
         raise ImportFailed(f"cannot read {e.filename}: {e.strerror or e}") from e
-    transfer = _Transfer(plan, move, _no_progress)
+    transfer = _Transfer(plan, move, no_progress)
     variant_fd = -1
     try:
         variant_fd = _makedirs(img_fd, img_dir, parts[:-1])
         exists = _exists(parts[-1], variant_fd)
         if exists and not force:
             raise VersionExists(f"{version_dir} already exists; --force replaces its files")
-        transfer.progress = progress_start(total) if progress_start else _no_progress
+        transfer.progress = progress_start(total) if progress_start else no_progress
         placed = Placed(key=key, version_dir=version_dir, replaced=exists)
         if exists:
             transfer.dir_fd = _open_dir(parts[-1], variant_fd, version_dir)

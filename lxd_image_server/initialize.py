@@ -43,6 +43,10 @@ class InitOptions:
     listen: tuple[str, ...] = ("8443",)
     private: bool = False
     upload_socket: str = DEFAULT_UPLOAD_SOCKET
+    #: plain-HTTP addresses serving image files only (empty: none)
+    http_listen: tuple[str, ...] = ()
+    #: ALLOW_OVERWRITES as configured: image files are then not cached as immutable
+    allow_overwrites: bool = False
 
 
 @dataclass
@@ -102,12 +106,16 @@ def site_settings(opts: InitOptions) -> nginx.SiteSettings:
         ssl_dir=opts.ssl_dir,
         htpasswd=opts.htpasswd,
         private=opts.private,
+        overwrites=opts.allow_overwrites,
+        http_listen=opts.http_listen,
+        server_names=opts.hostnames,
     )
 
 
 def ensure_site(opts: InitOptions, report: InitReport) -> None:
     """Installs the site; if nginx refuses the result, takes the site out again and raises."""
-    if not nginx.install_site(opts.nginx_dir, site_settings(opts)):
+    settings = site_settings(opts)  # NginxError before anything is written
+    if not nginx.install_site(opts.nginx_dir, settings):
         return
     system = os.path.abspath(opts.nginx_dir) == DEFAULT_NGINX_DIR
     try:

@@ -58,6 +58,7 @@ class Role(Enum):
     ROOT = "root filesystem"
     UNIFIED = "unified tarball"
     OVERRIDES = "metadata.json"
+    DELTA = "delta from an older version's root"
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +68,8 @@ class FileRole:
     ftype: str
     #: Lower sorts first when several files could fill the same slot.
     preference: int = 0
+    #: DELTA only: the base version's serial as spelled in the name (delta_token of it).
+    base: str = ""
 
 
 # Metadata tarballs: one file serves both clients (listed once per ftype).
@@ -90,6 +93,17 @@ COMBINED_FIELDS: dict[str, tuple[str, ...]] = {
     "disk-kvm.img": ("combined_disk-kvm-img_sha256",),
 }
 VM_FTYPES = frozenset({"disk-kvm.img"})
+
+#: Deltas (VCDIFF, made by xdelta3) of a root from an older version's root of the same kind:
+#: file name prefix -> (the root's ftype, the delta item's ftype). The name says the base:
+#: rootfs.<base serial without ':'>.vcdiff, e.g. rootfs.20240101_1200.vcdiff (':' is not a
+#: file name character here).
+DELTA_PREFIXES: dict[str, tuple[str, str]] = {
+    "rootfs": ("squashfs", "squashfs.vcdiff"),
+    "disk": ("disk-kvm.img", "disk-kvm.img.vcdiff"),
+}
+DELTA_PREFIX_OF = {root: prefix for prefix, (root, _) in DELTA_PREFIXES.items()}
+_DELTA_RE = re.compile(r"(?P<prefix>rootfs|disk)\.(?P<base>[0-9_]{12,13})\.vcdiff", re.ASCII)
 
 
 @dataclass(frozen=True, order=True, slots=True)
@@ -125,6 +139,17 @@ def valid_serial(serial: str) -> bool:
     hour = int(m["h1"] or m["h2"])
     minute = int(m["n1"] or m["n2"])
     return 1 <= month <= 12 and 1 <= day <= 31 and hour <= 23 and minute <= 59
+
+
+def delta_token(serial: str) -> str:
+    """How a delta's file name spells its base serial: without ':' (20240101_12:00 ->
+    20240101_1200)."""
+    return serial.replace(":", "")
+
+
+def delta_name(root_ftype: str, base_serial: str) -> str:
+    """The file name of the delta of a `root_ftype` root from version `base_serial`."""
+    return f"{DELTA_PREFIX_OF[root_ftype]}.{delta_token(base_serial)}.vcdiff"
 
 
 def valid_name(value: str) -> bool:
@@ -202,4 +227,7 @@ def classify(name: str) -> FileRole | None:
         return None
     if name.endswith(".tar.gz"):
         return _UNIFIED
+    m = _DELTA_RE.fullmatch(name)
+    if m and valid_serial(m["base"]):
+        return FileRole(Role.DELTA, DELTA_PREFIXES[m["prefix"]][1], base=m["base"])
     return None

@@ -40,6 +40,9 @@ class ImageRow:
     fingerprint: str
     aliases: tuple[str, ...]
     files: tuple[str, ...]
+    #: deltas a client holding an older version downloads instead of the root:
+    #: "<base serial> <bytes>"
+    deltas: tuple[str, ...] = ()
 
 
 def read_catalog(streams_dir: str) -> dict[str, Any]:
@@ -87,6 +90,7 @@ def image_rows(doc: dict[str, Any]) -> list[ImageRow]:
                             fingerprint=str(meta.get(COMBINED_FIELDS[ftype][0], "")),
                             aliases=aliases,
                             files=(str(meta.get("path")), str(item.get("path"))),
+                            deltas=_deltas(items, f"{ftype}.vcdiff"),
                         )
                     )
             unified = next(
@@ -109,6 +113,14 @@ def image_rows(doc: dict[str, Any]) -> list[ImageRow]:
     return rows
 
 
+def _deltas(items: dict[str, Any], ftype: str) -> tuple[str, ...]:
+    found = [i for i in items.values() if i.get("ftype") == ftype and i.get("delta_base")]
+    return tuple(
+        f"{i['delta_base']} {int(i.get('size', 0))}"
+        for i in sorted(found, key=lambda i: serial_sort_key(str(i["delta_base"])))
+    )
+
+
 def render(rows: Iterable[ImageRow], fmt: str) -> str:
     rows = list(rows)
     if fmt == "json":
@@ -117,7 +129,17 @@ def render(rows: Iterable[ImageRow], fmt: str) -> str:
         out = io.StringIO()
         writer = csv.writer(out, lineterminator="\n")
         writer.writerow(
-            ["product", "version", "type", "root", "size", "fingerprint", "aliases", "files"]
+            [
+                "product",
+                "version",
+                "type",
+                "root",
+                "size",
+                "fingerprint",
+                "aliases",
+                "files",
+                "deltas",
+            ]
         )
         for r in rows:
             writer.writerow(
@@ -130,6 +152,7 @@ def render(rows: Iterable[ImageRow], fmt: str) -> str:
                     r.fingerprint,
                     ",".join(r.aliases),
                     " ".join(r.files),
+                    ",".join(r.deltas),
                 ]
             )
         return out.getvalue()
@@ -142,13 +165,16 @@ def _json_row(r: ImageRow) -> dict[str, Any]:
     doc = asdict(r)
     doc["aliases"] = list(r.aliases)
     doc["files"] = list(r.files)
+    doc["deltas"] = [
+        {"base": base, "size": int(size)} for base, size in (d.split(" ") for d in r.deltas)
+    ]
     return doc
 
 
 def _table(rows: list[ImageRow]) -> str:
     if not rows:
         return "(the catalog is empty)\n"
-    header = ("PRODUCT", "VERSION", "TYPE", "ROOT", "SIZE", "FINGERPRINT", "ALIASES")
+    header = ("PRODUCT", "VERSION", "TYPE", "ROOT", "SIZE", "FINGERPRINT", "DELTAS", "ALIASES")
     body = [
         (
             r.product,
@@ -157,6 +183,7 @@ def _table(rows: list[ImageRow]) -> str:
             r.root,
             human(r.size),
             r.fingerprint[:12],
+            ", ".join(f"{b} ({human(int(n))})" for b, n in (d.split(" ") for d in r.deltas)) or "-",
             ", ".join(r.aliases),
         )
         for r in rows

@@ -49,7 +49,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
-from .config import Paths
+from .config import DEFAULT_MIRROR_USER, Paths, StateDir
 from .fsutil import can_traverse, open_dir, write_atomic
 from .layout import TEMP_SUFFIXES
 from .mirror_list import (
@@ -66,7 +66,6 @@ from .settings import MirrorConfig
 
 log = logging.getLogger(__name__)
 
-STATE_FILE = "mirrors.json"
 FIRST_RETRY = 5.0
 MAX_RETRY = 600.0
 #: rsync gives up when no data moved for this long (a hung connection)
@@ -631,7 +630,7 @@ class MirrorWorker:
 
 
 def state_path(state_dir: str) -> str:
-    return os.path.join(state_dir, STATE_FILE)
+    return StateDir(state_dir).mirror_state
 
 
 def read_state(state_dir: str) -> dict[str, Any] | None:
@@ -668,7 +667,7 @@ class Mirrors:
         max_retry: float = MAX_RETRY,
     ) -> None:
         self.state_dir = paths.state_dir
-        self.work_dir = os.path.join(paths.state_dir, "mirrors")
+        self.work_dir = paths.state.mirror_work
         source = Source.from_paths(paths)
         self.make_pusher = make_pusher or (lambda m: RsyncPusher(m, source, self.work_dir))
         self.first_retry = first_retry
@@ -760,7 +759,7 @@ def push_once(
     same mirror, which rrsync refuses while it lasts.
     """
     source = Source.from_paths(paths)
-    work_dir = os.path.join(paths.state_dir, "mirrors")
+    work_dir = paths.state.mirror_work
     make = make_pusher or (lambda m: RsyncPusher(m, source, work_dir))
     results = []
     for m in configs:
@@ -870,7 +869,6 @@ def describe(
 
 # -- the receiving side: `mirror authorize` -----------------------------------------------------
 
-DEFAULT_PUSH_USER = "lxdmirror"
 KEY_TYPES = (
     "ssh-ed25519",
     "ssh-rsa",
@@ -988,7 +986,7 @@ def rrsync_has_absolute(rrsync: str) -> bool:
 @dataclass
 class AuthorizeReport:
     changes: list[str] = field(default_factory=list)
-    user: str = DEFAULT_PUSH_USER
+    user: str = DEFAULT_MIRROR_USER
     #: the `path` the master must use for this mirror
     path: str = ""
 

@@ -16,9 +16,11 @@ Only what an upload needs: part headers, the Content-Disposition `name` and `fil
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import overload
 from urllib.parse import unquote
 
-DEFAULT_CHUNK_SIZE = 1 << 20
+from .fsutil import CHUNK_SIZE
+
 #: Upper bound of one part's header block (browsers and curl send a few hundred bytes).
 MAX_HEADER_BYTES = 16 * 1024
 _MAX_BOUNDARY = 70  # RFC 2046 5.1.1
@@ -144,6 +146,10 @@ class Part:
         """The next piece of this part's data; b"" once it is complete."""
         return self._reader._read_body(self._number)
 
+    def readinto(self, buf: bytearray | memoryview) -> int:
+        """Copies the next bytes of this part's data into `buf` -> how many (0: complete)."""
+        return self._reader._read_body(self._number, memoryview(buf))
+
     def __iter__(self) -> Iterator[bytes]:
         while chunk := self.read():
             yield chunk
@@ -160,11 +166,15 @@ class MultipartReader:
         self,
         read: Callable[[int], bytes],
         boundary: bytes,
-        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        chunk_size: int = CHUNK_SIZE,
+        readinto: Callable[[memoryview], int] | None = None,
     ) -> None:
         if not 1 <= len(boundary) <= _MAX_BOUNDARY:
             raise MultipartError("the multipart boundary must be 1 to 70 bytes long")
         self._read = read
+        #: fills a buffer instead of returning new bytes (fewer copies), if given
+        self._readinto = readinto
+        self._scratch = bytearray(chunk_size) if readinto is not None else bytearray()
         self._delim = b"\r\n--" + boundary
         self._chunk_size = max(chunk_size, len(self._delim) + 4)
         # The first delimiter may open the body without a CRLF in front of it: pretend one.
@@ -180,11 +190,17 @@ class MultipartReader:
         """Appends one read to the buffer; False at the end of the body."""
         if self._eof:
             return False
-        data = self._read(self._chunk_size)
-        if not data:
+        if self._readinto is not None:
+            with memoryview(self._scratch) as view:
+                n = self._readinto(view)
+                self._buf += view[:n]
+        else:
+            data = self._read(self._chunk_size)
+            n = len(data)
+            self._buf += data
+        if not n:
             self._eof = True
             return False
-        self._buf += data
         return True
 
     def _need(self, n: int) -> bool:
@@ -274,9 +290,16 @@ class MultipartReader:
         del self._buf[: idx + 4]
         return _parse_header_block(block)
 
-    def _read_body(self, number: int) -> bytes:
+    @overload
+    def _read_body(self, number: int) -> bytes: ...
+    @overload
+    def _read_body(self, number: int, into: memoryview) -> int: ...
+
+    def _read_body(self, number: int, into: memoryview | None = None) -> bytes | int:
+        """The next piece of part `number`'s data (b"" at its end), or with `into`: copies it
+        there (at most len(into) bytes) and says how many (0 at its end)."""
         if number != self._part or self._state != "body":
-            return b""
+            return b"" if into is None else 0
         delim = self._delim
         keep = len(delim) - 1
         start = 0
@@ -285,16 +308,19 @@ class MultipartReader:
             if idx == 0:
                 del self._buf[: len(delim)]
                 self._state = "delimiter"
-                return b""
-            if idx > 0:
-                data = bytes(self._buf[:idx])
-                del self._buf[:idx]
-                return data
-            # No delimiter: all but the last `keep` bytes (a delimiter's possible start) are data.
-            if len(self._buf) - keep >= self._chunk_size:
-                data = bytes(self._buf[:-keep])
-                del self._buf[:-keep]
-                return data
+                return b"" if into is None else 0
+            # Up to a delimiter, or all but the last `keep` bytes (a delimiter's possible start).
+            end = idx if idx > 0 else len(self._buf) - keep
+            if idx > 0 or end >= self._chunk_size or (into is not None and end >= len(into)):
+                if into is None:
+                    data = bytes(self._buf[:end])
+                    del self._buf[:end]
+                    return data
+                end = min(end, len(into))
+                with memoryview(self._buf) as view:
+                    into[:end] = view[:end]
+                del self._buf[:end]
+                return end
             start = max(0, len(self._buf) - keep)
             if not self._fill():
                 raise MultipartError("body ended before the closing boundary")

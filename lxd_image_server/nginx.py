@@ -38,6 +38,12 @@ PAGE_CSP = (
     "img-src data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
 )
 UPLOAD_ZONE = "lxd_image_server_uploads"
+#: Image files: a version's files never change in place, so caches keep them for a year and
+#: never revalidate. Not `always`: an error (a 404 for a file not yet uploaded) is not cached.
+IMMUTABLE = "public, max-age=31536000, immutable"
+#: ... unless uploads may overwrite them: then caches revalidate every time (ETag, 304).
+REVALIDATE = "no-cache"
+HTTP_SNIPPET_NAME = f"{SITE_NAME}-http"
 
 
 class NginxError(ServiceError):
@@ -95,6 +101,14 @@ class SiteSettings:
     body_timeout: str = "60s"
     #: how long the app may take to answer once the body is sent (it fsyncs the file)
     answer_timeout: str = "120s"
+    #: uploads may replace files (ALLOW_OVERWRITES): image files are then revalidated by
+    #: caches instead of kept as immutable
+    overwrites: bool = False
+    #: plain-HTTP listen addresses serving image files only (empty: no such listener)
+    http_listen: tuple[str, ...] = ()
+    #: the plain-HTTP server's names: with another site holding `default_server` on its port
+    #: (Debian's default site on 80), only requests for these names reach it
+    server_names: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.private and self.htpasswd is None:
@@ -102,6 +116,26 @@ class SiteSettings:
                 "a private server needs credentials: reads would be public without them "
                 "(drop --private or --allow-anonymous-uploads)"
             )
+        if self.private and self.http_listen:
+            raise NginxError(
+                "--private cannot go with --http-listen: the credentials would cross the "
+                "network in clear text"
+            )
+        taken = {_port(a) for a in self.listen}
+        for addr in self.http_listen:
+            port = _port(addr)
+            if not port.isdigit() or not 0 < int(port) < 65536:
+                raise NginxError(f"--http-listen {addr!r}: expected [HOST:]PORT")
+            if port in taken:
+                raise NginxError(
+                    f"--http-listen {addr!r}: port {port} is already the site's "
+                    "(--listen); plain HTTP needs a port of its own"
+                )
+
+
+def _port(addr: str) -> str:
+    """'8443', '127.0.0.1:8443', '[::]:8443' -> '8443'."""
+    return addr.rsplit(":", 1)[-1] if not addr.endswith("]") else ""
 
 
 def _auth(htpasswd: str | None, indent: str) -> str:
@@ -117,6 +151,15 @@ def _headers(csp: str, *extra: str) -> str:
         *extra,
     ]
     return "\n".join(lines)
+
+
+def _download_headers() -> str:
+    return _headers(STRICT_CSP, 'add_header Content-Disposition "attachment" always;')
+
+
+def _image_headers(s: SiteSettings) -> str:
+    cache = REVALIDATE if s.overwrites else IMMUTABLE
+    return _download_headers() + f'\nadd_header Cache-Control "{cache}";'
 
 
 def render_locations(s: SiteSettings) -> str:
@@ -135,15 +178,32 @@ def render_locations(s: SiteSettings) -> str:
             "ANSWER_TIMEOUT": s.answer_timeout,
             "HEADERS": _headers(STRICT_CSP),
             "PAGE_HEADERS": _headers(PAGE_CSP),
-            "DOWNLOAD_HEADERS": _headers(
-                STRICT_CSP, 'add_header Content-Disposition "attachment" always;'
-            ),
+            "DOWNLOAD_HEADERS": _download_headers(),
+            "IMAGE_HEADERS": _image_headers(s),
         },
     )
 
 
-def render_site(s: SiteSettings, snippet_path: str, version: tuple[int, ...] | None = None) -> str:
-    """`version`: of the nginx that will run it (None: the one installed here, `nginx -v`)."""
+def render_http_locations(s: SiteSettings) -> str:
+    """The plain-HTTP listener's snippet: image files only, GET and HEAD only."""
+    return render(
+        "http-images.conf.in",
+        {
+            "ROOT": os.path.realpath(s.root_dir),
+            "HEADERS": _headers(STRICT_CSP),
+            "IMAGE_HEADERS": _image_headers(s),
+        },
+    )
+
+
+def render_site(
+    s: SiteSettings,
+    snippet_path: str,
+    version: tuple[int, ...] | None = None,
+    http_snippet_path: str | None = None,
+) -> str:
+    """`version`: of the nginx that will run it (None: the one installed here, `nginx -v`).
+    `http_snippet_path`: where render_http_locations' output is (needed with http_listen)."""
     if s.tls and version is None:
         version = installed_version()
     http2_on = s.tls and version is not None and version >= HTTP2_DIRECTIVE_SINCE
@@ -151,6 +211,18 @@ def render_site(s: SiteSettings, snippet_path: str, version: tuple[int, ...] | N
     listen = [f"    listen {addr}{suffix};" for addr in s.listen]
     if http2_on:
         listen.append("    http2 on;")
+    http_server = ""
+    if s.http_listen:
+        if http_snippet_path is None:
+            raise NginxError("the plain-HTTP listener needs its snippet's path")
+        http_server = render(
+            "http-server.conf.in",
+            {
+                "LISTEN": "\n".join(f"    listen {addr};" for addr in s.http_listen),
+                "SERVER_NAMES": " ".join(s.server_names) or "_",
+                "SNIPPET": http_snippet_path,
+            },
+        )
     return render(
         "site.conf.in",
         {
@@ -158,6 +230,7 @@ def render_site(s: SiteSettings, snippet_path: str, version: tuple[int, ...] | N
             "TLS": render("tls.conf.in", {"SSL_DIR": s.ssl_dir}) if s.tls else "",
             "SNIPPET": snippet_path,
             "UPLOAD_ZONE": UPLOAD_ZONE,
+            "HTTP_SERVER": http_server,
         },
     )
 
@@ -215,10 +288,16 @@ def install_site(nginx_dir: str, s: SiteSettings, version: tuple[int, ...] | Non
     """
     base = Path(nginx_dir)
     snippet = base / "snippets" / f"{SITE_NAME}.conf"
+    http_snippet = base / "snippets" / f"{HTTP_SNIPPET_NAME}.conf"
     site = base / "sites-available" / SITE_NAME
     link = base / "sites-enabled" / SITE_NAME
     changed = _write_if_changed(snippet, render_locations(s))
-    changed |= _write_if_changed(site, render_site(s, str(snippet), version))
+    if s.http_listen:
+        changed |= _write_if_changed(http_snippet, render_http_locations(s))
+    changed |= _write_if_changed(site, render_site(s, str(snippet), version, str(http_snippet)))
+    if not s.http_listen and http_snippet.exists():
+        http_snippet.unlink()  # the listener was turned off: its snippet goes too
+        changed = True
     if not (link.is_symlink() and os.readlink(link) == str(site)):
         link.parent.mkdir(parents=True, exist_ok=True)
         if link.is_symlink() or link.exists():

@@ -22,19 +22,22 @@ import functools
 import logging
 import os
 from collections.abc import Callable, Iterable, Set
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from . import unchanged
+from . import handover, unchanged
 from .catalog import BuiltVersion, Products, build_version, products_of
 from .catalog_gzip import GzipCache
 from .config import Paths
-from .hashing import Digests, HashCache, HashEngine, Progress
+from .deltawork import DeltaService
+from .handover import Records
+from .hashing import Digests, HashCache, HashEngine
 from .hashjobs import DEFAULT_JOBS, HashJobs, Identity, Known, hash_version, identity
 from .layout import Role
 from .page import write_page
+from .progress import Progress
 from .publish import catalog_lock, publish
-from .retention import PendingVersions
-from .scan import Exclude, ScannedVersion, Scanner
+from .retention import PendingVersions, Retention
+from .scan import Exclude, FileStat, ScannedVersion, Scanner
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +64,9 @@ class _Built:
     JSON is not encoded again (catalog.BuiltVersion.entry)."""
 
     ready: _Ready
+    #: the identities of the files it was built from, when only some of the version's are
+    #: ready (a delta still hashing); None: all of them
+    part: Identity | None
     built: BuiltVersion | None
 
 
@@ -73,10 +79,14 @@ class Pipeline:
         exclude: Exclude = _never,
         hidden: Callable[[], Set[str]] | None = None,
         jobs: int = DEFAULT_JOBS,
+        retention: Retention | None = None,
+        deltas: DeltaService | None = None,
     ) -> None:
         self.paths = paths
         self.hasher = HashEngine(cache)
         self.scanner = Scanner(paths.img_dir, exclude)
+        #: digests the upload app computed (handover.py)
+        self.records = Records(os.path.join(paths.state_dir, handover.DIR_NAME))
         self.progress_start = progress_start
         #: version directory (relative to images/) -> what was found there
         self.versions: dict[str, ScannedVersion] = {}
@@ -93,6 +103,9 @@ class Pipeline:
         #: absolute version directories left out of the catalog: pruned or removed, files
         #: kept until their grace period is over (retention.py)
         self.hidden = hidden if hidden is not None else PendingVersions(paths.state_dir)
+        #: [retention], applied at every publish: versions beyond it leave this very catalog
+        #: and are recorded like pruned ones (None: keep every version)
+        self.retention = retention
         #: called after every publish that changed the catalog (e.g. to push to mirrors), once
         #: the page is written too
         self.on_publish: list[Callable[[], None]] = []
@@ -107,6 +120,9 @@ class Pipeline:
         #: called from a hashing thread when a version's digests are done (`collect` them)
         self.on_hashed: Callable[[], None] | None = None
         self.jobs = HashJobs(jobs, on_done=self._hashed)
+        #: lists checked deltas; makes and checks the others after each publish (deltawork.py)
+        self.deltas = deltas or DeltaService(paths.img_dir, paths.state_dir)
+        self.deltas.on_done = self._hashed
 
     def _hashed(self) -> None:
         if self.on_hashed is not None:
@@ -123,6 +139,7 @@ class Pipeline:
         catalog changed."""
         before = self._catalog_state()
         found = self.scanner.scan()
+        self.cache.adopt(self.records, found, prune=True)
         with self.cache.preloaded():
             digests = self.hasher.digest(found, rehash, self.progress_start)
         self.versions = {v.key.relpath: v for v in found}
@@ -151,11 +168,17 @@ class Pipeline:
             return self._publish()
 
     def collect(self) -> bool:
-        """Publishes the versions hashed in the background since; False if nothing changed."""
-        if not self._take_results():
+        """Publishes the versions hashed (and the deltas made or checked) in the background
+        since; False if nothing changed."""
+        fresh = self._take_results()
+        if not (fresh | self.deltas.take_news()):
             return False
         with catalog_lock(self.paths.state_dir):
             return self._publish()
+
+    def has_news(self) -> bool:
+        """Background work is done (hashes, deltas): `collect` would publish it."""
+        return self.jobs.has_results() or self.deltas.has_news()
 
     def hashing(self) -> int:
         """How many versions are being hashed in the background."""
@@ -170,7 +193,9 @@ class Pipeline:
             del self._idents[rel]
             self._ready.pop(rel, None)
         submitted = set()
-        for v in self.scanner.scan(prefix):
+        found = self.scanner.scan(prefix)
+        self.cache.adopt(self.records, found)
+        for v in found:
             self.versions[v.key.relpath] = v
             self._idents[v.key.relpath] = identity(v)
             if self._schedule(v):
@@ -188,6 +213,10 @@ class Pipeline:
         if known.complete:
             self._ready[rel] = _Ready(ident, known.digests())
             return False
+        # what the cache knows is published meanwhile when it is all but deltas (_publish)
+        self._ready[rel] = _Ready(
+            tuple(sorted(f.identity for f, _ in known.files)), known.digests()
+        )
         cached = {f.path for f, _ in known.files}
         size = sum(f.size for f in v.files.values() if f.path not in cached)
         self.jobs.submit(rel, ident, size, functools.partial(hash_version, v, known))
@@ -255,13 +284,15 @@ class Pipeline:
     def _build(
         self, shown: list[tuple[str, ScannedVersion, _Ready]]
     ) -> list[tuple[ScannedVersion, BuiltVersion]]:
-        """Each version's catalog entry, kept from before while its digests are the same."""
+        """Each version's catalog entry, kept from before while its digests and files are
+        the same."""
         out: list[tuple[ScannedVersion, BuiltVersion]] = []
         built: dict[str, _Built] = {}
         for rel, v, ready in shown:
+            part = None if v is self.versions.get(rel) else identity(v)
             b = self._built.get(rel)
-            if b is None or b.ready is not ready:
-                b = _Built(ready, build_version(v, ready.digests, self.paths.root_dir))
+            if b is None or b.ready is not ready or b.part != part:
+                b = _Built(ready, part, build_version(v, ready.digests, self.paths.root_dir))
             built[rel] = b
             if b.built is not None:
                 out.append((v, b.built))
@@ -277,24 +308,46 @@ class Pipeline:
             ready = self._ready.get(rel)
             if v.path in hidden:
                 continue
-            if ready is None or ready.ident != self._idents[rel]:
+            if ready is None:
                 log.debug("not publishing %s yet: still hashing", v.path)
                 continue
+            if ready.ident != self._idents[rel]:
+                # a delta being hashed does not hold its version back: published without it
+                done = set(ready.ident)
+                if any(f.identity not in done for f in v.files.values() if not _is_delta(f)):
+                    log.debug("not publishing %s yet: still hashing", v.path)
+                    continue
+                v = replace(v, files={n: f for n, f in v.files.items() if f.identity in done})
             shown.append((rel, v, ready))
+        versions = [v for _, v, _ in shown]
+        digests = _merged(shown)
+        listed = self.deltas.listable(versions)
         state, root = self.paths.state_dir, self.paths.root_dir
         inputs = None
-        if full:
-            inputs = unchanged.inputs_digest(((v, r.digests) for _, v, r in shown), hidden, root)
+        if full and self.retention is None:
+            inputs = unchanged.inputs_digest(
+                ((v, r.digests) for _, v, r in shown), hidden | listed, root
+            )
             if unchanged.is_published(state, root, inputs):
                 log.debug("the catalog and page were published from these inputs already")
                 self._unbuilt = shown
+                self.deltas.published(versions, digests)
                 return False
         self._unbuilt = None
-        self._products = products_of(self._build(shown))
+        self._products = products_of(self._build(shown), digests, root, listed)
+        if self.retention is not None:
+            # under the catalog lock: the one writer decides what leaves
+            doomed = self.retention.apply(state, self._products, versions)
+            if doomed:
+                shown = [e for e in shown if e[1].path not in doomed]
+                versions = [v for _, v, _ in shown]
+                listed = self.deltas.listable(versions)
+                self._products = products_of(self._build(shown), digests, root, listed)
         if not self.defer_page:
             # (what is published from here on is not what the record vouches for)
             unchanged.record(state, root, None)
         changed = publish(self.paths.streams_dir, self._products, images_gz=self._gzip)
+        self.deltas.published(versions, digests)
         self.page_due = True
         self._notify = self._notify or changed
         if not self.defer_page:
@@ -319,6 +372,30 @@ class Pipeline:
                 self._notify = False
                 for listener in self.on_publish:
                     listener()
+
+
+def _merged(shown: list[tuple[str, ScannedVersion, _Ready]]) -> Digests:
+    """The digests of the files of `shown`: a full update's own when they all share it."""
+    sources = {id(r.digests): r.digests for _, _, r in shown}
+    if len(sources) == 1:
+        return next(iter(sources.values()))
+    out = Digests()
+    for _, v, ready in shown:
+        src = ready.digests
+        for f in v.files.values():
+            if f.path in src.files:
+                out.files[f.path] = src.files[f.path]
+            if f.path in src.failed:
+                out.failed.add(f.path)
+            for m in v.files.values():
+                c = src.combined.get((m.path, f.path))
+                if c is not None:
+                    out.combined[(m.path, f.path)] = c
+    return out
+
+
+def _is_delta(f: FileStat) -> bool:
+    return f.role.role is Role.DELTA
 
 
 def _under(rel: str, prefix: str) -> bool:

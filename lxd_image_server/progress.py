@@ -1,12 +1,21 @@
-"""A one-line byte counter on a terminal while files are hashed."""
+"""Progress callbacks: the types, the one that does nothing, and a one-line byte counter on a
+terminal while files are hashed, imported or pushed."""
 
 from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from typing import TextIO
 
-from .hashing import Progress
+#: called with the bytes done since the last call
+Progress = Callable[[int], None]
+#: called with the total bytes about to be processed; returns the per-chunk callback
+ProgressStart = Callable[[int], Progress]
+
+
+def no_progress(_: int) -> None:
+    """The callback when nobody watches."""
 
 
 def human(n: float) -> str:

@@ -21,14 +21,13 @@ from typing import Any
 from . import catalog_json
 from .catalog import UPDATED_FORMAT, Products, images_document, index_document
 from .catalog_gzip import GzipCache
+from .config import StateDir
 from .fsutil import fsync_dir as fsync_dir
 from .fsutil import open_regular
 from .fsutil import write_atomic as write_atomic
 
 log = logging.getLogger(__name__)
 
-#: in the state directory, which only the catalog writer may write (streams/ is served)
-LOCK_NAME = "catalog.lock"
 _UPDATED_RE = re.compile(rb'^ "updated": "([A-Za-z0-9 ,:+]{1,64})",?$', re.MULTILINE)
 
 
@@ -42,7 +41,7 @@ def catalog_lock(state_dir: str) -> Iterator[None]:
     build and write it (never while they hash). The lock file lives in the state directory; it
     is opened without following a link, and anything but a regular file there is refused with a
     one-line PublishError naming it."""
-    path = os.path.join(state_dir, LOCK_NAME)
+    path = StateDir(state_dir).catalog_lock
     try:
         os.makedirs(state_dir, exist_ok=True)
         fd = os.open(path, _LOCK_FLAGS, 0o644)

@@ -26,23 +26,22 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 from urllib.parse import quote, urlsplit
 
-from .fsutil import load_json_bounded
+from .fsutil import CHUNK_SIZE, load_json_bounded
 from .importer import ImagePlan
+from .progress import Progress, ProgressStart, no_progress
 
 log = logging.getLogger(__name__)
 
 DEFAULT_USER = "upload"
 PASSWORD_ENV = "LXD_IMAGE_SERVER_PASSWORD"
 TIMEOUT = 300.0
-CHUNK = 1 << 20
 #: the most of a server's answer read (the rest is dropped with the connection), and how deeply
 #: its JSON may nest: a broken or hostile server cannot exhaust this process
 MAX_ANSWER = 1 << 20
 MAX_ANSWER_DEPTH = 32
 
-Progress = Callable[[int], None]
 #: label -> a progress callback factory (called with the total bytes), or None
-ProgressFor = Callable[[str], Callable[[int], Progress] | None]
+ProgressFor = Callable[[str], ProgressStart | None]
 
 
 class PushError(Exception):
@@ -212,7 +211,7 @@ class Client:
                 body = self._read_answer(resp)
                 self._fail(resp.status, body, f"reading {rel}")
             h = hashlib.sha256()
-            while chunk := resp.read(CHUNK):
+            while chunk := resp.read(CHUNK_SIZE):
                 h.update(chunk)
             return h.hexdigest()
 
@@ -230,7 +229,7 @@ class Client:
             conn.endheaders()
             sent_error: OSError | None = None
             with open(src, "rb") as f:
-                while chunk := f.read(CHUNK):
+                while chunk := f.read(CHUNK_SIZE):
                     digest.update(chunk)
                     try:
                         conn.send(chunk)
@@ -324,13 +323,9 @@ def uploads(plan: ImagePlan) -> list[tuple[str, str]]:
 def _sha256(path: str) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
+        while chunk := f.read(CHUNK_SIZE):
             h.update(chunk)
     return h.hexdigest()
-
-
-def _no_progress(_: int) -> None:
-    return None
 
 
 def push(plan: ImagePlan, client: Client, progress_for: ProgressFor | None = None) -> list[Pushed]:
@@ -353,7 +348,7 @@ def push(plan: ImagePlan, client: Client, progress_for: ProgressFor | None = Non
                 "first, or push under another --serial"
             )
         start = progress_for(os.path.basename(rel)) if progress_for else None
-        progress = start(size) if start else _no_progress
+        progress = start(size) if start else no_progress
         pushed = client.put(src, rel, progress)
         log.info("uploaded %s (%d bytes, sha256 %s)", rel, pushed.size, pushed.sha256)
         done.append(pushed)

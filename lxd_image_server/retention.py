@@ -1,9 +1,9 @@
-"""`prune` and `remove`: versions leave the catalog at once, their files after a grace period.
+"""Pruned versions: they leave the catalog at once, their files after a grace period.
 
 Clients and the LXD daemon cache images.json (the daemon for about an hour), so a version's
 files must stay downloadable for a while after the catalog stops listing it. A pruned version
 is recorded in <state_dir>/pruned.json with its expiry; every catalog build (the `update`
-command, the watcher, these commands; all through Pipeline) leaves recorded versions out, and
+command, the watcher, `prune` and `remove`; all through Pipeline) leaves recorded versions out, and
 `update` (the daily timer) deletes the files of those whose expiry has passed.
 
     {"format": 1, "pending": [{"path": "/var/www/simplestreams/images/os/rel/arch/var/serial",
@@ -12,6 +12,9 @@ command, the watcher, these commands; all through Pipeline) leaves recorded vers
 
 `path` is the absolute version directory, so one state directory can serve several trees.
 Changes are made under a lock and written atomically (temporary file + rename).
+
+This module sits below the pipeline (which reads the record and applies [retention]); the
+`prune` and `remove` use cases, which run the pipeline, are in pruning.py.
 """
 
 from __future__ import annotations
@@ -26,27 +29,26 @@ import secrets
 import shutil
 import stat
 import time
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .catalog import Products, serial_sort_key
-from .config import Paths
+from .config import Paths, StateDir
+from .deltas import drop_deltas_on
 from .fsutil import TooLarge, load_json_bounded, open_dir, read_regular
-from .layout import VERSION_DEPTH, LayoutError, check_component, parse_version_dir
+from .layout import VERSION_DEPTH, LayoutError, check_component, parse_version_dir, valid_serial
 from .publish import write_atomic
+from .retention_policy import RetentionPolicy
 
 if TYPE_CHECKING:
-    from .pipeline import Pipeline
     from .scan import ScannedVersion
 
 log = logging.getLogger(__name__)
 
-STATE_NAME = "pruned.json"
 #: pruned.json holds one short entry per pruned version
 MAX_STATE_BYTES = 64 << 20
 MAX_STATE_DEPTH = 8
-LOCK_NAME = ".pruned.lock"
 FORMAT = 1
 
 
@@ -100,7 +102,7 @@ def utc_text(seconds: float) -> str:
 
 
 def state_path(state_dir: str) -> str:
-    return os.path.join(state_dir, STATE_NAME)
+    return StateDir(state_dir).pruned
 
 
 def _parse(data: bytes, where: str) -> list[Pending]:
@@ -138,7 +140,7 @@ def save(state_dir: str, entries: Iterable[Pending]) -> None:
 def state_lock(state_dir: str) -> Iterator[None]:
     """Serializes changes to pruned.json (readers need no lock: writes are atomic)."""
     os.makedirs(state_dir, exist_ok=True)
-    fd = os.open(os.path.join(state_dir, LOCK_NAME), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    fd = os.open(StateDir(state_dir).pruned_lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
@@ -186,14 +188,29 @@ class PendingVersions:
 # -- choosing ------------------------------------------------------------------------------------
 
 
-def select_prunable(products: Products, keep: int) -> list[tuple[str, str]]:
-    """(product, serial) of every version beyond the newest `keep` of its product."""
-    if keep < 1:
+def select_prunable(products: Products, keep: int | Callable[[str], int]) -> list[tuple[str, str]]:
+    """(product, serial) of every version beyond the newest `keep` of its product.
+
+    `keep` is a number for every product (`prune --keep`), or a function of the product key
+    (a [retention] policy) where 0 keeps every version. The newest version always stays, and a
+    version whose serial does not parse is neither counted nor chosen (the layout refuses such
+    serials, so the catalog should hold none).
+    """
+    if not callable(keep) and keep < 1:
         raise ValueError("keep must be at least 1")
     out: list[tuple[str, str]] = []
     for pkey in sorted(products):
-        serials = sorted(products[pkey]["versions"], key=serial_sort_key)
-        out.extend((pkey, s) for s in serials[:-keep])
+        n = keep(pkey) if callable(keep) else keep
+        if n < 1:
+            continue
+        serials = []
+        for s in products[pkey]["versions"]:
+            if valid_serial(s):
+                serials.append(s)
+            else:
+                log.warning("%s: version %r has no valid serial; never pruned", pkey, s)
+        serials.sort(key=serial_sort_key)
+        out.extend((pkey, s) for s in serials[:-n])
     return out
 
 
@@ -214,18 +231,6 @@ def parse_product(text: str) -> tuple[str, str, str, str]:
 
 
 # -- recording ----------------------------------------------------------------------------------
-
-
-@dataclass
-class Outcome:
-    #: newly out of the catalog
-    scheduled: list[Pending] = field(default_factory=list)
-    #: were already out of the catalog
-    already: list[Pending] = field(default_factory=list)
-    #: files deleted now (their grace period was over)
-    deleted: list[Pending] = field(default_factory=list)
-    #: --dry-run: (product, serial) that would go
-    would: list[tuple[str, str]] = field(default_factory=list)
 
 
 def schedule(
@@ -316,6 +321,9 @@ def _delete_version(img_dir: str, path: str) -> None:
         doomed = f".deleting-{secrets.token_hex(8)}"
         os.rename(parts[-1], doomed, src_dir_fd=parent, dst_dir_fd=parent)
         os.fsync(parent)
+        # deltas on this version, in the others of its product, go with it
+        for rel in drop_deltas_on(parent, parts[-1]):
+            log.info("deleted %s/%s (its base is gone)", os.path.dirname(path), rel)
         if stat.S_ISLNK(os.stat(doomed, dir_fd=parent, follow_symlinks=False).st_mode):
             os.unlink(doomed, dir_fd=parent)  # swapped for a link after the check: just the link
         else:
@@ -377,63 +385,58 @@ def delete_expired(paths: Paths, now: float | None = None) -> list[Pending]:
     return deleted
 
 
-# -- the commands ----------------------------------------------------------------------------
+def next_expiry(paths: Paths) -> int | None:
+    """When the first recorded version of this tree is due for deletion (seconds since the
+    epoch), or None. A damaged state file: None (logged by whoever reads it next)."""
+    img_dir = os.path.abspath(paths.img_dir)
+    try:
+        entries = load(paths.state_dir)
+    except RetentionError:
+        return None
+    due = [p.expires for p in entries if _is_version_dir(img_dir, p.path)]
+    return min(due) if due else None
 
 
-def _prefixes(versions: Iterable[ScannedVersion]) -> set[str]:
-    return {v.key.relpath.rsplit("/", 1)[0] for v in versions}
+# -- the policy: applied by the catalog writer at every publish ---------------------------------
 
 
-def _finish(
-    pipeline: Pipeline, doomed: list[ScannedVersion], grace: int, now: float | None
-) -> Outcome:
-    outcome = Outcome()
-    outcome.scheduled, outcome.already = schedule(pipeline.paths.state_dir, doomed, grace, now=now)
-    if outcome.scheduled:
-        pipeline.refresh(_prefixes(doomed))
-    outcome.deleted = delete_expired(pipeline.paths, now=now)
-    return outcome
+@dataclass(frozen=True)
+class Retention:
+    """`[retention]` and the grace period, as the pipeline applies them."""
 
+    policy: RetentionPolicy
+    grace: int
 
-def prune(
-    pipeline: Pipeline, keep: int, grace: int, dry_run: bool = False, now: float | None = None
-) -> Outcome:
-    """Takes every version but the newest `keep` of each product out of the catalog.
+    def apply(
+        self,
+        state_dir: str,
+        products: Products,
+        versions: Iterable[ScannedVersion],
+        now: float | None = None,
+    ) -> set[str]:
+        """Records the published versions beyond the policy as pruned, exactly as `prune`
+        does; returns their directories, to leave out of the catalog being written.
 
-    Only published versions count (an upload still in progress is neither kept nor pruned).
-    """
-    pipeline.update_all()
-    by_key = {(v.key.product, v.key.serial): v for v in pipeline.versions.values()}
-    chosen = select_prunable(pipeline.products, keep)
-    if dry_run:
-        return Outcome(would=chosen)
-    return _finish(pipeline, [by_key[c] for c in chosen], grace, now)
-
-
-def remove(
-    pipeline: Pipeline,
-    product: str,
-    serial: str | None,
-    grace: int,
-    dry_run: bool = False,
-    now: float | None = None,
-) -> Outcome:
-    """Takes a product (every version, published or not) or one version out of the catalog."""
-    parse_product(product)
-    pipeline.update_all()
-    matches = [v for v in pipeline.versions.values() if v.key.product == product]
-    if not matches:
-        raise RetentionError(f"no product {product} in {pipeline.paths.img_dir}")
-    if serial is not None:
-        exact = [v for v in matches if v.key.serial == serial]
-        if not exact:  # another spelling of the same time (20240101_1200 for 20240101_12:00)
-            digits = serial_sort_key(serial)[0]
-            exact = [v for v in matches if serial_sort_key(v.key.serial)[0] == digits]
-        if len(exact) != 1:
-            have = ", ".join(sorted((v.key.serial for v in matches), key=serial_sort_key))
-            raise RetentionError(f"{product} has no version {serial} (it has {have})")
-        matches = exact
-    matches.sort(key=lambda v: serial_sort_key(v.key.serial))
-    if dry_run:
-        return Outcome(would=[(v.key.product, v.key.serial) for v in matches])
-    return _finish(pipeline, matches, grace, now)
+        Called under the catalog lock (the one writer). If the record cannot be written,
+        nothing is left out (logged): a version hidden but not recorded would never go.
+        """
+        if not self.policy.active:
+            return set()
+        chosen = set(select_prunable(products, self.policy.keep_for))
+        if not chosen:
+            return set()
+        doomed = [v for v in versions if (v.key.product, v.key.serial) in chosen]
+        try:
+            new, _ = schedule(state_dir, doomed, self.grace, now=now)
+        except (RetentionError, OSError) as e:
+            log.error("retention: cannot record what leaves the catalog (%s); keeping it", e)
+            return set()
+        for p in new:
+            log.info(
+                "retention: %s %s leaves the catalog (keep %d); its files go after %s",
+                p.product,
+                p.serial,
+                self.policy.keep_for(p.product),
+                utc_text(p.expires),
+            )
+        return {v.path for v in doomed}

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 
-from . import htpasswd, nginx, tls
+from . import handover, htpasswd, nginx, tls
 from .config import Paths, ServiceError
 from .fsutil import can_traverse
 from .initialize import InitReport, client_instructions, ensure_credentials, ensure_tree
@@ -36,6 +36,7 @@ STOP_TIMEOUT = 10.0
 WORKER_USER = "www-data"
 #: How `run` tells the upload app where the credentials are (unset: anonymous uploads)
 HTPASSWD_ENV = "LXD_IMAGE_SERVER_HTPASSWD"
+DIGEST_DIR_ENV = handover.DIR_ENV
 #: ... and that uploads need none (only with --allow-anonymous-uploads)
 ANONYMOUS_ENV = "ALLOW_ANONYMOUS_UPLOADS"
 
@@ -49,6 +50,8 @@ class RunOptions:
     paths: Paths
     #: HOST:PORT or PORT
     listen: str = "8443"
+    #: HOST:PORT or PORT of a plain-HTTP listener serving image files only (None: none)
+    http_listen: str | None = None
     ssl_dir: str | None = None
     htpasswd: str | None = None
     allow_anonymous_uploads: bool = False
@@ -58,7 +61,6 @@ class RunOptions:
     plain_http: bool = False
     private: bool = False
     verbose: bool = False
-    upload_workers: int = 2
     #: what the parts get: --config is handed to the watcher (which re-reads it on reload),
     #: the settings as resolved here (every layer) to the upload app
     config: str | None = None
@@ -68,20 +70,20 @@ class RunOptions:
 
     @property
     def run_dir(self) -> str:
-        return os.path.join(self.paths.state_dir, "run")
+        return self.paths.state.run_dir
 
     @property
     def nginx_dir(self) -> str:
-        return os.path.join(self.paths.state_dir, "nginx")
+        return self.paths.state.nginx_dir
 
     @property
     def upload_socket(self) -> str:
-        return os.path.join(self.run_dir, "upload.sock")
+        return self.paths.state.upload_socket
 
     @property
     def url_file(self) -> str:
         """Where `prepare` notes the URL nginx serves on (for `lxd-image-server health`)."""
-        return os.path.join(self.run_dir, "url")
+        return self.paths.state.url_file
 
     def local_url(self) -> str:
         """The URL of the catalog's root as seen from this machine."""
@@ -135,11 +137,11 @@ def prepare(opts: RunOptions) -> Prepared:
         raise RunError("--private needs credentials: it cannot go with --allow-anonymous-uploads")
     report = InitReport()
     ensure_tree(opts.paths, report)
-    for d in (opts.run_dir, opts.nginx_dir):
+    for d in (opts.run_dir, opts.nginx_dir, digest_dir(opts)):
         os.makedirs(d, exist_ok=True)
     htpasswd_path = None
     if not opts.allow_anonymous_uploads:
-        htpasswd_path = opts.htpasswd or os.path.join(opts.paths.state_dir, "htpasswd")
+        htpasswd_path = opts.htpasswd or opts.paths.state.htpasswd
         os.makedirs(os.path.dirname(os.path.abspath(htpasswd_path)), exist_ok=True)
     must_reach = [opts.paths.root_dir, opts.paths.state_dir]
     if htpasswd_path:
@@ -151,7 +153,7 @@ def prepare(opts: RunOptions) -> Prepared:
         os.chmod(opts.run_dir, 0o750)
         with contextlib.suppress(KeyError):
             os.chown(opts.run_dir, 0, grp.getgrnam(group).gr_gid)
-    ssl_dir = opts.ssl_dir or os.path.join(opts.paths.state_dir, "ssl")
+    ssl_dir = opts.ssl_dir or opts.paths.state.ssl_dir
     if not opts.plain_http:
         report.cert = tls.ensure_certificate(ssl_dir, opts.hostnames or ("localhost",))
     if htpasswd_path:
@@ -174,10 +176,20 @@ def prepare(opts: RunOptions) -> Prepared:
         ssl_dir=ssl_dir,
         htpasswd=htpasswd_path,
         private=opts.private,
+        overwrites=opts.settings.allow_overwrites,
+        http_listen=(opts.http_listen,) if opts.http_listen else (),
+        server_names=opts.hostnames,
     )
     base = Path(opts.nginx_dir)
+    http_snippet = base / "http-locations.conf"
     (base / "locations.conf").write_text(nginx.render_locations(settings))
-    (base / "site.conf").write_text(nginx.render_site(settings, str(base / "locations.conf")))
+    if opts.http_listen:
+        http_snippet.write_text(nginx.render_http_locations(settings))
+    else:
+        http_snippet.unlink(missing_ok=True)
+    (base / "site.conf").write_text(
+        nginx.render_site(settings, str(base / "locations.conf"), None, str(http_snippet))
+    )
     conf = base / "nginx.conf"
     conf.write_text(
         nginx.render_standalone(opts.run_dir, str(base / "site.conf"), user, opts.verbose)
@@ -205,11 +217,9 @@ def _commands(opts: RunOptions, conf: str, user: str | None) -> dict[str, list[s
         "python:lxd_image_server.gunicorn_conf",
         "--bind",
         f"unix:{opts.upload_socket}",
-        "--workers",
-        str(opts.upload_workers),
-        "--access-logfile",
-        "-" if opts.verbose else "/dev/null",
     ]
+    if opts.verbose:
+        upload += ["--access-logfile", "-"]  # off in gunicorn_conf
     if user:
         upload += ["--group", user.split()[1], "--umask", "0o007"]
     upload.append("lxd_image_server.upload:app_from_env()")
@@ -285,6 +295,11 @@ class Supervisor:
                 p.wait()
 
 
+def digest_dir(opts: RunOptions) -> str:
+    """Where the upload app hands its digests to the watcher (handover.py)."""
+    return os.path.join(opts.paths.state_dir, handover.DIR_NAME)
+
+
 def upload_env(
     opts: RunOptions, htpasswd_path: str | None, base: dict[str, str] | None = None
 ) -> dict[str, str]:
@@ -295,6 +310,7 @@ def upload_env(
     env = dict(os.environ if base is None else base)
     s = opts.settings
     env["LXD_IMAGE_SERVER_IMG_DIR"] = opts.paths.img_dir
+    env[DIGEST_DIR_ENV] = digest_dir(opts)
     if htpasswd_path:
         env[HTPASSWD_ENV] = os.path.abspath(htpasswd_path)
         env.pop(ANONYMOUS_ENV, None)

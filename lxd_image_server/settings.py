@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from .config import DEFAULT_ROOT, DEFAULT_STATE_DIR, ConfigError
+from .config import DEFAULT_MIRROR_USER, DEFAULT_ROOT, DEFAULT_STATE_DIR, ConfigError
+from .retention_policy import KeepRule, PolicyError, RetentionPolicy
 
 SYSTEM_DIR = "/etc/lxd-image-server"
 ENV_CONFIG = "LXD_IMAGE_SERVER_CONFIG"
@@ -28,10 +29,20 @@ _FALSE = ("", "0", "false", "no", "off")
 class MirrorConfig:
     name: str
     host: str
-    user: str = "lxdmirror"
+    user: str = DEFAULT_MIRROR_USER
     key_path: str | None = None
     port: int = 22
     path: str = DEFAULT_ROOT
+
+
+@dataclass(frozen=True)
+class DeltaSettings:
+    """[deltas]: delta updates (deltawork.DeltaConfig takes these)."""
+
+    enabled: bool = True
+    bases: int = 1
+    max_ratio: float = 0.5
+    timeout: int = 1800
 
 
 @dataclass(frozen=True)
@@ -45,7 +56,10 @@ class Settings:
     debug: bool = False
     #: seconds between a version leaving the catalog (prune/remove) and its files going
     prune_grace: int = DEFAULT_GRACE
+    #: [retention]: versions kept per product, applied at every publish
+    retention: RetentionPolicy = field(default_factory=RetentionPolicy)
     mirrors: tuple[MirrorConfig, ...] = ()
+    deltas: DeltaSettings = DeltaSettings()
     #: a logging.config.dictConfig table, or None for the built-in setup
     logging: dict[str, Any] | None = None
     #: the files read, in order
@@ -127,12 +141,15 @@ def load(
 
 # -- validating --------------------------------------------------------------------------------
 
-_SECTIONS = {"paths", "upload", "prune", "mirrors", "logging"}
+_SECTIONS = {"paths", "upload", "prune", "retention", "deltas", "mirrors", "logging"}
 _KEYS = {
     "paths": {"root", "state_dir"},
     "upload": {"allow_overwrites", "allow_deletes", "max_size"},
     "prune": {"grace_period"},
+    "retention": {"keep", "rule"},
+    "deltas": {"enabled", "bases", "max_ratio", "timeout"},
 }
+_RULE_KEYS = {"match", "keep"}
 _MIRROR_KEYS = {"remote", "url", "user", "key_path", "port", "path"}
 
 
@@ -177,6 +194,41 @@ def _size(value: Any, src: str) -> int | None:
     return n or None
 
 
+def _count(value: Any, what: str, src: str) -> int:
+    n = _typed(value, int, what, src)
+    if n < 0:
+        raise ConfigError(f"{src}: {what} must not be negative (0 keeps every version)")
+    assert isinstance(n, int)
+    return n
+
+
+def _retention(table: Mapping[str, Any], src: str) -> RetentionPolicy:
+    keep = _count(table.get("keep", 0), "retention.keep", src)
+    rules = table.get("rule", [])
+    if not isinstance(rules, list):
+        raise ConfigError(
+            f'{src}: retention.rule must be a list of tables: [[retention.rule]] match = "os/*" '
+            "keep = N"
+        )
+    parsed: list[KeepRule] = []
+    for i, rule in enumerate(rules, start=1):
+        what = f"retention.rule #{i}"
+        if not isinstance(rule, Mapping):
+            raise ConfigError(f"{src}: {what} must be a table ([[retention.rule]])")
+        if set(rule) != _RULE_KEYS:
+            raise ConfigError(
+                f"{src}: {what} must have exactly match and keep "
+                f"(has {', '.join(sorted(rule)) or 'nothing'})"
+            )
+        pattern = _typed(rule["match"], str, f"{what} match", src)
+        count = _count(rule["keep"], f"{what} keep", src)
+        try:
+            parsed.append(KeepRule(pattern, count))
+        except PolicyError as e:
+            raise ConfigError(f"{src}: {what}: {e}") from None
+    return RetentionPolicy(keep, tuple(parsed))
+
+
 def _mirror(name: str, table: Any, src: str) -> MirrorConfig:
     what = f"mirrors.{name}"
     if not isinstance(table, Mapping):
@@ -198,11 +250,26 @@ def _mirror(name: str, table: Any, src: str) -> MirrorConfig:
     return MirrorConfig(
         name=name,
         host=host,
-        user=_typed(table.get("user", "lxdmirror"), str, f"{what}.user", src),
+        user=_typed(table.get("user", DEFAULT_MIRROR_USER), str, f"{what}.user", src),
         key_path=_typed(key, str, f"{what}.key_path", src) if key is not None else None,
         port=port,
         path=_typed(table.get("path", DEFAULT_ROOT), str, f"{what}.path", src),
     )
+
+
+def _deltas(table: Mapping[str, Any], src: str) -> DeltaSettings:
+    d = DeltaSettings()
+    enabled = _typed(table.get("enabled", d.enabled), bool, "deltas.enabled", src)
+    bases = _typed(table.get("bases", d.bases), int, "deltas.bases", src)
+    if not 1 <= bases <= 10:
+        raise ConfigError(f"{src}: deltas.bases must be between 1 and 10, not {bases}")
+    ratio = table.get("max_ratio", d.max_ratio)
+    if isinstance(ratio, bool) or not isinstance(ratio, int | float) or not 0 < ratio <= 1:
+        raise ConfigError(f"{src}: deltas.max_ratio must be a number above 0 and at most 1")
+    timeout = _typed(table.get("timeout", d.timeout), int, "deltas.timeout", src)
+    if timeout < 1:
+        raise ConfigError(f"{src}: deltas.timeout must be at least 1 (seconds)")
+    return DeltaSettings(enabled, bases, float(ratio), timeout)
 
 
 def _validate(
@@ -240,6 +307,10 @@ def _validate(
         if grace < 0:
             raise ConfigError(f"{src('prune')}: prune.grace_period must not be negative")
         values["prune_grace"] = grace
+    if "retention" in doc:
+        values["retention"] = _retention(doc["retention"], src("retention"))
+    if "deltas" in doc:
+        values["deltas"] = _deltas(doc["deltas"], src("deltas"))
     mirrors = doc.get("mirrors", {})
     if not isinstance(mirrors, Mapping):
         raise ConfigError(f"{src('mirrors')}: [mirrors] must hold [mirrors.NAME] tables")

@@ -8,7 +8,9 @@ Runs behind nginx under gunicorn, with the settings of lxd_image_server.gunicorn
 Settings come from the environment (and upload.* in config.toml): LXD_IMAGE_SERVER_IMG_DIR,
 LXD_IMAGE_SERVER_HTPASSWD (default /etc/lxd-image-server/htpasswd), ALLOW_ANONYMOUS_UPLOADS,
 ALLOW_OVERWRITES, ALLOW_DELETES, DEBUG (1/true/yes/on or 0/false/no/off), UPLOAD_MAX_SIZE
-(bytes per file), UPLOAD_READ_TIMEOUT (seconds a read of the body may take, default 60).
+(bytes per file), UPLOAD_READ_TIMEOUT (seconds a read of the body may take, default 60),
+LXD_IMAGE_SERVER_DIGEST_DIR (where the digests of stored files are handed to the catalog
+writer, default <state dir>/upload-digests, used only if it exists; see handover.py).
 
 Every request must carry Basic credentials of a user in the htpasswd file, checked here (nginx
 checks them too, but the socket can be reached without nginx), unless anonymous uploads are
@@ -40,25 +42,20 @@ from typing import Any
 from urllib.parse import unquote_to_bytes
 from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
 
-from . import logs
+from . import handover, logs
 from . import settings as settings_module
 from .config import DEFAULT_HTPASSWD, ConfigError
 from .multipart import MultipartError, MultipartReader, Part, boundary_from_content_type
 from .upload_auth import Credentials, CredentialsUnavailable, challenge
-from .upload_body import BodyReader, StallGuard
+from .upload_body import READ_PIECE, BodyReader, StallGuard, raw_body
 from .upload_errors import HTTPError, clip, quote
 from .upload_paths import check_file_path, check_version_path
-from .upload_store import (
-    CHUNK_SIZE,
-    MAX_OVERRIDES_SIZE,
-    Store,
-    Stored,
-)
+from .upload_sink import ReadInto
+from .upload_store import MAX_OVERRIDES_SIZE, Store, Stored
 
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "DEFAULT_IMG_DIR",
     "MAX_OVERRIDES_SIZE",
     "HTTPError",
     "UploadApp",
@@ -68,8 +65,8 @@ __all__ = [
     "settings_from_env",
 ]
 
-DEFAULT_IMG_DIR = "/var/www/simplestreams/images"
 DEFAULT_READ_TIMEOUT = 60.0
+DIGEST_DIR_ENV = handover.DIR_ENV
 #: Parts of one multipart body, at most (any field counts); the rest is refused (413).
 MAX_PARTS = 256
 #: Failed parts listed in an answer, at most; the rest are only counted.
@@ -112,6 +109,9 @@ class UploadSettings:
     allow_anonymous: bool = False
     #: Seconds one read of the body may take before the upload is cut off (408).
     read_timeout: float = DEFAULT_READ_TIMEOUT
+    #: Where the digests of stored files are handed to the catalog writer (handover.py), if
+    #: that directory exists; None: nowhere.
+    digest_dir: str | None = None
 
 
 # -- the request body ------------------------------------------------------------------------
@@ -129,7 +129,9 @@ def _body_reader(environ: WSGIEnvironment, guard: StallGuard) -> BodyReader:
     if raw:
         if not (raw.isascii() and raw.isdigit()) or len(raw) > 20:
             raise HTTPError(400, f"invalid Content-Length {quote(raw)}")
-        return BodyReader(stream, int(raw), guard=guard, sock=sock)
+        length = int(raw)
+        fast = raw_body(stream, sock, length)
+        return BodyReader(fast or stream, length, guard=guard, sock=sock)
     if environ.get("wsgi.input_terminated"):
         return BodyReader(stream, None, guard=guard, sock=sock)
     # Without either, the end of the body cannot be told: read nothing (fine for DELETE).
@@ -183,7 +185,9 @@ class UploadApp:
     def __init__(self, settings: UploadSettings) -> None:
         self.settings = settings
         self.img_dir = os.path.abspath(settings.img_dir)
-        self.store = Store(self.img_dir, settings.allow_overwrites, settings.max_size)
+        self.store = Store(
+            self.img_dir, settings.allow_overwrites, settings.max_size, settings.digest_dir
+        )
         self.credentials = Credentials(settings.htpasswd) if settings.htpasswd else None
         self.guard = StallGuard(settings.read_timeout)
 
@@ -213,6 +217,9 @@ class UploadApp:
             body.abandon()
         elif body is not None and outcome.status >= 400:
             body.drain()
+        if body is not None and body.unread_on_socket:
+            # gunicorn takes the body as read: the connection must not carry another request
+            body.abandon()
         payload = json.dumps(outcome.body, sort_keys=True).encode() + b"\n"
         headers = [
             ("Content-Type", "application/json"),
@@ -279,7 +286,7 @@ class UploadApp:
         limit = self.settings.max_size
         if limit is not None and body.remaining is not None and body.remaining > limit:
             raise HTTPError(413, f"{body.remaining} bytes is more than the limit of {limit} bytes")
-        stored = self.store.store(key, name, body.read)
+        stored = self.store.store(key, name, body.readinto)
         return _Outcome(201, {"files": [stored.as_json()]})
 
     def _post(self, environ: WSGIEnvironment, body: BodyReader) -> _Outcome:
@@ -290,7 +297,7 @@ class UploadApp:
         except MultipartError as e:
             status = 415 if not content_type.lower().startswith("multipart/") else 400
             raise HTTPError(status, clip(str(e))) from None
-        reader = MultipartReader(body.read, boundary, CHUNK_SIZE)
+        reader = MultipartReader(body.read, boundary, READ_PIECE, readinto=body.readinto)
         stored: list[Stored] = []
         failed: list[dict[str, Any]] = []
         failures = 0
@@ -371,14 +378,21 @@ def _require_length(body: BodyReader) -> None:
         raise HTTPError(411, "a Content-Length (or a chunked body) is required")
 
 
-def _part_reader(part: Part) -> Any:
-    def read(_n: int) -> bytes:
-        try:
-            return part.read()
-        except MultipartError as e:
-            raise HTTPError(400, f"malformed multipart body: {clip(str(e))}", fatal=True) from None
+def _part_reader(part: Part) -> ReadInto:
+    """Fills a buffer with the part's next bytes."""
 
-    return read
+    def readinto(buf: bytearray) -> int:
+        view = memoryview(buf)
+        total = 0
+        try:
+            while total < len(view) and (n := part.readinto(view[total:])):
+                total += n
+        except MultipartError as e:
+            msg = f"malformed multipart body: {clip(str(e))}"
+            raise HTTPError(400, msg, fatal=True) from None
+        return total
+
+    return readinto
 
 
 def _not_allowed(method: str, allowed: str, hint: str) -> HTTPError:
@@ -426,7 +440,13 @@ def settings_from_env(env: Mapping[str, str] | None = None) -> UploadSettings:
         htpasswd=env.get("LXD_IMAGE_SERVER_HTPASSWD", "").strip() or DEFAULT_HTPASSWD,
         allow_anonymous=_flag(env, "ALLOW_ANONYMOUS_UPLOADS"),
         read_timeout=read_timeout,
+        digest_dir=_digest_dir(env, cfg.state_dir),
     )
+
+
+def _digest_dir(env: Mapping[str, str], state_dir: str) -> str | None:
+    path = env.get(DIGEST_DIR_ENV, "").strip() or os.path.join(state_dir, handover.DIR_NAME)
+    return path if os.path.isdir(path) else None
 
 
 def app_from_env(env: Mapping[str, str] | None = None) -> WSGIApplication:

@@ -6,18 +6,25 @@ alone does not help. Here every read of the body has a deadline: a watchdog thre
 client's socket for reading when a read has not returned within `timeout` seconds, the read
 returns early, and the request ends with 408. A read asks for at most READ_PIECE bytes, so a
 client must send READ_PIECE bytes per `timeout` seconds (256 KiB per 60 s: 4.4 KB/s) to stay.
+
+Speed: gunicorn's wsgi.input copies every byte several times through BytesIO buffers. A body of
+known length under gunicorn is therefore read straight from the client's socket into the
+caller's buffer (RawBody, `readinto`), after the bytes gunicorn had already buffered; gunicorn
+is told the body was consumed. Anything else (chunked, another server) goes through wsgi.input.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import io
 import logging
 import os
 import socket
 import threading
 import time
 from collections.abc import Iterator
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from .upload_errors import ClientDisconnected, ClientStalled, HTTPError
 
@@ -89,6 +96,74 @@ class StallGuard:
                         sock.shutdown(socket.SHUT_RD)
 
 
+class RawBody:
+    """The rest of a body of known length, read from the client's socket: first the bytes the
+    server had buffered already, then recv_into the caller's buffer."""
+
+    def __init__(self, sock: socket.socket, buffered: bytes, remaining: int) -> None:
+        self._sock = sock
+        self._pre = memoryview(buffered)
+        self.remaining = remaining
+
+    def readinto(self, buf: memoryview) -> int:
+        """Up to len(buf) bytes (fewer only at the end of the body or of what has arrived)."""
+        if self._pre:
+            n = min(len(buf), len(self._pre))
+            buf[:n] = self._pre[:n]
+            self._pre = self._pre[n:]
+            return n
+        if self.remaining <= 0:
+            return 0
+        # MSG_WAITALL: one call (and one wake-up of this thread) per buffer, not per piece
+        # the proxy wrote; it returns early at the end of the body or on shutdown (a stall)
+        n = self._sock.recv_into(buf, min(len(buf), self.remaining), socket.MSG_WAITALL)
+        self.remaining -= n
+        return n
+
+    def read(self, n: int) -> bytes:
+        buf = bytearray(n)
+        got = self.readinto(memoryview(buf))
+        del buf[got:]
+        return bytes(buf)
+
+    @property
+    def unread(self) -> int:
+        return len(self._pre) + self.remaining
+
+
+def raw_body(stream: Any, sock: socket.socket | None, length: int) -> RawBody | None:
+    """The body of `length` bytes behind gunicorn's wsgi.input `stream`, read past gunicorn's
+    buffers; None when `stream` is not a gunicorn body of that length not yet read from.
+
+    Relies on the attributes gunicorn has had from 19.x to 23 (Body.reader, Body.buf,
+    LengthReader.length/.unreader, SocketUnreader.sock/.buf); anything unexpected: None."""
+    if sock is None:
+        return None
+    client: socket.socket = sock
+    reader: Any = getattr(stream, "reader", None)
+    unreader: Any = getattr(reader, "unreader", None)
+    if (
+        type(stream).__name__ != "Body"
+        or type(reader).__name__ != "LengthReader"
+        or type(unreader).__name__ != "SocketUnreader"
+        or getattr(unreader, "sock", None) is not client
+        or getattr(reader, "length", None) != length
+    ):
+        return None
+    own, pending = getattr(stream, "buf", None), getattr(unreader, "buf", None)
+    if not isinstance(own, io.BytesIO) or not isinstance(pending, io.BytesIO):
+        return None
+    if own.getbuffer().nbytes:
+        return None  # the app read part of the body through wsgi.input already
+    held = pending.getvalue()
+    buffered, rest = held[:length], held[length:]
+    # gunicorn now takes the body as read, and keeps what lies beyond it (a next request)
+    unreader.buf = io.BytesIO()
+    unreader.buf.write(rest)
+    reader.length = 0
+    return RawBody(client, buffered, length - len(buffered))
+
+
 class BodyReader:
     """wsgi.input limited to the request body.
 
@@ -101,7 +176,7 @@ class BodyReader:
 
     def __init__(
         self,
-        stream: BinaryIO | None,
+        stream: BinaryIO | RawBody | None,
         length: int | None,
         delimited: bool = True,
         guard: StallGuard | None = None,
@@ -116,19 +191,40 @@ class BodyReader:
         self._guard = guard if sock is not None else None
         self._sock = sock
 
-    def read(self, n: int = READ_PIECE) -> bytes:
-        if self.finished or self._stream is None:
-            return b""
-        n = min(n, READ_PIECE)
-        if self.remaining is not None:
-            n = min(n, self.remaining)
+    def readinto(self, buffer: bytearray | memoryview) -> int:
+        """Fills `buffer` (fewer bytes only at the end of the body) -> the number of bytes."""
+        buf = memoryview(buffer)
+        if not isinstance(self._stream, RawBody):
+            total = 0
+            while total < len(buf) and (data := self.read(len(buf) - total)):
+                buf[total : total + len(data)] = data
+                total += len(data)
+            return total
+        total = 0
+        while total < len(buf) and not self.finished:
+            # one guarded read per READ_PIECE, as for wsgi.input
+            piece = buf[total : min(len(buf), total + READ_PIECE)]
+            total += self._guarded(functools.partial(self._fill, piece))
+        return total
+
+    def _fill(self, piece: memoryview) -> int:
+        assert isinstance(self._stream, RawBody)
+        got = 0
+        while got < len(piece):
+            n = self._stream.readinto(piece[got:])
+            if n == 0:
+                break
+            got += n
+        return got
+
+    def _guarded(self, read: Any) -> int:
         expired = [False]
         try:
             if self._guard is not None and self._sock is not None:
                 with self._guard.read(self._sock) as expired:
-                    data = self._stream.read(n)
+                    n: int = read()
             else:
-                data = self._stream.read(n)
+                n = read()
         except Exception as e:
             self.finished = True
             if expired[0]:
@@ -138,21 +234,43 @@ class BodyReader:
         if expired[0]:
             self.finished = True
             raise self._stalled()
-        if not data:
+        return self._count(n)
+
+    def _count(self, n: int) -> int:
+        if n == 0:
             self.finished = True
             if self.remaining:
                 raise ClientDisconnected(
                     f"the request body ended {self.remaining} bytes short of its "
                     "Content-Length (client disconnected?)"
                 )
-            return b""
-        data = data[:n]
-        self.received += len(data)
+            return 0
+        self.received += n
         if self.remaining is not None:
-            self.remaining -= len(data)
+            self.remaining -= n
             if self.remaining <= 0:
                 self.finished = True
-        return data
+        return n
+
+    def read(self, n: int = READ_PIECE) -> bytes:
+        if self.finished or self._stream is None:
+            return b""
+        n = min(n, READ_PIECE)
+        if self.remaining is not None:
+            n = min(n, self.remaining)
+        stream = self._stream
+        if isinstance(stream, RawBody):
+            buf = bytearray(n)
+            got = self._guarded(lambda: self._fill(memoryview(buf)))
+            return bytes(memoryview(buf)[:got])
+        box: list[bytes] = []
+
+        def once() -> int:
+            box.append(stream.read(n)[:n])
+            return len(box[0])
+
+        self._guarded(once)
+        return box[0] if box else b""
 
     def _stalled(self) -> ClientStalled:
         assert self._guard is not None
@@ -170,10 +288,15 @@ class BodyReader:
             while seen <= limit and (data := self.read()):
                 seen += len(data)
 
+    @property
+    def unread_on_socket(self) -> bool:
+        """Bytes of the body are still in the socket, where the server thinks none are."""
+        return isinstance(self._stream, RawBody) and self._stream.unread > 0
+
     def abandon(self) -> None:
         """The rest of the body will not be read: shut the socket for reading, so that the
         server does not read (and wait for) it either before closing the connection."""
-        if not self.finished and self._sock is not None:
+        if (not self.finished or self.unread_on_socket) and self._sock is not None:
             self.finished = True
             with contextlib.suppress(OSError):
                 self._sock.shutdown(socket.SHUT_RD)

@@ -23,19 +23,18 @@ import errno
 import hashlib
 import logging
 import os
-import queue
 import secrets
 import shutil
 import stat
-import threading
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from .fsutil import load_json_bounded, open_dir
-from .layout import OVERRIDES_NAME, VersionKey
+from .layout import OVERRIDES_NAME, VersionKey, classify
 from .overrides import parse_overrides
 from .upload_errors import HTTPError, clip
+from .upload_seal import Primed, Temp, can_name_unnamed, open_temp, prime_combined, record
+from .upload_sink import ReadInto, Sink
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +45,6 @@ MAX_OVERRIDES_SIZE = 64 * 1024
 MAX_OVERRIDES_DEPTH = 8
 #: `<name>.1` ... `<name>.N` are tried when the name is taken and overwrites are off.
 MAX_ALTERNATES = 1000
-#: Chunks received but not yet written and hashed, at most.
-SINK_DEPTH = 2
-CHUNK_SIZE = 1 << 20
-_TEMP_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 _NO_LINKS = (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EXDEV, errno.EMLINK, errno.ENOSYS)
 
@@ -112,7 +107,12 @@ class _Walk:
                     self.created.pop()
                     raise HTTPError(409, f"{self.shown}: a directory changed; try again") from None
                 self.fds.append(fd)
-                os.fchmod(fd, DIR_MODE | (os.fstat(fd).st_mode & stat.S_ISGID))
+                mode = os.fstat(fd).st_mode
+                if stat.S_IMODE(mode) & 0o777 != DIR_MODE:
+                    # only when a umask narrowed it: the service's mask (0002) gives DIR_MODE
+                    # and the setgid bit inherited from images/ as they are, and systemd's
+                    # RestrictSUIDSGID refuses any chmod that names a setgid bit
+                    os.fchmod(fd, DIR_MODE | (mode & stat.S_ISGID))
                 os.fsync(parent)
                 return
             except NotADirectoryError:
@@ -160,11 +160,18 @@ class Store:
     """Puts files into, and takes them out of, the tree below `img_dir`."""
 
     def __init__(
-        self, img_dir: str, allow_overwrites: bool = False, max_size: int | None = None
+        self,
+        img_dir: str,
+        allow_overwrites: bool = False,
+        max_size: int | None = None,
+        digest_dir: str | None = None,
     ) -> None:
         self.img_dir = img_dir
         self.allow_overwrites = allow_overwrites
         self.max_size = max_size
+        #: where the digests of stored files are handed to the catalog writer (None: nowhere)
+        self.digest_dir = digest_dir
+        self._unnamed = can_name_unnamed()
 
     def _walk(self, shown: str) -> _Walk:
         # images/ itself is configuration, not an uploader's: it may be reached through links.
@@ -176,26 +183,33 @@ class Store:
 
     # -- storing ----------------------------------------------------------------------------
 
-    def store(self, key: VersionKey, name: str, read: Callable[[int], bytes]) -> Stored:
-        """Streams one file to images/<key>/<name>; HTTPError (nothing left behind) on failure."""
+    def store(self, key: VersionKey, name: str, readinto: ReadInto) -> Stored:
+        """Streams one file to images/<key>/<name>; HTTPError (nothing left behind) on failure.
+
+        `readinto(buffer)` fills the buffer with the next bytes of the file (fewer only at its
+        end)."""
         rel = f"{key.relpath}/{name}"
         walk = self._walk(rel)
         tmp: str | None = None
+        temp: Temp | None = None
         try:
             for component in key.relpath.split("/"):
                 walk.down(component, create=True)
-            tmp = f".upload-{secrets.token_hex(8)}.part"
-            fd = os.open(tmp, _TEMP_FLAGS, 0o600, dir_fd=walk.fd)
-            try:
-                os.fchmod(fd, FILE_MODE)
-                size, digest, kept = self._receive(fd, rel, name, read)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            temp = open_temp(walk.fd, self.digest_dir is not None and self._unnamed)
+            tmp = temp.name
+            os.fchmod(temp.fd, FILE_MODE)
+            primed = prime_combined(walk.fd, name) if temp.unnamed else []
+            size, digest, combined, kept = self._receive(temp.fd, rel, name, readinto, primed)
+            os.fsync(temp.fd)
             warning = _check_overrides(rel, kept) if kept is not None else None
+            tmp = temp.name_it(walk.fd)
             final, replaced = self._place(walk.fd, tmp, name, rel)
             tmp = None
             os.fsync(walk.fd)
+            if final == name and classify(name) is not None:
+                sealed = temp.sealed_key()
+                if sealed is not None:
+                    record(self.digest_dir, sealed, digest, combined)
         except BaseException as e:
             if tmp is not None:
                 with contextlib.suppress(OSError):
@@ -205,14 +219,16 @@ class Store:
                 raise _os_error(e, rel) from e
             raise
         finally:
+            if temp is not None:
+                temp.close()
             walk.close()
         stored_as = f"{key.relpath}/{final}"
         log.info("stored %s (%d bytes, sha256 %s)", stored_as, size, digest)
         return Stored(rel, stored_as, size, digest, replaced, warning)
 
     def _receive(
-        self, fd: int, rel: str, name: str, read: Callable[[int], bytes]
-    ) -> tuple[int, str, bytes | None]:
+        self, fd: int, rel: str, name: str, readinto: ReadInto, primed: list[Primed]
+    ) -> tuple[int, str, list[tuple[Primed, str]], bytes | None]:
         limit = self.max_size
         keep: bytearray | None = None
         if name == OVERRIDES_NAME:
@@ -220,18 +236,23 @@ class Store:
             keep = bytearray()
         digest = hashlib.sha256()
         size = 0
-        sink = _Sink(fd, digest)
+        sink = Sink(fd, [digest, *(p.hasher for p in primed)])
         try:
-            while chunk := read(CHUNK_SIZE):
-                size += len(chunk)
+            while True:
+                buf = sink.buffer()
+                n = readinto(buf)
+                if n == 0:
+                    break
+                size += n
                 if limit is not None and size > limit:
                     raise HTTPError(413, f"{rel} is larger than the limit of {limit} bytes")
-                sink.put(chunk)
                 if keep is not None:
-                    keep += chunk
+                    keep += buf[:n]
+                sink.put(buf, n)
         finally:
             sink.close()
-        return size, digest.hexdigest(), None if keep is None else bytes(keep)
+        combined = [(p, p.hasher.hexdigest()) for p in primed]
+        return size, digest.hexdigest(), combined, None if keep is None else bytes(keep)
 
     def _place(self, dir_fd: int, tmp: str, name: str, rel: str) -> tuple[str, bool]:
         """Renames the finished temp file into place -> (final name, replaced an old file)."""
@@ -332,43 +353,6 @@ def _check_overrides(rel: str, data: bytes) -> str | None:
     if problem and problem.startswith(("invalid JSON", "top level")):
         raise HTTPError(400, f"{rel}: {clip(problem.removesuffix('; using defaults'))}")
     return problem
-
-
-class _Sink:
-    """Writes and hashes the chunks in a second thread, so that the request thread receives
-    the next chunk meanwhile (os.write and hashlib release the GIL). At most SINK_DEPTH
-    chunks wait in the queue, so memory stays flat."""
-
-    def __init__(self, fd: int, digest: Any) -> None:
-        self._queue: queue.Queue[bytes | None] = queue.Queue(SINK_DEPTH)
-        self._fd = fd
-        self._digest = digest
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="upload-sink", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while (chunk := self._queue.get()) is not None:
-            if self._error is None:
-                try:
-                    view = memoryview(chunk)
-                    while view:
-                        view = view[os.write(self._fd, view) :]
-                    self._digest.update(chunk)
-                except BaseException as e:  # re-raised in the request thread
-                    self._error = e
-
-    def put(self, chunk: bytes) -> None:
-        if self._error is not None:
-            raise self._error
-        self._queue.put(chunk)
-
-    def close(self) -> None:
-        """Waits until every chunk is written; raises the writer's error, if any."""
-        self._queue.put(None)
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
 
 
 def _os_error(e: OSError, rel: str, doing: str = "storing") -> HTTPError:

@@ -17,8 +17,9 @@ from typing import Any
 
 from .catalog import CLIENT_META_FTYPES
 from .fsutil import NotRegularFile
-from .hashing import FileChanged, Hasher, Progress, hash_file
+from .hashing import FileChanged, Hasher, hash_file
 from .layout import COMBINED_FIELDS, FileRole, Role, classify
+from .progress import Progress, no_progress
 from .scan import FileStat, open_below
 
 log = logging.getLogger(__name__)
@@ -26,7 +27,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Problem:
-    #: missing, outside, unreadable, size, sha256 or fingerprint
+    #: missing, outside, unreadable, size, sha256, fingerprint or delta
     kind: str
     #: the file's path relative to the root (for fingerprints: "product version")
     where: str
@@ -64,12 +65,11 @@ class _Combined:
     expected: str
 
 
-def _no_progress(_: int) -> None:
-    return None
-
-
-def _collect(doc: dict[str, Any]) -> tuple[dict[str, list[_Expect]], list[_Combined]]:
-    """Every file the catalog names (with each listing of it) and every combined fingerprint."""
+def _collect(
+    doc: dict[str, Any], bad_deltas: list[Problem]
+) -> tuple[dict[str, list[_Expect]], list[_Combined]]:
+    """Every file the catalog names (with each listing of it: deltas too) and every combined
+    fingerprint; deltas whose base is not in their product go to `bad_deltas`."""
     files: dict[str, list[_Expect]] = {}
     combined: list[_Combined] = []
     for pkey in sorted(doc.get("products") or {}):
@@ -77,6 +77,15 @@ def _collect(doc: dict[str, Any]) -> tuple[dict[str, list[_Expect]], list[_Combi
         for serial in sorted(versions):
             items = (versions[serial] or {}).get("items") or {}
             for item in items.values():
+                base = item.get("delta_base")
+                if base is not None and base not in versions:
+                    bad_deltas.append(
+                        Problem(
+                            "delta",
+                            f"{pkey} {serial}",
+                            f"{item.get('path')} is a delta from {base!r}, not a version here",
+                        )
+                    )
                 rel = str(item.get("path", ""))
                 files.setdefault(rel, []).append(
                     _Expect(rel, int(item.get("size", -1)), str(item.get("sha256", "")))
@@ -153,7 +162,7 @@ def verify(
 ) -> Report:
     """Rehashes every file `doc` (images.json) lists below `root_dir`."""
     report = Report()
-    files, combined = _collect(doc)
+    files, combined = _collect(doc, report.problems)
     stats: dict[str, FileStat] = {}
     for rel in sorted(files):
         fs, problem = _stat(root_dir, rel)
@@ -173,7 +182,7 @@ def verify(
             continue
         stats[rel] = fs
     total = sum(f.size for f in stats.values())
-    progress = progress_start(total) if progress_start and stats else _no_progress
+    progress = progress_start(total) if progress_start and stats else no_progress
 
     # combined fingerprints need the metadata's hash state before the root is read
     metas = {c.meta for c in combined if c.meta in stats}

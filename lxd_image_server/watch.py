@@ -10,6 +10,9 @@
   exit 0. SIGHUP: full rescan (and whatever `on_reload` does).
 - Versions are hashed in the background (pipeline.py): a pass publishes what is hashed within
   `budget` seconds; a version slow to hash is added by a later pass, woken when it is done.
+- Versions out of the catalog (prune, remove, [retention]) lose their files when their grace
+  period is over: the watcher wakes then and deletes them (as `update` does), so a server
+  without the daily `update` (run, the container) does not keep them forever.
 
 What an uploader can do to it (every uploader is assumed hostile):
 - Only directories that fit the layout get a watch (valid names, no deeper than a version),
@@ -55,6 +58,7 @@ from .layout import (
 from .logs import Once
 from .pipeline import Pipeline
 from .publish import PublishError
+from .retention import RetentionError, delete_expired, next_expiry
 
 log = logging.getLogger(__name__)
 #: what an uploader can make us say again and again: said once an hour (QUIET_LOGGERS)
@@ -148,6 +152,8 @@ class Watcher:
         self.retry_at: float | None = None
         self.stopping = False
         self.reload_requested = False
+        #: when the first pruned version's grace period is over (time.time()), or None
+        self.next_expiry: float | None = None
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
     # -- signals ----------------------------------------------------------------------------
@@ -391,6 +397,38 @@ class Watcher:
             return None
         return max(0.0, min(times) - now)
 
+    def _wait(self) -> float | None:
+        """Seconds to sleep: until pending work or the next expiry is due (None: no limit)."""
+        due = self._due()
+        if self.next_expiry is not None:
+            expiry = max(0.0, self.next_expiry - time.time())
+            due = expiry if due is None else min(due, expiry)
+        return due
+
+    def _plan_expiry(self) -> None:
+        self.next_expiry = next_expiry(self.pipeline.paths)
+
+    def _expire(self) -> None:
+        """Deletes the files of versions whose grace period is over."""
+        if self.next_expiry is None or time.time() < self.next_expiry:
+            return
+        try:
+            deleted = delete_expired(self.pipeline.paths)
+        except RetentionError as e:
+            log.error("not deleting pruned versions: %s", e)
+            self.next_expiry = None  # until a publish records another (the file may be fixed)
+            return
+        except Exception:
+            log.exception("deleting expired versions failed; retrying later")
+            self.next_expiry = time.time() + RETRY_AFTER_ERROR
+            return
+        if deleted:
+            log.info("deleted the files of %d expired version(s)", len(deleted))
+        self._plan_expiry()
+        if self.next_expiry is not None and self.next_expiry <= time.time():
+            # kept for a later try (a link, a permission): not in a busy loop
+            self.next_expiry = time.time() + DEFAULT_RESCAN_INTERVAL
+
     def _results_ready(self) -> None:
         """A version hashed in the background: publish it with the next pass."""
         if not self.collect_due:
@@ -412,6 +450,7 @@ class Watcher:
         try:
             self.pipeline.refresh(prefixes, self.budget)
             self.retry_at = None
+            self._plan_expiry()  # the publish may have pruned versions
             if "" in prefixes:
                 _settle_heap()
         except PublishError as e:
@@ -492,13 +531,14 @@ class Watcher:
             except Exception:
                 log.exception("unexpected error while publishing; retrying")
                 self._retry({""})
+            self._plan_expiry()
             _settle_heap()
             poller = select.poll()
             poller.register(self.inotify.fileno(), select.POLLIN)
             poller.register(self._wake_r, select.POLLIN)
             while not self.stopping:
-                due = self._due()
-                timeout_ms = None if due is None else int(due * 1000) + 1
+                wait = self._wait()
+                timeout_ms = None if wait is None else int(wait * 1000) + 1
                 if self._page_ready():
                     timeout_ms = 0  # look for events first: the page waits for them
                 for fd, _ in poller.poll(timeout_ms):
@@ -509,10 +549,11 @@ class Watcher:
                     break
                 for event in self.inotify.read(timeout=0):
                     self.handle(event.wd, event.mask, event.name)
-                if self.pipeline.jobs.has_results():
+                if self.pipeline.has_news():
                     self._results_ready()
                 if self.reload_requested:
                     self._reload()
+                self._expire()
                 due = self._due()
                 if due is not None and due <= 0:
                     self._process()

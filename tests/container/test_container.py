@@ -354,6 +354,26 @@ def test_anonymous_uploads_and_debug(containers: Containers, make_busybox) -> No
         time.sleep(0.2)
 
 
+def test_http_listen_serves_image_files_only(containers: Containers, make_busybox) -> None:
+    """HTTP_LISTEN: image files over plain HTTP too, nothing else (issue 12)."""
+    img = make_busybox("http")
+    http_port = free_port()
+    c = containers.make(
+        "http",
+        env={"ALLOW_ANONYMOUS_UPLOADS": "1", "HTTP_LISTEN": f"127.0.0.1:{http_port}"},
+        plain=True,
+    )
+    c.start()
+    c.wait_healthy()
+    path = f"/images/http/1.0/amd64/default/{SERIAL}/lxd.tar.xz"
+    plain = f"http://127.0.0.1:{http_port}"
+    assert curl("-T", img.meta, f"{plain}{path}")[0] == 405
+    code, body = curl("-T", img.meta, f"{c.url}{path}")
+    assert code == 201, body
+    assert curl("-I", f"{plain}{path}")[0] == 200
+    assert curl(f"{plain}/streams/v1/index.json")[0] == 404
+
+
 @pytest.mark.parametrize(
     ("env", "message"),
     [

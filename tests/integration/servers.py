@@ -392,7 +392,8 @@ class Nginx:
                 root=self.root,
             )
         )
-        base = [NGINX, "-p", self.work, "-c", self.conf, "-e", self.error_log]
+        base: list[str | os.PathLike[str]] = [NGINX, "-p", self.work, "-c", self.conf]
+        base += ["-e", self.error_log]
         run([*base, "-t"], timeout=30)
         with open(self.work / "stdout.log", "wb") as out:
             self.proc = subprocess.Popen(

@@ -14,7 +14,7 @@ from lxd_image_server import htpasswd, nginx
 BIN = Path(sys.executable).parent / "lxd-image-server"
 
 
-def cli(*args, input=None):
+def cli(*args: object, input: str | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [str(BIN), *map(str, args)], capture_output=True, text=True, input=input, check=False
     )
@@ -37,8 +37,12 @@ def env(tmp_path):
     }
 
 
-def init(env, *extra):
-    return cli(
+def init(env: dict[str, Path], *extra: object) -> subprocess.CompletedProcess[str]:
+    return cli(*init_args(env, *extra))
+
+
+def init_args(env: dict[str, Path], *extra: object) -> tuple[object, ...]:
+    return (
         "--state-dir",
         env["state"],
         "init",
@@ -81,7 +85,9 @@ def test_init_creates_everything(env):
     assert link.is_symlink() and os.readlink(link) == str(site)
     text = site.read_text() + (env["nginx"] / "snippets/lxd-image-server.conf").read_text()
     assert "ssl_protocols TLSv1.2 TLSv1.3;" in text
-    if nginx.installed_version() >= nginx.HTTP2_DIRECTIVE_SINCE:
+    version = nginx.installed_version()
+    assert version, "`nginx -v` named no version"
+    if version >= nginx.HTTP2_DIRECTIVE_SINCE:
         assert "listen 8443 ssl;" in text and "http2 on;" in text
     else:
         assert "listen 8443 ssl http2;" in text and "http2 on;" not in text
@@ -227,3 +233,37 @@ def test_anonymous_uploads_make_no_credentials(env):
     text = (env["nginx"] / "snippets/lxd-image-server.conf").read_text()
     assert "auth_basic off;" in text and "auth_basic_user_file" not in text
     assert "Upload user" not in r.stdout
+
+
+def test_http_listen_and_cache_headers_follow_the_configuration(env, tmp_path):
+    """Issue 12: --http-listen adds the image-only plain-HTTP server; the site knows
+    ALLOW_OVERWRITES (from the configuration) when it is written."""
+    port = "127.0.0.1:18080"
+    r = init(env, "--http-listen", port)
+    assert r.returncode == 0, r.stderr
+    site = (env["nginx"] / "sites-available" / "lxd-image-server").read_text()
+    http_snippet = env["nginx"] / "snippets" / "lxd-image-server-http.conf"
+    assert f"    listen {port};\n" in site and f"include {http_snippet};" in site
+    assert "server_name images.example.test 192.0.2.10;" in site
+    assert "disable_symlinks on;" in http_snippet.read_text()
+    main = (env["nginx"] / "snippets" / "lxd-image-server.conf").read_text()
+    assert nginx.IMMUTABLE in main
+    check = subprocess.run(
+        ["nginx", "-t", "-c", str(env["nginx"] / "nginx.conf")], capture_output=True, text=True
+    )
+    assert check.returncode == 0 and "[warn]" not in check.stderr, check.stderr
+    # overwrites allowed in the configuration, listener off: init rewrites both
+    config = tmp_path / "overwrites.toml"
+    config.write_text("[upload]\nallow_overwrites = true\n")
+    r = cli("--config", config, *init_args(env))
+    assert r.returncode == 0, r.stderr
+    main = (env["nginx"] / "snippets" / "lxd-image-server.conf").read_text()
+    assert nginx.IMMUTABLE not in main and 'add_header Cache-Control "no-cache";' in main
+    assert not http_snippet.exists()
+    assert "18080" not in (env["nginx"] / "sites-available" / "lxd-image-server").read_text()
+
+
+def test_private_with_http_listen_is_refused(env):
+    r = init(env, "--private", "--http-listen", "80")
+    assert r.returncode == 2 and "clear text" in r.stderr, r.stdout + r.stderr
+    assert not env["root"].exists()

@@ -31,7 +31,8 @@ def product(catalog: dict[str, Any], variant: str) -> dict[str, Any]:
         if (p["os"], p["release"], p["arch"], p["variant"]) == ("busybox", "1.35", "amd64", variant)
     ]
     assert len(found) == 1, f"expected one {variant} product, found {len(found)}"
-    return found[0]
+    chosen: dict[str, Any] = found[0]
+    return chosen
 
 
 def items(catalog: dict[str, Any], tree: Tree, variant: str) -> dict[str, Any]:

@@ -5,6 +5,7 @@ The seeds' own curl commands upload an image over HTTPS; LXD launches it from th
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pwd
@@ -14,9 +15,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -37,8 +39,9 @@ class Server:
     proc: subprocess.Popen[bytes]
     log: Path
 
-    def catalog(self) -> dict:
-        return json.loads((self.root / "streams/v1/images.json").read_bytes())
+    def catalog(self) -> dict[str, Any]:
+        doc: dict[str, Any] = json.loads((self.root / "streams/v1/images.json").read_bytes())
+        return doc
 
     def files(self) -> set[str]:
         """Every file below the served root, hidden ones included (relative paths)."""
@@ -61,7 +64,7 @@ def start_server(
     make_htpasswd: bool = True,
     global_args: Sequence[str | Path] = (),
     run_args: Sequence[str | Path] = (),
-) -> Iterator[Server]:
+) -> Generator[Server, None, None]:
     """`lxd-image-server [GLOBAL_ARGS] run ... [RUN_ARGS]`, once it serves and takes uploads."""
     root, state, ssl = tmp / "root", tmp / "state", tmp / "ssl"
     ssl.mkdir(parents=True)
@@ -444,3 +447,30 @@ def _state(pid: int) -> str:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except (OSError, IndexError):
         return "Z"
+
+
+def test_https_upload_is_hashed_once(pki: Pki, reachable: Path, image) -> None:
+    """The digests the upload app computed are the ones published: the watcher (debug log)
+    takes them from the hand-over and reads neither file again (metadata first, as the seeds
+    upload, so the combined fingerprint is computed by the upload too)."""
+    meta, rootfs = image
+    product, ser = "handover:1.0:amd64:default", "20240301_0000"
+    d = f"handover/1.0/amd64/default/{ser}"
+    for server in start_server(reachable, pki, {}, global_args=["--verbose"]):
+        code, body = curl(
+            f"-Fupload=@{meta};filename={d}/lxd.tar.xz",
+            f"-Fupload=@{rootfs};filename={d}/rootfs.squashfs",
+            f"{server.url}/images/",
+        )
+        assert code == 201, body
+        wait_listed(server, product, ser)
+        items = server.catalog()["products"][product]["versions"][ser]["items"]
+        by_name = {Path(i["path"]).name: i for i in items.values()}
+        assert by_name["rootfs.squashfs"]["sha256"] == sha256_file(rootfs)
+        combined = hashlib.sha256(meta.read_bytes() + rootfs.read_bytes()).hexdigest()
+        assert by_name["lxd.tar.xz"]["combined_squashfs_sha256"] == combined
+        log = server.log.read_text()
+        stored = server.root / "images" / d
+        for name in ("lxd.tar.xz", "rootfs.squashfs"):
+            assert f"sha256 of {stored / name} taken from its upload" in log, log
+            assert f"reading {stored / name} to hash it" not in log

@@ -67,9 +67,9 @@ def test_the_mirror_of_config_serves_an_upload(
 
     took = wait_until(served, "the mirror to list the upload", MIRROR_DEADLINE, configured.log)
     print(f"the mirror listed the upload {took:.2f} s after the second curl returned")
-    code, body = config_mirror.fetch(f"images/{d}/rootfs.squashfs")
+    code, data = config_mirror.fetch(f"images/{d}/rootfs.squashfs")
     assert code == 200
-    assert body == squashfs.read_bytes()
+    assert data == squashfs.read_bytes()
 
 
 def test_the_upload_app_applies_the_upload_settings_of_config(

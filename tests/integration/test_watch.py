@@ -10,7 +10,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import IO, Any
 
 import pytest
 
@@ -33,9 +35,9 @@ class Catalog:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, daemon=True)
 
-    def read(self) -> dict:
+    def read(self) -> dict[str, Any]:
         try:
-            doc = json.loads(self.path.read_bytes())
+            doc: dict[str, Any] = json.loads(self.path.read_bytes())
         except FileNotFoundError:
             return {}
         except ValueError:
@@ -47,29 +49,31 @@ class Catalog:
                     self.seen_paths.add(item["path"])
         return doc
 
-    def _poll(self):
+    def _poll(self) -> None:
         while not self._stop.is_set():
             self.read()
             time.sleep(0.005)
 
-    def start(self):
+    def start(self) -> None:
         self._thread.start()
 
-    def stop(self):
+    def stop(self) -> None:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join()
 
-    def versions(self) -> dict[str, dict]:
+    def versions(self) -> dict[str, dict[str, Any]]:
         """'os/release/arch/variant/serial' -> items."""
-        out = {}
+        out: dict[str, dict[str, Any]] = {}
         for product in self.read().get("products", {}).values():
             base = f"{product['os']}/{product['release']}/{product['arch']}/{product['variant']}"
             for serial, version in product["versions"].items():
                 out[f"{base}/{serial}"] = version["items"]
         return out
 
-    def wait_for(self, predicate, what: str) -> dict[str, dict]:
+    def wait_for(
+        self, predicate: Callable[[dict[str, dict[str, Any]]], bool], what: str
+    ) -> dict[str, dict[str, Any]]:
         deadline = time.monotonic() + DEADLINE
         while time.monotonic() < deadline:
             versions = self.versions()
@@ -155,9 +159,10 @@ def test_watcher_follows_the_tree(watcher):
     # 4. metadata.json: applied when valid; when malformed, defaults, and the watcher lives on
     def aliases() -> list[str]:
         product = catalog.read().get("products", {}).get("busybox:1.35:amd64:default", {})
-        return product.get("aliases", "").split(",")
+        aliases: str = product.get("aliases", "")
+        return aliases.split(",")
 
-    def wait_aliases(predicate, what):
+    def wait_aliases(predicate: Callable[[list[str]], bool], what: str) -> None:
         deadline = time.monotonic() + DEADLINE
         while not predicate(aliases()):
             assert time.monotonic() < deadline, f"never saw {what}: {aliases()}"
@@ -201,7 +206,7 @@ def test_half_copied_file_never_listed(watcher):
     data = os.urandom(3_000_000)
     sizes_seen = set()
 
-    def record():
+    def record() -> None:
         for items in catalog.versions().values():
             if "squashfs" in items:
                 sizes_seen.add(items["squashfs"]["size"])
@@ -219,7 +224,7 @@ def test_half_copied_file_never_listed(watcher):
     assert proc.poll() is None
 
 
-def test_reload_keeps_old_configuration_when_malformed(tmp_path):
+def test_reload_keeps_old_configuration_when_malformed(tmp_path: Path) -> None:
     root = tmp_path / "root"
     (root / "images").mkdir(parents=True)
     conf = tmp_path / "extra.toml"
@@ -228,10 +233,10 @@ def test_reload_keeps_old_configuration_when_malformed(tmp_path):
     state = tmp_path / "state"
     log_path = tmp_path / "watch.log"
 
-    def log_text():
+    def log_text() -> str:
         return log_path.read_text()
 
-    def wait_log(needle, count=1):
+    def wait_log(needle: str, count: int = 1) -> None:
         deadline = time.monotonic() + DEADLINE
         while log_text().count(needle) < count:
             assert time.monotonic() < deadline, f"never logged {needle!r}:\n{log_text()}"
@@ -311,7 +316,7 @@ def start_watcher(tmp_path: Path, *extra: str, env=None, script: str | None = No
     return root, proc, catalog, log
 
 
-def stop_watcher(proc, log) -> str:
+def stop_watcher(proc: subprocess.Popen[bytes], log: IO[str]) -> str:
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -381,7 +386,7 @@ def peak_rss_kib(pid: int) -> int:
         return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
 
 
-def wait_log(log, needle: str, count: int = 1) -> str:
+def wait_log(log: IO[str], needle: str, count: int = 1) -> str:
     deadline = time.monotonic() + DEADLINE
     while True:
         log.seek(0)
@@ -520,7 +525,7 @@ def _overflow(d: Path, proc) -> None:
         proc.send_signal(signal.SIGCONT)
 
 
-HOSTILE = {
+HOSTILE: dict[str, Callable[..., None]] = {
     "fifo": _fifo,
     "socket": _socket,
     "symlinks": _symlinks,

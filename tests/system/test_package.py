@@ -471,7 +471,8 @@ def test_units_verify_and_are_hardened(installed: Installed, container: Containe
     uid = container.run(f"id -u {WRITER}").stdout.strip()
     gid = container.run(f"getent group {UPLOADER} | cut -d: -f3").stdout.strip()
     assert re.search(rf"^Uid:\s+{uid}\s", status, re.M), status
-    assert gid in re.search(r"^Groups:(.*)$", status, re.M)[1].split(), status
+    groups = re.search(r"^Groups:(.*)$", status, re.M)
+    assert groups and gid in groups[1].split(), status
 
 
 def test_man_page_renders(installed: Installed, container: Container) -> None:

@@ -13,7 +13,12 @@ SERIAL = "20240101_12:00"
 
 
 def version_dir(
-    img: Path, os_="busybox", release="1.35", arch="amd64", variant="default", serial=SERIAL
+    img: Path,
+    os_: str = "busybox",
+    release: str = "1.35",
+    arch: str = "amd64",
+    variant: str = "default",
+    serial: str = SERIAL,
 ) -> Path:
     d = img / os_ / release / arch / variant / serial
     d.mkdir(parents=True, exist_ok=True)

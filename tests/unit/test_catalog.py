@@ -2,10 +2,12 @@
 
 import json
 import logging
+from pathlib import Path
+from typing import Any
 
 import pytest
 
-from lxd_image_server.catalog import build_products, index_document, serial_sort_key
+from lxd_image_server.catalog import Products, build_products, index_document, serial_sort_key
 from lxd_image_server.scan import Scanner
 
 from .helpers import blob, digest_once, sha, version_dir, write
@@ -17,14 +19,14 @@ DISK = blob(120_000, 4)
 UNIFIED = blob(90_000, 5)
 
 
-def catalog(root, rehash=False):
+def catalog(root: Path, rehash: bool = False) -> Products:
     img = root / "images"
     versions = Scanner(img).scan()
     digests = digest_once(None, versions, rehash)
     return build_products(versions, digests, str(root))
 
 
-def only_version(products, key="busybox:1.35:amd64:default"):
+def only_version(products: Products, key: str = "busybox:1.35:amd64:default") -> Any:
     (version,) = products[key]["versions"].values()
     return version["items"]
 

@@ -9,6 +9,8 @@ the fingerprint comes from the metadata item's combined_* field. Each image's fi
 
 import hashlib
 import json
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -27,10 +29,10 @@ FINGERPRINT_FIELD = {
 KNOWN_ARCHES = {"amd64", "x86_64", "arm64", "aarch64"}
 
 
-def client_images(images_json, client):
+def client_images(images_json: dict[str, Any], client: str) -> list[dict[str, Any]]:
     meta_ftype = f"{client}.tar.xz"
     unified_ftype = f"{client}_combined.tar.gz"
-    out = []
+    out: list[dict[str, Any]] = []
     for product in images_json["products"].values():
         if product["arch"] not in KNOWN_ARCHES:
             continue
@@ -65,7 +67,7 @@ def client_images(images_json, client):
     return out
 
 
-def download_and_verify(root, image):
+def download_and_verify(root: Path, image: dict[str, Any]) -> None:
     combined = hashlib.sha256()
     for item in image["files"]:
         data = (root / item["path"]).read_bytes()
@@ -119,9 +121,25 @@ def test_both_clients_see_the_same_fingerprints(published):
     assert len(set(lxd)) == 4
 
 
-def test_each_client_ignores_the_other_items(published):
+#: The items each client reads a version's metadata (or unified tarball) from, by client.
+TWIN_FTYPES = [
+    {"lxd": "lxd.tar.xz", "incus": "incus.tar.xz"},
+    {"lxd": "lxd_combined.tar.gz", "incus": "incus_combined.tar.gz"},
+]
+
+
+def test_each_client_gets_its_own_identical_copy_of_every_metadata_item(published):
+    """Each client reads only the items of its own ftypes, so every metadata and unified item
+    is listed once per client: the same file, size, hashes and combined fingerprints."""
     _, doc = published
-    for image in client_images(doc, "incus"):
-        assert not any(f["ftype"].startswith("lxd") for f in image["files"])
-    for image in client_images(doc, "lxd"):
-        assert not any(f["ftype"].startswith("incus") for f in image["files"])
+    twins = 0
+    for product in doc["products"].values():
+        for version in product["versions"].values():
+            items = list(version["items"].values())
+            for ftypes in TWIN_FTYPES:
+                mine = {c: [i for i in items if i["ftype"] == f] for c, f in ftypes.items()}
+                assert len(mine["lxd"]) == len(mine["incus"]) <= 1, mine
+                for lxd, incus in zip(mine["lxd"], mine["incus"], strict=True):
+                    assert {**lxd, "ftype": None} == {**incus, "ftype": None}
+                    twins += 1
+    assert twins == 3  # one per version of the fixture

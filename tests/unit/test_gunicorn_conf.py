@@ -8,12 +8,15 @@ from pathlib import Path
 
 from lxd_image_server import gunicorn_conf
 from lxd_image_server.config import Paths
-from lxd_image_server.run import RunOptions, _commands
+from lxd_image_server.run import STOP_TIMEOUT, RunOptions, _commands
 
 UNIT = Path(__file__).parents[2] / "systemd" / "lxd-image-server-upload.service"
 CONFIG = ["-c", "python:lxd_image_server.gunicorn_conf"]
 #: Settings that belong in gunicorn_conf only.
-OWNED = ("--threads", "--worker-class", "-k", "--timeout", "-t", "--graceful-timeout")
+OWNED = (
+    *("--workers", "-w", "--threads", "--worker-class", "-k", "--timeout", "-t"),
+    *("--graceful-timeout", "--error-logfile", "--log-file"),
+)
 
 
 def _exec_start() -> list[str]:
@@ -27,7 +30,8 @@ def test_unit_and_run_use_the_config_module(tmp_path: Path) -> None:
     unit = _exec_start()
     paths = Paths(str(tmp_path), str(tmp_path / "images"), str(tmp_path / "streams"), str(tmp_path))
     run = _commands(RunOptions(paths=paths), "nginx.conf", None)["upload"]
-    for argv in (unit, run):
+    as_root = _commands(RunOptions(paths=paths, verbose=True), "nginx.conf", "www-data www-data")
+    for argv in (unit, run, as_root["upload"]):
         assert argv[1:3] == ["-m", "gunicorn"], argv
         assert argv[3:5] == CONFIG, argv
         assert not set(argv) & set(OWNED), argv
@@ -37,6 +41,6 @@ def test_unit_and_run_use_the_config_module(tmp_path: Path) -> None:
 def test_settings() -> None:
     assert gunicorn_conf.worker_class == "gthread"
     assert gunicorn_conf.workers * gunicorn_conf.threads >= 32
-    # a stop ends uploads before `run` (10 s) or systemd (TimeoutStopSec) kill gunicorn
-    assert gunicorn_conf.graceful_timeout < 10
+    # a stop ends uploads before `run` or systemd (TimeoutStopSec) kill gunicorn
+    assert gunicorn_conf.graceful_timeout < STOP_TIMEOUT
     assert "TimeoutStopSec=30s" in UNIT.read_text()

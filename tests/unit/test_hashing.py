@@ -1,9 +1,12 @@
 import os
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
-from lxd_image_server.hashing import CHUNK, FileChanged, HashCache, HashEngine, hash_file
-from lxd_image_server.scan import Scanner
+from lxd_image_server.fsutil import CHUNK_SIZE as CHUNK
+from lxd_image_server.hashing import FileChanged, HashCache, HashEngine, hash_file
+from lxd_image_server.scan import ScannedVersion, Scanner
 
 from .helpers import blob, digest_once, sha, version_dir, write
 
@@ -11,11 +14,11 @@ META = blob(5000, 1)
 ROOT = blob(3 * CHUNK + 12345, 2)  # several chunks, ragged end
 
 
-def scan(root):
+def scan(root: Path) -> list[ScannedVersion]:
     return Scanner(root / "images").scan()
 
 
-def tree(root):
+def tree(root: Path) -> Path:
     d = version_dir(root / "images")
     write(d / "lxd.tar.xz", META)
     write(d / "rootfs.squashfs", ROOT)
@@ -25,15 +28,15 @@ def tree(root):
 class Counting:
     """Progress sink that records the bytes read."""
 
-    def __init__(self):
-        self.total = None
+    def __init__(self) -> None:
+        self.total: int | None = None
         self.read = 0
 
-    def start(self, total):
+    def start(self, total: int) -> Callable[[int], None]:
         self.total = total
         return self.add
 
-    def add(self, n):
+    def add(self, n: int) -> None:
         self.read += n
 
 
@@ -174,8 +177,8 @@ def test_preloaded_cache_answers_as_the_queries_do(tmp_path, how):
                 f.write(b"\0")
             os.utime(root, ns=(st.st_atime_ns, st.st_mtime_ns))
         elif how == "append":
-            with open(root, "ab") as f:
-                f.write(b"x")
+            with open(root, "ab") as g:
+                g.write(b"x")
         else:
             write(d / ".new", ROOT)
             os.replace(d / ".new", root)

@@ -10,7 +10,9 @@ import logging
 import os
 import stat
 import tarfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Literal
 
 import pytest
 
@@ -29,9 +31,12 @@ from lxd_image_server.importer import (
     tree_arch,
 )
 from lxd_image_server.layout import Role
+from lxd_image_server.progress import Progress
 from lxd_image_server.scan import Scanner
 
 from .helpers import blob, sha
+
+TarMode = Literal["w:xz", "w:gz"]
 
 #: 2024-01-01 12:00:00 UTC
 CREATED = 1704110400
@@ -79,7 +84,7 @@ def _add(tf: tarfile.TarFile, name: str, data: bytes | None = None) -> None:
         tf.addfile(info, io.BytesIO(data))
 
 
-def meta_tarball(path: Path, yaml: str | None = None, mode: str = "w:xz") -> Path:
+def meta_tarball(path: Path, yaml: str | None = None, mode: TarMode = "w:xz") -> Path:
     with tarfile.open(path, mode) as tf:
         _add(tf, "metadata.yaml", (yaml or metadata_yaml()).encode())
         _add(tf, "templates")
@@ -99,7 +104,7 @@ def unified_tarball(path: Path, yaml: str | None = None, rootfs_first: bool = Fa
     return path
 
 
-def root_tarball(path: Path, mode: str = "w:xz") -> Path:
+def root_tarball(path: Path, mode: TarMode = "w:xz") -> Path:
     with tarfile.open(path, mode) as tf:
         _add(tf, "./")
         _add(tf, "./bin")
@@ -121,7 +126,7 @@ def split_export(directory: Path, kind: str = "squashfs", yaml: str | None = Non
     """Named as `lxc image export` names them: meta-<fp>.tar.xz and <fp>.<ext>."""
     directory.mkdir(parents=True, exist_ok=True)
     meta = meta_tarball(directory / "meta.tmp", yaml)
-    makers = {
+    makers: dict[str, tuple[Callable[[Path], Path], str]] = {
         "squashfs": (squashfs, "squashfs"),
         "tarball": (root_tarball, "tar.xz"),
         "qcow2": (qcow2, "qcow2"),
@@ -531,7 +536,7 @@ def test_seeded_cache_means_publishing_reads_nothing(tmp_path: Path) -> None:
     seed_cache(cache, str(img), placed)
     started: list[int] = []
 
-    def progress_start(total: int):  # type: ignore[no-untyped-def]
+    def progress_start(total: int) -> Progress:
         started.append(total)
         return lambda _n: None
 

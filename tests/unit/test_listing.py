@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from lxd_image_server.listing import CatalogMissing, image_rows, read_catalog, render
+from lxd_image_server.config import Paths
+from lxd_image_server.listing import CatalogMissing, ImageRow, image_rows, read_catalog, render
 
 from .helpers import sha
 from .test_verify import tree  # noqa: F401  (the fixture)
@@ -18,11 +19,11 @@ from .test_verify import tree  # noqa: F401  (the fixture)
 DEFAULT = "images/busybox/1.35/amd64/default/20240101_12:00"
 
 
-def rows_of(paths):  # type: ignore[no-untyped-def]
+def rows_of(paths: Paths) -> list[ImageRow]:
     return image_rows(read_catalog(paths.streams_dir))
 
 
-def test_one_row_per_image(tree) -> None:  # type: ignore[no-untyped-def]  # noqa: F811
+def test_one_row_per_image(tree: Paths) -> None:  # noqa: F811
     root = Path(tree.root_dir)
     rows = rows_of(tree)
     got = {(r.product, r.root): r for r in rows}
@@ -49,7 +50,7 @@ def test_one_row_per_image(tree) -> None:  # type: ignore[no-untyped-def]  # noq
     assert unified.fingerprint == sha((root / unified.files[0]).read_bytes())
 
 
-def test_formats(tree) -> None:  # type: ignore[no-untyped-def]  # noqa: F811
+def test_formats(tree: Paths) -> None:  # noqa: F811
     rows = rows_of(tree)
     doc = json.loads(render(rows, "json"))
     assert len(doc) == 4 and {"product", "version", "fingerprint", "aliases"} <= set(doc[0])
@@ -59,7 +60,7 @@ def test_formats(tree) -> None:  # type: ignore[no-untyped-def]  # noqa: F811
     assert parsed[0]["aliases"] == ",".join(rows[0].aliases)
     table = render(rows, "table").splitlines()
     assert table[0].split() == [
-        "PRODUCT", "VERSION", "TYPE", "ROOT", "SIZE", "FINGERPRINT", "ALIASES"
+        "PRODUCT", "VERSION", "TYPE", "ROOT", "SIZE", "FINGERPRINT", "DELTAS", "ALIASES"
     ]  # fmt: skip
     assert len(table) == 5
     assert rows[0].fingerprint[:12] in table[1] and rows[0].fingerprint not in table[1]

@@ -9,7 +9,6 @@ import base64
 import json
 import logging
 import os
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -461,71 +460,6 @@ def test_a_bad_catalog_fails_the_push_with_one_line_and_the_worker_goes_on(tmp_p
     assert len(errors) == 1 and "\n" not in errors[0].getMessage()
 
 
-def test_rsync_catalog_pass_carries_the_page_and_leaves_the_root_alone(tmp_path):
-    """The catalog pass's real rsync, to a local directory instead of over ssh: the page
-    arrives in streams/ with the catalog (and goes when the master has none); the mirror's
-    root, which the push user cannot write, is not touched."""
-    src = source(tmp_path)
-    publish_catalog(src)
-    streams = Path(src.streams_dir)
-    (streams.parent / "index.html").write_text("<html>")
-    mirror = tmp_path / "mirror"
-    (mirror / "streams" / "v1").mkdir(parents=True)
-    (mirror / "streams" / "v1" / "stale.json").write_text("old")
-    os.chmod(mirror, 0o750)
-    before = os.stat(mirror)
-
-    def catalog_pass() -> None:
-        snap = take_snapshot(src, str(tmp_path / "snap"))
-        cmd = catalog_command(rsync_command(M1, "/kh"), M1, snap)
-        subprocess.run(local(cmd, mirror), check=True, capture_output=True, timeout=60)
-
-    catalog_pass()
-    assert (mirror / "streams" / "index.html").read_text() == "<html>"
-    assert sorted(os.listdir(mirror / "streams" / "v1")) == ["images.json", "index.json"]
-    assert sorted(os.listdir(mirror)) == ["streams"]
-    after = os.stat(mirror)
-    assert (after.st_mode, after.st_mtime_ns) == (before.st_mode, before.st_mtime_ns)
-    os.unlink(streams.parent / "index.html")
-    catalog_pass()
-    assert sorted(os.listdir(mirror / "streams")) == ["v1"]
-
-
-def test_rsync_deletions_keep_exactly_what_the_catalog_lists_and_follow_no_link(tmp_path):
-    """The deletions pass's real rsync, to a local directory instead of over ssh: every file
-    below images/ the catalog does not list goes (even one the master still has), hidden names
-    stay, and a link on the mirror is removed, never followed."""
-    src = source(tmp_path)
-    v = "images/busybox/1.35/amd64/default/20240101_12:00"
-    kept, gone = f"{v}/lxd.tar.xz", "images/old/1.0/amd64/default/20230101_1200/lxd.tar.xz"
-    publish_catalog(src, kept)
-    Path(src.img_dir, "unlisted").mkdir(parents=True)
-    Path(src.img_dir, "unlisted", "junk").write_text("x")
-    mirror = tmp_path / "mirror"
-    outside = tmp_path / "outside"
-    outside.mkdir()
-    (outside / "precious").write_text("keep me")
-    for rel in (kept, gone, "images/.upload-in-progress", "images/unlisted/junk"):
-        (mirror / rel).parent.mkdir(parents=True, exist_ok=True)
-        (mirror / rel).write_text("x")
-    (mirror / v / "evil").symlink_to(outside, target_is_directory=True)
-    (mirror / "images/old/link").symlink_to(outside / "precious")
-    snap = take_snapshot(src, str(tmp_path / "snap"))
-    cmd = deletions_command(rsync_command(M1, "/kh"), M1, snap)
-    subprocess.run(local(cmd, mirror), check=True, capture_output=True, timeout=60)
-    assert (mirror / kept).read_text() == "x", "a placeholder was sent"
-    assert not (mirror / "images/old").exists()
-    assert not (mirror / "images/unlisted").exists()
-    assert not os.path.lexists(mirror / v / "evil")
-    assert (mirror / "images/.upload-in-progress").exists()  # hidden: never touched
-    assert (outside / "precious").read_text() == "keep me"
-    publish_catalog(src)
-    snap = take_snapshot(src, str(tmp_path / "snap"))
-    cmd = deletions_command(rsync_command(M1, "/kh"), M1, snap)
-    subprocess.run(local(cmd, mirror), check=True, capture_output=True, timeout=60)
-    assert sorted(os.listdir(mirror / "images")) == [".upload-in-progress"]
-
-
 # -- authorize: keys and authorized_keys ------------------------------------------------------
 
 
@@ -572,9 +506,13 @@ def test_merge_authorized_keys_is_idempotent_and_updates_options():
 
 
 def test_push_user_default_is_the_same_everywhere():
-    from lxd_image_server.cli_mirror import DEFAULT_PUSH_USER
+    from lxd_image_server.cli_mirror import authorize_command
 
-    assert DEFAULT_PUSH_USER == mirror_module.DEFAULT_PUSH_USER == MirrorConfig("n", "h").user
+    option = next(p for p in authorize_command.params if p.name == "user")
+    # the name the README and the man page give
+    assert option.default == "lxdmirror"
+    assert mirror_module.AuthorizeReport().user == option.default
+    assert MirrorConfig("n", "h").user == option.default
 
 
 def test_authorize_refuses_bad_user_names_before_changing_anything():

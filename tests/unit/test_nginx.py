@@ -195,3 +195,111 @@ def test_multiline_values_keep_the_placeholder_indentation(
     )
     with pytest.raises(NginxError, match="@Y@"):
         render("t.in", {"X": ""})
+
+
+# -- issue 12: cache headers and the plain-HTTP listener ----------------------------------------
+
+IMMUTABLE_LINE = f'add_header Cache-Control "{nginx.IMMUTABLE}";'
+
+
+def test_image_files_are_immutable_unless_overwrites() -> None:
+    found = locations(render_locations(SETTINGS))
+    assert IMMUTABLE_LINE in found["/images/"]
+    # never `always`: a 404 must not be cached for a year
+    assert f'"{nginx.IMMUTABLE}" always' not in render_locations(SETTINGS)
+    for name, block in found.items():
+        if name != "/images/":
+            assert nginx.IMMUTABLE not in block, name
+    over = locations(render_locations(SiteSettings("/r", "/s", overwrites=True)))["/images/"]
+    assert nginx.IMMUTABLE not in over and 'add_header Cache-Control "no-cache";' in over
+
+
+def test_catalog_revalidates_and_varies() -> None:
+    block = locations(render_locations(SETTINGS))["/streams/v1/"]
+    assert 'add_header Cache-Control "no-cache" always;' in block
+    assert "gzip_static on;" in block and "gzip_vary on;" in block
+    # validators are nginx's defaults: nothing turns them off
+    conf = render_locations(SETTINGS)
+    assert "etag off" not in conf and "if_modified_since off" not in conf
+
+
+def test_no_http_listener_by_default() -> None:
+    site = render_site(SETTINGS, "/snippet", DEBIAN_12)
+    assert site.count("server {") == 1 and "lxd-image-server-http" not in site
+
+
+HTTP = SiteSettings(
+    root_dir="/srv/root",
+    upload_socket="/run/u.sock",
+    http_listen=("80", "[::]:80"),
+    server_names=("images.example.com",),
+)
+
+
+def test_http_listener_server_block() -> None:
+    site = render_site(HTTP, "/snippet", DEBIAN_13, "/http-snippet")
+    tls_server, http_server = site.split("server {")[1:]
+    assert "ssl" in tls_server and "include /snippet;" in tls_server
+    assert "    listen 80;\n    listen [::]:80;\n" in http_server
+    assert "ssl" not in http_server and "http2" not in http_server
+    assert "server_name images.example.com;" in http_server
+    assert "include /http-snippet;" in http_server
+    with pytest.raises(NginxError):
+        render_site(HTTP, "/snippet", DEBIAN_13)
+
+
+def test_http_listener_serves_image_files_only() -> None:
+    conf = nginx.render_http_locations(HTTP)
+    found = locations(conf)
+    assert set(found) == {"/images/", r"~ /\.", "/"}
+    assert "return 404;" in found["/"] and "deny all;" in found[r"~ /\."]
+    assert "if ($request_method !~ ^(GET|HEAD)$) {\n        return 405;" in found["/images/"]
+    # no way to the upload app, the catalog or the page
+    for word in ("proxy_pass", "@upload", "streams", "text/html", "auth_basic", "try_files"):
+        assert word not in conf, word
+    # the HTTPS site's hardening
+    assert "disable_symlinks on;" in conf and "autoindex off;" in conf
+    assert "types { }\ndefault_type application/octet-stream;" in conf
+    for name, block in found.items():
+        assert NOSNIFF in block and csp(block) == [STRICT_CSP], name
+    assert DOWNLOAD in found["/images/"] and IMMUTABLE_LINE in found["/images/"]
+    top = conf.split("\nlocation ", 1)[0]
+    assert NOSNIFF in top and csp(top) == [STRICT_CSP]
+
+
+@pytest.mark.parametrize(
+    ("listen", "http_listen", "why"),
+    [
+        (("8443",), ("8443",), "port of its own"),
+        (("127.0.0.1:80",), ("80",), "port of its own"),
+        (("8443",), ("http",), "expected [HOST:]PORT"),
+        (("8443",), ("70000",), "expected [HOST:]PORT"),
+        (("8443",), ("[::]",), "expected [HOST:]PORT"),
+    ],
+)
+def test_http_listen_is_checked(
+    listen: tuple[str, ...], http_listen: tuple[str, ...], why: str
+) -> None:
+    with pytest.raises(NginxError, match=re.escape(why)):
+        SiteSettings("/r", "/s", listen=listen, http_listen=http_listen)
+
+
+def test_private_refuses_plain_http() -> None:
+    with pytest.raises(NginxError, match="clear text"):
+        SiteSettings("/r", "/s", private=True, http_listen=("80",))
+
+
+def test_install_site_adds_and_removes_the_http_snippet(tmp_path: Path) -> None:
+    snippet = tmp_path / "snippets" / "lxd-image-server-http.conf"
+    assert nginx.install_site(str(tmp_path), HTTP, DEBIAN_12)
+    assert snippet.is_file()
+    site = (tmp_path / "sites-available" / "lxd-image-server").read_text()
+    assert f"include {snippet};" in site
+    assert not nginx.install_site(str(tmp_path), HTTP, DEBIAN_12)
+    off = SiteSettings("/srv/root", "/run/u.sock")
+    assert nginx.install_site(str(tmp_path), off, DEBIAN_12)
+    assert not snippet.exists()
+    assert (
+        "lxd-image-server-http"
+        not in (tmp_path / "sites-available" / "lxd-image-server").read_text()
+    )

@@ -17,7 +17,7 @@ from lxd_image_server import hashing
 from lxd_image_server.config import Paths
 from lxd_image_server.hashing import Digests, HashCache, HashEngine
 from lxd_image_server.pipeline import Pipeline
-from lxd_image_server.scan import ScannedVersion
+from lxd_image_server.scan import FileStat, ScannedVersion
 
 from .helpers import blob, version_dir, write
 
@@ -77,7 +77,7 @@ class Gate:
         self.opened = threading.Event()
         real = hashing.hash_file
 
-        def gated(f: hashing.FileStat, sinks: list[hashing.Hasher], *args: object) -> None:
+        def gated(f: FileStat, sinks: list[hashing.Hasher], *args: object) -> None:
             if word in f.path:
                 self.entered.set()
                 assert self.opened.wait(WAIT), "the gate was never opened"

@@ -22,6 +22,7 @@ import pytest
 
 from lxd_image_server import tls
 from lxd_image_server.importer import Naming, plan_import
+from lxd_image_server.progress import Progress, ProgressStart
 from lxd_image_server.pushclient import (
     Client,
     PushError,
@@ -132,8 +133,8 @@ def test_push_split_image(server: Server, tmp_path: Path) -> None:
     plan = plan_import([str(root), str(meta)])
     progress: dict[str, int] = {}
 
-    def progress_for(label: str):  # type: ignore[no-untyped-def]
-        def start(total: int):  # type: ignore[no-untyped-def]
+    def progress_for(label: str) -> ProgressStart:
+        def start(total: int) -> Progress:
             progress[label] = 0
 
             def advance(n: int) -> None:

@@ -11,17 +11,17 @@ from pathlib import Path
 
 import pytest
 
+from lxd_image_server.catalog import Products
 from lxd_image_server.config import Paths
 from lxd_image_server.hashing import HashCache
 from lxd_image_server.pipeline import Pipeline
+from lxd_image_server.pruning import prune, remove
 from lxd_image_server.retention import (
     PendingVersions,
     RetentionError,
     delete_expired,
     load,
     parse_product,
-    prune,
-    remove,
     select_prunable,
     state_path,
     unschedule,
@@ -63,7 +63,7 @@ def published(paths: Paths) -> dict[str, list[str]]:
 
 
 def test_select_prunable_orders_by_time_across_spellings() -> None:
-    products = {
+    products: Products = {
         "a:1:amd64:default": {
             "versions": {"20240102_1200": {}, "20240101_12:00": {}, "202401031200": {}}
         },

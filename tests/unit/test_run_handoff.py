@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from lxd_image_server import cli, run
+from lxd_image_server import cli, nginx, run
 from lxd_image_server.config import Paths
 from lxd_image_server.settings import MirrorConfig, Settings
 from lxd_image_server.upload import settings_from_env
@@ -20,7 +20,7 @@ from lxd_image_server.upload import settings_from_env
 @pytest.fixture(autouse=True)
 def any_nginx(monkeypatch: pytest.MonkeyPatch) -> None:
     """The argv of nginx is not under test here: no need for it to be installed."""
-    monkeypatch.setattr(run.nginx, "nginx_binary", lambda: "/usr/sbin/nginx")
+    monkeypatch.setattr(nginx, "nginx_binary", lambda: "/usr/sbin/nginx")
 
 
 def options(tmp_path: Path, **kw: object) -> run.RunOptions:
@@ -78,7 +78,12 @@ def test_the_run_command_passes_config_and_settings_on(
         '[upload]\nallow_overwrites = true\n[mirrors.m1]\nremote = "mirror.example"\n'
     )
     seen: list[run.RunOptions] = []
-    monkeypatch.setattr(run, "run", lambda opts: seen.append(opts) or 0)
+
+    def fake_run(opts: run.RunOptions) -> int:
+        seen.append(opts)
+        return 0
+
+    monkeypatch.setattr(run, "run", fake_run)
     monkeypatch.setenv("HOME", str(tmp_path))
     for name in ("ALLOW_OVERWRITES", "ALLOW_DELETES", "DEBUG", "LXD_IMAGE_SERVER_CONFIG"):
         monkeypatch.delenv(name, raising=False)

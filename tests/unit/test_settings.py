@@ -1,7 +1,9 @@
+from pathlib import Path
+
 import pytest
 
 from lxd_image_server.config import ConfigError
-from lxd_image_server.settings import load
+from lxd_image_server.settings import Settings, load
 
 
 @pytest.fixture
@@ -84,6 +86,12 @@ def test_malformed_file_names_file_and_line(layers):
         ("[mirrors.eu1]\nremote = 'h'\nkey = '/k'\n", "unknown key(s) in [mirrors.eu1]: key"),
         ("[logging]\nroot = {level = 'INFO'}\n", "dictConfig"),
         ("[prune]\ngrace_period = -1\n", "negative"),
+        ("[deltas]\nbases = 0\n", "deltas.bases must be between 1 and 10"),
+        ("[deltas]\nmax_ratio = 1.5\n", "deltas.max_ratio"),
+        ("[deltas]\nmax_ratio = true\n", "deltas.max_ratio"),
+        ("[deltas]\nenabled = 'no'\n", "deltas.enabled must be a bool"),
+        ("[deltas]\ntimeout = 0\n", "deltas.timeout"),
+        ("[deltas]\nwindow = 1\n", "unknown key(s) in [deltas]: window"),
     ],
 )
 def test_invalid_values(tmp_path, text, why):
@@ -93,6 +101,15 @@ def test_invalid_values(tmp_path, text, why):
         load(str(f), env={}, system_dir=str(tmp_path / "none"), home=None)
     assert why in str(e.value)
     assert str(f) in str(e.value)
+
+
+def test_deltas_table(tmp_path):
+    f = tmp_path / "c.toml"
+    f.write_text("[deltas]\nenabled = false\nbases = 2\nmax_ratio = 0.25\ntimeout = 60\n")
+    d = load(str(f), env={}, system_dir=str(tmp_path / "none"), home=None).deltas
+    assert (d.enabled, d.bases, d.max_ratio, d.timeout) == (False, 2, 0.25, 60)
+    default = load(env={}, system_dir=str(tmp_path / "none"), home=None).deltas
+    assert (default.enabled, default.bases, default.max_ratio) == (True, 1, 0.5)
 
 
 def test_missing_explicit_file_is_an_error(tmp_path):
@@ -146,3 +163,92 @@ def test_shipped_config_is_valid_and_all_defaults():
     assert s == load(env={}, system_dir="/nonexistent", home=None).__class__(
         sources=(str(shipped),)
     )
+
+
+# -- [retention] (issue 12) ---------------------------------------------------------------------
+
+
+def load_text(tmp_path: Path, text: str) -> Settings:
+    f = tmp_path / "c.toml"
+    f.write_text(text)
+    return load(str(f), env={}, system_dir=str(tmp_path / "none"), home=None)
+
+
+def test_retention_keep_and_rules(tmp_path):
+    s = load_text(
+        tmp_path,
+        "[retention]\nkeep = 3\n"
+        "[[retention.rule]]\nmatch = 'debian/12'\nkeep = 7\n"
+        "[[retention.rule]]\nmatch = 'debian/*'\nkeep = 1\n"
+        "[[retention.rule]]\nmatch = '*/*/*/cloud'\nkeep = 0\n",
+    )
+    p = s.retention
+    assert p.active and p.keep == 3
+    assert p.keep_for("debian:12:amd64:default") == 7  # the first matching rule decides
+    assert p.keep_for("debian:13:arm64:default") == 1
+    assert p.keep_for("ubuntu:24.04:amd64:cloud") == 0
+    assert p.keep_for("busybox:1.35:amd64:default") == 3
+    assert p.keep_for("Debian:12:amd64:default") == 3  # case-sensitive, as the tree
+
+
+def test_retention_is_off_by_default(tmp_path):
+    s = load_text(tmp_path, "")
+    assert not s.retention.active and s.retention.keep_for("a:b:amd64:default") == 0
+
+
+@pytest.mark.parametrize(
+    ("text", "why"),
+    [
+        ("[retention]\nkeep = -1\n", "retention.keep must not be negative"),
+        ("[retention]\nkeep = '3'\n", "retention.keep must be a int"),
+        ("[retention]\nkeep = true\n", "retention.keep must be a number"),
+        ("[retention]\nkept = 3\n", "unknown key(s) in [retention]: kept"),
+        ("[retention]\nrule = 'debian/*'\n", "must be a list of tables"),
+        ("[[retention.rule]]\nmatch = 'debian/*'\n", "rule #1 must have exactly match and keep"),
+        (
+            "[[retention.rule]]\nmatch = 'a/b'\nkeep = 1\nos = 'x'\n",
+            "rule #1 must have exactly match and keep",
+        ),
+        ("[[retention.rule]]\nmatch = 'debian'\nkeep = 1\n", "rule #1: pattern 'debian'"),
+        ("[[retention.rule]]\nmatch = 'a/b/c/d/e'\nkeep = 1\n", "os/release/arch/variant"),
+        ("[[retention.rule]]\nmatch = 'a//b'\nkeep = 1\n", "component ''"),
+        ("[[retention.rule]]\nmatch = 'a/b c'\nkeep = 1\n", "component 'b c'"),
+        ("[[retention.rule]]\nmatch = 'a/b\\n'\nkeep = 1\n", "may hold only"),
+        ("[[retention.rule]]\nmatch = 'a/b'\nkeep = -2\n", "rule #1 keep must not be negative"),
+        ("[[retention.rule]]\nmatch = 3\nkeep = 1\n", "rule #1 match must be a str"),
+    ],
+)
+def test_invalid_retention(tmp_path, text, why):
+    f = tmp_path / "c.toml"
+    f.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        load(str(f), env={}, system_dir=str(tmp_path / "none"), home=None)
+    assert why in str(e.value) and str(f) in str(e.value)
+
+
+def test_a_later_file_replaces_the_rules(tmp_path):
+    system = tmp_path / "etc"
+    (system / "conf.d").mkdir(parents=True)
+    (system / "config.toml").write_text(
+        "[retention]\nkeep = 2\n[[retention.rule]]\nmatch = 'a/*'\nkeep = 5\n"
+    )
+    (system / "conf.d" / "10.toml").write_text("[[retention.rule]]\nmatch = 'b/*'\nkeep = 1\n")
+    s = load(env={}, system_dir=str(system), home=None)
+    assert s.retention.keep == 2
+    assert [r.pattern for r in s.retention.rules] == ["b/*"]
+
+
+def test_shipped_retention_example_is_valid(tmp_path):
+    """The commented example in etc/config.toml, uncommented, is what it says."""
+    import re
+    from pathlib import Path
+
+    shipped = (Path(__file__).resolve().parents[2] / "etc" / "config.toml").read_text()
+    block = shipped.split("\n[retention]\n", 1)[1].split("\n# Mirrors", 1)[0]
+    lines = [m[1] for m in re.finditer(r"^# ((?:\[\[|[a-z_]+ = ).*)$", block, re.MULTILINE)]
+    s = load_text(tmp_path, "[retention]\n" + "\n".join(lines) + "\n")
+    assert s.retention.keep == 0
+    assert [(r.pattern, r.keep) for r in s.retention.rules] == [
+        ("debian/12", 7),
+        ("*/*/*/cloud", 0),
+    ]

@@ -12,6 +12,7 @@ import pytest
 from lxd_image_server.config import Paths
 from lxd_image_server.hashing import HashCache
 from lxd_image_server.pipeline import Pipeline
+from lxd_image_server.progress import Progress
 from lxd_image_server.verify import verify
 
 from .helpers import blob, version_dir, write
@@ -122,7 +123,7 @@ def test_progress_counts_every_byte(tree: Paths) -> None:
     seen: list[int] = []
     totals: list[int] = []
 
-    def start(total: int):  # type: ignore[no-untyped-def]
+    def start(total: int) -> Progress:
         totals.append(total)
         return seen.append
 

@@ -1,0 +1,305 @@
+"""Delta updates (issue 12): catalog items, which deltas are listed, making them with the real
+xdelta3 (ratio cut-off, the record that stops it being made again), checking uploaded ones,
+and deltas leaving the catalog and the disk with their base."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from lxd_image_server import deltagen, deltas, retention
+from lxd_image_server.catalog import Products, build_products
+from lxd_image_server.config import Paths
+from lxd_image_server.deltawork import FOREGROUND, DeltaConfig, DeltaService
+from lxd_image_server.hashing import HashCache
+from lxd_image_server.layout import Role, classify, delta_name
+from lxd_image_server.pipeline import Pipeline
+from lxd_image_server.pruning import prune
+from lxd_image_server.scan import Scanner
+
+from .helpers import blob, digest_once, sha, version_dir, write
+
+OLD, NEW, NEWER = "20240101_12:00", "20240102_12:00", "20240103_12:00"
+PRODUCT = "busybox:1.35:amd64:default"
+META = blob(3000, 1)
+ROOT_1 = blob(400_000, 2)
+#: version 1 with 20 KB changed in the middle and 10 KB appended
+ROOT_2 = ROOT_1[:200_000] + blob(20_000, 3) + ROOT_1[220_000:] + blob(10_000, 4)
+
+
+@pytest.fixture
+def paths(tmp_path: Path) -> Paths:
+    p = Paths.resolve(str(tmp_path / "root"), state_dir=str(tmp_path / "state"))
+    os.makedirs(p.img_dir)
+    return p
+
+
+def add(paths: Paths, serial: str, root: bytes, name: str = "rootfs.squashfs") -> Path:
+    d = version_dir(Path(paths.img_dir), serial=serial)
+    write(d / "lxd.tar.xz", META)
+    write(d / name, root)
+    return d
+
+
+def xdelta(old: Path, new: Path, out: Path) -> Path:
+    subprocess.run(["xdelta3", "-e", "-9", "-f", "-s", old, new, out], check=True)
+    return out
+
+
+def catalog(paths: Paths, listed: bool = True) -> Products:
+    versions = Scanner(paths.img_dir).scan()
+    digests = digest_once(None, versions)
+    ok = frozenset(f.path for v in versions for f in v.files.values() if f.role.role is Role.DELTA)
+    return build_products(versions, digests, paths.root_dir, ok if listed else frozenset())
+
+
+def items(products: Products, serial: str = NEW) -> dict[str, Any]:
+    found: dict[str, Any] = products[PRODUCT]["versions"][serial]["items"]
+    return found
+
+
+def update(paths: Paths, config: DeltaConfig | None = None) -> Pipeline:
+    """What `update` does: publish, make and check the deltas, publish again."""
+    cache = HashCache(None)
+    service = DeltaService(paths.img_dir, paths.state_dir, config or DeltaConfig(), FOREGROUND)
+    pipeline = Pipeline(paths, cache, deltas=service)
+    pipeline.update_all()
+    if service.run_pending():
+        pipeline.update_all()
+    cache.close()
+    return pipeline
+
+
+def published(paths: Paths) -> Products:
+    products: Products = json.loads(Path(paths.streams_dir, "images.json").read_bytes())["products"]
+    return products
+
+
+# -- names ----------------------------------------------------------------------------------
+
+
+def test_delta_names_say_their_base_and_kind() -> None:
+    assert delta_name("squashfs", OLD) == "rootfs.20240101_1200.vcdiff"
+    assert delta_name("disk-kvm.img", "202401011200") == "disk.202401011200.vcdiff"
+    role = classify("rootfs.20240101_1200.vcdiff")
+    assert role is not None and role.role is Role.DELTA
+    assert (role.ftype, role.base) == ("squashfs.vcdiff", "20240101_1200")
+    disk = classify("disk.20240101_1200.vcdiff")
+    assert disk is not None and disk.ftype == "disk-kvm.img.vcdiff"
+    for bad in (
+        "rootfs.20241301_1200.vcdiff",  # month 13
+        "rootfs.20240101_12:00.vcdiff",  # ':' is not a file name character here
+        "rootfs.\uff12\uff10\uff12\uff140101_1200.vcdiff",  # full-width digits
+        "rootfs.20240101_1200.vcdiff\n",
+        ".rootfs.20240101_1200.vcdiff",
+        "root.20240101_1200.vcdiff",
+    ):
+        assert classify(bad) is None, bad
+
+
+# -- catalog items --------------------------------------------------------------------------
+
+
+def test_delta_item_for_both_clients(paths: Paths) -> None:
+    old = add(paths, OLD, ROOT_1)
+    new = add(paths, NEW, ROOT_2)
+    delta = xdelta(
+        old / "rootfs.squashfs", new / "rootfs.squashfs", new / delta_name("squashfs", OLD)
+    )
+    products = catalog(paths)
+    found = [i for i in items(products).values() if i["ftype"] == "squashfs.vcdiff"]
+    assert found == [
+        {
+            "ftype": "squashfs.vcdiff",
+            "delta_base": OLD,
+            "path": f"images/busybox/1.35/amd64/default/{NEW}/rootfs.20240101_1200.vcdiff",
+            "size": delta.stat().st_size,
+            "sha256": sha(delta.read_bytes()),
+        }
+    ]
+    # what both clients look the base image up by: the base's metadata items carry it
+    base = items(products, OLD)
+    for ftype in ("lxd.tar.xz", "incus.tar.xz"):
+        assert base[ftype]["combined_squashfs_sha256"] == sha(META, ROOT_1)
+    # the base version itself lists no delta
+    assert not [i for i in base.values() if "delta_base" in i]
+
+
+def test_a_delta_is_not_listed_unless_checked(paths: Paths) -> None:
+    old = add(paths, OLD, ROOT_1)
+    new = add(paths, NEW, ROOT_2)
+    xdelta(old / "rootfs.squashfs", new / "rootfs.squashfs", new / delta_name("squashfs", OLD))
+    assert "squashfs.vcdiff-" + OLD not in items(catalog(paths, listed=False))
+
+
+def test_a_delta_is_not_listed_without_its_base(paths: Paths, tmp_path: Path) -> None:
+    add(paths, NEW, ROOT_2)
+    elsewhere = write(tmp_path / "old", ROOT_1)
+    new = Path(paths.img_dir, "busybox/1.35/amd64/default", NEW)
+    xdelta(elsewhere, new / "rootfs.squashfs", new / delta_name("squashfs", OLD))
+    assert set(items(catalog(paths))) == {"lxd.tar.xz", "incus.tar.xz", "squashfs"}
+
+
+def test_a_delta_needs_a_base_with_a_root_of_its_kind_older_than_itself(paths: Paths) -> None:
+    old = add(paths, OLD, ROOT_1, name="root.tar.xz")  # not squashfs
+    new = add(paths, NEW, ROOT_2)
+    write(new / delta_name("squashfs", OLD), b"x" * 100)
+    newer = add(paths, NEWER, ROOT_2)
+    write(old / delta_name("squashfs", NEWER), b"x" * 100)  # a "delta" from a newer version
+    products = catalog(paths)
+    for serial in (OLD, NEW, NEWER):
+        assert not [i for i in items(products, serial).values() if "delta_base" in i]
+    assert newer.is_dir()
+
+
+def test_a_disk_delta_is_not_listed_on_a_base_that_also_has_squashfs(paths: Paths) -> None:
+    # Incus and LXD 5.0 look the base up by combined_squashfs_sha256 for any delta: they would
+    # patch the container's squashfs with the VM disk's delta and fail the refresh
+    old = add(paths, OLD, ROOT_1, name="disk.qcow2")
+    write(old / "rootfs.squashfs", blob(1000, 9))
+    new = add(paths, NEW, ROOT_2, name="disk.qcow2")
+    xdelta(old / "disk.qcow2", new / "disk.qcow2", new / delta_name("disk-kvm.img", OLD))
+    assert "disk-kvm.img.vcdiff-" + OLD not in items(catalog(paths))
+    (old / "rootfs.squashfs").unlink()
+    item = items(catalog(paths))["disk-kvm.img.vcdiff-" + OLD]
+    assert (item["ftype"], item["delta_base"]) == ("disk-kvm.img.vcdiff", OLD)
+
+
+# -- making and checking --------------------------------------------------------------------
+
+
+def test_update_makes_checks_and_lists_the_delta(paths: Paths) -> None:
+    old = add(paths, OLD, ROOT_1)
+    new = add(paths, NEW, ROOT_2)
+    update(paths)
+    delta = new / delta_name("squashfs", OLD)
+    assert delta.is_file() and delta.stat().st_size < len(ROOT_2) * 0.2
+    rebuilt = subprocess.run(
+        ["xdelta3", "-d", "-c", "-s", old / "rootfs.squashfs", delta],
+        capture_output=True,
+        check=True,
+    ).stdout
+    assert rebuilt == ROOT_2
+    item = items(published(paths))["squashfs.vcdiff-" + OLD]
+    assert item["sha256"] == sha(delta.read_bytes()) and item["size"] == delta.stat().st_size
+    assert not [n for n in os.listdir(new) if n.startswith(".")]  # no temporary file left
+    assert oct(delta.stat().st_mode & 0o7777) == "0o644"
+
+
+def test_only_the_newest_version_gets_deltas_from_its_bases(paths: Paths) -> None:
+    add(paths, OLD, ROOT_1)
+    mid = add(paths, NEW, ROOT_2)
+    newest = add(paths, NEWER, ROOT_2 + blob(5000, 7))
+    update(paths, DeltaConfig(bases=2))
+    assert not [n for n in os.listdir(mid) if n.endswith(".vcdiff")]
+    assert sorted(n for n in os.listdir(newest) if n.endswith(".vcdiff")) == [
+        "rootfs.20240101_1200.vcdiff",
+        "rootfs.20240102_1200.vcdiff",
+    ]
+    assert {i.get("delta_base") for i in items(published(paths), NEWER).values()} >= {OLD, NEW}
+
+
+def test_a_delta_over_max_ratio_is_not_kept_nor_made_again(paths: Paths, monkeypatch) -> None:
+    add(paths, OLD, ROOT_1)
+    new = add(paths, NEW, blob(400_000, 50))  # unrelated: the delta is as big as the root
+    update(paths)
+    assert not [n for n in os.listdir(new) if n.endswith(".vcdiff") or n.startswith(".")]
+    rec = deltas.load(paths.state_dir)[str(new / delta_name("squashfs", OLD))]
+    assert rec.result == deltas.TOO_BIG
+    runs = []
+    monkeypatch.setattr(deltagen, "make", lambda *a: runs.append(a))
+    update(paths)
+    assert runs == []  # the record says so while the roots stay the same
+
+
+def test_disabled_makes_nothing(paths: Paths) -> None:
+    add(paths, OLD, ROOT_1)
+    new = add(paths, NEW, ROOT_2)
+    update(paths, DeltaConfig(enabled=False))
+    assert not [n for n in os.listdir(new) if n.endswith(".vcdiff")]
+
+
+def test_an_uploaded_delta_is_listed_once_checked_and_a_wrong_one_never(paths: Paths) -> None:
+    old = add(paths, OLD, ROOT_1)
+    new = add(paths, NEW, ROOT_2)
+    good = xdelta(
+        old / "rootfs.squashfs", new / "rootfs.squashfs", new / delta_name("squashfs", OLD)
+    )
+    update(paths, DeltaConfig(enabled=False))
+    assert items(published(paths))["squashfs.vcdiff-" + OLD]["sha256"] == sha(good.read_bytes())
+    # the root is replaced (ALLOW_OVERWRITES): the old delta would break the refresh
+    write(new / "rootfs.squashfs", ROOT_2 + b"changed")
+    update(paths, DeltaConfig(enabled=False))
+    assert "squashfs.vcdiff-" + OLD not in items(published(paths))
+    rec = deltas.load(paths.state_dir)[str(good)]
+    assert rec.result == deltas.WRONG
+
+
+def test_a_root_swapped_for_a_link_is_never_read(paths: Paths, tmp_path: Path) -> None:
+    secret = write(tmp_path / "secret", b"secret " * 1000)
+    old = add(paths, OLD, ROOT_1)
+    new = add(paths, NEW, ROOT_2)
+    versions = {v.key.serial: v for v in Scanner(paths.img_dir).scan()}
+    base_root = versions[OLD].files["rootfs.squashfs"]
+    target_root = versions[NEW].files["rootfs.squashfs"]
+    (new / "rootfs.squashfs").unlink()
+    os.symlink(secret, new / "rootfs.squashfs")  # after the scan, before xdelta3
+    job = deltas.Job(str(new), delta_name("squashfs", OLD), base_root, target_root, sha(ROOT_2))
+    rec = deltagen.make(job, deltagen.Limits(), paths.img_dir)
+    assert rec.result == deltas.FAILED
+    assert sorted(os.listdir(new)) == ["lxd.tar.xz", "rootfs.squashfs"]
+    assert old.is_dir()
+
+
+# -- deltas go with their base --------------------------------------------------------------
+
+
+def test_deltas_leave_the_catalog_and_the_disk_with_their_base(paths: Paths) -> None:
+    add(paths, OLD, ROOT_1)
+    new = add(paths, NEW, ROOT_2)
+    update(paths)
+    delta = new / delta_name("squashfs", OLD)
+    assert "squashfs.vcdiff-" + OLD in items(published(paths))
+    cache = HashCache(None)
+    try:
+        pipeline = Pipeline(paths, cache)  # as `prune` runs it: lists, makes nothing
+        outcome = prune(pipeline, keep=1, grace=3600)
+    finally:
+        cache.close()
+    assert [p.serial for p in outcome.scheduled] == [OLD]
+    # out of the catalog at once (the base is), the file stays for the grace period
+    assert set(published(paths)[PRODUCT]["versions"]) == {NEW}
+    assert "squashfs.vcdiff-" + OLD not in items(published(paths))
+    assert delta.is_file()
+    # the grace period is over: the base's files go, and the deltas on it
+    deleted = retention.delete_expired(paths, now=4e9)
+    assert [p.serial for p in deleted] == [OLD]
+    assert sorted(os.listdir(new)) == ["lxd.tar.xz", "rootfs.squashfs"]
+    update(paths)
+    assert set(items(published(paths))) == {"lxd.tar.xz", "incus.tar.xz", "squashfs"}
+
+
+def test_a_delta_being_hashed_does_not_hold_its_version_back(paths: Paths) -> None:
+    add(paths, OLD, ROOT_1)
+    new = add(paths, NEW, ROOT_2)
+    update(paths, DeltaConfig(enabled=False))
+    cache = HashCache(str(Path(paths.state_dir) / "h.sqlite3"))
+    try:
+        pipeline = Pipeline(paths, cache)
+        pipeline.update_all()
+        xdelta(
+            Path(paths.img_dir, "busybox/1.35/amd64/default", OLD, "rootfs.squashfs"),
+            new / "rootfs.squashfs",
+            new / delta_name("squashfs", OLD),
+        )
+        pipeline.jobs.limit = 1
+        pipeline.refresh([str(new.relative_to(paths.img_dir))], budget=0)
+        assert set(published(paths)[PRODUCT]["versions"]) == {OLD, NEW}
+    finally:
+        pipeline.jobs.wait(30, {str(new.relative_to(paths.img_dir))})
+        cache.close()
