@@ -324,7 +324,7 @@ class Pipeline:
         listed = self.deltas.listable(versions)
         state, root = self.paths.state_dir, self.paths.root_dir
         inputs = None
-        if full and self.retention is None:
+        if full and (self.retention is None or not self.retention.policy.active):
             inputs = unchanged.inputs_digest(
                 ((v, r.digests) for _, v, r in shown), hidden | listed, root
             )
