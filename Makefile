@@ -76,6 +76,7 @@ bench: venv run-deps
 	$(BIN)/python bench/bench_watch.py
 	$(BIN)/python bench/bench_upload.py
 	$(BIN)/python bench/bench_scale.py
+	$(BIN)/python bench/bench_import.py
 	$(BIN)/python bench/bench_delta.py
 
 # ALLOW_OVERWRITES, ALLOW_DELETES and DEBUG pass through from the environment.

@@ -11,9 +11,10 @@ import os
 import re
 from collections import defaultdict
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+from .catalog_json import Encoded
 from .deltas import candidates
 from .hashing import Digests
 from .layout import COMBINED_FIELDS, VM_FTYPES, Role, VersionKey
@@ -40,12 +41,30 @@ class BuiltVersion:
     items: dict[str, dict[str, Any]]
     #: "container" and/or "virtual-machine"
     types: frozenset[str]
+    #: the version's entry in its product's "versions": {"items": items}, which keeps its JSON
+    #: once encoded (catalog_json), so a publish reuses the text of every version it built before
+    entry: Encoded = field(init=False, repr=False, compare=False)
+    #: serial_sort_key of the serial, kept: the products sort every version at every publish
+    order: tuple[str, str] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "entry", Encoded(items=self.items))
+        object.__setattr__(self, "order", serial_sort_key(self.key.serial))
+
+
+def _relpath(path: str, root_dir: str) -> str:
+    """os.path.relpath for a path the scan built below root_dir (normalized, no '..'): a
+    prefix cut, without relpath's normalization of both paths at every item."""
+    prefix = root_dir if root_dir.endswith("/") else root_dir + "/"
+    if path.startswith(prefix) and os.path.isabs(root_dir):
+        return path[len(prefix) :]
+    return os.path.relpath(path, root_dir)
 
 
 def _item(f: FileStat, ftype: str, sha256: str, root_dir: str) -> dict[str, Any]:
     return {
         "ftype": ftype,
-        "path": os.path.relpath(f.path, root_dir),
+        "path": _relpath(f.path, root_dir),
         "size": f.size,
         "sha256": sha256,
     }
@@ -145,24 +164,29 @@ def _add_deltas(
     deltas: frozenset[str],
 ) -> None:
     """Adds to each version the items of its deltas in `deltas` (checked: deltas.py) whose
-    base is a published version of the same product with a root of the delta's kind."""
+    base is a published version of the same product with a root of the delta's kind. A
+    version that gets one is a new BuiltVersion: the one given may be kept for later
+    publishes (its items and text stay as they were)."""
     built = {v.path: b for group in grouped.values() for v, b in group}
     every = [v for group in grouped.values() for v, _ in group]
+    added: dict[str, dict[str, dict[str, Any]]] = defaultdict(dict)
     for c in candidates(every):
         f = c.delta
         if f.path not in deltas or f.path not in digests.files or f.path in digests.failed:
             continue
         items, base_items = built[c.version.path].items, built[c.base.path].items
         # the roots listed must be the very files the delta was checked against
-        if items.get(c.root_ftype, {}).get("path") != os.path.relpath(
+        if items.get(c.root_ftype, {}).get("path") != _relpath(
             c.target_root.path, root_dir
-        ) or base_items.get(c.root_ftype, {}).get("path") != os.path.relpath(
-            c.base_root.path, root_dir
-        ):
+        ) or base_items.get(c.root_ftype, {}).get("path") != _relpath(c.base_root.path, root_dir):
             continue
         item = _item(f, f.role.ftype, digests.files[f.path], root_dir)
         item["delta_base"] = c.base.key.serial
-        items[delta_item_key(f.role.ftype, c.base.key.serial)] = item
+        added[c.version.path][delta_item_key(f.role.ftype, c.base.key.serial)] = item
+    for group in grouped.values():
+        for i, (v, b) in enumerate(group):
+            if v.path in added:
+                group[i] = (v, BuiltVersion(b.key, {**b.items, **added[v.path]}, b.types))
 
 
 def build_products(
@@ -173,18 +197,32 @@ def build_products(
 ) -> Products:
     """All products of the tree, keyed os:release:arch:variant (from the path). `deltas`:
     the delta files that may be listed (checked against their base, deltas.py)."""
+    return products_of(
+        [(v, b) for v in versions if (b := build_version(v, digests, root_dir)) is not None],
+        digests,
+        root_dir,
+        deltas,
+    )
+
+
+def products_of(
+    built: Iterable[tuple[ScannedVersion, BuiltVersion]],
+    digests: Digests | None = None,
+    root_dir: str = "",
+    deltas: frozenset[str] = frozenset(),
+) -> Products:
+    """The products of versions already built (`build_version`), e.g. kept from before, with
+    the items of their deltas in `deltas` (their digests in `digests`)."""
     grouped: dict[str, list[tuple[ScannedVersion, BuiltVersion]]] = defaultdict(list)
-    for v in versions:
-        built = build_version(v, digests, root_dir)
-        if built is not None:
-            grouped[v.key.product].append((v, built))
-    if deltas:
+    for v, b in built:
+        grouped[v.key.product].append((v, b))
+    if deltas and digests is not None:
         _add_deltas(grouped, digests, root_dir, deltas)
 
     products: Products = {}
     types: dict[str, frozenset[str]] = {}
     for pkey in sorted(grouped):
-        entries = sorted(grouped[pkey], key=lambda e: serial_sort_key(e[0].key.serial))
+        entries = sorted(grouped[pkey], key=lambda e: e[1].order)
         newest, _ = entries[-1]
         key, ov = newest.key, newest.overrides
         product: dict[str, Any] = {
@@ -194,7 +232,7 @@ def build_products(
             "arch": key.arch,
             "variant": ov.variant or key.variant,
             "aliases": _dedupe([*default_aliases(key), *ov.aliases]),
-            "versions": {v.key.serial: {"items": b.items} for v, b in entries},
+            "versions": {v.key.serial: b.entry for v, b in entries},
         }
         if ov.requirements:
             # "requirements" for current clients, "lxd_requirements" for LXD before 5.21
@@ -205,7 +243,7 @@ def build_products(
         if ov.support_eol:
             product["support_eol"] = ov.support_eol
         products[pkey] = product
-        types[pkey] = frozenset().union(*(b.types for _, b in entries))
+        types[pkey] = frozenset().union(*[b.types for _, b in entries])
 
     _resolve_alias_conflicts(products, types)
     for product in products.values():

@@ -8,15 +8,16 @@ so two cores compute both in the time one needs for one (hashlib releases the GI
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import sqlite3
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from .fsutil import CHUNK_SIZE
 from .handover import Key, Records, record_name
@@ -25,6 +26,10 @@ from .progress import Progress, no_progress
 from .scan import FileStat, ScannedVersion, open_below
 
 log = logging.getLogger(__name__)
+
+#: files up to this size feed their digests one after the other in one thread: starting a
+#: thread per digest costs more than hashing a few MiB (a cold update of 20,000 small versions)
+SMALL = 4 << 20
 
 
 class Hasher(Protocol):
@@ -67,6 +72,35 @@ class HashCache:
         except (OSError, sqlite3.Error) as e:
             log.warning("hash cache %s unusable (%s); hashing everything", path, e)
             self._db = None
+        #: both tables in memory while `preloaded` (a full scan looks up every file)
+        self._files: dict[str, tuple[Any, ...]] | None = None
+        self._combined: dict[tuple[str, str], tuple[Any, ...]] | None = None
+
+    @contextlib.contextmanager
+    def preloaded(self) -> Iterator[None]:
+        """Answers lookups from one read of each table instead of one query per file (what
+        looking up a whole tree wants); writes go to both."""
+        if self._db is None:
+            yield
+            return
+        try:
+            files = self._db.execute(
+                "SELECT path, dev, inode, size, mtime_ns, ctime_ns, sha256 FROM files"
+            ).fetchall()
+            combined = self._db.execute(
+                "SELECT meta_path, root_path, meta_ident, root_ident, sha256 FROM combined"
+            ).fetchall()
+        except sqlite3.Error as e:
+            log.warning("hash cache read failed (%s); looking files up one by one", e)
+            yield
+            return
+        self._files = {r[0]: r[1:] for r in files}
+        self._combined = {(r[0], r[1]): r[2:] for r in combined}
+        del files, combined
+        try:
+            yield
+        finally:
+            self._files = self._combined = None
 
     def close(self) -> None:
         if self._db is not None:
@@ -93,20 +127,26 @@ class HashCache:
             log.warning("hash cache write failed (%s); results not cached", e)
 
     def get(self, f: FileStat) -> str | None:
-        row = self._query(
-            "SELECT dev, inode, size, mtime_ns, ctime_ns, sha256 FROM files WHERE path = ?",
-            (f.path,),
-        )
+        if self._files is not None:
+            row = self._files.get(f.path)
+        else:
+            row = self._query(
+                "SELECT dev, inode, size, mtime_ns, ctime_ns, sha256 FROM files WHERE path = ?",
+                (f.path,),
+            )
         if row and tuple(row[:5]) == f.identity[1:]:
             return str(row[5])
         return None
 
     def get_combined(self, meta: FileStat, root: FileStat) -> str | None:
-        row = self._query(
-            "SELECT meta_ident, root_ident, sha256 FROM combined "
-            "WHERE meta_path = ? AND root_path = ?",
-            (meta.path, root.path),
-        )
+        if self._combined is not None:
+            row = self._combined.get((meta.path, root.path))
+        else:
+            row = self._query(
+                "SELECT meta_ident, root_ident, sha256 FROM combined "
+                "WHERE meta_path = ? AND root_path = ?",
+                (meta.path, root.path),
+            )
         if row and row[0] == _ident(meta) and row[1] == _ident(root):
             return str(row[2])
         return None
@@ -116,14 +156,13 @@ class HashCache:
         files: Iterable[tuple[FileStat, str]],
         combined: Iterable[tuple[FileStat, FileStat, str]],
     ) -> None:
-        self._write(
-            "INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?, ?)",
-            [(*f.identity, d) for f, d in files],
-        )
-        self._write(
-            "INSERT OR REPLACE INTO combined VALUES (?, ?, ?, ?, ?)",
-            [(m.path, r.path, _ident(m), _ident(r), d) for m, r, d in combined],
-        )
+        file_rows = [(*f.identity, d) for f, d in files]
+        combined_rows = [(m.path, r.path, _ident(m), _ident(r), d) for m, r, d in combined]
+        self._write("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?, ?)", file_rows)
+        self._write("INSERT OR REPLACE INTO combined VALUES (?, ?, ?, ?, ?)", combined_rows)
+        if self._files is not None and self._combined is not None:
+            self._files.update((r[0], r[1:]) for r in file_rows)
+            self._combined.update(((r[0], r[1]), r[2:]) for r in combined_rows)
 
     def adopt(
         self, records: Records, versions: Iterable[ScannedVersion], prune: bool = False
@@ -210,8 +249,8 @@ def hash_file(f: FileStat, sinks: Sequence[Hasher], progress: Progress = no_prog
         if hasattr(os, "posix_fadvise"):
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
         try:
-            if len(sinks) == 1:
-                _feed_one(fh, sinks[0], progress)
+            if len(sinks) == 1 or f.size <= SMALL:
+                _feed_each(fh, sinks, progress)
             else:
                 _feed_many(fh, sinks, progress)
         except OSError as e:
@@ -221,11 +260,13 @@ def hash_file(f: FileStat, sinks: Sequence[Hasher], progress: Progress = no_prog
         raise FileChanged("it was modified while being hashed")
 
 
-def _feed_one(fh: Any, sink: Hasher, progress: Progress) -> None:
+def _feed_each(fh: Any, sinks: Sequence[Hasher], progress: Progress) -> None:
+    """Every chunk to each sink in turn, in this thread."""
     buf = bytearray(CHUNK_SIZE)
     view = memoryview(buf)
     while n := fh.readinto(buf):
-        sink.update(view[:n])
+        for sink in sinks:
+            sink.update(view[:n])
         progress(n)
 
 
@@ -279,6 +320,31 @@ class _Plan:
     need_plain: bool
     #: metadata files whose combined fingerprint with this root is needed
     combine_with: list[FileStat] = field(default_factory=list)
+
+
+#: small files handed to a hashing thread at a time (one task per file costs more than hashing
+#: a 4 KiB file)
+BATCH = 32
+
+T = TypeVar("T")
+
+
+def _map_batched(pool: ThreadPoolExecutor, fn: Callable[[_Plan], T], plans: list[_Plan]) -> list[T]:
+    """[fn(p) for p in plans] on the pool's threads: a big file is a task of its own, small
+    ones go BATCH at a time; results in the order of `plans`."""
+    batches: list[list[_Plan]] = []
+    for p in plans:
+        if (
+            p.file.size > SMALL
+            or not batches
+            or len(batches[-1]) >= BATCH
+            or batches[-1][0].file.size > SMALL
+        ):
+            batches.append([p])
+        else:
+            batches[-1].append(p)
+    done = pool.map(lambda batch: [fn(p) for p in batch], batches)
+    return [r for batch in done for r in batch]
 
 
 class HashEngine:
@@ -335,7 +401,9 @@ class HashEngine:
         # Phase 1: metadata tarballs and unified tarballs (their state primes the combined).
         primed: dict[str, Hasher] = {}
         with ThreadPoolExecutor(self.workers, thread_name_prefix="hash") as pool:
-            results = list(pool.map(lambda p: self._run_plain(p, safe_progress), metas.values()))
+            results = _map_batched(
+                pool, lambda p: self._run_plain(p, safe_progress), list(metas.values())
+            )
         for plan, hasher in zip(metas.values(), results, strict=True):
             if hasher is None:
                 out.failed.add(plan.file.path)
@@ -344,8 +412,8 @@ class HashEngine:
             out.files[plan.file.path] = hasher.hexdigest()
         # Phase 2: roots, each read once into its own sha256 and every combined fingerprint.
         with ThreadPoolExecutor(self.workers, thread_name_prefix="hash") as pool:
-            root_results = list(
-                pool.map(lambda p: self._run_root(p, primed, safe_progress), roots.values())
+            root_results = _map_batched(
+                pool, lambda p: self._run_root(p, primed, safe_progress), list(roots.values())
             )
         new_files = [
             (p.file, out.files[p.file.path])

@@ -61,7 +61,7 @@ class Role(Enum):
     DELTA = "delta from an older version's root"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class FileRole:
     role: Role
     #: The simplestreams ftype (for META: the client the file was named for).
@@ -106,7 +106,7 @@ DELTA_PREFIX_OF = {root: prefix for prefix, (root, _) in DELTA_PREFIXES.items()}
 _DELTA_RE = re.compile(r"(?P<prefix>rootfs|disk)\.(?P<base>[0-9_]{12,13})\.vcdiff", re.ASCII)
 
 
-@dataclass(frozen=True, order=True)
+@dataclass(frozen=True, order=True, slots=True)
 class VersionKey:
     """Where one image version lives: images/<os>/<release>/<arch>/<variant>/<serial>/."""
 
@@ -209,19 +209,24 @@ def parse_file_path(relpath: str) -> tuple[VersionKey, str]:
     return key, name
 
 
+#: the role of each fixed name (one object each, shared by every file of that name)
+_ROLES: dict[str, FileRole] = {
+    **{name: FileRole(Role.META, name, pref) for name, pref in _META.items()},
+    **{name: FileRole(Role.ROOT, ftype, pref) for name, (ftype, pref) in _ROOTS.items()},
+    OVERRIDES_NAME: FileRole(Role.OVERRIDES, ""),
+}
+_UNIFIED = FileRole(Role.UNIFIED, "combined")
+
+
 def classify(name: str) -> FileRole | None:
     """File name -> its role in a version, or None for files we do not publish."""
+    role = _ROLES.get(name)
+    if role is not None:
+        return role  # fixed names are valid names, never ignored ones
     if is_ignored_name(name) or not valid_name(name):
         return None
-    if name in _META:
-        return FileRole(Role.META, name, _META[name])
-    if name in _ROOTS:
-        ftype, pref = _ROOTS[name]
-        return FileRole(Role.ROOT, ftype, pref)
-    if name == OVERRIDES_NAME:
-        return FileRole(Role.OVERRIDES, "")
     if name.endswith(".tar.gz"):
-        return FileRole(Role.UNIFIED, "combined")
+        return _UNIFIED
     m = _DELTA_RE.fullmatch(name)
     if m and valid_serial(m["base"]):
         return FileRole(Role.DELTA, DELTA_PREFIXES[m["prefix"]][1], base=m["base"])

@@ -32,13 +32,11 @@ from typing import Any
 from .catalog import CLIENT_META_FTYPES, CLIENT_UNIFIED_FTYPES, serial_sort_key
 from .fsutil import TooLarge, read_regular
 from .layout import COMBINED_FIELDS, VM_FTYPES
-from .publish import PublishError, updated_of, write_atomic
+from .publish import PublishError, updated_in, write_atomic
 
 log = logging.getLogger(__name__)
 
 PAGE_NAME = "index.html"
-#: the most of images.json read back for its `updated` (a link or a bigger file: none)
-MAX_CATALOG = 32 << 20
 #: Where the page is, relative to the served root.
 PAGE_PATH = f"streams/{PAGE_NAME}"
 DEFAULT_TITLE = "LXD image server"
@@ -48,6 +46,10 @@ DEFAULT_REMOTE = "myimages"
 URL_PLACEHOLDER = "https://SERVER"
 #: Versions shown open per product; older ones are folded into a <details>.
 OPEN_VERSIONS = 1
+#: Older versions listed in that <details>; beyond them, one line says how many more there
+#: are (`lxc image list` shows them all). The page stays readable, and as cheap to write at
+#: 20,000 versions as at 200.
+OLDER_VERSIONS = 9
 
 CONTAINER = "container"
 VM = "virtual-machine"
@@ -77,13 +79,22 @@ def _size(*items: Mapping[str, Any]) -> int | None:
     return None
 
 
-def _first_item(items: Mapping[str, Any], ftypes: Iterable[str]) -> Mapping[str, Any] | None:
-    """The item whose ftype is the first of `ftypes` present (keys are free, ftype counts)."""
+def _by_ftype(items: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
+    """Each ftype's item: the first in key order with that ftype (keys are free, ftype
+    counts)."""
     by_ftype: dict[str, Mapping[str, Any]] = {}
     for key in sorted(items):
         item = items[key]
-        if isinstance(item, Mapping) and isinstance(item.get("ftype"), str):
-            by_ftype.setdefault(item["ftype"], item)
+        if isinstance(item, dict | Mapping):
+            ftype = item.get("ftype")
+            if isinstance(ftype, str) and ftype not in by_ftype:
+                by_ftype[ftype] = item
+    return by_ftype
+
+
+def _first_item(items: Mapping[str, Any], ftypes: Iterable[str]) -> Mapping[str, Any] | None:
+    """The item whose ftype is the first of `ftypes` present (keys are free, ftype counts)."""
+    by_ftype = _by_ftype(items)
     return next((by_ftype[f] for f in ftypes if f in by_ftype), None)
 
 
@@ -94,16 +105,19 @@ def version_images(items: Mapping[str, Any]) -> list[Image]:
     (fingerprint: that combined_* field); a unified tarball gives one image (its sha256).
     """
     images: list[Image] = []
-    meta = _first_item(items, CLIENT_META_FTYPES)
+    by_ftype = _by_ftype(items)
+    meta = next((by_ftype[f] for f in CLIENT_META_FTYPES if f in by_ftype), None)
     if meta is not None:
         for root_ftype, fields in COMBINED_FIELDS.items():
-            root = _first_item(items, (root_ftype,))
+            root = by_ftype.get(root_ftype)
+            if root is None:
+                continue
             fp = next((meta[f] for f in fields if isinstance(meta.get(f), str)), None)
-            if root is None or fp is None:
+            if fp is None:
                 continue
             kind = VM if root_ftype in VM_FTYPES else CONTAINER
             images.append(Image(kind, root_ftype, fp, _size(meta, root)))
-    unified = _first_item(items, CLIENT_UNIFIED_FTYPES)
+    unified = next((by_ftype[f] for f in CLIENT_UNIFIED_FTYPES if f in by_ftype), None)
     if unified is not None and isinstance(unified.get("sha256"), str):
         images.append(Image(CONTAINER, "unified", unified["sha256"], _size(unified)))
     return images
@@ -334,14 +348,13 @@ def _render_image(image: Image, remote: str) -> str:
     )
 
 
-def _render_version(serial: str, items: Any, remote: str, newest: bool) -> str:
+def _render_version(serial: str, images: list[Image], remote: str, newest: bool) -> str:
     when = serial_time(serial)
     if when is None:
         date = '<span class="muted">no date</span>'
     else:
         shown = when.strftime("%Y-%m-%d %H:%M") if len(serial) > 8 else when.strftime("%Y-%m-%d")
         date = f'<time datetime="{esc(when.isoformat(timespec="minutes"))}">{esc(shown)}</time>'
-    images = version_images(items if isinstance(items, Mapping) else {})
     rows = "".join(_render_image(i, remote) for i in images)
     if not rows:
         rows = '<li class="image muted">no image a client can use</li>'
@@ -354,14 +367,21 @@ def _render_version(serial: str, items: Any, remote: str, newest: bool) -> str:
     )
 
 
-def _render_product(key: str, product: Mapping[str, Any], remote: str) -> str:
-    title = _text(product, "release_title") or _text(product, "release")
-    os_name = _text(product, "os")
-    aliases = _aliases(product)
+def _product_images(product: Mapping[str, Any]) -> dict[str, list[Image]]:
+    """Serial -> the images of that version, newest first."""
     raw_versions = product.get("versions")
     versions: Mapping[str, Any] = raw_versions if isinstance(raw_versions, Mapping) else {}
     serials = sorted(versions, key=serial_sort_key, reverse=True)
-    per_version = {s: version_images(_items(versions[s])) for s in serials}
+    return {s: version_images(_items(versions[s])) for s in serials}
+
+
+def _render_product(
+    key: str, product: Mapping[str, Any], per_version: dict[str, list[Image]], remote: str
+) -> str:
+    title = _text(product, "release_title") or _text(product, "release")
+    os_name = _text(product, "os")
+    aliases = _aliases(product)
+    serials = list(per_version)
     kinds = sorted({i.kind for imgs in per_version.values() for i in imgs})
 
     facts = [
@@ -394,14 +414,21 @@ def _render_product(key: str, product: Mapping[str, Any], remote: str) -> str:
             launches.append(_cmd(esc(_launch_line(remote, target, kind))))
 
     shown = [
-        _render_version(s, _items(versions[s]), remote, i == 0)
+        _render_version(s, per_version[s], remote, i == 0)
         for i, s in enumerate(serials[:OPEN_VERSIONS])
     ]
     older = [
-        _render_version(s, _items(versions[s]), remote, False) for s in serials[OPEN_VERSIONS:]
+        _render_version(s, per_version[s], remote, False)
+        for s in serials[OPEN_VERSIONS : OPEN_VERSIONS + OLDER_VERSIONS]
     ]
     if older:
-        n = len(older)
+        n = len(serials) - OPEN_VERSIONS
+        more = n - len(older)
+        if more:
+            older.append(
+                f'<p class="muted">{more} older version{"s" if more != 1 else ""} not listed '
+                f"here: <code>lxc image list {esc(remote)}:</code> shows every image.</p>"
+            )
         shown.append(
             f"<details><summary>{n} older version{'s' if n != 1 else ''}</summary>"
             + "".join(older)
@@ -448,13 +475,10 @@ def render_page(
     """The whole page. `updated` is the catalog's own timestamp (the only one shown)."""
     remote = remote_name
     keys = sorted(products)
-    n_versions = n_images = 0
-    for key in keys:
-        versions = products[key].get("versions")
-        if isinstance(versions, Mapping):
-            n_versions += len(versions)
-            n_images += sum(len(version_images(_items(v))) for v in versions.values())
-    body = "".join(_render_product(k, products[k], remote) for k in keys)
+    per_product = {k: _product_images(products[k]) for k in keys}
+    n_versions = sum(len(p) for p in per_product.values())
+    n_images = sum(len(i) for p in per_product.values() for i in p.values())
+    body = "".join(_render_product(k, products[k], per_product[k], remote) for k in keys)
     if not keys:
         body = '<p class="empty">No images are published yet.</p>'
 
@@ -503,12 +527,9 @@ def render_page(
 
 
 def catalog_updated(root_dir: str) -> str | None:
-    """The `updated` field of the published images.json, if there is one."""
-    try:
-        data = read_regular(os.path.join(root_dir, "streams", "v1", "images.json"), MAX_CATALOG)
-    except (OSError, TooLarge):
-        return None
-    return updated_of(data)
+    """The `updated` field of the published images.json, if there is one (read from the
+    file's end: it is 20 MB at 20,000 versions)."""
+    return updated_in(os.path.join(root_dir, "streams", "v1", "images.json"))
 
 
 def page_path(root_dir: str) -> str:

@@ -24,8 +24,9 @@ import os
 from collections.abc import Callable, Iterable, Set
 from dataclasses import dataclass, replace
 
-from . import handover
-from .catalog import Products, build_products
+from . import handover, unchanged
+from .catalog import BuiltVersion, Products, build_version, products_of
+from .catalog_gzip import GzipCache
 from .config import Paths
 from .deltawork import DeltaService
 from .handover import Records
@@ -56,6 +57,19 @@ class _Ready:
     digests: Digests
 
 
+@dataclass(frozen=True)
+class _Built:
+    """A version's catalog entry (None: not publishable), built from the digests `ready`.
+    Kept between publishes: a version whose files did not change is not built again, and its
+    JSON is not encoded again (catalog.BuiltVersion.entry)."""
+
+    ready: _Ready
+    #: the identities of the files it was built from, when only some of the version's are
+    #: ready (a delta still hashing); None: all of them
+    part: Identity | None
+    built: BuiltVersion | None
+
+
 class Pipeline:
     def __init__(
         self,
@@ -76,17 +90,33 @@ class Pipeline:
         self.progress_start = progress_start
         #: version directory (relative to images/) -> what was found there
         self.versions: dict[str, ScannedVersion] = {}
+        #: version directory -> the identity of its files as scanned (hashjobs.identity)
+        self._idents: dict[str, Identity] = {}
         #: version directory -> its digests, once computed
         self._ready: dict[str, _Ready] = {}
-        self.products: Products = {}
+        #: version directory -> its catalog entry, once built
+        self._built: dict[str, _Built] = {}
+        self._products: Products = {}
+        #: the versions of a full update that found the catalog published already: built into
+        #: `products` only if someone asks (unchanged.py)
+        self._unbuilt: list[tuple[str, ScannedVersion, _Ready]] | None = None
         #: absolute version directories left out of the catalog: pruned or removed, files
         #: kept until their grace period is over (retention.py)
         self.hidden = hidden if hidden is not None else PendingVersions(paths.state_dir)
         #: [retention], applied at every publish: versions beyond it leave this very catalog
         #: and are recorded like pruned ones (None: keep every version)
         self.retention = retention
-        #: called after every publish that changed the catalog (e.g. to push to mirrors)
+        #: called after every publish that changed the catalog (e.g. to push to mirrors), once
+        #: the page is written too
         self.on_publish: list[Callable[[], None]] = []
+        #: write the page only when `write_page` is called (the watcher: once no publish is
+        #: due), not right after the catalog: the page never delays a publish
+        self.defer_page = False
+        #: the catalog was published since the page was last written
+        self.page_due = False
+        self._notify = False
+        #: what images.json.gz's last publish compressed, reused by the next
+        self._gzip = GzipCache()
         #: called from a hashing thread when a version's digests are done (`collect` them)
         self.on_hashed: Callable[[], None] | None = None
         self.jobs = HashJobs(jobs, on_done=self._hashed)
@@ -110,9 +140,11 @@ class Pipeline:
         before = self._catalog_state()
         found = self.scanner.scan()
         self.cache.adopt(self.records, found, prune=True)
-        digests = self.hasher.digest(found, rehash, self.progress_start)
+        with self.cache.preloaded():
+            digests = self.hasher.digest(found, rehash, self.progress_start)
         self.versions = {v.key.relpath: v for v in found}
-        self._ready = {v.key.relpath: _Ready(identity(v), digests) for v in found}
+        self._idents = {rel: identity(v) for rel, v in self.versions.items()}
+        self._ready = {rel: _Ready(self._idents[rel], digests) for rel in self.versions}
         with catalog_lock(self.paths.state_dir):
             if self._catalog_state() != before:
                 log.info("the catalog was published by another writer meanwhile; rescanning")
@@ -121,7 +153,7 @@ class Pipeline:
             self.cache.forget_except(
                 {f.path for v in self.versions.values() for f in v.files.values()}
             )
-            return self._publish()
+            return self._publish(full=not rehash)
 
     def refresh(self, prefixes: Iterable[str], budget: float | None = None) -> bool:
         """Rescans the directories `prefixes` (relative to images/) and republishes, waiting at
@@ -158,12 +190,14 @@ class Pipeline:
         """Rescans below `prefix`; returns the versions now hashing in the background."""
         for rel in [r for r in self.versions if _under(r, prefix)]:
             del self.versions[rel]
+            del self._idents[rel]
             self._ready.pop(rel, None)
         submitted = set()
         found = self.scanner.scan(prefix)
         self.cache.adopt(self.records, found)
         for v in found:
             self.versions[v.key.relpath] = v
+            self._idents[v.key.relpath] = identity(v)
             if self._schedule(v):
                 submitted.add(v.key.relpath)
         return submitted
@@ -171,7 +205,7 @@ class Pipeline:
     def _schedule(self, v: ScannedVersion) -> bool:
         """Makes `v` ready from the cache, or hashes what the cache lacks in the background
         (then True)."""
-        rel, ident = v.key.relpath, identity(v)
+        rel, ident = v.key.relpath, self._idents[v.key.relpath]
         ready = self._ready.get(rel)
         if ready is not None and ready.ident == ident:
             return False
@@ -212,7 +246,7 @@ class Pipeline:
         fresh = False
         for r in self.jobs.take():
             v = self.versions.get(r.rel)
-            if v is None or identity(v) != r.ident:
+            if v is None or self._idents[r.rel] != r.ident:
                 continue  # changed or gone since: its next job brings the right digests
             self._ready[r.rel] = _Ready(r.ident, r.digests)
             d = r.digests
@@ -239,10 +273,37 @@ class Pipeline:
             return None
         return (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
 
-    def _publish(self) -> bool:
+    @property
+    def products(self) -> Products:
+        """The catalog last published (or found published already)."""
+        if self._unbuilt is not None:
+            self._products = products_of(self._build(self._unbuilt))
+            self._unbuilt = None
+        return self._products
+
+    def _build(
+        self, shown: list[tuple[str, ScannedVersion, _Ready]]
+    ) -> list[tuple[ScannedVersion, BuiltVersion]]:
+        """Each version's catalog entry, kept from before while its digests and files are
+        the same."""
+        out: list[tuple[ScannedVersion, BuiltVersion]] = []
+        built: dict[str, _Built] = {}
+        for rel, v, ready in shown:
+            part = None if v is self.versions.get(rel) else identity(v)
+            b = self._built.get(rel)
+            if b is None or b.ready is not ready or b.part != part:
+                b = _Built(ready, part, build_version(v, ready.digests, self.paths.root_dir))
+            built[rel] = b
+            if b.built is not None:
+                out.append((v, b.built))
+        self._built = built
+        return out
+
+    def _publish(self, full: bool = False) -> bool:
+        """Publishes what is ready. `full`: a full update, which skips building and writing
+        when the catalog and page were published from the same inputs (unchanged.py)."""
         hidden = self.hidden()
-        shown: list[ScannedVersion] = []
-        digests = Digests()
+        shown: list[tuple[str, ScannedVersion, _Ready]] = []
         for rel, v in self.versions.items():
             ready = self._ready.get(rel)
             if v.path in hidden:
@@ -250,44 +311,87 @@ class Pipeline:
             if ready is None:
                 log.debug("not publishing %s yet: still hashing", v.path)
                 continue
-            if ready.ident != identity(v):
+            if ready.ident != self._idents[rel]:
                 # a delta being hashed does not hold its version back: published without it
                 done = set(ready.ident)
                 if any(f.identity not in done for f in v.files.values() if not _is_delta(f)):
                     log.debug("not publishing %s yet: still hashing", v.path)
                     continue
                 v = replace(v, files={n: f for n, f in v.files.items() if f.identity in done})
-            shown.append(v)
-            _copy_digests(ready.digests, v, digests)
-        listed = self.deltas.listable(shown)
-        self.products = build_products(shown, digests, self.paths.root_dir, listed)
+            shown.append((rel, v, ready))
+        versions = [v for _, v, _ in shown]
+        digests = _merged(shown)
+        listed = self.deltas.listable(versions)
+        state, root = self.paths.state_dir, self.paths.root_dir
+        inputs = None
+        if full and (self.retention is None or not self.retention.policy.active):
+            inputs = unchanged.inputs_digest(
+                ((v, r.digests) for _, v, r in shown), hidden | listed, root
+            )
+            if unchanged.is_published(state, root, inputs):
+                log.debug("the catalog and page were published from these inputs already")
+                self._unbuilt = shown
+                self.deltas.published(versions, digests)
+                return False
+        self._unbuilt = None
+        self._products = products_of(self._build(shown), digests, root, listed)
         if self.retention is not None:
             # under the catalog lock: the one writer decides what leaves
-            doomed = self.retention.apply(self.paths.state_dir, self.products, shown)
+            doomed = self.retention.apply(state, self._products, versions)
             if doomed:
-                shown = [v for v in shown if v.path not in doomed]
-                listed = self.deltas.listable(shown)
-                self.products = build_products(shown, digests, self.paths.root_dir, listed)
-        changed = publish(self.paths.streams_dir, self.products)
-        self.deltas.published(shown, digests)
-        # <root>/streams/index.html, when its bytes change or it is missing
-        write_page(self.paths.root_dir, self.products)
-        if changed:
-            for listener in self.on_publish:
-                listener()
+                shown = [e for e in shown if e[1].path not in doomed]
+                versions = [v for _, v, _ in shown]
+                listed = self.deltas.listable(versions)
+                self._products = products_of(self._build(shown), digests, root, listed)
+        if not self.defer_page:
+            # (what is published from here on is not what the record vouches for)
+            unchanged.record(state, root, None)
+        changed = publish(self.paths.streams_dir, self._products, images_gz=self._gzip)
+        self.deltas.published(versions, digests)
+        self.page_due = True
+        self._notify = self._notify or changed
+        if not self.defer_page:
+            self._write_page()
+            if inputs is not None:
+                unchanged.record(state, root, inputs)
         return changed
 
+    def write_page(self) -> None:
+        """Writes the catalog page of the last publish, if not written yet (defer_page)."""
+        if self.page_due:
+            with catalog_lock(self.paths.state_dir):
+                self._write_page()
 
-def _copy_digests(src: Digests, v: ScannedVersion, dst: Digests) -> None:
-    for f in v.files.values():
-        if f.path in src.files:
-            dst.files[f.path] = src.files[f.path]
-        if f.path in src.failed:
-            dst.failed.add(f.path)
-        for m in v.files.values():
-            c = src.combined.get((m.path, f.path))
-            if c is not None:
-                dst.combined[(m.path, f.path)] = c
+    def _write_page(self) -> None:
+        self.page_due = False
+        try:
+            # <root>/streams/index.html, when its bytes change or it is missing
+            write_page(self.paths.root_dir, self._products)
+        finally:
+            if self._notify:
+                self._notify = False
+                for listener in self.on_publish:
+                    listener()
+
+
+def _merged(shown: list[tuple[str, ScannedVersion, _Ready]]) -> Digests:
+    """The digests of the files of `shown`: a full update's own when they all share it."""
+    sources = {id(r.digests): r.digests for _, _, r in shown}
+    if len(sources) == 1:
+        return next(iter(sources.values()))
+    out = Digests()
+    for _, v, ready in shown:
+        src = ready.digests
+        for f in v.files.values():
+            if f.path in src.files:
+                out.files[f.path] = src.files[f.path]
+            if f.path in src.failed:
+                out.failed.add(f.path)
+            for m in v.files.values():
+                c = src.combined.get((m.path, f.path))
+                if c is not None:
+                    out.combined[(m.path, f.path)] = c
+    return out
 
 
 def _is_delta(f: FileStat) -> bool:

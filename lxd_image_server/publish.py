@@ -11,25 +11,23 @@ import contextlib
 import datetime as dt
 import errno
 import fcntl
-import gzip
-import json
 import logging
 import os
 import re
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
+from . import catalog_json
 from .catalog import UPDATED_FORMAT, Products, images_document, index_document
+from .catalog_gzip import GzipCache
 from .config import StateDir
-from .fsutil import TooLarge, read_regular
 from .fsutil import fsync_dir as fsync_dir
+from .fsutil import open_regular
 from .fsutil import write_atomic as write_atomic
 
 log = logging.getLogger(__name__)
 
-#: what is read back of the previous documents: as much as the new one has, and a little more
-_SLACK = 256
 _UPDATED_RE = re.compile(rb'^ "updated": "([A-Za-z0-9 ,:+]{1,64})",?$', re.MULTILINE)
 
 
@@ -69,26 +67,82 @@ _LOCK_FLAGS = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBL
 
 
 def encode(doc: dict[str, Any]) -> bytes:
-    return (json.dumps(doc, sort_keys=True, indent=1, ensure_ascii=False) + "\n").encode()
+    """json.dumps(doc, sort_keys=True, indent=1, ensure_ascii=False) + a line break, as bytes
+    (catalog_json: the same bytes, reusing the text of versions encoded before)."""
+    return catalog_json.encode_utf8(doc) + b"\n"
 
 
-def _gzip(data: bytes) -> bytes:
-    return gzip.compress(data, compresslevel=9, mtime=0)
+Parts = list[bytes | memoryview]
 
 
-def _previous(path: str, limit: int) -> bytes | None:
-    """The bytes of a document published before, if it is a regular file of at most `limit`
-    bytes: a link, a FIFO or a huge file is never followed or read whole (it is replaced)."""
+def _dated(doc: dict[str, Any]) -> Callable[[str], Parts]:
+    """encode(doc) for any value of its top-level `updated`, the last key, in two parts: the
+    rest is encoded once (and not copied), as doc's bytes are the same up to that last line."""
+    text = catalog_json.encode_utf8({**doc, "updated": ""})
+    tail = b' "updated": ""\n}'
+    if not text.endswith(tail):
+        raise AssertionError("`updated` is not the document's last key")
+    head = memoryview(text)[: -len(tail)]
+    return lambda updated: [head, encode({"updated": updated})[2:]]
+
+
+def _holds(path: str, parts: Parts) -> bool:
+    """Whether `path` is a regular file of exactly the bytes `parts`, compared a piece at a
+    time (a 20 MB document is not read whole); a link, a FIFO or another size: False."""
     try:
-        return read_regular(path, limit)
-    except (OSError, TooLarge):
+        fd = open_regular(path)
+    except OSError:
+        return False
+    try:
+        if os.fstat(fd).st_size != sum(len(p) for p in parts):
+            return False
+        offset = 0
+        for part in parts:
+            view = memoryview(part)
+            while view:
+                piece = os.pread(fd, min(len(view), _PIECE), offset)
+                if not piece or view[: len(piece)] != piece:
+                    return False
+                offset += len(piece)
+                view = view[len(piece) :]
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def updated_in(path: str) -> str | None:
+    """The top-level `updated` of the published document `path`, from its last bytes (where
+    `encode` puts it); None when it is missing, not a regular file or has none."""
+    try:
+        fd = open_regular(path)
+    except OSError:
         return None
+    try:
+        size = os.fstat(fd).st_size
+        return updated_of(os.pread(fd, _TAIL, max(0, size - _TAIL)))
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+#: what is compared at a time; how much of a document's end holds its `updated` line
+_PIECE = 1 << 20
+_TAIL = 4096
 
 
 def updated_of(data: bytes | None) -> str | None:
-    """The top-level `updated` of a document `encode` wrote (no JSON parse needed)."""
-    m = _UPDATED_RE.search(data) if data is not None else None
-    return m.group(1).decode() if m else None
+    """The top-level `updated` of a document `encode` wrote (no JSON parse needed). It is the
+    last key, so its line is looked for from the end (the only line indented by one space
+    that starts so), and only that line is matched."""
+    if data is None:
+        return None
+    start = data.rfind(b'\n "updated": "')
+    end = data.find(b"\n", start + 1)
+    m = _UPDATED_RE.fullmatch(data, start + 1, end if end != -1 else len(data))
+    return m.group(1).decode() if start != -1 and m else None
 
 
 def _is_regular(path: str) -> bool:
@@ -102,41 +156,43 @@ def now_updated(now: dt.datetime | None = None) -> str:
     return (now or dt.datetime.now(dt.UTC)).strftime(UPDATED_FORMAT)
 
 
-def publish(streams_dir: str, products: Products, now: dt.datetime | None = None) -> bool:
+def publish(
+    streams_dir: str,
+    products: Products,
+    now: dt.datetime | None = None,
+    images_gz: GzipCache | None = None,
+) -> bool:
     """Writes images.json and index.json (+ .gz) if their content changed.
 
     Returns True when something was written. The caller holds `catalog_lock`. The previous
     documents are compared byte for byte (with their own `updated`), read bounded.
+    `images_gz` keeps what was compressed of the previous images.json (catalog_gzip).
     """
     images_path = os.path.join(streams_dir, "images.json")
     index_path = os.path.join(streams_dir, "index.json")
     updated = now_updated(now)
-    images = images_document(products, updated)
+    images = _dated(images_document(products, updated))
     index = index_document(products, updated)
-    images_bytes = encode(images)
-    old_images = _previous(images_path, len(images_bytes) + _SLACK)
-    old_updated = updated_of(old_images)
-    if old_updated is not None and old_updated != updated:
-        images["updated"] = old_updated
-        if encode(images) == old_images:
-            # content unchanged: keep its timestamp so clients' caches stay valid
-            updated = old_updated
-            index["updated"] = index["index"]["images"]["updated"] = updated
-        else:
-            images["updated"] = updated
-    images_bytes = encode(images)
+    old_updated = updated_in(images_path)
+    if old_updated not in (None, updated) and _holds(images_path, images(old_updated)):
+        # content unchanged: keep its timestamp so clients' caches stay valid
+        updated = old_updated
+        index["updated"] = index["index"]["images"]["updated"] = updated
+    images_parts = images(updated)
     index_bytes = encode(index)
-    same_images = images_bytes == old_images
-    same_index = index_bytes == _previous(index_path, len(index_bytes) + _SLACK)
+    same_images = _holds(images_path, images_parts)
+    same_index = _holds(index_path, [index_bytes])
     gz_present = all(_is_regular(p + ".gz") for p in (images_path, index_path))
     if same_images and same_index and gz_present:
         return False
+    images_bytes = b"".join(images_parts)
+    del images_parts, images
     try:
         os.makedirs(streams_dir, exist_ok=True)
-        write_atomic(images_path + ".gz", _gzip(images_bytes))
+        write_atomic(images_path + ".gz", (images_gz or GzipCache()).compress(images_bytes))
         write_atomic(images_path, images_bytes)
         fsync_dir(streams_dir)
-        write_atomic(index_path + ".gz", _gzip(index_bytes))
+        write_atomic(index_path + ".gz", GzipCache().compress(index_bytes))
         write_atomic(index_path, index_bytes)
         fsync_dir(streams_dir)
     except OSError as e:

@@ -4,10 +4,13 @@ Never raises for what it finds on disk: anything that does not fit the layout is
 one log line naming the path and the reason.
 
 Everything below images/ is an uploader's and may change under us, so the walk acts on what it
-checked: it goes down through directory file descriptors opened without following links, opens
-each file relative to its version directory's descriptor (no link followed, no FIFO waited on)
-and describes the file by fstat of that descriptor. A symbolic link anywhere below images/, a
-FIFO, a device, a setuid, setgid or executable file and a sparse giant are never published.
+checked: it goes down through directory file descriptors opened without following links and
+describes each file by fstatat of its name in its version directory's descriptor, without
+following a link (one system call per file, as a plain stat pass; nothing is opened, so no FIFO
+or device is ever waited on). Hashing opens the file the same way and checks that it is the
+file described here (same device, inode, size, mtime and ctime). A symbolic link anywhere below
+images/, a FIFO, a device, a setuid, setgid or executable file and a sparse giant are never
+published.
 """
 
 from __future__ import annotations
@@ -89,7 +92,7 @@ def open_below(base: str, rel: str) -> int:
         os.close(fd)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class FileStat:
     """One file as found on disk; (path, dev, inode, size, mtime, ctime) identify its bytes."""
 
@@ -115,7 +118,7 @@ class FileStat:
         return (self.path, self.dev, self.inode, self.size, self.mtime_ns, self.ctime_ns)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ScannedVersion:
     key: VersionKey
     #: Directory of the version, absolute.
@@ -297,7 +300,7 @@ class Scanner:
             if role.role is Role.OVERRIDES:
                 overrides = self._read_overrides(fd, entry.name, file_path)
                 continue
-            st = self._stat_file(fd, entry.name, file_path)
+            st = self._stat_file(entry, file_path)
             if st is None:
                 continue
             files[entry.name] = FileStat(
@@ -328,15 +331,24 @@ class Scanner:
             log.warning("skipping %s: cannot open it (%s)", _shown(path), e.strerror or e)
         return None
 
-    def _stat_file(self, dir_fd: int, name: str, path: str) -> os.stat_result | None:
-        """fstat of the opened file, when it may be published (else logged)."""
-        fd = self._open_file(dir_fd, name, path)
-        if fd is None:
-            return None
+    @staticmethod
+    def _stat_file(entry: os.DirEntry[str], path: str) -> os.stat_result | None:
+        """The status of the directory entry itself (fstatat of the version directory's
+        descriptor, no link followed), when it is a regular file that may be published (else
+        logged). One system call: the file is opened only to be hashed, and hashing checks that
+        what it opened is the file described here (hashing.hash_file)."""
         try:
-            st = os.fstat(fd)
-        finally:
-            os.close(fd)
+            st = entry.stat(follow_symlinks=False)
+        except FileNotFoundError:
+            log.info("skipping %s: it vanished", _shown(path))
+            return None
+        except OSError as e:
+            log.warning("skipping %s: cannot stat it (%s)", _shown(path), e.strerror or e)
+            return None
+        if not stat.S_ISREG(st.st_mode):
+            what = "a symbolic link" if stat.S_ISLNK(st.st_mode) else "not a regular file"
+            log.warning("skipping %s: %s; only regular files are published", _shown(path), what)
+            return None
         reason = unpublishable(st)
         if reason is not None:
             log.warning("skipping %s: %s", _shown(path), reason)

@@ -70,7 +70,8 @@ def _delete_expired(paths: Paths) -> None:
 @dataclass(frozen=True)
 class UpdateResult:
     changed: bool
-    products: int
+    #: versions the scan found (the products are built only when something asks for them)
+    versions: int
 
 
 def update(
@@ -100,9 +101,9 @@ def update(
     finally:
         cache.close()
     _delete_expired(paths)  # with no grace period, what [retention] took out just now
-    result = UpdateResult(changed, len(pipeline.products))
+    result = UpdateResult(changed, len(pipeline.versions))
     if not changed:
-        log.info("catalog unchanged (%d products)", result.products)
+        log.info("catalog unchanged (%d versions scanned)", result.versions)
     if settings.mirrors:
         from .mirror.worker import push_once
 

@@ -18,8 +18,11 @@ What an uploader can do to it (every uploader is assumed hostile):
 - Only directories that fit the layout get a watch (valid names, no deeper than a version),
   and at most `max_watches` of them (default 4096: half of the smallest default of
   fs.inotify.max_user_watches, 8192, so the kernel limit is never what stops us; enough for
-  about 3,000 versions). Past the cap: one warning, and the whole tree is rescanned every
-  `rescan_interval` seconds, with new watches added as room frees; a file in a directory
+  about 3,000 versions). The directories above the versions are watched first (every new
+  version appears in one of them), then the versions, newest first. Past the cap: one warning,
+  and the whole tree is rescanned every `rescan_interval` seconds, with new watches added as
+  room frees; a version directory created or moved in takes the watch of the version quiet
+  the longest, so new uploads are followed as closely as below the cap; a file in a directory
   without a watch is published only once unchanged for that long (nothing tells us it is
   still being written).
 - Warnings about the same bad path are logged once an hour, not at every scan (logs.Once).
@@ -30,11 +33,13 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import gc
 import logging
 import os
 import select
 import signal
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from types import FrameType
 
@@ -128,10 +133,14 @@ class Watcher:
         self.writing: set[str] = set()
         pipeline.scanner.exclude = self._excluded
         pipeline.on_hashed = self._wake
+        pipeline.defer_page = True  # written once no publish is due (_write_page)
         self.inotify = INotify()
         self.wds: dict[int, str] = {}
         #: the same, the other way round: watched directory (relative to images/) -> wd
         self.watched: dict[str, int] = {}
+        #: the watched version directories, the one quiet the longest first (evicted first
+        #: when a new version needs a watch at the cap)
+        self.version_watches: OrderedDict[str, None] = OrderedDict()
         #: some directory that fits the layout has no watch (the cap): poll the tree
         self.over_cap = False
         self._cap_hit = False
@@ -167,35 +176,33 @@ class Watcher:
 
     # -- watches ----------------------------------------------------------------------------
 
-    def _add_tree(self, rel: str) -> None:
+    def _add_tree(self, rel: str, evict: bool = False) -> None:
         """Watches `rel` and every directory below it that fits the layout, down to versions
-        (at most `max_watches` in all)."""
-        path = os.path.join(self.img_dir, rel) if rel else self.img_dir
-        if rel not in self.watched:
-            if len(self.watched) >= self.max_watches:
-                self._cap_hit = True
-                return
-            try:
-                wd = self.inotify.add_watch(path, DIR_MASK)
-            except OSError as e:
-                if e.errno == errno.ENOSPC:
-                    quiet_log.warning(
-                        "cannot watch %r: inotify watch limit reached "
-                        "(raise fs.inotify.max_user_watches or lower --max-watches)",
-                        path,
-                    )
-                    self._cap_hit = True
-                elif e.errno not in (errno.ENOENT, errno.ENOTDIR):
-                    quiet_log.warning("cannot watch %r: %s", path, e.strerror or e)
-                return
-            old = self.wds.get(wd)
-            if old is not None and self.watched.get(old) == wd:
-                del self.watched[old]  # the same directory, moved: known by its new name
-            self.wds[wd] = rel
-            self.watched[rel] = wd
+        (at most `max_watches` in all), level by level: every directory above the versions
+        first (each new version appears in one of them), then the version directories, the
+        most recently changed first. Each directory is listed only once it is watched, so
+        nothing created meanwhile goes unseen.
+
+        `evict`: the version directories found are new (created or moved in): at the cap, each
+        takes the watch of the version directory that has been quiet the longest (an old
+        version, complete for a long time, needs no watch: a rescan still sees it change)."""
+        level = [rel]
         depth = _depth(rel)
-        if depth >= VERSION_DEPTH:
-            return
+        while level:
+            below: list[tuple[int, str]] = []
+            for r in level:
+                if not self._add_watch(r, evict and depth == VERSION_DEPTH):
+                    continue
+                if depth < VERSION_DEPTH:
+                    self._list_into(r, depth, below)
+            if depth + 1 == VERSION_DEPTH:
+                below.sort(key=lambda e: e[0], reverse=True)  # newest first
+            level = [r for _, r in below]
+            depth += 1
+
+    def _list_into(self, rel: str, depth: int, out: list[tuple[int, str]]) -> None:
+        """The subdirectories of `rel` that fit the layout, with their mtime, into `out`."""
+        path = os.path.join(self.img_dir, rel) if rel else self.img_dir
         try:
             entries = os.scandir(path)
         except OSError:
@@ -205,16 +212,53 @@ class Watcher:
                 if not fits_layout(depth + 1, entry.name):
                     continue
                 try:
-                    is_dir = entry.is_dir(follow_symlinks=False)
+                    if not entry.is_dir(follow_symlinks=False):
+                        continue
+                    mtime = entry.stat(follow_symlinks=False).st_mtime_ns
                 except OSError:
                     continue
-                if is_dir:
-                    self._add_tree(_join(rel, entry.name))
+                out.append((mtime, _join(rel, entry.name)))
 
-    def _watch_tree(self, rel: str) -> None:
+    def _add_watch(self, rel: str, evict: bool) -> bool:
+        """Watches the directory `rel` (True), unless the cap or an error prevents it."""
+        if rel in self.watched:
+            return True
+        if len(self.watched) >= self.max_watches and evict and self.version_watches:
+            quiet, _ = self.version_watches.popitem(last=False)
+            wd = self.watched[quiet]
+            self._forget_wd(wd)
+            with contextlib.suppress(OSError):
+                self.inotify.rm_watch(wd)
+        if len(self.watched) >= self.max_watches:
+            self._cap_hit = True
+            return False
+        path = os.path.join(self.img_dir, rel) if rel else self.img_dir
+        try:
+            wd = self.inotify.add_watch(path, DIR_MASK)
+        except OSError as e:
+            if e.errno == errno.ENOSPC:
+                quiet_log.warning(
+                    "cannot watch %r: inotify watch limit reached "
+                    "(raise fs.inotify.max_user_watches or lower --max-watches)",
+                    path,
+                )
+                self._cap_hit = True
+            elif e.errno not in (errno.ENOENT, errno.ENOTDIR):
+                quiet_log.warning("cannot watch %r: %s", path, e.strerror or e)
+            return False
+        old = self.wds.get(wd)
+        if old is not None and self.watched.get(old) == wd:
+            self._forget_wd(wd)  # the same directory, moved: known by its new name
+        self.wds[wd] = rel
+        self.watched[rel] = wd
+        if _depth(rel) == VERSION_DEPTH:
+            self.version_watches[rel] = None
+        return True
+
+    def _watch_tree(self, rel: str, evict: bool = False) -> None:
         """`_add_tree`, then says once when the cap left directories without a watch."""
         self._cap_hit = False
-        self._add_tree(rel)
+        self._add_tree(rel, evict)
         if self._cap_hit and not self.over_cap:
             quiet_log.warning(
                 "inotify watch cap (%d) reached: directories beyond it are not watched; "
@@ -233,6 +277,7 @@ class Watcher:
         rel = self.wds.pop(wd, None)
         if rel is not None and self.watched.get(rel) == wd:
             del self.watched[rel]
+            self.version_watches.pop(rel, None)
         return rel
 
     def _drop_tree(self, rel: str) -> None:
@@ -252,6 +297,7 @@ class Watcher:
                 self.inotify.rm_watch(wd)
         self.wds.clear()
         self.watched.clear()
+        self.version_watches.clear()
         self.writing.clear()
         self.over_cap = False
         self._watch_tree("")
@@ -262,7 +308,8 @@ class Watcher:
             return True
         if not self.over_cap:
             return False
-        parent = os.path.relpath(os.path.dirname(path), self.img_dir)
+        # (the scanner's paths are img_dir/rel/name: no relpath needed)
+        parent = path[len(self.img_dir) + 1 :].rpartition("/")[0]
         if parent in self.watched:
             return False
         # no watch there: publish it only once it has not changed for a rescan interval
@@ -307,7 +354,7 @@ class Watcher:
             if not fits_layout(_depth(rel), name):
                 return  # nothing that does not fit the layout is published: no watch either
             if mask & (flags.CREATE | flags.MOVED_TO):
-                self._watch_tree(rel)
+                self._watch_tree(rel, evict=True)
             elif mask & flags.MOVED_FROM:
                 self._drop_tree(rel)
             self._mark(rel)
@@ -315,6 +362,8 @@ class Watcher:
         if _depth(base) != VERSION_DEPTH:
             log.debug("ignoring %r: not inside a version directory", rel)
             return
+        if base in self.version_watches:
+            self.version_watches.move_to_end(base)
         path = os.path.join(self.img_dir, rel)
         if mask & (flags.CREATE | flags.MODIFY) and classify(name) is None:
             self._mark(base)  # never published: no need to remember it is being written
@@ -402,6 +451,8 @@ class Watcher:
             self.pipeline.refresh(prefixes, self.budget)
             self.retry_at = None
             self._plan_expiry()  # the publish may have pruned versions
+            if "" in prefixes:
+                _settle_heap()
         except PublishError as e:
             log.error("%s; retrying in %.0f s", e, RETRY_AFTER_ERROR)
             self._retry(prefixes)
@@ -410,6 +461,18 @@ class Watcher:
                 "unexpected error while publishing; retrying in %.0f s", RETRY_AFTER_ERROR
             )
             self._retry(prefixes)
+
+    def _page_ready(self) -> bool:
+        """The catalog page is due and no publish is pending: its turn."""
+        return self.pipeline.page_due and not self.dirty and not self.collect_due
+
+    def _write_page(self) -> None:
+        try:
+            self.pipeline.write_page()
+        except PublishError as e:
+            log.error("%s; writing it again after the next publish", e)
+        except Exception:
+            log.exception("unexpected error while writing the catalog page")
 
     def _retry(self, prefixes: set[str]) -> None:
         self.dirty |= prefixes
@@ -428,6 +491,7 @@ class Watcher:
                 log.exception("reload failed; keeping the previous configuration")
         self._rewatch_all()
         self._mark("")
+        gc.unfreeze()  # the next full pass collects, then freezes again (_settle_heap)
 
     # -- main loop --------------------------------------------------------------------------
 
@@ -468,12 +532,15 @@ class Watcher:
                 log.exception("unexpected error while publishing; retrying")
                 self._retry({""})
             self._plan_expiry()
+            _settle_heap()
             poller = select.poll()
             poller.register(self.inotify.fileno(), select.POLLIN)
             poller.register(self._wake_r, select.POLLIN)
             while not self.stopping:
                 wait = self._wait()
                 timeout_ms = None if wait is None else int(wait * 1000) + 1
+                if self._page_ready():
+                    timeout_ms = 0  # look for events first: the page waits for them
                 for fd, _ in poller.poll(timeout_ms):
                     if fd == self._wake_r:
                         with contextlib.suppress(BlockingIOError):
@@ -490,6 +557,10 @@ class Watcher:
                 due = self._due()
                 if due is not None and due <= 0:
                     self._process()
+                elif self._page_ready():
+                    self._write_page()
+            if self.pipeline.page_due:
+                self._write_page()
             log.info("stopped")
             return 0
         finally:
@@ -501,6 +572,18 @@ class Watcher:
             self.inotify.close()
             os.close(self._wake_r)
             os.close(self._wake_w)
+
+
+def _settle_heap() -> None:
+    """After a pass over the whole tree: the objects describing it (hundreds of thousands at
+    20,000 versions) live until the next such pass, and the garbage collector would walk them
+    all at every full collection, stalling publishes by a tenth of a second or more. They are
+    moved out of its sight (gc.freeze), after a collection when nothing is frozen yet (at
+    start, and after a reload (SIGHUP) gave everything back to the collector). What is created
+    later is collected as usual."""
+    if gc.get_freeze_count() == 0:
+        gc.collect()
+    gc.freeze()
 
 
 def write_pid_file(path: str) -> None:

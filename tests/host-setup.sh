@@ -69,7 +69,8 @@ has_backports() {
 }
 
 install_incus() {
-    if installed incus; then
+    # incus-extra: incus-simplestreams, the baseline of bench/bench_import.py
+    if installed incus && installed incus-extra; then
         say "incus: present"
         return
     fi
@@ -89,7 +90,7 @@ install_incus() {
     fi
     say "installing incus ${target[*]+"${target[*]}"}"
     apt-get update -q
-    apt-get install -y -q --no-install-recommends "${target[@]+"${target[@]}"}" incus
+    apt-get install -y -q --no-install-recommends "${target[@]+"${target[@]}"}" incus incus-extra
 }
 
 # -- the daemons: LXD and Incus take the same steps with their own commands ------------------

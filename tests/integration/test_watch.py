@@ -563,3 +563,31 @@ def test_nothing_on_disk_stops_the_watcher(tmp_path, scenario):
         text = stop_watcher(proc, log)
     assert proc.returncode == 0, text[-3000:]
     assert "Traceback" not in text, text[-3000:]
+
+
+def test_at_the_watch_cap_a_new_version_takes_the_watch_of_a_quiet_one(tmp_path):
+    """Issue 13: a tree of more versions than --max-watches. The directories above the versions
+    are watched first, and a version created or moved in takes the watch of the version quiet
+    the longest: it is published as soon as it is complete, not once unchanged for a rescan
+    interval (an hour here), and the watches stay within the cap."""
+    root, proc, catalog, log = start_watcher(
+        tmp_path, "--max-watches", "20", "--rescan-interval", "3600"
+    )
+    img = root / "images"
+    try:
+        keys = [f"{V}/202401{i // 24 + 1:02d}_{i % 24:02d}00" for i in range(40)]
+        for n, key in enumerate(keys):
+            move_in_version(root, key, seed=n)
+        catalog.wait_for(lambda v: set(keys) <= set(v), "40 versions moved in, past the cap")
+        # a version written in place, file by file: its half-written file is never listed
+        key = f"{V}/20240303_1200"
+        (img / key).mkdir()
+        (img / key / "lxd.tar.xz").write_bytes(b"meta")
+        write_slowly(img / key / "rootfs.squashfs", os.urandom(60_000))
+        versions = catalog.wait_for(lambda v: key in v, f"{key}, written at the cap")
+        assert versions[key]["squashfs"]["size"] == 60_000
+        assert inotify_watches(proc.pid) <= 20
+        assert proc.poll() is None
+    finally:
+        text = stop_watcher(proc, log)
+    assert "Traceback" not in text

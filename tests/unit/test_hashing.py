@@ -157,3 +157,46 @@ def test_forget_except_prunes(tmp_path):
     assert cache.get(root) is None
     assert cache.get_combined(meta, root) is None
     cache.close()
+
+
+@pytest.mark.parametrize("how", ["rewrite_same_size", "append", "replace"])
+def test_preloaded_cache_answers_as_the_queries_do(tmp_path, how):
+    """The whole-tree lookup (one read per table) trusts exactly what a query per file does:
+    a changed file misses, an unchanged one hits, and what is hashed meanwhile is seen."""
+    d = tree(tmp_path)
+    other = version_dir(tmp_path / "images", serial="20240202_12:00")
+    write(other / "lxd.tar.xz", META)
+    write(other / "rootfs.squashfs", ROOT)
+    cache = HashCache(str(tmp_path / "hashes.sqlite3"))
+    try:
+        HashEngine(cache).digest(scan(tmp_path))
+        root = d / "rootfs.squashfs"
+        if how == "rewrite_same_size":
+            st = root.stat()
+            with open(root, "r+b") as f:
+                f.write(b"\0")
+            os.utime(root, ns=(st.st_atime_ns, st.st_mtime_ns))
+        elif how == "append":
+            with open(root, "ab") as g:
+                g.write(b"x")
+        else:
+            write(d / ".new", ROOT)
+            os.replace(d / ".new", root)
+        versions = scan(tmp_path)
+        files = [f for v in versions for f in v.files.values()]
+        pairs = [(v.files["lxd.tar.xz"], v.files["rootfs.squashfs"]) for v in versions]
+        plain = [cache.get(f) for f in files], [cache.get_combined(m, r) for m, r in pairs]
+        with cache.preloaded():
+            assert (
+                [cache.get(f) for f in files],
+                [cache.get_combined(m, r) for m, r in pairs],
+            ) == plain
+            assert None in plain[0] and None in plain[1]
+            c = Counting()
+            HashEngine(cache).digest(versions, progress_start=c.start)
+            assert c.read > 0
+            assert None not in [cache.get(f) for f in files]
+            assert None not in [cache.get_combined(m, r) for m, r in pairs]
+        assert None not in [cache.get(f) for f in files]
+    finally:
+        cache.close()

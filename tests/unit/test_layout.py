@@ -7,6 +7,7 @@ from lxd_image_server.layout import (
     is_ignored_name,
     parse_file_path,
     parse_version_dir,
+    valid_name,
     valid_serial,
 )
 
@@ -184,3 +185,10 @@ def test_file_names_strict(name):
 
 def test_unified_tarball_name_too_long_not_published():
     assert classify("a" * 200 + ".tar.gz") is None
+
+
+def test_fixed_file_names_are_valid_names_so_classify_may_look_them_up_first():
+    from lxd_image_server.layout import _ROLES
+
+    for name in _ROLES:
+        assert valid_name(name) and not is_ignored_name(name), name

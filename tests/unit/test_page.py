@@ -18,6 +18,8 @@ from lxd_image_server.config import Paths
 from lxd_image_server.hashing import HashCache
 from lxd_image_server.nginx import SiteSettings, render_locations
 from lxd_image_server.page import (
+    OLDER_VERSIONS,
+    OPEN_VERSIONS,
     PAGE_PATH,
     SCRIPT,
     STYLE,
@@ -170,6 +172,36 @@ def test_version_images_are_what_clients_see() -> None:
     no_fp = {"lxd.tar.xz": item("lxd.tar.xz", 1), "squashfs": item("squashfs", 1)}
     assert version_images(no_fp) == []
     assert version_images({"lxd.tar.xz": item("lxd.tar.xz", 1)}) == []
+
+
+def test_many_versions_list_the_newest_and_count_the_rest() -> None:
+    """A product of thousands of versions (issue 13): the page shows the newest, folds a few
+    older ones and says how many more there are; it does not grow with them."""
+
+    def page_of(n: int) -> str:
+        versions = {f"2024{i:08d}": split_items() for i in range(n)}
+        return render_page(
+            {
+                "busybox:1.35:amd64:default": product(
+                    "busybox", "1.35", "amd64", "default", "", versions
+                )
+            },
+            updated=UPDATED,
+        )
+
+    dom = Dom(page_of(3000))
+    serials = dom.attr_values("data-serial")
+    assert serials == [
+        f"2024{i:08d}" for i in range(2999, 2999 - OPEN_VERSIONS - OLDER_VERSIONS, -1)
+    ]
+    assert f"{2999} older versions" in dom.text
+    assert f"{2999 - OLDER_VERSIONS} older versions not listed here" in dom.text
+    assert "1 product, 3000 versions, 6000 images" in dom.text
+    assert len(page_of(3000)) - len(page_of(30)) < 100
+    # up to the limit, every version is there and nothing says otherwise
+    few = Dom(page_of(OPEN_VERSIONS + OLDER_VERSIONS))
+    assert len(few.attr_values("data-serial")) == OPEN_VERSIONS + OLDER_VERSIONS
+    assert "not listed here" not in few.text
 
 
 def test_page_lists_every_product_version_and_image() -> None:

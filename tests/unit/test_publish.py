@@ -204,3 +204,40 @@ def test_lock_is_created_private_to_its_writer(tmp_path):
         st = os.lstat(state / "catalog.lock")
     assert stat.S_ISREG(st.st_mode)
     assert not st.st_mode & 0o022
+
+
+def test_publishing_a_large_catalog_holds_few_copies_of_it(tmp_path):
+    """Issue 13 (memory): publishing holds the new images.json about twice at most (its bytes,
+    and their join with the `updated` line), never the previous one read whole nor str and
+    bytes copies of it: the peak stays below three times the document."""
+    import tracemalloc
+
+    from lxd_image_server.catalog_json import Encoded
+
+    def products(n: int) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for i in range(n):
+            p = out.setdefault(f"os{i % 10}:1:amd64:default", {"os": "x", "versions": {}})
+            h = f"{i:064x}"
+            items = {
+                k: {"ftype": k, "path": f"images/os/1/amd64/default/{i}/{k}", "sha256": h}
+                for k in ("lxd.tar.xz", "incus.tar.xz", "squashfs")
+            }
+            p["versions"][f"{i:012d}"] = Encoded(items=items)
+        return out
+
+    streams = tmp_path / "v1"
+    big = products(3000)
+    publish(str(streams), big, T1)
+    size = (streams / "images.json").stat().st_size
+    # one version more; the others' text was encoded already, as in the pipeline
+    new = products(3001)["os0:1:amd64:default"]["versions"]["000000003000"]
+    bigger = {k: {**p, "versions": dict(p["versions"])} for k, p in big.items()}
+    bigger["os0:1:amd64:default"]["versions"]["000000003000"] = new
+    tracemalloc.start()
+    try:
+        assert publish(str(streams), bigger, T2)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 3 * size, (peak, size)

@@ -1,0 +1,76 @@
+"""images.json.gz from reused chunks is a gzip file of exactly the document's bytes."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import subprocess
+import zlib
+
+import pytest
+
+from lxd_image_server import catalog_gzip
+from lxd_image_server.catalog import images_document
+from lxd_image_server.catalog_gzip import GzipCache
+from lxd_image_server.publish import encode
+
+
+def document(serials: range, salt: str = "") -> bytes:
+    products = {}
+    for p in range(3):
+        versions = {}
+        for s in serials:
+            h = hashlib.sha256(f"{p}/{s}{salt}".encode()).hexdigest()
+            path = f"images/os{p}/1.0/amd64/default/{s:012d}/"
+            versions[f"{s:012d}"] = {
+                "items": {
+                    "lxd.tar.xz": {"ftype": "lxd.tar.xz", "path": path + "lxd.tar.xz", "sha256": h},
+                    "squashfs": {"ftype": "squashfs", "path": path + "r", "sha256": h, "size": s},
+                }
+            }
+        products[f"os{p}:1.0:amd64:default"] = {"os": f"os{p}", "versions": versions}
+    return encode(images_document(products, "Mon, 01 Jan 2024 00:00:00 +0000"))
+
+
+@pytest.fixture
+def deflated(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The sizes of the chunks compressed (not reused)."""
+    sizes: list[int] = []
+    real = catalog_gzip._deflate
+
+    def counting(chunk: bytes | memoryview) -> bytes:
+        sizes.append(len(chunk))
+        return real(chunk)
+
+    monkeypatch.setattr(catalog_gzip, "_deflate", counting)
+    return sizes
+
+
+def test_the_gzip_holds_the_document_and_gzip_reads_it(tmp_path) -> None:
+    for data in (b"", b"{}\n", document(range(0)), document(range(2000))):
+        z = GzipCache().compress(data)
+        assert gzip.decompress(z) == data
+        assert zlib.decompress(z, 31) == data
+        (tmp_path / "doc.gz").write_bytes(z)
+        assert (
+            subprocess.run(
+                ["gzip", "-dc", str(tmp_path / "doc.gz")], capture_output=True, check=True
+            ).stdout
+            == data
+        )
+
+
+def test_a_new_version_recompresses_only_the_chunk_around_it(deflated: list[int]) -> None:
+    cache = GzipCache()
+    before = document(range(0, 4000, 2))
+    first = cache.compress(before)
+    assert sum(deflated) == len(before) and len(deflated) > 20
+    deflated.clear()
+    # the same document: nothing compressed again, the same bytes
+    assert cache.compress(before) == first and deflated == []
+    after = document(range(0, 4000, 2)).replace(b'"000000000100": {', b'"000000000101": {', 1)
+    z = cache.compress(after)
+    assert gzip.decompress(z) == after
+    assert 0 < sum(deflated) < len(after) / 10
+    # and a fresh cache gives the same bytes: update and the watcher agree
+    assert GzipCache().compress(after) == z
