@@ -77,8 +77,8 @@ FAILED, USAGE = 1, 2
 #: (a traceback). Named, not imported: a command imports only what it uses (`update` never
 #: loads the push client), and an error of a module that is not loaded cannot be raised.
 EXIT_CODES: tuple[tuple[str, int], ...] = (
-    ("lxd_image_server.importer:NamingError", USAGE),
-    ("lxd_image_server.importer:ImportFailed", FAILED),
+    ("lxd_image_server.import_errors:NamingError", USAGE),
+    ("lxd_image_server.import_errors:ImportFailed", FAILED),
     ("lxd_image_server.pushclient:PushError", FAILED),
     ("lxd_image_server.retention:RetentionError", FAILED),
     ("lxd_image_server.listing:CatalogMissing", FAILED),

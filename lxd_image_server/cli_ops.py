@@ -16,9 +16,11 @@ from typing import Any, TypeVar
 
 import click
 
-from . import importer, listing, pruning, pushclient, retention
+from . import import_detect, import_place, listing, pruning, pushclient, retention
 from .cli_common import F, Globals, handle_errors, tree_options, tree_paths
 from .config import Paths
+from .import_errors import VersionExists
+from .import_naming import Naming
 from .pipeline import Pipeline
 from .progress import ProgressStart, TerminalProgress, for_terminal
 from .updating import with_pipeline
@@ -53,8 +55,8 @@ def _naming(
     arch: str | None,
     variant: str | None,
     serial: str | None,
-) -> importer.Naming:
-    return importer.Naming(os=os_name, release=release, arch=arch, variant=variant, serial=serial)
+) -> Naming:
+    return Naming(os=os_name, release=release, arch=arch, variant=variant, serial=serial)
 
 
 def _files(files: tuple[str, ...]) -> tuple[str, ...]:
@@ -104,18 +106,20 @@ def import_cmd(
     in any order. Naming options not given are read from metadata.yaml.
     """
     paths = tree_paths(g, root_dir, img_dir, streams_dir)
-    plan = importer.plan_import(_files(files), _naming(os_name, release, arch, variant, serial))
+    plan = import_detect.plan_import(
+        _files(files), _naming(os_name, release, arch, variant, serial)
+    )
     version_dir = os.path.join(paths.img_dir, plan.key.relpath)
     pending = retention.pending_for(paths.state_dir, version_dir)
     try:
-        placed = importer.place(
+        placed = import_place.place(
             plan,
             paths.img_dir,
             move=move,
             force=force,
             progress_start=_terminal_progress("copying"),
         )
-    except importer.VersionExists as e:
+    except VersionExists as e:
         hint = (
             f" (it was pruned; its files go after {retention.utc_text(pending.expires)})"
             if pending
@@ -130,10 +134,10 @@ def import_cmd(
         return pipeline
 
     pipeline = _with_pipeline(
-        g, paths, publish, lambda cache: importer.seed_cache(cache, paths.img_dir, placed)
+        g, paths, publish, lambda cache: import_place.seed_cache(cache, paths.img_dir, placed)
     )
     listed = plan.key.serial in pipeline.products.get(plan.key.product, {}).get("versions", {})
-    what = importer.describe(plan)
+    what = import_detect.describe(plan)
     click.echo(f"imported {what} into {placed.version_dir}")
     click.echo(f"  files: {', '.join(sorted(placed.files))}; fingerprint {placed.fingerprint}")
     if not listed:
@@ -194,7 +198,9 @@ def push_cmd(
         target = pushclient.parse_remote(remote)
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--remote") from e
-    plan = importer.plan_import(_files(files), _naming(os_name, release, arch, variant, serial))
+    plan = import_detect.plan_import(
+        _files(files), _naming(os_name, release, arch, variant, serial)
+    )
     client = pushclient.Client(target, user, _password(password_file, user))
     try:
         pushed = pushclient.push(plan, client, _terminal_progress)
@@ -203,7 +209,7 @@ def push_cmd(
     for p in pushed:
         state = "already there" if p.skipped else "sent"
         click.echo(f"{state}: images/{p.rel} ({p.size} bytes, sha256 {p.sha256})")
-    click.echo(f"pushed {importer.describe(plan)} to {target.url}")
+    click.echo(f"pushed {import_detect.describe(plan)} to {target.url}")
 
 
 # -- list / verify --------------------------------------------------------------------------

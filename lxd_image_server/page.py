@@ -10,8 +10,9 @@ product with its versions and, per version, the images a client sees (one per ro
 filesystem, or the unified tarball) with their fingerprints, sizes and ready-to-copy `lxc`
 lines. Every value taken from the catalog goes through `html.escape(quote=True)`.
 
-The page loads nothing from anywhere: CSS and JS are inline and allowed by their sha256 in a
-Content-Security-Policy that forbids everything else. The remote URL cannot be known when the
+The page loads nothing from anywhere: CSS and JS (the package files page_assets/page.css and
+page.js) are inline and allowed by their sha256 in a Content-Security-Policy that forbids
+everything else. The remote URL cannot be known when the
 file is written (nginx may be reached under any name), so a tiny script fills it in from
 `window.location.origin`; without JS the page still reads well, with a placeholder URL.
 """
@@ -27,6 +28,7 @@ import logging
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from importlib import resources
 from typing import Any
 
 from .catalog import CLIENT_META_FTYPES, CLIENT_UNIFIED_FTYPES, serial_sort_key
@@ -156,137 +158,20 @@ def _text(product: Mapping[str, Any], field: str, default: str = "") -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Inline assets. Their sha256 goes into the Content-Security-Policy, so they must be emitted
-# byte for byte as written here.
+# Inline assets: package files (page_assets/), emitted byte for byte as they are, since their
+# sha256 (of those same bytes) goes into the Content-Security-Policy.
 
-STYLE = """
-:root{color-scheme:light dark;--fg:#1f2328;--bg:#ffffff;--muted:#59636e;--line:#d1d9e0;
---card:#f6f8fa;--code:#eaeef2;--accent:#0969da;--ok:#1a7f37}
-@media (prefers-color-scheme:dark){:root{--fg:#e6edf3;--bg:#0d1117;--muted:#9198a1;
---line:#3d444d;--card:#151b23;--code:#212830;--accent:#4493f8;--ok:#3fb950}}
-*{box-sizing:border-box}
-html{-webkit-text-size-adjust:100%;text-size-adjust:100%}
-body{margin:0;background:var(--bg);color:var(--fg);
-font:16px/1.5 system-ui,-apple-system,"Segoe UI",Roboto,"Helvetica Neue",Arial,sans-serif}
-main{max-width:64rem;margin:0 auto;padding:1rem}
-h1{font-size:1.6rem;margin:.5rem 0}
-h2{font-size:1.25rem;margin:0 0 .5rem}
-h3{font-size:1rem;margin:.75rem 0 .25rem}
-a{color:var(--accent)}
-code,.mono{font-family:ui-monospace,SFMono-Regular,"SF Mono",Menlo,Consolas,
-"Liberation Mono",monospace;font-size:.875rem}
-.muted{color:var(--muted)}
-.cmd{display:flex;gap:.5rem;align-items:flex-start;background:var(--code);
-border-radius:6px;padding:.45rem .6rem;margin:.35rem 0}
-.cmd code{flex:1 1 auto;min-width:0;white-space:pre-wrap;overflow-wrap:anywhere}
-button.copy{flex:none;font:inherit;font-size:.8125rem;line-height:1.3;cursor:pointer;
-padding:.15rem .6rem;border:1px solid var(--line);border-radius:6px;
-background:var(--bg);color:var(--fg)}
-button.copy:hover{border-color:var(--accent)}
-button.copy.done{color:var(--ok);border-color:var(--ok)}
-input.manual{flex:1 1 100%;min-width:0;font:inherit;font-size:.8125rem}
-.summary{margin:.25rem 0 1rem}
-#filter{width:100%;max-width:24rem;font:inherit;padding:.35rem .5rem;
-border:1px solid var(--line);border-radius:6px;background:var(--bg);color:var(--fg)}
-.product{background:var(--card);border:1px solid var(--line);border-radius:8px;
-padding:.9rem 1rem;margin:1rem 0}
-.product h2 a{text-decoration:none;color:inherit}
-.key{font-weight:normal;color:var(--muted);font-size:.875rem;overflow-wrap:anywhere}
-.facts{display:flex;flex-wrap:wrap;gap:.25rem 1.25rem;margin:0 0 .5rem;padding:0}
-.facts div{display:flex;gap:.35rem}
-.facts dt{color:var(--muted)}
-.facts dd{margin:0;overflow-wrap:anywhere}
-.aliases code{display:inline-block;background:var(--code);border-radius:4px;
-padding:0 .35rem;margin:.1rem .15rem .1rem 0;overflow-wrap:anywhere}
-.images{list-style:none;margin:0;padding:0}
-.image{display:grid;grid-template-columns:10rem 11rem minmax(0,1fr) auto;gap:.25rem .75rem;
-align-items:baseline;border-top:1px solid var(--line);padding:.4rem 0}
-.image .fp{overflow-wrap:anywhere}
-.tag{display:inline-block;border:1px solid var(--line);border-radius:999px;
-padding:0 .5rem;font-size:.8125rem}
-.tag.vm{border-color:var(--accent)}
-.exact{display:block;font-size:.8125rem}
-details>summary{cursor:pointer;color:var(--accent);margin:.5rem 0}
-.empty{padding:2rem 0}
-footer{margin:2rem 0 1rem;font-size:.875rem}
-@media (max-width:44rem){main{padding:.75rem}
-.image{grid-template-columns:1fr auto}
-.image .fp{grid-column:1/-1;grid-row:2}
-.image .size{text-align:right}
-.image button.copy{grid-column:1/-1;justify-self:start}}
-"""
 
-SCRIPT = """
-(function () {
-  "use strict";
-  var loc = window.location;
-  if (loc.protocol === "https:" || loc.protocol === "http:") {
-    document.querySelectorAll(".origin").forEach(function (el) {
-      el.textContent = loc.origin;
-    });
-  }
+def _asset(name: str) -> str:
+    return (
+        (resources.files(__package__ or __name__) / "page_assets" / name)
+        .read_bytes()
+        .decode("utf-8")
+    )
 
-  function textOf(button) {
-    if (button.dataset.copy) {
-      return button.dataset.copy;
-    }
-    var code = button.closest(".cmd").querySelector("code");
-    return code.textContent;
-  }
 
-  function flash(button, label) {
-    button.textContent = label;
-    button.classList.add("done");
-    window.setTimeout(function () {
-      button.textContent = button.dataset.label;
-      button.classList.remove("done");
-    }, 2000);
-  }
-
-  function selectForManualCopy(button, text) {
-    var box = button.parentElement.querySelector("input.manual");
-    if (!box) {
-      box = document.createElement("input");
-      box.className = "manual";
-      box.readOnly = true;
-      button.parentElement.appendChild(box);
-    }
-    box.value = text;
-    box.focus();
-    box.select();
-    flash(button, "press Ctrl+C");
-  }
-
-  document.querySelectorAll("button.copy").forEach(function (button) {
-    button.dataset.label = button.textContent;
-    button.hidden = false;
-    button.addEventListener("click", function () {
-      var text = textOf(button);
-      if (navigator.clipboard && window.isSecureContext) {
-        navigator.clipboard.writeText(text).then(function () {
-          flash(button, "copied");
-        }, function () {
-          selectForManualCopy(button, text);
-        });
-      } else {
-        selectForManualCopy(button, text);
-      }
-    });
-  });
-
-  var filter = document.getElementById("filter");
-  if (filter) {
-    filter.hidden = false;
-    filter.addEventListener("input", function () {
-      var words = filter.value.toLowerCase().split(/\\s+/).filter(Boolean);
-      document.querySelectorAll(".product").forEach(function (card) {
-        var hay = card.dataset.search;
-        card.hidden = !words.every(function (w) { return hay.indexOf(w) !== -1; });
-      });
-    });
-  }
-})();
-"""
+STYLE = _asset("page.css")
+SCRIPT = _asset("page.js")
 
 
 def csp_hash(source: str) -> str:

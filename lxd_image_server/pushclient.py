@@ -1,6 +1,6 @@
 """`push`: send an exported image from a workstation to a server's upload app over HTTPS.
 
-The files are named exactly as `import` would name them (importer.plan_import reads the same
+The files are named exactly as `import` would name them (import_detect.plan_import reads the same
 metadata.yaml), then sent one PUT per file, metadata tarball first, to
 <remote>/images/<os>/<release>/<arch>/<variant>/<serial>/<name>. The server answers 201 with
 {"files": [{"path", "size", "sha256"}]}; the sha256 computed here while sending must match.
@@ -27,7 +27,7 @@ from typing import Any, NoReturn
 from urllib.parse import quote, urlsplit
 
 from .fsutil import CHUNK_SIZE, load_json_bounded
-from .importer import ImagePlan
+from .import_detect import ImagePlan
 from .progress import Progress, ProgressStart, no_progress
 
 log = logging.getLogger(__name__)

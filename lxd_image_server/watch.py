@@ -15,16 +15,11 @@
   without the daily `update` (run, the container) does not keep them forever.
 
 What an uploader can do to it (every uploader is assumed hostile):
-- Only directories that fit the layout get a watch (valid names, no deeper than a version),
-  and at most `max_watches` of them (default 4096: half of the smallest default of
-  fs.inotify.max_user_watches, 8192, so the kernel limit is never what stops us; enough for
-  about 3,000 versions). The directories above the versions are watched first (every new
-  version appears in one of them), then the versions, newest first. Past the cap: one warning,
-  and the whole tree is rescanned every `rescan_interval` seconds, with new watches added as
-  room frees; a version directory created or moved in takes the watch of the version quiet
-  the longest, so new uploads are followed as closely as below the cap; a file in a directory
-  without a watch is published only once unchanged for that long (nothing tells us it is
-  still being written).
+- Only directories that fit the layout get a watch, at most `max_watches` of them, the
+  directories above the versions first, then the newest versions (watch_set.py: the watches
+  and the cap). Past the cap the whole tree is rescanned every `rescan_interval` seconds; a
+  file in a directory without a watch is published only once unchanged for that long (nothing
+  tells us it is still being written).
 - Warnings about the same bad path are logged once an hour, not at every scan (logs.Once).
 - Nothing on disk stops the loop: every pass's error is logged and retried.
 """
@@ -32,80 +27,41 @@ What an uploader can do to it (every uploader is assumed hostile):
 from __future__ import annotations
 
 import contextlib
-import errno
 import gc
 import logging
 import os
 import select
 import signal
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from types import FrameType
 
-from inotify_simple import INotify, flags
+from inotify_simple import flags
 
 from .config import ConfigError
-from .layout import (
-    KNOWN_ARCHES,
-    VERSION_DEPTH,
-    LayoutError,
-    check_component,
-    classify,
-    is_ignored_name,
-    valid_serial,
-)
+from .layout import VERSION_DEPTH, classify, is_ignored_name
 from .logs import Once
 from .pipeline import Pipeline
 from .publish import PublishError
 from .retention import RetentionError, delete_expired, next_expiry
+from .watch_set import (
+    DEFAULT_MAX_WATCHES,
+    DEFAULT_RESCAN_INTERVAL,
+    WatchSet,
+    fits_layout,
+    rel_depth,
+    rel_join,
+)
 
 log = logging.getLogger(__name__)
 #: what an uploader can make us say again and again: said once an hour (QUIET_LOGGERS)
 quiet_log = logging.getLogger(f"{__name__}.quiet")
 
-DIR_MASK = (
-    flags.CREATE
-    | flags.CLOSE_WRITE
-    | flags.MODIFY
-    | flags.MOVED_TO
-    | flags.MOVED_FROM
-    | flags.DELETE
-    | flags.DELETE_SELF
-    | flags.MOVE_SELF
-    | flags.ONLYDIR
-    | flags.DONT_FOLLOW
-)
 RETRY_AFTER_ERROR = 5.0
-DEFAULT_MAX_WATCHES = 4096
-DEFAULT_RESCAN_INTERVAL = 60.0
 #: seconds a pass waits for the versions it hashes before publishing those that are done
 DEFAULT_BUDGET = 1.0
 #: loggers whose repeated warnings (one per bad path per scan) are said once an hour
 QUIET_LOGGERS = ("scan", "catalog", "overrides", "hashing", "watch.quiet")
-
-
-def _depth(rel: str) -> int:
-    return 0 if rel == "" else rel.count("/") + 1
-
-
-def _join(rel: str, name: str) -> str:
-    return f"{rel}/{name}" if rel else name
-
-
-def fits_layout(depth: int, name: str) -> bool:
-    """Whether a directory `name` at `depth` below images/ could hold or lead to a version."""
-    if depth < 1 or depth > VERSION_DEPTH or is_ignored_name(name):
-        return False
-    if depth == 3:
-        return name in KNOWN_ARCHES
-    if depth == VERSION_DEPTH:
-        return valid_serial(name)
-    try:
-        check_component(name, "name")
-    except LayoutError:
-        return False
-    return True
 
 
 class Watcher:
@@ -126,25 +82,13 @@ class Watcher:
         self.max_delay = max_delay
         self.on_reload = on_reload
         self.pid_file = pid_file
-        self.max_watches = max(1, max_watches)
-        self.rescan_interval = rescan_interval
         self.budget = budget
         #: absolute paths of files opened for writing and not yet closed
         self.writing: set[str] = set()
         pipeline.scanner.exclude = self._excluded
         pipeline.on_hashed = self._wake
         pipeline.defer_page = True  # written once no publish is due (_write_page)
-        self.inotify = INotify()
-        self.wds: dict[int, str] = {}
-        #: the same, the other way round: watched directory (relative to images/) -> wd
-        self.watched: dict[str, int] = {}
-        #: the watched version directories, the one quiet the longest first (evicted first
-        #: when a new version needs a watch at the cap)
-        self.version_watches: OrderedDict[str, None] = OrderedDict()
-        #: some directory that fits the layout has no watch (the cap): poll the tree
-        self.over_cap = False
-        self._cap_hit = False
-        self.next_rescan: float | None = None
+        self.watches = WatchSet(self.img_dir, max_watches, rescan_interval)
         self.dirty: set[str] = set()
         self.collect_due = False
         self.first_event = 0.0
@@ -174,150 +118,33 @@ class Watcher:
         with contextlib.suppress(OSError):
             os.write(self._wake_w, b"x")
 
-    # -- watches ----------------------------------------------------------------------------
-
-    def _add_tree(self, rel: str, evict: bool = False) -> None:
-        """Watches `rel` and every directory below it that fits the layout, down to versions
-        (at most `max_watches` in all), level by level: every directory above the versions
-        first (each new version appears in one of them), then the version directories, the
-        most recently changed first. Each directory is listed only once it is watched, so
-        nothing created meanwhile goes unseen.
-
-        `evict`: the version directories found are new (created or moved in): at the cap, each
-        takes the watch of the version directory that has been quiet the longest (an old
-        version, complete for a long time, needs no watch: a rescan still sees it change)."""
-        level = [rel]
-        depth = _depth(rel)
-        while level:
-            below: list[tuple[int, str]] = []
-            for r in level:
-                if not self._add_watch(r, evict and depth == VERSION_DEPTH):
-                    continue
-                if depth < VERSION_DEPTH:
-                    self._list_into(r, depth, below)
-            if depth + 1 == VERSION_DEPTH:
-                below.sort(key=lambda e: e[0], reverse=True)  # newest first
-            level = [r for _, r in below]
-            depth += 1
-
-    def _list_into(self, rel: str, depth: int, out: list[tuple[int, str]]) -> None:
-        """The subdirectories of `rel` that fit the layout, with their mtime, into `out`."""
-        path = os.path.join(self.img_dir, rel) if rel else self.img_dir
-        try:
-            entries = os.scandir(path)
-        except OSError:
-            return
-        with entries:
-            for entry in entries:
-                if not fits_layout(depth + 1, entry.name):
-                    continue
-                try:
-                    if not entry.is_dir(follow_symlinks=False):
-                        continue
-                    mtime = entry.stat(follow_symlinks=False).st_mtime_ns
-                except OSError:
-                    continue
-                out.append((mtime, _join(rel, entry.name)))
-
-    def _add_watch(self, rel: str, evict: bool) -> bool:
-        """Watches the directory `rel` (True), unless the cap or an error prevents it."""
-        if rel in self.watched:
-            return True
-        if len(self.watched) >= self.max_watches and evict and self.version_watches:
-            quiet, _ = self.version_watches.popitem(last=False)
-            wd = self.watched[quiet]
-            self._forget_wd(wd)
-            with contextlib.suppress(OSError):
-                self.inotify.rm_watch(wd)
-        if len(self.watched) >= self.max_watches:
-            self._cap_hit = True
-            return False
-        path = os.path.join(self.img_dir, rel) if rel else self.img_dir
-        try:
-            wd = self.inotify.add_watch(path, DIR_MASK)
-        except OSError as e:
-            if e.errno == errno.ENOSPC:
-                quiet_log.warning(
-                    "cannot watch %r: inotify watch limit reached "
-                    "(raise fs.inotify.max_user_watches or lower --max-watches)",
-                    path,
-                )
-                self._cap_hit = True
-            elif e.errno not in (errno.ENOENT, errno.ENOTDIR):
-                quiet_log.warning("cannot watch %r: %s", path, e.strerror or e)
-            return False
-        old = self.wds.get(wd)
-        if old is not None and self.watched.get(old) == wd:
-            self._forget_wd(wd)  # the same directory, moved: known by its new name
-        self.wds[wd] = rel
-        self.watched[rel] = wd
-        if _depth(rel) == VERSION_DEPTH:
-            self.version_watches[rel] = None
-        return True
-
-    def _watch_tree(self, rel: str, evict: bool = False) -> None:
-        """`_add_tree`, then says once when the cap left directories without a watch."""
-        self._cap_hit = False
-        self._add_tree(rel, evict)
-        if self._cap_hit and not self.over_cap:
-            quiet_log.warning(
-                "inotify watch cap (%d) reached: directories beyond it are not watched; "
-                "rescanning the whole tree every %.0f s",
-                self.max_watches,
-                self.rescan_interval,
-            )
-            self.over_cap = True
-            self.next_rescan = time.monotonic() + self.rescan_interval
-        elif not self._cap_hit and rel == "" and self.over_cap:
-            log.info("every directory is watched again (%d watches)", len(self.watched))
-            self.over_cap = False
-            self.next_rescan = None
-
-    def _forget_wd(self, wd: int) -> str | None:
-        rel = self.wds.pop(wd, None)
-        if rel is not None and self.watched.get(rel) == wd:
-            del self.watched[rel]
-            self.version_watches.pop(rel, None)
-        return rel
-
     def _drop_tree(self, rel: str) -> None:
         """Stops watching `rel` and below (it was moved away)."""
-        for wd, wrel in list(self.wds.items()):
-            if wrel == rel or wrel.startswith(rel + "/"):
-                self._forget_wd(wd)
-                with contextlib.suppress(OSError):
-                    self.inotify.rm_watch(wd)
+        self.watches.drop_tree(rel)
         prefix = os.path.join(self.img_dir, rel) + "/"
         for p in [p for p in self.writing if p.startswith(prefix)]:
             self.writing.discard(p)
 
     def _rewatch_all(self) -> None:
-        for wd in list(self.wds):
-            with contextlib.suppress(OSError):
-                self.inotify.rm_watch(wd)
-        self.wds.clear()
-        self.watched.clear()
-        self.version_watches.clear()
         self.writing.clear()
-        self.over_cap = False
-        self._watch_tree("")
+        self.watches.rewatch_all()
 
     def _excluded(self, path: str) -> bool:
         """Files the scanner leaves out: being written, as far as we can tell."""
         if path in self.writing:
             return True
-        if not self.over_cap:
+        if not self.watches.over_cap:
             return False
         # (the scanner's paths are img_dir/rel/name: no relpath needed)
         parent = path[len(self.img_dir) + 1 :].rpartition("/")[0]
-        if parent in self.watched:
+        if parent in self.watches.watched:
             return False
         # no watch there: publish it only once it has not changed for a rescan interval
         try:
             st = os.lstat(path)
         except OSError:
             return False
-        return time.time() - max(st.st_mtime, st.st_ctime) < self.rescan_interval
+        return time.time() - max(st.st_mtime, st.st_ctime) < self.watches.rescan_interval
 
     # -- events -----------------------------------------------------------------------------
 
@@ -335,12 +162,12 @@ class Watcher:
             self._mark("")
             return
         if mask & flags.IGNORED:
-            rel = self._forget_wd(wd)
+            rel = self.watches.forget(wd)
             if rel == "":
                 log.error("%s disappeared; waiting for it to come back", self.img_dir)
                 self._mark("")
             return
-        base = self.wds.get(wd)
+        base = self.watches.wds.get(wd)
         if base is None:
             return
         if mask & (flags.DELETE_SELF | flags.MOVE_SELF):
@@ -349,21 +176,20 @@ class Watcher:
             return
         if not name or is_ignored_name(name):
             return
-        rel = _join(base, name)
+        rel = rel_join(base, name)
         if mask & flags.ISDIR:
-            if not fits_layout(_depth(rel), name):
+            if not fits_layout(rel_depth(rel), name):
                 return  # nothing that does not fit the layout is published: no watch either
             if mask & (flags.CREATE | flags.MOVED_TO):
-                self._watch_tree(rel, evict=True)
+                self.watches.watch_tree(rel, evict=True)
             elif mask & flags.MOVED_FROM:
                 self._drop_tree(rel)
             self._mark(rel)
             return
-        if _depth(base) != VERSION_DEPTH:
+        if rel_depth(base) != VERSION_DEPTH:
             log.debug("ignoring %r: not inside a version directory", rel)
             return
-        if base in self.version_watches:
-            self.version_watches.move_to_end(base)
+        self.watches.touched(base)
         path = os.path.join(self.img_dir, rel)
         if mask & (flags.CREATE | flags.MODIFY) and classify(name) is None:
             self._mark(base)  # never published: no need to remember it is being written
@@ -391,8 +217,8 @@ class Watcher:
             times.append(min(self.last_event + self.quiet, self.first_event + self.max_delay))
         if self.retry_at is not None:
             times.append(self.retry_at)
-        if self.next_rescan is not None:
-            times.append(self.next_rescan)
+        if self.watches.next_rescan is not None:
+            times.append(self.watches.next_rescan)
         if not times:
             return None
         return max(0.0, min(times) - now)
@@ -439,13 +265,12 @@ class Watcher:
             self.last_event = now
 
     def _process(self) -> None:
-        if self.next_rescan is not None and time.monotonic() >= self.next_rescan:
-            self.next_rescan = time.monotonic() + self.rescan_interval
-            self._watch_tree("")  # room may have freed up
+        if self.watches.rescan_due():
+            self.watches.watch_tree("")  # room may have freed up
             self.dirty.add("")
         prefixes, self.dirty = self.dirty, set()
         self.collect_due = False
-        if "" in prefixes and "" not in self.watched and os.path.isdir(self.img_dir):
+        if "" in prefixes and "" not in self.watches.watched and os.path.isdir(self.img_dir):
             self._rewatch_all()
         try:
             self.pipeline.refresh(prefixes, self.budget)
@@ -519,8 +344,8 @@ class Watcher:
             if self.pid_file:
                 write_pid_file(self.pid_file)
             os.makedirs(self.img_dir, exist_ok=True)
-            self._watch_tree("")
-            log.info("watching %s (%d directories)", self.img_dir, len(self.wds))
+            self.watches.watch_tree("")
+            log.info("watching %s (%d directories)", self.img_dir, len(self.watches.wds))
             try:
                 # at start, everything is hashed before the first publish (without the lock):
                 # a lost hash cache must not publish a shrunken catalog for a while
@@ -534,7 +359,7 @@ class Watcher:
             self._plan_expiry()
             _settle_heap()
             poller = select.poll()
-            poller.register(self.inotify.fileno(), select.POLLIN)
+            poller.register(self.watches.inotify.fileno(), select.POLLIN)
             poller.register(self._wake_r, select.POLLIN)
             while not self.stopping:
                 wait = self._wait()
@@ -547,7 +372,7 @@ class Watcher:
                             os.read(self._wake_r, 4096)
                 if self._stop_requested():
                     break
-                for event in self.inotify.read(timeout=0):
+                for event in self.watches.inotify.read(timeout=0):
                     self.handle(event.wd, event.mask, event.name)
                 if self.pipeline.has_news():
                     self._results_ready()
@@ -569,7 +394,7 @@ class Watcher:
             if self.pid_file:
                 with contextlib.suppress(OSError):
                     os.unlink(self.pid_file)
-            self.inotify.close()
+            self.watches.close()
             os.close(self._wake_r)
             os.close(self._wake_w)
 

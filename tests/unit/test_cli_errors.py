@@ -33,7 +33,7 @@ def test_a_mapped_error_becomes_its_exit_code_with_its_message() -> None:
 
 
 def test_a_usage_error_exits_2() -> None:
-    from lxd_image_server.importer import NamingError
+    from lxd_image_server.import_errors import NamingError
 
     @handle_errors
     def failing() -> None:

@@ -9,7 +9,8 @@ import json
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lxd_image_server.importer import ImportFailed, parse_yaml
+from lxd_image_server.import_detect import parse_yaml
+from lxd_image_server.import_errors import ImportFailed
 from lxd_image_server.layout import (
     LayoutError,
     classify,

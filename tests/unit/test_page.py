@@ -25,6 +25,7 @@ from lxd_image_server.page import (
     STYLE,
     Image,
     catalog_updated,
+    content_security_policy,
     human_size,
     render_page,
     serial_time,
@@ -362,6 +363,26 @@ def test_csp_allows_exactly_the_inline_script_and_style() -> None:
                 )
                 assert not attrs[key].startswith("//")
     assert "@import" not in STYLE and "url(" not in STYLE
+
+
+def test_the_assets_are_the_package_files_and_shipped() -> None:
+    """The page's CSS and JS are the files of page_assets/, hashed as they are on disk, and
+    setup.py's package_data names each of them (so the wheel and the .deb carry them)."""
+    top = Path(__file__).resolve().parents[2]
+    assets = top / "lxd_image_server" / "page_assets"
+    files = sorted(p.name for p in assets.iterdir() if p.is_file())
+    assert files == ["page.css", "page.js"]
+    assert STYLE.encode() == (assets / "page.css").read_bytes()
+    assert SCRIPT.encode() == (assets / "page.js").read_bytes()
+    policy = content_security_policy()
+    for name in files:
+        digest = base64.b64encode(hashlib.sha256((assets / name).read_bytes()).digest())
+        assert f"'sha256-{digest.decode()}'" in policy
+    setup = (top / "setup.py").read_text()
+    shipped = re.search(r'package_data=\{"lxd_image_server": \[([^\]]*)\]', setup)
+    assert shipped is not None
+    for name in files:
+        assert f'"page_assets/{name}"' in shipped.group(1)
 
 
 def test_output_is_deterministic() -> None:

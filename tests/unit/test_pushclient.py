@@ -21,7 +21,8 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 import pytest
 
 from lxd_image_server import tls
-from lxd_image_server.importer import Naming, plan_import
+from lxd_image_server.import_detect import plan_import
+from lxd_image_server.import_naming import Naming
 from lxd_image_server.progress import Progress, ProgressStart
 from lxd_image_server.pushclient import (
     Client,
