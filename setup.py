@@ -13,7 +13,10 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.11",
     packages=find_packages(include=["lxd_image_server", "lxd_image_server.*"]),
-    package_data={"lxd_image_server": ["py.typed", "page_assets/page.css", "page_assets/page.js"]},
+    package_data={
+        "lxd_image_server": ["py.typed"],
+        "lxd_image_server.catalog": ["page_assets/page.css", "page_assets/page.js"],
+    },
     install_requires=[
         "click>=8.1",
         "inotify_simple>=1.3",

@@ -81,7 +81,7 @@ from common import (
     write_random,
 )
 
-from lxd_image_server.nginx import SiteSettings
+from lxd_image_server.service.nginx import SiteSettings
 
 TARGET = 0.85
 USER = "bench"

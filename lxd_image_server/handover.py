@@ -28,7 +28,7 @@ import secrets
 import time
 from dataclasses import dataclass
 
-from .fsutil import (
+from lxd_image_server.fsutil import (
     NotRegularFile,
     TooLarge,
     load_json_bounded,

@@ -21,7 +21,7 @@ import os
 import re
 import secrets
 
-from .fsutil import fsync_dir, write_atomic
+from lxd_image_server.fsutil import fsync_dir, write_atomic
 
 log = logging.getLogger(__name__)
 

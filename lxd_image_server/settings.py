@@ -15,8 +15,13 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from .config import DEFAULT_MIRROR_USER, DEFAULT_ROOT, DEFAULT_STATE_DIR, ConfigError
-from .retention_policy import KeepRule, PolicyError, RetentionPolicy
+from lxd_image_server.config import (
+    DEFAULT_MIRROR_USER,
+    DEFAULT_ROOT,
+    DEFAULT_STATE_DIR,
+    ConfigError,
+)
+from lxd_image_server.retention_policy import KeepRule, PolicyError, RetentionPolicy
 
 SYSTEM_DIR = "/etc/lxd-image-server"
 ENV_CONFIG = "LXD_IMAGE_SERVER_CONFIG"

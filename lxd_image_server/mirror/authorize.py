@@ -22,8 +22,8 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from ..config import DEFAULT_MIRROR_USER
-from ..fsutil import can_traverse, open_dir
+from lxd_image_server.config import DEFAULT_MIRROR_USER
+from lxd_image_server.fsutil import can_traverse, open_dir
 
 log = logging.getLogger(__name__)
 

@@ -28,7 +28,8 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..fsutil import (
+from lxd_image_server.catalog.page import PAGE_NAME
+from lxd_image_server.fsutil import (
     NotRegularFile,
     TooLarge,
     load_json_bounded,
@@ -36,7 +37,6 @@ from ..fsutil import (
     open_regular,
     read_bounded,
 )
-from ..page import PAGE_NAME
 
 log = logging.getLogger(__name__)
 

@@ -15,11 +15,11 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from ..config import StateDir
-from ..fsutil import write_atomic
-from ..procs import pid_alive
-from ..settings import MirrorConfig
-from .transport import describe_target
+from lxd_image_server.config import StateDir
+from lxd_image_server.fsutil import write_atomic
+from lxd_image_server.mirror.transport import describe_target
+from lxd_image_server.procs import pid_alive
+from lxd_image_server.settings import MirrorConfig
 
 log = logging.getLogger(__name__)
 

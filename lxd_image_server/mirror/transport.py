@@ -34,10 +34,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from ..config import Paths
-from ..layout import TEMP_SUFFIXES
-from ..settings import MirrorConfig
-from .sendlist import (
+from lxd_image_server.config import Paths
+from lxd_image_server.mirror.sendlist import (
     CatalogError,
     Listing,
     copy_catalog,
@@ -46,6 +44,8 @@ from .sendlist import (
     list_catalog,
     make_keep_tree,
 )
+from lxd_image_server.settings import MirrorConfig
+from lxd_image_server.tree.layout import TEMP_SUFFIXES
 
 log = logging.getLogger(__name__)
 

@@ -16,10 +16,17 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 
-from ..config import Paths
-from ..settings import MirrorConfig
-from .state import MirrorStatus, utc_stamp, write_state
-from .transport import PushCancelled, Pusher, PushError, RsyncPusher, Source, describe_target
+from lxd_image_server.config import Paths
+from lxd_image_server.mirror.state import MirrorStatus, utc_stamp, write_state
+from lxd_image_server.mirror.transport import (
+    PushCancelled,
+    Pusher,
+    PushError,
+    RsyncPusher,
+    Source,
+    describe_target,
+)
+from lxd_image_server.settings import MirrorConfig
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from lxd_image_server.publish import PublishError, publish
+from lxd_image_server.catalog.publish import PublishError, publish
 
 from ..unit.test_publish import PRODUCTS, T1, T2
 from ..unit.test_upload import META, ROOTFS, Tree, _snapshot, call, form

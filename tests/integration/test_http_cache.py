@@ -31,7 +31,7 @@ from pathlib import Path
 
 import pytest
 
-from lxd_image_server import nginx
+from lxd_image_server.service import nginx
 
 from .servers import Pki, free_port, make_pki
 

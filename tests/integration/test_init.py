@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from lxd_image_server import htpasswd, nginx
+from lxd_image_server import htpasswd
+from lxd_image_server.service import nginx
 
 BIN = Path(sys.executable).parent / "lxd-image-server"
 

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pytest
 
-from lxd_image_server import nginx
+from lxd_image_server.service import nginx
 
 from .cdp import Cdp, CdpError, Chromium, Tab
 from .servers import Pki, free_port, make_pki

@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from lxd_image_server.page import SCRIPT
+from lxd_image_server.catalog.page import SCRIPT
 
 from .cdp import Cdp, Chromium, Tab
 from .servers import REPO, Nginx, free_port, make_pki, run

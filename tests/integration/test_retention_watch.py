@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from lxd_image_server.retention import load
+from lxd_image_server.catalog.retention import load
 
 from .servers import Pki, free_port, make_pki
 from .test_http_cache import Served, start, stop

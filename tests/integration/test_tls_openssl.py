@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 
-from lxd_image_server.tls import CertResult, describe, ensure_certificate
+from lxd_image_server.service.tls import CertResult, describe, ensure_certificate
 
 from ..unit.test_tls import NAMES
 

@@ -3,7 +3,7 @@
 Uses the seeds' commands (`-u u:p "-Fupload=@file;filename=<path>"`, `-T file`), a chunked PUT
 from stdin, ~300 MB uploads while the worker's memory is watched in /proc, and a curl killed
 in the middle of its body. gunicorn runs with the settings the package and `run` use
-(-c python:lxd_image_server.gunicorn_conf). Attacks straight on the socket (issue 9): no or
+(-c python:lxd_image_server.web.gunicorn_conf). Attacks straight on the socket (issue 9): no or
 wrong credentials, 66 MB of refused multipart parts, more stalled clients than threads.
 """
 
@@ -38,7 +38,7 @@ BIG_SIZE = 300 * MiB
 MEMORY_BOUND = 32 * MiB
 DEADLINE = 60.0
 USER, PASSWORD = "u", "p"
-CONFIG = "python:lxd_image_server.gunicorn_conf"
+CONFIG = "python:lxd_image_server.web.gunicorn_conf"
 
 
 def _require_tools() -> None:
@@ -151,7 +151,7 @@ def start_server(workdir: Path) -> Iterator[Callable[..., Server]]:
                 [
                     str(GUNICORN), "-c", CONFIG, "--bind", f"unix:{sock}",
                     "--workers", str(workers), *options,
-                    "lxd_image_server.upload:app_from_env()",
+                    "lxd_image_server.web.upload:app_from_env()",
                 ],
                 env=environ,
                 stdout=logf,
@@ -487,7 +487,7 @@ def test_stalled_clients_do_not_starve_uploads(
 ) -> None:
     """Finding 11: more stalled clients than threads (some silent, some sending a byte now
     and then) hold no thread for long: another upload still gets through."""
-    from lxd_image_server import gunicorn_conf
+    from lxd_image_server.web import gunicorn_conf
 
     server = start_server("--timeout", "300", workers=2, UPLOAD_READ_TIMEOUT="2")
     stalled = gunicorn_conf.workers * gunicorn_conf.threads + 8

@@ -283,14 +283,14 @@ def test_reload_keeps_old_configuration_when_malformed(tmp_path: Path) -> None:
 #: the real watcher, with hashing of any file below a `slow` variant held while GATE exists
 GATED_WATCHER = """
 import os, sys, time
-from lxd_image_server import hashing
+from lxd_image_server.catalog import hashing
 real, gate = hashing.hash_file, os.environ["TEST_HASH_GATE"]
 def gated(f, *args, **kwargs):
     while "/slow/" in f.path and os.path.exists(gate):
         time.sleep(0.05)
     return real(f, *args, **kwargs)
 hashing.hash_file = gated
-from lxd_image_server.cli import main
+from lxd_image_server.cli.root import main
 sys.argv[0] = "lxd-image-server"
 main()
 """

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from lxd_image_server.hashing import Digests, HashCache, HashEngine
+from lxd_image_server.catalog.hashing import Digests, HashCache, HashEngine
 
 SERIAL = "20240101_12:00"
 

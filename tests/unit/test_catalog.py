@@ -7,8 +7,13 @@ from typing import Any
 
 import pytest
 
-from lxd_image_server.catalog import Products, build_products, index_document, serial_sort_key
-from lxd_image_server.scan import Scanner
+from lxd_image_server.catalog.products import (
+    Products,
+    build_products,
+    index_document,
+    serial_sort_key,
+)
+from lxd_image_server.tree.scan import Scanner
 
 from .helpers import blob, digest_once, sha, version_dir, write
 

@@ -9,10 +9,10 @@ import zlib
 
 import pytest
 
-from lxd_image_server import catalog_gzip
-from lxd_image_server.catalog import images_document
-from lxd_image_server.catalog_gzip import GzipCache
-from lxd_image_server.publish import encode
+from lxd_image_server.catalog import gzip_chunks as catalog_gzip
+from lxd_image_server.catalog.gzip_chunks import GzipCache
+from lxd_image_server.catalog.products import images_document
+from lxd_image_server.catalog.publish import encode
 
 
 def document(serials: range, salt: str = "") -> bytes:

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from lxd_image_server.catalog_json import Encoded, encode
+from lxd_image_server.catalog.encode import Encoded, encode
 
 STRINGS = [
     "",

@@ -9,8 +9,8 @@ from pathlib import Path
 import click
 import pytest
 
-from lxd_image_server import cli_common
-from lxd_image_server.cli_common import EXIT_CODES, FAILED, USAGE, error_class, handle_errors
+from lxd_image_server.cli import common as cli_common
+from lxd_image_server.cli.common import EXIT_CODES, FAILED, USAGE, error_class, handle_errors
 from lxd_image_server.config import ServiceError
 
 PACKAGE = Path(cli_common.__file__).parent
@@ -33,7 +33,7 @@ def test_a_mapped_error_becomes_its_exit_code_with_its_message() -> None:
 
 
 def test_a_usage_error_exits_2() -> None:
-    from lxd_image_server.import_errors import NamingError
+    from lxd_image_server.ops.import_errors import NamingError
 
     @handle_errors
     def failing() -> None:
@@ -65,7 +65,7 @@ def commands(path: Path) -> list[tuple[str, list[str]]]:
 
 
 def test_every_command_goes_through_the_map() -> None:
-    cli_modules = sorted(PACKAGE.glob("cli*.py"))
+    cli_modules = sorted(PACKAGE.glob("*.py"))
     found = [(p.name, fn, names) for p in cli_modules for fn, names in commands(p)]
     assert len(found) >= 14, found
     missing = [f"{mod}:{fn}" for mod, fn, names in found if "handle_errors" not in names]

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner, Result
 
-from lxd_image_server.cli import main
-from lxd_image_server.pushclient import PASSWORD_ENV
+from lxd_image_server.cli.root import main
+from lxd_image_server.ops.pushclient import PASSWORD_ENV
 
 from .test_importer import CREATED, VERSION, metadata_yaml, split_export, unified_export
 

@@ -14,9 +14,9 @@ from typing import Any
 
 import pytest
 
+from lxd_image_server.catalog.hashing import HashCache
+from lxd_image_server.catalog.pipeline import Pipeline
 from lxd_image_server.config import Paths
-from lxd_image_server.hashing import HashCache
-from lxd_image_server.pipeline import Pipeline
 
 from .helpers import blob, version_dir, write
 

@@ -12,15 +12,15 @@ from typing import Any
 
 import pytest
 
-from lxd_image_server import deltagen, deltas, retention
-from lxd_image_server.catalog import Products, build_products
+from lxd_image_server.catalog import deltagen, deltas, retention
+from lxd_image_server.catalog.deltawork import FOREGROUND, DeltaConfig, DeltaService
+from lxd_image_server.catalog.hashing import HashCache
+from lxd_image_server.catalog.pipeline import Pipeline
+from lxd_image_server.catalog.products import Products, build_products
 from lxd_image_server.config import Paths
-from lxd_image_server.deltawork import FOREGROUND, DeltaConfig, DeltaService
-from lxd_image_server.hashing import HashCache
-from lxd_image_server.layout import Role, classify, delta_name
-from lxd_image_server.pipeline import Pipeline
-from lxd_image_server.pruning import prune
-from lxd_image_server.scan import Scanner
+from lxd_image_server.ops.pruning import prune
+from lxd_image_server.tree.layout import Role, classify, delta_name
+from lxd_image_server.tree.scan import Scanner
 
 from .helpers import blob, digest_once, sha, version_dir, write
 

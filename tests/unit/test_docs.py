@@ -5,7 +5,7 @@ from pathlib import Path
 import click
 import pytest
 
-from lxd_image_server.cli import main
+from lxd_image_server.cli.root import main
 
 TOP = Path(__file__).resolve().parents[2]
 

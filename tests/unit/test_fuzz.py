@@ -9,16 +9,16 @@ import json
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lxd_image_server.import_detect import parse_yaml
-from lxd_image_server.import_errors import ImportFailed
-from lxd_image_server.layout import (
+from lxd_image_server.ops.import_detect import parse_yaml
+from lxd_image_server.ops.import_errors import ImportFailed
+from lxd_image_server.tree.layout import (
     LayoutError,
     classify,
     parse_file_path,
     parse_version_dir,
     valid_serial,
 )
-from lxd_image_server.overrides import NO_OVERRIDES, Overrides, parse_overrides
+from lxd_image_server.tree.overrides import NO_OVERRIDES, Overrides, parse_overrides
 
 FUZZ = settings(
     max_examples=300,

@@ -20,10 +20,10 @@ from pathlib import Path
 
 import pytest
 
-from lxd_image_server import catalog_json
+from lxd_image_server.catalog import encode as catalog_json
+from lxd_image_server.catalog.hashing import HashCache
+from lxd_image_server.catalog.pipeline import Pipeline
 from lxd_image_server.config import Paths
-from lxd_image_server.hashing import HashCache
-from lxd_image_server.pipeline import Pipeline
 
 from .helpers import blob, version_dir, write
 

@@ -6,12 +6,12 @@ from __future__ import annotations
 import shlex
 from pathlib import Path
 
-from lxd_image_server import gunicorn_conf
 from lxd_image_server.config import Paths
-from lxd_image_server.run import STOP_TIMEOUT, RunOptions, _commands
+from lxd_image_server.service.run import STOP_TIMEOUT, RunOptions, _commands
+from lxd_image_server.web import gunicorn_conf
 
 UNIT = Path(__file__).parents[2] / "systemd" / "lxd-image-server-upload.service"
-CONFIG = ["-c", "python:lxd_image_server.gunicorn_conf"]
+CONFIG = ["-c", "python:lxd_image_server.web.gunicorn_conf"]
 #: Settings that belong in gunicorn_conf only.
 OWNED = (
     *("--workers", "-w", "--threads", "--worker-class", "-k", "--timeout", "-t"),
@@ -35,7 +35,7 @@ def test_unit_and_run_use_the_config_module(tmp_path: Path) -> None:
         assert argv[1:3] == ["-m", "gunicorn"], argv
         assert argv[3:5] == CONFIG, argv
         assert not set(argv) & set(OWNED), argv
-        assert argv[-1] == "lxd_image_server.upload:app_from_env()"
+        assert argv[-1] == "lxd_image_server.web.upload:app_from_env()"
 
 
 def test_settings() -> None:

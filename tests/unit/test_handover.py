@@ -15,12 +15,14 @@ from typing import Any
 
 import pytest
 
-from lxd_image_server import handover, hashing, upload_seal
+from lxd_image_server import handover
+from lxd_image_server.catalog import hashing
+from lxd_image_server.catalog.hashing import HashCache
+from lxd_image_server.catalog.pipeline import Pipeline
 from lxd_image_server.config import Paths
-from lxd_image_server.hashing import HashCache
-from lxd_image_server.pipeline import Pipeline
-from lxd_image_server.scan import FileStat
-from lxd_image_server.upload import UploadSettings, make_app
+from lxd_image_server.tree.scan import FileStat
+from lxd_image_server.web import upload_seal
+from lxd_image_server.web.upload import UploadSettings, make_app
 
 from .test_upload import call
 

@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 
+from lxd_image_server.catalog.hashing import FileChanged, HashCache, HashEngine, hash_file
 from lxd_image_server.fsutil import CHUNK_SIZE as CHUNK
-from lxd_image_server.hashing import FileChanged, HashCache, HashEngine, hash_file
-from lxd_image_server.scan import ScannedVersion, Scanner
+from lxd_image_server.tree.scan import ScannedVersion, Scanner
 
 from .helpers import blob, digest_once, sha, version_dir, write
 

@@ -16,14 +16,14 @@ from typing import Literal
 
 import pytest
 
-from lxd_image_server.hashing import HashCache, HashEngine
-from lxd_image_server.import_detect import inspect_tarball, parse_yaml, plan_import
-from lxd_image_server.import_errors import ImportFailed, NamingError, VersionExists
-from lxd_image_server.import_naming import Naming, serial_from_timestamp, tree_arch
-from lxd_image_server.import_place import place, seed_cache
-from lxd_image_server.layout import Role
+from lxd_image_server.catalog.hashing import HashCache, HashEngine
+from lxd_image_server.ops.import_detect import inspect_tarball, parse_yaml, plan_import
+from lxd_image_server.ops.import_errors import ImportFailed, NamingError, VersionExists
+from lxd_image_server.ops.import_naming import Naming, serial_from_timestamp, tree_arch
+from lxd_image_server.ops.import_place import place, seed_cache
 from lxd_image_server.progress import Progress
-from lxd_image_server.scan import Scanner
+from lxd_image_server.tree.layout import Role
+from lxd_image_server.tree.scan import Scanner
 
 from .helpers import blob, sha
 
@@ -228,7 +228,7 @@ def test_nested_metadata_yaml_in_a_tarball_is_one_import_error(tmp_path: Path) -
 
 
 def test_tarball_with_too_many_entries_is_refused(tmp_path: Path, monkeypatch) -> None:
-    import lxd_image_server.import_detect as import_detect
+    import lxd_image_server.ops.import_detect as import_detect
 
     monkeypatch.setattr(import_detect, "MAX_MEMBERS", 50)
     path = tmp_path / "u.tar.gz"

@@ -1,6 +1,6 @@
 import pytest
 
-from lxd_image_server.layout import (
+from lxd_image_server.tree.layout import (
     LayoutError,
     Role,
     classify,
@@ -188,7 +188,7 @@ def test_unified_tarball_name_too_long_not_published():
 
 
 def test_fixed_file_names_are_valid_names_so_classify_may_look_them_up_first():
-    from lxd_image_server.layout import _ROLES
+    from lxd_image_server.tree.layout import _ROLES
 
     for name in _ROLES:
         assert valid_name(name) and not is_ignored_name(name), name

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from lxd_image_server.config import Paths
-from lxd_image_server.listing import CatalogMissing, ImageRow, image_rows, read_catalog, render
+from lxd_image_server.ops.listing import CatalogMissing, ImageRow, image_rows, read_catalog, render
 
 from .helpers import sha
 from .test_verify import tree  # noqa: F401  (the fixture)

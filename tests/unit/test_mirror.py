@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from lxd_image_server.cli import main
+from lxd_image_server.cli.root import main
 from lxd_image_server.config import Paths
 from lxd_image_server.mirror.authorize import (
     AuthorizeError,
@@ -503,7 +503,7 @@ def test_merge_authorized_keys_is_idempotent_and_updates_options():
 
 
 def test_push_user_default_is_the_same_everywhere():
-    from lxd_image_server.cli_mirror import authorize_command
+    from lxd_image_server.cli.mirror import authorize_command
 
     option = next(p for p in authorize_command.params if p.name == "user")
     # the name the README and the man page give

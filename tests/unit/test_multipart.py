@@ -6,7 +6,7 @@ from collections.abc import Callable, Iterable
 
 import pytest
 
-from lxd_image_server.multipart import (
+from lxd_image_server.web.multipart import (
     MAX_HEADER_BYTES,
     MultipartError,
     MultipartReader,

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from lxd_image_server import nginx, page
-from lxd_image_server.nginx import (
+from lxd_image_server.catalog import page
+from lxd_image_server.service import nginx
+from lxd_image_server.service.nginx import (
     PAGE_CSP,
     STRICT_CSP,
     NginxError,

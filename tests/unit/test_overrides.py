@@ -1,6 +1,6 @@
 import pytest
 
-from lxd_image_server.overrides import NO_OVERRIDES, parse_overrides
+from lxd_image_server.tree.overrides import NO_OVERRIDES, parse_overrides
 
 MAX_OVERRIDES_BYTES = 64 * 1024
 

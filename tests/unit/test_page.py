@@ -14,10 +14,8 @@ from typing import Any
 
 import pytest
 
-from lxd_image_server.config import Paths
-from lxd_image_server.hashing import HashCache
-from lxd_image_server.nginx import SiteSettings, render_locations
-from lxd_image_server.page import (
+from lxd_image_server.catalog.hashing import HashCache
+from lxd_image_server.catalog.page import (
     OLDER_VERSIONS,
     OPEN_VERSIONS,
     PAGE_PATH,
@@ -32,8 +30,10 @@ from lxd_image_server.page import (
     version_images,
     write_page,
 )
-from lxd_image_server.pipeline import Pipeline
-from lxd_image_server.publish import publish
+from lxd_image_server.catalog.pipeline import Pipeline
+from lxd_image_server.catalog.publish import publish
+from lxd_image_server.config import Paths
+from lxd_image_server.service.nginx import SiteSettings, render_locations
 
 from .helpers import blob, sha, version_dir, write
 
@@ -369,7 +369,7 @@ def test_the_assets_are_the_package_files_and_shipped() -> None:
     """The page's CSS and JS are the files of page_assets/, hashed as they are on disk, and
     setup.py's package_data names each of them (so the wheel and the .deb carry them)."""
     top = Path(__file__).resolve().parents[2]
-    assets = top / "lxd_image_server" / "page_assets"
+    assets = top / "lxd_image_server" / "catalog" / "page_assets"
     files = sorted(p.name for p in assets.iterdir() if p.is_file())
     assert files == ["page.css", "page.js"]
     assert STYLE.encode() == (assets / "page.css").read_bytes()
@@ -379,7 +379,7 @@ def test_the_assets_are_the_package_files_and_shipped() -> None:
         digest = base64.b64encode(hashlib.sha256((assets / name).read_bytes()).digest())
         assert f"'sha256-{digest.decode()}'" in policy
     setup = (top / "setup.py").read_text()
-    shipped = re.search(r'package_data=\{"lxd_image_server": \[([^\]]*)\]', setup)
+    shipped = re.search(r'"lxd_image_server\.catalog": \[([^\]]*)\]', setup)
     assert shipped is not None
     for name in files:
         assert f'"page_assets/{name}"' in shipped.group(1)

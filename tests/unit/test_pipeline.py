@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from lxd_image_server import hashing
+from lxd_image_server.catalog import hashing
+from lxd_image_server.catalog.hashing import Digests, HashCache, HashEngine
+from lxd_image_server.catalog.pipeline import Pipeline
 from lxd_image_server.config import Paths
-from lxd_image_server.hashing import Digests, HashCache, HashEngine
-from lxd_image_server.pipeline import Pipeline
-from lxd_image_server.scan import FileStat, ScannedVersion
+from lxd_image_server.tree.scan import FileStat, ScannedVersion
 
 from .helpers import blob, version_dir, write
 

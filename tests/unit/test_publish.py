@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from lxd_image_server.catalog import UPDATED_FORMAT
-from lxd_image_server.publish import PublishError, catalog_lock, publish
+from lxd_image_server.catalog.products import UPDATED_FORMAT
+from lxd_image_server.catalog.publish import PublishError, catalog_lock, publish
 
 PRODUCTS = {
     "busybox:1.35:amd64:default": {
@@ -212,7 +212,7 @@ def test_publishing_a_large_catalog_holds_few_copies_of_it(tmp_path):
     bytes copies of it: the peak stays below three times the document."""
     import tracemalloc
 
-    from lxd_image_server.catalog_json import Encoded
+    from lxd_image_server.catalog.encode import Encoded
 
     def products(n: int) -> dict[str, Any]:
         out: dict[str, Any] = {}

@@ -20,11 +20,9 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import pytest
 
-from lxd_image_server import tls
-from lxd_image_server.import_detect import plan_import
-from lxd_image_server.import_naming import Naming
-from lxd_image_server.progress import Progress, ProgressStart
-from lxd_image_server.pushclient import (
+from lxd_image_server.ops.import_detect import plan_import
+from lxd_image_server.ops.import_naming import Naming
+from lxd_image_server.ops.pushclient import (
     Client,
     PushError,
     Remote,
@@ -33,7 +31,9 @@ from lxd_image_server.pushclient import (
     read_password_file,
     uploads,
 )
-from lxd_image_server.upload import UploadSettings, make_app
+from lxd_image_server.progress import Progress, ProgressStart
+from lxd_image_server.service import tls
+from lxd_image_server.web.upload import UploadSettings, make_app
 
 from .helpers import sha
 from .test_importer import VERSION, split_export, unified_export

@@ -11,12 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from lxd_image_server.catalog import Products
-from lxd_image_server.config import Paths
-from lxd_image_server.hashing import HashCache
-from lxd_image_server.pipeline import Pipeline
-from lxd_image_server.pruning import prune, remove
-from lxd_image_server.retention import (
+from lxd_image_server.catalog.hashing import HashCache
+from lxd_image_server.catalog.pipeline import Pipeline
+from lxd_image_server.catalog.products import Products
+from lxd_image_server.catalog.retention import (
     PendingVersions,
     RetentionError,
     delete_expired,
@@ -26,6 +24,8 @@ from lxd_image_server.retention import (
     state_path,
     unschedule,
 )
+from lxd_image_server.config import Paths
+from lxd_image_server.ops.pruning import prune, remove
 
 from .helpers import blob, version_dir, write
 

@@ -11,11 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from lxd_image_server.catalog import Products
-from lxd_image_server.config import Paths
-from lxd_image_server.hashing import HashCache
-from lxd_image_server.pipeline import Pipeline
-from lxd_image_server.retention import (
+from lxd_image_server.catalog.hashing import HashCache
+from lxd_image_server.catalog.pipeline import Pipeline
+from lxd_image_server.catalog.products import Products
+from lxd_image_server.catalog.retention import (
     Retention,
     delete_expired,
     load,
@@ -23,8 +22,9 @@ from lxd_image_server.retention import (
     select_prunable,
     state_path,
 )
+from lxd_image_server.config import Paths
 from lxd_image_server.retention_policy import KeepRule, PolicyError, RetentionPolicy
-from lxd_image_server.scan import ScannedVersion
+from lxd_image_server.tree.scan import ScannedVersion
 
 from .test_retention import HOUR, PRODUCT, add_version, published
 

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from lxd_image_server.config import Paths
-from lxd_image_server.run import (
+from lxd_image_server.service.run import (
     ANONYMOUS_ENV,
     HTPASSWD_ENV,
     RunError,

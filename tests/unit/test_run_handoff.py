@@ -11,10 +11,11 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from lxd_image_server import cli, nginx, run
+from lxd_image_server.cli import root as cli
 from lxd_image_server.config import Paths
+from lxd_image_server.service import nginx, run
 from lxd_image_server.settings import MirrorConfig, Settings
-from lxd_image_server.upload import settings_from_env
+from lxd_image_server.web.upload import settings_from_env
 
 
 @pytest.fixture(autouse=True)

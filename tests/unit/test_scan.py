@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from lxd_image_server.catalog import Products, build_products
-from lxd_image_server.hashing import Digests, HashCache, HashEngine
-from lxd_image_server.retention import select_prunable
-from lxd_image_server.scan import Scanner
+from lxd_image_server.catalog.hashing import Digests, HashCache, HashEngine
+from lxd_image_server.catalog.products import Products, build_products
+from lxd_image_server.catalog.retention import select_prunable
+from lxd_image_server.tree.scan import Scanner
 
 from .helpers import blob, version_dir, write
 

@@ -17,8 +17,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from lxd_image_server import tls
-from lxd_image_server.tls import CertResult, TLSError, describe, ensure_certificate
+from lxd_image_server.service import tls
+from lxd_image_server.service.tls import CertResult, TLSError, describe, ensure_certificate
 
 # Every warning is an error here, CryptographyDeprecationWarning (a UserWarning) included.
 pytestmark = pytest.mark.filterwarnings("error")

@@ -20,7 +20,7 @@ from wsgiref.util import setup_testing_defaults
 
 import pytest
 
-from lxd_image_server.upload import (
+from lxd_image_server.web.upload import (
     MAX_OVERRIDES_SIZE,
     UploadSettings,
     app_from_env,
@@ -723,7 +723,7 @@ def test_missing_image_dir_is_a_server_error(tmp_path: Path) -> None:
 
 
 def test_debug_logs_each_request(tree: Tree, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="lxd_image_server.upload")
+    caplog.set_level(logging.INFO, logger="lxd_image_server.web.upload")
     call(tree.app(debug=True), "PUT", f"/images/{META}", b"12345")
     call(tree.app(debug=True), "GET", "/nowhere")
     lines = [r.getMessage() for r in caplog.records if "->" in r.getMessage()]

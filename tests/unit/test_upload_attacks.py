@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from lxd_image_server import htpasswd
-from lxd_image_server.upload import UploadSettings, make_app
+from lxd_image_server.web.upload import UploadSettings, make_app
 from tests.unit.test_upload import BOUNDARY, META, VERSION, Tree, call, form, tree
 
 __all__ = ["tree"]  # the fixture, imported for pytest

@@ -12,15 +12,15 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lxd_image_server.multipart import (
+from lxd_image_server.web.multipart import (
     MultipartError,
     MultipartReader,
     boundary_from_content_type,
     parse_options_header,
 )
-from lxd_image_server.upload import UploadSettings, make_app
-from lxd_image_server.upload_errors import HTTPError
-from lxd_image_server.upload_paths import check_file_path, check_version_path
+from lxd_image_server.web.upload import UploadSettings, make_app
+from lxd_image_server.web.upload_errors import HTTPError
+from lxd_image_server.web.upload_paths import check_file_path, check_version_path
 from tests.unit.test_upload import VERSION, call
 
 FUZZ = settings(

@@ -9,11 +9,11 @@ from typing import Any
 
 import pytest
 
+from lxd_image_server.catalog.hashing import HashCache
+from lxd_image_server.catalog.pipeline import Pipeline
 from lxd_image_server.config import Paths
-from lxd_image_server.hashing import HashCache
-from lxd_image_server.pipeline import Pipeline
+from lxd_image_server.ops.verify import verify
 from lxd_image_server.progress import Progress
-from lxd_image_server.verify import verify
 
 from .helpers import blob, version_dir, write
 

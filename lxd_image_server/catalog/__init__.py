@@ -1,0 +1,2 @@
+"""Building and writing streams/: hashes, deltas, the catalog, its encoding, publishing, the page,
+retention, the pipeline and the watcher."""

@@ -1,0 +1,310 @@
+"""Making and checking deltas with Debian's xdelta3, bounded in time, memory and output.
+
+Both inputs are an uploader's files. They are opened here below images/ without following a
+link (scan.open_below), checked to be the very files scanned (same identity), and handed to
+xdelta3 as open descriptors (/dev/fd/N and standard input): xdelta3 never opens a path an
+uploader could swap. xdelta3 runs under nice and idle I/O priority, with a source window (-B)
+of the base's size up to MAX_WINDOW (its memory grows with it), a time limit, and its output
+read here: making stops as soon as the delta outgrows `max_ratio` of the root, checking as
+soon as the rebuilt root outgrows the real one. The environment is cleared (xdelta3 takes
+options from $XDELTA).
+
+A delta is made into a hidden temporary file in the version's directory (created with
+O_EXCL|O_NOFOLLOW), checked by rebuilding the root from it and comparing the sha256, then
+linked to its name (never replacing a file an uploader put there meanwhile).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import secrets
+import shutil
+import subprocess
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import IO
+
+from lxd_image_server.catalog.deltas import FAILED, OK, TOO_BIG, WRONG, Job, Record, ident
+from lxd_image_server.fsutil import CHUNK_SIZE, open_dir
+from lxd_image_server.tree.scan import FileStat, open_below
+
+log = logging.getLogger(__name__)
+
+#: largest xdelta3 source window: its memory use grows with it (a base larger than this is
+#: still diffed, with matches found only within this distance)
+MAX_WINDOW = 1 << 30
+MIN_WINDOW = 16 << 20
+TMP_PREFIX = ".vcdiff-"
+_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"}
+
+
+@dataclass(frozen=True)
+class Limits:
+    #: a delta larger than this fraction of the root it rebuilds is not kept
+    max_ratio: float = 0.5
+    #: seconds one xdelta3 run may take
+    timeout: float = 1800.0
+    xdelta3: str = "xdelta3"
+
+
+class _Stop(Exception):
+    """xdelta3's output went over its bound."""
+
+
+class _Changed(Exception):
+    """An input is not (or no longer) the file scanned."""
+
+
+def xdelta3_path(name: str = "xdelta3") -> str | None:
+    return shutil.which(name, path=_ENV["PATH"]) if "/" not in name else name
+
+
+def _wrapped(argv: list[str]) -> list[str]:
+    """`argv` at the lowest CPU priority and the idle I/O class, when nice/ionice exist."""
+    out = argv
+    ionice = shutil.which("ionice", path=_ENV["PATH"])
+    if ionice:
+        out = [ionice, "-c", "3", *out]
+    nice = shutil.which("nice", path=_ENV["PATH"])
+    if nice:
+        out = [nice, "-n", "19", *out]
+    return out
+
+
+def _run(
+    argv: Sequence[str],
+    stdin: int,
+    pass_fds: Sequence[int],
+    sink: Callable[[bytes], None],
+    timeout: float,
+) -> str | None:
+    """Runs `argv`, feeding each chunk of its output to `sink` (which raises _Stop to end it).
+    Returns None on success, else why it failed."""
+    os.lseek(stdin, 0, os.SEEK_SET)
+    proc = subprocess.Popen(
+        _wrapped(list(argv)),
+        stdin=stdin,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        pass_fds=tuple(pass_fds),
+        env=_ENV,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    fired: list[bool] = []
+    errors: list[bytes] = []
+
+    def expire() -> None:
+        fired.append(True)
+        proc.kill()
+
+    def drain(stream: IO[bytes]) -> None:
+        errors.append(stream.read(16 << 10))
+        while stream.read(64 << 10):
+            pass
+
+    timer = threading.Timer(timeout, expire)
+    reader = threading.Thread(target=drain, args=(proc.stderr,), daemon=True)
+    timer.start()
+    reader.start()
+    try:
+        while chunk := proc.stdout.read(CHUNK_SIZE):
+            sink(chunk)
+    except BaseException:
+        proc.kill()
+        raise
+    finally:
+        timer.cancel()
+        proc.stdout.close()
+        rc = proc.wait()
+        reader.join()
+        proc.stderr.close()
+    if fired:
+        return f"timed out after {timeout:.0f} s"
+    if rc != 0:
+        lines = b"".join(errors).decode("utf-8", "replace").strip().splitlines()
+        return f"xdelta3 exited {rc}: {lines[-1][:200] if lines else 'no message'}"
+    return None
+
+
+def _open_checked(f: FileStat) -> int:
+    try:
+        fd = open_below(f.base, f.rel)
+    except OSError as e:
+        raise _Changed(f"{f.path}: cannot open it ({e.strerror or e})") from e
+    if _identity(fd) != f.identity[1:]:
+        os.close(fd)
+        raise _Changed(f"{f.path} changed since it was scanned")
+    return fd
+
+
+def _identity(fd: int) -> tuple[int, int, int, int, int]:
+    st = os.fstat(fd)
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def _open_dir_below(base: str, rel: str) -> int:
+    fd = os.open(base, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for name in rel.split("/"):
+            sub = open_dir(name, dir_fd=fd)
+            os.close(fd)
+            fd = sub
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _window(size: int) -> int:
+    return max(MIN_WINDOW, min(MAX_WINDOW, size))
+
+
+def _check(xdelta3: str, base_fd: int, delta_fd: int, job: Job, timeout: float) -> str | None:
+    """None when the delta rebuilds the target root (by sha256), else why not."""
+    h = hashlib.sha256()
+    total = 0
+    limit = job.target_root.size
+
+    def sink(chunk: bytes) -> None:
+        nonlocal total
+        total += len(chunk)
+        if total > limit:
+            raise _Stop()
+        h.update(chunk)
+
+    argv = [
+        xdelta3, "-d", "-c", "-B", str(_window(job.base_root.size)),
+        "-s", f"/dev/fd/{base_fd}",
+    ]  # fmt: skip
+    try:
+        problem = _run(argv, delta_fd, [base_fd], sink, timeout)
+    except _Stop:
+        return "it rebuilds more bytes than the root has"
+    if problem:
+        return problem
+    if total != limit or h.hexdigest() != job.target_sha256:
+        return "it does not rebuild the root (sha256 differs)"
+    return None
+
+
+def check(job: Job, limits: Limits) -> Record:
+    """Checks the delta `job.delta` (an uploader's, or ours from before): does it turn the
+    base's root into the target's root?"""
+    assert job.delta is not None
+    rec = Record(WRONG, ident(job.base_root), ident(job.target_root), ident(job.delta))
+    fds: list[int] = []
+    try:
+        try:
+            for f in (job.base_root, job.target_root, job.delta):
+                fds.append(_open_checked(f))
+        except _Changed as e:
+            return Record(FAILED, rec.base, rec.target, rec.delta, detail=str(e))
+        problem = _check(limits.xdelta3, fds[0], fds[2], job, limits.timeout)
+        for fd, f in zip(fds, (job.base_root, job.target_root, job.delta), strict=True):
+            if _identity(fd) != f.identity[1:]:
+                return Record(FAILED, rec.base, rec.target, rec.delta, detail=f"{f.path} changed")
+        if problem:
+            return Record(WRONG, rec.base, rec.target, rec.delta, job.delta.size, problem)
+        return Record(OK, rec.base, rec.target, rec.delta, job.delta.size)
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def _drop_stale(dir_fd: int) -> None:
+    """Temporary files of an earlier run that was stopped (every run holds the deltas lock,
+    so none is being written now)."""
+    with contextlib.suppress(OSError):
+        for name in os.listdir(dir_fd):
+            if name.startswith(TMP_PREFIX) and name.endswith(".tmp"):
+                with contextlib.suppress(OSError):
+                    os.unlink(name, dir_fd=dir_fd)
+
+
+def make(job: Job, limits: Limits, img_dir: str) -> Record:
+    """Makes the delta `job.name` in `job.target_dir`, checks it, and links it into place."""
+    base_id, target_id = ident(job.base_root), ident(job.target_root)
+    limit = int(job.target_root.size * limits.max_ratio)
+    fds: list[int] = []
+    dir_fd = tmp_fd = -1
+    tmp = f"{TMP_PREFIX}{secrets.token_hex(8)}.tmp"
+    try:
+        try:
+            fds = [_open_checked(job.base_root)]
+            fds.append(_open_checked(job.target_root))
+            rel = os.path.relpath(job.target_dir, img_dir)
+            dir_fd = _open_dir_below(img_dir, rel)
+        except (_Changed, OSError) as e:
+            return Record(FAILED, base_id, target_id, detail=str(e))
+        _drop_stale(dir_fd)
+        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        tmp_fd = os.open(tmp, flags, 0o644, dir_fd=dir_fd)
+        written = 0
+
+        def sink(chunk: bytes) -> None:
+            nonlocal written
+            written += len(chunk)
+            if written > limit:
+                raise _Stop()
+            os.write(tmp_fd, chunk)
+
+        argv = [
+            limits.xdelta3, "-e", "-9", "-A", "-c", "-B", str(_window(job.base_root.size)),
+            "-s", f"/dev/fd/{fds[0]}",
+        ]  # fmt: skip
+        try:
+            problem = _run(argv, fds[1], [fds[0]], sink, limits.timeout)
+        except _Stop:
+            return Record(
+                TOO_BIG,
+                base_id,
+                target_id,
+                size=written,
+                detail=f"over {limits.max_ratio:g} of the root ({job.target_root.size} bytes)",
+            )
+        if problem:
+            return Record(FAILED, base_id, target_id, detail=problem)
+        problem = _check(limits.xdelta3, fds[0], tmp_fd, job, limits.timeout)
+        if problem:
+            return Record(FAILED, base_id, target_id, detail=f"made, but {problem}")
+        for fd, f in zip(fds, (job.base_root, job.target_root), strict=True):
+            if _identity(fd) != f.identity[1:]:
+                return Record(FAILED, base_id, target_id, detail=f"{f.path} changed meanwhile")
+        os.fsync(tmp_fd)
+        try:
+            os.link(tmp, job.name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
+        except FileExistsError:
+            return Record(FAILED, base_id, target_id, detail="a file of that name appeared")
+        os.unlink(tmp, dir_fd=dir_fd)
+        tmp = ""
+        with contextlib.suppress(OSError):
+            os.fsync(dir_fd)
+        st = os.fstat(tmp_fd)
+        delta = (job.path, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        return Record(OK, base_id, target_id, ":".join(map(str, delta)), st.st_size)
+    except OSError as e:
+        return Record(FAILED, base_id, target_id, detail=e.strerror or str(e))
+    finally:
+        if tmp and dir_fd >= 0 and tmp_fd >= 0:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp, dir_fd=dir_fd)
+        for fd in (*fds, tmp_fd, dir_fd):
+            if fd >= 0:
+                os.close(fd)
+
+
+def run_job(job: Job, limits: Limits, img_dir: str) -> Record:
+    rec = make(job, limits, img_dir) if job.delta is None else check(job, limits)
+    what = "made" if job.delta is None else "checked"
+    if rec.result == OK:
+        share = 100.0 * rec.size / max(1, job.target_root.size)
+        log.info("%s delta %s (%d bytes, %.1f%% of the root)", what, job.path, rec.size, share)
+    elif rec.result == TOO_BIG:
+        log.info("not keeping delta %s: %s", job.path, rec.detail)
+    else:
+        log.warning("delta %s: %s %s", job.path, rec.result, rec.detail)
+    return rec

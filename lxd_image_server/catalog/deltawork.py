@@ -1,0 +1,185 @@
+"""Deltas for the pipeline: which may be listed now, and making or checking the others, in
+the background (the watcher) or at once (`update`).
+
+After every publish the pipeline hands over the versions it published; the deltas still to be
+made or checked (deltas.plan) run one at a time, each under the deltas lock, and their records
+are written to <state_dir>/deltas.json. The full version is published at once; its deltas
+join the catalog in a later publish, once made, hashed and checked.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from lxd_image_server.catalog import deltas
+from lxd_image_server.catalog.deltagen import Limits, run_job, xdelta3_path
+from lxd_image_server.catalog.hashing import Digests
+from lxd_image_server.tree.scan import ScannedVersion
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DeltaConfig:
+    #: make deltas (deltas an uploader puts in a version are checked and listed either way)
+    enabled: bool = True
+    #: deltas of the newest version, from this many older versions
+    bases: int = 1
+    #: a delta larger than this fraction of its root is not kept
+    max_ratio: float = 0.5
+    #: seconds one xdelta3 run may take
+    timeout: float = 1800.0
+
+
+#: what a DeltaService does with the deltas to make or check: nothing (it only says which
+#: may be listed: the operator commands), run them when asked (`update`), or in a thread of
+#: its own (the watcher)
+LIST_ONLY, FOREGROUND, BACKGROUND = "list", "foreground", "background"
+
+
+class DeltaService:
+    def __init__(
+        self,
+        img_dir: str,
+        state_dir: str,
+        config: DeltaConfig | None = None,
+        mode: str = LIST_ONLY,
+    ) -> None:
+        self.img_dir = os.path.abspath(img_dir)
+        self.state_dir = state_dir
+        self.config = config or DeltaConfig()
+        self.mode = mode
+        self.background = mode == BACKGROUND
+        self.records = deltas.Records(state_dir)
+        #: called (in the worker's thread) after each job, e.g. to wake the watcher
+        self.on_done: Callable[[], None] | None = None
+        self._cond = threading.Condition()
+        self._queue: deque[deltas.Job] = deque()
+        self._queued: set[tuple[str, str, str, str]] = set()
+        self._news = False
+        self._worker: threading.Thread | None = None
+        self._warned = False
+
+    def configure(self, config: DeltaConfig) -> None:
+        self.config = config
+
+    # -- the pipeline's side --------------------------------------------------------------------
+
+    def listable(self, versions: Iterable[ScannedVersion]) -> frozenset[str]:
+        """The delta files among `versions` checked for what they and their roots are now."""
+        return deltas.listable(deltas.candidates(versions), self.records())
+
+    def published(self, versions: Iterable[ScannedVersion], digests: Digests) -> None:
+        """After a publish of `versions`: queues what is to be made or checked."""
+        if self.mode == LIST_ONLY:
+            return
+        xdelta3 = self._xdelta3()
+        if xdelta3 is None:
+            return
+        sha = {p: d for p, d in digests.files.items() if p not in digests.failed}
+        # `update` (in the foreground) tries again what failed; the watcher waits for a change
+        jobs = deltas.plan(
+            versions,
+            sha,
+            self.records(),
+            self.config.bases,
+            self.config.enabled,
+            retry_failed=not self.background,
+        )
+        with self._cond:
+            for job in jobs:
+                if job.key not in self._queued:
+                    self._queued.add(job.key)
+                    self._queue.append(job)
+            if self._queue and self.background and self._worker is None:
+                self._worker = threading.Thread(target=self._work, name="deltas", daemon=True)
+                self._worker.start()
+
+    def run_pending(self) -> int:
+        """Runs the queued jobs here and now (`update`); returns how many changed a record."""
+        done = 0
+        while True:
+            with self._cond:
+                if not self._queue:
+                    return done
+                job = self._queue.popleft()
+                self._queued.discard(job.key)
+            if self._run(job):
+                done += 1
+
+    def take_news(self) -> bool:
+        """True (once) when a job finished since the last call: republish."""
+        with self._cond:
+            news, self._news = self._news, False
+            return news
+
+    def has_news(self) -> bool:
+        with self._cond:
+            return self._news
+
+    def pending(self) -> int:
+        with self._cond:
+            return len(self._queue)
+
+    # -- running --------------------------------------------------------------------------------
+
+    def _xdelta3(self) -> str | None:
+        path = xdelta3_path()
+        if path is None and not self._warned:
+            log.warning(
+                "xdelta3 is not installed: deltas are neither made nor checked, none is listed "
+                "(apt install xdelta3)"
+            )
+            self._warned = True
+        return path
+
+    def _limits(self) -> Limits:
+        return Limits(
+            max_ratio=self.config.max_ratio,
+            timeout=self.config.timeout,
+            xdelta3=self._xdelta3() or "xdelta3",
+        )
+
+    def _run(self, job: deltas.Job) -> bool:
+        with deltas.state_lock(self.state_dir):
+            records = deltas.load(self.state_dir)
+            current = records.get(job.path)
+            if current is not None and (current.base, current.target, current.delta) == (
+                job.key[1],
+                job.key[2],
+                job.key[3],
+            ):
+                return False  # another writer did it meanwhile
+            if job.delta is None and os.path.lexists(job.path):
+                return False  # made (or uploaded) meanwhile: checked on the next pass
+            rec = run_job(job, self._limits(), self.img_dir)
+            records = deltas.load(self.state_dir)
+            records[job.path] = rec
+            records = {p: r for p, r in records.items() if os.path.isdir(os.path.dirname(p))}
+            deltas.save(self.state_dir, records)
+        return True
+
+    def _work(self) -> None:
+        while True:
+            with self._cond:
+                if not self._queue:
+                    self._worker = None
+                    return
+                job = self._queue[0]
+            try:
+                changed = self._run(job)
+            except Exception:
+                log.exception("delta %s failed", job.path)
+                changed = False
+            with self._cond:
+                self._queue.popleft()
+                self._queued.discard(job.key)
+                if changed:
+                    self._news = True
+            if changed and self.on_done is not None:
+                self.on_done()

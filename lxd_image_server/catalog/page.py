@@ -1,0 +1,458 @@
+"""The catalog page: products (as in images.json) -> one static, self-contained index.html.
+
+It lives in <root>/streams/ (streams/index.html), next to the catalog it shows: streams/ is the
+catalog writer's everywhere, while the root itself may belong to root alone (the Debian
+package's root is lxdadm's sftp chroot). nginx serves it at `/` (locations.conf.in), and a
+push carries it to the mirrors with the catalog.
+
+`render_page` is a pure function of its arguments (same input, same bytes): it lists every
+product with its versions and, per version, the images a client sees (one per root
+filesystem, or the unified tarball) with their fingerprints, sizes and ready-to-copy `lxc`
+lines. Every value taken from the catalog goes through `html.escape(quote=True)`.
+
+The page loads nothing from anywhere: CSS and JS (the package files page_assets/page.css and
+page.js) are inline and allowed by their sha256 in a Content-Security-Policy that forbids
+everything else. The remote URL cannot be known when the
+file is written (nginx may be reached under any name), so a tiny script fills it in from
+`window.location.origin`; without JS the page still reads well, with a placeholder URL.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import errno
+import hashlib
+import html
+import logging
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+from lxd_image_server.catalog.products import (
+    CLIENT_META_FTYPES,
+    CLIENT_UNIFIED_FTYPES,
+    serial_sort_key,
+)
+from lxd_image_server.catalog.publish import PublishError, updated_in, write_atomic
+from lxd_image_server.fsutil import TooLarge, read_regular
+from lxd_image_server.tree.layout import COMBINED_FIELDS, VM_FTYPES
+
+log = logging.getLogger(__name__)
+
+PAGE_NAME = "index.html"
+#: Where the page is, relative to the served root.
+PAGE_PATH = f"streams/{PAGE_NAME}"
+DEFAULT_TITLE = "LXD image server"
+#: The remote name the page suggests; not "images", which LXD already defines.
+DEFAULT_REMOTE = "myimages"
+#: Shown where the remote URL goes until the script replaces it with the page's origin.
+URL_PLACEHOLDER = "https://SERVER"
+#: Versions shown open per product; older ones are folded into a <details>.
+OPEN_VERSIONS = 1
+#: Older versions listed in that <details>; beyond them, one line says how many more there
+#: are (`lxc image list` shows them all). The page stays readable, and as cheap to write at
+#: 20,000 versions as at 200.
+OLDER_VERSIONS = 9
+
+CONTAINER = "container"
+VM = "virtual-machine"
+
+
+def esc(value: object) -> str:
+    return html.escape(str(value), quote=True)
+
+
+@dataclass(frozen=True)
+class Image:
+    """One image of a version, as `lxc image list` shows it."""
+
+    #: "container" or "virtual-machine"
+    kind: str
+    #: what the root is: "squashfs", "root.tar.xz", "disk-kvm.img" or "unified"
+    form: str
+    fingerprint: str
+    #: metadata + root (or the unified tarball), what the client downloads; None if unknown
+    size: int | None
+
+
+def _size(*items: Mapping[str, Any]) -> int | None:
+    sizes = [i.get("size") for i in items]
+    if all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in sizes):
+        return sum(s for s in sizes if isinstance(s, int))
+    return None
+
+
+def _by_ftype(items: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
+    """Each ftype's item: the first in key order with that ftype (keys are free, ftype
+    counts)."""
+    by_ftype: dict[str, Mapping[str, Any]] = {}
+    for key in sorted(items):
+        item = items[key]
+        if isinstance(item, dict | Mapping):
+            ftype = item.get("ftype")
+            if isinstance(ftype, str) and ftype not in by_ftype:
+                by_ftype[ftype] = item
+    return by_ftype
+
+
+def _first_item(items: Mapping[str, Any], ftypes: Iterable[str]) -> Mapping[str, Any] | None:
+    """The item whose ftype is the first of `ftypes` present (keys are free, ftype counts)."""
+    by_ftype = _by_ftype(items)
+    return next((by_ftype[f] for f in ftypes if f in by_ftype), None)
+
+
+def version_images(items: Mapping[str, Any]) -> list[Image]:
+    """The images a client builds from one version's items.
+
+    A metadata item with a combined fingerprint for a root present gives one image per root
+    (fingerprint: that combined_* field); a unified tarball gives one image (its sha256).
+    """
+    images: list[Image] = []
+    by_ftype = _by_ftype(items)
+    meta = next((by_ftype[f] for f in CLIENT_META_FTYPES if f in by_ftype), None)
+    if meta is not None:
+        for root_ftype, fields in COMBINED_FIELDS.items():
+            root = by_ftype.get(root_ftype)
+            if root is None:
+                continue
+            fp = next((meta[f] for f in fields if isinstance(meta.get(f), str)), None)
+            if fp is None:
+                continue
+            kind = VM if root_ftype in VM_FTYPES else CONTAINER
+            images.append(Image(kind, root_ftype, fp, _size(meta, root)))
+    unified = next((by_ftype[f] for f in CLIENT_UNIFIED_FTYPES if f in by_ftype), None)
+    if unified is not None and isinstance(unified.get("sha256"), str):
+        images.append(Image(CONTAINER, "unified", unified["sha256"], _size(unified)))
+    return images
+
+
+def serial_time(serial: str) -> dt.datetime | None:
+    """The build time a serial names (YYYYMMDD, then optionally HHMM), or None."""
+    digits = "".join(c for c in serial if c.isdigit())
+    for length, fmt in ((12, "%Y%m%d%H%M"), (8, "%Y%m%d")):
+        if len(digits) >= length:
+            try:
+                return dt.datetime.strptime(digits[:length], fmt)
+            except ValueError:
+                continue
+    return None
+
+
+def human_size(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{n} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def _aliases(product: Mapping[str, Any]) -> list[str]:
+    raw = product.get("aliases", "")
+    parts = raw.split(",") if isinstance(raw, str) else [str(a) for a in raw or ()]
+    return [a.strip() for a in parts if a.strip()]
+
+
+def _text(product: Mapping[str, Any], field: str, default: str = "") -> str:
+    value = product.get(field)
+    return default if value is None else str(value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Inline assets: package files (page_assets/), emitted byte for byte as they are, since their
+# sha256 (of those same bytes) goes into the Content-Security-Policy.
+
+
+def _asset(name: str) -> str:
+    return (
+        (resources.files(__package__ or __name__) / "page_assets" / name)
+        .read_bytes()
+        .decode("utf-8")
+    )
+
+
+STYLE = _asset("page.css")
+SCRIPT = _asset("page.js")
+
+
+def csp_hash(source: str) -> str:
+    digest = hashlib.sha256(source.encode("utf-8")).digest()
+    return "'sha256-" + base64.b64encode(digest).decode("ascii") + "'"
+
+
+def content_security_policy(script: str = SCRIPT, style: str = STYLE) -> str:
+    """Nothing may load from anywhere; only these exact inline script and style may run."""
+    return "; ".join(
+        [
+            "default-src 'none'",
+            f"script-src {csp_hash(script)}",
+            f"style-src {csp_hash(style)}",
+            "img-src data:",
+            "base-uri 'none'",
+            "form-action 'none'",
+        ]
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Rendering
+
+
+def _cmd(code_html: str) -> str:
+    """A command line and its copy button (hidden until the script can make it work)."""
+    return (
+        f'<div class="cmd"><code>{code_html}</code>'
+        '<button type="button" class="copy" hidden>copy</button></div>'
+    )
+
+
+def _launch_line(remote: str, target: str, kind: str) -> str:
+    return f"lxc launch {remote}:{target}" + (" --vm" if kind == VM else "")
+
+
+def _render_image(image: Image, remote: str) -> str:
+    tag = "vm" if image.kind == VM else "ct"
+    label = "VM" if image.kind == VM else "container"
+    if image.size is None:
+        size = '<span class="size">size unknown</span>'
+    else:
+        size = (
+            f'<span class="size">{esc(human_size(image.size))}'
+            f'<span class="exact muted">{image.size:,} bytes</span></span>'
+        )
+    line = _launch_line(remote, image.fingerprint, image.kind)
+    return (
+        f'<li class="image" data-kind="{esc(image.kind)}">'
+        f'<span><span class="tag {tag}">{label}</span> '
+        f'<span class="muted mono">{esc(image.form)}</span></span>'
+        f"{size}"
+        f'<span class="fp"><span class="muted">fingerprint </span>'
+        f"<code>{esc(image.fingerprint)}</code></span>"
+        f'<button type="button" class="copy" hidden data-copy="{esc(line)}" '
+        f'title="{esc(line)}">copy launch</button>'
+        "</li>"
+    )
+
+
+def _render_version(serial: str, images: list[Image], remote: str, newest: bool) -> str:
+    when = serial_time(serial)
+    if when is None:
+        date = '<span class="muted">no date</span>'
+    else:
+        shown = when.strftime("%Y-%m-%d %H:%M") if len(serial) > 8 else when.strftime("%Y-%m-%d")
+        date = f'<time datetime="{esc(when.isoformat(timespec="minutes"))}">{esc(shown)}</time>'
+    rows = "".join(_render_image(i, remote) for i in images)
+    if not rows:
+        rows = '<li class="image muted">no image a client can use</li>'
+    badge = ' <span class="tag">newest</span>' if newest else ""
+    return (
+        f'<div class="version" data-serial="{esc(serial)}">'
+        f'<h3><span class="serial mono">{esc(serial)}</span> '
+        f'<span class="muted">{date}</span>{badge}</h3>'
+        f'<ul class="images">{rows}</ul></div>'
+    )
+
+
+def _product_images(product: Mapping[str, Any]) -> dict[str, list[Image]]:
+    """Serial -> the images of that version, newest first."""
+    raw_versions = product.get("versions")
+    versions: Mapping[str, Any] = raw_versions if isinstance(raw_versions, Mapping) else {}
+    serials = sorted(versions, key=serial_sort_key, reverse=True)
+    return {s: version_images(_items(versions[s])) for s in serials}
+
+
+def _render_product(
+    key: str, product: Mapping[str, Any], per_version: dict[str, list[Image]], remote: str
+) -> str:
+    title = _text(product, "release_title") or _text(product, "release")
+    os_name = _text(product, "os")
+    aliases = _aliases(product)
+    serials = list(per_version)
+    kinds = sorted({i.kind for imgs in per_version.values() for i in imgs})
+
+    facts = [
+        ("OS", os_name),
+        ("release", _text(product, "release")),
+        ("codename", _text(product, "release_codename")),
+        ("architecture", _text(product, "arch")),
+        ("variant", _text(product, "variant")),
+        ("end of support", _text(product, "support_eol")),
+    ]
+    requirements = product.get("requirements")
+    if isinstance(requirements, Mapping) and requirements:
+        facts.append(
+            ("requires", ", ".join(f"{k}={requirements[k]}" for k in sorted(requirements)))
+        )
+    facts_html = "".join(
+        f"<div><dt>{esc(name)}</dt><dd>{esc(value)}</dd></div>" for name, value in facts if value
+    )
+    if aliases:
+        alias_html = "".join(f"<code>{esc(a)}</code>" for a in aliases)
+        aliases_html = f'<p class="aliases"><span class="muted">aliases </span>{alias_html}</p>'
+    else:
+        aliases_html = '<p class="aliases muted">no aliases: launch by fingerprint</p>'
+
+    launches = []
+    for kind in kinds:
+        # the shortest alias is what people type; it names the newest version
+        target = min(aliases, key=len) if aliases else _newest(per_version, serials, kind)
+        if target:
+            launches.append(_cmd(esc(_launch_line(remote, target, kind))))
+
+    shown = [
+        _render_version(s, per_version[s], remote, i == 0)
+        for i, s in enumerate(serials[:OPEN_VERSIONS])
+    ]
+    older = [
+        _render_version(s, per_version[s], remote, False)
+        for s in serials[OPEN_VERSIONS : OPEN_VERSIONS + OLDER_VERSIONS]
+    ]
+    if older:
+        n = len(serials) - OPEN_VERSIONS
+        more = n - len(older)
+        if more:
+            older.append(
+                f'<p class="muted">{more} older version{"s" if more != 1 else ""} not listed '
+                f"here: <code>lxc image list {esc(remote)}:</code> shows every image.</p>"
+            )
+        shown.append(
+            f"<details><summary>{n} older version{'s' if n != 1 else ''}</summary>"
+            + "".join(older)
+            + "</details>"
+        )
+    search = " ".join([key, title, os_name, *aliases]).lower()
+    anchor = "p-" + key
+    prefix = os_name if os_name and os_name.lower() not in title.lower() else ""
+    heading = f"{prefix} {title}".strip()
+    return (
+        f'<section class="product" id="{esc(anchor)}" data-product="{esc(key)}" '
+        f'data-search="{esc(search)}">'
+        f'<h2><a href="#{esc(anchor)}">{esc(heading or key)}</a> '
+        f'<span class="key mono">{esc(key)}</span></h2>'
+        f'<dl class="facts">{facts_html}</dl>'
+        f"{aliases_html}"
+        + "".join(launches)
+        + '<div class="versions">'
+        + "".join(shown)
+        + "</div></section>"
+    )
+
+
+def _items(version: Any) -> Mapping[str, Any]:
+    items = version.get("items") if isinstance(version, Mapping) else None
+    return items if isinstance(items, Mapping) else {}
+
+
+def _newest(per_version: Mapping[str, list[Image]], serials: list[str], kind: str) -> str:
+    for s in serials:
+        for image in per_version[s]:
+            if image.kind == kind:
+                return image.fingerprint
+    return ""
+
+
+def render_page(
+    products: Mapping[str, Mapping[str, Any]],
+    *,
+    updated: str | None = None,
+    title: str = DEFAULT_TITLE,
+    remote_name: str = DEFAULT_REMOTE,
+) -> str:
+    """The whole page. `updated` is the catalog's own timestamp (the only one shown)."""
+    remote = remote_name
+    keys = sorted(products)
+    per_product = {k: _product_images(products[k]) for k in keys}
+    n_versions = sum(len(p) for p in per_product.values())
+    n_images = sum(len(i) for p in per_product.values() for i in p.values())
+    body = "".join(_render_product(k, products[k], per_product[k], remote) for k in keys)
+    if not keys:
+        body = '<p class="empty">No images are published yet.</p>'
+
+    remote_add = (
+        f'lxc remote add {esc(remote)} <span class="origin">{esc(URL_PLACEHOLDER)}</span> '
+        "--protocol simplestreams"
+    )
+    counts = (
+        f"{len(keys)} product{'s' if len(keys) != 1 else ''}, "
+        f"{n_versions} version{'s' if n_versions != 1 else ''}, "
+        f"{n_images} image{'s' if n_images != 1 else ''}"
+    )
+    updated_html = f", catalog updated {esc(updated)}" if updated else ""
+    search = (
+        '<p><input type="search" id="filter" hidden placeholder="Filter: name, alias, arch…" '
+        'aria-label="Filter the images"></p>'
+        if keys
+        else ""
+    )
+    return (
+        "<!DOCTYPE html>\n"
+        '<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
+        f'<meta http-equiv="Content-Security-Policy" content="{esc(content_security_policy())}">\n'
+        '<meta name="referrer" content="no-referrer">\n'
+        '<link rel="icon" href="data:,">\n'
+        f"<title>{esc(title)}</title>\n"
+        f"<style>{STYLE}</style>\n"
+        "</head>\n<body>\n<main>\n"
+        f"<header><h1>{esc(title)}</h1>"
+        f'<p class="summary muted">{counts}{updated_html}</p>'
+        "<p>Add this server as a remote (once per client machine):</p>"
+        f"{_cmd(remote_add)}"
+        '<p class="muted">With Incus, type <code>incus</code> instead of <code>lxc</code>. '
+        "Launch the newest version of an image by its alias, or an exact image by its "
+        "fingerprint.</p>"
+        f"{search}</header>\n"
+        f'<div id="products">{body}</div>\n'
+        # absolute: the same page is served at / and at /streams/index.html
+        '<footer class="muted">Catalog: <a href="/streams/v1/index.json">streams/v1/index.json'
+        '</a>, <a href="/streams/v1/images.json">streams/v1/images.json</a></footer>\n'
+        "</main>\n"
+        f"<script>{SCRIPT}</script>\n"
+        "</body>\n</html>\n"
+    )
+
+
+def catalog_updated(root_dir: str) -> str | None:
+    """The `updated` field of the published images.json, if there is one (read from the
+    file's end: it is 20 MB at 20,000 versions)."""
+    return updated_in(os.path.join(root_dir, "streams", "v1", "images.json"))
+
+
+def page_path(root_dir: str) -> str:
+    """The page's file below the served root `root_dir`."""
+    return os.path.join(root_dir, *PAGE_PATH.split("/"))
+
+
+def write_page(
+    root_dir: str,
+    products: Mapping[str, Mapping[str, Any]],
+    *,
+    updated: str | None = None,
+    title: str = DEFAULT_TITLE,
+    remote_name: str = DEFAULT_REMOTE,
+) -> bool:
+    """Writes <root>/streams/index.html atomically if its content changed (or it is missing).
+
+    `updated` defaults to the published catalog's own. Returns True when written. The caller
+    holds `catalog_lock`, as for the catalog.
+    """
+    if updated is None:
+        updated = catalog_updated(root_dir)
+    data = render_page(products, updated=updated, title=title, remote_name=remote_name).encode()
+    path = page_path(root_dir)
+    try:
+        if read_regular(path, len(data)) == data:
+            return False
+    except (OSError, TooLarge):
+        pass  # missing, not a regular file, or longer: replaced
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        write_atomic(path, data)
+    except OSError as e:
+        reason = "disk full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+        raise PublishError(f"cannot write the catalog page {path}: {reason}") from e
+    log.info("wrote the catalog page %s", path)
+    return True

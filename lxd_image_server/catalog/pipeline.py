@@ -1,0 +1,420 @@
+"""The catalog pipeline: scan -> hash -> catalog -> publish, the one writer of streams/.
+
+`update` runs it over the whole tree; `watch` keeps one instance and re-runs it over the
+directories that changed.
+
+Hashing is the only step whose cost grows with the bytes on disk, and an uploader chooses those
+bytes. So the catalog lock is held only to build and write the catalog, never while hashing:
+- `update_all` (the `update` command, the watcher's start) hashes everything it scanned, then
+  takes the lock. If another writer published meanwhile (it may have seen a newer tree), it
+  scans again under the lock and publishes what the hash cache already covers; anything else is
+  left to that writer, which publishes it once hashed.
+- `refresh` (the watcher) hashes each changed version in the background (hashjobs.py), waits at
+  most `budget` seconds, and publishes the versions whose digests are done. A version still
+  being hashed is left out (a new one does not appear yet; a changed one is withdrawn, its old
+  digests being wrong) and added by `collect`, in a later publish, once its digests are done.
+A version is published only with the digests of exactly the files scanned (same identity).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from collections.abc import Callable, Iterable, Set
+from dataclasses import dataclass, replace
+
+from lxd_image_server import handover
+from lxd_image_server.catalog import unchanged
+from lxd_image_server.catalog.deltawork import DeltaService
+from lxd_image_server.catalog.gzip_chunks import GzipCache
+from lxd_image_server.catalog.hashing import Digests, HashCache, HashEngine
+from lxd_image_server.catalog.hashjobs import (
+    DEFAULT_JOBS,
+    HashJobs,
+    Identity,
+    Known,
+    hash_version,
+    identity,
+)
+from lxd_image_server.catalog.page import write_page
+from lxd_image_server.catalog.products import BuiltVersion, Products, build_version, products_of
+from lxd_image_server.catalog.publish import catalog_lock, publish
+from lxd_image_server.catalog.retention import PendingVersions, Retention
+from lxd_image_server.config import Paths
+from lxd_image_server.handover import Records
+from lxd_image_server.progress import Progress
+from lxd_image_server.tree.layout import Role
+from lxd_image_server.tree.scan import Exclude, FileStat, ScannedVersion, Scanner
+
+log = logging.getLogger(__name__)
+
+ProgressStart = Callable[[int], Progress]
+CatalogState = tuple[int, int, int, int] | None
+
+
+def _never(_: str) -> bool:
+    return False
+
+
+@dataclass(frozen=True)
+class _Ready:
+    """A version's digests, valid while its files have identity `ident`."""
+
+    ident: Identity
+    digests: Digests
+
+
+@dataclass(frozen=True)
+class _Built:
+    """A version's catalog entry (None: not publishable), built from the digests `ready`.
+    Kept between publishes: a version whose files did not change is not built again, and its
+    JSON is not encoded again (catalog.BuiltVersion.entry)."""
+
+    ready: _Ready
+    #: the identities of the files it was built from, when only some of the version's are
+    #: ready (a delta still hashing); None: all of them
+    part: Identity | None
+    built: BuiltVersion | None
+
+
+class Pipeline:
+    def __init__(
+        self,
+        paths: Paths,
+        cache: HashCache,
+        progress_start: ProgressStart | None = None,
+        exclude: Exclude = _never,
+        hidden: Callable[[], Set[str]] | None = None,
+        jobs: int = DEFAULT_JOBS,
+        retention: Retention | None = None,
+        deltas: DeltaService | None = None,
+    ) -> None:
+        self.paths = paths
+        self.hasher = HashEngine(cache)
+        self.scanner = Scanner(paths.img_dir, exclude)
+        #: digests the upload app computed (handover.py)
+        self.records = Records(os.path.join(paths.state_dir, handover.DIR_NAME))
+        self.progress_start = progress_start
+        #: version directory (relative to images/) -> what was found there
+        self.versions: dict[str, ScannedVersion] = {}
+        #: version directory -> the identity of its files as scanned (hashjobs.identity)
+        self._idents: dict[str, Identity] = {}
+        #: version directory -> its digests, once computed
+        self._ready: dict[str, _Ready] = {}
+        #: version directory -> its catalog entry, once built
+        self._built: dict[str, _Built] = {}
+        self._products: Products = {}
+        #: the versions of a full update that found the catalog published already: built into
+        #: `products` only if someone asks (unchanged.py)
+        self._unbuilt: list[tuple[str, ScannedVersion, _Ready]] | None = None
+        #: absolute version directories left out of the catalog: pruned or removed, files
+        #: kept until their grace period is over (retention.py)
+        self.hidden = hidden if hidden is not None else PendingVersions(paths.state_dir)
+        #: [retention], applied at every publish: versions beyond it leave this very catalog
+        #: and are recorded like pruned ones (None: keep every version)
+        self.retention = retention
+        #: called after every publish that changed the catalog (e.g. to push to mirrors), once
+        #: the page is written too
+        self.on_publish: list[Callable[[], None]] = []
+        #: write the page only when `write_page` is called (the watcher: once no publish is
+        #: due), not right after the catalog: the page never delays a publish
+        self.defer_page = False
+        #: the catalog was published since the page was last written
+        self.page_due = False
+        self._notify = False
+        #: what images.json.gz's last publish compressed, reused by the next
+        self._gzip = GzipCache()
+        #: called from a hashing thread when a version's digests are done (`collect` them)
+        self.on_hashed: Callable[[], None] | None = None
+        self.jobs = HashJobs(jobs, on_done=self._hashed)
+        #: lists checked deltas; makes and checks the others after each publish (deltawork.py)
+        self.deltas = deltas or DeltaService(paths.img_dir, paths.state_dir)
+        self.deltas.on_done = self._hashed
+
+    def _hashed(self) -> None:
+        if self.on_hashed is not None:
+            self.on_hashed()
+
+    @property
+    def cache(self) -> HashCache:
+        return self.hasher.cache
+
+    # -- the two ways in --------------------------------------------------------------------
+
+    def update_all(self, rehash: bool = False) -> bool:
+        """Rescans and republishes everything, once every version is hashed. True if the
+        catalog changed."""
+        before = self._catalog_state()
+        found = self.scanner.scan()
+        self.cache.adopt(self.records, found, prune=True)
+        with self.cache.preloaded():
+            digests = self.hasher.digest(found, rehash, self.progress_start)
+        self.versions = {v.key.relpath: v for v in found}
+        self._idents = {rel: identity(v) for rel, v in self.versions.items()}
+        self._ready = {rel: _Ready(self._idents[rel], digests) for rel in self.versions}
+        with catalog_lock(self.paths.state_dir):
+            if self._catalog_state() != before:
+                log.info("the catalog was published by another writer meanwhile; rescanning")
+                self._rescan("")
+            # (under the lock: what another writer cached meanwhile is in this scan)
+            self.cache.forget_except(
+                {f.path for v in self.versions.values() for f in v.files.values()}
+            )
+            return self._publish(full=not rehash)
+
+    def refresh(self, prefixes: Iterable[str], budget: float | None = None) -> bool:
+        """Rescans the directories `prefixes` (relative to images/) and republishes, waiting at
+        most `budget` seconds (None: as long as it takes) for the versions to hash."""
+        submitted: set[str] = set()
+        for prefix in _outermost(prefixes):
+            submitted |= self._rescan(prefix)
+        # wait for this pass's versions only: one slow to hash from before delays nothing
+        self.jobs.wait(budget, submitted)
+        self._take_results()
+        with catalog_lock(self.paths.state_dir):
+            return self._publish()
+
+    def collect(self) -> bool:
+        """Publishes the versions hashed (and the deltas made or checked) in the background
+        since; False if nothing changed."""
+        fresh = self._take_results()
+        if not (fresh | self.deltas.take_news()):
+            return False
+        with catalog_lock(self.paths.state_dir):
+            return self._publish()
+
+    def has_news(self) -> bool:
+        """Background work is done (hashes, deltas): `collect` would publish it."""
+        return self.jobs.has_results() or self.deltas.has_news()
+
+    def hashing(self) -> int:
+        """How many versions are being hashed in the background."""
+        return self.jobs.pending()
+
+    # -- steps --------------------------------------------------------------------------------
+
+    def _rescan(self, prefix: str) -> set[str]:
+        """Rescans below `prefix`; returns the versions now hashing in the background."""
+        for rel in [r for r in self.versions if _under(r, prefix)]:
+            del self.versions[rel]
+            del self._idents[rel]
+            self._ready.pop(rel, None)
+        submitted = set()
+        found = self.scanner.scan(prefix)
+        self.cache.adopt(self.records, found)
+        for v in found:
+            self.versions[v.key.relpath] = v
+            self._idents[v.key.relpath] = identity(v)
+            if self._schedule(v):
+                submitted.add(v.key.relpath)
+        return submitted
+
+    def _schedule(self, v: ScannedVersion) -> bool:
+        """Makes `v` ready from the cache, or hashes what the cache lacks in the background
+        (then True)."""
+        rel, ident = v.key.relpath, self._idents[v.key.relpath]
+        ready = self._ready.get(rel)
+        if ready is not None and ready.ident == ident:
+            return False
+        known = self._known(v)
+        if known.complete:
+            self._ready[rel] = _Ready(ident, known.digests())
+            return False
+        # what the cache knows is published meanwhile when it is all but deltas (_publish)
+        self._ready[rel] = _Ready(
+            tuple(sorted(f.identity for f, _ in known.files)), known.digests()
+        )
+        cached = {f.path for f, _ in known.files}
+        size = sum(f.size for f in v.files.values() if f.path not in cached)
+        self.jobs.submit(rel, ident, size, functools.partial(hash_version, v, known))
+        return True
+
+    def _known(self, v: ScannedVersion) -> Known:
+        """The digests of `v` in the hash cache (this thread owns it: lookups only)."""
+        known = Known()
+        metas = [f for f in v.files.values() if f.role.role is Role.META]
+        for f in v.files.values():
+            d = self.cache.get(f)
+            if d is None:
+                known.complete = False
+            else:
+                known.files.append((f, d))
+            if f.role.role is Role.ROOT:
+                for m in metas:
+                    c = self.cache.get_combined(m, f)
+                    if c is None:
+                        known.complete = False
+                    else:
+                        known.combined.append((m, f, c))
+        return known
+
+    def _take_results(self) -> bool:
+        """Keeps the background results that still match what was scanned; True if any."""
+        fresh = False
+        for r in self.jobs.take():
+            v = self.versions.get(r.rel)
+            if v is None or self._idents[r.rel] != r.ident:
+                continue  # changed or gone since: its next job brings the right digests
+            self._ready[r.rel] = _Ready(r.ident, r.digests)
+            d = r.digests
+            self.cache.put_many(
+                [
+                    (f, d.files[f.path])
+                    for f in v.files.values()
+                    if f.path in d.files and f.path not in d.failed
+                ],
+                [
+                    (m, root, c)
+                    for m in v.files.values()
+                    for root in v.files.values()
+                    if (c := d.combined.get((m.path, root.path))) is not None
+                ],
+            )
+            fresh = True
+        return fresh
+
+    def _catalog_state(self) -> CatalogState:
+        try:
+            st = os.lstat(os.path.join(self.paths.streams_dir, "images.json"))
+        except OSError:
+            return None
+        return (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
+
+    @property
+    def products(self) -> Products:
+        """The catalog last published (or found published already)."""
+        if self._unbuilt is not None:
+            self._products = products_of(self._build(self._unbuilt))
+            self._unbuilt = None
+        return self._products
+
+    def _build(
+        self, shown: list[tuple[str, ScannedVersion, _Ready]]
+    ) -> list[tuple[ScannedVersion, BuiltVersion]]:
+        """Each version's catalog entry, kept from before while its digests and files are
+        the same."""
+        out: list[tuple[ScannedVersion, BuiltVersion]] = []
+        built: dict[str, _Built] = {}
+        for rel, v, ready in shown:
+            part = None if v is self.versions.get(rel) else identity(v)
+            b = self._built.get(rel)
+            if b is None or b.ready is not ready or b.part != part:
+                b = _Built(ready, part, build_version(v, ready.digests, self.paths.root_dir))
+            built[rel] = b
+            if b.built is not None:
+                out.append((v, b.built))
+        self._built = built
+        return out
+
+    def _publish(self, full: bool = False) -> bool:
+        """Publishes what is ready. `full`: a full update, which skips building and writing
+        when the catalog and page were published from the same inputs (unchanged.py)."""
+        hidden = self.hidden()
+        shown: list[tuple[str, ScannedVersion, _Ready]] = []
+        for rel, v in self.versions.items():
+            ready = self._ready.get(rel)
+            if v.path in hidden:
+                continue
+            if ready is None:
+                log.debug("not publishing %s yet: still hashing", v.path)
+                continue
+            if ready.ident != self._idents[rel]:
+                # a delta being hashed does not hold its version back: published without it
+                done = set(ready.ident)
+                if any(f.identity not in done for f in v.files.values() if not _is_delta(f)):
+                    log.debug("not publishing %s yet: still hashing", v.path)
+                    continue
+                v = replace(v, files={n: f for n, f in v.files.items() if f.identity in done})
+            shown.append((rel, v, ready))
+        versions = [v for _, v, _ in shown]
+        digests = _merged(shown)
+        listed = self.deltas.listable(versions)
+        state, root = self.paths.state_dir, self.paths.root_dir
+        inputs = None
+        if full and (self.retention is None or not self.retention.policy.active):
+            inputs = unchanged.inputs_digest(
+                ((v, r.digests) for _, v, r in shown), hidden | listed, root
+            )
+            if unchanged.is_published(state, root, inputs):
+                log.debug("the catalog and page were published from these inputs already")
+                self._unbuilt = shown
+                self.deltas.published(versions, digests)
+                return False
+        self._unbuilt = None
+        self._products = products_of(self._build(shown), digests, root, listed)
+        if self.retention is not None:
+            # under the catalog lock: the one writer decides what leaves
+            doomed = self.retention.apply(state, self._products, versions)
+            if doomed:
+                shown = [e for e in shown if e[1].path not in doomed]
+                versions = [v for _, v, _ in shown]
+                listed = self.deltas.listable(versions)
+                self._products = products_of(self._build(shown), digests, root, listed)
+        if not self.defer_page:
+            # (what is published from here on is not what the record vouches for)
+            unchanged.record(state, root, None)
+        changed = publish(self.paths.streams_dir, self._products, images_gz=self._gzip)
+        self.deltas.published(versions, digests)
+        self.page_due = True
+        self._notify = self._notify or changed
+        if not self.defer_page:
+            self._write_page()
+            if inputs is not None:
+                unchanged.record(state, root, inputs)
+        return changed
+
+    def write_page(self) -> None:
+        """Writes the catalog page of the last publish, if not written yet (defer_page)."""
+        if self.page_due:
+            with catalog_lock(self.paths.state_dir):
+                self._write_page()
+
+    def _write_page(self) -> None:
+        self.page_due = False
+        try:
+            # <root>/streams/index.html, when its bytes change or it is missing
+            write_page(self.paths.root_dir, self._products)
+        finally:
+            if self._notify:
+                self._notify = False
+                for listener in self.on_publish:
+                    listener()
+
+
+def _merged(shown: list[tuple[str, ScannedVersion, _Ready]]) -> Digests:
+    """The digests of the files of `shown`: a full update's own when they all share it."""
+    sources = {id(r.digests): r.digests for _, _, r in shown}
+    if len(sources) == 1:
+        return next(iter(sources.values()))
+    out = Digests()
+    for _, v, ready in shown:
+        src = ready.digests
+        for f in v.files.values():
+            if f.path in src.files:
+                out.files[f.path] = src.files[f.path]
+            if f.path in src.failed:
+                out.failed.add(f.path)
+            for m in v.files.values():
+                c = src.combined.get((m.path, f.path))
+                if c is not None:
+                    out.combined[(m.path, f.path)] = c
+    return out
+
+
+def _is_delta(f: FileStat) -> bool:
+    return f.role.role is Role.DELTA
+
+
+def _under(rel: str, prefix: str) -> bool:
+    return prefix == "" or rel == prefix or rel.startswith(prefix + "/")
+
+
+def _outermost(prefixes: Iterable[str]) -> list[str]:
+    """Drops prefixes inside others: rescanning the outer one covers them."""
+    out: list[str] = []
+    for p in sorted(set(prefixes), key=lambda p: (p.count("/"), p)):
+        p = p.strip("/")
+        if not any(_under(p, o) for o in out):
+            out.append(p)
+    return out

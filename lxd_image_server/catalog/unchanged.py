@@ -1,0 +1,97 @@
+"""Whether the published catalog is already the one a full `update` would write (issue 13).
+
+A no-change `update` of 20,000 versions spends most of its time building, encoding and
+comparing a 20 MB document and rendering the page, all to write nothing. Instead, after each
+publish the catalog writer records in its state directory a digest of everything the catalog
+and the page are made of (every version shown: its path, its files' identities, digests and
+failures, its overrides; what is hidden; the served root; this program's version and FORMAT)
+together with the identity (inode, size, mtime) of each file it published. The next full update
+with the same digest finds those files untouched and skips building, encoding and the page.
+
+Anything else (a file edited, replaced or removed in streams/, another digest, another
+version of the program, a missing or unreadable record) means: publish as usual.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Iterable, Set
+
+from lxd_image_server import __version__
+from lxd_image_server.catalog.hashing import Digests
+from lxd_image_server.fsutil import TooLarge, read_regular, write_atomic
+from lxd_image_server.tree.scan import ScannedVersion
+
+log = logging.getLogger(__name__)
+
+RECORD_NAME = "catalog-inputs.json"
+#: bump when the same inputs give other bytes (catalog, gzip or page)
+FORMAT = 1
+#: the published files the record vouches for, relative to the served root
+PUBLISHED = (
+    "streams/v1/images.json",
+    "streams/v1/images.json.gz",
+    "streams/v1/index.json",
+    "streams/v1/index.json.gz",
+    "streams/index.html",
+)
+_MAX_RECORD = 64 * 1024
+
+
+def inputs_digest(
+    versions: Iterable[tuple[ScannedVersion, Digests]], hidden: Set[str], root_dir: str
+) -> str:
+    """A digest of everything a full publish of `versions` builds from."""
+    h = hashlib.sha256(f"{__version__}\0{FORMAT}\0{root_dir}\0".encode())
+    h.update(repr(sorted(hidden)).encode())
+    for v, d in versions:
+        files = sorted(v.files.values(), key=lambda f: f.name)
+        h.update(repr((v.path, v.key, v.overrides)).encode())
+        for f in files:
+            h.update(repr((f.identity, f.role, d.files.get(f.path), f.path in d.failed)).encode())
+            for m in files:
+                c = d.combined.get((m.path, f.path))
+                if c is not None:
+                    h.update(f"{m.path}\0{c}".encode())
+    return h.hexdigest()
+
+
+def _identities(root_dir: str) -> list[list[int]] | None:
+    out = []
+    for rel in PUBLISHED:
+        try:
+            st = os.lstat(os.path.join(root_dir, rel))
+        except OSError:
+            return None
+        out.append([st.st_ino, st.st_size, st.st_mtime_ns])
+    return out
+
+
+def is_published(state_dir: str, root_dir: str, digest: str) -> bool:
+    """Whether the record says `digest` was published and the published files are untouched."""
+    try:
+        record = json.loads(read_regular(os.path.join(state_dir, RECORD_NAME), _MAX_RECORD))
+    except (OSError, TooLarge, ValueError):
+        return False
+    if not isinstance(record, dict) or record.get("inputs") != digest:
+        return False
+    current = _identities(root_dir)
+    return current is not None and record.get("published") == current
+
+
+def record(state_dir: str, root_dir: str, digest: str | None) -> None:
+    """Records that the files now in streams/ were published from `digest` (None: forgets)."""
+    path = os.path.join(state_dir, RECORD_NAME)
+    current = _identities(root_dir) if digest is not None else None
+    try:
+        if current is None:
+            if os.path.lexists(path):
+                os.unlink(path)
+            return
+        data = json.dumps({"inputs": digest, "published": current}).encode()
+        write_atomic(path, data)
+    except OSError as e:
+        log.warning("cannot record what was published in %s: %s", path, e.strerror or e)

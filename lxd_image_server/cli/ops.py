@@ -1,0 +1,353 @@
+"""The operator commands: import, push, list, verify, prune, remove. Options in, calls out.
+
+cli.py loads them by name when one is used (LazyGroup); what they share with cli.py comes from
+cli_common.py, with the one map from errors to exit codes. Commands that change the tree
+publish the result themselves (updating.with_pipeline), under the catalog lock, so they work
+with or without a running watcher.
+Exit codes: 0 done, 1 failed (or `verify` found problems), 2 usage error.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import click
+
+from lxd_image_server.catalog import retention
+from lxd_image_server.catalog.pipeline import Pipeline
+from lxd_image_server.cli.common import F, Globals, handle_errors, tree_options, tree_paths
+from lxd_image_server.config import Paths
+from lxd_image_server.ops import import_detect, import_place, listing, pruning, pushclient
+from lxd_image_server.ops.import_errors import VersionExists
+from lxd_image_server.ops.import_naming import Naming
+from lxd_image_server.ops.updating import with_pipeline
+from lxd_image_server.progress import ProgressStart, TerminalProgress, for_terminal
+
+T = TypeVar("T")
+
+
+def _terminal_progress(label: str) -> ProgressStart | None:
+    return TerminalProgress(sys.stderr, label) if sys.stderr.isatty() else None
+
+
+def naming_options(f: F) -> F:
+    """--os/--release/--arch/--variant/--serial: what metadata.yaml would otherwise say."""
+    f = click.option(
+        "--serial", help="Version key YYYYMMDD_HH:MM [default: metadata's creation_date, UTC]."
+    )(f)
+    f = click.option(
+        "--variant", help="Variant [default: metadata's properties.variant, else 'default']."
+    )(f)
+    f = click.option(
+        "--arch",
+        help="Architecture, kernel or Debian name [default: metadata's architecture].",
+    )(f)
+    f = click.option("--release", help="Release [default: metadata's properties.release].")(f)
+    f = click.option("--os", "os_name", help="OS name [default: metadata's properties.os].")(f)
+    return f
+
+
+def _naming(
+    os_name: str | None,
+    release: str | None,
+    arch: str | None,
+    variant: str | None,
+    serial: str | None,
+) -> Naming:
+    return Naming(os=os_name, release=release, arch=arch, variant=variant, serial=serial)
+
+
+def _files(files: tuple[str, ...]) -> tuple[str, ...]:
+    if len(files) > 2:
+        raise click.UsageError(
+            "give one unified tarball, or a metadata tarball and a root filesystem "
+            f"({len(files)} files given)"
+        )
+    return files
+
+
+def _with_pipeline(
+    g: Globals, paths: Paths, run: Callable[[Pipeline], T], cache_first: Any = None
+) -> T:
+    return with_pipeline(paths, g.settings, run, for_terminal(), cache_first)
+
+
+# -- import ---------------------------------------------------------------------------------
+
+
+@click.command("import")
+@click.argument("files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@tree_options
+@naming_options
+@click.option("--move", is_flag=True, help="Move the files instead of copying (same file system).")
+@click.option("--force", is_flag=True, help="Replace the files of an existing version.")
+@click.pass_obj
+@handle_errors
+def import_cmd(
+    g: Globals,
+    files: tuple[str, ...],
+    root_dir: str | None,
+    img_dir: str | None,
+    streams_dir: str | None,
+    os_name: str | None,
+    release: str | None,
+    arch: str | None,
+    variant: str | None,
+    serial: str | None,
+    move: bool,
+    force: bool,
+) -> None:
+    """Put what `lxc image export` wrote into the tree and publish it.
+
+    FILE is a unified tarball (<fingerprint>.tar.gz), or FILE FILE a split image: the metadata
+    tarball (meta-<fingerprint>.tar.xz) and the root filesystem (.squashfs, .tar.xz or .qcow2),
+    in any order. Naming options not given are read from metadata.yaml.
+    """
+    paths = tree_paths(g, root_dir, img_dir, streams_dir)
+    plan = import_detect.plan_import(
+        _files(files), _naming(os_name, release, arch, variant, serial)
+    )
+    version_dir = os.path.join(paths.img_dir, plan.key.relpath)
+    pending = retention.pending_for(paths.state_dir, version_dir)
+    try:
+        placed = import_place.place(
+            plan,
+            paths.img_dir,
+            move=move,
+            force=force,
+            progress_start=_terminal_progress("copying"),
+        )
+    except VersionExists as e:
+        hint = (
+            f" (it was pruned; its files go after {retention.utc_text(pending.expires)})"
+            if pending
+            else ""
+        )
+        raise click.ClickException(f"{e}{hint}") from e
+    if pending is not None:
+        retention.unschedule(paths.state_dir, [version_dir])
+
+    def publish(pipeline: Pipeline) -> Pipeline:
+        pipeline.update_all()
+        return pipeline
+
+    pipeline = _with_pipeline(
+        g, paths, publish, lambda cache: import_place.seed_cache(cache, paths.img_dir, placed)
+    )
+    listed = plan.key.serial in pipeline.products.get(plan.key.product, {}).get("versions", {})
+    what = import_detect.describe(plan)
+    click.echo(f"imported {what} into {placed.version_dir}")
+    click.echo(f"  files: {', '.join(sorted(placed.files))}; fingerprint {placed.fingerprint}")
+    if not listed:
+        raise click.ClickException(
+            f"{what} is in the tree but not in the catalog; see the messages above"
+        )
+    click.echo(f"  published in {paths.streams_dir}")
+
+
+# -- push -----------------------------------------------------------------------------------
+
+
+def _password(password_file: str | None, user: str) -> str | None:
+    if password_file is not None:
+        return pushclient.read_password_file(password_file)
+    env = os.environ.get(pushclient.PASSWORD_ENV)
+    if env:
+        return env
+    if sys.stdin.isatty():
+        return str(click.prompt(f"Password for {user}", hide_input=True))
+    return None
+
+
+@click.command("push")
+@click.argument("files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option(
+    "--remote",
+    required=True,
+    metavar="https://HOST[:PORT]",
+    help="The server (its nginx, which passes uploads to the upload app).",
+)
+@click.option("--user", default=pushclient.DEFAULT_USER, show_default=True, help="Upload user.")
+@click.option(
+    "--password-file",
+    type=click.Path(dir_okay=False),
+    help=f"File whose first line is the password [default: ${pushclient.PASSWORD_ENV}, "
+    "else a prompt].",
+)
+@naming_options
+@handle_errors
+def push_cmd(
+    files: tuple[str, ...],
+    remote: str,
+    user: str,
+    password_file: str | None,
+    os_name: str | None,
+    release: str | None,
+    arch: str | None,
+    variant: str | None,
+    serial: str | None,
+) -> None:
+    """Upload what `lxc image export` wrote to a server over HTTPS.
+
+    The same files and naming as `import`, sent to the server's upload app (one PUT per file,
+    metadata first); the server's watcher publishes the image once every file is there.
+    """
+    try:
+        target = pushclient.parse_remote(remote)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--remote") from e
+    plan = import_detect.plan_import(
+        _files(files), _naming(os_name, release, arch, variant, serial)
+    )
+    client = pushclient.Client(target, user, _password(password_file, user))
+    try:
+        pushed = pushclient.push(plan, client, _terminal_progress)
+    finally:
+        client.close()
+    for p in pushed:
+        state = "already there" if p.skipped else "sent"
+        click.echo(f"{state}: images/{p.rel} ({p.size} bytes, sha256 {p.sha256})")
+    click.echo(f"pushed {import_detect.describe(plan)} to {target.url}")
+
+
+# -- list / verify --------------------------------------------------------------------------
+
+
+@click.command("list")
+@tree_options
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(listing.FORMATS),
+    default="table",
+    show_default=True,
+    help="Output format.",
+)
+@click.pass_obj
+@handle_errors
+def list_cmd(
+    g: Globals, root_dir: str | None, img_dir: str | None, streams_dir: str | None, fmt: str
+) -> None:
+    """List the published images: product, version, type, size, fingerprint, aliases."""
+    paths = tree_paths(g, root_dir, img_dir, streams_dir)
+    rows = listing.image_rows(listing.read_catalog(paths.streams_dir))
+    click.echo(listing.render(rows, fmt), nl=False)
+
+
+@click.command("verify")
+@tree_options
+@click.pass_obj
+@handle_errors
+def verify_cmd(
+    g: Globals, root_dir: str | None, img_dir: str | None, streams_dir: str | None
+) -> None:
+    """Rehash every published file and compare with the catalog (exit 1 on any mismatch)."""
+    from lxd_image_server.ops.verify import verify
+
+    paths = tree_paths(g, root_dir, img_dir, streams_dir)
+    doc = listing.read_catalog(paths.streams_dir)
+    report = verify(paths.root_dir, doc, progress_start=_terminal_progress("verifying"))
+    for problem in report.problems:
+        click.echo(str(problem))
+    summary = (
+        f"{report.files} files ({report.bytes} bytes) and {report.fingerprints} fingerprints "
+        "checked"
+    )
+    if report.problems:
+        click.echo(f"{len(report.problems)} problem(s); {summary}")
+        sys.exit(1)
+    click.echo(f"ok: {summary}")
+
+
+# -- prune / remove -------------------------------------------------------------------------
+
+
+def _report(outcome: pruning.Outcome, dry_run: bool, nothing: str) -> None:
+    if dry_run:
+        for product, serial in outcome.would:
+            click.echo(f"would remove {product} {serial}")
+        if not outcome.would:
+            click.echo(nothing)
+        return
+    deleted = {p.path for p in outcome.deleted}
+    for p in outcome.scheduled:
+        if p.path in deleted:
+            click.echo(f"removed {p.product} {p.serial} (files deleted: no grace period)")
+        else:
+            click.echo(
+                f"removed {p.product} {p.serial} from the catalog; its files stay until "
+                f"{retention.utc_text(p.expires)} (the first `update` after that deletes them)"
+            )
+    for p in outcome.already:
+        if p.path not in deleted:
+            click.echo(
+                f"{p.product} {p.serial} was already out of the catalog; its files stay until "
+                f"{retention.utc_text(p.expires)}"
+            )
+    scheduled = {p.path for p in outcome.scheduled}
+    for p in outcome.deleted:
+        if p.path not in scheduled:
+            click.echo(f"deleted the files of {p.product} {p.serial} (grace period over)")
+    if not outcome.scheduled and not outcome.already:
+        click.echo(nothing)
+
+
+@click.command("prune")
+@tree_options
+@click.option(
+    "--keep",
+    type=click.IntRange(min=1),
+    required=True,
+    metavar="N",
+    help="Versions to keep of each product (the newest).",
+)
+@click.option("--dry-run", is_flag=True, help="Only say what would be removed.")
+@click.pass_obj
+@handle_errors
+def prune_cmd(
+    g: Globals,
+    root_dir: str | None,
+    img_dir: str | None,
+    streams_dir: str | None,
+    keep: int,
+    dry_run: bool,
+) -> None:
+    """Keep the newest N versions of each product; the others leave the catalog now and
+    their files are deleted after the grace period ([prune] grace_period)."""
+    paths = tree_paths(g, root_dir, img_dir, streams_dir)
+    grace = g.settings.prune_grace
+    outcome = _with_pipeline(g, paths, lambda p: pruning.prune(p, keep, grace, dry_run=dry_run))
+    _report(outcome, dry_run, f"nothing to prune: no product has more than {keep} version(s)")
+
+
+@click.command("remove")
+@click.argument("product")
+@click.argument("serial", required=False)
+@tree_options
+@click.option("--dry-run", is_flag=True, help="Only say what would be removed.")
+@click.pass_obj
+@handle_errors
+def remove_cmd(
+    g: Globals,
+    product: str,
+    serial: str | None,
+    root_dir: str | None,
+    img_dir: str | None,
+    streams_dir: str | None,
+    dry_run: bool,
+) -> None:
+    """Remove PRODUCT (os:release:arch:variant, every version) or its version SERIAL: out of
+    the catalog now, files deleted after the grace period ([prune] grace_period)."""
+    try:
+        retention.parse_product(product)
+    except retention.RetentionError as e:
+        raise click.BadParameter(str(e), param_hint="PRODUCT") from e
+    paths = tree_paths(g, root_dir, img_dir, streams_dir)
+    grace = g.settings.prune_grace
+    outcome = _with_pipeline(
+        g, paths, lambda p: pruning.remove(p, product, serial, grace, dry_run=dry_run)
+    )
+    _report(outcome, dry_run, "nothing to remove")

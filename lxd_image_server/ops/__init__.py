@@ -1,0 +1,1 @@
+"""The use cases an operator asks for: update, prune and remove, import, list, verify, push."""

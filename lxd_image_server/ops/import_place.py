@@ -1,0 +1,345 @@
+"""`import`: an import plan (import_detect.py) carried out: its files placed into the image
+tree, atomically.
+
+The files are copied (or moved) into a hidden temporary directory inside the variant directory,
+fsynced, and the whole version directory is renamed into place, so the watcher never sees half
+of an image. Copying also hashes: the fingerprint in lxc's file names is checked, and the
+digests go into the hash cache so publishing does not read the files again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import logging
+import os
+import secrets
+import shutil
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from lxd_image_server.catalog.hashing import HashCache, Hasher
+from lxd_image_server.fsutil import CHUNK_SIZE, DirChain, open_dir, open_regular
+from lxd_image_server.ops.import_detect import ImagePlan, Source, open_source
+from lxd_image_server.ops.import_errors import ImportFailed, VersionExists
+from lxd_image_server.progress import Progress, no_progress
+from lxd_image_server.tree.layout import Role, VersionKey, classify
+from lxd_image_server.tree.scan import Scanner
+
+log = logging.getLogger(__name__)
+
+DIR_MODE = 0o755
+FILE_MODE = 0o644
+
+
+@dataclass
+class Placed:
+    key: VersionKey
+    version_dir: str
+    #: name in the version directory -> (size, sha256)
+    files: dict[str, tuple[int, str]] = field(default_factory=dict)
+    #: the image's fingerprint as clients see it (combined for split images)
+    fingerprint: str = ""
+    replaced: bool = False
+    moved: list[str] = field(default_factory=list)
+
+
+def _not_a_directory(path: str) -> ImportFailed:
+    return ImportFailed(
+        f"{path} exists and is not a directory (or is a symbolic link, never followed)"
+    )
+
+
+def _open_dir(name: str, dir_fd: int, path: str) -> int:
+    try:
+        return open_dir(name, dir_fd=dir_fd)
+    except NotADirectoryError:
+        raise _not_a_directory(path) from None
+
+
+def _feed(fd: int, sinks: Sequence[Hasher], progress: Progress, out: int | None = None) -> int:
+    """Reads `fd` to its end into every sink (and writes it to `out`). -> bytes read.
+
+    Each chunk is read once; the first sink and the write run in this thread, the other sinks
+    in one thread each (hashlib and os.write release the GIL), while the next chunk is read
+    into a second buffer: a root filesystem's sha256 and its combined fingerprint take the
+    time of one on two cores."""
+    helpers = ThreadPoolExecutor(len(sinks) - 1) if len(sinks) > 1 else None
+    size = 0
+    buffers = [bytearray(CHUNK_SIZE), bytearray(CHUNK_SIZE)]
+    pending: list[Future[None]] = []
+    try:
+        while True:
+            buf = buffers[0]  # not the one the helpers may still be reading
+            n = os.readv(fd, [buf])
+            for f in pending:
+                f.result()
+            pending = []
+            if not n:
+                return size
+            chunk = memoryview(buf)[:n]
+            if helpers is not None:
+                pending = [helpers.submit(s.update, chunk) for s in sinks[1:]]
+            if sinks:
+                sinks[0].update(chunk)
+            if out is not None:
+                written = 0
+                while written < n:
+                    written += os.write(out, chunk[written:])
+            size += n
+            progress(n)
+            buffers.reverse()
+    finally:
+        for f in pending:
+            f.cancel()
+        if helpers is not None:
+            helpers.shutdown(wait=True)
+
+
+_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+class _Transfer:
+    """Brings the plan's files to temporary names in one directory (a descriptor: nothing is
+    resolved by path inside images/ again); undoes itself on failure."""
+
+    def __init__(self, plan: ImagePlan, move: bool, progress: Progress) -> None:
+        self.plan = plan
+        self.move = move
+        self.progress = progress
+        self.dir_fd = -1
+        #: temporary name -> the source it was moved from (to move back on failure)
+        self.moved_from: dict[str, str] = {}
+        self.created: list[str] = []
+        self.copied_instead: list[str] = []
+
+    def bring(self, src: Source, tmp: str, sinks: Sequence[Hasher]) -> int:
+        if self.move:
+            try:
+                os.rename(src.path, tmp, dst_dir_fd=self.dir_fd)
+            except OSError as e:
+                if e.errno != errno.EXDEV:
+                    raise ImportFailed(f"cannot move {src.path}: {e.strerror or e}") from e
+                log.info("%s is on another file system: copying it instead", src.path)
+                self.copied_instead.append(src.path)
+            else:
+                self.moved_from[tmp] = src.path
+                fd = open_regular(tmp, dir_fd=self.dir_fd)
+                try:
+                    os.fchmod(fd, FILE_MODE)
+                    size = _feed(fd, sinks, self.progress)
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                return size
+        self.created.append(tmp)
+        fin = open_source(src.path)
+        try:
+            out = os.open(tmp, _CREATE, FILE_MODE, dir_fd=self.dir_fd)
+            try:
+                os.fchmod(out, FILE_MODE)
+                size = _feed(fin, sinks, self.progress, out)
+                os.fsync(out)
+            finally:
+                os.close(out)
+        finally:
+            os.close(fin)
+        return size
+
+    def renamed(self, tmp: str, final: str, temporary: bool) -> None:
+        """`tmp` is now `final`; still removed (or moved back) on failure if `temporary`."""
+        if tmp in self.moved_from:
+            self.moved_from[final] = self.moved_from.pop(tmp)
+        if tmp in self.created:
+            self.created.remove(tmp)
+            if temporary:
+                self.created.append(final)
+
+    def done(self) -> list[str]:
+        """The sources moved; nothing is undone any more."""
+        moved = list(self.moved_from.values())
+        self.moved_from.clear()
+        self.created.clear()
+        return moved
+
+    def undo(self) -> None:
+        for tmp, src in self.moved_from.items():
+            with contextlib.suppress(OSError):
+                os.rename(tmp, src, src_dir_fd=self.dir_fd)
+        for tmp in self.created:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp, dir_fd=self.dir_fd)
+        self.moved_from.clear()
+        self.created.clear()
+
+
+def _check_fingerprint(plan: ImagePlan, fingerprint: str) -> None:
+    if plan.export_fingerprint and plan.export_fingerprint != fingerprint:
+        names = " and ".join(os.path.basename(s.path) for s in plan.sources)
+        raise ImportFailed(
+            f"{names}: the content does not match the fingerprint in the name "
+            f"({plan.export_fingerprint[:12]}, content gives {fingerprint[:12]}): "
+            "a damaged or altered export; nothing imported"
+        )
+
+
+def _exists(name: str, dir_fd: int) -> bool:
+    try:
+        os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def place(
+    plan: ImagePlan,
+    img_dir: str,
+    move: bool = False,
+    force: bool = False,
+    progress_start: Callable[[int], Progress] | None = None,
+) -> Placed:
+    """Puts the plan's files into images/<os>/<release>/<arch>/<variant>/<serial>/.
+
+    New version: a hidden temporary directory in the variant directory, renamed into place.
+    Existing version (only with `force`): each file through a hidden temporary name, then the
+    version's other image files are removed (metadata.json is kept).
+
+    Below images/ everything is done relative to directory descriptors opened without
+    following links (the directories on the way made with fsutil.DirChain, 0755): a directory
+    an uploader swapped for a symlink makes the import fail, it never leads outside images/.
+    """
+    key = plan.key
+    img_dir = os.path.abspath(img_dir)
+    parts = key.relpath.split("/")
+    version_dir = os.path.join(img_dir, key.relpath)
+    try:
+        os.makedirs(img_dir, DIR_MODE, exist_ok=True)
+        img_fd = os.open(img_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as e:
+        raise ImportFailed(f"cannot create {img_dir}: {e.strerror or e}") from e
+    try:
+        total = sum(os.path.getsize(s.path) for s in plan.sources)
+    except OSError as e:
+        os.close(img_fd)
+        raise ImportFailed(f"cannot read {e.filename}: {e.strerror or e}") from e
+    chain = DirChain(img_fd)
+    transfer = _Transfer(plan, move, no_progress)
+    try:
+        path = img_dir
+        for component in parts[:-1]:
+            path = os.path.join(path, component)
+            try:
+                chain.down(component, DIR_MODE)
+            except NotADirectoryError:
+                raise _not_a_directory(path) from None
+        variant_fd = chain.fd
+        exists = _exists(parts[-1], variant_fd)
+        if exists and not force:
+            raise VersionExists(f"{version_dir} already exists; --force replaces its files")
+        transfer.progress = progress_start(total) if progress_start else no_progress
+        placed = Placed(key=key, version_dir=version_dir, replaced=exists)
+        if exists:
+            transfer.dir_fd = _open_dir(parts[-1], variant_fd, version_dir)
+            _fill(plan, transfer, placed, into_existing=True)
+        else:
+            tmp_name = f".import-{secrets.token_hex(6)}"
+            os.mkdir(tmp_name, DIR_MODE, dir_fd=variant_fd)
+            try:
+                transfer.dir_fd = open_dir(tmp_name, dir_fd=variant_fd)
+                os.fchmod(transfer.dir_fd, DIR_MODE)
+                _fill(plan, transfer, placed, into_existing=False)
+                os.fsync(transfer.dir_fd)
+                if _exists(parts[-1], variant_fd):
+                    raise VersionExists(f"{version_dir} appeared while importing; not replaced")
+                os.rename(tmp_name, parts[-1], src_dir_fd=variant_fd, dst_dir_fd=variant_fd)
+            except BaseException:
+                transfer.undo()
+                shutil.rmtree(tmp_name, dir_fd=variant_fd, ignore_errors=True)
+                raise
+            os.fsync(variant_fd)
+    except OSError as e:
+        transfer.undo()
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise ImportFailed(f"no space left in {img_dir}; nothing imported") from e
+        raise ImportFailed(f"importing into {version_dir} failed: {e.strerror or e}") from e
+    finally:
+        if transfer.dir_fd >= 0:
+            os.close(transfer.dir_fd)
+        chain.close()
+    placed.moved = transfer.done()
+    for src in transfer.copied_instead:
+        log.info("%s was copied (another file system) and left where it was", src)
+    return placed
+
+
+def _fill(plan: ImagePlan, transfer: _Transfer, placed: Placed, into_existing: bool) -> None:
+    """Brings every file of the plan into the transfer's directory under its final name."""
+    directory = transfer.dir_fd
+    staged: list[tuple[str, str]] = []  # (temporary name, final name)
+    meta_hasher: Hasher | None = None
+    try:
+        for src in plan.sources:
+            tmp = f".import-{secrets.token_hex(6)}.part"
+            plain = hashlib.sha256()
+            sinks: list[Hasher] = [plain]
+            combined: Hasher | None = None
+            if src.role is Role.ROOT and meta_hasher is not None:
+                combined = meta_hasher.copy()
+                sinks.append(combined)
+            size = transfer.bring(src, tmp, sinks)
+            digest = plain.hexdigest()
+            if src.role is Role.META:
+                meta_hasher = plain
+            name = src.target or f"{digest}.tar.gz"
+            if combined is not None:
+                placed.fingerprint = combined.hexdigest()
+            elif src.role is Role.UNIFIED:
+                placed.fingerprint = digest
+            placed.files[name] = (size, digest)
+            staged.append((tmp, name))
+        _check_fingerprint(plan, placed.fingerprint)
+    except BaseException:
+        transfer.undo()
+        raise
+    # every file is complete: give them their names
+    for tmp, name in staged:
+        os.rename(tmp, name, src_dir_fd=directory, dst_dir_fd=directory)
+        transfer.renamed(tmp, name, temporary=not into_existing)
+    if into_existing:
+        for stale in _other_image_files(directory, {name for _, name in staged}):
+            log.info(
+                "removing %s (replaced by the import)", os.path.join(placed.version_dir, stale)
+            )
+            os.unlink(stale, dir_fd=directory)
+        os.fsync(directory)
+
+
+def _other_image_files(dir_fd: int, keep: set[str]) -> Iterator[str]:
+    with os.scandir(dir_fd) as it:
+        entries = list(it)
+    for entry in entries:
+        role = classify(entry.name)
+        if (
+            role is not None
+            and role.role in (Role.META, Role.ROOT, Role.UNIFIED)
+            and entry.name not in keep
+            and entry.is_file(follow_symlinks=False)
+        ):
+            yield entry.name
+
+
+def seed_cache(cache: HashCache, img_dir: str, placed: Placed) -> None:
+    """Records the digests computed while copying, so publishing does not read the files again."""
+    versions = Scanner(img_dir).scan(placed.key.relpath)
+    if not versions:
+        return
+    files = versions[0].files
+    plain = [(files[n], sha) for n, (_, sha) in placed.files.items() if n in files]
+    combined = []
+    metas = [f for f in files.values() if f.role.role is Role.META and f.name in placed.files]
+    roots = [f for f in files.values() if f.role.role is Role.ROOT and f.name in placed.files]
+    if len(metas) == 1 and len(roots) == 1 and placed.fingerprint:
+        combined.append((metas[0], roots[0], placed.fingerprint))
+    cache.put_many(plain, combined)

@@ -1,0 +1,160 @@
+"""`update` and `watch`: publishing the tree once, or whenever it changes, and pushing it to the
+mirrors; and the pipeline the operator commands publish with.
+
+These are the use cases the command line calls (one call each): they sit above the pipeline,
+the deltas, retention and the mirrors, and say what happened by their return value or by an
+exception of their own (`MirrorsFailed`), never by an exit code.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+from lxd_image_server.catalog.deltawork import BACKGROUND, FOREGROUND, DeltaConfig, DeltaService
+from lxd_image_server.catalog.hashing import HashCache
+from lxd_image_server.catalog.pipeline import Pipeline
+from lxd_image_server.catalog.retention import Retention, RetentionError, delete_expired
+from lxd_image_server.config import Paths
+from lxd_image_server.progress import ProgressStart
+from lxd_image_server.settings import Settings
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class MirrorsFailed(Exception):
+    """`update` published, but the push to at least one mirror failed."""
+
+
+def retention_of(settings: Settings) -> Retention:
+    """[retention] with the grace period of [prune], for the pipeline."""
+    return Retention(settings.retention, settings.prune_grace)
+
+
+def delta_config(settings: Settings) -> DeltaConfig:
+    d = settings.deltas
+    return DeltaConfig(d.enabled, d.bases, d.max_ratio, float(d.timeout))
+
+
+def with_pipeline(
+    paths: Paths,
+    settings: Settings,
+    run: Callable[[Pipeline], T],
+    progress_start: ProgressStart | None = None,
+    cache_first: Callable[[HashCache], object] | None = None,
+) -> T:
+    """`run` with a pipeline that publishes as the watcher does ([retention] included): what
+    the operator commands (import, prune, remove) publish with."""
+    cache = HashCache(paths.cache_path)
+    try:
+        if cache_first is not None:
+            cache_first(cache)
+        pipeline = Pipeline(
+            paths, cache, progress_start=progress_start, retention=retention_of(settings)
+        )
+        return run(pipeline)
+    finally:
+        cache.close()
+
+
+def _delete_expired(paths: Paths) -> None:
+    try:
+        delete_expired(paths)  # pruned versions whose grace period is over
+    except RetentionError as e:
+        log.error("not deleting pruned versions: %s", e)
+
+
+@dataclass(frozen=True)
+class UpdateResult:
+    changed: bool
+    #: versions the scan found (the products are built only when something asks for them)
+    versions: int
+
+
+def update(
+    paths: Paths,
+    settings: Settings,
+    rehash: bool = False,
+    progress_start: ProgressStart | None = None,
+) -> UpdateResult:
+    """`update`: deletes the expired versions, publishes the tree (with the deltas still
+    missing, made now), deletes what [retention] took out without a grace period, and pushes
+    to every configured mirror. MirrorsFailed: a push failed (the catalog is published)."""
+    _delete_expired(paths)
+    cache = HashCache(paths.cache_path)
+    try:
+        deltas = DeltaService(paths.img_dir, paths.state_dir, delta_config(settings), FOREGROUND)
+        pipeline = Pipeline(
+            paths,
+            cache,
+            progress_start=progress_start,
+            retention=retention_of(settings),
+            deltas=deltas,
+        )
+        changed = pipeline.update_all(rehash=rehash)
+        # the deltas still missing, made (and checked) now, then published too
+        if deltas.run_pending():
+            changed = pipeline.update_all() or changed
+    finally:
+        cache.close()
+    _delete_expired(paths)  # with no grace period, what [retention] took out just now
+    result = UpdateResult(changed, len(pipeline.versions))
+    if not changed:
+        log.info("catalog unchanged (%d versions scanned)", result.versions)
+    if settings.mirrors:
+        from lxd_image_server.mirror.worker import push_once
+
+        results = push_once(settings.mirrors, paths)
+        for r in results:
+            if r.ok:
+                log.info("mirror %s: pushed in %.1f s", r.name, r.duration)
+            else:
+                log.error("mirror %s: push failed: %s", r.name, r.message)
+        failed = [r.name for r in results if not r.ok]
+        if failed:
+            raise MirrorsFailed(f"the push to {len(failed)} mirror(s) failed: {', '.join(failed)}")
+    return result
+
+
+def watch(
+    paths: Paths,
+    settings: Settings,
+    reload_settings: Callable[[], Settings],
+    max_watches: int,
+    rescan_interval: float,
+) -> int:
+    """`watch`: publishes the tree, then republishes on every change and pushes to the mirrors
+    after each publish, until stopped; returns the exit status. On SIGHUP the settings come
+    from `reload_settings` (which raises to keep the old ones) and are applied to the mirrors,
+    [retention] and the deltas."""
+    from lxd_image_server.catalog.watch import Watcher
+    from lxd_image_server.mirror.worker import Mirrors
+
+    mirrors = Mirrors(paths)
+    deltas = DeltaService(paths.img_dir, paths.state_dir, delta_config(settings), BACKGROUND)
+
+    def reload() -> None:
+        new = reload_settings()
+        mirrors.configure(new.mirrors)
+        pipeline.retention = retention_of(new)
+        deltas.configure(delta_config(new))
+
+    cache = HashCache(paths.cache_path)
+    try:
+        pipeline = Pipeline(paths, cache, retention=retention_of(settings), deltas=deltas)
+        pipeline.on_publish.append(mirrors.request)
+        mirrors.configure(settings.mirrors)
+        watcher = Watcher(
+            pipeline,
+            on_reload=reload,
+            pid_file=paths.state.watch_pid,
+            max_watches=max_watches,
+            rescan_interval=rescan_interval,
+        )
+        return watcher.run()
+    finally:
+        mirrors.stop()
+        cache.close()

@@ -1,0 +1,1 @@
+"""The host: the certificate, the nginx site, `init`, `run`, `health`."""

@@ -1,0 +1,356 @@
+"""`run`: nginx, the upload server and the watcher in the foreground, as one unit.
+
+What the seeds' container did with supervisord: prepares what `init` would (into the state
+directory, not /etc), starts the three as child processes, logs to stdout, stops them all on
+SIGTERM/SIGINT (exit 0), and stops the rest and exits 1 if one of them dies.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import grp
+import logging
+import os
+import pwd
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+
+from lxd_image_server import handover, htpasswd
+from lxd_image_server.config import Paths, ServiceError
+from lxd_image_server.fsutil import can_traverse
+from lxd_image_server.service import nginx, tls
+from lxd_image_server.service.initialize import (
+    InitReport,
+    ensure_credentials,
+    ensure_tree,
+    instructions_for,
+)
+from lxd_image_server.settings import Settings
+
+log = logging.getLogger(__name__)
+
+STOP_TIMEOUT = 10.0
+#: The user nginx's workers take when `run` is root (Debian's nginx package makes it)
+WORKER_USER = "www-data"
+#: How `run` tells the upload app where the credentials are (unset: anonymous uploads)
+HTPASSWD_ENV = "LXD_IMAGE_SERVER_HTPASSWD"
+DIGEST_DIR_ENV = handover.DIR_ENV
+#: ... and that uploads need none (only with --allow-anonymous-uploads)
+ANONYMOUS_ENV = "ALLOW_ANONYMOUS_UPLOADS"
+
+
+class RunError(ServiceError):
+    """`run` will not start this way; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    paths: Paths
+    #: HOST:PORT or PORT
+    listen: str = "8443"
+    #: HOST:PORT or PORT of a plain-HTTP listener serving image files only (None: none)
+    http_listen: str | None = None
+    ssl_dir: str | None = None
+    htpasswd: str | None = None
+    allow_anonymous_uploads: bool = False
+    #: False: never make an upload user; with none in the htpasswd file, uploads get 401
+    create_user: bool = True
+    hostnames: tuple[str, ...] = ()
+    plain_http: bool = False
+    private: bool = False
+    verbose: bool = False
+    #: what the parts get: --config is handed to the watcher (which re-reads it on reload),
+    #: the settings as resolved here (every layer) to the upload app
+    config: str | None = None
+    settings: Settings = field(default_factory=Settings)
+    #: where the watcher logs (the --log-file given to `run`)
+    log_file: str = "STDOUT"
+
+    @property
+    def run_dir(self) -> str:
+        return self.paths.state.run_dir
+
+    @property
+    def nginx_dir(self) -> str:
+        return self.paths.state.nginx_dir
+
+    @property
+    def upload_socket(self) -> str:
+        return self.paths.state.upload_socket
+
+    @property
+    def url_file(self) -> str:
+        """Where `prepare` notes the URL nginx serves on (for `lxd-image-server health`)."""
+        return self.paths.state.url_file
+
+    def local_url(self) -> str:
+        """The URL of the catalog's root as seen from this machine."""
+        host, _, port = self.listen.rpartition(":")
+        if host in ("", "*", "0.0.0.0"):
+            host = "127.0.0.1"
+        elif host == "[::]":
+            host = "[::1]"
+        return f"{'http' if self.plain_http else 'https'}://{host}:{port}/"
+
+
+def _worker_user(must_reach: Sequence[str]) -> str | None:
+    """The user nginx's workers run as: None (ours) unless we are root, where they drop to
+    www-data. Never root: a link planted in the tree must not reach /etc/shadow or the key."""
+    if os.geteuid() != 0:
+        return None
+    try:
+        pw = pwd.getpwnam(WORKER_USER)
+    except KeyError:
+        raise RunError(
+            f"nginx's workers would run as root: there is no user {WORKER_USER} for them "
+            f"(create it, e.g. `adduser --system --group {WORKER_USER}`, or run "
+            "`lxd-image-server run` as a user other than root)"
+        ) from None
+    gids = {pw.pw_gid, *(g.gr_gid for g in grp.getgrall() if pw.pw_name in g.gr_mem)}
+    blocked = [p for p in must_reach if not can_traverse(p, pw.pw_uid, gids)]
+    if blocked:
+        raise RunError(
+            f"nginx's workers would run as root: {WORKER_USER} cannot reach "
+            f"{', '.join(blocked)}. Make these directories and their parents traversable "
+            f"(e.g. chmod o+x, or group {WORKER_USER} with g+x), move them somewhere it can "
+            "reach, or run `lxd-image-server run` as a user other than root"
+        )
+    return f"{WORKER_USER} {WORKER_USER}"
+
+
+@dataclass(frozen=True)
+class Prepared:
+    #: nginx.conf for the nginx `run` starts
+    conf: str
+    #: "USER GROUP" of nginx's workers; None: ours
+    worker_user: str | None
+    #: the credentials nginx (and the upload app) check; None: anonymous uploads
+    htpasswd: str | None
+    report: InitReport
+
+
+def prepare(opts: RunOptions) -> Prepared:
+    """Tree, catalog, certificate, credentials, nginx config."""
+    if opts.private and opts.allow_anonymous_uploads:
+        raise RunError("--private needs credentials: it cannot go with --allow-anonymous-uploads")
+    report = InitReport()
+    ensure_tree(opts.paths, report)
+    for d in (opts.run_dir, opts.nginx_dir, digest_dir(opts)):
+        os.makedirs(d, exist_ok=True)
+    htpasswd_path = None
+    if not opts.allow_anonymous_uploads:
+        htpasswd_path = opts.htpasswd or opts.paths.state.htpasswd
+        os.makedirs(os.path.dirname(os.path.abspath(htpasswd_path)), exist_ok=True)
+    must_reach = [opts.paths.root_dir, opts.paths.state_dir]
+    if htpasswd_path:
+        must_reach.append(os.path.dirname(os.path.abspath(htpasswd_path)))
+    user = _worker_user(must_reach)
+    if user:
+        # the workers must reach the upload socket and their temp dirs
+        group = user.split()[1]
+        os.chmod(opts.run_dir, 0o750)
+        with contextlib.suppress(KeyError):
+            os.chown(opts.run_dir, 0, grp.getgrnam(group).gr_gid)
+    ssl_dir = opts.ssl_dir or opts.paths.state.ssl_dir
+    if not opts.plain_http:
+        report.cert = tls.ensure_certificate(ssl_dir, opts.hostnames or ("localhost",))
+    if htpasswd_path:
+        if opts.create_user:
+            ensure_credentials(htpasswd_path, "upload", report)
+        elif not htpasswd.read_users(htpasswd_path):
+            if not os.path.exists(htpasswd_path):
+                Path(htpasswd_path).touch(0o640)  # nginx answers 500, not 401, without it
+            log.warning(
+                "uploads are refused (401): %s has no users; add one with "
+                "`lxd-image-server passwd USER --htpasswd %s` (no restart needed)",
+                htpasswd_path,
+                htpasswd_path,
+            )
+    settings = nginx.SiteSettings(
+        root_dir=opts.paths.root_dir,
+        upload_socket=opts.upload_socket,
+        listen=(opts.listen,),
+        tls=not opts.plain_http,
+        ssl_dir=ssl_dir,
+        htpasswd=htpasswd_path,
+        private=opts.private,
+        overwrites=opts.settings.allow_overwrites,
+        http_listen=(opts.http_listen,) if opts.http_listen else (),
+        server_names=opts.hostnames,
+    )
+    base = Path(opts.nginx_dir)
+    http_snippet = base / "http-locations.conf"
+    (base / "locations.conf").write_text(nginx.render_locations(settings))
+    if opts.http_listen:
+        http_snippet.write_text(nginx.render_http_locations(settings))
+    else:
+        http_snippet.unlink(missing_ok=True)
+    (base / "site.conf").write_text(
+        nginx.render_site(settings, str(base / "locations.conf"), None, str(http_snippet))
+    )
+    conf = base / "nginx.conf"
+    conf.write_text(
+        nginx.render_standalone(opts.run_dir, str(base / "site.conf"), user, opts.verbose)
+    )
+    nginx.check(str(conf), prefix=opts.run_dir)
+    Path(opts.url_file).write_text(opts.local_url() + "\n")
+    return Prepared(str(conf), user, htpasswd_path, report)
+
+
+def _commands(opts: RunOptions, conf: str, user: str | None) -> dict[str, list[str]]:
+    py = sys.executable
+    tree = ["--root-dir", opts.paths.root_dir]
+    watch = [py, "-m", "lxd_image_server", "--state-dir", opts.paths.state_dir]
+    watch += ["--log-file", opts.log_file]
+    if opts.config:
+        watch += ["--config", opts.config]
+    if opts.verbose:
+        watch.append("--verbose")
+    watch += ["watch", *tree]
+    upload = [
+        py,
+        "-m",
+        "gunicorn",
+        "-c",
+        "python:lxd_image_server.web.gunicorn_conf",
+        "--bind",
+        f"unix:{opts.upload_socket}",
+    ]
+    if opts.verbose:
+        upload += ["--access-logfile", "-"]  # off in gunicorn_conf
+    if user:
+        upload += ["--group", user.split()[1], "--umask", "0o007"]
+    upload.append("lxd_image_server.web.upload:app_from_env()")
+    return {
+        "watcher": watch,
+        "upload": upload,
+        "nginx": [nginx.nginx_binary(), "-p", opts.run_dir, "-c", conf, "-e", "stderr"],
+    }
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGTERM when `run` dies, even by SIGKILL (no orphans)."""
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
+class Supervisor:
+    """Starts children, waits for a stop signal or a death, stops the rest."""
+
+    def __init__(self, commands: dict[str, list[str]], env: dict[str, str]) -> None:
+        self.commands = commands
+        self.env = env
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.stop = threading.Event()
+        self.signal_name = ""
+
+    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
+        self.signal_name = signal.Signals(signum).name
+        self.stop.set()
+
+    def run(self) -> int:
+        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            for name, cmd in self.commands.items():
+                log.info("starting %s: %s", name, " ".join(cmd))
+                # own process group: a terminal's Ctrl-C reaches us only, we stop them in order
+                self.procs[name] = subprocess.Popen(
+                    cmd, env=self.env, start_new_session=True, preexec_fn=_die_with_parent
+                )
+            failed = ""
+            while not self.stop.wait(0.2):
+                failed = next((n for n, p in self.procs.items() if p.poll() is not None), "")
+                if failed:
+                    log.error(
+                        "%s exited with status %s; stopping everything",
+                        failed,
+                        self.procs[failed].returncode,
+                    )
+                    break
+            if not failed:
+                log.info("received %s; stopping", self.signal_name)
+            self._stop_all()
+            return 1 if failed else 0
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+            self._stop_all()
+
+    def _stop_all(self) -> None:
+        # nginx first (no new requests), then uploads, then the watcher publishes what landed
+        for name in ("nginx", "upload", "watcher"):
+            p = self.procs.get(name)
+            if p is None or p.poll() is not None:
+                continue
+            sig = signal.SIGQUIT if name == "nginx" else signal.SIGTERM
+            with contextlib.suppress(ProcessLookupError):
+                p.send_signal(sig)
+            try:
+                p.wait(STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                log.warning("%s did not stop in %.0f s; killing it", name, STOP_TIMEOUT)
+                p.kill()
+                p.wait()
+
+
+def digest_dir(opts: RunOptions) -> str:
+    """Where the upload app hands its digests to the watcher (handover.py)."""
+    return os.path.join(opts.paths.state_dir, handover.DIR_NAME)
+
+
+def upload_env(
+    opts: RunOptions, htpasswd_path: str | None, base: dict[str, str] | None = None
+) -> dict[str, str]:
+    """The children's environment. The upload app reads its settings from the environment,
+    which outranks every configuration file: it gets the values `run` resolved, --config
+    included, and the credentials nginx checks (the app checks them too, so its socket is no
+    way around them)."""
+    env = dict(os.environ if base is None else base)
+    s = opts.settings
+    env["LXD_IMAGE_SERVER_IMG_DIR"] = opts.paths.img_dir
+    env[DIGEST_DIR_ENV] = digest_dir(opts)
+    if htpasswd_path:
+        env[HTPASSWD_ENV] = os.path.abspath(htpasswd_path)
+        env.pop(ANONYMOUS_ENV, None)
+    else:
+        env.pop(HTPASSWD_ENV, None)
+        env[ANONYMOUS_ENV] = "yes"
+    env["ALLOW_OVERWRITES"] = "1" if s.allow_overwrites else "0"
+    env["ALLOW_DELETES"] = "1" if s.allow_deletes else "0"
+    env["DEBUG"] = "1" if opts.verbose else "0"
+    env["UPLOAD_MAX_SIZE"] = str(s.max_upload_size or 0)
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+def run(opts: RunOptions, hostnames_for_help: Sequence[str] = ()) -> int:
+    prepared = prepare(opts)
+    report = prepared.report
+    for change in report.changes:
+        log.info("%s", change)
+    if report.new_credentials:
+        upload_user, password = report.new_credentials
+        log.warning(
+            "upload credentials created: user %s password %s (shown once)", upload_user, password
+        )
+    if opts.allow_anonymous_uploads:
+        log.warning("anonymous uploads are allowed: anyone who reaches this server may upload")
+    names = hostnames_for_help or opts.hostnames
+    text = instructions_for(report, names, opts.listen, default_host="127.0.0.1")
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+    started = time.monotonic()
+    rc = Supervisor(
+        _commands(opts, prepared.conf, prepared.worker_user),
+        upload_env(opts, prepared.htpasswd),
+    ).run()
+    log.info("stopped after %.0f s", time.monotonic() - started)
+    return rc
