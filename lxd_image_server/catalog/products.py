@@ -42,7 +42,7 @@ class BuiltVersion:
     #: "container" and/or "virtual-machine"
     types: frozenset[str]
     #: the version's entry in its product's "versions": {"items": items}, which keeps its JSON
-    #: once encoded (catalog_json), so a publish reuses the text of every version it built before
+    #: once encoded (encode.py), so a publish reuses the text of every version it built before
     entry: Encoded = field(init=False, repr=False, compare=False)
     #: serial_sort_key of the serial, kept: the products sort every version at every publish
     order: tuple[str, str] = field(init=False, repr=False, compare=False)

@@ -73,7 +73,7 @@ _LOCK_FLAGS = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBL
 
 def encode(doc: dict[str, Any]) -> bytes:
     """json.dumps(doc, sort_keys=True, indent=1, ensure_ascii=False) + a line break, as bytes
-    (catalog_json: the same bytes, reusing the text of versions encoded before)."""
+    (encode.py: the same bytes, reusing the text of versions encoded before)."""
     return catalog_json.encode_utf8(doc) + b"\n"
 
 
@@ -171,7 +171,7 @@ def publish(
 
     Returns True when something was written. The caller holds `catalog_lock`. The previous
     documents are compared byte for byte (with their own `updated`), read bounded.
-    `images_gz` keeps what was compressed of the previous images.json (catalog_gzip).
+    `images_gz` keeps what was compressed of the previous images.json (gzip_chunks.py).
     """
     images_path = os.path.join(streams_dir, "images.json")
     index_path = os.path.join(streams_dir, "index.json")

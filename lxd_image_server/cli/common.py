@@ -1,6 +1,6 @@
 """What the command modules share: the global options, the tree options, the tree's paths, and
-the one map from the package's errors to exit codes. cli.py loads the other command modules
-(cli_*.py) by name, so they import this module, never cli.py."""
+the one map from the package's errors to exit codes. root.py loads the other command modules
+(ops.py, mirror.py, health.py) by name, so they import this module, never root.py."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """`lxd-image-server mirror ...`: the mirrors' state on the master, and `authorize` on a mirror.
 
-Registered in cli.py with `main.add_command(mirror)`.
+Registered in root.py with `main.add_command(mirror)`.
 """
 
 from __future__ import annotations

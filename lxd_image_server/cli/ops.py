@@ -1,7 +1,7 @@
 """The operator commands: import, push, list, verify, prune, remove. Options in, calls out.
 
-cli.py loads them by name when one is used (LazyGroup); what they share with cli.py comes from
-cli_common.py, with the one map from errors to exit codes. Commands that change the tree
+root.py loads them by name when one is used (LazyGroup); what they share with root.py comes
+from common.py, with the one map from errors to exit codes. Commands that change the tree
 publish the result themselves (updating.with_pipeline), under the catalog lock, so they work
 with or without a running watcher.
 Exit codes: 0 done, 1 failed (or `verify` found problems), 2 usage error.

@@ -1,8 +1,8 @@
-"""The lxd-image-server command: options in, one call out, errors to exit codes (cli_common).
+"""The lxd-image-server command: options in, one call out, errors to exit codes (cli/common.py).
 
-The use cases live below: `update` and `watch` in updating.py, `init` in initialize.py, `run` in
-run.py; the operator commands are in cli_ops.py, `mirror` in cli_mirror.py, `health` in
-cli_health.py, loaded by name when used."""
+The use cases live below: `update` and `watch` in ops/updating.py, `init` in
+service/initialize.py, `run` in service/run.py; the operator commands are in cli/ops.py,
+`mirror` in cli/mirror.py, `health` in cli/health.py, loaded by name when used."""
 
 from __future__ import annotations
 

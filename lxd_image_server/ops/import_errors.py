@@ -1,4 +1,4 @@
-"""The importer's errors (`import`, `push`): what cli_common.EXIT_CODES maps to exit codes."""
+"""The importer's errors (`import`, `push`): what cli/common.py EXIT_CODES maps to exit codes."""
 
 from __future__ import annotations
 
