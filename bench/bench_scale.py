@@ -50,6 +50,7 @@ from common import (
     settle,
     tail,
     verdict,
+    wait_for,
 )
 
 #: a version's two files
@@ -59,7 +60,6 @@ GOAL_NOCHANGE = 3.0
 GOAL_COLD = 10.0
 GOAL_WATCH_S = 0.5
 GOAL_RSS_MIB = 150.0
-POLL_INTERVAL = 0.01
 STOP_TIMEOUT = 60.0
 
 
@@ -108,24 +108,6 @@ def peak_rss_mib(pid: int) -> float:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) * 1024 / MiB
     raise BenchError(f"no VmHWM in /proc/{pid}/status")
-
-
-def wait_for(
-    what: str, check: Callable[[], bool], proc: subprocess.Popen[bytes], log: Path, timeout: float
-) -> float:
-    """Polls `check` every 10 ms; returns the perf_counter() time it first held."""
-    deadline = time.perf_counter() + timeout
-    while True:
-        if check():
-            return time.perf_counter()
-        if proc.poll() is not None:
-            raise BenchError(
-                f"the watcher exited with status {proc.returncode} while waiting for {what}:\n"
-                + tail(log)
-            )
-        if time.perf_counter() > deadline:
-            raise BenchError(f"no {what} after {timeout:.0f} s; the watcher's log:\n{tail(log)}")
-        time.sleep(POLL_INTERVAL)
 
 
 def listed(root: Path, name: str) -> Callable[[], bool]:

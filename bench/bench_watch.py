@@ -48,12 +48,12 @@ from common import (
     sha256_seconds,
     tail,
     total_size,
+    wait_for,
     warm,
 )
 
 #: Seconds the original lxd-image-server took to list a new version.
 ORIGINAL_SECONDS = 15.0
-POLL_INTERVAL = 0.01
 STOP_TIMEOUT = 60.0
 
 
@@ -70,24 +70,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if args.size_mb < 1:
         parser.error("--size-mb must be at least 1")
     return args
-
-
-def wait_for(
-    what: str, check: Callable[[], bool], proc: subprocess.Popen[bytes], log: Path, timeout: float
-) -> float:
-    """Polls `check` every 10 ms; returns the perf_counter() time it first held."""
-    deadline = time.perf_counter() + timeout
-    while True:
-        if check():
-            return time.perf_counter()
-        if proc.poll() is not None:
-            raise BenchError(
-                f"the watcher exited with status {proc.returncode} while waiting for {what}; "
-                f"its log:\n{tail(log)}"
-            )
-        if time.perf_counter() > deadline:
-            raise BenchError(f"no {what} after {timeout:.0f} s; the watcher's log:\n{tail(log)}")
-        time.sleep(POLL_INTERVAL)
 
 
 def lists(root: Path, product_serial: str) -> Callable[[], bool]:

@@ -240,6 +240,28 @@ def run_timed(cmd: Sequence[str], log_path: Path, timeout: float) -> float:
     return elapsed
 
 
+#: how often wait_for looks
+POLL_INTERVAL = 0.01
+
+
+def wait_for(
+    what: str, check: Callable[[], bool], proc: subprocess.Popen[bytes], log: Path, timeout: float
+) -> float:
+    """Polls `check` every 10 ms; returns the perf_counter() time it first held."""
+    deadline = time.perf_counter() + timeout
+    while True:
+        if check():
+            return time.perf_counter()
+        if proc.poll() is not None:
+            raise BenchError(
+                f"the watcher exited with status {proc.returncode} while waiting for {what}; "
+                f"its log:\n{tail(log)}"
+            )
+        if time.perf_counter() > deadline:
+            raise BenchError(f"no {what} after {timeout:.0f} s; the watcher's log:\n{tail(log)}")
+        time.sleep(POLL_INTERVAL)
+
+
 def tail(path: Path, lines: int = 30) -> str:
     try:
         text = path.read_text(errors="replace")
