@@ -121,13 +121,14 @@ class Version:
         )
 
     def roots(self) -> tuple[Item, ...]:
-        """The root filesystems (ftypes a combined fingerprint exists for), by ftype."""
-        found = (i for i in self.items.values() if i.ftype in COMBINED_FIELDS)
-        return tuple(sorted(found, key=lambda i: i.ftype))
+        """The root filesystems (ftypes a combined fingerprint exists for), in the order of
+        COMBINED_FIELDS (squashfs, root.tar.xz, disk-kvm.img)."""
+        found = (self.by_ftype(ftype) for ftype in COMBINED_FIELDS)
+        return tuple(i for i in found if i is not None)
 
     def images(self, client: Client) -> tuple[Image, ...]:
         """The images `client` sees in this version: one per root its metadata item has a
-        fingerprint for (by root ftype), then the unified tarball's."""
+        fingerprint for (in the order of roots()), then the unified tarball's."""
         out: list[Image] = []
         meta = self.by_ftype(client.meta_ftype)
         if meta is not None:
@@ -140,6 +141,11 @@ class Version:
         if unified is not None:
             out.append(Image("container", "unified", unified.sha256, (unified,)))
         return tuple(out)
+
+    def client_images(self) -> tuple[Image, ...]:
+        """The images of this version as clients see them: LXD's view, or Incus's when the
+        version has no LXD items (the catalog lists both, the same images)."""
+        return self.images(Client.LXD) or self.images(Client.INCUS)
 
     def deltas(self, root_ftype: str) -> tuple[Item, ...]:
         """The deltas to this version's `root_ftype` root, by their base serial."""
@@ -294,6 +300,18 @@ def _item(doc: object, where: str) -> Item:
         delta_base=_opt_str(d, "delta_base", where),
         **combined,
     )
+
+
+def lenient_version(serial: str, items: Mapping[str, object]) -> Version:
+    """A Version of the items that are well formed, the others left out (the page shows what
+    it can of a catalog it did not read: the writer's products, not a file)."""
+    kept: dict[str, Item] = {}
+    for key, value in items.items():
+        try:
+            kept[key] = _item(value, key)
+        except ValueError:
+            continue
+    return Version(serial, kept)
 
 
 def _version(serial: str, doc: object, where: str) -> Version:

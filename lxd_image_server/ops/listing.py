@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from lxd_image_server.catalog.model import Catalog, Client, catalog_from_json
+from lxd_image_server.catalog.model import Catalog, catalog_from_json
 from lxd_image_server.catalog.readback import read_document
 from lxd_image_server.progress import human
 
@@ -68,8 +68,8 @@ def image_rows(catalog: Catalog) -> list[ImageRow]:
         product = catalog.products[pkey]
         for serial in product.serials():
             version = product.versions[serial]
-            images = version.images(Client.LXD) or version.images(Client.INCUS)
-            for image in images:
+            images = version.client_images()
+            for image in sorted(images, key=lambda i: (i.root == "unified", i.root)):
                 rows.append(
                     ImageRow(
                         product=pkey,

@@ -7,6 +7,7 @@ Everything here is pure: no file system access.
 
 from __future__ import annotations
 
+import datetime as dt
 import re
 from dataclasses import dataclass
 from enum import Enum
@@ -146,6 +147,18 @@ def serial_sort_key(serial: str) -> tuple[str, str]:
     """Orders serials of any accepted spelling by the time they name (the digits, then the
     spelling): the one order of versions everywhere (catalog, page, listing, retention)."""
     return (_NON_DIGITS.sub("", serial), serial)
+
+
+def serial_time(serial: str) -> dt.datetime | None:
+    """The build time a serial names (YYYYMMDD, then optionally HHMM), or None."""
+    digits = _NON_DIGITS.sub("", serial)
+    for length, fmt in ((12, "%Y%m%d%H%M"), (8, "%Y%m%d")):
+        if len(digits) >= length:
+            try:
+                return dt.datetime.strptime(digits[:length], fmt)
+            except ValueError:
+                continue
+    return None
 
 
 def delta_token(serial: str) -> str:
