@@ -134,11 +134,11 @@ def test_images_of_a_version_per_client() -> None:
 
 
 def test_a_unified_tarball_stands_alone_for_its_own_client() -> None:
-    unified = {"ftype": "incus_combined.tar.gz", "path": "images/u", "size": 9, "sha256": "u"}
-    version = lenient_version("20240101_1200", {"x": unified, "junk": 5})
+    unified = Item("incus_combined.tar.gz", "images/u", 9, "u")
+    version = lenient_version("20240101_1200", {"x": unified.to_json(), "junk": 5})
     assert version.images(Client.LXD) == ()
     (image,) = version.images(Client.INCUS)
-    assert image == Image("container", "unified", "u", (Item(**unified),))
+    assert image == Image("container", "unified", "u", (unified,))
 
 
 def test_unknown_fields_are_ignored_and_round_trip_drops_them() -> None:
