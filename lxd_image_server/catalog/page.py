@@ -20,25 +20,20 @@ file is written (nginx may be reached under any name), so a tiny script fills it
 from __future__ import annotations
 
 import base64
-import datetime as dt
 import errno
 import hashlib
 import html
 import logging
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
-from lxd_image_server.catalog.products import (
-    CLIENT_META_FTYPES,
-    CLIENT_UNIFIED_FTYPES,
-    serial_sort_key,
-)
+from lxd_image_server.catalog.model import lenient_version
 from lxd_image_server.catalog.publish import PublishError, updated_in, write_atomic
 from lxd_image_server.fsutil import TooLarge, read_regular
-from lxd_image_server.tree.layout import COMBINED_FIELDS, VM_FTYPES
+from lxd_image_server.tree.layout import serial_sort_key, serial_time
 
 log = logging.getLogger(__name__)
 
@@ -78,67 +73,12 @@ class Image:
     size: int | None
 
 
-def _size(*items: Mapping[str, Any]) -> int | None:
-    sizes = [i.get("size") for i in items]
-    if all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in sizes):
-        return sum(s for s in sizes if isinstance(s, int))
-    return None
-
-
-def _by_ftype(items: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
-    """Each ftype's item: the first in key order with that ftype (keys are free, ftype
-    counts)."""
-    by_ftype: dict[str, Mapping[str, Any]] = {}
-    for key in sorted(items):
-        item = items[key]
-        if isinstance(item, dict | Mapping):
-            ftype = item.get("ftype")
-            if isinstance(ftype, str) and ftype not in by_ftype:
-                by_ftype[ftype] = item
-    return by_ftype
-
-
-def _first_item(items: Mapping[str, Any], ftypes: Iterable[str]) -> Mapping[str, Any] | None:
-    """The item whose ftype is the first of `ftypes` present (keys are free, ftype counts)."""
-    by_ftype = _by_ftype(items)
-    return next((by_ftype[f] for f in ftypes if f in by_ftype), None)
-
-
-def version_images(items: Mapping[str, Any]) -> list[Image]:
-    """The images a client builds from one version's items.
-
-    A metadata item with a combined fingerprint for a root present gives one image per root
-    (fingerprint: that combined_* field); a unified tarball gives one image (its sha256).
-    """
-    images: list[Image] = []
-    by_ftype = _by_ftype(items)
-    meta = next((by_ftype[f] for f in CLIENT_META_FTYPES if f in by_ftype), None)
-    if meta is not None:
-        for root_ftype, fields in COMBINED_FIELDS.items():
-            root = by_ftype.get(root_ftype)
-            if root is None:
-                continue
-            fp = next((meta[f] for f in fields if isinstance(meta.get(f), str)), None)
-            if fp is None:
-                continue
-            kind = VM if root_ftype in VM_FTYPES else CONTAINER
-            images.append(Image(kind, root_ftype, fp, _size(meta, root)))
-    unified = next((by_ftype[f] for f in CLIENT_UNIFIED_FTYPES if f in by_ftype), None)
-    if unified is not None and isinstance(unified.get("sha256"), str):
-        images.append(Image(CONTAINER, "unified", unified["sha256"], _size(unified)))
-    return images
-
-
-def serial_time(serial: str) -> dt.datetime | None:
-    """The build time a serial names (YYYYMMDD, then optionally HHMM), or None."""
-    digits = "".join(c for c in serial if c.isdigit())
-    for length, fmt in ((12, "%Y%m%d%H%M"), (8, "%Y%m%d")):
-        if len(digits) >= length:
-            try:
-                return dt.datetime.strptime(digits[:length], fmt)
-            except ValueError:
-                continue
-    return None
+def version_images(items: Mapping[str, Any], serial: str = "") -> list[Image]:
+    """The images a client builds from one version's items (model.Version.client_images: a
+    metadata item with a combined fingerprint for a root present gives one image per root, a
+    unified tarball one image); items that are not well formed are left out."""
+    version = lenient_version(serial, items)
+    return [Image(i.type, i.root, i.fingerprint, i.size) for i in version.client_images()]
 
 
 def human_size(n: int) -> str:
@@ -261,7 +201,7 @@ def _product_images(product: Mapping[str, Any]) -> dict[str, list[Image]]:
     raw_versions = product.get("versions")
     versions: Mapping[str, Any] = raw_versions if isinstance(raw_versions, Mapping) else {}
     serials = sorted(versions, key=serial_sort_key, reverse=True)
-    return {s: version_images(_items(versions[s])) for s in serials}
+    return {s: version_images(_items(versions[s]), s) for s in serials}
 
 
 def _render_product(

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -17,7 +16,13 @@ from typing import Any
 from lxd_image_server.catalog.deltas import candidates
 from lxd_image_server.catalog.encode import Encoded
 from lxd_image_server.catalog.hashing import Digests
-from lxd_image_server.tree.layout import COMBINED_FIELDS, VM_FTYPES, Role, VersionKey
+from lxd_image_server.tree.layout import (
+    COMBINED_FIELDS,
+    VM_FTYPES,
+    Role,
+    VersionKey,
+    serial_sort_key,
+)
 from lxd_image_server.tree.scan import FileStat, ScannedVersion
 
 log = logging.getLogger(__name__)
@@ -28,11 +33,6 @@ CLIENT_META_FTYPES = ("lxd.tar.xz", "incus.tar.xz")
 CLIENT_UNIFIED_FTYPES = ("lxd_combined.tar.gz", "incus_combined.tar.gz")
 
 Products = dict[str, dict[str, Any]]
-
-
-def serial_sort_key(serial: str) -> tuple[str, str]:
-    """Orders serials of any accepted spelling by the time they name."""
-    return (re.sub(r"\D", "", serial), serial)
 
 
 @dataclass(frozen=True)

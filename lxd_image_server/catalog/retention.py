@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from lxd_image_server.catalog.deltas import drop_deltas_on
-from lxd_image_server.catalog.products import Products, serial_sort_key
+from lxd_image_server.catalog.products import Products
 from lxd_image_server.catalog.publish import write_atomic
 from lxd_image_server.config import Paths, StateDir
 from lxd_image_server.fsutil import (
@@ -48,6 +48,7 @@ from lxd_image_server.tree.layout import (
     LayoutError,
     check_component,
     parse_version_dir,
+    serial_sort_key,
     valid_serial,
 )
 

@@ -248,8 +248,8 @@ def verify_cmd(
     from lxd_image_server.ops.verify import verify
 
     paths = tree_paths(g, root_dir, img_dir, streams_dir)
-    doc = listing.read_catalog(paths.streams_dir)
-    report = verify(paths.root_dir, doc, progress_start=_terminal_progress("verifying"))
+    catalog = listing.read_catalog(paths.streams_dir)
+    report = verify(paths.root_dir, catalog, progress_start=_terminal_progress("verifying"))
     for problem in report.problems:
         click.echo(str(problem))
     summary = (

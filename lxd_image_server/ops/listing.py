@@ -15,14 +15,9 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from lxd_image_server.catalog.products import (
-    CLIENT_META_FTYPES,
-    CLIENT_UNIFIED_FTYPES,
-    serial_sort_key,
-)
+from lxd_image_server.catalog.model import Catalog, catalog_from_json
 from lxd_image_server.catalog.readback import read_document
 from lxd_image_server.progress import human
-from lxd_image_server.tree.layout import COMBINED_FIELDS, VM_FTYPES
 
 FORMATS = ("table", "json", "csv")
 
@@ -49,7 +44,7 @@ class ImageRow:
     deltas: tuple[str, ...] = ()
 
 
-def read_catalog(streams_dir: str) -> dict[str, Any]:
+def read_catalog(streams_dir: str) -> Catalog:
     path = os.path.join(streams_dir, "images.json")
     try:
         doc = read_document(path)
@@ -59,70 +54,38 @@ def read_catalog(streams_dir: str) -> dict[str, Any]:
         raise CatalogMissing(f"cannot read {path}: {e.strerror or e}") from None
     except ValueError as e:
         raise CatalogMissing(f"cannot read {path}: {e}") from None
-    if not isinstance(doc, dict) or not isinstance(doc.get("products"), dict):
-        raise CatalogMissing(f"{path} is not a simplestreams products document")
-    return doc
+    try:
+        return catalog_from_json(doc)
+    except ValueError as e:
+        raise CatalogMissing(f"{path} is not a simplestreams products document: {e}") from None
 
 
-def _meta_item(items: dict[str, Any]) -> dict[str, Any] | None:
-    for ftype in CLIENT_META_FTYPES:
-        for item in items.values():
-            if item.get("ftype") == ftype:
-                return dict(item)
-    return None
-
-
-def image_rows(doc: dict[str, Any]) -> list[ImageRow]:
+def image_rows(catalog: Catalog) -> list[ImageRow]:
+    """One row per image of every version, as LXD sees it (Incus's view when a version has
+    no LXD items: both clients see the same images)."""
     rows: list[ImageRow] = []
-    for pkey in sorted(doc["products"]):
-        product = doc["products"][pkey]
-        aliases = tuple(a for a in str(product.get("aliases", "")).split(",") if a)
-        versions = product.get("versions") or {}
-        for serial in sorted(versions, key=serial_sort_key):
-            items: dict[str, Any] = versions[serial].get("items") or {}
-            meta = _meta_item(items)
-            for item in sorted(items.values(), key=lambda i: str(i.get("ftype"))):
-                ftype = item.get("ftype")
-                if ftype in COMBINED_FIELDS and meta is not None:
-                    rows.append(
-                        ImageRow(
-                            product=pkey,
-                            version=serial,
-                            type="virtual-machine" if ftype in VM_FTYPES else "container",
-                            root=str(ftype),
-                            size=int(meta.get("size", 0)) + int(item.get("size", 0)),
-                            fingerprint=str(meta.get(COMBINED_FIELDS[ftype][0], "")),
-                            aliases=aliases,
-                            files=(str(meta.get("path")), str(item.get("path"))),
-                            deltas=_deltas(items, f"{ftype}.vcdiff"),
-                        )
-                    )
-            unified = next(
-                (i for f in CLIENT_UNIFIED_FTYPES for i in items.values() if i.get("ftype") == f),
-                None,
-            )
-            if unified is not None:
+    for pkey in sorted(catalog.products):
+        product = catalog.products[pkey]
+        for serial in product.serials():
+            version = product.versions[serial]
+            images = version.client_images()
+            for image in sorted(images, key=lambda i: (i.root == "unified", i.root)):
                 rows.append(
                     ImageRow(
                         product=pkey,
                         version=serial,
-                        type="container",
-                        root="unified",
-                        size=int(unified.get("size", 0)),
-                        fingerprint=str(unified.get("sha256", "")),
-                        aliases=aliases,
-                        files=(str(unified.get("path")),),
+                        type=image.type,
+                        root=image.root,
+                        size=image.size,
+                        fingerprint=image.fingerprint,
+                        aliases=product.aliases,
+                        files=tuple(f.path for f in image.files),
+                        deltas=tuple(
+                            f"{d.delta_base} {d.size}" for d in version.deltas(image.root)
+                        ),
                     )
                 )
     return rows
-
-
-def _deltas(items: dict[str, Any], ftype: str) -> tuple[str, ...]:
-    found = [i for i in items.values() if i.get("ftype") == ftype and i.get("delta_base")]
-    return tuple(
-        f"{i['delta_base']} {int(i.get('size', 0))}"
-        for i in sorted(found, key=lambda i: serial_sort_key(str(i["delta_base"])))
-    )
 
 
 def render(rows: Iterable[ImageRow], fmt: str) -> str:

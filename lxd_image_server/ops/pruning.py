@@ -11,7 +11,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from lxd_image_server.catalog.pipeline import Pipeline
-from lxd_image_server.catalog.products import serial_sort_key
 from lxd_image_server.catalog.retention import (
     Pending,
     RetentionError,
@@ -20,6 +19,7 @@ from lxd_image_server.catalog.retention import (
     schedule,
     select_prunable,
 )
+from lxd_image_server.tree.layout import serial_sort_key
 from lxd_image_server.tree.scan import ScannedVersion
 
 

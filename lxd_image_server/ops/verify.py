@@ -13,10 +13,9 @@ import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 from lxd_image_server.catalog.hashing import FileChanged, Hasher, hash_file
-from lxd_image_server.catalog.products import CLIENT_META_FTYPES
+from lxd_image_server.catalog.model import COMBINED_ATTRS, Catalog, Client
 from lxd_image_server.fsutil import NotRegularFile
 from lxd_image_server.progress import Progress, no_progress
 from lxd_image_server.tree.layout import COMBINED_FIELDS, FileRole, Role, classify
@@ -65,55 +64,45 @@ class _Combined:
     expected: str
 
 
+#: a combined-fingerprint field's JSON name -> the root ftype it is the fingerprint with
+_ROOT_OF_FIELD = {name: ftype for ftype, names in COMBINED_FIELDS.items() for name in names}
+_META_FTYPES = frozenset(c.meta_ftype for c in Client)
+
+
 def _collect(
-    doc: dict[str, Any], bad_deltas: list[Problem]
+    catalog: Catalog, bad_deltas: list[Problem]
 ) -> tuple[dict[str, list[_Expect]], list[_Combined]]:
     """Every file the catalog names (with each listing of it: deltas too) and every combined
     fingerprint; deltas whose base is not in their product go to `bad_deltas`."""
     files: dict[str, list[_Expect]] = {}
     combined: list[_Combined] = []
-    for pkey in sorted(doc.get("products") or {}):
-        versions = doc["products"][pkey].get("versions") or {}
+    for pkey in sorted(catalog.products):
+        versions = catalog.products[pkey].versions
         for serial in sorted(versions):
-            items = (versions[serial] or {}).get("items") or {}
+            items = versions[serial].items
             for item in items.values():
-                base = item.get("delta_base")
+                base = item.delta_base
                 if base is not None and base not in versions:
                     bad_deltas.append(
                         Problem(
                             "delta",
                             f"{pkey} {serial}",
-                            f"{item.get('path')} is a delta from {base!r}, not a version here",
+                            f"{item.path} is a delta from {base!r}, not a version here",
                         )
                     )
-                rel = str(item.get("path", ""))
-                files.setdefault(rel, []).append(
-                    _Expect(rel, int(item.get("size", -1)), str(item.get("sha256", "")))
-                )
-            roots = {
-                i.get("ftype"): str(i.get("path", ""))
-                for i in items.values()
-                if i.get("ftype") in COMBINED_FIELDS
-            }
+                files.setdefault(item.path, []).append(_Expect(item.path, item.size, item.sha256))
+            roots = {i.ftype: i.path for i in items.values() if i.ftype in COMBINED_FIELDS}
             for item in items.values():
-                if item.get("ftype") not in CLIENT_META_FTYPES:
+                if item.ftype not in _META_FTYPES:
                     continue
-                for ftype, fields in COMBINED_FIELDS.items():
-                    for name in fields:
-                        if name in item and ftype in roots:
-                            combined.append(
-                                _Combined(
-                                    where=f"{pkey} {serial}",
-                                    field_name=name,
-                                    meta=str(item["path"]),
-                                    root=roots[ftype],
-                                    expected=str(item[name]),
-                                )
-                            )
-                        elif name in item:
-                            combined.append(
-                                _Combined(f"{pkey} {serial}", name, str(item["path"]), "", "")
-                            )
+                for name, attr in COMBINED_ATTRS.items():
+                    value = getattr(item, attr)
+                    if value is None:
+                        continue
+                    root = roots.get(_ROOT_OF_FIELD[name], "")
+                    combined.append(
+                        _Combined(f"{pkey} {serial}", name, item.path, root, value if root else "")
+                    )
     unique = {(c.where, c.field_name, c.meta, c.root, c.expected): c for c in combined}
     return files, list(unique.values())
 
@@ -157,12 +146,12 @@ def _stat(root_dir: str, rel: str) -> tuple[FileStat | None, Problem | None]:
 
 def verify(
     root_dir: str,
-    doc: dict[str, Any],
+    catalog: Catalog,
     progress_start: Callable[[int], Progress] | None = None,
 ) -> Report:
-    """Rehashes every file `doc` (images.json) lists below `root_dir`."""
+    """Rehashes every file `catalog` (images.json) lists below `root_dir`."""
     report = Report()
-    files, combined = _collect(doc, report.problems)
+    files, combined = _collect(catalog, report.problems)
     stats: dict[str, FileStat] = {}
     for rel in sorted(files):
         fs, problem = _stat(root_dir, rel)

@@ -7,6 +7,7 @@ Everything here is pure: no file system access.
 
 from __future__ import annotations
 
+import datetime as dt
 import re
 from dataclasses import dataclass
 from enum import Enum
@@ -39,6 +40,7 @@ _SERIAL_RE = re.compile(
     r"(?:_(?P<h1>[0-9]{2}):?(?P<n1>[0-9]{2})|(?P<h2>[0-9]{2})(?P<n2>[0-9]{2}))",
     re.ASCII,
 )
+_NON_DIGITS = re.compile(r"[^0-9]", re.ASCII)
 #: Longest directory or file name accepted below images/ (a unified tarball's name is 71).
 MAX_NAME = 128
 _NAME_RE = re.compile(rf"[A-Za-z0-9][A-Za-z0-9._+~-]{{0,{MAX_NAME - 1}}}", re.ASCII)
@@ -139,6 +141,24 @@ def valid_serial(serial: str) -> bool:
     hour = int(m["h1"] or m["h2"])
     minute = int(m["n1"] or m["n2"])
     return 1 <= month <= 12 and 1 <= day <= 31 and hour <= 23 and minute <= 59
+
+
+def serial_sort_key(serial: str) -> tuple[str, str]:
+    """Orders serials of any accepted spelling by the time they name (the digits, then the
+    spelling): the one order of versions everywhere (catalog, page, listing, retention)."""
+    return (_NON_DIGITS.sub("", serial), serial)
+
+
+def serial_time(serial: str) -> dt.datetime | None:
+    """The build time a serial names (YYYYMMDD, then optionally HHMM), or None."""
+    digits = _NON_DIGITS.sub("", serial)
+    for length, fmt in ((12, "%Y%m%d%H%M"), (8, "%Y%m%d")):
+        if len(digits) >= length:
+            try:
+                return dt.datetime.strptime(digits[:length], fmt)
+            except ValueError:
+                continue
+    return None
 
 
 def delta_token(serial: str) -> str:

@@ -11,8 +11,8 @@ from lxd_image_server.catalog.products import (
     Products,
     build_products,
     index_document,
-    serial_sort_key,
 )
+from lxd_image_server.tree.layout import serial_sort_key
 from lxd_image_server.tree.scan import Scanner
 
 from .helpers import blob, digest_once, sha, version_dir, write

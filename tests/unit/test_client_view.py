@@ -1,10 +1,10 @@
 """What LXD and Incus clients would make of our images.json.
 
-`client_images` restates, in Python, how both clients turn products into images
-(shared/simplestreams/products.go in canonical/lxd and lxc/incus): a metadata item of the
-client's own ftype pairs with every root item of the version, a unified item stands alone, and
-the fingerprint comes from the metadata item's combined_* field. Each image's files are then
-"downloaded" from the tree and checked the way the clients (and the LXD daemon) check them.
+The package's one definition of that is `Version.images(client)` (catalog/model.py), read from
+the published file by the one reader. Each image it gives is "downloaded" from the tree and
+checked the way the clients (and the LXD daemon) check them. `go_client_images` restates the
+clients' own code (shared/simplestreams/products.go in canonical/lxd and lxc/incus) on the raw
+JSON, independently of the model, and the two must agree.
 """
 
 import hashlib
@@ -15,6 +15,8 @@ from typing import Any
 import pytest
 
 from lxd_image_server.catalog.hashing import HashCache
+from lxd_image_server.catalog.model import Client, read_catalog
+from lxd_image_server.catalog.model import Image as ModelImage
 from lxd_image_server.catalog.pipeline import Pipeline
 from lxd_image_server.config import Paths
 
@@ -29,7 +31,7 @@ FINGERPRINT_FIELD = {
 KNOWN_ARCHES = {"amd64", "x86_64", "arm64", "aarch64"}
 
 
-def client_images(images_json: dict[str, Any], client: str) -> list[dict[str, Any]]:
+def go_client_images(images_json: dict[str, Any], client: str) -> list[dict[str, Any]]:
     meta_ftype = f"{client}.tar.xz"
     unified_ftype = f"{client}_combined.tar.gz"
     out: list[dict[str, Any]] = []
@@ -67,6 +69,26 @@ def client_images(images_json: dict[str, Any], client: str) -> list[dict[str, An
     return out
 
 
+def client_images(root: Path, client: Client) -> list[ModelImage]:
+    catalog = read_catalog(str(root / "streams/v1/images.json"))
+    return [
+        image
+        for product in catalog.products.values()
+        for serial in product.serials()
+        for image in product.versions[serial].images(client)
+    ]
+
+
+def download_and_verify_model(root: Path, image: ModelImage) -> None:
+    combined = hashlib.sha256()
+    for item in image.files:
+        data = (root / item.path).read_bytes()
+        assert len(data) == item.size
+        assert hashlib.sha256(data).hexdigest() == item.sha256
+        combined.update(data)
+    assert combined.hexdigest() == image.fingerprint
+
+
 def download_and_verify(root: Path, image: dict[str, Any]) -> None:
     combined = hashlib.sha256()
     for item in image["files"]:
@@ -98,25 +120,37 @@ def published(tmp_path):
     return tmp_path, json.loads((tmp_path / "streams/v1/images.json").read_bytes())
 
 
-@pytest.mark.parametrize("client", ["lxd", "incus"])
+@pytest.mark.parametrize("client", list(Client))
 def test_every_image_visible_and_verifiable(published, client):
-    root, doc = published
-    images = client_images(doc, client)
-    kinds = sorted((img["type"], img["files"][-1]["ftype"]) for img in images)
+    root, _ = published
+    images = client_images(root, client)
+    kinds = sorted((img.type, img.files[-1].ftype) for img in images)
     assert kinds == [
-        ("container", "incus_combined.tar.gz" if client == "incus" else "lxd_combined.tar.gz"),
+        ("container", client.unified_ftype),
         ("container", "root.tar.xz"),
         ("container", "squashfs"),
         ("virtual-machine", "disk-kvm.img"),
     ]
     for image in images:
+        download_and_verify_model(root, image)
+
+
+@pytest.mark.parametrize("client", list(Client))
+def test_the_model_sees_what_the_clients_code_sees(published, client):
+    root, doc = published
+    theirs = go_client_images(doc, client.name.lower())
+    mine = client_images(root, client)
+    assert sorted((i["fingerprint"], tuple(f["path"] for f in i["files"])) for i in theirs) == (
+        sorted((i.fingerprint, tuple(f.path for f in i.files)) for i in mine)
+    )
+    for image in theirs:
         download_and_verify(root, image)
 
 
 def test_both_clients_see_the_same_fingerprints(published):
-    _, doc = published
-    lxd = sorted(i["fingerprint"] for i in client_images(doc, "lxd"))
-    incus = sorted(i["fingerprint"] for i in client_images(doc, "incus"))
+    root, _ = published
+    lxd = sorted(i.fingerprint for i in client_images(root, Client.LXD))
+    incus = sorted(i.fingerprint for i in client_images(root, Client.INCUS))
     assert lxd == incus
     assert len(set(lxd)) == 4
 

@@ -26,7 +26,6 @@ from lxd_image_server.catalog.page import (
     content_security_policy,
     human_size,
     render_page,
-    serial_time,
     version_images,
     write_page,
 )
@@ -34,6 +33,7 @@ from lxd_image_server.catalog.pipeline import Pipeline
 from lxd_image_server.catalog.publish import publish
 from lxd_image_server.config import Paths
 from lxd_image_server.service.nginx import SiteSettings, render_locations
+from lxd_image_server.tree.layout import serial_time
 
 from .helpers import blob, sha, version_dir, write
 

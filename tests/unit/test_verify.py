@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from lxd_image_server.catalog.hashing import HashCache
+from lxd_image_server.catalog.model import catalog_from_json
 from lxd_image_server.catalog.pipeline import Pipeline
 from lxd_image_server.config import Paths
 from lxd_image_server.ops.verify import verify
@@ -58,7 +59,7 @@ def flip(path: Path, offset: int) -> None:
 
 
 def test_a_good_tree_verifies(tree: Paths) -> None:
-    report = verify(tree.root_dir, catalog(tree))
+    report = verify(tree.root_dir, catalog_from_json(catalog(tree)))
     assert report.ok, report.problems
     assert report.files == 6
     assert report.bytes == 1000 + 50_000 + 30_000 + 900 + 40_000 + 20_000
@@ -68,7 +69,7 @@ def test_a_good_tree_verifies(tree: Paths) -> None:
 
 def test_a_flipped_byte_is_found(tree: Paths) -> None:
     flip(Path(tree.root_dir, DEFAULT, "rootfs.squashfs"), 12_345)
-    report = verify(tree.root_dir, catalog(tree))
+    report = verify(tree.root_dir, catalog_from_json(catalog(tree)))
     assert kinds(report) == [
         ("fingerprint", "busybox:1.35:amd64:default 20240101_12:00"),
         ("sha256", f"{DEFAULT}/rootfs.squashfs"),
@@ -77,7 +78,7 @@ def test_a_flipped_byte_is_found(tree: Paths) -> None:
 
 def test_a_flipped_byte_in_shared_metadata_breaks_every_fingerprint(tree: Paths) -> None:
     flip(Path(tree.root_dir, DEFAULT, "lxd.tar.xz"), 10)
-    report = verify(tree.root_dir, catalog(tree))
+    report = verify(tree.root_dir, catalog_from_json(catalog(tree)))
     assert kinds(report) == [
         ("fingerprint", "busybox:1.35:amd64:default 20240101_12:00"),
         ("fingerprint", "busybox:1.35:amd64:default 20240101_12:00"),
@@ -93,7 +94,7 @@ def test_missing_and_truncated_files(tree: Paths) -> None:
         tree.root_dir, "images/busybox/1.35/amd64/unified/20240101_12:00/0123abcd.tar.gz"
     )
     unified.write_bytes(unified.read_bytes()[:-1])
-    report = verify(tree.root_dir, catalog(tree))
+    report = verify(tree.root_dir, catalog_from_json(catalog(tree)))
     assert kinds(report) == [
         ("missing", f"{DEFAULT}/disk.qcow2"),
         ("size", str(unified.relative_to(tree.root_dir))),
@@ -105,7 +106,7 @@ def test_a_wrong_fingerprint_in_the_catalog(tree: Paths) -> None:
     doc = catalog(tree)
     items = doc["products"]["busybox:1.35:amd64:rootxz"]["versions"]["20240101_12:00"]["items"]
     items["lxd.tar.xz"]["combined_sha256"] = "0" * 64
-    report = verify(tree.root_dir, doc)
+    report = verify(tree.root_dir, catalog_from_json(doc))
     assert kinds(report) == [("fingerprint", "busybox:1.35:amd64:rootxz 20240101_12:00")]
     assert "combined_sha256" in str(report.problems[0])
 
@@ -115,7 +116,7 @@ def test_paths_leaving_the_root_are_reported_not_read(tree: Paths) -> None:
     items = doc["products"]["busybox:1.35:amd64:unified"]["versions"]["20240101_12:00"]["items"]
     for item in items.values():
         item["path"] = "../../etc/passwd"
-    report = verify(tree.root_dir, doc)
+    report = verify(tree.root_dir, catalog_from_json(doc))
     assert kinds(report) == [("outside", "../../etc/passwd")]
 
 
@@ -127,7 +128,7 @@ def test_progress_counts_every_byte(tree: Paths) -> None:
         totals.append(total)
         return seen.append
 
-    report = verify(tree.root_dir, catalog(tree), progress_start=start)
+    report = verify(tree.root_dir, catalog_from_json(catalog(tree)), progress_start=start)
     assert totals == [report.bytes] and sum(seen) == report.bytes
 
 
@@ -139,7 +140,7 @@ def test_a_version_swapped_for_a_symlink_is_not_read_through(tree: Paths, tmp_pa
     copy = tmp_path / "outside-copy"
     real.rename(copy)
     real.symlink_to(copy)
-    report = verify(tree.root_dir, catalog(tree))
+    report = verify(tree.root_dir, catalog_from_json(catalog(tree)))
     assert ("unreadable", f"{DEFAULT}/rootfs.squashfs") in kinds(report)
     assert not report.ok
 
@@ -148,5 +149,5 @@ def test_a_fifo_in_place_of_a_file_is_reported(tree: Paths) -> None:
     target = Path(tree.root_dir) / DEFAULT / "disk.qcow2"
     target.unlink()
     os.mkfifo(target)
-    report = verify(tree.root_dir, catalog(tree))
+    report = verify(tree.root_dir, catalog_from_json(catalog(tree)))
     assert ("unreadable", f"{DEFAULT}/disk.qcow2") in kinds(report)
