@@ -1,6 +1,6 @@
 """The catalog's bytes are pinned (issue 13): whatever is done to make publishing faster, the
 same tree gives the same images.json and index.json, byte for byte, whether it is published by
-a full `update` or by the watcher's incremental passes.
+a full `update` or by the watcher's incremental passes; and the page it writes.
 
 The tree holds every image form (squashfs, root.tar.xz, a VM disk, a unified tarball, both
 metadata names), metadata.json overrides (non-ASCII text, aliases, requirements), an alias two
@@ -22,6 +22,7 @@ import pytest
 
 from lxd_image_server.catalog import encode as catalog_json
 from lxd_image_server.catalog.hashing import HashCache
+from lxd_image_server.catalog.page import page_path
 from lxd_image_server.catalog.pipeline import Pipeline
 from lxd_image_server.config import Paths
 
@@ -130,6 +131,20 @@ def test_update_gives_the_pinned_bytes(paths: Paths) -> None:
     before = {n: os.stat(Path(paths.streams_dir, n)).st_ino for n in DOCS}
     assert run_update(paths) == got
     assert {n: os.stat(Path(paths.streams_dir, n)).st_ino for n in DOCS} == before
+
+
+def test_update_gives_the_pinned_page(paths: Paths) -> None:
+    """The catalog page too (issue 11: refactors keep what users see), its one timestamp, the
+    catalog's `updated`, replaced by a fixed value."""
+    run_update(paths)
+    images = json.loads(Path(paths.streams_dir, "images.json").read_bytes())
+    page = Path(page_path(paths.root_dir)).read_bytes()
+    stamp = images["updated"].encode()
+    assert stamp in page
+    page = page.replace(stamp, b"Mon, 01 Jan 2024 00:00:00 +0000")
+    if os.environ.get("GOLDEN_UPDATE"):
+        (GOLDEN / "index.html").write_bytes(page)
+    assert page == (GOLDEN / "index.html").read_bytes()
 
 
 def test_incremental_passes_give_the_bytes_of_a_full_update(paths: Paths, tmp_path: Path) -> None:
