@@ -16,6 +16,7 @@ from typing import Any
 from lxd_image_server.catalog.deltas import candidates
 from lxd_image_server.catalog.encode import Encoded
 from lxd_image_server.catalog.hashing import Digests
+from lxd_image_server.catalog.model import Client
 from lxd_image_server.tree.layout import (
     COMBINED_FIELDS,
     VM_FTYPES,
@@ -29,8 +30,9 @@ log = logging.getLogger(__name__)
 
 IMAGES_PATH = "streams/v1/images.json"
 UPDATED_FORMAT = "%a, %d %b %Y %H:%M:%S +0000"
-CLIENT_META_FTYPES = ("lxd.tar.xz", "incus.tar.xz")
-CLIENT_UNIFIED_FTYPES = ("lxd_combined.tar.gz", "incus_combined.tar.gz")
+# every image is listed once for each client, under the ftypes that client reads (model.Client)
+CLIENT_META_FTYPES = tuple(c.meta_ftype for c in Client)
+CLIENT_UNIFIED_FTYPES = tuple(c.unified_ftype for c in Client)
 
 Products = dict[str, dict[str, Any]]
 
