@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import json
 import os
 import secrets
 import shutil
 import stat
+from collections.abc import Iterator
 from typing import Any
 
 #: bytes per read or write when a file is streamed: hashing, uploads, imports, pushes
@@ -41,6 +43,19 @@ def write_atomic(path: str, data: bytes, mode: int = 0o644, uid: int = -1, gid: 
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: str) -> Iterator[None]:
+    """Holds an exclusive flock on `path` (created 0644, its directory too, if missing) for the
+    duration of the block: for the catalog writer's own state files, which no uploader reaches."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def fsync_dir(directory: str) -> None:

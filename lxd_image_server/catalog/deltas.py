@@ -17,7 +17,6 @@ Everything here is pure apart from reading and writing that state file.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import logging
 import os
@@ -28,6 +27,7 @@ from typing import Any
 from lxd_image_server.config import StateDir
 from lxd_image_server.fsutil import (
     TooLarge,
+    exclusive_lock,
     load_json_bounded,
     open_dir,
     read_regular,
@@ -130,13 +130,8 @@ def save(state_dir: str, records: Mapping[str, Record]) -> None:
 def state_lock(state_dir: str) -> Iterator[None]:
     """Held while deltas are made or checked and their records written: `update` run by hand
     and the watcher never run xdelta3 on the same files at once."""
-    os.makedirs(state_dir, exist_ok=True)
-    fd = os.open(StateDir(state_dir).deltas_lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+    with exclusive_lock(StateDir(state_dir).deltas_lock):
         yield
-    finally:
-        os.close(fd)
 
 
 class Records:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import fcntl
 import json
 import logging
 import os
@@ -38,6 +37,7 @@ from lxd_image_server.fsutil import (
     DirChain,
     TooLarge,
     delete_tree,
+    exclusive_lock,
     load_json_bounded,
     open_dir,
     read_regular,
@@ -150,13 +150,8 @@ def save(state_dir: str, entries: Iterable[Pending]) -> None:
 @contextlib.contextmanager
 def state_lock(state_dir: str) -> Iterator[None]:
     """Serializes changes to pruned.json (readers need no lock: writes are atomic)."""
-    os.makedirs(state_dir, exist_ok=True)
-    fd = os.open(StateDir(state_dir).pruned_lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+    with exclusive_lock(StateDir(state_dir).pruned_lock):
         yield
-    finally:
-        os.close(fd)
 
 
 class PendingVersions:
