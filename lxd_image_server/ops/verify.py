@@ -128,20 +128,7 @@ def _stat(root_dir: str, rel: str) -> tuple[FileStat | None, Problem | None]:
         os.close(fd)
     name = rel.rsplit("/", 1)[-1]
     role = classify(name) or FileRole(Role.ROOT, "")
-    return (
-        FileStat(
-            path=os.path.join(root_dir, rel),
-            name=name,
-            role=role,
-            size=st.st_size,
-            mtime_ns=st.st_mtime_ns,
-            ctime_ns=st.st_ctime_ns,
-            inode=st.st_ino,
-            dev=st.st_dev,
-            base=root_dir,
-        ),
-        None,
-    )
+    return FileStat.of(os.path.join(root_dir, rel), name, role, st, root_dir), None
 
 
 def verify(

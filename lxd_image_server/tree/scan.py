@@ -113,6 +113,21 @@ class FileStat:
     #: directory descriptors without following links (see open_below).
     base: str
 
+    @classmethod
+    def of(cls, path: str, name: str, role: FileRole, st: os.stat_result, base: str) -> FileStat:
+        """The file at `path` as `st` (a stat of it, no link followed) describes it."""
+        return cls(
+            path=path,
+            name=name,
+            role=role,
+            size=st.st_size,
+            mtime_ns=st.st_mtime_ns,
+            ctime_ns=st.st_ctime_ns,
+            inode=st.st_ino,
+            dev=st.st_dev,
+            base=base,
+        )
+
     @property
     def rel(self) -> str:
         """`path` relative to `base`."""
@@ -308,17 +323,7 @@ class Scanner:
             st = self._stat_file(entry, file_path)
             if st is None:
                 continue
-            files[entry.name] = FileStat(
-                path=file_path,
-                name=entry.name,
-                role=role,
-                size=st.st_size,
-                mtime_ns=st.st_mtime_ns,
-                ctime_ns=st.st_ctime_ns,
-                inode=st.st_ino,
-                dev=st.st_dev,
-                base=self.img_dir,
-            )
+            files[entry.name] = FileStat.of(file_path, entry.name, role, st, self.img_dir)
         return ScannedVersion(key=key, path=path, files=files, overrides=overrides)
 
     @staticmethod
