@@ -1,12 +1,14 @@
 """Where an upload's bytes go: written to its file and fed to its digests while the request
 thread receives the next buffers.
 
-A pipeline of three threads: the request thread fills a buffer from the body, a writer thread
-writes it to the file, a hasher thread feeds it to the digests, then the buffer is free again.
-Buffers are reused (a pool of DEPTH buffers of CHUNK_SIZE bytes), so memory stays flat whatever
-the size of the body, and each byte is copied once from the socket into a buffer, once into the
-page cache, and read once per digest. recv, os.write and hashlib release the GIL, so receiving,
-writing and hashing run on as many cores as there are.
+A pipeline: the request thread fills a buffer from the body; a writer thread writes it to the
+file; then one thread per digest feeds it to its digest (the sha256 of the file, and of the
+combined fingerprint when it is computed in the same pass); then the buffer is free again.
+Each stage works on its own buffer, so receiving, writing and each digest run at the same time
+on as many cores as there are (recv, os.write and hashlib release the GIL). Buffers are reused
+(a pool of `stages + 2` buffers of CHUNK_SIZE bytes), so memory stays flat whatever the size of
+the body; each byte is copied once from the socket into a buffer, once into the page cache,
+and read once per digest.
 
 Write-behind: every WRITEBACK bytes, the kernel is asked to start writing the file's dirty
 pages to disk, and to drop from the page cache the pages already on disk (posix_fadvise
@@ -28,8 +30,8 @@ from typing import Any
 # CHUNK_SIZE: bytes per buffer (one read from the client, one write)
 from lxd_image_server.fsutil import CHUNK_SIZE
 
-#: Buffers per upload: being received, written, hashed, and one spare.
-DEPTH = 4
+#: Buffers per upload beyond one per stage: one being received, one waiting.
+SPARE = 2
 #: Write-back is started every this many bytes.
 WRITEBACK = 8 << 20
 
@@ -37,29 +39,37 @@ WRITEBACK = 8 << 20
 ReadInto = Callable[[bytearray], int]
 
 _Item = tuple[bytearray, int] | None
+_Stage = Callable[[memoryview], None]
 
 
 class Sink:
     def __init__(self, fd: int, digests: Sequence[Any]) -> None:
         self._fd = fd
-        self._digests = list(digests)
-        self._free: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
-        for _ in range(DEPTH):
-            self._free.put(bytearray(CHUNK_SIZE))
-        self._to_write: queue.SimpleQueue[_Item] = queue.SimpleQueue()
-        self._to_hash: queue.SimpleQueue[_Item] = queue.SimpleQueue()
-        self._error: BaseException | None = None
         self._written = 0
         self._flushed = 0
+        self._error: BaseException | None = None
+        stages: list[tuple[str, _Stage]] = [("write", self._write)]
+        stages += [(f"hash{i}", d.update) for i, d in enumerate(digests)]
+        self.depth = len(stages) + SPARE
+        self._free: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
+        for _ in range(self.depth):
+            self._free.put(bytearray(CHUNK_SIZE))
+        queues: list[queue.SimpleQueue[_Item]] = [queue.SimpleQueue() for _ in stages]
+        self._first = queues[0]
         self._threads = [
-            threading.Thread(target=self._writer, name="upload-write", daemon=True),
-            threading.Thread(target=self._hasher, name="upload-hash", daemon=True),
+            threading.Thread(
+                target=self._run,
+                args=(work, inbox, queues[i + 1] if i + 1 < len(queues) else None),
+                name=f"upload-{name}",
+                daemon=True,
+            )
+            for i, ((name, work), inbox) in enumerate(zip(stages, queues, strict=True))
         ]
         for t in self._threads:
             t.start()
 
     def buffer(self) -> bytearray:
-        """A free buffer (waits while all are being written)."""
+        """A free buffer (waits while all are in the pipeline)."""
         buf = self._free.get()
         if self._error is not None:
             raise self._error
@@ -67,38 +77,36 @@ class Sink:
 
     def put(self, buf: bytearray, n: int) -> None:
         """Hands the first `n` bytes of `buf` over to be written and hashed."""
-        self._to_write.put((buf, n))
+        self._first.put((buf, n))
 
     def close(self) -> None:
         """Waits until every byte is written and hashed; raises the first error, if any."""
-        self._to_write.put(None)
+        self._first.put(None)
         for t in self._threads:
             t.join()
         if self._error is not None:
             raise self._error
 
-    def _writer(self) -> None:
-        while (item := self._to_write.get()) is not None:
-            buf, n = item
+    def _run(
+        self,
+        work: _Stage,
+        inbox: queue.SimpleQueue[_Item],
+        outbox: queue.SimpleQueue[_Item] | None,
+    ) -> None:
+        while (item := inbox.get()) is not None:
             if self._error is None:
+                buf, n = item
                 try:
-                    self._write(memoryview(buf)[:n])
+                    with memoryview(buf) as view:
+                        work(view[:n])
                 except BaseException as e:  # re-raised in the request thread
-                    self._error = e
-            self._to_hash.put(item)
-        self._to_hash.put(None)
-
-    def _hasher(self) -> None:
-        while (item := self._to_hash.get()) is not None:
-            buf, n = item
-            if self._error is None:
-                try:
-                    view = memoryview(buf)[:n]
-                    for d in self._digests:
-                        d.update(view)
-                except BaseException as e:
-                    self._error = e
-            self._free.put(buf)
+                    self._error = self._error or e
+            if outbox is None:
+                self._free.put(item[0])
+            else:
+                outbox.put(item)
+        if outbox is not None:
+            outbox.put(None)
 
     def _write(self, view: memoryview) -> None:
         data = view

@@ -13,7 +13,7 @@ import pytest
 
 from lxd_image_server.fsutil import CHUNK_SIZE
 from lxd_image_server.web import upload_sink
-from lxd_image_server.web.upload_sink import DEPTH, WRITEBACK, Sink
+from lxd_image_server.web.upload_sink import SPARE, WRITEBACK, Sink
 
 
 def _pour(sink: Sink, data: bytes, piece: int) -> None:
@@ -46,15 +46,17 @@ def test_buffers_are_reused_so_memory_stays_flat(tmp_path: Path) -> None:
     fd = os.open(tmp_path / "f", os.O_WRONLY | os.O_CREAT, 0o644)
     seen: set[int] = set()
     try:
-        sink = Sink(fd, [hashlib.sha256()])
-        for _ in range(4 * DEPTH):
+        sink = Sink(fd, [hashlib.sha256(), hashlib.sha256()])
+        for _ in range(50):
             buf = sink.buffer()
             seen.add(id(buf))
             sink.put(buf, 10)
         sink.close()
     finally:
         os.close(fd)
-    assert len(seen) <= DEPTH
+    # one per stage (writing, two digests) and the spares
+    assert sink.depth == 3 + SPARE
+    assert len(seen) <= sink.depth
 
 
 def test_a_write_error_reaches_the_request_thread(tmp_path: Path) -> None:
@@ -63,7 +65,7 @@ def test_a_write_error_reaches_the_request_thread(tmp_path: Path) -> None:
         sink = Sink(fd, [hashlib.sha256()])
         with pytest.raises(OSError) as caught:
             # the error surfaces on a later buffer() or, at the latest, on close()
-            for _ in range(2 * DEPTH):
+            for _ in range(20):
                 buf = sink.buffer()
                 sink.put(buf, len(buf))
             sink.close()
@@ -84,7 +86,7 @@ def test_a_digest_error_reaches_the_request_thread(tmp_path: Path) -> None:
     try:
         sink = Sink(fd, [_Broken()])
         with pytest.raises(RuntimeError, match="digest broke"):
-            for _ in range(2 * DEPTH):
+            for _ in range(20):
                 buf = sink.buffer()
                 sink.put(buf, 1)
             sink.close()
@@ -148,3 +150,37 @@ def test_write_behind_starts_write_back_and_drops_clean_pages(
         os.close(fd)
     # the whole file (offset 0, length 0: to its end) each time, never only the new range
     assert calls == [(fd, 0, 0, os.POSIX_FADV_DONTNEED)] * 3
+
+
+def test_each_digest_runs_on_its_own_thread(tmp_path: Path) -> None:
+    """The second digest hashes one buffer while the first hashes the next one (a file's
+    sha256 and the combined fingerprint: each on its own core)."""
+    a_on_second = threading.Event()
+    b_on_first = threading.Event()
+
+    class A:
+        calls = 0
+
+        def update(self, data: Any) -> None:
+            A.calls += 1
+            if A.calls == 2:
+                a_on_second.set()
+                assert b_on_first.wait(10), "the digests never ran at the same time"
+
+    class B:
+        calls = 0
+
+        def update(self, data: Any) -> None:
+            B.calls += 1
+            if B.calls == 1:
+                b_on_first.set()
+                assert a_on_second.wait(10), "the digests never ran at the same time"
+
+    fd = os.open(tmp_path / "f", os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        sink = Sink(fd, [A(), B()])
+        _pour(sink, b"xy", 1)
+        sink.close()
+    finally:
+        os.close(fd)
+    assert (A.calls, B.calls) == (2, 2)
