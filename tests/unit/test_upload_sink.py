@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import os
 import threading
@@ -141,6 +142,8 @@ def test_write_behind_starts_write_back_and_drops_clean_pages(
         real(fd, offset, length, advice)
 
     monkeypatch.setattr(upload_sink.os, "posix_fadvise", record)
+    # a file system without O_DIRECT
+    monkeypatch.setattr(upload_sink, "_set_direct", lambda fd, on: False)
     fd = os.open(tmp_path / "f", os.O_WRONLY | os.O_CREAT, 0o644)
     try:
         sink = Sink(fd, [])
@@ -184,3 +187,68 @@ def test_each_digest_runs_on_its_own_thread(tmp_path: Path) -> None:
     finally:
         os.close(fd)
     assert (A.calls, B.calls) == (2, 2)
+
+
+def _takes_direct_io(directory: Path) -> bool:
+    try:
+        fd = os.open(directory / "probe", os.O_WRONLY | os.O_CREAT | os.O_DIRECT, 0o644)
+    except OSError:
+        return False
+    os.close(fd)
+    return True
+
+
+def _spy_writes(monkeypatch: pytest.MonkeyPatch, refuse: bool = False) -> list[tuple[int, bool]]:
+    """Records each os.write of the sink: (bytes, O_DIRECT on); `refuse`: EINVAL for every
+    O_DIRECT write (a file system that takes the flag but not the writes)."""
+    seen: list[tuple[int, bool]] = []
+    real = os.write
+
+    def write(fd: int, data: Any) -> int:
+        direct = bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT)
+        seen.append((len(data), direct))
+        if refuse and direct:
+            raise OSError(errno.EINVAL, "refused")
+        return real(fd, data)
+
+    monkeypatch.setattr(upload_sink.os, "write", write)
+    return seen
+
+
+def test_whole_buffers_go_to_disk_directly_and_the_tail_through_the_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen = _spy_writes(monkeypatch)
+    data = os.urandom(3 * CHUNK_SIZE + 100)
+    fd = os.open(tmp_path / "f", os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        sink = Sink(fd, [hashlib.sha256()])
+        _pour(sink, data, CHUNK_SIZE)
+        sink.close()
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    assert (tmp_path / "f").read_bytes() == data
+    if _takes_direct_io(tmp_path):
+        assert seen == [(CHUNK_SIZE, True)] * 3 + [(100, False)]
+    else:
+        assert not sink.direct
+        assert seen == [(CHUNK_SIZE, False)] * 3 + [(100, False)]
+
+
+def test_a_refused_direct_write_goes_through_the_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen = _spy_writes(monkeypatch, refuse=True)
+    data = os.urandom(3 * CHUNK_SIZE)
+    fd = os.open(tmp_path / "f", os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        sink = Sink(fd, [])
+        _pour(sink, data, CHUNK_SIZE)
+        sink.close()
+    finally:
+        os.close(fd)
+    assert (tmp_path / "f").read_bytes() == data
+    assert not sink.direct
+    assert [direct for _, direct in seen].count(True) <= 1
+    assert seen[-3:] == [(CHUNK_SIZE, False)] * 3
