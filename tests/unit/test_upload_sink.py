@@ -1,4 +1,4 @@
-"""upload_sink.Sink: the pipeline that writes and hashes an upload's buffers on two threads."""
+"""upload_sink.Sink: the pipeline that writes and hashes an upload's buffers on threads of its own."""
 
 from __future__ import annotations
 
@@ -141,7 +141,7 @@ def test_write_behind_starts_write_back_and_drops_clean_pages(
         calls.append((fd, offset, length, advice))
         real(fd, offset, length, advice)
 
-    monkeypatch.setattr(upload_sink.os, "posix_fadvise", record)
+    monkeypatch.setattr(os, "posix_fadvise", record)
     # a file system without O_DIRECT
     monkeypatch.setattr(upload_sink, "_set_direct", lambda fd, on: False)
     fd = os.open(tmp_path / "f", os.O_WRONLY | os.O_CREAT, 0o644)
@@ -198,29 +198,34 @@ def _takes_direct_io(directory: Path) -> bool:
     return True
 
 
-def _spy_writes(monkeypatch: pytest.MonkeyPatch, refuse: bool = False) -> list[tuple[int, bool]]:
-    """Records each os.write of the sink: (bytes, O_DIRECT on); `refuse`: EINVAL for every
-    O_DIRECT write (a file system that takes the flag but not the writes)."""
+def _spy_writes(
+    monkeypatch: pytest.MonkeyPatch, path: Path, refuse: bool = False
+) -> list[tuple[int, bool]]:
+    """Records each os.write to the file at `path`: (bytes, O_DIRECT on); `refuse`: EINVAL
+    for every O_DIRECT write (a file system that takes the flag but not the writes)."""
     seen: list[tuple[int, bool]] = []
     real = os.write
 
     def write(fd: int, data: Any) -> int:
+        st = os.fstat(fd)
+        if not (path.exists() and os.path.samestat(st, path.stat())):
+            return real(fd, data)
         direct = bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT)
         seen.append((len(data), direct))
         if refuse and direct:
             raise OSError(errno.EINVAL, "refused")
         return real(fd, data)
 
-    monkeypatch.setattr(upload_sink.os, "write", write)
+    monkeypatch.setattr(os, "write", write)
     return seen
 
 
 def test_whole_buffers_go_to_disk_directly_and_the_tail_through_the_cache(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    seen = _spy_writes(monkeypatch)
     data = os.urandom(3 * CHUNK_SIZE + 100)
     fd = os.open(tmp_path / "f", os.O_WRONLY | os.O_CREAT, 0o644)
+    seen = _spy_writes(monkeypatch, tmp_path / "f")
     try:
         sink = Sink(fd, [hashlib.sha256()])
         _pour(sink, data, CHUNK_SIZE)
@@ -239,9 +244,9 @@ def test_whole_buffers_go_to_disk_directly_and_the_tail_through_the_cache(
 def test_a_refused_direct_write_goes_through_the_cache(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    seen = _spy_writes(monkeypatch, refuse=True)
     data = os.urandom(3 * CHUNK_SIZE)
     fd = os.open(tmp_path / "f", os.O_WRONLY | os.O_CREAT, 0o644)
+    seen = _spy_writes(monkeypatch, tmp_path / "f", refuse=True)
     try:
         sink = Sink(fd, [])
         _pour(sink, data, CHUNK_SIZE)
