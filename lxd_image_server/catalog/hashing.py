@@ -129,13 +129,15 @@ class HashCache:
             log.warning("hash cache read failed (%s); hashing instead", e)
             return None
 
-    def _write(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
+    def _write(self, *writes: tuple[str, Iterable[Sequence[Any]]]) -> None:
+        """Each (statement, rows) of `writes`, all in one transaction."""
         if self._db is None:
             return
         try:
             with self._db:
                 self._db.execute("BEGIN")
-                self._db.executemany(sql, rows)
+                for sql, rows in writes:
+                    self._db.executemany(sql, rows)
         except sqlite3.Error as e:
             log.warning("hash cache write failed (%s); results not cached", e)
 
@@ -171,8 +173,12 @@ class HashCache:
     ) -> None:
         file_rows = [(*f.identity, d) for f, d in files]
         combined_rows = [(m.path, r.path, _ident(m), _ident(r), d) for m, r, d in combined]
-        self._write("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?, ?)", file_rows)
-        self._write("INSERT OR REPLACE INTO combined VALUES (?, ?, ?, ?, ?)", combined_rows)
+        if not file_rows and not combined_rows:
+            return
+        self._write(
+            ("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?, ?)", file_rows),
+            ("INSERT OR REPLACE INTO combined VALUES (?, ?, ?, ?, ?)", combined_rows),
+        )
         if self._files is not None and self._combined is not None:
             self._files.update((r[0], r[1:]) for r in file_rows)
             self._combined.update(((r[0], r[1]), r[2:]) for r in combined_rows)
@@ -233,7 +239,8 @@ def _key(f: FileStat) -> Key:
 
 
 def _ident(f: FileStat) -> str:
-    return ":".join(str(x) for x in f.identity[1:])
+    """dev:inode:size:mtime_ns:ctime_ns."""
+    return f"{f.dev}:{f.inode}:{f.size}:{f.mtime_ns}:{f.ctime_ns}"
 
 
 # -- hashing one file into several digests ------------------------------------------------------
@@ -327,7 +334,11 @@ def read_whole(dir_fd: int, f: FileStat) -> bytes:
         if _identity(st) != f.identity[1:]:
             raise FileChanged("it changed since it was scanned")
         try:
-            data = read_bounded(fd, f.size)
+            # one read when it has the size scanned (a regular file reads short only at its
+            # end); the rest, if any, bounded by that size
+            data = os.read(fd, f.size + 1)
+            if len(data) < f.size:
+                data += read_bounded(fd, f.size - len(data))
         except TooLarge:
             raise FileChanged("it was modified while being hashed") from None
         except OSError as e:
@@ -377,7 +388,7 @@ class Digests:
     failed: set[str] = field(default_factory=set)
 
 
-@dataclass
+@dataclass(slots=True)
 class _Plan:
     file: FileStat
     need_plain: bool

@@ -147,19 +147,30 @@ def test_a_parent_directory_swapped_for_a_link_is_not_followed(tmp_path):
     assert not digests.files and len(digests.failed) == 2
 
 
-def test_a_file_changed_while_it_is_read_is_not_published(tmp_path, monkeypatch):
+@pytest.mark.parametrize("change", ["grow", "shrink", "rewrite"])
+def test_a_file_changed_while_it_is_read_is_not_published(tmp_path, monkeypatch, change):
     d = add(tmp_path, "20240101_12:00", SMALL_ROOT)
     versions = scan(tmp_path)
     root = d / "rootfs.squashfs"
-    real = hashing.read_bounded
+    real = os.read
+    done: list[int] = []
 
-    def grow_first(fd: int, limit: int) -> bytes:
-        with open(root, "ab") as f:
-            f.write(b"more")  # after the identity check, before the read
-        return real(fd, limit)
+    def change_first(fd: int, n: int) -> bytes:
+        if not done and os.readlink(f"/proc/self/fd/{fd}") == str(root):
+            done.append(fd)  # after the open and its identity check, before the read
+            if change == "grow":
+                with open(root, "ab") as f:
+                    f.write(b"more")
+            elif change == "shrink":
+                os.truncate(root, len(SMALL_ROOT) - 1)
+            else:
+                with open(root, "r+b") as f:
+                    f.write(b"X")
+        return real(fd, n)
 
-    monkeypatch.setattr(hashing, "read_bounded", grow_first)
+    monkeypatch.setattr(os, "read", change_first)
     digests = digest_once(None, versions)
+    assert done, "the root was never read"
     assert str(root) in digests.failed and str(root) not in digests.files
 
 
