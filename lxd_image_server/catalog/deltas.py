@@ -318,14 +318,16 @@ def plan(
     for v in versions:
         by_product.setdefault(v.key.product, []).append(v)
     for group in by_product.values():
-        group.sort(key=lambda v: _serial_key(v.key.serial))
-        newest, older = group[-1], group[:-1]
+        newest = max(group, key=lambda v: _serial_key(v.key.serial))
+        older: list[ScannedVersion] | None = None
         for root_ftype in (r for r, _ in DELTA_PREFIXES.values()):
             target_root = root_of(newest, root_ftype)
             if target_root is None or target_root.path not in sha256:
                 continue
             if target_root.size < min_size:
                 continue  # too small for a delta to save anything worth a request
+            if older is None:
+                older = sorted(group, key=lambda v: _serial_key(v.key.serial))[:-1]
             found = 0
             for base in reversed(older):
                 if found >= bases:
