@@ -14,7 +14,7 @@ import pytest
 from lxd_image_server.catalog import hashing
 from lxd_image_server.catalog.hashing import WHOLE, FileChanged, read_whole
 from lxd_image_server.fsutil import open_dir_below
-from lxd_image_server.tree.scan import ScannedVersion, Scanner
+from lxd_image_server.tree.scan import FileStat, ScannedVersion, Scanner
 
 from .helpers import blob, digest_once, sha, version_dir, write
 
@@ -40,7 +40,7 @@ def whole_reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     seen: list[str] = []
     real = hashing.read_whole
 
-    def counting(dir_fd: int, f: hashing.FileStat) -> bytes:
+    def counting(dir_fd: int, f: FileStat) -> bytes:
         seen.append(f.name)
         return real(dir_fd, f)
 
