@@ -1,4 +1,4 @@
-"""upload_sink.Sink: the pipeline that writes and hashes an upload's buffers on threads of its own."""
+"""upload_sink.Sink: the pipeline that writes and hashes an upload's buffers on its threads."""
 
 from __future__ import annotations
 
