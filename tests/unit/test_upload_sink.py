@@ -12,9 +12,8 @@ from typing import Any
 
 import pytest
 
-from lxd_image_server.fsutil import CHUNK_SIZE
 from lxd_image_server.web import upload_sink
-from lxd_image_server.web.upload_sink import SPARE, WRITEBACK, Sink
+from lxd_image_server.web.upload_sink import BUFFER_SIZE, SPARE, WRITEBACK, Sink
 
 
 def _pour(sink: Sink, data: bytes, piece: int) -> None:
@@ -26,9 +25,9 @@ def _pour(sink: Sink, data: bytes, piece: int) -> None:
         sink.put(buf, len(chunk))
 
 
-@pytest.mark.parametrize("piece", [1, 4096, CHUNK_SIZE - 1, CHUNK_SIZE])
+@pytest.mark.parametrize("piece", [1, 4096, BUFFER_SIZE - 1, BUFFER_SIZE])
 def test_every_byte_is_written_and_hashed_in_order(tmp_path: Path, piece: int) -> None:
-    data = os.urandom(3 * CHUNK_SIZE + 12345) if piece > 1 else os.urandom(3000)
+    data = os.urandom(3 * BUFFER_SIZE + 12345) if piece > 1 else os.urandom(3000)
     path = tmp_path / "f"
     fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
     first, second = hashlib.sha256(), hashlib.sha256(b"prefix")
@@ -147,7 +146,7 @@ def test_write_behind_starts_write_back_and_drops_clean_pages(
     fd = os.open(tmp_path / "f", os.O_WRONLY | os.O_CREAT, 0o644)
     try:
         sink = Sink(fd, [])
-        _pour(sink, bytes(3 * WRITEBACK), CHUNK_SIZE)
+        _pour(sink, bytes(3 * WRITEBACK), BUFFER_SIZE)
         sink.close()
     finally:
         os.close(fd)
@@ -223,37 +222,37 @@ def _spy_writes(
 def test_whole_buffers_go_to_disk_directly_and_the_tail_through_the_cache(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    data = os.urandom(3 * CHUNK_SIZE + 100)
+    data = os.urandom(3 * BUFFER_SIZE + 100)
     fd = os.open(tmp_path / "f", os.O_WRONLY | os.O_CREAT, 0o644)
     seen = _spy_writes(monkeypatch, tmp_path / "f")
     try:
         sink = Sink(fd, [hashlib.sha256()])
-        _pour(sink, data, CHUNK_SIZE)
+        _pour(sink, data, BUFFER_SIZE)
         sink.close()
         os.fsync(fd)
     finally:
         os.close(fd)
     assert (tmp_path / "f").read_bytes() == data
     if _takes_direct_io(tmp_path):
-        assert seen == [(CHUNK_SIZE, True)] * 3 + [(100, False)]
+        assert seen == [(BUFFER_SIZE, True)] * 3 + [(100, False)]
     else:
         assert not sink.direct
-        assert seen == [(CHUNK_SIZE, False)] * 3 + [(100, False)]
+        assert seen == [(BUFFER_SIZE, False)] * 3 + [(100, False)]
 
 
 def test_a_refused_direct_write_goes_through_the_cache(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    data = os.urandom(3 * CHUNK_SIZE)
+    data = os.urandom(3 * BUFFER_SIZE)
     fd = os.open(tmp_path / "f", os.O_WRONLY | os.O_CREAT, 0o644)
     seen = _spy_writes(monkeypatch, tmp_path / "f", refuse=True)
     try:
         sink = Sink(fd, [])
-        _pour(sink, data, CHUNK_SIZE)
+        _pour(sink, data, BUFFER_SIZE)
         sink.close()
     finally:
         os.close(fd)
     assert (tmp_path / "f").read_bytes() == data
     assert not sink.direct
     assert [direct for _, direct in seen].count(True) <= 1
-    assert seen[-3:] == [(CHUNK_SIZE, False)] * 3
+    assert seen[-3:] == [(BUFFER_SIZE, False)] * 3
