@@ -1,8 +1,9 @@
 """The lxd-image-server command: options in, one call out, errors to exit codes (cli/common.py).
 
 The use cases live below: `update` and `watch` in ops/updating.py, `init` in
-service/initialize.py, `run` in service/run.py; the operator commands are in cli/ops.py,
-`mirror` in cli/mirror.py, `health` in cli/health.py, loaded by name when used."""
+service/initialize.py, `run` in service/run.py; the operator commands are in cli/ops.py (`push`
+in cli/push.py), `mirror` in cli/mirror.py, `health` in cli/health.py, loaded by name when
+used."""
 
 from __future__ import annotations
 
@@ -93,7 +94,7 @@ LAZY_COMMANDS = {
     "health": "lxd_image_server.cli.health:health",
     "mirror": "lxd_image_server.cli.mirror:mirror",
     "import": "lxd_image_server.cli.ops:import_cmd",
-    "push": "lxd_image_server.cli.ops:push_cmd",
+    "push": "lxd_image_server.cli.push:push_cmd",
     "list": "lxd_image_server.cli.ops:list_cmd",
     "verify": "lxd_image_server.cli.ops:verify_cmd",
     "prune": "lxd_image_server.cli.ops:prune_cmd",
