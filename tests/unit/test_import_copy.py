@@ -63,7 +63,7 @@ def test_copy_through_user_space_where_the_kernel_refuses(
         calls.append(1)
         raise OSError(refusal, os.strerror(refusal))
 
-    monkeypatch.setattr(import_copy.os, "copy_file_range", refuse)
+    monkeypatch.setattr(os, "copy_file_range", refuse)
     src, data = _source(tmp_path, size)
     got = _copy(tmp_path, src, b"m")
     assert calls == [1]  # asked once, then never again
@@ -87,7 +87,7 @@ def test_a_failure_after_the_first_chunk_is_not_hidden(
             raise OSError(errno.ENOSPC, "no space")
         return real(src, dst, count, offset_src, offset_dst)
 
-    monkeypatch.setattr(import_copy.os, "copy_file_range", fail_later)
+    monkeypatch.setattr(os, "copy_file_range", fail_later)
     src, _ = _source(tmp_path, CHUNK + 10)
     with pytest.raises(OSError) as e:
         _copy(tmp_path, src, b"")
