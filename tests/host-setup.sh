@@ -115,6 +115,16 @@ daemon_binary() {
 
 daemon_up() { "$(client "$1")" info >/dev/null 2>&1; }
 
+# Closes every descriptor above 2 of the calling (sub)shell.
+close_inherited() {
+    local fd
+    for fd in $(ls "/proc/$BASHPID/fd"); do
+        if [ "$fd" -gt 2 ]; then
+            eval "exec $fd>&-" 2>/dev/null || true
+        fi
+    done
+}
+
 start_daemon() {
     local log
     log=$(daemon_log "$1")
@@ -123,9 +133,15 @@ start_daemon() {
         return
     fi
     say "starting the $1 daemon (log: $log)"
-    # setsid + nohup and no inherited descriptors: the daemon outlives this script and
-    # whoever runs it never waits on its output
-    setsid nohup "$(daemon_binary "$1")" --group root --logfile "$log" </dev/null >>"$log" 2>&1 &
+    # setsid + nohup and no inherited descriptors: the daemon outlives this script, whoever
+    # runs it never waits on its output, and it keeps no lock open (run under
+    # `flock /tmp/lxd-heavy.lock`, a daemon that inherited the lock's descriptor held it for
+    # as long as it ran)
+    (
+        close_inherited
+        exec setsid nohup "$(daemon_binary "$1")" --group root --logfile "$log" \
+            </dev/null >>"$log" 2>&1
+    ) &
     # shellcheck disable=SC2046  # admin is one or two words
     $(admin "$1") waitready --timeout 60 || die "$1 did not become ready; see $log"
     daemon_up "$1" || die "$1 is up but '$(client "$1") info' fails; see $log"
