@@ -23,7 +23,8 @@ from collections.abc import Iterable, Set
 from lxd_image_server import __version__
 from lxd_image_server.catalog.hashing import Digests
 from lxd_image_server.fsutil import TooLarge, read_regular, write_atomic
-from lxd_image_server.tree.scan import ScannedVersion
+from lxd_image_server.tree.overrides import NO_OVERRIDES
+from lxd_image_server.tree.scan import FileStat, ScannedVersion
 
 log = logging.getLogger(__name__)
 
@@ -44,19 +45,44 @@ _MAX_RECORD = 64 * 1024
 def inputs_digest(
     versions: Iterable[tuple[ScannedVersion, Digests]], hidden: Set[str], root_dir: str
 ) -> str:
-    """A digest of everything a full publish of `versions` builds from."""
+    """A digest of everything a full publish of `versions` builds from.
+
+    One line of text per version, hashed in order: fields separated by NUL (no path holds
+    one, overrides are written with repr, which escapes it), each record with a fixed number
+    of fields, so two different inputs never write the same text. Stable across runs: no
+    hash() or id() reaches the text."""
     h = hashlib.sha256(f"{__version__}\0{FORMAT}\0{root_dir}\0".encode())
     h.update(repr(sorted(hidden)).encode())
+    roles: dict[int, str] = {}
     for v, d in versions:
-        files = sorted(v.files.values(), key=lambda f: f.name)
-        h.update(repr((v.path, v.key, v.overrides)).encode())
+        files = sorted(v.files.values(), key=_name)
+        ov = v.overrides
+        out = ["V", v.path, v.key.relpath, "-" if ov is NO_OVERRIDES else repr(ov)]
         for f in files:
-            h.update(repr((f.identity, f.role, d.files.get(f.path), f.path in d.failed)).encode())
+            role = roles.get(id(f.role))
+            if role is None:
+                r = f.role
+                role = roles[id(r)] = f"{r.role.name}/{r.ftype}/{r.preference}/{r.base}"
+            path = f.path
+            out += (
+                "F",
+                path,
+                f"{f.dev} {f.inode} {f.size} {f.mtime_ns} {f.ctime_ns}",
+                role,
+                d.files.get(path) or "-",
+                "x" if path in d.failed else "-",
+            )
             for m in files:
-                c = d.combined.get((m.path, f.path))
+                c = d.combined.get((m.path, path))
                 if c is not None:
-                    h.update(f"{m.path}\0{c}".encode())
+                    out += ("C", m.path, c)
+        out.append("\n")
+        h.update("\0".join(out).encode())
     return h.hexdigest()
+
+
+def _name(f: FileStat) -> str:
+    return f.name
 
 
 def _identities(root_dir: str) -> list[list[int]] | None:
