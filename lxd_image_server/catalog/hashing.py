@@ -134,7 +134,7 @@ class HashCache:
                 "SELECT dev, inode, size, mtime_ns, ctime_ns, sha256 FROM files WHERE path = ?",
                 (f.path,),
             )
-        if row and tuple(row[:5]) == f.identity[1:]:
+        if row and tuple(row[:5]) == (f.dev, f.inode, f.size, f.mtime_ns, f.ctime_ns):
             return str(row[5])
         return None
 
@@ -220,7 +220,7 @@ def _key(f: FileStat) -> Key:
 
 
 def _ident(f: FileStat) -> str:
-    return ":".join(str(x) for x in f.identity[1:])
+    return f"{f.dev}:{f.inode}:{f.size}:{f.mtime_ns}:{f.ctime_ns}"
 
 
 # -- hashing one file into several digests ------------------------------------------------------

@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import weakref
 from collections.abc import Callable, Iterable, Set
 from dataclasses import dataclass, replace
 
@@ -42,6 +43,7 @@ from lxd_image_server.catalog.products import BuiltVersion, Products, build_vers
 from lxd_image_server.catalog.publish import catalog_lock, publish
 from lxd_image_server.catalog.retention import PendingVersions, Retention
 from lxd_image_server.config import Paths
+from lxd_image_server.gcpause import cyclic_gc_paused
 from lxd_image_server.handover import Records
 from lxd_image_server.progress import Progress
 from lxd_image_server.tree.layout import Role
@@ -127,10 +129,12 @@ class Pipeline:
         self._gzip = GzipCache()
         #: called from a hashing thread when a version's digests are done (`collect` them)
         self.on_hashed: Callable[[], None] | None = None
-        self.jobs = HashJobs(jobs, on_done=self._hashed)
+        # (through a weak reference: a cycle pipeline -> workers -> pipeline would leave all
+        # it holds, one object per file, to the cyclic garbage collector once it is dropped)
+        self.jobs = HashJobs(jobs, on_done=_weakly(self._hashed))
         #: lists checked deltas; makes and checks the others after each publish (deltawork.py)
         self.deltas = deltas or DeltaService(paths.img_dir, paths.state_dir)
-        self.deltas.on_done = self._hashed
+        self.deltas.on_done = _weakly(self._hashed)
 
     def _hashed(self) -> None:
         if self.on_hashed is not None:
@@ -144,7 +148,11 @@ class Pipeline:
 
     def update_all(self, rehash: bool = False) -> bool:
         """Rescans and republishes everything, once every version is hashed. True if the
-        catalog changed."""
+        catalog changed. (With the cyclic garbage collector paused: gcpause.py.)"""
+        with cyclic_gc_paused():
+            return self._update_all(rehash)
+
+    def _update_all(self, rehash: bool) -> bool:
         before = self._catalog_state()
         found = self.scanner.scan()
         self.cache.adopt(self.records, found, prune=True)
@@ -380,6 +388,18 @@ class Pipeline:
                 self._notify = False
                 for listener in self.on_publish:
                     listener()
+
+
+def _weakly(method: Callable[[], None]) -> Callable[[], None]:
+    """Calls `method` while its object lives, without keeping it alive."""
+    ref = weakref.WeakMethod(method)
+
+    def call() -> None:
+        bound = ref()
+        if bound is not None:
+            bound()
+
+    return call
 
 
 def _merged(shown: list[tuple[str, ScannedVersion, _Ready]]) -> Digests:
