@@ -38,7 +38,6 @@ from lxd_image_server.catalog.hashjobs import (
     hash_version,
     identity,
 )
-from lxd_image_server.catalog.page import write_page
 from lxd_image_server.catalog.products import BuiltVersion, Products, build_version, products_of
 from lxd_image_server.catalog.publish import catalog_lock, publish
 from lxd_image_server.catalog.retention import PendingVersions, Retention
@@ -381,6 +380,9 @@ class Pipeline:
     def _write_page(self) -> None:
         self.page_due = False
         try:
+            # (imported here: a no-change `update` never renders the page)
+            from lxd_image_server.catalog.page import write_page
+
             # <root>/streams/index.html, when its bytes change or it is missing
             write_page(self.paths.root_dir, self._products)
         finally:
