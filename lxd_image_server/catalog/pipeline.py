@@ -22,8 +22,9 @@ import functools
 import logging
 import os
 import weakref
-from collections.abc import Callable, Iterable, Set
+from collections.abc import Callable, Iterable, Iterator, Mapping, Set
 from dataclasses import dataclass, replace
+from typing import Any
 
 from lxd_image_server import handover
 from lxd_image_server.catalog import unchanged
@@ -126,6 +127,13 @@ class Pipeline:
         self._notify = False
         #: what images.json.gz's last publish compressed, reused by the next
         self._gzip = GzipCache()
+        #: the caller drops the pipeline after update_all (the `update` command): when the
+        #: catalog was published from this very tree already, the digests are not looked up,
+        #: only the few the deltas ask for (unchanged.py)
+        self.lookups_on_demand = False
+        #: unchanged.versions_digest of `versions` as the last full scan found them (None once
+        #: part of the tree was scanned again, or when no publish may be skipped)
+        self._scanned_digest: str | None = None
         #: called from a hashing thread when a version's digests are done (`collect` them)
         self.on_hashed: Callable[[], None] | None = None
         # (through a weak reference: a cycle pipeline -> workers -> pipeline would leave all
@@ -155,8 +163,14 @@ class Pipeline:
         before = self._catalog_state()
         found = self.scanner.scan()
         self.cache.adopt(self.records, found, prune=True)
-        with self.cache.preloaded():
-            digests = self.hasher.digest(found, rehash, self.progress_start)
+        self._scanned_digest = None
+        if not rehash and self._may_skip():
+            self._scanned_digest = unchanged.versions_digest(found, self.paths.root_dir)
+        digests: Digests
+        if self.lookups_on_demand and self._published_already(found):
+            digests = _OnDemand(functools.partial(self._digest, found))
+        else:
+            digests = self._digest(found, rehash)
         self.versions = {v.key.relpath: v for v in found}
         self._idents = {rel: identity(v) for rel, v in self.versions.items()}
         self._ready = {rel: _Ready(self._idents[rel], digests) for rel in self.versions}
@@ -169,6 +183,24 @@ class Pipeline:
                 {f.path for v in self.versions.values() for f in v.files.values()}
             )
             return self._publish(full=not rehash)
+
+    def _digest(self, found: list[ScannedVersion], rehash: bool = False) -> Digests:
+        with self.cache.preloaded():
+            return self.hasher.digest(found, rehash, self.progress_start)
+
+    def _may_skip(self) -> bool:
+        """A full update may skip a publish of unchanged inputs ([retention] decides anew)."""
+        return self.retention is None or not self.retention.policy.active
+
+    def _published_already(self, found: list[ScannedVersion]) -> bool:
+        """The catalog was published from the tree `found` (a full scan), as far as can be
+        said before the catalog lock (_publish says it again under it)."""
+        if self._scanned_digest is None:
+            return False
+        hidden = self.hidden()
+        listed = self.deltas.listable([v for v in found if v.path not in hidden])
+        inputs = unchanged.inputs_digest(self._scanned_digest, hidden, listed)
+        return unchanged.is_published(self.paths.state_dir, self.paths.root_dir, inputs)
 
     def refresh(self, prefixes: Iterable[str], budget: float | None = None) -> bool:
         """Rescans the directories `prefixes` (relative to images/) and republishes, waiting at
@@ -208,6 +240,7 @@ class Pipeline:
             del self._idents[rel]
             self._ready.pop(rel, None)
         submitted = set()
+        self._scanned_digest = None
         found = self.scanner.scan(prefix)
         self.cache.adopt(self.records, found)
         for v in found:
@@ -339,15 +372,21 @@ class Pipeline:
         listed = self.deltas.listable(versions)
         state, root = self.paths.state_dir, self.paths.root_dir
         inputs = None
-        if full and (self.retention is None or not self.retention.policy.active):
-            inputs = unchanged.inputs_digest(
-                ((v, r.digests) for _, v, r in shown), hidden | listed, root
-            )
+        if full and self._may_skip():
+            scanned = self._scanned_digest
+            if scanned is None:
+                scanned = unchanged.versions_digest(self.versions.values(), root)
+            inputs = unchanged.inputs_digest(scanned, hidden, listed)
             if unchanged.is_published(state, root, inputs):
                 log.debug("the catalog and page were published from these inputs already")
                 self._unbuilt = shown
-                self.deltas.published(versions, digests)
+                if isinstance(digests, _OnDemand) and not digests.loaded:
+                    self.deltas.published(versions, digests, _CachedDigests(self.cache, versions))
+                else:
+                    self.deltas.published(versions, digests)
                 return False
+            if not self._whole(shown, hidden, digests):
+                inputs = None  # the record vouches only for a tree published whole
         self._unbuilt = None
         self._products = products_of(self._build(shown), digests, root, listed)
         if self.retention is not None:
@@ -371,6 +410,19 @@ class Pipeline:
                 unchanged.record(state, root, inputs)
         return changed
 
+    def _whole(
+        self, shown: list[tuple[str, ScannedVersion, _Ready]], hidden: Set[str], digests: Digests
+    ) -> bool:
+        """Every version scanned is hidden or `shown` with all its files, and each of them has
+        its sha256: the digests are then those of the files' identities (unchanged.py)."""
+        if digests.failed:
+            return False
+        expected = sum(1 for v in self.versions.values() if v.path not in hidden)
+        if len(shown) != expected or any(v is not self.versions[rel] for rel, v, _ in shown):
+            return False
+        have = digests.files
+        return all(f.path in have for _, v, _ in shown for f in v.files.values())
+
     def write_page(self) -> None:
         """Writes the catalog page of the last publish, if not written yet (defer_page)."""
         if self.page_due:
@@ -390,6 +442,60 @@ class Pipeline:
                 self._notify = False
                 for listener in self.on_publish:
                     listener()
+
+
+class _OnDemand(Digests):
+    """The digests of a full scan, computed (from the hash cache, hashing what it lacks) when
+    first read: a no-change `update` reads none (lookups_on_demand)."""
+
+    def __init__(self, load: Callable[[], Digests]) -> None:
+        # no Digests.__init__: files, combined and failed are set by the first read
+        self._load: Callable[[], Digests] | None = load
+
+    @property
+    def loaded(self) -> bool:
+        return self._load is None
+
+    def __getattr__(self, name: str) -> Any:
+        # only called for an attribute not set yet
+        load = self.__dict__.get("_load")
+        if load is None or name not in ("files", "combined", "failed"):
+            raise AttributeError(name)
+        d = load()
+        self.files, self.combined, self.failed = d.files, d.combined, d.failed
+        self._load = None
+        return getattr(self, name)
+
+
+class _CachedDigests(Mapping[str, str]):
+    """sha256 by path of the files of `versions`, each looked up in the hash cache when asked
+    for (the deltas ask for a few roots)."""
+
+    def __init__(self, cache: HashCache, versions: list[ScannedVersion]) -> None:
+        self._cache = cache
+        self._versions = versions
+        self._files: dict[str, FileStat] | None = None
+
+    def _by_path(self) -> dict[str, FileStat]:
+        if self._files is None:
+            self._files = {f.path: f for v in self._versions for f in v.files.values()}
+        return self._files
+
+    def __getitem__(self, path: str) -> str:
+        f = self._by_path().get(path)
+        digest = None if f is None else self._lookup(f)
+        if digest is None:
+            raise KeyError(path)
+        return digest
+
+    def _lookup(self, f: FileStat) -> str | None:
+        return self._cache.get(f)
+
+    def __iter__(self) -> Iterator[str]:
+        return (p for p, f in self._by_path().items() if self._lookup(f) is not None)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
 
 
 def _weakly(method: Callable[[], None]) -> Callable[[], None]:

@@ -104,6 +104,7 @@ def _update(
             retention=retention_of(settings),
             deltas=deltas,
         )
+        pipeline.lookups_on_demand = True  # dropped at the end: nothing asks for its products
         changed = pipeline.update_all(rehash=rehash)
         # the deltas still missing, made (and checked) now, then published too
         if deltas.run_pending():
