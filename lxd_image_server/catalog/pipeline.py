@@ -167,7 +167,8 @@ class Pipeline:
         if not rehash and self._may_skip():
             self._scanned_digest = unchanged.versions_digest(found, self.paths.root_dir)
         digests: Digests
-        if self.lookups_on_demand and self._published_already(found):
+        published = self.lookups_on_demand and self._published_already(found)
+        if published:
             digests = _OnDemand(functools.partial(self._digest, found))
         else:
             digests = self._digest(found, rehash)
@@ -178,10 +179,13 @@ class Pipeline:
             if self._catalog_state() != before:
                 log.info("the catalog was published by another writer meanwhile; rescanning")
                 self._rescan("")
-            # (under the lock: what another writer cached meanwhile is in this scan)
-            self.cache.forget_except(
-                {f.path for v in self.versions.values() for f in v.files.values()}
-            )
+            if not published:
+                # (under the lock: what another writer cached meanwhile is in this scan)
+                # Published already: the files are those the last full update kept entries
+                # of; entries the watcher added since for files gone again wait for the next.
+                self.cache.forget_except(
+                    {f.path for v in self.versions.values() for f in v.files.values()}
+                )
             return self._publish(full=not rehash)
 
     def _digest(self, found: list[ScannedVersion], rehash: bool = False) -> Digests:
@@ -474,25 +478,29 @@ class _CachedDigests(Mapping[str, str]):
     def __init__(self, cache: HashCache, versions: list[ScannedVersion]) -> None:
         self._cache = cache
         self._versions = versions
-        self._files: dict[str, FileStat] | None = None
+        self._by_dir: dict[str, ScannedVersion] | None = None
 
-    def _by_path(self) -> dict[str, FileStat]:
-        if self._files is None:
-            self._files = {f.path: f for v in self._versions for f in v.files.values()}
-        return self._files
+    def _file(self, path: str) -> FileStat | None:
+        if self._by_dir is None:
+            self._by_dir = {v.path: v for v in self._versions}
+        directory, _, name = path.rpartition("/")
+        v = self._by_dir.get(directory)
+        return None if v is None else v.files.get(name)
 
     def __getitem__(self, path: str) -> str:
-        f = self._by_path().get(path)
-        digest = None if f is None else self._lookup(f)
+        f = self._file(path)
+        digest = None if f is None else self._cache.get(f)
         if digest is None:
             raise KeyError(path)
         return digest
 
-    def _lookup(self, f: FileStat) -> str | None:
-        return self._cache.get(f)
-
     def __iter__(self) -> Iterator[str]:
-        return (p for p, f in self._by_path().items() if self._lookup(f) is not None)
+        return (
+            f.path
+            for v in self._versions
+            for f in v.files.values()
+            if self._cache.get(f) is not None
+        )
 
     def __len__(self) -> int:
         return sum(1 for _ in self)
