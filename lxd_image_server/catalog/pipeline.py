@@ -450,7 +450,9 @@ class Pipeline:
 
 class _OnDemand(Digests):
     """The digests of a full scan, computed (from the hash cache, hashing what it lacks) when
-    first read: a no-change `update` reads none (lookups_on_demand)."""
+    first read: a no-change `update` reads none (lookups_on_demand). They are read only if the
+    tree or the catalog changed between the check before the catalog lock and the one under
+    it; then under the lock, but the files are those of the last publish, all in the cache."""
 
     def __init__(self, load: Callable[[], Digests]) -> None:
         # no Digests.__init__: files, combined and failed are set by the first read
