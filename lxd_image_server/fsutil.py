@@ -114,6 +114,12 @@ def open_regular(name: str, dir_fd: int | None = None) -> int:
     """Opens `name` (relative to `dir_fd` when given) for reading if, and only if, it is a
     regular file: a symbolic link is refused by the kernel (ELOOP), a FIFO or device is opened
     without blocking and refused after fstat. The returned descriptor blocks again."""
+    return open_regular_stat(name, dir_fd)[0]
+
+
+def open_regular_stat(name: str, dir_fd: int | None = None) -> tuple[int, os.stat_result]:
+    """open_regular, and the fstat of the descriptor it checked (one system call less for a
+    caller that checks the file's identity too)."""
     try:
         fd = os.open(name, _READ_FLAGS, dir_fd=dir_fd)
     except OSError as e:
@@ -128,7 +134,7 @@ def open_regular(name: str, dir_fd: int | None = None) -> int:
     except BaseException:
         os.close(fd)
         raise
-    return fd
+    return fd, st
 
 
 def open_dir(name: str, dir_fd: int | None = None) -> int:
@@ -140,6 +146,25 @@ def open_dir(name: str, dir_fd: int | None = None) -> int:
         if e.errno == errno.ELOOP:
             raise NotADirectoryError(errno.ENOTDIR, "a symbolic link", name) from None
         raise
+
+
+def open_dir_below(base: str, rel: str) -> int:
+    """Opens the directory `rel` (a relative path with '/', or "" for `base` itself) below the
+    trusted directory `base`, each component relative to its parent's descriptor without
+    following a link (open_dir). Raises OSError (NotADirectoryError for a link, ...)."""
+    parts = rel.split("/") if rel else []
+    if any(p in ("", ".", "..") for p in parts):
+        raise NotADirectoryError(errno.EINVAL, "not a plain relative path", rel)
+    fd = os.open(base, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for name in parts:
+            sub = open_dir(name, dir_fd=fd)
+            os.close(fd)
+            fd = sub
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def read_bounded(fd: int, limit: int) -> bytes:

@@ -26,6 +26,11 @@ from lxd_image_server.retention_policy import KeepRule, PolicyError, RetentionPo
 SYSTEM_DIR = "/etc/lxd-image-server"
 ENV_CONFIG = "LXD_IMAGE_SERVER_CONFIG"
 DEFAULT_GRACE = 3600
+#: [deltas] min_size: roots smaller than this get no delta made. A delta saves at most the
+#: root's bytes; below about a MiB that is less than what it costs each client (a second
+#: request, an xdelta3 run, a fingerprint check) and the server (an xdelta3 run per new version and
+#: base, then a check). The smallest distribution images (Alpine) are a few MiB and keep theirs.
+DEFAULT_DELTA_MIN_SIZE = 1 << 20
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("", "0", "false", "no", "off")
 
@@ -48,6 +53,8 @@ class DeltaSettings:
     bases: int = 1
     max_ratio: float = 0.5
     timeout: int = 1800
+    #: roots smaller than this (bytes) get no delta made
+    min_size: int = DEFAULT_DELTA_MIN_SIZE
 
 
 @dataclass(frozen=True)
@@ -152,7 +159,7 @@ _KEYS = {
     "upload": {"allow_overwrites", "allow_deletes", "max_size"},
     "prune": {"grace_period"},
     "retention": {"keep", "rule"},
-    "deltas": {"enabled", "bases", "max_ratio", "timeout"},
+    "deltas": {"enabled", "bases", "max_ratio", "timeout", "min_size"},
 }
 _RULE_KEYS = {"match", "keep"}
 _MIRROR_KEYS = {"remote", "url", "user", "key_path", "port", "path"}
@@ -178,8 +185,8 @@ def _typed(value: Any, kind: type, what: str, src: str) -> Any:
     return value
 
 
-def _size(value: Any, src: str) -> int | None:
-    """max_size: bytes as a number, or a string with K/M/G/T (powers of 1024); 0: no limit."""
+def _bytes(value: Any, what: str, src: str) -> int:
+    """A size: bytes as a number, or a string with K/M/G/T (powers of 1024)."""
     if isinstance(value, int) and not isinstance(value, bool):
         n = value
     elif isinstance(value, str):
@@ -191,12 +198,17 @@ def _size(value: Any, src: str) -> int | None:
         try:
             n = int(float(text) * factor)
         except ValueError:
-            raise ConfigError(f"{src}: upload.max_size {value!r} is not a size") from None
+            raise ConfigError(f"{src}: {what} {value!r} is not a size") from None
     else:
-        raise ConfigError(f"{src}: upload.max_size must be a number of bytes or like '10G'")
+        raise ConfigError(f"{src}: {what} must be a number of bytes or like '10G'")
     if n < 0:
-        raise ConfigError(f"{src}: upload.max_size must not be negative")
-    return n or None
+        raise ConfigError(f"{src}: {what} must not be negative")
+    return n
+
+
+def _size(value: Any, src: str) -> int | None:
+    """max_size: bytes as a number, or a string with K/M/G/T (powers of 1024); 0: no limit."""
+    return _bytes(value, "upload.max_size", src) or None
 
 
 def _count(value: Any, what: str, src: str) -> int:
@@ -274,7 +286,8 @@ def _deltas(table: Mapping[str, Any], src: str) -> DeltaSettings:
     timeout = _typed(table.get("timeout", d.timeout), int, "deltas.timeout", src)
     if timeout < 1:
         raise ConfigError(f"{src}: deltas.timeout must be at least 1 (seconds)")
-    return DeltaSettings(enabled, bases, float(ratio), timeout)
+    min_size = _bytes(table.get("min_size", d.min_size), "deltas.min_size", src)
+    return DeltaSettings(enabled, bases, float(ratio), timeout, min_size)
 
 
 def _validate(

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import IO
 
 from lxd_image_server.catalog.deltas import FAILED, OK, TOO_BIG, WRONG, Job, Record, ident
-from lxd_image_server.fsutil import CHUNK_SIZE, open_dir
+from lxd_image_server.fsutil import CHUNK_SIZE, open_dir_below
 from lxd_image_server.tree.scan import FileStat, open_below
 
 log = logging.getLogger(__name__)
@@ -146,19 +146,6 @@ def _identity(fd: int) -> tuple[int, int, int, int, int]:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
-def _open_dir_below(base: str, rel: str) -> int:
-    fd = os.open(base, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        for name in rel.split("/"):
-            sub = open_dir(name, dir_fd=fd)
-            os.close(fd)
-            fd = sub
-        return fd
-    except BaseException:
-        os.close(fd)
-        raise
-
-
 def _window(size: int) -> int:
     return max(MIN_WINDOW, min(MAX_WINDOW, size))
 
@@ -237,7 +224,7 @@ def make(job: Job, limits: Limits, img_dir: str) -> Record:
             fds = [_open_checked(job.base_root)]
             fds.append(_open_checked(job.target_root))
             rel = os.path.relpath(job.target_dir, img_dir)
-            dir_fd = _open_dir_below(img_dir, rel)
+            dir_fd = open_dir_below(img_dir, rel)
         except (_Changed, OSError) as e:
             return Record(FAILED, base_id, target_id, detail=str(e))
         _drop_stale(dir_fd)

@@ -33,6 +33,7 @@ from lxd_image_server.fsutil import (
     read_regular,
     write_atomic,
 )
+from lxd_image_server.settings import DEFAULT_DELTA_MIN_SIZE
 from lxd_image_server.tree.layout import DELTA_PREFIXES, Role, delta_name, delta_token
 from lxd_image_server.tree.scan import FileStat, ScannedVersion
 
@@ -286,11 +287,13 @@ def plan(
     bases: int,
     make: bool,
     retry_failed: bool = False,
+    min_size: int = DEFAULT_DELTA_MIN_SIZE,
 ) -> list[Job]:
     """Deltas to check (present, not checked for what they are now) and, if `make`, deltas
-    to make: for the newest version of each product, one per root kind (squashfs, disk) from
-    each of its `bases` newest older versions that have that kind of root. `sha256` maps a
-    root's path to its digest; a root without one (not hashed yet) is left for later."""
+    to make: for the newest version of each product whose root has at least `min_size`
+    bytes, one per root kind (squashfs, disk) from each of its `bases` newest older versions
+    that have that kind of root. `sha256` maps a root's path to its digest; a root without one
+    (not hashed yet) is left for later. Uploaded deltas are checked whatever their root's size."""
     versions = list(versions)
     jobs: list[Job] = []
     for c in candidates(versions):
@@ -315,12 +318,16 @@ def plan(
     for v in versions:
         by_product.setdefault(v.key.product, []).append(v)
     for group in by_product.values():
-        group.sort(key=lambda v: _serial_key(v.key.serial))
-        newest, older = group[-1], group[:-1]
+        newest = max(group, key=lambda v: _serial_key(v.key.serial))
+        older: list[ScannedVersion] | None = None
         for root_ftype in (r for r, _ in DELTA_PREFIXES.values()):
             target_root = root_of(newest, root_ftype)
             if target_root is None or target_root.path not in sha256:
                 continue
+            if target_root.size < min_size:
+                continue  # too small for a delta to save anything worth a request
+            if older is None:
+                older = sorted(group, key=lambda v: _serial_key(v.key.serial))[:-1]
             found = 0
             for base in reversed(older):
                 if found >= bases:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from lxd_image_server.catalog import deltas
 from lxd_image_server.catalog.deltagen import Limits, run_job, xdelta3_path
 from lxd_image_server.catalog.hashing import Digests
+from lxd_image_server.settings import DEFAULT_DELTA_MIN_SIZE
 from lxd_image_server.tree.scan import ScannedVersion
 
 log = logging.getLogger(__name__)
@@ -34,6 +35,8 @@ class DeltaConfig:
     max_ratio: float = 0.5
     #: seconds one xdelta3 run may take
     timeout: float = 1800.0
+    #: roots smaller than this many bytes get no delta made (settings.DEFAULT_DELTA_MIN_SIZE)
+    min_size: int = DEFAULT_DELTA_MIN_SIZE
 
 
 #: what a DeltaService does with the deltas to make or check: nothing (it only says which
@@ -98,6 +101,7 @@ class DeltaService:
             self.config.bases,
             self.config.enabled,
             retry_failed=not self.background,
+            min_size=self.config.min_size,
         )
         with self._cond:
             for job in jobs:

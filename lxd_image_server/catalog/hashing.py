@@ -9,6 +9,7 @@ so two cores compute both in the time one needs for one (hashlib releases the GI
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import logging
 import os
@@ -19,7 +20,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
-from lxd_image_server.fsutil import CHUNK_SIZE
+from lxd_image_server.fsutil import (
+    CHUNK_SIZE,
+    TooLarge,
+    open_dir,
+    open_dir_below,
+    open_regular_stat,
+    read_bounded,
+)
 from lxd_image_server.handover import Key, Records, record_name
 from lxd_image_server.progress import Progress, no_progress
 from lxd_image_server.tree.layout import Role
@@ -30,6 +38,11 @@ log = logging.getLogger(__name__)
 #: files up to this size feed their digests one after the other in one thread: starting a
 #: thread per digest costs more than hashing a few MiB (a cold update of 20,000 small versions)
 SMALL = 4 << 20
+#: a version whose files to read are all at most this big is read whole, one file after the
+#: other, through one descriptor of its directory, in the calling thread (hashing.read_whole):
+#: for many small versions (a cold update of 20,000 of them) the work is per file, not per
+#: byte, and threads only add to it
+WHOLE = 1 << 20
 
 
 class Hasher(Protocol):
@@ -116,13 +129,15 @@ class HashCache:
             log.warning("hash cache read failed (%s); hashing instead", e)
             return None
 
-    def _write(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
+    def _write(self, *writes: tuple[str, Iterable[Sequence[Any]]]) -> None:
+        """Each (statement, rows) of `writes`, all in one transaction."""
         if self._db is None:
             return
         try:
             with self._db:
                 self._db.execute("BEGIN")
-                self._db.executemany(sql, rows)
+                for sql, rows in writes:
+                    self._db.executemany(sql, rows)
         except sqlite3.Error as e:
             log.warning("hash cache write failed (%s); results not cached", e)
 
@@ -158,8 +173,12 @@ class HashCache:
     ) -> None:
         file_rows = [(*f.identity, d) for f, d in files]
         combined_rows = [(m.path, r.path, _ident(m), _ident(r), d) for m, r, d in combined]
-        self._write("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?, ?)", file_rows)
-        self._write("INSERT OR REPLACE INTO combined VALUES (?, ?, ?, ?, ?)", combined_rows)
+        if not file_rows and not combined_rows:
+            return
+        self._write(
+            ("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?, ?)", file_rows),
+            ("INSERT OR REPLACE INTO combined VALUES (?, ?, ?, ?, ?)", combined_rows),
+        )
         if self._files is not None and self._combined is not None:
             self._files.update((r[0], r[1:]) for r in file_rows)
             self._combined.update(((r[0], r[1]), r[2:]) for r in combined_rows)
@@ -220,6 +239,7 @@ def _key(f: FileStat) -> Key:
 
 
 def _ident(f: FileStat) -> str:
+    """dev:inode:size:mtime_ns:ctime_ns."""
     return f"{f.dev}:{f.inode}:{f.size}:{f.mtime_ns}:{f.ctime_ns}"
 
 
@@ -301,6 +321,60 @@ def _feed_many(fh: Any, sinks: Sequence[Hasher], progress: Progress) -> None:
         raise errors[0]
 
 
+def read_whole(dir_fd: int, f: FileStat) -> bytes:
+    """The bytes of `f` (at most a few MiB), opened by name in its version directory `dir_fd`
+    without following a link or waiting on a FIFO (fsutil.open_regular_stat), only if it is
+    still the file scanned (same device, inode, size, mtime and ctime), and read up to its
+    scanned size. Raises FileChanged otherwise, or if it changes while being read."""
+    try:
+        fd, st = open_regular_stat(f.name, dir_fd)
+    except OSError as e:
+        raise FileChanged(f"cannot open it ({e.strerror or e})") from e
+    try:
+        if _identity(st) != f.identity[1:]:
+            raise FileChanged("it changed since it was scanned")
+        try:
+            # one read when it has the size scanned (a regular file reads short only at its
+            # end); the rest, if any, bounded by that size
+            data = os.read(fd, f.size + 1)
+            if len(data) < f.size:
+                data += read_bounded(fd, f.size - len(data))
+        except TooLarge:
+            raise FileChanged("it was modified while being hashed") from None
+        except OSError as e:
+            raise FileChanged(f"read error ({e.strerror or e})") from e
+        if len(data) != f.size or _identity(os.fstat(fd)) != f.identity[1:]:
+            raise FileChanged("it was modified while being hashed")
+        return data
+    finally:
+        os.close(fd)
+
+
+class _VersionDirs:
+    """Opens version directories below their base without following a link (fsutil.
+    open_dir_below), keeping the last one's parent open: the versions of a scan come product
+    by product, so most share it with the one before."""
+
+    def __init__(self) -> None:
+        self._parent: tuple[str, str, int] | None = None
+
+    def open(self, base: str, path: str) -> int:
+        """The version directory `path` (absolute, below `base`)."""
+        rel = path[len(base) + 1 :] if path.startswith(base + "/") else os.path.relpath(path, base)
+        parent, _, name = rel.rpartition("/")
+        if self._parent is None or self._parent[:2] != (base, parent):
+            self.close()
+            self._parent = (base, parent, open_dir_below(base, parent))
+        if name in ("", ".", ".."):
+            raise NotADirectoryError(errno.EINVAL, "not a plain relative path", rel)
+        return open_dir(name, dir_fd=self._parent[2])
+
+    def close(self) -> None:
+        if self._parent is not None:
+            os.close(self._parent[2])
+            self._parent = None
+
+
 # -- hashing versions ----------------------------------------------------------------------------
 
 
@@ -314,7 +388,7 @@ class Digests:
     failed: set[str] = field(default_factory=set)
 
 
-@dataclass
+@dataclass(slots=True)
 class _Plan:
     file: FileStat
     need_plain: bool
@@ -366,8 +440,12 @@ class HashEngine:
         out = Digests()
         metas: dict[str, _Plan] = {}
         roots: dict[str, _Plan] = {}
+        #: versions read whole in this thread (all their files to read are small)
+        whole: list[tuple[ScannedVersion, list[_Plan], list[_Plan]]] = []
         for v in versions:
             vmetas = [f for f in v.files.values() if f.role.role is Role.META]
+            vplain: dict[str, _Plan] = {}
+            vroots: list[_Plan] = []
             for f in v.files.values():
                 cached = None if rehash else self.cache.get(f)
                 if cached:
@@ -381,17 +459,33 @@ class HashEngine:
                         else:
                             plan.combine_with.append(m)
                     if plan.need_plain or plan.combine_with:
-                        roots[f.path] = plan
+                        vroots.append(plan)
                 elif plan.need_plain:
-                    metas[f.path] = plan
-        # metadata files that prime a combined hash are read again even when cached
-        for r in roots.values():
-            for m in r.combine_with:
-                metas.setdefault(m.path, _Plan(m, need_plain=False))
-        if not metas and not roots:
+                    vplain[f.path] = plan
+            if not vplain and not vroots:
+                continue
+            # metadata files that prime a combined hash are read again even when cached
+            for r in vroots:
+                for m in r.combine_with:
+                    vplain.setdefault(m.path, _Plan(m, need_plain=False))
+            vmeta_plans = list(vplain.values())
+            if all(p.file.size <= WHOLE for p in (*vmeta_plans, *vroots)):
+                whole.append((v, vmeta_plans, vroots))
+            else:
+                metas.update((p.file.path, p) for p in vmeta_plans)
+                roots.update((p.file.path, p) for p in vroots)
+        if not metas and not roots and not whole:
             return out
         total = sum(p.file.size for p in (*metas.values(), *roots.values()))
+        total += sum(p.file.size for _, ms, rs in whole for p in (*ms, *rs))
         progress = progress_start(total) if progress_start else no_progress
+        new_files: list[tuple[FileStat, str]] = []
+        new_combined: list[tuple[FileStat, FileStat, str]] = []
+        if whole:
+            _digest_whole(whole, out, new_files, new_combined, progress)
+        if not metas and not roots:
+            self.cache.put_many(new_files, new_combined)
+            return out
         lock = threading.Lock()
 
         def safe_progress(n: int) -> None:
@@ -415,12 +509,11 @@ class HashEngine:
             root_results = _map_batched(
                 pool, lambda p: self._run_root(p, primed, safe_progress), list(roots.values())
             )
-        new_files = [
+        new_files += [
             (p.file, out.files[p.file.path])
             for p in metas.values()
             if p.file.path in out.files and p.need_plain
         ]
-        new_combined = []
         for plan, res in zip(roots.values(), root_results, strict=True):
             if res is None:
                 out.failed.add(plan.file.path)
@@ -466,3 +559,64 @@ class HashEngine:
             plain.hexdigest() if plain is not None else None,
             [(m, h.hexdigest()) for m, h in combos],
         )
+
+
+def _digest_whole(
+    versions: list[tuple[ScannedVersion, list[_Plan], list[_Plan]]],
+    out: Digests,
+    new_files: list[tuple[FileStat, str]],
+    new_combined: list[tuple[FileStat, FileStat, str]],
+    progress: Progress,
+) -> None:
+    """The digests of small versions, each file read whole (read_whole) once: its sha256 and,
+    for a root, every combined fingerprint continue from the metadata's hash state."""
+    dirs = _VersionDirs()
+    try:
+        for v, meta_plans, root_plans in versions:
+            base = (meta_plans or root_plans)[0].file.base
+            try:
+                dir_fd = dirs.open(base, v.path)
+            except OSError as e:
+                for p in (*meta_plans, *root_plans):
+                    log.warning("not publishing %s yet: cannot open it (%s)", p.file.path, e)
+                    out.failed.add(p.file.path)
+                continue
+            try:
+                primed: dict[str, Hasher] = {}
+                for p in meta_plans:
+                    try:
+                        h = hashlib.sha256(read_whole(dir_fd, p.file))
+                    except FileChanged as e:
+                        log.warning("not publishing %s yet: %s", p.file.path, e)
+                        out.failed.add(p.file.path)
+                        continue
+                    progress(p.file.size)
+                    primed[p.file.path] = h
+                    digest = h.hexdigest()
+                    out.files[p.file.path] = digest
+                    if p.need_plain:
+                        new_files.append((p.file, digest))
+                for p in root_plans:
+                    try:
+                        data = read_whole(dir_fd, p.file)
+                    except FileChanged as e:
+                        log.warning("not publishing %s yet: %s", p.file.path, e)
+                        out.failed.add(p.file.path)
+                        continue
+                    progress(p.file.size)
+                    if p.need_plain:
+                        digest = hashlib.sha256(data).hexdigest()
+                        out.files[p.file.path] = digest
+                        new_files.append((p.file, digest))
+                    for m in p.combine_with:
+                        if m.path not in primed:
+                            continue
+                        c = primed[m.path].copy()
+                        c.update(data)
+                        digest = c.hexdigest()
+                        out.combined[(m.path, p.file.path)] = digest
+                        new_combined.append((m, p.file, digest))
+            finally:
+                os.close(dir_fd)
+    finally:
+        dirs.close()

@@ -16,7 +16,7 @@ unified item of the client's ftype stands alone.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
@@ -113,12 +113,19 @@ class Version:
 
     serial: str
     items: Mapping[str, Item]
+    #: ftype -> its first item by item key (by_ftype), found once: the page asks five times
+    #: per version
+    _first: dict[str, Item] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        first: dict[str, Item] = {}
+        for k in sorted(self.items):
+            first.setdefault(self.items[k].ftype, self.items[k])
+        object.__setattr__(self, "_first", first)
 
     def by_ftype(self, ftype: str) -> Item | None:
         """The (first, by item key) item of `ftype`, or None."""
-        return next(
-            (self.items[k] for k in sorted(self.items) if self.items[k].ftype == ftype), None
-        )
+        return self._first.get(ftype)
 
     def roots(self) -> tuple[Item, ...]:
         """The root filesystems (ftypes a combined fingerprint exists for), in the order of

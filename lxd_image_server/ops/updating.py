@@ -37,7 +37,7 @@ def retention_of(settings: Settings) -> Retention:
 
 def delta_config(settings: Settings) -> DeltaConfig:
     d = settings.deltas
-    return DeltaConfig(d.enabled, d.bases, d.max_ratio, float(d.timeout))
+    return DeltaConfig(d.enabled, d.bases, d.max_ratio, float(d.timeout), d.min_size)
 
 
 def with_pipeline(

@@ -284,12 +284,17 @@ def test_reload_keeps_old_configuration_when_malformed(tmp_path: Path) -> None:
 GATED_WATCHER = """
 import os, sys, time
 from lxd_image_server.catalog import hashing
-real, gate = hashing.hash_file, os.environ["TEST_HASH_GATE"]
-def gated(f, *args, **kwargs):
+real, real_whole, gate = hashing.hash_file, hashing.read_whole, os.environ["TEST_HASH_GATE"]
+def wait(f):
     while "/slow/" in f.path and os.path.exists(gate):
         time.sleep(0.05)
+def gated(f, *args, **kwargs):
+    wait(f)
     return real(f, *args, **kwargs)
-hashing.hash_file = gated
+def gated_whole(dir_fd, f):
+    wait(f)
+    return real_whole(dir_fd, f)
+hashing.hash_file, hashing.read_whole = gated, gated_whole
 from lxd_image_server.cli.root import main
 sys.argv[0] = "lxd-image-server"
 main()

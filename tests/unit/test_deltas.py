@@ -30,6 +30,8 @@ META = blob(3000, 1)
 ROOT_1 = blob(400_000, 2)
 #: version 1 with 20 KB changed in the middle and 10 KB appended
 ROOT_2 = ROOT_1[:200_000] + blob(20_000, 3) + ROOT_1[220_000:] + blob(10_000, 4)
+#: the roots here are smaller than [deltas] min_size's default: no floor unless a test sets one
+SMALL_OK = DeltaConfig(min_size=0)
 
 
 @pytest.fixture
@@ -66,7 +68,7 @@ def items(products: Products, serial: str = NEW) -> dict[str, Any]:
 def update(paths: Paths, config: DeltaConfig | None = None) -> Pipeline:
     """What `update` does: publish, make and check the deltas, publish again."""
     cache = HashCache(None)
-    service = DeltaService(paths.img_dir, paths.state_dir, config or DeltaConfig(), FOREGROUND)
+    service = DeltaService(paths.img_dir, paths.state_dir, config or SMALL_OK, FOREGROUND)
     pipeline = Pipeline(paths, cache, deltas=service)
     pipeline.update_all()
     if service.run_pending():
@@ -195,7 +197,7 @@ def test_only_the_newest_version_gets_deltas_from_its_bases(paths: Paths) -> Non
     add(paths, OLD, ROOT_1)
     mid = add(paths, NEW, ROOT_2)
     newest = add(paths, NEWER, ROOT_2 + blob(5000, 7))
-    update(paths, DeltaConfig(bases=2))
+    update(paths, DeltaConfig(bases=2, min_size=0))
     assert not [n for n in os.listdir(mid) if n.endswith(".vcdiff")]
     assert sorted(n for n in os.listdir(newest) if n.endswith(".vcdiff")) == [
         "rootfs.20240101_1200.vcdiff",
@@ -217,10 +219,37 @@ def test_a_delta_over_max_ratio_is_not_kept_nor_made_again(paths: Paths, monkeyp
     assert runs == []  # the record says so while the roots stay the same
 
 
+def test_roots_below_min_size_get_no_delta_and_larger_ones_do(paths: Paths) -> None:
+    add(paths, OLD, ROOT_1)
+    new = add(paths, NEW, ROOT_2)
+    update(paths, DeltaConfig(min_size=len(ROOT_2) + 1))
+    assert not [n for n in os.listdir(new) if n.endswith(".vcdiff") or n.startswith(".")]
+    assert deltas.load(paths.state_dir) == {}  # not even tried: nothing recorded
+    assert not [k for k in items(published(paths)) if "vcdiff" in k]
+    update(paths, DeltaConfig(min_size=len(ROOT_2)))
+    assert [n for n in os.listdir(new) if n.endswith(".vcdiff")] == [delta_name("squashfs", OLD)]
+    assert "squashfs.vcdiff-" + OLD in items(published(paths))
+
+
+def test_the_default_floor_skips_small_roots_and_still_checks_uploaded_deltas(
+    paths: Paths,
+) -> None:
+    old = add(paths, OLD, ROOT_1)
+    new = add(paths, NEW, ROOT_2)
+    assert len(ROOT_2) < DeltaConfig().min_size
+    update(paths, DeltaConfig())
+    assert not [n for n in os.listdir(new) if n.endswith(".vcdiff")]
+    good = xdelta(
+        old / "rootfs.squashfs", new / "rootfs.squashfs", new / delta_name("squashfs", OLD)
+    )
+    update(paths, DeltaConfig())
+    assert items(published(paths))["squashfs.vcdiff-" + OLD]["sha256"] == sha(good.read_bytes())
+
+
 def test_disabled_makes_nothing(paths: Paths) -> None:
     add(paths, OLD, ROOT_1)
     new = add(paths, NEW, ROOT_2)
-    update(paths, DeltaConfig(enabled=False))
+    update(paths, DeltaConfig(enabled=False, min_size=0))
     assert not [n for n in os.listdir(new) if n.endswith(".vcdiff")]
 
 
@@ -230,11 +259,11 @@ def test_an_uploaded_delta_is_listed_once_checked_and_a_wrong_one_never(paths: P
     good = xdelta(
         old / "rootfs.squashfs", new / "rootfs.squashfs", new / delta_name("squashfs", OLD)
     )
-    update(paths, DeltaConfig(enabled=False))
+    update(paths, DeltaConfig(enabled=False, min_size=0))
     assert items(published(paths))["squashfs.vcdiff-" + OLD]["sha256"] == sha(good.read_bytes())
     # the root is replaced (ALLOW_OVERWRITES): the old delta would break the refresh
     write(new / "rootfs.squashfs", ROOT_2 + b"changed")
-    update(paths, DeltaConfig(enabled=False))
+    update(paths, DeltaConfig(enabled=False, min_size=0))
     assert "squashfs.vcdiff-" + OLD not in items(published(paths))
     rec = deltas.load(paths.state_dir)[str(good)]
     assert rec.result == deltas.WRONG
@@ -287,7 +316,7 @@ def test_deltas_leave_the_catalog_and_the_disk_with_their_base(paths: Paths) -> 
 def test_a_delta_being_hashed_does_not_hold_its_version_back(paths: Paths) -> None:
     add(paths, OLD, ROOT_1)
     new = add(paths, NEW, ROOT_2)
-    update(paths, DeltaConfig(enabled=False))
+    update(paths, DeltaConfig(enabled=False, min_size=0))
     cache = HashCache(str(Path(paths.state_dir) / "h.sqlite3"))
     try:
         pipeline = Pipeline(paths, cache)

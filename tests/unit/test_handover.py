@@ -42,13 +42,19 @@ def paths(tmp_path: Path) -> Paths:
 def reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """The names of the files the catalog writer reads to hash them."""
     seen: list[str] = []
-    real = hashing.hash_file
+    real, real_whole = hashing.hash_file, hashing.read_whole
 
     def counting(f: FileStat, *args: Any) -> None:
         seen.append(f.name)
         real(f, *args)
 
+    def counting_whole(dir_fd: int, f: FileStat) -> bytes:
+        seen.append(f.name)
+        return real_whole(dir_fd, f)
+
+    # big files are read by hash_file, small versions whole (read_whole)
     monkeypatch.setattr(hashing, "hash_file", counting)
+    monkeypatch.setattr(hashing, "read_whole", counting_whole)
     return seen
 
 

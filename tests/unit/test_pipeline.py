@@ -75,15 +75,24 @@ class Gate:
         self.word = word
         self.entered = threading.Event()
         self.opened = threading.Event()
-        real = hashing.hash_file
+        real, real_whole = hashing.hash_file, hashing.read_whole
 
-        def gated(f: FileStat, sinks: list[hashing.Hasher], *args: object) -> None:
+        def wait(f: FileStat) -> None:
             if word in f.path:
                 self.entered.set()
                 assert self.opened.wait(WAIT), "the gate was never opened"
+
+        def gated(f: FileStat, sinks: list[hashing.Hasher], *args: object) -> None:
+            wait(f)
             real(f, sinks, *args)  # type: ignore[arg-type]
 
+        def gated_whole(dir_fd: int, f: FileStat) -> bytes:
+            wait(f)
+            return real_whole(dir_fd, f)
+
+        # big files are read by hash_file, small versions whole (read_whole)
         monkeypatch.setattr(hashing, "hash_file", gated)
+        monkeypatch.setattr(hashing, "read_whole", gated_whole)
 
 
 def test_a_slow_version_holds_no_lock_and_delays_no_other(paths, monkeypatch):
