@@ -202,23 +202,38 @@ def _root_to_fifo(d: Path) -> None:
     os.mkfifo(d / "rootfs.squashfs")
 
 
+def _remove_root(d: Path) -> None:
+    (d / "rootfs.squashfs").unlink()
+
+
+def _add_file(d: Path) -> None:
+    write(d / "incus.tar.xz", blob(300, 9))
+
+
+def _add_overrides(d: Path) -> None:
+    (d / "metadata.json").write_text(json.dumps({"release_title": "changed"}))
+
+
+def _remove_version(d: Path) -> None:
+    for p in d.iterdir():
+        p.unlink()
+    d.rmdir()
+
+
+def _add_version(d: Path) -> None:
+    for i, name in enumerate(("lxd.tar.xz", "rootfs.squashfs")):
+        write(d.parent / "20240303_1200" / name, blob(300, i))
+
+
 TREE_CHANGES: dict[str, Callable[[Path], None]] = {
     "root rewritten in place": _rewrite_root,
-    "root removed": lambda d: (d / "rootfs.squashfs").unlink(),
+    "root removed": _remove_root,
     "root replaced by a link": _root_to_link,
     "root replaced by a FIFO": _root_to_fifo,
-    "file added": lambda d: write(d / "incus.tar.xz", blob(300, 9)) and None,
-    "metadata.json added": lambda d: (d / "metadata.json").write_text(
-        json.dumps({"release_title": "changed"})
-    ),
-    "version removed": lambda d: [p.unlink() for p in d.iterdir()] and d.rmdir(),
-    "version added": lambda d: (
-        [
-            write(d.parent / "20240303_1200" / n, blob(300, i))
-            for i, n in enumerate(("lxd.tar.xz", "rootfs.squashfs"))
-        ]
-        and None
-    ),
+    "file added": _add_file,
+    "metadata.json added": _add_overrides,
+    "version removed": _remove_version,
+    "version added": _add_version,
 }
 
 
