@@ -13,7 +13,7 @@ import logging
 import os
 import threading
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from lxd_image_server.catalog import deltas
@@ -77,14 +77,22 @@ class DeltaService:
         """The delta files among `versions` checked for what they and their roots are now."""
         return deltas.listable(deltas.candidates(versions), self.records())
 
-    def published(self, versions: Iterable[ScannedVersion], digests: Digests) -> None:
-        """After a publish of `versions`: queues what is to be made or checked."""
+    def published(
+        self,
+        versions: Iterable[ScannedVersion],
+        digests: Digests,
+        sha256: Mapping[str, str] | None = None,
+    ) -> None:
+        """After a publish of `versions`: queues what is to be made or checked. `sha256`:
+        the files' digests by path, when the caller has them cheaper than from `digests`."""
         if self.mode == LIST_ONLY:
             return
         xdelta3 = self._xdelta3()
         if xdelta3 is None:
             return
-        sha = {p: d for p, d in digests.files.items() if p not in digests.failed}
+        sha = sha256
+        if sha is None:
+            sha = {p: d for p, d in digests.files.items() if p not in digests.failed}
         # `update` (in the foreground) tries again what failed; the watcher waits for a change
         jobs = deltas.plan(
             versions,

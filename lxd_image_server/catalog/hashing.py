@@ -149,7 +149,7 @@ class HashCache:
                 "SELECT dev, inode, size, mtime_ns, ctime_ns, sha256 FROM files WHERE path = ?",
                 (f.path,),
             )
-        if row and tuple(row[:5]) == f.identity[1:]:
+        if row and tuple(row[:5]) == (f.dev, f.inode, f.size, f.mtime_ns, f.ctime_ns):
             return str(row[5])
         return None
 

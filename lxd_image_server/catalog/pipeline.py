@@ -21,8 +21,10 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from collections.abc import Callable, Iterable, Set
+import weakref
+from collections.abc import Callable, Iterable, Iterator, Mapping, Set
 from dataclasses import dataclass, replace
+from typing import Any
 
 from lxd_image_server import handover
 from lxd_image_server.catalog import unchanged
@@ -37,11 +39,11 @@ from lxd_image_server.catalog.hashjobs import (
     hash_version,
     identity,
 )
-from lxd_image_server.catalog.page import write_page
 from lxd_image_server.catalog.products import BuiltVersion, Products, build_version, products_of
 from lxd_image_server.catalog.publish import catalog_lock, publish
 from lxd_image_server.catalog.retention import PendingVersions, Retention
 from lxd_image_server.config import Paths
+from lxd_image_server.gcpause import cyclic_gc_paused
 from lxd_image_server.handover import Records
 from lxd_image_server.progress import Progress
 from lxd_image_server.tree.layout import Role
@@ -125,12 +127,21 @@ class Pipeline:
         self._notify = False
         #: what images.json.gz's last publish compressed, reused by the next
         self._gzip = GzipCache()
+        #: the caller drops the pipeline after update_all (the `update` command): when the
+        #: catalog was published from this very tree already, the digests are not looked up,
+        #: only the few the deltas ask for (unchanged.py)
+        self.lookups_on_demand = False
+        #: unchanged.versions_digest of `versions` as the last full scan found them (None once
+        #: part of the tree was scanned again, or when no publish may be skipped)
+        self._scanned_digest: str | None = None
         #: called from a hashing thread when a version's digests are done (`collect` them)
         self.on_hashed: Callable[[], None] | None = None
-        self.jobs = HashJobs(jobs, on_done=self._hashed)
+        # (through a weak reference: a cycle pipeline -> workers -> pipeline would leave all
+        # it holds, one object per file, to the cyclic garbage collector once it is dropped)
+        self.jobs = HashJobs(jobs, on_done=_weakly(self._hashed))
         #: lists checked deltas; makes and checks the others after each publish (deltawork.py)
         self.deltas = deltas or DeltaService(paths.img_dir, paths.state_dir)
-        self.deltas.on_done = self._hashed
+        self.deltas.on_done = _weakly(self._hashed)
 
     def _hashed(self) -> None:
         if self.on_hashed is not None:
@@ -144,12 +155,23 @@ class Pipeline:
 
     def update_all(self, rehash: bool = False) -> bool:
         """Rescans and republishes everything, once every version is hashed. True if the
-        catalog changed."""
+        catalog changed. (With the cyclic garbage collector paused: gcpause.py.)"""
+        with cyclic_gc_paused():
+            return self._update_all(rehash)
+
+    def _update_all(self, rehash: bool) -> bool:
         before = self._catalog_state()
         found = self.scanner.scan()
         self.cache.adopt(self.records, found, prune=True)
-        with self.cache.preloaded():
-            digests = self.hasher.digest(found, rehash, self.progress_start)
+        self._scanned_digest = None
+        if not rehash and self._may_skip():
+            self._scanned_digest = unchanged.versions_digest(found, self.paths.root_dir)
+        digests: Digests
+        published = self.lookups_on_demand and self._published_already(found)
+        if published:
+            digests = _OnDemand(functools.partial(self._digest, found))
+        else:
+            digests = self._digest(found, rehash)
         self.versions = {v.key.relpath: v for v in found}
         self._idents = {rel: identity(v) for rel, v in self.versions.items()}
         self._ready = {rel: _Ready(self._idents[rel], digests) for rel in self.versions}
@@ -157,11 +179,32 @@ class Pipeline:
             if self._catalog_state() != before:
                 log.info("the catalog was published by another writer meanwhile; rescanning")
                 self._rescan("")
-            # (under the lock: what another writer cached meanwhile is in this scan)
-            self.cache.forget_except(
-                {f.path for v in self.versions.values() for f in v.files.values()}
-            )
+            if not published:
+                # (under the lock: what another writer cached meanwhile is in this scan)
+                # Published already: the files are those the last full update kept entries
+                # of; entries the watcher added since for files gone again wait for the next.
+                self.cache.forget_except(
+                    {f.path for v in self.versions.values() for f in v.files.values()}
+                )
             return self._publish(full=not rehash)
+
+    def _digest(self, found: list[ScannedVersion], rehash: bool = False) -> Digests:
+        with self.cache.preloaded():
+            return self.hasher.digest(found, rehash, self.progress_start)
+
+    def _may_skip(self) -> bool:
+        """A full update may skip a publish of unchanged inputs ([retention] decides anew)."""
+        return self.retention is None or not self.retention.policy.active
+
+    def _published_already(self, found: list[ScannedVersion]) -> bool:
+        """The catalog was published from the tree `found` (a full scan), as far as can be
+        said before the catalog lock (_publish says it again under it)."""
+        if self._scanned_digest is None:
+            return False
+        hidden = self.hidden()
+        listed = self.deltas.listable([v for v in found if v.path not in hidden])
+        inputs = unchanged.inputs_digest(self._scanned_digest, hidden, listed)
+        return unchanged.is_published(self.paths.state_dir, self.paths.root_dir, inputs)
 
     def refresh(self, prefixes: Iterable[str], budget: float | None = None) -> bool:
         """Rescans the directories `prefixes` (relative to images/) and republishes, waiting at
@@ -201,6 +244,7 @@ class Pipeline:
             del self._idents[rel]
             self._ready.pop(rel, None)
         submitted = set()
+        self._scanned_digest = None
         found = self.scanner.scan(prefix)
         self.cache.adopt(self.records, found)
         for v in found:
@@ -332,15 +376,21 @@ class Pipeline:
         listed = self.deltas.listable(versions)
         state, root = self.paths.state_dir, self.paths.root_dir
         inputs = None
-        if full and (self.retention is None or not self.retention.policy.active):
-            inputs = unchanged.inputs_digest(
-                ((v, r.digests) for _, v, r in shown), hidden | listed, root
-            )
+        if full and self._may_skip():
+            scanned = self._scanned_digest
+            if scanned is None:
+                scanned = unchanged.versions_digest(self.versions.values(), root)
+            inputs = unchanged.inputs_digest(scanned, hidden, listed)
             if unchanged.is_published(state, root, inputs):
                 log.debug("the catalog and page were published from these inputs already")
                 self._unbuilt = shown
-                self.deltas.published(versions, digests)
+                if isinstance(digests, _OnDemand) and not digests.loaded:
+                    self.deltas.published(versions, digests, _CachedDigests(self.cache, versions))
+                else:
+                    self.deltas.published(versions, digests)
                 return False
+            if not self._whole(shown, hidden, digests):
+                inputs = None  # the record vouches only for a tree published whole
         self._unbuilt = None
         self._products = products_of(self._build(shown), digests, root, listed)
         if self.retention is not None:
@@ -364,6 +414,19 @@ class Pipeline:
                 unchanged.record(state, root, inputs)
         return changed
 
+    def _whole(
+        self, shown: list[tuple[str, ScannedVersion, _Ready]], hidden: Set[str], digests: Digests
+    ) -> bool:
+        """Every version scanned is hidden or `shown` with all its files, and each of them has
+        its sha256: the digests are then those of the files' identities (unchanged.py)."""
+        if digests.failed:
+            return False
+        expected = sum(1 for v in self.versions.values() if v.path not in hidden)
+        if len(shown) != expected or any(v is not self.versions[rel] for rel, v, _ in shown):
+            return False
+        have = digests.files
+        return all(f.path in have for _, v, _ in shown for f in v.files.values())
+
     def write_page(self) -> None:
         """Writes the catalog page of the last publish, if not written yet (defer_page)."""
         if self.page_due:
@@ -373,6 +436,9 @@ class Pipeline:
     def _write_page(self) -> None:
         self.page_due = False
         try:
+            # (imported here: a no-change `update` never renders the page)
+            from lxd_image_server.catalog.page import write_page
+
             # <root>/streams/index.html, when its bytes change or it is missing
             write_page(self.paths.root_dir, self._products)
         finally:
@@ -380,6 +446,78 @@ class Pipeline:
                 self._notify = False
                 for listener in self.on_publish:
                     listener()
+
+
+class _OnDemand(Digests):
+    """The digests of a full scan, computed (from the hash cache, hashing what it lacks) when
+    first read: a no-change `update` reads none (lookups_on_demand). They are read only if the
+    tree or the catalog changed between the check before the catalog lock and the one under
+    it; then under the lock, but the files are those of the last publish, all in the cache."""
+
+    def __init__(self, load: Callable[[], Digests]) -> None:
+        # no Digests.__init__: files, combined and failed are set by the first read
+        self._load: Callable[[], Digests] | None = load
+
+    @property
+    def loaded(self) -> bool:
+        return self._load is None
+
+    def __getattr__(self, name: str) -> Any:
+        # only called for an attribute not set yet
+        load = self.__dict__.get("_load")
+        if load is None or name not in ("files", "combined", "failed"):
+            raise AttributeError(name)
+        d = load()
+        self.files, self.combined, self.failed = d.files, d.combined, d.failed
+        self._load = None
+        return getattr(self, name)
+
+
+class _CachedDigests(Mapping[str, str]):
+    """sha256 by path of the files of `versions`, each looked up in the hash cache when asked
+    for (the deltas ask for a few roots)."""
+
+    def __init__(self, cache: HashCache, versions: list[ScannedVersion]) -> None:
+        self._cache = cache
+        self._versions = versions
+        self._by_dir: dict[str, ScannedVersion] | None = None
+
+    def _file(self, path: str) -> FileStat | None:
+        if self._by_dir is None:
+            self._by_dir = {v.path: v for v in self._versions}
+        directory, _, name = path.rpartition("/")
+        v = self._by_dir.get(directory)
+        return None if v is None else v.files.get(name)
+
+    def __getitem__(self, path: str) -> str:
+        f = self._file(path)
+        digest = None if f is None else self._cache.get(f)
+        if digest is None:
+            raise KeyError(path)
+        return digest
+
+    def __iter__(self) -> Iterator[str]:
+        return (
+            f.path
+            for v in self._versions
+            for f in v.files.values()
+            if self._cache.get(f) is not None
+        )
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
+def _weakly(method: Callable[[], None]) -> Callable[[], None]:
+    """Calls `method` while its object lives, without keeping it alive."""
+    ref = weakref.WeakMethod(method)
+
+    def call() -> None:
+        bound = ref()
+        if bound is not None:
+            bound()
+
+    return call
 
 
 def _merged(shown: list[tuple[str, ScannedVersion, _Ready]]) -> Digests:

@@ -2,11 +2,16 @@
 
 A no-change `update` of 20,000 versions spends most of its time building, encoding and
 comparing a 20 MB document and rendering the page, all to write nothing. Instead, after each
-publish the catalog writer records in its state directory a digest of everything the catalog
-and the page are made of (every version shown: its path, its files' identities, digests and
-failures, its overrides; what is hidden; the served root; this program's version and FORMAT)
-together with the identity (inode, size, mtime) of each file it published. The next full update
-with the same digest finds those files untouched and skips building, encoding and the page.
+publish of a whole tree whose every file was hashed, the catalog writer records in its state
+directory a digest of what the catalog and the page are made of, together with the identity
+(inode, size, mtime) of each file it published. The next full update with the same digest
+finds those files untouched and skips looking up the digests, building, encoding and the page.
+
+The digest covers every version scanned: its path, its files' names, roles and identities
+(path, device, inode, size, mtime, ctime), its overrides; what is hidden and which deltas may be
+listed; the served root; this program's version and FORMAT. Not the sha256 digests: they are a
+function of the identities (the hash cache's own rule), provided none failed; so a publish with
+a file that could not be hashed records nothing, and the next update publishes again.
 
 Anything else (a file edited, replaced or removed in streams/, another digest, another
 version of the program, a missing or unreadable record) means: publish as usual.
@@ -21,9 +26,9 @@ import os
 from collections.abc import Iterable, Set
 
 from lxd_image_server import __version__
-from lxd_image_server.catalog.hashing import Digests
 from lxd_image_server.fsutil import TooLarge, read_regular, write_atomic
-from lxd_image_server.tree.scan import ScannedVersion
+from lxd_image_server.tree.overrides import NO_OVERRIDES
+from lxd_image_server.tree.scan import FileStat, ScannedVersion
 
 log = logging.getLogger(__name__)
 
@@ -41,22 +46,38 @@ PUBLISHED = (
 _MAX_RECORD = 64 * 1024
 
 
-def inputs_digest(
-    versions: Iterable[tuple[ScannedVersion, Digests]], hidden: Set[str], root_dir: str
-) -> str:
-    """A digest of everything a full publish of `versions` builds from."""
+def versions_digest(versions: Iterable[ScannedVersion], root_dir: str) -> str:
+    """A digest of `versions` as scanned (in this order) below the served root `root_dir`.
+
+    One line of text per version: fields separated by NUL (no path holds one, overrides are
+    written with repr, which escapes it), each record with a fixed number of fields, so two
+    different inputs never write the same text. Stable across runs: no hash() or id() reaches
+    the text."""
     h = hashlib.sha256(f"{__version__}\0{FORMAT}\0{root_dir}\0".encode())
-    h.update(repr(sorted(hidden)).encode())
-    for v, d in versions:
-        files = sorted(v.files.values(), key=lambda f: f.name)
-        h.update(repr((v.path, v.key, v.overrides)).encode())
-        for f in files:
-            h.update(repr((f.identity, f.role, d.files.get(f.path), f.path in d.failed)).encode())
-            for m in files:
-                c = d.combined.get((m.path, f.path))
-                if c is not None:
-                    h.update(f"{m.path}\0{c}".encode())
+    roles: dict[int, str] = {}
+    for v in versions:
+        ov = v.overrides
+        out = ["V", v.path, v.key.relpath, "-" if ov is NO_OVERRIDES else repr(ov)]
+        for f in sorted(v.files.values(), key=_name):
+            role = roles.get(id(f.role))
+            if role is None:
+                r = f.role
+                role = roles[id(r)] = f"{r.role.name}/{r.ftype}/{r.preference}/{r.base}"
+            out += ("F", f.path, f"{f.dev} {f.inode} {f.size} {f.mtime_ns} {f.ctime_ns}", role)
+        out.append("\n")
+        h.update("\0".join(out).encode())
     return h.hexdigest()
+
+
+def inputs_digest(versions: str, hidden: Set[str], listed: Set[str]) -> str:
+    """The digest of a full publish's inputs: `versions` (versions_digest of every version
+    scanned), the versions `hidden` and the deltas `listed`."""
+    text = "\0".join(["I", versions, *sorted(hidden), "L", *sorted(listed)])
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _name(f: FileStat) -> str:
+    return f.name
 
 
 def _identities(root_dir: str) -> list[list[int]] | None:

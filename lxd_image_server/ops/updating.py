@@ -18,6 +18,7 @@ from lxd_image_server.catalog.hashing import HashCache
 from lxd_image_server.catalog.pipeline import Pipeline
 from lxd_image_server.catalog.retention import Retention, RetentionError, delete_expired
 from lxd_image_server.config import Paths
+from lxd_image_server.gcpause import cyclic_gc_paused
 from lxd_image_server.progress import ProgressStart
 from lxd_image_server.settings import Settings
 
@@ -82,7 +83,16 @@ def update(
 ) -> UpdateResult:
     """`update`: deletes the expired versions, publishes the tree (with the deltas still
     missing, made now), deletes what [retention] took out without a grace period, and pushes
-    to every configured mirror. MirrorsFailed: a push failed (the catalog is published)."""
+    to every configured mirror. MirrorsFailed: a push failed (the catalog is published).
+    The cyclic garbage collector is paused throughout (gcpause.py): what the pipeline builds
+    lives until the end, and a collection after its update_all would walk it all once more."""
+    with cyclic_gc_paused():
+        return _update(paths, settings, rehash, progress_start)
+
+
+def _update(
+    paths: Paths, settings: Settings, rehash: bool, progress_start: ProgressStart | None
+) -> UpdateResult:
     _delete_expired(paths)
     cache = HashCache(paths.cache_path)
     try:
@@ -94,6 +104,7 @@ def update(
             retention=retention_of(settings),
             deltas=deltas,
         )
+        pipeline.lookups_on_demand = True  # dropped at the end: nothing asks for its products
         changed = pipeline.update_all(rehash=rehash)
         # the deltas still missing, made (and checked) now, then published too
         if deltas.run_pending():

@@ -198,11 +198,16 @@ def parse_version_dir(parts: tuple[str, ...] | list[str]) -> VersionKey:
         check_component(value, what)
     if arch not in KNOWN_ARCHES:
         raise LayoutError(f"unknown architecture {arch!r} (LXD and Incus would skip it)")
+    check_serial(serial)
+    return VersionKey(os_, release, arch, variant, serial)
+
+
+def check_serial(serial: str) -> None:
+    """LayoutError unless `serial` is a valid serial (what parse_version_dir says of it)."""
     if not valid_serial(serial):
         raise LayoutError(
             f"bad serial {serial!r}: expected YYYYMMDD_HH:MM, YYYYMMDD_HHMM or YYYYMMDDHHMM"
         )
-    return VersionKey(os_, release, arch, variant, serial)
 
 
 def parse_file_path(relpath: str) -> tuple[VersionKey, str]:

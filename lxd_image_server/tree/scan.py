@@ -19,7 +19,7 @@ import errno
 import logging
 import os
 import stat
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,9 +32,9 @@ from lxd_image_server.tree.layout import (
     Role,
     VersionKey,
     check_component,
+    check_serial,
     classify,
     is_ignored_name,
-    parse_version_dir,
 )
 from lxd_image_server.tree.overrides import (
     MAX_OVERRIDES_BYTES,
@@ -155,6 +155,16 @@ def _never(_: str) -> bool:
     return False
 
 
+def _entry_name(entry: os.DirEntry[str]) -> str:
+    return entry.name
+
+
+def _key_tuple(v: ScannedVersion) -> tuple[str, str, str, str, str]:
+    """`v.key` as a tuple: the same order as comparing the keys, without their methods."""
+    k = v.key
+    return (k.os, k.release, k.arch, k.variant, k.serial)
+
+
 class Scanner:
     """Finds versions below `img_dir`. `exclude(path)` hides files still being written."""
 
@@ -185,35 +195,39 @@ class Scanner:
                     return []
                 os.close(fd)
                 fd = sub
-            return sorted(self._walk(fd, path, parts), key=lambda v: v.key)
+            found: list[ScannedVersion] = []
+            if len(parts) == VERSION_DEPTH:
+                version = self._read_version(fd, path, VersionKey(*parts))
+                if version is not None:
+                    found.append(version)
+            else:
+                self._walk(fd, path, parts, found)
+            found.sort(key=_key_tuple)
+            return found
         finally:
             os.close(fd)
 
     # -- walking ------------------------------------------------------------------------------
 
     def _component_ok(self, path: str, parts: list[str]) -> bool:
-        """Checks the name at depth len(parts); logs and returns False when it is unusable."""
+        """Checks the name at depth len(parts) (the levels above it were checked already);
+        logs and returns False when it is unusable."""
         depth = len(parts)
         name = parts[-1]
         what = _COMPONENT_NAMES[depth - 1]
-        if depth == VERSION_DEPTH:
-            try:
-                parse_version_dir(parts)
-            except LayoutError as e:
-                log.warning("skipping %s: %s", _shown(path), e)
-                return False
-            return True
-        if what == "arch":
-            if name not in KNOWN_ARCHES:
-                log.warning(
-                    "skipping %s: unknown architecture %s (LXD and Incus would skip it)",
-                    _shown(path),
-                    name,
-                )
-                return False
-            return True
         try:
-            check_component(name, what)
+            if depth == VERSION_DEPTH:
+                check_serial(name)
+            elif what == "arch":
+                if name not in KNOWN_ARCHES:
+                    log.warning(
+                        "skipping %s: unknown architecture %s (LXD and Incus would skip it)",
+                        _shown(path),
+                        name,
+                    )
+                    return False
+            else:
+                check_component(name, what)
         except LayoutError as e:
             log.warning("skipping %s: %s", _shown(path), e)
             return False
@@ -243,23 +257,29 @@ class Scanner:
             log.warning("skipping %s: cannot open it (%s)", _shown(path), e.strerror or e)
             return None
 
-    def _walk(self, fd: int, path: str, parts: list[str]) -> Iterator[ScannedVersion]:
-        """Versions below the directory `fd` (at `path`, `parts` below images/)."""
-        if len(parts) == VERSION_DEPTH:
-            version = self._read_version(fd, path, parts)
-            if version is not None:
-                yield version
-            return
+    @staticmethod
+    def _list(fd: int, path: str) -> list[os.DirEntry[str]] | None:
+        """The entries of the directory `fd` by name, or None (logged)."""
         try:
             with os.scandir(fd) as it:
-                entries = sorted(it, key=lambda e: e.name)
+                return sorted(it, key=_entry_name)
         except OSError as e:
             log.warning("skipping %s: cannot list it (%s)", _shown(path), e.strerror or e)
+            return None
+
+    def _walk(self, fd: int, path: str, parts: list[str], found: list[ScannedVersion]) -> None:
+        """Adds to `found` the versions below the directory `fd` (at `path`, `parts` below
+        images/, fewer than VERSION_DEPTH levels)."""
+        entries = self._list(fd, path)
+        if entries is None:
             return
+        prefix = path if path.endswith("/") else path + "/"
+        versions_here = len(parts) + 1 == VERSION_DEPTH
         for entry in entries:
-            if is_ignored_name(entry.name):
+            name = entry.name
+            if is_ignored_name(name):
                 continue
-            sub_path = os.path.join(path, entry.name)
+            sub_path = prefix + name
             try:
                 is_dir = entry.is_dir(follow_symlinks=False)
             except OSError:
@@ -270,41 +290,44 @@ class Scanner:
                         "skipping %s: a symbolic link (links are never followed)", _shown(sub_path)
                     )
                 else:
-                    level = _COMPONENT_NAMES[len(parts)]
                     log.warning(
                         "skipping %s: a file where the %s directory belongs "
                         "(expected images/os/release/arch/variant/serial/FILE)",
                         _shown(sub_path),
-                        level,
+                        _COMPONENT_NAMES[len(parts)],
                     )
                 continue
-            sub = [*parts, entry.name]
+            sub = [*parts, name]
             if not self._component_ok(sub_path, sub):
                 continue
-            sub_fd = self._open_subdir(entry.name, fd, sub_path)
+            sub_fd = self._open_subdir(name, fd, sub_path)
             if sub_fd is None:
                 continue
             try:
-                yield from self._walk(sub_fd, sub_path, sub)
+                if versions_here:
+                    version = self._read_version(sub_fd, sub_path, VersionKey(*sub))
+                    if version is not None:
+                        found.append(version)
+                else:
+                    self._walk(sub_fd, sub_path, sub, found)
             finally:
                 os.close(sub_fd)
 
-    def _read_version(self, fd: int, path: str, parts: list[str]) -> ScannedVersion | None:
-        key = parse_version_dir(parts)
-        try:
-            with os.scandir(fd) as it:
-                entries = sorted(it, key=lambda e: e.name)
-        except OSError as e:
-            log.warning("skipping %s: cannot list it (%s)", _shown(path), e.strerror or e)
+    def _read_version(self, fd: int, path: str, key: VersionKey) -> ScannedVersion | None:
+        entries = self._list(fd, path)
+        if entries is None:
             return None
         files: dict[str, FileStat] = {}
         overrides = NO_OVERRIDES
+        prefix = path + "/"
+        exclude = self.exclude
         for entry in entries:
-            file_path = os.path.join(path, entry.name)
-            if is_ignored_name(entry.name) or self.exclude(file_path):
-                continue
-            role = classify(entry.name)
+            name = entry.name
+            file_path = prefix + name
+            role = classify(name)  # None for ignored names
             if role is None:
+                if is_ignored_name(name) or exclude(file_path):
+                    continue
                 try:
                     is_dir = entry.is_dir(follow_symlinks=False)
                 except OSError:
@@ -317,13 +340,15 @@ class Scanner:
                 else:
                     log.debug("ignoring %s: not a file LXD or Incus use", _shown(file_path))
                 continue
+            if exclude(file_path):
+                continue
             if role.role is Role.OVERRIDES:
-                overrides = self._read_overrides(fd, entry.name, file_path)
+                overrides = self._read_overrides(fd, name, file_path)
                 continue
             st = self._stat_file(entry, file_path)
             if st is None:
                 continue
-            files[entry.name] = FileStat.of(file_path, entry.name, role, st, self.img_dir)
+            files[name] = FileStat.of(file_path, name, role, st, self.img_dir)
         return ScannedVersion(key=key, path=path, files=files, overrides=overrides)
 
     @staticmethod

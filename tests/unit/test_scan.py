@@ -167,3 +167,26 @@ def test_full_width_serial_does_not_sort_as_newest(tmp_path, caplog):
     assert sorted(products[PRODUCT]["versions"]) == ["20240101_12:00", "20240301_12:00"]
     assert select_prunable(products, keep=1) == [(PRODUCT, "20240101_12:00")]
     assert lines_about(caplog, "bad serial")
+
+
+BAD_AT_LEVEL = {0: "bad name!", 1: "-1.35", 2: "sparc99", 3: "de fault", 4: "2024"}
+
+
+@pytest.mark.parametrize("level", sorted(BAD_AT_LEVEL))
+def test_every_level_is_checked_once_whichever_way_in(tmp_path, caplog, level):
+    """Each name is checked at its own level (issue 13: once, not again per version), and a
+    scan below a prefix checks every name of the prefix: a bad one at any level hides what
+    lies below it, and only that."""
+    img = tmp_path / "images"
+    good = ["busybox", "1.35", "amd64", "default", "20240101_12:00"]
+    bad = list(good)
+    bad[level] = BAD_AT_LEVEL[level]
+    complete(img.joinpath(*good))
+    complete(img.joinpath(*bad))
+    with caplog.at_level(logging.WARNING):
+        found = Scanner(img).scan()
+    assert [v.key.relpath for v in found] == ["/".join(good)]
+    assert lines_about(caplog, BAD_AT_LEVEL[level])
+    for depth in range(level + 1, len(bad) + 1):
+        assert Scanner(img).scan("/".join(bad[:depth])) == []
+    assert [v.key.relpath for v in Scanner(img).scan("/".join(good))] == ["/".join(good)]

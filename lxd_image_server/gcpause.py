@@ -1,0 +1,27 @@
+"""Pausing Python's cyclic garbage collector while a large, acyclic structure is built.
+
+A full update of a big tree makes a few objects per file and version (the scan, the digests,
+the catalog) that all live until it ends, none in a reference cycle. The cyclic collector
+runs whenever allocations outnumber frees, walks every tracked object of the generations it
+collects, and so walks the growing structure again and again: a quarter of a no-change
+`update` of 20,000 versions. Reference counting frees everything as usual while it is
+paused; cycles made meanwhile wait for the collector to resume.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+from collections.abc import Iterator
+
+
+@contextlib.contextmanager
+def cyclic_gc_paused() -> Iterator[None]:
+    """The collector off for the block, back on after it if it was on (nests)."""
+    was_on = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_on:
+            gc.enable()
