@@ -9,6 +9,9 @@ bytes. So the catalog lock is held only to build and write the catalog, never wh
   takes the lock. If another writer published meanwhile (it may have seen a newer tree), it
   scans again under the lock and publishes what the hash cache already covers; anything else is
   left to that writer, which publishes it once hashed.
+  With deltas made in the foreground (`update`), it then makes them and publishes again,
+  rescanning only the versions that got a delta file (`_publish_deltas`); the page is written
+  once, after that.
 - `refresh` (the watcher) hashes each changed version in the background (hashjobs.py), waits at
   most `budget` seconds, and publishes the versions whose digests are done. A version still
   being hashed is left out (a new one does not appear yet; a changed one is withdrawn, its old
@@ -26,7 +29,8 @@ from dataclasses import dataclass, replace
 
 from lxd_image_server import handover
 from lxd_image_server.catalog import unchanged
-from lxd_image_server.catalog.deltawork import DeltaService
+from lxd_image_server.catalog.deltas import OK
+from lxd_image_server.catalog.deltawork import FOREGROUND, DeltaService
 from lxd_image_server.catalog.gzip_chunks import GzipCache
 from lxd_image_server.catalog.hashing import Digests, HashCache, HashEngine
 from lxd_image_server.catalog.hashjobs import (
@@ -131,6 +135,12 @@ class Pipeline:
         #: lists checked deltas; makes and checks the others after each publish (deltawork.py)
         self.deltas = deltas or DeltaService(paths.img_dir, paths.state_dir)
         self.deltas.on_done = self._hashed
+        #: images.json as this pipeline last published it (or found it published): another
+        #: writer published since when it is not so any more
+        self._state_after: CatalogState = None
+        #: the inputs digest to record once the page is written (unchanged.py), while a
+        #: publish waits for its deltas (`_publish_deltas`)
+        self._inputs: str | None = None
 
     def _hashed(self) -> None:
         if self.on_hashed is not None:
@@ -161,7 +171,41 @@ class Pipeline:
             self.cache.forget_except(
                 {f.path for v in self.versions.values() for f in v.files.values()}
             )
-            return self._publish(full=not rehash)
+            foreground = self.deltas.mode == FOREGROUND
+            changed = self._publish(full=not rehash, deltas_next=foreground)
+        if foreground:
+            changed = self._publish_deltas() or changed
+        return changed
+
+    def _publish_deltas(self) -> bool:
+        """Makes and checks the deltas the last publish left to do, here and now (`update`),
+        and publishes those that may be listed: only the versions that got a delta file are
+        scanned (and hashed) again, every other version is reused as built and encoded. Then
+        writes the page, once. True if the catalog changed."""
+        done = self.deltas.run_pending()
+        if not done and not self.page_due:
+            return False  # nothing to make, or nothing made: published as it was
+        listed = [job for job, rec in done if rec.result == OK]
+        made = {os.path.relpath(job.target_dir, self.paths.img_dir) for job in listed}
+        submitted: set[str] = set()
+        for rel in sorted(made):
+            submitted |= self._rescan(rel)
+        self.jobs.wait(None, submitted)
+        self._take_results()
+        with catalog_lock(self.paths.state_dir):
+            if self._catalog_state() != self._state_after:
+                log.info("the catalog was published by another writer meanwhile; rescanning")
+                self._rescan("")
+                return self._publish(full=True)
+            if listed:
+                return self._publish(full=True)
+            # no delta to list: the page of the last publish, and its record
+            if self.page_due:
+                self._write_page()
+            if self._inputs is not None:
+                unchanged.record(self.paths.state_dir, self.paths.root_dir, self._inputs)
+                self._inputs = None
+            return False
 
     def refresh(self, prefixes: Iterable[str], budget: float | None = None) -> bool:
         """Rescans the directories `prefixes` (relative to images/) and republishes, waiting at
@@ -307,9 +351,12 @@ class Pipeline:
         self._built = built
         return out
 
-    def _publish(self, full: bool = False) -> bool:
+    def _publish(self, full: bool = False, deltas_next: bool = False) -> bool:
         """Publishes what is ready. `full`: a full update, which skips building and writing
-        when the catalog and page were published from the same inputs (unchanged.py)."""
+        when the catalog and page were published from the same inputs (unchanged.py).
+        `deltas_next`: the caller makes the deltas this publish leaves to do and publishes
+        again (`_publish_deltas`): if there are any, the page waits for that."""
+        self._inputs = None
         hidden = self.hidden()
         shown: list[tuple[str, ScannedVersion, _Ready]] = []
         for rel, v in self.versions.items():
@@ -340,6 +387,7 @@ class Pipeline:
                 log.debug("the catalog and page were published from these inputs already")
                 self._unbuilt = shown
                 self.deltas.published(versions, digests)
+                self._state_after = self._catalog_state()
                 return False
         self._unbuilt = None
         self._products = products_of(self._build(shown), digests, root, listed)
@@ -355,9 +403,13 @@ class Pipeline:
             # (what is published from here on is not what the record vouches for)
             unchanged.record(state, root, None)
         changed = publish(self.paths.streams_dir, self._products, images_gz=self._gzip)
+        self._state_after = self._catalog_state()
         self.deltas.published(versions, digests)
         self.page_due = True
         self._notify = self._notify or changed
+        if deltas_next and self.deltas.pending():
+            self._inputs = inputs  # recorded with the page, after the deltas' publish
+            return changed
         if not self.defer_page:
             self._write_page()
             if inputs is not None:

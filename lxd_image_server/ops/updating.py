@@ -94,10 +94,8 @@ def update(
             retention=retention_of(settings),
             deltas=deltas,
         )
+        # (with the deltas still missing made, checked and published too: FOREGROUND)
         changed = pipeline.update_all(rehash=rehash)
-        # the deltas still missing, made (and checked) now, then published too
-        if deltas.run_pending():
-            changed = pipeline.update_all() or changed
     finally:
         cache.close()
     _delete_expired(paths)  # with no grace period, what [retention] took out just now

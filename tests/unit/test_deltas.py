@@ -6,13 +6,15 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from lxd_image_server.catalog import deltagen, deltas, retention
+from lxd_image_server.catalog import deltagen, deltas, retention, unchanged
+from lxd_image_server.catalog import pipeline as pipeline_module
 from lxd_image_server.catalog.deltawork import FOREGROUND, DeltaConfig, DeltaService
 from lxd_image_server.catalog.hashing import HashCache
 from lxd_image_server.catalog.pipeline import Pipeline
@@ -20,7 +22,7 @@ from lxd_image_server.catalog.products import Products, build_products
 from lxd_image_server.config import Paths
 from lxd_image_server.ops.pruning import prune
 from lxd_image_server.tree.layout import Role, classify, delta_name
-from lxd_image_server.tree.scan import Scanner
+from lxd_image_server.tree.scan import ScannedVersion, Scanner
 
 from .helpers import blob, digest_once, sha, version_dir, write
 
@@ -65,16 +67,21 @@ def items(products: Products, serial: str = NEW) -> dict[str, Any]:
     return found
 
 
-def update(paths: Paths, config: DeltaConfig | None = None) -> Pipeline:
-    """What `update` does: publish, make and check the deltas, publish again."""
+def update(paths: Paths, config: DeltaConfig | None = None, save_every: float = 2.0) -> Pipeline:
+    """What `update` does: publish, make and check the deltas, publish again (FOREGROUND)."""
     cache = HashCache(None)
-    service = DeltaService(paths.img_dir, paths.state_dir, config or SMALL_OK, FOREGROUND)
+    service = DeltaService(
+        paths.img_dir, paths.state_dir, config or SMALL_OK, FOREGROUND, save_every=save_every
+    )
     pipeline = Pipeline(paths, cache, deltas=service)
     pipeline.update_all()
-    if service.run_pending():
-        pipeline.update_all()
+    assert service.pending() == 0
     cache.close()
     return pipeline
+
+
+def undated(page: str) -> str:
+    return re.sub(r"catalog updated [^<]*", "", page)
 
 
 def published(paths: Paths) -> Products:
@@ -204,6 +211,91 @@ def test_only_the_newest_version_gets_deltas_from_its_bases(paths: Paths) -> Non
         "rootfs.20240102_1200.vcdiff",
     ]
     assert {i.get("delta_base") for i in items(published(paths), NEWER).values()} >= {OLD, NEW}
+
+
+def test_a_batch_of_deltas_writes_its_records_once(paths: Paths, monkeypatch) -> None:
+    """deltas.json is written once per batch, not after every xdelta3 run; a batch that runs
+    past `save_every` writes what it has so far (here: after every job)."""
+    for n in range(3):
+        add(paths, OLD, ROOT_1 + bytes([n]), name="rootfs.squashfs")
+        add(paths, NEW, ROOT_2 + bytes([n]), name="rootfs.squashfs")
+        os.rename(Path(paths.img_dir, "busybox"), Path(paths.img_dir, f"busybox{n}"))
+    saves: list[int] = []
+    real_save = deltas.save
+
+    def save(state_dir: str, records: Any) -> None:
+        saves.append(len(records))
+        real_save(state_dir, records)
+
+    monkeypatch.setattr(deltas, "save", save)
+    update(paths, save_every=3600)
+    assert saves == [3]
+    made = [p for p, r in deltas.load(paths.state_dir).items() if r.result == deltas.OK]
+    assert len(made) == 3 and all(os.path.isfile(p) for p in made)
+    # made again one at a time: each record is on disk as soon as its delta is made
+    for p in made:
+        os.unlink(p)
+    os.unlink(deltas.state_path(paths.state_dir))
+    saves.clear()
+    update(paths, save_every=0)
+    assert saves == [1, 2, 3]
+
+
+def test_update_rescans_only_the_versions_that_got_a_delta(paths: Paths, monkeypatch) -> None:
+    """After making deltas, `update` publishes them without scanning the whole tree again, and
+    writes the page once, after the deltas: the catalog is the one a full update makes, and
+    the next update on the same tree finds it published already."""
+    add(paths, OLD, ROOT_1)
+    other = add(paths, NEW, ROOT_2 + b"other")
+    os.rename(Path(paths.img_dir, "busybox"), Path(paths.img_dir, "alpine"))
+    other = Path(str(other).replace("/busybox/", "/alpine/"))
+    add(paths, OLD, ROOT_1)
+    new = add(paths, NEW, ROOT_2)
+    scans: list[str] = []
+    real_scan = Scanner.scan
+
+    def scan(self: Scanner, rel_prefix: str = "") -> list[ScannedVersion]:
+        scans.append(rel_prefix)
+        return real_scan(self, rel_prefix)
+
+    pages: list[object] = []
+    real_page = pipeline_module.write_page
+
+    def write_page(root_dir: str, products: Products) -> bool:
+        pages.append(products)
+        return real_page(root_dir, products)
+
+    monkeypatch.setattr(Scanner, "scan", scan)
+    monkeypatch.setattr(pipeline_module, "write_page", write_page)
+    update(paths)
+    made = [new / delta_name("squashfs", OLD), other / delta_name("squashfs", OLD)]
+    assert all(p.is_file() for p in made)
+    rel = [str(p.parent.relative_to(paths.img_dir)) for p in made]
+    assert scans == ["", *sorted(rel)]
+    assert len(pages) == 1
+    got = published(paths)
+    assert "squashfs.vcdiff-" + OLD in items(got)
+    assert "squashfs.vcdiff-" + OLD in got["alpine:1.35:amd64:default"]["versions"][NEW]["items"]
+    page = Path(paths.root_dir, "streams", "index.html").read_text()
+    assert "busybox:1.35:amd64:default" in page and "alpine:1.35:amd64:default" in page
+    # the same catalog and page as a full update of the tree as it is now
+    monkeypatch.undo()
+    os.unlink(Path(paths.state_dir, unchanged.RECORD_NAME))
+    Path(paths.streams_dir, "images.json").unlink()
+    Path(paths.root_dir, "streams", "index.html").unlink()
+    update(paths)
+    assert published(paths) == got
+    again = Path(paths.root_dir, "streams", "index.html").read_text()
+    assert undated(again) == undated(page)
+    # and an update with nothing changed builds nothing: the record vouches for it
+    cache = HashCache(None)
+    try:
+        service = DeltaService(paths.img_dir, paths.state_dir, SMALL_OK, FOREGROUND)
+        pipeline = Pipeline(paths, cache, deltas=service)
+        assert pipeline.update_all() is False
+        assert pipeline._unbuilt is not None
+    finally:
+        cache.close()
 
 
 def test_a_delta_over_max_ratio_is_not_kept_nor_made_again(paths: Paths, monkeypatch) -> None:
