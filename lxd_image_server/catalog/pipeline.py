@@ -240,7 +240,11 @@ class Pipeline:
 
     def _rescan(self, prefix: str) -> set[str]:
         """Rescans below `prefix`; returns the versions now hashing in the background."""
-        for rel in [r for r in self.versions if _under(r, prefix)]:
+        # (a version directory holds no other: found at once, not by a look at every version)
+        below = (
+            [prefix] if prefix in self.versions else [r for r in self.versions if _under(r, prefix)]
+        )
+        for rel in below:
             del self.versions[rel]
             del self._idents[rel]
             self._ready.pop(rel, None)
