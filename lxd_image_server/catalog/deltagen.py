@@ -37,7 +37,10 @@ log = logging.getLogger(__name__)
 #: largest xdelta3 source window: its memory use grows with it (a base larger than this is
 #: still diffed, with matches found only within this distance)
 MAX_WINDOW = 1 << 30
-MIN_WINDOW = 16 << 20
+#: the smallest window xdelta3 takes. The window holds the whole base up to MAX_WINDOW, no
+#: more: xdelta3 -9 sets up its tables for the window's size, so a 16 MiB window made a delta
+#: of a 4 KiB root cost 10 times the time of one sized to it
+MIN_WINDOW = 512 << 10
 TMP_PREFIX = ".vcdiff-"
 _ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"}
 

@@ -200,6 +200,26 @@ def test_update_makes_checks_and_lists_the_delta(paths: Paths) -> None:
     assert oct(delta.stat().st_mode & 0o7777) == "0o644"
 
 
+def test_a_window_sized_to_the_base_still_finds_matches_across_all_of_it(paths: Paths) -> None:
+    """xdelta3's window is the base's size (not a fixed 16 MiB, costly for small roots): a
+    root whose blocks moved from one end of the base to the other still gets a small delta
+    that rebuilds it."""
+    base = blob(1_500_000, 8)
+    assert deltagen.MIN_WINDOW < len(base) < 16 << 20
+    old = add(paths, OLD, base)
+    new = add(paths, NEW, base[750_000:] + blob(1000, 9) + base[:750_000])
+    update(paths)
+    delta = new / delta_name("squashfs", OLD)
+    assert delta.stat().st_size < 20_000
+    rebuilt = subprocess.run(
+        ["xdelta3", "-d", "-c", "-s", old / "rootfs.squashfs", delta],
+        capture_output=True,
+        check=True,
+    ).stdout
+    assert rebuilt == (new / "rootfs.squashfs").read_bytes()
+    assert "squashfs.vcdiff-" + OLD in items(published(paths))
+
+
 def test_only_the_newest_version_gets_deltas_from_its_bases(paths: Paths) -> None:
     add(paths, OLD, ROOT_1)
     mid = add(paths, NEW, ROOT_2)
