@@ -444,3 +444,45 @@ def test_a_delta_being_hashed_does_not_hold_its_version_back(paths: Paths) -> No
     finally:
         pipeline.jobs.wait(30, {str(new.relative_to(paths.img_dir))})
         cache.close()
+
+
+# -- running xdelta3 --------------------------------------------------------------------------
+
+
+def _stdin(tmp_path: Path) -> int:
+    return os.open(write(tmp_path / "in", b"input"), os.O_RDONLY)
+
+
+def test_run_feeds_all_output_to_the_sink_and_reports_a_failure(tmp_path: Path) -> None:
+    fd = _stdin(tmp_path)
+    try:
+        got: list[bytes] = []
+        # output far larger than a pipe holds, and standard error too: neither may stall it
+        script = "head -c 3000000 /dev/zero; head -c 300000 /dev/zero >&2; cat; echo"
+        assert deltagen._run(["sh", "-c", script], fd, [], got.append, 60) is None
+        assert b"".join(got) == bytes(3_000_000) + b"input\n"
+        problem = deltagen._run(
+            ["sh", "-c", "head -c 100000 /dev/zero >&2; echo first >&2; echo last >&2; exit 3"],
+            fd,
+            [],
+            got.append,
+            60,
+        )
+        assert problem == "xdelta3 exited 3: last"
+    finally:
+        os.close(fd)
+
+
+def test_run_stops_a_command_that_runs_too_long_or_writes_too_much(tmp_path: Path) -> None:
+    fd = _stdin(tmp_path)
+    try:
+        problem = deltagen._run(["sleep", "60"], fd, [], lambda _: None, 0.3)
+        assert problem is not None and problem.startswith("timed out")
+
+        def sink(chunk: bytes) -> None:
+            raise deltagen._Stop()
+
+        with pytest.raises(deltagen._Stop):
+            deltagen._run(["sh", "-c", "while :; do echo y; done"], fd, [], sink, 60)
+    finally:
+        os.close(fd)
