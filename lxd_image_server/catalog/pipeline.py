@@ -41,7 +41,7 @@ from lxd_image_server.catalog.hashjobs import (
     hash_version,
     identity,
 )
-from lxd_image_server.catalog.page import write_page
+from lxd_image_server.catalog.page import PageCache, write_page
 from lxd_image_server.catalog.products import BuiltVersion, Products, build_version, products_of
 from lxd_image_server.catalog.publish import catalog_lock, publish
 from lxd_image_server.catalog.retention import PendingVersions, Retention
@@ -129,6 +129,8 @@ class Pipeline:
         self._notify = False
         #: what images.json.gz's last publish compressed, reused by the next
         self._gzip = GzipCache()
+        #: what the last page found in each version, reused by the next
+        self._page = PageCache()
         #: called from a hashing thread when a version's digests are done (`collect` them)
         self.on_hashed: Callable[[], None] | None = None
         self.jobs = HashJobs(jobs, on_done=self._hashed)
@@ -430,7 +432,7 @@ class Pipeline:
         self.page_due = False
         try:
             # <root>/streams/index.html, when its bytes change or it is missing
-            write_page(self.paths.root_dir, self._products)
+            write_page(self.paths.root_dir, self._products, cache=self._page)
         finally:
             if self._notify:
                 self._notify = False

@@ -281,9 +281,9 @@ def test_update_rescans_only_the_versions_that_got_a_delta(paths: Paths, monkeyp
     pages: list[object] = []
     real_page = pipeline_module.write_page
 
-    def write_page(root_dir: str, products: Products) -> bool:
+    def write_page(root_dir: str, products: Products, **kwargs: Any) -> bool:
         pages.append(products)
-        return real_page(root_dir, products)
+        return real_page(root_dir, products, **kwargs)
 
     monkeypatch.setattr(Scanner, "scan", scan)
     monkeypatch.setattr(pipeline_module, "write_page", write_page)
