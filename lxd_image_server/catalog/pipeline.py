@@ -102,6 +102,8 @@ class Pipeline:
         self.progress_start = progress_start
         #: version directory (relative to images/) -> what was found there
         self.versions: dict[str, ScannedVersion] = {}
+        #: a version was added to `versions` since the full scan: they are not in its order
+        self._unordered = False
         #: version directory -> the identity of its files as scanned (hashjobs.identity)
         self._idents: dict[str, Identity] = {}
         #: version directory -> its digests, once computed
@@ -163,6 +165,7 @@ class Pipeline:
         with self.cache.preloaded():
             digests = self.hasher.digest(found, rehash, self.progress_start)
         self.versions = {v.key.relpath: v for v in found}
+        self._unordered = False
         self._idents = {rel: identity(v) for rel, v in self.versions.items()}
         self._ready = {rel: _Ready(self._idents[rel], digests) for rel in self.versions}
         with catalog_lock(self.paths.state_dir):
@@ -247,17 +250,22 @@ class Pipeline:
             [prefix] if prefix in self.versions else [r for r in self.versions if _under(r, prefix)]
         )
         for rel in below:
-            del self.versions[rel]
-            del self._idents[rel]
             self._ready.pop(rel, None)
         submitted = set()
         found = self.scanner.scan(prefix)
         self.cache.adopt(self.records, found)
+        for rel in set(below).difference(v.key.relpath for v in found):
+            del self.versions[rel]
+            del self._idents[rel]
         for v in found:
-            self.versions[v.key.relpath] = v
-            self._idents[v.key.relpath] = identity(v)
+            # a version found again keeps its place: a full publish's inputs digest
+            # (unchanged.py) follows the scan's order, which a new version breaks
+            rel = v.key.relpath
+            self._unordered = self._unordered or rel not in self.versions
+            self.versions[rel] = v
+            self._idents[rel] = identity(v)
             if self._schedule(v):
-                submitted.add(v.key.relpath)
+                submitted.add(rel)
         return submitted
 
     def _schedule(self, v: ScannedVersion) -> bool:
@@ -363,6 +371,9 @@ class Pipeline:
         `deltas_next`: the caller makes the deltas this publish leaves to do and publishes
         again (`_publish_deltas`): if there are any, the page waits for that."""
         self._inputs = None
+        if full and self._unordered:
+            self.versions = dict(sorted(self.versions.items(), key=lambda e: e[1].key))
+            self._unordered = False
         hidden = self.hidden()
         shown: list[tuple[str, ScannedVersion, _Ready]] = []
         for rel, v in self.versions.items():
