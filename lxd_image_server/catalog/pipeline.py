@@ -201,9 +201,9 @@ class Pipeline:
             if self._catalog_state() != self._state_after:
                 log.info("the catalog was published by another writer meanwhile; rescanning")
                 self._rescan("")
-                return self._publish(full=True)
+                return self._publish(full=True, plan=False)
             if listed:
-                return self._publish(full=True)
+                return self._publish(full=True, plan=False)
             # no delta to list: the page of the last publish, and its record
             if self.page_due:
                 self._write_page()
@@ -365,11 +365,13 @@ class Pipeline:
         self._built = built
         return out
 
-    def _publish(self, full: bool = False, deltas_next: bool = False) -> bool:
+    def _publish(self, full: bool = False, deltas_next: bool = False, plan: bool = True) -> bool:
         """Publishes what is ready. `full`: a full update, which skips building and writing
         when the catalog and page were published from the same inputs (unchanged.py).
         `deltas_next`: the caller makes the deltas this publish leaves to do and publishes
-        again (`_publish_deltas`): if there are any, the page waits for that."""
+        again (`_publish_deltas`): if there are any, the page waits for that. `plan`: hand
+        the versions to the delta service (not after `update` made them: nothing would run
+        what it found)."""
         self._inputs = None
         if full and self._unordered:
             self.versions = dict(sorted(self.versions.items(), key=lambda e: e[1].key))
@@ -403,7 +405,8 @@ class Pipeline:
             if unchanged.is_published(state, root, inputs):
                 log.debug("the catalog and page were published from these inputs already")
                 self._unbuilt = shown
-                self.deltas.published(versions, digests)
+                if plan:
+                    self.deltas.published(versions, digests)
                 self._state_after = self._catalog_state()
                 return False
         self._unbuilt = None
@@ -421,7 +424,8 @@ class Pipeline:
             unchanged.record(state, root, None)
         changed = publish(self.paths.streams_dir, self._products, images_gz=self._gzip)
         self._state_after = self._catalog_state()
-        self.deltas.published(versions, digests)
+        if plan:
+            self.deltas.published(versions, digests)
         self.page_due = True
         self._notify = self._notify or changed
         if deltas_next and self.deltas.pending():

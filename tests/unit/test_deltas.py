@@ -285,9 +285,18 @@ def test_update_rescans_only_the_versions_that_got_a_delta(paths: Paths, monkeyp
         pages.append(products)
         return real_page(root_dir, products, **kwargs)
 
+    plans: list[object] = []
+    real_plan = deltas.plan
+
+    def plan(*args: Any, **kwargs: Any) -> list[deltas.Job]:
+        plans.append(args)
+        return real_plan(*args, **kwargs)
+
     monkeypatch.setattr(Scanner, "scan", scan)
     monkeypatch.setattr(pipeline_module, "write_page", write_page)
+    monkeypatch.setattr(deltas, "plan", plan)
     update(paths)
+    assert len(plans) == 1  # (nothing would run what a plan after the deltas' publish found)
     made = [new / delta_name("squashfs", OLD), other / delta_name("squashfs", OLD)]
     assert all(p.is_file() for p in made)
     rel = [str(p.parent.relative_to(paths.img_dir)) for p in made]
