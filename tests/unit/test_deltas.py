@@ -8,6 +8,8 @@ import json
 import os
 import re
 import subprocess
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +17,7 @@ import pytest
 
 from lxd_image_server.catalog import deltagen, deltas, retention, unchanged
 from lxd_image_server.catalog import pipeline as pipeline_module
-from lxd_image_server.catalog.deltawork import FOREGROUND, DeltaConfig, DeltaService
+from lxd_image_server.catalog.deltawork import BACKGROUND, FOREGROUND, DeltaConfig, DeltaService
 from lxd_image_server.catalog.hashing import HashCache
 from lxd_image_server.catalog.pipeline import Pipeline
 from lxd_image_server.catalog.products import Products, build_products
@@ -259,6 +261,56 @@ def test_a_batch_of_deltas_writes_its_records_once(paths: Paths, monkeypatch) ->
     saves.clear()
     update(paths, save_every=0)
     assert saves == [1, 2, 3]
+
+
+def test_the_watcher_publishes_first_and_makes_the_deltas_after_in_one_batch(
+    paths: Paths, monkeypatch
+) -> None:
+    """In the background (the watcher), the catalog is published at once without deltas;
+    the deltas are made after it, their records written once for the batch, and the pipeline
+    told (once per batch) so that it publishes them."""
+    for n in range(3):
+        add(paths, OLD, ROOT_1 + bytes([n]))
+        add(paths, NEW, ROOT_2 + bytes([n]))
+        os.rename(Path(paths.img_dir, "busybox"), Path(paths.img_dir, f"busybox{n}"))
+    saves: list[int] = []
+    real_save = deltas.save
+
+    def save(state_dir: str, records: Any) -> None:
+        saves.append(len(records))
+        real_save(state_dir, records)
+
+    monkeypatch.setattr(deltas, "save", save)
+    cache = HashCache(None)
+    try:
+        service = DeltaService(paths.img_dir, paths.state_dir, SMALL_OK, BACKGROUND, 3600)
+        pipeline = Pipeline(paths, cache, deltas=service)
+        told = threading.Event()
+        pipeline.on_hashed = told.set
+        pipeline.update_all()
+        assert not [k for p in published(paths).values() for k in items_of(p) if "vcdiff" in k]
+        assert told.wait(60)
+        deadline = time.monotonic() + 60
+        while service.pending() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert service.pending() == 0 and saves == [3]
+        assert pipeline.has_news()
+        made = sorted(
+            str(Path(p).parent.relative_to(paths.img_dir)) for p in deltas.load(paths.state_dir)
+        )
+        pipeline.refresh(made)  # (the watcher's inotify events for the new files)
+        got = published(paths)
+        assert all(
+            "squashfs.vcdiff-" + OLD
+            in got[f"busybox{n}:1.35:amd64:default"]["versions"][NEW]["items"]
+            for n in range(3)
+        )
+    finally:
+        cache.close()
+
+
+def items_of(product: dict[str, Any]) -> list[str]:
+    return [k for v in product["versions"].values() for k in v["items"]]
 
 
 def test_update_rescans_only_the_versions_that_got_a_delta(paths: Paths, monkeypatch) -> None:
