@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from lxd_image_server.catalog import deltagen, deltas, retention, unchanged
+from lxd_image_server.catalog import page as page_module
 from lxd_image_server.catalog import pipeline as pipeline_module
 from lxd_image_server.catalog.deltawork import BACKGROUND, FOREGROUND, DeltaConfig, DeltaService
 from lxd_image_server.catalog.hashing import HashCache
@@ -331,7 +332,7 @@ def test_update_rescans_only_the_versions_that_got_a_delta(paths: Paths, monkeyp
         return real_scan(self, rel_prefix)
 
     pages: list[object] = []
-    real_page = pipeline_module.write_page
+    real_page = page_module.write_page
 
     def write_page(root_dir: str, products: Products, **kwargs: Any) -> bool:
         pages.append(products)
