@@ -1,14 +1,23 @@
 """Packaging metadata for lxd-image-server."""
 
+import re
 from pathlib import Path
 
 from setuptools import find_packages, setup
 
+#: one version: lxd_image_server.__version__ (tests/unit/test_version.py checks debian/changelog)
+HERE = Path(__file__).parent
+VERSION = re.search(
+    r'__version__ = "([^"]+)"',
+    (HERE / "lxd_image_server" / "__init__.py").read_text(encoding="utf-8"),
+)
+assert VERSION is not None
+
 setup(
     name="lxd-image-server",
-    version="0.1.0",
+    version=VERSION[1],
     description="Private simplestreams image server for LXD and Incus",
-    long_description=(Path(__file__).parent / "README.md").read_text(encoding="utf-8"),
+    long_description=(HERE / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.11",

@@ -1,3 +1,3 @@
 """lxd-image-server: turn a directory of LXD/Incus images into a simplestreams remote."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -1,5 +1,5 @@
 """`python3 -m lxd_image_server` is the lxd-image-server command."""
 
-from lxd_image_server.cli.root import main
+from lxd_image_server.cli.root import console_main
 
-main()
+console_main()

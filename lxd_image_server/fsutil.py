@@ -7,12 +7,13 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import functools
 import json
 import os
 import secrets
 import shutil
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 #: bytes per read or write when a file is streamed: hashing, uploads, imports, pushes
@@ -65,6 +66,35 @@ def fsync_dir(directory: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+#: sync_file_range(2): start writing the range's dirty pages back, do not wait
+SYNC_FILE_RANGE_WRITE = 2
+
+
+@functools.cache
+def _sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    """libc's sync_file_range (Python has none), loaded on first use; None where missing."""
+    import ctypes
+
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (AttributeError, OSError):
+        return None
+    fn.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+    fn.restype = ctypes.c_int
+    call: Callable[[int, int, int, int], int] = fn
+    return call
+
+
+def start_writeback(fd: int, offset: int, length: int) -> None:
+    """Starts writing `length` bytes of `fd` from `offset` to the disk, without waiting (so a
+    later fsync finds them written): for large files written once, where leaving it all to the
+    final fsync would make the writer wait for the whole file at the end. Not a durability
+    guarantee (only fsync is): where sync_file_range is missing or refuses, nothing happens."""
+    fn = _sync_file_range()
+    if fn is not None:
+        fn(fd, offset, length, SYNC_FILE_RANGE_WRITE)
 
 
 def can_traverse(path: str, uid: int, gids: set[int]) -> bool:

@@ -6,6 +6,6 @@ root.py, not main.py, so that the function `main` exposed here does not hide a m
 same name (`lxd_image_server.cli.main` would then name the function, not the module).
 """
 
-from lxd_image_server.cli.root import main
+from lxd_image_server.cli.root import console_main as main
 
 __all__ = ["main"]

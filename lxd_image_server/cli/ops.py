@@ -1,4 +1,4 @@
-"""The operator commands: import, push, list, verify, prune, remove. Options in, calls out.
+"""The operator commands: import, list, verify, prune, remove. Options in, calls out.
 
 root.py loads them by name when one is used (LazyGroup); what they share with root.py comes
 from common.py, with the one map from errors to exit codes. Commands that change the tree
@@ -18,55 +18,15 @@ import click
 
 from lxd_image_server.catalog import retention
 from lxd_image_server.catalog.pipeline import Pipeline
-from lxd_image_server.cli.common import F, Globals, handle_errors, tree_options, tree_paths
+from lxd_image_server.cli.common import Globals, handle_errors, tree_options, tree_paths
+from lxd_image_server.cli.naming import files_given, naming, naming_options, terminal_progress
 from lxd_image_server.config import Paths
-from lxd_image_server.ops import import_detect, import_place, listing, pruning, pushclient
+from lxd_image_server.ops import import_detect, import_place, listing, pruning
 from lxd_image_server.ops.import_errors import VersionExists
-from lxd_image_server.ops.import_naming import Naming
 from lxd_image_server.ops.updating import with_pipeline
-from lxd_image_server.progress import ProgressStart, TerminalProgress, for_terminal
+from lxd_image_server.progress import for_terminal
 
 T = TypeVar("T")
-
-
-def _terminal_progress(label: str) -> ProgressStart | None:
-    return TerminalProgress(sys.stderr, label) if sys.stderr.isatty() else None
-
-
-def naming_options(f: F) -> F:
-    """--os/--release/--arch/--variant/--serial: what metadata.yaml would otherwise say."""
-    f = click.option(
-        "--serial", help="Version key YYYYMMDD_HH:MM [default: metadata's creation_date, UTC]."
-    )(f)
-    f = click.option(
-        "--variant", help="Variant [default: metadata's properties.variant, else 'default']."
-    )(f)
-    f = click.option(
-        "--arch",
-        help="Architecture, kernel or Debian name [default: metadata's architecture].",
-    )(f)
-    f = click.option("--release", help="Release [default: metadata's properties.release].")(f)
-    f = click.option("--os", "os_name", help="OS name [default: metadata's properties.os].")(f)
-    return f
-
-
-def _naming(
-    os_name: str | None,
-    release: str | None,
-    arch: str | None,
-    variant: str | None,
-    serial: str | None,
-) -> Naming:
-    return Naming(os=os_name, release=release, arch=arch, variant=variant, serial=serial)
-
-
-def _files(files: tuple[str, ...]) -> tuple[str, ...]:
-    if len(files) > 2:
-        raise click.UsageError(
-            "give one unified tarball, or a metadata tarball and a root filesystem "
-            f"({len(files)} files given)"
-        )
-    return files
 
 
 def _with_pipeline(
@@ -108,7 +68,7 @@ def import_cmd(
     """
     paths = tree_paths(g, root_dir, img_dir, streams_dir)
     plan = import_detect.plan_import(
-        _files(files), _naming(os_name, release, arch, variant, serial)
+        files_given(files), naming(os_name, release, arch, variant, serial)
     )
     version_dir = os.path.join(paths.img_dir, plan.key.relpath)
     pending = retention.pending_for(paths.state_dir, version_dir)
@@ -118,7 +78,7 @@ def import_cmd(
             paths.img_dir,
             move=move,
             force=force,
-            progress_start=_terminal_progress("copying"),
+            progress_start=terminal_progress("copying"),
         )
     except VersionExists as e:
         hint = (
@@ -146,71 +106,6 @@ def import_cmd(
             f"{what} is in the tree but not in the catalog; see the messages above"
         )
     click.echo(f"  published in {paths.streams_dir}")
-
-
-# -- push -----------------------------------------------------------------------------------
-
-
-def _password(password_file: str | None, user: str) -> str | None:
-    if password_file is not None:
-        return pushclient.read_password_file(password_file)
-    env = os.environ.get(pushclient.PASSWORD_ENV)
-    if env:
-        return env
-    if sys.stdin.isatty():
-        return str(click.prompt(f"Password for {user}", hide_input=True))
-    return None
-
-
-@click.command("push")
-@click.argument("files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
-@click.option(
-    "--remote",
-    required=True,
-    metavar="https://HOST[:PORT]",
-    help="The server (its nginx, which passes uploads to the upload app).",
-)
-@click.option("--user", default=pushclient.DEFAULT_USER, show_default=True, help="Upload user.")
-@click.option(
-    "--password-file",
-    type=click.Path(dir_okay=False),
-    help=f"File whose first line is the password [default: ${pushclient.PASSWORD_ENV}, "
-    "else a prompt].",
-)
-@naming_options
-@handle_errors
-def push_cmd(
-    files: tuple[str, ...],
-    remote: str,
-    user: str,
-    password_file: str | None,
-    os_name: str | None,
-    release: str | None,
-    arch: str | None,
-    variant: str | None,
-    serial: str | None,
-) -> None:
-    """Upload what `lxc image export` wrote to a server over HTTPS.
-
-    The same files and naming as `import`, sent to the server's upload app (one PUT per file,
-    metadata first); the server's watcher publishes the image once every file is there.
-    """
-    try:
-        target = pushclient.parse_remote(remote)
-    except ValueError as e:
-        raise click.BadParameter(str(e), param_hint="--remote") from e
-    plan = import_detect.plan_import(
-        _files(files), _naming(os_name, release, arch, variant, serial)
-    )
-    client = pushclient.Client(target, user, _password(password_file, user))
-    try:
-        pushed = pushclient.push(plan, client, _terminal_progress)
-    finally:
-        client.close()
-    for p in pushed:
-        state = "already there" if p.skipped else "sent"
-        click.echo(f"{state}: images/{p.rel} ({p.size} bytes, sha256 {p.sha256})")
-    click.echo(f"pushed {import_detect.describe(plan)} to {target.url}")
 
 
 # -- list / verify --------------------------------------------------------------------------
@@ -249,7 +144,7 @@ def verify_cmd(
 
     paths = tree_paths(g, root_dir, img_dir, streams_dir)
     catalog = listing.read_catalog(paths.streams_dir)
-    report = verify(paths.root_dir, catalog, progress_start=_terminal_progress("verifying"))
+    report = verify(paths.root_dir, catalog, progress_start=terminal_progress("verifying"))
     for problem in report.problems:
         click.echo(str(problem))
     summary = (

@@ -3,8 +3,9 @@ tree, atomically.
 
 The files are copied (or moved) into a hidden temporary directory inside the variant directory,
 fsynced, and the whole version directory is renamed into place, so the watcher never sees half
-of an image. Copying also hashes: the fingerprint in lxc's file names is checked, and the
-digests go into the hash cache so publishing does not read the files again.
+of an image. Copying also hashes (import_copy.py: one pass, the bytes that landed): the
+fingerprint in lxc's file names is checked, and the digests go into the hash cache so publishing
+does not read the files again.
 """
 
 from __future__ import annotations
@@ -17,11 +18,11 @@ import os
 import secrets
 import shutil
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from lxd_image_server.catalog.hashing import HashCache, Hasher
-from lxd_image_server.fsutil import CHUNK_SIZE, DirChain, open_dir, open_regular
+from lxd_image_server.fsutil import DirChain, open_dir, open_regular
+from lxd_image_server.ops import import_copy
 from lxd_image_server.ops.import_detect import ImagePlan, Source, open_source
 from lxd_image_server.ops.import_errors import ImportFailed, VersionExists
 from lxd_image_server.progress import Progress, no_progress
@@ -59,46 +60,7 @@ def _open_dir(name: str, dir_fd: int, path: str) -> int:
         raise _not_a_directory(path) from None
 
 
-def _feed(fd: int, sinks: Sequence[Hasher], progress: Progress, out: int | None = None) -> int:
-    """Reads `fd` to its end into every sink (and writes it to `out`). -> bytes read.
-
-    Each chunk is read once; the first sink and the write run in this thread, the other sinks
-    in one thread each (hashlib and os.write release the GIL), while the next chunk is read
-    into a second buffer: a root filesystem's sha256 and its combined fingerprint take the
-    time of one on two cores."""
-    helpers = ThreadPoolExecutor(len(sinks) - 1) if len(sinks) > 1 else None
-    size = 0
-    buffers = [bytearray(CHUNK_SIZE), bytearray(CHUNK_SIZE)]
-    pending: list[Future[None]] = []
-    try:
-        while True:
-            buf = buffers[0]  # not the one the helpers may still be reading
-            n = os.readv(fd, [buf])
-            for f in pending:
-                f.result()
-            pending = []
-            if not n:
-                return size
-            chunk = memoryview(buf)[:n]
-            if helpers is not None:
-                pending = [helpers.submit(s.update, chunk) for s in sinks[1:]]
-            if sinks:
-                sinks[0].update(chunk)
-            if out is not None:
-                written = 0
-                while written < n:
-                    written += os.write(out, chunk[written:])
-            size += n
-            progress(n)
-            buffers.reverse()
-    finally:
-        for f in pending:
-            f.cancel()
-        if helpers is not None:
-            helpers.shutdown(wait=True)
-
-
-_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+_CREATE = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 class _Transfer:
@@ -129,7 +91,7 @@ class _Transfer:
                 fd = open_regular(tmp, dir_fd=self.dir_fd)
                 try:
                     os.fchmod(fd, FILE_MODE)
-                    size = _feed(fd, sinks, self.progress)
+                    size = import_copy.feed(fd, sinks, self.progress)
                     os.fsync(fd)
                 finally:
                     os.close(fd)
@@ -140,7 +102,7 @@ class _Transfer:
             out = os.open(tmp, _CREATE, FILE_MODE, dir_fd=self.dir_fd)
             try:
                 os.fchmod(out, FILE_MODE)
-                size = _feed(fin, sinks, self.progress, out)
+                size = import_copy.copy(fin, out, sinks, self.progress)
                 os.fsync(out)
             finally:
                 os.close(out)

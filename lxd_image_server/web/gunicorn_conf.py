@@ -13,7 +13,8 @@ Why these values:
 - 2 workers x 16 threads: 32 uploads at once. A stalled client holds a thread for at most the
   app's read timeout (UPLOAD_READ_TIMEOUT, 60 s per 256 KiB read), and nginx limits the
   connections per client, so a few stalled clients cannot take every thread. An idle thread
-  costs nothing measurable (the app keeps about 1 MiB in flight per active upload).
+  costs nothing measurable; an active upload holds about 10 MiB of buffers and 3 short-lived
+  threads (upload_sink: the writer and one per digest).
 - graceful_timeout 5 s: what a stop waits for uploads in progress; below `run`'s 10 s and
   systemd's TimeoutStopSec=30s, so gunicorn ends them itself, cleanly.
 """

@@ -393,8 +393,7 @@ def _require_length(body: BodyReader) -> None:
 def _part_reader(part: Part) -> ReadInto:
     """Fills a buffer with the part's next bytes."""
 
-    def readinto(buf: bytearray) -> int:
-        view = memoryview(buf)
+    def readinto(view: memoryview) -> int:
         total = 0
         try:
             while total < len(view) and (n := part.readinto(view[total:])):

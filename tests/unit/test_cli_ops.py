@@ -183,3 +183,24 @@ def test_push_failure_exits_1(env: Path, monkeypatch: pytest.MonkeyPatch) -> Non
     assert r.exit_code == 1 and "cannot talk to 127.0.0.1:1" in r.output
     r = cli(env, "push", *files, "--remote", "https://127.0.0.1:1", "--password-file", "/none")
     assert r.exit_code == 1 and "cannot read the password file" in r.output
+
+
+def test_import_does_not_load_the_https_client(env: Path) -> None:
+    """`import` (a command per image, start-up counts) loads what it uses: not the HTTPS
+    client `push` needs (http.client, ssl, email)."""
+    import subprocess
+    import sys
+
+    meta, root = split_export(env / "export")
+    code = (
+        "import sys\n"
+        "from lxd_image_server.cli.root import main\n"
+        "main(sys.argv[1:], standalone_mode=False)\n"
+        "print(' '.join(m for m in ('lxd_image_server.ops.pushclient', 'http.client', 'ssl')"
+        " if m in sys.modules))\n"
+    )
+    args = ["--state-dir", str(env / "state"), "import", *tree_args(env), str(meta), str(root)]
+    proc = subprocess.run(
+        [sys.executable, "-c", code, *args], capture_output=True, text=True, check=True
+    )
+    assert proc.stdout.splitlines()[-1] == ""

@@ -134,6 +134,14 @@ def test_uploads_are_limited_per_client_and_time_out() -> None:
     assert zone in site.split("server {", 1)[0]
 
 
+def test_uploads_stream_through_an_http2_window_of_8_mib() -> None:
+    """nginx passes the body on as it comes (proxy_request_buffering off), through a buffer
+    that is also the HTTP/2 receive window: 1m made HTTP/2 clients wait for it (issue 13)."""
+    up = locations(render_locations(SETTINGS))["@upload"]
+    assert "proxy_request_buffering off;" in up
+    assert re.search(r"^\s*client_body_buffer_size 8m;$", up, re.MULTILINE)
+
+
 def test_private_needs_credentials() -> None:
     conf = render_locations(SiteSettings(root_dir="/r", upload_socket="/s", private=True))
     top = conf.split("\nlocation ", 1)[0]

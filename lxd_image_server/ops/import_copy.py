@@ -1,0 +1,150 @@
+"""`import`: a file's bytes brought into the tree and hashed in one pass, on every core.
+
+The copy is done by the kernel (copy_file_range: no trip through user space, and on file systems
+that can, no copy at all); each chunk is then read back from the new file, so the digests are of
+the bytes that landed in the tree, and hashed while the kernel copies the next chunk: each sink
+(a file's sha256, the combined fingerprint) in a thread of its own, as hashlib releases the GIL.
+Write-back of each chunk is started as soon as it is copied (fsutil.start_writeback), so the
+fsync that makes the import durable finds most of the file on the disk already.
+Where the kernel cannot copy (another file system on an old kernel, a special file system), the
+bytes are read and written by this process instead: the same digests, the same file.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+
+from lxd_image_server.catalog.hashing import Hasher
+from lxd_image_server.fsutil import start_writeback
+from lxd_image_server.progress import Progress
+
+#: bytes per copy and per hashing read: large enough that the per-call costs vanish, small
+#: enough that two buffers of it are no burden
+CHUNK = 8 << 20
+
+#: copy_file_range refusing the pair of files: copy through user space instead
+_NO_KERNEL_COPY = {errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EPERM}
+
+
+class _Hashing:
+    """Feeds chunks to the sinks, each sink in a thread of its own (so each sees its chunks in
+    order), from two buffers: one is filled while the sinks still read the other."""
+
+    def __init__(self, sinks: Sequence[Hasher]) -> None:
+        self.sinks = sinks
+        self.pools = [ThreadPoolExecutor(1) for _ in sinks]
+        #: (buffer, the hashing of its chunk still running)
+        self.slots: list[tuple[bytearray, list[Future[None]]]] = [
+            (bytearray(CHUNK), []),
+            (bytearray(CHUNK), []),
+        ]
+
+    def free_buffer(self) -> bytearray:
+        """The buffer of the chunk before the last, once every sink is done with it."""
+        self.slots.reverse()
+        buf, pending = self.slots[0]
+        for f in pending:
+            f.result()
+        pending.clear()
+        return buf
+
+    def wait(self) -> None:
+        for _, pending in self.slots:
+            for f in pending:
+                f.result()
+            pending.clear()
+
+    def feed(self, buf: bytearray, n: int) -> None:
+        """Hashes buf[:n] (`buf` from `free_buffer`, left alone until it returns it again)."""
+        chunk = memoryview(buf)[:n]
+        pending = self.slots[0][1]
+        for pool, sink in zip(self.pools, self.sinks, strict=True):
+            pending.append(pool.submit(sink.update, chunk))
+
+    def close(self) -> None:
+        for _, pending in self.slots:
+            for f in pending:
+                f.cancel()
+        for pool in self.pools:
+            pool.shutdown(wait=True)
+
+
+def _read_into(fd: int, buf: bytearray, offset: int | None) -> int:
+    if offset is None:
+        return os.readv(fd, [buf])
+    return os.preadv(fd, [buf], offset)
+
+
+def feed(fd: int, sinks: Sequence[Hasher], progress: Progress) -> int:
+    """Reads `fd` to its end into every sink. -> bytes read."""
+    hashing = _Hashing(sinks)
+    size = 0
+    try:
+        while True:
+            buf = hashing.free_buffer()
+            n = _read_into(fd, buf, None)
+            if not n:
+                hashing.wait()
+                return size
+            hashing.feed(buf, n)
+            size += n
+            progress(n)
+    finally:
+        hashing.close()
+
+
+def copy(src: int, out: int, sinks: Sequence[Hasher], progress: Progress) -> int:
+    """Copies `src` (from its start) to `out` (a new, empty file opened for reading and
+    writing) and feeds every sink the bytes of `out`. -> bytes copied."""
+    hashing = _Hashing(sinks)
+    size = 0
+    kernel = True
+    try:
+        while True:
+            n = 0
+            if kernel:
+                try:
+                    n = os.copy_file_range(src, out, CHUNK, size, size)
+                except OSError as e:
+                    if size or e.errno not in _NO_KERNEL_COPY:
+                        raise
+                    kernel = False
+            buf = hashing.free_buffer()
+            if kernel:
+                if n:
+                    start_writeback(out, size, n)
+                    n = _read_back(out, buf, size, n)
+            else:
+                n = os.preadv(src, [buf], size)
+                _write_all(out, memoryview(buf)[:n], size)
+                if n:
+                    start_writeback(out, size, n)
+            if not n:
+                hashing.wait()
+                return size
+            hashing.feed(buf, n)
+            size += n
+            progress(n)
+    finally:
+        hashing.close()
+
+
+def _read_back(out: int, buf: bytearray, offset: int, n: int) -> int:
+    got = 0
+    view = memoryview(buf)
+    while got < n:
+        m = os.preadv(out, [view[got:n]], offset + got)
+        if not m:
+            raise OSError(errno.EIO, "the copy is shorter than what was copied")
+        got += m
+    return n
+
+
+def _write_all(out: int, data: memoryview, offset: int) -> None:
+    while data:
+        written = os.pwrite(out, data, offset)
+        data = data[written:]
+        offset += written
