@@ -1,6 +1,7 @@
 """The catalog at scale: trees of many small versions, against one os.walk + stat pass.
 
-    python bench/bench_scale.py [--sizes 1000,5000,20000] [--repeat 3] [--workdir DIR]
+    python bench/bench_scale.py [--sizes 1000,5000,20000] [--delta-min-size BYTES]
+                                [--repeat 3] [--workdir DIR]
 
 For each size N, builds a tree of N versions (lxd.tar.xz + rootfs.squashfs of 4 KiB each, so
 hashing is negligible and every figure measures the per-file and per-version work), spread over
@@ -16,6 +17,10 @@ N/100 products (at least one), and measures, with the tree warm in the page cach
 Prints each figure and its ratio to the baseline of the same size, measured in the same run,
 and the goals of issue 13 (no-change update <= 3x, cold update <= 10x, watch <= 0.5 s, peak
 RSS <= 150 MiB at 20,000 versions). A missed goal only prints MISS; a failing command is fatal.
+
+--delta-min-size BYTES runs every command with a configuration file setting `[deltas] min_size`
+(default: none, so the built-in 1 MiB, and no 4 KiB root gets a delta); 0 makes the cold
+`update` make a delta for the newest version of every product (needs xdelta3).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from common import (
     BenchError,
@@ -70,8 +76,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         default="1000,5000,20000",
         help="comma-separated numbers of versions (default: 1000,5000,20000)",
     )
+    parser.add_argument(
+        "--delta-min-size",
+        type=int,
+        default=None,
+        metavar="BYTES",
+        help="run every command with [deltas] min_size = BYTES (0: a delta for every "
+        "product's newest version; default: the built-in setting)",
+    )
     add_common_args(parser)
     args = parser.parse_args(argv)
+    if args.delta_min_size is not None and args.delta_min_size < 0:
+        parser.error("--delta-min-size takes a number of bytes, 0 or more")
     try:
         args.sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
     except ValueError:
@@ -85,11 +101,28 @@ def variant_dir(root: Path, product: int) -> Path:
     return root / "images" / f"scale{product}" / "1.0" / "amd64" / "default"
 
 
-def build_tree(root: Path, versions: int) -> None:
-    """`versions` versions of two 4 KiB files each, VERSIONS_PER_PRODUCT per product."""
+def build_tree(root: Path, versions: int, similar: bool) -> None:
+    """`versions` versions of two 4 KiB files each, VERSIONS_PER_PRODUCT per product.
+    `similar`: the roots of a product share all but their first 64 bytes, so a delta between
+    two of them is small enough to be kept and listed."""
+    shared = b""
     for i in range(versions):
         product, n = divmod(i, VERSIONS_PER_PRODUCT)
-        build_version(variant_dir(root, product) / serial(n), FILE_SIZE)
+        files = build_version(variant_dir(root, product) / serial(n), FILE_SIZE)
+        if similar:
+            if n == 0:
+                shared = files[1].read_bytes()
+            files[1].write_bytes(os.urandom(64) + shared[64:])
+
+
+def listed_deltas(doc: dict[str, Any]) -> int:
+    """How many delta items the catalog lists."""
+    count = 0
+    for product in doc.get("products", {}).values():
+        for version in product.get("versions", {}).values():
+            items = version.get("items", {}).values()
+            count += sum(1 for i in items if str(i.get("ftype", "")).endswith(".vcdiff"))
+    return count
 
 
 def walk_stat_seconds(root: Path) -> float:
@@ -128,10 +161,10 @@ def listed(root: Path, name: str) -> Callable[[], bool]:
 
 
 def measure_watch(
-    exe: str, root: Path, state: Path, log: Path, repeat: int, timeout: float
+    exe: str, config: list[str], root: Path, state: Path, log: Path, repeat: int, timeout: float
 ) -> tuple[list[float], float]:
     """(seconds from rename to listed, per repetition; the watcher's peak RSS in MiB)."""
-    cmd = [exe, "--state-dir", str(state), "watch", "--root-dir", str(root)]
+    cmd = [exe, *config, "--state-dir", str(state), "watch", "--root-dir", str(root)]
     with open(log, "ab") as log_f:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log_f, stderr=log_f)
     try:
@@ -161,14 +194,24 @@ def measure_watch(
     return latencies, rss
 
 
+def config_args(work: Path, args: argparse.Namespace) -> list[str]:
+    """`--config FILE` with the options' settings, or nothing."""
+    if args.delta_min_size is None:
+        return []
+    path = work / "config.toml"
+    path.write_text(f"[deltas]\nmin_size = {args.delta_min_size}\n", encoding="ascii")
+    return ["--config", str(path)]
+
+
 def one_size(exe: str, work: Path, versions: int, args: argparse.Namespace) -> list[list[str]]:
     root, state, log = work / f"root-{versions}", work / f"state-{versions}", work / "log"
     print(f"building {versions} versions ...", flush=True)
-    build_tree(root, versions)
+    build_tree(root, versions, args.delta_min_size is not None)
     settle()
     walk_stat_seconds(root)  # warm the dentry and inode caches
     bases, colds, nochanges = [], [], []
-    update = [exe, "--state-dir", str(state), "update", "--root-dir", str(root)]
+    config = config_args(work, args)
+    update = [exe, *config, "--state-dir", str(state), "update", "--root-dir", str(root)]
     for _ in range(args.repeat):
         bases.append(walk_stat_seconds(root))
         shutil.rmtree(state, ignore_errors=True)
@@ -178,7 +221,15 @@ def one_size(exe: str, work: Path, versions: int, args: argparse.Namespace) -> l
     if doc is None or len(catalog_versions(doc)) != versions:
         count = 0 if doc is None else len(catalog_versions(doc))
         raise BenchError(f"the catalog lists {count} versions, not {versions}:\n{tail(log)}")
-    latencies, rss = measure_watch(exe, root, state, log, args.repeat, args.timeout)
+    if args.delta_min_size is not None and args.delta_min_size <= FILE_SIZE:
+        sizes = [
+            min(VERSIONS_PER_PRODUCT, versions - i)
+            for i in range(0, versions, VERSIONS_PER_PRODUCT)
+        ]
+        want = sum(1 for n in sizes if n > 1)  # the newest of each product, from one base
+        if listed_deltas(doc) != want:
+            raise BenchError(f"the catalog lists {listed_deltas(doc)} deltas, not {want}")
+    latencies, rss = measure_watch(exe, config, root, state, log, args.repeat, args.timeout)
     base, cold, nochange, lat = median(bases), median(colds), median(nochanges), median(latencies)
     print(
         f"  {versions}: walk {runs(bases)} | cold {runs(colds)} | no-change {runs(nochanges)}"
@@ -225,7 +276,8 @@ def run(argv: list[str]) -> int:
         for versions in args.sizes:
             rows += one_size(exe, work, versions, args)
     print()
-    print(f"{machine_line()}; median of {args.repeat}; files of 4 KiB, warm")
+    deltas = "" if args.delta_min_size is None else f"; [deltas] min_size = {args.delta_min_size}"
+    print(f"{machine_line()}; median of {args.repeat}; files of 4 KiB, warm{deltas}")
     print(
         f"goals at 20,000 versions: no-change <= {GOAL_NOCHANGE:.0f}x, cold <= {GOAL_COLD:.0f}x, "
         f"watch <= {GOAL_WATCH_S} s, peak RSS <= {GOAL_RSS_MIB:.0f} MiB"

@@ -21,12 +21,12 @@ import hashlib
 import logging
 import os
 import secrets
+import selectors
 import shutil
 import subprocess
-import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import IO
 
 from lxd_image_server.catalog.deltas import FAILED, OK, TOO_BIG, WRONG, Job, Record, ident
 from lxd_image_server.fsutil import CHUNK_SIZE, open_dir_below
@@ -37,7 +37,10 @@ log = logging.getLogger(__name__)
 #: largest xdelta3 source window: its memory use grows with it (a base larger than this is
 #: still diffed, with matches found only within this distance)
 MAX_WINDOW = 1 << 30
-MIN_WINDOW = 16 << 20
+#: the smallest window xdelta3 takes. The window holds the whole base up to MAX_WINDOW, no
+#: more: xdelta3 -9 sets up its tables for the window's size, so a 16 MiB window made a delta
+#: of a 4 KiB root cost 10 times the time of one sized to it
+MIN_WINDOW = 512 << 10
 TMP_PREFIX = ".vcdiff-"
 _ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"}
 
@@ -75,6 +78,10 @@ def _wrapped(argv: list[str]) -> list[str]:
     return out
 
 
+#: how much of xdelta3's standard error is kept (its end: the message is its last line)
+_ERRORS_KEPT = 16 << 10
+
+
 def _run(
     argv: Sequence[str],
     stdin: int,
@@ -83,8 +90,11 @@ def _run(
     timeout: float,
 ) -> str | None:
     """Runs `argv`, feeding each chunk of its output to `sink` (which raises _Stop to end it).
-    Returns None on success, else why it failed."""
+    Returns None on success, else why it failed. Its standard output and error are read here
+    as they come (a selector, no thread: one xdelta3 run per small root is cheap), until
+    both are closed, or `timeout` seconds have passed: then it is killed."""
     os.lseek(stdin, 0, os.SEEK_SET)
+    deadline = time.monotonic() + timeout
     proc = subprocess.Popen(
         _wrapped(list(argv)),
         stdin=stdin,
@@ -94,38 +104,44 @@ def _run(
         env=_ENV,
     )
     assert proc.stdout is not None and proc.stderr is not None
-    fired: list[bool] = []
-    errors: list[bytes] = []
-
-    def expire() -> None:
-        fired.append(True)
-        proc.kill()
-
-    def drain(stream: IO[bytes]) -> None:
-        errors.append(stream.read(16 << 10))
-        while stream.read(64 << 10):
-            pass
-
-    timer = threading.Timer(timeout, expire)
-    reader = threading.Thread(target=drain, args=(proc.stderr,), daemon=True)
-    timer.start()
-    reader.start()
+    out, err = proc.stdout.fileno(), proc.stderr.fileno()
+    errors = b""
+    fired = False
     try:
-        while chunk := proc.stdout.read(CHUNK_SIZE):
-            sink(chunk)
+        with selectors.DefaultSelector() as selector:
+            selector.register(out, selectors.EVENT_READ)
+            selector.register(err, selectors.EVENT_READ)
+            while selector.get_map():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    fired = True
+                    break
+                for key, _ in selector.select(left):
+                    chunk = os.read(key.fd, CHUNK_SIZE)
+                    if not chunk:
+                        selector.unregister(key.fd)
+                    elif key.fd == out:
+                        sink(chunk)
+                    else:
+                        errors = (errors + chunk)[-_ERRORS_KEPT:]
+        if not fired:
+            try:
+                proc.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                fired = True
     except BaseException:
         proc.kill()
         raise
     finally:
-        timer.cancel()
+        if fired:
+            proc.kill()
         proc.stdout.close()
-        rc = proc.wait()
-        reader.join()
         proc.stderr.close()
+        rc = proc.wait()
     if fired:
         return f"timed out after {timeout:.0f} s"
     if rc != 0:
-        lines = b"".join(errors).decode("utf-8", "replace").strip().splitlines()
+        lines = errors.decode("utf-8", "replace").strip().splitlines()
         return f"xdelta3 exited {rc}: {lines[-1][:200] if lines else 'no message'}"
     return None
 

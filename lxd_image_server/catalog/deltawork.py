@@ -2,9 +2,13 @@
 the background (the watcher) or at once (`update`).
 
 After every publish the pipeline hands over the versions it published; the deltas still to be
-made or checked (deltas.plan) run one at a time, each under the deltas lock, and their records
-are written to <state_dir>/deltas.json. The full version is published at once; its deltas
-join the catalog in a later publish, once made, hashed and checked.
+made or checked (deltas.plan) run one at a time, in batches: a batch holds the deltas lock,
+runs jobs until `save_every` seconds have passed (at least one job), then writes the records
+to <state_dir>/deltas.json once and lets go of the lock. So many small deltas cost one write,
+and a long run still saves (and shows) its progress every few seconds; a crash loses at most
+the records of one batch (the deltas it made are then made again). The full version is
+published at once; its deltas join the catalog in a later publish, once made, hashed and
+checked.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -23,6 +28,11 @@ from lxd_image_server.settings import DEFAULT_DELTA_MIN_SIZE
 from lxd_image_server.tree.scan import ScannedVersion
 
 log = logging.getLogger(__name__)
+
+#: seconds a batch of jobs runs before its records are written (and the lock let go)
+SAVE_EVERY = 2.0
+#: a job whose record changed, and that record
+Done = tuple[deltas.Job, deltas.Record]
 
 
 @dataclass(frozen=True)
@@ -52,12 +62,14 @@ class DeltaService:
         state_dir: str,
         config: DeltaConfig | None = None,
         mode: str = LIST_ONLY,
+        save_every: float = SAVE_EVERY,
     ) -> None:
         self.img_dir = os.path.abspath(img_dir)
         self.state_dir = state_dir
         self.config = config or DeltaConfig()
         self.mode = mode
         self.background = mode == BACKGROUND
+        self.save_every = save_every
         self.records = deltas.Records(state_dir)
         #: called (in the worker's thread) after each job, e.g. to wake the watcher
         self.on_done: Callable[[], None] | None = None
@@ -112,17 +124,15 @@ class DeltaService:
                 self._worker = threading.Thread(target=self._work, name="deltas", daemon=True)
                 self._worker.start()
 
-    def run_pending(self) -> int:
-        """Runs the queued jobs here and now (`update`); returns how many changed a record."""
-        done = 0
+    def run_pending(self) -> list[Done]:
+        """Runs the queued jobs here and now (`update`); returns those that changed a record,
+        with their new record."""
+        done: list[Done] = []
         while True:
             with self._cond:
                 if not self._queue:
                     return done
-                job = self._queue.popleft()
-                self._queued.discard(job.key)
-            if self._run(job):
-                done += 1
+            done += self._run_batch()
 
     def take_news(self) -> bool:
         """True (once) when a job finished since the last call: republish."""
@@ -157,24 +167,56 @@ class DeltaService:
             xdelta3=self._xdelta3() or "xdelta3",
         )
 
-    def _run(self, job: deltas.Job) -> bool:
+    def _next(self) -> deltas.Job | None:
+        with self._cond:
+            return self._queue[0] if self._queue else None
+
+    def _finished(self, job: deltas.Job) -> None:
+        with self._cond:
+            if self._queue and self._queue[0] is job:
+                self._queue.popleft()
+            self._queued.discard(job.key)
+
+    def _run_batch(self) -> list[Done]:
+        """Runs queued jobs under the deltas lock until `save_every` seconds have passed or
+        the queue is empty, then writes their records at once. Returns the jobs whose record
+        changed (a job someone else did meanwhile changes none)."""
+        done: list[Done] = []
         with deltas.state_lock(self.state_dir):
             records = deltas.load(self.state_dir)
-            current = records.get(job.path)
-            if current is not None and (current.base, current.target, current.delta) == (
-                job.key[1],
-                job.key[2],
-                job.key[3],
-            ):
-                return False  # another writer did it meanwhile
-            if job.delta is None and os.path.lexists(job.path):
-                return False  # made (or uploaded) meanwhile: checked on the next pass
-            rec = run_job(job, self._limits(), self.img_dir)
-            records = deltas.load(self.state_dir)
-            records[job.path] = rec
-            records = {p: r for p, r in records.items() if os.path.isdir(os.path.dirname(p))}
-            deltas.save(self.state_dir, records)
-        return True
+            deadline = time.monotonic() + self.save_every
+            try:
+                while (job := self._next()) is not None:
+                    try:
+                        rec = self._run(job, records)
+                    except Exception:
+                        log.exception("delta %s failed", job.path)
+                        rec = None
+                    if rec is not None:
+                        records[job.path] = rec
+                        done.append((job, rec))
+                    self._finished(job)
+                    if time.monotonic() >= deadline:
+                        break
+            finally:
+                if done:
+                    kept = {p: r for p, r in records.items() if os.path.isdir(os.path.dirname(p))}
+                    deltas.save(self.state_dir, kept)
+        return done
+
+    def _run(self, job: deltas.Job, records: dict[str, deltas.Record]) -> deltas.Record | None:
+        """The new record of `job`, run now; None when there is nothing to do (done
+        meanwhile). The caller holds the deltas lock, `records` read under it."""
+        current = records.get(job.path)
+        if current is not None and (current.base, current.target, current.delta) == (
+            job.key[1],
+            job.key[2],
+            job.key[3],
+        ):
+            return None  # another writer did it meanwhile
+        if job.delta is None and os.path.lexists(job.path):
+            return None  # made (or uploaded) meanwhile: checked on the next pass
+        return run_job(job, self._limits(), self.img_dir)
 
     def _work(self) -> None:
         while True:
@@ -182,16 +224,16 @@ class DeltaService:
                 if not self._queue:
                     self._worker = None
                     return
-                job = self._queue[0]
             try:
-                changed = self._run(job)
+                changed = bool(self._run_batch())
             except Exception:
-                log.exception("delta %s failed", job.path)
+                log.exception("deltas failed")
+                with self._cond:
+                    if self._queue:  # (not run again and again)
+                        self._queued.discard(self._queue.popleft().key)
                 changed = False
-            with self._cond:
-                self._queue.popleft()
-                self._queued.discard(job.key)
-                if changed:
+            if changed:
+                with self._cond:
                     self._news = True
-            if changed and self.on_done is not None:
-                self.on_done()
+                if self.on_done is not None:
+                    self.on_done()

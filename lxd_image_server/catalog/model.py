@@ -294,19 +294,29 @@ def _str_map(doc: dict[str, Any], key: str, where: str) -> dict[str, str] | None
 
 
 def _item(doc: object, where: str) -> Item:
+    # (the page reads every item of 20,000 versions: one look-up per field, no helper calls)
     d = _obj(doc, where)
     size = d.get("size")
     if not isinstance(size, int) or isinstance(size, bool) or size < 0:
         raise ValueError(f"{where}.size: expected a count of bytes")
-    combined = {attr: _opt_str(d, name, where) for name, attr in COMBINED_ATTRS.items()}
-    return Item(
-        ftype=_str(d, "ftype", where),
-        path=_str(d, "path", where),
-        size=size,
-        sha256=_str(d, "sha256", where),
-        delta_base=_opt_str(d, "delta_base", where),
-        **combined,
-    )
+    combined: dict[str, str] = {}
+    for name, attr in COMBINED_ATTRS.items():
+        value = d.get(name)
+        if value is not None:
+            if not isinstance(value, str):
+                raise ValueError(f"{where}.{name}: expected a string")
+            combined[attr] = value
+    ftype, path, sha256 = d.get("ftype"), d.get("path"), d.get("sha256")
+    if not isinstance(ftype, str):
+        raise ValueError(f"{where}.ftype: expected a string")
+    if not isinstance(path, str):
+        raise ValueError(f"{where}.path: expected a string")
+    if not isinstance(sha256, str):
+        raise ValueError(f"{where}.sha256: expected a string")
+    base = d.get("delta_base")
+    if base is not None and not isinstance(base, str):
+        raise ValueError(f"{where}.delta_base: expected a string")
+    return Item(ftype, path, size, sha256, delta_base=base, **combined)
 
 
 def lenient_version(serial: str, items: Mapping[str, object]) -> Version:

@@ -21,11 +21,12 @@ from __future__ import annotations
 
 import base64
 import errno
+import functools
 import hashlib
 import html
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -79,6 +80,38 @@ def version_images(items: Mapping[str, Any], serial: str = "") -> list[Image]:
     unified tarball one image); items that are not well formed are left out."""
     version = lenient_version(serial, items)
     return [Image(i.type, i.root, i.fingerprint, i.size) for i in version.client_images()]
+
+
+#: what the page needs of a version it does not show: how many images, of which kinds
+Summary = tuple[int, frozenset[str]]
+
+
+class PageCache:
+    """What each version's items gave at the last render (how many images, which kinds),
+    kept for the next render while the version's items are the very same mapping: the
+    pipeline keeps a version's items as they are between publishes (a changed version gets
+    new ones), so the watcher's page reads only the versions that changed, and those it shows.
+    Holds only the versions of the last render."""
+
+    def __init__(self) -> None:
+        #: id(items) -> (items, count, kinds); the items are kept so their id stays theirs
+        self._last: dict[int, tuple[Mapping[str, Any], int, frozenset[str]]] = {}
+        self._this: dict[int, tuple[Mapping[str, Any], int, frozenset[str]]] = {}
+        self._kinds: dict[frozenset[str], frozenset[str]] = {}
+
+    def start(self) -> None:
+        """A render begins: what the last one found is what may be reused."""
+        self._last, self._this = self._this or self._last, {}
+
+    def summary(self, items: Mapping[str, Any], images: Callable[[], list[Image]]) -> Summary:
+        key = id(items)
+        hit = self._this.get(key) or self._last.get(key)
+        if hit is None or hit[0] is not items:
+            found = images()
+            kinds = frozenset(i.kind for i in found)
+            hit = (items, len(found), self._kinds.setdefault(kinds, kinds))
+        self._this[key] = hit
+        return hit[1], hit[2]
 
 
 def human_size(n: int) -> str:
@@ -196,22 +229,41 @@ def _render_version(serial: str, images: list[Image], remote: str, newest: bool)
     )
 
 
-def _product_images(product: Mapping[str, Any]) -> dict[str, list[Image]]:
-    """Serial -> the images of that version, newest first."""
-    raw_versions = product.get("versions")
-    versions: Mapping[str, Any] = raw_versions if isinstance(raw_versions, Mapping) else {}
-    serials = sorted(versions, key=serial_sort_key, reverse=True)
-    return {s: version_images(_items(versions[s]), s) for s in serials}
+class _Product:
+    """A product's versions as the page sees them: serials newest first, the images of a
+    version read when asked (only those shown, or from `cache`'s summary otherwise)."""
+
+    def __init__(self, product: Mapping[str, Any], cache: PageCache | None) -> None:
+        raw_versions = product.get("versions")
+        self.versions: Mapping[str, Any] = raw_versions if isinstance(raw_versions, Mapping) else {}
+        self.serials = sorted(self.versions, key=serial_sort_key, reverse=True)
+        self._images: dict[str, list[Image]] = {}
+        self.count = 0
+        kinds: set[str] = set()
+        for s in self.serials:
+            if cache is None:
+                found = self.images(s)
+                self.count += len(found)
+                kinds.update(i.kind for i in found)
+            else:
+                n, k = cache.summary(_items(self.versions[s]), functools.partial(self.images, s))
+                self.count += n
+                kinds |= k
+        self.kinds = sorted(kinds)
+
+    def images(self, serial: str) -> list[Image]:
+        found = self._images.get(serial)
+        if found is None:
+            found = self._images[serial] = version_images(_items(self.versions[serial]), serial)
+        return found
 
 
-def _render_product(
-    key: str, product: Mapping[str, Any], per_version: dict[str, list[Image]], remote: str
-) -> str:
+def _render_product(key: str, product: Mapping[str, Any], view: _Product, remote: str) -> str:
     title = _text(product, "release_title") or _text(product, "release")
     os_name = _text(product, "os")
     aliases = _aliases(product)
-    serials = list(per_version)
-    kinds = sorted({i.kind for imgs in per_version.values() for i in imgs})
+    serials = view.serials
+    kinds = view.kinds
 
     facts = [
         ("OS", os_name),
@@ -238,16 +290,16 @@ def _render_product(
     launches = []
     for kind in kinds:
         # the shortest alias is what people type; it names the newest version
-        target = min(aliases, key=len) if aliases else _newest(per_version, serials, kind)
+        target = min(aliases, key=len) if aliases else _newest(view, kind)
         if target:
             launches.append(_cmd(esc(_launch_line(remote, target, kind))))
 
     shown = [
-        _render_version(s, per_version[s], remote, i == 0)
+        _render_version(s, view.images(s), remote, i == 0)
         for i, s in enumerate(serials[:OPEN_VERSIONS])
     ]
     older = [
-        _render_version(s, per_version[s], remote, False)
+        _render_version(s, view.images(s), remote, False)
         for s in serials[OPEN_VERSIONS : OPEN_VERSIONS + OLDER_VERSIONS]
     ]
     if older:
@@ -286,9 +338,9 @@ def _items(version: Any) -> Mapping[str, Any]:
     return items if isinstance(items, Mapping) else {}
 
 
-def _newest(per_version: Mapping[str, list[Image]], serials: list[str], kind: str) -> str:
-    for s in serials:
-        for image in per_version[s]:
+def _newest(view: _Product, kind: str) -> str:
+    for s in view.serials:
+        for image in view.images(s):
             if image.kind == kind:
                 return image.fingerprint
     return ""
@@ -300,13 +352,17 @@ def render_page(
     updated: str | None = None,
     title: str = DEFAULT_TITLE,
     remote_name: str = DEFAULT_REMOTE,
+    cache: PageCache | None = None,
 ) -> str:
-    """The whole page. `updated` is the catalog's own timestamp (the only one shown)."""
+    """The whole page. `updated` is the catalog's own timestamp (the only one shown).
+    `cache`: what the last render found in the versions not shown, reused (PageCache)."""
     remote = remote_name
     keys = sorted(products)
-    per_product = {k: _product_images(products[k]) for k in keys}
-    n_versions = sum(len(p) for p in per_product.values())
-    n_images = sum(len(i) for p in per_product.values() for i in p.values())
+    if cache is not None:
+        cache.start()
+    per_product = {k: _Product(products[k], cache) for k in keys}
+    n_versions = sum(len(p.serials) for p in per_product.values())
+    n_images = sum(p.count for p in per_product.values())
     body = "".join(_render_product(k, products[k], per_product[k], remote) for k in keys)
     if not keys:
         body = '<p class="empty">No images are published yet.</p>'
@@ -373,15 +429,17 @@ def write_page(
     updated: str | None = None,
     title: str = DEFAULT_TITLE,
     remote_name: str = DEFAULT_REMOTE,
+    cache: PageCache | None = None,
 ) -> bool:
     """Writes <root>/streams/index.html atomically if its content changed (or it is missing).
 
     `updated` defaults to the published catalog's own. Returns True when written. The caller
-    holds `catalog_lock`, as for the catalog.
+    holds `catalog_lock`, as for the catalog. `cache`: see render_page.
     """
     if updated is None:
         updated = catalog_updated(root_dir)
-    data = render_page(products, updated=updated, title=title, remote_name=remote_name).encode()
+    page = render_page(products, updated=updated, title=title, remote_name=remote_name, cache=cache)
+    data = page.encode()
     path = page_path(root_dir)
     try:
         if read_regular(path, len(data)) == data:

@@ -9,6 +9,9 @@ bytes. So the catalog lock is held only to build and write the catalog, never wh
   takes the lock. If another writer published meanwhile (it may have seen a newer tree), it
   scans again under the lock and publishes what the hash cache already covers; anything else is
   left to that writer, which publishes it once hashed.
+  With deltas made in the foreground (`update`), it then makes them and publishes again,
+  rescanning only the versions that got a delta file (`_publish_deltas`); the page is written
+  once, after that.
 - `refresh` (the watcher) hashes each changed version in the background (hashjobs.py), waits at
   most `budget` seconds, and publishes the versions whose digests are done. A version still
   being hashed is left out (a new one does not appear yet; a changed one is withdrawn, its old
@@ -24,11 +27,12 @@ import os
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Set
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lxd_image_server import handover
 from lxd_image_server.catalog import unchanged
-from lxd_image_server.catalog.deltawork import DeltaService
+from lxd_image_server.catalog.deltas import OK
+from lxd_image_server.catalog.deltawork import FOREGROUND, DeltaService
 from lxd_image_server.catalog.gzip_chunks import GzipCache
 from lxd_image_server.catalog.hashing import Digests, HashCache, HashEngine
 from lxd_image_server.catalog.hashjobs import (
@@ -48,6 +52,9 @@ from lxd_image_server.handover import Records
 from lxd_image_server.progress import Progress
 from lxd_image_server.tree.layout import Role
 from lxd_image_server.tree.scan import Exclude, FileStat, ScannedVersion, Scanner
+
+if TYPE_CHECKING:
+    from lxd_image_server.catalog.page import PageCache
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +107,8 @@ class Pipeline:
         self.progress_start = progress_start
         #: version directory (relative to images/) -> what was found there
         self.versions: dict[str, ScannedVersion] = {}
+        #: a version was added to `versions` since the full scan: they are not in its order
+        self._unordered = False
         #: version directory -> the identity of its files as scanned (hashjobs.identity)
         self._idents: dict[str, Identity] = {}
         #: version directory -> its digests, once computed
@@ -134,6 +143,8 @@ class Pipeline:
         #: unchanged.versions_digest of `versions` as the last full scan found them (None once
         #: part of the tree was scanned again, or when no publish may be skipped)
         self._scanned_digest: str | None = None
+        #: what the last page found in each version, reused by the next
+        self._page: PageCache | None = None
         #: called from a hashing thread when a version's digests are done (`collect` them)
         self.on_hashed: Callable[[], None] | None = None
         # (through a weak reference: a cycle pipeline -> workers -> pipeline would leave all
@@ -142,6 +153,12 @@ class Pipeline:
         #: lists checked deltas; makes and checks the others after each publish (deltawork.py)
         self.deltas = deltas or DeltaService(paths.img_dir, paths.state_dir)
         self.deltas.on_done = _weakly(self._hashed)
+        #: images.json as this pipeline last published it (or found it published): another
+        #: writer published since when it is not so any more
+        self._state_after: CatalogState = None
+        #: the inputs digest to record once the page is written (unchanged.py), while a
+        #: publish waits for its deltas (`_publish_deltas`)
+        self._inputs: str | None = None
 
     def _hashed(self) -> None:
         if self.on_hashed is not None:
@@ -173,6 +190,7 @@ class Pipeline:
         else:
             digests = self._digest(found, rehash)
         self.versions = {v.key.relpath: v for v in found}
+        self._unordered = False
         self._idents = {rel: identity(v) for rel, v in self.versions.items()}
         self._ready = {rel: _Ready(self._idents[rel], digests) for rel in self.versions}
         with catalog_lock(self.paths.state_dir):
@@ -186,7 +204,41 @@ class Pipeline:
                 self.cache.forget_except(
                     {f.path for v in self.versions.values() for f in v.files.values()}
                 )
-            return self._publish(full=not rehash)
+            foreground = self.deltas.mode == FOREGROUND
+            changed = self._publish(full=not rehash, deltas_next=foreground)
+        if foreground:
+            changed = self._publish_deltas() or changed
+        return changed
+
+    def _publish_deltas(self) -> bool:
+        """Makes and checks the deltas the last publish left to do, here and now (`update`),
+        and publishes those that may be listed: only the versions that got a delta file are
+        scanned (and hashed) again, every other version is reused as built and encoded. Then
+        writes the page, once. True if the catalog changed."""
+        done = self.deltas.run_pending()
+        if not done and not self.page_due:
+            return False  # nothing to make, or nothing made: published as it was
+        listed = [job for job, rec in done if rec.result == OK]
+        made = {os.path.relpath(job.target_dir, self.paths.img_dir) for job in listed}
+        submitted: set[str] = set()
+        for rel in sorted(made):
+            submitted |= self._rescan(rel)
+        self.jobs.wait(None, submitted)
+        self._take_results()
+        with catalog_lock(self.paths.state_dir):
+            if self._catalog_state() != self._state_after:
+                log.info("the catalog was published by another writer meanwhile; rescanning")
+                self._rescan("")
+                return self._publish(full=True, plan=False)
+            if listed:
+                return self._publish(full=True, plan=False)
+            # no delta to list: the page of the last publish, and its record
+            if self.page_due:
+                self._write_page()
+            if self._inputs is not None:
+                unchanged.record(self.paths.state_dir, self.paths.root_dir, self._inputs)
+                self._inputs = None
+            return False
 
     def _digest(self, found: list[ScannedVersion], rehash: bool = False) -> Digests:
         with self.cache.preloaded():
@@ -239,19 +291,28 @@ class Pipeline:
 
     def _rescan(self, prefix: str) -> set[str]:
         """Rescans below `prefix`; returns the versions now hashing in the background."""
-        for rel in [r for r in self.versions if _under(r, prefix)]:
-            del self.versions[rel]
-            del self._idents[rel]
+        # (a version directory holds no other: found at once, not by a look at every version)
+        below = (
+            [prefix] if prefix in self.versions else [r for r in self.versions if _under(r, prefix)]
+        )
+        for rel in below:
             self._ready.pop(rel, None)
         submitted = set()
         self._scanned_digest = None
         found = self.scanner.scan(prefix)
         self.cache.adopt(self.records, found)
+        for rel in set(below).difference(v.key.relpath for v in found):
+            del self.versions[rel]
+            del self._idents[rel]
         for v in found:
-            self.versions[v.key.relpath] = v
-            self._idents[v.key.relpath] = identity(v)
+            # a version found again keeps its place: a full publish's inputs digest
+            # (unchanged.py) follows the scan's order, which a new version breaks
+            rel = v.key.relpath
+            self._unordered = self._unordered or rel not in self.versions
+            self.versions[rel] = v
+            self._idents[rel] = identity(v)
             if self._schedule(v):
-                submitted.add(v.key.relpath)
+                submitted.add(rel)
         return submitted
 
     def _schedule(self, v: ScannedVersion) -> bool:
@@ -351,9 +412,17 @@ class Pipeline:
         self._built = built
         return out
 
-    def _publish(self, full: bool = False) -> bool:
+    def _publish(self, full: bool = False, deltas_next: bool = False, plan: bool = True) -> bool:
         """Publishes what is ready. `full`: a full update, which skips building and writing
-        when the catalog and page were published from the same inputs (unchanged.py)."""
+        when the catalog and page were published from the same inputs (unchanged.py).
+        `deltas_next`: the caller makes the deltas this publish leaves to do and publishes
+        again (`_publish_deltas`): if there are any, the page waits for that. `plan`: hand
+        the versions to the delta service (not after `update` made them: nothing would run
+        what it found)."""
+        self._inputs = None
+        if full and self._unordered:
+            self.versions = dict(sorted(self.versions.items(), key=lambda e: e[1].key))
+            self._unordered = False
         hidden = self.hidden()
         shown: list[tuple[str, ScannedVersion, _Ready]] = []
         for rel, v in self.versions.items():
@@ -384,10 +453,14 @@ class Pipeline:
             if unchanged.is_published(state, root, inputs):
                 log.debug("the catalog and page were published from these inputs already")
                 self._unbuilt = shown
-                if isinstance(digests, _OnDemand) and not digests.loaded:
-                    self.deltas.published(versions, digests, _CachedDigests(self.cache, versions))
-                else:
-                    self.deltas.published(versions, digests)
+                if plan:
+                    if isinstance(digests, _OnDemand) and not digests.loaded:
+                        self.deltas.published(
+                            versions, digests, _CachedDigests(self.cache, versions)
+                        )
+                    else:
+                        self.deltas.published(versions, digests)
+                self._state_after = self._catalog_state()
                 return False
             if not self._whole(shown, hidden, digests):
                 inputs = None  # the record vouches only for a tree published whole
@@ -405,9 +478,14 @@ class Pipeline:
             # (what is published from here on is not what the record vouches for)
             unchanged.record(state, root, None)
         changed = publish(self.paths.streams_dir, self._products, images_gz=self._gzip)
-        self.deltas.published(versions, digests)
+        self._state_after = self._catalog_state()
+        if plan:
+            self.deltas.published(versions, digests)
         self.page_due = True
         self._notify = self._notify or changed
+        if deltas_next and self.deltas.pending():
+            self._inputs = inputs  # recorded with the page, after the deltas' publish
+            return changed
         if not self.defer_page:
             self._write_page()
             if inputs is not None:
@@ -437,10 +515,12 @@ class Pipeline:
         self.page_due = False
         try:
             # (imported here: a no-change `update` never renders the page)
-            from lxd_image_server.catalog.page import write_page
+            from lxd_image_server.catalog.page import PageCache, write_page
 
+            if self._page is None:
+                self._page = PageCache()
             # <root>/streams/index.html, when its bytes change or it is missing
-            write_page(self.paths.root_dir, self._products)
+            write_page(self.paths.root_dir, self._products, cache=self._page)
         finally:
             if self._notify:
                 self._notify = False

@@ -104,11 +104,9 @@ def _update(
             retention=retention_of(settings),
             deltas=deltas,
         )
+        # (with the deltas still missing made, checked and published too: FOREGROUND)
         pipeline.lookups_on_demand = True  # dropped at the end: nothing asks for its products
         changed = pipeline.update_all(rehash=rehash)
-        # the deltas still missing, made (and checked) now, then published too
-        if deltas.run_pending():
-            changed = pipeline.update_all() or changed
     finally:
         cache.close()
     _delete_expired(paths)  # with no grace period, what [retention] took out just now

@@ -6,21 +6,25 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from lxd_image_server.catalog import deltagen, deltas, retention
-from lxd_image_server.catalog.deltawork import FOREGROUND, DeltaConfig, DeltaService
+from lxd_image_server.catalog import deltagen, deltas, retention, unchanged
+from lxd_image_server.catalog import page as page_module
+from lxd_image_server.catalog.deltawork import BACKGROUND, FOREGROUND, DeltaConfig, DeltaService
 from lxd_image_server.catalog.hashing import HashCache
 from lxd_image_server.catalog.pipeline import Pipeline
 from lxd_image_server.catalog.products import Products, build_products
 from lxd_image_server.config import Paths
 from lxd_image_server.ops.pruning import prune
 from lxd_image_server.tree.layout import Role, classify, delta_name
-from lxd_image_server.tree.scan import Scanner
+from lxd_image_server.tree.scan import ScannedVersion, Scanner
 
 from .helpers import blob, digest_once, sha, version_dir, write
 
@@ -65,16 +69,21 @@ def items(products: Products, serial: str = NEW) -> dict[str, Any]:
     return found
 
 
-def update(paths: Paths, config: DeltaConfig | None = None) -> Pipeline:
-    """What `update` does: publish, make and check the deltas, publish again."""
+def update(paths: Paths, config: DeltaConfig | None = None, save_every: float = 2.0) -> Pipeline:
+    """What `update` does: publish, make and check the deltas, publish again (FOREGROUND)."""
     cache = HashCache(None)
-    service = DeltaService(paths.img_dir, paths.state_dir, config or SMALL_OK, FOREGROUND)
+    service = DeltaService(
+        paths.img_dir, paths.state_dir, config or SMALL_OK, FOREGROUND, save_every=save_every
+    )
     pipeline = Pipeline(paths, cache, deltas=service)
     pipeline.update_all()
-    if service.run_pending():
-        pipeline.update_all()
+    assert service.pending() == 0
     cache.close()
     return pipeline
+
+
+def undated(page: str) -> str:
+    return re.sub(r"catalog updated [^<]*", "", page)
 
 
 def published(paths: Paths) -> Products:
@@ -193,6 +202,26 @@ def test_update_makes_checks_and_lists_the_delta(paths: Paths) -> None:
     assert oct(delta.stat().st_mode & 0o7777) == "0o644"
 
 
+def test_a_window_sized_to_the_base_still_finds_matches_across_all_of_it(paths: Paths) -> None:
+    """xdelta3's window is the base's size (not a fixed 16 MiB, costly for small roots): a
+    root whose blocks moved from one end of the base to the other still gets a small delta
+    that rebuilds it."""
+    base = blob(1_500_000, 8)
+    assert deltagen.MIN_WINDOW < len(base) < 16 << 20
+    old = add(paths, OLD, base)
+    new = add(paths, NEW, base[750_000:] + blob(1000, 9) + base[:750_000])
+    update(paths)
+    delta = new / delta_name("squashfs", OLD)
+    assert delta.stat().st_size < 20_000
+    rebuilt = subprocess.run(
+        ["xdelta3", "-d", "-c", "-s", old / "rootfs.squashfs", delta],
+        capture_output=True,
+        check=True,
+    ).stdout
+    assert rebuilt == (new / "rootfs.squashfs").read_bytes()
+    assert "squashfs.vcdiff-" + OLD in items(published(paths))
+
+
 def test_only_the_newest_version_gets_deltas_from_its_bases(paths: Paths) -> None:
     add(paths, OLD, ROOT_1)
     mid = add(paths, NEW, ROOT_2)
@@ -204,6 +233,150 @@ def test_only_the_newest_version_gets_deltas_from_its_bases(paths: Paths) -> Non
         "rootfs.20240102_1200.vcdiff",
     ]
     assert {i.get("delta_base") for i in items(published(paths), NEWER).values()} >= {OLD, NEW}
+
+
+def test_a_batch_of_deltas_writes_its_records_once(paths: Paths, monkeypatch) -> None:
+    """deltas.json is written once per batch, not after every xdelta3 run; a batch that runs
+    past `save_every` writes what it has so far (here: after every job)."""
+    for n in range(3):
+        add(paths, OLD, ROOT_1 + bytes([n]), name="rootfs.squashfs")
+        add(paths, NEW, ROOT_2 + bytes([n]), name="rootfs.squashfs")
+        os.rename(Path(paths.img_dir, "busybox"), Path(paths.img_dir, f"busybox{n}"))
+    saves: list[int] = []
+    real_save = deltas.save
+
+    def save(state_dir: str, records: Any) -> None:
+        saves.append(len(records))
+        real_save(state_dir, records)
+
+    monkeypatch.setattr(deltas, "save", save)
+    update(paths, save_every=3600)
+    assert saves == [3]
+    made = [p for p, r in deltas.load(paths.state_dir).items() if r.result == deltas.OK]
+    assert len(made) == 3 and all(os.path.isfile(p) for p in made)
+    # made again one at a time: each record is on disk as soon as its delta is made
+    for p in made:
+        os.unlink(p)
+    os.unlink(deltas.state_path(paths.state_dir))
+    saves.clear()
+    update(paths, save_every=0)
+    assert saves == [1, 2, 3]
+
+
+def test_the_watcher_publishes_first_and_makes_the_deltas_after_in_one_batch(
+    paths: Paths, monkeypatch
+) -> None:
+    """In the background (the watcher), the catalog is published at once without deltas;
+    the deltas are made after it, their records written once for the batch, and the pipeline
+    told (once per batch) so that it publishes them."""
+    for n in range(3):
+        add(paths, OLD, ROOT_1 + bytes([n]))
+        add(paths, NEW, ROOT_2 + bytes([n]))
+        os.rename(Path(paths.img_dir, "busybox"), Path(paths.img_dir, f"busybox{n}"))
+    saves: list[int] = []
+    real_save = deltas.save
+
+    def save(state_dir: str, records: Any) -> None:
+        saves.append(len(records))
+        real_save(state_dir, records)
+
+    monkeypatch.setattr(deltas, "save", save)
+    cache = HashCache(None)
+    try:
+        service = DeltaService(paths.img_dir, paths.state_dir, SMALL_OK, BACKGROUND, 3600)
+        pipeline = Pipeline(paths, cache, deltas=service)
+        told = threading.Event()
+        pipeline.on_hashed = told.set
+        pipeline.update_all()
+        assert not [k for p in published(paths).values() for k in items_of(p) if "vcdiff" in k]
+        assert told.wait(60)
+        deadline = time.monotonic() + 60
+        while service.pending() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert service.pending() == 0 and saves == [3]
+        assert pipeline.has_news()
+        made = sorted(
+            str(Path(p).parent.relative_to(paths.img_dir)) for p in deltas.load(paths.state_dir)
+        )
+        pipeline.refresh(made)  # (the watcher's inotify events for the new files)
+        got = published(paths)
+        assert all(
+            "squashfs.vcdiff-" + OLD
+            in got[f"busybox{n}:1.35:amd64:default"]["versions"][NEW]["items"]
+            for n in range(3)
+        )
+    finally:
+        cache.close()
+
+
+def items_of(product: dict[str, Any]) -> list[str]:
+    return [k for v in product["versions"].values() for k in v["items"]]
+
+
+def test_update_rescans_only_the_versions_that_got_a_delta(paths: Paths, monkeypatch) -> None:
+    """After making deltas, `update` publishes them without scanning the whole tree again, and
+    writes the page once, after the deltas: the catalog is the one a full update makes, and
+    the next update on the same tree finds it published already."""
+    add(paths, OLD, ROOT_1)
+    other = add(paths, NEW, ROOT_2 + b"other")
+    os.rename(Path(paths.img_dir, "busybox"), Path(paths.img_dir, "alpine"))
+    other = Path(str(other).replace("/busybox/", "/alpine/"))
+    add(paths, OLD, ROOT_1)
+    new = add(paths, NEW, ROOT_2)
+    scans: list[str] = []
+    real_scan = Scanner.scan
+
+    def scan(self: Scanner, rel_prefix: str = "") -> list[ScannedVersion]:
+        scans.append(rel_prefix)
+        return real_scan(self, rel_prefix)
+
+    pages: list[object] = []
+    real_page = page_module.write_page
+
+    def write_page(root_dir: str, products: Products, **kwargs: Any) -> bool:
+        pages.append(products)
+        return real_page(root_dir, products, **kwargs)
+
+    plans: list[object] = []
+    real_plan = deltas.plan
+
+    def plan(*args: Any, **kwargs: Any) -> list[deltas.Job]:
+        plans.append(args)
+        return real_plan(*args, **kwargs)
+
+    monkeypatch.setattr(Scanner, "scan", scan)
+    monkeypatch.setattr(page_module, "write_page", write_page)  # (pipeline imports it late)
+    monkeypatch.setattr(deltas, "plan", plan)
+    update(paths)
+    assert len(plans) == 1  # (nothing would run what a plan after the deltas' publish found)
+    made = [new / delta_name("squashfs", OLD), other / delta_name("squashfs", OLD)]
+    assert all(p.is_file() for p in made)
+    rel = [str(p.parent.relative_to(paths.img_dir)) for p in made]
+    assert scans == ["", *sorted(rel)]
+    assert len(pages) == 1
+    got = published(paths)
+    assert "squashfs.vcdiff-" + OLD in items(got)
+    assert "squashfs.vcdiff-" + OLD in got["alpine:1.35:amd64:default"]["versions"][NEW]["items"]
+    page = Path(paths.root_dir, "streams", "index.html").read_text()
+    assert "busybox:1.35:amd64:default" in page and "alpine:1.35:amd64:default" in page
+    monkeypatch.undo()
+    # an update with nothing changed builds nothing: the record vouches for what was published
+    cache = HashCache(None)
+    try:
+        service = DeltaService(paths.img_dir, paths.state_dir, SMALL_OK, FOREGROUND)
+        pipeline = Pipeline(paths, cache, deltas=service)
+        assert pipeline.update_all() is False
+        assert pipeline._unbuilt is not None
+    finally:
+        cache.close()
+    # the same catalog and page as a full update of the tree as it is now
+    os.unlink(Path(paths.state_dir, unchanged.RECORD_NAME))
+    Path(paths.streams_dir, "images.json").unlink()
+    Path(paths.root_dir, "streams", "index.html").unlink()
+    update(paths)
+    assert published(paths) == got
+    again = Path(paths.root_dir, "streams", "index.html").read_text()
+    assert undated(again) == undated(page)
 
 
 def test_a_delta_over_max_ratio_is_not_kept_nor_made_again(paths: Paths, monkeypatch) -> None:
@@ -332,3 +505,45 @@ def test_a_delta_being_hashed_does_not_hold_its_version_back(paths: Paths) -> No
     finally:
         pipeline.jobs.wait(30, {str(new.relative_to(paths.img_dir))})
         cache.close()
+
+
+# -- running xdelta3 --------------------------------------------------------------------------
+
+
+def _stdin(tmp_path: Path) -> int:
+    return os.open(write(tmp_path / "in", b"input"), os.O_RDONLY)
+
+
+def test_run_feeds_all_output_to_the_sink_and_reports_a_failure(tmp_path: Path) -> None:
+    fd = _stdin(tmp_path)
+    try:
+        got: list[bytes] = []
+        # output far larger than a pipe holds, and standard error too: neither may stall it
+        script = "head -c 3000000 /dev/zero; head -c 300000 /dev/zero >&2; cat; echo"
+        assert deltagen._run(["sh", "-c", script], fd, [], got.append, 60) is None
+        assert b"".join(got) == bytes(3_000_000) + b"input\n"
+        problem = deltagen._run(
+            ["sh", "-c", "head -c 100000 /dev/zero >&2; echo first >&2; echo last >&2; exit 3"],
+            fd,
+            [],
+            got.append,
+            60,
+        )
+        assert problem == "xdelta3 exited 3: last"
+    finally:
+        os.close(fd)
+
+
+def test_run_stops_a_command_that_runs_too_long_or_writes_too_much(tmp_path: Path) -> None:
+    fd = _stdin(tmp_path)
+    try:
+        problem = deltagen._run(["sleep", "60"], fd, [], lambda _: None, 0.3)
+        assert problem is not None and problem.startswith("timed out")
+
+        def sink(chunk: bytes) -> None:
+            raise deltagen._Stop()
+
+        with pytest.raises(deltagen._Stop):
+            deltagen._run(["sh", "-c", "while :; do echo y; done"], fd, [], sink, 60)
+    finally:
+        os.close(fd)

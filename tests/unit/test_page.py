@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from lxd_image_server.catalog import page as page_module
 from lxd_image_server.catalog.hashing import HashCache
 from lxd_image_server.catalog.page import (
     OLDER_VERSIONS,
@@ -22,6 +23,7 @@ from lxd_image_server.catalog.page import (
     SCRIPT,
     STYLE,
     Image,
+    PageCache,
     catalog_updated,
     content_security_policy,
     human_size,
@@ -203,6 +205,40 @@ def test_many_versions_list_the_newest_and_count_the_rest() -> None:
     few = Dom(page_of(OPEN_VERSIONS + OLDER_VERSIONS))
     assert len(few.attr_values("data-serial")) == OPEN_VERSIONS + OLDER_VERSIONS
     assert "not listed here" not in few.text
+
+
+def test_a_cache_reads_again_only_the_versions_shown_and_those_changed(monkeypatch) -> None:
+    """With a PageCache (the pipeline's), a render reads the images of the versions it shows
+    and of those whose items are new since the last render; the rest come from the cache.
+    The bytes are those of a render without it."""
+    versions = {f"2024{i:08d}": split_items() for i in range(100)}
+    versions["202400000000"] = unified_items()  # the oldest: not shown, counted
+    products = {"busybox:1.35:amd64:default": product("busybox", "1.35", "amd64", "", "", versions)}
+    reads: list[str] = []
+    real = page_module.version_images
+
+    def spy(items: Any, serial: str = "") -> list[Image]:
+        reads.append(serial)
+        return real(items, serial)
+
+    monkeypatch.setattr(page_module, "version_images", spy)
+    cache = PageCache()
+    first = render_page(products, updated=UPDATED, cache=cache)
+    assert len(reads) == 100 and first == render_page(products, updated=UPDATED)
+    assert "1 product, 100 versions, 199 images" in first
+    shown = OPEN_VERSIONS + OLDER_VERSIONS
+    reads.clear()
+    assert render_page(products, updated=UPDATED, cache=cache) == first
+    assert sorted(reads) == sorted(versions)[-shown:]
+    # an old version changed (new items) and a new version added: read, and counted right
+    versions["202400000001"] = split_items(vm=False)
+    versions["202500000000"] = split_items()
+    changed = {"busybox:1.35:amd64:default": product("busybox", "1.35", "amd64", "", "", versions)}
+    expected = render_page(changed, updated=UPDATED)
+    reads.clear()
+    assert render_page(changed, updated=UPDATED, cache=cache) == expected
+    assert "1 product, 101 versions, 200 images" in expected
+    assert "202400000001" in reads and len(reads) == shown + 1
 
 
 def test_page_lists_every_product_version_and_image() -> None:
