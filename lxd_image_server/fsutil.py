@@ -13,7 +13,7 @@ import os
 import secrets
 import shutil
 import stat
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 #: bytes per read or write when a file is streamed: hashing, uploads, imports, pushes
@@ -185,9 +185,20 @@ def open_dir_below(base: str, rel: str) -> int:
     parts = rel.split("/") if rel else []
     if any(p in ("", ".", "..") for p in parts):
         raise NotADirectoryError(errno.EINVAL, "not a plain relative path", rel)
-    fd = os.open(base, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    base_fd = os.open(base, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        for name in parts:
+        return open_dirs(base_fd, parts)
+    finally:
+        os.close(base_fd)
+
+
+def open_dirs(dir_fd: int, names: Iterable[str]) -> int:
+    """The directory `names` (one name per level) below `dir_fd`, each step opened relative to
+    the one before without following a link (open_dir); `dir_fd` stays open and the caller's.
+    Raises OSError (NotADirectoryError for a link on the way)."""
+    fd = os.dup(dir_fd)
+    try:
+        for name in names:
             sub = open_dir(name, dir_fd=fd)
             os.close(fd)
             fd = sub

@@ -34,6 +34,7 @@ from lxd_image_server.fsutil import (
     TooLarge,
     load_json_bounded,
     open_dir,
+    open_dirs,
     open_regular,
     read_bounded,
 )
@@ -236,21 +237,6 @@ class Batch:
             f.write(b"".join(path.encode("ascii") + b"\0" for path in self.files))
 
 
-def _open_below(img_fd: int, parts: Sequence[str]) -> int:
-    """The directory `parts` below the image directory, each step opened without following a
-    link. Raises OSError (NotADirectoryError for a link)."""
-    fd = os.dup(img_fd)
-    try:
-        for part in parts:
-            nxt = open_dir(part, dir_fd=fd)
-            os.close(fd)
-            fd = nxt
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
-
-
 def _reason(e: OSError) -> str:
     if isinstance(e, NotRegularFile):
         return e.strerror or "not a regular file"
@@ -309,7 +295,7 @@ def _hold(
     skipped: list[tuple[str, str]],
 ) -> None:
     try:
-        dir_fd = _open_below(img_fd, below)
+        dir_fd = open_dirs(img_fd, below)
     except OSError as e:
         skipped.extend((path, _reason(e)) for path in files)
         return

@@ -13,6 +13,8 @@ from lxd_image_server.fsutil import (
     TooLarge,
     load_json_bounded,
     open_dir,
+    open_dir_below,
+    open_dirs,
     open_regular,
     read_bounded,
     read_regular,
@@ -107,3 +109,24 @@ def test_load_json_bounded_accepts_what_fits() -> None:
     assert load_json_bounded(b'{"a": [1, {"b": 2}]}', 100, 3) == {"a": [1, {"b": 2}]}
     with pytest.raises(ValueError):
         load_json_bounded(b'{"a": [1, {"b": 2}]}', 100, 2)
+
+
+def test_open_dirs_walks_down_and_never_through_a_link(tmp_path: Path) -> None:
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    (tmp_path / "a" / "b" / "f").write_bytes(b"x")
+    (tmp_path / "secret").mkdir()
+    (tmp_path / "a" / "l").symlink_to(tmp_path / "secret")
+    base = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fd = open_dirs(base, ["a", "b"])
+        try:
+            assert os.listdir(fd) == ["f"]
+        finally:
+            os.close(fd)
+        with pytest.raises(NotADirectoryError):
+            open_dirs(base, ["a", "l"])
+        os.fstat(base)  # the caller's descriptor stays open
+        with pytest.raises(NotADirectoryError):
+            open_dir_below(str(tmp_path), "a/../secret")
+    finally:
+        os.close(base)
