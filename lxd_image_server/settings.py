@@ -47,7 +47,7 @@ class MirrorConfig:
 
 @dataclass(frozen=True)
 class DeltaSettings:
-    """[deltas]: delta updates (deltawork.DeltaConfig takes these)."""
+    """[deltas]: delta updates (the configuration of catalog/deltawork.DeltaService)."""
 
     enabled: bool = True
     bases: int = 1

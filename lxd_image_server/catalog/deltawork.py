@@ -19,12 +19,11 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
 
 from lxd_image_server.catalog import deltas
 from lxd_image_server.catalog.deltagen import Limits, run_job, xdelta3_path
 from lxd_image_server.catalog.hashing import Digests
-from lxd_image_server.settings import DEFAULT_DELTA_MIN_SIZE
+from lxd_image_server.settings import DeltaSettings
 from lxd_image_server.tree.scan import ScannedVersion
 
 log = logging.getLogger(__name__)
@@ -33,20 +32,6 @@ log = logging.getLogger(__name__)
 SAVE_EVERY = 2.0
 #: a job whose record changed, and that record
 Done = tuple[deltas.Job, deltas.Record]
-
-
-@dataclass(frozen=True)
-class DeltaConfig:
-    #: make deltas (deltas an uploader puts in a version are checked and listed either way)
-    enabled: bool = True
-    #: deltas of the newest version, from this many older versions
-    bases: int = 1
-    #: a delta larger than this fraction of its root is not kept
-    max_ratio: float = 0.5
-    #: seconds one xdelta3 run may take
-    timeout: float = 1800.0
-    #: roots smaller than this many bytes get no delta made (settings.DEFAULT_DELTA_MIN_SIZE)
-    min_size: int = DEFAULT_DELTA_MIN_SIZE
 
 
 #: what a DeltaService does with the deltas to make or check: nothing (it only says which
@@ -60,13 +45,13 @@ class DeltaService:
         self,
         img_dir: str,
         state_dir: str,
-        config: DeltaConfig | None = None,
+        config: DeltaSettings | None = None,
         mode: str = LIST_ONLY,
         save_every: float = SAVE_EVERY,
     ) -> None:
         self.img_dir = os.path.abspath(img_dir)
         self.state_dir = state_dir
-        self.config = config or DeltaConfig()
+        self.config = config or DeltaSettings()
         self.mode = mode
         self.background = mode == BACKGROUND
         self.save_every = save_every
@@ -80,7 +65,7 @@ class DeltaService:
         self._worker: threading.Thread | None = None
         self._warned = False
 
-    def configure(self, config: DeltaConfig) -> None:
+    def configure(self, config: DeltaSettings) -> None:
         self.config = config
 
     # -- the pipeline's side --------------------------------------------------------------------

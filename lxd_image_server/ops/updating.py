@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from lxd_image_server.catalog.deltawork import BACKGROUND, FOREGROUND, DeltaConfig, DeltaService
+from lxd_image_server.catalog.deltawork import BACKGROUND, FOREGROUND, DeltaService
 from lxd_image_server.catalog.hashing import HashCache
 from lxd_image_server.catalog.pipeline import Pipeline
 from lxd_image_server.catalog.retention import Retention, RetentionError, delete_expired
@@ -33,11 +33,6 @@ class MirrorsFailed(Exception):
 def retention_of(settings: Settings) -> Retention:
     """[retention] with the grace period of [prune], for the pipeline."""
     return Retention(settings.retention, settings.prune_grace)
-
-
-def delta_config(settings: Settings) -> DeltaConfig:
-    d = settings.deltas
-    return DeltaConfig(d.enabled, d.bases, d.max_ratio, float(d.timeout), d.min_size)
 
 
 def with_pipeline(
@@ -96,7 +91,7 @@ def _update(
     _delete_expired(paths)
     cache = HashCache(paths.cache_path)
     try:
-        deltas = DeltaService(paths.img_dir, paths.state_dir, delta_config(settings), FOREGROUND)
+        deltas = DeltaService(paths.img_dir, paths.state_dir, settings.deltas, FOREGROUND)
         pipeline = Pipeline(
             paths,
             cache,
@@ -143,13 +138,13 @@ def watch(
     from lxd_image_server.mirror.worker import Mirrors
 
     mirrors = Mirrors(paths)
-    deltas = DeltaService(paths.img_dir, paths.state_dir, delta_config(settings), BACKGROUND)
+    deltas = DeltaService(paths.img_dir, paths.state_dir, settings.deltas, BACKGROUND)
 
     def reload() -> None:
         new = reload_settings()
         mirrors.configure(new.mirrors)
         pipeline.retention = retention_of(new)
-        deltas.configure(delta_config(new))
+        deltas.configure(new.deltas)
 
     cache = HashCache(paths.cache_path)
     try:

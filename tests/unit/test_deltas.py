@@ -17,12 +17,13 @@ import pytest
 
 from lxd_image_server.catalog import deltagen, deltas, retention, unchanged
 from lxd_image_server.catalog import page as page_module
-from lxd_image_server.catalog.deltawork import BACKGROUND, FOREGROUND, DeltaConfig, DeltaService
+from lxd_image_server.catalog.deltawork import BACKGROUND, FOREGROUND, DeltaService
 from lxd_image_server.catalog.hashing import HashCache
 from lxd_image_server.catalog.pipeline import Pipeline
 from lxd_image_server.catalog.products import Products, build_products
 from lxd_image_server.config import Paths
 from lxd_image_server.ops.pruning import prune
+from lxd_image_server.settings import DeltaSettings
 from lxd_image_server.tree.layout import Role, classify, delta_name
 from lxd_image_server.tree.scan import ScannedVersion, Scanner
 
@@ -35,7 +36,7 @@ ROOT_1 = blob(400_000, 2)
 #: version 1 with 20 KB changed in the middle and 10 KB appended
 ROOT_2 = ROOT_1[:200_000] + blob(20_000, 3) + ROOT_1[220_000:] + blob(10_000, 4)
 #: the roots here are smaller than [deltas] min_size's default: no floor unless a test sets one
-SMALL_OK = DeltaConfig(min_size=0)
+SMALL_OK = DeltaSettings(min_size=0)
 
 
 @pytest.fixture
@@ -69,7 +70,7 @@ def items(products: Products, serial: str = NEW) -> dict[str, Any]:
     return found
 
 
-def update(paths: Paths, config: DeltaConfig | None = None, save_every: float = 2.0) -> Pipeline:
+def update(paths: Paths, config: DeltaSettings | None = None, save_every: float = 2.0) -> Pipeline:
     """What `update` does: publish, make and check the deltas, publish again (FOREGROUND)."""
     cache = HashCache(None)
     service = DeltaService(
@@ -226,7 +227,7 @@ def test_only_the_newest_version_gets_deltas_from_its_bases(paths: Paths) -> Non
     add(paths, OLD, ROOT_1)
     mid = add(paths, NEW, ROOT_2)
     newest = add(paths, NEWER, ROOT_2 + blob(5000, 7))
-    update(paths, DeltaConfig(bases=2, min_size=0))
+    update(paths, DeltaSettings(bases=2, min_size=0))
     assert not [n for n in os.listdir(mid) if n.endswith(".vcdiff")]
     assert sorted(n for n in os.listdir(newest) if n.endswith(".vcdiff")) == [
         "rootfs.20240101_1200.vcdiff",
@@ -395,11 +396,11 @@ def test_a_delta_over_max_ratio_is_not_kept_nor_made_again(paths: Paths, monkeyp
 def test_roots_below_min_size_get_no_delta_and_larger_ones_do(paths: Paths) -> None:
     add(paths, OLD, ROOT_1)
     new = add(paths, NEW, ROOT_2)
-    update(paths, DeltaConfig(min_size=len(ROOT_2) + 1))
+    update(paths, DeltaSettings(min_size=len(ROOT_2) + 1))
     assert not [n for n in os.listdir(new) if n.endswith(".vcdiff") or n.startswith(".")]
     assert deltas.load(paths.state_dir) == {}  # not even tried: nothing recorded
     assert not [k for k in items(published(paths)) if "vcdiff" in k]
-    update(paths, DeltaConfig(min_size=len(ROOT_2)))
+    update(paths, DeltaSettings(min_size=len(ROOT_2)))
     assert [n for n in os.listdir(new) if n.endswith(".vcdiff")] == [delta_name("squashfs", OLD)]
     assert "squashfs.vcdiff-" + OLD in items(published(paths))
 
@@ -409,20 +410,20 @@ def test_the_default_floor_skips_small_roots_and_still_checks_uploaded_deltas(
 ) -> None:
     old = add(paths, OLD, ROOT_1)
     new = add(paths, NEW, ROOT_2)
-    assert len(ROOT_2) < DeltaConfig().min_size
-    update(paths, DeltaConfig())
+    assert len(ROOT_2) < DeltaSettings().min_size
+    update(paths, DeltaSettings())
     assert not [n for n in os.listdir(new) if n.endswith(".vcdiff")]
     good = xdelta(
         old / "rootfs.squashfs", new / "rootfs.squashfs", new / delta_name("squashfs", OLD)
     )
-    update(paths, DeltaConfig())
+    update(paths, DeltaSettings())
     assert items(published(paths))["squashfs.vcdiff-" + OLD]["sha256"] == sha(good.read_bytes())
 
 
 def test_disabled_makes_nothing(paths: Paths) -> None:
     add(paths, OLD, ROOT_1)
     new = add(paths, NEW, ROOT_2)
-    update(paths, DeltaConfig(enabled=False, min_size=0))
+    update(paths, DeltaSettings(enabled=False, min_size=0))
     assert not [n for n in os.listdir(new) if n.endswith(".vcdiff")]
 
 
@@ -432,11 +433,11 @@ def test_an_uploaded_delta_is_listed_once_checked_and_a_wrong_one_never(paths: P
     good = xdelta(
         old / "rootfs.squashfs", new / "rootfs.squashfs", new / delta_name("squashfs", OLD)
     )
-    update(paths, DeltaConfig(enabled=False, min_size=0))
+    update(paths, DeltaSettings(enabled=False, min_size=0))
     assert items(published(paths))["squashfs.vcdiff-" + OLD]["sha256"] == sha(good.read_bytes())
     # the root is replaced (ALLOW_OVERWRITES): the old delta would break the refresh
     write(new / "rootfs.squashfs", ROOT_2 + b"changed")
-    update(paths, DeltaConfig(enabled=False, min_size=0))
+    update(paths, DeltaSettings(enabled=False, min_size=0))
     assert "squashfs.vcdiff-" + OLD not in items(published(paths))
     rec = deltas.load(paths.state_dir)[str(good)]
     assert rec.result == deltas.WRONG
@@ -489,7 +490,7 @@ def test_deltas_leave_the_catalog_and_the_disk_with_their_base(paths: Paths) -> 
 def test_a_delta_being_hashed_does_not_hold_its_version_back(paths: Paths) -> None:
     add(paths, OLD, ROOT_1)
     new = add(paths, NEW, ROOT_2)
-    update(paths, DeltaConfig(enabled=False, min_size=0))
+    update(paths, DeltaSettings(enabled=False, min_size=0))
     cache = HashCache(str(Path(paths.state_dir) / "h.sqlite3"))
     try:
         pipeline = Pipeline(paths, cache)
