@@ -49,14 +49,18 @@ def tree_options(f: F) -> F:
         type=click.Path(file_okay=False),
         help="Image tree [default: ROOT/images].",
     )(f)
-    f = click.option(
+    return root_dir_option(f)
+
+
+def root_dir_option(f: F) -> F:
+    """--root-dir alone (`init`, `run`: the image and catalog directories follow from it)."""
+    return click.option(
         "--root-dir",
         "--root_dir",
         "root_dir",
         type=click.Path(file_okay=False),
         help="Directory served as the remote's root [default: /var/www/simplestreams].",
     )(f)
-    return f
 
 
 def tree_paths(

@@ -18,7 +18,14 @@ import click
 
 from lxd_image_server import __version__, logs
 from lxd_image_server import settings as settings_module
-from lxd_image_server.cli.common import F, Globals, handle_errors, tree_options, tree_paths
+from lxd_image_server.cli.common import (
+    F,
+    Globals,
+    handle_errors,
+    root_dir_option,
+    tree_options,
+    tree_paths,
+)
 from lxd_image_server.config import (
     DEFAULT_HTPASSWD,
     DEFAULT_NGINX_DIR,
@@ -213,18 +220,19 @@ def reload(g: Globals) -> None:
     click.echo(f"asked the watcher (pid {pid}) to reload")
 
 
-def _root_dir_only(f: F) -> F:
+def _htpasswd_option(f: F) -> F:
     return click.option(
-        "--root-dir",
-        "--root_dir",
-        "root_dir",
-        type=click.Path(file_okay=False),
-        help="Directory served as the remote's root [default: /var/www/simplestreams].",
+        "--htpasswd",
+        "htpasswd_path",
+        default=DEFAULT_HTPASSWD,
+        show_default=True,
+        type=click.Path(dir_okay=False),
+        help="Upload credentials file.",
     )(f)
 
 
 @main.command()
-@_root_dir_only
+@root_dir_option
 @click.option(
     "--ssl-dir",
     "--ssl_dir",
@@ -255,14 +263,7 @@ def _root_dir_only(f: F) -> F:
     type=click.Path(file_okay=False),
     help="nginx configuration directory.",
 )
-@click.option(
-    "--htpasswd",
-    "htpasswd_path",
-    default=DEFAULT_HTPASSWD,
-    show_default=True,
-    type=click.Path(dir_okay=False),
-    help="Upload credentials file.",
-)
+@_htpasswd_option
 @click.option(
     "--listen",
     multiple=True,
@@ -364,14 +365,7 @@ def init(
 
 @main.command()
 @click.argument("user")
-@click.option(
-    "--htpasswd",
-    "htpasswd_path",
-    default=DEFAULT_HTPASSWD,
-    show_default=True,
-    type=click.Path(dir_okay=False),
-    help="Upload credentials file.",
-)
+@_htpasswd_option
 @click.pass_obj
 @handle_errors
 def passwd(g: Globals, user: str, htpasswd_path: str) -> None:
@@ -395,7 +389,7 @@ def passwd(g: Globals, user: str, htpasswd_path: str) -> None:
 
 
 @main.command()
-@_root_dir_only
+@root_dir_option
 @click.option(
     "--listen",
     default="8443",
