@@ -185,7 +185,7 @@ def test_a_file_added_to_an_unwatched_version_is_listed_after_rescans(
 ) -> None:
     """A new root under a version directory without a watch: published by a rescan once it has
     been quiet for a rescan interval (nothing tells the watcher it is complete before)."""
-    root, keys = over_cap
+    root, _ = over_cap
     root, proc, catalog, log = start_watcher(
         tmp_path, "--max-watches", "40", "--rescan-interval", str(INTERVAL), env=DEBUG
     )
@@ -288,3 +288,78 @@ def test_watcher_killed_during_publishes_and_restarted_unpublishes_nothing(
             stop_watcher(proc, log)
     monitor.assert_never_fewer(base)
     assert monitor.seen[-1] == keys
+
+
+class MirrorGuard(threading.Thread):
+    """Checks, as often as it can, that every file the mirror held at the start is still
+    there, as the same file (same inode: not deleted and copied again)."""
+
+    def __init__(self, root: Path, files: dict[str, int]) -> None:
+        super().__init__(daemon=True)
+        self.root = root
+        self.files = files
+        self.violations: list[str] = []
+        self.stop_event = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop_event.wait(0.01):
+            for rel, inode in self.files.items():
+                try:
+                    now = os.lstat(self.root / rel).st_ino
+                except FileNotFoundError:
+                    self.violations.append(f"deleted on the mirror: {rel}")
+                    return
+                if now != inode:
+                    self.violations.append(f"copied to the mirror again: {rel}")
+                    return
+
+
+def mirror_files(root: Path) -> dict[str, int]:
+    img = root / "images"
+    return {str(p.relative_to(root)): p.lstat().st_ino for p in img.rglob("*") if p.is_file()}
+
+
+def test_a_mirror_loses_and_receives_nothing_when_the_watcher_starts(
+    tmp_path: Path, over_cap: tuple[Path, set[str]], label: str
+) -> None:
+    """The same start with a mirror attached over Debian's sshd and rsync: the mirror deletes
+    whatever the catalog it receives does not list, so a shrunken catalog deleted images there
+    (and the next push copied them all again)."""
+    from .test_mirror import prepared_mirror
+
+    root, keys = over_cap
+    with prepared_mirror(f"lisw{label}", label) as (mroot, key, sshd):
+        sshd.start()
+        config = tmp_path / "config.toml"
+        config.write_text(
+            "[mirrors.m1]\n"
+            'remote = "127.0.0.1"\n'
+            f'user = "lisw{label}"\n'
+            f'key_path = "{key}"\n'
+            f"port = {sshd.port}\n"
+            f'path = "{mroot}"\n'
+        )
+        env = {"LXD_IMAGE_SERVER_CONFIG": str(config)}
+        update(tmp_path, root, env=env)  # publishes (nothing new) and pushes everything
+        files = mirror_files(mroot)
+        assert len(files) == 2 * len(keys)
+        refresh_ctimes(root / "images")
+        guard = MirrorGuard(mroot, files)
+        guard.start()
+        root, proc, _, log = start_watcher(
+            tmp_path, "--max-watches", "40", "--rescan-interval", str(INTERVAL), env=env | DEBUG
+        )
+        try:
+            wait_rescans(log, 2)
+            new = f"busybox/1.35/amd64/v7/{serial(700)}"
+            move_in_version(root, new)
+            deadline = time.monotonic() + DEADLINE
+            while not (mroot / "images" / new / "rootfs.squashfs").exists():
+                assert time.monotonic() < deadline, "the new version never reached the mirror"
+                time.sleep(0.05)
+        finally:
+            guard.stop_event.set()
+            guard.join(10)
+            text = stop_watcher(proc, log)
+    assert "Traceback" not in text
+    assert not guard.violations, guard.violations
