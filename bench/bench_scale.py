@@ -12,7 +12,12 @@ N/100 products (at least one), and measures, with the tree warm in the page cach
 - no-change `update`: `update` again on the unchanged tree (everything from the hash cache);
 - watch: a running watcher on the tree; a new version is built in a hidden staging directory and
   renamed into place; seconds until images.json lists it (median of REPEAT renames);
-- watcher peak RSS (VmHWM of the watcher process, in MiB) after those renames.
+- watcher peak RSS (VmHWM of the watcher process, in MiB) after those renames;
+- the fewest versions any publish of the watcher listed, from its start on (read at every
+  rename of images.json; the watcher starts after a new ctime on every file, as an upgrade
+  gives them): fewer than on disk is a failure;
+- over the watch cap: seconds from a new file in a version directory without a watch to
+  listed (--rescan-interval 5 here).
 
 Prints each figure and its ratio to the baseline of the same size, measured in the same run,
 and the goals of issue 13 (no-change update <= 3x, cold update <= 10x, watch <= 0.5 s, peak
@@ -32,8 +37,10 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +64,9 @@ from common import (
     tail,
     verdict,
     wait_for,
+    write_random,
 )
+from inotify_simple import INotify, flags
 
 #: a version's two files
 FILE_SIZE = 4 * 1024
@@ -67,6 +76,11 @@ GOAL_COLD = 10.0
 GOAL_WATCH_S = 0.5
 GOAL_RSS_MIB = 150.0
 STOP_TIMEOUT = 60.0
+#: the watcher's --rescan-interval here: a new file in a directory without a watch is listed
+#: once unchanged that long (the default is 60 s)
+RESCAN_INTERVAL = 5.0
+#: the watcher's default --max-watches: a tree with more directories has some unwatched
+DEFAULT_MAX_WATCHES = 4096
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -160,11 +174,80 @@ def listed(root: Path, name: str) -> Callable[[], bool]:
     return check
 
 
+class PublishMonitor(threading.Thread):
+    """Reads images.json at every rename into place (inotify on streams/v1) and keeps the
+    fewest versions any publish listed: a fast watcher that unpublishes is a wrong one."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(daemon=True)
+        self.root = root
+        self.inotify = INotify()
+        self.inotify.add_watch(root / "streams" / "v1", flags.MOVED_TO)
+        self.stop_event = threading.Event()
+        self.fewest: int | None = None
+        self.publishes = 0
+
+    def read(self) -> None:
+        doc = read_catalog(self.root)
+        if doc is None:
+            return
+        n = len(catalog_versions(doc))
+        self.publishes += 1
+        self.fewest = n if self.fewest is None else min(self.fewest, n)
+
+    def run(self) -> None:
+        while not self.stop_event.is_set():
+            if any(e.name == "images.json" for e in self.inotify.read(timeout=100)):
+                self.read()
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        self.join(STOP_TIMEOUT)
+        self.inotify.close()
+
+
+def refresh_ctimes(root: Path) -> None:
+    """A new ctime on every file, as the package's postinst chown gives them at an upgrade."""
+    for directory, _dirs, files in os.walk(root / "images"):
+        for name in files:
+            os.chmod(os.path.join(directory, name), 0o644)
+
+
+def in_catalog(root: Path, item_path: str) -> Callable[[], bool]:
+    path = root / "streams" / "v1" / "images.json"
+    needle = f'"{item_path}"'.encode()
+
+    def check() -> bool:
+        try:
+            return needle in path.read_bytes()
+        except OSError:
+            return False
+
+    return check
+
+
+@dataclass
+class WatchFigures:
+    #: seconds from rename to listed, per repetition
+    latencies: list[float]
+    #: the watcher's peak RSS in MiB
+    rss: float
+    #: the fewest versions a publish listed, from the start on (None: nothing published)
+    fewest: int | None
+    #: seconds from a new file in a version directory without a watch to listed (None: every
+    #: directory had a watch)
+    unwatched: float | None
+
+
 def measure_watch(
     exe: str, config: list[str], root: Path, state: Path, log: Path, repeat: int, timeout: float
-) -> tuple[list[float], float]:
-    """(seconds from rename to listed, per repetition; the watcher's peak RSS in MiB)."""
+) -> WatchFigures:
+    """The watcher started on the tree just published, after a new ctime on every file."""
     cmd = [exe, *config, "--state-dir", str(state), "watch", "--root-dir", str(root)]
+    cmd += ["--rescan-interval", str(RESCAN_INTERVAL)]
+    refresh_ctimes(root)
+    monitor = PublishMonitor(root)
+    monitor.start()
     with open(log, "ab") as log_f:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log_f, stderr=log_f)
     try:
@@ -184,6 +267,14 @@ def measure_watch(
             staging.rename(variant_dir(root, 0) / name)
             latencies.append(wait_for(name, listed(root, name), proc, log, timeout) - start)
         rss = peak_rss_mib(proc.pid)
+        unwatched = None
+        if watched_dirs(proc.pid) >= DEFAULT_MAX_WATCHES:
+            # the oldest version of the last product: its directory has no watch
+            target = variant_dir(root, 0) / serial(0) / "rootfs.tar.xz"
+            write_random(target, FILE_SIZE)
+            start = time.perf_counter()
+            item = str(target.relative_to(root))
+            unwatched = wait_for(item, in_catalog(root, item), proc, log, timeout) - start
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -191,7 +282,22 @@ def measure_watch(
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-    return latencies, rss
+        monitor.stop()
+    return WatchFigures(latencies, rss, monitor.fewest, unwatched)
+
+
+def watched_dirs(pid: int) -> int:
+    """How many inotify watches `pid` holds."""
+    count = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}") != "anon_inode:inotify":
+                continue
+            with open(f"/proc/{pid}/fdinfo/{fd}", encoding="ascii") as f:
+                count += sum(1 for line in f if line.startswith("inotify wd:"))
+        except OSError:
+            continue
+    return count
 
 
 def config_args(work: Path, args: argparse.Namespace) -> list[str]:
@@ -229,11 +335,18 @@ def one_size(exe: str, work: Path, versions: int, args: argparse.Namespace) -> l
         want = sum(1 for n in sizes if n > 1)  # the newest of each product, from one base
         if listed_deltas(doc) != want:
             raise BenchError(f"the catalog lists {listed_deltas(doc)} deltas, not {want}")
-    latencies, rss = measure_watch(exe, config, root, state, log, args.repeat, args.timeout)
-    base, cold, nochange, lat = median(bases), median(colds), median(nochanges), median(latencies)
+    w = measure_watch(exe, config, root, state, log, args.repeat, args.timeout)
+    if w.fewest is None or w.fewest < versions:
+        raise BenchError(
+            f"a publish of the watcher listed {w.fewest} versions of the {versions} on disk"
+        )
+    rss = w.rss
+    base, cold, nochange, lat = median(bases), median(colds), median(nochanges), median(w.latencies)
+    unwatched = "-" if w.unwatched is None else f"{w.unwatched:.1f} s"
     print(
         f"  {versions}: walk {runs(bases)} | cold {runs(colds)} | no-change {runs(nochanges)}"
-        f" | watch {runs(latencies)} | peak RSS {rss:.0f} MiB",
+        f" | watch {runs(w.latencies)} | peak RSS {rss:.0f} MiB | fewest listed {w.fewest}"
+        f" | unwatched {unwatched}",
         flush=True,
     )
     shutil.rmtree(root, ignore_errors=True)
@@ -258,6 +371,18 @@ def one_size(exe: str, work: Path, versions: int, args: argparse.Namespace) -> l
             f"{lat:.3f}",
             f"{lat / base:.2f}",
             verdict(lat <= GOAL_WATCH_S) if goals else "",
+        ],
+        [
+            f"{versions}: fewest versions a publish listed (of {versions})",
+            f"{w.fewest}",
+            "",
+            verdict(w.fewest >= versions),
+        ],
+        [
+            f"{versions}: new file without a watch -> listed (rescan {RESCAN_INTERVAL:.0f} s)",
+            "-" if w.unwatched is None else f"{w.unwatched:.3f}",
+            "",
+            "",
         ],
         [
             f"{versions}: watcher peak RSS (MiB)",
