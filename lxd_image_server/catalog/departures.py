@@ -20,14 +20,17 @@ not list, a partial view of the tree) has no such reason: the publish is refused
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import stat
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from lxd_image_server.catalog.publish import PublishError
-from lxd_image_server.catalog.readback import read_document
+from lxd_image_server.catalog.readback import MAX_CATALOG_BYTES
+from lxd_image_server.fsutil import TooLarge, read_regular
 from lxd_image_server.tree.layout import LayoutError, parse_version_dir
 
 log = logging.getLogger(__name__)
@@ -56,10 +59,21 @@ EMPTY = Listing({})
 
 
 def read_listing(images_json: str) -> Listing:
-    """The files images.json lists (EMPTY when it is missing or unreadable: logged)."""
+    """The files images.json lists (EMPTY when it is missing or unreadable: logged).
+
+    Read bounded (a regular file, no link followed, at most readback.MAX_CATALOG_BYTES), and
+    lean: each item becomes a (path, size) pair as it is parsed, so a catalog of 20,000
+    versions costs about half the memory of its whole document."""
     try:
-        doc = read_document(images_json)
+        data = read_regular(images_json, MAX_CATALOG_BYTES)
+        doc = json.loads(data, object_pairs_hook=_item_or_dict)
     except FileNotFoundError:
+        return EMPTY
+    except TooLarge:
+        log.warning("the published %s is too large: taken as listing nothing", images_json)
+        return EMPTY
+    except RecursionError:
+        log.warning("the published %s nests too deep: taken as listing nothing", images_json)
         return EMPTY
     except (OSError, ValueError) as e:
         log.warning("cannot read the published %s (%s): taken as listing nothing", images_json, e)
@@ -67,8 +81,18 @@ def read_listing(images_json: str) -> Listing:
     return listing_of(doc.get("products") if isinstance(doc, dict) else None)
 
 
+def _item_or_dict(pairs: list[tuple[str, Any]]) -> Any:
+    """An item (an object with a string path and an integer size) as (path, size)."""
+    d = dict(pairs)
+    path, size = d.get("path"), d.get("size")
+    if isinstance(path, str) and type(size) is int:
+        return (path, size)
+    return d
+
+
 def listing_of(products: object) -> Listing:
-    """The files a products mapping (as published) lists; anything malformed is skipped."""
+    """The files a products mapping lists (items as objects, or as read_listing's pairs);
+    anything malformed is skipped."""
     sizes: dict[str, int] = {}
     if not isinstance(products, dict):
         return Listing(sizes)
@@ -81,11 +105,12 @@ def listing_of(products: object) -> Listing:
             if not isinstance(items, dict):
                 continue
             for item in items.values():
-                if not isinstance(item, dict):
-                    continue
-                path, size = item.get("path"), item.get("size")
-                if isinstance(path, str) and isinstance(size, int):
-                    sizes[path] = size
+                if isinstance(item, tuple):
+                    sizes[item[0]] = item[1]
+                elif isinstance(item, dict):
+                    path, size = item.get("path"), item.get("size")
+                    if isinstance(path, str) and type(size) is int:
+                        sizes[path] = size
     return Listing(sizes)
 
 
