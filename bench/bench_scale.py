@@ -12,7 +12,14 @@ N/100 products (at least one), and measures, with the tree warm in the page cach
 - no-change `update`: `update` again on the unchanged tree (everything from the hash cache);
 - watch: a running watcher on the tree; a new version is built in a hidden staging directory and
   renamed into place; seconds until images.json lists it (median of REPEAT renames);
-- watcher peak RSS (VmHWM of the watcher process, in MiB) after those renames.
+- watcher peak RSS (VmHWM of the watcher process, in MiB) after those renames;
+- the fewest versions any publish of that watcher listed (read at every rename of images.json);
+- a start after an upgrade: the watcher started again after a new ctime on every file (what
+  postinst's chown gives them), with --rescan-interval 5: the fewest versions any publish
+  listed from the start through two rescans and, over the watch cap, seconds from a new file in
+  a version directory without a watch to listed.
+A publish that listed fewer versions than are on disk fails the benchmark (after the table):
+a fast watcher that unpublishes is a wrong one.
 
 Prints each figure and its ratio to the baseline of the same size, measured in the same run,
 and the goals of issue 13 (no-change update <= 3x, cold update <= 10x, watch <= 0.5 s, peak
@@ -32,8 +39,10 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +66,9 @@ from common import (
     tail,
     verdict,
     wait_for,
+    write_random,
 )
+from inotify_simple import INotify, flags
 
 #: a version's two files
 FILE_SIZE = 4 * 1024
@@ -67,6 +78,11 @@ GOAL_COLD = 10.0
 GOAL_WATCH_S = 0.5
 GOAL_RSS_MIB = 150.0
 STOP_TIMEOUT = 60.0
+#: the watcher's --rescan-interval here: a new file in a directory without a watch is listed
+#: once unchanged that long (the default is 60 s)
+RESCAN_INTERVAL = 5.0
+#: the watcher's default --max-watches: a tree with more directories has some unwatched
+DEFAULT_MAX_WATCHES = 4096
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -160,11 +176,75 @@ def listed(root: Path, name: str) -> Callable[[], bool]:
     return check
 
 
+class PublishMonitor(threading.Thread):
+    """Reads images.json at every rename into place (inotify on streams/v1) and keeps the
+    fewest versions any publish listed: a fast watcher that unpublishes is a wrong one."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(daemon=True)
+        self.root = root
+        self.inotify = INotify()
+        self.inotify.add_watch(root / "streams" / "v1", flags.MOVED_TO)
+        self.stop_event = threading.Event()
+        self.fewest: int | None = None
+        self.publishes = 0
+
+    def read(self) -> None:
+        doc = read_catalog(self.root)
+        if doc is None:
+            return
+        n = len(catalog_versions(doc))
+        self.publishes += 1
+        self.fewest = n if self.fewest is None else min(self.fewest, n)
+
+    def run(self) -> None:
+        while not self.stop_event.is_set():
+            if any(e.name == "images.json" for e in self.inotify.read(timeout=100)):
+                self.read()
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        self.join(STOP_TIMEOUT)
+        self.inotify.close()
+
+
+def refresh_ctimes(root: Path) -> None:
+    """A new ctime on every file, as the package's postinst chown gives them at an upgrade."""
+    for directory, _dirs, files in os.walk(root / "images"):
+        for name in files:
+            os.chmod(os.path.join(directory, name), 0o644)
+
+
+def in_catalog(root: Path, item_path: str) -> Callable[[], bool]:
+    path = root / "streams" / "v1" / "images.json"
+    needle = f'"{item_path}"'.encode()
+
+    def check() -> bool:
+        try:
+            return needle in path.read_bytes()
+        except OSError:
+            return False
+
+    return check
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(STOP_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def measure_watch(
     exe: str, config: list[str], root: Path, state: Path, log: Path, repeat: int, timeout: float
-) -> tuple[list[float], float]:
-    """(seconds from rename to listed, per repetition; the watcher's peak RSS in MiB)."""
+) -> tuple[list[float], float, int]:
+    """(seconds from rename to listed, per repetition; the watcher's peak RSS in MiB; the
+    fewest versions any of its publishes listed)."""
     cmd = [exe, *config, "--state-dir", str(state), "watch", "--root-dir", str(root)]
+    monitor = PublishMonitor(root)
+    monitor.start()
     with open(log, "ab") as log_f:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log_f, stderr=log_f)
     try:
@@ -185,13 +265,70 @@ def measure_watch(
             latencies.append(wait_for(name, listed(root, name), proc, log, timeout) - start)
         rss = peak_rss_mib(proc.pid)
     finally:
-        proc.send_signal(signal.SIGTERM)
+        stop(proc)
+        monitor.stop()
+    if monitor.fewest is None:
+        raise BenchError("the watcher published nothing")
+    return latencies, rss, monitor.fewest
+
+
+@dataclass
+class StartFigures:
+    #: the fewest versions a publish listed, from the start through two rescans
+    fewest: int
+    #: seconds from a new file in a version directory without a watch to listed (None: every
+    #: directory had a watch)
+    unwatched: float | None
+
+
+def measure_start(
+    exe: str, config: list[str], root: Path, state: Path, log: Path, timeout: float
+) -> StartFigures:
+    """The watcher started as after an upgrade (a new ctime on every file), with rescans
+    every RESCAN_INTERVAL seconds: every publish read from the start through two rescans."""
+    cmd = [exe, *config, "--state-dir", str(state), "watch", "--root-dir", str(root)]
+    cmd += ["--rescan-interval", str(RESCAN_INTERVAL)]
+    refresh_ctimes(root)
+    monitor = PublishMonitor(root)
+    monitor.start()
+    with open(log, "ab") as log_f:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log_f, stderr=log_f)
+    try:
+        unwatched = None
+        # (over the cap once the first full scan is done: the watches are in place then)
+        mark = serial(VERSIONS_PER_PRODUCT + 50)
+        build_version(variant_dir(root, 1) / mark, FILE_SIZE)
+        wait_for("the start's publish", listed(root, mark), proc, log, timeout)
+        if watched_dirs(proc.pid) >= DEFAULT_MAX_WATCHES:
+            # the oldest version of the first product: its directory has no watch
+            target = variant_dir(root, 0) / serial(0) / "rootfs.tar.xz"
+            write_random(target, FILE_SIZE)
+            start = time.perf_counter()
+            item = str(target.relative_to(root))
+            unwatched = wait_for(item, in_catalog(root, item), proc, log, timeout) - start
+        time.sleep(2 * RESCAN_INTERVAL + 1)  # through two rescans at least
+        if proc.poll() is not None:
+            raise BenchError(f"the watcher exited with status {proc.returncode}:\n{tail(log)}")
+    finally:
+        stop(proc)
+        monitor.stop()
+    if monitor.fewest is None:
+        raise BenchError("the watcher published nothing after the ctimes changed")
+    return StartFigures(monitor.fewest, unwatched)
+
+
+def watched_dirs(pid: int) -> int:
+    """How many inotify watches `pid` holds."""
+    count = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
         try:
-            proc.wait(STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    return latencies, rss
+            if os.readlink(f"/proc/{pid}/fd/{fd}") != "anon_inode:inotify":
+                continue
+            with open(f"/proc/{pid}/fdinfo/{fd}", encoding="ascii") as f:
+                count += sum(1 for line in f if line.startswith("inotify wd:"))
+        except OSError:
+            continue
+    return count
 
 
 def config_args(work: Path, args: argparse.Namespace) -> list[str]:
@@ -203,7 +340,10 @@ def config_args(work: Path, args: argparse.Namespace) -> list[str]:
     return ["--config", str(path)]
 
 
-def one_size(exe: str, work: Path, versions: int, args: argparse.Namespace) -> list[list[str]]:
+def one_size(
+    exe: str, work: Path, versions: int, args: argparse.Namespace, wrong: list[str]
+) -> list[list[str]]:
+    """The figures of one size; a wrong result is added to `wrong` (fatal once printed)."""
     root, state, log = work / f"root-{versions}", work / f"state-{versions}", work / "log"
     print(f"building {versions} versions ...", flush=True)
     build_tree(root, versions, args.delta_min_size is not None)
@@ -229,11 +369,19 @@ def one_size(exe: str, work: Path, versions: int, args: argparse.Namespace) -> l
         want = sum(1 for n in sizes if n > 1)  # the newest of each product, from one base
         if listed_deltas(doc) != want:
             raise BenchError(f"the catalog lists {listed_deltas(doc)} deltas, not {want}")
-    latencies, rss = measure_watch(exe, config, root, state, log, args.repeat, args.timeout)
+    latencies, rss, fewest = measure_watch(exe, config, root, state, log, args.repeat, args.timeout)
+    if fewest < versions:
+        wrong.append(f"{versions}: a publish of the watcher listed {fewest} of {versions}")
+    on_disk = versions + 1 + args.repeat  # and the watch figures' versions
+    w = measure_start(exe, config, root, state, log, args.timeout)
+    if w.fewest < on_disk:
+        wrong.append(f"{versions}: a publish of the watcher listed {w.fewest} of {on_disk}")
     base, cold, nochange, lat = median(bases), median(colds), median(nochanges), median(latencies)
+    unwatched = "-" if w.unwatched is None else f"{w.unwatched:.1f} s"
     print(
         f"  {versions}: walk {runs(bases)} | cold {runs(colds)} | no-change {runs(nochanges)}"
-        f" | watch {runs(latencies)} | peak RSS {rss:.0f} MiB",
+        f" | watch {runs(latencies)} | peak RSS {rss:.0f} MiB | fewest listed {w.fewest}"
+        f" of {on_disk} | unwatched {unwatched}",
         flush=True,
     )
     shutil.rmtree(root, ignore_errors=True)
@@ -260,6 +408,24 @@ def one_size(exe: str, work: Path, versions: int, args: argparse.Namespace) -> l
             verdict(lat <= GOAL_WATCH_S) if goals else "",
         ],
         [
+            f"{versions}: watch: fewest listed (of {versions})",
+            f"{fewest}",
+            "",
+            verdict(fewest >= versions),
+        ],
+        [
+            f"{versions}: start after an upgrade: fewest listed (of {on_disk})",
+            f"{w.fewest}",
+            "",
+            verdict(w.fewest >= on_disk),
+        ],
+        [
+            f"{versions}: new file without a watch -> listed (rescan {RESCAN_INTERVAL:.0f} s)",
+            "-" if w.unwatched is None else f"{w.unwatched:.3f}",
+            "",
+            "",
+        ],
+        [
             f"{versions}: watcher peak RSS (MiB)",
             f"{rss:.0f}",
             "",
@@ -272,9 +438,10 @@ def run(argv: list[str]) -> int:
     args = parse_args(argv)
     exe = server_exe(args.exe)
     rows: list[list[str]] = []
+    wrong: list[str] = []
     with scratch_dir(args.workdir, args.keep, "bench-scale-") as work:
         for versions in args.sizes:
-            rows += one_size(exe, work, versions, args)
+            rows += one_size(exe, work, versions, args, wrong)
     print()
     deltas = "" if args.delta_min_size is None else f"; [deltas] min_size = {args.delta_min_size}"
     print(f"{machine_line()}; median of {args.repeat}; files of 4 KiB, warm{deltas}")
@@ -283,6 +450,8 @@ def run(argv: list[str]) -> int:
         f"watch <= {GOAL_WATCH_S} s, peak RSS <= {GOAL_RSS_MIB:.0f} MiB"
     )
     print_table(("figure", "seconds", "x baseline", "goal"), rows)
+    if wrong:
+        raise BenchError("versions on disk were unpublished: " + "; ".join(wrong))
     return 0
 
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from lxd_image_server import handover
-from lxd_image_server.catalog import unchanged
+from lxd_image_server.catalog import departures, unchanged
 from lxd_image_server.catalog.deltas import OK
 from lxd_image_server.catalog.deltawork import FOREGROUND, DeltaService
 from lxd_image_server.catalog.gzip_chunks import GzipCache
@@ -159,6 +159,11 @@ class Pipeline:
         #: the inputs digest to record once the page is written (unchanged.py), while a
         #: publish waits for its deltas (`_publish_deltas`)
         self._inputs: str | None = None
+        #: the version directories (relative to images/) the catalog lists: those this writer
+        #: published last; None: read back from images.json when needed (departures.py)
+        self._listed_versions: set[str] | None = None
+        #: the files it lists and their sizes (`listing`); None: made again when asked for
+        self._listing: departures.Listing | None = None
 
     def _hashed(self) -> None:
         if self.on_hashed is not None:
@@ -295,15 +300,15 @@ class Pipeline:
         below = (
             [prefix] if prefix in self.versions else [r for r in self.versions if _under(r, prefix)]
         )
-        for rel in below:
-            self._ready.pop(rel, None)
         submitted = set()
         self._scanned_digest = None
         found = self.scanner.scan(prefix)
         self.cache.adopt(self.records, found)
+        # (a version found again keeps its digests while its files are the same: _schedule)
         for rel in set(below).difference(v.key.relpath for v in found):
             del self.versions[rel]
             del self._idents[rel]
+            self._ready.pop(rel, None)
         for v in found:
             # a version found again keeps its place: a full publish's inputs digest
             # (unchanged.py) follows the scan's order, which a new version breaks
@@ -319,8 +324,7 @@ class Pipeline:
         """Makes `v` ready from the cache, or hashes what the cache lacks in the background
         (then True)."""
         rel, ident = v.key.relpath, self._idents[v.key.relpath]
-        ready = self._ready.get(rel)
-        if ready is not None and ready.ident == ident:
+        if _still_ready(self._ready.get(rel), ident, v):
             return False
         known = self._known(v)
         if known.complete:
@@ -453,6 +457,7 @@ class Pipeline:
             if unchanged.is_published(state, root, inputs):
                 log.debug("the catalog and page were published from these inputs already")
                 self._unbuilt = shown
+                self._listed_versions = self._listing = None  # read back if ever needed
                 if plan:
                     if isinstance(digests, _OnDemand) and not digests.loaded:
                         self.deltas.published(
@@ -465,19 +470,26 @@ class Pipeline:
             if not self._whole(shown, hidden, digests):
                 inputs = None  # the record vouches only for a tree published whole
         self._unbuilt = None
-        self._products = products_of(self._build(shown), digests, root, listed)
+        built = self._build(shown)
+        products = products_of(built, digests, root, listed)
+        doomed: Set[str] = frozenset()
         if self.retention is not None:
             # under the catalog lock: the one writer decides what leaves
-            doomed = self.retention.apply(state, self._products, versions)
+            doomed = self.retention.apply(state, products, versions)
             if doomed:
                 shown = [e for e in shown if e[1].path not in doomed]
                 versions = [v for _, v, _ in shown]
                 listed = self.deltas.listable(versions)
-                self._products = products_of(self._build(shown), digests, root, listed)
+                built = self._build(shown)
+                products = products_of(built, digests, root, listed)
+        publishing = {v.key.relpath for v, _ in built}
+        self._check_departures(publishing, hidden, doomed)
+        self._products = products
         if not self.defer_page:
             # (what is published from here on is not what the record vouches for)
             unchanged.record(state, root, None)
         changed = publish(self.paths.streams_dir, self._products, images_gz=self._gzip)
+        self._listed_versions, self._listing = publishing, None
         self._state_after = self._catalog_state()
         if plan:
             self.deltas.published(versions, digests)
@@ -504,6 +516,31 @@ class Pipeline:
             return False
         have = digests.files
         return all(f.path in have for _, v, _ in shown for f in v.files.values())
+
+    def _check_departures(self, publishing: set[str], hidden: Set[str], doomed: Set[str]) -> None:
+        """Raises departures.UnexplainedDepartures when a version the catalog lists would
+        leave it for no reason this writer can name (departures.py)."""
+        before = self._listed_versions
+        if before is None:
+            images = os.path.relpath(self.paths.img_dir, self.paths.root_dir) + "/"
+            before = self.listing().versions(images)
+        known = departures.Known(
+            self.paths.img_dir,
+            pruned=lambda path: path in hidden or path in doomed,
+            scanned=self.versions.__contains__,
+        )
+        departures.check(before, publishing, known)
+
+    def listing(self) -> departures.Listing:
+        """The files the catalog lists now, with their sizes: from the products this writer
+        published last, else read back from images.json (bounded)."""
+        if self._listing is None:
+            if self._listed_versions is not None and self._unbuilt is None:
+                self._listing = departures.listing_of(self._products)
+            else:
+                images = os.path.join(self.paths.streams_dir, "images.json")
+                self._listing = departures.read_listing(images)
+        return self._listing
 
     def write_page(self) -> None:
         """Writes the catalog page of the last publish, if not written yet (defer_page)."""
@@ -618,6 +655,17 @@ def _merged(shown: list[tuple[str, ScannedVersion, _Ready]]) -> Digests:
                 if c is not None:
                     out.combined[(m.path, f.path)] = c
     return out
+
+
+def _still_ready(ready: _Ready | None, ident: Identity, v: ScannedVersion) -> bool:
+    """`ready` holds the digests of exactly the files of `v` (identity `ident`), none of which
+    failed to hash (a failure is tried again at the next scan)."""
+    if ready is None or ready.ident != ident:
+        return False
+    d = ready.digests
+    if isinstance(d, _OnDemand) and not d.loaded:
+        return True
+    return not any(f.path in d.failed for f in v.files.values())
 
 
 def _is_delta(f: FileStat) -> bool:

@@ -38,6 +38,7 @@ from types import FrameType
 
 from inotify_simple import flags
 
+from lxd_image_server.catalog.departures import UnexplainedDepartures
 from lxd_image_server.catalog.pipeline import Pipeline
 from lxd_image_server.catalog.publish import PublishError
 from lxd_image_server.catalog.retention import RetentionError, delete_expired, next_expiry
@@ -91,6 +92,12 @@ class Watcher:
         self.budget = budget
         #: absolute paths of files opened for writing and not yet closed
         self.writing: set[str] = set()
+        #: version directories without a watch holding a file that changed lately -> when
+        #: that file will have been unchanged for a rescan interval (time.monotonic()): the
+        #: directory is rescanned then, and the file published
+        self.held: dict[str, float] = {}
+        #: images/ as the catalog's item paths name it (relative to the served root)
+        self.served_prefix = os.path.relpath(self.img_dir, pipeline.paths.root_dir) + "/"
         pipeline.scanner.exclude = self._excluded
         pipeline.on_hashed = self._wake
         pipeline.defer_page = True  # written once no publish is due (_write_page)
@@ -142,15 +149,26 @@ class Watcher:
         if not self.watches.over_cap:
             return False
         # (the scanner's paths are img_dir/rel/name: no relpath needed)
-        parent = path[len(self.img_dir) + 1 :].rpartition("/")[0]
+        rel = path[len(self.img_dir) + 1 :]
+        parent = rel.rpartition("/")[0]
         if parent in self.watches.watched:
             return False
-        # no watch there: publish it only once it has not changed for a rescan interval
+        # no watch there: nothing tells us whether it is still being written
         try:
             st = os.lstat(path)
         except OSError:
             return False
-        return time.time() - max(st.st_mtime, st.st_ctime) < self.watches.rescan_interval
+        changed = max(st.st_mtime, st.st_ctime)
+        if time.time() - changed >= self.watches.rescan_interval:
+            return False  # unchanged for a rescan interval
+        if self.pipeline.listing().sizes.get(self.served_prefix + rel) == st.st_size:
+            # the file the catalog lists, at the size it lists: a new ctime alone (a chown at
+            # an upgrade, a touch) does not withdraw a published version
+            return False
+        # published once unchanged for a rescan interval: that directory is rescanned then
+        due = time.monotonic() + changed + self.watches.rescan_interval - time.time()
+        self.held[parent] = min(self.held.get(parent, due), due)
+        return True
 
     # -- events -----------------------------------------------------------------------------
 
@@ -225,6 +243,8 @@ class Watcher:
             times.append(self.retry_at)
         if self.watches.next_rescan is not None:
             times.append(self.watches.next_rescan)
+        if self.held:
+            times.append(min(self.held.values()))
         if not times:
             return None
         return max(0.0, min(times) - now)
@@ -272,8 +292,14 @@ class Watcher:
 
     def _process(self) -> None:
         if self.watches.rescan_due():
+            log.debug("rescanning the whole tree (%d directories watched)", len(self.watches.wds))
             self.watches.watch_tree("")  # room may have freed up
             self.dirty.add("")
+        now = time.monotonic()
+        for rel, due in list(self.held.items()):
+            if due <= now:
+                del self.held[rel]
+                self.dirty.add(rel)
         prefixes, self.dirty = self.dirty, set()
         self.collect_due = False
         if "" in prefixes and "" not in self.watches.watched and os.path.isdir(self.img_dir):
@@ -284,6 +310,10 @@ class Watcher:
             self._plan_expiry()  # the publish may have pruned versions
             if "" in prefixes:
                 _settle_heap()
+        except UnexplainedDepartures as e:
+            # a partial view of the tree: look at all of it again (said once an hour)
+            quiet_log.warning("%s; rescanning everything in %.0f s", e, RETRY_AFTER_ERROR)
+            self._retry(prefixes | {""})
         except PublishError as e:
             log.error("%s; retrying in %.0f s", e, RETRY_AFTER_ERROR)
             self._retry(prefixes)

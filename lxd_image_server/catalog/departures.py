@@ -1,0 +1,178 @@
+"""No version leaves the catalog without a reason the writer can name.
+
+The catalog is what every client and every mirror acts on: a mirror deletes whatever the
+catalog it receives does not list, LXD and Incus hosts stop seeing the image and its aliases
+move. So the one writer of streams/ compares every catalog it is about to write with the one
+published last (kept from its last publish, or read back from images.json, bounded, when it
+starts) and names why each version directory that was listed is not any more:
+
+- pruned: recorded in pruned.json (`prune`, `remove`, expired) or beyond [retention];
+- gone: its directory is not a directory any more (images/ itself being there: an unmounted
+  or vanished images/ is no reason to unpublish everything);
+- invalid: the layout refuses its name now;
+- changed: its files changed since they were hashed (it is listed again once hashed), or the
+  scan found it without a file a client needs (products.py logged which).
+
+A version directory that is there, valid, and that the scan did not find (a directory it could
+not list, a partial view of the tree) has no such reason: the publish is refused with one line
+(UnexplainedDepartures) and the catalog stays as it was.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import stat
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from lxd_image_server.catalog.publish import PublishError
+from lxd_image_server.catalog.readback import MAX_CATALOG_BYTES
+from lxd_image_server.fsutil import TooLarge, read_regular
+from lxd_image_server.tree.layout import LayoutError, parse_version_dir
+
+log = logging.getLogger(__name__)
+
+
+class UnexplainedDepartures(PublishError):
+    """A publish would drop versions whose directories are still there: not written."""
+
+
+@dataclass(frozen=True)
+class Listing:
+    """What a published catalog lists: each item's file (path relative to the served root,
+    'images/...') and its size."""
+
+    sizes: dict[str, int]
+
+    def versions(self, images: str = "images/") -> set[str]:
+        """The version directories listed, relative to images/ (`images`: its path relative
+        to the served root, with a slash)."""
+        return {
+            path[len(images) :].rpartition("/")[0] for path in self.sizes if path.startswith(images)
+        }
+
+
+EMPTY = Listing({})
+
+
+def read_listing(images_json: str) -> Listing:
+    """The files images.json lists (EMPTY when it is missing or unreadable: logged).
+
+    Read bounded (a regular file, no link followed, at most readback.MAX_CATALOG_BYTES), and
+    lean: each item becomes a (path, size) pair as it is parsed, so a catalog of 20,000
+    versions costs about half the memory of its whole document."""
+    try:
+        data = read_regular(images_json, MAX_CATALOG_BYTES)
+        doc = json.loads(data, object_pairs_hook=_item_or_dict)
+    except FileNotFoundError:
+        return EMPTY
+    except TooLarge:
+        log.warning("the published %s is too large: taken as listing nothing", images_json)
+        return EMPTY
+    except RecursionError:
+        log.warning("the published %s nests too deep: taken as listing nothing", images_json)
+        return EMPTY
+    except (OSError, ValueError) as e:
+        log.warning("cannot read the published %s (%s): taken as listing nothing", images_json, e)
+        return EMPTY
+    return listing_of(doc.get("products") if isinstance(doc, dict) else None)
+
+
+def _item_or_dict(pairs: list[tuple[str, Any]]) -> Any:
+    """An item (an object with a string path and an integer size) as (path, size)."""
+    d = dict(pairs)
+    path, size = d.get("path"), d.get("size")
+    if isinstance(path, str) and type(size) is int:
+        return (path, size)
+    return d
+
+
+def listing_of(products: object) -> Listing:
+    """The files a products mapping lists (items as objects, or as read_listing's pairs);
+    anything malformed is skipped."""
+    sizes: dict[str, int] = {}
+    if not isinstance(products, dict):
+        return Listing(sizes)
+    for product in products.values():
+        versions = product.get("versions") if isinstance(product, dict) else None
+        if not isinstance(versions, dict):
+            continue
+        for version in versions.values():
+            items = version.get("items") if isinstance(version, dict) else None
+            if not isinstance(items, dict):
+                continue
+            for item in items.values():
+                if isinstance(item, tuple):
+                    sizes[item[0]] = item[1]
+                elif isinstance(item, dict):
+                    path, size = item.get("path"), item.get("size")
+                    if isinstance(path, str) and type(size) is int:
+                        sizes[path] = size
+    return Listing(sizes)
+
+
+@dataclass(frozen=True)
+class Known:
+    """What the writer knows of the versions it is about to leave out."""
+
+    img_dir: str
+    #: absolute version directories recorded as pruned, or beyond [retention] now
+    pruned: Callable[[str], bool]
+    #: version directories (relative to images/) the scan found, published or not
+    scanned: Callable[[str], bool]
+
+
+def reason(rel: str, known: Known) -> str | None:
+    """Why the listed version directory `rel` (relative to images/) leaves; None: no reason."""
+    path = os.path.join(known.img_dir, rel)
+    if known.pruned(path):
+        return "pruned"
+    if known.scanned(rel):
+        return "changed (being hashed again, or incomplete)"
+    try:
+        parse_version_dir(rel.split("/"))
+    except LayoutError as e:
+        return f"invalid ({e})"
+    try:
+        is_dir = stat.S_ISDIR(os.lstat(path).st_mode)
+    except FileNotFoundError:
+        is_dir = False
+    except OSError:
+        return None  # cannot tell: not a reason
+    if is_dir:
+        return None
+    if not os.path.isdir(known.img_dir):
+        return None  # images/ itself is missing (unmounted?): not a reason
+    return "gone"
+
+
+def check(before: Iterable[str], after: set[str], known: Known) -> None:
+    """Raises UnexplainedDepartures when a version of `before` is not in `after` for no reason
+    the writer can name; logs the others (one line for all)."""
+    counts: dict[str, int] = {}
+    unexplained: list[str] = []
+    for rel in before:
+        if rel in after:
+            continue
+        why = reason(rel, known)
+        if why is None:
+            unexplained.append(rel)
+            continue
+        key = why.partition(" ")[0]
+        counts[key] = counts.get(key, 0) + 1
+        log.debug("%s leaves the catalog: %s", rel, why)
+    if unexplained:
+        unexplained.sort()
+        raise UnexplainedDepartures(
+            f"not publishing: {len(unexplained)} version(s) would leave the catalog though their "
+            f"directories are still there (e.g. {unexplained[0]!r}); the catalog stays as it was"
+        )
+    if counts:
+        log.info(
+            "%d version(s) leave the catalog: %s",
+            sum(counts.values()),
+            ", ".join(f"{n} {why}" for why, n in sorted(counts.items())),
+        )

@@ -1,0 +1,161 @@
+"""Issue 17: the one writer of streams/ names a reason for every version that leaves the
+catalog, and does not write a catalog that would drop versions for none (departures.py)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from lxd_image_server.catalog import departures
+from lxd_image_server.catalog.departures import UnexplainedDepartures
+from lxd_image_server.catalog.hashing import HashCache
+from lxd_image_server.catalog.pipeline import Pipeline
+from lxd_image_server.catalog.retention import PendingVersions, schedule
+from lxd_image_server.config import Paths
+from lxd_image_server.tree.scan import ScannedVersion
+
+from .helpers import blob, version_dir, write
+
+SERIALS = ("20240101_1200", "20240102_1200", "20240103_1200")
+
+
+@pytest.fixture
+def paths(tmp_path: Path) -> Paths:
+    p = Paths.resolve(str(tmp_path / "root"), state_dir=str(tmp_path / "state"))
+    os.makedirs(p.img_dir)
+    for n, serial in enumerate(SERIALS):
+        d = version_dir(Path(p.img_dir), serial=serial)
+        write(d / "lxd.tar.xz", blob(100, 2 * n))
+        write(d / "rootfs.squashfs", blob(1000, 2 * n + 1))
+    return p
+
+
+@pytest.fixture
+def pipeline(paths: Paths) -> Iterator[Pipeline]:
+    cache = HashCache(None)
+    p = Pipeline(paths, cache)
+    p.update_all()
+    yield p
+    cache.close()
+
+
+def images_json(paths: Paths) -> bytes:
+    return Path(paths.streams_dir, "images.json").read_bytes()
+
+
+def listed(paths: Paths) -> set[str]:
+    doc = json.loads(images_json(paths))
+    return {s for p in doc["products"].values() for s in p["versions"]}
+
+
+def rel(paths: Paths, serial: str) -> str:
+    return os.path.relpath(version_dir(Path(paths.img_dir), serial=serial), paths.img_dir)
+
+
+def hide_from_scan(p: Pipeline, serial: str) -> None:
+    """The scanner misses one version whose directory is still there (a directory it could
+    not list, a partial view): what no publish may act on."""
+    real = p.scanner.scan
+
+    def partial(prefix: str = "") -> list[ScannedVersion]:
+        return [v for v in real(prefix) if v.key.serial != serial]
+
+    p.scanner.scan = partial  # type: ignore[method-assign]
+
+
+def test_a_partial_scan_is_not_published(paths: Paths, pipeline: Pipeline) -> None:
+    before = images_json(paths)
+    hide_from_scan(pipeline, SERIALS[0])
+    with pytest.raises(UnexplainedDepartures, match=r"1 version\(s\) would leave the catalog"):
+        pipeline.refresh([""])
+    assert images_json(paths) == before
+
+
+def test_a_new_writer_reads_what_is_listed_from_images_json(paths: Paths, pipeline: Pipeline):
+    """A writer that just started (the watcher at boot, `update`, an operator command) knows
+    what the catalog lists from images.json itself."""
+    before = images_json(paths)
+    cache = HashCache(None)
+    fresh = Pipeline(paths, cache)
+    hide_from_scan(fresh, SERIALS[1])
+    with pytest.raises(UnexplainedDepartures):
+        fresh.update_all()
+    cache.close()
+    assert images_json(paths) == before
+
+
+def test_a_deleted_version_leaves_with_its_reason(
+    paths: Paths, pipeline: Pipeline, caplog: pytest.LogCaptureFixture
+) -> None:
+    shutil.rmtree(version_dir(Path(paths.img_dir), serial=SERIALS[0]))
+    with caplog.at_level(logging.INFO, "lxd_image_server.catalog.departures"):
+        assert pipeline.refresh([""])
+    assert listed(paths) == set(SERIALS[1:])
+    assert "1 version(s) leave the catalog: 1 gone" in caplog.text
+
+
+def test_a_missing_images_directory_unpublishes_nothing(paths: Paths, pipeline: Pipeline):
+    """images/ unmounted or moved away: every version looks gone, which is no reason."""
+    before = images_json(paths)
+    os.rename(paths.img_dir, paths.img_dir + ".away")
+    with pytest.raises(UnexplainedDepartures):
+        pipeline.refresh([""])
+    assert images_json(paths) == before
+
+
+def test_a_pruned_version_leaves(paths: Paths, pipeline: Pipeline) -> None:
+    doomed = [v for v in pipeline.versions.values() if v.key.serial == SERIALS[0]]
+    schedule(paths.state_dir, doomed, grace=3600)
+    pipeline.hidden = PendingVersions(paths.state_dir)
+    assert pipeline.refresh([""])
+    assert listed(paths) == set(SERIALS[1:])
+
+
+def test_a_version_missing_its_root_leaves(paths: Paths, pipeline: Pipeline) -> None:
+    d = version_dir(Path(paths.img_dir), serial=SERIALS[2])
+    os.unlink(d / "rootfs.squashfs")
+    assert pipeline.refresh([rel(paths, SERIALS[2])])
+    assert listed(paths) == set(SERIALS[:2])
+
+
+def test_reasons_are_named(paths: Paths) -> None:
+    known = departures.Known(
+        paths.img_dir, pruned=lambda p: p.endswith(SERIALS[0]), scanned=lambda r: False
+    )
+    assert departures.reason(rel(paths, SERIALS[0]), known) == "pruned"
+    assert departures.reason(rel(paths, SERIALS[1]), known) is None  # there, not scanned
+    assert departures.reason("busybox/1.35/amd64/default/20250101_1200", known) == "gone"
+    bad = departures.reason("busybox/1.35/amd64/default/notaserial", known)
+    assert bad is not None and bad.startswith("invalid")
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        b"not json",
+        b"[" * 100_000 + b"]" * 100_000,
+        b'{"products": {"p": {"versions": {"v": {"items": {"i": {"path": 1}}}}}}}',
+        b'{"products": []}',
+    ],
+)
+def test_a_hostile_images_json_lists_nothing_and_crashes_nothing(tmp_path: Path, data: bytes):
+    path = tmp_path / "images.json"
+    path.write_bytes(data)
+    assert departures.read_listing(str(path)).sizes == {}
+
+
+def test_a_link_as_images_json_is_not_followed(tmp_path: Path) -> None:
+    secret = tmp_path / "secret.json"
+    secret.write_text(
+        '{"products": {"p": {"versions": {"v": {"items": {"i": '
+        '{"path": "images/a/b/amd64/d/20240101_1200/x", "size": 1}}}}}}}'
+    )
+    (tmp_path / "images.json").symlink_to(secret)
+    assert departures.read_listing(str(tmp_path / "images.json")).sizes == {}
