@@ -1128,14 +1128,12 @@ def test_init_http_listen_serves_image_files(
     container.run(f"{init} --http-listen 127.0.0.1:{port}")
     image = images["https"]
     base = f"http://127.0.0.1:{port}"
+    got = tmp_path / "root"
+    fetch = ["curl", "-sS", "--fail", "--max-time", "60", "-o", str(got),
+             f"{base}/images/{image.relpath}/{image.root.name}"]  # fmt: skip
     try:
-        got = tmp_path / "root"
-        proc = run(
-            ["curl", "-sS", "--fail", "--max-time", "60", "-o", got,
-             f"{base}/images/{image.relpath}/{image.root.name}"],
-            check=False,
-        )  # fmt: skip
-        assert proc.returncode == 0, proc
+        # nginx's reload (init's last step) opens the listener a moment after init returns
+        wait_for("the plain-HTTP listener serves", lambda: run(fetch, check=False).returncode == 0)
         assert sha256_file(got) == sha256_file(image.root)
         for path, method, status in (
             ("/streams/v1/images.json", "GET", "404"),
@@ -1150,8 +1148,10 @@ def test_init_http_listen_serves_image_files(
             assert proc.stdout == status, (path, method, proc)
     finally:
         container.run(init)
-    refused = run(["curl", "-sS", "--max-time", "10", f"{base}/"], check=False)
-    assert refused.returncode != 0, refused
+    wait_for(
+        "the listener is gone after init without --http-listen",
+        lambda: run(["curl", "-sS", "--max-time", "10", f"{base}/"], check=False).returncode != 0,
+    )
 
 
 def test_import_as_root_leaves_files_the_writer_and_nginx_use(
