@@ -1062,6 +1062,15 @@ def test_lxd_refreshes_by_the_delta_the_packaged_watcher_made(
             lxc("remote", "remove", remote)
 
 
+def test_catalog_units_bound_memory_for_deltas(installed: Installed, container: Container) -> None:
+    """Issue 18, finding 2: the units that run xdelta3 bound their memory (its window is sized
+    to fit) and go on when the OOM killer takes xdelta3."""
+    for unit in ("lxd-image-server.service", "lxd-image-server-update.service"):
+        assert unit_property(container, unit, "MemoryHigh") == str(1536 << 20), unit
+        assert unit_property(container, unit, "MemoryMax") == str(2 << 30), unit
+        assert unit_property(container, unit, "OOMPolicy") == "continue", unit
+
+
 def add_version_as_uploader(container: Container, variant: str, serial: str) -> None:
     """A small version placed as sftp would (as lxdadm, under hidden names, then renamed)."""
     d = f"{ROOT}/images/{PREFIX}/{variant}/{serial}"
