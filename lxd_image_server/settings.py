@@ -31,6 +31,9 @@ DEFAULT_GRACE = 3600
 #: request, an xdelta3 run, a fingerprint check) and the server (an xdelta3 run per new version and
 #: base, then a check). The smallest distribution images (Alpine) are a few MiB and keep theirs.
 DEFAULT_DELTA_MIN_SIZE = 1 << 20
+#: [deltas] check_interval: an uploader renaming a delta back and forth (a new ctime each time)
+#: buys one xdelta3 run per hour for it, each at most [deltas] timeout long
+DEFAULT_DELTA_CHECK_INTERVAL = 3600
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("", "0", "false", "no", "off")
 
@@ -55,6 +58,10 @@ class DeltaSettings:
     timeout: int = 1800
     #: roots smaller than this (bytes) get no delta made
     min_size: int = DEFAULT_DELTA_MIN_SIZE
+    #: seconds between two xdelta3 runs (make or check) for the same delta path in the
+    #: watcher, whatever its files became meanwhile; a FAILED run waits this, doubled after
+    #: each failure in a row (catalog/deltas.due)
+    check_interval: int = DEFAULT_DELTA_CHECK_INTERVAL
 
 
 @dataclass(frozen=True)
@@ -159,7 +166,7 @@ _KEYS = {
     "upload": {"allow_overwrites", "allow_deletes", "max_size"},
     "prune": {"grace_period"},
     "retention": {"keep", "rule"},
-    "deltas": {"enabled", "bases", "max_ratio", "timeout", "min_size"},
+    "deltas": {"enabled", "bases", "max_ratio", "timeout", "min_size", "check_interval"},
 }
 _RULE_KEYS = {"match", "keep"}
 _MIRROR_KEYS = {"remote", "url", "user", "key_path", "port", "path"}
@@ -287,7 +294,12 @@ def _deltas(table: Mapping[str, Any], src: str) -> DeltaSettings:
     if timeout < 1:
         raise ConfigError(f"{src}: deltas.timeout must be at least 1 (seconds)")
     min_size = _bytes(table.get("min_size", d.min_size), "deltas.min_size", src)
-    return DeltaSettings(enabled, bases, float(ratio), timeout, min_size)
+    interval = _typed(
+        table.get("check_interval", d.check_interval), int, "deltas.check_interval", src
+    )
+    if interval < 1:
+        raise ConfigError(f"{src}: deltas.check_interval must be at least 1 (seconds)")
+    return DeltaSettings(enabled, bases, float(ratio), timeout, min_size, interval)
 
 
 def _validate(

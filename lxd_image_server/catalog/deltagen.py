@@ -3,11 +3,17 @@
 Both inputs are an uploader's files. They are opened here below images/ without following a
 link (scan.open_below), checked to be the very files scanned (same identity), and handed to
 xdelta3 as open descriptors (/dev/fd/N and standard input): xdelta3 never opens a path an
-uploader could swap. xdelta3 runs under nice and idle I/O priority, with a source window (-B)
-of the base's size up to MAX_WINDOW (its memory grows with it), a time limit, and its output
-read here: making stops as soon as the delta outgrows `max_ratio` of the root, checking as
-soon as the rebuilt root outgrows the real one. The environment is cleared (xdelta3 takes
-options from $XDELTA).
+uploader could swap. xdelta3 runs at nice 19 and in the idle I/O class as far as the sandbox
+allows (the units' system call filter may refuse both: xdelta3 then runs at the unit's own
+priority, never not at all), with a source window (-B) of the base's size up to MAX_WINDOW
+(its memory grows with it: about 3.2 times the window, which the units' MemoryMax allows
+for), a time limit, and its output read here: making stops as soon as the delta outgrows
+`max_ratio` of the root, checking as soon as the rebuilt root outgrows the real one. The
+environment is cleared (xdelta3 takes options from $XDELTA).
+
+A check says WRONG only when xdelta3 ran to its end and refused the delta or rebuilt
+something else; a run cut short (time limit, killed: the OOM killer at MemoryMax, a wrapper or
+the system failing) is FAILED, which the watcher tries again later (deltawork.py).
 
 A delta is made into a hidden temporary file in the version's directory (created with
 O_EXCL|O_NOFOLLOW), checked by rebuilding the root from it and comparing the sha256, then
@@ -23,20 +29,24 @@ import os
 import secrets
 import selectors
 import shutil
+import signal
 import subprocess
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from lxd_image_server import __version__
 from lxd_image_server.catalog.deltas import FAILED, OK, TOO_BIG, WRONG, Job, Record, ident
 from lxd_image_server.fsutil import CHUNK_SIZE, open_dir_below
 from lxd_image_server.tree.scan import FileStat, open_below
 
 log = logging.getLogger(__name__)
 
-#: largest xdelta3 source window: its memory use grows with it (a base larger than this is
-#: still diffed, with matches found only within this distance)
-MAX_WINDOW = 1 << 30
+#: largest xdelta3 source window: its memory use grows with it, to about 3.2 times the window
+#: (-9: 830 MiB of RSS at 256 MiB), which the units' MemoryHigh/MemoryMax are sized for. A
+#: base larger than this is still diffed, with matches found within this distance of the
+#: target's position (a new version of a squashfs keeps its files in much the same order)
+MAX_WINDOW = 256 << 20
 #: the smallest window xdelta3 takes. The window holds the whole base up to MAX_WINDOW, no
 #: more: xdelta3 -9 sets up its tables for the window's size, so a 16 MiB window made a delta
 #: of a 4 KiB root cost 10 times the time of one sized to it
@@ -66,12 +76,26 @@ def xdelta3_path(name: str = "xdelta3") -> str | None:
     return shutil.which(name, path=_ENV["PATH"]) if "/" not in name else name
 
 
+def environment(xdelta3: str) -> str:
+    """What a delta's result depends on besides its files: this program's version and the
+    xdelta3 binary. A FAILED or WRONG record made by another is not trusted (deltas.due)."""
+    try:
+        st = os.stat(xdelta3)
+        binary = f"{xdelta3}:{st.st_size}:{st.st_mtime_ns}"
+    except OSError:
+        binary = xdelta3
+    return f"{__version__} {binary}"
+
+
 def _wrapped(argv: list[str]) -> list[str]:
-    """`argv` at the lowest CPU priority and the idle I/O class, when nice/ionice exist."""
+    """`argv` at the lowest CPU priority and the idle I/O class, when nice/ionice exist and
+    the sandbox lets them: the units refuse setpriority and ioprio_set unless they allow them
+    (SystemCallFilter). Refused, coreutils' nice warns and runs the command anyway, and so
+    does util-linux's ionice with -t (without it, it exits 1)."""
     out = argv
     ionice = shutil.which("ionice", path=_ENV["PATH"])
     if ionice:
-        out = [ionice, "-c", "3", *out]
+        out = [ionice, "-t", "-c", "3", *out]
     nice = shutil.which("nice", path=_ENV["PATH"])
     if nice:
         out = [nice, "-n", "19", *out]
@@ -82,13 +106,23 @@ def _wrapped(argv: list[str]) -> list[str]:
 _ERRORS_KEPT = 16 << 10
 
 
+@dataclass(frozen=True)
+class Failure:
+    """Why an xdelta3 run failed."""
+
+    why: str
+    #: xdelta3 ran to its end and refused its input (it exited with a message of its own);
+    #: else the run was cut short or never started: trying again may succeed
+    refused: bool = False
+
+
 def _run(
     argv: Sequence[str],
     stdin: int,
     pass_fds: Sequence[int],
     sink: Callable[[bytes], None],
     timeout: float,
-) -> str | None:
+) -> Failure | None:
     """Runs `argv`, feeding each chunk of its output to `sink` (which raises _Stop to end it).
     Returns None on success, else why it failed. Its standard output and error are read here
     as they come (a selector, no thread: one xdelta3 run per small root is cheap), until
@@ -139,11 +173,21 @@ def _run(
         proc.stderr.close()
         rc = proc.wait()
     if fired:
-        return f"timed out after {timeout:.0f} s"
+        return Failure(f"timed out after {timeout:.0f} s")
+    if rc < 0:
+        return Failure(f"xdelta3 was killed by {_signal_name(-rc)}")
     if rc != 0:
         lines = errors.decode("utf-8", "replace").strip().splitlines()
-        return f"xdelta3 exited {rc}: {lines[-1][:200] if lines else 'no message'}"
+        last = lines[-1][:200] if lines else "no message"
+        return Failure(f"xdelta3 exited {rc}: {last}", refused=last.startswith("xdelta3:"))
     return None
+
+
+def _signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
 
 
 def _open_checked(f: FileStat) -> int:
@@ -166,7 +210,7 @@ def _window(size: int) -> int:
     return max(MIN_WINDOW, min(MAX_WINDOW, size))
 
 
-def _check(xdelta3: str, base_fd: int, delta_fd: int, job: Job, timeout: float) -> str | None:
+def _check(xdelta3: str, base_fd: int, delta_fd: int, job: Job, timeout: float) -> Failure | None:
     """None when the delta rebuilds the target root (by sha256), else why not."""
     h = hashlib.sha256()
     total = 0
@@ -186,11 +230,11 @@ def _check(xdelta3: str, base_fd: int, delta_fd: int, job: Job, timeout: float) 
     try:
         problem = _run(argv, delta_fd, [base_fd], sink, timeout)
     except _Stop:
-        return "it rebuilds more bytes than the root has"
+        return Failure("it rebuilds more bytes than the root has", refused=True)
     if problem:
         return problem
     if total != limit or h.hexdigest() != job.target_sha256:
-        return "it does not rebuild the root (sha256 differs)"
+        return Failure("it does not rebuild the root (sha256 differs)", refused=True)
     return None
 
 
@@ -206,12 +250,16 @@ def check(job: Job, limits: Limits) -> Record:
                 fds.append(_open_checked(f))
         except _Changed as e:
             return Record(FAILED, rec.base, rec.target, rec.delta, detail=str(e))
-        problem = _check(limits.xdelta3, fds[0], fds[2], job, limits.timeout)
+        try:
+            problem = _check(limits.xdelta3, fds[0], fds[2], job, limits.timeout)
+        except OSError as e:  # xdelta3 could not be started
+            return Record(FAILED, rec.base, rec.target, rec.delta, detail=e.strerror or str(e))
         for fd, f in zip(fds, (job.base_root, job.target_root, job.delta), strict=True):
             if _identity(fd) != f.identity[1:]:
                 return Record(FAILED, rec.base, rec.target, rec.delta, detail=f"{f.path} changed")
         if problem:
-            return Record(WRONG, rec.base, rec.target, rec.delta, job.delta.size, problem)
+            result = WRONG if problem.refused else FAILED
+            return Record(result, rec.base, rec.target, rec.delta, job.delta.size, problem.why)
         return Record(OK, rec.base, rec.target, rec.delta, job.delta.size)
     finally:
         for fd in fds:
@@ -270,10 +318,10 @@ def make(job: Job, limits: Limits, img_dir: str) -> Record:
                 detail=f"over {limits.max_ratio:g} of the root ({job.target_root.size} bytes)",
             )
         if problem:
-            return Record(FAILED, base_id, target_id, detail=problem)
+            return Record(FAILED, base_id, target_id, detail=problem.why)
         problem = _check(limits.xdelta3, fds[0], tmp_fd, job, limits.timeout)
         if problem:
-            return Record(FAILED, base_id, target_id, detail=f"made, but {problem}")
+            return Record(FAILED, base_id, target_id, detail=f"made, but {problem.why}")
         for fd, f in zip(fds, (job.base_root, job.target_root), strict=True):
             if _identity(fd) != f.identity[1:]:
                 return Record(FAILED, base_id, target_id, detail=f"{f.path} changed meanwhile")

@@ -11,6 +11,15 @@ a delta the server made was checked when it was made). The record of each check 
 size, mtime, ctime) of the delta, the base's root and this version's root: replace any of
 the three and the delta is checked again before it is listed again.
 
+Each record also says when xdelta3 last ran for that path (`at`), how often in a row it
+FAILED (`tries`) and in what environment (`env`: this program's version and the xdelta3
+binary). The watcher runs xdelta3 for one path at most once per `check_interval`, whatever
+the files' identities (`due`): an uploader renaming a delta back and forth buys one check
+per interval, not one per rename. A FAILED run (time limit, killed, the system refusing) is
+tried again after that interval, doubled after each failure up to a day, and at once in
+another environment (an upgrade of this program or of xdelta3): so are WRONG records of
+another environment, which may have been the environment's fault.
+
 Everything here is pure apart from reading and writing that state file.
 """
 
@@ -21,7 +30,7 @@ import json
 import logging
 import os
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from lxd_image_server.config import StateDir
@@ -47,8 +56,10 @@ FORMAT = 1
 OK = "ok"  # checked: lists
 WRONG = "wrong"  # checked: does not rebuild the root (or xdelta3 refused it)
 TOO_BIG = "too-big"  # made, larger than max_ratio of the root: not kept
-FAILED = "failed"  # making it failed (timeout, xdelta3 error): not retried by the watcher
+FAILED = "failed"  # the run failed (timeout, killed, refused): tried again later (due)
 RESULTS = frozenset({OK, WRONG, TOO_BIG, FAILED})
+#: the longest a delta that keeps failing waits for its next try (seconds)
+MAX_BACKOFF = 86400.0
 
 #: the root ftype whose base must not also have a squashfs root (see listable_base)
 _DISK = "disk-kvm.img"
@@ -68,6 +79,12 @@ class Record:
     delta: str = ""
     size: int = 0
     detail: str = ""
+    #: when xdelta3 ran (time.time()); 0: unknown (a record of 0.2.0)
+    at: float = 0.0
+    #: FAILED runs in a row for this path (0 unless FAILED)
+    tries: int = 0
+    #: deltagen.environment() of the run; "": unknown
+    env: str = ""
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -77,6 +94,9 @@ class Record:
             "delta": self.delta,
             "size": self.size,
             "detail": self.detail,
+            "at": self.at,
+            "tries": self.tries,
+            "env": self.env,
         }
 
     @classmethod
@@ -84,13 +104,36 @@ class Record:
         if not isinstance(doc, dict):
             return None
         fields = [doc.get(k) for k in ("result", "base", "target", "delta", "detail")]
-        size = doc.get("size")
+        size, tries, at = doc.get("size"), doc.get("tries", 0), doc.get("at", 0.0)
+        env = doc.get("env", "")
         if not all(isinstance(x, str) for x in fields) or doc.get("result") not in RESULTS:
             return None
-        if not isinstance(size, int) or isinstance(size, bool):
+        if not (isinstance(size, int) and isinstance(tries, int)):
+            return None
+        if isinstance(size, bool) or isinstance(tries, bool):
+            return None
+        if not isinstance(at, int | float) or isinstance(at, bool) or not isinstance(env, str):
             return None
         result, base, target, delta, detail = (str(x) for x in fields)
-        return cls(result, base, target, delta, size, detail)
+        return cls(result, base, target, delta, size, detail, float(at), tries, env)
+
+    def final(self, env: str) -> bool:
+        """Running xdelta3 again on the same files would tell nothing new: OK and TOO_BIG,
+        and WRONG said in this environment (in another, xdelta3 may have been at fault)."""
+        return self.result in (OK, TOO_BIG) or (self.result == WRONG and self.env == env)
+
+
+def due(rec: Record | None, interval: float, env: str) -> float:
+    """When (time.time()) xdelta3 may run again for the path `rec` is the record of: at once
+    without a record, or after a FAILED or WRONG run in another environment; `interval`
+    seconds after the last run, or for a FAILED one that interval doubled after each failure
+    in a row (at most MAX_BACKOFF, or the interval if longer)."""
+    if rec is None or (rec.result in (FAILED, WRONG) and rec.env != env):
+        return 0.0
+    wait = interval
+    if rec.result == FAILED:
+        wait = min(max(interval, MAX_BACKOFF), interval * 2.0 ** min(max(rec.tries, 1) - 1, 30))
+    return rec.at + wait
 
 
 # -- the state file ---------------------------------------------------------------------------
@@ -266,6 +309,9 @@ class Job:
     target_sha256: str
     delta: FileStat | None = None
 
+    #: when it was planned (time.time()): a record newer than that says it ran since
+    planned: float = field(default=0.0, compare=False)
+
     @property
     def path(self) -> str:
         return os.path.join(self.target_dir, self.name)
@@ -286,19 +332,23 @@ def plan(
     records: Mapping[str, Record],
     bases: int,
     make: bool,
-    retry_failed: bool = False,
+    env: str = "",
     min_size: int = DEFAULT_DELTA_MIN_SIZE,
+    now: float = 0.0,
 ) -> list[Job]:
-    """Deltas to check (present, not checked for what they are now) and, if `make`, deltas
-    to make: for the newest version of each product whose root has at least `min_size`
-    bytes, one per root kind (squashfs, disk) from each of its `bases` newest older versions
-    that have that kind of root. `sha256` maps a root's path to its digest; a root without one
-    (not hashed yet) is left for later. Uploaded deltas are checked whatever their root's size."""
+    """Deltas to check (present, not checked for what they are now, in environment `env`)
+    and, if `make`, deltas to make: for the newest version of each product whose root has at
+    least `min_size` bytes, one per root kind (squashfs, disk) from each of its `bases` newest
+    older versions that have that kind of root (unless already made, or found TOO_BIG, for
+    those roots). `sha256` maps a root's path to its digest; a root without one (not hashed
+    yet) is left for later. Uploaded deltas are checked whatever their root's size. FAILED
+    ones are among the jobs: when to run them is the caller's (`due`). `now`: the jobs'
+    `planned`."""
     versions = list(versions)
     jobs: list[Job] = []
     for c in candidates(versions):
         rec = records.get(c.delta.path)
-        if c.record_matches(rec):
+        if rec is not None and c.record_matches(rec) and rec.final(env):
             continue
         if c.target_root.path not in sha256:
             continue
@@ -310,6 +360,7 @@ def plan(
                 c.target_root,
                 sha256[c.target_root.path],
                 c.delta,
+                now,
             )
         )
     if not make or bases < 1:
@@ -344,12 +395,15 @@ def plan(
                     rec is not None
                     and rec.base == ident(base_root)
                     and rec.target == ident(target_root)
-                    and (rec.result == TOO_BIG or (rec.result == FAILED and not retry_failed))
+                    and rec.result == TOO_BIG
                 ):
                     continue
                 jobs.append(
-                    Job(newest.path, name, base_root, target_root, sha256[target_root.path])
-                )
+                    Job(
+                        newest.path, name, base_root, target_root, sha256[target_root.path],
+                        planned=now,
+                    )
+                )  # fmt: skip
     return jobs
 
 

@@ -9,6 +9,11 @@ and a long run still saves (and shows) its progress every few seconds; a crash l
 the records of one batch (the deltas it made are then made again). The full version is
 published at once; its deltas join the catalog in a later publish, once made, hashed and
 checked.
+
+In the background, a job is run no sooner than deltas.due says (`check_interval` after the
+last run for its path, longer after failures): until then it waits here, the newest job for
+each path replacing the one before, and the worker thread sleeps until the first is due.
+`update` (in the foreground) runs what it finds at once: the operator, or the timer, asked.
 """
 
 from __future__ import annotations
@@ -19,9 +24,10 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import replace
 
 from lxd_image_server.catalog import deltas
-from lxd_image_server.catalog.deltagen import Limits, run_job, xdelta3_path
+from lxd_image_server.catalog.deltagen import Limits, environment, run_job, xdelta3_path
 from lxd_image_server.catalog.hashing import Digests
 from lxd_image_server.settings import DeltaSettings
 from lxd_image_server.tree.scan import ScannedVersion
@@ -61,6 +67,8 @@ class DeltaService:
         self._cond = threading.Condition()
         self._queue: deque[deltas.Job] = deque()
         self._queued: set[tuple[str, str, str, str]] = set()
+        #: jobs not due yet (background only), by path: (when, job)
+        self._deferred: dict[str, tuple[float, deltas.Job]] = {}
         self._news = False
         self._worker: threading.Thread | None = None
         self._warned = False
@@ -90,24 +98,44 @@ class DeltaService:
         sha = sha256
         if sha is None:
             sha = {p: d for p, d in digests.files.items() if p not in digests.failed}
-        # `update` (in the foreground) tries again what failed; the watcher waits for a change
+        env = environment(xdelta3)
+        records = self.records()
+        now = time.time()
         jobs = deltas.plan(
             versions,
             sha,
-            self.records(),
+            records,
             self.config.bases,
             self.config.enabled,
-            retry_failed=not self.background,
+            env=env,
             min_size=self.config.min_size,
+            now=now,
         )
         with self._cond:
             for job in jobs:
-                if job.key not in self._queued:
-                    self._queued.add(job.key)
-                    self._queue.append(job)
-            if self._queue and self.background and self._worker is None:
+                if job.key in self._queued:
+                    continue
+                when = 0.0
+                if self.background:
+                    when = deltas.due(records.get(job.path), self.config.check_interval, env)
+                if when > now:
+                    if job.path not in self._deferred:
+                        log.info(
+                            "delta %s: xdelta3 ran for it %.0f s ago; next run in %.0f s "
+                            "([deltas] check_interval)",
+                            job.path,
+                            now - records[job.path].at,
+                            when - now,
+                        )
+                    self._deferred[job.path] = (when, job)
+                    continue
+                self._deferred.pop(job.path, None)
+                self._queued.add(job.key)
+                self._queue.append(job)
+            if (self._queue or self._deferred) and self.background and self._worker is None:
                 self._worker = threading.Thread(target=self._work, name="deltas", daemon=True)
                 self._worker.start()
+            self._cond.notify_all()
 
     def run_pending(self) -> list[Done]:
         """Runs the queued jobs here and now (`update`); returns those that changed a record,
@@ -130,8 +158,14 @@ class DeltaService:
             return self._news
 
     def pending(self) -> int:
+        """Jobs to run now (not those waiting to be due)."""
         with self._cond:
             return len(self._queue)
+
+    def deferred(self) -> dict[str, float]:
+        """The jobs waiting to be due: when each path's is (time.time())."""
+        with self._cond:
+            return {path: when for path, (when, _) in self._deferred.items()}
 
     # -- running --------------------------------------------------------------------------------
 
@@ -193,20 +227,45 @@ class DeltaService:
         """The new record of `job`, run now; None when there is nothing to do (done
         meanwhile). The caller holds the deltas lock, `records` read under it."""
         current = records.get(job.path)
-        if current is not None and (current.base, current.target, current.delta) == (
-            job.key[1],
-            job.key[2],
-            job.key[3],
-        ):
-            return None  # another writer did it meanwhile
+        limits = self._limits()
+        env = environment(limits.xdelta3)
+        if current is not None:
+            if current.at > job.planned:
+                return None  # run since it was planned (`update` by hand, say)
+            same = (current.base, current.target, current.delta) == job.key[1:]
+            if same and current.final(env):
+                return None  # another writer did it meanwhile
         if job.delta is None and os.path.lexists(job.path):
             return None  # made (or uploaded) meanwhile: checked on the next pass
-        return run_job(job, self._limits(), self.img_dir)
+        rec = run_job(job, limits, self.img_dir)
+        tries = 0
+        if rec.result == deltas.FAILED:
+            tries = 1 + (current.tries if current and current.result == deltas.FAILED else 0)
+        return replace(rec, at=time.time(), tries=tries, env=env)
+
+    def _take_due(self) -> bool:
+        """Waits (holding the condition) until a job is queued or a deferred one is due, and
+        queues those due. False when there is nothing left to wait for."""
+        while not self._queue:
+            if not self._deferred:
+                return False
+            now = time.time()
+            soonest = min(when for when, _ in self._deferred.values())
+            if soonest > now:
+                self._cond.wait(soonest - now)
+                continue
+            for path, (when, job) in list(self._deferred.items()):
+                if when <= now:
+                    del self._deferred[path]
+                    if job.key not in self._queued:
+                        self._queued.add(job.key)
+                        self._queue.append(job)
+        return True
 
     def _work(self) -> None:
         while True:
             with self._cond:
-                if not self._queue:
+                if not self._take_due():
                     self._worker = None
                     return
             try:

@@ -24,6 +24,7 @@ from lxd_image_server.config import Paths
 from lxd_image_server.ops import import_detect, import_place, listing, pruning
 from lxd_image_server.ops.import_errors import VersionExists
 from lxd_image_server.ops.updating import with_pipeline
+from lxd_image_server.privileges import become_writer
 from lxd_image_server.progress import for_terminal
 
 T = TypeVar("T")
@@ -32,6 +33,7 @@ T = TypeVar("T")
 def _with_pipeline(
     g: Globals, paths: Paths, run: Callable[[Pipeline], T], cache_first: Any = None
 ) -> T:
+    become_writer(paths)  # as root on the package's tree: as its catalog writer
     return with_pipeline(paths, g.settings, run, for_terminal(), cache_first)
 
 
@@ -87,6 +89,9 @@ def import_cmd(
             else ""
         )
         raise click.ClickException(f"{e}{hint}") from e
+    # the files are in place (as root, the sources may be root's); what follows writes the
+    # catalog side: as its writer
+    become_writer(paths)
     if pending is not None:
         retention.unschedule(paths.state_dir, [version_dir])
 

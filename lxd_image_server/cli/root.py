@@ -159,8 +159,11 @@ def update(
 ) -> None:
     """Rebuild streams/v1/index.json and images.json from the image tree."""
     from lxd_image_server.ops.updating import update as update_tree
+    from lxd_image_server.privileges import become_writer
 
-    update_tree(tree_paths(g, root_dir, img_dir, streams_dir), g.settings, rehash, for_terminal())
+    paths = tree_paths(g, root_dir, img_dir, streams_dir)
+    become_writer(paths)  # as root on the package's tree: as its catalog writer
+    update_tree(paths, g.settings, rehash, for_terminal())
 
 
 @main.command()

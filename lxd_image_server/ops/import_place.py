@@ -17,6 +17,7 @@ import logging
 import os
 import secrets
 import shutil
+import stat
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -45,6 +46,13 @@ class Placed:
     fingerprint: str = ""
     replaced: bool = False
     moved: list[str] = field(default_factory=list)
+
+
+def _dir_mode(img_fd: int) -> int:
+    """The mode of the directories an import makes: group-writable when images/ is (the
+    package's tree: setgid lxdadm, 2775, so that the catalog writer, a member of the group,
+    deletes what retention and prune let go, as it does an upload's), else DIR_MODE."""
+    return DIR_MODE | (os.fstat(img_fd).st_mode & stat.S_IWGRP)
 
 
 def _not_a_directory(path: str) -> ImportFailed:
@@ -169,7 +177,8 @@ def place(
     version's other image files are removed (metadata.json is kept).
 
     Below images/ everything is done relative to directory descriptors opened without
-    following links (the directories on the way made with fsutil.DirChain, 0755): a directory
+    following links (the directories on the way made with fsutil.DirChain, 0755, or 0775 when
+    images/ is group-writable: _dir_mode): a directory
     an uploader swapped for a symlink makes the import fail, it never leads outside images/.
     """
     key = plan.key
@@ -186,6 +195,7 @@ def place(
     except OSError as e:
         os.close(img_fd)
         raise ImportFailed(f"cannot read {e.filename}: {e.strerror or e}") from e
+    dir_mode = _dir_mode(img_fd)
     chain = DirChain(img_fd)
     transfer = _Transfer(plan, move, no_progress)
     try:
@@ -193,7 +203,7 @@ def place(
         for component in parts[:-1]:
             path = os.path.join(path, component)
             try:
-                chain.down(component, DIR_MODE)
+                chain.down(component, dir_mode)
             except NotADirectoryError:
                 raise _not_a_directory(path) from None
         variant_fd = chain.fd
@@ -207,10 +217,12 @@ def place(
             _fill(plan, transfer, placed, into_existing=True)
         else:
             tmp_name = f".import-{secrets.token_hex(6)}"
-            os.mkdir(tmp_name, DIR_MODE, dir_fd=variant_fd)
+            os.mkdir(tmp_name, dir_mode, dir_fd=variant_fd)
             try:
                 transfer.dir_fd = open_dir(tmp_name, dir_fd=variant_fd)
-                os.fchmod(transfer.dir_fd, DIR_MODE)
+                # exactly that mode whatever the umask, the setgid bit it inherited kept
+                setgid = os.fstat(transfer.dir_fd).st_mode & stat.S_ISGID
+                os.fchmod(transfer.dir_fd, dir_mode | setgid)
                 _fill(plan, transfer, placed, into_existing=False)
                 os.fsync(transfer.dir_fd)
                 if _exists(parts[-1], variant_fd):

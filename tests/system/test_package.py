@@ -17,6 +17,7 @@ import datetime
 import hashlib
 import json
 import os
+import random
 import re
 import secrets
 import shutil
@@ -40,6 +41,7 @@ from tests.integration.images import (
 from tests.integration.servers import (
     delete_images,
     delete_instance,
+    local_images,
     lxc,
     lxc_json,
     lxd_is_up,
@@ -93,6 +95,7 @@ TOOLS = (
     "lxd",
     "mksquashfs",
     "update-ca-certificates",
+    "xdelta3",
 )
 #: started (or listening) after installation
 RUNNING_UNITS = (
@@ -868,12 +871,36 @@ def test_sandboxed_units_push_to_a_mirror(
 # -- the real LXD daemon on the host ----------------------------------------------------------
 
 
-@pytest.mark.lxd
-def test_lxd_launches_the_uploaded_images(
-    server_cert: Path, images: dict[str, Image], installed: Installed
-) -> None:
+@pytest.fixture(scope="module")
+def host_lxd(server_cert: Path) -> Iterator[None]:
+    """The host's LXD daemon trusts the server's certificate: it is in the host's CA store and
+    the daemon was restarted to read it (once for the module); undone at the end."""
     if not lxd_is_up():
         pytest.fail("the LXD daemon does not answer `lxc info`: run `bash tests/host-setup.sh`")
+    shutil.copyfile(server_cert, HOST_CA)
+    HOST_CA.chmod(0o644)
+    try:
+        run(["update-ca-certificates"], timeout=120)
+        # the daemon caches a remote's catalog per URL (on disk and in memory) and reads the
+        # CA store once: forget the catalogs of this server's URLs and restart it
+        for url in (URL, DELTA_URL):
+            forget_lxd_catalog(url)
+        restart_lxd()
+        yield
+    finally:
+        HOST_CA.unlink(missing_ok=True)
+        run(["update-ca-certificates"], timeout=120)
+
+
+def forget_lxd_catalog(url: str) -> None:
+    """Drops the LXD daemon's cached catalog of `url` (it would keep it for an hour)."""
+    shutil.rmtree(LXD_CACHE / hashlib.sha256(url.encode()).hexdigest(), ignore_errors=True)
+
+
+@pytest.mark.lxd
+def test_lxd_launches_the_uploaded_images(
+    server_cert: Path, images: dict[str, Image], installed: Installed, host_lxd: None
+) -> None:
     wait_for(
         "images.json lists the uploads",
         lambda: (
@@ -883,14 +910,7 @@ def test_lxd_launches_the_uploaded_images(
     label = secrets.token_hex(3)
     remote = f"sys{label}"
     instances = []
-    shutil.copyfile(server_cert, HOST_CA)
-    HOST_CA.chmod(0o644)
     try:
-        run(["update-ca-certificates"], timeout=120)
-        # the daemon caches a remote's catalog per URL (on disk and in memory) and reads the
-        # CA store once: forget this URL's catalog and restart it
-        shutil.rmtree(LXD_CACHE / hashlib.sha256(URL.encode()).hexdigest(), ignore_errors=True)
-        restart_lxd()
         lxc("remote", "add", remote, URL, "--protocol", "simplestreams")
         listed = {img["fingerprint"] for img in lxc_json("image", "list", f"{remote}:")}
         assert {i.fingerprint for i in images.values()} <= listed, listed
@@ -906,8 +926,288 @@ def test_lxd_launches_the_uploaded_images(
         delete_images({i.fingerprint for i in images.values()})
         if remote in lxc_json("remote", "list"):
             lxc("remote", "remove", remote)
-        HOST_CA.unlink(missing_ok=True)
-        run(["update-ca-certificates"], timeout=120)
+
+
+# -- every shipped feature through the package's units (issue 18) ------------------------------
+# Each test has a product of its own, so none changes what another looks at.
+
+#: the URL the delta test's remote uses: another spelling of the server than URL, so neither
+#: the LXD client nor the daemon has a catalog of it cached from the tests above
+DELTA_URL = f"https://localhost:{HTTPS_PORT}"
+#: incompressible bytes in the delta test's root, over [deltas] min_size (1 MiB): the watcher
+#: makes a delta of it
+DELTA_PAD = 3 << 20
+#: seconds for the watcher to make, check and list a delta of a few MiB
+DELTA_DEADLINE = 180.0
+ACCESS_LOG = "/var/log/nginx/access.log"
+#: a request in nginx's combined log format: method, path, status
+_REQUEST_RE = re.compile(r'"(?P<method>[A-Z]+) (?P<path>\S+) HTTP/[0-9.]+" (?P<status>\d{3}) ')
+
+
+def serial_ago(**delta: float) -> str:
+    """A version key that long before now (UTC, the seeds' format)."""
+    when = datetime.datetime.now(datetime.UTC) - datetime.timedelta(**delta)
+    return when.strftime("%Y%m%d_%H:%M")
+
+
+def journal(container: Container, unit: str) -> str:
+    return container.run(f"journalctl -b -o cat --no-pager -u {unit} | tail -n 60").stdout
+
+
+def https_upload(installed: Installed, server_cert: Path, image: Image) -> None:
+    """Both files of `image`, as the seeds upload: curl -F to the upload app."""
+    for local in (image.meta, image.root):
+        proc = curl(
+            "--cacert",
+            str(server_cert),
+            "-u",
+            f"{installed.user}:{installed.password}",
+            "-F",
+            f"upload=@{local};filename={image.relpath}/{local.name}",
+            "-w",
+            "\n%{http_code}",
+            f"{URL}/images/",
+        )
+        assert proc.returncode == 0 and proc.stdout.endswith("\n201"), proc
+
+
+def listed_versions(server_cert: Path, variant: str) -> set[str]:
+    product = catalog(server_cert)["products"].get(f"busybox:1.35:amd64:{variant}", {})
+    return set(product.get("versions", {}))
+
+
+@pytest.fixture(scope="module")
+def delta_images(tmp_path_factory: Any) -> tuple[Image, Image]:
+    """Two versions of one product; the second's root is the first's plus a small file."""
+    work = Path(tmp_path_factory.mktemp("delta"))
+    rootfs = build_rootfs(work / "rootfs")
+    (rootfs / "opt").mkdir()
+    (rootfs / "opt" / "pad.bin").write_bytes(random.Random(18).randbytes(DELTA_PAD))
+    made = []
+    for n, serial in ((1, serial_ago(days=2)), (2, serial_ago(days=1))):
+        d = work / "upload" / PREFIX / "delta" / serial
+        d.mkdir(parents=True)
+        (rootfs / "etc" / "lis-version").write_text(f"{n}\n")
+        meta = write_metadata_tarball(work / f"meta-{n}", d / "lxd.tar.xz", f"delta test {n}")
+        made.append(Image("delta", serial, meta, make_squashfs(rootfs, d / "rootfs.squashfs")))
+    return made[0], made[1]
+
+
+def listed_delta(server_cert: Path, image: Image) -> dict[str, Any] | None:
+    """The squashfs.vcdiff item of `image`'s version in the served catalog, if any."""
+    product = catalog(server_cert)["products"].get(f"busybox:1.35:amd64:{image.variant}", {})
+    items = product.get("versions", {}).get(image.serial, {}).get("items", {})
+    found = [i for i in items.values() if i["ftype"] == "squashfs.vcdiff"]
+    return found[0] if found else None
+
+
+def image_requests(container: Container, since: int) -> list[tuple[str, int]]:
+    """(path, status) of every GET of an image file in nginx's access log after byte `since`."""
+    text = container.path(ACCESS_LOG).read_bytes()[since:].decode("utf-8", "replace")
+    return [
+        (m["path"], int(m["status"]))
+        for m in _REQUEST_RE.finditer(text)
+        if m["method"] == "GET" and m["path"].startswith("/images/")
+    ]
+
+
+@pytest.mark.lxd
+def test_lxd_refreshes_by_the_delta_the_packaged_watcher_made(
+    installed: Installed,
+    server_cert: Path,
+    delta_images: tuple[Image, Image],
+    container: Container,
+    host_lxd: None,
+) -> None:
+    """Issue 18, finding 1: the watcher makes deltas inside its sandbox (xdelta3 at the lowest
+    priority the unit allows), and the host's LXD refreshing an --auto-update image downloads
+    the delta from the package's nginx, not the new root."""
+    v1, v2 = delta_images
+    https_upload(installed, server_cert, v1)
+    wait_for(
+        "images.json lists version 1", lambda: v1.serial in listed_versions(server_cert, "delta")
+    )
+    remote = f"sysd{secrets.token_hex(3)}"
+    try:
+        lxc("remote", "add", remote, DELTA_URL, "--protocol", "simplestreams")
+        lxc("image", "copy", f"{remote}:{v1.alias}", "local:", "--auto-update", timeout=300)
+        assert v1.fingerprint in local_images()
+
+        https_upload(installed, server_cert, v2)
+        end = time.monotonic() + DELTA_DEADLINE
+        while (delta := listed_delta(server_cert, v2)) is None:
+            if time.monotonic() > end:
+                pytest.fail(
+                    f"no delta listed for version 2 after {DELTA_DEADLINE:.0f} s; the watcher "
+                    f"said:\n{journal(container, 'lxd-image-server.service')}"
+                )
+            time.sleep(1)
+        assert delta["delta_base"] == v1.serial, delta
+        delta_path = f"/images/{v2.relpath}/rootfs.{v1.serial.replace(':', '')}.vcdiff"
+        assert f"/{delta['path']}" == delta_path, delta
+        assert delta["size"] < v2.root.stat().st_size // 4, delta
+
+        forget_lxd_catalog(DELTA_URL)
+        since = container.path(ACCESS_LOG).stat().st_size
+        out = lxc("image", "refresh", v1.fingerprint, timeout=300)
+        fetched = image_requests(container, since)
+        assert v2.fingerprint in local_images(), f"{out}\n{fetched}"
+        assert (delta_path, 200) in fetched, fetched
+        full_root = f"/images/{v2.relpath}/rootfs.squashfs"
+        assert not [p for p, _ in fetched if p == full_root], fetched
+        print(f"the refresh fetched {fetched}")
+    finally:
+        delete_images({v1.fingerprint, v2.fingerprint})
+        if remote in lxc_json("remote", "list"):
+            lxc("remote", "remove", remote)
+
+
+def test_catalog_units_bound_memory_for_deltas(installed: Installed, container: Container) -> None:
+    """Issue 18, finding 2: the units that run xdelta3 bound their memory (its window is sized
+    to fit) and go on when the OOM killer takes xdelta3."""
+    for unit in ("lxd-image-server.service", "lxd-image-server-update.service"):
+        assert unit_property(container, unit, "MemoryHigh") == str(1536 << 20), unit
+        assert unit_property(container, unit, "MemoryMax") == str(2 << 30), unit
+        assert unit_property(container, unit, "OOMPolicy") == "continue", unit
+
+
+def add_version_as_uploader(container: Container, variant: str, serial: str) -> None:
+    """A small version placed as sftp would (as lxdadm, under hidden names, then renamed)."""
+    d = f"{ROOT}/images/{PREFIX}/{variant}/{serial}"
+    container.run(
+        f"runuser -u {UPLOADER} -- sh -c 'set -e; mkdir -p {d}; "
+        f"head -c 4096 /dev/urandom > {d}/.m; head -c 65536 /dev/urandom > {d}/.r; "
+        f"mv {d}/.m {d}/lxd.tar.xz; mv {d}/.r {d}/rootfs.squashfs'"
+    )
+
+
+RETENTION_CONFIG = "/etc/lxd-image-server/conf.d/system-test-retention.toml"
+#: the retention test's versions, oldest first (the last one added with the watcher stopped)
+KEPT_SERIALS = tuple(serial_ago(days=d) for d in (9, 8, 7, 6))
+
+
+def test_retention_applied_by_the_packaged_watcher(
+    installed: Installed, server_cert: Path, container: Container
+) -> None:
+    """[retention] keep = 2: the watcher leaves the oldest of three versions out."""
+    for serial in KEPT_SERIALS[:3]:
+        add_version_as_uploader(container, "kept", serial)
+    container.run(f"cat > {RETENTION_CONFIG}", input="[retention]\nkeep = 2\n")
+    expected = set(KEPT_SERIALS[1:3])
+    wait_for(
+        "the watcher applied keep = 2",
+        lambda: listed_versions(server_cert, "kept") == expected,
+    )
+    said = journal(container, "lxd-image-server.service")
+    assert f"retention: busybox:1.35:amd64:kept {KEPT_SERIALS[0]} leaves the catalog" in said
+
+
+def test_update_service_publishes_and_applies_retention(
+    installed: Installed, server_cert: Path, container: Container
+) -> None:
+    """The timer's service (`update`) publishes a version the watcher did not see (it is
+    stopped) and applies [retention] itself."""
+    unit = "lxd-image-server-update.service"
+    container.run("systemctl stop lxd-image-server.service")
+    try:
+        add_version_as_uploader(container, "kept", KEPT_SERIALS[3])
+        assert listed_versions(server_cert, "kept") == set(KEPT_SERIALS[1:3])
+        container.run(f"systemctl start {unit}", timeout=300)
+        assert unit_property(container, unit, "Result") == "success", journal(container, unit)
+        assert listed_versions(server_cert, "kept") == set(KEPT_SERIALS[2:])
+        said = journal(container, unit)
+        assert f"retention: busybox:1.35:amd64:kept {KEPT_SERIALS[1]} leaves" in said, said
+    finally:
+        container.run(f"rm -f {RETENTION_CONFIG}; systemctl start lxd-image-server.service")
+
+
+def free_host_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_init_http_listen_serves_image_files(
+    installed: Installed, images: dict[str, Image], container: Container, tmp_path: Path
+) -> None:
+    """`init --http-listen` on the installed package: image files over plain HTTP, nothing
+    else; `init` without it takes the listener away again."""
+    port = free_host_port()
+    init = f"lxd-image-server init --root-dir {ROOT} --password-file {PASSWORD_FILE}"
+    container.run(f"{init} --http-listen 127.0.0.1:{port}")
+    image = images["https"]
+    base = f"http://127.0.0.1:{port}"
+    got = tmp_path / "root"
+    fetch = ["curl", "-sS", "--fail", "--max-time", "60", "-o", str(got),
+             f"{base}/images/{image.relpath}/{image.root.name}"]  # fmt: skip
+    try:
+        # nginx's reload (init's last step) opens the listener a moment after init returns
+        wait_for("the plain-HTTP listener serves", lambda: run(fetch, check=False).returncode == 0)
+        assert sha256_file(got) == sha256_file(image.root)
+        for path, method, status in (
+            ("/streams/v1/images.json", "GET", "404"),
+            ("/", "GET", "404"),
+            (f"/images/{image.relpath}/lxd.tar.xz", "POST", "405"),
+        ):
+            proc = run(
+                ["curl", "-sS", "--max-time", "60", "-X", method, "-o", "/dev/null",
+                 "-w", "%{http_code}", f"{base}{path}"],
+                check=False,
+            )  # fmt: skip
+            assert proc.stdout == status, (path, method, proc)
+    finally:
+        container.run(init)
+    wait_for(
+        "the listener is gone after init without --http-listen",
+        lambda: run(["curl", "-sS", "--max-time", "10", f"{base}/"], check=False).returncode != 0,
+    )
+
+
+def test_import_as_root_leaves_files_the_writer_and_nginx_use(
+    installed: Installed,
+    server_cert: Path,
+    images: dict[str, Image],
+    container: Container,
+    tmp_path: Path,
+) -> None:
+    """`import` run as root (as an admin would): the version is listed, its files download
+    over HTTPS, the writer may delete them (retention, prune) and nothing the writer owns
+    became root's."""
+    meta = write_metadata_tarball(tmp_path / "meta", tmp_path / "lxd.tar.xz", "imported")
+    root = images["https"].root
+    container.run("install -d -m 0700 /root/import")
+    shutil.copyfile(meta, container.path("/root/import/lxd.tar.xz"))
+    shutil.copyfile(root, container.path("/root/import/rootfs.squashfs"))
+    serial = serial_ago(days=3)
+    proc = container.run(
+        f"lxd-image-server import /root/import/lxd.tar.xz /root/import/rootfs.squashfs "
+        f"--root-dir {ROOT} --variant imported --serial '{serial}'",
+        timeout=300,
+    )
+    assert "published" in proc.stdout, proc
+    image = Image("imported", serial, meta, root)
+    wait_for("the import is listed", lambda: serial in listed_versions(server_cert, "imported"))
+    for local in (meta, root):
+        got = tmp_path / f"got-{local.name}"
+        url = f"{URL}/images/{image.relpath}/{local.name}"
+        proc = curl("--cacert", str(server_cert), "--fail", "-o", str(got), url)
+        assert proc.returncode == 0, proc
+        assert sha256_file(got) == sha256_file(local), url
+    version = f"{ROOT}/images/{image.relpath}"
+    # like an upload: group lxdadm, the directories group-writable (the writer deletes what
+    # retention and prune let go), the files readable by nginx
+    for path in (f"{ROOT}/images/{PREFIX}/imported", version):
+        owner, mode = stat_in_container(container, path).split()
+        assert owner.endswith(f":{UPLOADER}") and mode == "2775", (path, owner, mode)
+    for name in ("lxd.tar.xz", "rootfs.squashfs"):
+        owner, mode = stat_in_container(container, f"{version}/{name}").split()
+        assert owner.endswith(f":{UPLOADER}") and mode == "644", (name, owner, mode)
+    others = container.run(
+        f"find {ROOT}/streams {STATE} -path {DIGESTS} -prune -o ! -user {WRITER} -printf '%u %p\\n'"
+    ).stdout
+    assert others == "", f"root's after the import:\n{others}"
+    # the writer may delete the version, as retention and prune would
+    container.run(f"runuser -u {WRITER} -- rm -r {version}")
 
 
 # -- upgrade, remove, purge ----------------------------------------------------------------

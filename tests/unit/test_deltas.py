@@ -10,6 +10,7 @@ import re
 import subprocess
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -530,7 +531,15 @@ def test_run_feeds_all_output_to_the_sink_and_reports_a_failure(tmp_path: Path) 
             got.append,
             60,
         )
-        assert problem == "xdelta3 exited 3: last"
+        assert problem == deltagen.Failure("xdelta3 exited 3: last", refused=False)
+        # xdelta3's own message: it refused its input
+        problem = deltagen._run(
+            ["sh", "-c", "echo 'xdelta3: bad' >&2; exit 1"], fd, [], got.append, 60
+        )
+        assert problem == deltagen.Failure("xdelta3 exited 1: xdelta3: bad", refused=True)
+        # killed (the OOM killer at the unit's MemoryMax): cut short, not refused
+        problem = deltagen._run(["sh", "-c", "kill -9 $$"], fd, [], got.append, 60)
+        assert problem == deltagen.Failure("xdelta3 was killed by SIGKILL", refused=False)
     finally:
         os.close(fd)
 
@@ -539,7 +548,8 @@ def test_run_stops_a_command_that_runs_too_long_or_writes_too_much(tmp_path: Pat
     fd = _stdin(tmp_path)
     try:
         problem = deltagen._run(["sleep", "60"], fd, [], lambda _: None, 0.3)
-        assert problem is not None and problem.startswith("timed out")
+        assert problem is not None and problem.why.startswith("timed out")
+        assert not problem.refused
 
         def sink(chunk: bytes) -> None:
             raise deltagen._Stop()
@@ -548,3 +558,163 @@ def test_run_stops_a_command_that_runs_too_long_or_writes_too_much(tmp_path: Pat
             deltagen._run(["sh", "-c", "while :; do echo y; done"], fd, [], sink, 60)
     finally:
         os.close(fd)
+
+
+def test_xdelta3_runs_at_nice_19_in_the_idle_io_class(tmp_path: Path) -> None:
+    fd = _stdin(tmp_path)
+    try:
+        got: list[bytes] = []
+        script = "ionice -p $$; cut -d' ' -f19 /proc/$$/stat"
+        assert deltagen._run(["sh", "-c", script], fd, [], got.append, 60) is None
+        assert b"".join(got).split() == [b"idle", b"19"]
+    finally:
+        os.close(fd)
+
+
+# -- when xdelta3 runs again (issue 18) -------------------------------------------------------
+
+
+def _record(result: str, at: float, tries: int = 0, env: str = "env") -> deltas.Record:
+    return deltas.Record(result, "b", "t", "d", at=at, tries=tries, env=env)
+
+
+def test_a_path_runs_again_after_the_interval_and_a_failure_later_each_time() -> None:
+    assert deltas.due(None, 60, "env") == 0.0
+    for result in (deltas.OK, deltas.WRONG, deltas.TOO_BIG):
+        assert deltas.due(_record(result, 1000.0), 60, "env") == 1060.0
+    assert [deltas.due(_record(deltas.FAILED, 1000.0, n), 60, "env") for n in (1, 2, 3)] == [
+        1060.0,
+        1120.0,
+        1240.0,
+    ]
+    assert deltas.due(_record(deltas.FAILED, 0.0, 40), 60, "env") == deltas.MAX_BACKOFF
+    # another program or xdelta3 (an upgrade): what failed or said WRONG is tried at once
+    assert deltas.due(_record(deltas.FAILED, 1000.0, 3, env="old"), 60, "env") == 0.0
+    assert deltas.due(_record(deltas.WRONG, 1000.0, env=""), 60, "env") == 0.0
+    assert deltas.due(_record(deltas.OK, 1000.0, env=""), 60, "env") == 1060.0
+
+
+def test_records_of_0_2_0_still_load_and_new_fields_round_trip() -> None:
+    old = {"result": "failed", "base": "b", "target": "t", "delta": "", "size": 0, "detail": "x"}
+    rec = deltas.Record.from_json(old)
+    assert rec == deltas.Record("failed", "b", "t", "", 0, "x", 0.0, 0, "")
+    new = _record(deltas.FAILED, 12.5, 2)
+    assert deltas.Record.from_json(new.as_json()) == new
+    for bad in ({"tries": True}, {"at": "now"}, {"env": 3}, {"size": 1.5}):
+        assert deltas.Record.from_json({**old, **bad}) is None
+
+
+def _background(paths: Paths, config: DeltaSettings) -> tuple[DeltaService, Pipeline, HashCache]:
+    cache = HashCache(None)
+    service = DeltaService(paths.img_dir, paths.state_dir, config, BACKGROUND, 3600)
+    return service, Pipeline(paths, cache, deltas=service), cache
+
+
+def _idle(service: DeltaService) -> None:
+    deadline = time.monotonic() + 60
+    while (service.pending() or service._worker is not None) and time.monotonic() < deadline:
+        if service.deferred() and not service.pending():
+            return
+        time.sleep(0.05)
+
+
+def test_renaming_a_delta_back_and_forth_buys_one_check_per_interval(
+    paths: Paths, monkeypatch
+) -> None:
+    """Issue 18, finding 2: each rename gives the delta a new ctime (a new identity); the
+    watcher checks it again only once `check_interval` has passed since the last check."""
+    add(paths, OLD, ROOT_1)
+    new = add(paths, NEW, ROOT_2)
+    wrong = write(new / delta_name("squashfs", OLD), blob(5000, 9))
+    runs: list[str] = []
+    real = deltagen.check
+
+    def check(job: deltas.Job, limits: deltagen.Limits) -> deltas.Record:
+        runs.append(job.path)
+        return real(job, limits)
+
+    monkeypatch.setattr(deltagen, "check", check)
+    service, pipeline, cache = _background(paths, DeltaSettings(enabled=False, check_interval=600))
+    try:
+        pipeline.update_all()
+        _idle(service)
+        assert runs == [str(wrong)]
+        assert deltas.load(paths.state_dir)[str(wrong)].result == deltas.WRONG
+        for _ in range(5):
+            os.rename(wrong, new / ".away")
+            os.rename(new / ".away", wrong)
+            pipeline.refresh([str(new.relative_to(paths.img_dir))])
+            _idle(service)
+        assert runs == [str(wrong)]
+        when = service.deferred()[str(wrong)]
+        assert 500 < when - time.time() <= 600
+        # an interval later (the record says the check is that old), it runs once more
+        records = deltas.load(paths.state_dir)
+        records[str(wrong)] = replace(records[str(wrong)], at=time.time() - 601)
+        deltas.save(paths.state_dir, records)
+        pipeline.refresh([str(new.relative_to(paths.img_dir))])
+        _idle(service)
+        deadline = time.monotonic() + 60
+        while len(runs) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert runs == [str(wrong)] * 2
+    finally:
+        cache.close()
+
+
+def test_a_failed_delta_is_made_again_by_the_watcher_after_an_upgrade(paths: Paths) -> None:
+    """A delta FAILED in another environment (0.2.0's ionice refused by the units' filter)
+    is made again at once; one FAILED here waits for its time."""
+    add(paths, OLD, ROOT_1)
+    new = add(paths, NEW, ROOT_2)
+    path = str(new / delta_name("squashfs", OLD))
+    versions = {v.key.serial: v for v in Scanner(paths.img_dir).scan()}
+    base = deltas.ident(versions[OLD].files["rootfs.squashfs"])
+    target = deltas.ident(versions[NEW].files["rootfs.squashfs"])
+    env = deltagen.environment(deltagen.xdelta3_path() or "xdelta3")
+    failed = deltas.Record(deltas.FAILED, base, target, detail="refused", at=time.time(), tries=1)
+    deltas.save(paths.state_dir, {path: replace(failed, env=env)})
+    service, pipeline, cache = _background(paths, SMALL_OK)
+    try:
+        pipeline.update_all()
+        _idle(service)
+        assert list(service.deferred()) == [path]
+        assert not os.path.exists(path)
+    finally:
+        cache.close()
+    deltas.save(paths.state_dir, {path: failed})  # env "": a record of 0.2.0
+    service, pipeline, cache = _background(paths, SMALL_OK)
+    try:
+        pipeline.update_all()
+        deadline = time.monotonic() + 60
+        while deltas.load(paths.state_dir)[path].result != deltas.OK:
+            assert time.monotonic() < deadline, deltas.load(paths.state_dir)
+            time.sleep(0.05)
+        assert service.deferred() == {}
+        assert os.path.isfile(path)
+    finally:
+        cache.close()
+
+
+def test_a_check_cut_short_is_failed_not_wrong(paths: Paths, tmp_path: Path) -> None:
+    """xdelta3 killed (the OOM killer at MemoryMax) says nothing about the delta: FAILED,
+    tried again later; never WRONG, which would keep a good delta out until it changes."""
+    old = add(paths, OLD, ROOT_1)
+    new = add(paths, NEW, ROOT_2)
+    good = xdelta(
+        old / "rootfs.squashfs", new / "rootfs.squashfs", new / delta_name("squashfs", OLD)
+    )
+    versions = {v.key.serial: v for v in Scanner(paths.img_dir).scan()}
+    killed = write(tmp_path / "xdelta3", b"#!/bin/sh\nkill -9 $$\n")
+    killed.chmod(0o755)
+    job = deltas.Job(
+        str(new),
+        good.name,
+        versions[OLD].files["rootfs.squashfs"],
+        versions[NEW].files["rootfs.squashfs"],
+        sha(ROOT_2),
+        versions[NEW].files[good.name],
+    )
+    rec = deltagen.check(job, deltagen.Limits(xdelta3=str(killed)))
+    assert rec.result == deltas.FAILED and "SIGKILL" in rec.detail
+    assert deltagen.check(job, deltagen.Limits()).result == deltas.OK

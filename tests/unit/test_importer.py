@@ -446,6 +446,24 @@ def test_place_new_version(tmp_path: Path) -> None:
     assert meta.exists() and root.exists()  # copied, not moved
 
 
+def test_place_in_the_packages_tree_makes_group_writable_setgid_directories(
+    tmp_path: Path,
+) -> None:
+    """Issue 18: images/ is setgid and group-writable in the package (2775, group lxdadm):
+    an import (as root) makes its directories so too, so that the catalog writer, a member of
+    the group, can delete the version when retention or prune lets it go."""
+    img = tmp_path / "images"
+    img.mkdir()
+    img.chmod(0o2775)
+    meta, root = split_export(tmp_path / "export")
+    placed = place(plan_import([str(meta), str(root)]), str(img))
+    vdir = Path(placed.version_dir)
+    for d in (vdir, vdir.parent, img / "busybox"):
+        assert stat.S_IMODE(d.stat().st_mode) == 0o2775, d
+    for p in (vdir / "lxd.tar.xz", vdir / "rootfs.squashfs"):
+        assert stat.S_IMODE(p.stat().st_mode) == 0o644
+
+
 def test_place_unified_names_it_by_sha256(tmp_path: Path) -> None:
     img = tmp_path / "images"
     tarball = unified_tarball(tmp_path / "renamed-by-user.tar.gz")

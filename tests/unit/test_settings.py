@@ -91,6 +91,8 @@ def test_malformed_file_names_file_and_line(layers):
         ("[deltas]\nmax_ratio = true\n", "deltas.max_ratio"),
         ("[deltas]\nenabled = 'no'\n", "deltas.enabled must be a bool"),
         ("[deltas]\ntimeout = 0\n", "deltas.timeout"),
+        ("[deltas]\ncheck_interval = 0\n", "deltas.check_interval must be at least 1"),
+        ("[deltas]\ncheck_interval = '1h'\n", "deltas.check_interval"),
         ("[deltas]\nwindow = 1\n", "unknown key(s) in [deltas]: window"),
         ("[deltas]\nmin_size = -1\n", "deltas.min_size must not be negative"),
         ("[deltas]\nmin_size = '1X'\n", "deltas.min_size '1X' is not a size"),
@@ -109,12 +111,15 @@ def test_deltas_table(tmp_path):
     f = tmp_path / "c.toml"
     f.write_text(
         "[deltas]\nenabled = false\nbases = 2\nmax_ratio = 0.25\ntimeout = 60\nmin_size = '4M'\n"
+        "check_interval = 120\n"
     )
     d = load(str(f), env={}, system_dir=str(tmp_path / "none"), home=None).deltas
     assert (d.enabled, d.bases, d.max_ratio, d.timeout, d.min_size) == (False, 2, 0.25, 60, 4 << 20)
+    assert d.check_interval == 120
     default = load(env={}, system_dir=str(tmp_path / "none"), home=None).deltas
     assert (default.enabled, default.bases, default.max_ratio) == (True, 1, 0.5)
     assert default.min_size == 1 << 20
+    assert default.check_interval == 3600
 
 
 def test_missing_explicit_file_is_an_error(tmp_path):
