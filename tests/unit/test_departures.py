@@ -63,8 +63,8 @@ def hide_from_scan(p: Pipeline, serial: str) -> None:
     not list, a partial view): what no publish may act on."""
     real = p.scanner.scan
 
-    def partial(prefix: str = "") -> list[ScannedVersion]:
-        return [v for v in real(prefix) if v.key.serial != serial]
+    def partial(rel_prefix: str = "") -> list[ScannedVersion]:
+        return [v for v in real(rel_prefix) if v.key.serial != serial]
 
     p.scanner.scan = partial  # type: ignore[method-assign]
 
