@@ -1,4 +1,5 @@
-"""What users run, with both clients (every test taking `client` runs with `lxc` and `incus`):
+"""What users run, with every client (each test taking `client` runs with `lxc`, `incus6` and
+`incus7`, see conftest.py):
 
 - a `--private` `lxd-image-server run` server, reached through a
   `https://USER:PASSWORD@host:port` remote (and refused without the credentials);
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import datetime
 import shutil
-import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
@@ -194,13 +194,7 @@ def test_a_private_server_refuses_a_remote_without_credentials(
     client: Client, server: Server, uploaded: Uploaded
 ) -> None:
     with added_remote(client, f"n{server.port}", server.url) as name:
-        proc = subprocess.run(
-            [client.command, "image", "list", f"{name}:"],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
+        proc = client.run(["image", "list", f"{name}:"], timeout=120, check=False)
     assert proc.returncode != 0, proc.stdout
     assert "busypriv" not in proc.stdout
 
