@@ -11,7 +11,8 @@
 One server for the module. The Debian tree is the system test's cached debootstrap
 (tests/system/container.py, CACHE_DIR/<suite>); the image files made from it are cached next to
 it in CACHE_DIR/image-<suite>/, so a warm run only uploads, launches and publishes.
-Prerequisites: root, `bash tests/host-setup.sh` (LXD, Incus, debootstrap, squashfs-tools).
+Prerequisites: root, `bash tests/host-setup.sh` (LXD, debootstrap, systemd-nspawn,
+squashfs-tools).
 """
 
 from __future__ import annotations
