@@ -17,7 +17,7 @@ bpf system calls):
 The container shares the host's network, so its Incus reaches the test servers on 127.0.0.1;
 Incus listens on its unix socket only, which is inside the container. GuestClient runs `incus`
 in the container; the daemon's cache is read through the container's root on the host.
-At the end the journal and console of each container go to tests/artifacts/incus/.
+At the end the journal and console of each container go to tests/artifacts/incus/<key>/.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import shlex
 import shutil
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -187,9 +187,10 @@ def boot_guest(build: IncusBuild, c: Container, ca_cert: Path) -> GuestClient:
     return GuestClient(build, c, package, f"Incus {package} (Debian 13 container)")
 
 
-def remove_guest(container: Container) -> None:
-    """Saves the journal and console to tests/artifacts/incus/, then powers off and deletes."""
-    out = ARTIFACTS / container.name
+def remove_guest(key: str, container: Container) -> None:
+    """Saves the journal and console to tests/artifacts/incus/KEY/ (the last run's), then
+    powers the container off and deletes it."""
+    out = ARTIFACTS / key
     out.mkdir(parents=True, exist_ok=True)
     if container.leader:
         journal = container.run("journalctl -b --no-pager", check=False, timeout=60).stdout
@@ -200,29 +201,37 @@ def remove_guest(container: Container) -> None:
 
 class Guests:
     """The Incus containers of a test session, each booted when a test first asks for it (so
-    `-k lxc` boots none) and all removed by close()."""
+    `-k lxc` boots none) and all removed by close(). A build whose container failed to come
+    up fails every later test that asks for it, with the first error, without a second try."""
 
-    def __init__(self, ca_cert: Path, label: str | None = None) -> None:
+    def __init__(
+        self, ca_cert: Path, label: str | None = None, builds: Mapping[str, IncusBuild] = BUILDS
+    ) -> None:
         self.ca_cert = ca_cert
         self.label = label or secrets.token_hex(3)
+        self.builds = builds
         self._clients: dict[str, GuestClient] = {}
-        self._containers: list[Container] = []
+        self._containers: dict[str, Container] = {}
+        self._failed: dict[str, str] = {}
 
     def client(self, key: str) -> GuestClient:
+        if key in self._failed:
+            raise AssertionError(f"the {key} container did not come up:\n{self._failed[key]}")
         if key not in self._clients:
-            build = BUILDS[key]
-            self._clients[key] = self._boot(build)
+            build = self.builds[key]
+            c = guest_container(build, self.label)
+            self._containers[key] = c  # close() removes it even if the boot fails half-way
+            try:
+                self._clients[key] = boot_guest(build, c, self.ca_cert)
+            except Exception as e:
+                self._failed[key] = str(e)
+                raise
         return self._clients[key]
 
-    def _boot(self, build: IncusBuild) -> GuestClient:
-        c = guest_container(build, self.label)
-        self._containers.append(c)  # close() removes it even if the boot fails half-way
-        return boot_guest(build, c, self.ca_cert)
-
     def close(self) -> None:
-        for c in self._containers:
+        for key, c in self._containers.items():
             try:
-                remove_guest(c)
+                remove_guest(key, c)
             except Exception:
                 log.exception("removing %s failed", c.name)
         self._containers.clear()
