@@ -1,27 +1,28 @@
 #!/bin/bash
 # Prepares a Debian 12 or 13 machine (as root) for tests/integration: the Debian packages the
-# tests use, and running LXD and Incus daemons, each with a `dir` storage pool. Idempotent and
-# fast when warm.
+# tests use, and a running LXD daemon with a `dir` storage pool. Idempotent and fast when warm.
 #
-# Incus comes from bookworm-backports on Debian 12 (the source is added if missing) and from
-# main on Debian 13. These machines do not run systemd as PID 1, so both daemons are started by
-# hand, detached from this script, logging to /var/log/lxd-test.log and /var/log/incus-test.log.
+# Incus does not run on this machine: the tests install Debian 13's Incus 6.0.4 and
+# trixie-backports' Incus 7 in booted Debian 13 containers of their own
+# (tests/integration/incus_guest.py; systemd-nspawn and debootstrap come from here). Only
+# incus-extra is installed here, for bench/bench_import.py's incus-simplestreams: from
+# bookworm-backports on Debian 12 (the source is added if missing), from main on Debian 13.
+# These machines do not run systemd as PID 1, so the LXD daemon is started by hand, detached
+# from this script, logging to /var/log/lxd-test.log.
 #
-#   bash tests/host-setup.sh                  # packages + daemons + storage pools
-#   bash tests/host-setup.sh --restart-lxd    # stop the LXD daemon and start it again
-#   bash tests/host-setup.sh --restart-incus  # the same for Incus
-#   bash tests/host-setup.sh --restart-all    # both (the tests do this after installing their
-#                                             # CA: each daemon reads the system CA store once,
-#                                             # at start)
+#   bash tests/host-setup.sh                  # packages + daemon + storage pool
+#   bash tests/host-setup.sh --restart-lxd    # stop the LXD daemon and start it again (the
+#                                             # tests do this after installing their CA: it
+#                                             # reads the system CA store once, at start)
+#   bash tests/host-setup.sh --restart-all    # the same, for every daemon of this script
 set -euo pipefail
 
 LXD_LOG=/var/log/lxd-test.log
-INCUS_LOG=/var/log/incus-test.log
 PACKAGES=(
     lxd nginx-light busybox-static squashfs-tools xz-utils qemu-utils xdelta3 debootstrap
     openssl ca-certificates curl python3-venv man-db chromium openssh-server rsync
     python3-click python3-cryptography python3-pytest python3-pytest-timeout
-    python3-yaml python3-hypothesis
+    python3-yaml python3-hypothesis systemd-container
 )
 CODENAME=$(. /etc/os-release && echo "${VERSION_CODENAME:-}")
 
@@ -68,10 +69,10 @@ has_backports() {
     apt-get indextargets --format '$(RELEASE)' 2>/dev/null | grep -qx "$CODENAME-backports"
 }
 
-install_incus() {
-    # incus-extra: incus-simplestreams, the baseline of bench/bench_import.py
-    if installed incus && installed incus-extra; then
-        say "incus: present"
+install_incus_extra() {
+    # incus-simplestreams, the baseline of bench/bench_import.py
+    if installed incus-extra; then
+        say "incus-extra: present"
         return
     fi
     export DEBIAN_FRONTEND=noninteractive
@@ -88,32 +89,14 @@ install_incus() {
         fi
         target=(-t bookworm-backports)
     fi
-    say "installing incus ${target[*]+"${target[*]}"}"
+    say "installing incus-extra ${target[*]+"${target[*]}"}"
     apt-get update -q
-    apt-get install -y -q --no-install-recommends "${target[@]+"${target[@]}"}" incus incus-extra
+    apt-get install -y -q --no-install-recommends "${target[@]+"${target[@]}"}" incus-extra
 }
 
-# -- the daemons: LXD and Incus take the same steps with their own commands ------------------
-# $1 is lxd or incus.
+# -- the LXD daemon ----------------------------------------------------------------------------
 
-client() { if [ "$1" = lxd ]; then echo lxc; else echo incus; fi; }
-admin() { if [ "$1" = lxd ]; then echo lxd; else echo incus admin; fi; }
-daemon_log() { if [ "$1" = lxd ]; then echo "$LXD_LOG"; else echo "$INCUS_LOG"; fi; }
-
-daemon_binary() {
-    local b
-    if [ "$1" = lxd ]; then
-        command -v lxd && return
-    else
-        for b in /usr/libexec/incus/incusd /usr/lib/incus/incusd /usr/sbin/incusd \
-            /usr/bin/incusd; do
-            [ -x "$b" ] && { echo "$b"; return; }
-        done
-    fi
-    die "no $1 daemon binary: is the package installed?"
-}
-
-daemon_up() { "$(client "$1")" info >/dev/null 2>&1; }
+lxd_up() { lxc info >/dev/null 2>&1; }
 
 # Closes every descriptor above 2 of the calling (sub)shell.
 close_inherited() {
@@ -125,51 +108,48 @@ close_inherited() {
     done
 }
 
-start_daemon() {
-    local log
-    log=$(daemon_log "$1")
-    if daemon_up "$1"; then
-        say "$1 daemon: already running"
+start_lxd() {
+    if lxd_up; then
+        say "lxd daemon: already running"
         return
     fi
-    say "starting the $1 daemon (log: $log)"
+    local binary
+    binary=$(command -v lxd) || die "no lxd daemon binary: is the package installed?"
+    say "starting the lxd daemon (log: $LXD_LOG)"
     # setsid + nohup and no inherited descriptors: the daemon outlives this script, whoever
     # runs it never waits on its output, and it keeps no lock open (run under
     # `flock /tmp/lxd-heavy.lock`, a daemon that inherited the lock's descriptor held it for
     # as long as it ran)
     (
         close_inherited
-        exec setsid nohup "$(daemon_binary "$1")" --group root --logfile "$log" \
-            </dev/null >>"$log" 2>&1
+        exec setsid nohup "$binary" --group root --logfile "$LXD_LOG" \
+            </dev/null >>"$LXD_LOG" 2>&1
     ) &
-    # shellcheck disable=SC2046  # admin is one or two words
-    $(admin "$1") waitready --timeout 60 || die "$1 did not become ready; see $log"
-    daemon_up "$1" || die "$1 is up but '$(client "$1") info' fails; see $log"
+    lxd waitready --timeout 60 || die "lxd did not become ready; see $LXD_LOG"
+    lxd_up || die "lxd is up but 'lxc info' fails; see $LXD_LOG"
 }
 
-stop_daemon() {
-    daemon_up "$1" || return 0
-    say "stopping the $1 daemon"
-    # shellcheck disable=SC2046
-    $(admin "$1") shutdown --timeout 60 || die "'$(admin "$1") shutdown' failed; see $(daemon_log "$1")"
+stop_lxd() {
+    lxd_up || return 0
+    say "stopping the lxd daemon"
+    lxd shutdown --timeout 60 || die "'lxd shutdown' failed; see $LXD_LOG"
     local i
     for i in $(seq 1 120); do
-        daemon_up "$1" || return 0
+        lxd_up || return 0
         sleep 0.5
     done
-    die "$1 still answers after shutdown"
+    die "lxd still answers after shutdown"
 }
 
 ensure_storage() {
-    if [ -n "$("$(client "$1")" storage list --format csv)" ]; then
-        say "$1 storage: present"
+    if [ -n "$(lxc storage list --format csv)" ]; then
+        say "lxd storage: present"
         return
     fi
     # `init --auto` would try to create a bridge and fails to find a free subnet here:
     # a dir pool and a default profile with only a root disk are all the tests need
-    say "$1 storage: creating the 'default' dir pool"
-    # shellcheck disable=SC2046
-    $(admin "$1") init --preseed <<'EOF'
+    say "lxd storage: creating the 'default' dir pool"
+    lxd init --preseed <<'EOF'
 storage_pools:
 - name: default
   driver: dir
@@ -187,25 +167,16 @@ EOF
 case "${1:-}" in
     "")
         install_packages
-        install_incus
-        for d in lxd incus; do
-            start_daemon "$d"
-            ensure_storage "$d"
-        done
+        install_incus_extra
+        start_lxd
+        ensure_storage
         ;;
-    --restart-lxd | --restart-incus)
-        d=${1#--restart-}
-        stop_daemon "$d"
-        start_daemon "$d"
-        ;;
-    --restart-all)
-        for d in lxd incus; do
-            stop_daemon "$d"
-            start_daemon "$d"
-        done
+    --restart-lxd | --restart-all)
+        stop_lxd
+        start_lxd
         ;;
     *)
-        die "unknown argument: $1 (expected nothing, --restart-lxd, --restart-incus, --restart-all)"
+        die "unknown argument: $1 (expected nothing, --restart-lxd, --restart-all)"
         ;;
 esac
 say "ready"

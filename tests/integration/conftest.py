@@ -1,15 +1,19 @@
 """Session fixtures for the acceptance tests with the real LXD and Incus daemons
-(test_lxd_launch.py, test_real_images.py).
+(test_lxd_launch.py, test_real_images.py, test_deltas_real.py).
 
-Order of one session: a test CA goes into the system store and both daemons restart (each
+Order of one session: a test CA goes into the system store and the host's LXD restarts (it
 reads the store once) -> busybox images are built, one of them published and exported by LXD
 -> `lxd-image-server update` writes the catalog -> nginx serves the tree over TLS on a fresh
 port -> that URL is added as a simplestreams remote of each client. Everything is undone at
-teardown. A test that asks for `client` runs once with `lxc` (LXD) and once with `incus`.
+teardown. A test that asks for `client` runs with each client: `lxc` (the host's LXD 5.0.2),
+then `incus6` and `incus7`, Debian 13's Incus 6.0.4 and trixie-backports' Incus 7, each in a
+booted Debian 13 container of its own (incus_guest.py), booted when first asked for, with the
+test CA installed before its daemon starts.
 
 Nothing here is autouse: the other integration tests never touch the daemons. The `lxd` marker
 the tests carry is registered in setup.cfg.
-Prerequisites: root, and `bash tests/host-setup.sh` (packages, running LXD and Incus daemons).
+Prerequisites: root, and `bash tests/host-setup.sh` (packages, a running LXD daemon,
+debootstrap and systemd-nspawn).
 """
 
 from __future__ import annotations
@@ -27,8 +31,9 @@ from typing import Any
 import pytest
 
 from .images import Tree, build_tree
+from .incus_guest import INCUS_BUILDS, Guests
 from .servers import (
-    CLIENTS,
+    LXC,
     Client,
     Nginx,
     Pki,
@@ -36,7 +41,6 @@ from .servers import (
     install_ca,
     make_pki,
     remove_test_cas,
-    restart_daemons,
     run,
 )
 
@@ -44,7 +48,9 @@ BIN = Path(sys.executable).parent / "lxd-image-server"
 TOOLS = (
     "lxc",
     "lxd",
-    "incus",
+    "debootstrap",
+    "systemd-nspawn",
+    "nsenter",
     "mksquashfs",
     "qemu-img",
     "xz",
@@ -62,13 +68,10 @@ def lxd_host() -> None:
     missing = [t for t in TOOLS if shutil.which(t) is None]
     if missing:
         pytest.fail(f"missing {', '.join(missing)}: run `bash tests/host-setup.sh` first")
-    for c in CLIENTS:
-        if not c.is_up():
-            pytest.fail(
-                f"the {c.daemon} daemon does not answer `{c} info`: run `bash tests/host-setup.sh`"
-            )
-        if not c.json("storage", "list"):
-            pytest.fail(f"{c.daemon} has no storage pool: run `bash tests/host-setup.sh`")
+    if not LXC.is_up():
+        pytest.fail("the LXD daemon does not answer `lxc info`: run `bash tests/host-setup.sh`")
+    if not LXC.json("storage", "list"):
+        pytest.fail("LXD has no storage pool: run `bash tests/host-setup.sh`")
     if not BIN.exists():
         pytest.fail(f"{BIN} is missing: install the package into the venv (pip install -e .)")
 
@@ -81,12 +84,12 @@ def label() -> str:
 
 @pytest.fixture(scope="session")
 def pki(lxd_host: None, tmp_path_factory: pytest.TempPathFactory, label: str) -> Iterator[Pki]:
-    """The test CA in the system store, a server cert for 127.0.0.1, both daemons restarted to
-    see it."""
+    """The test CA in the system store, a server cert for 127.0.0.1, the host's LXD restarted
+    to see it (the Incus containers get the CA before their daemons start)."""
     pki = make_pki(tmp_path_factory.mktemp("pki"), label)
     install_ca(pki.ca_cert)
     try:
-        restart_daemons()
+        LXC.restart()
         yield pki
     finally:
         remove_test_cas()
@@ -140,13 +143,28 @@ def nginx(tree: Tree, pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Ite
         server.stop()
 
 
-@pytest.fixture(scope="module", params=CLIENTS, ids=str)
+@pytest.fixture(scope="session")
+def incus_guests(pki: Pki, label: str) -> Iterator[Guests]:
+    """The Debian 13 containers running Incus, booted on first use, removed at the end."""
+    guests = Guests(pki.ca_cert, label)
+    try:
+        yield guests
+    finally:
+        guests.close()
+
+
+CLIENT_NAMES = (LXC.name, *(b.key for b in INCUS_BUILDS))
+
+
+@pytest.fixture(scope="module", params=CLIENT_NAMES)
 def client(request: pytest.FixtureRequest, pki: Pki) -> Client:
-    """`lxc` (LXD) or `incus` (Incus): the test runs once with each. Module-scoped, so that a
-    module runs all its tests with one client, then with the other, keeping its own
-    module-scoped fixtures (servers, uploads) for both."""
-    c: Client = request.param
-    return c
+    """`lxc` (the host's LXD), `incus6` or `incus7` (Incus in a Debian 13 container): the test
+    runs once with each. Module-scoped, so that a module runs all its tests with one client,
+    then with the next, keeping its own module-scoped fixtures (servers, uploads) for all."""
+    if request.param == LXC.name:
+        return LXC
+    guests: Guests = request.getfixturevalue("incus_guests")
+    return guests.client(request.param)
 
 
 @contextlib.contextmanager

@@ -1,4 +1,4 @@
-"""Real parts for the acceptance tests: commands, a test CA, nginx, the LXD and Incus daemons.
+"""Real parts for the acceptance tests: commands, a test CA, nginx, the LXD and Incus clients.
 
 Everything here runs real programs (openssl-free: the CA is made with `cryptography`); nothing
 is mocked. Failures raise with the command's output so a broken run explains itself.
@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,25 +65,46 @@ def run(
 
 
 @dataclass(frozen=True)
-class Client:
+class Remote:
+    """A client's remote, as `remote list` shows it."""
+
+    addrs: tuple[str, ...]
+    protocol: str
+
+
+class Client(ABC):
     """The command-line client of one daemon: `lxc` for LXD, `incus` for Incus. Both take the
-    same commands for everything the tests do."""
+    same commands for everything the tests do. Where the command runs is the subclass's job:
+    HostClient on this machine, tests/integration/incus_guest.py's GuestClient in a booted
+    Debian 13 container."""
 
+    #: the program: lxc or incus
     command: str
+    #: the daemon, for messages: "LXD", "Incus 7.0.2 (Debian 13 container)"
     daemon: str
-    #: the daemon's name in tests/host-setup.sh (--restart-NAME) and in its log's name
-    setup_name: str
-
-    def __str__(self) -> str:
-        return self.command
 
     @property
-    def log(self) -> str:
-        return f"/var/log/{self.setup_name}-test.log"
+    @abstractmethod
+    def name(self) -> str:
+        """Short and unique among the clients: the test id, and part of instance names."""
+
+    @property
+    @abstractmethod
+    def cache_dir(self) -> Path:
+        """The daemon's cache (its copies of remotes' catalogs), as a path on this machine."""
+
+    @abstractmethod
+    def run(
+        self, args: Sequence[str], *, timeout: float = 180, check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
+        """`<command> ARGS`; with `check`, a non-zero exit raises CommandError."""
+
+    def __str__(self) -> str:
+        return self.name
 
     def __call__(self, *args: str, timeout: float = 180) -> str:
         # --quiet: no progress bars, so a failure's message is the error itself
-        return run([self.command, "--quiet", *args], timeout=timeout).stdout
+        return self.run(["--quiet", *args], timeout=timeout).stdout
 
     def json(self, *args: str, timeout: float = 180) -> Any:
         return json.loads(self(*args, "--format", "json", timeout=timeout))
@@ -91,19 +113,10 @@ class Client:
         self, instance: str, *argv: str, timeout: float = 60, check: bool = True
     ) -> subprocess.CompletedProcess[str]:
         """`<client> exec INSTANCE -- ARGV`."""
-        return run([self.command, "exec", instance, "--", *argv], timeout=timeout, check=check)
+        return self.run(["exec", instance, "--", *argv], timeout=timeout, check=check)
 
     def is_up(self) -> bool:
-        return run([self.command, "info"], timeout=30, check=False).returncode == 0
-
-    def restart(self) -> None:
-        """Stop the daemon and start it again, detached (see tests/host-setup.sh).
-
-        Both daemons load the system CA store once, when they start: a CA installed later is
-        not trusted for image downloads until the daemon restarts."""
-        run(["bash", HOST_SETUP, f"--restart-{self.setup_name}"], timeout=240)
-        if not self.is_up():
-            raise AssertionError(f"{self.daemon} does not answer after the restart; see {self.log}")
+        return self.run(["info"], timeout=30, check=False).returncode == 0
 
     def local_images(self) -> dict[str, dict[str, Any]]:
         """Fingerprint -> image, for the images in the daemon's local image store."""
@@ -120,22 +133,59 @@ class Client:
         for fp in sorted(fingerprints & set(self.local_images())):
             self("image", "delete", fp)
 
+    def remotes(self) -> dict[str, Remote]:
+        """Name -> remote. `remote list --format json` gives one Addr (LXD, Incus 6) or a
+        list, Addrs (Incus 7)."""
+        listed: dict[str, dict[str, Any]] = self.json("remote", "list")
+        return {
+            name: Remote(tuple(r["Addrs"]) if "Addrs" in r else (r["Addr"],), r["Protocol"])
+            for name, r in listed.items()
+        }
+
     def remove_remote(self, name: str) -> None:
-        if name in self.json("remote", "list"):
+        if name in self.remotes():
             self("remote", "remove", name)
 
 
-LXC = Client("lxc", "LXD", "lxd")
-INCUS = Client("incus", "Incus", "incus")
-CLIENTS = (LXC, INCUS)
+@dataclass(frozen=True)
+class HostClient(Client):
+    """A client and daemon of this machine, started by tests/host-setup.sh."""
+
+    command: str
+    daemon: str
+    #: the daemon's name in tests/host-setup.sh (--restart-NAME) and in its log's name
+    setup_name: str
+
+    @property
+    def name(self) -> str:
+        return self.command
+
+    @property
+    def cache_dir(self) -> Path:
+        return Path("/var/cache") / self.setup_name
+
+    @property
+    def log(self) -> str:
+        return f"/var/log/{self.setup_name}-test.log"
+
+    def run(
+        self, args: Sequence[str], *, timeout: float = 180, check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
+        return run([self.command, *args], timeout=timeout, check=check)
+
+    def restart(self) -> None:
+        """Stop the daemon and start it again, detached (see tests/host-setup.sh).
+
+        The daemon loads the system CA store once, when it starts: a CA installed later is
+        not trusted for image downloads until the daemon restarts."""
+        run(["bash", HOST_SETUP, f"--restart-{self.setup_name}"], timeout=240)
+        if not self.is_up():
+            raise AssertionError(f"{self.daemon} does not answer after the restart; see {self.log}")
 
 
-def restart_daemons() -> None:
-    """Both daemons, in one call of tests/host-setup.sh."""
-    run(["bash", HOST_SETUP, "--restart-all"], timeout=480)
-    for c in CLIENTS:
-        if not c.is_up():
-            raise AssertionError(f"{c.daemon} does not answer after the restart; see {c.log}")
+#: LXD 5.0.2 of Debian 12 runs on this machine; Incus runs in Debian 13 containers
+#: (tests/integration/incus_guest.py)
+LXC = HostClient("lxc", "LXD", "lxd")
 
 
 # The LXD client's steps as functions, for the tests that only use LXD.

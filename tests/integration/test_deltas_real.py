@@ -1,4 +1,5 @@
-"""Delta updates with the real LXD and Incus daemons and a real Debian image (issue 12).
+"""Delta updates with the real LXD and Incus daemons and a real Debian image (issue 12), with
+every client of conftest.py (`lxc`, `incus6`, `incus7`).
 
 For each client, in a product of its own on one `lxd-image-server run` server (access log on):
 1. version 1 (test_real_images' Debian image) is uploaded with the seeds' curl commands and
@@ -115,7 +116,7 @@ def image_requests(server: Server, since: int) -> list[tuple[str, int, int]]:
 
 def forget_catalog(client: Client, product_dir: str) -> None:
     """Drops the daemon's cached catalog of this server (it would keep it for an hour)."""
-    cache = Path("/var/cache") / client.setup_name
+    cache = client.cache_dir
     dropped = 0
     for d in cache.iterdir():
         catalog = d / "images.json"

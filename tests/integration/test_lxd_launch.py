@@ -2,7 +2,8 @@
 simplestreams remote that the real LXD and the real Incus list and launch containers from, in
 every image form (squashfs, root.tar.xz, unified tarball) and by every alias users type (the
 layout's and one from metadata.json). The VM is listed as a virtual machine (nothing here can
-boot one). Every test that takes `client` runs once with `lxc` and once with `incus`.
+boot one). Every test that takes `client` runs with `lxc` (the host's LXD 5.0.2), `incus6` and
+`incus7` (Incus 6.0.4 and 7 in Debian 13 containers; see conftest.py).
 
 Needs root and `bash tests/host-setup.sh`; see conftest.py for the session's set-up.
 """
@@ -16,7 +17,7 @@ import pytest
 
 from .conftest import Scratch
 from .images import OVERRIDE_ALIAS, Tree, sha256_file
-from .servers import Client, Nginx
+from .servers import Client, Nginx, Remote
 
 pytestmark = [pytest.mark.lxd, pytest.mark.timeout(600)]
 
@@ -87,9 +88,7 @@ def test_update_published_every_form(tree: Tree, catalog: dict[str, Any]) -> Non
 
 
 def test_remote_is_added(client: Client, remote: str, nginx: Nginx) -> None:
-    remotes = client.json("remote", "list")
-    assert remotes[remote]["Addr"] == nginx.url
-    assert remotes[remote]["Protocol"] == "simplestreams"
+    assert client.remotes()[remote] == Remote((nginx.url,), "simplestreams")
 
 
 def test_image_list_shows_every_image(
@@ -144,7 +143,7 @@ def test_launch(
     assert fingerprint not in client.local_images(), "the image must come from the remote"
     served_before = len(nginx.requests())
 
-    name = scratch.instance(client.command)
+    name = scratch.instance(client.name)
     client("launch", f"{remote}:{alias}", name, timeout=300)
 
     assert client("config", "get", name, "volatile.base_image").strip() == fingerprint

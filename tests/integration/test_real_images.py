@@ -1,4 +1,5 @@
-"""What users run, with both clients (every test taking `client` runs with `lxc` and `incus`):
+"""What users run, with every client (each test taking `client` runs with `lxc`, `incus6` and
+`incus7`, see conftest.py):
 
 - a `--private` `lxd-image-server run` server, reached through a
   `https://USER:PASSWORD@host:port` remote (and refused without the credentials);
@@ -10,14 +11,14 @@
 One server for the module. The Debian tree is the system test's cached debootstrap
 (tests/system/container.py, CACHE_DIR/<suite>); the image files made from it are cached next to
 it in CACHE_DIR/image-<suite>/, so a warm run only uploads, launches and publishes.
-Prerequisites: root, `bash tests/host-setup.sh` (LXD, Incus, debootstrap, squashfs-tools).
+Prerequisites: root, `bash tests/host-setup.sh` (LXD, debootstrap, systemd-nspawn,
+squashfs-tools).
 """
 
 from __future__ import annotations
 
 import datetime
 import shutil
-import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
@@ -194,13 +195,7 @@ def test_a_private_server_refuses_a_remote_without_credentials(
     client: Client, server: Server, uploaded: Uploaded
 ) -> None:
     with added_remote(client, f"n{server.port}", server.url) as name:
-        proc = subprocess.run(
-            [client.command, "image", "list", f"{name}:"],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
+        proc = client.run(["image", "list", f"{name}:"], timeout=120, check=False)
     assert proc.returncode != 0, proc.stdout
     assert "busypriv" not in proc.stdout
 

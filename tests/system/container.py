@@ -104,43 +104,44 @@ def host_mirrors(etc_apt: Path = Path("/etc/apt"), suite: str = SUITE) -> tuple[
     return FALLBACK_MIRROR, FALLBACK_SECURITY
 
 
-def sources_list(mirror: str, security: str) -> str:
+def sources_list(mirror: str, security: str, suite: str = SUITE) -> str:
     return (
-        f"deb {mirror} {SUITE} main\n"
-        f"deb {mirror} {SUITE}-updates main\n"
-        f"deb {security} {SUITE}-security main\n"
+        f"deb {mirror} {suite} main\n"
+        f"deb {mirror} {suite}-updates main\n"
+        f"deb {security} {suite}-security main\n"
     )
 
 
 # -- the cached base tree ----------------------------------------------------------------------
 
 
-def ensure_base(cache_dir: Path = CACHE_DIR) -> Path:
-    """The debootstrapped tree, made if missing (about a minute). Never booted itself."""
-    if SUITE not in SUITES:
-        raise ContainerError(f"unknown suite {SUITE!r}: expected one of {', '.join(SUITES)}")
-    base = cache_dir / SUITE
+def ensure_base(cache_dir: Path = CACHE_DIR, suite: str = SUITE) -> Path:
+    """The debootstrapped tree of `suite`, made if missing (about a minute). Never booted
+    itself."""
+    if suite not in SUITES:
+        raise ContainerError(f"unknown suite {suite!r}: expected one of {', '.join(SUITES)}")
+    base = cache_dir / suite
     if (base / ".complete").is_file():
         release = (base / "etc/os-release").read_text()
-        if f"VERSION_CODENAME={SUITE}\n" not in release:
-            raise ContainerError(f"{base} is not Debian {SUITE}:\n{release}")
+        if f"VERSION_CODENAME={suite}\n" not in release:
+            raise ContainerError(f"{base} is not Debian {suite}:\n{release}")
         return base
     if shutil.which("debootstrap") is None:
         raise ContainerError("debootstrap is missing: run `make deb-deps`")
-    mirror, security = host_mirrors()
-    tmp = cache_dir / f"{SUITE}.tmp"
+    mirror, security = host_mirrors(suite=suite)
+    tmp = cache_dir / f"{suite}.tmp"
     if tmp.exists():
         shutil.rmtree(tmp)
     if base.exists():
         shutil.rmtree(base)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    log.info("debootstrap %s from %s into %s", SUITE, mirror, tmp)
+    log.info("debootstrap %s from %s into %s", suite, mirror, tmp)
     proc = _run(
         [
             "debootstrap",
             "--variant=minbase",
             f"--include={','.join(BASE_PACKAGES)}",
-            SUITE,
+            suite,
             tmp,
             mirror,
         ],
@@ -150,11 +151,11 @@ def ensure_base(cache_dir: Path = CACHE_DIR) -> Path:
         raise ContainerError(
             f"debootstrap failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr}"
         )
-    (tmp / "etc/apt/sources.list").write_text(sources_list(mirror, security))
+    (tmp / "etc/apt/sources.list").write_text(sources_list(mirror, security, suite))
     (tmp / "etc/hostname").write_text("lis-system-test\n")
     # an empty machine-id: systemd makes a new one at each boot of each copy
     (tmp / "etc/machine-id").write_text("")
-    (tmp / ".complete").write_text(f"{SUITE} from {mirror}\n")
+    (tmp / ".complete").write_text(f"{suite} from {mirror}\n")
     tmp.rename(base)
     return base
 
@@ -173,14 +174,24 @@ class Bind:
 
 
 class Container:
-    """A copy of the base tree under `workdir`, booted with systemd-nspawn."""
+    """A copy of the base tree under `workdir`, booted with systemd-nspawn. `options` are
+    further systemd-nspawn options (tests/integration/incus_guest.py grants what a container
+    manager needs)."""
 
-    def __init__(self, base: Path, workdir: Path, name: str, binds: Sequence[Bind] = ()) -> None:
+    def __init__(
+        self,
+        base: Path,
+        workdir: Path,
+        name: str,
+        binds: Sequence[Bind] = (),
+        options: Sequence[str] = (),
+    ) -> None:
         self.base = base
         self.workdir = workdir
         self.root = workdir / "root"
         self.name = name
         self.binds = list(binds)
+        self.options = list(options)
         self.console_log = workdir / "console.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self.leader = 0
@@ -210,6 +221,7 @@ class Container:
             "--keep-unit",
             "--console=passive",
             *(b.option() for b in self.binds),
+            *self.options,
         ]
         log.info("booting: %s", shlex.join(argv))
         with open(self.console_log, "wb") as out:
