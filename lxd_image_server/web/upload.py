@@ -428,12 +428,15 @@ def _flag(env: Mapping[str, str], name: str) -> bool:
     raise ConfigError(f"environment {name}={raw!r}: expected 1/true/yes/on or 0/false/no/off")
 
 
-def settings_from_env(env: Mapping[str, str] | None = None) -> UploadSettings:
-    """From the layered configuration (upload.* in config.toml) and the environment:
-    LXD_IMAGE_SERVER_IMG_DIR, LXD_IMAGE_SERVER_HTPASSWD, ALLOW_ANONYMOUS_UPLOADS,
-    ALLOW_OVERWRITES, ALLOW_DELETES, DEBUG, UPLOAD_MAX_SIZE, UPLOAD_READ_TIMEOUT."""
+def settings_from_env(
+    env: Mapping[str, str] | None = None, system_dir: str = settings_module.SYSTEM_DIR
+) -> UploadSettings:
+    """From the layered configuration (upload.* in config.toml, the system's in `system_dir`)
+    and the environment: LXD_IMAGE_SERVER_IMG_DIR, LXD_IMAGE_SERVER_HTPASSWD,
+    ALLOW_ANONYMOUS_UPLOADS, ALLOW_OVERWRITES, ALLOW_DELETES, DEBUG, UPLOAD_MAX_SIZE,
+    UPLOAD_READ_TIMEOUT."""
     env = os.environ if env is None else env
-    cfg = settings_module.load(env=env)
+    cfg = settings_module.load(env=env, system_dir=system_dir)
     raw_timeout = env.get("UPLOAD_READ_TIMEOUT", "").strip()
     try:
         read_timeout = float(raw_timeout) if raw_timeout else DEFAULT_READ_TIMEOUT
