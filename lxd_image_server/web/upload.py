@@ -54,7 +54,11 @@ from lxd_image_server.web.multipart import (
 from lxd_image_server.web.upload_auth import Credentials, CredentialsUnavailable, challenge
 from lxd_image_server.web.upload_body import READ_PIECE, BodyReader, StallGuard, raw_body
 from lxd_image_server.web.upload_errors import HTTPError, clip, quote
-from lxd_image_server.web.upload_paths import check_file_path, check_version_path
+from lxd_image_server.web.upload_paths import (
+    check_file_path,
+    check_new_file_path,
+    check_version_path,
+)
 from lxd_image_server.web.upload_sink import ReadInto
 from lxd_image_server.web.upload_store import MAX_OVERRIDES_SIZE, Store, Stored
 
@@ -294,7 +298,7 @@ class UploadApp:
 
     def _put(self, rel: str, body: BodyReader) -> _Outcome:
         _require_length(body)
-        key, name = check_file_path(rel)
+        key, name = check_new_file_path(rel)
         limit = self.settings.max_size
         if limit is not None and body.remaining is not None and body.remaining > limit:
             raise HTTPError(413, f"{body.remaining} bytes is more than the limit of {limit} bytes")
@@ -331,7 +335,7 @@ class UploadApp:
                 current = part.filename
                 rel = _decode_filename(part.filename)
                 current = rel
-                key, name = _with_hint(check_file_path, rel)
+                key, name = _with_hint(check_new_file_path, rel)
                 stored.append(self.store.store(key, name, _part_reader(part)))
             except (HTTPError, MultipartError) as e:
                 err = (

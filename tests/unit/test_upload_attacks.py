@@ -436,3 +436,42 @@ def test_stalled_body_is_cut_off(tree: Tree, sockets: SocketServer, how: str) ->
 def test_answer_is_json(tree: Tree) -> None:
     r = call(tree.app(), "PUT", f"/images/{META}", b"x")
     assert json.loads(r.body)["files"][0]["path"] == META
+
+
+# -- issue 18, finding 5: a serial far ahead of the clock ---------------------------------------
+
+FAR_AHEAD = "busybox/1.35/amd64/default/99991231_2359"
+
+
+def test_put_a_serial_far_ahead_of_the_clock_is_refused(
+    tree: Tree, caplog: pytest.LogCaptureFixture
+) -> None:
+    """99991231_2359 would be the newest version for good: its alias pinned, and with
+    [retention] keep = N every real version pushed out of the catalog and off the disk."""
+    r = call(tree.app(), "PUT", f"/images/{FAR_AHEAD}/lxd.tar.xz", b"payload")
+    assert r.status == 400, r.body
+    _one_line(r.json["error"])
+    assert "ahead of this server's clock" in r.json["error"]
+    assert tree.empty()
+    _no_errors_logged(caplog)
+    tree.check()
+
+
+def test_post_a_serial_far_ahead_of_the_clock_is_refused(tree: Tree) -> None:
+    body, ctype = form(("upload", f"{FAR_AHEAD}/lxd.tar.xz", b"payload"))
+    r = call(tree.app(), "POST", "/images/", body, content_type=ctype)
+    assert r.status == 400, r.body
+    _one_line(r.json["error"])
+    assert "ahead of this server's clock" in r.json["error"]
+    assert tree.empty()
+    tree.check()
+
+
+def test_a_serial_far_ahead_can_still_be_deleted(tree: Tree) -> None:
+    """One placed before such serials were refused must be removable over HTTPS."""
+    version = tree.images / FAR_AHEAD
+    version.mkdir(parents=True)
+    (version / "lxd.tar.xz").write_bytes(b"old")
+    app = tree.app(allow_deletes=True)
+    assert call(app, "DELETE", f"/images/{FAR_AHEAD}/lxd.tar.xz").status == 200
+    assert not (version / "lxd.tar.xz").exists()
