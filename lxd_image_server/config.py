@@ -86,6 +86,11 @@ class StateDir:
         return self._in("run", "upload.sock")
 
     @property
+    def upload_slots(self) -> str:
+        """Where the upload app's workers count the uploads in progress per credential."""
+        return self._in("run", "upload-slots")
+
+    @property
     def url_file(self) -> str:
         """The URL `run` serves on, noted at start for `health`."""
         return self._in("run", "url")

@@ -18,7 +18,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -26,7 +26,7 @@ from types import FrameType
 from lxd_image_server import handover, htpasswd
 from lxd_image_server.config import Paths, ServiceError
 from lxd_image_server.fsutil import can_traverse
-from lxd_image_server.service import nginx, tls
+from lxd_image_server.service import health, nginx, tls
 from lxd_image_server.service.initialize import (
     InitReport,
     ensure_credentials,
@@ -145,6 +145,7 @@ def prepare(opts: RunOptions) -> Prepared:
     ensure_tree(opts.paths, report)
     for d in (opts.run_dir, opts.nginx_dir, digest_dir(opts)):
         os.makedirs(d, exist_ok=True)
+    os.makedirs(opts.paths.state.upload_slots, mode=0o700, exist_ok=True)
     htpasswd_path = None
     if not opts.allow_anonymous_uploads:
         htpasswd_path = opts.htpasswd or opts.paths.state.htpasswd
@@ -242,12 +243,35 @@ def _die_with_parent() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
-class Supervisor:
-    """Starts children, waits for a stop signal or a death, stops the rest."""
+#: Seconds the upload server and the watcher may take to be ready (a loaded machine, a large
+#: tree to watch) before `run` gives up and exits 1.
+READY_TIMEOUT = 600.0
 
-    def __init__(self, commands: dict[str, list[str]], env: dict[str, str]) -> None:
+#: A part's readiness, given its pid: True once it serves.
+Ready = Callable[[int], bool]
+
+
+class Supervisor:
+    """Starts children, waits for a stop signal or a death, stops the rest.
+
+    A child named in `gated` starts only once every other one is ready (`ready[name](pid)`,
+    or just started when it has no check): nginx comes last, so the port answers only when an
+    upload it passes on reaches a listening upload server and lands in a watched tree.
+    """
+
+    def __init__(
+        self,
+        commands: dict[str, list[str]],
+        env: dict[str, str],
+        ready: dict[str, Ready] | None = None,
+        gated: frozenset[str] = frozenset(),
+        ready_timeout: float = READY_TIMEOUT,
+    ) -> None:
         self.commands = commands
         self.env = env
+        self.ready = ready or {}
+        self.gated = gated
+        self.ready_timeout = ready_timeout
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.stop = threading.Event()
         self.signal_name = ""
@@ -256,18 +280,53 @@ class Supervisor:
         self.signal_name = signal.Signals(signum).name
         self.stop.set()
 
+    def _start(self, names: Sequence[str]) -> None:
+        for name in names:
+            cmd = self.commands[name]
+            log.info("starting %s: %s", name, " ".join(cmd))
+            # own process group: a terminal's Ctrl-C reaches us only, we stop them in order
+            self.procs[name] = subprocess.Popen(
+                cmd, env=self.env, start_new_session=True, preexec_fn=_die_with_parent
+            )
+
+    def _dead(self) -> str:
+        return next((n for n, p in self.procs.items() if p.poll() is not None), "")
+
+    def _wait_ready(self) -> str:
+        """Waits until every started part is ready. Returns "" when they are, else why not
+        (a part died, or took too long); "" also when asked to stop."""
+        deadline = time.monotonic() + self.ready_timeout
+        waiting = [n for n in self.procs if n in self.ready]
+        while waiting:
+            dead = self._dead()
+            if dead:
+                return (
+                    f"{dead} exited with status {self.procs[dead].returncode} before it was ready"
+                )
+            waiting = [n for n in waiting if not self.ready[n](self.procs[n].pid)]
+            if not waiting:
+                break
+            if time.monotonic() > deadline:
+                return f"{', '.join(waiting)} not ready after {self.ready_timeout:.0f} s"
+            if self.stop.wait(0.05):
+                return ""
+        return ""
+
     def run(self) -> int:
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         try:
-            for name, cmd in self.commands.items():
-                log.info("starting %s: %s", name, " ".join(cmd))
-                # own process group: a terminal's Ctrl-C reaches us only, we stop them in order
-                self.procs[name] = subprocess.Popen(
-                    cmd, env=self.env, start_new_session=True, preexec_fn=_die_with_parent
-                )
+            self._start([n for n in self.commands if n not in self.gated])
+            why = self._wait_ready()
+            if why:
+                log.error("%s; stopping everything", why)
+                self._stop_all()
+                return 1
+            if not self.stop.is_set():
+                self._start([n for n in self.commands if n in self.gated])
+                log.info("ready: %s", ", ".join(self.procs))
             failed = ""
             while not self.stop.wait(0.2):
-                failed = next((n for n, p in self.procs.items() if p.poll() is not None), "")
+                failed = self._dead()
                 if failed:
                     log.error(
                         "%s exited with status %s; stopping everything",
@@ -301,6 +360,24 @@ class Supervisor:
                 p.wait()
 
 
+def readiness(opts: RunOptions) -> dict[str, Ready]:
+    """What `run` waits for before nginx takes connections: the upload server answers HTTP on
+    its socket, and the watcher (that very child) watches the tree: it writes its pid file
+    once its watches are set (catalog/watch.py). `health` checks the same things."""
+
+    def upload_ready(_pid: int) -> bool:
+        return health.check_upload_socket(opts.upload_socket, timeout=2.0).ok
+
+    def watcher_ready(pid: int) -> bool:
+        try:
+            with open(opts.paths.state.watch_pid, encoding="ascii") as f:
+                return f.read().strip() == str(pid)
+        except OSError:
+            return False
+
+    return {"upload": upload_ready, "watcher": watcher_ready}
+
+
 def digest_dir(opts: RunOptions) -> str:
     """Where the upload app hands its digests to the watcher (handover.py)."""
     return os.path.join(opts.paths.state_dir, handover.DIR_NAME)
@@ -327,6 +404,8 @@ def upload_env(
     env["ALLOW_DELETES"] = "1" if s.allow_deletes else "0"
     env["DEBUG"] = "1" if opts.verbose else "0"
     env["UPLOAD_MAX_SIZE"] = str(s.max_upload_size or 0)
+    env["UPLOAD_MAX_PARALLEL"] = str(s.max_parallel_uploads)
+    env["UPLOAD_SLOTS_DIR"] = opts.paths.state.upload_slots
     env.setdefault("PYTHONUNBUFFERED", "1")
     return env
 
@@ -348,9 +427,14 @@ def run(opts: RunOptions, hostnames_for_help: Sequence[str] = ()) -> int:
     sys.stdout.write(text + "\n")
     sys.stdout.flush()
     started = time.monotonic()
+    # a watcher's pid file of an earlier run must not pass for this one's
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(opts.paths.state.watch_pid)
     rc = Supervisor(
         _commands(opts, prepared.conf, prepared.worker_user),
         upload_env(opts, prepared.htpasswd),
+        ready=readiness(opts),
+        gated=frozenset({"nginx"}),
     ).run()
     log.info("stopped after %.0f s", time.monotonic() - started)
     return rc
