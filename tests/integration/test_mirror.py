@@ -19,6 +19,7 @@ import shutil
 import signal
 import socket
 import ssl
+import stat
 import subprocess
 import tempfile
 import threading
@@ -941,3 +942,71 @@ def test_the_push_user_cannot_change_its_own_key_restrictions(attack_site: Attac
         ]
     )
     assert "Nothing to change" in again.stdout, again.stdout
+
+
+# -- issue 18, finding 7a: `authorize --user EXISTING` -------------------------------------------
+
+
+def _owner_and_mode(path: Path) -> tuple[int, int, int]:
+    st = os.lstat(path)
+    return st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)
+
+
+def _authorize_as(user: str, base: Path) -> subprocess.CompletedProcess[str]:
+    key = base / "push_key"
+    if not key.exists():
+        run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", key])
+    return run(
+        [BIN, "mirror", "authorize", f"{key}.pub", "--user", user, "--root", base / "root"],
+        check=False,
+    )
+
+
+def test_authorize_never_takes_roots_home(tmp_path: Path) -> None:
+    """`--user root` made /root and /root/.ssh root:root 0755: readable by every local user."""
+    require_tools()
+    before = {p: _owner_and_mode(p) for p in (Path("/root"), Path("/root/.ssh")) if p.exists()}
+    keys = Path("/root/.ssh/authorized_keys")
+    had_keys = keys.read_bytes() if keys.exists() else None
+    proc = _authorize_as("root", tmp_path)
+    assert proc.returncode == 1, proc.stdout
+    assert "uid 0" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert {p: _owner_and_mode(p) for p in before} == before
+    assert (keys.read_bytes() if keys.exists() else None) == had_keys
+    assert not (tmp_path / "root").exists()
+
+
+@pytest.mark.parametrize("kind", ["login", "system"])
+def test_authorize_leaves_an_existing_users_home_alone(label: str, kind: str) -> None:
+    """An existing account (a person's login, a daemon's system user) keeps its home and
+    ~/.ssh as they were: authorize refuses it, in one line, before changing anything (a tree
+    the user can reach: nothing else would stop it)."""
+    require_tools()
+    tmp_path = Path(tempfile.mkdtemp(prefix="lis-auth-", dir="/var/tmp"))
+    tmp_path.chmod(0o755)
+    user = f"lise{kind[0]}{label}"[:32]
+    home = Path(f"/home/{user}")
+    flags = ["--create-home", "--shell", "/bin/bash"]
+    if kind == "system":
+        flags = ["--system", "--create-home", "--shell", "/bin/sh"]
+    run(["useradd", *flags, "--home-dir", home, user])
+    try:
+        pw = pwd.getpwnam(user)
+        (home / ".ssh").mkdir(mode=0o700)
+        (home / ".ssh" / "authorized_keys").write_text("ssh-ed25519 AAAA their own key\n")
+        for p in (home / ".ssh", home / ".ssh" / "authorized_keys"):
+            os.chown(p, pw.pw_uid, pw.pw_gid)
+        home.chmod(0o700)
+        watched = [home, home / ".ssh", home / ".ssh" / "authorized_keys"]
+        before = {p: _owner_and_mode(p) for p in watched}
+        proc = _authorize_as(user, tmp_path)
+        assert proc.returncode == 1, proc.stdout
+        assert "did not make" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+        assert {p: _owner_and_mode(p) for p in watched} == before
+        assert (home / ".ssh" / "authorized_keys").read_text() == "ssh-ed25519 AAAA their own key\n"
+        assert not (tmp_path / "root").exists()
+    finally:
+        gone = run(["userdel", "-r", user], check=False)
+        shutil.rmtree(home, ignore_errors=True)
+        shutil.rmtree(tmp_path, ignore_errors=True)
+        assert gone.returncode in (0, 12), gone.stderr
