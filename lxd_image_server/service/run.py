@@ -26,9 +26,10 @@ from types import FrameType
 from lxd_image_server import handover, htpasswd
 from lxd_image_server.config import Paths, ServiceError
 from lxd_image_server.fsutil import can_traverse
-from lxd_image_server.service import health, nginx, tls
+from lxd_image_server.service import health, nginx, run_user, tls
 from lxd_image_server.service.initialize import (
     InitReport,
+    credentials_group,
     ensure_credentials,
     ensure_tree,
     instructions_for,
@@ -73,6 +74,8 @@ class RunOptions:
     settings: Settings = field(default_factory=Settings)
     #: where the watcher logs (the --log-file given to `run`)
     log_file: str = "STDOUT"
+    #: started as root: the user the upload server and the watcher run as (run_user.py)
+    user: str | None = None
 
     @property
     def run_dir(self) -> str:
@@ -135,32 +138,41 @@ class Prepared:
     #: the credentials nginx (and the upload app) check; None: anonymous uploads
     htpasswd: str | None
     report: InitReport
+    #: started as root: who the upload server and the watcher run as
+    run_user: run_user.RunUser | None = None
 
 
 def prepare(opts: RunOptions) -> Prepared:
-    """Tree, catalog, certificate, credentials, nginx config."""
+    """Tree, catalog, certificate, credentials, nginx config; started as root, also who the
+    upload server and the watcher run as (run_user.py)."""
     if opts.private and opts.allow_anonymous_uploads:
         raise RunError("--private needs credentials: it cannot go with --allow-anonymous-uploads")
     report = InitReport()
-    ensure_tree(opts.paths, report)
-    for d in (opts.run_dir, opts.nginx_dir, digest_dir(opts)):
-        os.makedirs(d, exist_ok=True)
-    os.makedirs(opts.paths.state.upload_slots, mode=0o700, exist_ok=True)
     htpasswd_path = None
     if not opts.allow_anonymous_uploads:
         htpasswd_path = opts.htpasswd or opts.paths.state.htpasswd
+    ssl_dir = opts.ssl_dir or opts.paths.state.ssl_dir
+    as_user = _run_user(opts)
+    if as_user is None:
+        ensure_tree(opts.paths, report)
+        for d in (opts.run_dir, opts.nginx_dir, digest_dir(opts), opts.paths.state.upload_run_dir):
+            os.makedirs(d, exist_ok=True)
+    else:
+        owned = [p for p in (htpasswd_path, None if opts.plain_http else ssl_dir) if p]
+        run_user.prepare(opts.paths, as_user, grp.getgrnam(WORKER_USER).gr_gid, owned)
+        if not opts.plain_http:
+            run_user.root_dir_of_its_own(ssl_dir, 0o700)
+        if htpasswd_path:
+            run_user.root_file(htpasswd_path)
+        if not os.path.exists(os.path.join(opts.paths.streams_dir, "index.json")):
+            _first_catalog(opts, as_user, report)
+    if htpasswd_path:
         os.makedirs(os.path.dirname(os.path.abspath(htpasswd_path)), exist_ok=True)
     must_reach = [opts.paths.root_dir, opts.paths.state_dir]
     if htpasswd_path:
         must_reach.append(os.path.dirname(os.path.abspath(htpasswd_path)))
+    # as root: nginx's workers' (run_user.prepare gave them STATE/run and the socket's dir)
     user = _worker_user(must_reach)
-    if user:
-        # the workers must reach the upload socket and their temp dirs
-        group = user.split()[1]
-        os.chmod(opts.run_dir, 0o750)
-        with contextlib.suppress(KeyError):
-            os.chown(opts.run_dir, 0, grp.getgrnam(group).gr_gid)
-    ssl_dir = opts.ssl_dir or opts.paths.state.ssl_dir
     if not opts.plain_http:
         report.cert = tls.ensure_certificate(ssl_dir, opts.hostnames or ("localhost",))
     if htpasswd_path:
@@ -175,6 +187,17 @@ def prepare(opts: RunOptions) -> Prepared:
                 htpasswd_path,
                 htpasswd_path,
             )
+        if as_user is not None and not run_user.can_read(htpasswd_path, as_user.upload):
+            raise RunError(
+                f"{as_user.name} (the upload server) cannot read {htpasswd_path}: make it "
+                f"readable by group {WORKER_USER} (chgrp {WORKER_USER}, chmod g+r)"
+            )
+    if as_user is not None:
+        for path in (opts.paths.root_dir, opts.paths.state_dir):
+            if not can_traverse(path, as_user.uid, {as_user.gid, *as_user.watcher.groups}):
+                raise RunError(
+                    f"{as_user.name} cannot reach {path}: make it and its parents traversable"
+                )
     settings = nginx.SiteSettings(
         root_dir=opts.paths.root_dir,
         upload_socket=opts.upload_socket,
@@ -203,7 +226,37 @@ def prepare(opts: RunOptions) -> Prepared:
     )
     nginx.check(str(conf), prefix=opts.run_dir)
     Path(opts.url_file).write_text(opts.local_url() + "\n")
-    return Prepared(str(conf), user, htpasswd_path, report)
+    return Prepared(str(conf), user, htpasswd_path, report, as_user)
+
+
+def _run_user(opts: RunOptions) -> run_user.RunUser | None:
+    """Started as root: the user the upload server and the watcher run as (RunError if there
+    is none fit for it). Otherwise None: they run as we do."""
+    if os.geteuid() != 0:
+        if opts.user and opts.user != pwd.getpwuid(os.geteuid()).pw_name:
+            raise RunError(f"--user {opts.user}: only `run` started as root changes users")
+        return None
+    pw = run_user.choose(opts.user, opts.paths.root_dir)
+    group = credentials_group()
+    extra = [grp.getgrnam(group).gr_gid] if group else []
+    try:
+        return run_user.identities(pw, WORKER_USER, extra)
+    except KeyError:
+        raise RunError(f"there is no group {WORKER_USER} for the upload socket") from None
+
+
+def _first_catalog(opts: RunOptions, as_user: run_user.RunUser, report: InitReport) -> None:
+    """What `init` does for the catalog, done by the user the watcher runs as (`update`), so
+    that nginx serves one from its first answer and nothing in the tree is root's."""
+    cmd = [sys.executable, "-m", "lxd_image_server", "--state-dir", opts.paths.state_dir]
+    if opts.config:
+        cmd += ["--config", opts.config]
+    cmd += ["update", "--root-dir", opts.paths.root_dir]
+    env = {**os.environ, "HOME": as_user.home, "USER": as_user.name, "LOGNAME": as_user.name}
+    done = subprocess.run(cmd, env=env, check=False, **as_user.watcher.popen())
+    if done.returncode != 0:
+        raise RunError(f"the first catalog, made as {as_user.name}, failed (see above)")
+    report.changes.append(f"published the catalog in {opts.paths.streams_dir}")
 
 
 def _commands(opts: RunOptions, conf: str, user: str | None) -> dict[str, list[str]]:
@@ -228,7 +281,9 @@ def _commands(opts: RunOptions, conf: str, user: str | None) -> dict[str, list[s
     if opts.verbose:
         upload += ["--access-logfile", "-"]  # off in gunicorn_conf
     if user:
-        upload += ["--group", user.split()[1], "--umask", "0o007"]
+        # started as root: it runs with nginx's workers' group (run_user.py); what it stores
+        # is theirs to read, nobody else's
+        upload += ["--umask", "0o007"]
     upload.append("lxd_image_server.web.upload:app_from_env()")
     return {
         "watcher": watch,
@@ -266,9 +321,12 @@ class Supervisor:
         ready: dict[str, Ready] | None = None,
         gated: frozenset[str] = frozenset(),
         ready_timeout: float = READY_TIMEOUT,
+        users: dict[str, run_user.Identity] | None = None,
     ) -> None:
         self.commands = commands
         self.env = env
+        #: who each child runs as (started as root); missing: as we do
+        self.users = users or {}
         self.ready = ready or {}
         self.gated = gated
         self.ready_timeout = ready_timeout
@@ -285,8 +343,13 @@ class Supervisor:
             cmd = self.commands[name]
             log.info("starting %s: %s", name, " ".join(cmd))
             # own process group: a terminal's Ctrl-C reaches us only, we stop them in order
+            who = self.users.get(name)
             self.procs[name] = subprocess.Popen(
-                cmd, env=self.env, start_new_session=True, preexec_fn=_die_with_parent
+                cmd,
+                env=self.env,
+                start_new_session=True,
+                preexec_fn=_die_with_parent,  # runs after the change of user: it stays set
+                **(who.popen() if who else {}),
             )
 
     def _dead(self) -> str:
@@ -430,11 +493,19 @@ def run(opts: RunOptions, hostnames_for_help: Sequence[str] = ()) -> int:
     # a watcher's pid file of an earlier run must not pass for this one's
     with contextlib.suppress(FileNotFoundError):
         os.unlink(opts.paths.state.watch_pid)
+    env = upload_env(opts, prepared.htpasswd)
+    users: dict[str, run_user.Identity] = {}
+    if prepared.run_user is not None:
+        ru = prepared.run_user
+        users = {"upload": ru.upload, "watcher": ru.watcher}
+        env.update(HOME=ru.home, USER=ru.name, LOGNAME=ru.name)
+        log.info("the upload server and the watcher run as %s", ru.name)
     rc = Supervisor(
         _commands(opts, prepared.conf, prepared.worker_user),
-        upload_env(opts, prepared.htpasswd),
+        env,
         ready=readiness(opts),
         gated=frozenset({"nginx"}),
+        users=users,
     ).run()
     log.info("stopped after %.0f s", time.monotonic() - started)
     return rc

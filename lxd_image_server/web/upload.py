@@ -488,9 +488,18 @@ def settings_from_env(
 
 
 def _slots_dir(env: Mapping[str, str]) -> str | None:
-    """UPLOAD_SLOTS_DIR (`run` sets it), or the unit's RuntimeDirectory (systemd sets
-    RUNTIME_DIRECTORY), if it exists."""
-    path = env.get(SLOTS_DIR_ENV, "").strip() or env.get("RUNTIME_DIRECTORY", "").strip()
+    """UPLOAD_SLOTS_DIR (`run` sets it; made here, as the app's user, if missing), or the
+    unit's RuntimeDirectory (systemd sets RUNTIME_DIRECTORY), if it exists."""
+    path = env.get(SLOTS_DIR_ENV, "").strip()
+    if path:
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            pass
+        except OSError as e:
+            log.warning("no upload slots directory %s (%s): counted per worker", path, e)
+    else:
+        path = env.get("RUNTIME_DIRECTORY", "").strip()
     return path if path and os.path.isdir(path) else None
 
 

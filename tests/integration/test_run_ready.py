@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import http.client
 import os
+import pwd
 import signal
 import socket
 import ssl
@@ -43,54 +44,55 @@ def server(pki: Pki) -> Iterator[Server]:
         yield from start_server(base, pki, {})
 
 
-def test_an_upload_the_moment_the_port_answers_is_stored(
-    pki: Pki, reachable: Path, tmp_path: Path
+def _answers(url: str) -> bool:
+    """An HTTP answer, whatever its status (nginx's workers serve: not only its listen queue)."""
+    r = subprocess.run(
+        ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "5", url],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    return r.stdout not in ("", "000")
+
+
+def test_an_upload_the_moment_the_catalog_answers_is_stored(
+    reachable: Path, tmp_path: Path
 ) -> None:
-    """Under CPU load (busy loops on every core), the first upload sent when the port first
-    accepts a connection gets 201 (it got 502 when nginx started with the others)."""
-    ssl_dir = reachable / "ssl"
-    ssl_dir.mkdir()
-    (ssl_dir / "nginx.crt").write_bytes(pki.server_cert.read_bytes())
-    (ssl_dir / "nginx.key").write_bytes(pki.server_key.read_bytes())
-    htpasswd = reachable / "htpasswd"
-    subprocess.run(
-        [BIN, "passwd", "upload", "--htpasswd", htpasswd],
-        input=PASSWORD + "\n",
-        text=True,
-        check=True,
-    )
+    """Under CPU load (busy loops on every core), the seeds' first upload, sent the moment
+    the catalog first answers, gets 201: it got 502 when nginx started with the others and
+    took requests before the upload server listened."""
     meta = tmp_path / "lxd.tar.xz"
     meta.write_bytes(b"metadata")
     port = free_port()
+    url = f"http://127.0.0.1:{port}"
     load = [
         subprocess.Popen([sys.executable, "-c", BUSY]) for _ in range(2 * (os.cpu_count() or 1))
     ]
     log = reachable / "run.log"
+    d = "ready/1.0/amd64/default/20240101_1200"
     try:
         with open(log, "wb") as out:
             proc = subprocess.Popen(
                 [
                     BIN, "--state-dir", reachable / "state", "run",
                     "--root-dir", reachable / "root", "--listen", f"127.0.0.1:{port}",
-                    "--ssl-dir", ssl_dir, "--htpasswd", htpasswd,
+                    "--plain-http", "--allow-anonymous-uploads",
                 ],
                 stdout=out,
                 stderr=subprocess.STDOUT,
             )  # fmt: skip
         try:
             deadline = time.monotonic() + LOAD_SECONDS
-            while True:
-                try:
-                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                    break
-                except OSError:
-                    pass
+            while not _answers(f"{url}/streams/v1/index.json"):
                 assert proc.poll() is None, f"run exited:\n{log.read_text()}"
-                assert time.monotonic() < deadline, f"run never listened:\n{log.read_text()}"
+                assert time.monotonic() < deadline, f"run never answered:\n{log.read_text()}"
                 time.sleep(0.005)
-            d = "ready/1.0/amd64/default/20240101_1200"
-            code, body = curl("-T", meta, f"https://127.0.0.1:{port}/images/{d}/lxd.tar.xz")
+            code, body = curl("-T", meta, f"{url}/images/{d}/lxd.tar.xz", auth=False)
             assert code == 201, f"{code} {body}\n{log.read_text()}"
+            # what the health check (the container's, Kubernetes' probes) says: all three ready
+            health = subprocess.run(
+                [BIN, "--state-dir", reachable / "state", "health"],
+                capture_output=True, text=True, timeout=60,
+            )  # fmt: skip
+            assert health.returncode == 0, health.stdout
         finally:
             for p in load:
                 p.kill()
@@ -170,3 +172,101 @@ def test_eight_uploads_of_one_credential_at_once_and_another_credential_not_star
     assert statuses == [201] * 8
     for i, u in enumerate(uploads):
         assert (server.root / "images" / d / f"p{i}.tar.gz").read_bytes() == u.body
+
+
+# -- finding 4: `run` started as root ------------------------------------------------------------
+
+
+def _uid(pid: int) -> int:
+    line = next(
+        ln for ln in Path(f"/proc/{pid}/status").read_text().splitlines() if ln.startswith("Uid:")
+    )
+    return int(line.split()[1])  # the real uid: nothing runs set-uid here
+
+
+def _children(pid: int) -> list[int]:
+    return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def test_run_as_root_hands_the_upload_server_and_the_watcher_to_a_user(
+    server: Server, run_user: str | None, tmp_path: Path
+) -> None:
+    """The README's claim: only nginx's master stays root (its workers are www-data); the
+    upload server and the watcher run as the user, so uploads and the catalog are its files,
+    never root's (they landed root:www-data)."""
+    assert os.geteuid() == 0 and run_user, "this test runs as root, with the session's run user"
+    uid = pwd.getpwnam(run_user).pw_uid
+    meta = tmp_path / "lxd.tar.xz"
+    meta.write_bytes(b"owned metadata")
+    d = "owned/1.0/amd64/default/20240101_1200"
+    code, body = curl("-T", meta, f"{server.url}/images/{d}/lxd.tar.xz")
+    assert code == 201, body
+    stored = server.root / "images" / d
+    for path in (stored / "lxd.tar.xz", stored, server.root / "images" / "owned"):
+        assert path.stat().st_uid == uid, path
+    assert (server.root / "streams/v1/index.json").stat().st_uid == uid
+    parts = _children(server.proc.pid)
+    by_uid = {p: _uid(p) for p in parts}
+    nginx_master = int((server.root.parent / "state/run/nginx.pid").read_text())
+    assert by_uid.pop(nginx_master) == 0
+    assert sorted(by_uid.values()) == [uid, uid], by_uid  # gunicorn's master and the watcher
+    for p in by_uid:
+        assert all(_uid(c) == uid for c in _children(p))  # gunicorn's workers
+
+
+def _run_as_root(base: Path, *extra: str, env_user: str | None = None) -> tuple[int, str]:
+    env = {k: v for k, v in os.environ.items() if k != "LXD_IMAGE_SERVER_RUN_USER"}
+    if env_user:
+        env["LXD_IMAGE_SERVER_RUN_USER"] = env_user
+    port = free_port()
+    r = subprocess.run(
+        [BIN, "--state-dir", base / "state", "run", "--root-dir", base / "root",
+         "--listen", f"127.0.0.1:{port}", "--plain-http", "--allow-anonymous-uploads", *extra],
+        capture_output=True, text=True, timeout=120, env=env,
+    )  # fmt: skip
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    return r.returncode, r.stderr
+
+
+def test_run_as_root_without_a_user_refuses_in_one_line(reachable: Path) -> None:
+    rc, err = _run_as_root(reachable)
+    assert rc == 1, err
+    assert len(err.strip().splitlines()) == 1, err
+    assert "--user" in err and "as root" in err
+    assert not (reachable / "root").exists()
+
+
+def test_run_as_root_refuses_root_as_the_user(reachable: Path) -> None:
+    rc, err = _run_as_root(reachable, "--user", "root")
+    assert rc == 1 and "uid 0" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_run_as_root_refuses_a_tree_of_another_user(reachable: Path, run_user: str | None) -> None:
+    """The tree is someone else's: the user could not write it (and root will not chown a tree
+    it did not make)."""
+    assert run_user
+    (reachable / "root").mkdir()
+    os.chown(reachable / "root", pwd.getpwnam("daemon").pw_uid, pwd.getpwnam("daemon").pw_gid)
+    rc, err = _run_as_root(reachable, env_user=run_user)
+    assert rc == 1 and "belongs to daemon" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_run_as_root_refuses_a_state_directory_the_user_could_swap(
+    reachable: Path, run_user: str | None
+) -> None:
+    """Root writes nginx's configuration and the certificate below the state directory: a
+    directory above it that the user may change would let it swap them for links."""
+    assert run_user
+    parent = reachable / "users"
+    parent.mkdir()
+    os.chown(parent, pwd.getpwnam(run_user).pw_uid, -1)
+    port = free_port()
+    r = subprocess.run(
+        [BIN, "--state-dir", parent / "state", "run", "--root-dir", reachable / "root",
+         "--listen", f"127.0.0.1:{port}", "--plain-http", "--allow-anonymous-uploads"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert r.returncode == 1, r.stderr
+    assert f"{parent} may be changed by others than root" in r.stderr
+    assert not (parent / "state").exists()
