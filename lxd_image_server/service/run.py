@@ -164,8 +164,6 @@ def prepare(opts: RunOptions) -> Prepared:
             run_user.root_dir_of_its_own(ssl_dir, 0o700)
         if htpasswd_path:
             run_user.root_file(htpasswd_path)
-        if not os.path.exists(os.path.join(opts.paths.streams_dir, "index.json")):
-            _first_catalog(opts, as_user, report)
     if htpasswd_path:
         os.makedirs(os.path.dirname(os.path.abspath(htpasswd_path)), exist_ok=True)
     must_reach = [opts.paths.root_dir, opts.paths.state_dir]
@@ -173,6 +171,14 @@ def prepare(opts: RunOptions) -> Prepared:
         must_reach.append(os.path.dirname(os.path.abspath(htpasswd_path)))
     # as root: nginx's workers' (run_user.prepare gave them STATE/run and the socket's dir)
     user = _worker_user(must_reach)
+    if as_user is not None:
+        for path in (opts.paths.root_dir, opts.paths.state_dir):
+            if not can_traverse(path, as_user.uid, {as_user.gid, *as_user.watcher.groups}):
+                raise RunError(
+                    f"{as_user.name} cannot reach {path}: make it and its parents traversable"
+                )
+        if not os.path.exists(os.path.join(opts.paths.streams_dir, "index.json")):
+            _first_catalog(opts, as_user, report)
     if not opts.plain_http:
         report.cert = tls.ensure_certificate(ssl_dir, opts.hostnames or ("localhost",))
     if htpasswd_path:
@@ -192,12 +198,6 @@ def prepare(opts: RunOptions) -> Prepared:
                 f"{as_user.name} (the upload server) cannot read {htpasswd_path}: make it "
                 f"readable by group {WORKER_USER} (chgrp {WORKER_USER}, chmod g+r)"
             )
-    if as_user is not None:
-        for path in (opts.paths.root_dir, opts.paths.state_dir):
-            if not can_traverse(path, as_user.uid, {as_user.gid, *as_user.watcher.groups}):
-                raise RunError(
-                    f"{as_user.name} cannot reach {path}: make it and its parents traversable"
-                )
     settings = nginx.SiteSettings(
         root_dir=opts.paths.root_dir,
         upload_socket=opts.upload_socket,
@@ -245,18 +245,26 @@ def _run_user(opts: RunOptions) -> run_user.RunUser | None:
         raise RunError(f"there is no group {WORKER_USER} for the upload socket") from None
 
 
+#: what `init` does for the catalog (ensure_tree), run as the user the watcher runs as
+_FIRST_CATALOG = (
+    "import sys\n"
+    "from lxd_image_server.config import Paths\n"
+    "from lxd_image_server.service.initialize import InitReport, ensure_tree\n"
+    "ensure_tree(Paths(*sys.argv[1:5]), InitReport())\n"
+)
+
+
 def _first_catalog(opts: RunOptions, as_user: run_user.RunUser, report: InitReport) -> None:
-    """What `init` does for the catalog, done by the user the watcher runs as (`update`), so
-    that nginx serves one from its first answer and nothing in the tree is root's."""
-    cmd = [sys.executable, "-m", "lxd_image_server", "--state-dir", opts.paths.state_dir]
-    if opts.config:
-        cmd += ["--config", opts.config]
-    cmd += ["update", "--root-dir", opts.paths.root_dir]
+    """The tree and its first catalog, made by the user the watcher runs as, so that nginx
+    serves a catalog from its first answer and nothing in the tree is root's."""
+    p = opts.paths
+    cmd = [sys.executable, "-c", _FIRST_CATALOG, p.root_dir, p.img_dir, p.streams_dir]
+    cmd.append(p.state_dir)
     env = {**os.environ, "HOME": as_user.home, "USER": as_user.name, "LOGNAME": as_user.name}
     done = subprocess.run(cmd, env=env, check=False, **as_user.watcher.popen())
     if done.returncode != 0:
         raise RunError(f"the first catalog, made as {as_user.name}, failed (see above)")
-    report.changes.append(f"published the catalog in {opts.paths.streams_dir}")
+    report.changes.append(f"published the catalog in {p.streams_dir}")
 
 
 def _commands(opts: RunOptions, conf: str, user: str | None) -> dict[str, list[str]]:

@@ -264,8 +264,19 @@ def mirror_host(pki: Pki, label: str) -> Iterator[MirrorHost]:
             nginx.stop()
 
 
+def watchers_key(key: Path, base: Path, run_user: str | None) -> Path:
+    """The push key where the watcher reads it: `run` started as root runs the watcher as
+    its user, whose key it must be (0600, as ssh wants it)."""
+    copy = base / "watcher_key"
+    shutil.copyfile(key, copy)
+    copy.chmod(0o600)
+    if run_user:
+        shutil.chown(copy, run_user, run_user)
+    return copy
+
+
 @pytest.fixture(scope="module")
-def master(pki: Pki, mirror_host: MirrorHost) -> Iterator[Server]:
+def master(pki: Pki, mirror_host: MirrorHost, run_user: str | None) -> Iterator[Server]:
     base = Path(tempfile.mkdtemp(prefix="lis-master-", dir="/var/tmp"))
     base.chmod(0o755)
     config = base / "config.toml"
@@ -273,7 +284,7 @@ def master(pki: Pki, mirror_host: MirrorHost) -> Iterator[Server]:
         "[mirrors.m1]\n"
         'remote = "127.0.0.1"\n'
         f'user = "{mirror_host.user}"\n'
-        f'key_path = "{mirror_host.key}"\n'
+        f'key_path = "{watchers_key(mirror_host.key, base, run_user)}"\n'
         f"port = {mirror_host.sshd.port}\n"
         f'path = "{mirror_host.root}"\n'
     )
@@ -463,7 +474,7 @@ def test_an_unreachable_mirror_does_not_stop_publishing_and_catches_up(
 
 
 def test_a_changed_host_key_is_refused_until_forgotten(
-    master: Server, mirror_host: MirrorHost, watchdog: Watchdog, image
+    master: Server, mirror_host: MirrorHost, watchdog: Watchdog, image, run_user: str | None
 ) -> None:
     """accept-new: the key seen first is kept; a different one stops the pushes until the
     operator removes the old one (ssh-keygen -R) and reloads (which also retries at once)."""
@@ -484,7 +495,11 @@ def test_a_changed_host_key_is_refused_until_forgotten(
     )
     assert not listed(mirror_host.fetch("streams/v1/images.json")[1], product)
     state = master.root.parent / "state"
-    run(["ssh-keygen", "-R", f"[127.0.0.1]:{sshd.port}", "-f", state / "mirrors" / "known_hosts"])
+    # as the watcher's user (docs/mirrors.md): root's ssh-keygen would leave a file of root's
+    as_watcher: list[str | Path] = ["runuser", "-u", run_user, "--"] if run_user else []
+    forget: list[str | Path] = ["ssh-keygen", "-R", f"[127.0.0.1]:{sshd.port}"]
+    forget += ["-f", state / "mirrors/known_hosts"]
+    run([*as_watcher, *forget])
     run([BIN, "--state-dir", state, "reload"])
     took = wait_until(
         lambda: in_step(master, mirror_host), "the mirror to catch up", DEADLINE, master.log
