@@ -202,6 +202,13 @@ def prepare(paths: Paths, user: RunUser, worker_gid: int, owned_paths: Iterable[
     state = paths.state_dir
     if not stat.S_ISDIR(os.lstat(state).st_mode):
         raise RunUserError(f"{state} is not a directory (a link?)")
+    leftover = _roots_leftover(state, paths)
+    if leftover is not None:
+        raise RunUserError(
+            f"{leftover} is root's (an earlier `run` as root?): the watcher runs as {user.name} "
+            f"now; give it its files (chown -R {user.name}: all in {state} but nginx/, run/, "
+            "ssl/, htpasswd)"
+        )
     _fix_dir(state, 0, user.gid, STATE_MODE)
     run_dir = paths.state.run_dir
     for d in (run_dir, paths.state.nginx_dir):
@@ -225,6 +232,20 @@ def prepare(paths: Paths, user: RunUser, worker_gid: int, owned_paths: Iterable[
             raise RunUserError(f"{digests} is not a directory (a link?)") from None
         if st.st_uid == 0:
             os.chown(digests, user.uid, user.gid, follow_symlinks=False)
+
+
+def _roots_leftover(state: str, paths: Paths) -> str | None:
+    """An entry of the state directory that is root's but the watcher's to write (an earlier
+    `run` as root made it so), or None."""
+    kept = {
+        os.path.basename(p)
+        for p in (paths.state.run_dir, paths.state.nginx_dir, paths.state.ssl_dir)
+    } | {os.path.basename(paths.state.htpasswd), "upload-digests"}
+    with os.scandir(state) as entries:
+        for entry in sorted(entries, key=lambda e: e.name):
+            if entry.name not in kept and entry.stat(follow_symlinks=False).st_uid == 0:
+                return entry.path
+    return None
 
 
 def root_file(path: str) -> None:
