@@ -270,3 +270,15 @@ def test_run_as_root_refuses_a_state_directory_the_user_could_swap(
     assert r.returncode == 1, r.stderr
     assert f"{parent} may be changed by others than root" in r.stderr
     assert not (parent / "state").exists()
+
+
+def test_run_as_root_refuses_the_state_of_an_earlier_root_run(
+    reachable: Path, run_user: str | None
+) -> None:
+    """An earlier `run` as root left the watcher's files root's: the watcher, now the user,
+    could not write them; `run` says what to give it instead of failing later."""
+    assert run_user
+    (reachable / "state").mkdir()
+    (reachable / "state" / "hashes.sqlite3").write_bytes(b"")
+    rc, err = _run_as_root(reachable, env_user=run_user)
+    assert rc == 1 and "hashes.sqlite3 is root's" in err and len(err.strip().splitlines()) == 1
