@@ -80,8 +80,11 @@ bench: venv run-deps
 	$(BIN)/python bench/bench_delta.py
 
 # ALLOW_OVERWRITES, ALLOW_DELETES and DEBUG pass through from the environment.
+# Under sudo, the server runs as the user who called sudo (the checkout, and var/ in it, are
+# theirs: `run` started as root would refuse a tree below a directory another user may change).
+AS_CALLER := $(if $(and $(SUDO_USER),$(filter 0,$(shell id -u))),runuser -u $(SUDO_USER) --)
 run: run-deps venv
-	$(BIN)/lxd-image-server --state-dir $(RUN_DIR)/state run --root-dir $(RUN_DIR)/root $(RUN_ARGS)
+	$(AS_CALLER) $(BIN)/lxd-image-server --state-dir $(RUN_DIR)/state run --root-dir $(RUN_DIR)/root $(RUN_ARGS)
 
 include packaging.mk
 include container.mk

@@ -388,6 +388,10 @@ def servers(exe: str, work: Path) -> Iterator[Servers]:
         exe, "--state-dir", str(state), "run", "--root-dir", str(root),
         "--listen", f"127.0.0.1:{port}", "--ssl-dir", str(ssl), "--htpasswd", str(htpasswd),
     ]  # fmt: skip
+    if os.geteuid() == 0:
+        # started as root, `run` needs an unprivileged user for the upload server and the
+        # watcher (issue 18); nginx's workers' will do for a benchmark's scratch tree
+        run_cmd += ["--user", os.environ.get("LXD_IMAGE_SERVER_RUN_USER", "www-data")]
     with open(run_log, "ab") as out:
         out.write(f"$ {' '.join(run_cmd)}\n".encode())
         out.flush()

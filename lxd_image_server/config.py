@@ -82,8 +82,18 @@ class StateDir:
         return self._in("run")
 
     @property
+    def upload_run_dir(self) -> str:
+        """The upload server's own directory in `run`'s: its socket, its slots."""
+        return self._in("run", "upload")
+
+    @property
     def upload_socket(self) -> str:
-        return self._in("run", "upload.sock")
+        return self._in("run", "upload", "upload.sock")
+
+    @property
+    def upload_slots(self) -> str:
+        """Where the upload app's workers count the uploads in progress per credential."""
+        return self._in("run", "upload", "slots")
 
     @property
     def url_file(self) -> str:

@@ -26,6 +26,9 @@ from lxd_image_server.retention_policy import KeepRule, PolicyError, RetentionPo
 SYSTEM_DIR = "/etc/lxd-image-server"
 ENV_CONFIG = "LXD_IMAGE_SERVER_CONFIG"
 DEFAULT_GRACE = 3600
+#: uploads in progress per credential: one CI job's `xargs -P8 curl`
+DEFAULT_PARALLEL_UPLOADS = 8
+MAX_PARALLEL_UPLOADS = 16
 #: [deltas] min_size: roots smaller than this get no delta made. A delta saves at most the
 #: root's bytes; below about a MiB that is less than what it costs each client (a second
 #: request, an xdelta3 run, a fingerprint check) and the server (an xdelta3 run per new version and
@@ -72,6 +75,8 @@ class Settings:
     allow_deletes: bool = False
     #: bytes per uploaded file; None: no limit
     max_upload_size: int | None = None
+    #: uploads one credential (anonymous: one client address) may have in progress at once
+    max_parallel_uploads: int = DEFAULT_PARALLEL_UPLOADS
     debug: bool = False
     #: seconds between a version leaving the catalog (prune/remove) and its files going
     prune_grace: int = DEFAULT_GRACE
@@ -163,7 +168,7 @@ def load(
 _SECTIONS = {"paths", "upload", "prune", "retention", "deltas", "mirrors", "logging"}
 _KEYS = {
     "paths": {"root", "state_dir"},
-    "upload": {"allow_overwrites", "allow_deletes", "max_size"},
+    "upload": {"allow_overwrites", "allow_deletes", "max_size", "max_parallel"},
     "prune": {"grace_period"},
     "retention": {"keep", "rule"},
     "deltas": {"enabled", "bases", "max_ratio", "timeout", "min_size", "check_interval"},
@@ -216,6 +221,18 @@ def _bytes(value: Any, what: str, src: str) -> int:
 def _size(value: Any, src: str) -> int | None:
     """max_size: bytes as a number, or a string with K/M/G/T (powers of 1024); 0: no limit."""
     return _bytes(value, "upload.max_size", src) or None
+
+
+def _parallel(value: Any, src: str) -> int:
+    """max_parallel: 1 to MAX_PARALLEL_UPLOADS (the upload app has 32 threads: one
+    credential must leave most of them to the others)."""
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value.strip())
+    n = _typed(value, int, "upload.max_parallel", src)
+    assert isinstance(n, int)
+    if not 1 <= n <= MAX_PARALLEL_UPLOADS:
+        raise ConfigError(f"{src}: upload.max_parallel must be 1 to {MAX_PARALLEL_UPLOADS}")
+    return n
 
 
 def _count(value: Any, what: str, src: str) -> int:
@@ -332,6 +349,8 @@ def _validate(
             values[key] = _typed(upload[key], bool, f"upload.{key}", src("upload"))
     if "max_size" in upload:
         values["max_upload_size"] = _size(upload["max_size"], src("upload"))
+    if "max_parallel" in upload:
+        values["max_parallel_uploads"] = _parallel(upload["max_parallel"], src("upload"))
     if "grace_period" in prune:
         grace = _typed(prune["grace_period"], int, "prune.grace_period", src("prune"))
         if grace < 0:
@@ -364,4 +383,8 @@ def _validate(
             values[key] = flag
     if env.get("UPLOAD_MAX_SIZE", "").strip():
         values["max_upload_size"] = _size(env["UPLOAD_MAX_SIZE"].strip(), "UPLOAD_MAX_SIZE")
+    if env.get("UPLOAD_MAX_PARALLEL", "").strip():
+        values["max_parallel_uploads"] = _parallel(
+            env["UPLOAD_MAX_PARALLEL"], "UPLOAD_MAX_PARALLEL"
+        )
     return Settings(**values)

@@ -25,8 +25,8 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from lxd_image_server.catalog.deltas import drop_deltas_on
@@ -46,6 +46,7 @@ from lxd_image_server.retention_policy import RetentionPolicy
 from lxd_image_server.tree.layout import (
     VERSION_DEPTH,
     LayoutError,
+    Role,
     check_component,
     parse_version_dir,
     serial_sort_key,
@@ -194,13 +195,39 @@ class PendingVersions:
 # -- choosing ------------------------------------------------------------------------------------
 
 
-def select_prunable(products: Products, keep: int | Callable[[str], int]) -> list[tuple[str, str]]:
+#: (product, serial) -> when that version was published (ns since the epoch), if known
+Arrivals = Mapping[tuple[str, str], int]
+
+
+def published_at(version: ScannedVersion) -> int:
+    """When `version` was published, as its files tell: the newest change time (ctime, which no
+    uploader can set or move back) of its metadata and roots. Deltas are left aside: the writer
+    adds them to a version after it was published."""
+    times = [f.ctime_ns for f in version.files.values() if f.role.role is not Role.DELTA]
+    return max(times, default=0)
+
+
+def arrivals(versions: Iterable[ScannedVersion]) -> dict[tuple[str, str], int]:
+    return {(v.key.product, v.key.serial): published_at(v) for v in versions}
+
+
+def select_prunable(
+    products: Products,
+    keep: int | Callable[[str], int],
+    published: Arrivals | None = None,
+    spared: Callable[[str, str, str], None] | None = None,
+) -> list[tuple[str, str]]:
     """(product, serial) of every version beyond the newest `keep` of its product.
 
     `keep` is a number for every product (`prune --keep`), or a function of the product key
     (a [retention] policy) where 0 keeps every version. The newest version always stays, and a
     version whose serial does not parse is neither counted nor chosen (the layout refuses such
     serials, so the catalog should hold none).
+
+    With `published` (when each version was published), a version published after the newest
+    one kept is never chosen: a serial far ahead of the others (one uploaded before such
+    serials were refused, or a clock that was wrong) must not push out the real versions that
+    came after it. `spared(product, serial, newest_kept)` is told of each.
     """
     if not callable(keep) and keep < 1:
         raise ValueError("keep must be at least 1")
@@ -216,7 +243,17 @@ def select_prunable(products: Products, keep: int | Callable[[str], int]) -> lis
             else:
                 log.warning("%s: version %r has no valid serial; never pruned", pkey, s)
         serials.sort(key=serial_sort_key)
-        out.extend((pkey, s) for s in serials[:-n])
+        beyond = serials[:-n]
+        if published is not None and beyond:
+            newest = serials[-1]
+            limit = published.get((pkey, newest))
+            if limit is not None:
+                later = [s for s in beyond if published.get((pkey, s), 0) > limit]
+                for s in later:
+                    if spared is not None:
+                        spared(pkey, s, newest)
+                beyond = [s for s in beyond if s not in later]
+        out.extend((pkey, s) for s in beyond)
     return out
 
 
@@ -392,6 +429,8 @@ class Retention:
 
     policy: RetentionPolicy
     grace: int
+    #: versions already said to be spared (published after the newest kept): said once
+    _told: set[tuple[str, str]] = field(default_factory=set, compare=False, repr=False)
 
     def apply(
         self,
@@ -408,7 +447,10 @@ class Retention:
         """
         if not self.policy.active:
             return set()
-        chosen = set(select_prunable(products, self.policy.keep_for))
+        versions = list(versions)
+        chosen = set(
+            select_prunable(products, self.policy.keep_for, arrivals(versions), self._spare)
+        )
         if not chosen:
             return set()
         doomed = [v for v in versions if (v.key.product, v.key.serial) in chosen]
@@ -426,3 +468,16 @@ class Retention:
                 utc_text(p.expires),
             )
         return {v.path for v in doomed}
+
+    def _spare(self, product: str, serial: str, newest: str) -> None:
+        if (product, serial) in self._told:
+            return
+        self._told.add((product, serial))
+        log.warning(
+            "retention: %s %s stays although beyond keep %d: it was published after %s, "
+            "the newest version kept",
+            product,
+            serial,
+            self.policy.keep_for(product),
+            newest,
+        )

@@ -376,12 +376,16 @@ class Watcher:
                 (signal.SIGHUP, self._on_hup),
             )
         }
+        wrote_pid = False
         try:
-            if self.pid_file:
-                write_pid_file(self.pid_file)
             os.makedirs(self.img_dir, exist_ok=True)
             self.watches.watch_tree("")
             log.info("watching %s (%d directories)", self.img_dir, len(self.watches.wds))
+            if self.pid_file:
+                # only now: the pid file says the watcher sees every upload from here on
+                # (`run` waits for it before nginx takes connections; `health` reads it)
+                write_pid_file(self.pid_file)
+                wrote_pid = True
             try:
                 # at start, everything is hashed before the first publish (without the lock):
                 # a lost hash cache must not publish a shrunken catalog for a while
@@ -427,7 +431,7 @@ class Watcher:
         finally:
             for s, h in previous.items():
                 signal.signal(s, h)
-            if self.pid_file:
+            if wrote_pid and self.pid_file:
                 with contextlib.suppress(OSError):
                     os.unlink(self.pid_file)
             self.watches.close()

@@ -431,6 +431,14 @@ def passwd(g: Globals, user: str, htpasswd_path: str) -> None:
 )
 @click.option("--plain-http", is_flag=True, help="Serve plain HTTP (behind a TLS proxy).")
 @click.option("--private", is_flag=True, help="Require the credentials for reads too.")
+@click.option(
+    "--user",
+    "run_as",
+    metavar="USER",
+    envvar="LXD_IMAGE_SERVER_RUN_USER",
+    help="Started as root: the user the upload server and the watcher run as "
+    "[default: the owner of the root directory, if not root].",
+)
 @click.pass_obj
 @handle_errors
 def run(
@@ -445,6 +453,7 @@ def run(
     hostnames: tuple[str, ...],
     plain_http: bool,
     private: bool,
+    run_as: str | None,
 ) -> None:
     """Run nginx, the upload server and the watcher in the foreground."""
     refuse_private_anonymous(private, allow_anonymous_uploads)
@@ -472,6 +481,7 @@ def run(
                 config=g.config,
                 settings=g.settings,
                 log_file=g.log_file if g.log_file_given else "STDOUT",
+                user=run_as,
             )
         )
     )

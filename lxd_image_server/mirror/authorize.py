@@ -37,6 +37,10 @@ KEY_TYPES = (
     "sk-ecdsa-sha2-nistp256@openssh.com",
 )
 _USER_NAME = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
+#: The account comment of the push users `authorize` creates. An existing user is taken only
+#: with it, or with the home an earlier `authorize` already made root's: any other account's
+#: home and ~/.ssh would be taken from it (root's, 0755: readable by everyone).
+PUSH_USER_COMMENT = "lxd-image-server mirror push"
 
 
 class AuthorizeError(Exception):
@@ -167,6 +171,8 @@ def _ensure_user(name: str, report: AuthorizeReport) -> pwd.struct_passwd:
             "--user-group",
             "--password",
             "*",
+            "--comment",
+            PUSH_USER_COMMENT,
             name,
         ]
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -180,6 +186,43 @@ def _ensure_user(name: str, report: AuthorizeReport) -> pwd.struct_passwd:
             f"give it one (chsh -s /bin/sh {name}) or pick another --user"
         )
     return pw
+
+
+def _locked_before(pw: pwd.struct_passwd) -> bool:
+    """Whether an earlier `authorize` made this user's home (/home/NAME) and ~/.ssh root's."""
+    if pw.pw_dir != f"/home/{pw.pw_name}":
+        return False
+    try:
+        home = os.lstat(pw.pw_dir)
+        ssh = os.lstat(os.path.join(pw.pw_dir, ".ssh"))
+    except OSError:
+        return False
+    return all(
+        stat.S_ISDIR(st.st_mode) and st.st_uid == 0 and stat.S_IMODE(st.st_mode) == 0o755
+        for st in (home, ssh)
+    )
+
+
+def check_existing_user(name: str) -> None:
+    """AuthorizeError unless `name` is missing (it will be created) or a push user made by
+    `authorize`: never root, a system account or anybody's login, whose home and ~/.ssh it
+    would give to root, readable by all."""
+    try:
+        pw = pwd.getpwnam(name)
+    except KeyError:
+        return
+    if pw.pw_uid == 0:
+        raise AuthorizeError(
+            f"--user {name}: uid 0; the push user must be an account of its own (a missing "
+            f"one, such as the default {DEFAULT_MIRROR_USER}, is created)"
+        )
+    if pw.pw_gecos.split(",")[0] == PUSH_USER_COMMENT or _locked_before(pw):
+        return
+    raise AuthorizeError(
+        f"--user {name}: an existing account that `mirror authorize` did not make; its home "
+        f"{pw.pw_dir} and ~/.ssh would become root's and readable by all: name a new user "
+        "(it is created)"
+    )
 
 
 def _root_owns(fd: int, mode: int) -> bool:
@@ -342,6 +385,7 @@ def authorize(key_text: str, user: str, root: str) -> AuthorizeReport:
             "~/.ssh/authorized_keys and lift the key's restrictions; choose another --root "
             "or --user"
         )
+    check_existing_user(user)
     if not os.path.isdir(root):
         os.makedirs(root, mode=0o755)
         report.changes.append(f"created {root}")

@@ -4,6 +4,7 @@ naming options, or else from its metadata.yaml."""
 from __future__ import annotations
 
 import datetime as dt
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,6 +14,7 @@ from lxd_image_server.tree.layout import (
     LayoutError,
     VersionKey,
     check_component,
+    check_serial_not_ahead,
     valid_serial,
 )
 
@@ -95,4 +97,8 @@ def version_key(naming: Naming, metadata: dict[str, Any], where: str) -> Version
         raise NamingError(
             f"bad serial {serial!r}: expected YYYYMMDD_HH:MM, YYYYMMDD_HHMM or YYYYMMDDHHMM"
         )
+    try:
+        check_serial_not_ahead(serial, time.time())
+    except LayoutError as e:
+        raise NamingError(f"{e}: give --serial") from None
     return VersionKey(os_name, release, tree_arch(arch_raw), variant, serial)

@@ -7,6 +7,7 @@ expired ones, are retention.py's, below the pipeline.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -14,6 +15,7 @@ from lxd_image_server.catalog.pipeline import Pipeline
 from lxd_image_server.catalog.retention import (
     Pending,
     RetentionError,
+    arrivals,
     delete_expired,
     parse_product,
     schedule,
@@ -21,6 +23,8 @@ from lxd_image_server.catalog.retention import (
 )
 from lxd_image_server.tree.layout import serial_sort_key
 from lxd_image_server.tree.scan import ScannedVersion
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -50,6 +54,12 @@ def _finish(
     return outcome
 
 
+def _tell_spared(product: str, serial: str, newest: str) -> None:
+    log.warning(
+        "%s %s stays: it was published after %s, the newest version kept", product, serial, newest
+    )
+
+
 def prune(
     pipeline: Pipeline, keep: int, grace: int, dry_run: bool = False, now: float | None = None
 ) -> Outcome:
@@ -59,7 +69,9 @@ def prune(
     """
     pipeline.update_all()
     by_key = {(v.key.product, v.key.serial): v for v in pipeline.versions.values()}
-    chosen = select_prunable(pipeline.products, keep)
+    chosen = select_prunable(
+        pipeline.products, keep, arrivals(pipeline.versions.values()), _tell_spared
+    )
     if dry_run:
         return Outcome(would=chosen)
     return _finish(pipeline, [by_key[c] for c in chosen], grace, now)

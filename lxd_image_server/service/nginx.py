@@ -37,7 +37,6 @@ PAGE_CSP = (
     "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
     "img-src data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
 )
-UPLOAD_ZONE = "lxd_image_server_uploads"
 #: Image files: a version's files never change in place, so caches keep them for a year and
 #: never revalidate. Not `always`: an error (a 404 for a file not yet uploaded) is not cached.
 IMMUTABLE = "public, max-age=31536000, immutable"
@@ -95,8 +94,6 @@ class SiteSettings:
     private: bool = False
     #: client_max_body_size: "0" is unlimited; the upload app enforces its own limit too
     max_body: str = "0"
-    #: uploads in progress per client address; more get 429
-    uploads_per_client: int = 4
     #: nginx's longest wait between two reads of an upload's body (or writes to the app)
     body_timeout: str = "60s"
     #: how long the app may take to answer once the body is sent (it fsyncs the file)
@@ -172,8 +169,6 @@ def render_locations(s: SiteSettings) -> str:
             "WRITE_AUTH": _auth(s.htpasswd, "    "),
             "MAX_BODY": s.max_body,
             "UPLOAD_SOCKET": s.upload_socket,
-            "UPLOAD_ZONE": UPLOAD_ZONE,
-            "UPLOADS_PER_CLIENT": str(s.uploads_per_client),
             "BODY_TIMEOUT": s.body_timeout,
             "ANSWER_TIMEOUT": s.answer_timeout,
             "HEADERS": _headers(STRICT_CSP),
@@ -229,7 +224,6 @@ def render_site(
             "LISTEN": "\n".join(listen),
             "TLS": render("tls.conf.in", {"SSL_DIR": s.ssl_dir}) if s.tls else "",
             "SNIPPET": snippet_path,
-            "UPLOAD_ZONE": UPLOAD_ZONE,
             "HTTP_SERVER": http_server,
         },
     )

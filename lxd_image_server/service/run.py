@@ -18,7 +18,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -26,9 +26,10 @@ from types import FrameType
 from lxd_image_server import handover, htpasswd
 from lxd_image_server.config import Paths, ServiceError
 from lxd_image_server.fsutil import can_traverse
-from lxd_image_server.service import nginx, tls
+from lxd_image_server.service import health, nginx, run_user, tls
 from lxd_image_server.service.initialize import (
     InitReport,
+    credentials_group,
     ensure_credentials,
     ensure_tree,
     instructions_for,
@@ -73,6 +74,8 @@ class RunOptions:
     settings: Settings = field(default_factory=Settings)
     #: where the watcher logs (the --log-file given to `run`)
     log_file: str = "STDOUT"
+    #: started as root: the user the upload server and the watcher run as (run_user.py)
+    user: str | None = None
 
     @property
     def run_dir(self) -> str:
@@ -135,31 +138,47 @@ class Prepared:
     #: the credentials nginx (and the upload app) check; None: anonymous uploads
     htpasswd: str | None
     report: InitReport
+    #: started as root: who the upload server and the watcher run as
+    run_user: run_user.RunUser | None = None
 
 
 def prepare(opts: RunOptions) -> Prepared:
-    """Tree, catalog, certificate, credentials, nginx config."""
+    """Tree, catalog, certificate, credentials, nginx config; started as root, also who the
+    upload server and the watcher run as (run_user.py)."""
     if opts.private and opts.allow_anonymous_uploads:
         raise RunError("--private needs credentials: it cannot go with --allow-anonymous-uploads")
     report = InitReport()
-    ensure_tree(opts.paths, report)
-    for d in (opts.run_dir, opts.nginx_dir, digest_dir(opts)):
-        os.makedirs(d, exist_ok=True)
     htpasswd_path = None
     if not opts.allow_anonymous_uploads:
         htpasswd_path = opts.htpasswd or opts.paths.state.htpasswd
+    ssl_dir = opts.ssl_dir or opts.paths.state.ssl_dir
+    as_user = _run_user(opts)
+    if as_user is None:
+        ensure_tree(opts.paths, report)
+        for d in (opts.run_dir, opts.nginx_dir, digest_dir(opts), opts.paths.state.upload_run_dir):
+            os.makedirs(d, exist_ok=True)
+    else:
+        owned = [p for p in (htpasswd_path, None if opts.plain_http else ssl_dir) if p]
+        run_user.prepare(opts.paths, as_user, grp.getgrnam(WORKER_USER).gr_gid, owned)
+        if not opts.plain_http:
+            run_user.root_dir_of_its_own(ssl_dir, 0o700)
+        if htpasswd_path:
+            run_user.root_file(htpasswd_path)
+    if htpasswd_path:
         os.makedirs(os.path.dirname(os.path.abspath(htpasswd_path)), exist_ok=True)
     must_reach = [opts.paths.root_dir, opts.paths.state_dir]
     if htpasswd_path:
         must_reach.append(os.path.dirname(os.path.abspath(htpasswd_path)))
+    # as root: nginx's workers' (run_user.prepare gave them STATE/run and the socket's dir)
     user = _worker_user(must_reach)
-    if user:
-        # the workers must reach the upload socket and their temp dirs
-        group = user.split()[1]
-        os.chmod(opts.run_dir, 0o750)
-        with contextlib.suppress(KeyError):
-            os.chown(opts.run_dir, 0, grp.getgrnam(group).gr_gid)
-    ssl_dir = opts.ssl_dir or opts.paths.state.ssl_dir
+    if as_user is not None:
+        for path in (opts.paths.root_dir, opts.paths.state_dir):
+            if not can_traverse(path, as_user.uid, {as_user.gid, *as_user.watcher.groups}):
+                raise RunError(
+                    f"{as_user.name} cannot reach {path}: make it and its parents traversable"
+                )
+        if not os.path.exists(os.path.join(opts.paths.streams_dir, "index.json")):
+            _first_catalog(opts, as_user, report)
     if not opts.plain_http:
         report.cert = tls.ensure_certificate(ssl_dir, opts.hostnames or ("localhost",))
     if htpasswd_path:
@@ -173,6 +192,11 @@ def prepare(opts: RunOptions) -> Prepared:
                 "`lxd-image-server passwd USER --htpasswd %s` (no restart needed)",
                 htpasswd_path,
                 htpasswd_path,
+            )
+        if as_user is not None and not run_user.can_read(htpasswd_path, as_user.upload):
+            raise RunError(
+                f"{as_user.name} (the upload server) cannot read {htpasswd_path}: make it "
+                f"readable by group {WORKER_USER} (chgrp {WORKER_USER}, chmod g+r)"
             )
     settings = nginx.SiteSettings(
         root_dir=opts.paths.root_dir,
@@ -202,7 +226,45 @@ def prepare(opts: RunOptions) -> Prepared:
     )
     nginx.check(str(conf), prefix=opts.run_dir)
     Path(opts.url_file).write_text(opts.local_url() + "\n")
-    return Prepared(str(conf), user, htpasswd_path, report)
+    return Prepared(str(conf), user, htpasswd_path, report, as_user)
+
+
+def _run_user(opts: RunOptions) -> run_user.RunUser | None:
+    """Started as root: the user the upload server and the watcher run as (RunError if there
+    is none fit for it). Otherwise None: they run as we do."""
+    if os.geteuid() != 0:
+        if opts.user and opts.user != pwd.getpwuid(os.geteuid()).pw_name:
+            raise RunError(f"--user {opts.user}: only `run` started as root changes users")
+        return None
+    pw = run_user.choose(opts.user, opts.paths.root_dir)
+    group = credentials_group()
+    extra = [grp.getgrnam(group).gr_gid] if group else []
+    try:
+        return run_user.identities(pw, WORKER_USER, extra)
+    except KeyError:
+        raise RunError(f"there is no group {WORKER_USER} for the upload socket") from None
+
+
+#: what `init` does for the catalog (ensure_tree), run as the user the watcher runs as
+_FIRST_CATALOG = (
+    "import sys\n"
+    "from lxd_image_server.config import Paths\n"
+    "from lxd_image_server.service.initialize import InitReport, ensure_tree\n"
+    "ensure_tree(Paths(*sys.argv[1:5]), InitReport())\n"
+)
+
+
+def _first_catalog(opts: RunOptions, as_user: run_user.RunUser, report: InitReport) -> None:
+    """The tree and its first catalog, made by the user the watcher runs as, so that nginx
+    serves a catalog from its first answer and nothing in the tree is root's."""
+    p = opts.paths
+    cmd = [sys.executable, "-c", _FIRST_CATALOG, p.root_dir, p.img_dir, p.streams_dir]
+    cmd.append(p.state_dir)
+    env = {**os.environ, "HOME": as_user.home, "USER": as_user.name, "LOGNAME": as_user.name}
+    done = subprocess.run(cmd, env=env, check=False, **as_user.watcher.popen())
+    if done.returncode != 0:
+        raise RunError(f"the first catalog, made as {as_user.name}, failed (see above)")
+    report.changes.append(f"published the catalog in {p.streams_dir}")
 
 
 def _commands(opts: RunOptions, conf: str, user: str | None) -> dict[str, list[str]]:
@@ -227,7 +289,9 @@ def _commands(opts: RunOptions, conf: str, user: str | None) -> dict[str, list[s
     if opts.verbose:
         upload += ["--access-logfile", "-"]  # off in gunicorn_conf
     if user:
-        upload += ["--group", user.split()[1], "--umask", "0o007"]
+        # started as root: it runs with nginx's workers' group (run_user.py); what it stores
+        # is theirs to read, nobody else's
+        upload += ["--umask", "0o007"]
     upload.append("lxd_image_server.web.upload:app_from_env()")
     return {
         "watcher": watch,
@@ -242,12 +306,38 @@ def _die_with_parent() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
-class Supervisor:
-    """Starts children, waits for a stop signal or a death, stops the rest."""
+#: Seconds the upload server and the watcher may take to be ready (a loaded machine, a large
+#: tree to watch) before `run` gives up and exits 1.
+READY_TIMEOUT = 600.0
 
-    def __init__(self, commands: dict[str, list[str]], env: dict[str, str]) -> None:
+#: A part's readiness, given its pid: True once it serves.
+Ready = Callable[[int], bool]
+
+
+class Supervisor:
+    """Starts children, waits for a stop signal or a death, stops the rest.
+
+    A child named in `gated` starts only once every other one is ready (`ready[name](pid)`,
+    or just started when it has no check): nginx comes last, so the port answers only when an
+    upload it passes on reaches a listening upload server and lands in a watched tree.
+    """
+
+    def __init__(
+        self,
+        commands: dict[str, list[str]],
+        env: dict[str, str],
+        ready: dict[str, Ready] | None = None,
+        gated: frozenset[str] = frozenset(),
+        ready_timeout: float = READY_TIMEOUT,
+        users: dict[str, run_user.Identity] | None = None,
+    ) -> None:
         self.commands = commands
         self.env = env
+        #: who each child runs as (started as root); missing: as we do
+        self.users = users or {}
+        self.ready = ready or {}
+        self.gated = gated
+        self.ready_timeout = ready_timeout
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.stop = threading.Event()
         self.signal_name = ""
@@ -256,18 +346,58 @@ class Supervisor:
         self.signal_name = signal.Signals(signum).name
         self.stop.set()
 
+    def _start(self, names: Sequence[str]) -> None:
+        for name in names:
+            cmd = self.commands[name]
+            log.info("starting %s: %s", name, " ".join(cmd))
+            # own process group: a terminal's Ctrl-C reaches us only, we stop them in order
+            who = self.users.get(name)
+            self.procs[name] = subprocess.Popen(
+                cmd,
+                env=self.env,
+                start_new_session=True,
+                preexec_fn=_die_with_parent,  # runs after the change of user: it stays set
+                **(who.popen() if who else {}),
+            )
+
+    def _dead(self) -> str:
+        return next((n for n, p in self.procs.items() if p.poll() is not None), "")
+
+    def _wait_ready(self) -> str:
+        """Waits until every started part is ready. Returns "" when they are, else why not
+        (a part died, or took too long); "" also when asked to stop."""
+        deadline = time.monotonic() + self.ready_timeout
+        waiting = [n for n in self.procs if n in self.ready]
+        while waiting:
+            dead = self._dead()
+            if dead:
+                return (
+                    f"{dead} exited with status {self.procs[dead].returncode} before it was ready"
+                )
+            waiting = [n for n in waiting if not self.ready[n](self.procs[n].pid)]
+            if not waiting:
+                break
+            if time.monotonic() > deadline:
+                return f"{', '.join(waiting)} not ready after {self.ready_timeout:.0f} s"
+            if self.stop.wait(0.05):
+                return ""
+        return ""
+
     def run(self) -> int:
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         try:
-            for name, cmd in self.commands.items():
-                log.info("starting %s: %s", name, " ".join(cmd))
-                # own process group: a terminal's Ctrl-C reaches us only, we stop them in order
-                self.procs[name] = subprocess.Popen(
-                    cmd, env=self.env, start_new_session=True, preexec_fn=_die_with_parent
-                )
+            self._start([n for n in self.commands if n not in self.gated])
+            why = self._wait_ready()
+            if why:
+                log.error("%s; stopping everything", why)
+                self._stop_all()
+                return 1
+            if not self.stop.is_set():
+                self._start([n for n in self.commands if n in self.gated])
+                log.info("ready: %s", ", ".join(self.procs))
             failed = ""
             while not self.stop.wait(0.2):
-                failed = next((n for n, p in self.procs.items() if p.poll() is not None), "")
+                failed = self._dead()
                 if failed:
                     log.error(
                         "%s exited with status %s; stopping everything",
@@ -301,6 +431,24 @@ class Supervisor:
                 p.wait()
 
 
+def readiness(opts: RunOptions) -> dict[str, Ready]:
+    """What `run` waits for before nginx takes connections: the upload server answers HTTP on
+    its socket, and the watcher (that very child) watches the tree: it writes its pid file
+    once its watches are set (catalog/watch.py). `health` checks the same things."""
+
+    def upload_ready(_pid: int) -> bool:
+        return health.check_upload_socket(opts.upload_socket, timeout=2.0).ok
+
+    def watcher_ready(pid: int) -> bool:
+        try:
+            with open(opts.paths.state.watch_pid, encoding="ascii") as f:
+                return f.read().strip() == str(pid)
+        except OSError:
+            return False
+
+    return {"upload": upload_ready, "watcher": watcher_ready}
+
+
 def digest_dir(opts: RunOptions) -> str:
     """Where the upload app hands its digests to the watcher (handover.py)."""
     return os.path.join(opts.paths.state_dir, handover.DIR_NAME)
@@ -327,6 +475,8 @@ def upload_env(
     env["ALLOW_DELETES"] = "1" if s.allow_deletes else "0"
     env["DEBUG"] = "1" if opts.verbose else "0"
     env["UPLOAD_MAX_SIZE"] = str(s.max_upload_size or 0)
+    env["UPLOAD_MAX_PARALLEL"] = str(s.max_parallel_uploads)
+    env["UPLOAD_SLOTS_DIR"] = opts.paths.state.upload_slots
     env.setdefault("PYTHONUNBUFFERED", "1")
     return env
 
@@ -348,9 +498,22 @@ def run(opts: RunOptions, hostnames_for_help: Sequence[str] = ()) -> int:
     sys.stdout.write(text + "\n")
     sys.stdout.flush()
     started = time.monotonic()
+    # a watcher's pid file of an earlier run must not pass for this one's
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(opts.paths.state.watch_pid)
+    env = upload_env(opts, prepared.htpasswd)
+    users: dict[str, run_user.Identity] = {}
+    if prepared.run_user is not None:
+        ru = prepared.run_user
+        users = {"upload": ru.upload, "watcher": ru.watcher}
+        env.update(HOME=ru.home, USER=ru.name, LOGNAME=ru.name)
+        log.info("the upload server and the watcher run as %s", ru.name)
     rc = Supervisor(
         _commands(opts, prepared.conf, prepared.worker_user),
-        upload_env(opts, prepared.htpasswd),
+        env,
+        ready=readiness(opts),
+        gated=frozenset({"nginx"}),
+        users=users,
     ).run()
     log.info("stopped after %.0f s", time.monotonic() - started)
     return rc

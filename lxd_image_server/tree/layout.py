@@ -161,6 +161,32 @@ def serial_time(serial: str) -> dt.datetime | None:
     return None
 
 
+#: How far ahead of the server's clock a serial may name its build time (clocks a little off,
+#: a build machine's time zone). Further ahead, it is refused at upload and import and skipped
+#: by the scanner: a serial of 99991231_2359 would otherwise be the newest version for good
+#: (its alias pinned, every real version beyond [retention]'s count).
+MAX_SERIAL_AHEAD = dt.timedelta(days=1)
+
+
+def serial_ahead(serial: str, now: float) -> bool:
+    """Whether `serial` names a time more than MAX_SERIAL_AHEAD after `now` (seconds since the
+    epoch; serials are UTC)."""
+    when = serial_time(serial)
+    if when is None:
+        return False
+    clock = dt.datetime.fromtimestamp(now, dt.UTC).replace(tzinfo=None)
+    return when - clock > MAX_SERIAL_AHEAD
+
+
+def check_serial_not_ahead(serial: str, now: float) -> None:
+    """LayoutError if `serial` is more than MAX_SERIAL_AHEAD ahead of `now`."""
+    if serial_ahead(serial, now):
+        clock = dt.datetime.fromtimestamp(now, dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+        raise LayoutError(
+            f"serial {serial!r} is more than a day ahead of this server's clock ({clock})"
+        )
+
+
 def delta_token(serial: str) -> str:
     """How a delta's file name spells its base serial: without ':' (20240101_12:00 ->
     20240101_1200)."""

@@ -19,6 +19,7 @@ import errno
 import logging
 import os
 import stat
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,7 @@ from lxd_image_server.tree.layout import (
     VersionKey,
     check_component,
     check_serial,
+    check_serial_not_ahead,
     classify,
     is_ignored_name,
 )
@@ -166,11 +168,18 @@ def _key_tuple(v: ScannedVersion) -> tuple[str, str, str, str, str]:
 
 
 class Scanner:
-    """Finds versions below `img_dir`. `exclude(path)` hides files still being written."""
+    """Finds versions below `img_dir`. `exclude(path)` hides files still being written;
+    `clock()` is the time a serial may not be more than a day ahead of (layout.py)."""
 
-    def __init__(self, img_dir: str | Path, exclude: Exclude = _never) -> None:
+    def __init__(
+        self,
+        img_dir: str | Path,
+        exclude: Exclude = _never,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.img_dir = os.path.abspath(img_dir)
         self.exclude = exclude
+        self.clock = clock
 
     def scan(self, rel_prefix: str = "") -> list[ScannedVersion]:
         """Versions at or below images/<rel_prefix> (a directory path, '' for all)."""
@@ -218,6 +227,7 @@ class Scanner:
         try:
             if depth == VERSION_DEPTH:
                 check_serial(name)
+                check_serial_not_ahead(name, self.clock())
             elif what == "arch":
                 if name not in KNOWN_ARCHES:
                     log.warning(

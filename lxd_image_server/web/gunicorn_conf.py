@@ -11,8 +11,9 @@ Why these values:
 - gthread workers: a sync worker busy with one long upload cannot heartbeat and is killed
   after `timeout` seconds.
 - 2 workers x 16 threads: 32 uploads at once. A stalled client holds a thread for at most the
-  app's read timeout (UPLOAD_READ_TIMEOUT, 60 s per 256 KiB read), and nginx limits the
-  connections per client, so a few stalled clients cannot take every thread. An idle thread
+  app's read timeout (UPLOAD_READ_TIMEOUT, 60 s per 256 KiB read), and the app lets one
+  credential hold at most upload.max_parallel (8, at most 16) of them (upload_slots.py), so
+  one credential's stalled uploads cannot take every thread. An idle thread
   costs nothing measurable; an active upload holds about 10 MiB of buffers and 3 short-lived
   threads (upload_sink: the writer and one per digest).
 - graceful_timeout 5 s: what a stop waits for uploads in progress; below `run`'s 10 s and

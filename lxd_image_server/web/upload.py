@@ -54,8 +54,13 @@ from lxd_image_server.web.multipart import (
 from lxd_image_server.web.upload_auth import Credentials, CredentialsUnavailable, challenge
 from lxd_image_server.web.upload_body import READ_PIECE, BodyReader, StallGuard, raw_body
 from lxd_image_server.web.upload_errors import HTTPError, clip, quote
-from lxd_image_server.web.upload_paths import check_file_path, check_version_path
+from lxd_image_server.web.upload_paths import (
+    check_file_path,
+    check_new_file_path,
+    check_version_path,
+)
 from lxd_image_server.web.upload_sink import ReadInto
+from lxd_image_server.web.upload_slots import UploadSlots
 from lxd_image_server.web.upload_store import MAX_OVERRIDES_SIZE, Store, Stored
 
 log = logging.getLogger(__name__)
@@ -95,6 +100,7 @@ _REASONS = {
     411: "Length Required",
     413: "Content Too Large",
     415: "Unsupported Media Type",
+    429: "Too Many Requests",
     500: "Internal Server Error",
     507: "Insufficient Storage",
 }
@@ -119,6 +125,12 @@ class UploadSettings:
     #: Where the digests of stored files are handed to the catalog writer (handover.py), if
     #: that directory exists; None: nowhere.
     digest_dir: str | None = None
+    #: Uploads one credential (anonymous uploads: one client address) may have in progress;
+    #: more get 429 with Retry-After (upload_slots.py).
+    max_parallel: int = settings_module.DEFAULT_PARALLEL_UPLOADS
+    #: Where the workers count them together (a directory only the app writes); None: each
+    #: worker process counts its own.
+    slots_dir: str | None = None
 
 
 # -- the request body ------------------------------------------------------------------------
@@ -197,6 +209,7 @@ class UploadApp:
         )
         self.credentials = Credentials(settings.htpasswd) if settings.htpasswd else None
         self.guard = StallGuard(settings.read_timeout)
+        self.slots = UploadSlots(settings.slots_dir, settings.max_parallel)
 
     # -- WSGI -------------------------------------------------------------------------------
 
@@ -209,7 +222,8 @@ class UploadApp:
         try:
             body = _body_reader(environ, self.guard)
             user = self._authenticate(environ)
-            outcome = self._dispatch(method, environ, body)
+            with self.slots.hold(self._slot_key(user, environ)):
+                outcome = self._dispatch(method, environ, body)
         except HTTPError as e:
             outcome = _Outcome(e.status, {"error": e.message}, list(e.headers))
         except Exception as e:
@@ -219,9 +233,10 @@ class UploadApp:
                 internal=f"{type(e).__name__}: {clip(str(e))}",
             )
             log.debug("%s %s failed", method, shown, exc_info=True)
-        if body is not None and outcome.status == 401:
-            # a small rest is read, so that the client reads its 401 instead of a broken pipe;
-            # beyond that nothing more is read from a client without credentials
+        if body is not None and outcome.status in (401, 429):
+            # a small rest is read, so that the client reads its 401 (or 429) instead of a
+            # broken pipe; beyond that nothing more is read from a client without credentials
+            # (or with too many uploads in progress)
             body.drain(UNAUTHORIZED_DRAIN)
             body.abandon()
         elif body is not None and outcome.status == 408:
@@ -272,6 +287,14 @@ class UploadApp:
             raise HTTPError(401, why, headers=challenge())
         return user
 
+    def _slot_key(self, user: str, environ: WSGIEnvironment) -> str:
+        """Whose uploads are counted together: the credential's, or with anonymous uploads the
+        client address nginx saw (it sets X-Real-IP itself, whatever the client sent)."""
+        if not self.settings.allow_anonymous:
+            return f"credential:{user}"
+        address = environ.get("HTTP_X_REAL_IP") or environ.get("REMOTE_ADDR") or "local"
+        return f"address:{address}"
+
     def _dispatch(self, method: str, environ: WSGIEnvironment, body: BodyReader) -> _Outcome:
         path = _decode_path(str(environ.get("SCRIPT_NAME", "")) + str(environ.get("PATH_INFO", "")))
         if path in (_COLLECTION, _COLLECTION + "/"):
@@ -294,7 +317,7 @@ class UploadApp:
 
     def _put(self, rel: str, body: BodyReader) -> _Outcome:
         _require_length(body)
-        key, name = check_file_path(rel)
+        key, name = check_new_file_path(rel)
         limit = self.settings.max_size
         if limit is not None and body.remaining is not None and body.remaining > limit:
             raise HTTPError(413, f"{body.remaining} bytes is more than the limit of {limit} bytes")
@@ -331,7 +354,7 @@ class UploadApp:
                 current = part.filename
                 rel = _decode_filename(part.filename)
                 current = rel
-                key, name = _with_hint(check_file_path, rel)
+                key, name = _with_hint(check_new_file_path, rel)
                 stored.append(self.store.store(key, name, _part_reader(part)))
             except (HTTPError, MultipartError) as e:
                 err = (
@@ -428,12 +451,19 @@ def _flag(env: Mapping[str, str], name: str) -> bool:
     raise ConfigError(f"environment {name}={raw!r}: expected 1/true/yes/on or 0/false/no/off")
 
 
-def settings_from_env(env: Mapping[str, str] | None = None) -> UploadSettings:
-    """From the layered configuration (upload.* in config.toml) and the environment:
-    LXD_IMAGE_SERVER_IMG_DIR, LXD_IMAGE_SERVER_HTPASSWD, ALLOW_ANONYMOUS_UPLOADS,
-    ALLOW_OVERWRITES, ALLOW_DELETES, DEBUG, UPLOAD_MAX_SIZE, UPLOAD_READ_TIMEOUT."""
+#: where the upload app's workers count the uploads in progress (upload_slots.py)
+SLOTS_DIR_ENV = "UPLOAD_SLOTS_DIR"
+
+
+def settings_from_env(
+    env: Mapping[str, str] | None = None, system_dir: str = settings_module.SYSTEM_DIR
+) -> UploadSettings:
+    """From the layered configuration (upload.* in config.toml, the system's in `system_dir`)
+    and the environment: LXD_IMAGE_SERVER_IMG_DIR, LXD_IMAGE_SERVER_HTPASSWD,
+    ALLOW_ANONYMOUS_UPLOADS, ALLOW_OVERWRITES, ALLOW_DELETES, DEBUG, UPLOAD_MAX_SIZE,
+    UPLOAD_MAX_PARALLEL, UPLOAD_READ_TIMEOUT, UPLOAD_SLOTS_DIR."""
     env = os.environ if env is None else env
-    cfg = settings_module.load(env=env)
+    cfg = settings_module.load(env=env, system_dir=system_dir)
     raw_timeout = env.get("UPLOAD_READ_TIMEOUT", "").strip()
     try:
         read_timeout = float(raw_timeout) if raw_timeout else DEFAULT_READ_TIMEOUT
@@ -452,7 +482,25 @@ def settings_from_env(env: Mapping[str, str] | None = None) -> UploadSettings:
         allow_anonymous=_flag(env, "ALLOW_ANONYMOUS_UPLOADS"),
         read_timeout=read_timeout,
         digest_dir=_digest_dir(env, cfg.state_dir),
+        max_parallel=cfg.max_parallel_uploads,
+        slots_dir=_slots_dir(env),
     )
+
+
+def _slots_dir(env: Mapping[str, str]) -> str | None:
+    """UPLOAD_SLOTS_DIR (`run` sets it; made here, as the app's user, if missing), or the
+    unit's RuntimeDirectory (systemd sets RUNTIME_DIRECTORY), if it exists."""
+    path = env.get(SLOTS_DIR_ENV, "").strip()
+    if path:
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            pass
+        except OSError as e:
+            log.warning("no upload slots directory %s (%s): counted per worker", path, e)
+    else:
+        path = env.get("RUNTIME_DIRECTORY", "").strip()
+    return path if path and os.path.isdir(path) else None
 
 
 def _digest_dir(env: Mapping[str, str], state_dir: str) -> str | None:

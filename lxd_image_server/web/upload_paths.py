@@ -8,10 +8,13 @@ layout's patterns, whatever they accept.
 
 from __future__ import annotations
 
+import time
+
 from lxd_image_server.tree.layout import (
     VERSION_DEPTH,
     LayoutError,
     VersionKey,
+    check_serial_not_ahead,
     parse_file_path,
     parse_version_dir,
 )
@@ -57,6 +60,17 @@ def check_file_path(rel: str) -> tuple[VersionKey, str]:
         return parse_file_path(rel)
     except LayoutError as e:
         raise HTTPError(400, f"invalid path {quote(rel)}: {clip(str(e))}") from None
+
+
+def check_new_file_path(rel: str) -> tuple[VersionKey, str]:
+    """check_file_path, for a file to be written: its serial may also not be more than a day
+    ahead of this server's clock (the scanner would skip it; layout.MAX_SERIAL_AHEAD)."""
+    key, name = check_file_path(rel)
+    try:
+        check_serial_not_ahead(key.serial, time.time())
+    except LayoutError as e:
+        raise HTTPError(400, f"invalid path {quote(rel)}: {clip(str(e))}") from None
+    return key, name
 
 
 def check_version_path(rel: str) -> VersionKey:

@@ -11,8 +11,10 @@ not match the bytes. Instead:
   after the final rename, fstat gives the identity the record names, and the watch is read
   only once the clock has moved past that ctime: a change made later gets a later ctime, a
   change made earlier shows in the watch, and then no record is written.
-- A metadata tarball read to prime the combined fingerprint is checked the same way: the clock
-  is past its ctime before it is read, and fstat before and after the read must agree.
+- A metadata tarball read to prime the combined fingerprint is not fresh from this app, so no
+  watch has seen it since it was made: it is read under a read lease (granted only while no
+  one has it open for writing, broken by anyone who opens it so), with the clock past its
+  ctime before, and fstat before and after the read must agree.
 
 Where O_TMPFILE or /proc is missing, a hidden named temporary file is used and nothing is
 recorded: the catalog writer hashes the file as before.
@@ -22,10 +24,12 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import hashlib
 import logging
 import os
 import secrets
+import signal
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -151,14 +155,41 @@ def prime_combined(dir_fd: int, name: str) -> list[Primed]:
     return out
 
 
+def _take_read_lease(fd: int) -> bool:
+    """A read lease on the open file: the kernel grants it only while no one has the file open
+    for writing (a write in progress, a shared writable mapping, whose writes change neither
+    mtime nor ctime), and breaks it when anyone opens it for writing or truncates it. Only the
+    file's owner gets one (the upload app runs as the uploader, who owns what it uploads).
+    A break is noticed by asking (F_GETLEASE), never by a signal: SIGIO would end the worker,
+    SIGURG is ignored unless handled."""
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETSIG, signal.SIGURG)
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
+    except OSError as e:
+        log.debug("no read lease on a metadata tarball (%s); not primed", e.strerror or e)
+        return False
+    return True
+
+
+def _lease_held(fd: int) -> bool:
+    try:
+        return bool(fcntl.fcntl(fd, fcntl.F_GETLEASE) == fcntl.F_RDLCK)
+    except OSError:
+        return False
+
+
 def _prime(dir_fd: int, meta: str) -> Primed | None:
+    """The tarball's bytes are taken only if they cannot have changed while read: its identity
+    (device, inode, size, mtime and ctime, read with the clock past its ctime) is the same
+    before and after, and a read lease held throughout says no one had it open for writing
+    (timestamps alone miss a write in progress and writes through a mapping)."""
     try:
         fd = open_regular(meta, dir_fd=dir_fd)
     except OSError:
         return None
     try:
         before = key_of(os.fstat(fd))
-        if before[2] > MAX_PRIME:
+        if before[2] > MAX_PRIME or not _take_read_lease(fd):
             return None
         wait_past(before[4])
         before = key_of(os.fstat(fd))
@@ -167,12 +198,15 @@ def _prime(dir_fd: int, meta: str) -> Primed | None:
         view = memoryview(buf)
         while n := os.readv(fd, [buf]):
             h.update(view[:n])
-        if key_of(os.fstat(fd)) != before:
+        if key_of(os.fstat(fd)) != before or not _lease_held(fd):
+            log.info("%s changed while it was read; the catalog writer hashes it itself", meta)
             return None
         return Primed(meta, before, h)
     except OSError:
         return None
     finally:
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
         os.close(fd)
 
 

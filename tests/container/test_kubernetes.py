@@ -125,9 +125,9 @@ def test_the_parts_fit_together(resources: dict[tuple[str, str], dict[str, Any]]
     assert volumes
     mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
     assert set(json.loads(volumes[1])) <= set(mounts)
-    for probe in ("startupProbe", "livenessProbe"):
+    # one readiness everywhere (issue 18): the image's HEALTHCHECK, and every probe
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
         assert container[probe]["exec"]["command"] == HEALTH
-    assert container["readinessProbe"]["httpGet"]["path"] == "/streams/v1/index.json"
 
     # plain HTTP on 1080 behind the ingress; every variable is one the entrypoint reads
     assert env["PLAIN_HTTP"]["value"] == "1"

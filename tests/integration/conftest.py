@@ -10,8 +10,10 @@ then `incus6` and `incus7`, Debian 13's Incus 6.0.4 and trixie-backports' Incus 
 booted Debian 13 container of its own (incus_guest.py), booted when first asked for, with the
 test CA installed before its daemon starts.
 
-Nothing here is autouse: the other integration tests never touch the daemons. The `lxd` marker
-the tests carry is registered in setup.cfg.
+Nothing here that touches the daemons is autouse: the other integration tests never do. The
+one autouse fixture, `run_user`, makes the unprivileged user every `lxd-image-server run` the
+tests start (as root) hands the upload server and the watcher to. The `lxd` marker the tests
+carry is registered in setup.cfg.
 Prerequisites: root, and `bash tests/host-setup.sh` (packages, a running LXD daemon,
 debootstrap and systemd-nspawn).
 """
@@ -23,12 +25,15 @@ import json
 import os
 import secrets
 import shutil
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from lxd_image_server.service.run_user import USER_ENV as RUN_USER_ENV
 
 from .images import Tree, build_tree
 from .incus_guest import INCUS_BUILDS, Guests
@@ -80,6 +85,32 @@ def lxd_host() -> None:
 def label() -> str:
     """Tags this session's LXD objects (instances, aliases) so none collide or linger."""
     return secrets.token_hex(3)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def run_user(label: str) -> Iterator[str | None]:
+    """`run` started as root runs the upload server and the watcher as an unprivileged user
+    (issue 18): this session's own, named to every `run` by LXD_IMAGE_SERVER_RUN_USER."""
+    if os.geteuid() != 0:
+        yield None
+        return
+    name = f"lisrun{label}"
+    subprocess.run(
+        ["useradd", "--system", "--user-group", "--no-create-home", "--home-dir", "/nonexistent",
+         "--shell", "/usr/sbin/nologin", name],
+        check=True, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    previous = os.environ.get(RUN_USER_ENV)
+    os.environ[RUN_USER_ENV] = name
+    try:
+        yield name
+    finally:
+        if previous is None:
+            os.environ.pop(RUN_USER_ENV, None)
+        else:
+            os.environ[RUN_USER_ENV] = previous
+        gone = subprocess.run(["userdel", name], capture_output=True, text=True, timeout=60)
+        assert gone.returncode == 0, gone.stderr
 
 
 @pytest.fixture(scope="session")

@@ -480,3 +480,10 @@ class Nginx:
             method, status, uri = line.split(" ", 2)
             out.append((method, int(status), unquote(uri)))
         return out
+
+
+def own_like_tree(tree_root: Path, top: Path) -> None:
+    """What a test wrote below `top` as root, given to the owner of the tree `tree_root` (`run`
+    started as root runs the upload server and the watcher as that user, as sftp uploads
+    would be: they add to, and delete, what lies there)."""
+    subprocess.run(["chown", "-R", "--reference", str(tree_root), str(top)], check=True)

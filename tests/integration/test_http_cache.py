@@ -33,7 +33,7 @@ import pytest
 
 from lxd_image_server.service import nginx
 
-from .servers import Pki, free_port, make_pki
+from .servers import Pki, free_port, make_pki, own_like_tree
 
 BIN = Path(sys.executable).parent / "lxd-image-server"
 DEADLINE = 60.0
@@ -167,6 +167,7 @@ def publish_version(s: Served) -> None:
     version.mkdir(parents=True, exist_ok=True)
     (version / "lxd.tar.xz").write_bytes(b"metadata " * 100)
     (version / "rootfs.squashfs").write_bytes(b"rootfs " * 5000)
+    own_like_tree(s.root, s.root / "images")
     deadline = time.monotonic() + DEADLINE
     while b"cached:1.0:amd64:default" not in s.https("GET", "/streams/v1/images.json")[2]:
         assert time.monotonic() < deadline, f"never published:\n{s.log.read_text()}"
@@ -429,6 +430,7 @@ def test_a_new_catalog_answers_200_to_the_old_etag(served: Served) -> None:
     version.mkdir(parents=True)
     (version / "lxd.tar.xz").write_bytes(b"metadata 2")
     (version / "rootfs.squashfs").write_bytes(b"rootfs 2")
+    own_like_tree(served.root, served.root / "images")
     deadline = time.monotonic() + DEADLINE
     while True:
         status, headers, body = served.https("GET", path, If_None_Match=old)

@@ -19,6 +19,7 @@ import shutil
 import signal
 import socket
 import ssl
+import stat
 import subprocess
 import tempfile
 import threading
@@ -263,8 +264,19 @@ def mirror_host(pki: Pki, label: str) -> Iterator[MirrorHost]:
             nginx.stop()
 
 
+def watchers_key(key: Path, base: Path, run_user: str | None) -> Path:
+    """The push key where the watcher reads it: `run` started as root runs the watcher as
+    its user, whose key it must be (0600, as ssh wants it)."""
+    copy = base / "watcher_key"
+    shutil.copyfile(key, copy)
+    copy.chmod(0o600)
+    if run_user:
+        shutil.chown(copy, run_user, run_user)
+    return copy
+
+
 @pytest.fixture(scope="module")
-def master(pki: Pki, mirror_host: MirrorHost) -> Iterator[Server]:
+def master(pki: Pki, mirror_host: MirrorHost, run_user: str | None) -> Iterator[Server]:
     base = Path(tempfile.mkdtemp(prefix="lis-master-", dir="/var/tmp"))
     base.chmod(0o755)
     config = base / "config.toml"
@@ -272,7 +284,7 @@ def master(pki: Pki, mirror_host: MirrorHost) -> Iterator[Server]:
         "[mirrors.m1]\n"
         'remote = "127.0.0.1"\n'
         f'user = "{mirror_host.user}"\n'
-        f'key_path = "{mirror_host.key}"\n'
+        f'key_path = "{watchers_key(mirror_host.key, base, run_user)}"\n'
         f"port = {mirror_host.sshd.port}\n"
         f'path = "{mirror_host.root}"\n'
     )
@@ -462,7 +474,7 @@ def test_an_unreachable_mirror_does_not_stop_publishing_and_catches_up(
 
 
 def test_a_changed_host_key_is_refused_until_forgotten(
-    master: Server, mirror_host: MirrorHost, watchdog: Watchdog, image
+    master: Server, mirror_host: MirrorHost, watchdog: Watchdog, image, run_user: str | None
 ) -> None:
     """accept-new: the key seen first is kept; a different one stops the pushes until the
     operator removes the old one (ssh-keygen -R) and reloads (which also retries at once)."""
@@ -483,7 +495,11 @@ def test_a_changed_host_key_is_refused_until_forgotten(
     )
     assert not listed(mirror_host.fetch("streams/v1/images.json")[1], product)
     state = master.root.parent / "state"
-    run(["ssh-keygen", "-R", f"[127.0.0.1]:{sshd.port}", "-f", state / "mirrors" / "known_hosts"])
+    # as the watcher's user (docs/mirrors.md): root's ssh-keygen would leave a file of root's
+    as_watcher: list[str | Path] = ["runuser", "-u", run_user, "--"] if run_user else []
+    forget: list[str | Path] = ["ssh-keygen", "-R", f"[127.0.0.1]:{sshd.port}"]
+    forget += ["-f", state / "mirrors/known_hosts"]
+    run([*as_watcher, *forget])
     run([BIN, "--state-dir", state, "reload"])
     took = wait_until(
         lambda: in_step(master, mirror_host), "the mirror to catch up", DEADLINE, master.log
@@ -941,3 +957,71 @@ def test_the_push_user_cannot_change_its_own_key_restrictions(attack_site: Attac
         ]
     )
     assert "Nothing to change" in again.stdout, again.stdout
+
+
+# -- issue 18, finding 7a: `authorize --user EXISTING` -------------------------------------------
+
+
+def _owner_and_mode(path: Path) -> tuple[int, int, int]:
+    st = os.lstat(path)
+    return st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)
+
+
+def _authorize_as(user: str, base: Path) -> subprocess.CompletedProcess[str]:
+    key = base / "push_key"
+    if not key.exists():
+        run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", key])
+    return run(
+        [BIN, "mirror", "authorize", f"{key}.pub", "--user", user, "--root", base / "root"],
+        check=False,
+    )
+
+
+def test_authorize_never_takes_roots_home(tmp_path: Path) -> None:
+    """`--user root` made /root and /root/.ssh root:root 0755: readable by every local user."""
+    require_tools()
+    before = {p: _owner_and_mode(p) for p in (Path("/root"), Path("/root/.ssh")) if p.exists()}
+    keys = Path("/root/.ssh/authorized_keys")
+    had_keys = keys.read_bytes() if keys.exists() else None
+    proc = _authorize_as("root", tmp_path)
+    assert proc.returncode == 1, proc.stdout
+    assert "uid 0" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert {p: _owner_and_mode(p) for p in before} == before
+    assert (keys.read_bytes() if keys.exists() else None) == had_keys
+    assert not (tmp_path / "root").exists()
+
+
+@pytest.mark.parametrize("kind", ["login", "system"])
+def test_authorize_leaves_an_existing_users_home_alone(label: str, kind: str) -> None:
+    """An existing account (a person's login, a daemon's system user) keeps its home and
+    ~/.ssh as they were: authorize refuses it, in one line, before changing anything (a tree
+    the user can reach: nothing else would stop it)."""
+    require_tools()
+    tmp_path = Path(tempfile.mkdtemp(prefix="lis-auth-", dir="/var/tmp"))
+    tmp_path.chmod(0o755)
+    user = f"lise{kind[0]}{label}"[:32]
+    home = Path(f"/home/{user}")
+    flags = ["--create-home", "--shell", "/bin/bash"]
+    if kind == "system":
+        flags = ["--system", "--create-home", "--shell", "/bin/sh"]
+    run(["useradd", *flags, "--home-dir", home, user])
+    try:
+        pw = pwd.getpwnam(user)
+        (home / ".ssh").mkdir(mode=0o700)
+        (home / ".ssh" / "authorized_keys").write_text("ssh-ed25519 AAAA their own key\n")
+        for p in (home / ".ssh", home / ".ssh" / "authorized_keys"):
+            os.chown(p, pw.pw_uid, pw.pw_gid)
+        home.chmod(0o700)
+        watched = [home, home / ".ssh", home / ".ssh" / "authorized_keys"]
+        before = {p: _owner_and_mode(p) for p in watched}
+        proc = _authorize_as(user, tmp_path)
+        assert proc.returncode == 1, proc.stdout
+        assert "did not make" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+        assert {p: _owner_and_mode(p) for p in watched} == before
+        assert (home / ".ssh" / "authorized_keys").read_text() == "ssh-ed25519 AAAA their own key\n"
+        assert not (tmp_path / "root").exists()
+    finally:
+        gone = run(["userdel", "-r", user], check=False)
+        shutil.rmtree(home, ignore_errors=True)
+        shutil.rmtree(tmp_path, ignore_errors=True)
+        assert gone.returncode in (0, 12), gone.stderr

@@ -402,35 +402,17 @@ class HeldUpload:
         self.sock.close()
 
 
-def test_a_fifth_concurrent_upload_from_one_client_gets_429(site: Site) -> None:
-    held = [HeldUpload(site, f"2024010{i}_1200") for i in range(1, 5)]
+def test_eight_concurrent_uploads_from_one_client_pass(site: Site) -> None:
+    """Issue 18: nginx's limit of 4 per address refused a CI job's `xargs -P8 curl` (and every
+    team behind one NAT address). The limit is the upload app's, per credential (8 by default;
+    the ninth: test_run_ready.py)."""
+    held = [HeldUpload(site, f"2024010{i}_1200") for i in range(1, 9)]
     try:
-        # each of the four passed the limit and nginx now waits for its body
-        assert [h.status() for h in held] == [100] * 4
-        fifth = HeldUpload(site, "20240105_1200")
-        try:
-            assert fifth.status() == 429
-        finally:
-            fifth.close()
-        # another client is not held back by this one
-        other = HeldUpload(site, "20240106_1200", source="127.0.0.2")
-        try:
-            assert other.status() == 100
-            assert other.finish() == 201
-        finally:
-            other.close()
-        # the four proceed
-        assert [h.finish() for h in held] == [201] * 4
+        assert [h.status() for h in held] == [100] * 8
+        assert [h.finish() for h in held] == [201] * 8
     finally:
         for h in held:
             h.close()
-    # and once they are done, the client may upload again
-    again = HeldUpload(site, "20240107_1200")
-    try:
-        assert again.status() == 100
-        assert again.finish() == 201
-    finally:
-        again.close()
 
 
 def test_nginx_accepts_the_run_config_without_warnings(site: Site) -> None:
@@ -447,10 +429,10 @@ def test_nginx_accepts_the_run_config_without_warnings(site: Site) -> None:
     for directive in (
         "disable_symlinks on;",
         "client_body_timeout 60s;",
-        "limit_conn lxd_image_server_uploads 4;",
-        "limit_conn_status 429;",
+        "proxy_set_header X-Real-IP $remote_addr;",
     ):
         assert directive in text
+    assert "limit_conn" not in text
 
 
 # -- run refuses what would be unsafe ---------------------------------------------------------

@@ -7,6 +7,7 @@ period is over, deleted by the watcher itself.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -29,10 +30,17 @@ SERIALS = ("20240101_1200", "20240102_1200", "20240103_1200")
 
 
 def add_version(root: Path, serial: str) -> Path:
+    """A version put in place as the tree's owner would (the watcher of `run` started as root
+    runs as that user, and deletes what it prunes)."""
     d = root / "images" / "kept" / "1.0" / "amd64" / "default" / serial
     d.mkdir(parents=True)
     (d / "lxd.tar.xz").write_bytes(f"metadata {serial}".encode() * 50)
     (d / "rootfs.squashfs").write_bytes(f"rootfs {serial}".encode() * 500)
+    owner = root.stat()
+    for p in [d / "lxd.tar.xz", d / "rootfs.squashfs", d, *d.parents]:
+        if p == root:
+            break
+        os.chown(p, owner.st_uid, owner.st_gid)
     return d
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from .servers import Pki
-from .test_mirror import MirrorHost, listed, wait_until
+from .test_mirror import MirrorHost, listed, wait_until, watchers_key
 from .test_mirror import image as busybox_image
 from .test_mirror import mirror_host as config_mirror
 from .test_run import Server, curl, start_server
@@ -30,7 +30,7 @@ __all__ = ["busybox_image", "config_mirror"]  # fixtures, used by name
 
 
 @pytest.fixture(scope="module")
-def configured(pki: Pki, config_mirror: MirrorHost) -> Iterator[Server]:
+def configured(pki: Pki, config_mirror: MirrorHost, run_user: str | None) -> Iterator[Server]:
     base = Path(tempfile.mkdtemp(prefix="lis-config-", dir="/var/tmp"))
     base.chmod(0o755)
     config = base / "config.toml"
@@ -42,7 +42,7 @@ def configured(pki: Pki, config_mirror: MirrorHost) -> Iterator[Server]:
         "[mirrors.m1]\n"
         'remote = "127.0.0.1"\n'
         f'user = "{config_mirror.user}"\n'
-        f'key_path = "{config_mirror.key}"\n'
+        f'key_path = "{watchers_key(config_mirror.key, base, run_user)}"\n'
         f"port = {config_mirror.sshd.port}\n"
         f'path = "{config_mirror.root}"\n'
     )

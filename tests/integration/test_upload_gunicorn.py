@@ -486,7 +486,9 @@ def test_stalled_clients_do_not_starve_uploads(
     start_server: Callable[..., Server], workdir: Path
 ) -> None:
     """Finding 11: more stalled clients than threads (some silent, some sending a byte now
-    and then) hold no thread for long: another upload still gets through."""
+    and then) hold no thread for long: another upload still gets through. Issue 18: they share
+    one credential, which holds at most upload.max_parallel threads (the others are answered
+    429 at once); the upload that gets through is another credential's."""
     from lxd_image_server.web import gunicorn_conf
 
     server = start_server("--timeout", "300", workers=2, UPLOAD_READ_TIMEOUT="2")
@@ -526,8 +528,12 @@ def test_stalled_clients_do_not_starve_uploads(
     try:
         data = workdir / "lxd.tar.xz"
         data.write_bytes(os.urandom(100_000))
+        for passwords in workdir.glob("htpasswd*"):
+            htpasswd.set_password(str(passwords), "other", "other-password")
         status, doc = server.curl(
-            "--max-time", str(DEADLINE), "-T", str(data), path=f"/images/{VERSION}/lxd.tar.xz"
+            *("--max-time", str(DEADLINE), "-u", "other:other-password", "-T", str(data)),
+            path=f"/images/{VERSION}/lxd.tar.xz",
+            auth=False,
         )
         assert status == 201, doc
         _wait_for("every stalled client to be answered", lambda: len(answers) == stalled)
@@ -536,5 +542,5 @@ def test_stalled_clients_do_not_starve_uploads(
         for s, _ in clients:
             s.close()
     statuses = sorted({_status(a) for a in answers if a})
-    assert statuses == [408], statuses
+    assert statuses == [408, 429], statuses
     assert sorted(p.name for p in (server.images / VERSION).iterdir()) == ["lxd.tar.xz"]

@@ -8,7 +8,10 @@ import hashlib
 import io
 import json
 import logging
+import mmap
 import os
+import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -273,3 +276,65 @@ def _no_leftovers(paths: Paths) -> Iterator[None]:
     yield
     hidden = [p for p in Path(paths.img_dir).rglob(".*")]
     assert hidden == [], hidden
+
+
+# -- issue 18, finding 7c: the metadata tarball read to prime a combined fingerprint -------------
+
+
+def test_a_metadata_tarball_open_for_writing_is_not_primed(paths, reads):
+    """An sftp uploader holds the tarball open for writing, mapped: a write through a page it
+    already dirtied moves neither mtime nor ctime (nor does a write in progress after its
+    start), so what the upload app read to prime the combined fingerprint is not what ends on
+    disk, its identity unchanged. The upload app now primes nothing from a file open for
+    writing; the catalog writer computes the combined fingerprint itself."""
+    put(paths, "lxd.tar.xz", META)
+    meta = Path(paths.img_dir, VERSION, "lxd.tar.xz")
+    with open(meta, "r+b") as f, mmap.mmap(f.fileno(), len(META)) as mapped:
+        mapped[:4] = b"ONE!"  # the page is dirty and writable from now on
+        put(paths, "rootfs.squashfs", ROOT)
+        mapped[:4] = b"TWO!"
+    check(publish(paths), meta.read_bytes(), ROOT)
+    assert "rootfs.squashfs" in reads, "a combined fingerprint was primed from a file being written"
+
+
+def _lease_breaking(path: Path) -> bool:
+    """/proc/locks lists a lease on `path` that an open is breaking."""
+    inode = str(path.stat().st_ino)
+    for line in Path("/proc/locks").read_text().splitlines():
+        fields = line.split()
+        ours = any(f.count(":") == 2 and f.rsplit(":", 1)[1] == inode for f in fields)
+        if ours and "LEASE" in fields and "BREAKING" in fields:
+            return True
+    return False
+
+
+def test_a_metadata_tarball_opened_for_writing_while_read_is_not_primed(paths, reads, monkeypatch):
+    """Opened for writing while the upload app reads it: its read lease breaks (the opener
+    waits until it is let go), and nothing is primed."""
+    put(paths, "lxd.tar.xz", META)
+    meta = Path(paths.img_dir, VERSION, "lxd.tar.xz")
+    real = upload_seal.wait_past
+    openers: list[threading.Thread] = []
+
+    def open_for_writing() -> None:
+        with open(meta, "r+b"):
+            pass
+
+    def meddle(ns: int) -> None:
+        if not openers:
+            t = threading.Thread(target=open_for_writing)
+            t.start()
+            openers.append(t)
+            deadline = time.monotonic() + 30
+            while not _lease_breaking(meta):
+                assert time.monotonic() < deadline, "the open never broke the lease"
+                time.sleep(0.001)
+        real(ns)
+
+    monkeypatch.setattr(upload_seal, "wait_past", meddle)
+    put(paths, "rootfs.squashfs", ROOT)
+    for t in openers:
+        t.join(60)
+    assert openers
+    check(publish(paths), META, ROOT)
+    assert "rootfs.squashfs" in reads

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -216,3 +217,93 @@ def test_runs_under_the_catalog_lock(paths: Paths, pipeline: Pipeline) -> None:
     pipeline.update_all()
     assert seen and all(seen)
     assert published(paths) == {PRODUCT: ["20240102_1200", "20240103_1200"]}
+
+
+# -- issue 18, finding 5: a serial ahead of the others never rewrites history ------------------
+
+
+def _newest_ctime(version: Path) -> int:
+    return max(f.stat().st_ctime_ns for f in version.iterdir())
+
+
+def _published_after(version: Path, earlier: Path) -> None:
+    """Makes sure every file of `version` changed after every file of `earlier` (ctimes are
+    coarse: two versions written at once may share one)."""
+    limit = _newest_ctime(earlier)
+    for f in version.iterdir():
+        while f.stat().st_ctime_ns <= limit:
+            os.chmod(f, f.stat().st_mode)  # a change of its inode: a new ctime
+            time.sleep(0.002)
+
+
+def test_select_never_prunes_what_was_published_after_the_newest_kept() -> None:
+    products: Products = {
+        PRODUCT: {"versions": {"20240101_1200": {}, "20240102_1200": {}, "20240110_1200": {}}}
+    }
+    published = {
+        (PRODUCT, "20240110_1200"): 100,  # the newest serial came first
+        (PRODUCT, "20240101_1200"): 50,
+        (PRODUCT, "20240102_1200"): 150,  # published after it
+    }
+    spared: list[tuple[str, str, str]] = []
+    chosen = select_prunable(products, 1, published, lambda *a: spared.append(a))
+    assert chosen == [(PRODUCT, "20240101_1200")]
+    assert spared == [(PRODUCT, "20240102_1200", "20240110_1200")]
+    # without the times: the serials alone decide, as `prune --keep` did
+    assert len(select_prunable(products, 1)) == 2
+
+
+def test_a_far_future_serial_on_disk_never_pushes_real_versions_out(
+    paths: Paths, caplog: pytest.LogCaptureFixture
+) -> None:
+    """99991231_2359, placed before such serials were refused: with keep = 1 it would be the one
+    version kept, every real one (and every later upload) leaving the catalog, then the disk."""
+    img = Path(paths.img_dir)
+    future = add_version(img, "99991231_2359")
+    add_version(img, "20240101_1200")
+    second = add_version(img, "20240102_1200")
+    p = make_pipeline(paths, RetentionPolicy(keep=1))
+    with caplog.at_level(logging.WARNING):
+        p.update_all()
+    assert published(paths) == {PRODUCT: ["20240102_1200"]}
+    assert [e.serial for e in load(paths.state_dir)] == ["20240101_1200"]
+    assert "ahead of this server's clock" in caplog.text
+    third = add_version(img, "20240103_1200")
+    _published_after(third, second)
+    p.refresh(["busybox"])
+    p.cache.close()
+    assert published(paths) == {PRODUCT: ["20240103_1200"]}
+    assert future.is_dir()  # not the catalog writer's to delete: `remove` or DELETE does that
+
+
+def test_versions_published_after_the_newest_kept_stay(
+    paths: Paths, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A serial a little ahead (less than a day: accepted) came first; real versions uploaded
+    after it have older serials. Retention keeps them until a newer one is published."""
+    img = Path(paths.img_dir)
+    now = time.time()
+    ahead = time.strftime("%Y%m%d_%H%M", time.gmtime(now + 20 * HOUR))
+    before = time.strftime("%Y%m%d_%H%M", time.gmtime(now - 3 * HOUR))
+    real = [time.strftime("%Y%m%d_%H%M", time.gmtime(now - h * HOUR)) for h in (2, 1)]
+    old = add_version(img, before)
+    first = add_version(img, ahead)
+    _published_after(first, old)
+    later = first
+    for serial in real:
+        d = add_version(img, serial)
+        _published_after(d, later)
+        later = d
+    p = make_pipeline(paths, RetentionPolicy(keep=1))
+    with caplog.at_level(logging.WARNING):
+        p.update_all()
+        p.update_all()
+    assert published(paths) == {PRODUCT: sorted([ahead, *real])}
+    assert [e.serial for e in load(paths.state_dir)] == [before]
+    spared = [r.getMessage() for r in caplog.records if "stays although" in r.getMessage()]
+    assert len(spared) == 2  # one line each, not one per publish
+    newest = add_version(img, time.strftime("%Y%m%d_%H%M", time.gmtime(now + 21 * HOUR)))
+    _published_after(newest, later)
+    p.refresh(["busybox"])
+    p.cache.close()
+    assert list(published(paths)[PRODUCT]) == [newest.name]

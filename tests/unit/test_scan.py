@@ -190,3 +190,32 @@ def test_every_level_is_checked_once_whichever_way_in(tmp_path, caplog, level):
     for depth in range(level + 1, len(bad) + 1):
         assert Scanner(img).scan("/".join(bad[:depth])) == []
     assert [v.key.relpath for v in Scanner(img).scan("/".join(good))] == ["/".join(good)]
+
+
+# -- issue 18, finding 5: serials far ahead of the clock -----------------------------------------
+
+
+def test_a_serial_far_ahead_of_the_clock_is_skipped_with_one_warning(tmp_path, caplog):
+    img = tmp_path / "images"
+    complete(version_dir(img, serial="20240101_12:00"))
+    complete(version_dir(img, serial="99991231_2359"))
+    with caplog.at_level(logging.WARNING):
+        products = catalog(tmp_path)
+    assert sorted(products[PRODUCT]["versions"]) == ["20240101_12:00"]
+    assert len(lines_about(caplog, "99991231_2359")) == 1
+    assert "ahead of this server's clock" in lines_about(caplog, "99991231_2359")[0]
+    # scanned by its own path (the watcher's way in): skipped too
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert Scanner(img).scan("busybox/1.35/amd64/default/99991231_2359") == []
+    assert len(lines_about(caplog, "99991231_2359")) == 1
+
+
+def test_a_serial_up_to_a_day_ahead_is_published(tmp_path):
+    """A build machine's clock or time zone a little ahead is no attack."""
+    img = tmp_path / "images"
+    complete(version_dir(img, serial="20240102_1100"))
+    noon = 1704110400.0  # 2024-01-01 12:00 UTC
+    found = Scanner(img, clock=lambda: noon).scan()
+    assert [v.key.serial for v in found] == ["20240102_1100"]
+    assert Scanner(img, clock=lambda: noon - 7200).scan() == []

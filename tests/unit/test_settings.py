@@ -262,3 +262,17 @@ def test_shipped_retention_example_is_valid(tmp_path):
         ("debian/12", 7),
         ("*/*/*/cloud", 0),
     ]
+
+
+def test_uploads_in_progress_per_credential(tmp_path):
+    """Issue 18: 8 by default (one CI job's `xargs -P8`), from [upload] or the environment, and
+    never so many that one credential could hold the upload app's 32 threads."""
+    none = str(tmp_path / "none")
+    assert load(env={}, system_dir=none, home=None).max_parallel_uploads == 8
+    (tmp_path / "config.toml").write_text("[upload]\nmax_parallel = 12\n")
+    assert load(env={}, system_dir=str(tmp_path), home=None).max_parallel_uploads == 12
+    env = {"UPLOAD_MAX_PARALLEL": "3"}
+    assert load(env=env, system_dir=str(tmp_path), home=None).max_parallel_uploads == 3
+    for bad in ("0", "17", "many"):
+        with pytest.raises(ConfigError, match="max_parallel"):
+            load(env={"UPLOAD_MAX_PARALLEL": bad}, system_dir=none, home=None)

@@ -738,8 +738,18 @@ def test_debug_logs_each_request(tree: Tree, caplog: pytest.LogCaptureFixture) -
 # -- settings from the environment -------------------------------------------------------------
 
 
-def test_settings_from_env() -> None:
-    s = settings_from_env({})
+def test_settings_from_env(tmp_path: Path) -> None:
+    """Hermetic: the system's configuration directory and state directory are the test's own,
+    so a host where the server once ran (/etc/lxd-image-server, /var/lib/lxd-image-server with
+    its upload-digests/) changes nothing here."""
+    system, state = tmp_path / "etc", tmp_path / "state"
+    system.mkdir()
+    (system / "config.toml").write_text(f'[paths]\nstate_dir = "{state}"\n')
+
+    def settings_from(env: dict[str, str]) -> UploadSettings:
+        return settings_from_env(env, system_dir=str(system))
+
+    s = settings_from({})
     assert s == UploadSettings(
         "/var/www/simplestreams/images",
         False,
@@ -748,7 +758,10 @@ def test_settings_from_env() -> None:
         False,
         "/etc/lxd-image-server/htpasswd",
     )
-    s = settings_from_env(
+    # the digests go to the configured state directory's upload-digests/, once it exists
+    (state / "upload-digests").mkdir(parents=True)
+    assert settings_from({}).digest_dir == str(state / "upload-digests")
+    s = settings_from(
         {
             "LXD_IMAGE_SERVER_IMG_DIR": "/srv/images",
             "ALLOW_OVERWRITES": "Yes",
@@ -757,26 +770,29 @@ def test_settings_from_env() -> None:
             "UPLOAD_MAX_SIZE": "1048576",
             "LXD_IMAGE_SERVER_HTPASSWD": "/srv/htpasswd",
             "UPLOAD_READ_TIMEOUT": "20",
+            "LXD_IMAGE_SERVER_DIGEST_DIR": str(tmp_path / "none"),
         }
     )
     assert s == UploadSettings("/srv/images", True, True, 1048576, True, "/srv/htpasswd", False, 20)
-    assert settings_from_env({"ALLOW_ANONYMOUS_UPLOADS": "yes"}).allow_anonymous
+    assert settings_from({"ALLOW_ANONYMOUS_UPLOADS": "yes"}).allow_anonymous
     for bad in ("0", "-1", "soon"):
         with pytest.raises(ValueError, match="UPLOAD_READ_TIMEOUT"):
-            settings_from_env({"UPLOAD_READ_TIMEOUT": bad})
-    s = settings_from_env({"ALLOW_OVERWRITES": "false", "DEBUG": "off", "UPLOAD_MAX_SIZE": "0"})
+            settings_from({"UPLOAD_READ_TIMEOUT": bad})
+    s = settings_from({"ALLOW_OVERWRITES": "false", "DEBUG": "off", "UPLOAD_MAX_SIZE": "0"})
     assert (s.allow_overwrites, s.debug, s.max_size) == (False, False, None)
     with pytest.raises(ValueError, match="ALLOW_DELETES"):
-        settings_from_env({"ALLOW_DELETES": "sure"})
-    assert settings_from_env({"UPLOAD_MAX_SIZE": "2G"}).max_size == 2 << 30
+        settings_from({"ALLOW_DELETES": "sure"})
+    assert settings_from({"UPLOAD_MAX_SIZE": "2G"}).max_size == 2 << 30
     with pytest.raises(ValueError, match="UPLOAD_MAX_SIZE"):
-        settings_from_env({"UPLOAD_MAX_SIZE": "lots"})
+        settings_from({"UPLOAD_MAX_SIZE": "lots"})
 
 
 def test_app_from_env(tree: Tree, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LXD_IMAGE_SERVER_IMG_DIR", str(tree.images))
     monkeypatch.setenv("ALLOW_DELETES", "true")
     monkeypatch.setenv("ALLOW_ANONYMOUS_UPLOADS", "true")
+    # never the host's state directory (a machine where the server once ran has one)
+    monkeypatch.setenv("LXD_IMAGE_SERVER_DIGEST_DIR", str(tree.base / "no-digests"))
     app = app_from_env()
     assert call(app, "PUT", f"/images/{META}", b"x").status == 201
     assert call(app, "DELETE", f"/images/{META}").status == 200

@@ -436,3 +436,148 @@ def test_stalled_body_is_cut_off(tree: Tree, sockets: SocketServer, how: str) ->
 def test_answer_is_json(tree: Tree) -> None:
     r = call(tree.app(), "PUT", f"/images/{META}", b"x")
     assert json.loads(r.body)["files"][0]["path"] == META
+
+
+# -- issue 18, finding 5: a serial far ahead of the clock ---------------------------------------
+
+FAR_AHEAD = "busybox/1.35/amd64/default/99991231_2359"
+
+
+def test_put_a_serial_far_ahead_of_the_clock_is_refused(
+    tree: Tree, caplog: pytest.LogCaptureFixture
+) -> None:
+    """99991231_2359 would be the newest version for good: its alias pinned, and with
+    [retention] keep = N every real version pushed out of the catalog and off the disk."""
+    r = call(tree.app(), "PUT", f"/images/{FAR_AHEAD}/lxd.tar.xz", b"payload")
+    assert r.status == 400, r.body
+    _one_line(r.json["error"])
+    assert "ahead of this server's clock" in r.json["error"]
+    assert tree.empty()
+    _no_errors_logged(caplog)
+    tree.check()
+
+
+def test_post_a_serial_far_ahead_of_the_clock_is_refused(tree: Tree) -> None:
+    body, ctype = form(("upload", f"{FAR_AHEAD}/lxd.tar.xz", b"payload"))
+    r = call(tree.app(), "POST", "/images/", body, content_type=ctype)
+    assert r.status == 400, r.body
+    _one_line(r.json["error"])
+    assert "ahead of this server's clock" in r.json["error"]
+    assert tree.empty()
+    tree.check()
+
+
+def test_a_serial_far_ahead_can_still_be_deleted(tree: Tree) -> None:
+    """One placed before such serials were refused must be removable over HTTPS."""
+    version = tree.images / FAR_AHEAD
+    version.mkdir(parents=True)
+    (version / "lxd.tar.xz").write_bytes(b"old")
+    app = tree.app(allow_deletes=True)
+    assert call(app, "DELETE", f"/images/{FAR_AHEAD}/lxd.tar.xz").status == 200
+    assert not (version / "lxd.tar.xz").exists()
+
+
+# -- issue 18, finding 6: uploads in progress, counted per credential ----------------------------
+
+
+class GatedStream:
+    """A request body that says when the app starts reading it, then waits to be let go: an
+    upload in progress (a slow or stalled client)."""
+
+    def __init__(self, data: bytes, release: threading.Event) -> None:
+        self.data = data
+        self.started = threading.Event()
+        self.release = release
+
+    def read(self, n: int = -1) -> bytes:
+        self.started.set()
+        assert self.release.wait(30), "never released"
+        out, self.data = self.data[: n if n >= 0 else None], self.data[n if n >= 0 else 0 :]
+        return out if n >= 0 else out + self.data
+
+
+def _in_progress(
+    app: Callable[..., Any], n: int, extra: dict[str, str], release: threading.Event, tag: str
+) -> tuple[list[threading.Thread], list[int]]:
+    """`n` uploads that hold their slot until `release`; returns once all are inside the app."""
+    statuses: list[int] = []
+    threads, streams = [], []
+    for i in range(n):
+        data = f"{tag}-{i}".encode()
+        stream = GatedStream(data, release)
+        path = f"/images/{VERSION}/part-{tag}-{i}.tar.gz"
+
+        def run(path: str = path, stream: GatedStream = stream, size: int = len(data)) -> None:
+            r = call(app, "PUT", path, stream=stream, content_length=size, extra=extra)
+            statuses.append(r.status)
+
+        t = threading.Thread(target=run)
+        t.start()
+        threads.append(t)
+        streams.append(stream)
+    for s in streams:
+        assert s.started.wait(30), "an upload never started"
+    return threads, statuses
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["per-process", "across-workers"])
+def test_one_credential_runs_8_uploads_at_once_and_cannot_starve_another(
+    tree: Tree, passwords: Path, tmp_path_factory: pytest.TempPathFactory, shared: bool
+) -> None:
+    """A CI job runs `xargs -P8 curl`; a ninth upload of the same credential is told to come
+    back (429, Retry-After), while another credential's upload goes through. With a slots
+    directory, gunicorn's worker processes count together (two apps here: two workers)."""
+    slots = tmp_path_factory.mktemp("slots")  # outside the tree (tree.check looks there)
+    settings = UploadSettings(
+        img_dir=str(tree.images), htpasswd=str(passwords), slots_dir=str(slots) if shared else None
+    )
+    first, second = make_app(settings), make_app(settings)
+    release = threading.Event()
+    try:
+        threads, statuses = _in_progress(first, 8, _basic("alice", "s3cret"), release, "a")
+        ninth_app = second if shared else first
+        r = call(
+            ninth_app,
+            "PUT",
+            f"/images/{VERSION}/ninth.tar.gz",
+            b"x",
+            extra=_basic("alice", "s3cret"),
+        )
+        assert r.status == 429, r.body
+        assert r.headers["Retry-After"].isdigit()
+        _one_line(r.json["error"])
+        r = call(
+            ninth_app, "PUT", f"/images/{VERSION}/bob.tar.gz", b"b", extra=_basic("bob", "hunter2")
+        )
+        assert r.status == 201, r.body
+    finally:
+        release.set()
+    for t in threads:
+        t.join(30)
+    assert statuses == [201] * 8
+    assert not (tree.images / VERSION / "ninth.tar.gz").exists()
+    # the slots are free again
+    r = call(
+        second, "PUT", f"/images/{VERSION}/ninth.tar.gz", b"x", extra=_basic("alice", "s3cret")
+    )
+    assert r.status == 201, r.body
+    tree.check()
+
+
+def test_anonymous_uploads_are_counted_per_client_address(tree: Tree) -> None:
+    """Without credentials, the address nginx saw (it sets X-Real-IP itself) is the key."""
+    app = make_app(UploadSettings(img_dir=str(tree.images), allow_anonymous=True, max_parallel=2))
+    release = threading.Event()
+    here = {"HTTP_X_REAL_IP": "192.0.2.1"}
+    try:
+        threads, statuses = _in_progress(app, 2, here, release, "anon")
+        r = call(app, "PUT", f"/images/{VERSION}/third.tar.gz", b"x", extra=here)
+        assert r.status == 429, r.body
+        there = {"HTTP_X_REAL_IP": "192.0.2.2"}
+        assert call(app, "PUT", f"/images/{VERSION}/other.tar.gz", b"y", extra=there).status == 201
+    finally:
+        release.set()
+    for t in threads:
+        t.join(30)
+    assert statuses == [201, 201]
+    tree.check()
