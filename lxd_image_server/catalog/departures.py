@@ -9,7 +9,7 @@ starts) and names why each version directory that was listed is not any more:
 - pruned: recorded in pruned.json (`prune`, `remove`, expired) or beyond [retention];
 - gone: its directory is not a directory any more (images/ itself being there: an unmounted
   or vanished images/ is no reason to unpublish everything);
-- invalid: the layout refuses its name now;
+- invalid: the layout refuses its name now (a serial more than a day ahead of the clock, too);
 - changed: its files changed since they were hashed (it is listed again once hashed), or the
   scan found it without a file a client needs (products.py logged which).
 
@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import stat
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -31,7 +32,7 @@ from typing import Any
 from lxd_image_server.catalog.publish import PublishError
 from lxd_image_server.catalog.readback import MAX_CATALOG_BYTES
 from lxd_image_server.fsutil import TooLarge, read_regular
-from lxd_image_server.tree.layout import LayoutError, parse_version_dir
+from lxd_image_server.tree.layout import LayoutError, check_serial_not_ahead, parse_version_dir
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +124,8 @@ class Known:
     pruned: Callable[[str], bool]
     #: version directories (relative to images/) the scan found, published or not
     scanned: Callable[[str], bool]
+    #: the scanner's clock: a serial more than a day ahead of it is not scanned (layout.py)
+    clock: Callable[[], float] = time.time
 
 
 def reason(rel: str, known: Known) -> str | None:
@@ -133,7 +136,8 @@ def reason(rel: str, known: Known) -> str | None:
     if known.scanned(rel):
         return "changed (being hashed again, or incomplete)"
     try:
-        parse_version_dir(rel.split("/"))
+        key = parse_version_dir(rel.split("/"))
+        check_serial_not_ahead(key.serial, known.clock())
     except LayoutError as e:
         return f"invalid ({e})"
     try:

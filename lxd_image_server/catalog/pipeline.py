@@ -528,6 +528,7 @@ class Pipeline:
             self.paths.img_dir,
             pruned=lambda path: path in hidden or path in doomed,
             scanned=self.versions.__contains__,
+            clock=self.scanner.clock,
         )
         departures.check(before, publishing, known)
 

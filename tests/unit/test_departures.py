@@ -159,3 +159,21 @@ def test_a_link_as_images_json_is_not_followed(tmp_path: Path) -> None:
     )
     (tmp_path / "images.json").symlink_to(secret)
     assert departures.read_listing(str(tmp_path / "images.json")).sizes == {}
+
+
+def test_a_listed_serial_far_ahead_of_the_clock_leaves_as_invalid(paths: Paths) -> None:
+    """Published before the scanner refused serials more than a day ahead (issue 18): the scan
+    skips it now, and that is a reason the writer names, not a partial view that would stop
+    every later publish."""
+    cache = HashCache(None)
+    p = Pipeline(paths, cache)
+    future = version_dir(Path(paths.img_dir), serial="99991231_2359")
+    write(future / "lxd.tar.xz", blob(100, 90))
+    write(future / "rootfs.squashfs", blob(1000, 91))
+    p.scanner.clock = lambda: 253402300000.0  # the year 9999: the serial is not ahead yet
+    p.update_all()
+    assert "99991231_2359" in listed(paths)
+    p.scanner.clock = lambda: 1750000000.0  # 2025: far behind the serial
+    assert p.refresh([""])
+    assert listed(paths) == set(SERIALS)
+    cache.close()
