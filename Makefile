@@ -82,9 +82,18 @@ bench: venv run-deps
 # ALLOW_OVERWRITES, ALLOW_DELETES and DEBUG pass through from the environment.
 # Under sudo, the server runs as the user who called sudo (the checkout, and var/ in it, are
 # theirs: `run` started as root would refuse a tree below a directory another user may change).
+# As root itself, the upload server and the watcher run as RUN_USER, a system user made once
+# (nginx's master stays root's); RUN_ARGS="--user NAME" names another.
+RUN_USER ?= lxd-image-server-run
 AS_CALLER := $(if $(and $(SUDO_USER),$(filter 0,$(shell id -u))),runuser -u $(SUDO_USER) --)
+AS_ROOT   := $(if $(and $(if $(SUDO_USER),,1),$(filter 0,$(shell id -u)),$(if $(findstring --user,$(RUN_ARGS)),,1)),1)
 run: run-deps venv
-	$(AS_CALLER) $(BIN)/lxd-image-server --state-dir $(RUN_DIR)/state run --root-dir $(RUN_DIR)/root $(RUN_ARGS)
+	@if [ -n "$(AS_ROOT)" ] && ! id -u $(RUN_USER) >/dev/null 2>&1; then \
+	  echo "making the system user $(RUN_USER), which the upload server and the watcher run as"; \
+	  useradd --system --user-group --no-create-home --home-dir /nonexistent \
+	    --shell /usr/sbin/nologin $(RUN_USER); \
+	fi
+	$(AS_CALLER) $(BIN)/lxd-image-server --state-dir $(RUN_DIR)/state run --root-dir $(RUN_DIR)/root $(if $(AS_ROOT),--user $(RUN_USER)) $(RUN_ARGS)
 
 include packaging.mk
 include container.mk
