@@ -35,6 +35,7 @@ from .servers import (
     run,
 )
 from .test_run import PASSWORD, reachable, start_server
+from .verified import assert_verifies
 
 __all__ = ["reachable"]  # a fixture, used by name
 
@@ -116,7 +117,9 @@ def versions(root: Path, product: str = PRODUCT) -> list[str]:
 
 @contextmanager
 def serving(root: Path, pki: Pki, work: Path) -> Iterator[tuple[Nginx, str]]:
-    """nginx on a fresh port (LXD caches catalogs per URL) and a remote for it."""
+    """nginx on a fresh port (LXD caches catalogs per URL) and a remote for it; what it serves
+    passes `verify` first."""
+    assert_verifies(root)
     server = Nginx(root, pki, work, free_port())
     server.start()
     name = f"ops{server.port}"

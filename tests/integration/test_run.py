@@ -24,6 +24,7 @@ import pytest
 
 from .images import build_rootfs, make_squashfs, sha256_file, write_metadata_tarball
 from .servers import Pki, delete_images, delete_instance, free_port, lxc
+from .verified import assert_keeps_rules
 
 BIN = Path(sys.executable).parent / "lxd-image-server"
 PASSWORD = "seed-password-1"
@@ -168,8 +169,10 @@ def permissive(pki: Pki) -> Iterator[Server]:
 def wait_listed(server: Server, product: str, serial: str) -> float:
     start = time.monotonic()
     while True:
-        versions = server.catalog()["products"].get(product, {}).get("versions", {})
+        doc = server.catalog()
+        versions = doc["products"].get(product, {}).get("versions", {})
         if serial in versions:
+            assert_keeps_rules(doc)
             return time.monotonic() - start
         assert time.monotonic() - start < DEADLINE, f"{product} {serial} never listed"
         time.sleep(0.01)
