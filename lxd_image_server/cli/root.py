@@ -338,7 +338,6 @@ def init(
             private=private,
             upload_socket=upload_socket,
             http_listen=http_listen,
-            allow_overwrites=g.settings.allow_overwrites,
             password_file=password_file,
         )
     )

@@ -48,8 +48,6 @@ class InitOptions:
     upload_socket: str = DEFAULT_UPLOAD_SOCKET
     #: plain-HTTP addresses serving image files only (empty: none)
     http_listen: tuple[str, ...] = ()
-    #: ALLOW_OVERWRITES as configured: image files are then not cached as immutable
-    allow_overwrites: bool = False
     #: a new upload user's password goes to this file (mode 0600), not into the report's text
     password_file: str | None = None
 
@@ -113,7 +111,6 @@ def site_settings(opts: InitOptions) -> nginx.SiteSettings:
         ssl_dir=opts.ssl_dir,
         htpasswd=opts.htpasswd,
         private=opts.private,
-        overwrites=opts.allow_overwrites,
         http_listen=opts.http_listen,
         server_names=opts.hostnames,
     )

@@ -182,7 +182,6 @@ def prepare(opts: RunOptions) -> Prepared:
         ssl_dir=ssl_dir,
         htpasswd=htpasswd_path,
         private=opts.private,
-        overwrites=opts.settings.allow_overwrites,
         http_listen=(opts.http_listen,) if opts.http_listen else (),
         server_names=opts.hostnames,
     )
