@@ -365,10 +365,17 @@ def init(
 @main.command()
 @click.argument("user")
 @_htpasswd_option
+@click.option(
+    "--delete",
+    is_flag=True,
+    help="Remove USER instead: its password stops working at the next request (revokes one "
+    "client's or uploader's credentials).",
+)
 @click.pass_obj
 @handle_errors
-def passwd(g: Globals, user: str, htpasswd_path: str) -> None:
-    """Add an upload USER or change its password (from a prompt, or standard input)."""
+def passwd(g: Globals, user: str, htpasswd_path: str, delete: bool) -> None:
+    """Add an upload USER or change its password (from a prompt, or standard input), or
+    remove it (--delete)."""
     from lxd_image_server import htpasswd
     from lxd_image_server.service.initialize import credentials_group
 
@@ -376,6 +383,11 @@ def passwd(g: Globals, user: str, htpasswd_path: str) -> None:
         htpasswd.validate_user(user)
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="USER") from e
+    if delete:
+        if not htpasswd.remove_user(htpasswd_path, user):
+            raise click.ClickException(f"no user {user} in {htpasswd_path}")
+        click.echo(f"removed {user} from {htpasswd_path}")
+        return
     if sys.stdin.isatty():
         password = click.prompt("Password", hide_input=True, confirmation_prompt=True)
     else:

@@ -214,6 +214,13 @@ def test_passwd_from_stdin(env):
     assert not htpasswd.verify_password("s3cret", users["alice"])
     assert cli("passwd", "bad:name", "--htpasswd", path, input="x\n").returncode == 2
     assert cli("passwd", "bob", "--htpasswd", path, input="\n").returncode == 2
+    # revoking one user's credentials (a private feed's client host)
+    assert cli("passwd", "bob", "--htpasswd", path, input="pw\n").returncode == 0
+    r = cli("passwd", "alice", "--htpasswd", path, "--delete")
+    assert r.returncode == 0 and "removed alice" in r.stdout, r.stderr
+    assert list(htpasswd.read_users(str(path))) == ["bob"]
+    r = cli("passwd", "alice", "--htpasswd", path, "--delete")
+    assert r.returncode == 1 and "no user alice" in r.stderr
 
 
 def test_private_with_anonymous_uploads_is_refused(env):

@@ -65,8 +65,10 @@ def start_server(
     make_htpasswd: bool = True,
     global_args: Sequence[str | Path] = (),
     run_args: Sequence[str | Path] = (),
+    port: int | None = None,
 ) -> Generator[Server, None, None]:
-    """`lxd-image-server [GLOBAL_ARGS] run ... [RUN_ARGS]`, once it serves and takes uploads."""
+    """`lxd-image-server [GLOBAL_ARGS] run ... [RUN_ARGS]` on 127.0.0.1:`port` (a free one by
+    default), once it serves and takes uploads."""
     root, state, ssl = tmp / "root", tmp / "state", tmp / "ssl"
     ssl.mkdir(parents=True)
     (ssl / "nginx.crt").write_bytes(pki.server_cert.read_bytes())
@@ -80,7 +82,7 @@ def start_server(
             capture_output=True,
         )
         assert r.returncode == 0, r.stderr
-    port = free_port()
+    port = port or free_port()
     log = tmp / "run.log"
     env = {k: v for k, v in os.environ.items() if k not in ("ALLOW_OVERWRITES", "ALLOW_DELETES")}
     env.update(env_flags)
