@@ -359,7 +359,9 @@ def init(
         click.echo("(shown once; change it with: lxd-image-server passwd USER)")
     cert_fallback = None if ssl_skip else ssl_dir + "/nginx.crt"
     click.echo("")
-    click.echo(instructions_for(report, hostnames, listen[0], cert_fallback=cert_fallback))
+    click.echo(
+        instructions_for(report, hostnames, listen[0], cert_fallback=cert_fallback, private=private)
+    )
 
 
 @main.command()
