@@ -20,6 +20,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -34,15 +35,18 @@ import pytest
 
 from .conftest import added_remote
 from .images import build_rootfs, make_squashfs, sha256_file, write_metadata_tarball
-from .servers import Client, Pki
-from .test_run import PASSWORD, Server, curl, start_server, wait_listed
+from .servers import Client, Pki, run
+from .test_run import BIN, Server, curl, start_server, wait_listed
 
 pytestmark = [pytest.mark.lxd, pytest.mark.timeout(600)]
 
-USER = "upload"
+#: the client host's own user (README: one per client), new each session: the daemons cache a
+#: remote's catalog per URL for an hour, and the port-443 URL is otherwise the same every run
+USER = f"host{secrets.token_hex(3)}"
+CLIENT_PASSWORD = "client-password-1"
 PRODUCT, SERIAL = "busycap:1.35:amd64:default", "20240101_1200"
 VERSION_DIR = f"busycap/1.35/amd64/default/{SERIAL}"
-BASIC = "Authorization: Basic " + base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
+BASIC = "Authorization: Basic " + base64.b64encode(f"{USER}:{CLIENT_PASSWORD}".encode()).decode()
 NGINX_400 = "The plain HTTP request was sent to HTTPS port"
 
 
@@ -77,6 +81,7 @@ def private_server(pki: Pki, image: Image, port: int | None = None) -> Iterator[
     servers = start_server(base, pki, {}, run_args=["--private"], port=port)
     try:
         server = next(servers)
+        run([BIN, "passwd", USER, "--htpasswd", base / "htpasswd"], input=CLIENT_PASSWORD + "\n")
         for src, name in ((image.meta, "lxd.tar.xz"), (image.root, "rootfs.squashfs")):
             code, body = curl(
                 f"-Fupload=@{src};filename={VERSION_DIR}/{name}", f"{server.url}/images/"
@@ -160,7 +165,7 @@ def download(client: Client, remote: str, image: Image) -> str:
 def test_on_its_own_port_the_password_crosses_in_clear_text(
     client: Client, own_port: Server, image: Image, tmp_path: Path
 ) -> None:
-    url = f"https://{USER}:{PASSWORD}@127.0.0.1:{own_port.port}"
+    url = f"https://{USER}:{CLIENT_PASSWORD}@127.0.0.1:{own_port.port}"
     name = f"cap{own_port.port}"
     with added_remote(client, name, url) as remote, captured(tmp_path, (own_port.port,)) as result:
         info = download(client, remote, image)
@@ -175,17 +180,27 @@ def test_on_its_own_port_the_password_crosses_in_clear_text(
     assert not [r for r in requests if "/streams/" in r], requests
     # the full URL, password included, is the image's source
     assert url in info, info
+    source = [line.strip() for line in info.splitlines() if url in line]
+    print(
+        f"{client} on port {own_port.port}: {len(requests)} plain-HTTP requests in clear "
+        f"({', '.join(sorted(set(requests)))}), {capture.text.count(BASIC)} with the password, "
+        f"{capture.text.count(NGINX_400)} answered 400; image info: {source}"
+    )
 
 
 def test_on_443_with_nothing_on_80_no_credential_crosses_in_clear(
     client: Client, on_443: Server, image: Image, tmp_path: Path
 ) -> None:
-    url = f"https://{USER}:{PASSWORD}@127.0.0.1"
+    url = f"https://{USER}:{CLIENT_PASSWORD}@127.0.0.1"
     with added_remote(client, "cap443", url) as remote, captured(tmp_path, (80, 443)) as result:
         download(client, remote, image)
     (capture,) = result
     assert capture.clear_requests() == []
-    assert BASIC not in capture.text and PASSWORD not in capture.text
+    assert BASIC not in capture.text and CLIENT_PASSWORD not in capture.text
     # the plain-HTTP try of each file met a reset on port 80 (no timeout), then HTTPS on 443
     assert capture.resets_from(80) >= 2, capture.text[-3000:]
     assert "127.0.0.1.443: Flags [S]" in capture.text
+    print(
+        f"{client} on 443: no request in clear, {capture.resets_from(80)} resets from port 80, "
+        f"{capture.text.count('127.0.0.1.443: Flags [S]')} HTTPS connections"
+    )
