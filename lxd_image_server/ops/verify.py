@@ -191,6 +191,19 @@ def verify(
     report = Report(full=full)
     report.problems.extend(check_catalog(catalog))
     files, combined = _collect(catalog)
+    stats = _present(root_dir, files, report)
+    _check_unified(root_dir, catalog, stats, report)
+    if not full:
+        report.files = len(stats)
+        report.bytes = sum(f.size for f in stats.values())
+        return report
+    _rehash(stats, files, combined, progress_start, report)
+    return report
+
+
+def _present(root_dir: str, files: dict[str, list[_Expect]], report: Report) -> dict[str, FileStat]:
+    """The listed files that are there, reachable as nginx serves them and of the listed
+    size; the others reported."""
     stats: dict[str, FileStat] = {}
     for rel in sorted(files):
         fs, problem = _stat(root_dir, rel)
@@ -209,6 +222,13 @@ def verify(
             )
             continue
         stats[rel] = fs
+    return stats
+
+
+def _check_unified(
+    root_dir: str, catalog: Catalog, stats: dict[str, FileStat], report: Report
+) -> None:
+    """Each unified tarball's combined_type against what its first entries hold."""
     holds: dict[str, str] = {}
     for rel in sorted(_unified_paths(catalog) & set(stats)):
         try:
@@ -218,10 +238,17 @@ def verify(
             detail = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
             report.problems.append(Problem(kind, rel, f"a unified tarball: {detail}"))
     report.problems.extend(check_unified_types(catalog, holds))
-    if not full:
-        report.files = len(stats)
-        report.bytes = sum(f.size for f in stats.values())
-        return report
+
+
+def _rehash(
+    stats: dict[str, FileStat],
+    files: dict[str, list[_Expect]],
+    combined: list[_Combined],
+    progress_start: Callable[[int], Progress] | None,
+    report: Report,
+) -> None:
+    """Reads every file in `stats` once: its sha256 and the combined fingerprints it is the
+    root of, compared with the catalog."""
     total = sum(f.size for f in stats.values())
     progress = progress_start(total) if progress_start and stats else no_progress
 
@@ -279,4 +306,3 @@ def verify(
                     f"{c.field_name} is {c.expected}, {c.meta} + {c.root} give {got}",
                 )
             )
-    return report
