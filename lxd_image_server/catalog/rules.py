@@ -42,8 +42,8 @@ _TYPES = (CONTAINER_TYPE, VM_TYPE)
 
 @dataclass(frozen=True)
 class Problem:
-    #: empty, index, path, hash, requirements, delta, type (the rules); missing, outside,
-    #: unreadable, size, sha256, fingerprint (the files, ops/verify.py)
+    #: empty, index, path, hash, requirements, delta, type, fingerprint (a rootless one) (the
+    #: rules); missing, unreadable, size, sha256, fingerprint, type (the files, ops/verify.py)
     kind: str
     #: a file's path relative to the root, a product, or "product version"
     where: str
@@ -132,6 +132,17 @@ def _item_problems(where: str, key: str, item: Item) -> Iterator[Problem]:
             )
 
 
+def _rootless_fingerprints(where: str, key: str, item: Item, roots: set[str]) -> Iterator[Problem]:
+    """A metadata item's combined fingerprint for a root type the version does not list:
+    no client can check it (the image it names cannot be downloaded)."""
+    for root_ftype, names in COMBINED_FIELDS.items():
+        for name in names:
+            if getattr(item, COMBINED_ATTRS[name]) is not None and root_ftype not in roots:
+                yield Problem(
+                    "fingerprint", where, f"items.{key}.{name} names no root file in the version"
+                )
+
+
 def _delta_problems(product: Product, serial: str, key: str, item: Item) -> Iterator[Problem]:
     where = f"{product.name} {serial}"
     root_ftype = item.ftype.removesuffix(DELTA_SUFFIX)
@@ -199,9 +210,11 @@ def check_catalog(catalog: Catalog) -> list[Problem]:
             items = product.versions[serial].items
             if not items:
                 problems.append(Problem("empty", where, "a version without items"))
+            roots = {item.ftype for item in items.values()}
             for key in sorted(items):
                 item = items[key]
                 problems.extend(_item_problems(where, key, item))
+                problems.extend(_rootless_fingerprints(where, key, item, roots))
                 if item.ftype.endswith(DELTA_SUFFIX) or item.delta_base is not None:
                     problems.extend(_delta_problems(product, serial, key, item))
     return problems

@@ -290,10 +290,7 @@ def _rehash(
             )
     for c in combined:
         if not c.root:
-            report.problems.append(
-                Problem("fingerprint", c.where, f"{c.field_name} names no root file in the version")
-            )
-            continue
+            continue  # no root of its type: a rule (catalog/rules.py) reports it
         got = results.get((c.meta, c.root))
         if got is None:
             continue  # a file is missing or unreadable: already reported

@@ -145,6 +145,7 @@ def _no_base(doc: dict[str, Any]) -> None:
 
 
 def _rootxz_fields_differ(doc: dict[str, Any]) -> None:
+    items(doc)["root.tar.xz"] = _file(f"{VDIR}/{NEW}/root.tar.xz", 40, "root.tar.xz")
     items(doc)["lxd.tar.xz"]["combined_rootxz_sha256"] = "0" * 64
     items(doc)["lxd.tar.xz"]["combined_sha256"] = "1" * 64
 
@@ -181,6 +182,12 @@ PLANTED: list[tuple[str, Callable[[dict[str, Any]], None], str, str]] = [
         _rootxz_fields_differ,
         "hash",
         "combined_sha256 and combined_rootxz_sha256 differ",
+    ),
+    (
+        "fingerprint-without-root",
+        _set(("incus.tar.xz", "combined_rootxz_sha256"), "0" * 64),
+        "fingerprint",
+        "items.incus.tar.xz.combined_rootxz_sha256 names no root file",
     ),
     ("absolute-path", _set(("squashfs", "path"), "/srv/x.squashfs"), "path", "absolute"),
     ("dotdot-path", _set((VM_DELTA, "path"), "images/../../x"), "path", "'..'"),
