@@ -184,7 +184,7 @@ def test_on_its_own_port_the_password_crosses_in_clear_text(
     print(
         f"{client} on port {own_port.port}: {len(requests)} plain-HTTP requests in clear "
         f"({', '.join(sorted(set(requests)))}), {capture.text.count(BASIC)} with the password, "
-        f"{capture.text.count(NGINX_400)} answered 400; image info: {source}"
+        f"{capture.text.count('HTTP/1.1 400 Bad Request')} answered 400; image info: {source}"
     )
 
 
