@@ -111,15 +111,16 @@ def start_server(
     server = Server(root, f"https://127.0.0.1:{port}", port, proc, log)
     deadline = time.monotonic() + DEADLINE
     private = "--private" in map(str, run_args)  # then reads need the credentials too
-    while curl(f"{server.url}/streams/v1/index.json", auth=private)[0] != 200:
-        assert proc.poll() is None, f"run exited early:\n{log.read_text()}"
-        assert time.monotonic() < deadline, f"run never served:\n{log.read_text()}"
-        time.sleep(0.1)
-    # the upload server answers through nginx (a bad path: refused before anything is written)
-    while curl("-X", "PUT", "--data-binary", "x", f"{server.url}/images/x")[0] in (0, 502):
-        assert time.monotonic() < deadline, f"upload server never answered:\n{log.read_text()}"
-        time.sleep(0.1)
-    try:
+    try:  # a server that never becomes ready is stopped too, not left running
+        while curl(f"{server.url}/streams/v1/index.json", auth=private)[0] != 200:
+            assert proc.poll() is None, f"run exited early:\n{log.read_text()}"
+            assert time.monotonic() < deadline, f"run never served:\n{log.read_text()}"
+            time.sleep(0.1)
+        # the upload server answers through nginx (a bad path: refused before anything is
+        # written)
+        while curl("-X", "PUT", "--data-binary", "x", f"{server.url}/images/x")[0] in (0, 502):
+            assert time.monotonic() < deadline, f"upload server never answered:\n{log.read_text()}"
+            time.sleep(0.1)
         yield server
     finally:
         if proc.poll() is None:
