@@ -279,8 +279,28 @@ def set_password(path: str, user: str, password: str, group: str | int | None = 
             log.info("dropping a later duplicate line for user %s in %s", user, path)
     if not found:
         out.append(f"{user}:{hashed}")
-    data = "".join(line + "\n" for line in out).encode("utf-8", errors="surrogateescape")
+    _replace(path, out, group)
+    log.info("%s user %s in %s", "added" if not found else "updated", user, path)
+    return not found
 
+
+def remove_user(path: str, user: str) -> bool:
+    """Removes every line of `user` (its credentials stop working at the next request: nginx
+    and the upload app read the file again when it changes); returns False when it had none.
+    The file is replaced as set_password replaces it (mode 0640, owner and group kept)."""
+    validate_user(user)
+    path = os.path.realpath(path)
+    lines = _read_lines(path)
+    out = [line for line in lines if _user_of(line) != user]
+    if len(out) == len(lines):
+        return False
+    _replace(path, out, None)
+    log.info("removed user %s from %s", user, path)
+    return True
+
+
+def _replace(path: str, lines: list[str], group: str | int | None) -> None:
+    data = "".join(line + "\n" for line in lines).encode("utf-8", errors="surrogateescape")
     try:
         st = os.stat(path)
         uid, gid = st.st_uid, st.st_gid
@@ -297,5 +317,3 @@ def set_password(path: str, user: str, password: str, group: str | int | None = 
         uid = gid = -1
     write_atomic(path, data, FILE_MODE, uid, gid)
     fsync_dir(os.path.dirname(os.path.abspath(path)))
-    log.info("%s user %s in %s", "added" if not found else "updated", user, path)
-    return not found

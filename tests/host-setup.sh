@@ -22,7 +22,7 @@ PACKAGES=(
     lxd nginx-light busybox-static squashfs-tools xz-utils qemu-utils xdelta3 debootstrap
     openssl ca-certificates curl python3-venv man-db chromium openssh-server rsync
     python3-click python3-cryptography python3-pytest python3-pytest-timeout
-    python3-yaml python3-hypothesis systemd-container
+    python3-yaml python3-hypothesis systemd-container tcpdump
 )
 CODENAME=$(. /etc/os-release && echo "${VERSION_CODENAME:-}")
 

@@ -24,6 +24,10 @@ from lxd_image_server.catalog.readback import read_document
 from lxd_image_server.tree.layout import COMBINED_FIELDS, VM_FTYPES, serial_sort_key
 
 PRODUCTS_FORMAT = "products:1.0"
+IMAGE_DOWNLOADS = "image-downloads"
+#: an image's type as clients name it (a unified item's `combined_type`)
+CONTAINER_TYPE = "container"
+VM_TYPE = "virtual-machine"
 INDEX_FORMAT = "index:1.0"
 
 #: the combined-fingerprint fields of a metadata item: JSON name -> attribute of Item
@@ -65,6 +69,9 @@ class Item:
     combined_disk_kvm_img_sha256: str | None = None
     #: a delta (ftype *.vcdiff): the serial of the version it applies to
     delta_base: str | None = None
+    #: a unified tarball: "container" or "virtual-machine" (Incus 7.0.1+ reads it; absent
+    #: means container)
+    combined_type: str | None = None
 
     def combined(self, root_ftype: str) -> str | None:
         """This metadata item's fingerprint of the image it makes with a `root_ftype` root
@@ -87,6 +94,8 @@ class Item:
                 doc[name] = getattr(self, attr)
         if self.delta_base is not None:
             doc["delta_base"] = self.delta_base
+        if self.combined_type is not None:
+            doc["combined_type"] = self.combined_type
         return doc
 
 
@@ -146,7 +155,8 @@ class Version:
                     out.append(Image(kind, root.ftype, fp, (meta, root)))
         unified = self.by_ftype(client.unified_ftype)
         if unified is not None:
-            out.append(Image("container", "unified", unified.sha256, (unified,)))
+            kind = "virtual-machine" if unified.combined_type == VM_TYPE else "container"
+            out.append(Image(kind, "unified", unified.sha256, (unified,)))
         return tuple(out)
 
     def client_images(self) -> tuple[Image, ...]:
@@ -316,7 +326,10 @@ def _item(doc: object, where: str) -> Item:
     base = d.get("delta_base")
     if base is not None and not isinstance(base, str):
         raise ValueError(f"{where}.delta_base: expected a string")
-    return Item(ftype, path, size, sha256, delta_base=base, **combined)
+    kind = d.get("combined_type")
+    if kind is not None and not isinstance(kind, str):
+        raise ValueError(f"{where}.combined_type: expected a string")
+    return Item(ftype, path, size, sha256, delta_base=base, combined_type=kind, **combined)
 
 
 def lenient_version(serial: str, items: Mapping[str, object]) -> Version:

@@ -341,7 +341,6 @@ def init(
             private=private,
             upload_socket=upload_socket,
             http_listen=http_listen,
-            allow_overwrites=g.settings.allow_overwrites,
             password_file=password_file,
         )
     )
@@ -363,16 +362,25 @@ def init(
         click.echo("(shown once; change it with: lxd-image-server passwd USER)")
     cert_fallback = None if ssl_skip else ssl_dir + "/nginx.crt"
     click.echo("")
-    click.echo(instructions_for(report, hostnames, listen[0], cert_fallback=cert_fallback))
+    click.echo(
+        instructions_for(report, hostnames, listen[0], cert_fallback=cert_fallback, private=private)
+    )
 
 
 @main.command()
 @click.argument("user")
 @_htpasswd_option
+@click.option(
+    "--delete",
+    is_flag=True,
+    help="Remove USER instead: its password stops working at the next request (revokes one "
+    "client's or uploader's credentials).",
+)
 @click.pass_obj
 @handle_errors
-def passwd(g: Globals, user: str, htpasswd_path: str) -> None:
-    """Add an upload USER or change its password (from a prompt, or standard input)."""
+def passwd(g: Globals, user: str, htpasswd_path: str, delete: bool) -> None:
+    """Add an upload USER or change its password (from a prompt, or standard input), or
+    remove it (--delete)."""
     from lxd_image_server import htpasswd
     from lxd_image_server.service.initialize import credentials_group
 
@@ -380,6 +388,11 @@ def passwd(g: Globals, user: str, htpasswd_path: str) -> None:
         htpasswd.validate_user(user)
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="USER") from e
+    if delete:
+        if not htpasswd.remove_user(htpasswd_path, user):
+            raise click.ClickException(f"no user {user} in {htpasswd_path}")
+        click.echo(f"removed {user} from {htpasswd_path}")
+        return
     if sys.stdin.isatty():
         password = click.prompt("Password", hide_input=True, confirmation_prompt=True)
     else:

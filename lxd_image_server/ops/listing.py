@@ -53,6 +53,10 @@ def read_catalog(streams_dir: str) -> Catalog:
     except OSError as e:
         raise CatalogMissing(f"cannot read {path}: {e.strerror or e}") from None
     except ValueError as e:
+        if os.path.getsize(path) == 0:
+            raise CatalogMissing(
+                f"{path} is empty: clients refuse it (LXD keeps its stale cached copy)"
+            ) from None
         raise CatalogMissing(f"cannot read {path}: {e}") from None
     try:
         return catalog_from_json(doc)

@@ -1,9 +1,19 @@
-"""`verify`: read every published file again and compare it with the catalog.
+"""`verify`: hold the published catalog to the clients' rules and read every file it lists.
 
-Checks each item's size and sha256, and each combined fingerprint (sha256 of metadata + root)
-carried on the metadata items, ignoring the hash cache: this is the check for bit rot, a
-truncated copy or a file replaced behind the catalog's back. Each file is read once; a root
-filesystem is fed to its own sha256 and to every combined fingerprint in the same pass.
+Three parts, each problem one line (catalog/rules.py's Problem):
+- the rules of every client, on the documents alone (catalog/rules.py): no empty catalog,
+  64-lowercase-hex hashes, relative paths, requirements, deltas, combined_type;
+- every file the catalog lists, opened as nginx serves it (below the root, no link followed,
+  regular files only): present, of the exact `size`; a unified tarball's first entries tell
+  whether it holds a VM, which its `combined_type` must say;
+- unless `full=False` (`verify --quick`), every file read again and its sha256 and each
+  combined fingerprint (sha256 of metadata + root) carried on the metadata items compared
+  with the catalog, ignoring the hash cache: the check for bit rot, a truncated copy or a
+  file replaced behind the catalog's back. Each file is read once; a root filesystem is fed
+  to its own sha256 and to every combined fingerprint in the same pass.
+
+The quick mode costs a stat per file and a few KB per unified tarball, whatever the bytes on
+disk: the check to run after every publish. The full one reads every byte.
 """
 
 from __future__ import annotations
@@ -15,37 +25,53 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from lxd_image_server.catalog.hashing import FileChanged, Hasher, hash_file
-from lxd_image_server.catalog.model import COMBINED_ATTRS, Catalog, Client
+from lxd_image_server.catalog.model import (
+    COMBINED_ATTRS,
+    Catalog,
+    Client,
+    Index,
+    read_index,
+)
+from lxd_image_server.catalog.rules import (
+    HEX64,
+    INDEX_JSON,
+    Problem,
+    check_catalog,
+    check_index,
+    check_unified_types,
+    path_problem,
+)
 from lxd_image_server.fsutil import NotRegularFile
+from lxd_image_server.ops.unified_type import unified_holds
 from lxd_image_server.progress import Progress, no_progress
 from lxd_image_server.tree.layout import COMBINED_FIELDS, FileRole, Role, classify
 from lxd_image_server.tree.scan import FileStat, open_below
 
 log = logging.getLogger(__name__)
 
-
-@dataclass(frozen=True)
-class Problem:
-    #: missing, outside, unreadable, size, sha256, fingerprint or delta
-    kind: str
-    #: the file's path relative to the root (for fingerprints: "product version")
-    where: str
-    detail: str
-
-    def __str__(self) -> str:
-        return f"{self.kind.upper():<11} {self.where}: {self.detail}"
+__all__ = ["Problem", "Report", "read_index_problems", "verify"]
 
 
 @dataclass
 class Report:
     problems: list[Problem] = field(default_factory=list)
+    #: files found and of the right size (and, in the full mode, read)
     files: int = 0
     bytes: int = 0
     fingerprints: int = 0
+    #: whether the files were read (sha256, fingerprints) or only their sizes checked
+    full: bool = True
 
     @property
     def ok(self) -> bool:
         return not self.problems
+
+    def summary(self) -> str:
+        if not self.full:
+            return f"{self.files} files ({self.bytes} bytes) checked by size, not read (--quick)"
+        return (
+            f"{self.files} files ({self.bytes} bytes) and {self.fingerprints} fingerprints checked"
+        )
 
 
 @dataclass
@@ -67,13 +93,30 @@ class _Combined:
 #: a combined-fingerprint field's JSON name -> the root ftype it is the fingerprint with
 _ROOT_OF_FIELD = {name: ftype for ftype, names in COMBINED_FIELDS.items() for name in names}
 _META_FTYPES = frozenset(c.meta_ftype for c in Client)
+_UNIFIED_FTYPES = frozenset(c.unified_ftype for c in Client)
 
 
-def _collect(
-    catalog: Catalog, bad_deltas: list[Problem]
-) -> tuple[dict[str, list[_Expect]], list[_Combined]]:
-    """Every file the catalog names (with each listing of it: deltas too) and every combined
-    fingerprint; deltas whose base is not in their product go to `bad_deltas`."""
+def read_index_problems(streams_dir: str, catalog: Catalog) -> list[Problem]:
+    """index.json below `streams_dir` read and held to the rules (check_index); a missing,
+    empty or unreadable one is a problem too: clients find images.json only through it."""
+    path = os.path.join(streams_dir, "index.json")
+    try:
+        if os.lstat(path).st_size == 0:
+            return [Problem("empty", INDEX_JSON, "an empty file: clients refuse it")]
+        index: Index = read_index(path)
+    except FileNotFoundError:
+        return [Problem("missing", INDEX_JSON, "clients find images.json only through it")]
+    except OSError as e:
+        return [Problem("unreadable", INDEX_JSON, e.strerror or str(e))]
+    except ValueError as e:
+        return [Problem("index", INDEX_JSON, str(e))]
+    return check_index(index, catalog)
+
+
+def _collect(catalog: Catalog) -> tuple[dict[str, list[_Expect]], list[_Combined]]:
+    """Every file the catalog names at a path inside the root (with each listing of it:
+    deltas too) and every combined fingerprint worth computing (well formed, the rules report
+    the others)."""
     files: dict[str, list[_Expect]] = {}
     combined: list[_Combined] = []
     for pkey in sorted(catalog.products):
@@ -81,25 +124,21 @@ def _collect(
         for serial in sorted(versions):
             items = versions[serial].items
             for item in items.values():
-                base = item.delta_base
-                if base is not None and base not in versions:
-                    bad_deltas.append(
-                        Problem(
-                            "delta",
-                            f"{pkey} {serial}",
-                            f"{item.path} is a delta from {base!r}, not a version here",
-                        )
+                if path_problem(item.path) is None:
+                    files.setdefault(item.path, []).append(
+                        _Expect(item.path, item.size, item.sha256)
                     )
-                files.setdefault(item.path, []).append(_Expect(item.path, item.size, item.sha256))
             roots = {i.ftype: i.path for i in items.values() if i.ftype in COMBINED_FIELDS}
             for item in items.values():
                 if item.ftype not in _META_FTYPES:
                     continue
                 for name, attr in COMBINED_ATTRS.items():
                     value = getattr(item, attr)
-                    if value is None:
+                    if value is None or not HEX64.fullmatch(value):
                         continue
                     root = roots.get(_ROOT_OF_FIELD[name], "")
+                    if root and (path_problem(root) or path_problem(item.path)):
+                        continue
                     combined.append(
                         _Combined(f"{pkey} {serial}", name, item.path, root, value if root else "")
                     )
@@ -107,11 +146,19 @@ def _collect(
     return files, list(unique.values())
 
 
+def _unified_paths(catalog: Catalog) -> set[str]:
+    return {
+        item.path
+        for product in catalog.products.values()
+        for version in product.versions.values()
+        for item in version.items.values()
+        if item.ftype in _UNIFIED_FTYPES
+    }
+
+
 def _stat(root_dir: str, rel: str) -> tuple[FileStat | None, Problem | None]:
     """The file `rel` below `root_dir`, opened without following a link below the root (as
     nginx serves it: regular files only), described by fstat of the opened descriptor."""
-    if not rel or os.path.isabs(rel) or ".." in rel.split("/"):
-        return None, Problem("outside", rel, "the path leaves the served root")
     try:
         fd = open_below(root_dir, rel)
     except FileNotFoundError:
@@ -135,10 +182,28 @@ def verify(
     root_dir: str,
     catalog: Catalog,
     progress_start: Callable[[int], Progress] | None = None,
+    *,
+    full: bool = True,
 ) -> Report:
-    """Rehashes every file `catalog` (images.json) lists below `root_dir`."""
-    report = Report()
-    files, combined = _collect(catalog, report.problems)
+    """Holds `catalog` (images.json) to the clients' rules and checks every file it lists
+    below `root_dir`: size and type always, sha256 and fingerprints when `full`. (index.json:
+    read_index_problems.)"""
+    report = Report(full=full)
+    report.problems.extend(check_catalog(catalog))
+    files, combined = _collect(catalog)
+    stats = _present(root_dir, files, report)
+    _check_unified(root_dir, catalog, stats, report)
+    if not full:
+        report.files = len(stats)
+        report.bytes = sum(f.size for f in stats.values())
+        return report
+    _rehash(stats, files, combined, progress_start, report)
+    return report
+
+
+def _present(root_dir: str, files: dict[str, list[_Expect]], report: Report) -> dict[str, FileStat]:
+    """The listed files that are there, reachable as nginx serves them and of the listed
+    size; the others reported."""
     stats: dict[str, FileStat] = {}
     for rel in sorted(files):
         fs, problem = _stat(root_dir, rel)
@@ -157,6 +222,33 @@ def verify(
             )
             continue
         stats[rel] = fs
+    return stats
+
+
+def _check_unified(
+    root_dir: str, catalog: Catalog, stats: dict[str, FileStat], report: Report
+) -> None:
+    """Each unified tarball's combined_type against what its first entries hold."""
+    holds: dict[str, str] = {}
+    for rel in sorted(_unified_paths(catalog) & set(stats)):
+        try:
+            holds[rel] = unified_holds(root_dir, rel)
+        except (OSError, ValueError) as e:
+            kind = "unreadable" if isinstance(e, OSError) else "type"
+            detail = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+            report.problems.append(Problem(kind, rel, f"a unified tarball: {detail}"))
+    report.problems.extend(check_unified_types(catalog, holds))
+
+
+def _rehash(
+    stats: dict[str, FileStat],
+    files: dict[str, list[_Expect]],
+    combined: list[_Combined],
+    progress_start: Callable[[int], Progress] | None,
+    report: Report,
+) -> None:
+    """Reads every file in `stats` once: its sha256 and the combined fingerprints it is the
+    root of, compared with the catalog."""
     total = sum(f.size for f in stats.values())
     progress = progress_start(total) if progress_start and stats else no_progress
 
@@ -187,8 +279,8 @@ def verify(
             results[pair] = h.hexdigest()
         report.files += 1
         report.bytes += stats[rel].size
-        expected = {e.sha256 for e in files[rel]}
-        if expected != {digests[rel]}:
+        expected = {e.sha256 for e in files[rel] if HEX64.fullmatch(e.sha256)}
+        if expected and expected != {digests[rel]}:
             report.problems.append(
                 Problem(
                     "sha256",
@@ -198,10 +290,7 @@ def verify(
             )
     for c in combined:
         if not c.root:
-            report.problems.append(
-                Problem("fingerprint", c.where, f"{c.field_name} names no root file in the version")
-            )
-            continue
+            continue  # no root of its type: a rule (catalog/rules.py) reports it
         got = results.get((c.meta, c.root))
         if got is None:
             continue  # a file is missing or unreadable: already reported
@@ -214,4 +303,3 @@ def verify(
                     f"{c.field_name} is {c.expected}, {c.meta} + {c.root} give {got}",
                 )
             )
-    return report

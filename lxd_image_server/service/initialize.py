@@ -48,8 +48,6 @@ class InitOptions:
     upload_socket: str = DEFAULT_UPLOAD_SOCKET
     #: plain-HTTP addresses serving image files only (empty: none)
     http_listen: tuple[str, ...] = ()
-    #: ALLOW_OVERWRITES as configured: image files are then not cached as immutable
-    allow_overwrites: bool = False
     #: a new upload user's password goes to this file (mode 0600), not into the report's text
     password_file: str | None = None
 
@@ -113,7 +111,6 @@ def site_settings(opts: InitOptions) -> nginx.SiteSettings:
         ssl_dir=opts.ssl_dir,
         htpasswd=opts.htpasswd,
         private=opts.private,
-        overwrites=opts.allow_overwrites,
         http_listen=opts.http_listen,
         server_names=opts.hostnames,
     )
@@ -163,25 +160,32 @@ def instructions_for(
     listen: str,
     default_host: str | None = None,
     cert_fallback: str | None = None,
+    private: bool = False,
 ) -> str:
     """The client instructions once `init` or `run` has set the server up: for its first name
     (else `default_host`, else this machine's name), the port of `listen`, the certificate made
     or kept (else `cert_fallback`), and the new upload user, if one was made (its password shown
-    unless it went to a file)."""
+    unless it went to a file); for a `private` server, a remote URL with a client's own
+    credentials and what that sends in clear text."""
     host = hostnames[0] if hostnames else (default_host or socket.getfqdn())
     port = listen.rsplit(":", 1)[-1]
     cert = report.cert.cert_path if report.cert else cert_fallback
     credentials = report.new_credentials
     if credentials and report.password_file:
         credentials = (credentials[0], "PASSWORD")
-    return client_instructions(host, port, cert, credentials)
+    return client_instructions(host, port, cert, credentials, private=private)
 
 
 def client_instructions(
-    host: str, port: str, cert_path: str | None, credentials: tuple[str, str] | None
+    host: str,
+    port: str,
+    cert_path: str | None,
+    credentials: tuple[str, str] | None,
+    private: bool = False,
 ) -> str:
     """What a client machine runs, ready to paste."""
     url = f"https://{host}:{port}" if port != "443" else f"https://{host}"
+    remote_url = url.replace("https://", "https://CLIENT:PASSWORD@") if private else url
     user, password = credentials or ("USER", "PASSWORD")
     lines = ["On each client machine (and the machine running the LXD daemon):", ""]
     if cert_path:
@@ -193,9 +197,16 @@ def client_instructions(
             "# the daemon reads the CA store once",
             "",
         ]
+    if private:
+        lines += [
+            "  # a private server: one user per client machine (on the server:",
+            "  # lxd-image-server passwd CLIENT; revoke it with passwd CLIENT --delete).",
+            "  # The clients send that password in clear text before each image file",
+            "  # unless the remote is on port 443 with nothing on port 80 (README: Private feeds)",
+        ]
     lines += [
         "  # add the remote and launch from it",
-        f"  lxc remote add myimages {url} --protocol simplestreams",
+        f"  lxc remote add myimages {remote_url} --protocol simplestreams",
         "  lxc launch myimages:<os>/<release> c1",
         "",
         "Upload an image (metadata tarball first, then the root filesystem):",

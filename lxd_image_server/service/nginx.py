@@ -37,11 +37,15 @@ PAGE_CSP = (
     "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
     "img-src data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
 )
-#: Image files: a version's files never change in place, so caches keep them for a year and
-#: never revalidate. Not `always`: an error (a 404 for a file not yet uploaded) is not cached.
-IMMUTABLE = "public, max-age=31536000, immutable"
-#: ... unless uploads may overwrite them: then caches revalidate every time (ETag, 304).
-REVALIDATE = "no-cache"
+#: Image files: caches keep them but revalidate before each use (nginx's ETag and
+#: Last-Modified: a 304 while the file is unchanged). Never `immutable` for a year: an sftp
+#: upload rewrites a file in place whatever ALLOW_OVERWRITES says (internal-sftp cannot refuse
+#: it), so can `import --force`, and a cache serving the old bytes would fail every client's
+#: sha256 check on that file for as long as it keeps them (over plain HTTP the client then
+#: downloads it again over HTTPS; through a TLS-terminating cache it fails). Not `public`: a
+#: shared cache must not keep what a private server answered to a request with credentials
+#: (RFC 9111, 3.5). Not `always`: an error (a 404 for a file not yet uploaded) is not cached.
+IMAGE_CACHE = "no-cache"
 HTTP_SNIPPET_NAME = f"{SITE_NAME}-http"
 
 
@@ -98,9 +102,6 @@ class SiteSettings:
     body_timeout: str = "60s"
     #: how long the app may take to answer once the body is sent (it fsyncs the file)
     answer_timeout: str = "120s"
-    #: uploads may replace files (ALLOW_OVERWRITES): image files are then revalidated by
-    #: caches instead of kept as immutable
-    overwrites: bool = False
     #: plain-HTTP listen addresses serving image files only (empty: no such listener)
     http_listen: tuple[str, ...] = ()
     #: the plain-HTTP server's names: with another site holding `default_server` on its port
@@ -154,9 +155,8 @@ def _download_headers() -> str:
     return _headers(STRICT_CSP, 'add_header Content-Disposition "attachment" always;')
 
 
-def _image_headers(s: SiteSettings) -> str:
-    cache = REVALIDATE if s.overwrites else IMMUTABLE
-    return _download_headers() + f'\nadd_header Cache-Control "{cache}";'
+def _image_headers() -> str:
+    return _download_headers() + f'\nadd_header Cache-Control "{IMAGE_CACHE}";'
 
 
 def render_locations(s: SiteSettings) -> str:
@@ -174,7 +174,7 @@ def render_locations(s: SiteSettings) -> str:
             "HEADERS": _headers(STRICT_CSP),
             "PAGE_HEADERS": _headers(PAGE_CSP),
             "DOWNLOAD_HEADERS": _download_headers(),
-            "IMAGE_HEADERS": _image_headers(s),
+            "IMAGE_HEADERS": _image_headers(),
         },
     )
 
@@ -186,7 +186,7 @@ def render_http_locations(s: SiteSettings) -> str:
         {
             "ROOT": os.path.realpath(s.root_dir),
             "HEADERS": _headers(STRICT_CSP),
-            "IMAGE_HEADERS": _image_headers(s),
+            "IMAGE_HEADERS": _image_headers(),
         },
     )
 

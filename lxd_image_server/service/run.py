@@ -206,7 +206,6 @@ def prepare(opts: RunOptions) -> Prepared:
         ssl_dir=ssl_dir,
         htpasswd=htpasswd_path,
         private=opts.private,
-        overwrites=opts.settings.allow_overwrites,
         http_listen=(opts.http_listen,) if opts.http_listen else (),
         server_names=opts.hostnames,
     )
@@ -494,7 +493,9 @@ def run(opts: RunOptions, hostnames_for_help: Sequence[str] = ()) -> int:
     if opts.allow_anonymous_uploads:
         log.warning("anonymous uploads are allowed: anyone who reaches this server may upload")
     names = hostnames_for_help or opts.hostnames
-    text = instructions_for(report, names, opts.listen, default_host="127.0.0.1")
+    text = instructions_for(
+        report, names, opts.listen, default_host="127.0.0.1", private=opts.private
+    )
     sys.stdout.write(text + "\n")
     sys.stdout.flush()
     started = time.monotonic()

@@ -48,6 +48,7 @@ from .servers import (
     remove_test_cas,
     run,
 )
+from .verified import assert_verifies
 
 BIN = Path(sys.executable).parent / "lxd-image-server"
 TOOLS = (
@@ -140,6 +141,7 @@ def tree(pki: Pki, tmp_path_factory: pytest.TempPathFactory, label: str) -> Tree
     assert proc.returncode == 0, (
         f"`lxd-image-server update` exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}"
     )
+    assert_verifies(t.root)
     return t
 
 

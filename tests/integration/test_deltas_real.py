@@ -39,6 +39,7 @@ from .test_real_images import (
     wait_booted,
 )
 from .test_run import Server, start_server, wait_listed
+from .verified import assert_verifies
 
 pytestmark = [pytest.mark.lxd, pytest.mark.timeout(1800)]
 
@@ -180,6 +181,7 @@ def test_refresh_downloads_the_delta_and_boots(
             delta = wait_delta(server, product)
             assert delta["delta_base"] == SERIAL_1
             assert delta["path"] == f"images/{dir_2}/rootfs.{SERIAL_1.replace(':', '')}.vcdiff"
+            assert_verifies(server.root)  # the delta's size, sha256 and base included
 
             forget_catalog(client, dir_1)
             since = server.log.stat().st_size

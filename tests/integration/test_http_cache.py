@@ -3,9 +3,10 @@
 - The plain-HTTP listener (`run --http-listen`) serves image files and nothing else: the
   catalog, the page, other paths, hidden names and every upload (POST, PUT, DELETE) are refused
   there, with the same strict headers as the HTTPS site; without it, nothing listens.
-- Cache headers: image files long-lived and immutable (no-cache with ALLOW_OVERWRITES), the
-  catalog and page no-cache; all with validators, so a conditional request gets 304 (the .gz
-  catalog too).
+- Cache headers: image files, the catalog and the page no-cache, never `immutable` (an sftp
+  upload rewrites a file in place whatever ALLOW_OVERWRITES says, issue 19); all with
+  validators, so a conditional request gets 304 (the .gz catalog too), and a file rewritten in
+  place answers the old ETag with its new bytes.
 
 Its own test CA is trusted by the clients here only: no lock needed.
 """
@@ -34,6 +35,7 @@ import pytest
 from lxd_image_server.service import nginx
 
 from .servers import Pki, free_port, make_pki, own_like_tree
+from .verified import assert_verifies
 
 BIN = Path(sys.executable).parent / "lxd-image-server"
 DEADLINE = 60.0
@@ -41,7 +43,7 @@ VERSION = "images/cached/1.0/amd64/default/20240101_1200"
 META = f"/{VERSION}/lxd.tar.xz"
 ROOT_FILE = f"/{VERSION}/rootfs.squashfs"
 STRICT_CSP = "default-src 'none'"
-IMMUTABLE = "public, max-age=31536000, immutable"
+IMAGE_CACHE = "no-cache"
 
 Response = tuple[int, http.client.HTTPMessage, bytes]
 
@@ -169,9 +171,11 @@ def publish_version(s: Served) -> None:
     (version / "rootfs.squashfs").write_bytes(b"rootfs " * 5000)
     own_like_tree(s.root, s.root / "images")
     deadline = time.monotonic() + DEADLINE
-    while b"cached:1.0:amd64:default" not in s.https("GET", "/streams/v1/images.json")[2]:
+    # index.json is written last (after images.json): once it names the product, both do
+    while b"cached:1.0:amd64:default" not in s.https("GET", "/streams/v1/index.json")[2]:
         assert time.monotonic() < deadline, f"never published:\n{s.log.read_text()}"
         time.sleep(0.1)
+    assert_verifies(s.root)
 
 
 @pytest.fixture(scope="module")
@@ -387,14 +391,14 @@ def assert_revalidates(
 
 
 @pytest.mark.parametrize("path", [META, ROOT_FILE])
-def test_image_files_are_immutable_with_validators(served: Served, path: str) -> None:
-    headers = assert_revalidates(served.https, path, IMMUTABLE)
+def test_image_files_revalidate_with_validators(served: Served, path: str) -> None:
+    headers = assert_revalidates(served.https, path, IMAGE_CACHE)
     assert_strict(headers, path)
     assert headers["Content-Disposition"] == "attachment"
 
 
 def test_image_files_over_plain_http_cache_the_same(served: Served) -> None:
-    assert_revalidates(served.http, ROOT_FILE, IMMUTABLE)
+    assert_revalidates(served.http, ROOT_FILE, IMAGE_CACHE)
 
 
 def test_a_missing_image_file_is_never_cached(served: Served) -> None:
@@ -441,14 +445,33 @@ def test_a_new_catalog_answers_200_to_the_old_etag(served: Served) -> None:
     assert b"20240505_1200" in body and headers["ETag"] != old
 
 
-def test_with_overwrites_image_files_revalidate(base: Path, pki: Pki) -> None:
+def test_a_file_rewritten_in_place_is_not_served_stale(served: Served) -> None:
+    """What an sftp uploader can do without ALLOW_OVERWRITES (internal-sftp opens an existing
+    file for writing): rewrite a published file in place. Neither listener told a cache to
+    keep the old bytes: the old ETag gets the new file (200), on HTTPS and plain HTTP alike."""
+    rel = "images/cached/1.0/amd64/default/20240303_1200/rootfs.squashfs"
+    path = served.root / rel
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"first bytes " * 100)
+    old = {fetch: fetch("GET", "/" + rel)[1] for fetch in (served.https, served.http)}
+    for headers in old.values():
+        assert headers["Cache-Control"] == IMAGE_CACHE and "immutable" not in str(headers)
+    with open(path, "r+b") as f:  # in place: same inode, as sftp's open(O_WRONLY|O_TRUNC)
+        f.truncate(0)
+        f.write(b"rewritten " * 130)
+    for fetch, headers in old.items():
+        status, _, body = fetch("GET", "/" + rel, If_None_Match=headers["ETag"])
+        assert (status, body) == (200, b"rewritten " * 130)
+
+
+def test_with_overwrites_image_files_revalidate_the_same(base: Path, pki: Pki) -> None:
     s = start(base / "five", pki, free_port(), free_port(), ALLOW_OVERWRITES="1")
     try:
         publish_version(s)
         for fetch in (s.https, s.http):
-            assert_revalidates(fetch, ROOT_FILE, "no-cache")
+            assert_revalidates(fetch, ROOT_FILE, IMAGE_CACHE)
         text = (s.state / "nginx" / "locations.conf").read_text()
-        assert nginx.IMMUTABLE not in text
+        assert f'Cache-Control "{nginx.IMAGE_CACHE}";' in text and "immutable" not in text
         # an overwrite answers the old ETag with the new file
         old = s.https("GET", ROOT_FILE)[1]["ETag"]
         assert s.https("PUT", ROOT_FILE, b"a new root")[0] in (200, 201)

@@ -214,6 +214,13 @@ def test_passwd_from_stdin(env):
     assert not htpasswd.verify_password("s3cret", users["alice"])
     assert cli("passwd", "bad:name", "--htpasswd", path, input="x\n").returncode == 2
     assert cli("passwd", "bob", "--htpasswd", path, input="\n").returncode == 2
+    # revoking one user's credentials (a private feed's client host)
+    assert cli("passwd", "bob", "--htpasswd", path, input="pw\n").returncode == 0
+    r = cli("passwd", "alice", "--htpasswd", path, "--delete")
+    assert r.returncode == 0 and "removed alice" in r.stdout, r.stderr
+    assert list(htpasswd.read_users(str(path))) == ["bob"]
+    r = cli("passwd", "alice", "--htpasswd", path, "--delete")
+    assert r.returncode == 1 and "no user alice" in r.stderr
 
 
 def test_private_with_anonymous_uploads_is_refused(env):
@@ -237,8 +244,9 @@ def test_anonymous_uploads_make_no_credentials(env):
 
 
 def test_http_listen_and_cache_headers_follow_the_configuration(env, tmp_path):
-    """Issue 12: --http-listen adds the image-only plain-HTTP server; the site knows
-    ALLOW_OVERWRITES (from the configuration) when it is written."""
+    """Issue 12: --http-listen adds the image-only plain-HTTP server, and a later `init`
+    without it takes it away. Image files revalidate whatever ALLOW_OVERWRITES says (issue 19:
+    sftp rewrites in place regardless)."""
     port = "127.0.0.1:18080"
     r = init(env, "--http-listen", port)
     assert r.returncode == 0, r.stderr
@@ -248,18 +256,17 @@ def test_http_listen_and_cache_headers_follow_the_configuration(env, tmp_path):
     assert "server_name images.example.test 192.0.2.10;" in site
     assert "disable_symlinks on;" in http_snippet.read_text()
     main = (env["nginx"] / "snippets" / "lxd-image-server.conf").read_text()
-    assert nginx.IMMUTABLE in main
+    assert f'add_header Cache-Control "{nginx.IMAGE_CACHE}";' in main and "immutable" not in main
     check = subprocess.run(
         ["nginx", "-t", "-c", str(env["nginx"] / "nginx.conf")], capture_output=True, text=True
     )
     assert check.returncode == 0 and "[warn]" not in check.stderr, check.stderr
-    # overwrites allowed in the configuration, listener off: init rewrites both
+    # overwrites allowed in the configuration, listener off: the same cache headers
     config = tmp_path / "overwrites.toml"
     config.write_text("[upload]\nallow_overwrites = true\n")
     r = cli("--config", config, *init_args(env))
     assert r.returncode == 0, r.stderr
-    main = (env["nginx"] / "snippets" / "lxd-image-server.conf").read_text()
-    assert nginx.IMMUTABLE not in main and 'add_header Cache-Control "no-cache";' in main
+    assert (env["nginx"] / "snippets" / "lxd-image-server.conf").read_text() == main
     assert not http_snippet.exists()
     assert "18080" not in (env["nginx"] / "sites-available" / "lxd-image-server").read_text()
 

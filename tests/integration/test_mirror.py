@@ -40,6 +40,7 @@ from lxd_image_server.settings import MirrorConfig
 from .images import build_rootfs, make_squashfs, sha256_file, write_metadata_tarball
 from .servers import Nginx, Pki, delete_images, delete_instance, free_port, lxc, run
 from .test_run import BIN, Server, curl, start_server
+from .verified import assert_verifies
 
 SSHD = Path("/usr/sbin/sshd")
 TOOLS = ("rsync", "rrsync", "ssh", "ssh-keygen", "useradd", "userdel")
@@ -714,6 +715,8 @@ def assert_real_version_arrives(master: Master, site: AttackSite) -> None:
     for name in ("lxd.tar.xz", "rootfs.squashfs"):
         assert f"{rel}/{name}" in master.listed()
         assert (site.root / rel / name).read_bytes() == (d / name).read_bytes()
+    assert_verifies(master.root)
+    assert_verifies(site.root)
     mirrored = (site.root / "streams/v1/images.json").read_bytes()
     assert mirrored == (master.root / "streams/v1/images.json").read_bytes()
     assert_mirror_clean(site)

@@ -35,6 +35,7 @@ from .servers import (
     run,
 )
 from .test_run import PASSWORD, reachable, start_server
+from .verified import assert_verifies
 
 __all__ = ["reachable"]  # a fixture, used by name
 
@@ -115,8 +116,13 @@ def versions(root: Path, product: str = PRODUCT) -> list[str]:
 
 
 @contextmanager
-def serving(root: Path, pki: Pki, work: Path) -> Iterator[tuple[Nginx, str]]:
-    """nginx on a fresh port (LXD caches catalogs per URL) and a remote for it."""
+def serving(
+    root: Path, pki: Pki, work: Path, published: bool = True
+) -> Iterator[tuple[Nginx, str]]:
+    """nginx on a fresh port (LXD caches catalogs per URL) and a remote for it; what it serves
+    passes `verify` first, unless it is not a published tree (`published=False`)."""
+    if published:
+        assert_verifies(root)
     server = Nginx(root, pki, work, free_port())
     server.start()
     name = f"ops{server.port}"
@@ -274,10 +280,12 @@ def test_prune_keeps_old_files_for_the_grace_period(
     r = ops(state, "prune", "--root-dir", root, "--keep", "1")
     assert f"removed {PRODUCT} {old} from the catalog" in r.stdout
     assert versions(root) == [new]
+    assert_verifies(root)
     old_dir = root / "images/busybox/1.35/amd64/default" / old
 
+    # (held is a client's stale view through a link, not a published tree)
     with (
-        serving(held, pki, tmp_path / "nginx") as (nginx, remote),
+        serving(held, pki, tmp_path / "nginx", published=False) as (nginx, remote),
         instances(label, exports.fingerprints) as names,
     ):
         # during the grace period the old version still downloads and launches
@@ -305,6 +313,7 @@ def test_prune_keeps_old_files_for_the_grace_period(
         ).stdout  # fmt: skip
         assert code == "404"
         assert versions(root) == [new]
+        assert_verifies(root)  # the deletion left nothing the catalog lists missing
 
 
 def test_the_watcher_leaves_pruned_versions_out(exports: Exports, tmp_path: Path) -> None:

@@ -11,8 +11,10 @@ Screenshots land in tests/artifacts/ (gitignored) at desktop and phone widths.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import sys
+import tarfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,6 +27,7 @@ from lxd_image_server.catalog.page import SCRIPT
 
 from .cdp import Cdp, Chromium, Tab
 from .servers import REPO, Nginx, free_port, make_pki, run
+from .verified import assert_verifies
 
 BIN = Path(sys.executable).parent / "lxd-image-server"
 ARTIFACTS = REPO / "tests" / "artifacts"
@@ -42,6 +45,17 @@ def sha256(*parts: bytes) -> str:
 def fake(label: str, size: int) -> bytes:
     """Small distinct bytes: the catalog hashes files, it never opens them as images."""
     return (label.encode() * (size // len(label) + 1))[:size]
+
+
+def fake_unified(rootfs_file: bytes) -> bytes:
+    """A unified tarball's shape (metadata.yaml, rootfs/): `verify` reads its first entries."""
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w:gz") as tf:
+        for name, data in (("metadata.yaml", b"architecture: x86_64\n"), ("rootfs/f", rootfs_file)):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return out.getvalue()
 
 
 @dataclass
@@ -100,7 +114,7 @@ def write_tree(root: Path) -> dict[str, set[str]]:
     )
     fps["busybox:1.35:arm64:rootxz"] = {sha256(xz_meta, rootxz)}
 
-    unified = fake("unified", 120_000)
+    unified = fake_unified(fake("unified", 120_000))
     fp = sha256(unified)
     version("alpine:3.19:amd64:unified", "20240102_0800", {f"{fp}.tar.gz": unified})
     fps["alpine:3.19:amd64:unified"] = {fp}
@@ -120,6 +134,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
     assert not (root / "index.html").exists()
     catalog = json.loads((root / "streams/v1/images.json").read_text())
     assert sorted(catalog["products"]) == sorted(fps)
+    assert_verifies(root)
 
     pki = make_pki(work / "pki", "page")
     nginx = Nginx(root, pki, work / "nginx", free_port())

@@ -20,6 +20,7 @@ from lxd_image_server.catalog.retention import load
 
 from .servers import Pki, free_port, make_pki
 from .test_http_cache import Served, start, stop
+from .verified import assert_verifies
 
 BIN = Path(sys.executable).parent / "lxd-image-server"
 #: long enough for the checks made within it on a slow machine; the test waits it out once
@@ -150,6 +151,7 @@ def test_update_applies_the_policy(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
     doc = json.loads((root / "streams/v1/images.json").read_bytes())
     assert versions(doc) == [SERIALS[2]]
+    assert_verifies(root)
     # no grace period: the files went in the same run
     assert sorted(p.name for p in (root / "images/kept/1.0/amd64/default").iterdir()) == [
         SERIALS[2]

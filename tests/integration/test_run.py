@@ -24,6 +24,7 @@ import pytest
 
 from .images import build_rootfs, make_squashfs, sha256_file, write_metadata_tarball
 from .servers import Pki, delete_images, delete_instance, free_port, lxc
+from .verified import assert_keeps_rules
 
 BIN = Path(sys.executable).parent / "lxd-image-server"
 PASSWORD = "seed-password-1"
@@ -64,8 +65,10 @@ def start_server(
     make_htpasswd: bool = True,
     global_args: Sequence[str | Path] = (),
     run_args: Sequence[str | Path] = (),
+    port: int | None = None,
 ) -> Generator[Server, None, None]:
-    """`lxd-image-server [GLOBAL_ARGS] run ... [RUN_ARGS]`, once it serves and takes uploads."""
+    """`lxd-image-server [GLOBAL_ARGS] run ... [RUN_ARGS]` on 127.0.0.1:`port` (a free one by
+    default), once it serves and takes uploads."""
     root, state, ssl = tmp / "root", tmp / "state", tmp / "ssl"
     ssl.mkdir(parents=True)
     (ssl / "nginx.crt").write_bytes(pki.server_cert.read_bytes())
@@ -79,7 +82,7 @@ def start_server(
             capture_output=True,
         )
         assert r.returncode == 0, r.stderr
-    port = free_port()
+    port = port or free_port()
     log = tmp / "run.log"
     env = {k: v for k, v in os.environ.items() if k not in ("ALLOW_OVERWRITES", "ALLOW_DELETES")}
     env.update(env_flags)
@@ -108,7 +111,7 @@ def start_server(
     server = Server(root, f"https://127.0.0.1:{port}", port, proc, log)
     deadline = time.monotonic() + DEADLINE
     private = "--private" in map(str, run_args)  # then reads need the credentials too
-    try:  # a server that never got ready is stopped too
+    try:  # a server that never becomes ready is stopped too, not left running
         while curl(f"{server.url}/streams/v1/index.json", auth=private)[0] != 200:
             assert proc.poll() is None, f"run exited early:\n{log.read_text()}"
             assert time.monotonic() < deadline, f"run never served:\n{log.read_text()}"
@@ -169,8 +172,10 @@ def permissive(pki: Pki) -> Iterator[Server]:
 def wait_listed(server: Server, product: str, serial: str) -> float:
     start = time.monotonic()
     while True:
-        versions = server.catalog()["products"].get(product, {}).get("versions", {})
+        doc = server.catalog()
+        versions = doc["products"].get(product, {}).get("versions", {})
         if serial in versions:
+            assert_keeps_rules(doc)
             return time.monotonic() - start
         assert time.monotonic() - start < DEADLINE, f"{product} {serial} never listed"
         time.sleep(0.01)

@@ -16,6 +16,8 @@ from typing import IO, Any
 
 import pytest
 
+from .verified import assert_keeps_rules
+
 BIN = Path(sys.executable).parent / "lxd-image-server"
 DEADLINE = 30.0
 V = "busybox/1.35/amd64/default"
@@ -78,6 +80,7 @@ class Catalog:
         while time.monotonic() < deadline:
             versions = self.versions()
             if predicate(versions):
+                assert_keeps_rules(self.read(), allow_empty=True)
                 return versions
             time.sleep(0.02)
         raise AssertionError(f"catalog never showed {what}; last: {sorted(self.versions())}")

@@ -614,6 +614,15 @@ def test_watcher_publishes_every_upload(
     wait_for("the page at / lists the three uploads", page_lists_all, deadline=60)
 
 
+def test_the_watchers_catalog_passes_verify(
+    server_cert: Path, images: dict[str, Image], container: Container
+) -> None:
+    """What the watcher published (the test above waited for it) keeps every client's rules
+    and matches the files (issue 19): `verify` as the writer, with the package's config."""
+    proc = container.run(f"runuser -u {WRITER} -- lxd-image-server verify", check=False)
+    assert proc.returncode == 0 and proc.stdout.startswith("ok: "), proc
+
+
 # -- an uploader's attacks (issue 9) ---------------------------------------------------------
 
 

@@ -80,6 +80,45 @@ def test_import_list_verify(env: Path) -> None:
     assert "MISSING" in r.output and "rootfs.squashfs" in r.output
 
 
+def test_verify_names_each_rule_broken_in_one_line(env: Path) -> None:
+    """A catalog a newer client would refuse: one line per problem, exit 1; --quick finds the
+    rules but not a flipped byte."""
+    files = [str(f) for f in split_export(env / "export")]
+    assert cli(env, "import", *files, *tree_args(env)).exit_code == 0
+    images = env / "root/streams/v1/images.json"
+    good = images.read_bytes()
+    doc = json.loads(good)
+    (product,) = doc["products"].values()
+    (version,) = product["versions"].values()
+    version["items"]["squashfs"]["sha256"] = version["items"]["squashfs"]["sha256"].upper()
+    product["requirements"] = {"secureboot": "false"}
+    images.write_text(json.dumps(doc))
+    for quick in ([], ["--quick"]):
+        r = cli(env, "verify", *tree_args(env), *quick)
+        assert r.exit_code == 1
+        lines = r.output.splitlines()
+        assert [line.split()[0] for line in lines[:-1]] == ["REQUIREMENTS", "HASH"], r.output
+        assert "items.squashfs.sha256" in lines[1] and "64 lowercase hex" in lines[1]
+        assert lines[-1].startswith("2 problem(s)")
+
+    images.write_bytes(good)
+    squashfs = env / "root/images" / VERSION / "rootfs.squashfs"
+    data = bytearray(squashfs.read_bytes())
+    data[100] ^= 1
+    squashfs.write_bytes(bytes(data))
+    r = cli(env, "verify", *tree_args(env), "--quick")
+    assert r.exit_code == 0 and "checked by size, not read (--quick)" in r.output
+    r = cli(env, "verify", *tree_args(env))
+    assert r.exit_code == 1 and "SHA256" in r.output
+
+    (env / "root/streams/v1/index.json").write_bytes(b"")
+    r = cli(env, "verify", *tree_args(env), "--quick")
+    assert r.exit_code == 1 and "EMPTY        streams/v1/index.json" in r.output
+    images.write_bytes(b"")
+    r = cli(env, "verify", *tree_args(env))
+    assert r.exit_code == 1 and "images.json is empty: clients refuse it" in r.output
+
+
 def test_import_usage_errors_exit_2(env: Path) -> None:
     files = [str(f) for f in split_export(env / "export")]
     unified = str(unified_export(env / "u"))

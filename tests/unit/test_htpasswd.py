@@ -14,6 +14,7 @@ from lxd_image_server.htpasswd import (
     hash_password,
     md5_crypt,
     read_users,
+    remove_user,
     set_password,
     sha_crypt,
     validate_user,
@@ -278,6 +279,18 @@ def test_set_password_replaces_and_keeps_the_rest(tmp_path):
     assert set_password(str(path), "dave", "pw") is True
     assert list(read_users(str(path))) == ["alice", "bob", "carol", "dave"]
     assert verify_password("new-pass", read_users(str(path))["alice"])
+
+
+def test_remove_user_revokes_one_and_keeps_the_rest(tmp_path):
+    """Per-client credentials of a private feed: one leaked password is revoked alone."""
+    path = tmp_path / "htpasswd"
+    path.write_text("# by hand\nhost1:$6$a$x\nhost2:$6$b$y\nhost1:$6$dead$dup\n")
+    assert remove_user(str(path), "host1") is True
+    assert path.read_text() == "# by hand\nhost2:$6$b$y\n"
+    assert mode(path) == 0o640 and dotfiles(tmp_path) == []
+    assert remove_user(str(path), "host1") is False
+    with pytest.raises(ValueError):
+        remove_user(str(path), "bad:name")
 
 
 def test_set_password_validates_the_user(tmp_path):

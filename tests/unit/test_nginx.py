@@ -208,19 +208,24 @@ def test_multiline_values_keep_the_placeholder_indentation(
 
 # -- issue 12: cache headers and the plain-HTTP listener ----------------------------------------
 
-IMMUTABLE_LINE = f'add_header Cache-Control "{nginx.IMMUTABLE}";'
+IMAGE_CACHE_LINE = f'add_header Cache-Control "{nginx.IMAGE_CACHE}";'
 
 
-def test_image_files_are_immutable_unless_overwrites() -> None:
-    found = locations(render_locations(SETTINGS))
-    assert IMMUTABLE_LINE in found["/images/"]
-    # never `always`: a 404 must not be cached for a year
-    assert f'"{nginx.IMMUTABLE}" always' not in render_locations(SETTINGS)
-    for name, block in found.items():
-        if name != "/images/":
-            assert nginx.IMMUTABLE not in block, name
-    over = locations(render_locations(SiteSettings("/r", "/s", overwrites=True)))["/images/"]
-    assert nginx.IMMUTABLE not in over and 'add_header Cache-Control "no-cache";' in over
+@pytest.mark.parametrize("private", [False, True])
+def test_image_files_revalidate_never_immutable(private: bool) -> None:
+    """An sftp upload (or `import --force`) rewrites a file in place whatever ALLOW_OVERWRITES
+    says: caches must ask again (304 while unchanged), never keep the old bytes for a year; and
+    never `public`, which would let a shared cache keep a private server's files."""
+    settings = SiteSettings("/r", "/s", htpasswd="/h", private=private)
+    text = render_locations(settings) + nginx.render_http_locations(HTTP)
+    found = locations(render_locations(settings))
+    assert IMAGE_CACHE_LINE in found["/images/"]
+    assert nginx.IMAGE_CACHE == "no-cache"
+    for word in ("immutable", "max-age", "public"):
+        assert word not in text, word
+    # never `always`: a 404 must not be stored at all
+    assert f'"{nginx.IMAGE_CACHE}";' in found["/images/"]
+    assert f'"{nginx.IMAGE_CACHE}" always' not in found["/images/"]
 
 
 def test_catalog_revalidates_and_varies() -> None:
@@ -271,7 +276,7 @@ def test_http_listener_serves_image_files_only() -> None:
     assert "types { }\ndefault_type application/octet-stream;" in conf
     for name, block in found.items():
         assert NOSNIFF in block and csp(block) == [STRICT_CSP], name
-    assert DOWNLOAD in found["/images/"] and IMMUTABLE_LINE in found["/images/"]
+    assert DOWNLOAD in found["/images/"] and IMAGE_CACHE_LINE in found["/images/"]
     top = conf.split("\nlocation ", 1)[0]
     assert NOSNIFF in top and csp(top) == [STRICT_CSP]
 
