@@ -31,6 +31,7 @@ import pytest
 from .conftest import BIN, added_remote
 from .images import build_rootfs, make_squashfs, sha256_file, write_metadata_tarball
 from .servers import Client, Nginx, Pki, free_port, run
+from .verified import assert_verifies
 
 pytestmark = [pytest.mark.lxd, pytest.mark.timeout(600)]
 
@@ -80,6 +81,7 @@ def served(pki: Pki, tmp_path_factory: pytest.TempPathFactory, label: str) -> It
         fingerprints[os_name] = sha256_file(meta, squashfs)
     run([BIN, "--state-dir", work / "state", "update", "--root-dir", root], timeout=300)
     false_fingerprint = hashlib.sha256(f"not the bytes {label}".encode()).hexdigest()
+    assert_verifies(root)  # what the writer published passes verify; the rest is tampered with
     tamper(root / "streams" / "v1" / "images.json", "fpwrong", false_fingerprint)
     tamper(root / "streams" / "v1" / "images.json", "fpupper", fingerprints["fpupper"].upper())
     nginx = Nginx(root, pki, work / "nginx", free_port())
