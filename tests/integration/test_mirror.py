@@ -512,23 +512,33 @@ def test_a_changed_host_key_is_refused_until_forgotten(
 
 
 def test_update_by_hand_pushes_and_reports_each_mirror(
-    master: Server, mirror_host: MirrorHost, watchdog: Watchdog, tmp_path: Path
+    master: Server,
+    mirror_host: MirrorHost,
+    watchdog: Watchdog,
+    tmp_path: Path,
+    run_user: str | None,
 ) -> None:
     down = free_port()  # nothing listens there
+    # started as root, `update` acts as the owner of the tree's streams/ (the user `run`
+    # handed the watcher to): its state and its push key are that user's, as the watcher's are
+    key = master.root.parent / "watcher_key"  # (the master fixture's watchers_key)
     config = tmp_path / "update.toml"
     config.write_text(
         "[mirrors.m1]\n"
         'remote = "127.0.0.1"\n'
         f'user = "{mirror_host.user}"\n'
-        f'key_path = "{mirror_host.key}"\n'
+        f'key_path = "{key}"\n'
         f"port = {mirror_host.sshd.port}\n"
         f'path = "{mirror_host.root}"\n'
         "[mirrors.down]\n"
         'remote = "127.0.0.1"\n'
-        f'key_path = "{mirror_host.key}"\n'
+        f'key_path = "{key}"\n'
         f"port = {down}\n"
     )
-    state = tmp_path / "state"
+    state = master.root.parent / "update-state"
+    state.mkdir()
+    if run_user:
+        shutil.chown(state, run_user, run_user)
     env = {**os.environ, "LXD_IMAGE_SERVER_CONFIG": os.fspath(config)}
     proc = subprocess.run(
         [BIN, "--state-dir", state, "update", "--root-dir", master.root],
