@@ -22,12 +22,12 @@ from typing import Any
 
 from lxd_image_server.catalog.readback import read_document
 from lxd_image_server.tree.layout import COMBINED_FIELDS, VM_FTYPES, serial_sort_key
+from lxd_image_server.tree.unified import CONTAINER_TYPE as CONTAINER_TYPE
+from lxd_image_server.tree.unified import VM_TYPE as VM_TYPE
 
 PRODUCTS_FORMAT = "products:1.0"
 IMAGE_DOWNLOADS = "image-downloads"
 #: an image's type as clients name it (a unified item's `combined_type`)
-CONTAINER_TYPE = "container"
-VM_TYPE = "virtual-machine"
 INDEX_FORMAT = "index:1.0"
 
 #: the combined-fingerprint fields of a metadata item: JSON name -> attribute of Item

@@ -52,6 +52,7 @@ from lxd_image_server.handover import Records
 from lxd_image_server.progress import Progress
 from lxd_image_server.tree.layout import Role
 from lxd_image_server.tree.scan import Exclude, FileStat, ScannedVersion, Scanner
+from lxd_image_server.tree.unified import CONTAINER_TYPE, WRITER_PEEK_BYTES, unified_holds
 
 if TYPE_CHECKING:
     from lxd_image_server.catalog.page import PageCache
@@ -409,7 +410,11 @@ class Pipeline:
             part = None if v is self.versions.get(rel) else identity(v)
             b = self._built.get(rel)
             if b is None or b.ready is not ready or b.part != part:
-                b = _Built(ready, part, build_version(v, ready.digests, self.paths.root_dir))
+                b = _Built(
+                    ready,
+                    part,
+                    build_version(v, ready.digests, self.paths.root_dir, _unified_type),
+                )
             built[rel] = b
             if b.built is not None:
                 out.append((v, b.built))
@@ -667,6 +672,16 @@ def _still_ready(ready: _Ready | None, ident: Identity, v: ScannedVersion) -> bo
     if isinstance(d, _OnDemand) and not d.loaded:
         return True
     return not any(f.path in d.failed for f in v.files.values())
+
+
+def _unified_type(f: FileStat) -> str:
+    """What the unified tarball `f` holds (tree/unified.py), read bounded from its first
+    entries when its version is built (again only once its files change: _Built)."""
+    try:
+        return unified_holds(f.base, f.rel, WRITER_PEEK_BYTES)
+    except (OSError, ValueError) as e:
+        log.warning("%s: cannot tell a container from a VM (%s); listed as a container", f.path, e)
+        return CONTAINER_TYPE
 
 
 def _is_delta(f: FileStat) -> bool:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import os
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +25,7 @@ from lxd_image_server.tree.layout import (
     serial_sort_key,
 )
 from lxd_image_server.tree.scan import FileStat, ScannedVersion
+from lxd_image_server.tree.unified import CONTAINER_TYPE, VM_TYPE
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +73,15 @@ def _item(f: FileStat, ftype: str, sha256: str, root_dir: str) -> dict[str, Any]
     }
 
 
-def build_version(v: ScannedVersion, digests: Digests, root_dir: str) -> BuiltVersion | None:
-    """The items of one version, or None (logged) when it is not usable yet."""
+def build_version(
+    v: ScannedVersion,
+    digests: Digests,
+    root_dir: str,
+    unified_type: Callable[[FileStat], str] | None = None,
+) -> BuiltVersion | None:
+    """The items of one version, or None (logged) when it is not usable yet. `unified_type`:
+    what a unified tarball holds (tree/unified.py; None: a container), for its items'
+    `combined_type` (Incus 7.0.1+ takes a unified tarball without one for a container)."""
     where = v.path
 
     def hashed(f: FileStat) -> bool:
@@ -127,9 +135,13 @@ def build_version(v: ScannedVersion, digests: Digests, root_dir: str) -> BuiltVe
                 types.add("virtual-machine" if root_ftype in VM_FTYPES else "container")
     if unified:
         u = unified[0]
+        kind = CONTAINER_TYPE if unified_type is None else unified_type(u)
         for client_ftype in CLIENT_UNIFIED_FTYPES:
-            items[client_ftype] = _item(u, client_ftype, digests.files[u.path], root_dir)
-        types.add("container")
+            item = _item(u, client_ftype, digests.files[u.path], root_dir)
+            if kind == VM_TYPE:
+                item["combined_type"] = VM_TYPE
+            items[client_ftype] = item
+        types.add(kind)
     if not types:
         have = ", ".join(sorted(f.name for f in v.files.values())) or "no files"
         if metas:

@@ -42,10 +42,10 @@ from lxd_image_server.catalog.rules import (
     path_problem,
 )
 from lxd_image_server.fsutil import NotRegularFile
-from lxd_image_server.ops.unified_type import unified_holds
 from lxd_image_server.progress import Progress, no_progress
 from lxd_image_server.tree.layout import COMBINED_FIELDS, FileRole, Role, classify
 from lxd_image_server.tree.scan import FileStat, open_below
+from lxd_image_server.tree.unified import unified_holds
 
 log = logging.getLogger(__name__)
 

@@ -289,3 +289,41 @@ def test_index_json_missing_empty_or_out_of_step(tree: Paths) -> None:
     index.unlink()
     (problem,) = read_index_problems(tree.streams_dir, cat)
     assert problem.kind == "missing"
+
+
+def republish(paths: Paths) -> None:
+    cache = HashCache(None)
+    try:
+        Pipeline(paths, cache).update_all()
+    finally:
+        cache.close()
+
+
+def test_the_writer_types_a_unified_vm_tarball(tree: Paths) -> None:
+    """Issue 19: the catalog writer reads a unified tarball's first entries and lists a VM's
+    with combined_type: virtual-machine, so Incus 7.0.1+ launches it as one; verify agrees."""
+    u = Path(tree.root_dir, "images/busybox/1.35/amd64/unified/20240101_12:00/0123abcd.tar.gz")
+    u.write_bytes(unified_tarball(vm=True))
+    republish(tree)
+    items = catalog(tree)["products"]["busybox:1.35:amd64:unified"]["versions"]
+    for item in items["20240101_12:00"]["items"].values():
+        assert item["combined_type"] == "virtual-machine"
+    assert verify(tree.root_dir, catalog_from_json(catalog(tree))).ok
+
+
+def test_a_unified_container_tarball_has_no_combined_type(tree: Paths) -> None:
+    items = catalog(tree)["products"]["busybox:1.35:amd64:unified"]["versions"]
+    assert all("combined_type" not in i for i in items["20240101_12:00"]["items"].values())
+
+
+def test_a_tarball_the_writer_cannot_read_is_listed_as_a_container(
+    tree: Paths, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An uploader's garbage, or a root entry past the writer's bound: one warning, published
+    as before (the client's own checks refuse what is not an image)."""
+    u = Path(tree.root_dir, "images/busybox/1.35/amd64/unified/20240101_12:00/0123abcd.tar.gz")
+    u.write_bytes(blob(5000, 9))
+    republish(tree)
+    items = catalog(tree)["products"]["busybox:1.35:amd64:unified"]["versions"]
+    assert all("combined_type" not in i for i in items["20240101_12:00"]["items"].values())
+    assert "cannot tell a container from a VM" in caplog.text
