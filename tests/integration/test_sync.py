@@ -1,0 +1,464 @@
+"""`lxd-image-server sync` against real upstreams served by a real nginx over TLS: a tree
+published by this project, one in the layout of images.linuxcontainers.org, one made by
+`incus-simplestreams`; and hostile upstreams (tiny HTTPS servers on loopback and nginx serving
+lying catalogs), each of which must cost one line naming the item and nothing else."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from lxd_image_server.catalog.model import Client, read_catalog
+
+from .servers import Nginx, Pki, free_port, make_pki
+from .sync_upstreams import (
+    BIN,
+    SERIALS,
+    Files,
+    HostileServer,
+    LxcUpstream,
+    build_files,
+    combined_of,
+    incus_upstream,
+    lxc_upstream,
+    lxc_version,
+    own_upstream,
+    sha256_of,
+    write_catalog,
+)
+
+PRODUCT = "busybox:1.35:amd64:default"
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    return make_pki(tmp_path_factory.mktemp("pki"), "sync")
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> list[Files]:
+    for tool in ("mksquashfs", "qemu-img", "xdelta3", "incus-simplestreams", "nginx"):
+        if shutil.which(tool) is None and not Path(f"/usr/sbin/{tool}").exists():
+            pytest.fail(f"{tool} is missing: run tests/host-setup.sh")
+    return build_files(tmp_path_factory.mktemp("files"), 3)
+
+
+def serve(root: Path, pki: Pki, work: Path) -> Nginx:
+    server = Nginx(root, pki, work, free_port())
+    server.start()
+    return server
+
+
+@pytest.fixture(scope="module")
+def own(files: list[Files], pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Nginx]:
+    work = tmp_path_factory.mktemp("own")
+    root = own_upstream(work / "root", files, work / "state")
+    server = serve(root, pki, work / "nginx")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def lxc(
+    files: list[Files], pki: Pki, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[Nginx, LxcUpstream]]:
+    work = tmp_path_factory.mktemp("lxc")
+    up = lxc_upstream(work / "root", files, work)
+    server = serve(up.root, pki, work / "nginx")
+    yield server, up
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def incus(
+    files: list[Files], pki: Pki, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Nginx]:
+    work = tmp_path_factory.mktemp("incus")
+    root = incus_upstream(work / "root", files)
+    server = serve(root, pki, work / "nginx")
+    yield server
+    server.stop()
+
+
+def sync(
+    target: Path, url: str, pki: Pki, *args: str, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
+    cmd = [
+        os.fspath(BIN),
+        "--state-dir",
+        os.fspath(target / "state"),
+        "sync",
+        url,
+        "--root-dir",
+        os.fspath(target),
+        "--ca",
+        os.fspath(pki.ca_cert),
+        *args,
+    ]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def published(target: Path) -> dict[str, dict[str, set[str]]]:
+    """product -> serial -> the fingerprints of its images (LXD's view and Incus's)."""
+    cat = read_catalog(os.fspath(target / "streams" / "v1" / "images.json"))
+    out: dict[str, dict[str, set[str]]] = {}
+    for name, p in cat.products.items():
+        for serial, v in p.versions.items():
+            fps = {i.fingerprint for c in Client for i in v.images(c)}
+            out.setdefault(name, {})[serial] = fps
+    return out
+
+
+def upstream_images(url_root: Path) -> dict[str, dict[str, set[str]]]:
+    return published(url_root)
+
+
+def leftovers(target: Path) -> list[str]:
+    """Hidden staging directories left below images/ (never any after a sync)."""
+    found = []
+    for dirpath, dirnames, _ in os.walk(target / "images"):
+        found += [
+            os.path.join(dirpath, d)
+            for d in dirnames
+            if d.startswith(".sync-") and d != ".sync-partial"
+        ]
+    return found
+
+
+def errors(proc: subprocess.CompletedProcess[str]) -> list[str]:
+    return [line for line in proc.stderr.splitlines() if "not synced:" in line]
+
+
+# -- the three kinds of upstream -------------------------------------------------------------
+
+
+def test_sync_from_this_project_keeps_fingerprints(own: Nginx, pki: Pki, tmp_path: Path) -> None:
+    proc = sync(tmp_path, own.url, pki, "--keep", "2")
+    assert proc.returncode == 0, proc.stderr
+    up = upstream_images(own.root)
+    got = published(tmp_path)
+    for product in ("busybox:1.35:amd64:default", "busybox:1.35:amd64:rootxz"):
+        newest = sorted(up[product])[-2:]
+        assert sorted(got[product]) == newest
+        for serial in newest:
+            assert got[product][serial] == up[product][serial]
+    assert not leftovers(tmp_path)
+
+
+def test_sync_lxc_layout(lxc: tuple[Nginx, LxcUpstream], pki: Pki, tmp_path: Path) -> None:
+    server, up = lxc
+    proc = sync(tmp_path, server.url, pki, "--keep", "2")
+    assert proc.returncode == 0, proc.stderr
+    got = published(tmp_path)
+    for serial in SERIALS[1:]:
+        # the container (squashfs) and the VM, with upstream's fingerprints
+        assert got[PRODUCT][serial] == {
+            up.fingerprints[serial]["container"],
+            up.fingerprints[serial]["vm"],
+        }
+    assert SERIALS[0] not in got[PRODUCT]
+    assert got["busybox:1.35:amd64:unified"] == {SERIALS[0]: {up.unified_fp}}
+    version = tmp_path / "images/busybox/1.35/amd64/default" / SERIALS[2]
+    # one metadata file for both clients, the squashfs (not root.tar.xz), the VM disk, and
+    # the product's fields
+    assert sorted(os.listdir(version)) == [
+        "disk.qcow2",
+        "lxd.tar.xz",
+        "metadata.json",
+        "rootfs.squashfs",
+    ]
+    doc = json.loads((tmp_path / "streams/v1/images.json").read_text())
+    product = doc["products"][PRODUCT]
+    assert product["release_title"] == "1.35 (lxc layout)"
+    assert "bb-lxc" in product["aliases"].split(",")
+    assert product["requirements"] == {"secureboot": "false"}
+
+
+def test_sync_lxc_layout_filters(lxc: tuple[Nginx, LxcUpstream], pki: Pki, tmp_path: Path) -> None:
+    server, up = lxc
+    proc = sync(tmp_path, server.url, pki, "--filter", "variant=default", "--filter", "type=vm")
+    assert proc.returncode == 0, proc.stderr
+    got = published(tmp_path)
+    assert got == {PRODUCT: {SERIALS[2]: {up.fingerprints[SERIALS[2]]["vm"]}}}
+    version = tmp_path / "images/busybox/1.35/amd64/default" / SERIALS[2]
+    assert "rootfs.squashfs" not in os.listdir(version)
+
+
+def test_sync_incus_simplestreams(
+    incus: Nginx, files: list[Files], pki: Pki, tmp_path: Path
+) -> None:
+    proc = sync(tmp_path, incus.url, pki, "--keep", "5")
+    assert proc.returncode == 0, proc.stderr
+    got = published(tmp_path)
+    want = {combined_of(f.meta, f.squashfs) for f in files}
+    want.add(combined_of(files[-1].meta, files[-1].qcow2))
+    assert set().union(*got[PRODUCT].values()) == want
+    assert len(got[PRODUCT]) == 3
+
+
+def test_dry_run_downloads_nothing(own: Nginx, pki: Pki, tmp_path: Path) -> None:
+    proc = sync(tmp_path, own.url, pki, "--dry-run")
+    assert proc.returncode == 0, proc.stderr
+    assert "would download" in proc.stdout
+    assert not (tmp_path / "streams").exists()
+    assert (
+        not list((tmp_path / "images").rglob("*.squashfs"))
+        if (tmp_path / "images").exists()
+        else True
+    )
+
+
+def test_nothing_new_reads_only_the_index_and_catalog(
+    lxc: tuple[Nginx, LxcUpstream], pki: Pki, tmp_path: Path
+) -> None:
+    server, _ = lxc
+    assert sync(tmp_path, server.url, pki, "--keep", "2").returncode == 0
+    before = len(server.requests())
+    catalog = (tmp_path / "streams/v1/images.json").read_bytes()
+    proc = sync(tmp_path, server.url, pki, "--keep", "2")
+    assert proc.returncode == 0, proc.stderr
+    assert "nothing new" in proc.stdout
+    assert [p for _, _, p in server.requests()[before:]] == [
+        "/streams/v1/index.json",
+        "/streams/v1/images.json",
+    ]
+    assert (tmp_path / "streams/v1/images.json").read_bytes() == catalog
+
+
+def test_credentials_in_the_url(pki: Pki, files: list[Files], tmp_path: Path) -> None:
+    root = tmp_path / "up"
+    up = tmp_path / "served"
+    own_upstream(root, files[:1], tmp_path / "upstate")
+    shutil.copytree(root, up)
+    server = HostileServer(up, pki)
+    server.start()
+    try:
+        url = server.url.replace("https://", "https://mirror:s3cret@")
+        proc = sync(tmp_path / "t", url, pki)
+    finally:
+        server.stop()
+    assert proc.returncode == 0, proc.stderr
+    assert "s3cret" not in proc.stdout + proc.stderr
+
+
+def test_plain_http_is_refused(pki: Pki, tmp_path: Path) -> None:
+    proc = sync(tmp_path, "http://127.0.0.1:1/", pki)
+    assert proc.returncode == 1
+    assert "https" in proc.stderr
+
+
+# -- hostile upstreams -----------------------------------------------------------------------
+
+
+@pytest.fixture
+def two_versions(files: list[Files], tmp_path: Path) -> tuple[Path, dict[str, object]]:
+    """An upstream in the lxc layout with two good versions (the test spoils the newer)."""
+    root = tmp_path / "hostile"
+    versions = {}
+
+    for f, serial in zip(files[:2], SERIALS[:2], strict=True):
+        versions[serial] = lxc_version(root, f"images/b/{serial}", f, None)
+    product: dict[str, object] = {
+        "aliases": "bb",
+        "arch": "amd64",
+        "os": "busybox",
+        "release": "1.35",
+        "variant": "default",
+        "versions": versions,
+    }
+    return root, product
+
+
+def spoil_and_sync(
+    root: Path,
+    product: dict[str, object],
+    pki: Pki,
+    tmp_path: Path,
+    *args: str,
+    server: HostileServer | None = None,
+) -> subprocess.CompletedProcess[str]:
+    write_catalog(root, {PRODUCT: product})
+    own_server = server is None
+    srv = server or HostileServer(root, pki)
+    if own_server:
+        srv.start()
+    try:
+        return sync(tmp_path / "target", srv.url, pki, "--keep", "2", *args, timeout=120)
+    finally:
+        if own_server:
+            srv.stop()
+
+
+def check_one_failed(proc: subprocess.CompletedProcess[str], tmp_path: Path, what: str) -> None:
+    """The newer version failed with one line naming `what`; the older one is published;
+    nothing of the newer is in the tree."""
+    assert proc.returncode == 1, proc.stderr
+    lines = errors(proc)
+    assert len(lines) == 1, proc.stderr
+    assert what in lines[0] and SERIALS[1] in lines[0], lines[0]
+    target = tmp_path / "target"
+    got = published(target)
+    assert list(got[PRODUCT]) == [SERIALS[0]]
+    assert not (target / "images/busybox/1.35/amd64/default" / SERIALS[1]).exists()
+    assert not leftovers(target)
+
+
+def _items(product: dict[str, object], serial: str) -> dict[str, dict[str, object]]:
+    versions = product["versions"]
+    assert isinstance(versions, dict)
+    items: dict[str, dict[str, object]] = versions[serial]["items"]
+    return items
+
+
+@pytest.mark.parametrize("path", ["../../etc/passwd", "/etc/passwd", "images/b/x/../../../y"])
+def test_item_path_leaving_the_tree(
+    two_versions: tuple[Path, dict[str, object]], pki: Pki, tmp_path: Path, path: str
+) -> None:
+    root, product = two_versions
+    _items(product, SERIALS[1])["root.squashfs"]["path"] = path
+    proc = spoil_and_sync(root, product, pki, tmp_path)
+    check_one_failed(proc, tmp_path, "root.squashfs")
+
+
+def test_control_character_in_path(
+    two_versions: tuple[Path, dict[str, object]], pki: Pki, tmp_path: Path
+) -> None:
+    root, product = two_versions
+    _items(product, SERIALS[1])["root.squashfs"]["path"] = "images/b/x\nnot synced: forged"
+    proc = spoil_and_sync(root, product, pki, tmp_path)
+    check_one_failed(proc, tmp_path, "root.squashfs")
+
+
+def test_wrong_sha256(
+    two_versions: tuple[Path, dict[str, object]], pki: Pki, tmp_path: Path
+) -> None:
+    root, product = two_versions
+    _items(product, SERIALS[1])["root.squashfs"]["sha256"] = "0" * 64
+    proc = spoil_and_sync(root, product, pki, tmp_path)
+    check_one_failed(proc, tmp_path, "root.squashfs")
+    assert "sha256" in errors(proc)[0]
+
+
+def test_wrong_combined_fingerprint(
+    two_versions: tuple[Path, dict[str, object]], pki: Pki, tmp_path: Path
+) -> None:
+    root, product = two_versions
+    for key in ("lxd.tar.xz", "incus.tar.xz"):
+        _items(product, SERIALS[1])[key]["combined_squashfs_sha256"] = "1" * 64
+    proc = spoil_and_sync(root, product, pki, tmp_path)
+    check_one_failed(proc, tmp_path, "fingerprint")
+
+
+@pytest.mark.parametrize("delta", [+1000, -1000, -1])
+def test_size_that_lies(
+    two_versions: tuple[Path, dict[str, object]], pki: Pki, tmp_path: Path, delta: int
+) -> None:
+    root, product = two_versions
+    it = _items(product, SERIALS[1])["root.squashfs"]
+    size = it["size"]
+    assert isinstance(size, int)
+    it["size"] = size + delta
+    proc = spoil_and_sync(root, product, pki, tmp_path)
+    check_one_failed(proc, tmp_path, "root.squashfs")
+
+
+def test_download_cut_in_the_middle_then_resumed(
+    two_versions: tuple[Path, dict[str, object]], pki: Pki, tmp_path: Path
+) -> None:
+    root, product = two_versions
+    path = _items(product, SERIALS[1])["root.squashfs"]["path"]
+    assert isinstance(path, str)
+    write_catalog(root, {PRODUCT: product})
+    server = HostileServer(root, pki)
+    server.cut.add(path)
+    server.start()
+    try:
+        proc = spoil_and_sync(root, product, pki, tmp_path, server=server)
+        check_one_failed(proc, tmp_path, "root.squashfs")
+        assert "cut short" in errors(proc)[0]
+        # the next sync resumes where the cut left off: a Range request, and it lands
+        server.cut.clear()
+        server.requests.clear()
+        proc = sync(tmp_path / "target", server.url, pki, "--keep", "2")
+    finally:
+        server.stop()
+    assert proc.returncode == 0, proc.stderr
+    assert "resuming at byte" in proc.stderr
+    got = published(tmp_path / "target")
+    assert sorted(got[PRODUCT]) == list(SERIALS[:2])
+    assert not list((tmp_path / "target/images/.sync-partial").iterdir())
+
+
+def test_server_that_stalls(
+    two_versions: tuple[Path, dict[str, object]], pki: Pki, tmp_path: Path
+) -> None:
+    root, product = two_versions
+    path = _items(product, SERIALS[1])["root.squashfs"]["path"]
+    assert isinstance(path, str)
+    write_catalog(root, {PRODUCT: product})
+    server = HostileServer(root, pki)
+    server.stall.add(path)
+    server.start()
+    try:
+        proc = spoil_and_sync(root, product, pki, tmp_path, "--timeout", "1", server=server)
+    finally:
+        server.stop()
+    check_one_failed(proc, tmp_path, "root.squashfs")
+    assert "timed out" in errors(proc)[0]
+
+
+def test_catalog_of_100_mb(pki: Pki, tmp_path: Path) -> None:
+    root = tmp_path / "big"
+    write_catalog(root, {})
+    with (root / "streams/v1/images.json").open("w") as f:
+        f.write('{"products": {"x": "')
+        f.write("a" * (100 << 20))
+        f.write('"}}')
+    index = json.loads((root / "streams/v1/index.json").read_text())
+    index["index"]["images"]["products"] = ["x"]
+    (root / "streams/v1/index.json").write_text(json.dumps(index))
+    server = serve(root, pki, tmp_path / "nginx")
+    try:
+        proc = sync(tmp_path / "t", server.url, pki)
+    finally:
+        server.stop()
+    assert proc.returncode == 1
+    assert "images.json: larger than" in proc.stderr
+    assert len([line for line in proc.stderr.splitlines() if line.strip()]) == 1, proc.stderr
+
+
+def test_catalog_nested_100000_deep(pki: Pki, tmp_path: Path) -> None:
+    root = tmp_path / "deep"
+    write_catalog(root, {"x": {}})
+    (root / "streams/v1/images.json").write_text("[" * 100_000 + "]" * 100_000)
+    server = serve(root, pki, tmp_path / "nginx")
+    try:
+        proc = sync(tmp_path / "t", server.url, pki)
+    finally:
+        server.stop()
+    assert proc.returncode == 1
+    assert "nested deeper than" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_untrusted_certificate(own: Nginx, tmp_path: Path) -> None:
+    other = make_pki(tmp_path / "other", "other")
+    proc = sync(tmp_path, own.url, other)
+    assert proc.returncode == 1
+    assert "not trusted" in proc.stderr
+
+
+def test_unchanged_sha_on_disk(own: Nginx, pki: Pki, tmp_path: Path) -> None:
+    """Every synced file is byte for byte upstream's."""
+    assert sync(tmp_path, own.url, pki).returncode == 0
+    for version in (tmp_path / "images").glob("busybox/1.35/amd64/*/*"):
+        rel = version.relative_to(tmp_path)
+        for f in version.iterdir():
+            if f.name != "metadata.json":
+                assert sha256_of(f) == sha256_of(own.root / rel / f.name)
