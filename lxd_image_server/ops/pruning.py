@@ -50,6 +50,15 @@ def _finish(
     return outcome
 
 
+def retire(
+    pipeline: Pipeline, versions: list[ScannedVersion], grace: int, now: float | None = None
+) -> Outcome:
+    """Takes `versions` (of pipeline.versions, after an update_all) out of the catalog, their
+    files going after `grace` seconds: what `sync` does with the versions upstream's newest
+    no longer cover."""
+    return _finish(pipeline, versions, grace, now)
+
+
 def prune(
     pipeline: Pipeline, keep: int, grace: int, dry_run: bool = False, now: float | None = None
 ) -> Outcome:

@@ -148,6 +148,7 @@ def fetch_file(
             if have:
                 log.info("%s: resuming at byte %d of %d", want.label, have, want.size)
                 _feed_prefix(fd, have, digests)
+                progress(have)
             try:
                 _download(conn, want, fd, have, digests, progress)
             except RangeIgnored:

@@ -22,10 +22,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from lxd_image_server.catalog import retention
 from lxd_image_server.catalog.hashing import HashCache
 from lxd_image_server.catalog.model import index_from_json
 from lxd_image_server.catalog.pipeline import Pipeline
 from lxd_image_server.config import Paths
+from lxd_image_server.ops import pruning
 from lxd_image_server.ops.import_errors import VersionExists
 from lxd_image_server.ops.sync_fetch import (
     DEFAULT_TIMEOUT,
@@ -43,8 +45,8 @@ from lxd_image_server.ops.sync_select import Filters, Selection, VersionPlan, se
 from lxd_image_server.ops.updating import with_pipeline
 from lxd_image_server.progress import Progress, ProgressStart, human, no_progress
 from lxd_image_server.settings import Settings
-from lxd_image_server.tree.layout import Role
-from lxd_image_server.tree.scan import Scanner
+from lxd_image_server.tree.layout import Role, serial_sort_key, valid_serial
+from lxd_image_server.tree.scan import ScannedVersion, Scanner
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +79,10 @@ class SyncResult:
     published: bool = False
     #: HTTP requests made
     requests: int = 0
-    #: product -> the serials of it selected (upstream's newest `keep`)
+    #: product -> the serials of it selected (upstream's newest `keep`), oldest first
     kept: dict[str, list[str]] = field(default_factory=dict)
+    #: (product, serial) taken out of the catalog: no longer among upstream's newest
+    retired: list[tuple[str, str]] = field(default_factory=list)
 
     @property
     def missing(self) -> list[VersionPlan]:
@@ -140,80 +144,151 @@ def sync(
     upstream = parse_upstream(request.url)
     context = ssl_context(request.cafile)
     result = SyncResult(upstream.url)
-    conns: queue.SimpleQueue[Connection] = queue.SimpleQueue()
-    first = Connection(upstream, context, request.timeout)
-    every = [first]
+    conns = [Connection(upstream, context, request.timeout)]
     try:
-        chosen: Selection = select(read_upstream(first), request.filters, request.keep)
+        chosen: Selection = select(read_upstream(conns[0]), request.filters, request.keep)
         result.failed.extend(chosen.refused)
         for line in chosen.refused:
             log.error("not synced: %s", line)
         result.kept = chosen.kept
         result.selected = chosen.plans
         result.present = [p for p in chosen.plans if _present(paths.img_dir, p)]
-        missing = result.missing
-        if request.dry_run or not missing:
+        if request.dry_run:
             return result
-        os.makedirs(paths.img_dir, 0o755, exist_ok=True)
-        jobs = max(1, min(request.jobs, len(missing)))
-        conns.put(first)
-        for _ in range(jobs - 1):
-            c = Connection(upstream, context, request.timeout)
-            every.append(c)
-            conns.put(c)
-        total = sum(p.size for p in missing)
-        shared = _Shared(progress_start(total) if progress_start else no_progress)
-
-        def one(plan: VersionPlan) -> Landed | None:
-            conn = conns.get()
-            started = time.monotonic()
-            try:
-                landed = sync_version(conn, paths.img_dir, plan, shared)
-            except VersionExists:
-                log.info("%s: %s is there already", plan.label, plan.key.relpath)
-                return None
-            except VersionFailed as e:
-                log.error("not synced: %s", e)
-                result.failed.append(str(e))
-                return None
-            finally:
-                conns.put(conn)
-            took = time.monotonic() - started
-            log.info(
-                "synced %s as %s: %d files, %s downloaded in %.1f s",
-                plan.label,
-                plan.key.relpath,
-                len(landed.files),
-                human(landed.downloaded),
-                took,
-            )
-            return landed
-
-        with ThreadPoolExecutor(jobs, thread_name_prefix="sync") as pool:
-            for landed in pool.map(one, missing):
-                if landed is not None:
-                    result.landed.append(landed)
+        missing = result.missing
+        if missing:
+            os.makedirs(paths.img_dir, 0o755, exist_ok=True)
+            for _ in range(min(request.jobs, len(missing)) - 1):
+                conns.append(Connection(upstream, context, request.timeout))
+            total = sum(p.size for p in missing)
+            progress = _Shared(progress_start(total) if progress_start else no_progress)
+            _download_all(paths.img_dir, missing, conns, progress, result)
     finally:
-        result.requests = sum(c.requests for c in every)
-        for c in every:
+        result.requests = sum(c.requests for c in conns)
+        for c in conns:
             c.close()
-    if result.landed:
-        publish(paths, settings, result.landed)
+    if result.landed or _stale(paths, result.kept):
+        result.retired = publish(paths, settings, result.landed, result.kept)
         result.published = True
     return result
 
 
-def publish(paths: Paths, settings: Settings, landed: list[Landed]) -> Pipeline:
+def _download_all(
+    img_dir: str,
+    missing: list[VersionPlan],
+    conns: list[Connection],
+    progress: Progress,
+    result: SyncResult,
+) -> None:
+    """Every missing version, as many at once as there are connections."""
+    idle: queue.SimpleQueue[Connection] = queue.SimpleQueue()
+    for c in conns:
+        idle.put(c)
+
+    def one(plan: VersionPlan) -> Landed | str | None:
+        conn = idle.get()
+        started = time.monotonic()
+        try:
+            landed = sync_version(conn, img_dir, plan, progress)
+        except VersionExists:
+            log.info("%s: %s is there already", plan.label, plan.key.relpath)
+            return None
+        except VersionFailed as e:
+            log.error("not synced: %s", e)
+            return str(e)
+        finally:
+            idle.put(conn)
+        log.info(
+            "synced %s as %s: %d files, %s downloaded in %.1f s",
+            plan.label,
+            plan.key.relpath,
+            len(landed.files),
+            human(landed.downloaded),
+            time.monotonic() - started,
+        )
+        return landed
+
+    with ThreadPoolExecutor(len(conns), thread_name_prefix="sync") as pool:
+        for outcome in pool.map(one, missing):
+            if isinstance(outcome, Landed):
+                result.landed.append(outcome)
+            elif outcome is not None:
+                result.failed.append(outcome)
+
+
+def _stale(paths: Paths, kept: dict[str, list[str]]) -> bool:
+    """Whether a synced product holds a version its sync no longer keeps (not yet pruned):
+    a look at the variant directories, so a sync with nothing new publishes nothing."""
+    try:
+        pending = {p.path for p in retention.load(paths.state_dir)}
+    except retention.RetentionError:
+        pending = set()
+    for product, serials in kept.items():
+        variant_dir = os.path.join(paths.img_dir, *product.split(":"))
+        try:
+            names = os.listdir(variant_dir)
+        except OSError:
+            continue
+        newest = serial_sort_key(serials[-1])
+        for name in names:
+            if (
+                valid_serial(name)
+                and name not in serials
+                and serial_sort_key(name) < newest
+                and os.path.join(variant_dir, name) not in pending
+            ):
+                return True
+    return False
+
+
+def _outdated(pipeline: Pipeline, kept: dict[str, list[str]]) -> list[ScannedVersion]:
+    """The versions of synced products older than the newest kept and not kept; none of a
+    product whose kept versions are not all in the tree (one failed: the older stay)."""
+    by_product: dict[str, list[ScannedVersion]] = {}
+    for v in pipeline.versions.values():
+        if v.key.product in kept:
+            by_product.setdefault(v.key.product, []).append(v)
+    doomed: list[ScannedVersion] = []
+    for product, versions in by_product.items():
+        serials = kept[product]
+        if not set(serials) <= {v.key.serial for v in versions}:
+            continue
+        newest = serial_sort_key(serials[-1])
+        doomed += [
+            v
+            for v in versions
+            if v.key.serial not in serials and serial_sort_key(v.key.serial) < newest
+        ]
+    return sorted(doomed, key=lambda v: v.key)
+
+
+def publish(
+    paths: Paths, settings: Settings, landed: list[Landed], kept: dict[str, list[str]]
+) -> list[tuple[str, str]]:
     """One publish through the pipeline, the synced files' digests given to the hash cache
-    first (they were hashed while downloading)."""
+    first (they were hashed while downloading); then the versions of the synced products that
+    upstream's newest no longer cover leave by the retention path (pruning.retire: out of the
+    catalog now, files after [prune] grace_period). -> (product, serial) retired."""
 
     def seed(cache: HashCache) -> None:
         for item in landed:
             seed_cache(cache, paths.img_dir, item)
 
-    def run(pipeline: Pipeline) -> Pipeline:
+    def run(pipeline: Pipeline) -> list[tuple[str, str]]:
         pipeline.update_all()
-        return pipeline
+        doomed = _outdated(pipeline, kept)
+        if not doomed:
+            return []
+        outcome = pruning.retire(pipeline, doomed, settings.prune_grace)
+        for p in outcome.scheduled:
+            log.info(
+                "%s %s: no longer among upstream's newest; out of the catalog, its files go "
+                "after %s",
+                p.product,
+                p.serial,
+                retention.utc_text(p.expires),
+            )
+        return [(p.product, p.serial) for p in outcome.scheduled]
 
     return with_pipeline(paths, settings, run, None, seed)
 

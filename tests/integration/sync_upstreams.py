@@ -276,13 +276,15 @@ def incus_upstream(root: Path, files: list[Files]) -> Path:
 class HostileServer:
     """HTTPS on 127.0.0.1 serving `root`; paths in `cut` are sent half and the connection
     closed, paths in `stall` send their headers and a few bytes, then nothing until stop().
-    Counts requests; answers Range requests."""
+    Counts requests; answers Range requests. `no_length`: no Content-Length, the body ends
+    when the connection closes."""
 
     def __init__(self, root: Path, pki: Pki) -> None:
         self.root = root
         self.cut: set[str] = set()
         self.stall: set[str] = set()
         self.no_range = False
+        self.no_length = False
         self.requests: list[str] = []
         self.released = threading.Event()
         server = self
@@ -313,7 +315,10 @@ class HostileServer:
                     self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
                 else:
                     self.send_response(200)
-                self.send_header("Content-Length", str(len(data) - start))
+                if server.no_length:
+                    self.close_connection = True  # the body ends where the connection does
+                else:
+                    self.send_header("Content-Length", str(len(data) - start))
                 self.end_headers()
                 body = data[start:]
                 if path in server.cut:
@@ -329,7 +334,13 @@ class HostileServer:
                     return
                 self.wfile.write(body)
 
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        class Server(http.server.ThreadingHTTPServer):
+            def handle_error(self, request: Any, client_address: Any) -> None:
+                if not isinstance(sys.exc_info()[1], OSError):
+                    super().handle_error(request, client_address)
+                # else: a client that hung up (the point of some tests)
+
+        self.httpd = Server(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.load_cert_chain(pki.server_cert, pki.server_key)

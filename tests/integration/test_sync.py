@@ -231,6 +231,30 @@ def test_nothing_new_reads_only_the_index_and_catalog(
     assert (tmp_path / "streams/v1/images.json").read_bytes() == catalog
 
 
+def test_versions_upstream_no_longer_covers_are_pruned(
+    lxc: tuple[Nginx, LxcUpstream], pki: Pki, tmp_path: Path
+) -> None:
+    """--keep lowered: the older synced version leaves the catalog by the retention path (a
+    record in pruned.json, its files kept for the grace period); nothing is downloaded."""
+    server, _ = lxc
+    assert sync(tmp_path, server.url, pki, "--keep", "2").returncode == 0
+    before = len(server.requests())
+    proc = sync(tmp_path, server.url, pki, "--keep", "1")
+    assert proc.returncode == 0, proc.stderr
+    assert len(server.requests()) - before == 2
+    got = published(tmp_path)
+    assert list(got[PRODUCT]) == [SERIALS[2]]
+    old = tmp_path / "images/busybox/1.35/amd64/default" / SERIALS[1]
+    assert old.is_dir()  # the grace period: clients may still hold the old catalog
+    pruned = json.loads((tmp_path / "state/pruned.json").read_text())
+    assert [p["path"] for p in pruned["pending"]] == [str(old)]
+    assert "no longer among upstream's newest" in proc.stderr
+    # and the next sync has nothing to do: it does not publish again
+    catalog = (tmp_path / "streams/v1/images.json").read_bytes()
+    assert sync(tmp_path, server.url, pki, "--keep", "1").returncode == 0
+    assert (tmp_path / "streams/v1/images.json").read_bytes() == catalog
+
+
 def test_credentials_in_the_url(pki: Pki, files: list[Files], tmp_path: Path) -> None:
     root = tmp_path / "up"
     up = tmp_path / "served"
@@ -356,16 +380,34 @@ def test_wrong_combined_fingerprint(
 
 
 @pytest.mark.parametrize("delta", [+1000, -1000, -1])
+@pytest.mark.parametrize("length", [True, False], ids=["content-length", "no-length"])
 def test_size_that_lies(
-    two_versions: tuple[Path, dict[str, object]], pki: Pki, tmp_path: Path, delta: int
+    two_versions: tuple[Path, dict[str, object]],
+    pki: Pki,
+    tmp_path: Path,
+    delta: int,
+    length: bool,
 ) -> None:
+    """Larger or smaller than the file; the server saying how long it is, or sending until it
+    closes the connection (then only the bound on what is read can tell)."""
     root, product = two_versions
     it = _items(product, SERIALS[1])["root.squashfs"]
     size = it["size"]
     assert isinstance(size, int)
     it["size"] = size + delta
-    proc = spoil_and_sync(root, product, pki, tmp_path)
+    server = HostileServer(root, pki)
+    server.no_length = not length
+    server.start()
+    try:
+        proc = spoil_and_sync(root, product, pki, tmp_path, server=server)
+    finally:
+        server.stop()
     check_one_failed(proc, tmp_path, "root.squashfs")
+    line = errors(proc)[0]
+    if length:
+        assert "the server sends" in line
+    else:
+        assert ("longer than" if delta < 0 else "cut short") in line
 
 
 def test_download_cut_in_the_middle_then_resumed(
