@@ -21,21 +21,24 @@ import fcntl
 import hashlib
 import logging
 import os
+import shutil
 import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from lxd_image_server.catalog.hashing import Hasher
-from lxd_image_server.fsutil import DirChain
+from lxd_image_server.fsutil import DirChain, open_dir_below
 from lxd_image_server.ops.import_errors import ImportFailed
 from lxd_image_server.ops.import_place import FILE_MODE, new_version
 from lxd_image_server.ops.sync_fetch import CHUNK, Connection, FetchFailed, RangeIgnored
 from lxd_image_server.ops.sync_select import VersionPlan, Want
-from lxd_image_server.tree.layout import OVERRIDES_NAME
+from lxd_image_server.tree.layout import OVERRIDES_NAME, VersionKey
 
 log = logging.getLogger(__name__)
 
 PARTIAL_DIR = ".sync-partial"
+#: the hidden directories a version is staged in (in its variant directory)
+STAGING_PREFIX = ".sync-staging-"
 DIR_MODE = 0o755
 _OPEN = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -195,6 +198,25 @@ def _check(want: Want, digests: Digests) -> None:
         )
 
 
+def clear_leftovers(img_dir: str, keys: list[VersionKey]) -> None:
+    """Removes the staging directories (.sync-*) that a killed sync left in the variant
+    directories of `keys` (called under the sync lock: no other sync is filling one)."""
+    for variant in sorted({k.relpath.rsplit("/", 1)[0] for k in keys}):
+        try:
+            fd = open_dir_below(img_dir, variant)
+        except OSError:
+            continue
+        try:
+            for name in os.listdir(fd):
+                if name.startswith(STAGING_PREFIX):
+                    log.info(
+                        "removing %s/%s/%s, left by an interrupted sync", img_dir, variant, name
+                    )
+                    shutil.rmtree(name, dir_fd=fd, ignore_errors=True)
+        finally:
+            os.close(fd)
+
+
 def sync_version(
     conn: Connection, img_dir: str, plan: VersionPlan, progress: Callable[[int], None]
 ) -> Landed:
@@ -204,7 +226,7 @@ def sync_version(
     files: dict[str, tuple[int, str]] = {}
     downloaded = 0
     try:
-        with new_version(img_dir, plan.key, ".sync-") as staging_fd:
+        with new_version(img_dir, plan.key, STAGING_PREFIX) as staging_fd:
             meta_hash: dict[str, Hasher] = {}
             for want in plan.metas:
                 digests = Digests()

@@ -162,18 +162,18 @@ class Selection:
 
 
 def local_serial(upstream: str) -> str | None:
-    """The serial our layout gives upstream's version key: itself when valid_serial, else the
-    first 12 (or 8, then _0000) digits as YYYYMMDD_HHMM; None when it has no such date."""
+    """The serial our layout gives upstream's version key: itself when valid_serial, else (when
+    it starts with YYYYMMDD) the first 12 of its digits as YYYYMMDD_HHMM (fewer: _0000);
+    None when it names no such time."""
     if valid_serial(upstream):
         return upstream
-    m = _DIGITS.match(upstream)
-    if m is None:
+    if not upstream[:8].isascii() or not upstream[:8].isdigit():
         return None
-    digits = m[0]
+    digits = "".join(_DIGITS.findall(upstream))
     if len(digits) >= 12:
         candidate = f"{digits[:8]}_{digits[8:12]}"
-    elif len(digits) == 8:
-        candidate = f"{digits}_0000"
+    elif len(digits) >= 8:
+        candidate = f"{digits[:8]}_0000"
     else:
         return None
     return candidate if valid_serial(candidate) else None

@@ -27,6 +27,7 @@ from lxd_image_server.catalog.hashing import HashCache
 from lxd_image_server.catalog.model import index_from_json
 from lxd_image_server.catalog.pipeline import Pipeline
 from lxd_image_server.config import Paths
+from lxd_image_server.fsutil import exclusive_lock
 from lxd_image_server.ops import pruning
 from lxd_image_server.ops.import_errors import VersionExists
 from lxd_image_server.ops.sync_fetch import (
@@ -40,7 +41,7 @@ from lxd_image_server.ops.sync_fetch import (
     parse_upstream,
     ssl_context,
 )
-from lxd_image_server.ops.sync_place import Landed, VersionFailed, sync_version
+from lxd_image_server.ops.sync_place import Landed, VersionFailed, clear_leftovers, sync_version
 from lxd_image_server.ops.sync_select import Filters, Selection, VersionPlan, select
 from lxd_image_server.ops.updating import with_pipeline
 from lxd_image_server.progress import Progress, ProgressStart, human, no_progress
@@ -162,7 +163,9 @@ def sync(
                 conns.append(Connection(upstream, context, request.timeout))
             total = sum(p.size for p in missing)
             progress = _Shared(progress_start(total) if progress_start else no_progress)
-            _download_all(paths.img_dir, missing, conns, progress, result)
+            with exclusive_lock(paths.state.sync_lock):
+                clear_leftovers(paths.img_dir, [p.key for p in missing])
+                _download_all(paths.img_dir, missing, conns, progress, result)
     finally:
         result.requests = sum(c.requests for c in conns)
         for c in conns:

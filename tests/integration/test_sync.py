@@ -8,7 +8,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -253,6 +255,75 @@ def test_versions_upstream_no_longer_covers_are_pruned(
     catalog = (tmp_path / "streams/v1/images.json").read_bytes()
     assert sync(tmp_path, server.url, pki, "--keep", "1").returncode == 0
     assert (tmp_path / "streams/v1/images.json").read_bytes() == catalog
+
+
+def configured(tmp_path: Path, url: str, pki: Pki) -> Path:
+    cfg = tmp_path / "config.toml"
+    cfg.write_text(
+        f"""
+[sync.lxc]
+url = "{url}"
+filters = {{ variant = "default", type = "container" }}
+keep = 1
+interval = "1h"
+ca = "{pki.ca_cert}"
+timeout = 30
+"""
+    )
+    return cfg
+
+
+def run_cli(tmp_path: Path, cfg: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    cmd = [os.fspath(BIN), "--config", os.fspath(cfg), "--state-dir", os.fspath(tmp_path / "state")]
+    cmd += ["sync", *args, "--root-dir", os.fspath(tmp_path)]
+    env = {**os.environ, "HOME": os.fspath(tmp_path)}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False, env=env)
+
+
+def test_configured_syncs_and_their_schedule(
+    lxc: tuple[Nginx, LxcUpstream], pki: Pki, tmp_path: Path
+) -> None:
+    server, up = lxc
+    cfg = configured(tmp_path, server.url, pki)
+    proc = run_cli(tmp_path, cfg)
+    assert proc.returncode == 0, proc.stderr
+    assert published(tmp_path) == {
+        PRODUCT: {SERIALS[2]: {up.fingerprints[SERIALS[2]]["container"]}}
+    }
+    state = json.loads((tmp_path / "state/syncs.json").read_text())
+    assert state["lxc"]["ok"] is True
+    # the timer's run: not due for an hour, so not a single request
+    before = len(server.requests())
+    proc = run_cli(tmp_path, cfg, "--due")
+    assert proc.returncode == 0, proc.stderr
+    assert "no configured sync is due" in proc.stdout
+    assert len(server.requests()) == before
+
+
+def test_sync_repeat_runs_until_stopped(
+    lxc: tuple[Nginx, LxcUpstream], pki: Pki, tmp_path: Path
+) -> None:
+    """`sync --repeat` (what `run` starts): syncs what is due, waits, stops on SIGTERM."""
+    server, _ = lxc
+    cfg = configured(tmp_path, server.url, pki)
+    cmd = [os.fspath(BIN), "--config", os.fspath(cfg), "--state-dir", os.fspath(tmp_path / "state")]
+    cmd += ["sync", "--repeat", "--root-dir", os.fspath(tmp_path)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        state = tmp_path / "state/syncs.json"
+        deadline = time.monotonic() + 120
+        while not state.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert state.exists(), "the first round did not finish"
+        assert proc.poll() is None, "it must keep running"
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    assert PRODUCT in published(tmp_path)
 
 
 def test_credentials_in_the_url(pki: Pki, files: list[Files], tmp_path: Path) -> None:
