@@ -78,6 +78,7 @@ bench: venv run-deps
 	$(BIN)/python bench/bench_scale.py
 	$(BIN)/python bench/bench_import.py
 	$(BIN)/python bench/bench_delta.py
+	$(BIN)/python bench/bench_sync.py
 
 # ALLOW_OVERWRITES, ALLOW_DELETES and DEBUG pass through from the environment.
 run: run-deps venv
