@@ -11,12 +11,17 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from lxd_image_server.catalog.model import Client, read_catalog
+from lxd_image_server.config import Paths
+from lxd_image_server.ops.sync_select import parse_filters
+from lxd_image_server.ops.syncing import SyncRequest
+from lxd_image_server.ops.syncing import sync as do_sync
+from lxd_image_server.settings import Settings
 
 from .servers import Nginx, Pki, free_port, make_pki
 from .sync_upstreams import (
@@ -175,6 +180,9 @@ def test_sync_lxc_layout(lxc: tuple[Nginx, LxcUpstream], pki: Pki, tmp_path: Pat
         "metadata.json",
         "rootfs.squashfs",
     ]
+    # one log line per version
+    landed = [line for line in proc.stderr.splitlines() if " INFO " in line and "synced " in line]
+    assert len(landed) == 3, proc.stderr
     doc = json.loads((tmp_path / "streams/v1/images.json").read_text())
     product = doc["products"][PRODUCT]
     assert product["release_title"] == "1.35 (lxc layout)"
@@ -324,6 +332,27 @@ def test_sync_repeat_runs_until_stopped(
             proc.wait()
     assert proc.returncode == 0, err
     assert PRODUCT in published(tmp_path)
+
+
+def test_progress_counts_every_byte_once(
+    lxc: tuple[Nginx, LxcUpstream], pki: Pki, tmp_path: Path
+) -> None:
+    """The progress bar's callback (several downloads at once) is told the total, then every
+    byte downloaded, once."""
+    server, _ = lxc
+    totals: list[int] = []
+    done: list[int] = []
+
+    def start(total: int) -> Callable[[int], None]:
+        totals.append(total)
+        return done.append
+
+    paths = Paths.resolve(root_dir=str(tmp_path), state_dir=str(tmp_path / "state"))
+    request = SyncRequest(server.url, parse_filters([]), 3, str(pki.ca_cert), jobs=4)
+    result = do_sync(request, paths, Settings(), start)
+    assert not result.failed and len(result.landed) == 4
+    assert totals == [sum(p.size for p in result.selected)]
+    assert sum(done) == totals[0]
 
 
 def test_credentials_in_the_url(pki: Pki, files: list[Files], tmp_path: Path) -> None:
