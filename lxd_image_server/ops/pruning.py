@@ -51,12 +51,12 @@ def _finish(
 
 
 def retire(
-    pipeline: Pipeline, versions: list[ScannedVersion], grace: int, now: float | None = None
-) -> Outcome:
-    """Takes `versions` (of pipeline.versions, after an update_all) out of the catalog, their
-    files going after `grace` seconds: what `sync` does with the versions upstream's newest
-    no longer cover."""
-    return _finish(pipeline, versions, grace, now)
+    state_dir: str, versions: list[ScannedVersion], grace: int, now: float | None = None
+) -> list[Pending]:
+    """Records `versions` as pruned (their files go after `grace` seconds), before a publish
+    that then leaves them out: what `sync` does with the versions upstream's newest no longer
+    cover. -> those newly recorded."""
+    return schedule(state_dir, versions, grace, now=now)[0]
 
 
 def prune(

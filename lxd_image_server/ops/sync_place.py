@@ -21,11 +21,13 @@ import fcntl
 import hashlib
 import logging
 import os
+import secrets
 import shutil
 import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+from lxd_image_server.catalog import deltagen
 from lxd_image_server.catalog.hashing import Hasher
 from lxd_image_server.fsutil import DirChain, open_dir_below
 from lxd_image_server.ops.import_errors import ImportFailed
@@ -33,6 +35,7 @@ from lxd_image_server.ops.import_place import FILE_MODE, new_version
 from lxd_image_server.ops.sync_fetch import CHUNK, Connection, FetchFailed, RangeIgnored
 from lxd_image_server.ops.sync_select import VersionPlan, Want
 from lxd_image_server.tree.layout import OVERRIDES_NAME, VersionKey
+from lxd_image_server.tree.scan import open_below
 
 log = logging.getLogger(__name__)
 
@@ -236,7 +239,10 @@ def sync_version(
             for want in plan.files:
                 pair = plan.combined.get(want.name)
                 digests = Digests(meta_hash[pair[0]] if pair is not None else None)
-                downloaded += fetch_file(conn, img_dir, want, staging_fd, digests, progress)
+                n = _by_delta(conn, img_dir, plan, want, staging_fd, digests, progress)
+                if n is None:
+                    n = fetch_file(conn, img_dir, want, staging_fd, digests, progress)
+                downloaded += n
                 files[want.name] = (want.size, want.sha256)
                 if pair is not None and digests.combined is not None:
                     got = digests.combined.hexdigest()
@@ -256,6 +262,102 @@ def sync_version(
             raise VersionFailed(f"{plan.label}: {e}") from None
         raise
     return Landed(plan, downloaded, files)
+
+
+def _by_delta(
+    conn: Connection,
+    img_dir: str,
+    plan: VersionPlan,
+    want: Want,
+    staging_fd: int,
+    digests: Digests,
+    progress: Callable[[int], None],
+) -> int | None:
+    """`want` rebuilt from one of upstream's deltas whose base version the tree holds (the
+    first that works), its size and sha256 checked: the bytes downloaded, or None (nothing
+    usable, or every try failed: logged) to download the whole file."""
+    variant = plan.key.relpath.rsplit("/", 1)[0]
+    for base_serial, delta in plan.deltas.get(want.name, ()):
+        try:
+            base_fd = open_below(img_dir, f"{variant}/{base_serial}/{want.name}")
+        except OSError:
+            continue  # not held here (or not a plain file): no use
+        try:
+            problem = _rebuild(conn, want, delta, base_fd, staging_fd, digests, progress)
+        finally:
+            os.close(base_fd)
+        if problem is None:
+            log.info("%s: rebuilt from %s with upstream's delta", want.label, base_serial)
+            return delta.size
+        log.info("%s: %s; downloading the whole file", want.label, problem)
+        digests.reset()
+    return None
+
+
+def _rebuild(
+    conn: Connection,
+    want: Want,
+    delta: Want,
+    base_fd: int,
+    staging_fd: int,
+    digests: Digests,
+    progress: Callable[[int], None],
+) -> str | None:
+    """Downloads `delta` (checked), rebuilds `want` from it into the staging directory; None
+    when the result is `want` (size, sha256), else why not (nothing of it is left)."""
+    tmp_delta, tmp_out = f".{secrets.token_hex(6)}.vcdiff", f".{secrets.token_hex(6)}.part"
+    made: list[str] = []
+    try:
+        dfd = os.open(tmp_delta, _OPEN | os.O_EXCL, FILE_MODE, dir_fd=staging_fd)
+        made.append(tmp_delta)
+        try:
+            ddig = Digests()
+            try:
+                conn.download(delta.path, delta.size, dfd, 0, ddig.sinks, progress)
+            except FetchFailed as e:
+                return f"the delta {delta.path}: {e}"
+            if ddig.plain.hexdigest() != delta.sha256:
+                return f"the delta {delta.path}: sha256 differs from the catalog's"
+            ofd = os.open(tmp_out, _OPEN | os.O_EXCL, FILE_MODE, dir_fd=staging_fd)
+            made.append(tmp_out)
+            try:
+                written = 0
+
+                def sink(chunk: bytes) -> None:
+                    nonlocal written
+                    _write_all(ofd, chunk)
+                    for s in digests.sinks:
+                        s.update(chunk)
+                    written += len(chunk)
+
+                base_size = os.fstat(base_fd).st_size
+                problem = deltagen.rebuild(
+                    base_fd, dfd, base_size, want.size, sink, deltagen.Limits()
+                )
+                if problem:
+                    return f"the delta {delta.path}: {problem}"
+                if written != want.size or digests.plain.hexdigest() != want.sha256:
+                    return f"the delta {delta.path} does not rebuild it (sha256 differs)"
+                os.fchmod(ofd, FILE_MODE)
+                os.fsync(ofd)
+            finally:
+                os.close(ofd)
+        finally:
+            os.close(dfd)
+        os.rename(tmp_out, want.name, src_dir_fd=staging_fd, dst_dir_fd=staging_fd)
+        made.remove(tmp_out)
+        progress(max(0, want.size - delta.size))
+        return None
+    finally:
+        for name in made:
+            with contextlib.suppress(OSError):
+                os.unlink(name, dir_fd=staging_fd)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 def _write_small(dir_fd: int, name: str, data: bytes) -> None:

@@ -21,13 +21,16 @@ names (tree/layout.py), each from one upstream item:
 - `metadata.json`: the product's release_title, aliases, requirements, release_codename and
   support_eol, so the catalog published here says what upstream said.
 
-Upstream's deltas are not downloaded (this server makes its own). A version that cannot be
+Upstream's deltas (`squashfs.vcdiff`, `disk-kvm.img.vcdiff` items) are noted with the root they
+rebuild: sync_place.py uses one whose base version the tree holds instead of downloading the
+whole root, and keeps none of them (this server makes its own). A version that cannot be
 taken (an item path that would leave the tree, a malformed item, no usable serial) is refused
 with one line naming it; the others are unaffected.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import json
 import logging
@@ -137,6 +140,8 @@ class VersionPlan:
     combined: Mapping[str, tuple[str, str]]
     #: metadata.json's bytes, or b"" for none
     overrides: bytes = b""
+    #: root name -> upstream's deltas to it: (the base's serial here, the delta file)
+    deltas: Mapping[str, tuple[tuple[str, Want], ...]] = field(default_factory=dict)
 
     @property
     def label(self) -> str:
@@ -275,7 +280,34 @@ def _plan_version(
     if not files:
         return None
     used_metas = tuple(w for _, w in metas) if roots else ()
-    return VersionPlan(key, product, upstream_serial, used_metas, tuple(files), combined)
+    deltas = {ROOT_NAMES[r]: _deltas(v, r, label) for r in roots}
+    return VersionPlan(
+        key,
+        product,
+        upstream_serial,
+        used_metas,
+        tuple(files),
+        combined,
+        deltas={name: d for name, d in deltas.items() if d},
+    )
+
+
+def _deltas(v: Version, root_ftype: str, label: str) -> tuple[tuple[str, Want], ...]:
+    """Upstream's deltas to the `root_ftype` root of `v` (an unusable one is left out: a delta
+    only saves bytes, the whole root is there too)."""
+    out: list[tuple[str, Want]] = []
+    for ikey, item in sorted(v.items.items()):
+        if item.ftype != f"{root_ftype}.vcdiff" or not item.delta_base:
+            continue
+        base = local_serial(item.delta_base)
+        try:
+            want = _want(f".delta-{len(out)}.vcdiff", f"{label} item {ikey}", item)
+        except ValueError as e:
+            log.info("%s item %s: %s; not using that delta", label, ikey, e)
+            continue
+        if base is not None:
+            out.append((base, want))
+    return tuple(out)
 
 
 def select(doc: Mapping[str, Any], filters: Filters, keep: int) -> Selection:
@@ -327,15 +359,7 @@ def select(doc: Mapping[str, Any], filters: Filters, keep: int) -> Selection:
                 continue
             seen.add(serial)
             if overrides:
-                plan = VersionPlan(
-                    plan.key,
-                    plan.product,
-                    plan.upstream_serial,
-                    plan.metas,
-                    plan.files,
-                    plan.combined,
-                    overrides,
-                )
+                plan = dataclasses.replace(plan, overrides=overrides)
             taken.append(plan)
         if taken:
             taken.reverse()

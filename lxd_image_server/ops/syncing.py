@@ -244,16 +244,13 @@ def _stale(paths: Paths, kept: dict[str, list[str]]) -> bool:
     return False
 
 
-def _outdated(pipeline: Pipeline, kept: dict[str, list[str]]) -> list[ScannedVersion]:
+def _outdated(img_dir: str, kept: dict[str, list[str]]) -> list[ScannedVersion]:
     """The versions of synced products older than the newest kept and not kept; none of a
     product whose kept versions are not all in the tree (one failed: the older stay)."""
-    by_product: dict[str, list[ScannedVersion]] = {}
-    for v in pipeline.versions.values():
-        if v.key.product in kept:
-            by_product.setdefault(v.key.product, []).append(v)
     doomed: list[ScannedVersion] = []
-    for product, versions in by_product.items():
-        serials = kept[product]
+    scanner = Scanner(img_dir)
+    for product, serials in kept.items():
+        versions = scanner.scan(product.replace(":", "/"))
         if not set(serials) <= {v.key.serial for v in versions}:
             continue
         newest = serial_sort_key(serials[-1])
@@ -268,32 +265,33 @@ def _outdated(pipeline: Pipeline, kept: dict[str, list[str]]) -> list[ScannedVer
 def publish(
     paths: Paths, settings: Settings, landed: list[Landed], kept: dict[str, list[str]]
 ) -> list[tuple[str, str]]:
-    """One publish through the pipeline, the synced files' digests given to the hash cache
-    first (they were hashed while downloading); then the versions of the synced products that
-    upstream's newest no longer cover leave by the retention path (pruning.retire: out of the
-    catalog now, files after [prune] grace_period). -> (product, serial) retired."""
+    """The versions of the synced products that upstream's newest no longer cover leave by
+    the retention path (recorded as pruned: out of the catalog, files after [prune]
+    grace_period); then one publish through the pipeline, the synced files' digests given to
+    the hash cache first (they were hashed while downloading). -> (product, serial) retired."""
+    retired = pruning.retire(paths.state_dir, _outdated(paths.img_dir, kept), settings.prune_grace)
+    for p in retired:
+        log.info(
+            "%s %s: no longer among upstream's newest; out of the catalog, its files go after %s",
+            p.product,
+            p.serial,
+            retention.utc_text(p.expires),
+        )
 
     def seed(cache: HashCache) -> None:
         for item in landed:
             seed_cache(cache, paths.img_dir, item)
 
-    def run(pipeline: Pipeline) -> list[tuple[str, str]]:
+    def run(pipeline: Pipeline) -> None:
         pipeline.update_all()
-        doomed = _outdated(pipeline, kept)
-        if not doomed:
-            return []
-        outcome = pruning.retire(pipeline, doomed, settings.prune_grace)
-        for p in outcome.scheduled:
-            log.info(
-                "%s %s: no longer among upstream's newest; out of the catalog, its files go "
-                "after %s",
-                p.product,
-                p.serial,
-                retention.utc_text(p.expires),
-            )
-        return [(p.product, p.serial) for p in outcome.scheduled]
 
-    return with_pipeline(paths, settings, run, None, seed)
+    with_pipeline(paths, settings, run, None, seed)
+    if retired:
+        try:
+            retention.delete_expired(paths)  # with no grace period: now
+        except retention.RetentionError as e:
+            log.error("not deleting pruned versions: %s", e)
+    return [(p.product, p.serial) for p in retired]
 
 
 def seed_cache(cache: HashCache, img_dir: str, landed: Landed) -> None:

@@ -23,7 +23,7 @@ from lxd_image_server.ops.syncing import SyncRequest
 from lxd_image_server.ops.syncing import sync as do_sync
 from lxd_image_server.settings import Settings
 
-from .servers import Nginx, Pki, free_port, make_pki
+from .servers import Nginx, Pki, free_port, make_pki, run
 from .sync_upstreams import (
     BIN,
     SERIALS,
@@ -259,6 +259,7 @@ def test_versions_upstream_no_longer_covers_are_pruned(
     pruned = json.loads((tmp_path / "state/pruned.json").read_text())
     assert [p["path"] for p in pruned["pending"]] == [str(old)]
     assert "no longer among upstream's newest" in proc.stderr
+    assert proc.stderr.count("catalog.publish: published") == 1, "one publish"
     # and the next sync has nothing to do: it does not publish again
     catalog = (tmp_path / "streams/v1/images.json").read_bytes()
     assert sync(tmp_path, server.url, pki, "--keep", "1").returncode == 0
@@ -353,6 +354,63 @@ def test_progress_counts_every_byte_once(
     assert not result.failed and len(result.landed) == 4
     assert totals == [sum(p.size for p in result.selected)]
     assert sum(done) == totals[0]
+
+
+def test_upstream_delta_used_when_the_base_is_held(
+    files: list[Files], pki: Pki, tmp_path: Path
+) -> None:
+    """The tree holds v1; upstream adds v2 with deltas from v1: the sync downloads the deltas,
+    rebuilds the roots (xdelta3), checks them, and never asks for v2's whole roots. A delta
+    that does not rebuild its root falls back to the whole file."""
+    root = tmp_path / "up"
+    v1 = lxc_version(root, f"images/b/{SERIALS[0]}", files[0], None)
+    write_catalog(root, {PRODUCT: {**base_product(), "versions": {SERIALS[0]: v1}}})
+    server = HostileServer(root, pki)
+    server.start()
+    try:
+        target = tmp_path / "target"
+        assert sync(target, server.url, pki).returncode == 0
+        v2 = lxc_version(root, f"images/b/{SERIALS[1]}", files[1], (SERIALS[0], files[0]))
+        # the VM disk's delta rebuilds other bytes (the catalog's size and sha256 of the delta
+        # are right: only rebuilding tells)
+        bad = root / "images/b/bad.vcdiff"
+        run(["xdelta3", "-e", "-9", "-s", files[0].qcow2, files[1].root_tar_xz, bad])
+        v2["items"][f"disk-delta-{SERIALS[0]}"].update(
+            size=bad.stat().st_size, sha256=sha256_of(bad), path="images/b/bad.vcdiff"
+        )
+        versions = {SERIALS[0]: v1, SERIALS[1]: v2}
+        write_catalog(root, {PRODUCT: {**base_product(), "versions": versions}})
+        server.requests.clear()
+        proc = sync(target, server.url, pki)
+    finally:
+        server.stop()
+    assert proc.returncode == 0, proc.stderr
+    asked = set(server.requests)
+    rel = f"images/b/{SERIALS[1]}"
+    assert f"{rel}/rootfs.squashfs" not in asked, "the whole root was downloaded"
+    assert any(p.startswith(f"{rel}/rootfs.vcdiff") for p in asked)
+    assert "rebuilt from" in proc.stderr
+    # the bad VM delta: tried, refused, the whole disk downloaded instead
+    assert "images/b/bad.vcdiff" in asked and f"{rel}/disk.qcow2" in asked
+    assert "bad.vcdiff: it rebuilds more than" in proc.stderr
+    assert "downloading the whole file" in proc.stderr
+    got = published(target)
+    assert got[PRODUCT][SERIALS[1]] == {
+        combined_of(files[1].meta, files[1].squashfs),
+        combined_of(files[1].meta, files[1].qcow2),
+    }
+    version = target / "images/busybox/1.35/amd64/default" / SERIALS[1]
+    assert not [n for n in os.listdir(version) if n.startswith(".") or n.endswith(".vcdiff")]
+
+
+def base_product() -> dict[str, object]:
+    return {
+        "aliases": "bb",
+        "arch": "amd64",
+        "os": "busybox",
+        "release": "1.35",
+        "variant": "default",
+    }
 
 
 def test_credentials_in_the_url(pki: Pki, files: list[Files], tmp_path: Path) -> None:
