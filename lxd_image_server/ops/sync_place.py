@@ -24,6 +24,7 @@ import os
 import secrets
 import shutil
 import stat
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -40,6 +41,8 @@ from lxd_image_server.tree.scan import open_below
 log = logging.getLogger(__name__)
 
 PARTIAL_DIR = ".sync-partial"
+#: a partial download not resumed for this long is removed (its version is likely gone)
+PARTIAL_MAX_AGE = 7 * 86400
 #: the hidden directories a version is staged in (in its variant directory)
 STAGING_PREFIX = ".sync-staging-"
 DIR_MODE = 0o755
@@ -201,9 +204,11 @@ def _check(want: Want, digests: Digests) -> None:
         )
 
 
-def clear_leftovers(img_dir: str, keys: list[VersionKey]) -> None:
-    """Removes the staging directories (.sync-*) that a killed sync left in the variant
-    directories of `keys` (called under the sync lock: no other sync is filling one)."""
+def clear_leftovers(img_dir: str, keys: list[VersionKey], now: float | None = None) -> None:
+    """Removes the staging directories (.sync-staging-*) that a killed sync left in the variant
+    directories of `keys`, and partial downloads nobody resumed for PARTIAL_MAX_AGE (called
+    under the sync lock: no other sync is filling one)."""
+    _drop_old_partials(img_dir, time.time() if now is None else now)
     for variant in sorted({k.relpath.rsplit("/", 1)[0] for k in keys}):
         try:
             fd = open_dir_below(img_dir, variant)
@@ -218,6 +223,21 @@ def clear_leftovers(img_dir: str, keys: list[VersionKey]) -> None:
                     shutil.rmtree(name, dir_fd=fd, ignore_errors=True)
         finally:
             os.close(fd)
+
+
+def _drop_old_partials(img_dir: str, now: float) -> None:
+    try:
+        fd = open_dir_below(img_dir, PARTIAL_DIR)
+    except OSError:
+        return
+    try:
+        for name in os.listdir(fd):
+            with contextlib.suppress(OSError):
+                st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+                if now - st.st_mtime > PARTIAL_MAX_AGE:
+                    os.unlink(name, dir_fd=fd)
+    finally:
+        os.close(fd)
 
 
 def sync_version(

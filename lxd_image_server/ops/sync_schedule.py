@@ -105,7 +105,7 @@ def run_one(
     log.info("sync %s: %s", cfg.name, cfg.url.split("@")[-1])
     try:
         result = sync(request_of(cfg), paths, settings, progress_start)
-    except (FilterError, SyncError) as e:
+    except (FilterError, SyncError, OSError) as e:
         log.error("sync %s: %s", cfg.name, e)
         outcome = Outcome(cfg.name, None, str(e))
     else:
