@@ -285,6 +285,8 @@ class HostileServer:
         self.stall: set[str] = set()
         self.no_range = False
         self.no_length = False
+        #: path -> Location: answered with a 302
+        self.redirects: dict[str, str] = {}
         self.requests: list[str] = []
         self.released = threading.Event()
         server = self
@@ -298,6 +300,12 @@ class HostileServer:
             def do_GET(self) -> None:
                 path = unquote(self.path.split("?", 1)[0].lstrip("/"))
                 server.requests.append(path)
+                if path in server.redirects:
+                    self.send_response(302)
+                    self.send_header("Location", server.redirects[path])
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 target = server.root / path
                 if ".." in path.split("/") or not target.is_file():
                     body = b"not found"

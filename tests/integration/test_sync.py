@@ -613,6 +613,45 @@ def test_server_that_stalls(
     assert "timed out" in errors(proc)[0]
 
 
+def test_missing_file(
+    two_versions: tuple[Path, dict[str, object]], pki: Pki, tmp_path: Path
+) -> None:
+    root, product = two_versions
+    path = _items(product, SERIALS[1])["root.squashfs"]["path"]
+    assert isinstance(path, str)
+    (root / path).unlink()
+    proc = spoil_and_sync(root, product, pki, tmp_path)
+    check_one_failed(proc, tmp_path, "root.squashfs")
+    assert "HTTP 404" in errors(proc)[0]
+
+
+def test_redirects(two_versions: tuple[Path, dict[str, object]], pki: Pki, tmp_path: Path) -> None:
+    """A redirect on the same server is followed; one to plain HTTP, or a loop, fails the
+    file it was for."""
+    root, product = two_versions
+    write_catalog(root, {PRODUCT: product})
+    old_path = _items(product, SERIALS[0])["root.squashfs"]["path"]
+    new_path = _items(product, SERIALS[1])["root.squashfs"]["path"]
+    assert isinstance(old_path, str) and isinstance(new_path, str)
+    shutil.copy(root / old_path, root / "moved.squashfs")
+    (root / old_path).unlink()
+    server = HostileServer(root, pki)
+    server.redirects[old_path] = "/moved.squashfs"
+    server.redirects[new_path] = "http://127.0.0.1:1/x"
+    server.start()
+    try:
+        proc = spoil_and_sync(root, product, pki, tmp_path, server=server)
+        check_one_failed(proc, tmp_path, "root.squashfs")
+        assert "non-https" in errors(proc)[0]
+        server.redirects[new_path] = f"/{new_path}"  # a loop
+        proc = sync(tmp_path / "target", server.url, pki, "--keep", "2")
+    finally:
+        server.stop()
+    assert proc.returncode == 1
+    [line] = errors(proc)
+    assert "redirects" in line and SERIALS[1] in line
+
+
 def test_catalog_of_100_mb(pki: Pki, tmp_path: Path) -> None:
     root = tmp_path / "big"
     write_catalog(root, {})
