@@ -39,6 +39,7 @@ from .sync_upstreams import (
     sha256_of,
     write_catalog,
 )
+from .test_run import curl, reachable_dir, start_server
 
 PRODUCT = "busybox:1.35:amd64:default"
 
@@ -411,6 +412,28 @@ def base_product() -> dict[str, object]:
         "release": "1.35",
         "variant": "default",
     }
+
+
+def test_run_syncs_the_configured_upstreams(
+    lxc: tuple[Nginx, LxcUpstream], pki: Pki, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`run --config FILE` with a [sync.NAME]: its syncer child brings the upstream's image in,
+    the server publishes and serves it; SIGTERM stops everything cleanly (exit 0)."""
+    server, up = lxc
+    monkeypatch.setenv("CURL_CA_BUNDLE", str(pki.ca_cert))  # this module's CA, not the system's
+    for base in reachable_dir():
+        cfg = configured(base, server.url, pki)
+        for served in start_server(base, pki, {}, global_args=["--config", cfg]):
+            deadline = time.monotonic() + 120
+            fp = up.fingerprints[SERIALS[2]]["container"]
+            while True:
+                code, body = curl(f"{served.url}/streams/v1/images.json", auth=False)
+                if code == 200 and fp in body:
+                    break
+                assert served.proc.poll() is None, served.log.read_text()
+                assert time.monotonic() < deadline, served.log.read_text()
+                time.sleep(0.2)
+            assert "starting syncer" in served.log.read_text()
 
 
 def test_credentials_in_the_url(pki: Pki, files: list[Files], tmp_path: Path) -> None:
