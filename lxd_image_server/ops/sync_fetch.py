@@ -29,6 +29,7 @@ from urllib.parse import quote, unquote, urljoin, urlsplit
 
 from lxd_image_server.catalog.hashing import Hasher
 from lxd_image_server.fsutil import TooLarge, load_json_bounded
+from lxd_image_server.ops.import_copy import Hashing
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,8 @@ MAX_DEPTH = 32
 MAX_REDIRECTS = 5
 #: an error page read for its message, at most
 MAX_ERROR_BODY = 4096
-CHUNK = 1 << 20
+#: bytes read (and hashed, in threads, while the next are read) at a time
+CHUNK = 4 << 20
 #: an item path: at most this long, ASCII printable, relative, no '.', '..' or empty component
 MAX_PATH = 1024
 _PATH_RE = re.compile(r"[A-Za-z0-9._~+@:,=-]+(?:/[A-Za-z0-9._~+@:,=-]+)*", re.ASCII)
@@ -269,29 +271,34 @@ class Connection:
                 f"the server sends {int(length) + offset} bytes, the catalog says {size}",
                 resumable=False,
             )
-        buf = bytearray(CHUNK)
-        view = memoryview(buf)
+        # the sinks hash each chunk in threads of their own while the next one is read
+        hashing = Hashing(sinks, CHUNK)
         done = offset
         try:
             while done < size:
+                buf = hashing.free_buffer()
+                view = memoryview(buf)
                 n = resp.readinto(view[: min(CHUNK, size - done)])
                 if not n:
                     raise FetchFailed(f"cut short: {done} of {size} bytes")
-                chunk = view[:n]
-                _write_all(fd, chunk)
-                for sink in sinks:
-                    sink.update(chunk)
+                _write_all(fd, view[:n])
+                hashing.feed(buf, n)
                 done += n
                 progress(n)
+            hashing.wait()
             # one byte more: a server that has more than `size` to send lies about the size
-            if resp.readinto(view[:1]):
+            if resp.readinto(bytearray(1)):
                 raise FetchFailed(f"longer than the {size} bytes the catalog says", resumable=False)
         except FetchFailed:
             self.close()
+            hashing.wait()  # every byte written is hashed: a partial file resumes from there
             raise
         except (OSError, http.client.HTTPException) as e:
             self.close()
+            hashing.wait()
             raise FetchFailed(f"{_net_error(e)} after {done} of {size} bytes") from None
+        finally:
+            hashing.close()
         if resp.will_close:
             self.close()
 
