@@ -61,16 +61,26 @@ class Landed:
 @contextlib.contextmanager
 def _partial(img_dir: str, want: Want) -> Iterator[tuple[int, int, int] | None]:
     """(directory fd, file fd, bytes already there) of the kept partial file of `want`, locked;
-    None when another download holds it (then the file is downloaded without one)."""
+    None when another download holds it, or the partial directory or file is not one this
+    process made (an uploader may write images/: what it put there is never resumed from),
+    and then the file is downloaded without one."""
     img_fd = os.open(img_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     with DirChain(img_fd) as chain:
-        chain.down(PARTIAL_DIR, DIR_MODE)
         name = f"{want.sha256}.part"
-        fd = os.open(name, _OPEN, FILE_MODE, dir_fd=chain.fd)
+        try:
+            chain.down(PARTIAL_DIR, DIR_MODE)
+            if os.fstat(chain.fd).st_uid != os.geteuid():
+                raise OSError(errno.EPERM, "not ours", PARTIAL_DIR)
+            fd = os.open(name, _OPEN, FILE_MODE, dir_fd=chain.fd)
+        except OSError as e:
+            log.warning("%s/%s: %s; downloading without resuming", img_dir, PARTIAL_DIR, e)
+            yield None
+            return
         try:
             st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise OSError(errno.EINVAL, "not a regular file", name)
+            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+                yield None
+                return
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -105,14 +115,9 @@ class Digests:
     def reset(self) -> None:
         self.plain: Hasher = hashlib.sha256()
         self.combined: Hasher | None = self.meta.copy() if self.meta is not None else None
-        self.sinks: list[Hasher] = (
-            [self.plain]
-            if self.combined is None
-            else [
-                self.plain,
-                self.combined,
-            ]
-        )
+        self.sinks: list[Hasher] = [self.plain]
+        if self.combined is not None:
+            self.sinks.append(self.combined)
 
 
 def _feed_prefix(fd: int, have: int, digests: Digests) -> None:
@@ -142,7 +147,8 @@ def fetch_file(
     VersionFailed naming the item otherwise."""
     with _partial(img_dir, want) as held:
         if held is None:
-            # another version downloads the same file now: this one goes without resuming
+            # another version downloads the same file now (or no partial file can be kept):
+            # this one goes without resuming
             fd = os.open(want.name, _OPEN | os.O_EXCL, FILE_MODE, dir_fd=staging_fd)
             try:
                 _download(conn, want, fd, 0, digests, progress)

@@ -618,6 +618,32 @@ def test_download_cut_in_the_middle_then_resumed(
     assert not list((tmp_path / "target/images/.sync-partial").iterdir())
 
 
+@pytest.mark.parametrize("planted", ["file", "foreign-dir"])
+def test_partial_directory_planted_by_an_uploader(
+    own: Nginx, pki: Pki, tmp_path: Path, planted: str
+) -> None:
+    """images/ is the uploaders' too: a .sync-partial they made (a file, or a directory of
+    theirs holding bytes under the very name a partial download would have) is never resumed
+    from, and the sync still lands."""
+    partial = tmp_path / "images" / ".sync-partial"
+    partial.parent.mkdir(parents=True)
+    if planted == "file":
+        partial.write_bytes(b"x")
+    else:
+        partial.mkdir()
+        cat = json.loads((own.root / "streams/v1/images.json").read_text())
+        for p in cat["products"].values():
+            for v in p["versions"].values():
+                for it in v["items"].values():
+                    (partial / f"{it['sha256']}.part").write_bytes(b"forged")
+        os.chown(partial, 4242, 4242)
+    proc = sync(tmp_path, own.url, pki)
+    assert proc.returncode == 0, proc.stderr
+    assert "resuming at byte" not in proc.stderr
+    assert "downloading without resuming" in proc.stderr
+    assert sorted(published(tmp_path)) == sorted(upstream_images(own.root))
+
+
 def test_server_that_stalls(
     two_versions: tuple[Path, dict[str, object]], pki: Pki, tmp_path: Path
 ) -> None:
