@@ -28,7 +28,7 @@ from typing import Any
 from urllib.parse import quote, unquote, urljoin, urlsplit
 
 from lxd_image_server.catalog.hashing import Hasher
-from lxd_image_server.fsutil import TooLarge, load_json_bounded
+from lxd_image_server.fsutil import TooLarge, load_json_bounded, start_writeback
 from lxd_image_server.ops.import_copy import Hashing
 
 log = logging.getLogger(__name__)
@@ -282,6 +282,7 @@ class Connection:
                 if not n:
                     raise FetchFailed(f"cut short: {done} of {size} bytes")
                 _write_all(fd, view[:n])
+                start_writeback(fd, done, n)  # the fsync before placing finds it on disk
                 hashing.feed(buf, n)
                 done += n
                 progress(n)
