@@ -655,7 +655,7 @@ def test_server_that_stalls(
     server.stall.add(path)
     server.start()
     try:
-        proc = spoil_and_sync(root, product, pki, tmp_path, "--timeout", "1", server=server)
+        proc = spoil_and_sync(root, product, pki, tmp_path, "--timeout", "3", server=server)
     finally:
         server.stop()
     check_one_failed(proc, tmp_path, "root.squashfs")
