@@ -882,7 +882,11 @@ server.serve_forever()
 
 
 def test_sandboxed_sync_unit(
-    server_cert: Path, installed: Installed, images: dict[str, Image], container: Container
+    server_cert: Path,
+    installed: Installed,
+    images: dict[str, Image],
+    container: Container,
+    tmp_path: Path,
 ) -> None:
     """[sync.NAME] configured: the package's sync unit (sandboxed, as the catalog writer) brings
     an upstream's image into images/ and publishes it with upstream's fingerprint; the next run
@@ -891,8 +895,11 @@ def test_sandboxed_sync_unit(
     rel = f"images/synced/1.0/amd64/default/{img.serial}"
     upstream = container.path(f"/srv/upstream/{rel}")
     upstream.mkdir(parents=True)
-    shutil.copyfile(img.meta, upstream / "lxd.tar.xz")
+    # metadata of its own: the same image twice in one catalog would make LXD's lookups of
+    # the uploaded one ambiguous ("More than one match")
+    meta = write_metadata_tarball(tmp_path / "meta", upstream / "lxd.tar.xz", "synced")
     shutil.copyfile(img.root, upstream / "rootfs.squashfs")
+    fingerprint = sha256_file(meta, upstream / "rootfs.squashfs")
     container.run(
         "lxd-image-server --state-dir /srv/upstream-state update --root-dir /srv/upstream"
     )
@@ -930,7 +937,7 @@ def test_sandboxed_sync_unit(
         assert owner.startswith(f"{WRITER}:") and mode == "644", (owner, mode)
         wait_for(
             "the synced image is published",
-            lambda: img.fingerprint in published_fingerprints(catalog(server_cert)),
+            lambda: fingerprint in published_fingerprints(catalog(server_cert)),
         )
         # the timer's next run: not due for an hour
         container.run(f"systemctl start {unit}", timeout=300)
