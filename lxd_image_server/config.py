@@ -72,6 +72,17 @@ class StateDir:
         return self._in("mirrors")
 
     @property
+    def sync_state(self) -> str:
+        """Each configured sync's last run, to tell which are due (ops/sync_schedule.py)."""
+        return self._in("syncs.json")
+
+    @property
+    def sync_lock(self) -> str:
+        """Held by a sync while it downloads and places: one at a time (its leftovers, hidden
+        .sync-* directories of one that was killed, are cleared under it)."""
+        return self._in(".sync.lock")
+
+    @property
     def watch_pid(self) -> str:
         return self._in("watch.pid")
 

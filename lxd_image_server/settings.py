@@ -67,6 +67,26 @@ class DeltaSettings:
     check_interval: int = DEFAULT_DELTA_CHECK_INTERVAL
 
 
+#: [sync.NAME] interval when none is given: once a day
+DEFAULT_SYNC_INTERVAL = 86400
+DEFAULT_SYNC_TIMEOUT = 60.0
+
+
+@dataclass(frozen=True)
+class SyncConfig:
+    """[sync.NAME]: an upstream remote synced on a schedule (ops/syncing.py)."""
+
+    name: str
+    url: str
+    #: KEY=VALUE, as `sync --filter` takes them (checked by the sync itself)
+    filters: tuple[str, ...] = ()
+    keep: int = 1
+    #: seconds between two syncs
+    interval: int = DEFAULT_SYNC_INTERVAL
+    ca: str | None = None
+    timeout: float = DEFAULT_SYNC_TIMEOUT
+
+
 @dataclass(frozen=True)
 class Settings:
     root_dir: str = DEFAULT_ROOT
@@ -83,6 +103,8 @@ class Settings:
     #: [retention]: versions kept per product, applied at every publish
     retention: RetentionPolicy = field(default_factory=RetentionPolicy)
     mirrors: tuple[MirrorConfig, ...] = ()
+    #: [sync.NAME]: upstreams synced on a schedule
+    syncs: tuple[SyncConfig, ...] = ()
     deltas: DeltaSettings = DeltaSettings()
     #: a logging.config.dictConfig table, or None for the built-in setup
     logging: dict[str, Any] | None = None
@@ -165,7 +187,7 @@ def load(
 
 # -- validating --------------------------------------------------------------------------------
 
-_SECTIONS = {"paths", "upload", "prune", "retention", "deltas", "mirrors", "logging"}
+_SECTIONS = {"paths", "upload", "prune", "retention", "deltas", "mirrors", "sync", "logging"}
 _KEYS = {
     "paths": {"root", "state_dir"},
     "upload": {"allow_overwrites", "allow_deletes", "max_size", "max_parallel"},
@@ -175,6 +197,8 @@ _KEYS = {
 }
 _RULE_KEYS = {"match", "keep"}
 _MIRROR_KEYS = {"remote", "url", "user", "key_path", "port", "path"}
+_SYNC_KEYS = {"url", "filters", "keep", "interval", "ca", "timeout"}
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
 def _flag(env: Mapping[str, str], name: str) -> bool | None:
@@ -298,6 +322,68 @@ def _mirror(name: str, table: Any, src: str) -> MirrorConfig:
     )
 
 
+def _duration(value: Any, what: str, src: str) -> int:
+    """Seconds: a number, or a string like "30m", "6h", "1d"."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        n = value
+    elif isinstance(value, str) and value.strip()[-1:].lower() in _DURATION_UNITS:
+        text = value.strip()
+        try:
+            n = int(float(text[:-1]) * _DURATION_UNITS[text[-1].lower()])
+        except ValueError:
+            raise ConfigError(f"{src}: {what} {value!r} is not a duration") from None
+    else:
+        raise ConfigError(f'{src}: {what} must be seconds or like "6h", "30m", "1d"')
+    if n < 60:
+        raise ConfigError(f"{src}: {what} must be at least a minute")
+    return n
+
+
+def _filters(value: Any, what: str, src: str) -> tuple[str, ...]:
+    """["os=debian", ...], or a table {os = "debian", variant = ["default", "cloud"]}."""
+    if isinstance(value, list) and all(isinstance(v, str) and "=" in v for v in value):
+        return tuple(value)
+    if isinstance(value, Mapping):
+        out = []
+        for key, v in value.items():
+            values = v if isinstance(v, list) else [v]
+            if not all(isinstance(x, str) for x in values):
+                raise ConfigError(f"{src}: {what}.{key} must be a string or a list of strings")
+            out += [f"{key}={x}" for x in values]
+        return tuple(out)
+    raise ConfigError(f'{src}: {what} must be a list like ["os=debian", "arch=amd64"] or a table')
+
+
+def _sync(name: str, table: Any, src: str) -> SyncConfig:
+    what = f"sync.{name}"
+    if not isinstance(table, Mapping):
+        raise ConfigError(f"{src}: [{what}] must be a table")
+    unknown = set(table) - _SYNC_KEYS
+    if unknown:
+        raise ConfigError(f"{src}: unknown key(s) in [{what}]: {', '.join(sorted(unknown))}")
+    if "url" not in table:
+        raise ConfigError(f'{src}: [{what}] needs url = "https://HOST"')
+    url = _typed(table["url"], str, f"{what}.url", src)
+    if urlsplit(url).scheme != "https":
+        raise ConfigError(f"{src}: {what}.url must be https://")
+    keep = _typed(table.get("keep", 1), int, f"{what}.keep", src)
+    if keep < 1:
+        raise ConfigError(f"{src}: {what}.keep must be at least 1")
+    timeout = table.get("timeout", DEFAULT_SYNC_TIMEOUT)
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0:
+        raise ConfigError(f"{src}: {what}.timeout must be a number of seconds above 0")
+    ca = table.get("ca")
+    return SyncConfig(
+        name=name,
+        url=url,
+        filters=_filters(table.get("filters", []), f"{what}.filters", src),
+        keep=keep,
+        interval=_duration(table.get("interval", DEFAULT_SYNC_INTERVAL), f"{what}.interval", src),
+        ca=_typed(ca, str, f"{what}.ca", src) if ca is not None else None,
+        timeout=float(timeout),
+    )
+
+
 def _deltas(table: Mapping[str, Any], src: str) -> DeltaSettings:
     d = DeltaSettings()
     enabled = _typed(table.get("enabled", d.enabled), bool, "deltas.enabled", src)
@@ -364,6 +450,10 @@ def _validate(
     if not isinstance(mirrors, Mapping):
         raise ConfigError(f"{src('mirrors')}: [mirrors] must hold [mirrors.NAME] tables")
     values["mirrors"] = tuple(_mirror(n, t, src("mirrors")) for n, t in sorted(mirrors.items()))
+    syncs = doc.get("sync", {})
+    if not isinstance(syncs, Mapping):
+        raise ConfigError(f"{src('sync')}: [sync] must hold [sync.NAME] tables")
+    values["syncs"] = tuple(_sync(n, t, src("sync")) for n, t in sorted(syncs.items()))
     if "logging" in doc:
         table = doc["logging"]
         if not isinstance(table, Mapping) or "version" not in table:

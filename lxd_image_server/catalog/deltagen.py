@@ -238,6 +238,36 @@ def _check(xdelta3: str, base_fd: int, delta_fd: int, job: Job, timeout: float) 
     return None
 
 
+def rebuild(
+    base_fd: int,
+    delta_fd: int,
+    base_size: int,
+    limit: int,
+    sink: Callable[[bytes], None],
+    limits: Limits,
+) -> str | None:
+    """Runs xdelta3 -d on the open base and delta, feeding the rebuilt bytes to `sink`; None
+    when it went through (the caller checks what it got), else why not: an error, a timeout,
+    or more than `limit` bytes (`sync`'s use of an upstream's delta)."""
+    total = 0
+
+    def bounded(chunk: bytes) -> None:
+        nonlocal total
+        total += len(chunk)
+        if total > limit:
+            raise _Stop()
+        sink(chunk)
+
+    argv = [
+        limits.xdelta3, "-d", "-c", "-B", str(_window(base_size)), "-s", f"/dev/fd/{base_fd}",
+    ]  # fmt: skip
+    try:
+        failure = _run(argv, delta_fd, [base_fd], bounded, limits.timeout)
+    except _Stop:
+        return f"it rebuilds more than {limit} bytes"
+    return None if failure is None else failure.why
+
+
 def check(job: Job, limits: Limits) -> Record:
     """Checks the delta `job.delta` (an uploader's, or ours from before): does it turn the
     base's root into the target's root?"""

@@ -349,6 +349,13 @@ def _version(serial: str, doc: object, where: str) -> Version:
     return Version(serial, {k: _item(v, f"{where}.items.{k}") for k, v in items.items()})
 
 
+def version_from_json(serial: str, doc: object, where: str) -> Version:
+    """One version of a parsed images.json (`where` names it in the message); ValueError (one
+    line) when it or one of its items is not well formed (sync reads an upstream's catalog a
+    version at a time: one bad version does not void the others)."""
+    return _version(serial, doc, where)
+
+
 def _product(name: str, doc: object) -> Product:
     where = f"products.{name}"
     d = _obj(doc, where)

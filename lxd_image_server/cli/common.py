@@ -84,6 +84,7 @@ EXIT_CODES: tuple[tuple[str, int], ...] = (
     ("lxd_image_server.ops.import_errors:NamingError", USAGE),
     ("lxd_image_server.ops.import_errors:ImportFailed", FAILED),
     ("lxd_image_server.ops.pushclient:PushError", FAILED),
+    ("lxd_image_server.ops.sync_fetch:SyncError", FAILED),
     ("lxd_image_server.catalog.retention:RetentionError", FAILED),
     ("lxd_image_server.ops.listing:CatalogMissing", FAILED),
     ("lxd_image_server.catalog.publish:PublishError", FAILED),

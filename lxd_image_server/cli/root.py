@@ -103,6 +103,7 @@ LAZY_COMMANDS = {
     "mirror": "lxd_image_server.cli.mirror:mirror",
     "import": "lxd_image_server.cli.ops:import_cmd",
     "push": "lxd_image_server.cli.push:push_cmd",
+    "sync": "lxd_image_server.cli.sync:sync_cmd",
     "list": "lxd_image_server.cli.ops:list_cmd",
     "verify": "lxd_image_server.cli.ops:verify_cmd",
     "prune": "lxd_image_server.cli.ops:prune_cmd",

@@ -29,17 +29,18 @@ CHUNK = 8 << 20
 _NO_KERNEL_COPY = {errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EPERM}
 
 
-class _Hashing:
+class Hashing:
     """Feeds chunks to the sinks, each sink in a thread of its own (so each sees its chunks in
-    order), from two buffers: one is filled while the sinks still read the other."""
+    order), from two buffers of `chunk` bytes: one is filled while the sinks still read the
+    other (`import` here, and `sync`'s downloads: sync_fetch.py)."""
 
-    def __init__(self, sinks: Sequence[Hasher]) -> None:
+    def __init__(self, sinks: Sequence[Hasher], chunk: int = CHUNK) -> None:
         self.sinks = sinks
         self.pools = [ThreadPoolExecutor(1) for _ in sinks]
         #: (buffer, the hashing of its chunk still running)
         self.slots: list[tuple[bytearray, list[Future[None]]]] = [
-            (bytearray(CHUNK), []),
-            (bytearray(CHUNK), []),
+            (bytearray(chunk), []),
+            (bytearray(chunk), []),
         ]
 
     def free_buffer(self) -> bytearray:
@@ -80,7 +81,7 @@ def _read_into(fd: int, buf: bytearray, offset: int | None) -> int:
 
 def feed(fd: int, sinks: Sequence[Hasher], progress: Progress) -> int:
     """Reads `fd` to its end into every sink. -> bytes read."""
-    hashing = _Hashing(sinks)
+    hashing = Hashing(sinks)
     size = 0
     try:
         while True:
@@ -99,7 +100,7 @@ def feed(fd: int, sinks: Sequence[Hasher], progress: Progress) -> int:
 def copy(src: int, out: int, sinks: Sequence[Hasher], progress: Progress) -> int:
     """Copies `src` (from its start) to `out` (a new, empty file opened for reading and
     writing) and feeds every sink the bytes of `out`. -> bytes copied."""
-    hashing = _Hashing(sinks)
+    hashing = Hashing(sinks)
     size = 0
     kernel = True
     try:

@@ -163,6 +163,75 @@ def _exists(name: str, dir_fd: int) -> bool:
     return True
 
 
+def _walk_down(
+    chain: DirChain, img_dir: str, components: Sequence[str], mode: int = DIR_MODE
+) -> int:
+    """Opens (making them, `mode`) `components` below images/ through `chain`, never through
+    a link; the descriptor of the last one."""
+    path = img_dir
+    for component in components:
+        path = os.path.join(path, component)
+        try:
+            chain.down(component, mode)
+        except NotADirectoryError:
+            raise _not_a_directory(path) from None
+    return chain.fd
+
+
+@contextlib.contextmanager
+def staged(
+    variant_fd: int,
+    serial: str,
+    version_dir: str,
+    prefix: str,
+    undo: Callable[[], None] | None = None,
+    mode: int = DIR_MODE,
+) -> Iterator[int]:
+    """A new hidden directory (`prefix` + random, `mode`) in the variant directory, for the
+    body of the block to fill (its descriptor); renamed to `serial` when the block ends
+    normally, after an fsync of it: the version appears whole or not at all. Removed, with what
+    is in it, when the block raises (or when `serial` appeared meanwhile: VersionExists), after
+    `undo` (which may still take files out of it)."""
+    tmp_name = f"{prefix}{secrets.token_hex(6)}"
+    os.mkdir(tmp_name, mode, dir_fd=variant_fd)
+    fd = -1
+    try:
+        fd = open_dir(tmp_name, dir_fd=variant_fd)
+        # exactly that mode whatever the umask, the setgid bit it inherited kept
+        os.fchmod(fd, mode | (os.fstat(fd).st_mode & stat.S_ISGID))
+        yield fd
+        os.fsync(fd)
+        if _exists(serial, variant_fd):
+            raise VersionExists(f"{version_dir} appeared meanwhile; not replaced")
+        os.rename(tmp_name, serial, src_dir_fd=variant_fd, dst_dir_fd=variant_fd)
+    except BaseException:
+        if undo is not None:
+            undo()
+        shutil.rmtree(tmp_name, dir_fd=variant_fd, ignore_errors=True)
+        raise
+    finally:
+        if fd >= 0:
+            os.close(fd)
+    os.fsync(variant_fd)
+
+
+@contextlib.contextmanager
+def new_version(img_dir: str, key: VersionKey, prefix: str) -> Iterator[int]:
+    """`staged` for version `key` below `img_dir` (the directories on the way made, none
+    followed if it is a link): VersionExists when it exists already, ImportFailed when the
+    way down is blocked."""
+    img_dir = os.path.abspath(img_dir)
+    parts = key.relpath.split("/")
+    version_dir = os.path.join(img_dir, key.relpath)
+    with DirChain(os.open(img_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)) as chain:
+        mode = _dir_mode(chain.fd)
+        variant_fd = _walk_down(chain, img_dir, parts[:-1], mode)
+        if _exists(parts[-1], variant_fd):
+            raise VersionExists(f"{version_dir} already exists")
+        with staged(variant_fd, parts[-1], version_dir, prefix, mode=mode) as fd:
+            yield fd
+
+
 def place(
     plan: ImagePlan,
     img_dir: str,
@@ -199,14 +268,7 @@ def place(
     chain = DirChain(img_fd)
     transfer = _Transfer(plan, move, no_progress)
     try:
-        path = img_dir
-        for component in parts[:-1]:
-            path = os.path.join(path, component)
-            try:
-                chain.down(component, dir_mode)
-            except NotADirectoryError:
-                raise _not_a_directory(path) from None
-        variant_fd = chain.fd
+        variant_fd = _walk_down(chain, img_dir, parts[:-1], dir_mode)
         exists = _exists(parts[-1], variant_fd)
         if exists and not force:
             raise VersionExists(f"{version_dir} already exists; --force replaces its files")
@@ -216,23 +278,11 @@ def place(
             transfer.dir_fd = _open_dir(parts[-1], variant_fd, version_dir)
             _fill(plan, transfer, placed, into_existing=True)
         else:
-            tmp_name = f".import-{secrets.token_hex(6)}"
-            os.mkdir(tmp_name, dir_mode, dir_fd=variant_fd)
-            try:
-                transfer.dir_fd = open_dir(tmp_name, dir_fd=variant_fd)
-                # exactly that mode whatever the umask, the setgid bit it inherited kept
-                setgid = os.fstat(transfer.dir_fd).st_mode & stat.S_ISGID
-                os.fchmod(transfer.dir_fd, dir_mode | setgid)
+            with staged(
+                variant_fd, parts[-1], version_dir, ".import-", transfer.undo, dir_mode
+            ) as staging_fd:
+                transfer.dir_fd = os.dup(staging_fd)
                 _fill(plan, transfer, placed, into_existing=False)
-                os.fsync(transfer.dir_fd)
-                if _exists(parts[-1], variant_fd):
-                    raise VersionExists(f"{version_dir} appeared while importing; not replaced")
-                os.rename(tmp_name, parts[-1], src_dir_fd=variant_fd, dst_dir_fd=variant_fd)
-            except BaseException:
-                transfer.undo()
-                shutil.rmtree(tmp_name, dir_fd=variant_fd, ignore_errors=True)
-                raise
-            os.fsync(variant_fd)
     except OSError as e:
         transfer.undo()
         if e.errno in (errno.ENOSPC, errno.EDQUOT):

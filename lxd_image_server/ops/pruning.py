@@ -60,6 +60,15 @@ def _tell_spared(product: str, serial: str, newest: str) -> None:
     )
 
 
+def retire(
+    state_dir: str, versions: list[ScannedVersion], grace: int, now: float | None = None
+) -> list[Pending]:
+    """Records `versions` as pruned (their files go after `grace` seconds), before a publish
+    that then leaves them out: what `sync` does with the versions upstream's newest no longer
+    cover. -> those newly recorded."""
+    return schedule(state_dir, versions, grace, now=now)[0]
+
+
 def prune(
     pipeline: Pipeline, keep: int, grace: int, dry_run: bool = False, now: float | None = None
 ) -> Outcome:

@@ -1,4 +1,5 @@
-"""`run`: nginx, the upload server and the watcher in the foreground, as one unit.
+"""`run`: nginx, the upload server and the watcher in the foreground, as one unit (and, with
+[sync.NAME] configured, `sync --repeat`).
 
 What the seeds' container did with supervisord: prepares what `init` would (into the state
 directory, not /etc), starts the three as child processes, logs to stdout, stops them all on
@@ -292,11 +293,15 @@ def _commands(opts: RunOptions, conf: str, user: str | None) -> dict[str, list[s
         # is theirs to read, nobody else's
         upload += ["--umask", "0o007"]
     upload.append("lxd_image_server.web.upload:app_from_env()")
-    return {
+    commands = {
         "watcher": watch,
         "upload": upload,
         "nginx": [nginx.nginx_binary(), "-p", opts.run_dir, "-c", conf, "-e", "stderr"],
     }
+    if opts.settings.syncs:
+        # [sync.NAME]: on their schedule, as the package's timer runs them
+        commands["syncer"] = [*watch[: watch.index("watch")], "sync", "--repeat", *tree]
+    return commands
 
 
 def _die_with_parent() -> None:
@@ -414,8 +419,9 @@ class Supervisor:
             self._stop_all()
 
     def _stop_all(self) -> None:
-        # nginx first (no new requests), then uploads, then the watcher publishes what landed
-        for name in ("nginx", "upload", "watcher"):
+        # nginx first (no new requests), then uploads and syncs, then the watcher publishes
+        # what landed
+        for name in ("nginx", "upload", "syncer", "watcher"):
             p = self.procs.get(name)
             if p is None or p.poll() is not None:
                 continue

@@ -104,6 +104,7 @@ RUNNING_UNITS = (
     "lxd-image-server-config.path",
     "lxd-image-server-rebuild.path",
     "lxd-image-server-update.timer",
+    "lxd-image-server-sync.timer",
     "nginx.service",
     "ssh.service",
 )
@@ -113,6 +114,8 @@ OUR_UNITS = (
     "lxd-image-server-upload.service",
     "lxd-image-server-update.service",
     "lxd-image-server-update.timer",
+    "lxd-image-server-sync.service",
+    "lxd-image-server-sync.timer",
     "lxd-image-server-rebuild.path",
     "lxd-image-server-config.path",
     "lxd-image-server-reload.service",
@@ -457,6 +460,7 @@ def test_units_verify_and_are_hardened(installed: Installed, container: Containe
     limits = {
         "lxd-image-server.service": 1.2,
         "lxd-image-server-update.service": 1.2,
+        "lxd-image-server-sync.service": 1.2,
         "lxd-image-server-upload.service": 0.3,
     }
     for unit, limit in limits.items():
@@ -468,6 +472,7 @@ def test_units_verify_and_are_hardened(installed: Installed, container: Containe
     users = {
         "lxd-image-server.service": WRITER,
         "lxd-image-server-update.service": WRITER,
+        "lxd-image-server-sync.service": WRITER,
         "lxd-image-server-upload.service": UPLOADER,
     }
     for unit, user in users.items():
@@ -875,6 +880,84 @@ def test_sandboxed_units_push_to_a_mirror(
     log = run_update_by_trigger(container)
     assert "mirror self: pushed" in log, log
     container.run("rm -f /etc/lxd-image-server/config.toml")
+
+
+UPSTREAM_SERVER = """\
+import functools, http.server, ssl, sys
+handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory="/srv/upstream")
+server = http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), handler)
+context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+context.load_cert_chain("/etc/nginx/ssl/nginx.crt", "/etc/nginx/ssl/nginx.key")
+server.socket = context.wrap_socket(server.socket, server_side=True)
+server.serve_forever()
+"""
+
+
+def test_sandboxed_sync_unit(
+    server_cert: Path,
+    installed: Installed,
+    images: dict[str, Image],
+    container: Container,
+    tmp_path: Path,
+) -> None:
+    """[sync.NAME] configured: the package's sync unit (sandboxed, as the catalog writer) brings
+    an upstream's image into images/ and publishes it with upstream's fingerprint; the next run
+    finds it not due."""
+    img = images["https"]
+    rel = f"images/synced/1.0/amd64/default/{img.serial}"
+    upstream = container.path(f"/srv/upstream/{rel}")
+    upstream.mkdir(parents=True)
+    # metadata of its own: the same image twice in one catalog would make LXD's lookups of
+    # the uploaded one ambiguous ("More than one match")
+    meta = write_metadata_tarball(tmp_path / "meta", upstream / "lxd.tar.xz", "synced")
+    shutil.copyfile(img.root, upstream / "rootfs.squashfs")
+    fingerprint = sha256_file(meta, upstream / "rootfs.squashfs")
+    container.run(
+        "lxd-image-server --state-dir /srv/upstream-state update --root-dir /srv/upstream"
+    )
+    container.path("/srv/upstream-server.py").write_text(UPSTREAM_SERVER)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    container.run(f"systemd-run --unit=sync-upstream python3 /srv/upstream-server.py {port}")
+    conf = "/etc/lxd-image-server/conf.d/sync-test.toml"
+    try:
+        # (from the host: the container shares its network, and has no curl)
+        url = f"https://127.0.0.1:{port}/streams/v1/index.json"
+        wait_for(
+            "the upstream answers",
+            lambda: (
+                curl("--cacert", str(server_cert), "--fail", "-o", "/dev/null", url).returncode == 0
+            ),
+        )
+        container.run(
+            f"cat > {conf}",
+            input=f'[sync.up]\nurl = "https://127.0.0.1:{port}"\nfilters = ["os=synced"]\n'
+            'ca = "/etc/nginx/ssl/nginx.crt"\ninterval = "1h"\n',
+        )
+        unit = "lxd-image-server-sync.service"
+        container.run(f"systemctl start {unit}", timeout=300, check=False)
+        invocation = unit_property(container, unit, "InvocationID")
+        log = container.run(f"journalctl -b -o cat _SYSTEMD_INVOCATION_ID={invocation}").stdout
+        assert unit_property(container, unit, "Result") == "success", log
+        assert "synced synced:1.0:amd64:default" in log, log
+        version = f"{ROOT}/{rel}"
+        # the writer's (who deletes it when it is pruned), not writable by the uploaders
+        owner, mode = stat_in_container(container, version).split()
+        assert owner.startswith(f"{WRITER}:") and mode in ("755", "2755"), (owner, mode)
+        owner, mode = stat_in_container(container, f"{version}/rootfs.squashfs").split()
+        assert owner.startswith(f"{WRITER}:") and mode == "644", (owner, mode)
+        wait_for(
+            "the synced image is published",
+            lambda: fingerprint in published_fingerprints(catalog(server_cert)),
+        )
+        # the timer's next run: not due for an hour
+        container.run(f"systemctl start {unit}", timeout=300)
+        invocation = unit_property(container, unit, "InvocationID")
+        log = container.run(f"journalctl -b -o cat _SYSTEMD_INVOCATION_ID={invocation}").stdout
+        assert "no configured sync is due" in log, log
+    finally:
+        container.run(f"rm -f {conf}; systemctl stop sync-upstream", check=False)
 
 
 # -- the real LXD daemon on the host ----------------------------------------------------------
