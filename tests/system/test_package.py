@@ -836,6 +836,32 @@ def test_config_change_reloads_the_watcher(installed: Installed, container: Cont
     container.run("rm -f /etc/lxd-image-server/config.toml /etc/lxd-image-server/conf.d/*.toml")
 
 
+def test_a_burst_of_config_edits_still_reloads_the_watcher(
+    installed: Installed, container: Container
+) -> None:
+    """Fifteen edits in a few seconds (an admin's editor, a configuration tool): the reload
+    service's start limit (5 in 10 s by default) made the path unit fail, and no later change
+    reloaded the watcher."""
+
+    def reloads() -> int:
+        log = container.run("journalctl -b -o cat -u lxd-image-server.service").stdout
+        return log.count("reloading: rescanning everything")
+
+    burst = "/etc/lxd-image-server/conf.d/system-test-burst.toml"
+    try:
+        for i in range(15):
+            container.run(f"echo '# burst {i}' > {burst}")
+            time.sleep(0.2)
+        time.sleep(2)
+        before = reloads()
+        container.run(f"echo '# after the burst' > {burst}")
+        wait_for("the watcher reloads after the burst", lambda: reloads() > before)
+        state = container.run("systemctl is-active lxd-image-server-config.path", check=False)
+        assert state.stdout.strip() == "active", state.stdout
+    finally:
+        container.run(f"rm -f {burst}")
+
+
 MIRROR_CONFIG = f"""\
 [mirrors.self]
 remote = "127.0.0.1"
@@ -1186,10 +1212,14 @@ def test_retention_applied_by_the_packaged_watcher(
         add_version_as_uploader(container, "kept", serial)
     container.run(f"cat > {RETENTION_CONFIG}", input="[retention]\nkeep = 2\n")
     expected = set(KEPT_SERIALS[1:3])
-    wait_for(
-        "the watcher applied keep = 2",
-        lambda: listed_versions(server_cert, "kept") == expected,
-    )
+    try:
+        wait_for(
+            "the watcher applied keep = 2",
+            lambda: listed_versions(server_cert, "kept") == expected,
+        )
+    except pytest.fail.Exception:
+        said = journal(container, "lxd-image-server.service")
+        pytest.fail(f"the watcher did not apply keep = 2; its journal:\n{said[-4000:]}")
     said = journal(container, "lxd-image-server.service")
     assert f"retention: busybox:1.35:amd64:kept {KEPT_SERIALS[0]} leaves the catalog" in said
 
