@@ -197,8 +197,11 @@ def staged(
     fd = -1
     try:
         fd = open_dir(tmp_name, dir_fd=variant_fd)
-        # exactly that mode whatever the umask, the setgid bit it inherited kept
-        os.fchmod(fd, mode | (os.fstat(fd).st_mode & stat.S_ISGID))
+        st_mode = os.fstat(fd).st_mode
+        if stat.S_IMODE(st_mode) & 0o777 != mode:
+            # exactly that mode, only when a umask narrowed it (as fsutil.DirChain does): a
+            # chmod naming the inherited setgid bit is refused by systemd's RestrictSUIDSGID
+            os.fchmod(fd, mode | (st_mode & stat.S_ISGID))
         yield fd
         os.fsync(fd)
         if _exists(serial, variant_fd):
