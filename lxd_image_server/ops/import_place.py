@@ -227,11 +227,13 @@ def new_version(img_dir: str, key: VersionKey, prefix: str) -> Iterator[int]:
     parts = key.relpath.split("/")
     version_dir = os.path.join(img_dir, key.relpath)
     with DirChain(os.open(img_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)) as chain:
-        mode = _dir_mode(chain.fd)
-        variant_fd = _walk_down(chain, img_dir, parts[:-1], mode)
+        # the directories above the version as the tree's (group-writable when images/ is:
+        # the uploaders add versions there); the version itself its maker's alone (DIR_MODE:
+        # the catalog writer, who also deletes it once pruned)
+        variant_fd = _walk_down(chain, img_dir, parts[:-1], _dir_mode(chain.fd))
         if _exists(parts[-1], variant_fd):
             raise VersionExists(f"{version_dir} already exists")
-        with staged(variant_fd, parts[-1], version_dir, prefix, mode=mode) as fd:
+        with staged(variant_fd, parts[-1], version_dir, prefix) as fd:
             yield fd
 
 
