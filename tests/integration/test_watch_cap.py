@@ -175,7 +175,9 @@ def test_start_over_the_cap_never_lists_fewer_versions_than_on_disk(
         finally:
             text = stop_watcher(proc, log)
     assert "Traceback" not in text
-    assert "has no files" not in text, text[-3000:]
+    # (the new version may be found by a rescan before its files are: it was never listed)
+    held = [line for line in text.splitlines() if "has no files" in line and new not in line]
+    assert not held, held[:3]
     monitor.assert_never_fewer(keys - {new})
     assert monitor.seen[-1] == keys
 
