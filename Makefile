@@ -86,8 +86,9 @@ bench: venv run-deps
 # As root itself, the upload server and the watcher run as RUN_USER, a system user made once
 # (nginx's master stays root's); RUN_ARGS="--user NAME" names another.
 RUN_USER ?= lxd-image-server-run
-AS_CALLER := $(if $(and $(SUDO_USER),$(filter 0,$(shell id -u))),runuser -u $(SUDO_USER) --)
-AS_ROOT   := $(if $(and $(if $(SUDO_USER),,1),$(filter 0,$(shell id -u)),$(if $(findstring --user,$(RUN_ARGS)),,1)),1)
+# (SUDO is empty exactly when this runs as root)
+AS_CALLER := $(if $(SUDO),,$(if $(SUDO_USER),runuser -u $(SUDO_USER) --))
+AS_ROOT   := $(if $(SUDO)$(SUDO_USER)$(findstring --user,$(RUN_ARGS)),,1)
 run: run-deps venv
 	@if [ -n "$(AS_ROOT)" ] && ! id -u $(RUN_USER) >/dev/null 2>&1; then \
 	  echo "making the system user $(RUN_USER), which the upload server and the watcher run as"; \

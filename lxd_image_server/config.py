@@ -140,6 +140,12 @@ class Paths:
     def cache_path(self) -> str:
         return self.state.hash_cache
 
+    @property
+    def served_images(self) -> str:
+        """images/ as the catalog's item paths name it: relative to the served root, with a
+        trailing slash ("images/" by default)."""
+        return os.path.relpath(self.img_dir, self.root_dir) + "/"
+
     @classmethod
     def resolve(
         cls,

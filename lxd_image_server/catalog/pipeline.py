@@ -527,8 +527,7 @@ class Pipeline:
         leave it for no reason this writer can name (departures.py)."""
         before = self._listed_versions
         if before is None:
-            images = os.path.relpath(self.paths.img_dir, self.paths.root_dir) + "/"
-            before = self.listing().versions(images)
+            before = self.listing().versions(self.paths.served_images)
         known = departures.Known(
             self.paths.img_dir,
             pruned=lambda path: path in hidden or path in doomed,

@@ -96,8 +96,8 @@ class Watcher:
         #: that file will have been unchanged for a rescan interval (time.monotonic()): the
         #: directory is rescanned then, and the file published
         self.held: dict[str, float] = {}
-        #: images/ as the catalog's item paths name it (relative to the served root)
-        self.served_prefix = os.path.relpath(self.img_dir, pipeline.paths.root_dir) + "/"
+        #: images/ as the catalog's item paths name it
+        self.served_prefix = pipeline.paths.served_images
         pipeline.scanner.exclude = self._excluded
         pipeline.on_hashed = self._wake
         pipeline.defer_page = True  # written once no publish is due (_write_page)
