@@ -44,6 +44,16 @@ class StateDir:
         return self._in("catalog.lock")
 
     @property
+    def upload_digests(self) -> str:
+        """The digests the upload app hands to the catalog writer (tree/handover.py)."""
+        return self._in("upload-digests")
+
+    @property
+    def catalog_inputs(self) -> str:
+        """What the published catalog was made of, for a no-change `update` (unchanged.py)."""
+        return self._in("catalog-inputs.json")
+
+    @property
     def pruned(self) -> str:
         """Versions out of the catalog whose files go after a grace period (retention.py)."""
         return self._in("pruned.json")

@@ -15,6 +15,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from lxd_image_server import envnames
 from lxd_image_server.config import ServiceError
 from lxd_image_server.fsutil import write_atomic
 from lxd_image_server.procs import pid_alive
@@ -56,7 +57,7 @@ class NginxError(ServiceError):
 def template_dirs() -> list[Path]:
     """Where the templates may be: env override, the installed copy, the source tree."""
     dirs = []
-    if env := os.environ.get("LXD_IMAGE_SERVER_TEMPLATES"):
+    if env := os.environ.get(envnames.TEMPLATES):
         dirs.append(Path(env))
     dirs += [
         Path(sys.prefix) / "share" / "lxd-image-server" / "nginx",

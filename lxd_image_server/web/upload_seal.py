@@ -37,7 +37,7 @@ from typing import Any
 from inotify_simple import INotify, flags
 
 from lxd_image_server.fsutil import open_regular
-from lxd_image_server.handover import Combined, Key, Record, key_of, write_record
+from lxd_image_server.tree.handover import Combined, Key, Record, key_of, write_record
 from lxd_image_server.tree.layout import Role, classify
 
 log = logging.getLogger(__name__)

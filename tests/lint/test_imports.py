@@ -40,15 +40,17 @@ WEB_MAY_USE = frozenset(
     f"{TOP}.{m}"
     for m in (
         "config",
+        # the names of the environment variables it reads (`run` sets them)
+        "envnames",
         "fsutil",
-        # the digest records the app hands over (their format; the writer reads them bounded
-        # and trusts one only while the file keeps the identity it names)
-        "handover",
         "htpasswd",
         "logs",
         "retention_policy",
         "settings",
         "tree",
+        # the digest records the app hands over (their format; the writer reads them bounded
+        # and trusts one only while the file keeps the identity it names)
+        "tree.handover",
         "tree.layout",
         "tree.overrides",
     )

@@ -1,0 +1,188 @@
+"""Couplings the import graph cannot see, each named in one place and checked here.
+
+- The state directory's names: every file and directory the program keeps there is named by
+  config.StateDir; no module joins a name of its own to the state directory, and the shipped
+  files (systemd units, postinst) name only those.
+- The environment: every variable the program reads or sets for one of its parts is named in
+  envnames.py, which both sides import (`run` sets, `settings` and the upload app read); the
+  units and /etc/default/lxd-image-server name only those (or others' well-known ones).
+- The shipped units and the code agree on the default paths (root, state directory, upload
+  socket), and the nginx site on where the catalog page lies.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+from lxd_image_server import config, envnames
+from lxd_image_server.catalog.page import PAGE_PATH
+
+from .imports import modules
+
+TOP = Path(__file__).resolve().parents[2]
+PACKAGE = TOP / "lxd_image_server"
+UNITS = sorted((TOP / "systemd").iterdir())
+POSTINST = TOP / "debian" / "lxd-image-server.postinst"
+DEFAULTS = TOP / "debian" / "lxd-image-server.default"
+#: variables the units set for others than this program (Python, gunicorn)
+FOREIGN_ENV = frozenset({"PYTHONUNBUFFERED", "GUNICORN_CMD_ARGS"})
+
+
+def state_names() -> dict[str, str]:
+    """Every StateDir name, relative to the state directory -> the property naming it."""
+    base = "/S"
+    sd = config.StateDir(base)
+    out = {}
+    for attr, value in vars(config.StateDir).items():
+        if isinstance(value, property):
+            out[getattr(sd, attr).removeprefix(base + "/")] = attr
+    return out
+
+
+def _source(path: Path) -> ast.AST:
+    return ast.parse(path.read_text(encoding="utf-8"))
+
+
+def _strings(tree: ast.AST) -> Iterator[tuple[int, str]]:
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            yield node.lineno, node.value
+
+
+_JOINS = ("os.path.join", "Path", "pathlib.Path", "join")
+_STATE_ARG = re.compile(r"(^|\.)state(_dir)?$")
+
+
+def state_joins(package_dir: Path) -> list[str]:
+    """Paths built below the state directory outside config.py, and string constants that are
+    a StateDir name (with a dot or a dash: "run" or "ssl" are ordinary words too)."""
+    names = {n for n in state_names() if "." in n or "-" in n}
+    problems = []
+    for _, path in sorted(modules(package_dir).items()):
+        if path.name == "config.py" and path.parent == package_dir:
+            continue
+        rel = path.relative_to(package_dir.parent)
+        tree = _source(path)
+        for node in ast.walk(tree):
+            if (
+                isinstance(node, ast.Call)
+                and ast.unparse(node.func) in _JOINS
+                and node.args
+                and _STATE_ARG.search(ast.unparse(node.args[0]))
+            ):
+                problems.append(
+                    f"{rel}:{node.lineno}: {ast.unparse(node)} names a file in the state "
+                    "directory: name it in config.StateDir"
+                )
+        for line, text in _strings(tree):
+            if text in names:
+                problems.append(f"{rel}:{line}: {text!r} is config.StateDir.{state_names()[text]}")
+    return problems
+
+
+def test_every_state_directory_name_is_in_state_dir() -> None:
+    assert state_joins(PACKAGE) == []
+
+
+def test_the_check_finds_a_name_joined_to_the_state_directory(tmp_path: Path) -> None:
+    pkg = tmp_path / "lxd_image_server"
+    (pkg / "catalog").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "catalog" / "__init__.py").write_text("")
+    (pkg / "config.py").write_text("import os\nX = os.path.join(state_dir, 'mine')\n")
+    (pkg / "catalog" / "thing.py").write_text(
+        "import os\n"
+        "a = os.path.join(paths.state_dir, 'mine.json')\n"
+        "b = Path(self.state, 'x')\n"
+        "c = os.path.join(paths.img_dir, 'fine')\n"
+        "d = 'upload-digests'\n"
+    )
+    assert state_joins(pkg) == [
+        "lxd_image_server/catalog/thing.py:2: os.path.join(paths.state_dir, 'mine.json') names a "
+        "file in the state directory: name it in config.StateDir",
+        "lxd_image_server/catalog/thing.py:3: Path(self.state, 'x') names a file in the state "
+        "directory: name it in config.StateDir",
+        "lxd_image_server/catalog/thing.py:5: 'upload-digests' is config.StateDir.upload_digests",
+    ]
+
+
+def test_the_shipped_files_name_only_state_dir_names() -> None:
+    """systemd units and postinst reach into the state directory by name."""
+    names = state_names()
+    found = []
+    for path in [*UNITS, POSTINST]:
+        text = path.read_text(encoding="utf-8")
+        for m in re.finditer(rf"(?:{re.escape(config.DEFAULT_STATE_DIR)}|\$STATE)/([\w.-]+)", text):
+            found.append((path.name, m[1]))
+        # postinst hands the digests' directory name to its python helper as an argument
+        for m in re.finditer(r'python3 - "\$STATE" ([\w.-]+) "\$UPLOADER"', text):
+            found.append((path.name, m[1]))
+    assert found, "the units and postinst name no file of the state directory any more?"
+    # .ssh is ssh's: the writer's home is the state directory
+    assert [(f, n) for f, n in found if n not in names and n != ".ssh"] == []
+    assert ("lxd-image-server-upload.service", "upload-digests") in found
+
+
+# -- the environment ---------------------------------------------------------------------------
+
+
+def env_literals(package_dir: Path) -> list[str]:
+    """String constants, outside envnames.py, that are the name of one of the program's
+    environment variables."""
+    names = set(envnames.ALL)
+    problems = []
+    for _, path in sorted(modules(package_dir).items()):
+        if path.name == "envnames.py" and path.parent == package_dir:
+            continue
+        rel = path.relative_to(package_dir.parent)
+        for line, text in _strings(_source(path)):
+            if text in names:
+                problems.append(f"{rel}:{line}: {text!r}: use envnames")
+    return problems
+
+
+def test_every_environment_name_comes_from_envnames() -> None:
+    assert env_literals(PACKAGE) == []
+
+
+def test_envnames_names_each_variable_once() -> None:
+    values = [v for k, v in vars(envnames).items() if k.isupper() and isinstance(v, str)]
+    assert sorted(values) == sorted(set(values)) == sorted(envnames.ALL)
+
+
+def _unit_env(text: str) -> Iterator[str]:
+    for line in text.splitlines():
+        if line.startswith("Environment="):
+            for assignment in line.removeprefix("Environment=").split():
+                yield assignment.split("=", 1)[0]
+
+
+def test_the_units_and_the_defaults_file_set_only_known_variables() -> None:
+    set_by_units = {name for unit in UNITS for name in _unit_env(unit.read_text())}
+    in_defaults = set(re.findall(r"^#?([A-Z][A-Z0-9_]+)=", DEFAULTS.read_text(), re.M))
+    assert set_by_units and in_defaults
+    assert (set_by_units | in_defaults) - set(envnames.ALL) - FOREIGN_ENV == set()
+
+
+# -- the units, the nginx site and the code ----------------------------------------------------
+
+
+def test_the_units_use_the_default_paths() -> None:
+    text = "\n".join(u.read_text() for u in UNITS)
+    state_dirs = set(re.findall(r"--state-dir (\S+)", text))
+    roots = set(re.findall(r"--root-dir (\S+)", text))
+    sockets = set(re.findall(r"^ListenStream=(\S+)", text, re.M))
+    img_dirs = set(re.findall(rf"{envnames.IMG_DIR}=(\S+)", text))
+    assert state_dirs == {config.DEFAULT_STATE_DIR}
+    assert roots == {config.DEFAULT_ROOT}
+    assert sockets == {config.DEFAULT_UPLOAD_SOCKET}
+    assert img_dirs == {f"{config.DEFAULT_ROOT}/images"}
+
+
+def test_the_nginx_site_serves_the_page_where_it_is_written() -> None:
+    text = (TOP / "nginx" / "locations.conf.in").read_text()
+    assert f"try_files /{PAGE_PATH} " in text
+    assert f"location = /{PAGE_PATH} " in text
