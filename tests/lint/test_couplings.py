@@ -186,3 +186,37 @@ def test_the_nginx_site_serves_the_page_where_it_is_written() -> None:
     text = (TOP / "nginx" / "locations.conf.in").read_text()
     assert f"try_files /{PAGE_PATH} " in text
     assert f"location = /{PAGE_PATH} " in text
+
+
+# -- docs/architecture.md and the code ---------------------------------------------------------
+
+
+def layer_rows(text: str) -> dict[str, str]:
+    """The rows of the layer table of docs/architecture.md, by folder ("" for the foundation)."""
+    section = text.split("## The layers, bottom to top", 1)[1].split("\n## ", 1)[0]
+    rows = {}
+    for line in section.splitlines():
+        if line.startswith("| foundation"):
+            rows[""] = line
+        elif m := re.match(r"\| [^|]+ \| `(\w+)/`", line):
+            rows[m[1]] = line
+    return rows
+
+
+def undocumented(package_dir: Path, text: str) -> list[str]:
+    rows = layer_rows(text)
+    missing = []
+    for _, path in sorted(modules(package_dir).items()):
+        rel = path.relative_to(package_dir)
+        if path.name in ("__init__.py", "__main__.py"):
+            continue
+        folder = rel.parent.name if len(rel.parts) > 1 else ""
+        if f"`{path.stem}`" not in rows.get(folder, ""):
+            missing.append(str(rel))
+    return missing
+
+
+def test_every_module_is_in_the_architecture_table() -> None:
+    """docs/architecture.md lists each module in its layer's row (so a moved or new module
+    is said where it is)."""
+    assert undocumented(PACKAGE, (TOP / "docs" / "architecture.md").read_text()) == []
