@@ -12,6 +12,11 @@ DEFAULT_SSL_DIR = "/etc/nginx/ssl"
 DEFAULT_HTPASSWD = "/etc/lxd-image-server/htpasswd"
 DEFAULT_NGINX_DIR = "/etc/nginx"
 DEFAULT_UPLOAD_SOCKET = "/run/lxd-image-server/upload.sock"
+#: nginx's workers' user and group, as Debian's nginx package makes them (the upload socket's
+#: group in systemd/lxd-image-server-upload.socket)
+NGINX_USER = "www-data"
+#: the package's group of those who read the upload credentials (debian/*.postinst makes it)
+CREDENTIALS_GROUP = "lxd-image-server-auth"
 #: the user a mirror's pushes log in as (`mirror authorize --user`, [mirrors.NAME] user)
 DEFAULT_MIRROR_USER = "lxdmirror"
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lxd_image_server import envnames, htpasswd
-from lxd_image_server.config import Paths, ServiceError
+from lxd_image_server.config import NGINX_USER, Paths, ServiceError
 from lxd_image_server.fsutil import can_traverse
 from lxd_image_server.service import health, nginx, run_user, tls
 from lxd_image_server.service.initialize import (
@@ -39,7 +39,7 @@ from lxd_image_server.settings import Settings
 log = logging.getLogger(__name__)
 
 #: The user nginx's workers take when `run` is root (Debian's nginx package makes it)
-WORKER_USER = "www-data"
+WORKER_USER = NGINX_USER
 #: nginx first (no new requests), then uploads and syncs, then the watcher publishes what
 #: landed
 STOP_ORDER = ("nginx", "upload", "syncer", "watcher")

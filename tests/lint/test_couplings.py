@@ -19,6 +19,7 @@ from pathlib import Path
 
 from lxd_image_server import config, envnames
 from lxd_image_server.catalog.page import PAGE_PATH
+from lxd_image_server.service import nginx
 
 from .imports import modules
 
@@ -180,6 +181,34 @@ def test_the_units_use_the_default_paths() -> None:
     assert roots == {config.DEFAULT_ROOT}
     assert sockets == {config.DEFAULT_UPLOAD_SOCKET}
     assert img_dirs == {f"{config.DEFAULT_ROOT}/images"}
+
+
+def _shell_vars(path: Path) -> dict[str, str]:
+    return dict(re.findall(r"^([A-Z_]+)=(\S+)$", path.read_text(), re.M))
+
+
+def test_the_package_scripts_use_the_names_of_the_code() -> None:
+    """postinst makes what the code expects (the tree, the state directory, the credentials,
+    their group, the nginx site), postrm removes what `init` wrote."""
+    v = _shell_vars(POSTINST)
+    assert v["ROOT"] == config.DEFAULT_ROOT
+    assert v["STATE"] == config.DEFAULT_STATE_DIR
+    assert v["HTPASSWD"] == config.DEFAULT_HTPASSWD
+    assert v["AUTH_GROUP"] == config.CREDENTIALS_GROUP
+    assert v["SITE"] == f"{config.DEFAULT_NGINX_DIR}/sites-available/{nginx.SITE_NAME}"
+    postrm = (TOP / "debian" / "lxd-image-server.postrm").read_text()
+    for made in (
+        f"{config.DEFAULT_NGINX_DIR}/sites-enabled/{nginx.SITE_NAME}",
+        f"{config.DEFAULT_NGINX_DIR}/snippets/{nginx.SITE_NAME}.conf",
+        f"{config.DEFAULT_SSL_DIR}/nginx.crt",
+        config.DEFAULT_STATE_DIR,
+    ):
+        assert made in postrm, made
+
+
+def test_the_upload_socket_is_for_nginx_workers() -> None:
+    socket = (TOP / "systemd" / "lxd-image-server-upload.socket").read_text()
+    assert f"\nSocketGroup={config.NGINX_USER}\n" in socket
 
 
 def test_the_nginx_site_serves_the_page_where_it_is_written() -> None:
