@@ -20,17 +20,8 @@ import click
 
 from lxd_image_server import __version__, envnames, logs
 from lxd_image_server import settings as settings_module
-from lxd_image_server.cli.common import (
-    Globals,
-    handle_errors,
-    tree_options,
-    tree_paths,
-)
-from lxd_image_server.config import (
-    DEFAULT_STATE_DIR,
-    ConfigError,
-    StateDir,
-)
+from lxd_image_server.cli.common import Globals, handle_errors, tree_options, tree_paths
+from lxd_image_server.config import DEFAULT_STATE_DIR, ConfigError, StateDir
 from lxd_image_server.progress import for_terminal
 from lxd_image_server.settings import Settings
 

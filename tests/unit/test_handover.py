@@ -1,6 +1,6 @@
 """The digests the upload app computed are the ones the catalog writer publishes, without it
 reading the bytes again; and nothing an sftp uploader can do makes it publish a digest that
-does not match the bytes (handover.py, upload_seal.py)."""
+does not match the bytes (tree/handover.py, web/upload_seal.py)."""
 
 from __future__ import annotations
 
