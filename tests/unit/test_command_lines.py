@@ -19,7 +19,7 @@ import pytest
 from lxd_image_server import settings
 from lxd_image_server.cli.root import main
 from lxd_image_server.config import Paths
-from lxd_image_server.service import run
+from lxd_image_server.service import health, run
 from lxd_image_server.settings import Settings, SyncConfig
 
 TOP = Path(__file__).resolve().parents[2]
@@ -87,6 +87,16 @@ def test_run_starts_children_the_command_line_understands(tmp_path: Path) -> Non
         assert name == subcommand
         assert params["root_dir"] == paths.root_dir
     assert parse(commands["syncer"][3:])[1]["repeat"] is True
+
+
+def test_health_knows_the_watcher_as_the_unit_and_run_start_it(tmp_path: Path) -> None:
+    paths = Paths.resolve(root_dir=str(tmp_path / "root"), state_dir=str(tmp_path / "state"))
+    by_run = run._commands(run.RunOptions(paths=paths), "nginx.conf", None)
+    (by_unit,) = [argv for unit, argv in UNIT_LINES if unit == "lxd-image-server.service"]
+    for argv in (by_run["watcher"], ["/usr/bin/lxd-image-server", *by_unit]):
+        assert health.is_watcher([a.encode() for a in argv]), argv
+    assert not health.is_watcher([a.encode() for a in by_run["upload"]])
+    assert not health.is_watcher([b"/usr/bin/lxd-image-server", b"update"])
 
 
 def test_the_first_catalog_code_run_hands_a_child_publishes(tmp_path: Path) -> None:
