@@ -168,6 +168,28 @@ def test_the_units_and_the_defaults_file_set_only_known_variables() -> None:
     assert (set_by_units | in_defaults) - set(envnames.ALL) - FOREIGN_ENV == set()
 
 
+def _entrypoint_reads() -> set[str]:
+    """What the container's entrypoint reads itself: $NAME, ${NAME...} and `flag NAME`."""
+    text = (TOP / "container" / "entrypoint.sh").read_text()
+    code = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))
+    return set(re.findall(r"\$\{?([A-Z][A-Z0-9_]+)", code)) | set(
+        re.findall(r"\bflag ([A-Z][A-Z0-9_]+)", code)
+    )
+
+
+def test_the_container_and_kubernetes_set_only_what_something_reads() -> None:
+    """The deployment and the Containerfile's example set variables that the entrypoint reads
+    or the program does (envnames)."""
+    deployment = (TOP / "kubernetes" / "deployment.yaml").read_text()
+    env_block = deployment.split("env:", 1)[1].split("ports:", 1)[0]
+    set_by_deployment = set(re.findall(r"- name: ([A-Z][A-Z0-9_]+)$", env_block, re.M))
+    containerfile = (TOP / "container" / "Containerfile").read_text()
+    set_by_example = set(re.findall(r"-e ([A-Z][A-Z0-9_]+)=", containerfile))
+    assert set_by_deployment and set_by_example
+    known = _entrypoint_reads() | set(envnames.ALL)
+    assert (set_by_deployment | set_by_example) - known == set()
+
+
 # -- the units, the nginx site and the code ----------------------------------------------------
 
 
