@@ -154,6 +154,14 @@ def test_envnames_names_each_variable_once() -> None:
     assert sorted(values) == sorted(set(values)) == sorted(envnames.ALL)
 
 
+def test_the_man_page_names_every_variable() -> None:
+    man = (TOP / "man" / "lxd-image-server.1").read_text().replace("\\", "")
+    section = man.split(".SH ENVIRONMENT", 1)[1].split(".SH ", 1)[0]
+    documented = set(re.findall(r"^\.B ([A-Z][A-Z0-9_]+)$", section, re.M))
+    # systemd's, read where a unit sets it
+    assert set(envnames.ALL) - {envnames.RUNTIME_DIRECTORY} - documented == set()
+
+
 def _unit_env(text: str) -> Iterator[str]:
     for line in text.splitlines():
         if line.startswith("Environment="):
