@@ -149,6 +149,19 @@ def test_every_environment_name_comes_from_envnames() -> None:
     assert env_literals(PACKAGE) == []
 
 
+def test_the_check_finds_a_name_spelled_out(tmp_path: Path) -> None:
+    pkg = tmp_path / "lxd_image_server"
+    (pkg / "web").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "web" / "__init__.py").write_text("")
+    (pkg / "envnames.py").write_text('SLOTS = "UPLOAD_SLOTS_DIR"\n')
+    (pkg / "web" / "app.py").write_text(
+        'import os\n"""UPLOAD_SLOTS_DIR in a sentence is fine."""\n'
+        'a = os.environ.get("UPLOAD_SLOTS_DIR")\nb = envnames.UPLOAD_SLOTS_DIR\n'
+    )
+    assert env_literals(pkg) == ["lxd_image_server/web/app.py:3: 'UPLOAD_SLOTS_DIR': use envnames"]
+
+
 def test_envnames_names_each_variable_once() -> None:
     values = [v for k, v in vars(envnames).items() if k.isupper() and isinstance(v, str)]
     assert sorted(values) == sorted(set(values)) == sorted(envnames.ALL)
