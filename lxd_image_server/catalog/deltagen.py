@@ -51,6 +51,36 @@ MAX_WINDOW = 256 << 20
 #: more: xdelta3 -9 sets up its tables for the window's size, so a 16 MiB window made a delta
 #: of a 4 KiB root cost 10 times the time of one sized to it
 MIN_WINDOW = 512 << 10
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How xdelta3 makes a delta: chosen by bench/bench_delta.py's figures (bench/README.md)."""
+
+    #: compression level (-0 to -9)
+    level: int = 9
+    #: the largest source window (-B); a smaller base gets a window of its own size
+    max_window: int = MAX_WINDOW
+    #: secondary compression (-S): lzma, djw, fgk or none; None leaves xdelta3's default
+    secondary: str | None = None
+
+    def window(self, base_size: int) -> int:
+        return max(MIN_WINDOW, min(self.max_window, base_size))
+
+    def encode_options(self, base_size: int) -> list[str]:
+        """xdelta3's options to make a delta from a base of `base_size` bytes (to stdout)."""
+        secondary = ["-S", self.secondary] if self.secondary is not None else []
+        window = str(self.window(base_size))
+        return ["-e", f"-{self.level}", *secondary, "-A", "-c", "-B", window]
+
+    def decode_options(self, base_size: int) -> list[str]:
+        """xdelta3's options to rebuild a root from a delta (to stdout)."""
+        return ["-d", "-c", "-B", str(self.window(base_size))]
+
+
+#: what this server makes its deltas with
+SETTINGS = Settings()
+
 TMP_PREFIX = ".vcdiff-"
 _ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"}
 
@@ -206,10 +236,6 @@ def _identity(fd: int) -> tuple[int, int, int, int, int]:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
-def _window(size: int) -> int:
-    return max(MIN_WINDOW, min(MAX_WINDOW, size))
-
-
 def _check(xdelta3: str, base_fd: int, delta_fd: int, job: Job, timeout: float) -> Failure | None:
     """None when the delta rebuilds the target root (by sha256), else why not."""
     h = hashlib.sha256()
@@ -223,10 +249,7 @@ def _check(xdelta3: str, base_fd: int, delta_fd: int, job: Job, timeout: float) 
             raise _Stop()
         h.update(chunk)
 
-    argv = [
-        xdelta3, "-d", "-c", "-B", str(_window(job.base_root.size)),
-        "-s", f"/dev/fd/{base_fd}",
-    ]  # fmt: skip
+    argv = [xdelta3, *SETTINGS.decode_options(job.base_root.size), "-s", f"/dev/fd/{base_fd}"]
     try:
         problem = _run(argv, delta_fd, [base_fd], sink, timeout)
     except _Stop:
@@ -258,9 +281,7 @@ def rebuild(
             raise _Stop()
         sink(chunk)
 
-    argv = [
-        limits.xdelta3, "-d", "-c", "-B", str(_window(base_size)), "-s", f"/dev/fd/{base_fd}",
-    ]  # fmt: skip
+    argv = [limits.xdelta3, *SETTINGS.decode_options(base_size), "-s", f"/dev/fd/{base_fd}"]
     try:
         failure = _run(argv, delta_fd, [base_fd], bounded, limits.timeout)
     except _Stop:
@@ -333,10 +354,8 @@ def make(job: Job, limits: Limits, img_dir: str) -> Record:
                 raise _Stop()
             os.write(tmp_fd, chunk)
 
-        argv = [
-            limits.xdelta3, "-e", "-9", "-A", "-c", "-B", str(_window(job.base_root.size)),
-            "-s", f"/dev/fd/{fds[0]}",
-        ]  # fmt: skip
+        options = SETTINGS.encode_options(job.base_root.size)
+        argv = [limits.xdelta3, *options, "-s", f"/dev/fd/{fds[0]}"]
         try:
             problem = _run(argv, fds[1], [fds[0]], sink, limits.timeout)
         except _Stop:
