@@ -58,11 +58,12 @@ class Settings:
     """How xdelta3 makes a delta: chosen by bench/bench_delta.py's figures (bench/README.md)."""
 
     #: compression level (-0 to -9)
-    level: int = 9
+    level: int = 3
     #: the largest source window (-B); a smaller base gets a window of its own size
     max_window: int = MAX_WINDOW
     #: secondary compression (-S): lzma, djw, fgk or none; None leaves xdelta3's default
-    secondary: str | None = None
+    #: (LZMA in Debian's build)
+    secondary: str | None = "none"
 
     def window(self, base_size: int) -> int:
         return max(MIN_WINDOW, min(self.max_window, base_size))
