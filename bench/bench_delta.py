@@ -1,6 +1,6 @@
 """What a delta costs at real sizes: the server making and checking it, the client applying it.
 
-    python bench/bench_delta.py [--pairs debian,disk-1,disk-4] [--settings all|server]
+    python bench/bench_delta.py [--pairs debian,disk-1,disk-4] [--alternatives debian,disk-1]
                                 [--cache-dir DIR] [--workdir DIR] [--keep] [--exe PATH]
 
 For each pair of roots (bench/delta_inputs.py: a real Debian image before and after a package
@@ -82,14 +82,14 @@ class Variant:
 BEFORE = Settings(level=9, max_window=256 * MiB, secondary=None)
 
 
-def variants(which: str) -> list[Variant]:
-    """The server's settings, those it used before, then alternatives that each change one
-    thing of the server's: the level, the window, the secondary compression."""
+def variants(alternatives: bool) -> list[Variant]:
+    """The server's settings and those it used before; with `alternatives`, then settings that
+    each change one thing of the server's: the level, the window, the secondary compression."""
     out = [Variant(f"server: {describe(SETTINGS)}", SETTINGS)]
-    if which == "server":
-        return out
     if BEFORE != SETTINGS:
         out.append(Variant(f"before: {describe(BEFORE)}", BEFORE))
+    if not alternatives:
+        return out
     for level in (9, 6, 3):
         if level != SETTINGS.level:
             out.append(Variant(f"-{level}", dataclasses.replace(SETTINGS, level=level)))
@@ -352,14 +352,21 @@ def parse_args() -> argparse.Namespace:
     p.add_argument(
         "--pairs", default=",".join(PAIRS), help=f"comma-separated, of {', '.join(PAIRS)}"
     )
-    p.add_argument("--settings", choices=("all", "server"), default="all")
+    p.add_argument(
+        "--alternatives",
+        default="debian,disk-1",
+        help="the pairs measured with the alternative settings too (the others with the "
+        "server's and the former settings only); empty: none",
+    )
     p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, help="where the pairs are kept")
     p.add_argument("--workdir", default=DEFAULT_WORKDIR)
     p.add_argument("--keep", action="store_true")
     p.add_argument("--exe", help="lxd-image-server to run")
     p.add_argument("--timeout", type=float, default=1800.0)
     args = p.parse_args()
-    unknown = set(args.pairs.split(",")) - set(PAIRS)
+    unknown = (set(args.pairs.split(",")) | set(filter(None, args.alternatives.split(",")))) - set(
+        PAIRS
+    )
     if unknown:
         p.error(f"unknown pairs: {', '.join(sorted(unknown))}")
     return args
@@ -380,19 +387,19 @@ def make_pair(name: str, cache: Path, timeout: float) -> Pair:
 def bench() -> int:
     args = parse_args()
     exe = server_exe(args.exe)
-    chosen = variants(args.settings)
+    alternatives = set(args.alternatives.split(","))
     names = args.pairs.split(",")
-    pairs = [make_pair(n, args.cache_dir, args.timeout) for n in names]
+    pairs = [(n, make_pair(n, args.cache_dir, args.timeout)) for n in names]
     with scratch_dir(args.workdir, args.keep, "bench-delta-") as work:
         print(f"{machine_line()}; {xdelta3_version()}")
-        for pair in pairs:
+        for key, pair in pairs:
             base = baseline(pair, work)
             results = []
-            for v in chosen:
+            for v in variants(key in alternatives):
                 print(f"{pair.name}: {v.label} ...", flush=True)
                 results.append(measure(pair, v, base, work, args.timeout))
             report(pair, base, results)
-            if pair.name == "debian":
+            if key == "debian":
                 sub = work / "server"
                 sub.mkdir()
                 served = server_delta(pair, exe, sub, args.timeout)

@@ -5,11 +5,11 @@ link (scan.open_below), checked to be the very files scanned (same identity), an
 xdelta3 as open descriptors (/dev/fd/N and standard input): xdelta3 never opens a path an
 uploader could swap. xdelta3 runs at nice 19 and in the idle I/O class as far as the sandbox
 allows (the units' system call filter may refuse both: xdelta3 then runs at the unit's own
-priority, never not at all), with a source window (-B) of the base's size up to MAX_WINDOW
-(its memory grows with it: about 3.2 times the window, which the units' MemoryMax allows
-for), a time limit, and its output read here: making stops as soon as the delta outgrows
-`max_ratio` of the root, checking as soon as the rebuilt root outgrows the real one. The
-environment is cleared (xdelta3 takes options from $XDELTA).
+priority, never not at all), with SETTINGS (-3, no secondary compression, a source window of
+the base's size up to MAX_WINDOW: its memory grows with it, to about 1.7 times the window,
+which the units' MemoryMax allows for), a time limit, and its output read here: making stops
+as soon as the delta outgrows `max_ratio` of the root, checking as soon as the rebuilt root
+outgrows the real one. The environment is cleared (xdelta3 takes options from $XDELTA).
 
 A check says WRONG only when xdelta3 ran to its end and refused the delta or rebuilt
 something else; a run cut short (time limit, killed: the OOM killer at MemoryMax, a wrapper or
@@ -42,8 +42,8 @@ from lxd_image_server.tree.scan import FileStat, open_below
 
 log = logging.getLogger(__name__)
 
-#: largest xdelta3 source window: its memory use grows with it, to about 3.2 times the window
-#: (-9: 830 MiB of RSS at 256 MiB), which the units' MemoryHigh/MemoryMax are sized for. A
+#: largest xdelta3 source window: its memory use grows with it, to about 1.7 times the window
+#: at -3 (440 MiB of RSS at 256 MiB; -9 took 830), within the units' MemoryHigh/MemoryMax. A
 #: base larger than this is still diffed, with matches found within this distance of the
 #: target's position (a new version of a squashfs keeps its files in much the same order)
 MAX_WINDOW = 256 << 20
@@ -55,7 +55,10 @@ MIN_WINDOW = 512 << 10
 
 @dataclass(frozen=True)
 class Settings:
-    """How xdelta3 makes a delta: chosen by bench/bench_delta.py's figures (bench/README.md)."""
+    """How xdelta3 makes a delta, chosen by bench/bench_delta.py's figures (bench/README.md):
+    -9 made deltas of real roots no smaller than -3, in twice the time and memory; LZMA
+    secondary compression (xdelta3's default in Debian) made them at most 0.5% smaller, in
+    more time for the server and 3 to 5 times the apply time for the client."""
 
     #: compression level (-0 to -9)
     level: int = 3
