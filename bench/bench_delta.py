@@ -36,6 +36,7 @@ import hashlib
 import os
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -119,39 +120,37 @@ class Run:
 def run_measured(
     argv: Sequence[str],
     stdin: IO[bytes] | None,
-    stdout: IO[bytes] | int | None,
+    stdout: IO[bytes] | None,
     timeout: float,
     reader: Callable[[IO[bytes]], None] | None = None,
 ) -> Run:
     """Runs `argv`; its wall-clock seconds and peak RSS. With `reader`, its standard output is
     a pipe handed to `reader`. A failure or a timeout is a BenchError."""
-    start = time.perf_counter()
-    proc = subprocess.Popen(
-        argv,
-        stdin=stdin if stdin is not None else subprocess.DEVNULL,
-        stdout=subprocess.PIPE
-        if reader
-        else (stdout if stdout is not None else subprocess.DEVNULL),
-        stderr=subprocess.PIPE,
-    )
-    timer = threading.Timer(timeout, proc.kill)
-    timer.start()
-    try:
-        if reader:
-            assert proc.stdout is not None
-            reader(proc.stdout)
-            proc.stdout.close()
-        assert proc.stderr is not None
-        errors = proc.stderr.read()
-        proc.stderr.close()
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
-    finally:
-        timer.cancel()
-    elapsed = time.perf_counter() - start
-    if proc.returncode != 0:
-        how = "timed out" if elapsed >= timeout else f"exited {proc.returncode}"
-        raise BenchError(f"{' '.join(argv)} {how}: {errors.decode(errors='replace')[-500:]}")
+    out: IO[bytes] | int = subprocess.PIPE if reader else (stdout or subprocess.DEVNULL)
+    with tempfile.TemporaryFile() as errors:
+        start = time.perf_counter()
+        proc = subprocess.Popen(argv, stdin=stdin or subprocess.DEVNULL, stdout=out, stderr=errors)
+        timer = threading.Timer(timeout, proc.kill)
+        timer.start()
+        try:
+            if reader:
+                assert proc.stdout is not None
+                with proc.stdout:
+                    reader(proc.stdout)
+            _, status, usage = os.wait4(proc.pid, 0)
+            proc.returncode = os.waitstatus_to_exitcode(status)
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
+        finally:
+            timer.cancel()
+        elapsed = time.perf_counter() - start
+        if proc.returncode != 0:
+            errors.seek(0)
+            message = errors.read()[-500:].decode(errors="replace")
+            how = "timed out" if elapsed >= timeout else f"exited {proc.returncode}"
+            raise BenchError(f"{' '.join(argv)} {how}: {message}")
     return Run(elapsed, usage.ru_maxrss * 1024)
 
 
