@@ -4,7 +4,8 @@
   with mksquashfs (as tests/integration/test_real_images.py squashes it), and the same tree
   after a package upgrade inside it: `apt-get update`, `apt-get upgrade` (what bookworm-updates
   and bookworm-security hold that day) and `apt-get install --no-install-recommends curl`, run
-  in systemd-nspawn (the tests' container tool), downloaded .debs not kept.
+  in systemd-nspawn (the tests' container tool). Both roots leave out apt's caches and package
+  lists (NOT_SHIPPED), as image builds do.
 - disk-N: a VM disk as the server serves it (disk-kvm.img, qcow2) of about N GiB: an ext4 file
   system (mke2fs -d, no mount needed) holding the Debian tree and random data files (the files
   of the machine's users: incompressible), converted with qemu-img. The new version is the same
@@ -13,7 +14,8 @@
   again.
 
 Each pair is made again only when what it is made from (its recipe, the Debian tree's stamp)
-changed. Making them needs the network (apt) and about 20 GiB of free space at 4 GiB.
+changed. Making them needs the network (apt) and, while the 4 GiB pair is made, about 17 GiB
+of free space (11 GiB for all three pairs once made).
 """
 
 from __future__ import annotations
