@@ -56,9 +56,10 @@ MIN_WINDOW = 512 << 10
 @dataclass(frozen=True)
 class Settings:
     """How xdelta3 makes a delta, chosen by bench/bench_delta.py's figures (bench/README.md):
-    -9 made deltas of real roots no smaller than -3, in twice the time and memory; LZMA
-    secondary compression (xdelta3's default in Debian) made them at most 0.5% smaller, in
-    more time for the server and 3 to 5 times the apply time for the client."""
+    -9 made deltas of real roots at most 0.2% smaller than -3, in about twice the time and
+    memory; LZMA secondary compression (xdelta3's default in Debian) made them at most 0.5%
+    smaller, in a third more time for the server and about twice the apply time for a client
+    (and needs a client's xdelta3 built with liblzma)."""
 
     #: compression level (-0 to -9)
     level: int = 3
