@@ -1,9 +1,11 @@
 """The published catalog as types: simplestreams products:1.0 (images.json) and index:1.0
 (index.json), one class per level of the format, and its one reader.
 
-Read, never built: catalog/products.py and encode.py write the bytes (tuned, per-version
-caching, pinned by tests/unit/test_golden.py); everything that reads images.json back (list,
-verify, the mirror's send list, the page, the tests) reads it here, into these types.
+Built by the writer (catalog/products.py) and turned into bytes by the one encoder
+(catalog/encode.py: a Version's entry is encoded once and kept with it, `Version.encoded`);
+everything that reads images.json as a client does (list, verify, the mirror's send list, sync
+reading an upstream, the tests) reads it here, into these types. The writer never reads back
+what it wrote: it keeps its model, and a record of what it listed (catalog/published.py).
 
 The reader is bounded (readback.py: a regular file, size and depth capped) and tolerant: a
 field it does not know is ignored; a field it knows with the wrong type is a ValueError (one
@@ -15,7 +17,7 @@ unified item of the client's ftype stands alone.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -125,12 +127,24 @@ class Version:
     #: ftype -> its first item by item key (by_ftype), found once: the page asks five times
     #: per version
     _first: dict[str, Item] = field(init=False, repr=False, compare=False)
+    #: its entry in images.json, once encoded (`encoded`)
+    _text: bytes | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         first: dict[str, Item] = {}
         for k in sorted(self.items):
             first.setdefault(self.items[k].ftype, self.items[k])
         object.__setattr__(self, "_first", first)
+
+    def encoded(self, encoder: Callable[[Version], bytes]) -> bytes:
+        """Its entry as `encoder` (encode.py, the one encoder) writes it, made at the first
+        call and kept: a Version is not changed once built (a changed version is a new one),
+        so an unchanged version is never encoded again, whatever publishes it next."""
+        text = self._text
+        if text is None:
+            text = encoder(self)
+            object.__setattr__(self, "_text", text)
+        return text
 
     def by_ftype(self, ftype: str) -> Item | None:
         """The (first, by item key) item of `ftype`, or None."""
@@ -197,6 +211,10 @@ class Product:
         return sorted(self.versions, key=serial_sort_key)
 
     def to_json(self) -> dict[str, Any]:
+        return {**self.fields(), "versions": {s: v.to_json() for s, v in self.versions.items()}}
+
+    def fields(self) -> dict[str, Any]:
+        """Its fields as JSON values, but its versions."""
         doc: dict[str, Any] = {
             "os": self.os,
             "release": self.release,
@@ -204,7 +222,6 @@ class Product:
             "arch": self.arch,
             "variant": self.variant,
             "aliases": ",".join(self.aliases),
-            "versions": {s: v.to_json() for s, v in self.versions.items()},
         }
         if self.requirements is not None:
             doc["requirements"] = dict(self.requirements)

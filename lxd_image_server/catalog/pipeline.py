@@ -493,7 +493,7 @@ class Pipeline:
         if not self.defer_page:
             # (what is published from here on is not what the record vouches for)
             unchanged.record(state, root, None)
-        changed = publish(self.paths.streams_dir, self._products, images_gz=self._gzip)
+        changed = publish(self.paths.streams_dir, products, images_gz=self._gzip, state_dir=state)
         self._listed_versions, self._listing = publishing, None
         self._state_after = self._catalog_state()
         if plan:
@@ -527,7 +527,8 @@ class Pipeline:
         leave it for no reason this writer can name (departures.py)."""
         before = self._listed_versions
         if before is None:
-            before = self.listing().versions(self.paths.served_images)
+            p = self.paths
+            before = departures.listed_before(p.state_dir, p.streams_dir, p.served_images)
         known = departures.Known(
             self.paths.img_dir,
             pruned=lambda path: path in hidden or path in doomed,
@@ -537,14 +538,10 @@ class Pipeline:
         departures.check(before, publishing, known)
 
     def listing(self) -> departures.Listing:
-        """The files the catalog lists now, with their sizes: from the products this writer
-        published last, else read back from images.json (bounded)."""
+        """The files the catalog lists now, with their sizes: those of the products this
+        writer published last (or found published already); none before its first publish."""
         if self._listing is None:
-            if self._listed_versions is not None and self._unbuilt is None:
-                self._listing = departures.listing_of(self._products)
-            else:
-                images = os.path.join(self.paths.streams_dir, "images.json")
-                self._listing = departures.read_listing(images)
+            self._listing = departures.listing_of(self.products)
         return self._listing
 
     def write_page(self) -> None:
@@ -562,7 +559,8 @@ class Pipeline:
             if self._page is None:
                 self._page = PageCache()
             # <root>/streams/index.html, when its bytes change or it is missing
-            write_page(self.paths.root_dir, self._products, cache=self._page)
+            p = self.paths
+            write_page(p.root_dir, self._products, state_dir=p.state_dir, cache=self._page)
         finally:
             if self._notify:
                 self._notify = False
