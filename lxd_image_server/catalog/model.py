@@ -7,8 +7,11 @@ everything that reads images.json as a client does (list, verify, the mirror's s
 reading an upstream, the tests) reads it here, into these types. The writer never reads back
 what it wrote: it keeps its model, and a record of what it listed (catalog/published.py).
 
-The reader is bounded (readback.py: a regular file, size and depth capped) and tolerant: a
-field it does not know is ignored; a field it knows with the wrong type is a ValueError (one
+The reader is bounded and tolerant: streams/ may have been tampered with (finding 3 of issue 9:
+a nested images.json, or a symlink to /dev/zero), so a document is read from a regular file
+only (no link followed, no FIFO waited on), at most MAX_CATALOG_BYTES, nested at most
+MAX_CATALOG_DEPTH levels, and never crashes nor grows without bound; a field it does not know
+is ignored; a field it knows with the wrong type is a ValueError (one
 line) naming where. "The images a client sees in a version" is `Version.images(client)`, the
 one restatement of shared/simplestreams/products.go (canonical/lxd, lxc/incus): the client's
 metadata item pairs with every root item the metadata item has a combined fingerprint for; a
@@ -22,10 +25,15 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-from lxd_image_server.catalog.readback import read_document
+from lxd_image_server.fsutil import TooLarge, load_json_bounded, read_regular
 from lxd_image_server.tree.layout import COMBINED_FIELDS, VM_FTYPES, serial_sort_key
 from lxd_image_server.tree.unified import CONTAINER_TYPE as CONTAINER_TYPE
 from lxd_image_server.tree.unified import VM_TYPE as VM_TYPE
+
+#: images.json grows with the versions published: 256 MiB is far beyond any real tree
+MAX_CATALOG_BYTES = 256 << 20
+#: products -> product -> versions -> version -> items -> item -> field is 7 levels
+MAX_CATALOG_DEPTH = 32
 
 PRODUCTS_FORMAT = "products:1.0"
 IMAGE_DOWNLOADS = "image-downloads"
@@ -432,8 +440,34 @@ def index_from_json(doc: object) -> Index:
     return Index(fmt, _str(d, "updated", "index.json", ""), entries)
 
 
+def parse_document(data: bytes, max_bytes: int | None = None) -> Any:
+    """The JSON value of a document's bytes, at most `max_bytes` (MAX_CATALOG_BYTES) of them
+    and MAX_CATALOG_DEPTH levels deep; ValueError (one line) otherwise, or when not JSON."""
+    limit = MAX_CATALOG_BYTES if max_bytes is None else max_bytes
+    return load_json_bounded(data, limit, MAX_CATALOG_DEPTH)
+
+
+def read_document(path: str) -> Any:
+    """The JSON value in the regular file `path` (the caller checks its shape).
+
+    FileNotFoundError when it does not exist, another OSError when it cannot be read
+    (fsutil.NotRegularFile for a link or FIFO), ValueError (one line) when it is too large,
+    too deep or not JSON."""
+    try:
+        data = read_regular(path, MAX_CATALOG_BYTES)
+    except TooLarge:
+        raise ValueError(f"larger than {MAX_CATALOG_BYTES} bytes") from None
+    return parse_document(data)
+
+
+def parse_catalog(data: bytes, max_bytes: int | None = None) -> Catalog:
+    """The catalog of images.json's bytes (a copy of it: the mirror's push), bounded as
+    parse_document; ValueError (one line) when they are not one."""
+    return catalog_from_json(parse_document(data, max_bytes))
+
+
 def read_catalog(path: str) -> Catalog:
-    """The catalog in the file `path` (images.json), read bounded (readback.py).
+    """The catalog in the file `path` (images.json), read bounded (read_document).
 
     FileNotFoundError when it does not exist, another OSError when it cannot be read,
     ValueError (one line) when it is too large, too deep, not JSON or not a catalog."""

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from lxd_image_server.catalog import readback
+from lxd_image_server.catalog import model
 from lxd_image_server.catalog.model import (
     Client,
     Image,
@@ -200,7 +200,7 @@ def test_the_reader_is_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     with pytest.raises(ValueError, match="nested deeper"):
         read_catalog(str(path))
     path.write_bytes(json.dumps(catalog_doc()).encode())
-    monkeypatch.setattr(readback, "MAX_CATALOG_BYTES", 100)
+    monkeypatch.setattr(model, "MAX_CATALOG_BYTES", 100)
     with pytest.raises(ValueError, match="larger than 100 bytes"):
         read_catalog(str(path))
     path.unlink()
