@@ -75,23 +75,22 @@ def listing_of(products: Products) -> Listing:
     )
 
 
-def listed_before(state_dir: str, streams_dir: str, images: str = "images/") -> set[str]:
-    """The version directories (relative to images/; `images`: its path relative to the
-    served root, with a slash) the catalog lists now: those the last publish recorded, else
-    those images.json lists (read as a client reads it), else none (logged)."""
+def listed(state_dir: str, streams_dir: str) -> Listing:
+    """The files the catalog lists now: those the last publish recorded, else those
+    images.json lists (read as a client reads it), else none (logged)."""
     record = published.read(state_dir)
     if record is not None:
-        return record.below(images)
+        return Listing(record.files)
     path = os.path.join(streams_dir, "images.json")
     try:
         catalog = read_catalog(path)
     except FileNotFoundError:
-        return set()
+        return EMPTY
     except (OSError, ValueError) as e:
         log.warning("cannot read the published %s (%s): taken as listing nothing", path, e)
-        return set()
+        return EMPTY
     log.info("no record of the last publish: taking what %s lists", path)
-    return listing_of(catalog.products).versions(images)
+    return listing_of(catalog.products)
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ byte for byte (tests/unit/test_golden.py pins it), made fast enough for 20,000 v
 Python's json module encodes indented documents with its pure-Python encoder, one generator
 step per token: at 20,000 versions that is most of a publish. Here each flat mapping (an item:
 strings and numbers) is joined from the C-accelerated string escaper in one go, and each
-Version's entry is encoded once and kept with it (`model.Version.encoded`: a version is never
+Version's entry is encoded once and kept with it (`model.Version.derived`: a version is never
 changed once built), so the next publish reuses it: the watcher encodes only the versions that
 changed. A version's entry always sits at the same depth (VERSION_LEVEL), so its text holds.
 
@@ -65,7 +65,7 @@ def _parts(value: Any, level: int, out: Parts) -> None:
         out.append(scalar)
     elif isinstance(value, Version):
         if level == VERSION_LEVEL:
-            out.append(value.encoded(_version_text))
+            out.append(value.derived("entry", _version_text))
         else:
             _container(value.to_json(), level, out)
     else:

@@ -2,7 +2,7 @@
 (index.json), one class per level of the format, and its one reader.
 
 Built by the writer (catalog/products.py) and turned into bytes by the one encoder
-(catalog/encode.py: a Version's entry is encoded once and kept with it, `Version.encoded`);
+(catalog/encode.py: a Version's entry is encoded once and kept with it, `Version.derived`);
 everything that reads images.json as a client does (list, verify, the mirror's send list, sync
 reading an upstream, the tests) reads it here, into these types. The writer never reads back
 what it wrote: it keeps its model, and a record of what it listed (catalog/published.py).
@@ -132,31 +132,36 @@ class Version:
 
     serial: str
     items: Mapping[str, Item]
-    #: ftype -> its first item by item key (by_ftype), found once: the page asks five times
-    #: per version
-    _first: dict[str, Item] = field(init=False, repr=False, compare=False)
-    #: its entry in images.json, once encoded (`encoded`)
-    _text: bytes | None = field(default=None, init=False, repr=False, compare=False)
+    #: ftype -> its first item by item key (by_ftype), found when first asked for: the page
+    #: asks five times per version
+    _first: dict[str, Item] | None = field(default=None, init=False, repr=False, compare=False)
+    #: what was derived from it (`derived`)
+    _derived: dict[str, bytes] | None = field(default=None, init=False, repr=False, compare=False)
 
-    def __post_init__(self) -> None:
-        first: dict[str, Item] = {}
-        for k in sorted(self.items):
-            first.setdefault(self.items[k].ftype, self.items[k])
-        object.__setattr__(self, "_first", first)
-
-    def encoded(self, encoder: Callable[[Version], bytes]) -> bytes:
-        """Its entry as `encoder` (encode.py, the one encoder) writes it, made at the first
-        call and kept: a Version is not changed once built (a changed version is a new one),
-        so an unchanged version is never encoded again, whatever publishes it next."""
-        text = self._text
-        if text is None:
-            text = encoder(self)
-            object.__setattr__(self, "_text", text)
-        return text
+    def derived(self, name: str, make: Callable[[Version], bytes]) -> bytes:
+        """`make(self)`, made at the first call for `name` and kept: a Version is not changed
+        once built (a changed version is a new one), so what is derived from it never goes
+        stale. The writer keeps so its entry's text (encode.py) and its lines of the record of
+        what is published (published.py): an unchanged version is not encoded again, whatever
+        publishes it next."""
+        derived = self._derived
+        if derived is None:
+            derived = {}
+            object.__setattr__(self, "_derived", derived)
+        made = derived.get(name)
+        if made is None:
+            made = derived[name] = make(self)
+        return made
 
     def by_ftype(self, ftype: str) -> Item | None:
         """The (first, by item key) item of `ftype`, or None."""
-        return self._first.get(ftype)
+        first = self._first
+        if first is None:
+            first = {}
+            for k in sorted(self.items):
+                first.setdefault(self.items[k].ftype, self.items[k])
+            object.__setattr__(self, "_first", first)
+        return first.get(ftype)
 
     def roots(self) -> tuple[Item, ...]:
         """The root filesystems (ftypes a combined fingerprint exists for), in the order of

@@ -420,8 +420,7 @@ def write_page(
     `catalog_lock`, as for the catalog. `cache`: see render_page.
     """
     if updated is None and state_dir is not None:
-        record = published.read(state_dir)
-        updated = None if record is None else record.updated
+        updated = published.read_updated(state_dir)
     page = render_page(products, updated=updated, title=title, remote_name=remote_name, cache=cache)
     data = page.encode()
     path = page_path(root_dir)

@@ -527,8 +527,7 @@ class Pipeline:
         leave it for no reason this writer can name (departures.py)."""
         before = self._listed_versions
         if before is None:
-            p = self.paths
-            before = departures.listed_before(p.state_dir, p.streams_dir, p.served_images)
+            before = self.listing().versions(self.paths.served_images)
         known = departures.Known(
             self.paths.img_dir,
             pruned=lambda path: path in hidden or path in doomed,
@@ -538,10 +537,13 @@ class Pipeline:
         departures.check(before, publishing, known)
 
     def listing(self) -> departures.Listing:
-        """The files the catalog lists now, with their sizes: those of the products this
-        writer published last (or found published already); none before its first publish."""
+        """The files the catalog lists now, with their sizes: from the products this writer
+        published last, else from the record of the last publish (departures.listed)."""
         if self._listing is None:
-            self._listing = departures.listing_of(self.products)
+            if self._listed_versions is not None and self._unbuilt is None:
+                self._listing = departures.listing_of(self._products)
+            else:
+                self._listing = departures.listed(self.paths.state_dir, self.paths.streams_dir)
         return self._listing
 
     def write_page(self) -> None:

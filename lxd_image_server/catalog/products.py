@@ -53,7 +53,7 @@ Products = Mapping[str, Product]
 @dataclass(frozen=True)
 class BuiltVersion:
     key: VersionKey
-    #: the version as published; it keeps its entry's text once encoded (Version.encoded), so a
+    #: the version as published; it keeps its entry's text once encoded (Version.derived), so a
     #: publish reuses the text of every version it built before
     version: Version
     #: "container" and/or "virtual-machine"

@@ -130,8 +130,7 @@ def publish(
     index_path = os.path.join(streams_dir, "index.json")
     updated = now_updated(now)
     images = dated_catalog(catalog_of(products, ""))
-    last = published.read(state_dir)
-    old_updated = None if last is None else last.updated
+    old_updated = published.read_updated(state_dir)
     if old_updated not in (None, updated) and _holds(images_path, images(old_updated)):
         # content unchanged: keep its timestamp so clients' caches stay valid
         updated = old_updated
@@ -140,14 +139,13 @@ def publish(
     same_images = _holds(images_path, images_parts)
     same_index = _holds(index_path, [index])
     gz_present = all(_is_regular(p + ".gz") for p in (images_path, index_path))
-    record = published.of(products, updated)
     if same_images and same_index and gz_present:
-        if record != last:
-            _write_record(state_dir, record)  # (missing or damaged: the catalog is this one)
+        if old_updated is None:
+            _write_record(state_dir, products, updated)  # (missing or damaged)
         return False
     images_bytes = b"".join(images_parts)
     del images_parts, images
-    _write_record(state_dir, record)
+    _write_record(state_dir, products, updated)
     try:
         os.makedirs(streams_dir, exist_ok=True)
         write_atomic(images_path + ".gz", (images_gz or GzipCache()).compress(images_bytes))
@@ -168,12 +166,12 @@ def publish(
     return True
 
 
-def _write_record(state_dir: str, record: published.Published) -> None:
+def _write_record(state_dir: str, products: Products, updated: str) -> None:
     """Writes the record; when it cannot (a directory in its place, a full disk), removes the
     old one (nothing stale may vouch for the catalog) and says so: the publish goes on, and the
     next writer that needs the record reads images.json instead (departures.py)."""
     try:
-        published.write(state_dir, record)
+        published.write(state_dir, products, updated)
     except OSError as e:
         path = StateDir(state_dir).published
         with contextlib.suppress(OSError):

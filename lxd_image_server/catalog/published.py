@@ -2,13 +2,19 @@
 back to learn what it wrote.
 
 The record (StateDir.published, `published.json`) holds the catalog's `updated` (kept while
-the content stays the same, so clients' caches stay valid; the page shows it) and the version
-directories it lists (departures.py: none leaves without a reason). publish.py writes it
-atomically before images.json: a record ahead of a catalog that a crash left unwritten names
-only versions whose departure was checked already, or that are about to be listed.
+the content stays the same, so clients' caches stay valid; the page shows it) and each file it
+lists with its size (departures.py: no version leaves without a reason; the watcher: a listed
+file at its listed size is not one being written). publish.py writes it atomically before
+images.json: a record ahead of a catalog that a crash left unwritten names only versions whose
+departure was checked already, or that were about to be listed.
+
+JSON lines: first {"format": 1, "updated": "..."}, then one line per version directory,
+["images/<os>/.../<serial>", {"<file name>": <size>, ...}]. A version's line is made once and
+kept with it (model.Version.derived), so a publish joins lines rather than walking every item;
+`updated` is read from the first line alone.
 
 It is read bounded (a regular file, no link followed, at most MAX_RECORD_BYTES) and checked
-entry by entry; anything wrong with it (missing, a link, too large, not JSON, another shape) is
+line by line; anything wrong with it (missing, a link, too large, not JSON, another shape) is
 one log line and None: the caller falls back to what it can tell without it (publish: a new
 `updated`; departures: what images.json lists, read as a client reads it).
 """
@@ -19,19 +25,28 @@ import json
 import logging
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Iterator
 from dataclasses import dataclass
 
+from lxd_image_server.catalog.model import Version
 from lxd_image_server.catalog.products import Products
 from lxd_image_server.config import StateDir
-from lxd_image_server.fsutil import TooLarge, load_json_bounded, read_regular, write_atomic
+from lxd_image_server.fsutil import (
+    TooLarge,
+    load_json_bounded,
+    open_regular,
+    read_regular,
+    write_atomic,
+)
 
 log = logging.getLogger(__name__)
 
 #: the record's own format
 FORMAT = 1
-#: about 60 bytes a version: a million versions fit
+#: about 120 bytes a version: half a million versions fit
 MAX_RECORD_BYTES = 64 << 20
+#: the first line's bytes, at most
+_MAX_HEAD = 4096
 _MAX_PATH = 4096
 #: products.UPDATED_FORMAT's text
 _UPDATED = re.compile(r"[A-Za-z0-9 ,:+]{1,64}")
@@ -39,76 +54,118 @@ _UPDATED = re.compile(r"[A-Za-z0-9 ,:+]{1,64}")
 
 @dataclass(frozen=True)
 class Published:
-    """A publish: its `updated`, and the directories of the versions it listed (each relative
-    to the served root, as the items' paths are: 'images/<os>/.../<serial>')."""
+    """A publish: its `updated`, and each file it listed (its path relative to the served
+    root, as items name it: 'images/<os>/.../<serial>/<name>') with its size."""
 
     updated: str
-    versions: frozenset[str]
-
-    def below(self, images: str) -> set[str]:
-        """The version directories relative to images/ (`images`: its path relative to the
-        served root, with a slash)."""
-        return {v[len(images) :] for v in self.versions if v.startswith(images)}
+    files: dict[str, int]
 
 
-def of(products: Products, updated: str) -> Published:
-    """The record of a publish of `products` (every item of a version is in its directory)."""
-    return Published(
-        updated,
-        frozenset(
-            next(iter(v.items.values())).path.rpartition("/")[0]
-            for p in products.values()
-            for v in p.versions.values()
-            if v.items
-        ),
+def _head(updated: str) -> bytes:
+    return json.dumps({"format": FORMAT, "updated": updated}).encode() + b"\n"
+
+
+def _lines(version: Version) -> bytes:
+    by_dir: dict[str, dict[str, int]] = {}
+    for item in version.items.values():
+        directory, _, name = item.path.rpartition("/")
+        by_dir.setdefault(directory, {})[name] = item.size
+    return b"".join(json.dumps([d, f], sort_keys=True).encode() + b"\n" for d, f in by_dir.items())
+
+
+def record_bytes(products: Products, updated: str) -> bytes:
+    """The record of a publish of `products`."""
+    parts = [_head(updated)]
+    parts.extend(
+        v.derived("published", _lines) for p in products.values() for v in p.versions.values()
     )
+    return b"".join(parts)
 
 
-def write(state_dir: str, record: Published) -> None:
+def write(state_dir: str, products: Products, updated: str) -> None:
     """Writes the record atomically (OSError when it cannot)."""
-    data = json.dumps(
-        {"format": FORMAT, "updated": record.updated, "versions": sorted(record.versions)},
-        separators=(",", ":"),
-    ).encode()
     os.makedirs(state_dir, exist_ok=True)
-    write_atomic(StateDir(state_dir).published, data + b"\n")
+    write_atomic(StateDir(state_dir).published, record_bytes(products, updated))
+
+
+def read_updated(state_dir: str) -> str | None:
+    """The `updated` of the last publish, from the record's first line (None: no usable
+    record; logged unless it is missing)."""
+    try:
+        data = _read(state_dir, _MAX_HEAD, whole=False)
+        return _checked_head(data.partition(b"\n")[0])
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        _ignored(state_dir, e)
+        return None
 
 
 def read(state_dir: str) -> Published | None:
-    """The record of the last publish, or None (logged unless it is just missing)."""
-    path = StateDir(state_dir).published
+    """The record of the last publish (None: no usable record; logged unless missing)."""
     try:
-        doc = load_json_bounded(read_regular(path, MAX_RECORD_BYTES), MAX_RECORD_BYTES, 4)
-        return _checked(doc)
+        data = _read(state_dir, MAX_RECORD_BYTES, whole=True)
+        head, _, body = data.partition(b"\n")
+        return Published(_checked_head(head), dict(_files(body)))
     except FileNotFoundError:
         return None
-    except TooLarge:
-        why = f"larger than {MAX_RECORD_BYTES} bytes"
     except (OSError, ValueError) as e:
-        why = str(e) or type(e).__name__
-    log.warning("ignoring the record of the last publish %s: %s", path, why)
-    return None
+        _ignored(state_dir, e)
+        return None
 
 
-def _checked(doc: object) -> Published:
+def _read(state_dir: str, limit: int, whole: bool) -> bytes:
+    """The record's bytes (`whole`: all of them, at most `limit`; else its first `limit`)."""
+    path = StateDir(state_dir).published
+    if whole:
+        try:
+            return read_regular(path, limit)
+        except TooLarge:
+            raise ValueError(f"larger than {limit} bytes") from None
+    fd = open_regular(path)
+    try:
+        return os.read(fd, limit)
+    finally:
+        os.close(fd)
+
+
+def _ignored(state_dir: str, e: Exception) -> None:
+    why = getattr(e, "strerror", None) or str(e) or type(e).__name__
+    log.warning(
+        "ignoring the record of the last publish %s: %s", StateDir(state_dir).published, why
+    )
+
+
+def _checked_head(line: bytes) -> str:
+    doc = load_json_bounded(line, _MAX_HEAD, 2)
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise ValueError(f"not a record of format {FORMAT}")
-    updated, versions = doc.get("updated"), doc.get("versions")
+    updated = doc.get("updated")
     if not isinstance(updated, str) or not _UPDATED.fullmatch(updated):
         raise ValueError("no valid `updated`")
-    if not isinstance(versions, list):
-        raise ValueError("no list of versions")
-    return Published(updated, frozenset(_paths(versions)))
+    return updated
 
 
-def _paths(values: Iterable[object]) -> Iterable[str]:
-    for v in values:
+def _files(body: bytes) -> Iterator[tuple[str, int]]:
+    for n, line in enumerate(body.splitlines(), start=2):
+        doc = load_json_bounded(line, MAX_RECORD_BYTES, 3)
         if (
-            not isinstance(v, str)
-            or not v
-            or len(v) > _MAX_PATH
-            or v.startswith("/")
-            or any(part in ("", ".", "..") for part in v.split("/"))
+            not isinstance(doc, list)
+            or len(doc) != 2
+            or not _relative(doc[0])
+            or not isinstance(doc[1], dict)
         ):
-            raise ValueError(f"not a version directory: {str(v)[:80]!r}")
-        yield v
+            raise ValueError(f"line {n}: not a version directory and its files")
+        for name, size in doc[1].items():
+            if "/" in name or not _relative(name) or type(size) is not int or size < 0:
+                raise ValueError(f"line {n}: not a file name and its size")
+            yield f"{doc[0]}/{name}", size
+
+
+def _relative(path: object) -> bool:
+    return (
+        isinstance(path, str)
+        and 0 < len(path) <= _MAX_PATH
+        and not path.startswith("/")
+        and not any(part in ("", ".", "..") for part in path.split("/"))
+    )

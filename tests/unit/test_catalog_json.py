@@ -113,7 +113,7 @@ def test_a_catalog_encodes_like_json_of_its_model_and_each_version_once(monkeypa
 
 def test_a_version_elsewhere_than_in_a_catalog_is_encoded_at_its_level() -> None:
     v = version("20240101", 1)
-    v.encoded(encode_module._version_text)  # its text at VERSION_LEVEL, kept
+    v.derived("entry", encode_module._version_text)  # its text at VERSION_LEVEL, kept
     for doc in ({"v": v}, [v, [v]], {"a": {"b": {"c": {"d": {"e": v}}}}}):
         plain = json.loads(json.dumps(doc, default=lambda o: o.to_json()))
         assert encode_value(doc) == reference(plain).encode()

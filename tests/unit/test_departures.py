@@ -97,10 +97,7 @@ def test_a_new_writer_knows_what_is_listed_from_its_record_not_images_json(
 ) -> None:
     """Issue 21: the writer never parses what it published; the record of its last publish
     (published.py) says what is listed. images.json made unreadable changes nothing."""
-    record = published.read(paths.state_dir)
-    assert record is not None and record.below(paths.served_images) == {
-        rel(paths, s) for s in SERIALS
-    }
+    assert recorded(paths) == {rel(paths, s) for s in SERIALS}
     images = Path(paths.streams_dir, "images.json")
     images.write_bytes(b"[" + images.read_bytes())  # no JSON any more: never parsed
     refused_by_a_new_writer(paths)
@@ -114,6 +111,14 @@ def test_without_a_record_a_new_writer_reads_images_json_as_a_client(
     refused_by_a_new_writer(paths)
 
 
+def recorded(paths: Paths) -> set[str] | None:
+    """The version directories (relative to images/) the record of the last publish lists."""
+    record = published.read(paths.state_dir)
+    if record is None:
+        return None
+    return departures.Listing(record.files).versions(paths.served_images)
+
+
 def plant(path: Path, kind: str) -> None:
     path.unlink(missing_ok=True)
     if kind == "huge":
@@ -123,7 +128,7 @@ def plant(path: Path, kind: str) -> None:
         path.symlink_to("/dev/zero")
     elif kind == "link":
         other = path.with_name("elsewhere.json")
-        other.write_text('{"format": 1, "updated": "x", "versions": []}')
+        other.write_text('{"format": 1, "updated": "x"}\n')
         path.symlink_to(other)
     elif kind == "fifo":
         os.mkfifo(path)
@@ -135,15 +140,18 @@ def plant(path: Path, kind: str) -> None:
         path.write_text(HOSTILE_RECORDS[kind])
 
 
+HEAD = '{"format": 1, "updated": "Mon, 01 Jan 2024 00:00:00 +0000"}\n'
 HOSTILE_RECORDS = {
     "not json": "{",
     "empty": "",
-    "no versions": '{"format": 1, "updated": "Mon, 01 Jan 2024 00:00:00 +0000"}',
-    "empty versions": '{"format": 1, "updated": "x", "versions": []}',
-    "other format": '{"format": 2, "updated": "x", "versions": []}',
-    "dot-dot": '{"format": 1, "updated": "x", "versions": ["images/../../etc"]}',
-    "not strings": '{"format": 1, "updated": "x", "versions": [1]}',
-    "bad updated": '{"format": 1, "updated": "<b>\\n", "versions": []}',
+    "listing nothing": HEAD,
+    "other format": '{"format": 2, "updated": "x"}\n',
+    "bad updated": '{"format": 1, "updated": "<b>\\n"}\n',
+    "dot-dot": HEAD + '["images/../../etc", {"x": 1}]\n',
+    "a path for a name": HEAD + '["images/a", {"b/c": 1}]\n',
+    "not a size": HEAD + '["images/a", {"b": "1"}]\n',
+    "not a line": HEAD + '["images/a", {"b": 1}]\n{"x": 1}\n',
+    "nested line": HEAD + "[" * 100_000 + "\n",
 }
 KINDS = ["huge", "dev-zero", "link", "fifo", "directory", "nested", *HOSTILE_RECORDS]
 
@@ -158,10 +166,9 @@ def test_a_hostile_record_falls_back_and_never_stops_publishing(
     again (but where a directory stands in its place: then the next writer falls back)."""
     record = Path(StateDir(paths.state_dir).published)
     plant(record, kind)
-    if kind != "empty versions":
+    if kind != "listing nothing":
         # (a record listing nothing is well formed: what it says is what was published)
         assert published.read(paths.state_dir) is None
-    if kind != "empty versions":
         refused_by_a_new_writer(paths)
     shutil.rmtree(version_dir(Path(paths.img_dir), serial=SERIALS[0]))
     cache = HashCache(None)
@@ -170,13 +177,10 @@ def test_a_hostile_record_falls_back_and_never_stops_publishing(
     finally:
         cache.close()
     assert listed(paths) == set(SERIALS[1:])
-    again = published.read(paths.state_dir)
     if kind == "directory":
-        assert again is None and record.is_dir()
+        assert recorded(paths) is None and record.is_dir()
     else:
-        assert again is not None and again.below(paths.served_images) == {
-            rel(paths, s) for s in SERIALS[1:]
-        }
+        assert recorded(paths) == {rel(paths, s) for s in SERIALS[1:]}
         assert not record.is_symlink()
 
 
@@ -240,7 +244,7 @@ def test_a_hostile_images_json_lists_nothing_and_crashes_nothing(tmp_path: Path,
     is not a catalog lists nothing."""
     path = tmp_path / "images.json"
     path.write_bytes(data)
-    assert departures.listed_before(str(tmp_path / "state"), str(tmp_path)) == set()
+    assert departures.listed(str(tmp_path / "state"), str(tmp_path)).sizes == {}
 
 
 def test_a_link_as_images_json_is_not_followed(tmp_path: Path) -> None:
@@ -249,14 +253,14 @@ def test_a_link_as_images_json_is_not_followed(tmp_path: Path) -> None:
         '{"products": {"p": {"versions": {"v": {"items": {"i": {"ftype": "x", "sha256": "",'
         '"path": "images/a/b/amd64/d/20240101_1200/x", "size": 1}}}}}}}'
     )
-    assert departures.listed_before(str(tmp_path / "state"), str(tmp_path)) == set()
+    assert departures.listed(str(tmp_path / "state"), str(tmp_path)).sizes == {}
     os.rename(secret, tmp_path / "images.json")
-    assert departures.listed_before(str(tmp_path / "state"), str(tmp_path)) == {
-        "a/b/amd64/d/20240101_1200"
+    assert departures.listed(str(tmp_path / "state"), str(tmp_path)).sizes == {
+        "images/a/b/amd64/d/20240101_1200/x": 1
     }
     os.rename(tmp_path / "images.json", secret)
     (tmp_path / "images.json").symlink_to(secret)
-    assert departures.listed_before(str(tmp_path / "state"), str(tmp_path)) == set()
+    assert departures.listed(str(tmp_path / "state"), str(tmp_path)).sizes == {}
 
 
 def test_a_listed_serial_far_ahead_of_the_clock_leaves_as_invalid(paths: Paths) -> None:

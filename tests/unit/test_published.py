@@ -1,0 +1,96 @@
+"""The record of what the writer published (catalog/published.py, issue 21): what images.json
+lists, written with it, read bounded, each version's lines made once."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from lxd_image_server.catalog import departures, published
+from lxd_image_server.catalog.hashing import HashCache
+from lxd_image_server.catalog.model import Version, read_catalog
+from lxd_image_server.catalog.pipeline import Pipeline
+from lxd_image_server.config import Paths, StateDir
+
+from .helpers import blob, version_dir, write
+
+
+@pytest.fixture
+def paths(tmp_path: Path) -> Paths:
+    p = Paths.resolve(str(tmp_path / "root"), state_dir=str(tmp_path / "state"))
+    img = Path(p.img_dir)
+    write(version_dir(img, serial="20240101_1200") / "lxd.tar.xz", blob(100, 1))
+    write(version_dir(img, serial="20240101_1200") / "rootfs.squashfs", blob(900, 2))
+    d = version_dir(img, "alpine", "3.19", "arm64", "cloud", "20240102_1200")
+    write(d / "incus.tar.xz", blob(110, 3))
+    write(d / "rootfs.squashfs", blob(950, 4))
+    write(d / "disk.qcow2", blob(700, 5))
+    return p
+
+
+def update(paths: Paths) -> Pipeline:
+    cache = HashCache(None)
+    try:
+        pipeline = Pipeline(paths, cache)
+        pipeline.update_all()
+        return pipeline
+    finally:
+        cache.close()
+
+
+def test_the_record_lists_what_images_json_lists_and_its_updated(paths: Paths) -> None:
+    update(paths)
+    record = published.read(paths.state_dir)
+    catalog = read_catalog(os.path.join(paths.streams_dir, "images.json"))  # (as a client)
+    assert record is not None
+    assert record.updated == catalog.updated == published.read_updated(paths.state_dir)
+    assert departures.Listing(record.files) == departures.listing_of(catalog.products)
+    assert len(record.files) == 5
+
+
+def test_each_version_s_lines_are_made_once(paths: Paths, monkeypatch) -> None:
+    pipeline = update(paths)
+    made: list[str] = []
+    real = published._lines
+
+    def counting(version: Version) -> bytes:
+        made.append(version.serial)
+        return real(version)
+
+    monkeypatch.setattr(published, "_lines", counting)
+    products = pipeline.products
+    first = published.record_bytes(products, "x")
+    assert (
+        published.record_bytes(products, "y")[len(b'{"format": 1, "updated": "y"}\n') :]
+        == (first[len(b'{"format": 1, "updated": "x"}\n') :])
+    )
+    assert made == []  # made with the publish already, kept by each Version
+
+
+def test_updated_is_read_from_the_first_line_alone(paths: Paths) -> None:
+    """A damaged body does not lose `updated` (the timestamp clients' caches follow), but the
+    record as a whole is not trusted."""
+    update(paths)
+    path = Path(StateDir(paths.state_dir).published)
+    updated = published.read_updated(paths.state_dir)
+    with open(path, "ab") as f:
+        f.write(b"[" * (published.MAX_RECORD_BYTES + 1))
+    assert published.read_updated(paths.state_dir) == updated
+    assert published.read(paths.state_dir) is None
+
+
+def test_without_the_record_the_catalog_is_read_as_a_client_until_the_next_publish(
+    paths: Paths,
+) -> None:
+    update(paths)
+    record = Path(StateDir(paths.state_dir).published)
+    listing = departures.Listing(published.read(paths.state_dir).files)  # type: ignore[union-attr]
+    record.unlink()
+    assert departures.listed(paths.state_dir, paths.streams_dir) == listing
+    write(version_dir(Path(paths.img_dir), serial="20240103_1200") / "lxd.tar.xz", blob(9, 9))
+    write(version_dir(Path(paths.img_dir), serial="20240103_1200") / "rootfs.squashfs", blob(9, 8))
+    update(paths)
+    again = published.read(paths.state_dir)
+    assert again is not None and len(again.files) == len(listing.sizes) + 2
