@@ -362,18 +362,6 @@ def _item(doc: object, where: str) -> Item:
     return Item(ftype, path, size, sha256, delta_base=base, combined_type=kind, **combined)
 
 
-def lenient_version(serial: str, items: Mapping[str, object]) -> Version:
-    """A Version of the items that are well formed, the others left out (the page shows what
-    it can of a catalog it did not read: the writer's products, not a file)."""
-    kept: dict[str, Item] = {}
-    for key, value in items.items():
-        try:
-            kept[key] = _item(value, key)
-        except ValueError:
-            continue
-    return Version(serial, kept)
-
-
 def _version(serial: str, doc: object, where: str) -> Version:
     items = _obj(_obj(doc, where).get("items"), f"{where}.items")
     return Version(serial, {k: _item(v, f"{where}.items.{k}") for k, v in items.items()})
