@@ -60,14 +60,15 @@ def _version_text(version: Version) -> bytes:
 
 
 def _parts(value: Any, level: int, out: Parts) -> None:
-    scalar = _scalar(value)
-    if scalar is not None:
-        out.append(scalar)
-    elif isinstance(value, Version):
+    if type(value) is Version:  # (first: 20,000 of them in a catalog)
         if level == VERSION_LEVEL:
             out.append(value.derived("entry", _version_text))
         else:
             _container(value.to_json(), level, out)
+        return
+    scalar = _scalar(value)
+    if scalar is not None:
+        out.append(scalar)
     else:
         _container(value, level, out)
 
