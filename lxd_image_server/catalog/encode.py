@@ -22,7 +22,7 @@ from collections.abc import Callable, Mapping, Sequence
 from json.encoder import encode_basestring
 from typing import Any
 
-from lxd_image_server.catalog.model import Catalog, Index, Product, Version
+from lxd_image_server.catalog.model import COMBINED_ATTRS, Catalog, Index, Item, Product, Version
 
 #: indentation per nesting level (json.dumps' indent=1)
 _INDENT = " "
@@ -53,10 +53,44 @@ def _utf8(parts: Parts) -> bytes:
     return b"".join([p.encode() if isinstance(p, str) else p for p in parts])
 
 
+#: an item's fields by their JSON names, sorted (sort_keys): JSON name -> attribute of Item
+_ITEM_FIELDS = sorted(
+    [
+        *COMBINED_ATTRS.items(),
+        *((n, n) for n in ("combined_type", "delta_base", "ftype", "path", "sha256", "size")),
+    ]
+)
+
+
+def _item_text(item: Item, level: int) -> str:
+    inner = "\n" + _INDENT * (level + 1)
+    fields = []
+    for name, attr in _ITEM_FIELDS:
+        value = getattr(item, attr)
+        if value is not None:
+            fields.append(f'"{name}": {_scalar(value)}')
+    return "{" + inner + ("," + inner).join(fields) + "\n" + _INDENT * level + "}"
+
+
 def _version_text(version: Version) -> bytes:
-    out: Parts = []
-    _container(version.to_json(), VERSION_LEVEL, out)
-    return _utf8(out)
+    """A version's entry at VERSION_LEVEL: {"items": {key: item, ...}}, from its fields."""
+    if not version.items:
+        items = "{}"
+    else:
+        inner = "\n" + _INDENT * (VERSION_LEVEL + 2)
+        items = (
+            "{"
+            + inner
+            + ("," + inner).join(
+                f"{encode_basestring(k)}: {_item_text(version.items[k], VERSION_LEVEL + 2)}"
+                for k in sorted(version.items)
+            )
+            + "\n"
+            + _INDENT * (VERSION_LEVEL + 1)
+            + "}"
+        )
+    outer = "\n" + _INDENT * (VERSION_LEVEL + 1)
+    return ("{" + outer + '"items": ' + items + "\n" + _INDENT * VERSION_LEVEL + "}").encode()
 
 
 def _parts(value: Any, level: int, out: Parts) -> None:

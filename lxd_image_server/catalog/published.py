@@ -27,6 +27,7 @@ import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
+from json.encoder import encode_basestring
 
 from lxd_image_server.catalog.model import Version
 from lxd_image_server.catalog.products import Products
@@ -66,11 +67,17 @@ def _head(updated: str) -> bytes:
 
 
 def _lines(version: Version) -> bytes:
+    """The version's lines: one per directory of its items (all of them are in its own)."""
     by_dir: dict[str, dict[str, int]] = {}
     for item in version.items.values():
         directory, _, name = item.path.rpartition("/")
         by_dir.setdefault(directory, {})[name] = item.size
-    return b"".join(json.dumps([d, f], sort_keys=True).encode() + b"\n" for d, f in by_dir.items())
+    return "".join(
+        f"[{encode_basestring(d)}, {{"
+        + ", ".join(f"{encode_basestring(n)}: {int(files[n])}" for n in sorted(files))
+        + "}]\n"
+        for d, files in by_dir.items()
+    ).encode()
 
 
 def record_bytes(products: Products, updated: str) -> bytes:

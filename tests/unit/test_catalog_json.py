@@ -75,6 +75,8 @@ def version(serial: str, n: int) -> Version:
 
 def test_a_catalog_encodes_like_json_of_its_model_and_each_version_once(monkeypatch) -> None:
     versions = {f"2024010{i}": version(f"2024010{i}", i) for i in range(1, 6)}
+    versions["20240100"] = Version("20240100", {})  # (no client would use it; encoded all the same)
+    versions["20240106"] = Version("20240106", {"é ☃\\": Item("x", "p", 0, "")})
     product = Product(
         "os:1:amd64:default",
         "Ös",

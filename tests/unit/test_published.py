@@ -3,6 +3,7 @@ lists, written with it, read bounded, each version's lines made once."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import pytest
 
 from lxd_image_server.catalog import departures, published
 from lxd_image_server.catalog.hashing import HashCache
-from lxd_image_server.catalog.model import Version, read_catalog
+from lxd_image_server.catalog.model import Item, Product, Version, read_catalog
 from lxd_image_server.catalog.pipeline import Pipeline
 from lxd_image_server.config import Paths, StateDir
 
@@ -94,3 +95,14 @@ def test_without_the_record_the_catalog_is_read_as_a_client_until_the_next_publi
     update(paths)
     again = published.read(paths.state_dir)
     assert again is not None and len(again.files) == len(listing.sizes) + 2
+
+
+def test_odd_file_names_read_back_as_written(tmp_path: Path) -> None:
+    d = "images/os/1/amd64/default/20240101_1200"
+    names = ['a"b', "back\\slash", "é☃", "tab\tx"]
+    items = {n: Item("squashfs", f"{d}/{n}", i, "0" * 64) for i, n in enumerate(names)}
+    product = Product("os:1:amd64:default", "os", "1", "1", "amd64", "default", (), {})
+    product = dataclasses.replace(product, versions={"20240101_1200": Version("s", items)})
+    published.write(str(tmp_path), {product.name: product}, "Mon, 01 Jan 2024 00:00:00 +0000")
+    record = published.read(str(tmp_path))
+    assert record is not None and record.files == {f"{d}/{n}": i for i, n in enumerate(names)}
