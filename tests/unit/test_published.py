@@ -106,3 +106,31 @@ def test_odd_file_names_read_back_as_written(tmp_path: Path) -> None:
     published.write(str(tmp_path), {product.name: product}, "Mon, 01 Jan 2024 00:00:00 +0000")
     record = published.read(str(tmp_path))
     assert record is not None and record.files == {f"{d}/{n}": i for i, n in enumerate(names)}
+
+
+def test_the_writer_never_parses_what_it_published(paths: Paths, monkeypatch) -> None:
+    """Issue 21: a writer's publishes (first and later, full and incremental, the page, the
+    departures check, the watcher's listing) never parse images.json: the one reader refuses
+    to be called."""
+    update(paths)  # (the record of the first publish)
+
+    def refuse(*_: object) -> None:
+        raise AssertionError("the writer parsed a published document")
+
+    for target in ("model.read_document", "model.parse_document", "departures.read_catalog"):
+        module, name = target.split(".")
+        monkeypatch.setattr(f"lxd_image_server.catalog.{module}.{name}", refuse)
+    cache = HashCache(None)
+    try:
+        pipeline = Pipeline(paths, cache)
+        assert pipeline.listing().sizes  # what is listed, before any publish of its own
+        write(version_dir(Path(paths.img_dir), serial="20240105_1200") / "lxd.tar.xz", blob(9, 7))
+        write(
+            version_dir(Path(paths.img_dir), serial="20240105_1200") / "rootfs.squashfs", blob(9, 6)
+        )
+        assert pipeline.update_all()
+        os.unlink(Path(version_dir(Path(paths.img_dir), serial="20240101_1200"), "lxd.tar.xz"))
+        assert pipeline.refresh(["busybox/1.35/amd64/default/20240101_1200"])
+    finally:
+        cache.close()
+    assert len(departures.listed(paths.state_dir, paths.streams_dir).sizes) == 3 + 2
