@@ -49,6 +49,7 @@ MAX_RECORD_BYTES = 64 << 20
 #: the first line's bytes, at most
 _MAX_HEAD = 4096
 _MAX_PATH = 4096
+_NOT_NAMES = ("", ".", "..")
 #: products.UPDATED_FORMAT's text
 _UPDATED = re.compile(r"[A-Za-z0-9 ,:+]{1,64}")
 
@@ -154,19 +155,29 @@ def _checked_head(line: bytes) -> str:
 
 
 def _files(body: bytes) -> Iterator[tuple[str, int]]:
-    for n, line in enumerate(body.splitlines(), start=2):
-        doc = load_json_bounded(line, MAX_RECORD_BYTES, 3)
+    lines = body.splitlines()
+    # (one parse of all the lines: a line is one JSON value, so they join as an array)
+    # (its size is bounded by the read; its depth by the shape checked below, once parsed)
+    try:
+        doc = json.loads(b"[" + b",".join(lines) + b"]")
+    except RecursionError:
+        raise ValueError("nested too deep") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"not JSON: {e}") from None
+    if not isinstance(doc, list):
+        raise ValueError("not lines of version directories")
+    for n, entry in enumerate(doc, start=2):
         if (
-            not isinstance(doc, list)
-            or len(doc) != 2
-            or not _relative(doc[0])
-            or not isinstance(doc[1], dict)
+            not isinstance(entry, list)
+            or len(entry) != 2
+            or not _relative(entry[0])
+            or not isinstance(entry[1], dict)
         ):
             raise ValueError(f"line {n}: not a version directory and its files")
-        for name, size in doc[1].items():
-            if "/" in name or not _relative(name) or type(size) is not int or size < 0:
+        for name, size in entry[1].items():
+            if "/" in name or name in _NOT_NAMES or type(size) is not int or size < 0:
                 raise ValueError(f"line {n}: not a file name and its size")
-            yield f"{doc[0]}/{name}", size
+            yield f"{entry[0]}/{name}", size
 
 
 def _relative(path: object) -> bool:
