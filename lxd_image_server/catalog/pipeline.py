@@ -492,7 +492,7 @@ class Pipeline:
         if not self.defer_page:
             # (what is published from here on is not what the record vouches for)
             unchanged.record(state, root, None)
-        changed = publish(self.paths.streams_dir, self._products, images_gz=self._gzip)
+        changed = publish(self.paths.streams_dir, products, images_gz=self._gzip, state_dir=state)
         self._listed_versions, self._listing = publishing, None
         self._state_after = self._catalog_state()
         if plan:
@@ -537,13 +537,12 @@ class Pipeline:
 
     def listing(self) -> departures.Listing:
         """The files the catalog lists now, with their sizes: from the products this writer
-        published last, else read back from images.json (bounded)."""
+        published last, else from the record of the last publish (departures.listed)."""
         if self._listing is None:
             if self._listed_versions is not None and self._unbuilt is None:
                 self._listing = departures.listing_of(self._products)
             else:
-                images = os.path.join(self.paths.streams_dir, "images.json")
-                self._listing = departures.read_listing(images)
+                self._listing = departures.listed(self.paths.state_dir, self.paths.streams_dir)
         return self._listing
 
     def write_page(self) -> None:
@@ -561,7 +560,8 @@ class Pipeline:
             if self._page is None:
                 self._page = PageCache()
             # <root>/streams/index.html, when its bytes change or it is missing
-            write_page(self.paths.root_dir, self._products, cache=self._page)
+            p = self.paths
+            write_page(p.root_dir, self._products, state_dir=p.state_dir, cache=self._page)
         finally:
             if self._notify:
                 self._notify = False

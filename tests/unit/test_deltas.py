@@ -21,7 +21,7 @@ from lxd_image_server.catalog import page as page_module
 from lxd_image_server.catalog.deltawork import BACKGROUND, FOREGROUND, DeltaService
 from lxd_image_server.catalog.hashing import HashCache
 from lxd_image_server.catalog.pipeline import Pipeline
-from lxd_image_server.catalog.products import Products, build_products
+from lxd_image_server.catalog.products import build_products
 from lxd_image_server.config import Paths
 from lxd_image_server.ops.pruning import prune
 from lxd_image_server.settings import DeltaSettings
@@ -59,11 +59,15 @@ def xdelta(old: Path, new: Path, out: Path) -> Path:
     return out
 
 
+Products = dict[str, Any]
+
+
 def catalog(paths: Paths, listed: bool = True) -> Products:
     versions = Scanner(paths.img_dir).scan()
     digests = digest_once(None, versions)
     ok = frozenset(f.path for v in versions for f in v.files.values() if f.role.role is Role.DELTA)
-    return build_products(versions, digests, paths.root_dir, ok if listed else frozenset())
+    built = build_products(versions, digests, paths.root_dir, ok if listed else frozenset())
+    return {k: p.to_json() for k, p in built.items()}
 
 
 def items(products: Products, serial: str = NEW) -> dict[str, Any]:
