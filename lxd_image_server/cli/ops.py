@@ -9,7 +9,6 @@ Exit codes: 0 done, 1 failed (or `verify` found problems), 2 usage error.
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -19,10 +18,9 @@ import click
 from lxd_image_server.catalog import retention
 from lxd_image_server.catalog.pipeline import Pipeline
 from lxd_image_server.cli.common import Globals, handle_errors, tree_options, tree_paths
-from lxd_image_server.cli.naming import files_given, naming, naming_options, terminal_progress
+from lxd_image_server.cli.naming import naming, naming_options, terminal_progress
 from lxd_image_server.config import Paths
-from lxd_image_server.ops import import_detect, import_place, listing, pruning
-from lxd_image_server.ops.import_errors import VersionExists
+from lxd_image_server.ops import import_detect, listing, pruning
 from lxd_image_server.ops.updating import with_pipeline
 from lxd_image_server.privileges import become_writer
 from lxd_image_server.progress import for_terminal
@@ -41,7 +39,7 @@ def _with_pipeline(
 
 
 @click.command("import")
-@click.argument("files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.argument("files", nargs=-1, required=True, type=click.Path(exists=True))
 @tree_options
 @naming_options
 @click.option("--move", is_flag=True, help="Move the files instead of copying (same file system).")
@@ -66,51 +64,41 @@ def import_cmd(
 
     FILE is a unified tarball (<fingerprint>.tar.gz), or FILE FILE a split image: the metadata
     tarball (meta-<fingerprint>.tar.xz) and the root filesystem (.squashfs, .tar.xz or .qcow2),
-    in any order. Naming options not given are read from metadata.yaml.
+    in any order. Several images at once (published once): a directory of exports, or three
+    files or more; a split image's files are then paired by lxc's names (meta-NAME.tar.xz with
+    NAME.squashfs, NAME.tar.xz or NAME.qcow2). Naming options not given are read from
+    metadata.yaml.
     """
+    from lxd_image_server.ops import import_batch, importing
+
     paths = tree_paths(g, root_dir, img_dir, streams_dir)
-    plan = import_detect.plan_import(
-        files_given(files), naming(os_name, release, arch, variant, serial)
+    plans = importing.plan_all(
+        import_batch.group_files(files), naming(os_name, release, arch, variant, serial)
     )
-    version_dir = os.path.join(paths.img_dir, plan.key.relpath)
-    pending = retention.pending_for(paths.state_dir, version_dir)
-    try:
-        placed = import_place.place(
-            plan,
-            paths.img_dir,
-            move=move,
-            force=force,
-            progress_start=terminal_progress("copying"),
-        )
-    except VersionExists as e:
-        hint = (
-            f" (it was pruned; its files go after {retention.utc_text(pending.expires)})"
-            if pending
-            else ""
-        )
-        raise click.ClickException(f"{e}{hint}") from e
-    # the files are in place (as root, the sources may be root's); what follows writes the
-    # catalog side: as its writer
-    become_writer(paths)
-    if pending is not None:
-        retention.unschedule(paths.state_dir, [version_dir])
-
-    def publish(pipeline: Pipeline) -> Pipeline:
-        pipeline.update_all()
-        return pipeline
-
-    pipeline = _with_pipeline(
-        g, paths, publish, lambda cache: import_place.seed_cache(cache, paths.img_dir, placed)
+    result = importing.import_images(
+        paths,
+        g.settings,
+        plans,
+        move=move,
+        force=force,
+        progress_start=terminal_progress("copying"),
+        publish_progress=for_terminal(),
     )
-    listed = plan.key.serial in pipeline.products.get(plan.key.product, {}).get("versions", {})
-    what = import_detect.describe(plan)
-    click.echo(f"imported {what} into {placed.version_dir}")
-    click.echo(f"  files: {', '.join(sorted(placed.files))}; fingerprint {placed.fingerprint}")
-    if not listed:
-        raise click.ClickException(
-            f"{what} is in the tree but not in the catalog; see the messages above"
-        )
-    click.echo(f"  published in {paths.streams_dir}")
+    problems = []
+    for plan, placed in result.placed:
+        what = import_detect.describe(plan)
+        click.echo(f"imported {what} into {placed.version_dir}")
+        click.echo(f"  files: {', '.join(sorted(placed.files))}; fingerprint {placed.fingerprint}")
+        why = result.missing.get(plan.key.relpath)
+        if why is not None:
+            problems.append(f"{what} is in the tree but not in the catalog: {why}")
+    for plan, why in result.failed:
+        problems.append(f"{import_detect.describe(plan)} not imported: {why}")
+    if result.placed and len(result.missing) < len(result.placed):
+        by = " by the running watcher" if result.by_watcher else ""
+        click.echo(f"  published in {paths.streams_dir}{by}")
+    if problems:
+        raise click.ClickException("\n".join(problems))
 
 
 # -- list / verify --------------------------------------------------------------------------

@@ -1,0 +1,104 @@
+"""`import`: the digests computed while copying handed to the catalog writer (handover.py), so
+that the running watcher (or this command's own publish) does not read the files again.
+
+A record names its file by (dev, inode, size, mtime_ns, ctime_ns), taken once the file has
+its final name in the hidden staging directory, before the version appears: the watcher finds
+the records as soon as it sees the version. Written as the writer reads them: started as root
+on the package's tree, each record is made the catalog writer's (privileges.writer_of) through
+its descriptor before it gets its name. A record that cannot be written costs only a hash.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import secrets
+import stat
+
+from lxd_image_server import handover
+from lxd_image_server.config import Paths
+from lxd_image_server.fsutil import open_dir
+from lxd_image_server.ops.import_place import Placed
+from lxd_image_server.privileges import writer_of
+from lxd_image_server.tree.layout import Role, classify
+
+log = logging.getLogger(__name__)
+
+_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def records_of(dir_fd: int, placed: Placed) -> list[handover.Record]:
+    """The records of the files of `placed` in the directory `dir_fd` (final names)."""
+    keys: dict[str, handover.Key] = {}
+    for name in placed.files:
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        if stat.S_ISREG(st.st_mode):
+            keys[name] = handover.key_of(st)
+    roles = {name: classify(name) for name in keys}
+    metas = [n for n, r in roles.items() if r is not None and r.role is Role.META]
+    out = []
+    for name, key in keys.items():
+        role = roles[name]
+        combined: tuple[handover.Combined, ...] = ()
+        if role is not None and role.role is Role.ROOT and len(metas) == 1 and placed.fingerprint:
+            combined = (handover.Combined(metas[0], keys[metas[0]], placed.fingerprint),)
+        out.append(handover.Record(key, placed.files[name][1], combined))
+    return out
+
+
+def hand_over(paths: Paths, dir_fd: int, placed: Placed) -> None:
+    """Writes the records of `placed` into the state directory's records directory (made if
+    the state directory exists and it does not). Never raises for a record it cannot write
+    (one debug line: the file is hashed instead)."""
+    try:
+        records = records_of(dir_fd, placed)
+        directory = os.path.join(paths.state_dir, handover.DIR_NAME)
+        owner = writer_of(paths) if os.geteuid() == 0 else None
+        rec_fd = _records_dir(paths.state_dir, owner)
+        if rec_fd is None:
+            return
+        try:
+            for record in records:
+                _write(rec_fd, record, owner)
+        finally:
+            os.close(rec_fd)
+        log.debug("handed %d digest(s) to the catalog writer in %s", len(records), directory)
+    except OSError as e:
+        log.debug("digests not handed over (%s): the catalog writer hashes the files", e)
+
+
+def _records_dir(state_dir: str, owner: tuple[int, int] | None) -> int | None:
+    """The records directory, opened without following a link; made (0700, the writer's)
+    when the state directory exists without it."""
+    try:
+        state_fd = open_dir(state_dir)
+    except FileNotFoundError:
+        return None
+    try:
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(handover.DIR_NAME, 0o700, dir_fd=state_fd)
+            if owner is not None:
+                os.chown(handover.DIR_NAME, *owner, dir_fd=state_fd, follow_symlinks=False)
+        return open_dir(handover.DIR_NAME, dir_fd=state_fd)
+    finally:
+        os.close(state_fd)
+
+
+def _write(dir_fd: int, record: handover.Record, owner: tuple[int, int] | None) -> None:
+    """`record` under its name, atomically; the writer's before it has that name."""
+    name = handover.record_name(record.key)
+    tmp = f".{name}.{secrets.token_hex(6)}"
+    fd = os.open(tmp, _CREATE, 0o640, dir_fd=dir_fd)
+    try:
+        try:
+            if owner is not None:
+                os.fchown(fd, *owner)
+            os.write(fd, record.to_json())
+        finally:
+            os.close(fd)
+        os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp, dir_fd=dir_fd)
+        raise
