@@ -11,19 +11,22 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from lxd_image_server.catalog import retention
-from lxd_image_server.catalog.pipeline import Pipeline
 from lxd_image_server.cli.common import Globals, handle_errors, tree_options, tree_paths
 from lxd_image_server.cli.naming import naming, naming_options, terminal_progress
 from lxd_image_server.config import Paths
-from lxd_image_server.ops import import_detect, listing, pruning
-from lxd_image_server.ops.updating import with_pipeline
-from lxd_image_server.privileges import become_writer
+from lxd_image_server.ops import listing
 from lxd_image_server.progress import for_terminal
+
+if TYPE_CHECKING:
+    from lxd_image_server.catalog.pipeline import Pipeline
+    from lxd_image_server.ops import pruning
+
+# (what only some commands use is imported in them: `import` handed to a running watcher
+# never loads the pipeline, and each image imported pays for its start-up)
 
 T = TypeVar("T")
 
@@ -31,6 +34,9 @@ T = TypeVar("T")
 def _with_pipeline(
     g: Globals, paths: Paths, run: Callable[[Pipeline], T], cache_first: Any = None
 ) -> T:
+    from lxd_image_server.ops.updating import with_pipeline
+    from lxd_image_server.privileges import become_writer
+
     become_writer(paths)  # as root on the package's tree: as its catalog writer
     return with_pipeline(paths, g.settings, run, for_terminal(), cache_first)
 
@@ -69,7 +75,7 @@ def import_cmd(
     NAME.squashfs, NAME.tar.xz or NAME.qcow2). Naming options not given are read from
     metadata.yaml.
     """
-    from lxd_image_server.ops import import_batch, importing
+    from lxd_image_server.ops import import_batch, import_detect, importing
 
     paths = tree_paths(g, root_dir, img_dir, streams_dir)
     plans = importing.plan_all(
@@ -163,6 +169,8 @@ def verify_cmd(
 
 
 def _report(outcome: pruning.Outcome, dry_run: bool, nothing: str) -> None:
+    from lxd_image_server.catalog import retention
+
     if dry_run:
         for product, serial in outcome.would:
             click.echo(f"would remove {product} {serial}")
@@ -214,6 +222,8 @@ def prune_cmd(
 ) -> None:
     """Keep the newest N versions of each product; the others leave the catalog now and
     their files are deleted after the grace period ([prune] grace_period)."""
+    from lxd_image_server.ops import pruning
+
     paths = tree_paths(g, root_dir, img_dir, streams_dir)
     grace = g.settings.prune_grace
     outcome = _with_pipeline(g, paths, lambda p: pruning.prune(p, keep, grace, dry_run=dry_run))
@@ -238,6 +248,9 @@ def remove_cmd(
 ) -> None:
     """Remove PRODUCT (os:release:arch:variant, every version) or its version SERIAL: out of
     the catalog now, files deleted after the grace period ([prune] grace_period)."""
+    from lxd_image_server.catalog import retention
+    from lxd_image_server.ops import pruning
+
     try:
         retention.parse_product(product)
     except retention.RetentionError as e:

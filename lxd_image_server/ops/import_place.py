@@ -20,15 +20,17 @@ import shutil
 import stat
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from lxd_image_server.catalog.hashing import HashCache, Hasher
 from lxd_image_server.fsutil import DirChain, open_dir, open_regular
 from lxd_image_server.ops import import_copy
 from lxd_image_server.ops.import_detect import ImagePlan, Source, open_source
 from lxd_image_server.ops.import_errors import ImportFailed, VersionExists
 from lxd_image_server.progress import Progress, no_progress
 from lxd_image_server.tree.layout import Role, VersionKey, classify
-from lxd_image_server.tree.scan import Scanner
+
+if TYPE_CHECKING:
+    from lxd_image_server.catalog.hashing import HashCache, Hasher
 
 log = logging.getLogger(__name__)
 
@@ -443,6 +445,8 @@ def _other_image_files(dir_fd: int, keep: set[str]) -> Iterator[str]:
 
 def seed_cache(cache: HashCache, img_dir: str, placed: Placed) -> None:
     """Records the digests computed while copying, so publishing does not read the files again."""
+    from lxd_image_server.tree.scan import Scanner
+
     versions = Scanner(img_dir).scan(placed.key.relpath)
     if not versions:
         return

@@ -19,10 +19,8 @@ import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from lxd_image_server.catalog import retention
-from lxd_image_server.catalog.hashing import HashCache
-from lxd_image_server.catalog.pipeline import Pipeline
 from lxd_image_server.catalog.publish_requests import request_publish
 from lxd_image_server.config import Paths
 from lxd_image_server.ops import import_detect, import_place
@@ -31,10 +29,16 @@ from lxd_image_server.ops.import_errors import ImportFailed, NamingError, Versio
 from lxd_image_server.ops.import_handover import hand_over
 from lxd_image_server.ops.import_naming import Naming
 from lxd_image_server.ops.import_place import Placed, Staged
-from lxd_image_server.ops.updating import with_pipeline
 from lxd_image_server.privileges import become_writer
 from lxd_image_server.progress import ProgressStart
 from lxd_image_server.settings import Settings
+
+if TYPE_CHECKING:
+    from lxd_image_server.catalog.hashing import HashCache
+    from lxd_image_server.catalog.pipeline import Pipeline
+
+# (the pipeline, the hash cache and retention are imported where they are used: an import
+# the running watcher publishes loads none of them; each image imported pays its start-up)
 
 log = logging.getLogger(__name__)
 
@@ -100,8 +104,11 @@ def import_images(
     # catalog side: as its writer
     become_writer(paths)
     version_dirs = [p.version_dir for _, p in result.placed]
-    if any(retention.pending_for(paths.state_dir, d) for d in version_dirs):
-        retention.unschedule(paths.state_dir, version_dirs)
+    if os.path.exists(paths.state.pruned):  # (versions pruned: one may be imported again)
+        from lxd_image_server.catalog import retention
+
+        if any(retention.pending_for(paths.state_dir, d) for d in version_dirs):
+            retention.unschedule(paths.state_dir, version_dirs)
     _publish(paths, settings, [p for _, p in result.placed], publish_progress, result)
     return result
 
@@ -124,6 +131,8 @@ def _stage(
             on_filled=lambda fd, placed: hand_over(paths, fd, placed),
         )
     except VersionExists as e:
+        from lxd_image_server.catalog import retention
+
         pending = retention.pending_for(paths.state_dir, version_dir)
         if pending is None:
             raise
@@ -145,6 +154,8 @@ def _publish(
         result.by_watcher = True
         result.missing = dict(answer.missing)
         return
+
+    from lxd_image_server.ops.updating import with_pipeline
 
     def cache_first(cache: HashCache) -> None:
         for p in placed:
