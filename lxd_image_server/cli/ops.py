@@ -18,7 +18,6 @@ import click
 from lxd_image_server.cli.common import Globals, handle_errors, tree_options, tree_paths
 from lxd_image_server.cli.naming import naming, naming_options, terminal_progress
 from lxd_image_server.config import Paths
-from lxd_image_server.ops import listing
 from lxd_image_server.progress import for_terminal
 
 if TYPE_CHECKING:
@@ -26,7 +25,11 @@ if TYPE_CHECKING:
     from lxd_image_server.ops import pruning
 
 # (what only some commands use is imported in them: `import` handed to a running watcher
-# never loads the pipeline, and each image imported pays for its start-up)
+# never loads the pipeline nor the catalog's model, and each image imported pays for its
+# start-up)
+
+#: `list --format`: ops/listing.py FORMATS (the same tuple: tests/unit/test_cli_ops.py)
+LIST_FORMATS = ("table", "json", "csv")
 
 T = TypeVar("T")
 
@@ -115,7 +118,7 @@ def import_cmd(
 @click.option(
     "--format",
     "fmt",
-    type=click.Choice(listing.FORMATS),
+    type=click.Choice(LIST_FORMATS),
     default="table",
     show_default=True,
     help="Output format.",
@@ -126,6 +129,8 @@ def list_cmd(
     g: Globals, root_dir: str | None, img_dir: str | None, streams_dir: str | None, fmt: str
 ) -> None:
     """List the published images: product, version, type, size, fingerprint, aliases."""
+    from lxd_image_server.ops import listing
+
     paths = tree_paths(g, root_dir, img_dir, streams_dir)
     rows = listing.image_rows(listing.read_catalog(paths.streams_dir))
     click.echo(listing.render(rows, fmt), nl=False)
@@ -146,6 +151,7 @@ def verify_cmd(
 ) -> None:
     """Hold the catalog to every client's rules and rehash every published file (exit 1 on
     any problem)."""
+    from lxd_image_server.ops import listing
     from lxd_image_server.ops.verify import read_index_problems, verify
 
     paths = tree_paths(g, root_dir, img_dir, streams_dir)
