@@ -97,6 +97,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="comma-separated COUNTxMiB image sets (default: 2x500,6x100)",
     )
     parser.add_argument(
+        "--before-exe",
+        default=None,
+        metavar="PATH",
+        help="another lxd-image-server (e.g. an older release) timed in the same rounds, one "
+        "command per image, as the row 'import, before'",
+    )
+    parser.add_argument(
         "--scale-versions",
         type=int,
         default=20000,
@@ -192,12 +199,13 @@ def timed_set(cmds: list[list[str]], cwd: Path, log: Path, timeout: float) -> fl
     return time.perf_counter() - start
 
 
-VARIANTS = ("base", "ours", "ours-one", "ours-watch")
+VARIANTS = ("base", "ours", "ours-one", "ours-watch", "before")
 LABELS = {
     "base": BASELINE,
     "ours": "import",
     "ours-one": "import, one command",
     "ours-watch": "import, watcher",
+    "before": "import, before",
 }
 
 
@@ -240,9 +248,10 @@ def one_set(
     print(f"building {count} images of {size} MiB ...", flush=True)
     images = [build_image(src, n, size) for n in range(count)]
     settle()
-    times: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    variants = [v for v in VARIANTS if v != "before" or args.before_exe]
+    times: dict[str, list[float]] = {v: [] for v in variants}
     for rnd in range(args.repeat):
-        order = VARIANTS[rnd % len(VARIANTS) :] + VARIANTS[: rnd % len(VARIANTS)]
+        order = variants[rnd % len(variants) :] + variants[: rnd % len(variants)]
         for which in order:
             target = work / f"tree-{which}"
             shutil.rmtree(target, ignore_errors=True)
@@ -254,8 +263,10 @@ def one_set(
                 settle()
                 cmds = [[tool, "add", str(m), str(r)] for m, r in images]
                 times[which].append(timed_set(cmds, target, log, args.timeout))
-            elif which == "ours":
+            elif which in ("ours", "before"):
                 settle()
+                if which == "before":
+                    ours[0] = args.before_exe
                 cmds = [[*ours, str(m), str(r)] for m, r in images]
                 times[which].append(timed_set(cmds, target, log, args.timeout))
             elif which == "ours-one":
@@ -271,9 +282,9 @@ def one_set(
             shutil.rmtree(target, ignore_errors=True)
     shutil.rmtree(src, ignore_errors=True)
     base = median(times["base"])
-    print(f"  {count}x{size} MiB: " + " | ".join(f"{LABELS[v]} {runs(times[v])}" for v in VARIANTS))
+    print(f"  {count}x{size} MiB: " + " | ".join(f"{LABELS[v]} {runs(times[v])}" for v in variants))
     rows = [[f"{count} x {size} MiB", LABELS["base"], f"{base:.3f}", "1.00", ""]]
-    for v in VARIANTS[1:]:
+    for v in variants[1:]:
         t = median(times[v])
         goal = verdict(t / base <= GOAL) if v == "ours" else ""
         rows.append(["", LABELS[v], f"{t:.3f}", f"{t / base:.2f}", goal])
@@ -365,6 +376,8 @@ def scale(exe: str, work: Path, versions: int, args: argparse.Namespace) -> list
 def run(argv: list[str]) -> int:
     args = parse_args(argv)
     exe = server_exe(args.exe)
+    if args.before_exe:
+        byte_compile(args.before_exe)
     tool = shutil.which(BASELINE)
     if tool is None:
         raise BenchError(

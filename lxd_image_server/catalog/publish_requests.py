@@ -408,8 +408,12 @@ def request_publish(
     """Asks the running watcher to publish `versions` (paths relative to images/) and
     returns its answer; None when there is no live watcher or the channel failed (logged
     in one line): then publish by yourself."""
-    for rel in versions:
-        check_version_path(rel)
+    try:
+        for rel in versions:
+            check_version_path(rel)
+    except RequestError as e:
+        log.warning("not asking the watcher: %s; publishing here", e)
+        return None
     try:
         pid = running_watcher(pid_file)
     except ProcessLookupError as e:

@@ -1,5 +1,6 @@
-"""`import`: the digests computed while copying handed to the catalog writer (handover.py), so
-that the running watcher (or this command's own publish) does not read the files again.
+"""`import` and `sync`: the digests computed while copying (or downloading) handed to the
+catalog writer (handover.py), so that the running watcher (or the command's own publish) does
+not read the files again.
 
 A record names its file by (dev, inode, size, mtime_ns, ctime_ns), taken once the file has
 its final name in the hidden staging directory, before the version appears: the watcher finds
@@ -15,6 +16,7 @@ import logging
 import os
 import secrets
 import stat
+from collections.abc import Mapping
 
 from lxd_image_server import handover
 from lxd_image_server.config import Paths
@@ -28,31 +30,50 @@ log = logging.getLogger(__name__)
 _CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
-def records_of(dir_fd: int, placed: Placed) -> list[handover.Record]:
-    """The records of the files of `placed` in the directory `dir_fd` (final names)."""
+#: file name -> (size, sha256)
+Files = Mapping[str, tuple[int, str]]
+#: root file name -> (metadata file name, sha256 of the metadata's bytes then the root's)
+CombinedOf = Mapping[str, tuple[str, str]]
+
+
+def combined_of(placed: Placed) -> dict[str, tuple[str, str]]:
+    """The combined fingerprint of an imported split image, by its root's name."""
+    roles = {name: classify(name) for name in placed.files}
+    metas = [n for n, r in roles.items() if r is not None and r.role is Role.META]
+    roots = [n for n, r in roles.items() if r is not None and r.role is Role.ROOT]
+    if len(metas) == 1 and len(roots) == 1 and placed.fingerprint:
+        return {roots[0]: (metas[0], placed.fingerprint)}
+    return {}
+
+
+def records_of(dir_fd: int, files: Files, combined: CombinedOf) -> list[handover.Record]:
+    """The records of `files` in the directory `dir_fd` (their final names)."""
     keys: dict[str, handover.Key] = {}
-    for name in placed.files:
+    for name in files:
         st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
         if stat.S_ISREG(st.st_mode):
             keys[name] = handover.key_of(st)
-    roles = {name: classify(name) for name in keys}
-    metas = [n for n, r in roles.items() if r is not None and r.role is Role.META]
     out = []
     for name, key in keys.items():
-        role = roles[name]
-        combined: tuple[handover.Combined, ...] = ()
-        if role is not None and role.role is Role.ROOT and len(metas) == 1 and placed.fingerprint:
-            combined = (handover.Combined(metas[0], keys[metas[0]], placed.fingerprint),)
-        out.append(handover.Record(key, placed.files[name][1], combined))
+        pairs: tuple[handover.Combined, ...] = ()
+        meta, fingerprint = combined.get(name, ("", ""))
+        if meta in keys:
+            pairs = (handover.Combined(meta, keys[meta], fingerprint),)
+        out.append(handover.Record(key, files[name][1], pairs))
     return out
 
 
-def hand_over(paths: Paths, dir_fd: int, placed: Placed) -> None:
-    """Writes the records of `placed` into the state directory's records directory (made if
-    the state directory exists and it does not). Never raises for a record it cannot write
-    (one debug line: the file is hashed instead)."""
+def hand_over_placed(paths: Paths, dir_fd: int, placed: Placed) -> None:
+    """`hand_over` for an imported image."""
+    hand_over(paths, dir_fd, placed.files, combined_of(placed))
+
+
+def hand_over(paths: Paths, dir_fd: int, files: Files, combined: CombinedOf) -> None:
+    """Writes the records of `files` (in the directory `dir_fd`) into the state directory's
+    records directory (made if the state directory exists and it does not). Never raises for a
+    record it cannot write (one debug line: the file is hashed instead)."""
     try:
-        records = records_of(dir_fd, placed)
+        records = records_of(dir_fd, files, combined)
         directory = os.path.join(paths.state_dir, handover.DIR_NAME)
         owner = writer_of(paths) if os.geteuid() == 0 else None
         rec_fd = _records_dir(paths.state_dir, owner)

@@ -26,7 +26,7 @@ from lxd_image_server.config import Paths
 from lxd_image_server.ops import import_detect, import_place
 from lxd_image_server.ops.import_detect import ImagePlan
 from lxd_image_server.ops.import_errors import ImportFailed, NamingError, VersionExists
-from lxd_image_server.ops.import_handover import hand_over
+from lxd_image_server.ops.import_handover import hand_over_placed
 from lxd_image_server.ops.import_naming import Naming
 from lxd_image_server.ops.import_place import Placed, Staged
 from lxd_image_server.privileges import become_writer
@@ -128,7 +128,7 @@ def _stage(
             move=move,
             force=force,
             progress_start=progress_start,
-            on_filled=lambda fd, placed: hand_over(paths, fd, placed),
+            on_filled=lambda fd, placed: hand_over_placed(paths, fd, placed),
         )
     except VersionExists as e:
         from lxd_image_server.catalog import retention

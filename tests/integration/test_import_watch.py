@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -119,7 +120,15 @@ def tree(tmp_path: Path) -> tuple[Path, Path]:
 @pytest.fixture
 def watcher(tree: tuple[Path, Path], tmp_path: Path) -> Iterator[Watcher]:
     root, state = tree
-    with open(tmp_path / "watch.log", "w+") as log:
+    with running_watcher(root, state, tmp_path / "watch.log") as w:
+        yield w
+
+
+@contextmanager
+def running_watcher(root: Path, state: Path, log_path: Path) -> Iterator[Watcher]:
+    """`watch` on `root` (its first catalog published) for the block; no traceback in its log."""
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    with open(log_path, "w+") as log:
         proc = subprocess.Popen(
             [BIN, "--state-dir", state, "--verbose", "watch", "--root-dir", root],
             stdout=log,

@@ -1292,9 +1292,9 @@ def test_import_as_root_leaves_files_the_writer_and_nginx_use(
     container: Container,
     tmp_path: Path,
 ) -> None:
-    """`import` run as root (as an admin would): the version is listed, its files download
-    over HTTPS, the writer may delete them (retention, prune) and nothing the writer owns
-    became root's."""
+    """`import` run as root (as an admin would): the version is listed (published by the
+    running watcher at import's request), its files download over HTTPS, the writer may
+    delete them (retention, prune) and nothing the writer owns became root's."""
     meta = write_metadata_tarball(tmp_path / "meta", tmp_path / "lxd.tar.xz", "imported")
     root = images["https"].root
     container.run("install -d -m 0700 /root/import")
@@ -1307,6 +1307,8 @@ def test_import_as_root_leaves_files_the_writer_and_nginx_use(
         timeout=300,
     )
     assert "published" in proc.stdout, proc
+    # the packaged watcher (its unit, its user, its sandbox) took the publish over its socket
+    assert "by the running watcher" in proc.stdout, proc
     image = Image("imported", serial, meta, root)
     wait_for("the import is listed", lambda: serial in listed_versions(server_cert, "imported"))
     for local in (meta, root):
