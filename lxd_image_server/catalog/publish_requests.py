@@ -8,7 +8,7 @@ scan, look up and encode the whole tree again in a new process.
 The channel: a unix stream socket in the state directory (`StateDir.publish_socket`), mode
 0600, the watcher's own; one request and one answer per connection, each one line of JSON:
 
-    -> {"publish": ["os/release/arch/variant/serial", ...]}
+    -> {"images": "/abs/images", "publish": ["os/release/arch/variant/serial", ...]}
     <- {"listed": [...], "missing": {"os/release/arch/variant/serial": "why", ...}}
     <- {"error": "why"}                          (a request refused; nothing was done)
 
@@ -18,7 +18,9 @@ only root and the watcher's own user are answered (SO_PEERCRED); every read is b
 size (MAX_REQUEST) and time (READ_TIMEOUT); a request must name at most MAX_VERSIONS
 well-formed relative version paths below images/ (tree/layout.py), nothing else; at most
 MAX_CONNECTIONS are open at once (one more is told "busy" and closed). A bad request is
-answered with an error and one log line; nothing a client sends stops the watcher.
+answered with an error and one log line; nothing a client sends stops the watcher. A request
+names the images directory it placed the versions in (its real path): a watcher of another
+tree (two trees sharing a state directory) refuses it, and the client publishes by itself.
 
 The client (`request_publish`) talks only to the live watcher named by the pid file
 (`running_watcher`: the process exists and is a watcher), and checks that the socket's other
@@ -55,6 +57,8 @@ MAX_ANSWER = 256 << 10
 MAX_VERSIONS = 256
 #: a version path's length, at most
 MAX_PATH = 1024
+#: the images directory's path, at most
+MAX_IMAGES_PATH = 4096
 #: connections open at once (reading or waiting for their answer)
 MAX_CONNECTIONS = 16
 #: seconds a client has to send its request once connected
@@ -72,21 +76,37 @@ class RequestError(ValueError):
     """A request that is not well formed: the one line that says why."""
 
 
-def parse_request(data: bytes) -> list[str]:
-    """The version paths a request names (each once, in order), or RequestError."""
+@dataclass(frozen=True)
+class Request:
+    #: the images directory the versions are in (a real path)
+    images: str
+    #: version directories relative to it, each once
+    versions: list[str]
+
+
+def parse_request(data: bytes) -> Request:
+    """The request in `data`, or RequestError."""
     try:
         doc = load_json_bounded(data, MAX_REQUEST, 3)
     except ValueError as e:
         raise RequestError(f"not a request: {e}") from None
-    if not isinstance(doc, dict) or set(doc) != {"publish"}:
-        raise RequestError('not a request: expected {"publish": [VERSION, ...]}')
+    if not isinstance(doc, dict) or set(doc) != {"images", "publish"}:
+        raise RequestError('not a request: expected {"images": DIR, "publish": [VERSION, ...]}')
+    images = doc["images"]
+    if (
+        not isinstance(images, str)
+        or not images.startswith("/")
+        or len(images) > MAX_IMAGES_PATH
+        or "\0" in images
+    ):
+        raise RequestError('"images" must be an absolute path')
     versions = doc["publish"]
     if not isinstance(versions, list) or not 1 <= len(versions) <= MAX_VERSIONS:
         raise RequestError(f'"publish" must list 1 to {MAX_VERSIONS} version paths')
     out: dict[str, None] = {}
     for rel in versions:
         out[check_version_path(rel)] = None
-    return list(out)
+    return Request(images, list(out))
 
 
 def check_version_path(rel: object) -> str:
@@ -127,10 +147,13 @@ class RequestServer:
     def __init__(
         self,
         path: str,
+        img_dir: str,
         clock: Callable[[], float] = time.monotonic,
         uids: Set[int] | None = None,
     ) -> None:
         self.path = path
+        #: the tree's images directory, as requests name it (its real path)
+        self.images = os.path.realpath(img_dir)
         self.clock = clock
         #: the users answered: root and the watcher's own
         self.uids = frozenset({0, os.geteuid()}) if uids is None else uids
@@ -170,7 +193,12 @@ class RequestServer:
         if conn is None or conn.versions is not None:
             return []
         try:
-            versions = self._read(conn)
+            request = self._read(conn)
+            if request is not None and request.images != self.images:
+                raise RequestError(
+                    f"{request.images[:200]} is not the images directory of this watcher's "
+                    f"tree ({self.images})"
+                )
         except RequestError as e:
             log.warning("refused a publish request from %s: %s", conn.peer, e)
             self._finish(fd, {"error": str(e)})
@@ -179,9 +207,9 @@ class RequestServer:
             log.debug("publish request from %s dropped: %s", conn.peer, e)
             self._close(fd)
             return []
-        if versions is None:
+        if request is None:
             return []
-        conn.versions = versions
+        versions = conn.versions = request.versions
         conn.deadline = self.clock() + ANSWER_TIMEOUT
         with contextlib.suppress(OSError):
             self._epoll.unregister(fd)  # nothing more is read from it
@@ -262,9 +290,9 @@ class RequestServer:
             self._epoll.register(fd, select.EPOLLIN | select.EPOLLRDHUP)
             fds.append(fd)
 
-    def _read(self, conn: _Conn) -> list[str] | None:
-        """Reads what is there; the request's versions once it is whole (a newline, or the
-        end of the stream), else None. RequestError, OSError."""
+    def _read(self, conn: _Conn) -> Request | None:
+        """Reads what is there; the request once it is whole (a newline, or the end of the
+        stream), else None. RequestError, OSError."""
         while True:
             try:
                 chunk = conn.sock.recv(MAX_REQUEST + 1 - len(conn.data))
@@ -403,11 +431,15 @@ class Answer:
 
 
 def request_publish(
-    socket_path: str, pid_file: str, versions: Sequence[str], timeout: float = CLIENT_TIMEOUT
+    socket_path: str,
+    pid_file: str,
+    img_dir: str,
+    versions: Sequence[str],
+    timeout: float = CLIENT_TIMEOUT,
 ) -> Answer | None:
-    """Asks the running watcher to publish `versions` (paths relative to images/) and
-    returns its answer; None when there is no live watcher or the channel failed (logged
-    in one line): then publish by yourself."""
+    """Asks the running watcher to publish `versions` (paths relative to `img_dir`) and
+    returns its answer; None when there is no live watcher (of this tree) or the channel
+    failed (logged in one line): then publish by yourself."""
     try:
         for rel in versions:
             check_version_path(rel)
@@ -420,14 +452,14 @@ def request_publish(
         log.debug("%s: publishing by ourselves", e)
         return None
     try:
-        return _ask(socket_path, pid, list(versions), timeout)
+        return _ask(socket_path, pid, os.path.realpath(img_dir), list(versions), timeout)
     except (OSError, ValueError) as e:
         why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
         log.info("the watcher (pid %d) did not take the publish (%s): publishing here", pid, why)
         return None
 
 
-def _ask(socket_path: str, pid: int, versions: list[str], timeout: float) -> Answer:
+def _ask(socket_path: str, pid: int, images: str, versions: list[str], timeout: float) -> Answer:
     directory, name = os.path.split(socket_path)
     dir_fd = open_dir(directory or ".")
     try:
@@ -437,7 +469,8 @@ def _ask(socket_path: str, pid: int, versions: list[str], timeout: float) -> Ans
             peer_pid, _uid, _gid = _peer(sock)
             if peer_pid != pid:
                 raise ValueError(f"the socket's other end is pid {peer_pid}, not the watcher")
-            sock.sendall(json.dumps({"publish": versions}).encode() + b"\n")
+            request = {"images": images, "publish": versions}
+            sock.sendall(json.dumps(request).encode() + b"\n")
             data = _read_line(sock, time.monotonic() + timeout)
     finally:
         os.close(dir_fd)

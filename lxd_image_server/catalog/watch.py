@@ -344,7 +344,7 @@ class Watcher:
         if self.publish_socket is None:
             return
         try:
-            self.requests = RequestServer(self.publish_socket)
+            self.requests = RequestServer(self.publish_socket, self.img_dir)
         except OSError as e:
             log.error("cannot take publish requests at %s: %s", self.publish_socket, e)
             return

@@ -149,7 +149,7 @@ def _publish(
     result: ImportResult,
 ) -> None:
     rels = [p.key.relpath for p in placed]
-    answer = request_publish(paths.state.publish_socket, paths.state.watch_pid, rels)
+    answer = request_publish(paths.state.publish_socket, paths.state.watch_pid, paths.img_dir, rels)
     if answer is not None:
         result.by_watcher = True
         result.missing = dict(answer.missing)

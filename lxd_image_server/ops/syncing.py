@@ -318,7 +318,9 @@ def _by_watcher(
     """Asks the running watcher to publish; False when there is none (or it did not answer)."""
     new = [item.plan.key.relpath for item in landed]
     gone = [os.path.relpath(p.path, paths.img_dir) for p in retired]
-    answer = request_publish(paths.state.publish_socket, paths.state.watch_pid, new + gone)
+    answer = request_publish(
+        paths.state.publish_socket, paths.state.watch_pid, paths.img_dir, new + gone
+    )
     if answer is None:
         return False
     listed = set(answer.listed)

@@ -243,6 +243,7 @@ def test_a_live_process_that_is_no_watcher_is_not_asked(
 def test_hostile_clients_do_not_stop_the_watcher(watcher: Watcher, tmp_path: Path) -> None:
     root, state = watcher.root, watcher.state
     path = str(state / "publish.sock")
+    images = json.dumps(os.path.realpath(root / "images")).encode()
 
     def raw(payload: bytes) -> bytes:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
@@ -270,15 +271,21 @@ def test_hostile_clients_do_not_stop_the_watcher(watcher: Watcher, tmp_path: Pat
         slow.append(s)
     for payload in (
         b"garbage\n",
-        b'{"publish": ["../../../etc/passwd"]}\n',
-        b'{"publish": ["/' + PRODUCT_DIR.encode() + b'/20240101_12:00"]}\n',
+        b'{"images": ' + images + b', "publish": ["../../../etc/passwd"]}\n',
+        b'{"images": '
+        + images
+        + b', "publish": ["/'
+        + PRODUCT_DIR.encode()
+        + b'/20240101_12:00"]}\n',
+        b'{"images": "/etc", "publish": ["' + PRODUCT_DIR.encode() + b'/20240101_12:00"]}\n',
         b"[" * (pr.MAX_REQUEST + 10),
-        b'{"publish": ["' + PRODUCT_DIR.encode() + b'/.hidden"]}\n',
+        b'{"images": ' + images + b', "publish": ["' + PRODUCT_DIR.encode() + b'/.hidden"]}\n',
         b"",
     ):
         assert "error" in json.loads(raw(payload) or b'{"error": "closed"}')
     # a well-formed request for a version that is not there: answered, nothing listed
-    answer = json.loads(raw(json.dumps({"publish": [f"{PRODUCT_DIR}/{serial(9)}"]}).encode()))
+    request = {"images": json.loads(images), "publish": [f"{PRODUCT_DIR}/{serial(9)}"]}
+    answer = json.loads(raw(json.dumps(request).encode()))
     assert answer["missing"] == {f"{PRODUCT_DIR}/{serial(9)}": "no such version directory"}
     # meanwhile, an import is still served by the watcher
     r = run_import(state, root, *exports(tmp_path / "e", 1))
@@ -288,6 +295,19 @@ def test_hostile_clients_do_not_stop_the_watcher(watcher: Watcher, tmp_path: Pat
         s.close()
     assert watcher.alive()
     assert "refused a publish request" in watcher.text()
+
+
+def test_a_watcher_of_another_tree_is_not_asked(watcher: Watcher, tmp_path: Path) -> None:
+    """Two trees sharing a state directory: the watcher of one refuses to publish for the
+    other, and import publishes that tree itself."""
+    other = tmp_path / "other"
+    r = run_import(watcher.state, other, *exports(tmp_path / "e", 1))
+    assert r.returncode == 0, r.stderr
+    assert "published in" in r.stdout and "by the running watcher" not in r.stdout
+    assert listed(other) == on_disk(other) == {f"{PRODUCT_DIR}/{serial(0)}"}
+    assert listed(watcher.root) == set()
+    assert "is not the images directory of this watcher's tree" in watcher.text()
+    assert watcher.alive()
 
 
 def test_the_socket_refuses_other_users(watcher: Watcher) -> None:

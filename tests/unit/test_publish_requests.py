@@ -17,6 +17,9 @@ from lxd_image_server.catalog.publish_requests import RequestError, RequestServe
 
 V1 = "busybox/1.35/amd64/default/20240101_12:00"
 V2 = "busybox/1.35/amd64/default/20240102_12:00"
+#: the images directory the servers here publish (as requests name it; it need not exist: the
+#: answers look at the tmp_path given to them)
+IMAGES = "/nonexistent/lxd-image-server-tests/images"
 
 
 class Clock:
@@ -30,7 +33,7 @@ class Clock:
 @pytest.fixture
 def server(tmp_path: Path):
     clock = Clock()
-    srv = RequestServer(str(tmp_path / "publish.sock"), clock=clock)
+    srv = RequestServer(str(tmp_path / "publish.sock"), IMAGES, clock=clock)
     srv.clock_ = clock  # type: ignore[attr-defined]
     try:
         yield srv
@@ -55,8 +58,8 @@ def answer_of(s: socket.socket) -> dict[str, Any]:
     return json.loads(data) if data else {}
 
 
-def request(versions: object) -> bytes:
-    return json.dumps({"publish": versions}).encode() + b"\n"
+def request(versions: object, images: str = IMAGES) -> bytes:
+    return json.dumps({"images": images, "publish": versions}).encode() + b"\n"
 
 
 def served(srv: RequestServer, tmp_path: Path) -> None:
@@ -129,11 +132,16 @@ def test_a_request_never_published_is_answered_at_its_deadline(
         b"not json\n",
         b"\n",
         b"[1, 2]\n",
-        b'{"publish": "' + V1.encode() + b'"}\n',
-        b'{"publish": []}\n',
-        b'{"publish": [1]}\n',
-        b'{"publish": [null]}\n',
-        b'{"publish": ["' + V1.encode() + b'"], "delete": true}\n',
+        b'{"images": "' + IMAGES.encode() + b'", "publish": "' + V1.encode() + b'"}\n',
+        request([]),
+        request([1]),
+        request([None]),
+        b'{"publish": ["' + V1.encode() + b'"]}\n',  # no images
+        request([V1], images="images"),  # not absolute
+        request([V1], images="/srv/other/images"),  # another tree's
+        request([V1], images="/" + "x" * 5000),
+        request([V1], images=IMAGES + "\x00"),
+        b'{"images": "' + IMAGES.encode() + b'", "publish": ["' + V1.encode() + b'"], "x": 1}\n',
         request(["/" + V1]),
         request([V1 + "/"]),
         request(["../" + V1]),
@@ -147,7 +155,7 @@ def test_a_request_never_published_is_answered_at_its_deadline(
         request(["busybox/1.35/amd64/default/20240101_12:00\x00x"]),
         request(["x" * (pr.MAX_PATH + 1)]),
         request([V1] * (pr.MAX_VERSIONS + 1)),
-        b'{"publish": [[[[[["deep"]]]]]]}\n',
+        b'{"images": "' + IMAGES.encode() + b'", "publish": [[[[[["deep"]]]]]]}\n',
         b"\xff\xfe\n",
     ],
 )
@@ -226,7 +234,7 @@ def test_connections_past_the_limit_are_told_busy(server: RequestServer, tmp_pat
 
 def test_a_user_other_than_root_and_the_watchers_is_refused(tmp_path: Path) -> None:
     # (the socket is 0600 anyway; this is what a loosened mode would meet)
-    srv = RequestServer(str(tmp_path / "publish.sock"), uids={os.geteuid() + 4242})
+    srv = RequestServer(str(tmp_path / "publish.sock"), IMAGES, uids={os.geteuid() + 4242})
     try:
         with connect(srv) as s:
             s.sendall(request([V1]))
@@ -238,9 +246,9 @@ def test_a_user_other_than_root_and_the_watchers_is_refused(tmp_path: Path) -> N
 
 def test_a_socket_left_by_a_dead_watcher_is_replaced(tmp_path: Path) -> None:
     path = tmp_path / "publish.sock"
-    first = RequestServer(str(path))
+    first = RequestServer(str(path), IMAGES)
     first._listener.close()  # died without cleaning up
-    second = RequestServer(str(path))
+    second = RequestServer(str(path), IMAGES)
     try:
         served(second, tmp_path)
     finally:
@@ -251,8 +259,8 @@ def test_a_socket_left_by_a_dead_watcher_is_replaced(tmp_path: Path) -> None:
 
 def test_closing_leaves_a_later_watchers_socket(tmp_path: Path) -> None:
     path = tmp_path / "publish.sock"
-    first = RequestServer(str(path))
-    second = RequestServer(str(path))
+    first = RequestServer(str(path), IMAGES)
+    second = RequestServer(str(path), IMAGES)
     first.close()
     assert path.exists()
     second.close()
@@ -262,7 +270,7 @@ def test_closing_leaves_a_later_watchers_socket(tmp_path: Path) -> None:
 def test_a_long_state_directory_path(tmp_path: Path) -> None:
     deep = tmp_path / ("d" * 120) / ("e" * 120)
     deep.mkdir(parents=True)
-    srv = RequestServer(str(deep / "publish.sock"))
+    srv = RequestServer(str(deep / "publish.sock"), IMAGES)
     try:
         assert stat.S_ISSOCK(os.lstat(deep / "publish.sock").st_mode)
     finally:
@@ -273,7 +281,7 @@ def test_a_long_state_directory_path(tmp_path: Path) -> None:
 
 
 def test_parse_request_canonical_paths_only() -> None:
-    assert pr.parse_request(request([V1, V2])) == [V1, V2]
+    assert pr.parse_request(request([V1, V2])) == pr.Request(IMAGES, [V1, V2])
     for bad in ("", ".", "a/b/c/d", "busybox/1.35/amd64/default/20240101_12:00/"):
         with pytest.raises(RequestError):
             pr.check_version_path(bad)
@@ -281,13 +289,13 @@ def test_parse_request_canonical_paths_only() -> None:
 
 def test_no_watcher_means_publish_yourself(tmp_path: Path) -> None:
     sock, pid_file = str(tmp_path / "publish.sock"), str(tmp_path / "watch.pid")
-    assert pr.request_publish(sock, pid_file, [V1]) is None  # no pid file
+    assert pr.request_publish(sock, pid_file, IMAGES, [V1]) is None  # no pid file
     Path(pid_file).write_text(f"{os.getpid()}\n")  # a live process, not a watcher
-    assert pr.request_publish(sock, pid_file, [V1]) is None
+    assert pr.request_publish(sock, pid_file, IMAGES, [V1]) is None
     Path(pid_file).write_text("999999999\n")  # gone
-    assert pr.request_publish(sock, pid_file, [V1]) is None
+    assert pr.request_publish(sock, pid_file, IMAGES, [V1]) is None
     Path(pid_file).write_text("garbage\n")
-    assert pr.request_publish(sock, pid_file, [V1]) is None
+    assert pr.request_publish(sock, pid_file, IMAGES, [V1]) is None
     with pytest.raises(ProcessLookupError, match="missing or empty"):
         pr.running_watcher(pid_file)
 
