@@ -125,12 +125,15 @@ def watcher(tree: tuple[Path, Path], tmp_path: Path) -> Iterator[Watcher]:
 
 
 @contextmanager
-def running_watcher(root: Path, state: Path, log_path: Path) -> Iterator[Watcher]:
+def running_watcher(
+    root: Path, state: Path, log_path: Path, config: Path | None = None
+) -> Iterator[Watcher]:
     """`watch` on `root` (its first catalog published) for the block; no traceback in its log."""
     (root / "images").mkdir(parents=True, exist_ok=True)
+    options = ["--config", str(config)] if config is not None else []
     with open(log_path, "w+") as log:
         proc = subprocess.Popen(
-            [BIN, "--state-dir", state, "--verbose", "watch", "--root-dir", root],
+            [BIN, "--state-dir", state, *options, "--verbose", "watch", "--root-dir", root],
             stdout=log,
             stderr=subprocess.STDOUT,
         )
@@ -295,6 +298,44 @@ def test_hostile_clients_do_not_stop_the_watcher(watcher: Watcher, tmp_path: Pat
         s.close()
     assert watcher.alive()
     assert "refused a publish request" in watcher.text()
+
+
+#: a watcher that lists nothing: the real request server, answering every request with its
+#: versions not listed (what a watcher says of a version it cannot publish)
+UNLISTING_WATCHER = """
+import os, select, sys
+from lxd_image_server.catalog.publish_requests import RequestServer
+state, images = sys.argv[1], sys.argv[2]
+srv = RequestServer(os.path.join(state, "publish.sock"), images)
+with open(os.path.join(state, "watch.pid"), "w") as f:
+    f.write(f"{os.getpid()}\\n")
+while True:
+    select.select([srv.fileno()], [], [], 1.0)
+    srv.handle()
+    srv.answer(set(), busy=False, img_dir=images)
+"""
+
+
+def test_a_version_the_watcher_does_not_list_fails_the_import(
+    tree: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """The watcher answers that the version is not listed: import exits 1 naming it and why
+    (and does not publish by itself: the watcher is the tree's writer)."""
+    root, state = tree
+    state.mkdir()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", UNLISTING_WATCHER, str(state), str(root / "images"), "watch"]
+    )
+    try:
+        wait_for(lambda: (state / "watch.pid").exists(), "the watcher's pid file")
+        r = run_import(state, root, *exports(tmp_path / "e", 1))
+    finally:
+        proc.kill()
+        proc.wait()
+    assert r.returncode == 1, r.stdout
+    assert "is in the tree but not in the catalog: not listed" in r.stderr
+    assert on_disk(root) == {f"{PRODUCT_DIR}/{serial(0)}"}
+    assert listed(root) == set()
 
 
 def test_a_watcher_of_another_tree_is_not_asked(watcher: Watcher, tmp_path: Path) -> None:
