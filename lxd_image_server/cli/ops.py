@@ -261,9 +261,22 @@ def remove_cmd(
         retention.parse_product(product)
     except retention.RetentionError as e:
         raise click.BadParameter(str(e), param_hint="PRODUCT") from e
+    from lxd_image_server.privileges import become_writer
+
     paths = tree_paths(g, root_dir, img_dir, streams_dir)
     grace = g.settings.prune_grace
-    outcome = _with_pipeline(
-        g, paths, lambda p: pruning.remove(p, product, serial, grace, dry_run=dry_run)
+    become_writer(paths)  # as root on the package's tree: as its catalog writer
+    # with a watcher running on the tree, the publish is its own (only the product scanned)
+    outcome = pruning.remove_by_watcher(
+        paths,
+        product,
+        serial,
+        grace,
+        lambda: _with_pipeline(g, paths, lambda p: p.update_all()),
+        dry_run=dry_run,
     )
+    if outcome is None:
+        outcome = _with_pipeline(
+            g, paths, lambda p: pruning.remove(p, product, serial, grace, dry_run=dry_run)
+        )
     _report(outcome, dry_run, "nothing to remove")

@@ -397,3 +397,47 @@ def test_requests_while_the_watcher_is_busy(watcher: Watcher, tmp_path: Path) ->
         t.join()
     assert [r.returncode for r in results] == [0, 0, 0], [r.stderr for r in results]
     assert listed(root) == on_disk(root) == {f"{PRODUCT_DIR}/{serial(n)}" for n in range(6)}
+
+
+def run_cli(state: Path, root: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    cmd = [str(BIN), "--state-dir", str(state), "--verbose", *args[:1], "--root-dir", str(root)]
+    cmd += args[1:]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+
+
+def test_remove_is_published_by_the_watcher(watcher: Watcher, tmp_path: Path) -> None:
+    """`remove` with a watcher running: only the product is scanned, the watcher publishes
+    (once) without the versions removed, and says none of them is listed."""
+    root, state = watcher.root, watcher.state
+    assert run_import(state, root, tmp_path / "e").returncode == 2  # (no such directory)
+    exports(tmp_path / "e", 3)
+    assert run_import(state, root, tmp_path / "e").returncode == 0
+    product = "busybox:1.35:amd64:default"
+    r = run_cli(state, root, "remove", product, serial(1), "--dry-run")
+    assert r.returncode == 0 and f"would remove {product} {serial(1)}" in r.stdout, r.stderr
+    assert len(listed(root)) == 3
+    count = Publishes(root / "streams/v1")
+    r = run_cli(state, root, "remove", product, serial(1))
+    assert r.returncode == 0, r.stderr
+    assert f"removed {product} {serial(1)} from the catalog" in r.stdout
+    assert "pipeline" not in r.stderr and "catalog.publish: published" not in r.stderr
+    assert listed(root) == {f"{PRODUCT_DIR}/{serial(n)}" for n in (0, 2)}
+    assert count.count() == 1
+    count.close()
+    assert (root / "images" / PRODUCT_DIR / serial(1)).is_dir()  # the grace period
+    r = run_cli(state, root, "remove", product)
+    assert r.returncode == 0, r.stderr
+    assert listed(root) == set()
+    assert watcher.alive()
+
+
+def test_remove_without_a_watcher_publishes_by_itself(
+    tree: tuple[Path, Path], tmp_path: Path
+) -> None:
+    root, state = tree
+    exports(tmp_path / "e", 2)
+    assert run_import(state, root, tmp_path / "e").returncode == 0
+    r = run_cli(state, root, "remove", "busybox:1.35:amd64:default", serial(0))
+    assert r.returncode == 0, r.stderr
+    assert "catalog.publish: published" in r.stderr
+    assert listed(root) == {f"{PRODUCT_DIR}/{serial(1)}"}
