@@ -216,9 +216,13 @@ class RequestServer:
         log.info("publish request from %s: %s", conn.peer, ", ".join(versions))
         return versions
 
+    def wanted(self) -> set[str]:
+        """The versions the requests waiting for their answer name."""
+        return {rel for c in self._conns.values() for rel in c.versions or ()}
+
     def answer(self, listed: Set[str], busy: bool, img_dir: str) -> None:
-        """Answers each request whose versions are all `listed` now, or, unless `busy`
-        (versions being hashed), says why the others are not."""
+        """Answers each request whose versions are all `listed` now (of those `wanted`), or,
+        unless `busy` (versions being hashed), says why the others are not."""
         for fd, conn in list(self._conns.items()):
             if conn.versions is None:
                 continue
@@ -227,7 +231,7 @@ class RequestServer:
                 continue  # a later publish may list them (or the deadline answers)
             self._finish(fd, _answer(conn.versions, missing, img_dir, "not listed"))
 
-    def expire(self, img_dir: str, listed: Callable[[], Set[str]]) -> None:
+    def expire(self, img_dir: str, listed: Callable[[Iterable[str]], Set[str]]) -> None:
         """Closes connections past their deadline: a request not read whole in time, or one
         whose versions were not published in time (answered with what is listed)."""
         now = self.clock()
@@ -242,7 +246,7 @@ class RequestServer:
                 )
                 self._finish(fd, {"error": "request not sent in time"})
                 continue
-            shown = listed()
+            shown = listed(conn.versions)
             missing = [rel for rel in conn.versions if rel not in shown]
             why = f"not published within {ANSWER_TIMEOUT:.0f} s (see the watcher's log)"
             self._finish(fd, _answer(conn.versions, missing, img_dir, why))

@@ -36,7 +36,7 @@ import os
 import select
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from types import FrameType
 
 from inotify_simple import flags
@@ -370,13 +370,22 @@ class Watcher:
         if self.requests is None or not self.requests.waiting:
             return
         try:
-            self.requests.answer(self._listed(), self.pipeline.hashing() > 0, self.img_dir)
+            listed = self._listed(self.requests.wanted())
+            self.requests.answer(listed, self.pipeline.hashing() > 0, self.img_dir)
         except Exception:
             log.exception("unexpected error while answering publish requests")
 
-    def _listed(self) -> set[str]:
-        """The version directories (relative to images/) the catalog lists now."""
-        return self.pipeline.listing().versions(self.served_prefix)
+    def _listed(self, rels: Iterable[str]) -> set[str]:
+        """Those of the version directories `rels` (relative to images/) the catalog lists
+        now: looked up one by one (the whole catalog's listing costs a pass over its items)."""
+        products = self.pipeline.products
+        out = set()
+        for rel in rels:
+            product, _, serial = rel.rpartition("/")
+            versions = products.get(product.replace("/", ":"), {}).get("versions", {})
+            if serial in versions:
+                out.add(rel)
+        return out
 
     def _page_ready(self) -> bool:
         """The catalog page is due and no publish is pending: its turn."""

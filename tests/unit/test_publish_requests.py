@@ -120,7 +120,7 @@ def test_a_request_never_published_is_answered_at_its_deadline(
         s.sendall(request([V1]))
         server.handle()
         server.clock_.now += pr.ANSWER_TIMEOUT + 1  # type: ignore[attr-defined]
-        server.expire(str(tmp_path), set)
+        server.expire(str(tmp_path), lambda rels: set())
         doc = answer_of(s)
     assert doc["listed"] == [] and V1 in doc["missing"]
     assert server.next_deadline() is None
