@@ -337,7 +337,7 @@ def scale(exe: str, work: Path, versions: int, args: argparse.Namespace) -> list
     print(f"building a tree of {versions} versions ...", flush=True)
     build_tree(root, versions)
     src = work / "scale-src"
-    images = [build_image(src, n, SCALE_IMAGE_MIB) for n in range(2 * args.repeat)]
+    images = [build_image(src, n, SCALE_IMAGE_MIB) for n in range(3 * args.repeat)]
     settle()
     print("publishing it once (update) ...", flush=True)
     run_timed(
@@ -346,15 +346,20 @@ def scale(exe: str, work: Path, versions: int, args: argparse.Namespace) -> list
     check_whole(root)
     ours = [exe, "--state-dir", str(state), "import", "--root-dir", str(root)]
     alone: list[float] = []
-    for m, r in images[: args.repeat]:
+    before: list[float] = []
+    for i, (m, r) in enumerate(images[: 2 * args.repeat]):
         warm([m, r])
         settle()
-        alone.append(run_timed([*ours, str(m), str(r)], log, args.timeout))
+        if i % 2 and args.before_exe:
+            cmd = [args.before_exe, *ours[1:], str(m), str(r)]
+            before.append(run_timed(cmd, log, args.timeout))
+        else:
+            alone.append(run_timed([*ours, str(m), str(r)], log, args.timeout))
         check_whole(root)
     with_watcher: list[float] = []
     print("starting a watcher on it ...", flush=True)
     with watcher(exe, state, root, log, args.timeout):
-        for m, r in images[args.repeat :]:
+        for m, r in images[2 * args.repeat :][: args.repeat]:
             warm([m, r])
             settle()
             time.sleep(1.0)  # the watcher idle, as between real imports
@@ -365,12 +370,17 @@ def scale(exe: str, work: Path, versions: int, args: argparse.Namespace) -> list
         raise BenchError("the imports were not published by the watcher:\n" + tail(log))
     shutil.rmtree(tree, ignore_errors=True)
     shutil.rmtree(src, ignore_errors=True)
-    print(f"  one import into {versions}: alone {runs(alone)} | watcher {runs(with_watcher)}")
+    shown = f"  one import into {versions}: alone {runs(alone)} | watcher {runs(with_watcher)}"
+    print(shown + (f" | before {runs(before)}" if before else ""), flush=True)
     a, w = median(alone), median(with_watcher)
-    return [
+    rows = [
         [f"{versions} versions", "import, no watcher", f"{a:.3f}", "", ""],
         ["", "import, watcher", f"{w:.3f}", f"{w / a:.2f}", verdict(w <= GOAL_SCALE_S)],
     ]
+    if before:
+        b = median(before)
+        rows.append(["", "import, before (no watcher)", f"{b:.3f}", f"{b / a:.2f}", ""])
+    return rows
 
 
 def run(argv: list[str]) -> int:
