@@ -113,3 +113,27 @@ def test_one_serial_for_several_images_is_refused(tmp_path: Path) -> None:
     unified_export(d, yaml=metadata_yaml(created=1704110460))
     with pytest.raises(NamingError, match="--serial names one version"):
         plan_all(group_files([str(d)]), Naming(serial="20240101_1300"))
+
+
+def test_one_image_that_cannot_be_staged_places_none(tmp_path: Path) -> None:
+    """Several images: the third's version exists already, so none is placed (the others'
+    staged files are taken back, moved sources moved back) and nothing is published."""
+    from lxd_image_server.config import Paths
+    from lxd_image_server.ops.import_errors import VersionExists
+    from lxd_image_server.ops.importing import import_images
+    from lxd_image_server.settings import Settings
+
+    paths = Paths.resolve(str(tmp_path / "root"), state_dir=str(tmp_path / "state"))
+    d = tmp_path / "e"
+    for n in range(3):
+        split_export(d, yaml=metadata_yaml(created=1704110400 + 60 * n))
+    plans = plan_all(group_files([str(d)]), Naming())
+    taken = plans[2].key.relpath
+    Path(paths.img_dir, taken).mkdir(parents=True)
+    before = sorted(p.name for p in d.iterdir())
+    with pytest.raises(VersionExists):
+        import_images(paths, Settings(), plans, move=True)
+    assert sorted(p.name for p in d.iterdir()) == before  # moved back
+    variant = Path(paths.img_dir, taken).parent
+    assert sorted(p.name for p in variant.iterdir()) == [plans[2].key.serial]  # no staging left
+    assert not Path(paths.streams_dir).exists()
