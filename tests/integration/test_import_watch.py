@@ -6,6 +6,7 @@ tests/unit/test_publish_requests.py.)"""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pwd
@@ -441,3 +442,21 @@ def test_remove_without_a_watcher_publishes_by_itself(
     assert r.returncode == 0, r.stderr
     assert "catalog.publish: published" in r.stderr
     assert listed(root) == {f"{PRODUCT_DIR}/{serial(1)}"}
+
+
+def test_force_replaces_a_listed_version_through_the_watcher(
+    watcher: Watcher, tmp_path: Path
+) -> None:
+    """--force over a version the watcher lists: listed again with the new files' digests
+    when import returns."""
+    root, state = watcher.root, watcher.state
+    assert run_import(state, root, *exports(tmp_path / "a", 1)).returncode == 0
+    unified = unified_export(tmp_path / "b", metadata_yaml(created=CREATED))  # same version
+    r = run_import(state, root, unified, "--force")
+    assert r.returncode == 0, r.stderr
+    assert "by the running watcher" in r.stdout
+    doc = json.loads((root / "streams/v1/images.json").read_bytes())
+    (product,) = doc["products"].values()
+    items = product["versions"][serial(0)]["items"]
+    digest = hashlib.sha256(unified.read_bytes()).hexdigest()
+    assert {i["sha256"] for i in items.values()} == {digest}
