@@ -967,6 +967,8 @@ def test_sandboxed_sync_unit(
         log = container.run(f"journalctl -b -o cat _SYSTEMD_INVOCATION_ID={invocation}").stdout
         assert unit_property(container, unit, "Result") == "success", log
         assert "synced synced:1.0:amd64:default" in log, log
+        # the packaged watcher took the publish (sync's sandbox reaches its socket)
+        assert "published by the running watcher" in log, log
         version = f"{ROOT}/{rel}"
         # the writer's (who deletes it when it is pruned), not writable by the uploaders
         owner, mode = stat_in_container(container, version).split()
