@@ -406,7 +406,11 @@ def _listen(path: str) -> tuple[socket.socket, tuple[int, int]]:
 
 def running_watcher(pid_file: str) -> int:
     """The pid of the live watcher `pid_file` names. ProcessLookupError (with a clear
-    message) when none runs: the file is missing, its process is gone or is no watcher."""
+    message) when none runs: the file is missing, its process is gone or is no watcher.
+
+    A process /proc does not show (another unit's sandbox: PrivateUsers with
+    ProtectProc=invisible, as the package's sync unit and watcher have) is taken for the
+    watcher while it exists: the socket's other end is checked to be that very process."""
     try:
         with open(pid_file, "rb") as f:
             pid = int(f.read(32).strip())
@@ -415,15 +419,25 @@ def running_watcher(pid_file: str) -> int:
     if pid <= 0:
         raise ProcessLookupError(f"no running watcher ({pid_file} names no process)")
     try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            cmdline = f.read(1 << 16)
+        cmdline = _cmdline(pid)
     except OSError:
-        raise ProcessLookupError(
-            f"no running watcher (pid {pid} from {pid_file} is gone)"
-        ) from None
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            raise ProcessLookupError(
+                f"no running watcher (pid {pid} from {pid_file} is gone)"
+            ) from None
+        except PermissionError:
+            pass  # it exists
+        return pid
     if b"watch" not in cmdline.split(b"\0"):
         raise ProcessLookupError(f"pid {pid} from {pid_file} is not a watcher")
     return pid
+
+
+def _cmdline(pid: int) -> bytes:
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        return f.read(1 << 16)
 
 
 @dataclass(frozen=True)

@@ -300,6 +300,45 @@ def test_no_watcher_means_publish_yourself(tmp_path: Path) -> None:
         pr.running_watcher(pid_file)
 
 
+def test_a_watcher_proc_does_not_show_is_asked_if_it_exists(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another unit's sandbox hides the watcher's /proc entry (PrivateUsers, ProtectProc):
+    it is taken for the watcher while it exists (its socket's other end is then checked)."""
+    pid_file = tmp_path / "watch.pid"
+
+    def hidden(pid: int) -> bytes:
+        raise FileNotFoundError(f"/proc/{pid}/cmdline")
+
+    monkeypatch.setattr(pr, "_cmdline", hidden)
+    pid_file.write_text(f"{os.getpid()}\n")
+    assert pr.running_watcher(str(pid_file)) == os.getpid()
+    pid_file.write_text("999999999\n")
+    with pytest.raises(ProcessLookupError, match="is gone"):
+        pr.running_watcher(str(pid_file))
+
+
+def test_a_process_that_is_not_the_socket_s_listener_is_not_asked(tmp_path: Path) -> None:
+    """The pid file names a live process, but the socket is someone else's: no request."""
+    srv = RequestServer(str(tmp_path / "publish.sock"), IMAGES)
+    try:
+        child = os.fork()
+        if child == 0:  # a live process that is not the listener, with "watch" in its argv
+            os.execvp("sleep", ["sleep", "30", "watch"])
+        try:
+            (tmp_path / "watch.pid").write_text(f"{child}\n")
+            got = pr.request_publish(
+                str(tmp_path / "publish.sock"), str(tmp_path / "watch.pid"), IMAGES, [V1], 5
+            )
+        finally:
+            os.kill(child, 9)
+            os.waitpid(child, 0)
+        assert got is None
+        assert srv.handle() == []  # what it sent, if anything, was never a request read
+    finally:
+        srv.close()
+
+
 @pytest.mark.parametrize(
     "data",
     [
