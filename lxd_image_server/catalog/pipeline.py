@@ -29,7 +29,6 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Set
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
-from lxd_image_server import handover
 from lxd_image_server.catalog import departures, unchanged
 from lxd_image_server.catalog.deltas import OK
 from lxd_image_server.catalog.deltawork import FOREGROUND, DeltaService
@@ -48,8 +47,8 @@ from lxd_image_server.catalog.publish import catalog_lock, publish
 from lxd_image_server.catalog.retention import PendingVersions, Retention
 from lxd_image_server.config import Paths
 from lxd_image_server.gcpause import cyclic_gc_paused
-from lxd_image_server.handover import Records
 from lxd_image_server.progress import Progress
+from lxd_image_server.tree.handover import Records
 from lxd_image_server.tree.layout import Role
 from lxd_image_server.tree.scan import Exclude, FileStat, ScannedVersion, Scanner
 from lxd_image_server.tree.unified import CONTAINER_TYPE, WRITER_PEEK_BYTES, unified_holds
@@ -104,7 +103,7 @@ class Pipeline:
         self.hasher = HashEngine(cache)
         self.scanner = Scanner(paths.img_dir, exclude)
         #: digests the upload app computed (handover.py)
-        self.records = Records(os.path.join(paths.state_dir, handover.DIR_NAME))
+        self.records = Records(paths.state.upload_digests)
         self.progress_start = progress_start
         #: version directory (relative to images/) -> what was found there
         self.versions: dict[str, ScannedVersion] = {}

@@ -18,11 +18,11 @@ import secrets
 import stat
 from collections.abc import Mapping
 
-from lxd_image_server import handover
 from lxd_image_server.config import Paths
 from lxd_image_server.fsutil import open_dir
 from lxd_image_server.ops.import_place import Placed
 from lxd_image_server.privileges import writer_of
+from lxd_image_server.tree import handover
 from lxd_image_server.tree.layout import Role, classify
 
 log = logging.getLogger(__name__)
@@ -74,9 +74,9 @@ def hand_over(paths: Paths, dir_fd: int, files: Files, combined: CombinedOf) -> 
     record it cannot write (one debug line: the file is hashed instead)."""
     try:
         records = records_of(dir_fd, files, combined)
-        directory = os.path.join(paths.state_dir, handover.DIR_NAME)
+        directory = paths.state.upload_digests
         owner = writer_of(paths) if os.geteuid() == 0 else None
-        rec_fd = _records_dir(paths.state_dir, owner)
+        rec_fd = _records_dir(directory, owner)
         if rec_fd is None:
             return
         try:
@@ -89,19 +89,20 @@ def hand_over(paths: Paths, dir_fd: int, files: Files, combined: CombinedOf) -> 
         log.debug("digests not handed over (%s): the catalog writer hashes the files", e)
 
 
-def _records_dir(state_dir: str, owner: tuple[int, int] | None) -> int | None:
+def _records_dir(directory: str, owner: tuple[int, int] | None) -> int | None:
     """The records directory, opened without following a link; made (0700, the writer's)
     when the state directory exists without it."""
+    state_dir, name = os.path.split(directory)
     try:
         state_fd = open_dir(state_dir)
     except FileNotFoundError:
         return None
     try:
         with contextlib.suppress(FileExistsError):
-            os.mkdir(handover.DIR_NAME, 0o700, dir_fd=state_fd)
+            os.mkdir(name, 0o700, dir_fd=state_fd)
             if owner is not None:
-                os.chown(handover.DIR_NAME, *owner, dir_fd=state_fd, follow_symlinks=False)
-        return open_dir(handover.DIR_NAME, dir_fd=state_fd)
+                os.chown(name, *owner, dir_fd=state_fd, follow_symlinks=False)
+        return open_dir(name, dir_fd=state_fd)
     finally:
         os.close(state_fd)
 
