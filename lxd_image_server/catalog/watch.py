@@ -382,8 +382,8 @@ class Watcher:
         out = set()
         for rel in rels:
             product, _, serial = rel.rpartition("/")
-            versions = products.get(product.replace("/", ":"), {}).get("versions", {})
-            if serial in versions:
+            found = products.get(product.replace("/", ":"))
+            if found is not None and serial in found.versions:
                 out.add(rel)
         return out
 
