@@ -17,7 +17,7 @@ import os
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from lxd_image_server.catalog.hashing import Hasher
+from lxd_image_server.catalog.hashread import Hasher
 from lxd_image_server.fsutil import start_writeback
 from lxd_image_server.progress import Progress
 

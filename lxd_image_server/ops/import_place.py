@@ -21,7 +21,8 @@ import stat
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
-from lxd_image_server.catalog.hashing import HashCache, Hasher
+from lxd_image_server.catalog.hashcache import HashCache
+from lxd_image_server.catalog.hashread import Hasher
 from lxd_image_server.fsutil import DirChain, open_dir, open_regular
 from lxd_image_server.ops import import_copy
 from lxd_image_server.ops.import_detect import ImagePlan, Source, open_source
