@@ -3,11 +3,15 @@
     python bench/bench_update.py [--total-mb 1024] [--versions 8] [--repeat 3] [--workdir DIR]
 
 Builds VERSIONS versions (lxd.tar.xz of 4 KiB + rootfs.squashfs of TOTAL_MB/VERSIONS MiB of
-random bytes) under <work>/root/images/bench/1.0/amd64/default/<serial>/, then, REPEAT times,
+random bytes) under <work>/root/images/bench/1.0/amd64/default/<serial>/, runs one untimed
+`update` (the first publish, and the deltas it tries between the versions), then, REPEAT times,
 with every file warm in the page cache before each timed step:
 
 - baseline: one Python thread reads and sha256s every byte of the tree once (1 MiB reads);
-- A: `lxd-image-server --state-dir <work>/state update --root-dir <work>/root --rehash`;
+- A's floors: the digests A computes, each rootfs read twice (once per digest) or once (both
+  digests fed from each chunk), the files spread over one thread per CPU;
+- A: `lxd-image-server --state-dir <work>/state update --root-dir <work>/root --rehash`, its
+  wall-clock and CPU seconds;
 - B: the same without --rehash, on the unchanged tree (everything comes from the hash cache).
 
 Prints the medians and their ratios to the baseline, against the targets A <= 1.2x and
@@ -17,11 +21,18 @@ B <= 0.05x. A missed target is printed, not fatal; a failing command is (exit st
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
+import resource
 import sys
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from common import (
+    CHUNK,
+    META_NAME,
     ROOT_NAME,
     VARIANT_REL,
     BenchError,
@@ -84,33 +95,49 @@ def run(argv: list[str]) -> int:
         cached_cmd = rehash_cmd[:-1]
         startup_cmd = [exe, "--version"]
         run_timed(startup_cmd, log, args.timeout)  # untimed: warms the interpreter's imports
+        # untimed: the first publish, with the deltas between the versions tried (xdelta3 on
+        # random bytes: tens of seconds, refused as too big), so that every A is a rehash of
+        # a published tree and the median is one of A's own runs
+        first = run_timed(cached_cmd, log, args.timeout)
+        print(f"first update (untimed): {first:.1f} s", flush=True)
 
-        # A's floor: the digests A must compute (each rootfs twice: its own sha256 and the
-        # combined fingerprint), spread over every CPU; shows how loaded the machine is.
+        # A's floors: the digests A must compute (each rootfs twice: its own sha256 and the
+        # combined fingerprint), spread over every CPU; they show how loaded the machine is.
         floor_jobs = files + [f for f in files if f.name == ROOT_NAME]
+        pairs = [(f.with_name(META_NAME), f) for f in files if f.name == ROOT_NAME]
         threads = os.cpu_count() or 1
         floor_t: list[float] = []
+        once_t: list[float] = []
         base_t: list[float] = []
+        base_cpu: list[float] = []
         rehash_t: list[float] = []
+        rehash_cpu: list[float] = []
         cached_t: list[float] = []
         startup_t: list[float] = []
         for rep in range(args.repeat):
             print(f"repetition {rep + 1} of {args.repeat} ...", flush=True)
             warm(files)
+            cpu = time.process_time()
             base_t.append(sha256_seconds(files))
+            base_cpu.append(time.process_time() - cpu)
             warm(files)
             floor_t.append(parallel_sha256_seconds(floor_jobs, threads))
             warm(files)
+            once_t.append(read_once_seconds(pairs, threads))
+            warm(files)
+            cpu = children_cpu()
             rehash_t.append(run_timed(rehash_cmd, log, args.timeout))
+            rehash_cpu.append(children_cpu() - cpu)
             if rep == 0:
                 check_catalog(root, args.versions)
             warm(files)
             cached_t.append(run_timed(cached_cmd, log, args.timeout))
             startup_t.append(run_timed(startup_cmd, log, args.timeout))
 
-    base, floor, rehash, cached, startup = map(
-        median, (base_t, floor_t, rehash_t, cached_t, startup_t)
+    base, floor, once, rehash, cached, startup = map(
+        median, (base_t, floor_t, once_t, rehash_t, cached_t, startup_t)
     )
+    cpu_base, cpu_rehash = median(base_cpu), median(rehash_cpu)
     mib = nbytes / MiB
     ok_rehash = rehash <= TARGET_REHASH * base
     ok_cached = cached <= TARGET_CACHED * base
@@ -132,6 +159,14 @@ def run(argv: list[str]) -> int:
                 "",
             ),
             (
+                "A's floor, each rootfs read once",
+                f"{once:.3f}",
+                f"{once / base:.2f}",
+                "",
+                "",
+                "",
+            ),
+            (
                 "A: update --rehash",
                 f"{rehash:.3f}",
                 f"{rehash / base:.2f}",
@@ -148,9 +183,18 @@ def run(argv: list[str]) -> int:
                 verdict(ok_cached),
             ),
             ("CLI start-up (--version)", f"{startup:.3f}", f"{startup / base:.3f}", "", "", ""),
+            (
+                "CPU s: A (user + sys)",
+                f"{cpu_rehash:.3f}",
+                f"{cpu_rehash / cpu_base:.2f}",
+                "",
+                "",
+                "",
+            ),
         ],
     )
-    print(f"runs (s): baseline {runs(base_t)} | A's floor {runs(floor_t)}")
+    print(f"baseline CPU {cpu_base:.3f} s: A's CPU is shown against it (2.00 = twice the work)")
+    print(f"runs (s): baseline {runs(base_t)} | A's floors {runs(floor_t)} / {runs(once_t)}")
     print(f"          A {runs(rehash_t)} | B {runs(cached_t)} | start-up {runs(startup_t)}")
     print()
     print(
@@ -167,6 +211,34 @@ def run(argv: list[str]) -> int:
             "more than the cached target; a bigger --total-mb lowers both ratios"
         )
     return 0
+
+
+def children_cpu() -> float:
+    """CPU seconds (user + system) of the children waited for so far."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def read_once_seconds(pairs: Sequence[tuple[Path, Path]], threads: int) -> float:
+    """Seconds `threads` threads need for each (metadata, rootfs) pair's two digests, the
+    rootfs read once: each chunk feeds sha256(rootfs) and sha256(metadata + rootfs)."""
+
+    def one(pair: tuple[Path, Path]) -> None:
+        meta, root = pair
+        sinks = [hashlib.sha256(), hashlib.sha256(meta.read_bytes())]
+        buf = bytearray(CHUNK)
+        view = memoryview(buf)
+        with open(root, "rb", buffering=0) as f:
+            while n := f.readinto(buf):
+                for sink in sinks:
+                    sink.update(view[:n])
+        for sink in sinks:
+            sink.hexdigest()
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(one, pairs))
+    return time.perf_counter() - start
 
 
 def check_catalog(root: Path, expected: int) -> None:

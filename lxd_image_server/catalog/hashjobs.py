@@ -17,7 +17,8 @@ import time
 from collections.abc import Callable, Set
 from dataclasses import dataclass, field
 
-from lxd_image_server.catalog.hashing import Digests, HashCache, HashEngine
+from lxd_image_server.catalog.hashcache import HashCache
+from lxd_image_server.catalog.hashing import Digests, HashEngine
 from lxd_image_server.tree.scan import FileStat, ScannedVersion
 
 log = logging.getLogger(__name__)

@@ -33,7 +33,8 @@ from lxd_image_server.catalog import departures, unchanged
 from lxd_image_server.catalog.deltas import OK
 from lxd_image_server.catalog.deltawork import FOREGROUND, DeltaService
 from lxd_image_server.catalog.gzip_chunks import GzipCache
-from lxd_image_server.catalog.hashing import Digests, HashCache, HashEngine
+from lxd_image_server.catalog.hashcache import HashCache
+from lxd_image_server.catalog.hashing import Digests, HashEngine
 from lxd_image_server.catalog.hashjobs import (
     DEFAULT_JOBS,
     HashJobs,

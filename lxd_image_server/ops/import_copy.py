@@ -22,7 +22,7 @@ from lxd_image_server.fsutil import start_writeback
 from lxd_image_server.progress import Progress
 
 if TYPE_CHECKING:
-    from lxd_image_server.catalog.hashing import Hasher
+    from lxd_image_server.catalog.hashread import Hasher
 
 #: bytes per copy and per hashing read: large enough that the per-call costs vanish, small
 #: enough that two buffers of it are no burden

@@ -30,7 +30,8 @@ from lxd_image_server.progress import Progress, no_progress
 from lxd_image_server.tree.layout import Role, VersionKey, classify
 
 if TYPE_CHECKING:
-    from lxd_image_server.catalog.hashing import HashCache, Hasher
+    from lxd_image_server.catalog.hashcache import HashCache
+    from lxd_image_server.catalog.hashread import Hasher
 
 log = logging.getLogger(__name__)
 

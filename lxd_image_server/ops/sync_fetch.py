@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, unquote, urljoin, urlsplit
 
-from lxd_image_server.catalog.hashing import Hasher
+from lxd_image_server.catalog.hashread import Hasher
 from lxd_image_server.fsutil import TooLarge, load_json_bounded, start_writeback
 from lxd_image_server.ops.import_copy import Hashing
 

@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from lxd_image_server.catalog import deltagen
-from lxd_image_server.catalog.hashing import Hasher
+from lxd_image_server.catalog.hashread import Hasher
 from lxd_image_server.fsutil import DirChain, open_dir_below
 from lxd_image_server.ops.import_errors import ImportFailed
 from lxd_image_server.ops.import_place import FILE_MODE, new_version

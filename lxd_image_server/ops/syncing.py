@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lxd_image_server.catalog import retention
-from lxd_image_server.catalog.hashing import HashCache
+from lxd_image_server.catalog.hashcache import HashCache
 from lxd_image_server.catalog.model import index_from_json
 from lxd_image_server.catalog.pipeline import Pipeline
 from lxd_image_server.catalog.publish_requests import request_publish

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from lxd_image_server.catalog.deltawork import BACKGROUND, FOREGROUND, DeltaService
-from lxd_image_server.catalog.hashing import HashCache
+from lxd_image_server.catalog.hashcache import HashCache
 from lxd_image_server.catalog.pipeline import Pipeline
 from lxd_image_server.catalog.retention import Retention, RetentionError, delete_expired
 from lxd_image_server.config import Paths

@@ -24,7 +24,8 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from lxd_image_server.catalog.hashing import FileChanged, Hasher, hash_file
+from lxd_image_server.catalog.hashpool import hash_file
+from lxd_image_server.catalog.hashread import FileChanged, Hasher
 from lxd_image_server.catalog.model import (
     COMBINED_ATTRS,
     Catalog,

@@ -286,8 +286,8 @@ def test_reload_keeps_old_configuration_when_malformed(tmp_path: Path) -> None:
 #: the real watcher, with hashing of any file below a `slow` variant held while GATE exists
 GATED_WATCHER = """
 import os, sys, time
-from lxd_image_server.catalog import hashing
-real, real_whole, gate = hashing.hash_file, hashing.read_whole, os.environ["TEST_HASH_GATE"]
+from lxd_image_server.catalog import hashread
+real, real_whole, gate = hashread.feed_file, hashread.read_whole, os.environ["TEST_HASH_GATE"]
 def wait(f):
     while "/slow/" in f.path and os.path.exists(gate):
         time.sleep(0.05)
@@ -297,7 +297,7 @@ def gated(f, *args, **kwargs):
 def gated_whole(dir_fd, f):
     wait(f)
     return real_whole(dir_fd, f)
-hashing.hash_file, hashing.read_whole = gated, gated_whole
+hashread.feed_file, hashread.read_whole = gated, gated_whole
 from lxd_image_server.cli.root import main
 sys.argv[0] = "lxd-image-server"
 main()

@@ -7,7 +7,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from lxd_image_server.catalog.hashing import Digests, HashCache, HashEngine
+from lxd_image_server.catalog.hashcache import HashCache
+from lxd_image_server.catalog.hashing import Digests, HashEngine
 from lxd_image_server.catalog.model import Product, catalog_from_json
 
 SERIAL = "20240101_12:00"

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from lxd_image_server.catalog.hashing import HashCache
+from lxd_image_server.catalog.hashcache import HashCache
 from lxd_image_server.catalog.model import Client, read_catalog
 from lxd_image_server.catalog.model import Image as ModelImage
 from lxd_image_server.catalog.pipeline import Pipeline

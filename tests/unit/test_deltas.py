@@ -19,7 +19,7 @@ import pytest
 from lxd_image_server.catalog import deltagen, deltas, retention
 from lxd_image_server.catalog import page as page_module
 from lxd_image_server.catalog.deltawork import BACKGROUND, FOREGROUND, DeltaService
-from lxd_image_server.catalog.hashing import HashCache
+from lxd_image_server.catalog.hashcache import HashCache
 from lxd_image_server.catalog.pipeline import Pipeline
 from lxd_image_server.catalog.products import build_products
 from lxd_image_server.config import Paths

@@ -14,7 +14,7 @@ import pytest
 
 from lxd_image_server.catalog import departures, published
 from lxd_image_server.catalog.departures import UnexplainedDepartures
-from lxd_image_server.catalog.hashing import HashCache
+from lxd_image_server.catalog.hashcache import HashCache
 from lxd_image_server.catalog.pipeline import Pipeline
 from lxd_image_server.catalog.retention import PendingVersions, schedule
 from lxd_image_server.config import Paths, StateDir

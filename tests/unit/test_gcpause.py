@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from lxd_image_server.catalog.hashing import HashCache
+from lxd_image_server.catalog.hashcache import HashCache
 from lxd_image_server.catalog.pipeline import Pipeline
 from lxd_image_server.config import Paths
 from lxd_image_server.gcpause import cyclic_gc_paused

@@ -4,7 +4,10 @@ from pathlib import Path
 
 import pytest
 
-from lxd_image_server.catalog.hashing import FileChanged, HashCache, HashEngine, hash_file
+from lxd_image_server.catalog.hashcache import HashCache
+from lxd_image_server.catalog.hashing import HashEngine
+from lxd_image_server.catalog.hashpool import hash_file
+from lxd_image_server.catalog.hashread import FileChanged
 from lxd_image_server.fsutil import CHUNK_SIZE as CHUNK
 from lxd_image_server.tree.scan import ScannedVersion, Scanner
 

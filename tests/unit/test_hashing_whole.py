@@ -1,5 +1,5 @@
 """Small versions are read whole, each file once through one descriptor of its version
-directory (hashing.read_whole): the same digests as the chunked path, and the same refusals
+directory (hashread.read_whole): the same digests as the chunked path, and the same refusals
 (a link, FIFO or directory swapped in after the scan, a version directory swapped for a link,
 a file changed before or while it is read)."""
 
@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from lxd_image_server.catalog import hashing
-from lxd_image_server.catalog.hashing import WHOLE, FileChanged, read_whole
+from lxd_image_server.catalog import hashread
+from lxd_image_server.catalog.hashing import WHOLE
+from lxd_image_server.catalog.hashread import FileChanged, read_whole
 from lxd_image_server.fsutil import open_dir_below
 from lxd_image_server.tree.scan import FileStat, ScannedVersion, Scanner
 
@@ -38,13 +39,13 @@ def add(root: Path, serial: str, data: bytes, os_: str = "busybox") -> Path:
 def whole_reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Names of the files read whole."""
     seen: list[str] = []
-    real = hashing.read_whole
+    real = hashread.read_whole
 
     def counting(dir_fd: int, f: FileStat) -> bytes:
         seen.append(f.name)
         return real(dir_fd, f)
 
-    monkeypatch.setattr(hashing, "read_whole", counting)
+    monkeypatch.setattr(hashread, "read_whole", counting)
     return seen
 
 

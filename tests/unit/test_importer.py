@@ -16,7 +16,8 @@ from typing import Literal
 
 import pytest
 
-from lxd_image_server.catalog.hashing import HashCache, HashEngine
+from lxd_image_server.catalog.hashcache import HashCache
+from lxd_image_server.catalog.hashing import HashEngine
 from lxd_image_server.ops.import_detect import inspect_tarball, parse_yaml, plan_import
 from lxd_image_server.ops.import_errors import ImportFailed, NamingError, VersionExists
 from lxd_image_server.ops.import_naming import Naming, serial_from_timestamp, tree_arch

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from lxd_image_server.catalog import page as page_module
-from lxd_image_server.catalog.hashing import HashCache
+from lxd_image_server.catalog.hashcache import HashCache
 from lxd_image_server.catalog.model import Product, Version, version_from_json
 from lxd_image_server.catalog.page import (
     OLDER_VERSIONS,

@@ -10,11 +10,13 @@ import os
 import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from lxd_image_server.catalog import hashing
-from lxd_image_server.catalog.hashing import Digests, HashCache, HashEngine
+from lxd_image_server.catalog import hashread
+from lxd_image_server.catalog.hashcache import HashCache
+from lxd_image_server.catalog.hashing import Digests, HashEngine
 from lxd_image_server.catalog.pipeline import Pipeline
 from lxd_image_server.config import Paths
 from lxd_image_server.tree.scan import FileStat, ScannedVersion
@@ -75,24 +77,24 @@ class Gate:
         self.word = word
         self.entered = threading.Event()
         self.opened = threading.Event()
-        real, real_whole = hashing.hash_file, hashing.read_whole
+        real, real_whole = hashread.feed_file, hashread.read_whole
 
         def wait(f: FileStat) -> None:
             if word in f.path:
                 self.entered.set()
                 assert self.opened.wait(WAIT), "the gate was never opened"
 
-        def gated(f: FileStat, sinks: list[hashing.Hasher], *args: object) -> None:
+        def gated(f: FileStat, *args: Any, **kwargs: Any) -> None:
             wait(f)
-            real(f, sinks, *args)  # type: ignore[arg-type]
+            real(f, *args, **kwargs)
 
         def gated_whole(dir_fd: int, f: FileStat) -> bytes:
             wait(f)
             return real_whole(dir_fd, f)
 
-        # big files are read by hash_file, small versions whole (read_whole)
-        monkeypatch.setattr(hashing, "hash_file", gated)
-        monkeypatch.setattr(hashing, "read_whole", gated_whole)
+        # big files are read by feed_file, small versions whole (read_whole)
+        monkeypatch.setattr(hashread, "feed_file", gated)
+        monkeypatch.setattr(hashread, "read_whole", gated_whole)
 
 
 def test_a_slow_version_holds_no_lock_and_delays_no_other(paths, monkeypatch):

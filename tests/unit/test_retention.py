@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from lxd_image_server.catalog.hashing import HashCache
+from lxd_image_server.catalog.hashcache import HashCache
 from lxd_image_server.catalog.pipeline import Pipeline
 from lxd_image_server.catalog.retention import (
     PendingVersions,

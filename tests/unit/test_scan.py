@@ -14,7 +14,9 @@ from typing import Any
 
 import pytest
 
-from lxd_image_server.catalog.hashing import Digests, HashCache, HashEngine
+from lxd_image_server.catalog.hashcache import HashCache
+from lxd_image_server.catalog.hashing import Digests, HashEngine
+from lxd_image_server.catalog.products import Products, build_products
 from lxd_image_server.catalog.products import build_products
 from lxd_image_server.catalog.retention import select_prunable
 from lxd_image_server.tree.scan import Scanner

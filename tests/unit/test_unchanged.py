@@ -16,8 +16,11 @@ from typing import Any
 
 import pytest
 
+from lxd_image_server.catalog import hashread, unchanged
+from lxd_image_server.catalog.hashcache import HashCache
+from lxd_image_server.catalog.hashing import HashEngine
+from lxd_image_server.catalog.hashread import FileChanged
 from lxd_image_server.catalog import hashing
-from lxd_image_server.catalog.hashing import FileChanged, HashCache, HashEngine
 from lxd_image_server.catalog.unchanged import inputs_digest, versions_digest
 from lxd_image_server.config import Paths
 from lxd_image_server.ops import updating
@@ -278,8 +281,8 @@ def test_a_publish_with_a_file_not_hashed_is_not_recorded(
         return call
 
     # (small versions are read whole, bigger files hashed in chunks: both fail)
-    monkeypatch.setattr(hashing, "hash_file", failing(hashing.hash_file, 0))
-    monkeypatch.setattr(hashing, "read_whole", failing(hashing.read_whole, 1))
+    monkeypatch.setattr(hashread, "feed_file", failing(hashread.feed_file, 0))
+    monkeypatch.setattr(hashread, "read_whole", failing(hashread.read_whole, 1))
     assert update(paths) is True
     assert SERIAL not in listed(paths)
     assert not Path(paths.state.catalog_inputs).exists()

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from lxd_image_server.catalog.hashing import HashCache
+from lxd_image_server.catalog.hashcache import HashCache
 from lxd_image_server.catalog.model import catalog_from_json
 from lxd_image_server.catalog.pipeline import Pipeline
 from lxd_image_server.config import Paths
