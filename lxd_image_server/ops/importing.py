@@ -34,7 +34,7 @@ from lxd_image_server.progress import ProgressStart
 from lxd_image_server.settings import Settings
 
 if TYPE_CHECKING:
-    from lxd_image_server.catalog.hashing import HashCache
+    from lxd_image_server.catalog.hashcache import HashCache
     from lxd_image_server.catalog.pipeline import Pipeline
 
 # (the pipeline, the hash cache and retention are imported where they are used: an import

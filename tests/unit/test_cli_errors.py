@@ -87,7 +87,7 @@ STOPPED_ON_THE_WAY = {
     "lxd_image_server.fsutil:DirectoryChanged": "DirChain's: an OSError its callers handle",
     "lxd_image_server.tree.layout:LayoutError": "a name that does not fit the layout: its "
     "callers skip it or make it their own error (import_naming's NamingError)",
-    "lxd_image_server.catalog.hashing:FileChanged": "a file that changed while hashed: its "
+    "lxd_image_server.catalog.hashread:FileChanged": "a file that changed while hashed: its "
     "version waits for the next pass",
     "lxd_image_server.mirror.sendlist:CatalogError": "a push to a mirror: the worker records "
     "it and retries (mirror/worker.py); `update` reports failed pushes as MirrorsFailed",

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import pytest
 
-from lxd_image_server.catalog import encode as catalog_json
 from lxd_image_server.catalog.hashcache import HashCache
 from lxd_image_server.catalog.page import page_path
 from lxd_image_server.catalog.pipeline import Pipeline

@@ -20,7 +20,6 @@ import pytest
 
 from lxd_image_server.catalog import hashread
 from lxd_image_server.catalog.hashcache import HashCache
-from lxd_image_server.catalog import hashing
 from lxd_image_server.catalog.pipeline import Pipeline
 from lxd_image_server.config import Paths
 from lxd_image_server.tree import handover

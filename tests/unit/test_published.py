@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from lxd_image_server.catalog import departures, published
-from lxd_image_server.catalog.hashing import HashCache
+from lxd_image_server.catalog.hashcache import HashCache
 from lxd_image_server.catalog.model import Item, Product, Version, read_catalog
 from lxd_image_server.catalog.pipeline import Pipeline
 from lxd_image_server.config import Paths, StateDir

@@ -16,7 +16,6 @@ import pytest
 
 from lxd_image_server.catalog.hashcache import HashCache
 from lxd_image_server.catalog.hashing import Digests, HashEngine
-from lxd_image_server.catalog.products import Products, build_products
 from lxd_image_server.catalog.products import build_products
 from lxd_image_server.catalog.retention import select_prunable
 from lxd_image_server.tree.scan import Scanner

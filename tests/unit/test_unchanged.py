@@ -16,11 +16,10 @@ from typing import Any
 
 import pytest
 
-from lxd_image_server.catalog import hashread, unchanged
+from lxd_image_server.catalog import hashread
 from lxd_image_server.catalog.hashcache import HashCache
 from lxd_image_server.catalog.hashing import HashEngine
 from lxd_image_server.catalog.hashread import FileChanged
-from lxd_image_server.catalog import hashing
 from lxd_image_server.catalog.unchanged import inputs_digest, versions_digest
 from lxd_image_server.config import Paths
 from lxd_image_server.ops import updating
