@@ -39,7 +39,7 @@ from types import FrameType
 from inotify_simple import flags
 
 from lxd_image_server.catalog.departures import UnexplainedDepartures
-from lxd_image_server.catalog.pipeline import Pipeline
+from lxd_image_server.catalog.pipeline import Pipeline, Use
 from lxd_image_server.catalog.publish import PublishError
 from lxd_image_server.catalog.retention import RetentionError, delete_expired, next_expiry
 from lxd_image_server.catalog.watch_set import (
@@ -50,9 +50,10 @@ from lxd_image_server.catalog.watch_set import (
     rel_depth,
     rel_join,
 )
-from lxd_image_server.config import ConfigError
+from lxd_image_server.config import ConfigError, Paths
 from lxd_image_server.logs import Once
 from lxd_image_server.tree.layout import VERSION_DEPTH, classify, is_ignored_name
+from lxd_image_server.tree.scan import Exclude
 
 log = logging.getLogger(__name__)
 #: what an uploader can make us say again and again: said once an hour (QUIET_LOGGERS)
@@ -71,10 +72,16 @@ QUIET_LOGGERS = (
 )
 
 
+#: builds the watcher's pipeline (Use.WATCH), given what the watcher must tell it: the files
+#: the scanner leaves out (being written) and whom to wake when background work is done
+PipelineFor = Callable[[Exclude, Callable[[], None]], Pipeline]
+
+
 class Watcher:
     def __init__(
         self,
-        pipeline: Pipeline,
+        paths: Paths,
+        pipeline_for: PipelineFor,
         quiet: float = 0.2,
         max_delay: float = 1.0,
         on_reload: Callable[[], None] | None = None,
@@ -83,8 +90,7 @@ class Watcher:
         rescan_interval: float = DEFAULT_RESCAN_INTERVAL,
         budget: float = DEFAULT_BUDGET,
     ) -> None:
-        self.pipeline = pipeline
-        self.img_dir = pipeline.paths.img_dir
+        self.img_dir = paths.img_dir
         self.quiet = quiet
         self.max_delay = max_delay
         self.on_reload = on_reload
@@ -97,10 +103,7 @@ class Watcher:
         #: directory is rescanned then, and the file published
         self.held: dict[str, float] = {}
         #: images/ as the catalog's item paths name it
-        self.served_prefix = pipeline.paths.served_images
-        pipeline.scanner.exclude = self._excluded
-        pipeline.on_hashed = self._wake
-        pipeline.defer_page = True  # written once no publish is due (_write_page)
+        self.served_prefix = paths.served_images
         self.watches = WatchSet(self.img_dir, max_watches, rescan_interval)
         self.dirty: set[str] = set()
         self.collect_due = False
@@ -112,6 +115,11 @@ class Watcher:
         #: when the first pruned version's grace period is over (time.time()), or None
         self.next_expiry: float | None = None
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        # (last: the pipeline's scanner asks `_excluded` from its first scan on; the page is
+        # written once no publish is due: _write_page)
+        self.pipeline = pipeline_for(self._excluded, self._wake)
+        if self.pipeline.use is not Use.WATCH:
+            raise ValueError("the watcher needs a pipeline built for Use.WATCH")
 
     # -- signals ----------------------------------------------------------------------------
 

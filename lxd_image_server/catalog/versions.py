@@ -1,0 +1,239 @@
+"""The versions the catalog writer knows: one record each (record.py), found by scans and kept
+hashed. The only place records are made, changed and dropped.
+
+- A full scan (`scan_all`, then `replace_all`) makes a new record of every version, all with
+  the digests of that scan.
+- A rescan below a prefix (`rescan`) keeps the record of a version found again, and its
+  digests while its files are the same; a version gone loses its record, a new one gets one.
+  A version whose digests the hash cache does not hold is hashed in the background
+  (hashjobs.py); `take_results` gives each record the digests of its job, if its files are
+  still those the job hashed (else its newer job brings the right ones).
+- Each change stamps the record with a number from one counter: what is derived from several
+  records (delta_feed.py) compares stamps, never objects.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import logging
+import os
+from collections.abc import Iterator, Mapping
+
+from lxd_image_server import handover
+from lxd_image_server.catalog.hashing import Digests, HashCache, HashEngine
+from lxd_image_server.catalog.hashjobs import HashJobs, Known, hash_version
+from lxd_image_server.catalog.record import Ready, VersionRecord
+from lxd_image_server.config import Paths
+from lxd_image_server.handover import Records
+from lxd_image_server.progress import ProgressStart
+from lxd_image_server.tree.layout import Role
+from lxd_image_server.tree.scan import Exclude, ScannedVersion, Scanner
+
+log = logging.getLogger(__name__)
+
+
+class Versions:
+    def __init__(self, paths: Paths, cache: HashCache, exclude: Exclude, jobs: HashJobs) -> None:
+        self.hasher = HashEngine(cache)
+        self.scanner = Scanner(paths.img_dir, exclude)
+        #: digests the upload app computed (handover.py)
+        self.handed_over = Records(os.path.join(paths.state_dir, handover.DIR_NAME))
+        self.jobs = jobs
+        #: version directory (relative to images/) -> its record, in the scan's order
+        self._records: dict[str, VersionRecord] = {}
+        #: a record was added since the full scan: not in its order (`in_order`)
+        self._unordered = False
+        self._stamps = itertools.count(1)
+        #: the records by version directory (absolute): derived from `_records`, made again
+        #: when first asked for after a record was added or dropped
+        self._by_path: dict[str, VersionRecord] | None = None
+
+    @property
+    def cache(self) -> HashCache:
+        return self.hasher.cache
+
+    # -- reading --------------------------------------------------------------------------------
+
+    def __contains__(self, rel: object) -> bool:
+        return rel in self._records
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def records(self) -> Iterator[VersionRecord]:
+        return iter(self._records.values())
+
+    def scanned(self) -> Mapping[str, ScannedVersion]:
+        """Each version as scanned, by directory relative to images/."""
+        return {rel: r.scanned for rel, r in self._records.items()}
+
+    def all_scanned(self) -> Iterator[ScannedVersion]:
+        return (r.scanned for r in self._records.values())
+
+    def sha256(self) -> Mapping[str, str]:
+        """sha256 by path of every file hashed (and not failed), looked up when asked for."""
+        return _Sha256(self)
+
+    def record_at(self, directory: str) -> VersionRecord | None:
+        """The record of the version directory `directory` (absolute)."""
+        if self._by_path is None:
+            self._by_path = {r.scanned.path: r for r in self._records.values()}
+        return self._by_path.get(directory)
+
+    def in_order(self) -> None:
+        """Puts the records back into the scan's order (a full publish's inputs digest,
+        unchanged.py, follows it; a new version breaks it)."""
+        if self._unordered:
+            self._records = dict(sorted(self._records.items(), key=lambda e: e[1].scanned.key))
+            self._unordered = False
+
+    # -- a full scan ----------------------------------------------------------------------------
+
+    def scan_all(self) -> list[ScannedVersion]:
+        found = self.scanner.scan()
+        self.cache.adopt(self.handed_over, found, prune=True)
+        return found
+
+    def digest(
+        self,
+        found: list[ScannedVersion],
+        rehash: bool = False,
+        progress_start: ProgressStart | None = None,
+    ) -> Digests:
+        """Every digest of `found`, from the hash cache or read now."""
+        with self.cache.preloaded():
+            return self.hasher.digest(found, rehash, progress_start)
+
+    def replace_all(self, found: list[ScannedVersion], digests: Digests) -> None:
+        """The records of a full scan: each version with `digests`."""
+        self._records = {}
+        for v in found:
+            r = VersionRecord(v.key.relpath, v, next(self._stamps))
+            r.hashed(Ready(r.ident, digests), next(self._stamps))
+            self._records[r.rel] = r
+        self._unordered = False
+        self._by_path = None
+
+    def forget_others(self) -> None:
+        """Drops the hash cache's entries of files no record holds (a full scan's)."""
+        self.cache.forget_except(
+            {f.path for r in self._records.values() for f in r.scanned.files.values()}
+        )
+
+    # -- rescans and background hashing ---------------------------------------------------------
+
+    def rescan(self, prefix: str) -> set[str]:
+        """Rescans below `prefix`; returns the versions now hashing in the background."""
+        records = self._records
+        # (a version directory holds no other: found at once, not by a look at every version)
+        below = [prefix] if prefix in records else [r for r in records if _under(r, prefix)]
+        found = self.scanner.scan(prefix)
+        self.cache.adopt(self.handed_over, found)
+        for rel in set(below).difference(v.key.relpath for v in found):
+            del records[rel]
+            self._by_path = None
+        submitted = set()
+        for v in found:
+            rel = v.key.relpath
+            r = records.get(rel)
+            if r is None:
+                # a version found again keeps its place; a new one goes last (`in_order`)
+                r = records[rel] = VersionRecord(rel, v, next(self._stamps))
+                self._unordered = True
+                self._by_path = None
+            else:
+                r.rescanned(v, next(self._stamps))
+            if self._schedule(r):
+                submitted.add(rel)
+        return submitted
+
+    def _schedule(self, r: VersionRecord) -> bool:
+        """Makes `r` ready from the hash cache, or hashes what the cache lacks in the
+        background (then True). Digests still those of its files are kept."""
+        if r.is_ready():
+            return False
+        v = r.scanned
+        known = self._known(v)
+        if known.complete:
+            r.hashed(Ready(r.ident, known.digests()), next(self._stamps))
+            return False
+        # what the cache knows is published meanwhile when it is all but deltas (record.py)
+        part = tuple(sorted(f.identity for f, _ in known.files))
+        r.hashed(Ready(part, known.digests()), next(self._stamps))
+        cached = {f.path for f, _ in known.files}
+        size = sum(f.size for f in v.files.values() if f.path not in cached)
+        self.jobs.submit(r.rel, r.ident, size, functools.partial(hash_version, v, known))
+        return True
+
+    def _known(self, v: ScannedVersion) -> Known:
+        """The digests of `v` in the hash cache (this thread owns it: lookups only)."""
+        known = Known()
+        metas = [f for f in v.files.values() if f.role.role is Role.META]
+        for f in v.files.values():
+            d = self.cache.get(f)
+            if d is None:
+                known.complete = False
+            else:
+                known.files.append((f, d))
+            if f.role.role is Role.ROOT:
+                for m in metas:
+                    c = self.cache.get_combined(m, f)
+                    if c is None:
+                        known.complete = False
+                    else:
+                        known.combined.append((m, f, c))
+        return known
+
+    def take_results(self) -> bool:
+        """Gives the background results to the records whose files they still match (and
+        to the hash cache); True if any."""
+        fresh = False
+        for res in self.jobs.take():
+            r = self._records.get(res.rel)
+            if r is None or r.ident != res.ident:
+                continue  # changed or gone since: its next job brings the right digests
+            r.hashed(Ready(res.ident, res.digests), next(self._stamps))
+            d, files = res.digests, r.scanned.files.values()
+            self.cache.put_many(
+                [
+                    (f, d.files[f.path])
+                    for f in files
+                    if f.path in d.files and f.path not in d.failed
+                ],
+                [
+                    (m, root, c)
+                    for m in files
+                    for root in files
+                    if (c := d.combined.get((m.path, root.path))) is not None
+                ],
+            )
+            fresh = True
+        return fresh
+
+
+class _Sha256(Mapping[str, str]):
+    """Versions.sha256: each path looked up in its version's record."""
+
+    def __init__(self, versions: Versions) -> None:
+        self._versions = versions
+
+    def __getitem__(self, path: str) -> str:
+        r = self._versions.record_at(path.rpartition("/")[0])
+        digest = None if r is None else r.sha256(path)
+        if digest is None:
+            raise KeyError(path)
+        return digest
+
+    def __iter__(self) -> Iterator[str]:
+        for r in self._versions.records():
+            for f in r.scanned.files.values():
+                if r.sha256(f.path) is not None:
+                    yield f.path
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
+def _under(rel: str, prefix: str) -> bool:
+    return prefix == "" or rel == prefix or rel.startswith(prefix + "/")
