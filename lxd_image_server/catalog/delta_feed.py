@@ -3,54 +3,40 @@ delta files each product may list (their candidates, deltas.candidates) and whic
 deltas are to be made or checked (deltawork.DeltaService.published).
 
 Both depend only on the versions a product publishes, so each product's are kept from one
-publish to the next, keyed by the stamps of those versions' records (record.py: a stamp changes
-with every change of its record): a publish where one version changed works out that one
-product again, not all of them. The plans depend also on what the service plans with (its
-records, settings and xdelta3: DeltaService.plan_key); when that changes, every product is
-planned again.
+publish to the next under its key (versions.ProductView.key: its stamp, which changes with
+every change to one of its records, and its hidden versions): a publish where one version
+changed works out that one product again, not all of them. The plans depend also on what
+the service plans with (its records, settings and xdelta3: DeltaService.plan_key); when that
+changes, every product is planned again.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Hashable, Mapping
 
 from lxd_image_server.catalog import deltas
 from lxd_image_server.catalog.deltawork import DeltaService
-from lxd_image_server.catalog.record import VersionRecord
 from lxd_image_server.tree.scan import ScannedVersion
 
-#: a product's published versions: the stamps of their records and the versions as shown
-Group = tuple[tuple[int, ...], list[ScannedVersion]]
-
-
-def groups(shown: Iterable[tuple[VersionRecord, ScannedVersion]]) -> dict[str, Group]:
-    """The published versions (each record with its version as shown) by product."""
-    stamps: dict[str, list[int]] = {}
-    versions: dict[str, list[ScannedVersion]] = {}
-    for r, v in shown:
-        product = v.key.product
-        if product in versions:
-            stamps[product].append(r.stamp)
-            versions[product].append(v)
-        else:
-            stamps[product], versions[product] = [r.stamp], [v]
-    return {p: (tuple(stamps[p]), versions[p]) for p in versions}
+#: a product's versions (published, or built) under a key that is equal only for the same
+#: versions (versions.ProductView.key and what it is derived with)
+Group = tuple[Hashable, list[ScannedVersion]]
 
 
 class Candidates:
-    """deltas.candidates of each product, kept while the stamps of its versions are the same."""
+    """deltas.candidates of each product, kept while its key is the same."""
 
     def __init__(self) -> None:
-        #: product -> the stamps of its versions and their candidates
-        self._kept: dict[str, tuple[tuple[int, ...], list[deltas.Candidate]]] = {}
+        #: product -> its key and its candidates
+        self._kept: dict[str, tuple[Hashable, list[deltas.Candidate]]] = {}
 
     def __call__(self, by_product: Mapping[str, Group]) -> list[deltas.Candidate]:
         out: list[deltas.Candidate] = []
         kept = {}
-        for product, (stamps, versions) in by_product.items():
+        for product, (key, versions) in by_product.items():
             hit = self._kept.get(product)
-            if hit is None or hit[0] != stamps:
-                hit = (stamps, deltas.candidates(versions))
+            if hit is None or hit[0] != key:
+                hit = (key, deltas.candidates(versions))
             kept[product] = hit
             out += hit[1]
         self._kept = kept  # (a product gone is forgotten)
@@ -64,9 +50,9 @@ class DeltaFeed:
         self.candidates = Candidates()
         #: the candidates among those built (with an entry: products.products_of's)
         self.built_candidates = Candidates()
-        #: product -> the stamps of its versions when it was last planned; all forgotten
-        #: when the service's plan_key changes (`published`)
-        self._planned: dict[str, tuple[int, ...]] = {}
+        #: product -> its key when it was last planned; all forgotten when the service's
+        #: plan_key changes (`published`)
+        self._planned: dict[str, Hashable] = {}
         self._plan_key: object = None
 
     def listable(self, by_product: Mapping[str, Group]) -> frozenset[str]:
@@ -82,10 +68,10 @@ class DeltaFeed:
             self._planned, self._plan_key = {}, key
         changed = [
             v
-            for product, (stamps, versions) in by_product.items()
-            if self._planned.get(product) != stamps
+            for product, (key, versions) in by_product.items()
+            if self._planned.get(product) != key
             for v in versions
         ]
-        self._planned = {product: stamps for product, (stamps, _) in by_product.items()}
+        self._planned = {product: key for product, (key, _) in by_product.items()}
         if changed:
             self.service.published(changed, sha256)

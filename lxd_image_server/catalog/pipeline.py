@@ -33,7 +33,7 @@ import weakref
 from collections.abc import Callable, Iterable, Mapping, Set
 
 from lxd_image_server.catalog import departures, unchanged
-from lxd_image_server.catalog.delta_feed import DeltaFeed, Group, groups
+from lxd_image_server.catalog.delta_feed import DeltaFeed, Group
 from lxd_image_server.catalog.deltas import OK
 from lxd_image_server.catalog.deltawork import FOREGROUND, DeltaService
 from lxd_image_server.catalog.gzip_chunks import GzipCache
@@ -42,9 +42,8 @@ from lxd_image_server.catalog.hashjobs import DEFAULT_JOBS, HashJobs
 from lxd_image_server.catalog.page_writer import PageWriter
 from lxd_image_server.catalog.products import Products, products_of
 from lxd_image_server.catalog.publish import catalog_lock, publish
-from lxd_image_server.catalog.record import VersionRecord
 from lxd_image_server.catalog.retention import PendingVersions, Retention
-from lxd_image_server.catalog.versions import Versions
+from lxd_image_server.catalog.versions import ProductView, Versions
 from lxd_image_server.config import Paths
 from lxd_image_server.gcpause import cyclic_gc_paused
 from lxd_image_server.progress import ProgressStart
@@ -53,8 +52,7 @@ from lxd_image_server.tree.scan import Exclude, ScannedVersion
 log = logging.getLogger(__name__)
 
 CatalogState = tuple[int, int, int, int] | None
-#: a version as published: its record and the version as shown (record.VersionRecord.shown)
-Shown = list[tuple[VersionRecord, ScannedVersion]]
+Views = list[ProductView]
 
 
 class Use(enum.Enum):
@@ -119,7 +117,7 @@ class Pipeline:
         self._products: Products = {}
         #: the versions of a publish skipped (unchanged.py): built into `products` only if
         #: someone asks
-        self._unbuilt: Shown | None = None
+        self._unbuilt: Views | None = None
         #: images.json as this pipeline last published it (or found it published): another
         #: writer published since when it is not so any more
         self._state_after: CatalogState = None
@@ -276,23 +274,9 @@ class Pipeline:
         """The catalog last published (or found published already)."""
         if self._unbuilt is not None:
             root = self.paths.root_dir
-            self._products = products_of(
-                [(v, b) for r, v in self._unbuilt if (b := r.entry(root)) is not None]
-            )
+            self._products = products_of([e for view in self._unbuilt for e in view.built(root)])
             self._unbuilt = None
         return self._products
-
-    def _shown(self, hidden: Set[str]) -> Shown:
-        shown: Shown = []
-        for r in self.known.records():
-            if r.scanned.path in hidden:
-                continue
-            v = r.shown()
-            if v is None:
-                log.debug("not publishing %s yet: still hashing", r.scanned.path)
-                continue
-            shown.append((r, v))
-        return shown
 
     def _publish(self, full: bool = False, deltas_next: bool = False, plan: bool = True) -> bool:
         """Publishes what is ready. `full`: a full update, which skips building and writing
@@ -305,33 +289,32 @@ class Pipeline:
         if full:
             self.known.in_order()
         hidden = self._hidden()
-        shown = self._shown(hidden)
-        by_product = groups(shown)
-        listed = self._feed.listable(by_product)
+        views = self.known.views(hidden)
+        listed = self._feed.listable(_groups(views))
         inputs = None
         if full and self._may_skip():
             inputs = self._shortcut.inputs(self.known.all_scanned, hidden, listed)
             if self._shortcut.is_published(inputs):
                 log.debug("the catalog and page were published from these inputs already")
-                self._unbuilt = shown
+                self._unbuilt = views
                 self._listed_versions = self._listing = None  # read back if ever needed
                 if plan:
-                    self._plan(by_product, shown)
+                    self._plan(views)
                 self._state_after = self._catalog_state()
                 return False
-            if not self._whole(shown, hidden):
+            if not self._whole(views, hidden):
                 inputs = None  # the record vouches only for a tree published whole
         self._unbuilt = None
-        products, publishing = self._catalog(shown, listed)
+        products, publishing = self._catalog(views, listed)
         doomed: Set[str] = frozenset()
         if self._retention is not None:
             # under the catalog lock: the one writer decides what leaves
-            doomed = self._retention.apply(self.paths.state_dir, products, [v for _, v in shown])
+            versions = [v for view in views for v in view.versions]
+            doomed = self._retention.apply(self.paths.state_dir, products, versions)
             if doomed:
-                shown = [e for e in shown if e[1].path not in doomed]
-                by_product = groups(shown)
-                listed = self._feed.listable(by_product)
-                products, publishing = self._catalog(shown, listed)
+                views = [view.without(doomed) for view in views]
+                listed = self._feed.listable(_groups(views))
+                products, publishing = self._catalog(views, listed)
         self._check_departures(publishing, hidden, doomed)
         self._products = products
         if self.use is not Use.WATCH:
@@ -340,7 +323,7 @@ class Pipeline:
         self._listed_versions, self._listing = publishing, None
         self._state_after = self._catalog_state()
         if plan:
-            self._feed.published(by_product, self.known.sha256())
+            self._feed.published(_groups(views), self.known.sha256())
         self._page.published(changed)
         if deltas_next and self.deltas.pending():
             self._shortcut.record_later(inputs)  # with the page, after the deltas' publish
@@ -351,35 +334,35 @@ class Pipeline:
             self._shortcut.record_due()
         return changed
 
-    def _catalog(self, shown: Shown, listed: frozenset[str]) -> tuple[Products, set[str]]:
-        """The products of the versions `shown` with the deltas `listed`, and the version
-        directories (relative to images/) they list."""
+    def _catalog(self, views: Views, listed: frozenset[str]) -> tuple[Products, set[str]]:
+        """The products of `views` with the deltas `listed`, and the version directories
+        (relative to images/) they list."""
         root = self.paths.root_dir
-        entries = [(r, v, b) for r, v in shown if (b := r.entry(root)) is not None]
-        built = [(v, b) for _, v, b in entries]
+        built = [e for view in views for e in view.built(root)]
         cands = None
         sha: dict[str, str] = {}
         if listed:
             known = self.known.sha256()
             sha = {p: known[p] for p in listed if p in known}
-            cands = self._feed.built_candidates(groups((r, v) for r, v, _ in entries))
+            cands = self._feed.built_candidates({v.product: v.built_group(root) for v in views})
         products = products_of(built, Digests(files=sha), root, listed, cands)
-        return products, {v.key.relpath for v, _ in built}
+        return products, set().union(*(view.listed(root) for view in views))
 
-    def _plan(self, by_product: Mapping[str, Group], shown: Shown) -> None:
+    def _plan(self, views: Views) -> None:
         """The deltas' plans after a skipped publish: the digests they ask for are looked up
         in the hash cache if the records' are not (unchanged.OnDemand)."""
         sha: Mapping[str, str] = self.known.sha256()
-        first = shown[0][0].ready if shown else None
+        first = next((r.ready for view in views for r, _ in view.shown), None)
         if first is not None and unchanged.deferred(first.digests):
-            sha = unchanged.CachedDigests(self.cache, [v for _, v in shown])
-        self._feed.published(by_product, sha)
+            sha = unchanged.CachedDigests(self.cache, [v for view in views for v in view.versions])
+        self._feed.published(_groups(views), sha)
 
-    def _whole(self, shown: Shown, hidden: Set[str]) -> bool:
-        """Every version scanned is hidden or `shown` with all its files, and each of them has
+    def _whole(self, views: Views, hidden: Set[str]) -> bool:
+        """Every version scanned is hidden or shown with all its files, and each of them has
         its sha256: the digests are then those of the files' identities (unchanged.py)."""
         expected = sum(1 for r in self.known.records() if r.scanned.path not in hidden)
-        return len(shown) == expected and all(r.whole() for r, _ in shown)
+        shown = [r for view in views for r, _ in view.shown]
+        return len(shown) == expected and all(r.whole() for r in shown)
 
     def _check_departures(self, publishing: set[str], hidden: Set[str], doomed: Set[str]) -> None:
         """Raises departures.UnexplainedDepartures when a version the catalog lists would
@@ -423,6 +406,11 @@ def _weakly(method: Callable[[], None]) -> Callable[[], None]:
             bound()
 
     return call
+
+
+def _groups(views: Views) -> dict[str, Group]:
+    """The products that publish a version, for the deltas (delta_feed.py)."""
+    return {view.product: view.group() for view in views if view.versions}
 
 
 def _under(rel: str, prefix: str) -> bool:

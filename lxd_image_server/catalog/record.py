@@ -16,8 +16,8 @@ A record holds:
     its encoded JSON (encode.py). Depends on the files shown and `ready`: kept while a rescan
     finds the same files (their overrides are the product's, read from `scanned` when the
     products are made), dropped when the files or the digests change.
-- `stamp`: a number that changes with every change above (unique within one VersionTable:
-  versions.py), which the caches of whole products compare (no object identity involved).
+Only `Versions` (versions.py) changes a record, and with it the stamp of the record's
+product, which what is kept per product compares (no object identity involved).
 """
 
 from __future__ import annotations
@@ -49,32 +49,29 @@ _UNSET = object()
 
 
 class VersionRecord:
-    __slots__ = ("_entry", "_shown", "ident", "ready", "rel", "scanned", "stamp")
+    __slots__ = ("_entry", "_shown", "ident", "ready", "rel", "scanned")
 
-    def __init__(self, rel: str, scanned: ScannedVersion, stamp: int) -> None:
+    def __init__(self, rel: str, scanned: ScannedVersion) -> None:
         self.rel = rel
         self.scanned = scanned
         self.ident: Identity = identity(scanned)
         self.ready: Ready | None = None
-        self.stamp = stamp
         self._shown: object = _UNSET
         self._entry: object = _UNSET
 
-    # -- changes (VersionTable calls these, with a new stamp) ---------------------------------
+    # -- changes (only Versions makes them: it tells the record's product, versions.py) ------
 
-    def rescanned(self, scanned: ScannedVersion, stamp: int) -> bool:
-        """The version as a new scan found it; True if its files' identities changed."""
+    def rescanned(self, scanned: ScannedVersion) -> None:
+        """The version as a new scan found it (not equal to what it was)."""
         ident = identity(scanned)
-        changed = ident != self.ident
-        self.scanned, self.ident, self.stamp = scanned, ident, stamp
-        self._shown = _UNSET  # built from `scanned` (its overrides, its files)
-        if changed:
+        if ident != self.ident:
             self._entry = _UNSET  # other files: another entry
-        return changed
+        self.scanned, self.ident = scanned, ident
+        self._shown = _UNSET  # made of `scanned` (its overrides, its files)
 
-    def hashed(self, ready: Ready, stamp: int) -> None:
+    def hashed(self, ready: Ready) -> None:
         """New digests, for the files of identity `ready.ident`."""
-        self.ready, self.stamp = ready, stamp
+        self.ready = ready
         self._shown = self._entry = _UNSET  # other digests: other files shown, another entry
 
     # -- reading ------------------------------------------------------------------------------

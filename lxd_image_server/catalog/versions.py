@@ -8,8 +8,11 @@ hashed. The only place records are made, changed and dropped.
   A version whose digests the hash cache does not hold is hashed in the background
   (hashjobs.py); `take_results` gives each record the digests of its job, if its files are
   still those the job hashed (else its newer job brings the right ones).
-- Each change stamps the record with a number from one counter: what is derived from several
-  records (delta_feed.py) compares stamps, never objects.
+- Every change to a record bumps its product's stamp (a number from one counter, never
+  reused). What is derived from a whole product's records, its `ProductView` (the versions it
+  publishes, their entries), is kept while the stamp and the hidden versions of the product are
+  the same; delta_feed.py keeps the deltas' work per product under the same key. A rescan that
+  finds a version exactly as it was (equal ScannedVersion) changes nothing.
 """
 
 from __future__ import annotations
@@ -18,11 +21,12 @@ import functools
 import itertools
 import logging
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Hashable, Iterator, Mapping, Set
 
 from lxd_image_server import handover
 from lxd_image_server.catalog.hashing import Digests, HashCache, HashEngine
 from lxd_image_server.catalog.hashjobs import HashJobs, Known, hash_version
+from lxd_image_server.catalog.products import BuiltVersion
 from lxd_image_server.catalog.record import Ready, VersionRecord
 from lxd_image_server.config import Paths
 from lxd_image_server.handover import Records
@@ -31,6 +35,56 @@ from lxd_image_server.tree.layout import Role
 from lxd_image_server.tree.scan import Exclude, ScannedVersion, Scanner
 
 log = logging.getLogger(__name__)
+
+
+class ProductView:
+    """What a product publishes, derived from its records and the versions hidden in it; made
+    again (`Versions.views`) when its key changes."""
+
+    __slots__ = ("_built", "_rels", "key", "product", "shown", "versions")
+
+    def __init__(
+        self, product: str, key: Hashable, shown: list[tuple[VersionRecord, ScannedVersion]]
+    ) -> None:
+        self.product = product
+        #: (the product's stamp, its hidden versions): equal keys, equal views
+        self.key = key
+        #: its versions as they may be published now (record.VersionRecord.shown), each with
+        #: its record, in the scan's order
+        self.shown = shown
+        self.versions = [v for _, v in shown]
+        self._built: list[tuple[ScannedVersion, BuiltVersion]] | None = None
+        self._rels: frozenset[str] = frozenset()
+
+    def built(self, root_dir: str) -> list[tuple[ScannedVersion, BuiltVersion]]:
+        """The entries of those versions that have one (products.products_of's input; the
+        pipeline's root_dir never changes)."""
+        if self._built is None:
+            self._built = [(v, b) for r, v in self.shown if (b := r.entry(root_dir)) is not None]
+            self._rels = frozenset(v.key.relpath for v, _ in self._built)
+        return self._built
+
+    def listed(self, root_dir: str) -> frozenset[str]:
+        """The version directories (relative to images/) of `built`."""
+        self.built(root_dir)
+        return self._rels
+
+    def group(self) -> tuple[Hashable, list[ScannedVersion]]:
+        """Its versions under its key (delta_feed.Group)."""
+        return self.key, self.versions
+
+    def built_group(self, root_dir: str) -> tuple[Hashable, list[ScannedVersion]]:
+        """The versions of `built` under a key of their own (delta_feed.Group)."""
+        return (self.key, "built"), [v for v, _ in self.built(root_dir)]
+
+    def without(self, doomed: Set[str]) -> ProductView:
+        """This view without the versions `doomed` (absolute directories)."""
+        gone = frozenset(v.path for v in self.versions if v.path in doomed)
+        if not gone:
+            return self
+        return ProductView(
+            self.product, (self.key, gone), [e for e in self.shown if e[1].path not in gone]
+        )
 
 
 class Versions:
@@ -45,13 +99,38 @@ class Versions:
         #: a record was added since the full scan: not in its order (`in_order`)
         self._unordered = False
         self._stamps = itertools.count(1)
-        #: the records by version directory (absolute): derived from `_records`, made again
-        #: when first asked for after a record was added or dropped
-        self._by_path: dict[str, VersionRecord] | None = None
+        #: product -> its stamp, bumped at every change to one of its records (`_touch`)
+        self._stamp: dict[str, int] = {}
+        #: the records by product (in the scan's order), and by version directory (absolute):
+        #: derived from `_records`, kept in step by `_add` and `_drop` (and `in_order`)
+        self._by_product: dict[str, list[VersionRecord]] = {}
+        self._by_path: dict[str, VersionRecord] = {}
+        #: product -> its view, kept while its key is the same (`views`)
+        self._views: dict[str, ProductView] = {}
 
     @property
     def cache(self) -> HashCache:
         return self.hasher.cache
+
+    def _touch(self, r: VersionRecord) -> None:
+        """`r` changed (or was added or dropped): its product's view is made again."""
+        self._stamp[r.scanned.key.product] = next(self._stamps)
+
+    def _add(self, r: VersionRecord) -> None:
+        self._records[r.rel] = r
+        self._by_product.setdefault(r.scanned.key.product, []).append(r)
+        self._by_path[r.scanned.path] = r
+        self._touch(r)
+
+    def _drop(self, rel: str) -> None:
+        r = self._records.pop(rel)
+        product = r.scanned.key.product
+        others = self._by_product[product]
+        others.remove(r)
+        self._touch(r)
+        if not others:
+            del self._by_product[product], self._stamp[product]
+        del self._by_path[r.scanned.path]
 
     # -- reading --------------------------------------------------------------------------------
 
@@ -77,9 +156,25 @@ class Versions:
 
     def record_at(self, directory: str) -> VersionRecord | None:
         """The record of the version directory `directory` (absolute)."""
-        if self._by_path is None:
-            self._by_path = {r.scanned.path: r for r in self._records.values()}
         return self._by_path.get(directory)
+
+    def views(self, hidden: Set[str]) -> list[ProductView]:
+        """Each product's view with the versions `hidden` (absolute directories) left out."""
+        hidden_in: dict[str, set[str]] = {}
+        for path in hidden:
+            h = self.record_at(path)
+            if h is not None:
+                hidden_in.setdefault(h.scanned.key.product, set()).add(path)
+        views = {}
+        for product, records in self._by_product.items():
+            gone = hidden_in.get(product, set())
+            key = (self._stamp[product], frozenset(gone))
+            view = self._views.get(product)
+            if view is None or view.key != key:
+                view = ProductView(product, key, _shown(records, gone))
+            views[product] = view
+        self._views = views  # (a product gone is forgotten)
+        return list(views.values())
 
     def in_order(self) -> None:
         """Puts the records back into the scan's order (a full publish's inputs digest,
@@ -87,6 +182,9 @@ class Versions:
         if self._unordered:
             self._records = dict(sorted(self._records.items(), key=lambda e: e[1].scanned.key))
             self._unordered = False
+            self._by_product = {}
+            for r in self._records.values():
+                self._by_product.setdefault(r.scanned.key.product, []).append(r)
 
     # -- a full scan ----------------------------------------------------------------------------
 
@@ -107,13 +205,12 @@ class Versions:
 
     def replace_all(self, found: list[ScannedVersion], digests: Digests) -> None:
         """The records of a full scan: each version with `digests`."""
-        self._records = {}
+        self._records, self._by_product, self._by_path = {}, {}, {}
         for v in found:
-            r = VersionRecord(v.key.relpath, v, next(self._stamps))
-            r.hashed(Ready(r.ident, digests), next(self._stamps))
-            self._records[r.rel] = r
+            r = VersionRecord(v.key.relpath, v)
+            r.hashed(Ready(r.ident, digests))
+            self._add(r)
         self._unordered = False
-        self._by_path = None
 
     def forget_others(self) -> None:
         """Drops the hash cache's entries of files no record holds (a full scan's)."""
@@ -131,19 +228,19 @@ class Versions:
         found = self.scanner.scan(prefix)
         self.cache.adopt(self.handed_over, found)
         for rel in set(below).difference(v.key.relpath for v in found):
-            del records[rel]
-            self._by_path = None
+            self._drop(rel)
         submitted = set()
         for v in found:
             rel = v.key.relpath
             r = records.get(rel)
             if r is None:
                 # a version found again keeps its place; a new one goes last (`in_order`)
-                r = records[rel] = VersionRecord(rel, v, next(self._stamps))
+                r = VersionRecord(rel, v)
+                self._add(r)
                 self._unordered = True
-                self._by_path = None
-            else:
-                r.rescanned(v, next(self._stamps))
+            elif v != r.scanned:
+                r.rescanned(v)
+                self._touch(r)
             if self._schedule(r):
                 submitted.add(rel)
         return submitted
@@ -155,12 +252,12 @@ class Versions:
             return False
         v = r.scanned
         known = self._known(v)
+        self._touch(r)
         if known.complete:
-            r.hashed(Ready(r.ident, known.digests()), next(self._stamps))
+            r.hashed(Ready(r.ident, known.digests()))
             return False
         # what the cache knows is published meanwhile when it is all but deltas (record.py)
-        part = tuple(sorted(f.identity for f, _ in known.files))
-        r.hashed(Ready(part, known.digests()), next(self._stamps))
+        r.hashed(Ready(tuple(sorted(f.identity for f, _ in known.files)), known.digests()))
         cached = {f.path for f, _ in known.files}
         size = sum(f.size for f in v.files.values() if f.path not in cached)
         self.jobs.submit(r.rel, r.ident, size, functools.partial(hash_version, v, known))
@@ -193,7 +290,8 @@ class Versions:
             r = self._records.get(res.rel)
             if r is None or r.ident != res.ident:
                 continue  # changed or gone since: its next job brings the right digests
-            r.hashed(Ready(res.ident, res.digests), next(self._stamps))
+            r.hashed(Ready(res.ident, res.digests))
+            self._touch(r)
             d, files = res.digests, r.scanned.files.values()
             self.cache.put_many(
                 [
@@ -233,6 +331,21 @@ class _Sha256(Mapping[str, str]):
 
     def __len__(self) -> int:
         return sum(1 for _ in self)
+
+
+def _shown(
+    records: list[VersionRecord], hidden: Set[str]
+) -> list[tuple[VersionRecord, ScannedVersion]]:
+    shown = []
+    for r in records:
+        if r.scanned.path in hidden:
+            continue
+        v = r.shown()
+        if v is None:
+            log.debug("not publishing %s yet: still hashing", r.scanned.path)
+            continue
+        shown.append((r, v))
+    return shown
 
 
 def _under(rel: str, prefix: str) -> bool:

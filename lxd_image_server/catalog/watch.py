@@ -91,6 +91,11 @@ class Watcher:
         budget: float = DEFAULT_BUDGET,
     ) -> None:
         self.img_dir = paths.img_dir
+        # (its scanner asks `_excluded` from its first scan on, in `run`; the page is written
+        # once no publish is due: _write_page)
+        self.pipeline = pipeline_for(self._excluded, self._wake)
+        if self.pipeline.use is not Use.WATCH:
+            raise ValueError("the watcher needs a pipeline built for Use.WATCH")
         self.quiet = quiet
         self.max_delay = max_delay
         self.on_reload = on_reload
@@ -115,11 +120,6 @@ class Watcher:
         #: when the first pruned version's grace period is over (time.time()), or None
         self.next_expiry: float | None = None
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        # (last: the pipeline's scanner asks `_excluded` from its first scan on; the page is
-        # written once no publish is due: _write_page)
-        self.pipeline = pipeline_for(self._excluded, self._wake)
-        if self.pipeline.use is not Use.WATCH:
-            raise ValueError("the watcher needs a pipeline built for Use.WATCH")
 
     # -- signals ----------------------------------------------------------------------------
 
