@@ -40,6 +40,7 @@ from lxd_image_server.catalog.gzip_chunks import GzipCache
 from lxd_image_server.catalog.hashing import Digests, HashCache
 from lxd_image_server.catalog.hashjobs import DEFAULT_JOBS, HashJobs
 from lxd_image_server.catalog.page_writer import PageWriter
+from lxd_image_server.catalog.product_cache import ProductCache
 from lxd_image_server.catalog.products import Products, products_of
 from lxd_image_server.catalog.publish import catalog_lock, publish
 from lxd_image_server.catalog.retention import PendingVersions, Retention
@@ -112,6 +113,8 @@ class Pipeline:
         #: the no-change shortcut's record (unchanged.py)
         self._shortcut = unchanged.Shortcut(paths.state_dir, paths.root_dir)
         self._page = PageWriter(paths.root_dir, on_publish)
+        #: each product as last published, and its JSON (product_cache.py)
+        self._kept = ProductCache()
         #: what images.json.gz's last publish compressed, reused by the next
         self._gzip = GzipCache()
         self._products: Products = {}
@@ -346,6 +349,9 @@ class Pipeline:
             sha = {p: known[p] for p in listed if p in known}
             cands = self._feed.built_candidates({v.product: v.built_group(root) for v in views})
         products = products_of(built, Digests(files=sha), root, listed, cands)
+        deltas = self.known.deltas_by_product(listed)
+        keys = {view.product: (view.key, deltas.get(view.product)) for view in views}
+        products = self._kept.reuse(products, keys)
         return products, set().union(*(view.listed(root) for view in views))
 
     def _plan(self, views: Views) -> None:

@@ -202,3 +202,26 @@ def test_the_watcher_takes_only_a_pipeline_built_for_it(paths: Paths) -> None:
         os.close(watcher._wake_w)
     finally:
         cache.close()
+
+
+def test_a_product_kept_encoded_is_published_again_when_another_takes_its_alias(
+    paths: Paths, pipeline: Pipeline
+) -> None:
+    """Products are reused with their JSON while the same (product_cache.py): busybox's
+    versions do not change here, but alpine now claims one of its aliases, which busybox
+    loses (the product that sorts first keeps it)."""
+    assert "busybox/1.35" in catalog(paths)["busybox:1.35:amd64:default"]["aliases"].split(",")
+    d = version_dir(Path(paths.img_dir), os_="alpine", serial=SERIALS[1])
+    write(d / "metadata.json", b'{"aliases": ["busybox/1.35"]}')
+    assert pipeline.refresh([rel(paths, d)])
+    products = catalog(paths)
+    assert "busybox/1.35" in products["alpine:1.35:amd64:default"]["aliases"].split(",")
+    assert "busybox/1.35" not in products["busybox:1.35:amd64:default"]["aliases"].split(",")
+    # and the whole catalog is what a pipeline that kept nothing writes
+    os.unlink(Path(paths.streams_dir, "images.json"))
+    cache = HashCache(None)
+    try:
+        Pipeline(paths, cache).update_all()
+    finally:
+        cache.close()
+    assert catalog(paths) == products
