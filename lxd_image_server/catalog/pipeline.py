@@ -323,6 +323,7 @@ class Pipeline:
         if self.use is not Use.WATCH:
             self._shortcut.forget()  # what is published now is not what the record vouches for
         changed = publish(self.paths.streams_dir, products, images_gz=self._gzip)
+        self._kept.encoded()
         self._listed_versions, self._listing = publishing, None
         self._state_after = self._catalog_state()
         if plan:

@@ -6,6 +6,11 @@ says everything its versions are made of: the product's view (versions.ProductVi
 stamp, which changes with every change to one of its records, and its hidden versions), the
 versions retention took out of it, and the deltas listed in it; the rest (aliases after their
 conflicts are resolved, overrides of its newest version) is compared by value.
+
+Once a product is encoded, its text holds its versions' text: each version's own copy
+(encode.Encoded, in its record's entry) is dropped then (`encoded`), so the catalog's text is
+kept once, not twice (about 20 MB at 20,000 versions). A product that changes encodes its
+versions again.
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ class ProductCache:
     def __init__(self) -> None:
         #: product key -> (its key, its fields but "versions", the product as published)
         self._kept: dict[str, tuple[Hashable, dict[str, Any], Encoded]] = {}
+        #: the products reused since they were kept: their versions' own text is dropped
+        self._slim: set[str] = set()
 
     def reuse(self, products: Products, keys: Mapping[str, Hashable]) -> Products:
         """`products` with each product that is the same as last time replaced by the one
@@ -36,7 +43,22 @@ class ProductCache:
             hit = self._kept.get(pkey)
             if hit is None or hit[0] != key or hit[1] != fields:
                 hit = (key, fields, Encoded(product))
+                self._slim.discard(pkey)
             kept[pkey] = hit
             out[pkey] = hit[2]
         self._kept = kept  # (a product gone is forgotten)
+        self._slim &= kept.keys()
         return out
+
+    def encoded(self) -> None:
+        """The products were encoded (published): their versions' own text is dropped."""
+        for pkey, (_, _, product) in self._kept.items():
+            if pkey not in self._slim and product.cached is not None:
+                _drop_text(product["versions"])
+                self._slim.add(pkey)
+
+
+def _drop_text(versions: dict[str, Any]) -> None:
+    for entry in versions.values():
+        if isinstance(entry, Encoded):
+            entry.cached = None

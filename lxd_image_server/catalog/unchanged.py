@@ -15,6 +15,11 @@ a file that could not be hashed records nothing, and the next update publishes a
 
 Anything else (a file edited, replaced or removed in streams/, another digest, another
 version of the program, a missing or unreadable record) means: publish as usual.
+
+The pipeline's side of it is here too: `Shortcut` (the digest of its last full scan, and the
+inputs to record once the page is written), `OnDemand` (the digests of a full `update` that
+found the catalog published already, looked up only if something asks) and `CachedDigests`
+(the few the deltas' plans ask for then, from the hash cache).
 """
 
 from __future__ import annotations
