@@ -19,8 +19,8 @@ bytes. So the catalog lock is held only to build and write the catalog, never wh
   being hashed is left out (a new one does not appear yet; a changed one is withdrawn, its old
   digests being wrong) and added by `collect`, in a later publish, once its digests are done.
 A version is published only with the digests of exactly the files scanned (same identity).
-A publish rebuilds only what changed: each version's entry and its JSON are kept in its record,
-the deltas' work per product in delta_feed.py.
+A publish rebuilds only what changed: each version's entry is kept in its record, each
+product's view, deltas' work and JSON while it is the same (assembly.py).
 """
 
 from __future__ import annotations
@@ -33,27 +33,24 @@ import weakref
 from collections.abc import Callable, Iterable, Mapping, Set
 
 from lxd_image_server.catalog import departures, unchanged
-from lxd_image_server.catalog.delta_feed import DeltaFeed, Group
+from lxd_image_server.catalog.assembly import Assembly, Views
 from lxd_image_server.catalog.deltas import OK
 from lxd_image_server.catalog.deltawork import FOREGROUND, DeltaService
 from lxd_image_server.catalog.gzip_chunks import GzipCache
 from lxd_image_server.catalog.hashing import Digests, HashCache
 from lxd_image_server.catalog.hashjobs import DEFAULT_JOBS, HashJobs
+from lxd_image_server.catalog.listed import CatalogState, Listed
 from lxd_image_server.catalog.page_writer import PageWriter
-from lxd_image_server.catalog.product_cache import ProductCache
-from lxd_image_server.catalog.products import Products, products_of
+from lxd_image_server.catalog.products import Products
 from lxd_image_server.catalog.publish import catalog_lock, publish
 from lxd_image_server.catalog.retention import PendingVersions, Retention
-from lxd_image_server.catalog.versions import ProductView, Versions
+from lxd_image_server.catalog.versions import Versions, outermost
 from lxd_image_server.config import Paths
 from lxd_image_server.gcpause import cyclic_gc_paused
 from lxd_image_server.progress import ProgressStart
 from lxd_image_server.tree.scan import Exclude, ScannedVersion
 
 log = logging.getLogger(__name__)
-
-CatalogState = tuple[int, int, int, int] | None
-Views = list[ProductView]
 
 
 class Use(enum.Enum):
@@ -109,12 +106,11 @@ class Pipeline:
         self.known = Versions(paths, cache, exclude, self.jobs)
         self.deltas = deltas or DeltaService(paths.img_dir, paths.state_dir)
         self.deltas.on_done = _weakly(self._hashed)
-        self._feed = DeltaFeed(self.deltas)
+        self._assembly = Assembly(self.known, self.deltas, paths.root_dir)
+        self._listed = Listed(paths)
         #: the no-change shortcut's record (unchanged.py)
         self._shortcut = unchanged.Shortcut(paths.state_dir, paths.root_dir)
         self._page = PageWriter(paths.root_dir, on_publish)
-        #: each product as last published, and its JSON (product_cache.py)
-        self._kept = ProductCache()
         #: what images.json.gz's last publish compressed, reused by the next
         self._gzip = GzipCache()
         self._products: Products = {}
@@ -124,11 +120,6 @@ class Pipeline:
         #: images.json as this pipeline last published it (or found it published): another
         #: writer published since when it is not so any more
         self._state_after: CatalogState = None
-        #: the version directories (relative to images/) the catalog lists: those this writer
-        #: published last; None: read back from images.json when needed (departures.py)
-        self._listed_versions: set[str] | None = None
-        #: the files it lists and their sizes (`listing`); None: made again when asked for
-        self._listing: departures.Listing | None = None
 
     def reload(self, retention: Retention | None) -> None:
         """[retention] as the configuration says now (the watcher's reload)."""
@@ -165,7 +156,7 @@ class Pipeline:
             return self._update_all(rehash)
 
     def _update_all(self, rehash: bool) -> bool:
-        before = self._catalog_state()
+        before = self._listed.state()
         found = self.known.scan_all()
         self._shortcut.full_scan(found if not rehash and self._may_skip() else None)
         published = self.use is Use.UPDATE and self._published_already(found)
@@ -176,7 +167,7 @@ class Pipeline:
             digests = self.known.digest(found, rehash, self._progress_start)
         self.known.replace_all(found, digests)
         with catalog_lock(self.paths.state_dir):
-            if self._catalog_state() != before:
+            if self._listed.state() != before:
                 log.info("the catalog was published by another writer meanwhile; rescanning")
                 self._rescan("")
             if not published:
@@ -206,7 +197,7 @@ class Pipeline:
         self.jobs.wait(None, submitted)
         self.known.take_results()
         with catalog_lock(self.paths.state_dir):
-            if self._catalog_state() != self._state_after:
+            if self._listed.state() != self._state_after:
                 log.info("the catalog was published by another writer meanwhile; rescanning")
                 self._rescan("")
                 return self._publish(full=True, plan=False)
@@ -233,7 +224,7 @@ class Pipeline:
         """Rescans the directories `prefixes` (relative to images/) and republishes, waiting at
         most `budget` seconds (None: as long as it takes) for the versions to hash."""
         submitted: set[str] = set()
-        for prefix in _outermost(prefixes):
+        for prefix in outermost(prefixes):
             submitted |= self._rescan(prefix)
         # wait for this pass's versions only: one slow to hash from before delays nothing
         self.jobs.wait(budget, submitted)
@@ -265,19 +256,11 @@ class Pipeline:
         self._shortcut.partial_scan()
         return self.known.rescan(prefix)
 
-    def _catalog_state(self) -> CatalogState:
-        try:
-            st = os.lstat(os.path.join(self.paths.streams_dir, "images.json"))
-        except OSError:
-            return None
-        return (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
-
     @property
     def products(self) -> Products:
         """The catalog last published (or found published already)."""
         if self._unbuilt is not None:
-            root = self.paths.root_dir
-            self._products = products_of([e for view in self._unbuilt for e in view.built(root)])
+            self._products = self._assembly.bare(self._unbuilt)
             self._unbuilt = None
         return self._products
 
@@ -292,42 +275,47 @@ class Pipeline:
         if full:
             self.known.in_order()
         hidden = self._hidden()
-        views = self.known.views(hidden)
-        listed = self._feed.listable(_groups(views))
+        views = self._assembly.views(hidden)
+        listed = self._assembly.listable(views)
         inputs = None
         if full and self._may_skip():
             inputs = self._shortcut.inputs(self.known.all_scanned, hidden, listed)
             if self._shortcut.is_published(inputs):
                 log.debug("the catalog and page were published from these inputs already")
                 self._unbuilt = views
-                self._listed_versions = self._listing = None  # read back if ever needed
+                self._listed.unknown()
                 if plan:
-                    self._plan(views)
-                self._state_after = self._catalog_state()
+                    self._assembly.plan(views)
+                self._state_after = self._listed.state()
                 return False
-            if not self._whole(views, hidden):
+            if not self._assembly.whole(views, hidden):
                 inputs = None  # the record vouches only for a tree published whole
         self._unbuilt = None
-        products, publishing = self._catalog(views, listed)
+        products, publishing = self._assembly.catalog(views, listed)
         doomed: Set[str] = frozenset()
         if self._retention is not None:
             # under the catalog lock: the one writer decides what leaves
             versions = [v for view in views for v in view.versions]
             doomed = self._retention.apply(self.paths.state_dir, products, versions)
             if doomed:
-                views = [view.without(doomed) for view in views]
-                listed = self._feed.listable(_groups(views))
-                products, publishing = self._catalog(views, listed)
-        self._check_departures(publishing, hidden, doomed)
+                views = self._assembly.without(views, doomed)
+                listed = self._assembly.listable(views)
+                products, publishing = self._assembly.catalog(views, listed)
+        self._listed.check(
+            publishing,
+            lambda path: path in hidden or path in doomed,
+            self.known.__contains__,
+            self.known.scanner.clock,
+        )
         self._products = products
         if self.use is not Use.WATCH:
             self._shortcut.forget()  # what is published now is not what the record vouches for
         changed = publish(self.paths.streams_dir, products, images_gz=self._gzip)
-        self._kept.encoded()
-        self._listed_versions, self._listing = publishing, None
-        self._state_after = self._catalog_state()
+        self._assembly.encoded()
+        self._listed.published(products, publishing)
+        self._state_after = self._listed.state()
         if plan:
-            self._feed.published(_groups(views), self.known.sha256())
+            self._assembly.plan(views)
         self._page.published(changed)
         if deltas_next and self.deltas.pending():
             self._shortcut.record_later(inputs)  # with the page, after the deltas' publish
@@ -338,63 +326,9 @@ class Pipeline:
             self._shortcut.record_due()
         return changed
 
-    def _catalog(self, views: Views, listed: frozenset[str]) -> tuple[Products, set[str]]:
-        """The products of `views` with the deltas `listed`, and the version directories
-        (relative to images/) they list."""
-        root = self.paths.root_dir
-        built = [e for view in views for e in view.built(root)]
-        cands = None
-        sha: dict[str, str] = {}
-        if listed:
-            known = self.known.sha256()
-            sha = {p: known[p] for p in listed if p in known}
-            cands = self._feed.built_candidates({v.product: v.built_group(root) for v in views})
-        products = products_of(built, Digests(files=sha), root, listed, cands)
-        deltas = self.known.deltas_by_product(listed)
-        keys = {view.product: (view.key, deltas.get(view.product)) for view in views}
-        products = self._kept.reuse(products, keys)
-        return products, set().union(*(view.listed(root) for view in views))
-
-    def _plan(self, views: Views) -> None:
-        """The deltas' plans after a skipped publish: the digests they ask for are looked up
-        in the hash cache if the records' are not (unchanged.OnDemand)."""
-        sha: Mapping[str, str] = self.known.sha256()
-        first = next((r.ready for view in views for r, _ in view.shown), None)
-        if first is not None and unchanged.deferred(first.digests):
-            sha = unchanged.CachedDigests(self.cache, [v for view in views for v in view.versions])
-        self._feed.published(_groups(views), sha)
-
-    def _whole(self, views: Views, hidden: Set[str]) -> bool:
-        """Every version scanned is hidden or shown with all its files, and each of them has
-        its sha256: the digests are then those of the files' identities (unchanged.py)."""
-        expected = sum(1 for r in self.known.records() if r.scanned.path not in hidden)
-        shown = [r for view in views for r, _ in view.shown]
-        return len(shown) == expected and all(r.whole() for r in shown)
-
-    def _check_departures(self, publishing: set[str], hidden: Set[str], doomed: Set[str]) -> None:
-        """Raises departures.UnexplainedDepartures when a version the catalog lists would
-        leave it for no reason this writer can name (departures.py)."""
-        before = self._listed_versions
-        if before is None:
-            before = self.listing().versions(self.paths.served_images)
-        known = departures.Known(
-            self.paths.img_dir,
-            pruned=lambda path: path in hidden or path in doomed,
-            scanned=self.known.__contains__,
-            clock=self.known.scanner.clock,
-        )
-        departures.check(before, publishing, known)
-
     def listing(self) -> departures.Listing:
-        """The files the catalog lists now, with their sizes: from the products this writer
-        published last, else read back from images.json (bounded)."""
-        if self._listing is None:
-            if self._listed_versions is not None and self._unbuilt is None:
-                self._listing = departures.listing_of(self._products)
-            else:
-                images = os.path.join(self.paths.streams_dir, "images.json")
-                self._listing = departures.read_listing(images)
-        return self._listing
+        """The files the catalog lists now, with their sizes (listed.py)."""
+        return self._listed.listing()
 
     def write_page(self) -> None:
         """Writes the catalog page of the last publish, if not written yet (Use.WATCH)."""
@@ -413,22 +347,3 @@ def _weakly(method: Callable[[], None]) -> Callable[[], None]:
             bound()
 
     return call
-
-
-def _groups(views: Views) -> dict[str, Group]:
-    """The products that publish a version, for the deltas (delta_feed.py)."""
-    return {view.product: view.group() for view in views if view.versions}
-
-
-def _under(rel: str, prefix: str) -> bool:
-    return prefix == "" or rel == prefix or rel.startswith(prefix + "/")
-
-
-def _outermost(prefixes: Iterable[str]) -> list[str]:
-    """Drops prefixes inside others: rescanning the outer one covers them."""
-    out: list[str] = []
-    for p in sorted(set(prefixes), key=lambda p: (p.count("/"), p)):
-        p = p.strip("/")
-        if not any(_under(p, o) for o in out):
-            out.append(p)
-    return out

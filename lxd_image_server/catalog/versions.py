@@ -21,7 +21,7 @@ import functools
 import itertools
 import logging
 import os
-from collections.abc import Hashable, Iterator, Mapping, Set
+from collections.abc import Hashable, Iterable, Iterator, Mapping, Set
 
 from lxd_image_server import handover
 from lxd_image_server.catalog.hashing import Digests, HashCache, HashEngine
@@ -359,3 +359,13 @@ def _shown(
 
 def _under(rel: str, prefix: str) -> bool:
     return prefix == "" or rel == prefix or rel.startswith(prefix + "/")
+
+
+def outermost(prefixes: Iterable[str]) -> list[str]:
+    """Drops prefixes inside others: rescanning the outer one covers them."""
+    out: list[str] = []
+    for p in sorted(set(prefixes), key=lambda p: (p.count("/"), p)):
+        p = p.strip("/")
+        if not any(_under(p, o) for o in out):
+            out.append(p)
+    return out
