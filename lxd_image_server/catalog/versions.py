@@ -214,7 +214,7 @@ class Versions:
 
     def replace_all(self, found: list[ScannedVersion], digests: Digests) -> None:
         """The records of a full scan: each version with `digests`."""
-        self._records, self._by_product, self._by_path = {}, {}, {}
+        self._records, self._by_product, self._by_path, self._stamp = {}, {}, {}, {}
         for v in found:
             r = VersionRecord(v.key.relpath, v)
             r.hashed(Ready(r.ident, digests))

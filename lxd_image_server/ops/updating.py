@@ -50,7 +50,11 @@ def with_pipeline(
         if cache_first is not None:
             cache_first(cache)
         pipeline = Pipeline(
-            paths, cache, progress_start=progress_start, retention=retention_of(settings)
+            paths,
+            cache,
+            use=Use.OPERATOR,
+            progress_start=progress_start,
+            retention=retention_of(settings),
         )
         return run(pipeline)
     finally:
