@@ -57,10 +57,6 @@ class Assembly:
         """The products of `views` without their deltas (those of a publish skipped)."""
         return products_of([e for view in views for e in view.built(self.root_dir)])
 
-    def encoded(self) -> None:
-        """The products of the last `catalog` were published (encoded)."""
-        self._kept.encoded()
-
     def plan(self, views: Views) -> None:
         """Hands the versions published to the deltas' plans (delta_feed.py). The digests they
         ask for are looked up in the hash cache when the records' are not (unchanged.OnDemand:

@@ -311,7 +311,6 @@ class Pipeline:
         if self.use is not Use.WATCH:
             self._shortcut.forget()  # what is published now is not what the record vouches for
         changed = publish(self.paths.streams_dir, products, images_gz=self._gzip)
-        self._assembly.encoded()
         self._listed.published(products, publishing)
         self._state_after = self._listed.state()
         if plan:

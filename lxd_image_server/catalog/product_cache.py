@@ -7,10 +7,10 @@ stamp, which changes with every change to one of its records, and its hidden ver
 versions retention took out of it, and the deltas listed in it; the rest (aliases after their
 conflicts are resolved, overrides of its newest version) is compared by value.
 
-Once a product is encoded, its text holds its versions' text: each version's own copy
-(encode.Encoded, in its record's entry) is dropped then (`encoded`), so the catalog's text is
-kept once, not twice (about 20 MB at 20,000 versions). A product that changes encodes its
-versions again.
+A new product is encoded at once, at the level images.json holds it, and its versions' own
+text (each version's encode.Encoded, in its record's entry) is dropped then: the catalog's
+text is kept once, in its products (about 20 MB at 20,000 versions), never twice. Were the
+document's layout to change, the text kept would only be encoded again, never wrong.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Hashable, Mapping
 from typing import Any
 
-from lxd_image_server.catalog.encode import Encoded
+from lxd_image_server.catalog.encode import Encoded, encode_utf8
 from lxd_image_server.catalog.products import Products
 
 
@@ -26,8 +26,6 @@ class ProductCache:
     def __init__(self) -> None:
         #: product key -> (its key, its fields but "versions", the product as published)
         self._kept: dict[str, tuple[Hashable, dict[str, Any], Encoded]] = {}
-        #: the products reused since they were kept: their versions' own text is dropped
-        self._slim: set[str] = set()
 
     def reuse(self, products: Products, keys: Mapping[str, Hashable]) -> Products:
         """`products` with each product that is the same as last time replaced by the one
@@ -42,23 +40,19 @@ class ProductCache:
             fields = {k: v for k, v in product.items() if k != "versions"}
             hit = self._kept.get(pkey)
             if hit is None or hit[0] != key or hit[1] != fields:
-                hit = (key, fields, Encoded(product))
-                self._slim.discard(pkey)
+                hit = (key, fields, _encoded(pkey, product))
             kept[pkey] = hit
             out[pkey] = hit[2]
         self._kept = kept  # (a product gone is forgotten)
-        self._slim &= kept.keys()
         return out
 
-    def encoded(self) -> None:
-        """The products were encoded (published): their versions' own text is dropped."""
-        for pkey, (_, _, product) in self._kept.items():
-            if pkey not in self._slim and product.cached is not None:
-                _drop_text(product["versions"])
-                self._slim.add(pkey)
 
-
-def _drop_text(versions: dict[str, Any]) -> None:
-    for entry in versions.values():
+def _encoded(pkey: str, product: dict[str, Any]) -> Encoded:
+    """`product`, its text encoded where images.json holds it ({"products": {pkey: ...}}),
+    and its versions' own text dropped."""
+    kept = Encoded(product)
+    encode_utf8({"products": {pkey: kept}})
+    for entry in kept["versions"].values():
         if isinstance(entry, Encoded):
             entry.cached = None
+    return kept
