@@ -12,6 +12,11 @@ DEFAULT_SSL_DIR = "/etc/nginx/ssl"
 DEFAULT_HTPASSWD = "/etc/lxd-image-server/htpasswd"
 DEFAULT_NGINX_DIR = "/etc/nginx"
 DEFAULT_UPLOAD_SOCKET = "/run/lxd-image-server/upload.sock"
+#: nginx's workers' user and group, as Debian's nginx package makes them (the upload socket's
+#: group in systemd/lxd-image-server-upload.socket)
+NGINX_USER = "www-data"
+#: the package's group of those who read the upload credentials (debian/*.postinst makes it)
+CREDENTIALS_GROUP = "lxd-image-server-auth"
 #: the user a mirror's pushes log in as (`mirror authorize --user`, [mirrors.NAME] user)
 DEFAULT_MIRROR_USER = "lxdmirror"
 
@@ -42,6 +47,16 @@ class StateDir:
     def catalog_lock(self) -> str:
         """Held by every writer of streams/ while it builds and writes the catalog."""
         return self._in("catalog.lock")
+
+    @property
+    def upload_digests(self) -> str:
+        """The digests the upload app hands to the catalog writer (tree/handover.py)."""
+        return self._in("upload-digests")
+
+    @property
+    def catalog_inputs(self) -> str:
+        """What the published catalog was made of, for a no-change `update` (unchanged.py)."""
+        return self._in("catalog-inputs.json")
 
     @property
     def pruned(self) -> str:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from lxd_image_server import envnames
 from lxd_image_server.config import (
     DEFAULT_MIRROR_USER,
     DEFAULT_ROOT,
@@ -24,7 +25,6 @@ from lxd_image_server.config import (
 from lxd_image_server.retention_policy import KeepRule, PolicyError, RetentionPolicy
 
 SYSTEM_DIR = "/etc/lxd-image-server"
-ENV_CONFIG = "LXD_IMAGE_SERVER_CONFIG"
 DEFAULT_GRACE = 3600
 #: uploads in progress per credential: one CI job's `xargs -P8 curl`
 DEFAULT_PARALLEL_UPLOADS = 8
@@ -154,8 +154,8 @@ def config_files(
         files.append((Path(home) / ".config" / "lxd-image-server" / "config.toml", False))
     if explicit:
         files.append((Path(explicit), True))
-    if env.get(ENV_CONFIG):
-        files.append((Path(env[ENV_CONFIG]), True))
+    if env.get(envnames.CONFIG):
+        files.append((Path(env[envnames.CONFIG]), True))
     return files
 
 
@@ -464,17 +464,16 @@ def _validate(
         values["logging"] = dict(table)
     # the environment has the last word
     for key, name in (
-        ("allow_overwrites", "ALLOW_OVERWRITES"),
-        ("allow_deletes", "ALLOW_DELETES"),
-        ("debug", "DEBUG"),
+        ("allow_overwrites", envnames.ALLOW_OVERWRITES),
+        ("allow_deletes", envnames.ALLOW_DELETES),
+        ("debug", envnames.DEBUG),
     ):
         flag = _flag(env, name)
         if flag is not None:
             values[key] = flag
-    if env.get("UPLOAD_MAX_SIZE", "").strip():
-        values["max_upload_size"] = _size(env["UPLOAD_MAX_SIZE"].strip(), "UPLOAD_MAX_SIZE")
-    if env.get("UPLOAD_MAX_PARALLEL", "").strip():
-        values["max_parallel_uploads"] = _parallel(
-            env["UPLOAD_MAX_PARALLEL"], "UPLOAD_MAX_PARALLEL"
-        )
+    size, parallel = envnames.UPLOAD_MAX_SIZE, envnames.UPLOAD_MAX_PARALLEL
+    if env.get(size, "").strip():
+        values["max_upload_size"] = _size(env[size].strip(), size)
+    if env.get(parallel, "").strip():
+        values["max_parallel_uploads"] = _parallel(env[parallel], parallel)
     return Settings(**values)

@@ -28,8 +28,8 @@ from lxd_image_server.fsutil import (
     open_regular_stat,
     read_bounded,
 )
-from lxd_image_server.handover import Key, Records, record_name
 from lxd_image_server.progress import Progress, no_progress
+from lxd_image_server.tree.handover import Key, Records, record_name
 from lxd_image_server.tree.layout import Role
 from lxd_image_server.tree.scan import FileStat, ScannedVersion, open_below
 

@@ -33,13 +33,13 @@ from typing import Any
 
 from lxd_image_server import __version__
 from lxd_image_server.catalog.hashing import Digests, HashCache
+from lxd_image_server.config import StateDir
 from lxd_image_server.fsutil import TooLarge, read_regular, write_atomic
 from lxd_image_server.tree.overrides import NO_OVERRIDES
 from lxd_image_server.tree.scan import FileStat, ScannedVersion
 
 log = logging.getLogger(__name__)
 
-RECORD_NAME = "catalog-inputs.json"
 #: bump when the same inputs give other bytes (catalog, gzip or page)
 FORMAT = 1
 #: the published files the record vouches for, relative to the served root
@@ -101,7 +101,7 @@ def _identities(root_dir: str) -> list[list[int]] | None:
 def is_published(state_dir: str, root_dir: str, digest: str) -> bool:
     """Whether the record says `digest` was published and the published files are untouched."""
     try:
-        record = json.loads(read_regular(os.path.join(state_dir, RECORD_NAME), _MAX_RECORD))
+        record = json.loads(read_regular(StateDir(state_dir).catalog_inputs, _MAX_RECORD))
     except (OSError, TooLarge, ValueError):
         return False
     if not isinstance(record, dict) or record.get("inputs") != digest:
@@ -112,7 +112,7 @@ def is_published(state_dir: str, root_dir: str, digest: str) -> bool:
 
 def record(state_dir: str, root_dir: str, digest: str | None) -> None:
     """Records that the files now in streams/ were published from `digest` (None: forgets)."""
-    path = os.path.join(state_dir, RECORD_NAME)
+    path = StateDir(state_dir).catalog_inputs
     current = _identities(root_dir) if digest is not None else None
     try:
         if current is None:

@@ -20,17 +20,15 @@ from __future__ import annotations
 import functools
 import itertools
 import logging
-import os
 from collections.abc import Hashable, Iterable, Iterator, Mapping, Set
 
-from lxd_image_server import handover
 from lxd_image_server.catalog.hashing import Digests, HashCache, HashEngine
 from lxd_image_server.catalog.hashjobs import HashJobs, Known, hash_version
 from lxd_image_server.catalog.products import BuiltVersion
 from lxd_image_server.catalog.record import Ready, VersionRecord
 from lxd_image_server.config import Paths
-from lxd_image_server.handover import Records
 from lxd_image_server.progress import ProgressStart
+from lxd_image_server.tree.handover import Records
 from lxd_image_server.tree.layout import Role
 from lxd_image_server.tree.scan import Exclude, ScannedVersion, Scanner
 
@@ -91,8 +89,8 @@ class Versions:
     def __init__(self, paths: Paths, cache: HashCache, exclude: Exclude, jobs: HashJobs) -> None:
         self.hasher = HashEngine(cache)
         self.scanner = Scanner(paths.img_dir, exclude)
-        #: digests the upload app computed (handover.py)
-        self.handed_over = Records(os.path.join(paths.state_dir, handover.DIR_NAME))
+        #: digests the upload app computed (tree/handover.py)
+        self.handed_over = Records(paths.state.upload_digests)
         self.jobs = jobs
         #: version directory (relative to images/) -> its record, in the scan's order
         self._records: dict[str, VersionRecord] = {}

@@ -364,18 +364,19 @@ class Watcher:
 
     # -- main loop --------------------------------------------------------------------------
 
-    def run(self) -> int:
+    def run(self) -> None:
+        """Watches and publishes until SIGTERM or SIGINT."""
         once = Once()
         quiet = [logging.getLogger(f"lxd_image_server.{name}") for name in QUIET_LOGGERS]
         for logger in quiet:
             logger.addFilter(once)
         try:
-            return self._run()
+            self._run()
         finally:
             for logger in quiet:
                 logger.removeFilter(once)
 
-    def _run(self) -> int:
+    def _run(self) -> None:
         previous = {
             s: signal.signal(s, h)
             for s, h in (
@@ -435,7 +436,6 @@ class Watcher:
             if self.pipeline.page_due:
                 self._write_page()
             log.info("stopped")
-            return 0
         finally:
             for s, h in previous.items():
                 signal.signal(s, h)

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 from urllib.parse import quote, urlsplit
 
+from lxd_image_server import envnames
 from lxd_image_server.fsutil import CHUNK_SIZE, load_json_bounded
 from lxd_image_server.ops.import_detect import ImagePlan
 from lxd_image_server.progress import Progress, ProgressStart, no_progress
@@ -33,7 +34,7 @@ from lxd_image_server.progress import Progress, ProgressStart, no_progress
 log = logging.getLogger(__name__)
 
 DEFAULT_USER = "upload"
-PASSWORD_ENV = "LXD_IMAGE_SERVER_PASSWORD"
+PASSWORD_ENV = envnames.PASSWORD
 TIMEOUT = 300.0
 #: the most of a server's answer read (the rest is dropped with the connection), and how deeply
 #: its JSON may nest: a broken or hostile server cannot exhaust this process

@@ -134,9 +134,9 @@ def watch(
     reload_settings: Callable[[], Settings],
     max_watches: int,
     rescan_interval: float,
-) -> int:
+) -> None:
     """`watch`: publishes the tree, then republishes on every change and pushes to the mirrors
-    after each publish, until stopped; returns the exit status. On SIGHUP the settings come
+    after each publish, until stopped (SIGTERM, SIGINT). On SIGHUP the settings come
     from `reload_settings` (which raises to keep the old ones) and are applied to the mirrors,
     [retention] and the deltas."""
     from lxd_image_server.catalog.watch import Watcher
@@ -175,7 +175,7 @@ def watch(
             max_watches=max_watches,
             rescan_interval=rescan_interval,
         )
-        return watcher.run()
+        watcher.run()
     finally:
         mirrors.stop()
         cache.close()

@@ -14,6 +14,7 @@ import socket
 import ssl
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from lxd_image_server.config import StateDir
@@ -95,10 +96,16 @@ def check_watcher(pid_file: str) -> Check:
         return Check("watcher", False, f"not running (pid {pid} from {pid_file} is gone)")
     if state in ("Z", "X"):
         return Check("watcher", False, f"pid {pid} has exited (state {state})")
-    ours = any(b"lxd_image_server" in a or b"lxd-image-server" in a for a in argv)
-    if not ours or b"watch" not in argv:
+    if not is_watcher(argv):
         return Check("watcher", False, f"pid {pid} from {pid_file} is not a watcher")
     return Check("watcher", True, f"pid {pid} is running")
+
+
+def is_watcher(argv: Sequence[bytes]) -> bool:
+    """Whether a process's arguments are this program's `watch` (as the unit and `run` start
+    it: tests/unit/test_command_lines.py)."""
+    ours = any(b"lxd_image_server" in a or b"lxd-image-server" in a for a in argv)
+    return ours and b"watch" in argv
 
 
 def check_all(

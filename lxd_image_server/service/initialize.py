@@ -17,10 +17,12 @@ from lxd_image_server import htpasswd
 from lxd_image_server.catalog.hashing import HashCache
 from lxd_image_server.catalog.pipeline import Pipeline
 from lxd_image_server.config import (
+    CREDENTIALS_GROUP,
     DEFAULT_HTPASSWD,
     DEFAULT_NGINX_DIR,
     DEFAULT_SSL_DIR,
     DEFAULT_UPLOAD_SOCKET,
+    NGINX_USER,
     Paths,
 )
 from lxd_image_server.fsutil import write_atomic
@@ -78,7 +80,7 @@ def ensure_tree(paths: Paths, report: InitReport) -> None:
 
 #: The package's group of those who read the credentials: nginx's workers (www-data) and the
 #: upload app (lxdadm), which checks them too. Without it (not the package): nginx's group.
-CREDENTIALS_GROUPS = ("lxd-image-server-auth", "www-data")
+CREDENTIALS_GROUPS = (CREDENTIALS_GROUP, NGINX_USER)
 
 
 def credentials_group() -> str | None:

@@ -15,7 +15,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from lxd_image_server.config import ServiceError
+from lxd_image_server import envnames
+from lxd_image_server.config import DEFAULT_HTPASSWD, DEFAULT_SSL_DIR, ServiceError
 from lxd_image_server.fsutil import write_atomic
 from lxd_image_server.procs import pid_alive
 
@@ -56,7 +57,7 @@ class NginxError(ServiceError):
 def template_dirs() -> list[Path]:
     """Where the templates may be: env override, the installed copy, the source tree."""
     dirs = []
-    if env := os.environ.get("LXD_IMAGE_SERVER_TEMPLATES"):
+    if env := os.environ.get(envnames.TEMPLATES):
         dirs.append(Path(env))
     dirs += [
         Path(sys.prefix) / "share" / "lxd-image-server" / "nginx",
@@ -91,9 +92,9 @@ class SiteSettings:
     #: nginx listen addresses: "8443", "127.0.0.1:8443", "[::]:8443"
     listen: tuple[str, ...] = ("8443",)
     tls: bool = True
-    ssl_dir: str = "/etc/nginx/ssl"
+    ssl_dir: str = DEFAULT_SSL_DIR
     #: None: anyone may upload (the proxy in front authenticates)
-    htpasswd: str | None = "/etc/lxd-image-server/htpasswd"
+    htpasswd: str | None = DEFAULT_HTPASSWD
     #: auth on reads too (LXD accepts https://user:pass@host remotes)
     private: bool = False
     #: client_max_body_size: "0" is unlimited; the upload app enforces its own limit too

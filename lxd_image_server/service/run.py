@@ -2,14 +2,14 @@
 [sync.NAME] configured, `sync --repeat`).
 
 What the seeds' container did with supervisord: prepares what `init` would (into the state
-directory, not /etc), starts the three as child processes, logs to stdout, stops them all on
-SIGTERM/SIGINT (exit 0), and stops the rest and exits 1 if one of them dies.
+directory, not /etc), starts the three as child processes (supervise.py), logs to stdout, stops
+them all on SIGTERM/SIGINT, and stops the rest if one of them dies; `run` returns which
+(supervise.Ended), and the command line exits 0 or 1 for it.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import grp
 import logging
 import os
@@ -17,15 +17,13 @@ import pwd
 import signal
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 
-from lxd_image_server import handover, htpasswd
-from lxd_image_server.config import Paths, ServiceError
+from lxd_image_server import envnames, htpasswd
+from lxd_image_server.config import NGINX_USER, Paths, ServiceError
 from lxd_image_server.fsutil import can_traverse
 from lxd_image_server.service import health, nginx, run_user, tls
 from lxd_image_server.service.initialize import (
@@ -35,18 +33,16 @@ from lxd_image_server.service.initialize import (
     ensure_tree,
     instructions_for,
 )
+from lxd_image_server.service.supervise import Ended, Ready, Supervisor
 from lxd_image_server.settings import Settings
 
 log = logging.getLogger(__name__)
 
-STOP_TIMEOUT = 10.0
 #: The user nginx's workers take when `run` is root (Debian's nginx package makes it)
-WORKER_USER = "www-data"
-#: How `run` tells the upload app where the credentials are (unset: anonymous uploads)
-HTPASSWD_ENV = "LXD_IMAGE_SERVER_HTPASSWD"
-DIGEST_DIR_ENV = handover.DIR_ENV
-#: ... and that uploads need none (only with --allow-anonymous-uploads)
-ANONYMOUS_ENV = "ALLOW_ANONYMOUS_UPLOADS"
+WORKER_USER = NGINX_USER
+#: nginx first (no new requests), then uploads and syncs, then the watcher publishes what
+#: landed
+STOP_ORDER = ("nginx", "upload", "syncer", "watcher")
 
 
 class RunError(ServiceError):
@@ -156,7 +152,8 @@ def prepare(opts: RunOptions) -> Prepared:
     as_user = _run_user(opts)
     if as_user is None:
         ensure_tree(opts.paths, report)
-        for d in (opts.run_dir, opts.nginx_dir, digest_dir(opts), opts.paths.state.upload_run_dir):
+        state = opts.paths.state
+        for d in (opts.run_dir, opts.nginx_dir, state.upload_digests, state.upload_run_dir):
             os.makedirs(d, exist_ok=True)
     else:
         owned = [p for p in (htpasswd_path, None if opts.plain_http else ssl_dir) if p]
@@ -304,138 +301,6 @@ def _commands(opts: RunOptions, conf: str, user: str | None) -> dict[str, list[s
     return commands
 
 
-def _die_with_parent() -> None:
-    """In the child, before exec: SIGTERM when `run` dies, even by SIGKILL (no orphans)."""
-    pr_set_pdeathsig = 1
-    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
-
-
-#: Seconds the upload server and the watcher may take to be ready (a loaded machine, a large
-#: tree to watch) before `run` gives up and exits 1.
-READY_TIMEOUT = 600.0
-
-#: A part's readiness, given its pid: True once it serves.
-Ready = Callable[[int], bool]
-
-
-class Supervisor:
-    """Starts children, waits for a stop signal or a death, stops the rest.
-
-    A child named in `gated` starts only once every other one is ready (`ready[name](pid)`,
-    or just started when it has no check): nginx comes last, so the port answers only when an
-    upload it passes on reaches a listening upload server and lands in a watched tree.
-    """
-
-    def __init__(
-        self,
-        commands: dict[str, list[str]],
-        env: dict[str, str],
-        ready: dict[str, Ready] | None = None,
-        gated: frozenset[str] = frozenset(),
-        ready_timeout: float = READY_TIMEOUT,
-        users: dict[str, run_user.Identity] | None = None,
-    ) -> None:
-        self.commands = commands
-        self.env = env
-        #: who each child runs as (started as root); missing: as we do
-        self.users = users or {}
-        self.ready = ready or {}
-        self.gated = gated
-        self.ready_timeout = ready_timeout
-        self.procs: dict[str, subprocess.Popen[bytes]] = {}
-        self.stop = threading.Event()
-        self.signal_name = ""
-
-    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
-        self.signal_name = signal.Signals(signum).name
-        self.stop.set()
-
-    def _start(self, names: Sequence[str]) -> None:
-        for name in names:
-            cmd = self.commands[name]
-            log.info("starting %s: %s", name, " ".join(cmd))
-            # own process group: a terminal's Ctrl-C reaches us only, we stop them in order
-            who = self.users.get(name)
-            self.procs[name] = subprocess.Popen(
-                cmd,
-                env=self.env,
-                start_new_session=True,
-                preexec_fn=_die_with_parent,  # runs after the change of user: it stays set
-                **(who.popen() if who else {}),
-            )
-
-    def _dead(self) -> str:
-        return next((n for n, p in self.procs.items() if p.poll() is not None), "")
-
-    def _wait_ready(self) -> str:
-        """Waits until every started part is ready. Returns "" when they are, else why not
-        (a part died, or took too long); "" also when asked to stop."""
-        deadline = time.monotonic() + self.ready_timeout
-        waiting = [n for n in self.procs if n in self.ready]
-        while waiting:
-            dead = self._dead()
-            if dead:
-                return (
-                    f"{dead} exited with status {self.procs[dead].returncode} before it was ready"
-                )
-            waiting = [n for n in waiting if not self.ready[n](self.procs[n].pid)]
-            if not waiting:
-                break
-            if time.monotonic() > deadline:
-                return f"{', '.join(waiting)} not ready after {self.ready_timeout:.0f} s"
-            if self.stop.wait(0.05):
-                return ""
-        return ""
-
-    def run(self) -> int:
-        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-        try:
-            self._start([n for n in self.commands if n not in self.gated])
-            why = self._wait_ready()
-            if why:
-                log.error("%s; stopping everything", why)
-                self._stop_all()
-                return 1
-            if not self.stop.is_set():
-                self._start([n for n in self.commands if n in self.gated])
-                log.info("ready: %s", ", ".join(self.procs))
-            failed = ""
-            while not self.stop.wait(0.2):
-                failed = self._dead()
-                if failed:
-                    log.error(
-                        "%s exited with status %s; stopping everything",
-                        failed,
-                        self.procs[failed].returncode,
-                    )
-                    break
-            if not failed:
-                log.info("received %s; stopping", self.signal_name)
-            self._stop_all()
-            return 1 if failed else 0
-        finally:
-            for s, h in previous.items():
-                signal.signal(s, h)
-            self._stop_all()
-
-    def _stop_all(self) -> None:
-        # nginx first (no new requests), then uploads and syncs, then the watcher publishes
-        # what landed
-        for name in ("nginx", "upload", "syncer", "watcher"):
-            p = self.procs.get(name)
-            if p is None or p.poll() is not None:
-                continue
-            sig = signal.SIGQUIT if name == "nginx" else signal.SIGTERM
-            with contextlib.suppress(ProcessLookupError):
-                p.send_signal(sig)
-            try:
-                p.wait(STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                log.warning("%s did not stop in %.0f s; killing it", name, STOP_TIMEOUT)
-                p.kill()
-                p.wait()
-
-
 def readiness(opts: RunOptions) -> dict[str, Ready]:
     """What `run` waits for before nginx takes connections: the upload server answers HTTP on
     its socket, and the watcher (that very child) watches the tree: it writes its pid file
@@ -454,39 +319,36 @@ def readiness(opts: RunOptions) -> dict[str, Ready]:
     return {"upload": upload_ready, "watcher": watcher_ready}
 
 
-def digest_dir(opts: RunOptions) -> str:
-    """Where the upload app hands its digests to the watcher (handover.py)."""
-    return os.path.join(opts.paths.state_dir, handover.DIR_NAME)
-
-
 def upload_env(
     opts: RunOptions, htpasswd_path: str | None, base: dict[str, str] | None = None
 ) -> dict[str, str]:
     """The children's environment. The upload app reads its settings from the environment,
     which outranks every configuration file: it gets the values `run` resolved, --config
     included, and the credentials nginx checks (the app checks them too, so its socket is no
-    way around them)."""
+    way around them). The names are envnames', which the app reads (web/upload_settings.py)."""
     env = dict(os.environ if base is None else base)
     s = opts.settings
-    env["LXD_IMAGE_SERVER_IMG_DIR"] = opts.paths.img_dir
-    env[DIGEST_DIR_ENV] = digest_dir(opts)
+    env[envnames.IMG_DIR] = opts.paths.img_dir
+    env[envnames.DIGEST_DIR] = opts.paths.state.upload_digests
     if htpasswd_path:
-        env[HTPASSWD_ENV] = os.path.abspath(htpasswd_path)
-        env.pop(ANONYMOUS_ENV, None)
+        env[envnames.HTPASSWD] = os.path.abspath(htpasswd_path)
+        env.pop(envnames.ANONYMOUS_UPLOADS, None)
     else:
-        env.pop(HTPASSWD_ENV, None)
-        env[ANONYMOUS_ENV] = "yes"
-    env["ALLOW_OVERWRITES"] = "1" if s.allow_overwrites else "0"
-    env["ALLOW_DELETES"] = "1" if s.allow_deletes else "0"
-    env["DEBUG"] = "1" if opts.verbose else "0"
-    env["UPLOAD_MAX_SIZE"] = str(s.max_upload_size or 0)
-    env["UPLOAD_MAX_PARALLEL"] = str(s.max_parallel_uploads)
-    env["UPLOAD_SLOTS_DIR"] = opts.paths.state.upload_slots
+        env.pop(envnames.HTPASSWD, None)
+        env[envnames.ANONYMOUS_UPLOADS] = "yes"
+    env[envnames.ALLOW_OVERWRITES] = "1" if s.allow_overwrites else "0"
+    env[envnames.ALLOW_DELETES] = "1" if s.allow_deletes else "0"
+    env[envnames.DEBUG] = "1" if opts.verbose else "0"
+    env[envnames.UPLOAD_MAX_SIZE] = str(s.max_upload_size or 0)
+    env[envnames.UPLOAD_MAX_PARALLEL] = str(s.max_parallel_uploads)
+    env[envnames.UPLOAD_SLOTS_DIR] = opts.paths.state.upload_slots
     env.setdefault("PYTHONUNBUFFERED", "1")
     return env
 
 
-def run(opts: RunOptions, hostnames_for_help: Sequence[str] = ()) -> int:
+def run(opts: RunOptions, hostnames_for_help: Sequence[str] = ()) -> Ended:
+    """Prepares, then runs the parts until a stop signal or one of them dies (or is not ready
+    in time): which, the value says (the command line makes it the exit status)."""
     prepared = prepare(opts)
     report = prepared.report
     for change in report.changes:
@@ -515,12 +377,16 @@ def run(opts: RunOptions, hostnames_for_help: Sequence[str] = ()) -> int:
         users = {"upload": ru.upload, "watcher": ru.watcher}
         env.update(HOME=ru.home, USER=ru.name, LOGNAME=ru.name)
         log.info("the upload server and the watcher run as %s", ru.name)
-    rc = Supervisor(
+    ended = Supervisor(
         _commands(opts, prepared.conf, prepared.worker_user),
         env,
         ready=readiness(opts),
+        # nginx comes last: the port answers only when an upload it passes on reaches a
+        # listening upload server and lands in a watched tree
         gated=frozenset({"nginx"}),
         users=users,
+        stop_order=STOP_ORDER,
+        stop_signals={"nginx": signal.SIGQUIT},
     ).run()
     log.info("stopped after %.0f s", time.monotonic() - started)
-    return rc
+    return ended

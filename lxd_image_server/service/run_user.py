@@ -30,10 +30,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from lxd_image_server import envnames
 from lxd_image_server.config import Paths, ServiceError
 
 #: names the user when --user does not
-USER_ENV = "LXD_IMAGE_SERVER_RUN_USER"
+USER_ENV = envnames.RUN_USER
 STATE_MODE = 0o1775
 UPLOAD_DIR_MODE = 0o2750
 
@@ -222,7 +223,7 @@ def prepare(paths: Paths, user: RunUser, worker_gid: int, owned_paths: Iterable[
     _fix_dir(upload_dir, user.uid, worker_gid, UPLOAD_DIR_MODE)
     # the user's, made by root if missing: in a sticky directory of root's, the user cannot
     # swap it between the mkdir and the chown; one the user made stays as it is
-    digests = os.path.join(state, "upload-digests")
+    digests = paths.state.upload_digests
     try:
         os.mkdir(digests, 0o700)
         os.chown(digests, user.uid, user.gid, follow_symlinks=False)
@@ -237,10 +238,9 @@ def prepare(paths: Paths, user: RunUser, worker_gid: int, owned_paths: Iterable[
 def _roots_leftover(state: str, paths: Paths) -> str | None:
     """An entry of the state directory that is root's but the watcher's to write (an earlier
     `run` as root made it so), or None."""
-    kept = {
-        os.path.basename(p)
-        for p in (paths.state.run_dir, paths.state.nginx_dir, paths.state.ssl_dir)
-    } | {os.path.basename(paths.state.htpasswd), "upload-digests"}
+    s = paths.state
+    kept = {os.path.basename(p) for p in (s.run_dir, s.nginx_dir, s.ssl_dir, s.htpasswd)}
+    kept.add(os.path.basename(s.upload_digests))
     with os.scandir(state) as entries:
         for entry in sorted(entries, key=lambda e: e.name):
             if entry.name not in kept and entry.stat(follow_symlinks=False).st_uid == 0:

@@ -5,12 +5,7 @@ Runs behind nginx under gunicorn, with the settings of lxd_image_server.web.guni
     python3 -m gunicorn -c python:lxd_image_server.web.gunicorn_conf --bind unix:SOCKET \\
         'lxd_image_server.web.upload:app_from_env()'
 
-Settings come from the environment (and upload.* in config.toml): LXD_IMAGE_SERVER_IMG_DIR,
-LXD_IMAGE_SERVER_HTPASSWD (default /etc/lxd-image-server/htpasswd), ALLOW_ANONYMOUS_UPLOADS,
-ALLOW_OVERWRITES, ALLOW_DELETES, DEBUG (1/true/yes/on or 0/false/no/off), UPLOAD_MAX_SIZE
-(bytes per file), UPLOAD_READ_TIMEOUT (seconds a read of the body may take, default 60),
-LXD_IMAGE_SERVER_DIGEST_DIR (where the digests of stored files are handed to the catalog
-writer, default <state dir>/upload-digests, used only if it exists; see handover.py).
+Its settings come from the environment and upload.* in config.toml (upload_settings.py).
 
 Every request must carry Basic credentials of a user in the htpasswd file, checked here (nginx
 checks them too, but the socket can be reached without nginx), unless anonymous uploads are
@@ -42,9 +37,7 @@ from typing import Any
 from urllib.parse import unquote_to_bytes
 from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
 
-from lxd_image_server import handover, logs
-from lxd_image_server import settings as settings_module
-from lxd_image_server.config import DEFAULT_HTPASSWD, ConfigError
+from lxd_image_server import logs
 from lxd_image_server.web.multipart import (
     MultipartError,
     MultipartReader,
@@ -59,6 +52,7 @@ from lxd_image_server.web.upload_paths import (
     check_new_file_path,
     check_version_path,
 )
+from lxd_image_server.web.upload_settings import UploadSettings, settings_from_env
 from lxd_image_server.web.upload_sink import ReadInto
 from lxd_image_server.web.upload_slots import UploadSlots
 from lxd_image_server.web.upload_store import MAX_OVERRIDES_SIZE, Store, Stored
@@ -75,10 +69,8 @@ __all__ = [
     "settings_from_env",
 ]
 
-DEFAULT_READ_TIMEOUT = 60.0
 #: Bytes of a refused body still read before a 401 (a small upload's whole body).
 UNAUTHORIZED_DRAIN = 64 * 1024
-DIGEST_DIR_ENV = handover.DIR_ENV
 #: Parts of one multipart body, at most (any field counts); the rest is refused (413).
 MAX_PARTS = 256
 #: Failed parts listed in an answer, at most; the rest are only counted.
@@ -104,33 +96,6 @@ _REASONS = {
     500: "Internal Server Error",
     507: "Insufficient Storage",
 }
-
-
-@dataclass(frozen=True)
-class UploadSettings:
-    img_dir: str
-    allow_overwrites: bool = False
-    allow_deletes: bool = False
-    #: Bytes per file; None: no limit.
-    max_size: int | None = None
-    #: Log every request (method, path, status, bytes, seconds).
-    debug: bool = False
-    #: The password file (nginx's auth_basic_user_file); None: nobody may upload, unless
-    #: anonymous uploads are allowed.
-    htpasswd: str | None = None
-    #: Uploads without credentials (only when explicitly configured).
-    allow_anonymous: bool = False
-    #: Seconds one read of the body may take before the upload is cut off (408).
-    read_timeout: float = DEFAULT_READ_TIMEOUT
-    #: Where the digests of stored files are handed to the catalog writer (handover.py), if
-    #: that directory exists; None: nowhere.
-    digest_dir: str | None = None
-    #: Uploads one credential (anonymous uploads: one client address) may have in progress;
-    #: more get 429 with Retry-After (upload_slots.py).
-    max_parallel: int = settings_module.DEFAULT_PARALLEL_UPLOADS
-    #: Where the workers count them together (a directory only the app writes); None: each
-    #: worker process counts its own.
-    slots_dir: str | None = None
 
 
 # -- the request body ------------------------------------------------------------------------
@@ -440,72 +405,6 @@ def _not_allowed(method: str, allowed: str, hint: str) -> HTTPError:
 
 def make_app(settings: UploadSettings) -> WSGIApplication:
     return UploadApp(settings)
-
-
-def _flag(env: Mapping[str, str], name: str) -> bool:
-    raw = env.get(name, "").strip().lower()
-    if raw in ("1", "true", "yes", "on"):
-        return True
-    if raw in ("", "0", "false", "no", "off"):
-        return False
-    raise ConfigError(f"environment {name}={raw!r}: expected 1/true/yes/on or 0/false/no/off")
-
-
-#: where the upload app's workers count the uploads in progress (upload_slots.py)
-SLOTS_DIR_ENV = "UPLOAD_SLOTS_DIR"
-
-
-def settings_from_env(
-    env: Mapping[str, str] | None = None, system_dir: str = settings_module.SYSTEM_DIR
-) -> UploadSettings:
-    """From the layered configuration (upload.* in config.toml, the system's in `system_dir`)
-    and the environment: LXD_IMAGE_SERVER_IMG_DIR, LXD_IMAGE_SERVER_HTPASSWD,
-    ALLOW_ANONYMOUS_UPLOADS, ALLOW_OVERWRITES, ALLOW_DELETES, DEBUG, UPLOAD_MAX_SIZE,
-    UPLOAD_MAX_PARALLEL, UPLOAD_READ_TIMEOUT, UPLOAD_SLOTS_DIR."""
-    env = os.environ if env is None else env
-    cfg = settings_module.load(env=env, system_dir=system_dir)
-    raw_timeout = env.get("UPLOAD_READ_TIMEOUT", "").strip()
-    try:
-        read_timeout = float(raw_timeout) if raw_timeout else DEFAULT_READ_TIMEOUT
-    except ValueError:
-        read_timeout = -1.0
-    if not 0 < read_timeout < 86400:
-        raise ConfigError(f"environment UPLOAD_READ_TIMEOUT={raw_timeout!r}: expected seconds")
-    return UploadSettings(
-        img_dir=env.get("LXD_IMAGE_SERVER_IMG_DIR", "").strip()
-        or os.path.join(cfg.root_dir, "images"),
-        allow_overwrites=cfg.allow_overwrites,
-        allow_deletes=cfg.allow_deletes,
-        max_size=cfg.max_upload_size,
-        debug=cfg.debug,
-        htpasswd=env.get("LXD_IMAGE_SERVER_HTPASSWD", "").strip() or DEFAULT_HTPASSWD,
-        allow_anonymous=_flag(env, "ALLOW_ANONYMOUS_UPLOADS"),
-        read_timeout=read_timeout,
-        digest_dir=_digest_dir(env, cfg.state_dir),
-        max_parallel=cfg.max_parallel_uploads,
-        slots_dir=_slots_dir(env),
-    )
-
-
-def _slots_dir(env: Mapping[str, str]) -> str | None:
-    """UPLOAD_SLOTS_DIR (`run` sets it; made here, as the app's user, if missing), or the
-    unit's RuntimeDirectory (systemd sets RUNTIME_DIRECTORY), if it exists."""
-    path = env.get(SLOTS_DIR_ENV, "").strip()
-    if path:
-        try:
-            os.mkdir(path, 0o700)
-        except FileExistsError:
-            pass
-        except OSError as e:
-            log.warning("no upload slots directory %s (%s): counted per worker", path, e)
-    else:
-        path = env.get("RUNTIME_DIRECTORY", "").strip()
-    return path if path and os.path.isdir(path) else None
-
-
-def _digest_dir(env: Mapping[str, str], state_dir: str) -> str | None:
-    path = env.get(DIGEST_DIR_ENV, "").strip() or os.path.join(state_dir, handover.DIR_NAME)
-    return path if os.path.isdir(path) else None
 
 
 def app_from_env(env: Mapping[str, str] | None = None) -> WSGIApplication:

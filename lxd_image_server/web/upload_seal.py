@@ -1,5 +1,5 @@
 """Files no one else can touch while they are written, so that their digest can be handed to
-the catalog writer (handover.py) without it reading the bytes again.
+the catalog writer (tree/handover.py) without it reading the bytes again.
 
 An sftp uploader runs as the same user as the upload app, so a named temporary file in images/
 could be opened and rewritten by it during the upload, and the digest computed on the way would
@@ -37,7 +37,7 @@ from typing import Any
 from inotify_simple import INotify, flags
 
 from lxd_image_server.fsutil import open_regular
-from lxd_image_server.handover import Combined, Key, Record, key_of, write_record
+from lxd_image_server.tree.handover import Combined, Key, Record, key_of, write_record
 from lxd_image_server.tree.layout import Role, classify
 
 log = logging.getLogger(__name__)

@@ -7,8 +7,8 @@ web/, the upload app.
 - No import cycles: every module can be read knowing only the modules below it.
 - Each package imports only packages at or below it (LAYERS); nothing but web/ imports web/.
 - The upload app (web/, run by gunicorn as the uploader) reaches only the foundation it needs
-  and tree.layout, tree.overrides, never the catalog side (tree.scan, catalog/, mirror/, ops/,
-  ...): it writes image files, nothing else.
+  and tree.layout, tree.overrides, tree.handover, never the catalog side (tree.scan, catalog/,
+  mirror/, ops/, ...): it writes image files (and the digests it hands over), nothing else.
 - The command line (cli/, __main__.py) is the top: nothing else imports it, and cli/root.py
   (which loads the command modules by name, when used) is imported only by __main__.py and
   cli/__init__.py.
@@ -40,15 +40,17 @@ WEB_MAY_USE = frozenset(
     f"{TOP}.{m}"
     for m in (
         "config",
+        # the names of the environment variables it reads (`run` sets them)
+        "envnames",
         "fsutil",
-        # the digest records the app hands over (their format; the writer reads them bounded
-        # and trusts one only while the file keeps the identity it names)
-        "handover",
         "htpasswd",
         "logs",
         "retention_policy",
         "settings",
         "tree",
+        # the digest records the app hands over (their format; the writer reads them bounded
+        # and trusts one only while the file keeps the identity it names)
+        "tree.handover",
         "tree.layout",
         "tree.overrides",
     )

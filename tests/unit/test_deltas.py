@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from lxd_image_server.catalog import deltagen, deltas, retention, unchanged
+from lxd_image_server.catalog import deltagen, deltas, retention
 from lxd_image_server.catalog import page as page_module
 from lxd_image_server.catalog.deltawork import BACKGROUND, FOREGROUND, DeltaService
 from lxd_image_server.catalog.hashing import HashCache
@@ -371,7 +371,7 @@ def test_update_rescans_only_the_versions_that_got_a_delta(paths: Paths, monkeyp
     finally:
         cache.close()
     # the same catalog and page as a full update of the tree as it is now
-    os.unlink(Path(paths.state_dir, unchanged.RECORD_NAME))
+    os.unlink(Path(paths.state.catalog_inputs))
     Path(paths.streams_dir, "images.json").unlink()
     Path(paths.root_dir, "streams", "index.html").unlink()
     update(paths)

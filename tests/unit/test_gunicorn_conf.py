@@ -7,7 +7,8 @@ import shlex
 from pathlib import Path
 
 from lxd_image_server.config import Paths
-from lxd_image_server.service.run import STOP_TIMEOUT, RunOptions, _commands
+from lxd_image_server.service.run import RunOptions, _commands
+from lxd_image_server.service.supervise import STOP_TIMEOUT
 from lxd_image_server.web import gunicorn_conf
 
 UNIT = Path(__file__).parents[2] / "systemd" / "lxd-image-server-upload.service"

@@ -1,6 +1,6 @@
 """The digests the upload app computed are the ones the catalog writer publishes, without it
 reading the bytes again; and nothing an sftp uploader can do makes it publish a digest that
-does not match the bytes (handover.py, upload_seal.py)."""
+does not match the bytes (tree/handover.py, web/upload_seal.py)."""
 
 from __future__ import annotations
 
@@ -18,11 +18,11 @@ from typing import Any
 
 import pytest
 
-from lxd_image_server import handover
 from lxd_image_server.catalog import hashing
 from lxd_image_server.catalog.hashing import HashCache
 from lxd_image_server.catalog.pipeline import Pipeline
 from lxd_image_server.config import Paths
+from lxd_image_server.tree import handover
 from lxd_image_server.tree.scan import FileStat
 from lxd_image_server.web import upload_seal
 from lxd_image_server.web.upload import UploadSettings, make_app
@@ -37,7 +37,7 @@ META, ROOT = b"m" * 3000, os.urandom(3 << 20)
 def paths(tmp_path: Path) -> Paths:
     p = Paths.resolve(str(tmp_path / "root"), state_dir=str(tmp_path / "state"))
     os.makedirs(p.img_dir)
-    os.makedirs(os.path.join(p.state_dir, handover.DIR_NAME))
+    os.makedirs(p.state.upload_digests)
     return p
 
 
@@ -62,7 +62,7 @@ def reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
 
 def digest_dir(paths: Paths) -> Path:
-    return Path(paths.state_dir, handover.DIR_NAME)
+    return Path(paths.state.upload_digests)
 
 
 def put(paths: Paths, name: str, data: bytes, digests: bool = True, stream: Any = None) -> None:
@@ -235,9 +235,9 @@ def test_forged_record_is_ignored_with_one_log_line(paths, reads, caplog, kind):
     (d / "lxd.tar.xz").write_bytes(META)
     (d / "rootfs.squashfs").write_bytes(ROOT)
     _forge(paths, _key(d / "rootfs.squashfs"), FORGED[kind](_key(d / "rootfs.squashfs")))
-    with caplog.at_level(logging.WARNING, logger="lxd_image_server.handover"):
+    with caplog.at_level(logging.WARNING, logger="lxd_image_server.tree.handover"):
         check(publish(paths), META, ROOT)
-    lines = [r for r in caplog.records if r.name == "lxd_image_server.handover"]
+    lines = [r for r in caplog.records if r.name == "lxd_image_server.tree.handover"]
     assert len(lines) == 1, [r.getMessage() for r in lines]
     assert "ignoring upload digest" in lines[0].getMessage()
     assert "rootfs.squashfs" in reads

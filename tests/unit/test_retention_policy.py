@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import string
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -25,6 +26,7 @@ from lxd_image_server.catalog.retention import (
 )
 from lxd_image_server.config import Paths
 from lxd_image_server.retention_policy import KeepRule, PolicyError, RetentionPolicy
+from lxd_image_server.tree import layout
 from lxd_image_server.tree.scan import ScannedVersion
 
 from .test_retention import HOUR, PRODUCT, add_version, published
@@ -307,3 +309,16 @@ def test_versions_published_after_the_newest_kept_stay(
     p.refresh(["busybox"])
     p.cache.close()
     assert list(published(paths)[PRODUCT]) == [newest.name]
+
+
+def test_patterns_name_what_the_layout_names() -> None:
+    """retention_policy sits in the foundation (settings refuses a bad pattern when it reads the
+    file) and so cannot import tree/layout: what it knows of the layout is checked here. Every
+    name the layout accepts is a pattern component, and a product is matched by its names."""
+    chars = "".join(c for c in string.printable if layout.valid_name("a" + c))
+    assert set(chars) >= set("._+~-") and "/" not in chars and ":" not in chars
+    key = layout.VersionKey(f"os{chars}", f"1{chars}", "amd64", f"v{chars}", "20240101_0000")
+    names = (key.os, key.release, key.arch, key.variant)
+    for n in range(2, 5):
+        assert KeepRule("/".join(names[:n]), 1).matches(key.product)
+    assert not KeepRule("/".join((*names[:3], "other")), 1).matches(key.product)

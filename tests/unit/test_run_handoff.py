@@ -14,6 +14,7 @@ from click.testing import CliRunner
 from lxd_image_server.cli import root as cli
 from lxd_image_server.config import Paths
 from lxd_image_server.service import nginx, run
+from lxd_image_server.service.supervise import Ended
 from lxd_image_server.settings import MirrorConfig, Settings
 from lxd_image_server.web.upload import settings_from_env
 
@@ -80,9 +81,9 @@ def test_the_run_command_passes_config_and_settings_on(
     )
     seen: list[run.RunOptions] = []
 
-    def fake_run(opts: run.RunOptions) -> int:
+    def fake_run(opts: run.RunOptions) -> Ended:
         seen.append(opts)
-        return 0
+        return Ended(signal_name="SIGTERM")
 
     monkeypatch.setattr(run, "run", fake_run)
     monkeypatch.setenv("HOME", str(tmp_path))
@@ -98,3 +99,21 @@ def test_the_run_command_passes_config_and_settings_on(
     assert opts.settings.allow_overwrites is True
     assert opts.settings.mirrors == (MirrorConfig(name="m1", host="mirror.example"),)
     assert "--config" in watcher_argv(opts)
+
+
+@pytest.mark.parametrize(
+    ("ended", "status"),
+    [(Ended(signal_name="SIGTERM"), 0), (Ended("nginx exited with status 1"), 1)],
+)
+def test_run_says_what_ended_it_and_the_command_line_exits_for_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ended: Ended, status: int
+) -> None:
+    """The use case reports what happened (supervise.Ended); the exit status is the command
+    line's: 0 when stopped, 1 when a part failed (what failed is logged already)."""
+    monkeypatch.setattr(run, "run", lambda opts: ended)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    result = CliRunner().invoke(
+        cli.main, ["--state-dir", str(tmp_path / "s"), "run", "--root-dir", str(tmp_path / "r")]
+    )
+    assert result.exit_code == status, result.output
+    assert result.output == ""

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from lxd_image_server.catalog import hashing, unchanged
+from lxd_image_server.catalog import hashing
 from lxd_image_server.catalog.hashing import FileChanged, HashCache, HashEngine
 from lxd_image_server.catalog.unchanged import inputs_digest, versions_digest
 from lxd_image_server.config import Paths
@@ -282,7 +282,7 @@ def test_a_publish_with_a_file_not_hashed_is_not_recorded(
     monkeypatch.setattr(hashing, "read_whole", failing(hashing.read_whole, 1))
     assert update(paths) is True
     assert SERIAL not in listed(paths)
-    assert not Path(paths.state_dir, unchanged.RECORD_NAME).exists()
+    assert not Path(paths.state.catalog_inputs).exists()
     monkeypatch.undo()
     assert update(paths) is True
     assert SERIAL in listed(paths)

@@ -1,5 +1,6 @@
 """Digests the upload app computed, handed to the catalog writer so it does not read the bytes
-again: one small JSON record per uploaded file, in a directory of the state dir.
+again: one small JSON record per uploaded file, in the state directory's upload-digests/
+(config.StateDir.upload_digests; `run` hands the upload app another with envnames.DIGEST_DIR).
 
 Shared by both sides (the upload app writes, the catalog writer reads); it imports neither.
 
@@ -39,10 +40,6 @@ from lxd_image_server.fsutil import (
 
 log = logging.getLogger(__name__)
 
-#: The records' directory inside the state directory.
-DIR_NAME = "upload-digests"
-#: The environment variable that tells the upload app another directory (`run` sets it).
-DIR_ENV = "LXD_IMAGE_SERVER_DIGEST_DIR"
 #: Bytes of one record, at most (a real one has a few hundred).
 MAX_RECORD = 4096
 MAX_DEPTH = 4
