@@ -59,6 +59,11 @@ class StateDir:
         return self._in("catalog-inputs.json")
 
     @property
+    def published(self) -> str:
+        """What the last publish listed, and its `updated` (catalog/published.py)."""
+        return self._in("published.json")
+
+    @property
     def pruned(self) -> str:
         """Versions out of the catalog whose files go after a grace period (retention.py)."""
         return self._in("pruned.json")

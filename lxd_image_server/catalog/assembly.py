@@ -1,6 +1,6 @@
 """The catalog made of the records: each product's view of its records (versions.py), the
-deltas' share (delta_feed.py), and the products (products.py, the one place the writer builds
-them), kept with their JSON while the same (product_cache.py)."""
+deltas' share (delta_feed.py), and the products (products.py: the one place the writer builds
+them)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ from lxd_image_server.catalog import unchanged
 from lxd_image_server.catalog.delta_feed import DeltaFeed, Group
 from lxd_image_server.catalog.deltawork import DeltaService
 from lxd_image_server.catalog.hashing import Digests
-from lxd_image_server.catalog.product_cache import ProductCache
 from lxd_image_server.catalog.products import Products, products_of
 from lxd_image_server.catalog.versions import ProductView, Versions
 
@@ -22,8 +21,6 @@ class Assembly:
         self.known = known
         self.root_dir = root_dir
         self._feed = DeltaFeed(deltas)
-        #: each product as last published, and its JSON
-        self._kept = ProductCache()
 
     def views(self, hidden: Set[str]) -> Views:
         """Each product's versions that may be published, but those `hidden`."""
@@ -48,9 +45,6 @@ class Assembly:
             sha = {p: known[p] for p in listed if p in known}
             cands = self._feed.built_candidates({v.product: v.built_group(root) for v in views})
         products = products_of(built, Digests(files=sha), root, listed, cands)
-        deltas = self.known.deltas_by_product(listed)
-        keys = {view.product: (view.key, deltas.get(view.product)) for view in views}
-        products = self._kept.reuse(products, keys)
         return products, set().union(*(view.listed(root) for view in views))
 
     def bare(self, views: Views) -> Products:

@@ -5,11 +5,11 @@ link (scan.open_below), checked to be the very files scanned (same identity), an
 xdelta3 as open descriptors (/dev/fd/N and standard input): xdelta3 never opens a path an
 uploader could swap. xdelta3 runs at nice 19 and in the idle I/O class as far as the sandbox
 allows (the units' system call filter may refuse both: xdelta3 then runs at the unit's own
-priority, never not at all), with a source window (-B) of the base's size up to MAX_WINDOW
-(its memory grows with it: about 3.2 times the window, which the units' MemoryMax allows
-for), a time limit, and its output read here: making stops as soon as the delta outgrows
-`max_ratio` of the root, checking as soon as the rebuilt root outgrows the real one. The
-environment is cleared (xdelta3 takes options from $XDELTA).
+priority, never not at all), with SETTINGS (-3, no secondary compression, a source window of
+the base's size up to MAX_WINDOW: its memory grows with it, to about 1.7 times the window,
+which the units' MemoryMax allows for), a time limit, and its output read here: making stops
+as soon as the delta outgrows `max_ratio` of the root, checking as soon as the rebuilt root
+outgrows the real one. The environment is cleared (xdelta3 takes options from $XDELTA).
 
 A check says WRONG only when xdelta3 ran to its end and refused the delta or rebuilt
 something else; a run cut short (time limit, killed: the OOM killer at MemoryMax, a wrapper or
@@ -42,8 +42,8 @@ from lxd_image_server.tree.scan import FileStat, open_below
 
 log = logging.getLogger(__name__)
 
-#: largest xdelta3 source window: its memory use grows with it, to about 3.2 times the window
-#: (-9: 830 MiB of RSS at 256 MiB), which the units' MemoryHigh/MemoryMax are sized for. A
+#: largest xdelta3 source window: its memory use grows with it, to about 1.7 times the window
+#: at -3 (440 MiB of RSS at 256 MiB; -9 took 830), within the units' MemoryHigh/MemoryMax. A
 #: base larger than this is still diffed, with matches found within this distance of the
 #: target's position (a new version of a squashfs keeps its files in much the same order)
 MAX_WINDOW = 256 << 20
@@ -51,6 +51,41 @@ MAX_WINDOW = 256 << 20
 #: more: xdelta3 -9 sets up its tables for the window's size, so a 16 MiB window made a delta
 #: of a 4 KiB root cost 10 times the time of one sized to it
 MIN_WINDOW = 512 << 10
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How xdelta3 makes a delta, chosen by bench/bench_delta.py's figures (bench/README.md):
+    -9 made deltas of real roots at most 0.2% smaller than -3, in about twice the time and
+    memory; LZMA secondary compression (xdelta3's default in Debian) made them at most 0.5%
+    smaller, in a third more time for the server and about twice the apply time for a client
+    (and needs a client's xdelta3 built with liblzma)."""
+
+    #: compression level (-0 to -9)
+    level: int = 3
+    #: the largest source window (-B); a smaller base gets a window of its own size
+    max_window: int = MAX_WINDOW
+    #: secondary compression (-S): lzma, djw, fgk or none; None leaves xdelta3's default
+    #: (LZMA in Debian's build)
+    secondary: str | None = "none"
+
+    def window(self, base_size: int) -> int:
+        return max(MIN_WINDOW, min(self.max_window, base_size))
+
+    def encode_options(self, base_size: int) -> list[str]:
+        """xdelta3's options to make a delta from a base of `base_size` bytes (to stdout)."""
+        secondary = ["-S", self.secondary] if self.secondary is not None else []
+        window = str(self.window(base_size))
+        return ["-e", f"-{self.level}", *secondary, "-A", "-c", "-B", window]
+
+    def decode_options(self, base_size: int) -> list[str]:
+        """xdelta3's options to rebuild a root from a delta (to stdout)."""
+        return ["-d", "-c", "-B", str(self.window(base_size))]
+
+
+#: what this server makes its deltas with
+SETTINGS = Settings()
+
 TMP_PREFIX = ".vcdiff-"
 _ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"}
 
@@ -206,10 +241,6 @@ def _identity(fd: int) -> tuple[int, int, int, int, int]:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
-def _window(size: int) -> int:
-    return max(MIN_WINDOW, min(MAX_WINDOW, size))
-
-
 def _check(xdelta3: str, base_fd: int, delta_fd: int, job: Job, timeout: float) -> Failure | None:
     """None when the delta rebuilds the target root (by sha256), else why not."""
     h = hashlib.sha256()
@@ -223,10 +254,7 @@ def _check(xdelta3: str, base_fd: int, delta_fd: int, job: Job, timeout: float) 
             raise _Stop()
         h.update(chunk)
 
-    argv = [
-        xdelta3, "-d", "-c", "-B", str(_window(job.base_root.size)),
-        "-s", f"/dev/fd/{base_fd}",
-    ]  # fmt: skip
+    argv = [xdelta3, *SETTINGS.decode_options(job.base_root.size), "-s", f"/dev/fd/{base_fd}"]
     try:
         problem = _run(argv, delta_fd, [base_fd], sink, timeout)
     except _Stop:
@@ -258,9 +286,7 @@ def rebuild(
             raise _Stop()
         sink(chunk)
 
-    argv = [
-        limits.xdelta3, "-d", "-c", "-B", str(_window(base_size)), "-s", f"/dev/fd/{base_fd}",
-    ]  # fmt: skip
+    argv = [limits.xdelta3, *SETTINGS.decode_options(base_size), "-s", f"/dev/fd/{base_fd}"]
     try:
         failure = _run(argv, delta_fd, [base_fd], bounded, limits.timeout)
     except _Stop:
@@ -333,10 +359,8 @@ def make(job: Job, limits: Limits, img_dir: str) -> Record:
                 raise _Stop()
             os.write(tmp_fd, chunk)
 
-        argv = [
-            limits.xdelta3, "-e", "-9", "-A", "-c", "-B", str(_window(job.base_root.size)),
-            "-s", f"/dev/fd/{fds[0]}",
-        ]  # fmt: skip
+        options = SETTINGS.encode_options(job.base_root.size)
+        argv = [limits.xdelta3, *options, "-s", f"/dev/fd/{fds[0]}"]
         try:
             problem = _run(argv, fds[1], [fds[0]], sink, limits.timeout)
         except _Stop:

@@ -3,8 +3,9 @@
 The catalog is what every client and every mirror acts on: a mirror deletes whatever the
 catalog it receives does not list, LXD and Incus hosts stop seeing the image and its aliases
 move. So the one writer of streams/ compares every catalog it is about to write with the one
-published last (kept from its last publish, or read back from images.json, bounded, when it
-starts) and names why each version directory that was listed is not any more:
+published last (kept from its last publish, or, when it starts, the record the last publish
+left in the state directory: published.py) and names why each version directory that was
+listed is not any more:
 
 - pruned: recorded in pruned.json (`prune`, `remove`, expired) or beyond [retention];
 - gone: its directory is not a directory any more (images/ itself being there: an unmounted
@@ -16,22 +17,25 @@ starts) and names why each version directory that was listed is not any more:
 A version directory that is there, valid, and that the scan did not find (a directory it could
 not list, a partial view of the tree) has no such reason: the publish is refused with one line
 (UnexplainedDepartures) and the catalog stays as it was.
+
+Without a usable record (a catalog an older release published, a record damaged or replaced),
+what was listed is what images.json lists, read as any client reads it (model.read_catalog,
+bounded); when that cannot be read either, nothing is taken as listed (logged).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import stat
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
 
+from lxd_image_server.catalog import published
+from lxd_image_server.catalog.model import read_catalog
+from lxd_image_server.catalog.products import Products
 from lxd_image_server.catalog.publish import PublishError
-from lxd_image_server.catalog.readback import MAX_CATALOG_BYTES
-from lxd_image_server.fsutil import TooLarge, read_regular
 from lxd_image_server.tree.layout import LayoutError, check_serial_not_ahead, parse_version_dir
 
 log = logging.getLogger(__name__)
@@ -59,60 +63,34 @@ class Listing:
 EMPTY = Listing({})
 
 
-def read_listing(images_json: str) -> Listing:
-    """The files images.json lists (EMPTY when it is missing or unreadable: logged).
+def listing_of(products: Products) -> Listing:
+    """The files the products list."""
+    return Listing(
+        {
+            item.path: item.size
+            for product in products.values()
+            for version in product.versions.values()
+            for item in version.items.values()
+        }
+    )
 
-    Read bounded (a regular file, no link followed, at most readback.MAX_CATALOG_BYTES), and
-    lean: each item becomes a (path, size) pair as it is parsed, so a catalog of 20,000
-    versions costs about half the memory of its whole document."""
+
+def listed(state_dir: str, streams_dir: str) -> Listing:
+    """The files the catalog lists now: those the last publish recorded, else those
+    images.json lists (read as a client reads it), else none (logged)."""
+    record = published.read(state_dir)
+    if record is not None:
+        return Listing(record.files)
+    path = os.path.join(streams_dir, "images.json")
     try:
-        data = read_regular(images_json, MAX_CATALOG_BYTES)
-        doc = json.loads(data, object_pairs_hook=_item_or_dict)
+        catalog = read_catalog(path)
     except FileNotFoundError:
         return EMPTY
-    except TooLarge:
-        log.warning("the published %s is too large: taken as listing nothing", images_json)
-        return EMPTY
-    except RecursionError:
-        log.warning("the published %s nests too deep: taken as listing nothing", images_json)
-        return EMPTY
     except (OSError, ValueError) as e:
-        log.warning("cannot read the published %s (%s): taken as listing nothing", images_json, e)
+        log.warning("cannot read the published %s (%s): taken as listing nothing", path, e)
         return EMPTY
-    return listing_of(doc.get("products") if isinstance(doc, dict) else None)
-
-
-def _item_or_dict(pairs: list[tuple[str, Any]]) -> Any:
-    """An item (an object with a string path and an integer size) as (path, size)."""
-    d = dict(pairs)
-    path, size = d.get("path"), d.get("size")
-    if isinstance(path, str) and type(size) is int:
-        return (path, size)
-    return d
-
-
-def listing_of(products: object) -> Listing:
-    """The files a products mapping lists (items as objects, or as read_listing's pairs);
-    anything malformed is skipped."""
-    sizes: dict[str, int] = {}
-    if not isinstance(products, dict):
-        return Listing(sizes)
-    for product in products.values():
-        versions = product.get("versions") if isinstance(product, dict) else None
-        if not isinstance(versions, dict):
-            continue
-        for version in versions.values():
-            items = version.get("items") if isinstance(version, dict) else None
-            if not isinstance(items, dict):
-                continue
-            for item in items.values():
-                if isinstance(item, tuple):
-                    sizes[item[0]] = item[1]
-                elif isinstance(item, dict):
-                    path, size = item.get("path"), item.get("size")
-                    if isinstance(path, str) and type(size) is int:
-                        sizes[path] = size
-    return Listing(sizes)
+    log.info("no record of the last publish: taking what %s lists", path)
+    return listing_of(catalog.products)
 
 
 @dataclass(frozen=True)

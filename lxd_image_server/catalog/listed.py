@@ -1,8 +1,8 @@
 """What the published catalog lists, as its writer knows it: the version directories of its
 last publish and, when asked, the files with their sizes (departures.Listing). Not known after
-a publish this writer skipped (unchanged.py) or before its first: read back from images.json
-(bounded) then. A publish that would drop a listed version for no reason it can name is refused
-(departures.py)."""
+a publish this writer skipped (unchanged.py) or before its first: taken from the record of the
+last publish then (departures.listed, published.py). A publish that would drop a listed
+version for no reason it can name is refused (departures.py)."""
 
 from __future__ import annotations
 
@@ -38,8 +38,7 @@ class Listed:
             if self._products is not None:
                 self._listing = departures.listing_of(self._products)
             else:
-                images = os.path.join(self.paths.streams_dir, "images.json")
-                self._listing = departures.read_listing(images)
+                self._listing = departures.listed(self.paths.state_dir, self.paths.streams_dir)
         return self._listing
 
     def check(

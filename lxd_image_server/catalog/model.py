@@ -1,12 +1,17 @@
 """The published catalog as types: simplestreams products:1.0 (images.json) and index:1.0
 (index.json), one class per level of the format, and its one reader.
 
-Read, never built: catalog/products.py and encode.py write the bytes (tuned, per-version
-caching, pinned by tests/unit/test_golden.py); everything that reads images.json back (list,
-verify, the mirror's send list, the page, the tests) reads it here, into these types.
+Built by the writer (catalog/products.py) and turned into bytes by the one encoder
+(catalog/encode.py: a Version's entry is encoded once and kept with it, `Version.derived`);
+everything that reads images.json as a client does (list, verify, the mirror's send list, sync
+reading an upstream, the tests) reads it here, into these types. The writer never reads back
+what it wrote: it keeps its model, and a record of what it listed (catalog/published.py).
 
-The reader is bounded (readback.py: a regular file, size and depth capped) and tolerant: a
-field it does not know is ignored; a field it knows with the wrong type is a ValueError (one
+The reader is bounded and tolerant: streams/ may have been tampered with (finding 3 of issue 9:
+a nested images.json, or a symlink to /dev/zero), so a document is read from a regular file
+only (no link followed, no FIFO waited on), at most MAX_CATALOG_BYTES, nested at most
+MAX_CATALOG_DEPTH levels, and never crashes nor grows without bound; a field it does not know
+is ignored; a field it knows with the wrong type is a ValueError (one
 line) naming where. "The images a client sees in a version" is `Version.images(client)`, the
 one restatement of shared/simplestreams/products.go (canonical/lxd, lxc/incus): the client's
 metadata item pairs with every root item the metadata item has a combined fingerprint for; a
@@ -15,15 +20,20 @@ unified item of the client's ftype stands alone.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-from lxd_image_server.catalog.readback import read_document
+from lxd_image_server.fsutil import TooLarge, load_json_bounded, read_regular
 from lxd_image_server.tree.layout import COMBINED_FIELDS, VM_FTYPES, serial_sort_key
 from lxd_image_server.tree.unified import CONTAINER_TYPE as CONTAINER_TYPE
 from lxd_image_server.tree.unified import VM_TYPE as VM_TYPE
+
+#: images.json grows with the versions published: 256 MiB is far beyond any real tree
+MAX_CATALOG_BYTES = 256 << 20
+#: products -> product -> versions -> version -> items -> item -> field is 7 levels
+MAX_CATALOG_DEPTH = 32
 
 PRODUCTS_FORMAT = "products:1.0"
 IMAGE_DOWNLOADS = "image-downloads"
@@ -122,19 +132,36 @@ class Version:
 
     serial: str
     items: Mapping[str, Item]
-    #: ftype -> its first item by item key (by_ftype), found once: the page asks five times
-    #: per version
-    _first: dict[str, Item] = field(init=False, repr=False, compare=False)
+    #: ftype -> its first item by item key (by_ftype), found when first asked for: the page
+    #: asks five times per version
+    _first: dict[str, Item] | None = field(default=None, init=False, repr=False, compare=False)
+    #: what was derived from it (`derived`)
+    _derived: dict[str, bytes] | None = field(default=None, init=False, repr=False, compare=False)
 
-    def __post_init__(self) -> None:
-        first: dict[str, Item] = {}
-        for k in sorted(self.items):
-            first.setdefault(self.items[k].ftype, self.items[k])
-        object.__setattr__(self, "_first", first)
+    def derived(self, name: str, make: Callable[[Version], bytes]) -> bytes:
+        """`make(self)`, made at the first call for `name` and kept: a Version is not changed
+        once built (a changed version is a new one), so what is derived from it never goes
+        stale. The writer keeps so its entry's text (encode.py) and its lines of the record of
+        what is published (published.py): an unchanged version is not encoded again, whatever
+        publishes it next."""
+        derived = self._derived
+        if derived is None:
+            derived = {}
+            object.__setattr__(self, "_derived", derived)
+        made = derived.get(name)
+        if made is None:
+            made = derived[name] = make(self)
+        return made
 
     def by_ftype(self, ftype: str) -> Item | None:
         """The (first, by item key) item of `ftype`, or None."""
-        return self._first.get(ftype)
+        first = self._first
+        if first is None:
+            first = {}
+            for k in sorted(self.items):
+                first.setdefault(self.items[k].ftype, self.items[k])
+            object.__setattr__(self, "_first", first)
+        return first.get(ftype)
 
     def roots(self) -> tuple[Item, ...]:
         """The root filesystems (ftypes a combined fingerprint exists for), in the order of
@@ -197,6 +224,10 @@ class Product:
         return sorted(self.versions, key=serial_sort_key)
 
     def to_json(self) -> dict[str, Any]:
+        return {**self.fields(), "versions": {s: v.to_json() for s, v in self.versions.items()}}
+
+    def fields(self) -> dict[str, Any]:
+        """Its fields as JSON values, but its versions."""
         doc: dict[str, Any] = {
             "os": self.os,
             "release": self.release,
@@ -204,7 +235,6 @@ class Product:
             "arch": self.arch,
             "variant": self.variant,
             "aliases": ",".join(self.aliases),
-            "versions": {s: v.to_json() for s, v in self.versions.items()},
         }
         if self.requirements is not None:
             doc["requirements"] = dict(self.requirements)
@@ -332,18 +362,6 @@ def _item(doc: object, where: str) -> Item:
     return Item(ftype, path, size, sha256, delta_base=base, combined_type=kind, **combined)
 
 
-def lenient_version(serial: str, items: Mapping[str, object]) -> Version:
-    """A Version of the items that are well formed, the others left out (the page shows what
-    it can of a catalog it did not read: the writer's products, not a file)."""
-    kept: dict[str, Item] = {}
-    for key, value in items.items():
-        try:
-            kept[key] = _item(value, key)
-        except ValueError:
-            continue
-    return Version(serial, kept)
-
-
 def _version(serial: str, doc: object, where: str) -> Version:
     items = _obj(_obj(doc, where).get("items"), f"{where}.items")
     return Version(serial, {k: _item(v, f"{where}.items.{k}") for k, v in items.items()})
@@ -415,8 +433,34 @@ def index_from_json(doc: object) -> Index:
     return Index(fmt, _str(d, "updated", "index.json", ""), entries)
 
 
+def parse_document(data: bytes, max_bytes: int | None = None) -> Any:
+    """The JSON value of a document's bytes, at most `max_bytes` (MAX_CATALOG_BYTES) of them
+    and MAX_CATALOG_DEPTH levels deep; ValueError (one line) otherwise, or when not JSON."""
+    limit = MAX_CATALOG_BYTES if max_bytes is None else max_bytes
+    return load_json_bounded(data, limit, MAX_CATALOG_DEPTH)
+
+
+def read_document(path: str) -> Any:
+    """The JSON value in the regular file `path` (the caller checks its shape).
+
+    FileNotFoundError when it does not exist, another OSError when it cannot be read
+    (fsutil.NotRegularFile for a link or FIFO), ValueError (one line) when it is too large,
+    too deep or not JSON."""
+    try:
+        data = read_regular(path, MAX_CATALOG_BYTES)
+    except TooLarge:
+        raise ValueError(f"larger than {MAX_CATALOG_BYTES} bytes") from None
+    return parse_document(data)
+
+
+def parse_catalog(data: bytes, max_bytes: int | None = None) -> Catalog:
+    """The catalog of images.json's bytes (a copy of it: the mirror's push), bounded as
+    parse_document; ValueError (one line) when they are not one."""
+    return catalog_from_json(parse_document(data, max_bytes))
+
+
 def read_catalog(path: str) -> Catalog:
-    """The catalog in the file `path` (images.json), read bounded (readback.py).
+    """The catalog in the file `path` (images.json), read bounded (read_document).
 
     FileNotFoundError when it does not exist, another OSError when it cannot be read,
     ValueError (one line) when it is too large, too deep, not JSON or not a catalog."""

@@ -1,4 +1,5 @@
-"""The catalog page: products (as in images.json) -> one static, self-contained index.html.
+"""The catalog page: the writer's products (model.Product) -> one static, self-contained
+index.html.
 
 It lives in <root>/streams/ (streams/index.html), next to the catalog it shows: streams/ is the
 catalog writer's everywhere, while the root itself may belong to root alone (the Debian
@@ -29,10 +30,10 @@ import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any
 
-from lxd_image_server.catalog.model import lenient_version
-from lxd_image_server.catalog.publish import PublishError, updated_in, write_atomic
+from lxd_image_server.catalog import published
+from lxd_image_server.catalog.model import Product, Version
+from lxd_image_server.catalog.publish import PublishError, write_atomic
 from lxd_image_server.fsutil import TooLarge, read_regular
 from lxd_image_server.tree.layout import serial_sort_key, serial_time
 
@@ -74,11 +75,10 @@ class Image:
     size: int | None
 
 
-def version_images(items: Mapping[str, Any], serial: str = "") -> list[Image]:
-    """The images a client builds from one version's items (model.Version.client_images: a
-    metadata item with a combined fingerprint for a root present gives one image per root, a
-    unified tarball one image); items that are not well formed are left out."""
-    version = lenient_version(serial, items)
+def version_images(version: Version) -> list[Image]:
+    """The images a client builds from one version (model.Version.client_images: a metadata
+    item with a combined fingerprint for a root present gives one image per root, a unified
+    tarball one image)."""
     return [Image(i.type, i.root, i.fingerprint, i.size) for i in version.client_images()]
 
 
@@ -87,29 +87,29 @@ Summary = tuple[int, frozenset[str]]
 
 
 class PageCache:
-    """What each version's items gave at the last render (how many images, which kinds),
-    kept for the next render while the version's items are the very same mapping: the
-    pipeline keeps a version's items as they are between publishes (a changed version gets
-    new ones), so the watcher's page reads only the versions that changed, and those it shows.
-    Holds only the versions of the last render."""
+    """What each version gave at the last render (how many images, which kinds), kept for the
+    next render while it is the very same Version: the writer keeps a version's model as it is
+    between publishes (a Version is not changed once built; a changed version is a new one),
+    so the watcher's page reads only the versions that changed, and those it shows. Holds
+    only the versions of the last render."""
 
     def __init__(self) -> None:
-        #: id(items) -> (items, count, kinds); the items are kept so their id stays theirs
-        self._last: dict[int, tuple[Mapping[str, Any], int, frozenset[str]]] = {}
-        self._this: dict[int, tuple[Mapping[str, Any], int, frozenset[str]]] = {}
+        #: id(version) -> (version, count, kinds); the version is kept so its id stays its own
+        self._last: dict[int, tuple[Version, int, frozenset[str]]] = {}
+        self._this: dict[int, tuple[Version, int, frozenset[str]]] = {}
         self._kinds: dict[frozenset[str], frozenset[str]] = {}
 
     def start(self) -> None:
         """A render begins: what the last one found is what may be reused."""
         self._last, self._this = self._this or self._last, {}
 
-    def summary(self, items: Mapping[str, Any], images: Callable[[], list[Image]]) -> Summary:
-        key = id(items)
+    def summary(self, version: Version, images: Callable[[], list[Image]]) -> Summary:
+        key = id(version)
         hit = self._this.get(key) or self._last.get(key)
-        if hit is None or hit[0] is not items:
+        if hit is None or hit[0] is not version:
             found = images()
             kinds = frozenset(i.kind for i in found)
-            hit = (items, len(found), self._kinds.setdefault(kinds, kinds))
+            hit = (version, len(found), self._kinds.setdefault(kinds, kinds))
         self._this[key] = hit
         return hit[1], hit[2]
 
@@ -123,15 +123,8 @@ def human_size(n: int) -> str:
     raise AssertionError("unreachable")
 
 
-def _aliases(product: Mapping[str, Any]) -> list[str]:
-    raw = product.get("aliases", "")
-    parts = raw.split(",") if isinstance(raw, str) else [str(a) for a in raw or ()]
-    return [a.strip() for a in parts if a.strip()]
-
-
-def _text(product: Mapping[str, Any], field: str, default: str = "") -> str:
-    value = product.get(field)
-    return default if value is None else str(value)
+def _aliases(product: Product) -> list[str]:
+    return [a.strip() for a in product.aliases if a.strip()]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -233,9 +226,8 @@ class _Product:
     """A product's versions as the page sees them: serials newest first, the images of a
     version read when asked (only those shown, or from `cache`'s summary otherwise)."""
 
-    def __init__(self, product: Mapping[str, Any], cache: PageCache | None) -> None:
-        raw_versions = product.get("versions")
-        self.versions: Mapping[str, Any] = raw_versions if isinstance(raw_versions, Mapping) else {}
+    def __init__(self, product: Product, cache: PageCache | None) -> None:
+        self.versions = product.versions
         self.serials = sorted(self.versions, key=serial_sort_key, reverse=True)
         self._images: dict[str, list[Image]] = {}
         self.count = 0
@@ -246,7 +238,7 @@ class _Product:
                 self.count += len(found)
                 kinds.update(i.kind for i in found)
             else:
-                n, k = cache.summary(_items(self.versions[s]), functools.partial(self.images, s))
+                n, k = cache.summary(self.versions[s], functools.partial(self.images, s))
                 self.count += n
                 kinds |= k
         self.kinds = sorted(kinds)
@@ -254,27 +246,27 @@ class _Product:
     def images(self, serial: str) -> list[Image]:
         found = self._images.get(serial)
         if found is None:
-            found = self._images[serial] = version_images(_items(self.versions[serial]), serial)
+            found = self._images[serial] = version_images(self.versions[serial])
         return found
 
 
-def _render_product(key: str, product: Mapping[str, Any], view: _Product, remote: str) -> str:
-    title = _text(product, "release_title") or _text(product, "release")
-    os_name = _text(product, "os")
+def _render_product(key: str, product: Product, view: _Product, remote: str) -> str:
+    title = product.release_title or product.release
+    os_name = product.os
     aliases = _aliases(product)
     serials = view.serials
     kinds = view.kinds
 
     facts = [
         ("OS", os_name),
-        ("release", _text(product, "release")),
-        ("codename", _text(product, "release_codename")),
-        ("architecture", _text(product, "arch")),
-        ("variant", _text(product, "variant")),
-        ("end of support", _text(product, "support_eol")),
+        ("release", product.release),
+        ("codename", product.release_codename or ""),
+        ("architecture", product.arch),
+        ("variant", product.variant),
+        ("end of support", product.support_eol or ""),
     ]
-    requirements = product.get("requirements")
-    if isinstance(requirements, Mapping) and requirements:
+    requirements = product.requirements
+    if requirements:
         facts.append(
             ("requires", ", ".join(f"{k}={requirements[k]}" for k in sorted(requirements)))
         )
@@ -333,11 +325,6 @@ def _render_product(key: str, product: Mapping[str, Any], view: _Product, remote
     )
 
 
-def _items(version: Any) -> Mapping[str, Any]:
-    items = version.get("items") if isinstance(version, Mapping) else None
-    return items if isinstance(items, Mapping) else {}
-
-
 def _newest(view: _Product, kind: str) -> str:
     for s in view.serials:
         for image in view.images(s):
@@ -347,7 +334,7 @@ def _newest(view: _Product, kind: str) -> str:
 
 
 def render_page(
-    products: Mapping[str, Mapping[str, Any]],
+    products: Mapping[str, Product],
     *,
     updated: str | None = None,
     title: str = DEFAULT_TITLE,
@@ -411,12 +398,6 @@ def render_page(
     )
 
 
-def catalog_updated(root_dir: str) -> str | None:
-    """The `updated` field of the published images.json, if there is one (read from the
-    file's end: it is 20 MB at 20,000 versions)."""
-    return updated_in(os.path.join(root_dir, "streams", "v1", "images.json"))
-
-
 def page_path(root_dir: str) -> str:
     """The page's file below the served root `root_dir`."""
     return os.path.join(root_dir, *PAGE_PATH.split("/"))
@@ -424,20 +405,22 @@ def page_path(root_dir: str) -> str:
 
 def write_page(
     root_dir: str,
-    products: Mapping[str, Mapping[str, Any]],
+    products: Mapping[str, Product],
     *,
     updated: str | None = None,
+    state_dir: str | None = None,
     title: str = DEFAULT_TITLE,
     remote_name: str = DEFAULT_REMOTE,
     cache: PageCache | None = None,
 ) -> bool:
     """Writes <root>/streams/index.html atomically if its content changed (or it is missing).
 
-    `updated` defaults to the published catalog's own. Returns True when written. The caller
-    holds `catalog_lock`, as for the catalog. `cache`: see render_page.
+    `updated` defaults to the published catalog's own, as the writer's state directory
+    `state_dir` records it (published.py). Returns True when written. The caller holds
+    `catalog_lock`, as for the catalog. `cache`: see render_page.
     """
-    if updated is None:
-        updated = catalog_updated(root_dir)
+    if updated is None and state_dir is not None:
+        updated = published.read_updated(state_dir)
     page = render_page(products, updated=updated, title=title, remote_name=remote_name, cache=cache)
     data = page.encode()
     path = page_path(root_dir)

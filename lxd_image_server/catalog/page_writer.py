@@ -18,8 +18,11 @@ if TYPE_CHECKING:
 
 
 class PageWriter:
-    def __init__(self, root_dir: str, on_publish: Iterable[Callable[[], None]] = ()) -> None:
+    def __init__(
+        self, root_dir: str, state_dir: str, on_publish: Iterable[Callable[[], None]] = ()
+    ) -> None:
         self.root_dir = root_dir
+        self.state_dir = state_dir
         self.on_publish = tuple(on_publish)
         #: the catalog was published since the page was last written
         self.due = False
@@ -42,7 +45,7 @@ class PageWriter:
 
             if self._cache is None:
                 self._cache = PageCache()
-            write_page(self.root_dir, products, cache=self._cache)
+            write_page(self.root_dir, products, state_dir=self.state_dir, cache=self._cache)
         finally:
             if self._notify:
                 self._notify = False

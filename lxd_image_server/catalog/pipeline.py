@@ -110,7 +110,7 @@ class Pipeline:
         self._listed = Listed(paths)
         #: the no-change shortcut's record (unchanged.py)
         self._shortcut = unchanged.Shortcut(paths.state_dir, paths.root_dir)
-        self._page = PageWriter(paths.root_dir, on_publish)
+        self._page = PageWriter(paths.root_dir, paths.state_dir, on_publish)
         #: what images.json.gz's last publish compressed, reused by the next
         self._gzip = GzipCache()
         self._products: Products = {}
@@ -310,7 +310,9 @@ class Pipeline:
         self._products = products
         if self.use is not Use.WATCH:
             self._shortcut.forget()  # what is published now is not what the record vouches for
-        changed = publish(self.paths.streams_dir, products, images_gz=self._gzip)
+        changed = publish(
+            self.paths.streams_dir, products, images_gz=self._gzip, state_dir=self.paths.state_dir
+        )
         self._listed.published(products, publishing)
         self._state_after = self._listed.state()
         if plan:

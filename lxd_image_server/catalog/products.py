@@ -1,4 +1,5 @@
-"""Scanned versions + digests -> the simplestreams documents (images.json, index.json).
+"""Scanned versions + digests -> the catalog as the typed model (model.py): products,
+versions, items, aliases, and the documents images.json and index.json (encode.py writes them).
 
 A pure function of its inputs: no file system access, deterministic output. It logs why a
 version is left out (incomplete, unhashable) so an operator can tell.
@@ -9,14 +10,24 @@ from __future__ import annotations
 import logging
 import os
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
 
 from lxd_image_server.catalog.deltas import Candidate, candidates
-from lxd_image_server.catalog.encode import Encoded
 from lxd_image_server.catalog.hashing import Digests
-from lxd_image_server.catalog.model import Client
+from lxd_image_server.catalog.model import (
+    COMBINED_ATTRS,
+    IMAGE_DOWNLOADS,
+    INDEX_FORMAT,
+    PRODUCTS_FORMAT,
+    Catalog,
+    Client,
+    Index,
+    IndexEntry,
+    Item,
+    Product,
+    Version,
+)
 from lxd_image_server.tree.layout import (
     COMBINED_FIELDS,
     VM_FTYPES,
@@ -35,24 +46,27 @@ UPDATED_FORMAT = "%a, %d %b %Y %H:%M:%S +0000"
 CLIENT_META_FTYPES = tuple(c.meta_ftype for c in Client)
 CLIENT_UNIFIED_FTYPES = tuple(c.unified_ftype for c in Client)
 
-Products = dict[str, dict[str, Any]]
+#: the catalog's products by key (os:release:arch:variant)
+Products = Mapping[str, Product]
 
 
 @dataclass(frozen=True)
 class BuiltVersion:
     key: VersionKey
-    items: dict[str, dict[str, Any]]
+    #: the version as published; it keeps its entry's text once encoded (Version.derived), so a
+    #: publish reuses the text of every version it built before
+    version: Version
     #: "container" and/or "virtual-machine"
     types: frozenset[str]
-    #: the version's entry in its product's "versions": {"items": items}, which keeps its JSON
-    #: once encoded (encode.py), so a publish reuses the text of every version it built before
-    entry: Encoded = field(init=False, repr=False, compare=False)
     #: serial_sort_key of the serial, kept: the products sort every version at every publish
     order: tuple[str, str] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "entry", Encoded(items=self.items))
         object.__setattr__(self, "order", serial_sort_key(self.key.serial))
+
+    @property
+    def items(self) -> Mapping[str, Item]:
+        return self.version.items
 
 
 def _relpath(path: str, root_dir: str) -> str:
@@ -64,13 +78,8 @@ def _relpath(path: str, root_dir: str) -> str:
     return os.path.relpath(path, root_dir)
 
 
-def _item(f: FileStat, ftype: str, sha256: str, root_dir: str) -> dict[str, Any]:
-    return {
-        "ftype": ftype,
-        "path": _relpath(f.path, root_dir),
-        "size": f.size,
-        "sha256": sha256,
-    }
+def _item(f: FileStat, ftype: str, sha256: str, root_dir: str, **more: str) -> Item:
+    return Item(ftype, _relpath(f.path, root_dir), f.size, sha256, **more)
 
 
 def build_version(
@@ -115,20 +124,21 @@ def build_version(
             ", ".join(u.name for u in unified[1:]),
         )
 
-    items: dict[str, dict[str, Any]] = {}
+    items: dict[str, Item] = {}
     types: set[str] = set()
     if metas and roots:
         for client_ftype in CLIENT_META_FTYPES:
             # the file named for this client if there is one, else the other one
             meta = metas.get(client_ftype) or next(iter(metas.values()))
-            item = _item(meta, client_ftype, digests.files[meta.path], root_dir)
+            fingerprints: dict[str, str] = {}
             for root_ftype, root in roots.items():
                 combined = digests.combined.get((meta.path, root.path))
                 if combined is None:
                     continue
                 for field_name in COMBINED_FIELDS[root_ftype]:
-                    item[field_name] = combined
-            items[client_ftype] = item
+                    fingerprints[COMBINED_ATTRS[field_name]] = combined
+            sha256 = digests.files[meta.path]
+            items[client_ftype] = _item(meta, client_ftype, sha256, root_dir, **fingerprints)
         for root_ftype, root in roots.items():
             if all((m.path, root.path) in digests.combined for m in metas.values()):
                 items[root_ftype] = _item(root, root_ftype, digests.files[root.path], root_dir)
@@ -136,11 +146,9 @@ def build_version(
     if unified:
         u = unified[0]
         kind = CONTAINER_TYPE if unified_type is None else unified_type(u)
+        holds = {"combined_type": VM_TYPE} if kind == VM_TYPE else {}
         for client_ftype in CLIENT_UNIFIED_FTYPES:
-            item = _item(u, client_ftype, digests.files[u.path], root_dir)
-            if kind == VM_TYPE:
-                item["combined_type"] = VM_TYPE
-            items[client_ftype] = item
+            items[client_ftype] = _item(u, client_ftype, digests.files[u.path], root_dir, **holds)
         types.add(kind)
     if not types:
         have = ", ".join(sorted(f.name for f in v.files.values())) or "no files"
@@ -152,7 +160,7 @@ def build_version(
             need = "a metadata tarball and a root filesystem, or a unified tarball"
         log.info("not publishing %s yet: has %s, needs %s", where, have, need)
         return None
-    return BuiltVersion(key=v.key, items=items, types=frozenset(types))
+    return BuiltVersion(v.key, Version(v.key.serial, items), frozenset(types))
 
 
 def default_aliases(key: VersionKey) -> list[str]:
@@ -184,24 +192,26 @@ def _add_deltas(
     publishes (its items and text stay as they were)."""
     built = {v.path: b for group in grouped.values() for v, b in group}
     every = [v for group in grouped.values() for v, _ in group]
-    added: dict[str, dict[str, dict[str, Any]]] = defaultdict(dict)
+    added: dict[str, dict[str, Item]] = defaultdict(dict)
     for c in candidates(every) if cands is None else cands:
         f = c.delta
         if f.path not in deltas or f.path not in digests.files or f.path in digests.failed:
             continue
-        items, base_items = built[c.version.path].items, built[c.base.path].items
+        root = built[c.version.path].items.get(c.root_ftype)
+        base_root = built[c.base.path].items.get(c.root_ftype)
         # the roots listed must be the very files the delta was checked against
-        if items.get(c.root_ftype, {}).get("path") != _relpath(
-            c.target_root.path, root_dir
-        ) or base_items.get(c.root_ftype, {}).get("path") != _relpath(c.base_root.path, root_dir):
+        if root is None or root.path != _relpath(c.target_root.path, root_dir):
             continue
-        item = _item(f, f.role.ftype, digests.files[f.path], root_dir)
-        item["delta_base"] = c.base.key.serial
-        added[c.version.path][delta_item_key(f.role.ftype, c.base.key.serial)] = item
+        if base_root is None or base_root.path != _relpath(c.base_root.path, root_dir):
+            continue
+        base = c.base.key.serial
+        item = _item(f, f.role.ftype, digests.files[f.path], root_dir, delta_base=base)
+        added[c.version.path][delta_item_key(f.role.ftype, base)] = item
     for group in grouped.values():
         for i, (v, b) in enumerate(group):
             if v.path in added:
-                group[i] = (v, BuiltVersion(b.key, {**b.items, **added[v.path]}, b.types))
+                version = Version(b.version.serial, {**b.items, **added[v.path]})
+                group[i] = (v, BuiltVersion(b.key, version, b.types))
 
 
 def build_products(
@@ -236,51 +246,55 @@ def products_of(
     if deltas and digests is not None:
         _add_deltas(grouped, digests, root_dir, deltas, cands)
 
-    products: Products = {}
+    aliases: dict[str, list[str]] = {}
+    arch: dict[str, str] = {}
     types: dict[str, frozenset[str]] = {}
-    for pkey in sorted(grouped):
-        entries = sorted(grouped[pkey], key=lambda e: e[1].order)
-        newest, _ = entries[-1]
-        key, ov = newest.key, newest.overrides
-        product: dict[str, Any] = {
-            "os": ov.os or key.os,
-            "release": key.release,
-            "release_title": ov.release_title or key.release,
-            "arch": key.arch,
-            "variant": ov.variant or key.variant,
-            "aliases": _dedupe([*default_aliases(key), *ov.aliases]),
-            "versions": {v.key.serial: b.entry for v, b in entries},
-        }
-        if ov.requirements:
-            # "requirements" for current clients, "lxd_requirements" for LXD before 5.21
-            product["requirements"] = ov.requirements_map
-            product["lxd_requirements"] = ov.requirements_map
-        if ov.release_codename:
-            product["release_codename"] = ov.release_codename
-        if ov.support_eol:
-            product["support_eol"] = ov.support_eol
-        products[pkey] = product
+    for pkey, entries in grouped.items():
+        entries.sort(key=lambda e: e[1].order)
+        newest = entries[-1][0]
+        aliases[pkey] = _dedupe([*default_aliases(newest.key), *newest.overrides.aliases])
+        arch[pkey] = newest.key.arch
         types[pkey] = frozenset().union(*[b.types for _, b in entries])
+    _resolve_alias_conflicts(aliases, arch, types)
 
-    _resolve_alias_conflicts(products, types)
-    for product in products.values():
-        product["aliases"] = ",".join(product["aliases"])
+    products: dict[str, Product] = {}
+    for pkey in sorted(grouped):
+        entries = grouped[pkey]
+        newest = entries[-1][0]
+        key, ov = newest.key, newest.overrides
+        # "requirements" for current clients, "lxd_requirements" for LXD before 5.21
+        requirements = ov.requirements_map if ov.requirements else None
+        products[pkey] = Product(
+            name=pkey,
+            os=ov.os or key.os,
+            release=key.release,
+            release_title=ov.release_title or key.release,
+            arch=key.arch,
+            variant=ov.variant or key.variant,
+            aliases=tuple(aliases[pkey]),
+            versions={v.key.serial: b.version for v, b in entries},
+            requirements=requirements,
+            lxd_requirements=requirements,
+            release_codename=ov.release_codename or None,
+            support_eol=ov.support_eol or None,
+        )
     return products
 
 
-def _resolve_alias_conflicts(products: Products, types: dict[str, frozenset[str]]) -> None:
+def _resolve_alias_conflicts(
+    aliases: dict[str, list[str]], arch: Mapping[str, str], types: Mapping[str, frozenset[str]]
+) -> None:
     """An alias may name one image per (architecture, type): the clients refuse to pick
     otherwise. The product whose key sorts first keeps it; the others lose it, with a warning."""
     owners: dict[tuple[str, str, str], str] = {}
-    for pkey in sorted(products):
-        product = products[pkey]
+    for pkey in sorted(aliases):
         kept = []
-        for alias in product["aliases"]:
+        for alias in aliases[pkey]:
             clash = next(
                 (
-                    owners[(alias, product["arch"], t)]
+                    owners[(alias, arch[pkey], t)]
                     for t in sorted(types[pkey])
-                    if (alias, product["arch"], t) in owners
+                    if (alias, arch[pkey], t) in owners
                 ),
                 None,
             )
@@ -295,31 +309,17 @@ def _resolve_alias_conflicts(products: Products, types: dict[str, frozenset[str]
                 continue
             kept.append(alias)
             for t in types[pkey]:
-                owners[(alias, product["arch"], t)] = pkey
-        product["aliases"] = kept
+                owners[(alias, arch[pkey], t)] = pkey
+        aliases[pkey] = kept
 
 
-def images_document(products: Products, updated: str) -> dict[str, Any]:
-    return {
-        "content_id": "images",
-        "datatype": "image-downloads",
-        "format": "products:1.0",
-        "products": products,
-        "updated": updated,
-    }
+def catalog_of(products: Products, updated: str) -> Catalog:
+    """images.json."""
+    return Catalog("images", IMAGE_DOWNLOADS, PRODUCTS_FORMAT, updated, products)
 
 
-def index_document(products: Products, updated: str) -> dict[str, Any]:
-    return {
-        "format": "index:1.0",
-        "index": {
-            "images": {
-                "datatype": "image-downloads",
-                "format": "products:1.0",
-                "path": IMAGES_PATH,
-                "products": sorted(products),
-                "updated": updated,
-            }
-        },
-        "updated": updated,
-    }
+def index_of(products: Products, updated: str) -> Index:
+    """index.json: it names images.json and its products."""
+    names = tuple(sorted(products))
+    entry = IndexEntry(IMAGE_DOWNLOADS, PRODUCTS_FORMAT, IMAGES_PATH, names, updated)
+    return Index(INDEX_FORMAT, updated, {"images": entry})

@@ -1,8 +1,12 @@
 """Atomic, ordered writes of the catalog, under a lock shared by every writer.
 
-Order: images.json.gz, images.json, then index.json.gz, index.json; each written to a hidden
-temporary name in the same directory, fsynced and renamed, then the directory fsynced. A client
-therefore never sees a torn document, nor an index naming products images.json lacks.
+Order: the record of what is published (published.py, in the state directory), then
+images.json.gz, images.json, then index.json.gz, index.json; each written to a hidden temporary
+name in the same directory, fsynced and renamed, then the directory fsynced. A client therefore
+never sees a torn document, nor an index naming products images.json lacks.
+
+The previous catalog is compared byte for byte with the new one (read bounded, never parsed):
+the same content keeps the `updated` the record holds, so clients' caches stay valid.
 """
 
 from __future__ import annotations
@@ -13,27 +17,19 @@ import errno
 import fcntl
 import logging
 import os
-import re
 import stat
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Iterator
 
-from lxd_image_server.catalog import encode as catalog_json
+from lxd_image_server.catalog import published
+from lxd_image_server.catalog.encode import dated_catalog, index_bytes
 from lxd_image_server.catalog.gzip_chunks import GzipCache
-from lxd_image_server.catalog.products import (
-    UPDATED_FORMAT,
-    Products,
-    images_document,
-    index_document,
-)
+from lxd_image_server.catalog.products import UPDATED_FORMAT, Products, catalog_of, index_of
 from lxd_image_server.config import StateDir
 from lxd_image_server.fsutil import fsync_dir as fsync_dir
 from lxd_image_server.fsutil import open_regular
 from lxd_image_server.fsutil import write_atomic as write_atomic
 
 log = logging.getLogger(__name__)
-
-_UPDATED_RE = re.compile(rb'^ "updated": "([A-Za-z0-9 ,:+]{1,64})",?$', re.MULTILINE)
 
 
 class PublishError(Exception):
@@ -71,24 +67,7 @@ def catalog_lock(state_dir: str) -> Iterator[None]:
 _LOCK_FLAGS = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY
 
 
-def encode(doc: dict[str, Any]) -> bytes:
-    """json.dumps(doc, sort_keys=True, indent=1, ensure_ascii=False) + a line break, as bytes
-    (encode.py: the same bytes, reusing the text of versions encoded before)."""
-    return catalog_json.encode_utf8(doc) + b"\n"
-
-
 Parts = list[bytes | memoryview]
-
-
-def _dated(doc: dict[str, Any]) -> Callable[[str], Parts]:
-    """encode(doc) for any value of its top-level `updated`, the last key, in two parts: the
-    rest is encoded once (and not copied), as doc's bytes are the same up to that last line."""
-    text = catalog_json.encode_utf8({**doc, "updated": ""})
-    tail = b' "updated": ""\n}'
-    if not text.endswith(tail):
-        raise AssertionError("`updated` is not the document's last key")
-    head = memoryview(text)[: -len(tail)]
-    return lambda updated: [head, encode({"updated": updated})[2:]]
 
 
 def _holds(path: str, parts: Parts) -> bool:
@@ -117,37 +96,8 @@ def _holds(path: str, parts: Parts) -> bool:
         os.close(fd)
 
 
-def updated_in(path: str) -> str | None:
-    """The top-level `updated` of the published document `path`, from its last bytes (where
-    `encode` puts it); None when it is missing, not a regular file or has none."""
-    try:
-        fd = open_regular(path)
-    except OSError:
-        return None
-    try:
-        size = os.fstat(fd).st_size
-        return updated_of(os.pread(fd, _TAIL, max(0, size - _TAIL)))
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
-
-
-#: what is compared at a time; how much of a document's end holds its `updated` line
+#: what is compared at a time
 _PIECE = 1 << 20
-_TAIL = 4096
-
-
-def updated_of(data: bytes | None) -> str | None:
-    """The top-level `updated` of a document `encode` wrote (no JSON parse needed). It is the
-    last key, so its line is looked for from the end (the only line indented by one space
-    that starts so), and only that line is matched."""
-    if data is None:
-        return None
-    start = data.rfind(b'\n "updated": "')
-    end = data.find(b"\n", start + 1)
-    m = _UPDATED_RE.fullmatch(data, start + 1, end if end != -1 else len(data))
-    return m.group(1).decode() if start != -1 and m else None
 
 
 def _is_regular(path: str) -> bool:
@@ -166,39 +116,43 @@ def publish(
     products: Products,
     now: dt.datetime | None = None,
     images_gz: GzipCache | None = None,
+    *,
+    state_dir: str,
 ) -> bool:
-    """Writes images.json and index.json (+ .gz) if their content changed.
+    """Writes images.json and index.json (+ .gz) if their content changed, and before them
+    the record of what they list in `state_dir` (published.py).
 
     Returns True when something was written. The caller holds `catalog_lock`. The previous
-    documents are compared byte for byte (with their own `updated`), read bounded.
+    documents are compared byte for byte (with the `updated` the record holds), read bounded.
     `images_gz` keeps what was compressed of the previous images.json (gzip_chunks.py).
     """
     images_path = os.path.join(streams_dir, "images.json")
     index_path = os.path.join(streams_dir, "index.json")
     updated = now_updated(now)
-    images = _dated(images_document(products, updated))
-    index = index_document(products, updated)
-    old_updated = updated_in(images_path)
+    images = dated_catalog(catalog_of(products, ""))
+    old_updated = published.read_updated(state_dir)
     if old_updated not in (None, updated) and _holds(images_path, images(old_updated)):
         # content unchanged: keep its timestamp so clients' caches stay valid
         updated = old_updated
-        index["updated"] = index["index"]["images"]["updated"] = updated
     images_parts = images(updated)
-    index_bytes = encode(index)
+    index = index_bytes(index_of(products, updated))
     same_images = _holds(images_path, images_parts)
-    same_index = _holds(index_path, [index_bytes])
+    same_index = _holds(index_path, [index])
     gz_present = all(_is_regular(p + ".gz") for p in (images_path, index_path))
     if same_images and same_index and gz_present:
+        if old_updated is None:
+            _write_record(state_dir, products, updated)  # (missing or damaged)
         return False
     images_bytes = b"".join(images_parts)
     del images_parts, images
+    _write_record(state_dir, products, updated)
     try:
         os.makedirs(streams_dir, exist_ok=True)
         write_atomic(images_path + ".gz", (images_gz or GzipCache()).compress(images_bytes))
         write_atomic(images_path, images_bytes)
         fsync_dir(streams_dir)
-        write_atomic(index_path + ".gz", GzipCache().compress(index_bytes))
-        write_atomic(index_path, index_bytes)
+        write_atomic(index_path + ".gz", GzipCache().compress(index))
+        write_atomic(index_path, index)
         fsync_dir(streams_dir)
     except OSError as e:
         reason = "disk full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
@@ -206,7 +160,20 @@ def publish(
     log.info(
         "published %d products, %d versions to %s",
         len(products),
-        sum(len(p["versions"]) for p in products.values()),
+        sum(len(p.versions) for p in products.values()),
         streams_dir,
     )
     return True
+
+
+def _write_record(state_dir: str, products: Products, updated: str) -> None:
+    """Writes the record; when it cannot (a directory in its place, a full disk), removes the
+    old one (nothing stale may vouch for the catalog) and says so: the publish goes on, and the
+    next writer that needs the record reads images.json instead (departures.py)."""
+    try:
+        published.write(state_dir, products, updated)
+    except OSError as e:
+        path = StateDir(state_dir).published
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        log.warning("cannot record what is published in %s: %s", path, e.strerror or e)

@@ -12,8 +12,8 @@ A record holds:
     deltas while only they are still being hashed (a delta never holds its version back);
     None while anything else is (a new version does not appear yet, a changed one is
     withdrawn: its old digests are wrong). Depends on `scanned` and `ready`.
-  - `entry()`: its catalog entry (products.BuiltVersion, None: not publishable; its JSON is
-    kept in its product's, product_cache.py). Depends on the files shown and `ready`: kept
+  - `entry()`: its catalog entry (products.BuiltVersion, None: not publishable; its model
+    Version keeps its encoded JSON, encode.py). Depends on the files shown and `ready`: kept
     while a rescan finds the same files (their overrides are the product's, read from
     `scanned` when the products are made), dropped when the files or the digests change.
 Only `Versions` (versions.py) changes a record, and with it the stamp of the record's

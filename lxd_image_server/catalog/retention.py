@@ -237,7 +237,7 @@ def select_prunable(
         if n < 1:
             continue
         serials = []
-        for s in products[pkey]["versions"]:
+        for s in products[pkey].versions:
             if valid_serial(s):
                 serials.append(s)
             else:

@@ -174,15 +174,6 @@ class Versions:
         self._views = views  # (a product gone is forgotten)
         return list(views.values())
 
-    def deltas_by_product(self, listed: Set[str]) -> dict[str, frozenset[str]]:
-        """The delta files `listed` by the product of the version each lies in."""
-        out: dict[str, set[str]] = {}
-        for path in listed:
-            r = self.record_at(path.rpartition("/")[0])
-            if r is not None:
-                out.setdefault(r.scanned.key.product, set()).add(path)
-        return {product: frozenset(paths) for product, paths in out.items()}
-
     def in_order(self) -> None:
         """Puts the records back into the scan's order (a full publish's inputs digest,
         unchanged.py, follows it; a new version breaks it)."""

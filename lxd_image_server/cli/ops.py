@@ -102,7 +102,8 @@ def import_cmd(
     pipeline = _with_pipeline(
         g, paths, publish, lambda cache: import_place.seed_cache(cache, paths.img_dir, placed)
     )
-    listed = plan.key.serial in pipeline.products.get(plan.key.product, {}).get("versions", {})
+    product = pipeline.products.get(plan.key.product)
+    listed = product is not None and plan.key.serial in product.versions
     what = import_detect.describe(plan)
     click.echo(f"imported {what} into {placed.version_dir}")
     click.echo(f"  files: {', '.join(sorted(placed.files))}; fingerprint {placed.fingerprint}")

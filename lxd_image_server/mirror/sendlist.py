@@ -3,8 +3,9 @@
 Nothing an uploader plants travels. A push sends exactly:
   - the catalog (streams/v1/{index,images}.json[.gz]) and the page (streams/index.html), read
     as regular files (no link followed, no FIFO waited on), bounded in size, copied aside;
-  - the files that copy of images.json lists, by paths checked here (relative, below images/,
-    no `..`, no hidden or empty part, ASCII without control characters).
+  - the files that copy of images.json lists (read as a client reads it: model.parse_catalog,
+    bounded; a copy that is not a catalog fails the push), by paths checked here (relative,
+    below images/, no `..`, no hidden or empty part, ASCII without control characters).
 
 Every directory from images/ down to a listed file is opened without following links (a link
 or a missing directory: its files are left out, one log line per push), and each listed file is
@@ -26,13 +27,12 @@ import logging
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
+from lxd_image_server.catalog.model import parse_catalog
 from lxd_image_server.catalog.page import PAGE_NAME
 from lxd_image_server.fsutil import (
     NotRegularFile,
     TooLarge,
-    load_json_bounded,
     open_dir,
     open_dirs,
     open_regular,
@@ -43,8 +43,6 @@ log = logging.getLogger(__name__)
 
 #: the largest catalog file (and page) a push copies; a larger one fails that push
 MAX_CATALOG_BYTES = 64 << 20
-#: images.json nests about 7 levels deep; anything deeper is not a catalog
-MAX_CATALOG_DEPTH = 32
 #: copied in the reverse of publish.py's order, so an index.json is never newer than the
 #: images.json copied with it
 CATALOG_FILES = ("index.json", "index.json.gz", "images.json", "images.json.gz")
@@ -105,34 +103,23 @@ class Listing:
     refused: tuple[tuple[str, str], ...] = ()
 
 
-def _items(doc: Any) -> Iterator[object]:
-    """Every item's `path` value of a parsed images.json; CatalogError if it is not shaped as
-    one (products -> versions -> items, each an object)."""
-    if not isinstance(doc, dict) or not isinstance(doc.get("products"), dict):
-        raise CatalogError("images.json has no products object")
-    for product in doc["products"].values():
-        versions = product.get("versions") if isinstance(product, dict) else None
-        if not isinstance(versions, dict):
-            raise CatalogError("images.json: a product without a versions object")
-        for version in versions.values():
-            items = version.get("items") if isinstance(version, dict) else None
-            if not isinstance(items, dict):
-                raise CatalogError("images.json: a version without an items object")
-            for item in items.values():
-                yield item.get("path") if isinstance(item, dict) else None
-
-
 def list_catalog(data: bytes, prefix: Sequence[str]) -> Listing:
     """The item paths of images.json's bytes, checked (see check_path). A path below another
     listed path is refused too (a file cannot also be a directory). CatalogError when the
-    bytes are too many, too deeply nested, not JSON, or not shaped as a catalog."""
+    bytes are too many, too deeply nested, not JSON, or not a catalog (model.py's reader)."""
     try:
-        doc = load_json_bounded(data, MAX_CATALOG_BYTES, MAX_CATALOG_DEPTH)
+        catalog = parse_catalog(data, MAX_CATALOG_BYTES)
     except ValueError as e:
         raise CatalogError(f"images.json: {e}") from None
     good: set[str] = set()
     refused: dict[str, str] = {}
-    for path in _items(doc):
+    every = (
+        item.path
+        for product in catalog.products.values()
+        for version in product.versions.values()
+        for item in version.items.values()
+    )
+    for path in every:
         why = check_path(path, prefix)
         if why is None:
             good.add(str(path))

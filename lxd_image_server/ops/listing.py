@@ -15,8 +15,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from lxd_image_server.catalog.model import Catalog, catalog_from_json
-from lxd_image_server.catalog.readback import read_document
+from lxd_image_server.catalog.model import Catalog, catalog_from_json, read_document
 from lxd_image_server.progress import human
 
 FORMATS = ("table", "json", "csv")

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from lxd_image_server.catalog.publish import PublishError, publish
+from lxd_image_server.catalog.publish import PublishError
 
-from ..unit.test_publish import PRODUCTS, T1, T2
+from ..unit.test_publish import PRODUCTS, T1, T2, publish
 from ..unit.test_upload import META, ROOTFS, Tree, _snapshot, call, form
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from lxd_image_server.catalog.hashing import Digests, HashCache, HashEngine
+from lxd_image_server.catalog.model import Product, catalog_from_json
 
 SERIAL = "20240101_12:00"
 
@@ -61,3 +62,13 @@ def digest_once(db: str | None, versions: Any, *args: Any, **kwargs: Any) -> Dig
         return HashEngine(cache).digest(versions, *args, **kwargs)
     finally:
         cache.close()
+
+
+def model_products(products: dict[str, Any]) -> dict[str, Product]:
+    """The products of an images.json's `products` object, as the model (model.py) reads
+    them: what the writer builds, from a document a test writes by hand."""
+    doc = {
+        k: {**p, "versions": {s: {"items": {}, **v} for s, v in p.get("versions", {}).items()}}
+        for k, p in products.items()
+    }
+    return dict(catalog_from_json({"products": doc}).products)

@@ -7,11 +7,7 @@ from typing import Any
 
 import pytest
 
-from lxd_image_server.catalog.products import (
-    Products,
-    build_products,
-    index_document,
-)
+from lxd_image_server.catalog.products import build_products, index_of
 from lxd_image_server.tree.layout import serial_sort_key
 from lxd_image_server.tree.scan import Scanner
 
@@ -24,11 +20,15 @@ DISK = blob(120_000, 4)
 UNIFIED = blob(90_000, 5)
 
 
+Products = dict[str, Any]
+
+
 def catalog(root: Path, rehash: bool = False) -> Products:
+    """The products, as images.json holds them (the model's JSON view)."""
     img = root / "images"
     versions = Scanner(img).scan()
     digests = digest_once(None, versions, rehash)
-    return build_products(versions, digests, str(root))
+    return {k: p.to_json() for k, p in build_products(versions, digests, str(root)).items()}
 
 
 def only_version(products: Products, key: str = "busybox:1.35:amd64:default") -> Any:
@@ -282,7 +282,7 @@ def test_index_lists_exactly_the_products(tmp_path):
         write(d / "lxd.tar.xz", META)
         write(d / "rootfs.squashfs", SQUASH)
     products = catalog(tmp_path)
-    index = index_document(products, "x")
+    index = index_of(products, "x").to_json()
     assert index["index"]["images"]["products"] == sorted(products)
     assert index["index"]["images"]["path"] == "streams/v1/images.json"
 

@@ -10,9 +10,10 @@ import zlib
 import pytest
 
 from lxd_image_server.catalog import gzip_chunks as catalog_gzip
+from lxd_image_server.catalog.encode import catalog_bytes
 from lxd_image_server.catalog.gzip_chunks import GzipCache
-from lxd_image_server.catalog.products import images_document
-from lxd_image_server.catalog.publish import encode
+from lxd_image_server.catalog.model import Item, Product, Version
+from lxd_image_server.catalog.products import catalog_of
 
 
 def document(serials: range, salt: str = "") -> bytes:
@@ -22,14 +23,16 @@ def document(serials: range, salt: str = "") -> bytes:
         for s in serials:
             h = hashlib.sha256(f"{p}/{s}{salt}".encode()).hexdigest()
             path = f"images/os{p}/1.0/amd64/default/{s:012d}/"
-            versions[f"{s:012d}"] = {
-                "items": {
-                    "lxd.tar.xz": {"ftype": "lxd.tar.xz", "path": path + "lxd.tar.xz", "sha256": h},
-                    "squashfs": {"ftype": "squashfs", "path": path + "r", "sha256": h, "size": s},
-                }
-            }
-        products[f"os{p}:1.0:amd64:default"] = {"os": f"os{p}", "versions": versions}
-    return encode(images_document(products, "Mon, 01 Jan 2024 00:00:00 +0000"))
+            versions[f"{s:012d}"] = Version(
+                f"{s:012d}",
+                {
+                    "lxd.tar.xz": Item("lxd.tar.xz", path + "lxd.tar.xz", 1, h),
+                    "squashfs": Item("squashfs", path + "r", s, h),
+                },
+            )
+        name = f"os{p}:1.0:amd64:default"
+        products[name] = Product(name, f"os{p}", "1.0", "1.0", "amd64", "default", (), versions)
+    return catalog_bytes(catalog_of(products, "Mon, 01 Jan 2024 00:00:00 +0000"))
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ from lxd_image_server.catalog import page as page_module
 from lxd_image_server.catalog.deltawork import BACKGROUND, FOREGROUND, DeltaService
 from lxd_image_server.catalog.hashing import HashCache
 from lxd_image_server.catalog.pipeline import Pipeline
-from lxd_image_server.catalog.products import Products, build_products
+from lxd_image_server.catalog.products import build_products
 from lxd_image_server.config import Paths
 from lxd_image_server.ops.pruning import prune
 from lxd_image_server.settings import DeltaSettings
@@ -59,11 +59,15 @@ def xdelta(old: Path, new: Path, out: Path) -> Path:
     return out
 
 
+Products = dict[str, Any]
+
+
 def catalog(paths: Paths, listed: bool = True) -> Products:
     versions = Scanner(paths.img_dir).scan()
     digests = digest_once(None, versions)
     ok = frozenset(f.path for v in versions for f in v.files.values() if f.role.role is Role.DELTA)
-    return build_products(versions, digests, paths.root_dir, ok if listed else frozenset())
+    built = build_products(versions, digests, paths.root_dir, ok if listed else frozenset())
+    return {k: p.to_json() for k, p in built.items()}
 
 
 def items(products: Products, serial: str = NEW) -> dict[str, Any]:
@@ -202,6 +206,42 @@ def test_update_makes_checks_and_lists_the_delta(paths: Paths) -> None:
     assert item["sha256"] == sha(delta.read_bytes()) and item["size"] == delta.stat().st_size
     assert not [n for n in os.listdir(new) if n.startswith(".")]  # no temporary file left
     assert oct(delta.stat().st_mode & 0o7777) == "0o644"
+
+
+def test_the_settings_make_xdelta3s_options() -> None:
+    """bench/bench_delta.py measures alternatives through the same options: the window is the
+    base's size within [MIN_WINDOW, max_window], the secondary compression named when set."""
+    s = deltagen.Settings(level=6, max_window=64 << 20, secondary="djw")
+    assert s.encode_options(4096) == [
+        "-e", "-6", "-S", "djw", "-A", "-c", "-B", str(deltagen.MIN_WINDOW),
+    ]  # fmt: skip
+    assert s.window(10 << 20) == 10 << 20
+    assert s.window(1 << 30) == 64 << 20
+    assert s.decode_options(1 << 30) == ["-d", "-c", "-B", str(64 << 20)]
+    assert "-S" not in deltagen.Settings(secondary=None).encode_options(4096)
+
+
+def test_the_servers_deltas_need_no_secondary_compressor_of_the_client(
+    paths: Paths, tmp_path: Path
+) -> None:
+    """The server names its secondary compression (not the xdelta3 binary's default, LZMA in
+    Debian's build): `none`, so a client's xdelta3 built without liblzma applies its deltas,
+    with the command LXD and Incus run (`xdelta3 -f -d -s OLD DELTA NEW`, no -B)."""
+    assert deltagen.SETTINGS.secondary == "none"
+    old = add(paths, OLD, ROOT_1)
+    new = add(paths, NEW, ROOT_2)
+    update(paths)
+    delta = new / delta_name("squashfs", OLD)
+    header = delta.read_bytes()[:5]
+    assert header[:4] == b"\xd6\xc3\xc4\x00"  # VCDIFF, version 0
+    assert not header[4] & 0x01  # VCD_SECONDARY: no secondary compressor
+    out = tmp_path / "rebuilt"
+    subprocess.run(
+        ["xdelta3", "-f", "-d", "-s", old / "rootfs.squashfs", delta, out],
+        check=True,
+        capture_output=True,
+    )
+    assert out.read_bytes() == ROOT_2
 
 
 def test_a_window_sized_to_the_base_still_finds_matches_across_all_of_it(paths: Paths) -> None:

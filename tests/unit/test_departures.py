@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from lxd_image_server.catalog import departures
+from lxd_image_server.catalog import departures, published
 from lxd_image_server.catalog.departures import UnexplainedDepartures
 from lxd_image_server.catalog.hashing import HashCache
 from lxd_image_server.catalog.pipeline import Pipeline
 from lxd_image_server.catalog.retention import schedule
-from lxd_image_server.config import Paths
+from lxd_image_server.config import Paths, StateDir
 from lxd_image_server.tree.scan import ScannedVersion
 
 from .helpers import blob, version_dir, write
@@ -77,17 +77,111 @@ def test_a_partial_scan_is_not_published(paths: Paths, pipeline: Pipeline) -> No
     assert images_json(paths) == before
 
 
-def test_a_new_writer_reads_what_is_listed_from_images_json(paths: Paths, pipeline: Pipeline):
-    """A writer that just started (the watcher at boot, `update`, an operator command) knows
-    what the catalog lists from images.json itself."""
+def refused_by_a_new_writer(paths: Paths) -> None:
+    """A writer that just started (the watcher at boot, `update`, an operator command) and
+    scans a partial tree does not publish: it knows what the catalog lists."""
     before = images_json(paths)
     cache = HashCache(None)
     fresh = Pipeline(paths, cache)
     hide_from_scan(fresh, SERIALS[1])
-    with pytest.raises(UnexplainedDepartures):
-        fresh.update_all()
-    cache.close()
+    try:
+        with pytest.raises(UnexplainedDepartures):
+            fresh.update_all()
+    finally:
+        cache.close()
     assert images_json(paths) == before
+
+
+def test_a_new_writer_knows_what_is_listed_from_its_record_not_images_json(
+    paths: Paths, pipeline: Pipeline
+) -> None:
+    """Issue 21: the writer never parses what it published; the record of its last publish
+    (published.py) says what is listed. images.json made unreadable changes nothing."""
+    assert recorded(paths) == {rel(paths, s) for s in SERIALS}
+    images = Path(paths.streams_dir, "images.json")
+    images.write_bytes(b"[" + images.read_bytes())  # no JSON any more: never parsed
+    refused_by_a_new_writer(paths)
+
+
+def test_without_a_record_a_new_writer_reads_images_json_as_a_client(
+    paths: Paths, pipeline: Pipeline
+) -> None:
+    """A catalog published by a release without the record: what images.json lists."""
+    os.unlink(StateDir(paths.state_dir).published)
+    refused_by_a_new_writer(paths)
+
+
+def recorded(paths: Paths) -> set[str] | None:
+    """The version directories (relative to images/) the record of the last publish lists."""
+    record = published.read(paths.state_dir)
+    if record is None:
+        return None
+    return departures.Listing(record.files).versions(paths.served_images)
+
+
+def plant(path: Path, kind: str) -> None:
+    path.unlink(missing_ok=True)
+    if kind == "huge":
+        with open(path, "wb") as f:
+            f.truncate(published.MAX_RECORD_BYTES + 1)
+    elif kind == "dev-zero":
+        path.symlink_to("/dev/zero")
+    elif kind == "link":
+        other = path.with_name("elsewhere.json")
+        other.write_text('{"format": 1, "updated": "x"}\n')
+        path.symlink_to(other)
+    elif kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "directory":
+        path.mkdir()
+    elif kind == "nested":
+        path.write_bytes(b"[" * 100_000 + b"]" * 100_000)
+    else:
+        path.write_text(HOSTILE_RECORDS[kind])
+
+
+HEAD = '{"format": 1, "updated": "Mon, 01 Jan 2024 00:00:00 +0000"}\n'
+HOSTILE_RECORDS = {
+    "not json": "{",
+    "empty": "",
+    "listing nothing": HEAD,
+    "other format": '{"format": 2, "updated": "x"}\n',
+    "bad updated": '{"format": 1, "updated": "<b>\\n"}\n',
+    "dot-dot": HEAD + '["images/../../etc", {"x": 1}]\n',
+    "a path for a name": HEAD + '["images/a", {"b/c": 1}]\n',
+    "not a size": HEAD + '["images/a", {"b": "1"}]\n',
+    "not a line": HEAD + '["images/a", {"b": 1}]\n{"x": 1}\n',
+    "nested line": HEAD + "[" * 100_000 + "\n",
+}
+KINDS = ["huge", "dev-zero", "link", "fifo", "directory", "nested", *HOSTILE_RECORDS]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_hostile_record_falls_back_and_never_stops_publishing(
+    paths: Paths, pipeline: Pipeline, kind: str
+) -> None:
+    """The record damaged or replaced (corrupt, huge, a link, a FIFO, a directory, a list
+    that would unpublish everything): not trusted; the writer falls back to what images.json
+    lists and still refuses a partial scan; a whole one publishes, and the record is right
+    again (but where a directory stands in its place: then the next writer falls back)."""
+    record = Path(StateDir(paths.state_dir).published)
+    plant(record, kind)
+    if kind != "listing nothing":
+        # (a record listing nothing is well formed: what it says is what was published)
+        assert published.read(paths.state_dir) is None
+        refused_by_a_new_writer(paths)
+    shutil.rmtree(version_dir(Path(paths.img_dir), serial=SERIALS[0]))
+    cache = HashCache(None)
+    try:
+        assert Pipeline(paths, cache).update_all()
+    finally:
+        cache.close()
+    assert listed(paths) == set(SERIALS[1:])
+    if kind == "directory":
+        assert recorded(paths) is None and record.is_dir()
+    else:
+        assert recorded(paths) == {rel(paths, s) for s in SERIALS[1:]}
+        assert not record.is_symlink()
 
 
 def test_a_deleted_version_leaves_with_its_reason(
@@ -145,19 +239,27 @@ def test_reasons_are_named(paths: Paths) -> None:
     ],
 )
 def test_a_hostile_images_json_lists_nothing_and_crashes_nothing(tmp_path: Path, data: bytes):
+    """Without a record, images.json is read as a client reads it: bounded, and anything that
+    is not a catalog lists nothing."""
     path = tmp_path / "images.json"
     path.write_bytes(data)
-    assert departures.read_listing(str(path)).sizes == {}
+    assert departures.listed(str(tmp_path / "state"), str(tmp_path)).sizes == {}
 
 
 def test_a_link_as_images_json_is_not_followed(tmp_path: Path) -> None:
     secret = tmp_path / "secret.json"
     secret.write_text(
-        '{"products": {"p": {"versions": {"v": {"items": {"i": '
-        '{"path": "images/a/b/amd64/d/20240101_1200/x", "size": 1}}}}}}}'
+        '{"products": {"p": {"versions": {"v": {"items": {"i": {"ftype": "x", "sha256": "",'
+        '"path": "images/a/b/amd64/d/20240101_1200/x", "size": 1}}}}}}}'
     )
+    assert departures.listed(str(tmp_path / "state"), str(tmp_path)).sizes == {}
+    os.rename(secret, tmp_path / "images.json")
+    assert departures.listed(str(tmp_path / "state"), str(tmp_path)).sizes == {
+        "images/a/b/amd64/d/20240101_1200/x": 1
+    }
+    os.rename(tmp_path / "images.json", secret)
     (tmp_path / "images.json").symlink_to(secret)
-    assert departures.read_listing(str(tmp_path / "images.json")).sizes == {}
+    assert departures.listed(str(tmp_path / "state"), str(tmp_path)).sizes == {}
 
 
 def test_a_listed_serial_far_ahead_of_the_clock_leaves_as_invalid(paths: Paths) -> None:

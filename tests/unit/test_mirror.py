@@ -374,7 +374,10 @@ def local(cmd: list[str], dest: Path) -> list[str]:
 
 
 def catalog_doc(*paths: str) -> str:
-    items = {f"i{n}": {"path": p, "ftype": "squashfs"} for n, p in enumerate(paths)}
+    items = {
+        f"i{n}": {"path": p, "ftype": "squashfs", "size": 1, "sha256": "0" * 64}
+        for n, p in enumerate(paths)
+    }
     return json.dumps({"products": {"p": {"versions": {"20240101_1200": {"items": items}}}}})
 
 

@@ -70,18 +70,21 @@ def test_image_prefix() -> None:
 
 
 def catalog(*paths: object) -> bytes:
-    items = {f"i{n}": {"path": p, "ftype": "squashfs"} for n, p in enumerate(paths)}
+    items = {
+        f"i{n}": {"path": p, "ftype": "squashfs", "size": 1, "sha256": "0" * 64}
+        for n, p in enumerate(paths)
+    }
     doc = {"products": {"p": {"versions": {"20240101_1200": {"items": items}}}}}
     return json.dumps(doc).encode()
 
 
 def test_list_catalog_keeps_checked_paths_and_says_why_it_refuses_others() -> None:
     listing = list_catalog(
-        catalog(f"{V}/lxd.tar.xz", f"{V}/lxd.tar.xz", "/etc/shadow", 5, f"{V}/rootfs.squashfs"),
+        catalog(f"{V}/lxd.tar.xz", f"{V}/lxd.tar.xz", "/etc/shadow", f"{V}/rootfs.squashfs"),
         IMG,
     )
     assert listing.paths == (f"{V}/lxd.tar.xz", f"{V}/rootfs.squashfs")
-    assert dict(listing.refused) == {"'/etc/shadow'": "absolute", "5": "not a string"}
+    assert dict(listing.refused) == {"'/etc/shadow'": "absolute"}
     nested = list_catalog(catalog("images/a", "images/a/b", "images/c"), IMG)
     assert nested.paths == ("images/a", "images/c")
     assert dict(nested.refused) == {"'images/a/b'": "below another listed file"}
@@ -99,10 +102,12 @@ def test_list_catalog_keeps_checked_paths_and_says_why_it_refuses_others() -> No
             ).encode(),
             "nested deeper",
         ),
-        (b"[]", "no products object"),
-        (b'{"products": []}', "no products object"),
-        (b'{"products": {"p": 1}}', "without a versions object"),
-        (b'{"products": {"p": {"versions": {"v": {"items": []}}}}}', "without an items object"),
+        (b"[]", "images.json: expected an object"),
+        (b'{"products": []}', r"images\.json\.products: expected an object"),
+        (b'{"products": {"p": 1}}', r"products\.p: expected an object"),
+        (b'{"products": {"p": {"versions": {"v": {"items": []}}}}}', r"v\.items: expected an obj"),
+        # one item that is not an item: the copy is not the writer's catalog, nothing is sent
+        (catalog(f"{V}/lxd.tar.xz", 5), r"items\.i1\.path: expected a string"),
     ],
 )
 def test_list_catalog_refuses_what_is_not_a_catalog(data: bytes, why: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import datetime as dt
 import hashlib
 import json
@@ -16,6 +17,7 @@ import pytest
 
 from lxd_image_server.catalog import page as page_module
 from lxd_image_server.catalog.hashing import HashCache
+from lxd_image_server.catalog.model import Product, Version, version_from_json
 from lxd_image_server.catalog.page import (
     OLDER_VERSIONS,
     OPEN_VERSIONS,
@@ -24,12 +26,8 @@ from lxd_image_server.catalog.page import (
     STYLE,
     Image,
     PageCache,
-    catalog_updated,
     content_security_policy,
     human_size,
-    render_page,
-    version_images,
-    write_page,
 )
 from lxd_image_server.catalog.pipeline import Pipeline
 from lxd_image_server.catalog.publish import publish
@@ -37,7 +35,7 @@ from lxd_image_server.config import Paths
 from lxd_image_server.service.nginx import SiteSettings, render_locations
 from lxd_image_server.tree.layout import serial_time
 
-from .helpers import blob, sha, version_dir, write
+from .helpers import blob, model_products, sha, version_dir, write
 
 UPDATED = "Fri, 05 Jan 2024 10:00:00 +0000"
 FP_SQUASHFS, FP_VM, FP_ROOTXZ, FP_UNIFIED = ("a" * 64, "b" * 64, "c" * 64, "d" * 64)
@@ -108,6 +106,26 @@ PRODUCTS = {
         "alpine", "3.19", "arm64", "unified", "", {"20240102_0800": unified_items()}
     ),
 }
+
+
+def as_model(products: dict[str, Any]) -> dict[str, Product]:
+    """The products the writer would hand to the page (those written here as images.json
+    holds them, read into the model)."""
+    return {
+        k: p if isinstance(p, Product) else model_products({k: p})[k] for k, p in products.items()
+    }
+
+
+def render_page(products: dict[str, Any], **kwargs: Any) -> str:
+    return page_module.render_page(as_model(products), **kwargs)
+
+
+def write_page(root_dir: str, products: dict[str, Any], **kwargs: Any) -> bool:
+    return page_module.write_page(root_dir, as_model(products), **kwargs)
+
+
+def version_images(items: dict[str, Any]) -> list[Image]:
+    return page_module.version_images(version_from_json("s", {"items": items}, "s"))
 
 
 class Dom(HTMLParser):
@@ -211,15 +229,17 @@ def test_a_cache_reads_again_only_the_versions_shown_and_those_changed(monkeypat
     """With a PageCache (the pipeline's), a render reads the images of the versions it shows
     and of those whose items are new since the last render; the rest come from the cache.
     The bytes are those of a render without it."""
-    versions = {f"2024{i:08d}": split_items() for i in range(100)}
-    versions["202400000000"] = unified_items()  # the oldest: not shown, counted
-    products = {"busybox:1.35:amd64:default": product("busybox", "1.35", "amd64", "", "", versions)}
+    key = "busybox:1.35:amd64:default"
+    raw = {f"2024{i:08d}": split_items() for i in range(100)}
+    raw["202400000000"] = unified_items()  # the oldest: not shown, counted
+    products = as_model({key: product("busybox", "1.35", "amd64", "", "", raw)})
+    versions = dict(products[key].versions)
     reads: list[str] = []
     real = page_module.version_images
 
-    def spy(items: Any, serial: str = "") -> list[Image]:
-        reads.append(serial)
-        return real(items, serial)
+    def spy(version: Version) -> list[Image]:
+        reads.append(version.serial)
+        return real(version)
 
     monkeypatch.setattr(page_module, "version_images", spy)
     cache = PageCache()
@@ -231,9 +251,9 @@ def test_a_cache_reads_again_only_the_versions_shown_and_those_changed(monkeypat
     assert render_page(products, updated=UPDATED, cache=cache) == first
     assert sorted(reads) == sorted(versions)[-shown:]
     # an old version changed (new items) and a new version added: read, and counted right
-    versions["202400000001"] = split_items(vm=False)
-    versions["202500000000"] = split_items()
-    changed = {"busybox:1.35:amd64:default": product("busybox", "1.35", "amd64", "", "", versions)}
+    for serial, items in (("202400000001", split_items(vm=False)), ("202500000000", split_items())):
+        versions[serial] = version_from_json(serial, {"items": items}, serial)
+    changed = {key: dataclasses.replace(products[key], versions=versions)}
     expected = render_page(changed, updated=UPDATED)
     reads.clear()
     assert render_page(changed, updated=UPDATED, cache=cache) == expected
@@ -458,18 +478,20 @@ def test_serial_time() -> None:
 
 def test_write_page_is_atomic_and_only_when_changed(tmp_path: Path) -> None:
     streams = tmp_path / "streams" / "v1"
-    publish(str(streams), PRODUCTS, dt.datetime(2024, 1, 5, 10, 0, tzinfo=dt.UTC))
-    assert write_page(str(tmp_path), PRODUCTS)
+    state = str(tmp_path / "state")
+    when = dt.datetime(2024, 1, 5, 10, 0, tzinfo=dt.UTC)
+    publish(str(streams), as_model(PRODUCTS), when, state_dir=state)
+    assert write_page(str(tmp_path), PRODUCTS, state_dir=state)
     page = tmp_path / "streams" / "index.html"
     assert page.read_text() == render_page(PRODUCTS, updated=UPDATED)
     assert page.stat().st_mode & 0o777 == 0o644
     mtime = page.stat().st_mtime_ns
-    assert not write_page(str(tmp_path), PRODUCTS)
+    assert not write_page(str(tmp_path), PRODUCTS, state_dir=state)
     assert page.stat().st_mtime_ns == mtime
-    assert write_page(str(tmp_path), {})
+    assert write_page(str(tmp_path), {}, state_dir=state)
     assert "No images are published yet." in page.read_text()
     # nothing at the root, which the catalog writer may not own (the package's is root's)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["streams"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state", "streams"]
     assert sorted(p.name for p in (tmp_path / "streams").iterdir()) == ["index.html", "v1"]
 
 
@@ -510,20 +532,26 @@ def test_pipeline_writes_the_page_and_restores_it(
     assert page.read_bytes() == before
 
 
-# -- the catalog read back is bounded (issue 9, finding 3) ---------------------------------------
+# -- what the page reads is bounded (issue 9, finding 3) -----------------------------------------
 
 
 @pytest.mark.parametrize("kind", ["nested", "dev-zero", "fifo"])
-def test_hostile_images_json_does_not_stop_the_page(tmp_path: Path, kind: str, caplog) -> None:
+def test_hostile_record_or_images_json_does_not_stop_the_page(
+    tmp_path: Path, kind: str, caplog
+) -> None:
+    """The page takes the catalog's `updated` from the writer's record (published.py), never
+    from images.json; neither, made hostile, stops it."""
     streams = tmp_path / "streams" / "v1"
     streams.mkdir(parents=True)
-    target = streams / "images.json"
-    if kind == "nested":
-        target.write_text('{"updated": ' + "[" * 100_000)
-    elif kind == "dev-zero":
-        target.symlink_to("/dev/zero")
-    else:
-        os.mkfifo(target)
-    assert catalog_updated(str(tmp_path)) is None
-    assert write_page(str(tmp_path), {}) is True
+    state = tmp_path / "state"
+    state.mkdir()
+    for target in (streams / "images.json", state / "published.json"):
+        if kind == "nested":
+            target.write_text('{"updated": ' + "[" * 100_000)
+        elif kind == "dev-zero":
+            target.symlink_to("/dev/zero")
+        else:
+            os.mkfifo(target)
+    assert write_page(str(tmp_path), {}, state_dir=str(state)) is True
+    assert "catalog updated" not in (tmp_path / PAGE_PATH).read_text()
     assert (tmp_path / PAGE_PATH).is_file()

@@ -1,3 +1,4 @@
+import dataclasses
 import datetime as dt
 import gzip
 import json
@@ -10,10 +11,15 @@ from typing import Any
 
 import pytest
 
+from lxd_image_server.catalog import publish as publish_module
+from lxd_image_server.catalog.gzip_chunks import GzipCache
+from lxd_image_server.catalog.model import Item, Product, Version
 from lxd_image_server.catalog.products import UPDATED_FORMAT
-from lxd_image_server.catalog.publish import PublishError, catalog_lock, publish
+from lxd_image_server.catalog.publish import PublishError, catalog_lock
 
-PRODUCTS = {
+from .helpers import model_products
+
+PRODUCTS_JSON = {
     "busybox:1.35:amd64:default": {
         "aliases": "busybox/1.35",
         "arch": "amd64",
@@ -24,6 +30,16 @@ PRODUCTS = {
         "versions": {"20240101_1200": {"items": {}}},
     }
 }
+PRODUCTS = model_products(PRODUCTS_JSON)
+
+
+def publish(
+    streams: str, products: Any, now: dt.datetime | None = None, gz: GzipCache | None = None
+) -> bool:
+    """publish.publish with the writer's state directory beside `streams`."""
+    return publish_module.publish(streams, products, now, gz, state_dir=streams + ".state")
+
+
 T1 = dt.datetime(2024, 1, 1, 12, 0, tzinfo=dt.UTC)
 T2 = dt.datetime(2024, 1, 2, 12, 0, tzinfo=dt.UTC)
 
@@ -72,7 +88,9 @@ def test_changed_content_moves_timestamp(tmp_path):
 def test_deterministic_bytes(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     publish(str(a), PRODUCTS, T1)
-    reordered = {k: dict(reversed(list(v.items()))) for k, v in PRODUCTS.items()}
+    reordered = model_products(
+        {k: dict(reversed(list(v.items()))) for k, v in PRODUCTS_JSON.items()}
+    )
     publish(str(b), reordered, T1)
     for n in ("images.json", "images.json.gz", "index.json", "index.json.gz"):
         assert (a / n).read_bytes() == (b / n).read_bytes()
@@ -212,28 +230,30 @@ def test_publishing_a_large_catalog_holds_few_copies_of_it(tmp_path):
     bytes copies of it: the peak stays below three times the document."""
     import tracemalloc
 
-    from lxd_image_server.catalog.encode import Encoded
-
-    def products(n: int) -> dict[str, Any]:
-        out: dict[str, Any] = {}
+    def products(n: int) -> dict[str, Product]:
+        versions: dict[str, dict[str, Version]] = {}
         for i in range(n):
-            p = out.setdefault(f"os{i % 10}:1:amd64:default", {"os": "x", "versions": {}})
             h = f"{i:064x}"
             items = {
-                k: {"ftype": k, "path": f"images/os/1/amd64/default/{i}/{k}", "sha256": h}
+                k: Item(k, f"images/os/1/amd64/default/{i}/{k}", i, h)
                 for k in ("lxd.tar.xz", "incus.tar.xz", "squashfs")
             }
-            p["versions"][f"{i:012d}"] = Encoded(items=items)
-        return out
+            versions.setdefault(f"os{i % 10}:1:amd64:default", {})[f"{i:012d}"] = Version(
+                f"{i:012d}", items
+            )
+        return {
+            k: Product(k, "x", "1", "1", "amd64", "default", (), v) for k, v in versions.items()
+        }
 
     streams = tmp_path / "v1"
     big = products(3000)
     publish(str(streams), big, T1)
     size = (streams / "images.json").stat().st_size
     # one version more; the others' text was encoded already, as in the pipeline
-    new = products(3001)["os0:1:amd64:default"]["versions"]["000000003000"]
-    bigger = {k: {**p, "versions": dict(p["versions"])} for k, p in big.items()}
-    bigger["os0:1:amd64:default"]["versions"]["000000003000"] = new
+    new = products(3001)["os0:1:amd64:default"].versions["000000003000"]
+    bigger = dict(big)
+    p = big["os0:1:amd64:default"]
+    bigger[p.name] = dataclasses.replace(p, versions={**p.versions, new.serial: new})
     tracemalloc.start()
     try:
         assert publish(str(streams), bigger, T2)

@@ -204,12 +204,11 @@ def test_the_watcher_takes_only_a_pipeline_built_for_it(paths: Paths) -> None:
         cache.close()
 
 
-def test_a_product_kept_encoded_is_published_again_when_another_takes_its_alias(
+def test_a_product_whose_view_is_kept_loses_an_alias_another_takes(
     paths: Paths, pipeline: Pipeline
 ) -> None:
-    """Products are reused with their JSON while the same (product_cache.py): busybox's
-    versions do not change here, but alpine now claims one of its aliases, which busybox
-    loses (the product that sorts first keeps it)."""
+    """busybox's view (its versions, their entries) is kept here, but alpine now claims one
+    of its aliases, which busybox loses (the product that sorts first keeps it)."""
     assert "busybox/1.35" in catalog(paths)["busybox:1.35:amd64:default"]["aliases"].split(",")
     d = version_dir(Path(paths.img_dir), os_="alpine", serial=SERIALS[1])
     write(d / "metadata.json", b'{"aliases": ["busybox/1.35"]}')

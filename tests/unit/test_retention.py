@@ -13,7 +13,6 @@ import pytest
 
 from lxd_image_server.catalog.hashing import HashCache
 from lxd_image_server.catalog.pipeline import Pipeline
-from lxd_image_server.catalog.products import Products
 from lxd_image_server.catalog.retention import (
     PendingVersions,
     RetentionError,
@@ -27,7 +26,7 @@ from lxd_image_server.catalog.retention import (
 from lxd_image_server.config import Paths
 from lxd_image_server.ops.pruning import prune, remove
 
-from .helpers import blob, version_dir, write
+from .helpers import blob, model_products, version_dir, write
 
 PRODUCT = "busybox:1.35:amd64:default"
 HOUR = 3600
@@ -63,12 +62,14 @@ def published(paths: Paths) -> dict[str, list[str]]:
 
 
 def test_select_prunable_orders_by_time_across_spellings() -> None:
-    products: Products = {
-        "a:1:amd64:default": {
-            "versions": {"20240102_1200": {}, "20240101_12:00": {}, "202401031200": {}}
-        },
-        "b:1:amd64:default": {"versions": {"20240101_1200": {}}},
-    }
+    products = model_products(
+        {
+            "a:1:amd64:default": {
+                "versions": {"20240102_1200": {}, "20240101_12:00": {}, "202401031200": {}}
+            },
+            "b:1:amd64:default": {"versions": {"20240101_1200": {}}},
+        }
+    )
     assert select_prunable(products, 1) == [
         ("a:1:amd64:default", "20240101_12:00"),
         ("a:1:amd64:default", "20240102_1200"),
@@ -112,7 +113,7 @@ def test_prune_hides_at_once_and_deletes_after_the_grace_period(
     other = Pipeline(paths, cache)
     other.update_all()
     cache.close()
-    assert other.products[PRODUCT]["versions"].keys() == {"20240103_1200"}
+    assert other.products[PRODUCT].versions.keys() == {"20240103_1200"}
 
     assert delete_expired(paths, now=NOW + HOUR - 1) == []
     assert old.is_dir()
@@ -122,7 +123,7 @@ def test_prune_hides_at_once_and_deletes_after_the_grace_period(
     assert load(paths.state_dir) == []
     assert not [n for n in os.listdir(new.parent) if n.startswith(".")]
     other.update_all()
-    assert other.products[PRODUCT]["versions"].keys() == {"20240103_1200"}
+    assert other.products[PRODUCT].versions.keys() == {"20240103_1200"}
     cache.close()
 
 

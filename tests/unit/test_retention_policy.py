@@ -29,6 +29,7 @@ from lxd_image_server.retention_policy import KeepRule, PolicyError, RetentionPo
 from lxd_image_server.tree import layout
 from lxd_image_server.tree.scan import ScannedVersion
 
+from .helpers import model_products
 from .test_retention import HOUR, PRODUCT, add_version, published
 
 KEEP_2 = RetentionPolicy(keep=2)
@@ -88,13 +89,15 @@ def test_first_matching_rule_decides_and_zero_keeps_all() -> None:
 def test_select_by_policy_never_the_newest_nor_an_unparsable_serial(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    products: Products = {
-        "a:1:amd64:default": {"versions": {"20240101_1200": {}, "20240102_1200": {}}},
-        "b:1:amd64:default": {
-            "versions": {"20240101_1200": {}, "not-a-serial": {}, "20240102_1200": {}}
-        },
-        "c:1:amd64:default": {"versions": {"20240101_1200": {}, "20240102_1200": {}}},
-    }
+    products = model_products(
+        {
+            "a:1:amd64:default": {"versions": {"20240101_1200": {}, "20240102_1200": {}}},
+            "b:1:amd64:default": {
+                "versions": {"20240101_1200": {}, "not-a-serial": {}, "20240102_1200": {}}
+            },
+            "c:1:amd64:default": {"versions": {"20240101_1200": {}, "20240102_1200": {}}},
+        }
+    )
     policy = RetentionPolicy(1, (KeepRule("c/*", 0),))
     with caplog.at_level(logging.WARNING):
         chosen = select_prunable(products, policy.keep_for)
@@ -239,9 +242,9 @@ def _published_after(version: Path, earlier: Path) -> None:
 
 
 def test_select_never_prunes_what_was_published_after_the_newest_kept() -> None:
-    products: Products = {
-        PRODUCT: {"versions": {"20240101_1200": {}, "20240102_1200": {}, "20240110_1200": {}}}
-    }
+    products = model_products(
+        {PRODUCT: {"versions": {"20240101_1200": {}, "20240102_1200": {}, "20240110_1200": {}}}}
+    )
     published = {
         (PRODUCT, "20240110_1200"): 100,  # the newest serial came first
         (PRODUCT, "20240101_1200"): 50,

@@ -10,15 +10,16 @@ import logging
 import os
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from lxd_image_server.catalog.hashing import Digests, HashCache, HashEngine
-from lxd_image_server.catalog.products import Products, build_products
+from lxd_image_server.catalog.products import build_products
 from lxd_image_server.catalog.retention import select_prunable
 from lxd_image_server.tree.scan import Scanner
 
-from .helpers import blob, version_dir, write
+from .helpers import blob, model_products, version_dir, write
 
 META = blob(3000, 1)
 ROOT = blob(50_000, 2)
@@ -33,10 +34,14 @@ def complete(d: Path, meta: bytes = META, root: bytes = ROOT) -> Path:
     return d
 
 
+Products = dict[str, Any]
+
+
 def catalog(root: Path) -> Products:
+    """The products, as images.json holds them (the model's JSON view)."""
     versions = Scanner(root / "images").scan()
     digests = HashEngine(HashCache(None)).digest(versions)
-    return build_products(versions, digests, str(root))
+    return {k: p.to_json() for k, p in build_products(versions, digests, str(root)).items()}
 
 
 def lines_about(caplog: pytest.LogCaptureFixture, text: str) -> list[str]:
@@ -165,7 +170,7 @@ def test_full_width_serial_does_not_sort_as_newest(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         products = catalog(tmp_path)
     assert sorted(products[PRODUCT]["versions"]) == ["20240101_12:00", "20240301_12:00"]
-    assert select_prunable(products, keep=1) == [(PRODUCT, "20240101_12:00")]
+    assert select_prunable(model_products(products), keep=1) == [(PRODUCT, "20240101_12:00")]
     assert lines_about(caplog, "bad serial")
 
 
