@@ -310,9 +310,8 @@ class Pipeline:
         self._products = products
         if self.use is not Use.WATCH:
             self._shortcut.forget()  # what is published now is not what the record vouches for
-        changed = publish(
-            self.paths.streams_dir, products, images_gz=self._gzip, state_dir=self.paths.state_dir
-        )
+        streams, state = self.paths.streams_dir, self.paths.state_dir
+        changed = publish(streams, products, images_gz=self._gzip, state_dir=state)
         self._listed.published(products, publishing)
         self._state_after = self._listed.state()
         if plan:
@@ -323,8 +322,7 @@ class Pipeline:
             return changed
         if self.use is not Use.WATCH:
             self._page.write(products)
-            self._shortcut.record_later(inputs)
-            self._shortcut.record_due()
+            self._shortcut.record_now(inputs)
         return changed
 
     def listing(self) -> departures.Listing:

@@ -173,6 +173,11 @@ class Shortcut:
         """`inputs` is recorded with the page (`record_due`)."""
         self._due = inputs
 
+    def record_now(self, inputs: str | None) -> None:
+        """Records `inputs` (None: nothing) now: the page of its publish is written."""
+        self._due = inputs
+        self.record_due()
+
     def record_due(self) -> None:
         if self._due is not None:
             record(self.state_dir, self.root_dir, self._due)
