@@ -106,6 +106,11 @@ class StateDir:
     def watch_pid(self) -> str:
         return self._in("watch.pid")
 
+    @property
+    def publish_socket(self) -> str:
+        """Where the running watcher takes publish requests (catalog/publish_requests.py)."""
+        return self._in("publish.sock")
+
     # what `run` makes: nginx's prefix and config, its certificate and credentials
 
     @property

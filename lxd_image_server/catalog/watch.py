@@ -22,6 +22,9 @@ What an uploader can do to it (every uploader is assumed hostile):
   tells us it is still being written).
 - Warnings about the same bad path are logged once an hour, not at every scan (logs.Once).
 - Nothing on disk stops the loop: every pass's error is logged and retried.
+- Publish requests (publish_requests.py: `import` names the versions it placed) are taken on
+  a socket polled next to the inotify descriptor: those versions are rescanned and published
+  at once, and the request answered after that publish. Nothing a client sends stops the loop.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ import os
 import select
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from types import FrameType
 
 from inotify_simple import flags
@@ -41,6 +44,7 @@ from inotify_simple import flags
 from lxd_image_server.catalog.departures import UnexplainedDepartures
 from lxd_image_server.catalog.pipeline import Pipeline, Use
 from lxd_image_server.catalog.publish import PublishError
+from lxd_image_server.catalog.publish_requests import RequestServer
 from lxd_image_server.catalog.retention import RetentionError, delete_expired, next_expiry
 from lxd_image_server.catalog.watch_set import (
     DEFAULT_MAX_WATCHES,
@@ -89,6 +93,7 @@ class Watcher:
         max_watches: int = DEFAULT_MAX_WATCHES,
         rescan_interval: float = DEFAULT_RESCAN_INTERVAL,
         budget: float = DEFAULT_BUDGET,
+        publish_socket: str | None = None,
     ) -> None:
         self.img_dir = paths.img_dir
         # (its scanner asks `_excluded` from its first scan on, in `run`; the page is written
@@ -119,6 +124,11 @@ class Watcher:
         self.reload_requested = False
         #: when the first pruned version's grace period is over (time.time()), or None
         self.next_expiry: float | None = None
+        #: where publish requests are taken (None: not at all), and their server once running
+        self.publish_socket = publish_socket
+        self.requests: RequestServer | None = None
+        #: a publish request waits: publish now, no debounce
+        self.urgent = False
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
     # -- signals ----------------------------------------------------------------------------
@@ -244,7 +254,11 @@ class Watcher:
     def _due(self) -> float | None:
         """Seconds until the pending work is due (0: now), None if nothing is pending."""
         now = time.monotonic()
+        if self.urgent:
+            return 0.0
         times = []
+        if self.requests is not None and (deadline := self.requests.next_deadline()) is not None:
+            times.append(deadline)
         if self.dirty or self.collect_due:
             times.append(min(self.last_event + self.quiet, self.first_event + self.max_delay))
         if self.retry_at is not None:
@@ -309,12 +323,13 @@ class Watcher:
                 del self.held[rel]
                 self.dirty.add(rel)
         prefixes, self.dirty = self.dirty, set()
-        self.collect_due = False
+        self.collect_due = self.urgent = False
         if "" in prefixes and "" not in self.watches.watched and os.path.isdir(self.img_dir):
             self._rewatch_all()
         try:
             self.pipeline.refresh(prefixes, self.budget)
             self.retry_at = None
+            self._answer_requests()
             self._plan_expiry()  # the publish may have pruned versions
             if "" in prefixes:
                 _settle_heap()
@@ -330,6 +345,55 @@ class Watcher:
                 "unexpected error while publishing; retrying in %.0f s", RETRY_AFTER_ERROR
             )
             self._retry(prefixes)
+
+    # -- publish requests (publish_requests.py) ---------------------------------------------
+
+    def _serve_requests(self, poller: select.poll) -> None:
+        if self.publish_socket is None:
+            return
+        try:
+            self.requests = RequestServer(self.publish_socket, self.img_dir)
+        except OSError as e:
+            log.error("cannot take publish requests at %s: %s", self.publish_socket, e)
+            return
+        poller.register(self.requests.fileno(), select.POLLIN)
+
+    def _take_requests(self) -> None:
+        """Versions named by a request read now: rescanned and published at once."""
+        if self.requests is None:
+            return
+        try:
+            wanted = self.requests.handle()
+            if self.requests.next_deadline() is not None:
+                self.requests.expire(self.img_dir, self._listed)
+        except Exception:
+            log.exception("unexpected error while taking publish requests")
+            return
+        if wanted:
+            for rel in wanted:
+                self._mark(rel)
+            self.urgent = True
+
+    def _answer_requests(self) -> None:
+        if self.requests is None or not self.requests.waiting:
+            return
+        try:
+            listed = self._listed(self.requests.wanted())
+            self.requests.answer(listed, self.pipeline.hashing() > 0, self.img_dir)
+        except Exception:
+            log.exception("unexpected error while answering publish requests")
+
+    def _listed(self, rels: Iterable[str]) -> set[str]:
+        """Those of the version directories `rels` (relative to images/) the catalog lists
+        now: looked up one by one (the whole catalog's listing costs a pass over its items)."""
+        products = self.pipeline.products
+        out = set()
+        for rel in rels:
+            product, _, serial = rel.rpartition("/")
+            listed = products.get(product.replace("/", ":"))
+            if listed is not None and serial in listed.versions:
+                out.add(rel)
+        return out
 
     def _page_ready(self) -> bool:
         """The catalog page is due and no publish is pending: its turn."""
@@ -390,6 +454,8 @@ class Watcher:
             os.makedirs(self.img_dir, exist_ok=True)
             self.watches.watch_tree("")
             log.info("watching %s (%d directories)", self.img_dir, len(self.watches.wds))
+            poller = select.poll()
+            self._serve_requests(poller)  # (before the pid file: that says it is there)
             if self.pid_file:
                 # only now: the pid file says the watcher sees every upload from here on
                 # (`run` waits for it before nginx takes connections; `health` reads it)
@@ -407,7 +473,6 @@ class Watcher:
                 self._retry({""})
             self._plan_expiry()
             _settle_heap()
-            poller = select.poll()
             poller.register(self.watches.inotify.fileno(), select.POLLIN)
             poller.register(self._wake_r, select.POLLIN)
             while not self.stopping:
@@ -423,6 +488,7 @@ class Watcher:
                     break
                 for event in self.watches.inotify.read(timeout=0):
                     self.handle(event.wd, event.mask, event.name)
+                self._take_requests()
                 if self.pipeline.has_news():
                     self._results_ready()
                 if self.reload_requested:
@@ -443,6 +509,8 @@ class Watcher:
                 with contextlib.suppress(OSError):
                     os.unlink(self.pid_file)
             self.watches.close()
+            if self.requests is not None:
+                self.requests.close()
             os.close(self._wake_r)
             os.close(self._wake_w)
 

@@ -9,23 +9,27 @@ Exit codes: 0 done, 1 failed (or `verify` found problems), 2 usage error.
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from lxd_image_server.catalog import retention
-from lxd_image_server.catalog.pipeline import Pipeline
 from lxd_image_server.cli.common import Globals, handle_errors, tree_options, tree_paths
-from lxd_image_server.cli.naming import files_given, naming, naming_options, terminal_progress
+from lxd_image_server.cli.naming import naming, naming_options, terminal_progress
 from lxd_image_server.config import Paths
-from lxd_image_server.ops import import_detect, import_place, listing, pruning
-from lxd_image_server.ops.import_errors import VersionExists
-from lxd_image_server.ops.updating import with_pipeline
-from lxd_image_server.privileges import become_writer
 from lxd_image_server.progress import for_terminal
+
+if TYPE_CHECKING:
+    from lxd_image_server.catalog.pipeline import Pipeline
+    from lxd_image_server.ops import pruning
+
+# (what only some commands use is imported in them: `import` handed to a running watcher
+# never loads the pipeline nor the catalog's model, and each image imported pays for its
+# start-up)
+
+#: `list --format`: ops/listing.py FORMATS (the same tuple: tests/unit/test_cli_ops.py)
+LIST_FORMATS = ("table", "json", "csv")
 
 T = TypeVar("T")
 
@@ -33,6 +37,9 @@ T = TypeVar("T")
 def _with_pipeline(
     g: Globals, paths: Paths, run: Callable[[Pipeline], T], cache_first: Any = None
 ) -> T:
+    from lxd_image_server.ops.updating import with_pipeline
+    from lxd_image_server.privileges import become_writer
+
     become_writer(paths)  # as root on the package's tree: as its catalog writer
     return with_pipeline(paths, g.settings, run, for_terminal(), cache_first)
 
@@ -41,7 +48,7 @@ def _with_pipeline(
 
 
 @click.command("import")
-@click.argument("files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.argument("files", nargs=-1, required=True, type=click.Path(exists=True))
 @tree_options
 @naming_options
 @click.option("--move", is_flag=True, help="Move the files instead of copying (same file system).")
@@ -66,52 +73,41 @@ def import_cmd(
 
     FILE is a unified tarball (<fingerprint>.tar.gz), or FILE FILE a split image: the metadata
     tarball (meta-<fingerprint>.tar.xz) and the root filesystem (.squashfs, .tar.xz or .qcow2),
-    in any order. Naming options not given are read from metadata.yaml.
+    in any order. Several images at once (published once): a directory of exports, or three
+    files or more; a split image's files are then paired by lxc's names (meta-NAME.tar.xz with
+    NAME.squashfs, NAME.tar.xz or NAME.qcow2). Naming options not given are read from
+    metadata.yaml.
     """
+    from lxd_image_server.ops import import_batch, import_detect, importing
+
     paths = tree_paths(g, root_dir, img_dir, streams_dir)
-    plan = import_detect.plan_import(
-        files_given(files), naming(os_name, release, arch, variant, serial)
+    plans = importing.plan_all(
+        import_batch.group_files(files), naming(os_name, release, arch, variant, serial)
     )
-    version_dir = os.path.join(paths.img_dir, plan.key.relpath)
-    pending = retention.pending_for(paths.state_dir, version_dir)
-    try:
-        placed = import_place.place(
-            plan,
-            paths.img_dir,
-            move=move,
-            force=force,
-            progress_start=terminal_progress("copying"),
-        )
-    except VersionExists as e:
-        hint = (
-            f" (it was pruned; its files go after {retention.utc_text(pending.expires)})"
-            if pending
-            else ""
-        )
-        raise click.ClickException(f"{e}{hint}") from e
-    # the files are in place (as root, the sources may be root's); what follows writes the
-    # catalog side: as its writer
-    become_writer(paths)
-    if pending is not None:
-        retention.unschedule(paths.state_dir, [version_dir])
-
-    def publish(pipeline: Pipeline) -> Pipeline:
-        pipeline.update_all()
-        return pipeline
-
-    pipeline = _with_pipeline(
-        g, paths, publish, lambda cache: import_place.seed_cache(cache, paths.img_dir, placed)
+    result = importing.import_images(
+        paths,
+        g.settings,
+        plans,
+        move=move,
+        force=force,
+        progress_start=terminal_progress("copying"),
+        publish_progress=for_terminal(),
     )
-    product = pipeline.products.get(plan.key.product)
-    listed = product is not None and plan.key.serial in product.versions
-    what = import_detect.describe(plan)
-    click.echo(f"imported {what} into {placed.version_dir}")
-    click.echo(f"  files: {', '.join(sorted(placed.files))}; fingerprint {placed.fingerprint}")
-    if not listed:
-        raise click.ClickException(
-            f"{what} is in the tree but not in the catalog; see the messages above"
-        )
-    click.echo(f"  published in {paths.streams_dir}")
+    problems = []
+    for plan, placed in result.placed:
+        what = import_detect.describe(plan)
+        click.echo(f"imported {what} into {placed.version_dir}")
+        click.echo(f"  files: {', '.join(sorted(placed.files))}; fingerprint {placed.fingerprint}")
+        why = result.missing.get(plan.key.relpath)
+        if why is not None:
+            problems.append(f"{what} is in the tree but not in the catalog: {why}")
+    for plan, why in result.failed:
+        problems.append(f"{import_detect.describe(plan)} not imported: {why}")
+    if result.placed and len(result.missing) < len(result.placed):
+        by = " by the running watcher" if result.by_watcher else ""
+        click.echo(f"  published in {paths.streams_dir}{by}")
+    if problems:
+        raise click.ClickException("\n".join(problems))
 
 
 # -- list / verify --------------------------------------------------------------------------
@@ -122,7 +118,7 @@ def import_cmd(
 @click.option(
     "--format",
     "fmt",
-    type=click.Choice(listing.FORMATS),
+    type=click.Choice(LIST_FORMATS),
     default="table",
     show_default=True,
     help="Output format.",
@@ -133,6 +129,8 @@ def list_cmd(
     g: Globals, root_dir: str | None, img_dir: str | None, streams_dir: str | None, fmt: str
 ) -> None:
     """List the published images: product, version, type, size, fingerprint, aliases."""
+    from lxd_image_server.ops import listing
+
     paths = tree_paths(g, root_dir, img_dir, streams_dir)
     rows = listing.image_rows(listing.read_catalog(paths.streams_dir))
     click.echo(listing.render(rows, fmt), nl=False)
@@ -153,6 +151,7 @@ def verify_cmd(
 ) -> None:
     """Hold the catalog to every client's rules and rehash every published file (exit 1 on
     any problem)."""
+    from lxd_image_server.ops import listing
     from lxd_image_server.ops.verify import read_index_problems, verify
 
     paths = tree_paths(g, root_dir, img_dir, streams_dir)
@@ -176,6 +175,8 @@ def verify_cmd(
 
 
 def _report(outcome: pruning.Outcome, dry_run: bool, nothing: str) -> None:
+    from lxd_image_server.catalog import retention
+
     if dry_run:
         for product, serial in outcome.would:
             click.echo(f"would remove {product} {serial}")
@@ -227,6 +228,8 @@ def prune_cmd(
 ) -> None:
     """Keep the newest N versions of each product; the others leave the catalog now and
     their files are deleted after the grace period ([prune] grace_period)."""
+    from lxd_image_server.ops import pruning
+
     paths = tree_paths(g, root_dir, img_dir, streams_dir)
     grace = g.settings.prune_grace
     outcome = _with_pipeline(g, paths, lambda p: pruning.prune(p, keep, grace, dry_run=dry_run))
@@ -251,13 +254,29 @@ def remove_cmd(
 ) -> None:
     """Remove PRODUCT (os:release:arch:variant, every version) or its version SERIAL: out of
     the catalog now, files deleted after the grace period ([prune] grace_period)."""
+    from lxd_image_server.catalog import retention
+    from lxd_image_server.ops import pruning
+
     try:
         retention.parse_product(product)
     except retention.RetentionError as e:
         raise click.BadParameter(str(e), param_hint="PRODUCT") from e
+    from lxd_image_server.privileges import become_writer
+
     paths = tree_paths(g, root_dir, img_dir, streams_dir)
     grace = g.settings.prune_grace
-    outcome = _with_pipeline(
-        g, paths, lambda p: pruning.remove(p, product, serial, grace, dry_run=dry_run)
+    become_writer(paths)  # as root on the package's tree: as its catalog writer
+    # with a watcher running on the tree, the publish is its own (only the product scanned)
+    outcome = pruning.remove_by_watcher(
+        paths,
+        product,
+        serial,
+        grace,
+        lambda: _with_pipeline(g, paths, lambda p: p.update_all()),
+        dry_run=dry_run,
     )
+    if outcome is None:
+        outcome = _with_pipeline(
+            g, paths, lambda p: pruning.remove(p, product, serial, grace, dry_run=dry_run)
+        )
     _report(outcome, dry_run, "nothing to remove")

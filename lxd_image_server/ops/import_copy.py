@@ -16,10 +16,13 @@ import errno
 import os
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
-from lxd_image_server.catalog.hashing import Hasher
 from lxd_image_server.fsutil import start_writeback
 from lxd_image_server.progress import Progress
+
+if TYPE_CHECKING:
+    from lxd_image_server.catalog.hashing import Hasher
 
 #: bytes per copy and per hashing read: large enough that the per-call costs vanish, small
 #: enough that two buffers of it are no burden

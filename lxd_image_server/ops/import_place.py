@@ -20,15 +20,17 @@ import shutil
 import stat
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from lxd_image_server.catalog.hashing import HashCache, Hasher
 from lxd_image_server.fsutil import DirChain, open_dir, open_regular
 from lxd_image_server.ops import import_copy
 from lxd_image_server.ops.import_detect import ImagePlan, Source, open_source
 from lxd_image_server.ops.import_errors import ImportFailed, VersionExists
 from lxd_image_server.progress import Progress, no_progress
 from lxd_image_server.tree.layout import Role, VersionKey, classify
-from lxd_image_server.tree.scan import Scanner
+
+if TYPE_CHECKING:
+    from lxd_image_server.catalog.hashing import HashCache, Hasher
 
 log = logging.getLogger(__name__)
 
@@ -192,16 +194,10 @@ def staged(
     normally, after an fsync of it: the version appears whole or not at all. Removed, with what
     is in it, when the block raises (or when `serial` appeared meanwhile: VersionExists), after
     `undo` (which may still take files out of it)."""
-    tmp_name = f"{prefix}{secrets.token_hex(6)}"
-    os.mkdir(tmp_name, mode, dir_fd=variant_fd)
+    tmp_name = _make_staging(variant_fd, prefix, mode)
     fd = -1
     try:
         fd = open_dir(tmp_name, dir_fd=variant_fd)
-        st_mode = os.fstat(fd).st_mode
-        if stat.S_IMODE(st_mode) & 0o777 != mode:
-            # exactly that mode, only when a umask narrowed it (as fsutil.DirChain does): a
-            # chmod naming the inherited setgid bit is refused by systemd's RestrictSUIDSGID
-            os.fchmod(fd, mode | (st_mode & stat.S_ISGID))
         yield fd
         os.fsync(fd)
         if _exists(serial, variant_fd):
@@ -237,18 +233,89 @@ def new_version(img_dir: str, key: VersionKey, prefix: str) -> Iterator[int]:
             yield fd
 
 
+OnFilled = Callable[[int, "Placed"], None]
+
+
+class Staged:
+    """An image whose files are all in place, under a hidden name (`reveal` gives the version
+    its name; `abort` takes it all back), or, replacing an existing version (--force), in
+    place already."""
+
+    def __init__(
+        self, placed: Placed, chain: DirChain, transfer: _Transfer, tmp_name: str | None
+    ) -> None:
+        self.placed = placed
+        self._chain = chain
+        self._transfer = transfer
+        #: the hidden directory in the variant directory (chain.fd); None: nothing to reveal
+        self._tmp_name = tmp_name
+
+    def reveal(self) -> Placed:
+        """The version appears whole under its name (fsynced). VersionExists when it
+        appeared meanwhile (then aborted)."""
+        try:
+            if self._tmp_name is not None:
+                variant_fd, serial = self._chain.fd, self.placed.key.serial
+                os.fsync(self._transfer.dir_fd)
+                if _exists(serial, variant_fd):
+                    raise VersionExists(
+                        f"{self.placed.version_dir} appeared meanwhile; not replaced"
+                    )
+                os.rename(self._tmp_name, serial, src_dir_fd=variant_fd, dst_dir_fd=variant_fd)
+                self._tmp_name = None
+                os.fsync(variant_fd)
+        except BaseException:
+            self.abort()
+            raise
+        self.placed.moved = self._transfer.done()
+        for src in self._transfer.copied_instead:
+            log.info("%s was copied (another file system) and left where it was", src)
+        self._close()
+        return self.placed
+
+    def abort(self) -> None:
+        """Takes back what was staged (moved sources go back); nothing of it stays."""
+        self._transfer.undo()
+        if self._tmp_name is not None and self._chain.fd >= 0:
+            shutil.rmtree(self._tmp_name, dir_fd=self._chain.fd, ignore_errors=True)
+            self._tmp_name = None
+        self._close()
+
+    def _close(self) -> None:
+        if self._transfer.dir_fd >= 0:
+            os.close(self._transfer.dir_fd)
+            self._transfer.dir_fd = -1
+        self._chain.close()
+
+
 def place(
     plan: ImagePlan,
     img_dir: str,
     move: bool = False,
     force: bool = False,
     progress_start: Callable[[int], Progress] | None = None,
+    on_filled: OnFilled | None = None,
 ) -> Placed:
+    """`stage`, then `reveal`: the image is in the tree when this returns."""
+    return stage(plan, img_dir, move, force, progress_start, on_filled).reveal()
+
+
+def stage(
+    plan: ImagePlan,
+    img_dir: str,
+    move: bool = False,
+    force: bool = False,
+    progress_start: Callable[[int], Progress] | None = None,
+    on_filled: OnFilled | None = None,
+) -> Staged:
     """Puts the plan's files into images/<os>/<release>/<arch>/<variant>/<serial>/.
 
-    New version: a hidden temporary directory in the variant directory, renamed into place.
+    New version: a hidden temporary directory in the variant directory, filled and fsynced
+    here, renamed into place by `Staged.reveal` (so that several images appear together).
     Existing version (only with `force`): each file through a hidden temporary name, then the
-    version's other image files are removed (metadata.json is kept).
+    version's other image files are removed (metadata.json is kept), here.
+    `on_filled(dir_fd, placed)` is called once every file has its final name in the directory
+    `dir_fd`, before the version appears (import_handover.py: its digests handed over).
 
     Below images/ everything is done relative to directory descriptors opened without
     following links (the directories on the way made with fsutil.DirChain, 0755, or 0775 when
@@ -272,6 +339,7 @@ def place(
     dir_mode = _dir_mode(img_fd)
     chain = DirChain(img_fd)
     transfer = _Transfer(plan, move, no_progress)
+    tmp_name: str | None = None
     try:
         variant_fd = _walk_down(chain, img_dir, parts[:-1], dir_mode)
         exists = _exists(parts[-1], variant_fd)
@@ -283,24 +351,40 @@ def place(
             transfer.dir_fd = _open_dir(parts[-1], variant_fd, version_dir)
             _fill(plan, transfer, placed, into_existing=True)
         else:
-            with staged(
-                variant_fd, parts[-1], version_dir, ".import-", transfer.undo, dir_mode
-            ) as staging_fd:
-                transfer.dir_fd = os.dup(staging_fd)
-                _fill(plan, transfer, placed, into_existing=False)
-    except OSError as e:
+            tmp_name = _make_staging(variant_fd, ".import-", dir_mode)
+            transfer.dir_fd = open_dir(tmp_name, dir_fd=variant_fd)
+            _fill(plan, transfer, placed, into_existing=False)
+        if on_filled is not None:
+            on_filled(transfer.dir_fd, placed)
+    except BaseException as e:
         transfer.undo()
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise ImportFailed(f"no space left in {img_dir}; nothing imported") from e
-        raise ImportFailed(f"importing into {version_dir} failed: {e.strerror or e}") from e
-    finally:
+        if tmp_name is not None:
+            shutil.rmtree(tmp_name, dir_fd=chain.fd, ignore_errors=True)
         if transfer.dir_fd >= 0:
             os.close(transfer.dir_fd)
         chain.close()
-    placed.moved = transfer.done()
-    for src in transfer.copied_instead:
-        log.info("%s was copied (another file system) and left where it was", src)
-    return placed
+        if isinstance(e, OSError):
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise ImportFailed(f"no space left in {img_dir}; nothing imported") from e
+            raise ImportFailed(f"importing into {version_dir} failed: {e.strerror or e}") from e
+        raise
+    return Staged(placed, chain, transfer, tmp_name)
+
+
+def _make_staging(variant_fd: int, prefix: str, mode: int) -> str:
+    """A new hidden directory (`prefix` + random, exactly `mode`) in the variant directory."""
+    tmp_name = f"{prefix}{secrets.token_hex(6)}"
+    os.mkdir(tmp_name, mode, dir_fd=variant_fd)
+    fd = open_dir(tmp_name, dir_fd=variant_fd)
+    try:
+        st_mode = os.fstat(fd).st_mode
+        if stat.S_IMODE(st_mode) & 0o777 != mode:
+            # exactly that mode, only when a umask narrowed it (as fsutil.DirChain does): a
+            # chmod naming the inherited setgid bit is refused by systemd's RestrictSUIDSGID
+            os.fchmod(fd, mode | (st_mode & stat.S_ISGID))
+    finally:
+        os.close(fd)
+    return tmp_name
 
 
 def _fill(plan: ImagePlan, transfer: _Transfer, placed: Placed, into_existing: bool) -> None:
@@ -361,6 +445,8 @@ def _other_image_files(dir_fd: int, keep: set[str]) -> Iterator[str]:
 
 def seed_cache(cache: HashCache, img_dir: str, placed: Placed) -> None:
     """Records the digests computed while copying, so publishing does not read the files again."""
+    from lxd_image_server.tree.scan import Scanner
+
     versions = Scanner(img_dir).scan(placed.key.relpath)
     if not versions:
         return

@@ -246,12 +246,22 @@ def _drop_old_partials(img_dir: str, now: float) -> None:
         os.close(fd)
 
 
+#: called with the staging directory, the files (name -> size, sha256) and the combined
+#: fingerprints (root name -> metadata name, sha256) once every file is in it
+OnFilled = Callable[[int, dict[str, tuple[int, str]], dict[str, tuple[str, str]]], None]
+
+
 def sync_version(
-    conn: Connection, img_dir: str, plan: VersionPlan, progress: Callable[[int], None]
+    conn: Connection,
+    img_dir: str,
+    plan: VersionPlan,
+    progress: Callable[[int], None],
+    on_filled: OnFilled | None = None,
 ) -> Landed:
     """Downloads, checks and places one version (see the module's text). VersionFailed (one
     line naming the version and the item) when any of it fails: nothing of it is placed.
-    VersionExists (import_errors) when the version directory exists already."""
+    VersionExists (import_errors) when the version directory exists already. `on_filled`:
+    before the version appears (import_handover.py: its digests handed over)."""
     files: dict[str, tuple[int, str]] = {}
     downloaded = 0
     try:
@@ -279,6 +289,8 @@ def sync_version(
                         )
             if plan.overrides:
                 _write_small(staging_fd, OVERRIDES_NAME, plan.overrides)
+            if on_filled is not None:
+                on_filled(staging_fd, files, dict(plan.combined))
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
             raise VersionFailed(f"{plan.label}: no space left in {img_dir}") from None

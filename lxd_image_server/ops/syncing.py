@@ -4,8 +4,10 @@ published.
 One sync: the upstream's streams/v1/index.json, then the images.json it names (both read
 bounded: sync_fetch.py); the versions wanted (sync_select.py); those the tree does not hold yet
 downloaded, a few at once, each checked and placed whole (sync_place.py), one log line per
-version; then, if any landed, one publish through the pipeline, as `import` publishes. A
-sync that finds nothing new makes those two requests and nothing else, and does not publish.
+version, its digests handed to the catalog writer (import_handover.py); then, if any landed,
+one publish, as `import` publishes: by the running watcher at our request (it rescans only
+those versions), else through a pipeline of our own. A sync that finds nothing new makes those
+two requests and nothing else, and does not publish.
 
 A version that fails (a bad item, a wrong hash, a size that lies, a cut or stalled download)
 is reported in one line naming it and the item; nothing of it is placed; the others go on.
@@ -26,10 +28,12 @@ from lxd_image_server.catalog import retention
 from lxd_image_server.catalog.hashing import HashCache
 from lxd_image_server.catalog.model import index_from_json
 from lxd_image_server.catalog.pipeline import Pipeline
+from lxd_image_server.catalog.publish_requests import request_publish
 from lxd_image_server.config import Paths
 from lxd_image_server.fsutil import exclusive_lock
 from lxd_image_server.ops import pruning
 from lxd_image_server.ops.import_errors import VersionExists
+from lxd_image_server.ops.import_handover import hand_over
 from lxd_image_server.ops.sync_fetch import (
     DEFAULT_TIMEOUT,
     MAX_CATALOG_BYTES,
@@ -165,19 +169,19 @@ def sync(
             progress = _Shared(progress_start(total) if progress_start else no_progress)
             with exclusive_lock(paths.state.sync_lock):
                 clear_leftovers(paths.img_dir, [p.key for p in missing])
-                _download_all(paths.img_dir, missing, conns, progress, result)
+                _download_all(paths, missing, conns, progress, result)
     finally:
         result.requests = sum(c.requests for c in conns)
         for c in conns:
             c.close()
     if result.landed or _stale(paths, result.kept):
-        result.retired = publish(paths, settings, result.landed, result.kept)
+        result.retired = publish(paths, settings, result.landed, result.kept, result.failed)
         result.published = True
     return result
 
 
 def _download_all(
-    img_dir: str,
+    paths: Paths,
     missing: list[VersionPlan],
     conns: list[Connection],
     progress: Progress,
@@ -192,7 +196,13 @@ def _download_all(
         conn = idle.get()
         started = time.monotonic()
         try:
-            landed = sync_version(conn, img_dir, plan, progress)
+            landed = sync_version(
+                conn,
+                paths.img_dir,
+                plan,
+                progress,
+                lambda fd, files, combined: hand_over(paths, fd, files, combined),
+            )
         except VersionExists:
             log.info("%s: %s is there already", plan.label, plan.key.relpath)
             return None
@@ -263,12 +273,19 @@ def _outdated(img_dir: str, kept: dict[str, list[str]]) -> list[ScannedVersion]:
 
 
 def publish(
-    paths: Paths, settings: Settings, landed: list[Landed], kept: dict[str, list[str]]
+    paths: Paths,
+    settings: Settings,
+    landed: list[Landed],
+    kept: dict[str, list[str]],
+    failed: list[str] | None = None,
 ) -> list[tuple[str, str]]:
     """The versions of the synced products that upstream's newest no longer cover leave by
     the retention path (recorded as pruned: out of the catalog, files after [prune]
-    grace_period); then one publish through the pipeline, the synced files' digests given to
-    the hash cache first (they were hashed while downloading). -> (product, serial) retired."""
+    grace_period); then one publish: by the running watcher, asked to rescan only the versions
+    landed and retired (catalog/publish_requests.py; it took their digests from the handover
+    records), else through a pipeline of our own, the synced files' digests given to the hash
+    cache first (they were hashed while downloading). A landed version the watcher does not
+    list is added to `failed`. -> (product, serial) retired."""
     retired = pruning.retire(paths.state_dir, _outdated(paths.img_dir, kept), settings.prune_grace)
     for p in retired:
         log.info(
@@ -285,13 +302,39 @@ def publish(
     def run(pipeline: Pipeline) -> None:
         pipeline.update_all()
 
-    with_pipeline(paths, settings, run, None, seed)
+    if not _by_watcher(paths, landed, retired, failed if failed is not None else []):
+        with_pipeline(paths, settings, run, None, seed)
     if retired:
         try:
             retention.delete_expired(paths)  # with no grace period: now
         except retention.RetentionError as e:
             log.error("not deleting pruned versions: %s", e)
     return [(p.product, p.serial) for p in retired]
+
+
+def _by_watcher(
+    paths: Paths, landed: list[Landed], retired: list[retention.Pending], failed: list[str]
+) -> bool:
+    """Asks the running watcher to publish; False when there is none (or it did not answer)."""
+    new = [item.plan.key.relpath for item in landed]
+    gone = [os.path.relpath(p.path, paths.img_dir) for p in retired]
+    answer = request_publish(
+        paths.state.publish_socket, paths.state.watch_pid, paths.img_dir, new + gone
+    )
+    if answer is None:
+        return False
+    listed = set(answer.listed)
+    for item in landed:
+        rel = item.plan.key.relpath
+        if rel not in listed:
+            why = answer.missing.get(rel, "not listed")
+            log.error("%s: %s is in the tree but not in the catalog: %s", item.plan.label, rel, why)
+            failed.append(f"{item.plan.label}: not in the catalog: {why}")
+    for rel in gone:
+        if rel in listed:
+            log.warning("%s is still listed by the running watcher", rel)
+    log.info("published by the running watcher")
+    return True
 
 
 def seed_cache(cache: HashCache, img_dir: str, landed: Landed) -> None:

@@ -172,6 +172,7 @@ def watch(
             pipeline_for,
             on_reload=reload,
             pid_file=paths.state.watch_pid,
+            publish_socket=paths.state.publish_socket,
             max_watches=max_watches,
             rescan_interval=rescan_interval,
         )

@@ -39,6 +39,7 @@ from .sync_upstreams import (
     sha256_of,
     write_catalog,
 )
+from .test_import_watch import running_watcher
 from .test_run import curl, reachable_dir, start_server
 
 PRODUCT = "busybox:1.35:amd64:default"
@@ -265,6 +266,29 @@ def test_versions_upstream_no_longer_covers_are_pruned(
     catalog = (tmp_path / "streams/v1/images.json").read_bytes()
     assert sync(tmp_path, server.url, pki, "--keep", "1").returncode == 0
     assert (tmp_path / "streams/v1/images.json").read_bytes() == catalog
+
+
+def test_a_running_watcher_publishes_what_sync_brought(
+    lxc: tuple[Nginx, LxcUpstream], pki: Pki, tmp_path: Path
+) -> None:
+    """With a watcher on the tree, sync hands it the digests it computed while downloading and
+    asks it to publish the versions landed and retired: the watcher rescans only those, reads
+    no file again, and the catalog is right (the retired version out, its files kept)."""
+    server, _ = lxc
+    with running_watcher(tmp_path, tmp_path / "state", tmp_path / "watch.log") as w:
+        proc = sync(tmp_path, server.url, pki, "--keep", "2")
+        assert proc.returncode == 0, proc.stderr
+        assert "published by the running watcher" in proc.stderr
+        assert "catalog.publish: published" not in proc.stderr  # not by sync itself
+        assert sorted(published(tmp_path)[PRODUCT]) == list(SERIALS[1:])
+        assert "taken from its upload, not read again" in w.text()
+        assert not list((tmp_path / "state/upload-digests").iterdir())
+        proc = sync(tmp_path, server.url, pki, "--keep", "1")
+        assert proc.returncode == 0, proc.stderr
+        assert "published by the running watcher" in proc.stderr
+        assert list(published(tmp_path)[PRODUCT]) == [SERIALS[2]]
+        assert (tmp_path / "images/busybox/1.35/amd64/default" / SERIALS[1]).is_dir()
+        assert w.alive()
 
 
 def configured(tmp_path: Path, url: str, pki: Pki) -> Path:

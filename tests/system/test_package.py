@@ -967,6 +967,8 @@ def test_sandboxed_sync_unit(
         log = container.run(f"journalctl -b -o cat _SYSTEMD_INVOCATION_ID={invocation}").stdout
         assert unit_property(container, unit, "Result") == "success", log
         assert "synced synced:1.0:amd64:default" in log, log
+        # the packaged watcher took the publish (sync's sandbox reaches its socket)
+        assert "published by the running watcher" in log, log
         version = f"{ROOT}/{rel}"
         # the writer's (who deletes it when it is pruned), not writable by the uploaders
         owner, mode = stat_in_container(container, version).split()
@@ -1292,9 +1294,9 @@ def test_import_as_root_leaves_files_the_writer_and_nginx_use(
     container: Container,
     tmp_path: Path,
 ) -> None:
-    """`import` run as root (as an admin would): the version is listed, its files download
-    over HTTPS, the writer may delete them (retention, prune) and nothing the writer owns
-    became root's."""
+    """`import` run as root (as an admin would): the version is listed (published by the
+    running watcher at import's request), its files download over HTTPS, the writer may
+    delete them (retention, prune) and nothing the writer owns became root's."""
     meta = write_metadata_tarball(tmp_path / "meta", tmp_path / "lxd.tar.xz", "imported")
     root = images["https"].root
     container.run("install -d -m 0700 /root/import")
@@ -1307,6 +1309,8 @@ def test_import_as_root_leaves_files_the_writer_and_nginx_use(
         timeout=300,
     )
     assert "published" in proc.stdout, proc
+    # the packaged watcher (its unit, its user, its sandbox) took the publish over its socket
+    assert "by the running watcher" in proc.stdout, proc
     image = Image("imported", serial, meta, root)
     wait_for("the import is listed", lambda: serial in listed_versions(server_cert, "imported"))
     for local in (meta, root):

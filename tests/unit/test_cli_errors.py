@@ -100,6 +100,8 @@ STOPPED_ON_THE_WAY = {
     "the sync goes on (syncing.py)",
     "lxd_image_server.ops.sync_select:FilterError": "cli/sync.py makes it a usage error of "
     "--filter; a configured sync's is logged (sync_schedule.py)",
+    "lxd_image_server.catalog.publish_requests:RequestError": "a malformed publish request: the "
+    "watcher answers it with the error and goes on; request_publish publishes by itself",
 }
 
 

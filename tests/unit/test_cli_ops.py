@@ -243,3 +243,29 @@ def test_import_does_not_load_the_https_client(env: Path) -> None:
         [sys.executable, "-c", code, *args], capture_output=True, text=True, check=True
     )
     assert proc.stdout.splitlines()[-1] == ""
+
+
+def test_list_formats_are_listings() -> None:
+    """cli/ops.py names `list`'s formats without importing ops/listing.py (import's start-up)."""
+    from lxd_image_server.cli.ops import LIST_FORMATS
+    from lxd_image_server.ops.listing import FORMATS
+
+    assert LIST_FORMATS == FORMATS
+
+
+def test_import_loads_neither_the_pipeline_nor_the_model() -> None:
+    """`import` handed to a running watcher pays only for what it uses (a start-up per image)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "import lxd_image_server.cli.root, lxd_image_server.cli.ops\n"
+        "import lxd_image_server.ops.importing, lxd_image_server.ops.import_batch\n"
+        "heavy = ('lxd_image_server.catalog.pipeline', 'lxd_image_server.catalog.model',\n"
+        "         'lxd_image_server.catalog.retention', 'lxd_image_server.catalog.hashing',\n"
+        "         'sqlite3')\n"
+        "print(' '.join(m for m in heavy if m in sys.modules))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert r.stdout.strip() == ""

@@ -338,3 +338,51 @@ def test_a_metadata_tarball_opened_for_writing_while_read_is_not_primed(paths, r
     assert openers
     check(publish(paths), META, ROOT)
     assert "rootfs.squashfs" in reads
+
+
+def test_an_imports_digests_are_published_without_reading_the_files(
+    paths: Paths, reads: list[str], tmp_path: Path
+) -> None:
+    """`import` hands over what it computed while copying (ops/import_handover.py): the
+    catalog writer (here a pipeline of its own, as the watcher's) reads neither file, and the
+    published digests are those of the bytes placed."""
+    from lxd_image_server.ops.import_detect import plan_import
+    from lxd_image_server.ops.import_handover import hand_over_placed
+    from lxd_image_server.ops.import_place import place
+
+    from .test_importer import split_export
+
+    files = split_export(tmp_path / "export")
+    placed = place(
+        plan_import([str(f) for f in files]),
+        paths.img_dir,
+        on_filled=lambda fd, p: hand_over_placed(paths, fd, p),
+    )
+    assert len(os.listdir(digest_dir(paths))) == 2
+    items = publish(paths)
+    assert reads == []
+    meta = Path(placed.version_dir, "lxd.tar.xz").read_bytes()
+    root = Path(placed.version_dir, "rootfs.squashfs").read_bytes()
+    check(items, meta, root)
+    assert os.listdir(digest_dir(paths)) == []  # taken
+
+
+def test_an_import_without_the_records_directory_makes_it(
+    paths: Paths, reads: list[str], tmp_path: Path
+) -> None:
+    from lxd_image_server.ops.import_detect import plan_import
+    from lxd_image_server.ops.import_handover import hand_over_placed
+    from lxd_image_server.ops.import_place import place
+
+    from .test_importer import split_export
+
+    digest_dir(paths).rmdir()
+    files = split_export(tmp_path / "export")
+    place(
+        plan_import([str(f) for f in files]),
+        paths.img_dir,
+        on_filled=lambda fd, p: hand_over_placed(paths, fd, p),
+    )
+    assert oct(digest_dir(paths).stat().st_mode & 0o777) == "0o700"
+    publish(paths)
+    assert reads == []

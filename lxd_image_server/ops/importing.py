@@ -1,0 +1,175 @@
+"""`import`: one or several images placed into the tree and published once.
+
+1. plan every image (import_batch.py: which files; import_detect.py: what they are, where they
+   go): a file that is no image, or two images naming one version, and nothing is imported;
+2. stage each (import_place.py: copied or moved, hashed, fsynced under a hidden name) and hand
+   its digests to the catalog writer (import_handover.py); a failure takes back all staged;
+3. reveal them all (renamed into place), one after the other in a few microseconds, so that
+   the watcher sees them together;
+4. publish once: the running watcher is asked to (catalog/publish_requests.py: it rescans only
+   those versions and publishes at once), or, without one (or when it does not answer), this
+   command publishes the whole tree itself under the catalog lock, as `update` does.
+Started as root, it reads the sources as root and becomes the catalog writer
+(privileges.become_writer) before it publishes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from lxd_image_server.catalog.publish_requests import request_publish
+from lxd_image_server.config import Paths
+from lxd_image_server.ops import import_detect, import_place
+from lxd_image_server.ops.import_detect import ImagePlan
+from lxd_image_server.ops.import_errors import ImportFailed, NamingError, VersionExists
+from lxd_image_server.ops.import_handover import hand_over_placed
+from lxd_image_server.ops.import_naming import Naming
+from lxd_image_server.ops.import_place import Placed, Staged
+from lxd_image_server.privileges import become_writer
+from lxd_image_server.progress import ProgressStart
+from lxd_image_server.settings import Settings
+
+if TYPE_CHECKING:
+    from lxd_image_server.catalog.hashing import HashCache
+    from lxd_image_server.catalog.pipeline import Pipeline
+
+# (the pipeline, the hash cache and retention are imported where they are used: an import
+# the running watcher publishes loads none of them; each image imported pays its start-up)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ImportResult:
+    placed: list[tuple[ImagePlan, Placed]] = field(default_factory=list)
+    #: images not placed (their version appeared meanwhile): plan -> why
+    failed: list[tuple[ImagePlan, str]] = field(default_factory=list)
+    #: version directories (relative to images/) placed but not in the catalog -> why
+    missing: dict[str, str] = field(default_factory=dict)
+    #: the running watcher published them (else this command did)
+    by_watcher: bool = False
+
+
+def plan_all(groups: Sequence[tuple[str, ...]], naming: Naming) -> list[ImagePlan]:
+    """The plan of each image; NamingError/ImportFailed before anything is placed."""
+    if len(groups) > 1 and naming.serial is not None:
+        raise NamingError("--serial names one version: import one image at a time with it")
+    plans = [import_detect.plan_import(files, naming) for files in groups]
+    seen: dict[str, ImagePlan] = {}
+    for plan in plans:
+        other = seen.get(plan.key.relpath)
+        if other is not None:
+            raise NamingError(
+                f"{_names(other)} and {_names(plan)} are both {plan.key.product} "
+                f"{plan.key.serial}; nothing imported"
+            )
+        seen[plan.key.relpath] = plan
+    return plans
+
+
+def import_images(
+    paths: Paths,
+    settings: Settings,
+    plans: Sequence[ImagePlan],
+    move: bool = False,
+    force: bool = False,
+    progress_start: ProgressStart | None = None,
+    publish_progress: ProgressStart | None = None,
+) -> ImportResult:
+    """Places the images of `plans` and publishes them once (module docstring).
+    ImportFailed (VersionExists) when one cannot be staged: then none is placed.
+    `progress_start`: each image's copy; `publish_progress`: hashing, when this command
+    publishes itself."""
+    staged: list[tuple[ImagePlan, Staged]] = []
+    try:
+        for plan in plans:
+            staged.append((plan, _stage(paths, plan, move, force, progress_start)))
+    except BaseException:
+        for _, s in reversed(staged):
+            s.abort()
+        raise
+    result = ImportResult()
+    for plan, s in staged:
+        try:
+            result.placed.append((plan, s.reveal()))
+        except (ImportFailed, OSError) as e:
+            result.failed.append((plan, str(e)))
+    if not result.placed:
+        return result
+    # the files are in place (as root, the sources may be root's); what follows writes the
+    # catalog side: as its writer
+    become_writer(paths)
+    version_dirs = [p.version_dir for _, p in result.placed]
+    if os.path.exists(paths.state.pruned):  # (versions pruned: one may be imported again)
+        from lxd_image_server.catalog import retention
+
+        if any(retention.pending_for(paths.state_dir, d) for d in version_dirs):
+            retention.unschedule(paths.state_dir, version_dirs)
+    _publish(paths, settings, [p for _, p in result.placed], publish_progress, result)
+    return result
+
+
+def _stage(
+    paths: Paths,
+    plan: ImagePlan,
+    move: bool,
+    force: bool,
+    progress_start: ProgressStart | None,
+) -> Staged:
+    version_dir = os.path.join(paths.img_dir, plan.key.relpath)
+    try:
+        return import_place.stage(
+            plan,
+            paths.img_dir,
+            move=move,
+            force=force,
+            progress_start=progress_start,
+            on_filled=lambda fd, placed: hand_over_placed(paths, fd, placed),
+        )
+    except VersionExists as e:
+        from lxd_image_server.catalog import retention
+
+        pending = retention.pending_for(paths.state_dir, version_dir)
+        if pending is None:
+            raise
+        raise VersionExists(
+            f"{e} (it was pruned; its files go after {retention.utc_text(pending.expires)})"
+        ) from e
+
+
+def _publish(
+    paths: Paths,
+    settings: Settings,
+    placed: list[Placed],
+    progress_start: ProgressStart | None,
+    result: ImportResult,
+) -> None:
+    rels = [p.key.relpath for p in placed]
+    answer = request_publish(paths.state.publish_socket, paths.state.watch_pid, paths.img_dir, rels)
+    if answer is not None:
+        result.by_watcher = True
+        result.missing = dict(answer.missing)
+        return
+
+    from lxd_image_server.ops.updating import with_pipeline
+
+    def cache_first(cache: HashCache) -> None:
+        for p in placed:
+            import_place.seed_cache(cache, paths.img_dir, p)
+
+    def publish(pipeline: Pipeline) -> set[str]:
+        pipeline.update_all()
+        return pipeline.listing().versions(paths.served_images)
+
+    listed = with_pipeline(paths, settings, publish, progress_start, cache_first)
+    result.missing = {
+        rel: "not listed: see the messages above" for rel in rels if rel not in listed
+    }
+
+
+def _names(plan: ImagePlan) -> str:
+    return " + ".join(os.path.basename(s.path) for s in plan.sources)
