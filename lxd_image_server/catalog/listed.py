@@ -7,11 +7,24 @@ version for no reason it can name is refused (departures.py)."""
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from lxd_image_server.catalog import departures
 from lxd_image_server.catalog.products import Products
 from lxd_image_server.config import Paths
+
+
+def listed_among(products: Products, rels: Iterable[str]) -> set[str]:
+    """Those of the version directories `rels` (relative to images/) that `products` list:
+    looked up one by one (the whole catalog's listing costs a pass over its items)."""
+    out = set()
+    for rel in rels:
+        product, _, serial = rel.rpartition("/")
+        listed = products.get(product.replace("/", ":"))
+        if listed is not None and serial in listed.versions:
+            out.add(rel)
+    return out
+
 
 #: images.json as found on disk (device, inode, mtime, size), None: missing
 CatalogState = tuple[int, int, int, int] | None
