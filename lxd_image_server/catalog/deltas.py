@@ -186,6 +186,11 @@ class Records:
         self._seen: tuple[int, int, int] | None = None
         self._records: dict[str, Record] = {}
 
+    @property
+    def seen(self) -> tuple[int, int, int] | None:
+        """The identity of deltas.json when last read (None: missing)."""
+        return self._seen
+
     def __call__(self) -> dict[str, Record]:
         try:
             st = os.stat(state_path(self.state_dir))

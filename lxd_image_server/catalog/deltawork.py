@@ -28,7 +28,6 @@ from dataclasses import replace
 
 from lxd_image_server.catalog import deltas
 from lxd_image_server.catalog.deltagen import Limits, environment, run_job, xdelta3_path
-from lxd_image_server.catalog.hashing import Digests
 from lxd_image_server.settings import DeltaSettings
 from lxd_image_server.tree.scan import ScannedVersion
 
@@ -82,22 +81,21 @@ class DeltaService:
         """The delta files among `versions` checked for what they and their roots are now."""
         return deltas.listable(deltas.candidates(versions), self.records())
 
-    def published(
-        self,
-        versions: Iterable[ScannedVersion],
-        digests: Digests,
-        sha256: Mapping[str, str] | None = None,
-    ) -> None:
-        """After a publish of `versions`: queues what is to be made or checked. `sha256`:
-        the files' digests by path, when the caller has them cheaper than from `digests`."""
+    def plan_key(self) -> tuple[object, ...]:
+        """What `published` plans with besides the versions: the records as last read, the
+        settings and xdelta3 (a plan with the same key and versions plans the same jobs)."""
+        self.records()
+        xdelta3 = xdelta3_path() if self.mode != LIST_ONLY else None
+        return (self.mode, self.records.seen, self.config, xdelta3 and environment(xdelta3))
+
+    def published(self, versions: Iterable[ScannedVersion], sha: Mapping[str, str]) -> None:
+        """After a publish of `versions` (whole products): queues what is to be made or
+        checked. `sha`: the files' digests by path."""
         if self.mode == LIST_ONLY:
             return
         xdelta3 = self._xdelta3()
         if xdelta3 is None:
             return
-        sha = sha256
-        if sha is None:
-            sha = {p: d for p, d in digests.files.items() if p not in digests.failed}
         env = environment(xdelta3)
         records = self.records()
         now = time.time()

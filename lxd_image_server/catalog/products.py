@@ -13,7 +13,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
-from lxd_image_server.catalog.deltas import candidates
+from lxd_image_server.catalog.deltas import Candidate, candidates
 from lxd_image_server.catalog.hashing import Digests
 from lxd_image_server.catalog.model import (
     COMBINED_ATTRS,
@@ -184,6 +184,7 @@ def _add_deltas(
     digests: Digests,
     root_dir: str,
     deltas: frozenset[str],
+    cands: list[Candidate] | None = None,
 ) -> None:
     """Adds to each version the items of its deltas in `deltas` (checked: deltas.py) whose
     base is a published version of the same product with a root of the delta's kind. A
@@ -192,7 +193,7 @@ def _add_deltas(
     built = {v.path: b for group in grouped.values() for v, b in group}
     every = [v for group in grouped.values() for v, _ in group]
     added: dict[str, dict[str, Item]] = defaultdict(dict)
-    for c in candidates(every):
+    for c in candidates(every) if cands is None else cands:
         f = c.delta
         if f.path not in deltas or f.path not in digests.files or f.path in digests.failed:
             continue
@@ -234,14 +235,16 @@ def products_of(
     digests: Digests | None = None,
     root_dir: str = "",
     deltas: frozenset[str] = frozenset(),
+    cands: list[Candidate] | None = None,
 ) -> Products:
     """The products of versions already built (`build_version`), e.g. kept from before, with
-    the items of their deltas in `deltas` (their digests in `digests`)."""
+    the items of their deltas in `deltas` (their digests in `digests`). `cands`: the
+    candidates (deltas.candidates) of exactly those versions, when the caller kept them."""
     grouped: dict[str, list[tuple[ScannedVersion, BuiltVersion]]] = defaultdict(list)
     for v, b in built:
         grouped[v.key.product].append((v, b))
     if deltas and digests is not None:
-        _add_deltas(grouped, digests, root_dir, deltas)
+        _add_deltas(grouped, digests, root_dir, deltas, cands)
 
     aliases: dict[str, list[str]] = {}
     arch: dict[str, str] = {}

@@ -42,10 +42,12 @@ from types import FrameType
 from inotify_simple import flags
 
 from lxd_image_server.catalog.departures import UnexplainedDepartures
-from lxd_image_server.catalog.pipeline import Pipeline
+from lxd_image_server.catalog.listed import listed_among
+from lxd_image_server.catalog.pipeline import Pipeline, Use
 from lxd_image_server.catalog.publish import PublishError
 from lxd_image_server.catalog.publish_requests import RequestServer
 from lxd_image_server.catalog.retention import RetentionError, delete_expired, next_expiry
+from lxd_image_server.catalog.watch_pid import write_pid_file
 from lxd_image_server.catalog.watch_set import (
     DEFAULT_MAX_WATCHES,
     DEFAULT_RESCAN_INTERVAL,
@@ -54,9 +56,11 @@ from lxd_image_server.catalog.watch_set import (
     rel_depth,
     rel_join,
 )
-from lxd_image_server.config import ConfigError
+from lxd_image_server.config import ConfigError, Paths
+from lxd_image_server.gcpause import settle_heap
 from lxd_image_server.logs import Once
 from lxd_image_server.tree.layout import VERSION_DEPTH, classify, is_ignored_name
+from lxd_image_server.tree.scan import Exclude
 
 log = logging.getLogger(__name__)
 #: what an uploader can make us say again and again: said once an hour (QUIET_LOGGERS)
@@ -75,10 +79,16 @@ QUIET_LOGGERS = (
 )
 
 
+#: builds the watcher's pipeline (Use.WATCH), given what the watcher must tell it: the files
+#: the scanner leaves out (being written) and whom to wake when background work is done
+PipelineFor = Callable[[Exclude, Callable[[], None]], Pipeline]
+
+
 class Watcher:
     def __init__(
         self,
-        pipeline: Pipeline,
+        paths: Paths,
+        pipeline_for: PipelineFor,
         quiet: float = 0.2,
         max_delay: float = 1.0,
         on_reload: Callable[[], None] | None = None,
@@ -88,8 +98,12 @@ class Watcher:
         budget: float = DEFAULT_BUDGET,
         publish_socket: str | None = None,
     ) -> None:
-        self.pipeline = pipeline
-        self.img_dir = pipeline.paths.img_dir
+        self.img_dir = paths.img_dir
+        # (its scanner asks `_excluded` from its first scan on, in `run`; the page is written
+        # once no publish is due: _write_page)
+        self.pipeline = pipeline_for(self._excluded, self._wake)
+        if self.pipeline.use is not Use.WATCH:
+            raise ValueError("the watcher needs a pipeline built for Use.WATCH")
         self.quiet = quiet
         self.max_delay = max_delay
         self.on_reload = on_reload
@@ -102,10 +116,7 @@ class Watcher:
         #: directory is rescanned then, and the file published
         self.held: dict[str, float] = {}
         #: images/ as the catalog's item paths name it
-        self.served_prefix = pipeline.paths.served_images
-        pipeline.scanner.exclude = self._excluded
-        pipeline.on_hashed = self._wake
-        pipeline.defer_page = True  # written once no publish is due (_write_page)
+        self.served_prefix = paths.served_images
         self.watches = WatchSet(self.img_dir, max_watches, rescan_interval)
         self.dirty: set[str] = set()
         self.collect_due = False
@@ -160,23 +171,12 @@ class Watcher:
             return False
         # (the scanner's paths are img_dir/rel/name: no relpath needed)
         rel = path[len(self.img_dir) + 1 :]
-        parent = rel.rpartition("/")[0]
-        if parent in self.watches.watched:
-            return False
-        # no watch there: nothing tells us whether it is still being written
-        try:
-            st = os.lstat(path)
-        except OSError:
-            return False
-        changed = max(st.st_mtime, st.st_ctime)
-        if time.time() - changed >= self.watches.rescan_interval:
-            return False  # unchanged for a rescan interval
-        if self.pipeline.listing().sizes.get(self.served_prefix + rel) == st.st_size:
-            # the file the catalog lists, at the size it lists: a new ctime alone (a chown at
-            # an upgrade, a touch) does not withdraw a published version
+        listed = self.served_prefix + rel
+        due = self.watches.unsettled(path, rel, lambda: self.pipeline.listing().sizes.get(listed))
+        if due is None:
             return False
         # published once unchanged for a rescan interval: that directory is rescanned then
-        due = time.monotonic() + changed + self.watches.rescan_interval - time.time()
+        parent = rel.rpartition("/")[0]
         self.held[parent] = min(self.held.get(parent, due), due)
         return True
 
@@ -324,7 +324,7 @@ class Watcher:
             self._answer_requests()
             self._plan_expiry()  # the publish may have pruned versions
             if "" in prefixes:
-                _settle_heap()
+                settle_heap()
         except UnexplainedDepartures as e:
             # a partial view of the tree: look at all of it again (said once an hour)
             quiet_log.warning("%s; rescanning everything in %.0f s", e, RETRY_AFTER_ERROR)
@@ -376,16 +376,8 @@ class Watcher:
             log.exception("unexpected error while answering publish requests")
 
     def _listed(self, rels: Iterable[str]) -> set[str]:
-        """Those of the version directories `rels` (relative to images/) the catalog lists
-        now: looked up one by one (the whole catalog's listing costs a pass over its items)."""
-        products = self.pipeline.products
-        out = set()
-        for rel in rels:
-            product, _, serial = rel.rpartition("/")
-            found = products.get(product.replace("/", ":"))
-            if found is not None and serial in found.versions:
-                out.add(rel)
-        return out
+        """Those of the version directories `rels` the catalog lists now (listed.py)."""
+        return listed_among(self.pipeline.products, rels)
 
     def _page_ready(self) -> bool:
         """The catalog page is due and no publish is pending: its turn."""
@@ -416,7 +408,7 @@ class Watcher:
                 log.exception("reload failed; keeping the previous configuration")
         self._rewatch_all()
         self._mark("")
-        gc.unfreeze()  # the next full pass collects, then freezes again (_settle_heap)
+        gc.unfreeze()  # the next full pass collects, then freezes again (gcpause.settle_heap)
 
     # -- main loop --------------------------------------------------------------------------
 
@@ -464,7 +456,7 @@ class Watcher:
                 log.exception("unexpected error while publishing; retrying")
                 self._retry({""})
             self._plan_expiry()
-            _settle_heap()
+            settle_heap()
             poller.register(self.watches.inotify.fileno(), select.POLLIN)
             poller.register(self._wake_r, select.POLLIN)
             while not self.stopping:
@@ -505,46 +497,3 @@ class Watcher:
                 self.requests.close()
             os.close(self._wake_r)
             os.close(self._wake_w)
-
-
-def _settle_heap() -> None:
-    """After a pass over the whole tree: the objects describing it (hundreds of thousands at
-    20,000 versions) live until the next such pass, and the garbage collector would walk them
-    all at every full collection, stalling publishes by a tenth of a second or more. They are
-    moved out of its sight (gc.freeze), after a collection when nothing is frozen yet (at
-    start, and after a reload (SIGHUP) gave everything back to the collector). What is created
-    later is collected as usual."""
-    if gc.get_freeze_count() == 0:
-        gc.collect()
-    gc.freeze()
-
-
-def write_pid_file(path: str) -> None:
-    """Where `lxd-image-server reload` finds the running watcher."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        f.write(f"{os.getpid()}\n")
-    os.replace(path + ".tmp", path)
-
-
-def signal_watcher(pid_file: str, signum: int = signal.SIGHUP) -> int:
-    """Sends `signum` to the watcher named in `pid_file`; returns its pid.
-
-    Raises ProcessLookupError (with a clear message) when no watcher runs.
-    """
-    try:
-        with open(pid_file) as f:
-            pid = int(f.read().strip())
-    except (OSError, ValueError):
-        raise ProcessLookupError(f"no running watcher ({pid_file} is missing or empty)") from None
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            cmdline = f.read()
-    except OSError:
-        raise ProcessLookupError(
-            f"no running watcher (pid {pid} from {pid_file} is gone)"
-        ) from None
-    if b"watch" not in cmdline:
-        raise ProcessLookupError(f"pid {pid} from {pid_file} is not a watcher")
-    os.kill(pid, signum)
-    return pid

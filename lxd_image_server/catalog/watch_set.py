@@ -18,6 +18,7 @@ import logging
 import os
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 
 from inotify_simple import INotify, flags
 
@@ -106,6 +107,24 @@ class WatchSet:
             return False
         self.next_rescan = time.monotonic() + self.rescan_interval
         return True
+
+    def unsettled(self, path: str, rel: str, listed_size: Callable[[], int | None]) -> float | None:
+        """For the file `path` (`rel` below images/): when (time.monotonic()) it will have
+        been unchanged for a rescan interval, if its directory has no watch and it may still
+        be being written (nothing tells us); None when it may be published now: watched,
+        unchanged that long, or the very file the catalog lists at the size it lists
+        (`listed_size`: a new ctime alone, a chown at an upgrade or a touch, does not withdraw
+        a published version)."""
+        if rel.rpartition("/")[0] in self.watched:
+            return None
+        try:
+            st = os.lstat(path)
+        except OSError:
+            return None
+        changed = max(st.st_mtime, st.st_ctime)
+        if time.time() - changed >= self.rescan_interval or listed_size() == st.st_size:
+            return None
+        return time.monotonic() + changed + self.rescan_interval - time.time()
 
     def touched(self, rel: str) -> None:
         """Something changed in the version directory `rel`: the last to lose its watch."""

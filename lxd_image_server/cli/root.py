@@ -180,7 +180,7 @@ def reload(g: Globals) -> None:
         settings_module.load(g.config)
     except ConfigError as e:
         raise click.ClickException(f"not reloading: {e}") from e
-    from lxd_image_server.catalog.watch import signal_watcher
+    from lxd_image_server.catalog.watch_pid import signal_watcher
 
     try:
         pid = signal_watcher(StateDir(g.state).watch_pid)

@@ -15,12 +15,13 @@ from typing import TypeVar
 
 from lxd_image_server.catalog.deltawork import BACKGROUND, FOREGROUND, DeltaService
 from lxd_image_server.catalog.hashcache import HashCache
-from lxd_image_server.catalog.pipeline import Pipeline
+from lxd_image_server.catalog.pipeline import Pipeline, Use
 from lxd_image_server.catalog.retention import Retention, RetentionError, delete_expired
 from lxd_image_server.config import Paths
 from lxd_image_server.gcpause import cyclic_gc_paused
 from lxd_image_server.progress import ProgressStart
 from lxd_image_server.settings import Settings
+from lxd_image_server.tree.scan import Exclude
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -49,7 +50,11 @@ def with_pipeline(
         if cache_first is not None:
             cache_first(cache)
         pipeline = Pipeline(
-            paths, cache, progress_start=progress_start, retention=retention_of(settings)
+            paths,
+            cache,
+            use=Use.OPERATOR,
+            progress_start=progress_start,
+            retention=retention_of(settings),
         )
         return run(pipeline)
     finally:
@@ -92,20 +97,20 @@ def _update(
     cache = HashCache(paths.cache_path)
     try:
         deltas = DeltaService(paths.img_dir, paths.state_dir, settings.deltas, FOREGROUND)
+        # (with the deltas still missing made, checked and published too: FOREGROUND)
         pipeline = Pipeline(
             paths,
             cache,
+            use=Use.UPDATE,
             progress_start=progress_start,
             retention=retention_of(settings),
             deltas=deltas,
         )
-        # (with the deltas still missing made, checked and published too: FOREGROUND)
-        pipeline.lookups_on_demand = True  # dropped at the end: nothing asks for its products
         changed = pipeline.update_all(rehash=rehash)
     finally:
         cache.close()
     _delete_expired(paths)  # with no grace period, what [retention] took out just now
-    result = UpdateResult(changed, len(pipeline.versions))
+    result = UpdateResult(changed, len(pipeline.known))
     if not changed:
         log.info("catalog unchanged (%d versions scanned)", result.versions)
     if settings.mirrors:
@@ -143,16 +148,28 @@ def watch(
     def reload() -> None:
         new = reload_settings()
         mirrors.configure(new.mirrors)
-        pipeline.retention = retention_of(new)
+        watcher.pipeline.reload(retention_of(new))
         deltas.configure(new.deltas)
 
     cache = HashCache(paths.cache_path)
+
+    def pipeline_for(exclude: Exclude, wake: Callable[[], None]) -> Pipeline:
+        return Pipeline(
+            paths,
+            cache,
+            use=Use.WATCH,
+            retention=retention_of(settings),
+            deltas=deltas,
+            on_publish=[mirrors.request],
+            on_hashed=wake,
+            exclude=exclude,
+        )
+
     try:
-        pipeline = Pipeline(paths, cache, retention=retention_of(settings), deltas=deltas)
-        pipeline.on_publish.append(mirrors.request)
         mirrors.configure(settings.mirrors)
         watcher = Watcher(
-            pipeline,
+            paths,
+            pipeline_for,
             on_reload=reload,
             pid_file=paths.state.watch_pid,
             publish_socket=paths.state.publish_socket,

@@ -326,9 +326,8 @@ def test_the_watcher_publishes_first_and_makes_the_deltas_after_in_one_batch(
     cache = HashCache(None)
     try:
         service = DeltaService(paths.img_dir, paths.state_dir, SMALL_OK, BACKGROUND, 3600)
-        pipeline = Pipeline(paths, cache, deltas=service)
         told = threading.Event()
-        pipeline.on_hashed = told.set
+        pipeline = Pipeline(paths, cache, deltas=service, on_hashed=told.set)
         pipeline.update_all()
         assert not [k for p in published(paths).values() for k in items_of(p) if "vcdiff" in k]
         assert told.wait(60)

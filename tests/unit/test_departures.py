@@ -16,7 +16,7 @@ from lxd_image_server.catalog import departures, published
 from lxd_image_server.catalog.departures import UnexplainedDepartures
 from lxd_image_server.catalog.hashcache import HashCache
 from lxd_image_server.catalog.pipeline import Pipeline
-from lxd_image_server.catalog.retention import PendingVersions, schedule
+from lxd_image_server.catalog.retention import schedule
 from lxd_image_server.config import Paths, StateDir
 from lxd_image_server.tree.scan import ScannedVersion
 
@@ -61,12 +61,12 @@ def rel(paths: Paths, serial: str) -> str:
 def hide_from_scan(p: Pipeline, serial: str) -> None:
     """The scanner misses one version whose directory is still there (a directory it could
     not list, a partial view): what no publish may act on."""
-    real = p.scanner.scan
+    real = p.known.scanner.scan
 
     def partial(rel_prefix: str = "") -> list[ScannedVersion]:
         return [v for v in real(rel_prefix) if v.key.serial != serial]
 
-    p.scanner.scan = partial  # type: ignore[method-assign]
+    p.known.scanner.scan = partial  # type: ignore[method-assign]
 
 
 def test_a_partial_scan_is_not_published(paths: Paths, pipeline: Pipeline) -> None:
@@ -206,7 +206,6 @@ def test_a_missing_images_directory_unpublishes_nothing(paths: Paths, pipeline: 
 def test_a_pruned_version_leaves(paths: Paths, pipeline: Pipeline) -> None:
     doomed = [v for v in pipeline.versions.values() if v.key.serial == SERIALS[0]]
     schedule(paths.state_dir, doomed, grace=3600)
-    pipeline.hidden = PendingVersions(paths.state_dir)
     assert pipeline.refresh([""])
     assert listed(paths) == set(SERIALS[1:])
 
@@ -272,10 +271,10 @@ def test_a_listed_serial_far_ahead_of_the_clock_leaves_as_invalid(paths: Paths) 
     future = version_dir(Path(paths.img_dir), serial="99991231_2359")
     write(future / "lxd.tar.xz", blob(100, 90))
     write(future / "rootfs.squashfs", blob(1000, 91))
-    p.scanner.clock = lambda: 253402300000.0  # the year 9999: the serial is not ahead yet
+    p.known.scanner.clock = lambda: 253402300000.0  # the year 9999: the serial is not ahead yet
     p.update_all()
     assert "99991231_2359" in listed(paths)
-    p.scanner.clock = lambda: 1750000000.0  # 2025: far behind the serial
+    p.known.scanner.clock = lambda: 1750000000.0  # 2025: far behind the serial
     assert p.refresh([""])
     assert listed(paths) == set(SERIALS)
     cache.close()

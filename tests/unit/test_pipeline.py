@@ -157,7 +157,7 @@ def slow_update(paths: Paths) -> tuple[threading.Thread, threading.Event, thread
     def run() -> None:
         cache = HashCache(paths.cache_path)
         pipeline = Pipeline(paths, cache)
-        pipeline.hasher = SlowEngine(cache, entered, release)
+        pipeline.known.hasher = SlowEngine(cache, entered, release)
         pipeline.update_all()
         cache.close()
 

@@ -218,7 +218,7 @@ def test_runs_under_the_catalog_lock(paths: Paths, pipeline: Pipeline) -> None:
                 os.close(fd)
             return super().apply(state_dir, products, versions, now)
 
-    pipeline.retention = Probe(real.policy, real.grace)
+    pipeline.reload(Probe(real.policy, real.grace))
     pipeline.update_all()
     assert seen and all(seen)
     assert published(paths) == {PRODUCT: ["20240102_1200", "20240103_1200"]}

@@ -1,0 +1,78 @@
+"""What the published catalog lists, as its writer knows it: the version directories of its
+last publish and, when asked, the files with their sizes (departures.Listing). Not known after
+a publish this writer skipped (unchanged.py) or before its first: taken from the record of the
+last publish then (departures.listed, published.py). A publish that would drop a listed
+version for no reason it can name is refused (departures.py)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable
+
+from lxd_image_server.catalog import departures
+from lxd_image_server.catalog.products import Products
+from lxd_image_server.config import Paths
+
+
+def listed_among(products: Products, rels: Iterable[str]) -> set[str]:
+    """Those of the version directories `rels` (relative to images/) that `products` list:
+    looked up one by one (the whole catalog's listing costs a pass over its items)."""
+    out = set()
+    for rel in rels:
+        product, _, serial = rel.rpartition("/")
+        listed = products.get(product.replace("/", ":"))
+        if listed is not None and serial in listed.versions:
+            out.add(rel)
+    return out
+
+
+#: images.json as found on disk (device, inode, mtime, size), None: missing
+CatalogState = tuple[int, int, int, int] | None
+
+
+class Listed:
+    def __init__(self, paths: Paths) -> None:
+        self.paths = paths
+        #: the version directories (relative to images/) of the last publish, and its products
+        self._versions: set[str] | None = None
+        self._products: Products | None = None
+        #: the files they list and their sizes, made when first asked for
+        self._listing: departures.Listing | None = None
+
+    def published(self, products: Products, versions: set[str]) -> None:
+        self._products, self._versions, self._listing = products, versions, None
+
+    def unknown(self) -> None:
+        """A publish was skipped: what is listed is read back if ever needed."""
+        self._products = self._versions = self._listing = None
+
+    def listing(self) -> departures.Listing:
+        if self._listing is None:
+            if self._products is not None:
+                self._listing = departures.listing_of(self._products)
+            else:
+                self._listing = departures.listed(self.paths.state_dir, self.paths.streams_dir)
+        return self._listing
+
+    def check(
+        self,
+        publishing: set[str],
+        pruned: Callable[[str], bool],
+        scanned: Callable[[str], bool],
+        clock: Callable[[], float],
+    ) -> None:
+        """Raises departures.UnexplainedDepartures when a version listed now would leave the
+        catalog `publishing` for no reason this writer can name."""
+        before = self._versions
+        if before is None:
+            before = self.listing().versions(self.paths.served_images)
+        known = departures.Known(self.paths.img_dir, pruned=pruned, scanned=scanned, clock=clock)
+        departures.check(before, publishing, known)
+
+    def state(self) -> CatalogState:
+        """images.json as it is now: another writer published when it changes."""
+        try:
+            st = os.lstat(os.path.join(self.paths.streams_dir, "images.json"))
+        except OSError:
+            return None
+        return (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)

@@ -1,0 +1,39 @@
+"""The running watcher's pid file: the watcher writes it once it sees every upload (`run`
+waits for it; `health` reads it), and `lxd-image-server reload` finds the watcher by it to
+send it SIGHUP."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+
+def write_pid_file(path: str) -> None:
+    """Where `lxd-image-server reload` finds the running watcher."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        f.write(f"{os.getpid()}\n")
+    os.replace(path + ".tmp", path)
+
+
+def signal_watcher(pid_file: str, signum: int = signal.SIGHUP) -> int:
+    """Sends `signum` to the watcher named in `pid_file`; returns its pid.
+
+    Raises ProcessLookupError (with a clear message) when no watcher runs.
+    """
+    try:
+        with open(pid_file) as f:
+            pid = int(f.read().strip())
+    except (OSError, ValueError):
+        raise ProcessLookupError(f"no running watcher ({pid_file} is missing or empty)") from None
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmdline = f.read()
+    except OSError:
+        raise ProcessLookupError(
+            f"no running watcher (pid {pid} from {pid_file} is gone)"
+        ) from None
+    if b"watch" not in cmdline:
+        raise ProcessLookupError(f"pid {pid} from {pid_file} is not a watcher")
+    os.kill(pid, signum)
+    return pid
