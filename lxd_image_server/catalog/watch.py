@@ -45,7 +45,7 @@ from lxd_image_server.catalog.departures import UnexplainedDepartures
 from lxd_image_server.catalog.listed import listed_among
 from lxd_image_server.catalog.pipeline import Pipeline, Use
 from lxd_image_server.catalog.publish import PublishError
-from lxd_image_server.catalog.publish_requests import RequestServer
+from lxd_image_server.catalog.publish_server import RequestServer
 from lxd_image_server.catalog.retention import RetentionError, delete_expired, next_expiry
 from lxd_image_server.catalog.watch_pid import write_pid_file
 from lxd_image_server.catalog.watch_set import (

@@ -305,7 +305,7 @@ def test_hostile_clients_do_not_stop_the_watcher(watcher: Watcher, tmp_path: Pat
 #: versions not listed (what a watcher says of a version it cannot publish)
 UNLISTING_WATCHER = """
 import os, select, sys
-from lxd_image_server.catalog.publish_requests import RequestServer
+from lxd_image_server.catalog.publish_server import RequestServer
 state, images = sys.argv[1], sys.argv[2]
 srv = RequestServer(os.path.join(state, "publish.sock"), images)
 with open(os.path.join(state, "watch.pid"), "w") as f:

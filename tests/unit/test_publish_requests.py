@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 
 from lxd_image_server.catalog import publish_requests as pr
-from lxd_image_server.catalog.publish_requests import RequestError, RequestServer
+from lxd_image_server.catalog.publish_requests import RequestError
+from lxd_image_server.catalog.publish_server import RequestServer
 
 V1 = "busybox/1.35/amd64/default/20240101_12:00"
 V2 = "busybox/1.35/amd64/default/20240102_12:00"
