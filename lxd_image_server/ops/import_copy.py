@@ -103,6 +103,8 @@ def feed(fd: int, sinks: Sequence[Hasher], progress: Progress) -> int:
 def copy(src: int, out: int, sinks: Sequence[Hasher], progress: Progress) -> int:
     """Copies `src` (from its start) to `out` (a new, empty file opened for reading and
     writing) and feeds every sink the bytes of `out`. -> bytes copied."""
+    if os.fstat(src).st_size < THREADED_FROM:
+        return _copy_small(src, out, sinks, progress)
     hashing = Hashing(sinks)
     size = 0
     kernel = True
@@ -134,6 +136,42 @@ def copy(src: int, out: int, sinks: Sequence[Hasher], progress: Progress) -> int
             progress(n)
     finally:
         hashing.close()
+
+
+#: a source smaller than this (a metadata tarball) is copied and hashed in the calling thread:
+#: the threads and buffers of `Hashing` would cost it more than its hashing
+THREADED_FROM = 1 << 20
+
+
+def _copy_small(src: int, out: int, sinks: Sequence[Hasher], progress: Progress) -> int:
+    """`copy` in this thread, a buffer of THREADED_FROM bytes at a time (correct at any size,
+    should the source grow meanwhile: only slower)."""
+    buf = bytearray(THREADED_FROM)
+    size = 0
+    kernel = True
+    while True:
+        n = 0
+        if kernel:
+            try:
+                n = os.copy_file_range(src, out, len(buf), size, size)
+            except OSError as e:
+                if size or e.errno not in _NO_KERNEL_COPY:
+                    raise
+                kernel = False
+        if kernel:
+            if n:
+                n = _read_back(out, buf, size, n)
+        else:
+            n = os.preadv(src, [buf], size)
+            _write_all(out, memoryview(buf)[:n], size)
+        if not n:
+            return size
+        start_writeback(out, size, n)
+        chunk = memoryview(buf)[:n]
+        for sink in sinks:
+            sink.update(chunk)
+        size += n
+        progress(n)
 
 
 def _read_back(out: int, buf: bytearray, offset: int, n: int) -> int:

@@ -15,13 +15,16 @@ Started as root, it reads the sources as root and becomes the catalog writer
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from lxd_image_server.catalog.publish_requests import request_publish
+from lxd_image_server.catalog.publish_requests import request_publish, running_watcher
 from lxd_image_server.config import Paths
 from lxd_image_server.ops import import_detect, import_place
 from lxd_image_server.ops.import_detect import ImagePlan
@@ -39,6 +42,10 @@ if TYPE_CHECKING:
 
 # (the pipeline, the hash cache and retention are imported where they are used: an import
 # the running watcher publishes loads none of them; each image imported pays its start-up)
+
+#: what publishing without a watcher imports (updating: the pipeline, the hash cache,
+#: retention; the page), loaded in a thread while the images are copied (_publisher_loaded)
+PUBLISHER_MODULES = ("lxd_image_server.ops.updating", "lxd_image_server.catalog.page")
 
 log = logging.getLogger(__name__)
 
@@ -85,13 +92,14 @@ def import_images(
     `progress_start`: each image's copy; `publish_progress`: hashing, when this command
     publishes itself."""
     staged: list[tuple[ImagePlan, Staged]] = []
-    try:
-        for plan in plans:
-            staged.append((plan, _stage(paths, plan, move, force, progress_start)))
-    except BaseException:
-        for _, s in reversed(staged):
-            s.abort()
-        raise
+    with _publisher_loaded(paths):
+        try:
+            for plan in plans:
+                staged.append((plan, _stage(paths, plan, move, force, progress_start)))
+        except BaseException:
+            for _, s in reversed(staged):
+                s.abort()
+            raise
     result = ImportResult()
     for plan, s in staged:
         try:
@@ -111,6 +119,36 @@ def import_images(
             retention.unschedule(paths.state_dir, version_dirs)
     _publish(paths, settings, [p for _, p in result.placed], publish_progress, result)
     return result
+
+
+@contextmanager
+def _publisher_loaded(paths: Paths) -> Iterator[None]:
+    """With no watcher running, the modules this command will publish with are imported in a
+    thread during the block (the copy: its hashing runs without the interpreter's lock, so
+    the import mostly costs nothing), and are loaded when it ends. A failed import is left
+    to the publish to report (it imports them again)."""
+    try:
+        running_watcher(paths.state.watch_pid)
+    except ProcessLookupError:
+        pass
+    else:
+        yield  # the watcher publishes: nothing to load
+        return
+    loader = threading.Thread(target=_load, args=(PUBLISHER_MODULES,), name="import-preload")
+    loader.start()
+    try:
+        yield
+    finally:
+        loader.join()
+
+
+def _load(modules: Sequence[str]) -> None:
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except Exception as e:  # (ImportError and what a module's own code may raise)
+            log.debug("preloading %s failed: %s", name, e)
+            return
 
 
 def _stage(
