@@ -24,12 +24,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from lxd_image_server.catalog.publish_requests import request_publish, running_watcher
 from lxd_image_server.config import Paths
 from lxd_image_server.ops import import_detect, import_place
 from lxd_image_server.ops.import_detect import ImagePlan
 from lxd_image_server.ops.import_errors import ImportFailed, NamingError, VersionExists
-from lxd_image_server.ops.import_handover import hand_over_placed
 from lxd_image_server.ops.import_naming import Naming
 from lxd_image_server.ops.import_place import Placed, Staged
 from lxd_image_server.privileges import become_writer
@@ -43,8 +41,14 @@ if TYPE_CHECKING:
 # (the pipeline, the hash cache and retention are imported where they are used: an import
 # the running watcher publishes loads none of them; each image imported pays its start-up)
 
-#: what publishing without a watcher imports (updating: the pipeline, the hash cache,
-#: retention; the page), loaded in a thread while the images are copied (_publisher_loaded)
+#: what every import needs once its files are copied (the digests handed over, the watcher
+#: asked), and what publishing without a watcher imports (updating: the pipeline, the hash
+#: cache, retention; the page): loaded in a thread while the images are copied
+#: (_publisher_loaded)
+AFTER_COPY_MODULES = (
+    "lxd_image_server.ops.import_handover",
+    "lxd_image_server.catalog.publish_requests",
+)
 PUBLISHER_MODULES = ("lxd_image_server.ops.updating", "lxd_image_server.catalog.page")
 
 log = logging.getLogger(__name__)
@@ -123,18 +127,12 @@ def import_images(
 
 @contextmanager
 def _publisher_loaded(paths: Paths) -> Iterator[None]:
-    """With no watcher running, the modules this command will publish with are imported in a
-    thread during the block (the copy: its hashing runs without the interpreter's lock, so
-    the import mostly costs nothing), and are loaded when it ends. A failed import is left
-    to the publish to report (it imports them again)."""
-    try:
-        running_watcher(paths.state.watch_pid)
-    except ProcessLookupError:
-        pass
-    else:
-        yield  # the watcher publishes: nothing to load
-        return
-    loader = threading.Thread(target=_load, args=(PUBLISHER_MODULES,), name="import-preload")
+    """What the command needs after the copy (AFTER_COPY_MODULES and, with no watcher
+    running, PUBLISHER_MODULES) is imported in a thread during the block (the copy: its
+    hashing runs without the interpreter's lock, so the imports cost it little), and is
+    loaded when the block ends. A failed import is left to the code that uses the module (it
+    imports it again and reports what fails)."""
+    loader = threading.Thread(target=_preload, args=(paths.state.watch_pid,), name="import-preload")
     loader.start()
     try:
         yield
@@ -142,13 +140,31 @@ def _publisher_loaded(paths: Paths) -> Iterator[None]:
         loader.join()
 
 
-def _load(modules: Sequence[str]) -> None:
+def _preload(pid_file: str) -> None:
+    if not _load(AFTER_COPY_MODULES):
+        return
+    from lxd_image_server.catalog.publish_requests import running_watcher
+
+    try:
+        running_watcher(pid_file)
+    except ProcessLookupError:
+        _load(PUBLISHER_MODULES)
+
+
+def _load(modules: Sequence[str]) -> bool:
     for name in modules:
         try:
             importlib.import_module(name)
         except Exception as e:  # (ImportError and what a module's own code may raise)
             log.debug("preloading %s failed: %s", name, e)
-            return
+            return False
+    return True
+
+
+def _hand_over(paths: Paths, dir_fd: int, placed: Placed) -> None:
+    from lxd_image_server.ops.import_handover import hand_over_placed
+
+    hand_over_placed(paths, dir_fd, placed)
 
 
 def _stage(
@@ -166,7 +182,7 @@ def _stage(
             move=move,
             force=force,
             progress_start=progress_start,
-            on_filled=lambda fd, placed: hand_over_placed(paths, fd, placed),
+            on_filled=lambda fd, placed: _hand_over(paths, fd, placed),
         )
     except VersionExists as e:
         from lxd_image_server.catalog import retention
@@ -186,6 +202,8 @@ def _publish(
     progress_start: ProgressStart | None,
     result: ImportResult,
 ) -> None:
+    from lxd_image_server.catalog.publish_requests import request_publish
+
     rels = [p.key.relpath for p in placed]
     answer = request_publish(paths.state.publish_socket, paths.state.watch_pid, paths.img_dir, rels)
     if answer is not None:
