@@ -8,6 +8,9 @@ Write-back of each chunk is started as soon as it is copied (fsutil.start_writeb
 fsync that makes the import durable finds most of the file on the disk already.
 Where the kernel cannot copy (another file system on an old kernel, a special file system), the
 bytes are read and written by this process instead: the same digests, the same file.
+A small source (under THREADED_FROM: a metadata tarball) is copied and hashed the same way in the
+calling thread, a small buffer at a time: threads and two 8 MiB buffers would cost it more than
+its hashing (about 10 ms of each split image's import).
 """
 
 from __future__ import annotations
