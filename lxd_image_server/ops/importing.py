@@ -9,24 +9,29 @@
 4. publish once: the running watcher is asked to (catalog/publish_requests.py: it rescans only
    those versions and publishes at once), or, without one (or when it does not answer), this
    command publishes the whole tree itself under the catalog lock, as `update` does.
+While the files are copied (hashing runs outside the interpreter's lock), a thread imports what
+the command needs after the copy: the handover, the watcher's channel and, with no watcher
+running, the pipeline and the page it publishes with (_publisher_loaded): a command per image
+no longer pays those imports (~50 ms) after its copy.
 Started as root, it reads the sources as root and becomes the catalog writer
 (privileges.become_writer) before it publishes.
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from lxd_image_server.catalog.publish_requests import request_publish
 from lxd_image_server.config import Paths
 from lxd_image_server.ops import import_detect, import_place
 from lxd_image_server.ops.import_detect import ImagePlan
 from lxd_image_server.ops.import_errors import ImportFailed, NamingError, VersionExists
-from lxd_image_server.ops.import_handover import hand_over_placed
 from lxd_image_server.ops.import_naming import Naming
 from lxd_image_server.ops.import_place import Placed, Staged
 from lxd_image_server.privileges import become_writer
@@ -39,6 +44,16 @@ if TYPE_CHECKING:
 
 # (the pipeline, the hash cache and retention are imported where they are used: an import
 # the running watcher publishes loads none of them; each image imported pays its start-up)
+
+#: what every import needs once its files are copied (the digests handed over, the watcher
+#: asked), and what publishing without a watcher imports (updating: the pipeline, the hash
+#: cache, retention; the page): loaded in a thread while the images are copied
+#: (_publisher_loaded)
+AFTER_COPY_MODULES = (
+    "lxd_image_server.ops.import_handover",
+    "lxd_image_server.catalog.publish_requests",
+)
+PUBLISHER_MODULES = ("lxd_image_server.ops.updating", "lxd_image_server.catalog.page")
 
 log = logging.getLogger(__name__)
 
@@ -85,13 +100,14 @@ def import_images(
     `progress_start`: each image's copy; `publish_progress`: hashing, when this command
     publishes itself."""
     staged: list[tuple[ImagePlan, Staged]] = []
-    try:
-        for plan in plans:
-            staged.append((plan, _stage(paths, plan, move, force, progress_start)))
-    except BaseException:
-        for _, s in reversed(staged):
-            s.abort()
-        raise
+    with _publisher_loaded(paths):
+        try:
+            for plan in plans:
+                staged.append((plan, _stage(paths, plan, move, force, progress_start)))
+        except BaseException:
+            for _, s in reversed(staged):
+                s.abort()
+            raise
     result = ImportResult()
     for plan, s in staged:
         try:
@@ -113,6 +129,48 @@ def import_images(
     return result
 
 
+@contextmanager
+def _publisher_loaded(paths: Paths) -> Iterator[None]:
+    """What the command needs after the copy (AFTER_COPY_MODULES and, with no watcher
+    running, PUBLISHER_MODULES) is imported in a thread during the block (the copy: its
+    hashing runs without the interpreter's lock, so the imports cost it little), and is
+    loaded when the block ends. A failed import is left to the code that uses the module (it
+    imports it again and reports what fails)."""
+    loader = threading.Thread(target=_preload, args=(paths.state.watch_pid,), name="import-preload")
+    loader.start()
+    try:
+        yield
+    finally:
+        loader.join()
+
+
+def _preload(pid_file: str) -> None:
+    if not _load(AFTER_COPY_MODULES):
+        return
+    from lxd_image_server.catalog.publish_requests import running_watcher
+
+    try:
+        running_watcher(pid_file)
+    except ProcessLookupError:
+        _load(PUBLISHER_MODULES)
+
+
+def _load(modules: Sequence[str]) -> bool:
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except Exception as e:  # (ImportError and what a module's own code may raise)
+            log.debug("preloading %s failed: %s", name, e)
+            return False
+    return True
+
+
+def _hand_over(paths: Paths, dir_fd: int, placed: Placed) -> None:
+    from lxd_image_server.ops.import_handover import hand_over_placed
+
+    hand_over_placed(paths, dir_fd, placed)
+
+
 def _stage(
     paths: Paths,
     plan: ImagePlan,
@@ -128,7 +186,7 @@ def _stage(
             move=move,
             force=force,
             progress_start=progress_start,
-            on_filled=lambda fd, placed: hand_over_placed(paths, fd, placed),
+            on_filled=lambda fd, placed: _hand_over(paths, fd, placed),
         )
     except VersionExists as e:
         from lxd_image_server.catalog import retention
@@ -148,6 +206,8 @@ def _publish(
     progress_start: ProgressStart | None,
     result: ImportResult,
 ) -> None:
+    from lxd_image_server.catalog.publish_requests import request_publish
+
     rels = [p.key.relpath for p in placed]
     answer = request_publish(paths.state.publish_socket, paths.state.watch_pid, paths.img_dir, rels)
     if answer is not None:

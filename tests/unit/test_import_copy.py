@@ -14,7 +14,8 @@ from lxd_image_server import fsutil
 from lxd_image_server.ops import import_copy
 
 CHUNK = import_copy.CHUNK
-SIZES = [0, 1, 4096, CHUNK - 1, CHUNK, CHUNK + 1, 2 * CHUNK + 12345]
+SMALL = import_copy.THREADED_FROM
+SIZES = [0, 1, 4096, SMALL - 1, SMALL, SMALL + 1, CHUNK - 1, CHUNK, CHUNK + 1, 2 * CHUNK + 12345]
 
 
 def _source(tmp_path: Path, size: int) -> tuple[Path, bytes]:
@@ -52,7 +53,7 @@ def test_copy_by_the_kernel_hashes_every_byte(tmp_path: Path, size: int) -> None
     )
 
 
-@pytest.mark.parametrize("size", [0, 5, CHUNK + 1, 2 * CHUNK + 7])
+@pytest.mark.parametrize("size", [0, 5, SMALL + 3, CHUNK + 1, 2 * CHUNK + 7])
 @pytest.mark.parametrize("refusal", [errno.EXDEV, errno.EOPNOTSUPP, errno.ENOSYS])
 def test_copy_through_user_space_where_the_kernel_refuses(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, size: int, refusal: int
@@ -69,6 +70,28 @@ def test_copy_through_user_space_where_the_kernel_refuses(
     assert calls == [1]  # asked once, then never again
     assert got == (
         size,
+        hashlib.sha256(data).hexdigest(),
+        hashlib.sha256(b"m" + data).hexdigest(),
+        data,
+    )
+
+
+def test_a_source_grown_past_its_size_is_copied_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A source that looked small (copied in this thread, a small buffer at a time) and is
+    larger by the time it is copied (an uploader still writing): every byte copied and
+    hashed, as a large one would be."""
+    src, data = _source(tmp_path, 3 * SMALL + 17)
+    real = os.fstat
+
+    def looks_small(fd: int) -> os.stat_result:
+        st = real(fd)
+        return os.stat_result((*st[:6], 10, *st[7:]))  # st_size: 10 bytes
+
+    monkeypatch.setattr(os, "fstat", looks_small)
+    assert _copy(tmp_path, src, b"m") == (
+        len(data),
         hashlib.sha256(data).hexdigest(),
         hashlib.sha256(b"m" + data).hexdigest(),
         data,
