@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import secrets
 import stat
 from collections.abc import Mapping
 
@@ -26,8 +25,6 @@ from lxd_image_server.tree import handover
 from lxd_image_server.tree.layout import Role, classify
 
 log = logging.getLogger(__name__)
-
-_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 #: file name -> (size, sha256)
@@ -81,7 +78,7 @@ def hand_over(paths: Paths, dir_fd: int, files: Files, combined: CombinedOf) -> 
             return
         try:
             for record in records:
-                _write(rec_fd, record, owner)
+                handover.write_record(rec_fd, record, owner)
         finally:
             os.close(rec_fd)
         log.debug("handed %d digest(s) to the catalog writer in %s", len(records), directory)
@@ -105,22 +102,3 @@ def _records_dir(directory: str, owner: tuple[int, int] | None) -> int | None:
         return open_dir(name, dir_fd=state_fd)
     finally:
         os.close(state_fd)
-
-
-def _write(dir_fd: int, record: handover.Record, owner: tuple[int, int] | None) -> None:
-    """`record` under its name, atomically; the writer's before it has that name."""
-    name = handover.record_name(record.key)
-    tmp = f".{name}.{secrets.token_hex(6)}"
-    fd = os.open(tmp, _CREATE, 0o640, dir_fd=dir_fd)
-    try:
-        try:
-            if owner is not None:
-                os.fchown(fd, *owner)
-            os.write(fd, record.to_json())
-        finally:
-            os.close(fd)
-        os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp, dir_fd=dir_fd)
-        raise

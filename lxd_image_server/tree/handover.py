@@ -94,15 +94,18 @@ class Record:
 # -- the upload app's side --------------------------------------------------------------------
 
 
-def write_record(dir_fd: int, record: Record) -> None:
+def write_record(dir_fd: int, record: Record, owner: tuple[int, int] | None = None) -> None:
     """Writes `record` under its name, atomically (temp name + rename); no fsync: a lost record
-    only means the file is hashed again."""
+    only means the file is hashed again. `owner` (uid, gid): given to the record before it has
+    its name (a command started as root writes the catalog writer's records)."""
     name = record_name(record.key)
     tmp = f".{name}.{secrets.token_hex(6)}"
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
     fd = os.open(tmp, flags, 0o640, dir_fd=dir_fd)
     try:
         try:
+            if owner is not None:
+                os.fchown(fd, *owner)
             os.write(fd, record.to_json())
         finally:
             os.close(fd)
