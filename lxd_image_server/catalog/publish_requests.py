@@ -41,6 +41,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from lxd_image_server.catalog.watch_pid import read_pid_file
 from lxd_image_server.fsutil import load_json_bounded, open_dir
 from lxd_image_server.tree.layout import LayoutError, parse_version_dir
 
@@ -148,13 +149,7 @@ def running_watcher(pid_file: str) -> int:
     A process /proc does not show (another unit's sandbox: PrivateUsers with
     ProtectProc=invisible, as the package's sync unit and watcher have) is taken for the
     watcher while it exists: the socket's other end is checked to be that very process."""
-    try:
-        with open(pid_file, "rb") as f:
-            pid = int(f.read(32).strip())
-    except (OSError, ValueError):
-        raise ProcessLookupError(f"no running watcher ({pid_file} is missing or empty)") from None
-    if pid <= 0:
-        raise ProcessLookupError(f"no running watcher ({pid_file} names no process)")
+    pid = read_pid_file(pid_file)
     try:
         cmdline = _cmdline(pid)
     except OSError:

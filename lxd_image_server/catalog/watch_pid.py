@@ -21,11 +21,7 @@ def signal_watcher(pid_file: str, signum: int = signal.SIGHUP) -> int:
 
     Raises ProcessLookupError (with a clear message) when no watcher runs.
     """
-    try:
-        with open(pid_file) as f:
-            pid = int(f.read().strip())
-    except (OSError, ValueError):
-        raise ProcessLookupError(f"no running watcher ({pid_file} is missing or empty)") from None
+    pid = read_pid_file(pid_file)
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             cmdline = f.read()
@@ -36,4 +32,17 @@ def signal_watcher(pid_file: str, signum: int = signal.SIGHUP) -> int:
     if b"watch" not in cmdline:
         raise ProcessLookupError(f"pid {pid} from {pid_file} is not a watcher")
     os.kill(pid, signum)
+    return pid
+
+
+def read_pid_file(pid_file: str) -> int:
+    """The pid `pid_file` names (read bounded); ProcessLookupError (with a clear message) when
+    it is missing, empty or names no process (0 or less: os.kill would take it for a group)."""
+    try:
+        with open(pid_file, "rb") as f:
+            pid = int(f.read(32).strip())
+    except (OSError, ValueError):
+        raise ProcessLookupError(f"no running watcher ({pid_file} is missing or empty)") from None
+    if pid <= 0:
+        raise ProcessLookupError(f"no running watcher ({pid_file} names no process)")
     return pid
