@@ -9,14 +9,19 @@ arrives, so a file of any size passes through a buffer of about two chunks. The 
         for chunk in part:
             ...
 
+With `readinto` (fills a buffer from the body), `Part.fill` reads a part's data straight into
+the caller's buffer and looks for the delimiter there: no copy through the reader's own buffer,
+which only keeps what may begin a delimiter at the end of a read, and what follows one.
+
 Only what an upload needs: part headers, the Content-Disposition `name` and `filename`
 (`filename*=` per RFC 5987 too). Parts are not nested; preamble and epilogue are discarded.
 """
 
 from __future__ import annotations
 
+import mmap
 from collections.abc import Callable, Iterator
-from typing import overload
+from typing import TypeAlias, overload
 from urllib.parse import unquote
 
 from lxd_image_server.fsutil import CHUNK_SIZE
@@ -24,6 +29,9 @@ from lxd_image_server.fsutil import CHUNK_SIZE
 #: Upper bound of one part's header block (browsers and curl send a few hundred bytes).
 MAX_HEADER_BYTES = 16 * 1024
 _MAX_BOUNDARY = 70  # RFC 2046 5.1.1
+
+#: A buffer `Part.fill` writes into and searches in place (both have find(sub, start, end)).
+Target: TypeAlias = "mmap.mmap | bytearray"
 
 
 class MultipartError(ValueError):
@@ -149,6 +157,14 @@ class Part:
     def readinto(self, buf: bytearray | memoryview) -> int:
         """Copies the next bytes of this part's data into `buf` -> how many (0: complete)."""
         return self._reader._read_body(self._number, memoryview(buf))
+
+    def fill(self, target: Target, start: int = 0, end: int | None = None) -> int:
+        """Fills target[start:end] with this part's next bytes -> how many: all of it unless
+        the part ends first (0: it is complete). Reads the body straight into `target`."""
+        stop = len(target) if end is None else end
+        if not 0 <= start <= stop <= len(target):
+            raise ValueError(f"no room [{start}:{stop}] in a buffer of {len(target)} bytes")
+        return self._reader._fill_part(self._number, target, start, stop)
 
     def __iter__(self) -> Iterator[bytes]:
         while chunk := self.read():
@@ -324,6 +340,55 @@ class MultipartReader:
             start = max(0, len(self._buf) - keep)
             if not self._fill():
                 raise MultipartError("body ended before the closing boundary")
+
+    def _fill_part(self, number: int, target: Target, start: int, end: int) -> int:
+        """Part.fill: the body read into target[start:end] and searched there; the reader's
+        own buffer is used (copied from) only for what it holds already."""
+        delim = self._delim
+        keep = len(delim) - 1
+        pos = start
+        with memoryview(target) as view:
+            while pos < end:
+                if number != self._part or self._state != "body":
+                    break
+                held = len(self._buf)
+                if self._readinto is None or held + keep >= end - pos or delim in self._buf:
+                    # from the reader's buffer (or its reads), copied
+                    n = self._read_body(number, view[pos:end])
+                    if n == 0:
+                        break
+                    pos += n
+                    continue
+                # what the reader holds (no delimiter) first, then the body straight after it
+                view[pos : pos + held] = self._buf
+                self._buf.clear()
+                n = 0 if self._eof else self._readinto(view[pos + held : end])
+                if n == 0:
+                    self._eof = True
+                    raise MultipartError("body ended before the closing boundary")
+                last = pos + held + n
+                idx = target.find(delim, pos, last)
+                if idx >= 0:
+                    # the part ends there: the delimiter and what follows go back to the reader
+                    self._buf += view[idx:last]
+                    pos = idx
+                    continue
+                # bytes at the end that may begin a delimiter are kept back for the next read
+                cut = last - _delimiter_start(target, delim, max(pos, last - keep), last)
+                self._buf += view[cut:last]
+                pos = cut
+        return pos - start
+
+
+def _delimiter_start(target: Target, delim: bytes, lo: int, hi: int) -> int:
+    """The length of the longest end of target[lo:hi] that begins `delim` (0 if none)."""
+    first = delim[:1]
+    i = target.find(first, lo, hi)
+    while i >= 0:
+        if target[i:hi] == delim[: hi - i]:
+            return hi - i
+        i = target.find(first, i + 1, hi)
+    return 0
 
 
 def _parse_header_block(block: bytes) -> dict[str, str]:

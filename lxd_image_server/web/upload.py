@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import logging
+import mmap
 import os
 import socket
 import time
@@ -379,11 +380,16 @@ def _require_length(body: BodyReader) -> None:
 
 
 def _part_reader(part: Part) -> ReadInto:
-    """Fills a buffer with the part's next bytes."""
+    """Fills a buffer with the part's next bytes. The store's buffers (whole mmaps) are
+    filled with Part.fill, which reads the body straight into them; any other view through
+    a copy."""
 
     def readinto(view: memoryview) -> int:
         total = 0
+        base = view.obj
         try:
+            if isinstance(base, mmap.mmap | bytearray) and view.nbytes == len(base):
+                return part.fill(base, 0, len(base))  # the whole buffer: offsets are its own
             while total < len(view) and (n := part.readinto(view[total:])):
                 total += n
         except MultipartError as e:

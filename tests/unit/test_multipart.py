@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mmap
 from collections.abc import Callable, Iterable
 
 import pytest
@@ -288,3 +289,151 @@ def test_bad_boundary_length() -> None:
         MultipartReader(sized_reader(b"", 1), b"")
     with pytest.raises(MultipartError):
         MultipartReader(sized_reader(b"", 1), b"x" * 71)
+
+
+# -- Part.fill: the body read straight into the caller's buffer ---------------------------------
+#
+# With `readinto`, a part's data is read from the body straight into the caller's buffer and
+# the delimiter searched for there; only what may begin a delimiter at the end of a read (and
+# whatever follows a delimiter) is kept back. A hostile body puts delimiters, and bytes that
+# start like one, exactly where those reads end.
+
+
+class PiecesBody:
+    """A body handed out in the given pieces (each cut to what is asked), through read(n)
+    and readinto."""
+
+    def __init__(self, pieces: list[bytes]) -> None:
+        self.read = pieces_reader(pieces)
+
+    @classmethod
+    def sized(cls, data: bytes, piece: int) -> PiecesBody:
+        return cls([data[i : i + piece] for i in range(0, len(data), piece)])
+
+    def readinto(self, view: memoryview) -> int:
+        assert len(view) > 0
+        out = self.read(len(view))
+        view[: len(out)] = out
+        return len(out)
+
+
+def _target(kind: str, size: int) -> mmap.mmap | bytearray:
+    return mmap.mmap(-1, size) if kind == "mmap" else bytearray(size)
+
+
+def parse_filled(
+    body: PiecesBody, target_size: int, kind: str = "bytearray", start: int = 0, chunk: int = 100
+) -> Parsed:
+    """Every part's data through Part.fill into target[start:]; checks that each fill is
+    complete unless the part ends with it."""
+    reader = MultipartReader(body.read, BOUNDARY, chunk_size=chunk, readinto=body.readinto)
+    target = _target(kind, start + target_size)
+    out: Parsed = []
+    while (part := reader.next_part()) is not None:
+        data = bytearray()
+        ended = False
+        while n := part.fill(target, start):
+            assert not ended, "a fill after a short one (the part had ended)"
+            assert 0 < n <= target_size
+            ended = n < target_size
+            data += target[start : start + n]
+        out.append((part.headers, part.name, part.filename, bytes(data)))
+    return out
+
+
+@pytest.mark.parametrize("kind", ["bytearray", "mmap"])
+@pytest.mark.parametrize(
+    "target_size", [1, 2, len(DELIM) - 1, len(DELIM), len(DELIM) + 1, 2 * len(DELIM) + 1, 100, 4096]
+)
+@pytest.mark.parametrize("piece", [1, 7, len(DELIM) - 1, len(DELIM) + 1, 64, 1000, 1 << 20])
+def test_fill_any_read_and_target_size(kind: str, target_size: int, piece: int) -> None:
+    parsed = parse_filled(PiecesBody.sized(BODY, piece), target_size, kind)
+    assert simplified(parsed) == EXPECTED
+
+
+@pytest.mark.parametrize("target_size", [len(DELIM) + 1, 100, 4096])
+def test_fill_split_at_every_offset(target_size: int) -> None:
+    for cut in range(1, len(BODY)):
+        parsed = parse_filled(PiecesBody([BODY[:cut], BODY[cut:]]), target_size, start=3)
+        assert simplified(parsed) == EXPECTED, f"split at {cut}"
+
+
+@pytest.mark.parametrize("kind", ["bytearray", "mmap"])
+@pytest.mark.parametrize("real", [True, False])
+def test_fill_a_delimiter_or_its_beginning_across_the_end_of_the_buffer(
+    kind: str, real: bool
+) -> None:
+    """The part's data fills the caller's buffer up to a delimiter (or bytes that begin like
+    one) cut at every length by the buffer's end: reads end there too."""
+    size = 256
+    for j in range(1, len(DELIM)):
+        lead = bytes(range(256))[: size - j]
+        tail = b"" if real else DELIM[:j] + b"!" + DELIM[j:]
+        body = body_of([file_part("f", lead + tail), (b"", b"second")])
+        # the delimiter (or its lookalike) starts j bytes before the buffer's end
+        parsed = parse_filled(PiecesBody([body]), size, kind, chunk=64)
+        assert [d for *_, d in parsed] == [lead + tail, b"second"], (j, real)
+
+
+@pytest.mark.parametrize("target_size", [5, 100, 4096])
+def test_fill_missing_final_boundary(target_size: int) -> None:
+    whole = body_of([file_part("f", b"data\r\nmore" * 50)])
+    close_at = whole.rindex(b"--" + BOUNDARY + b"--") + 2 + len(BOUNDARY)
+    for cut in range(close_at + 1):
+        with pytest.raises(MultipartError):
+            parse_filled(PiecesBody([whole[:cut]]), target_size)
+    without_close = body_of([file_part("f", b"data\r\nmore")], close=False)
+    with pytest.raises(MultipartError):
+        parse_filled(PiecesBody([without_close]), target_size)
+
+
+def test_fill_reads_the_body_straight_into_the_buffer() -> None:
+    """Large parts are not copied through the reader's own buffer: the reads go to the
+    caller's buffer, in the caller's size."""
+    data = bytes(range(256)) * 4096  # 1 MiB
+    body = body_of([file_part("big", data)])
+    sizes: list[int] = []
+    source = PiecesBody([body])
+
+    def readinto(view: memoryview) -> int:
+        sizes.append(len(view))
+        return source.readinto(view)
+
+    reader = MultipartReader(source.read, BOUNDARY, chunk_size=1024, readinto=readinto)
+    target = mmap.mmap(-1, 64 * 1024)
+    part = reader.next_part()
+    assert part is not None
+    got = bytearray()
+    while n := part.fill(target):
+        got += target[:n]
+    assert got == data
+    assert reader.next_part() is None
+    # after the reads that found the headers, one read per buffer, nearly the whole buffer
+    big = [s for s in sizes if s > 1024]
+    assert len(big) >= len(data) // len(target) - 1
+    assert min(big) >= len(target) - 1024 - len(DELIM)
+
+
+def test_fill_of_a_finished_or_stale_part_is_zero() -> None:
+    source = PiecesBody([BODY])
+    reader = MultipartReader(source.read, BOUNDARY, chunk_size=100, readinto=source.readinto)
+    first = reader.next_part()
+    second = reader.next_part()
+    assert first is not None and second is not None
+    target = bytearray(64)
+    assert first.fill(target) == 0
+    assert second.fill(target, 0, 3) == 3
+    assert target[:3] == b"jus"
+
+
+def test_fill_without_readinto_copies() -> None:
+    """A reader given only read(n) fills the buffer all the same."""
+    reader = MultipartReader(sized_reader(BODY, 9), BOUNDARY, chunk_size=100)
+    out = []
+    target = bytearray(17)
+    while (part := reader.next_part()) is not None:
+        data = bytearray()
+        while n := part.fill(target):
+            data += target[:n]
+        out.append((part.name, part.filename, bytes(data)))
+    assert out == EXPECTED

@@ -27,6 +27,7 @@ from lxd_image_server.web.upload import (
     make_app,
     settings_from_env,
 )
+from lxd_image_server.web.upload_sink import BUFFER_SIZE
 
 VERSION = "busybox/1.35/amd64/default/20240101_12:00"
 META = f"{VERSION}/lxd.tar.xz"
@@ -384,6 +385,25 @@ def test_post_several_files_and_ignored_fields(tree: Tree, path: str) -> None:
     }
     assert tree.files() == {META: meta, ROOTFS: root}
     tree.check()
+
+
+@pytest.mark.parametrize("cut", [1, 2, 5, len(BOUNDARY) + 3])
+def test_post_delimiters_and_lookalikes_at_the_buffer_edges(tree: Tree, cut: int) -> None:
+    """A part's data is read straight into the 2 MiB buffers it is written from: a delimiter,
+    or bytes that begin like one, cut by a buffer's end at `cut` bytes still ends the part
+    exactly where the body says (and only there)."""
+    delim = f"\r\n--{BOUNDARY}".encode()
+    edge = BUFFER_SIZE - cut
+    # the real delimiter after the metadata starts `cut` bytes before the first buffer's end
+    meta = os.urandom(edge)
+    # in the root filesystem, lookalikes cut at the end of its first and second buffers
+    root = os.urandom(edge) + delim[:cut] + b"x"
+    root += os.urandom(2 * BUFFER_SIZE - len(root) - cut) + delim[:cut] + b"-" + os.urandom(99)
+    body, ctype = form(("upload", META, meta), ("upload", ROOTFS, root))
+    r = call(tree.app(), "POST", "/images/", body, content_type=ctype)
+    assert r.status == 201, r.body
+    assert [f["sha256"] for f in r.json["files"]] == [sha(meta), sha(root)]
+    assert tree.files() == {META: meta, ROOTFS: root}
 
 
 def test_post_chunked(tree: Tree) -> None:

@@ -102,6 +102,44 @@ def test_multipart_reader(data: bytes, piece: int) -> None:
         assert "\n" not in str(e)
 
 
+def _parts(
+    reader: MultipartReader, target: bytearray | None
+) -> list[tuple[str | None, bytes]] | str:
+    """Every part's (filename, data), read with Part.read or with Part.fill into `target`;
+    or the error."""
+    out: list[tuple[str | None, bytes]] = []
+    try:
+        while (part := reader.next_part()) is not None:
+            data = bytearray()
+            if target is None:
+                for chunk in part:
+                    data += chunk
+            else:
+                while n := part.fill(target):
+                    data += target[:n]
+            out.append((part.filename, bytes(data)))
+    except MultipartError as e:
+        return type(e).__name__
+    return out
+
+
+@FUZZ
+@given(_BODIES, st.integers(min_value=1, max_value=64), st.integers(min_value=1, max_value=48))
+def test_multipart_fill_reads_what_read_reads(data: bytes, piece: int, size: int) -> None:
+    """The body read straight into the caller's buffer (Part.fill) yields exactly the parts,
+    or the failure, that reading through the reader's own buffer does."""
+    source = _reader(data, piece)
+
+    def readinto(view: memoryview) -> int:
+        got = source(len(view))
+        view[: len(got)] = got
+        return len(got)
+
+    expected = _parts(MultipartReader(_reader(data, piece), BOUNDARY, chunk_size=16), None)
+    filled = MultipartReader(source, BOUNDARY, chunk_size=16, readinto=readinto)
+    assert _parts(filled, bytearray(size)) == expected
+
+
 @FUZZ
 @given(st.one_of(st.text(max_size=200), _HEADER_VALUES))
 def test_options_header(value: str) -> None:
