@@ -26,10 +26,12 @@ WebDAV's curl time alone). `--curl CMD` uploads with another curl (e.g. a newer 
 chroot: `--curl "chroot /srv/trixie curl"`; the scratch paths must be the same inside).
 
 Also per step: the CPU seconds of curl, of the nginx workers and of the upload app's gunicorn
-workers (from /proc), which show where the time goes. Peak RSS: before each upload to the app,
-every gunicorn worker's peak (VmHWM) is reset with `echo 5 > /proc/PID/clear_refs`; afterwards
-the largest VmHWM is the peak during the upload, and VmHWM minus the RSS just before is the
-growth.
+workers (from /proc), per upload and per GiB, which show where the time goes; the share of the
+machine's CPU time left idle during the upload (/proc/stat: near 0 % means the 2 CPUs were the
+limit); and the hashing the product needs (sha256 timed in this process, twice per byte).
+Peak RSS: before each upload to the app, every gunicorn worker's peak (VmHWM) is reset with
+`echo 5 > /proc/PID/clear_refs`; afterwards the largest VmHWM is the peak during the upload,
+and VmHWM minus the RSS just before is the growth.
 
 Also: the publish latency, from curl's return to the version listed in images.json by the
 watcher (which takes the digests the upload app handed over instead of reading the file).
@@ -296,6 +298,25 @@ def cpu_seconds(pids: Sequence[int]) -> float:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
+def machine_ticks() -> tuple[int, int]:
+    """(idle + iowait, all) clock ticks of the whole machine so far (/proc/stat)."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    return fields[3] + fields[4], sum(fields)
+
+
+def sha256_seconds_per_gib(path: Path, limit: int = 256 * MiB) -> float:
+    """CPU seconds hashlib's sha256 takes per GiB on this machine (over up to `limit` bytes
+    of `path`, read first)."""
+    with open(path, "rb", buffering=0) as f:
+        data = f.read(limit)
+    h = hashlib.sha256()
+    start = time.process_time()
+    view = memoryview(data)
+    for i in range(0, len(data), MiB):
+        h.update(view[i : i + MiB])
+    return (time.process_time() - start) / max(len(data), 1) * 1024 * MiB
+
+
 def children_cpu_seconds() -> float:
     """CPU seconds of this process's children that have been waited for (curl)."""
     ru = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -505,6 +526,10 @@ class Results:
     rss: list[tuple[int, int]] = field(default_factory=list)
     #: per step: CPU seconds of (curl, the nginx workers, the upload app's workers) per upload
     cpu: dict[str, list[tuple[float, float, float]]] = field(default_factory=dict)
+    #: per step: the share of the machine's CPU time left idle during each upload
+    idle: dict[str, list[float]] = field(default_factory=dict)
+    #: CPU seconds of one sha256 pass per GiB on this machine (measured in this process)
+    sha256_per_gib: float = 0.0
     #: seconds from the answer to an upload to its version listed in images.json
     publish: list[float] = field(default_factory=list)
 
@@ -557,7 +582,9 @@ class Bench:
         of curl, of `nginx`'s workers and of the upload app's workers."""
         workers, app = children(nginx), self.s.gunicorn.workers()
         cpu = (children_cpu_seconds(), cpu_seconds(workers), cpu_seconds(app))
+        ticks = machine_ticks()
         status, seconds, sent, body = self.s.curl.request(args, self.timeout, http)
+        ticks_after = machine_ticks()
         after = (children_cpu_seconds(), cpu_seconds(workers), cpu_seconds(app))
         if status not in (200, 201, 204):
             raise BenchError(f"{what}: HTTP {status}: {body.strip()[:500]}")
@@ -566,6 +593,8 @@ class Bench:
         if self.recording:
             used = tuple(b - a for a, b in zip(cpu, after, strict=True))
             self.results.cpu.setdefault(what, []).append((used[0], used[1], used[2]))
+            idle, total = (b - a for a, b in zip(ticks, ticks_after, strict=True))
+            self.results.idle.setdefault(what, []).append(idle / total if total > 0 else 0.0)
         return seconds, body
 
     def baseline(self, http: str, check: bool) -> None:
@@ -670,6 +699,7 @@ def run(argv: list[str]) -> int:
         settle()
         with servers(exe, work, curl_command) as s:
             bench = Bench(s, src, meta, size, args.timeout)
+            bench.results.sha256_per_gib = sha256_seconds_per_gib(src)
             idle = {p: read_status(p).get("VmRSS", 0) for p in s.gunicorn.workers()}
             steps = [(h, m) for h in versions(args) for m in ("baseline", "PUT", "POST")]
             for rnd in range(args.warmup + args.repeat):
@@ -735,16 +765,7 @@ def report(
             f"publish latency after an upload (its answer -> listed in images.json): median "
             f"{median(r.publish):.3f} s, runs {runs(r.publish)}"
         )
-    cpu_rows = []
-    for step in sorted(r.cpu):
-        client, web, app = (median([u[i] for u in r.cpu[step]]) for i in range(3))
-        cpu_rows.append(
-            (step, f"{client:.2f}", f"{web:.2f}", "" if "baseline" in step else f"{app:.2f}")
-        )
-    print(f"CPU seconds per upload (median; the machine has {os.cpu_count()} CPUs):")
-    print_table(
-        ("  step", "curl", "nginx workers", "upload app"), [("  " + a, *b) for a, *b in cpu_rows]
-    )
+    report_cpu(r, size)
     idle_mib = max(idle.values(), default=0) / 1024
     if r.rss:
         peak = max(p for p, _ in r.rss) / 1024
@@ -757,6 +778,49 @@ def report(
     print()
     for line in verdicts:
         print(line)
+
+
+def report_cpu(r: Results, size: int) -> None:
+    """CPU seconds per upload and per GiB, the machine's idle share, and how much of the
+    difference to the baseline is the hashing the product needs."""
+    gib = size / (1024 * MiB)
+    rows = []
+    totals: dict[str, float] = {}
+    for step in sorted(r.cpu):
+        client, web, app = (median([u[i] for u in r.cpu[step]]) for i in range(3))
+        totals[step] = client + web + app
+        rows.append(
+            (
+                "  " + step,
+                f"{client:.2f}",
+                f"{web:.2f}",
+                "" if "baseline" in step else f"{app:.2f}",
+                f"{totals[step]:.2f}",
+                f"{totals[step] / gib:.2f}",
+                f"{median(r.idle.get(step, [0.0])):.0%}",
+            )
+        )
+    print(
+        f"CPU seconds per upload (median; the machine has {os.cpu_count()} CPUs; idle: the "
+        "share of the machine's CPU time no process used during the upload):"
+    )
+    print_table(("  step", "curl", "nginx workers", "upload app", "total", "per GiB", "idle"), rows)
+    hashing = 2 * r.sha256_per_gib * gib
+    print(
+        f"hashing the product needs: sha256 takes {r.sha256_per_gib:.2f} CPU-s per GiB here; "
+        f"the app hashes each byte twice (the file's sha256 and the combined fingerprint, "
+        f"primed with the metadata already there), {hashing:.2f} CPU-s per upload:"
+    )
+    for step in sorted(totals):
+        if "baseline" in step:
+            continue
+        base = totals.get(f"baseline {step.split()[-1]}")
+        app = median([u[2] for u in r.cpu[step]])
+        extra = "" if base is None else f", {totals[step] - base:.2f} more than the baseline"
+        print(
+            f"  {step}: {hashing / app:.0%} of the app's CPU; the path costs "
+            f"{totals[step]:.2f} CPU-s{extra}"
+        )
 
 
 if __name__ == "__main__":
