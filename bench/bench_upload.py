@@ -818,10 +818,8 @@ def report_cpu(r: Results, size: int) -> None:
         base = totals.get(f"baseline {step.split()[-1]}")
         app = median([u[2] for u in r.cpu[step]])
         extra = "" if base is None else f", {totals[step] - base:.2f} more than the baseline"
-        print(
-            f"  {step}: {hashing / app:.0%} of the app's CPU; the path costs "
-            f"{totals[step]:.2f} CPU-s{extra}"
-        )
+        share = f"{hashing / app:.0%}" if app > 0 else "n/a"
+        print(f"  {step}: {share} of the app's CPU; the path costs {totals[step]:.2f} CPU-s{extra}")
 
 
 if __name__ == "__main__":
