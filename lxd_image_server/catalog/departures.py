@@ -11,6 +11,11 @@ listed is not any more:
 - gone: its directory is not a directory any more (images/ itself being there: an unmounted
   or vanished images/ is no reason to unpublish everything);
 - invalid: the layout refuses its name now (a serial more than a day ahead of the clock, too);
+- unreadable: the writer is refused access to it, or to a directory between images/ and it
+  (EACCES, EPERM). An uploader owns what it uploaded and may chmod it: that must not stop the
+  publishing of everyone else's versions, and what the writer cannot read it cannot vouch for
+  (nginx, another user, most likely cannot serve it either). images/ itself refusing the writer
+  is no reason (a restore or a mount gone wrong; no uploader owns it);
 - changed: its files changed since they were hashed (it is listed again once hashed), or the
   scan found it without a file a client needs (products.py logged which).
 
@@ -122,13 +127,30 @@ def reason(rel: str, known: Known) -> str | None:
         is_dir = stat.S_ISDIR(os.lstat(path).st_mode)
     except FileNotFoundError:
         is_dir = False
+    except PermissionError as e:  # a directory between images/ and it refuses the writer
+        return _refused(known.img_dir, e)
     except OSError:
         return None  # cannot tell: not a reason
     if is_dir:
+        try:
+            os.close(os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC))
+        except PermissionError as e:
+            return _refused(known.img_dir, e)
+        except OSError:
+            pass
         return None
     if not os.path.isdir(known.img_dir):
         return None  # images/ itself is missing (unmounted?): not a reason
     return "gone"
+
+
+def _refused(img_dir: str, e: OSError) -> str | None:
+    """ "unreadable" for a version the writer was refused (`e`), unless images/ itself refuses
+    it (to list or to search): then no version can be told from another, and none has a
+    reason to leave."""
+    if not os.access(img_dir, os.R_OK | os.X_OK):
+        return None
+    return f"unreadable ({e.strerror})"
 
 
 def check(before: Iterable[str], after: set[str], known: Known) -> None:

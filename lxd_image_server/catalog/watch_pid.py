@@ -7,6 +7,10 @@ from __future__ import annotations
 import os
 import signal
 
+#: the largest pid Linux gives (PID_MAX_LIMIT on 64 bits); a larger number names no process
+#: (and os.kill would raise OverflowError for some)
+PID_MAX_LIMIT = 1 << 22
+
 
 def write_pid_file(path: str) -> None:
     """Where `lxd-image-server reload` finds the running watcher."""
@@ -29,7 +33,7 @@ def signal_watcher(pid_file: str, signum: int = signal.SIGHUP) -> int:
         raise ProcessLookupError(
             f"no running watcher (pid {pid} from {pid_file} is gone)"
         ) from None
-    if b"watch" not in cmdline:
+    if b"watch" not in cmdline.split(b"\0"):  # an argument, not a part of one ('watchdog')
         raise ProcessLookupError(f"pid {pid} from {pid_file} is not a watcher")
     os.kill(pid, signum)
     return pid
@@ -43,6 +47,6 @@ def read_pid_file(pid_file: str) -> int:
             pid = int(f.read(32).strip())
     except (OSError, ValueError):
         raise ProcessLookupError(f"no running watcher ({pid_file} is missing or empty)") from None
-    if pid <= 0:
+    if not 0 < pid <= PID_MAX_LIMIT:
         raise ProcessLookupError(f"no running watcher ({pid_file} names no process)")
     return pid

@@ -7,6 +7,7 @@ import json
 import os
 import socket
 import stat
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -314,7 +315,9 @@ def test_a_watcher_proc_does_not_show_is_asked_if_it_exists(
     monkeypatch.setattr(pr, "_cmdline", hidden)
     pid_file.write_text(f"{os.getpid()}\n")
     assert pr.running_watcher(str(pid_file)) == os.getpid()
-    pid_file.write_text("999999999\n")
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # its pid names no process now
+    pid_file.write_text(f"{gone.pid}\n")
     with pytest.raises(ProcessLookupError, match="is gone"):
         pr.running_watcher(str(pid_file))
 
