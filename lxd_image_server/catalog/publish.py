@@ -22,7 +22,7 @@ from collections.abc import Iterator
 
 from lxd_image_server.catalog import published
 from lxd_image_server.catalog.encode import dated_catalog, index_bytes
-from lxd_image_server.catalog.gzip_chunks import GzipCache
+from lxd_image_server.catalog.gzip_chunks import GzipCache, Pieces
 from lxd_image_server.catalog.products import UPDATED_FORMAT, Products, catalog_of, index_of
 from lxd_image_server.config import StateDir
 from lxd_image_server.fsutil import fsync_dir as fsync_dir
@@ -67,29 +67,33 @@ def catalog_lock(state_dir: str) -> Iterator[None]:
 _LOCK_FLAGS = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY
 
 
-Parts = list[bytes | memoryview]
-
-
-def _holds(path: str, parts: Parts) -> bool:
-    """Whether `path` is a regular file of exactly the bytes `parts`, compared a piece at a
-    time (a 20 MB document is not read whole); a link, a FIFO or another size: False."""
+def _holds(path: str, data: Pieces) -> bool:
+    """Whether `path` is a regular file of exactly the bytes of `data`, compared a block at a
+    time (a 20 MB document is neither read whole nor joined); a link, a FIFO or another size:
+    False."""
     try:
         fd = open_regular(path)
     except OSError:
         return False
     try:
-        if os.fstat(fd).st_size != sum(len(p) for p in parts):
+        if os.fstat(fd).st_size != len(data):
             return False
+        parts = iter(data.parts)
+        view = memoryview(b"")
         offset = 0
-        for part in parts:
-            view = memoryview(part)
-            while view:
-                piece = os.pread(fd, min(len(view), _PIECE), offset)
-                if not piece or view[: len(piece)] != piece:
+        while True:
+            block = memoryview(os.pread(fd, _PIECE, offset))
+            if not block:
+                return not view and all(not p for p in parts)
+            offset += len(block)
+            at = 0
+            while at < len(block):
+                while not view:
+                    view = memoryview(next(parts, b"\0"))  # (past the end: no match)
+                n = min(len(view), len(block) - at)
+                if view[:n] != block[at : at + n]:
                     return False
-                offset += len(piece)
-                view = view[len(piece) :]
-        return True
+                view, at = view[n:], at + n
     except OSError:
         return False
     finally:
@@ -137,19 +141,20 @@ def publish(
     images_parts = images(updated)
     index = index_bytes(index_of(products, updated))
     same_images = _holds(images_path, images_parts)
-    same_index = _holds(index_path, [index])
+    same_index = _holds(index_path, Pieces.of(index))
     gz_present = all(_is_regular(p + ".gz") for p in (images_path, index_path))
     if same_images and same_index and gz_present:
         if old_updated is None:
             _write_record(state_dir, products, updated)  # (missing or damaged)
         return False
-    images_bytes = b"".join(images_parts)
-    del images_parts, images
+    del images
     _write_record(state_dir, products, updated)
     try:
         os.makedirs(streams_dir, exist_ok=True)
-        write_atomic(images_path + ".gz", (images_gz or GzipCache()).compress(images_bytes))
-        write_atomic(images_path, images_bytes)
+        gz = (images_gz or GzipCache()).compress_parts(images_parts)
+        write_atomic(images_path + ".gz", gz)
+        del gz
+        write_atomic(images_path, images_parts.parts)
         fsync_dir(streams_dir)
         write_atomic(index_path + ".gz", GzipCache().compress(index))
         write_atomic(index_path, index)
