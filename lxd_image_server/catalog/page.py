@@ -87,31 +87,23 @@ Summary = tuple[int, frozenset[str]]
 
 
 class PageCache:
-    """What each version gave at the last render (how many images, which kinds), kept for the
-    next render while it is the very same Version: the writer keeps a version's model as it is
-    between publishes (a Version is not changed once built; a changed version is a new one),
-    so the watcher's page reads only the versions that changed, and those it shows. Holds
-    only the versions of the last render."""
+    """What each version gave at the last render (how many images, which kinds), kept with the
+    Version itself (model.Version.derived: a Version is not changed once built, a changed
+    version is a new one, and the writer keeps a version's model as it is between publishes),
+    so the watcher's page reads only the versions that changed, and those it shows. Nothing is
+    kept here per version (a version no longer published takes its summary with it); equal
+    summaries are one object (a catalog holds a handful of different ones)."""
 
     def __init__(self) -> None:
-        #: id(version) -> (version, count, kinds); the version is kept so its id stays its own
-        self._last: dict[int, tuple[Version, int, frozenset[str]]] = {}
-        self._this: dict[int, tuple[Version, int, frozenset[str]]] = {}
-        self._kinds: dict[frozenset[str], frozenset[str]] = {}
-
-    def start(self) -> None:
-        """A render begins: what the last one found is what may be reused."""
-        self._last, self._this = self._this or self._last, {}
+        self._summaries: dict[Summary, Summary] = {}
 
     def summary(self, version: Version, images: Callable[[], list[Image]]) -> Summary:
-        key = id(version)
-        hit = self._this.get(key) or self._last.get(key)
-        if hit is None or hit[0] is not version:
+        def make(_: Version) -> Summary:
             found = images()
-            kinds = frozenset(i.kind for i in found)
-            hit = (version, len(found), self._kinds.setdefault(kinds, kinds))
-        self._this[key] = hit
-        return hit[1], hit[2]
+            summary = (len(found), frozenset(i.kind for i in found))
+            return self._summaries.setdefault(summary, summary)
+
+        return version.derived("page", make)
 
 
 def human_size(n: int) -> str:
@@ -345,8 +337,6 @@ def render_page(
     `cache`: what the last render found in the versions not shown, reused (PageCache)."""
     remote = remote_name
     keys = sorted(products)
-    if cache is not None:
-        cache.start()
     per_product = {k: _Product(products[k], cache) for k in keys}
     n_versions = sum(len(p.serials) for p in per_product.values())
     n_images = sum(p.count for p in per_product.values())
