@@ -36,6 +36,7 @@ from lxd_image_server.tree.layout import (
     check_serial,
     check_serial_not_ahead,
     classify,
+    fixed_name,
     is_ignored_name,
 )
 from lxd_image_server.tree.overrides import (
@@ -116,8 +117,17 @@ class FileStat:
     base: str
 
     @classmethod
-    def of(cls, path: str, name: str, role: FileRole, st: os.stat_result, base: str) -> FileStat:
-        """The file at `path` as `st` (a stat of it, no link followed) describes it."""
+    def of(
+        cls,
+        path: str,
+        name: str,
+        role: FileRole,
+        st: os.stat_result,
+        base: str,
+        dev: int | None = None,
+    ) -> FileStat:
+        """The file at `path` as `st` (a stat of it, no link followed) describes it (`dev`:
+        st.st_dev, as an object the caller shares between files)."""
         return cls(
             path=path,
             name=name,
@@ -126,7 +136,7 @@ class FileStat:
             mtime_ns=st.st_mtime_ns,
             ctime_ns=st.st_ctime_ns,
             inode=st.st_ino,
-            dev=st.st_dev,
+            dev=st.st_dev if dev is None else dev,
             base=base,
         )
 
@@ -180,6 +190,8 @@ class Scanner:
         self.img_dir = os.path.abspath(img_dir)
         self.exclude = exclude
         self.clock = clock
+        #: the device of the last file found: kept in FileStats as this one object
+        self._dev = -1
 
     def scan(self, rel_prefix: str = "") -> list[ScannedVersion]:
         """Versions at or below images/<rel_prefix> (a directory path, '' for all)."""
@@ -358,7 +370,10 @@ class Scanner:
             st = self._stat_file(entry, file_path)
             if st is None:
                 continue
-            files[name] = FileStat.of(file_path, name, role, st, self.img_dir)
+            if st.st_dev != self._dev:
+                self._dev = st.st_dev  # (one number for the files of a file system)
+            name = fixed_name(name)  # (one string for that name in every version)
+            files[name] = FileStat.of(file_path, name, role, st, self.img_dir, self._dev)
         return ScannedVersion(key=key, path=path, files=files, overrides=overrides)
 
     @staticmethod
