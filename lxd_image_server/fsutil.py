@@ -70,6 +70,39 @@ def write_all(fd: int, data: Data) -> None:
             batch = [memoryview(batch[first])[written:], *batch[first + 1 :]]
 
 
+def holds(path: str, data: Sequence[bytes | memoryview]) -> bool:
+    """Whether `path` is a regular file (no link followed) of exactly the bytes of the pieces
+    `data`, compared a block at a time: neither the file nor the pieces are held whole. A
+    link, a FIFO, another size, anything unreadable: False."""
+    try:
+        fd = open_regular(path)
+    except OSError:
+        return False
+    try:
+        if os.fstat(fd).st_size != sum(len(p) for p in data):
+            return False
+        parts = iter(data)
+        view = memoryview(b"")
+        offset = 0
+        while True:
+            block = memoryview(os.pread(fd, CHUNK_SIZE, offset))
+            if not block:
+                return not view and all(not p for p in parts)
+            offset += len(block)
+            at = 0
+            while at < len(block):
+                while not view:
+                    view = memoryview(next(parts, b"\0"))  # (past the end: no match)
+                n = min(len(view), len(block) - at)
+                if view[:n] != block[at : at + n]:
+                    return False
+                view, at = view[n:], at + n
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def exclusive_lock(path: str) -> Iterator[None]:
     """Holds an exclusive flock on `path` (created 0644, its directory too, if missing) for the

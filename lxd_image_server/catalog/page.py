@@ -34,7 +34,7 @@ from importlib import resources
 from lxd_image_server.catalog import published
 from lxd_image_server.catalog.model import Product, Version
 from lxd_image_server.catalog.publish import PublishError, write_atomic
-from lxd_image_server.fsutil import TooLarge, read_regular
+from lxd_image_server.fsutil import holds
 from lxd_image_server.tree.layout import serial_sort_key, serial_time
 
 log = logging.getLogger(__name__)
@@ -335,14 +335,28 @@ def render_page(
 ) -> str:
     """The whole page. `updated` is the catalog's own timestamp (the only one shown).
     `cache`: what the last render found in the versions not shown, reused (PageCache)."""
+    return "".join(
+        _page_parts(products, updated=updated, title=title, remote_name=remote_name, cache=cache)
+    )
+
+
+def _page_parts(
+    products: Mapping[str, Product],
+    *,
+    updated: str | None,
+    title: str,
+    remote_name: str,
+    cache: PageCache | None,
+) -> list[str]:
+    """render_page's text in pieces: the head, each product's section, the tail."""
     remote = remote_name
     keys = sorted(products)
     per_product = {k: _Product(products[k], cache) for k in keys}
     n_versions = sum(len(p.serials) for p in per_product.values())
     n_images = sum(p.count for p in per_product.values())
-    body = "".join(_render_product(k, products[k], per_product[k], remote) for k in keys)
+    body = [_render_product(k, products[k], per_product.pop(k), remote) for k in keys]
     if not keys:
-        body = '<p class="empty">No images are published yet.</p>'
+        body = ['<p class="empty">No images are published yet.</p>']
 
     remote_add = (
         f'lxc remote add {esc(remote)} <span class="origin">{esc(URL_PLACEHOLDER)}</span> '
@@ -360,7 +374,7 @@ def render_page(
         if keys
         else ""
     )
-    return (
+    head = (
         "<!DOCTYPE html>\n"
         '<html lang="en">\n<head>\n<meta charset="utf-8">\n'
         '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
@@ -378,7 +392,10 @@ def render_page(
         "Launch the newest version of an image by its alias, or an exact image by its "
         "fingerprint.</p>"
         f"{search}</header>\n"
-        f'<div id="products">{body}</div>\n'
+        '<div id="products">'
+    )
+    tail = (
+        "</div>\n"
         # absolute: the same page is served at / and at /streams/index.html
         '<footer class="muted">Catalog: <a href="/streams/v1/index.json">streams/v1/index.json'
         '</a>, <a href="/streams/v1/images.json">streams/v1/images.json</a></footer>\n'
@@ -386,6 +403,7 @@ def render_page(
         f"<script>{SCRIPT}</script>\n"
         "</body>\n</html>\n"
     )
+    return [head, *body, tail]
 
 
 def page_path(root_dir: str) -> str:
@@ -411,14 +429,17 @@ def write_page(
     """
     if updated is None and state_dir is not None:
         updated = published.read_updated(state_dir)
-    page = render_page(products, updated=updated, title=title, remote_name=remote_name, cache=cache)
-    data = page.encode()
+    # (in pieces, each product's section on its own: the page is never held whole, as text
+    # nor as bytes, nor read back whole to compare)
+    data = [
+        part.encode()
+        for part in _page_parts(
+            products, updated=updated, title=title, remote_name=remote_name, cache=cache
+        )
+    ]
     path = page_path(root_dir)
-    try:
-        if read_regular(path, len(data)) == data:
-            return False
-    except (OSError, TooLarge):
-        pass  # missing, not a regular file, or longer: replaced
+    if holds(path, data):
+        return False  # (missing, not a regular file or other bytes: replaced)
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         write_atomic(path, data)

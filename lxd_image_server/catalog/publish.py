@@ -22,11 +22,11 @@ from collections.abc import Iterator
 
 from lxd_image_server.catalog import published
 from lxd_image_server.catalog.encode import dated_catalog, index_bytes
-from lxd_image_server.catalog.gzip_chunks import GzipCache, Pieces
+from lxd_image_server.catalog.gzip_chunks import GzipCache
 from lxd_image_server.catalog.products import UPDATED_FORMAT, Products, catalog_of, index_of
 from lxd_image_server.config import StateDir
 from lxd_image_server.fsutil import fsync_dir as fsync_dir
-from lxd_image_server.fsutil import open_regular
+from lxd_image_server.fsutil import holds
 from lxd_image_server.fsutil import write_atomic as write_atomic
 
 log = logging.getLogger(__name__)
@@ -67,43 +67,6 @@ def catalog_lock(state_dir: str) -> Iterator[None]:
 _LOCK_FLAGS = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY
 
 
-def _holds(path: str, data: Pieces) -> bool:
-    """Whether `path` is a regular file of exactly the bytes of `data`, compared a block at a
-    time (a 20 MB document is neither read whole nor joined); a link, a FIFO or another size:
-    False."""
-    try:
-        fd = open_regular(path)
-    except OSError:
-        return False
-    try:
-        if os.fstat(fd).st_size != len(data):
-            return False
-        parts = iter(data.parts)
-        view = memoryview(b"")
-        offset = 0
-        while True:
-            block = memoryview(os.pread(fd, _PIECE, offset))
-            if not block:
-                return not view and all(not p for p in parts)
-            offset += len(block)
-            at = 0
-            while at < len(block):
-                while not view:
-                    view = memoryview(next(parts, b"\0"))  # (past the end: no match)
-                n = min(len(view), len(block) - at)
-                if view[:n] != block[at : at + n]:
-                    return False
-                view, at = view[n:], at + n
-    except OSError:
-        return False
-    finally:
-        os.close(fd)
-
-
-#: what is compared at a time
-_PIECE = 1 << 20
-
-
 def _is_regular(path: str) -> bool:
     try:
         return stat.S_ISREG(os.lstat(path).st_mode)
@@ -135,13 +98,13 @@ def publish(
     updated = now_updated(now)
     images = dated_catalog(catalog_of(products, ""))
     old_updated = published.read_updated(state_dir)
-    if old_updated not in (None, updated) and _holds(images_path, images(old_updated)):
+    if old_updated not in (None, updated) and holds(images_path, images(old_updated).parts):
         # content unchanged: keep its timestamp so clients' caches stay valid
         updated = old_updated
     images_parts = images(updated)
     index = index_bytes(index_of(products, updated))
-    same_images = _holds(images_path, images_parts)
-    same_index = _holds(index_path, Pieces.of(index))
+    same_images = holds(images_path, images_parts.parts)
+    same_index = holds(index_path, [index])
     gz_present = all(_is_regular(p + ".gz") for p in (images_path, index_path))
     if same_images and same_index and gz_present:
         if old_updated is None:
