@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import threading
 from pathlib import Path
@@ -159,3 +160,22 @@ def test_write_atomic_writes_pieces_in_order_through_short_writes(
     fsutil.write_atomic(str(tmp_path / "g"), pieces)
     fsutil.write_atomic(str(tmp_path / "h"), expected)
     assert (tmp_path / "g").read_bytes() == (tmp_path / "h").read_bytes() == expected
+
+
+def test_holds_compares_pieces_with_a_regular_file_only(tmp_path: Path) -> None:
+    data = os.urandom(3 * fsutil.CHUNK_SIZE + 17)
+    (tmp_path / "f").write_bytes(data)
+    cuts = [0, 1, 5000, fsutil.CHUNK_SIZE, fsutil.CHUNK_SIZE + 1, len(data)]
+    pieces: list[bytes | memoryview] = [data[a:b] for a, b in itertools.pairwise(cuts)]
+    pieces.insert(2, b"")
+    pieces[3] = memoryview(pieces[3])
+    assert fsutil.holds(str(tmp_path / "f"), pieces)
+    assert fsutil.holds(str(tmp_path / "f"), [data])
+    changed = bytearray(data)
+    changed[fsutil.CHUNK_SIZE + 3] ^= 1
+    assert not fsutil.holds(str(tmp_path / "f"), [bytes(changed)])
+    assert not fsutil.holds(str(tmp_path / "f"), [data, b"x"])
+    assert not fsutil.holds(str(tmp_path / "f"), [data[:-1]])
+    assert not fsutil.holds(str(tmp_path / "missing"), [b""])
+    os.symlink(tmp_path / "f", tmp_path / "link")
+    assert not fsutil.holds(str(tmp_path / "link"), [data])
