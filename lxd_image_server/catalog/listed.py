@@ -65,7 +65,13 @@ class Listed:
         catalog `publishing` for no reason this writer can name."""
         before = self._versions
         if before is None:
-            before = self.listing().versions(self.paths.served_images)
+            # (read back from the record, the listing is not kept: every file with its size,
+            # held through the publish this check precedes, which replaces it anyway)
+            listing = self._listing
+            if listing is None:
+                listing = departures.listed(self.paths.state_dir, self.paths.streams_dir)
+            before = listing.versions(self.paths.served_images)
+            del listing
         known = departures.Known(self.paths.img_dir, pruned=pruned, scanned=scanned, clock=clock)
         departures.check(before, publishing, known)
 
