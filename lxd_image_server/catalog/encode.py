@@ -10,6 +10,12 @@ Version's entry is encoded once and kept with it (`model.Version.derived`: a ver
 changed once built), so the next publish reuses it: the watcher encodes only the versions that
 changed. A version's entry always sits at the same depth (VERSION_LEVEL), so its text holds.
 
+The document is handed on in pieces (`encode_pieces`, `dated_catalog`: gzip_chunks.Pieces):
+each kept entry by reference, the text between two entries as one piece, and where each
+version's line starts (gzip_chunks cuts there). A publish never joins them: images.json is
+written from them and its .gz compressed from them a chunk at a time, so no copy of the 20 MB
+of a catalog of 20,000 versions is made (issue 22: the watcher's peak memory).
+
 A layout without indentation (`separators=(",", ":")`) was measured at 20,000 versions: 18 %
 fewer bytes, but a .gz only 1.3 % smaller and gzip no faster (clients that can take the .gz
 get it); not worth a new format for the clients' caches, the mirrors and gzip_chunks.py's
