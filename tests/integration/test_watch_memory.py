@@ -20,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+from lxd_image_server.config import StateDir
+
 BIN = Path(sys.executable).parent / "lxd-image-server"
 DEADLINE = 60.0
 VERSIONS = 5000
@@ -85,7 +87,8 @@ def watcher_peak(tmp_path: Path, versions: int) -> int:
         variant = root / "images" / "os0" / "1.0" / "amd64" / "default"
         staging = variant / ".staging"
         make_version(staging, versions + 1)
-        wait("its start", (state / "watch.pid").exists, proc)
+        pid_file = Path(StateDir(str(state)).watch_pid)
+        wait("its start", pid_file.exists, proc)
         time.sleep(1.0)  # (past the debounce of the staging directory's events)
         staging.rename(variant / NEW)
         wait("the new version listed", lambda: len(listed(root)) == versions + 1, proc)
