@@ -58,11 +58,17 @@ class BuiltVersion:
     version: Version
     #: "container" and/or "virtual-machine"
     types: frozenset[str]
-    #: serial_sort_key of the serial, kept: the products sort every version at every publish
-    order: tuple[str, str] = field(init=False, repr=False, compare=False)
+    #: the first half of serial_sort_key of the serial (`order`), kept: the products sort
+    #: every version at every publish
+    digits: str = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "order", serial_sort_key(self.key.serial))
+        object.__setattr__(self, "digits", serial_sort_key(self.key.serial)[0])
+
+    @property
+    def order(self) -> tuple[str, str]:
+        """serial_sort_key of the serial."""
+        return (self.digits, self.key.serial)
 
     @property
     def items(self) -> Mapping[str, Item]:

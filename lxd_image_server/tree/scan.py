@@ -222,7 +222,7 @@ class Scanner:
                 if version is not None:
                     found.append(version)
             else:
-                self._walk(fd, path, parts, found)
+                self._walk(fd, path, parts, found, {})
             found.sort(key=_key_tuple)
             return found
         finally:
@@ -289,9 +289,17 @@ class Scanner:
             log.warning("skipping %s: cannot list it (%s)", _shown(path), e.strerror or e)
             return None
 
-    def _walk(self, fd: int, path: str, parts: list[str], found: list[ScannedVersion]) -> None:
+    def _walk(
+        self,
+        fd: int,
+        path: str,
+        parts: list[str],
+        found: list[ScannedVersion],
+        serials: dict[str, str],
+    ) -> None:
         """Adds to `found` the versions below the directory `fd` (at `path`, `parts` below
-        images/, fewer than VERSION_DEPTH levels)."""
+        images/, fewer than VERSION_DEPTH levels). `serials`: each serial met in this scan,
+        as one string (products built together share their serials)."""
         entries = self._list(fd, path)
         if entries is None:
             return
@@ -327,11 +335,12 @@ class Scanner:
                 continue
             try:
                 if versions_here:
+                    sub[-1] = serials.setdefault(name, name)
                     version = self._read_version(sub_fd, sub_path, VersionKey(*sub))
                     if version is not None:
                         found.append(version)
                 else:
-                    self._walk(sub_fd, sub_path, sub, found)
+                    self._walk(sub_fd, sub_path, sub, found, serials)
             finally:
                 os.close(sub_fd)
 
