@@ -379,10 +379,11 @@ class Scanner:
             st = self._stat_file(entry, file_path)
             if st is None:
                 continue
-            if st.st_dev != self._dev:
-                self._dev = st.st_dev  # (one number for the files of a file system)
+            dev = self._dev  # (one number for the files of a file system)
+            if st.st_dev != dev:
+                dev = self._dev = st.st_dev
             name = fixed_name(name)  # (one string for that name in every version)
-            files[name] = FileStat.of(file_path, name, role, st, self.img_dir, self._dev)
+            files[name] = FileStat.of(file_path, name, role, st, self.img_dir, dev)
         return ScannedVersion(key=key, path=path, files=files, overrides=overrides)
 
     @staticmethod
