@@ -13,17 +13,22 @@ import os
 import secrets
 import shutil
 import stat
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 #: bytes per read or write when a file is streamed: hashing, uploads, imports, pushes
 CHUNK_SIZE = 1 << 20
 
 
-def write_atomic(path: str, data: bytes, mode: int = 0o644, uid: int = -1, gid: int = -1) -> None:
+#: what write_atomic writes: bytes, or pieces of them written in order (never joined)
+Data = bytes | memoryview | Sequence[bytes | memoryview]
+
+
+def write_atomic(path: str, data: Data, mode: int = 0o644, uid: int = -1, gid: int = -1) -> None:
     """Writes `path` through a hidden temporary file in the same directory, created with `mode`
     (whatever the umask) and owner `uid`/`gid` (-1: unchanged) before any byte is written,
-    fsynced, then renamed over `path`. Does not fsync the directory: see fsync_dir."""
+    fsynced, then renamed over `path`. Does not fsync the directory: see fsync_dir. `data` may
+    be a sequence of pieces: they are written in order, as many at a time as a writev takes."""
     directory, name = os.path.split(path)
     tmp = os.path.join(directory, f".{name}.{secrets.token_hex(6)}.tmp")
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
@@ -33,9 +38,7 @@ def write_atomic(path: str, data: bytes, mode: int = 0o644, uid: int = -1, gid: 
             if (uid, gid) != (-1, -1):
                 os.fchown(fd, uid, gid)
             os.fchmod(fd, mode)
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
+            write_all(fd, data)
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -44,6 +47,60 @@ def write_atomic(path: str, data: bytes, mode: int = 0o644, uid: int = -1, gid: 
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+#: pieces per writev (the system's IOV_MAX, at most 1024)
+_IOV_MAX = min(1024, os.sysconf("SC_IOV_MAX")) if "SC_IOV_MAX" in os.sysconf_names else 16
+
+
+def write_all(fd: int, data: Data) -> None:
+    """Writes all of `data` (bytes, or pieces in order) at `fd`'s offset."""
+    pieces = [data] if isinstance(data, (bytes, memoryview)) else data
+    for start in range(0, len(pieces), _IOV_MAX):
+        batch = list(pieces[start : start + _IOV_MAX])
+        while batch:
+            written = os.writev(fd, batch)
+            if written == sum(len(p) for p in batch):
+                break
+            # (a short write: go on from the first byte not written)
+            first = 0
+            while written >= len(batch[first]):
+                written -= len(batch[first])
+                first += 1
+            batch = [memoryview(batch[first])[written:], *batch[first + 1 :]]
+
+
+def holds(path: str, data: Sequence[bytes | memoryview]) -> bool:
+    """Whether `path` is a regular file (no link followed) of exactly the bytes of the pieces
+    `data`, compared a block at a time: neither the file nor the pieces are held whole. A
+    link, a FIFO, another size, anything unreadable: False."""
+    try:
+        fd = open_regular(path)
+    except OSError:
+        return False
+    try:
+        if os.fstat(fd).st_size != sum(len(p) for p in data):
+            return False
+        parts = iter(data)
+        view = memoryview(b"")
+        offset = 0
+        while True:
+            block = memoryview(os.pread(fd, CHUNK_SIZE, offset))
+            if not block:
+                return not view and all(not p for p in parts)
+            offset += len(block)
+            at = 0
+            while at < len(block):
+                while not view:
+                    view = memoryview(next(parts, b"\0"))  # (past the end: no match)
+                n = min(len(view), len(block) - at)
+                if view[:n] != block[at : at + n]:
+                    return False
+                view, at = view[n:], at + n
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 @contextlib.contextmanager

@@ -45,7 +45,7 @@ class Assembly:
             sha = {p: known[p] for p in listed if p in known}
             cands = self._feed.built_candidates({v.product: v.built_group(root) for v in views})
         products = products_of(built, Digests(files=sha), root, listed, cands)
-        return products, set().union(*(view.listed(root) for view in views))
+        return products, {rel for view in views for rel in view.listed(root)}
 
     def bare(self, views: Views) -> Products:
         """The products of `views` without their deltas (those of a publish skipped)."""
@@ -56,7 +56,7 @@ class Assembly:
         ask for are looked up in the hash cache when the records' are not (unchanged.OnDemand:
         a publish skipped)."""
         sha: Mapping[str, str] = self.known.sha256()
-        first = next((r.ready for view in views for r, _ in view.shown), None)
+        first = next((r.ready for view in views for r in view.records), None)
         if first is not None and unchanged.deferred(first.digests):
             versions = [v for view in views for v in view.versions]
             sha = unchanged.CachedDigests(self.known.cache, versions)
@@ -66,7 +66,7 @@ class Assembly:
         """Every version scanned is hidden or shown with all its files, and each of them has
         its sha256: the digests are then those of the files' identities (unchanged.py)."""
         expected = sum(1 for r in self.known.records() if r.scanned.path not in hidden)
-        shown = [r for view in views for r, _ in view.shown]
+        shown = [r for view in views for r in view.records]
         return len(shown) == expected and all(r.whole() for r in shown)
 
 

@@ -14,7 +14,7 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Callable, Set
+from collections.abc import Callable, Iterable, Set
 from dataclasses import dataclass, field
 
 from lxd_image_server.catalog.hashcache import HashCache
@@ -26,12 +26,24 @@ log = logging.getLogger(__name__)
 #: versions hashed at the same time (each with its own reading threads)
 DEFAULT_JOBS = 8
 
-Identity = tuple[tuple[str, int, int, int, int, int], ...]
+#: a version's files by path: two are equal when each file's identity (FileStat.identity) is
+#: (the other fields of a FileStat follow from its path), and the FileStats are those the
+#: version holds anyway, not a tuple made for each file of 20,000 versions
+Identity = tuple[FileStat, ...]
+
+
+def _path(f: FileStat) -> str:
+    return f.path
 
 
 def identity(v: ScannedVersion) -> Identity:
     """What a version's digests depend on: the identity of each of its files."""
-    return tuple(sorted(f.identity for f in v.files.values()))
+    return files_identity(v.files.values())
+
+
+def files_identity(files: Iterable[FileStat]) -> Identity:
+    """The identity of the files `files` (some of a version's)."""
+    return tuple(sorted(files, key=_path))
 
 
 @dataclass

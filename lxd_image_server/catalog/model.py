@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any
+from typing import Any, Literal, TypeVar, cast, get_args
 
 from lxd_image_server.fsutil import TooLarge, load_json_bounded, read_regular
 from lxd_image_server.tree.layout import COMBINED_FIELDS, VM_FTYPES, serial_sort_key
@@ -126,61 +126,72 @@ class Image:
         return sum(f.size for f in self.files)
 
 
+#: what may be derived from a Version and kept with it (Version.derived)
+Derived = Literal["entry", "published", "page"]
+_DERIVED_SLOTS: dict[str, str] = {name: "_d_" + name for name in get_args(Derived)}
+_T = TypeVar("_T")
+
+
+def _roots(first: Mapping[str, Item]) -> tuple[Item, ...]:
+    found = (first.get(ftype) for ftype in COMBINED_FIELDS)
+    return tuple(i for i in found if i is not None)
+
+
 @dataclass(frozen=True, slots=True)
 class Version:
     """One version of a product: `versions.<serial>`."""
 
     serial: str
     items: Mapping[str, Item]
-    #: ftype -> its first item by item key (by_ftype), found when first asked for: the page
-    #: asks five times per version
-    _first: dict[str, Item] | None = field(default=None, init=False, repr=False, compare=False)
-    #: what was derived from it (`derived`)
-    _derived: dict[str, bytes] | None = field(default=None, init=False, repr=False, compare=False)
+    #: what was derived from it (`derived`), one slot per name in DERIVED (a slot, not a dict:
+    #: a catalog holds 20,000 Versions and more, each kept between publishes)
+    _d_entry: object = field(default=None, init=False, repr=False, compare=False)
+    _d_published: object = field(default=None, init=False, repr=False, compare=False)
+    _d_page: object = field(default=None, init=False, repr=False, compare=False)
 
-    def derived(self, name: str, make: Callable[[Version], bytes]) -> bytes:
+    def derived(self, name: Derived, make: Callable[[Version], _T]) -> _T:
         """`make(self)`, made at the first call for `name` and kept: a Version is not changed
         once built (a changed version is a new one), so what is derived from it never goes
-        stale. The writer keeps so its entry's text (encode.py) and its lines of the record of
-        what is published (published.py): an unchanged version is not encoded again, whatever
-        publishes it next."""
-        derived = self._derived
-        if derived is None:
-            derived = {}
-            object.__setattr__(self, "_derived", derived)
-        made = derived.get(name)
+        stale. The writer keeps so its entry's text (encode.py), its lines of the record of
+        what is published (published.py) and what the page counts of it (page.py): an
+        unchanged version is not encoded again, whatever publishes it next. `make` never
+        returns None; each name is always made by the same function."""
+        slot = _DERIVED_SLOTS[name]
+        made = getattr(self, slot)
         if made is None:
-            made = derived[name] = make(self)
-        return made
+            made = make(self)
+            object.__setattr__(self, slot, made)
+        return cast(_T, made)
+
+    def _firsts(self) -> dict[str, Item]:
+        """ftype -> its first item by item key (found anew at each call: not kept)."""
+        first: dict[str, Item] = {}
+        for k in sorted(self.items):
+            first.setdefault(self.items[k].ftype, self.items[k])
+        return first
 
     def by_ftype(self, ftype: str) -> Item | None:
         """The (first, by item key) item of `ftype`, or None."""
-        first = self._first
-        if first is None:
-            first = {}
-            for k in sorted(self.items):
-                first.setdefault(self.items[k].ftype, self.items[k])
-            object.__setattr__(self, "_first", first)
-        return first.get(ftype)
+        return self._firsts().get(ftype)
 
     def roots(self) -> tuple[Item, ...]:
         """The root filesystems (ftypes a combined fingerprint exists for), in the order of
         COMBINED_FIELDS (squashfs, root.tar.xz, disk-kvm.img)."""
-        found = (self.by_ftype(ftype) for ftype in COMBINED_FIELDS)
-        return tuple(i for i in found if i is not None)
+        return _roots(self._firsts())
 
     def images(self, client: Client) -> tuple[Image, ...]:
         """The images `client` sees in this version: one per root its metadata item has a
         fingerprint for (in the order of roots()), then the unified tarball's."""
         out: list[Image] = []
-        meta = self.by_ftype(client.meta_ftype)
+        first = self._firsts()
+        meta = first.get(client.meta_ftype)
         if meta is not None:
-            for root in self.roots():
+            for root in _roots(first):
                 fp = meta.combined(root.ftype)
                 if fp:
                     kind = "virtual-machine" if root.ftype in VM_FTYPES else "container"
                     out.append(Image(kind, root.ftype, fp, (meta, root)))
-        unified = self.by_ftype(client.unified_ftype)
+        unified = first.get(client.unified_ftype)
         if unified is not None:
             kind = "virtual-machine" if unified.combined_type == VM_TYPE else "container"
             out.append(Image(kind, "unified", unified.sha256, (unified,)))

@@ -34,7 +34,7 @@ from importlib import resources
 from lxd_image_server.catalog import published
 from lxd_image_server.catalog.model import Product, Version
 from lxd_image_server.catalog.publish import PublishError, write_atomic
-from lxd_image_server.fsutil import TooLarge, read_regular
+from lxd_image_server.fsutil import holds
 from lxd_image_server.tree.layout import serial_sort_key, serial_time
 
 log = logging.getLogger(__name__)
@@ -87,31 +87,23 @@ Summary = tuple[int, frozenset[str]]
 
 
 class PageCache:
-    """What each version gave at the last render (how many images, which kinds), kept for the
-    next render while it is the very same Version: the writer keeps a version's model as it is
-    between publishes (a Version is not changed once built; a changed version is a new one),
-    so the watcher's page reads only the versions that changed, and those it shows. Holds
-    only the versions of the last render."""
+    """What each version gave at the last render (how many images, which kinds), kept with the
+    Version itself (model.Version.derived: a Version is not changed once built, a changed
+    version is a new one, and the writer keeps a version's model as it is between publishes),
+    so the watcher's page reads only the versions that changed, and those it shows. Nothing is
+    kept here per version (a version no longer published takes its summary with it); equal
+    summaries are one object (a catalog holds a handful of different ones)."""
 
     def __init__(self) -> None:
-        #: id(version) -> (version, count, kinds); the version is kept so its id stays its own
-        self._last: dict[int, tuple[Version, int, frozenset[str]]] = {}
-        self._this: dict[int, tuple[Version, int, frozenset[str]]] = {}
-        self._kinds: dict[frozenset[str], frozenset[str]] = {}
-
-    def start(self) -> None:
-        """A render begins: what the last one found is what may be reused."""
-        self._last, self._this = self._this or self._last, {}
+        self._summaries: dict[Summary, Summary] = {}
 
     def summary(self, version: Version, images: Callable[[], list[Image]]) -> Summary:
-        key = id(version)
-        hit = self._this.get(key) or self._last.get(key)
-        if hit is None or hit[0] is not version:
+        def make(_: Version) -> Summary:
             found = images()
-            kinds = frozenset(i.kind for i in found)
-            hit = (version, len(found), self._kinds.setdefault(kinds, kinds))
-        self._this[key] = hit
-        return hit[1], hit[2]
+            summary = (len(found), frozenset(i.kind for i in found))
+            return self._summaries.setdefault(summary, summary)
+
+        return version.derived("page", make)
 
 
 def human_size(n: int) -> str:
@@ -343,16 +335,28 @@ def render_page(
 ) -> str:
     """The whole page. `updated` is the catalog's own timestamp (the only one shown).
     `cache`: what the last render found in the versions not shown, reused (PageCache)."""
+    return "".join(
+        _page_parts(products, updated=updated, title=title, remote_name=remote_name, cache=cache)
+    )
+
+
+def _page_parts(
+    products: Mapping[str, Product],
+    *,
+    updated: str | None,
+    title: str,
+    remote_name: str,
+    cache: PageCache | None,
+) -> list[str]:
+    """render_page's text in pieces: the head, each product's section, the tail."""
     remote = remote_name
     keys = sorted(products)
-    if cache is not None:
-        cache.start()
     per_product = {k: _Product(products[k], cache) for k in keys}
     n_versions = sum(len(p.serials) for p in per_product.values())
     n_images = sum(p.count for p in per_product.values())
-    body = "".join(_render_product(k, products[k], per_product[k], remote) for k in keys)
+    body = [_render_product(k, products[k], per_product.pop(k), remote) for k in keys]
     if not keys:
-        body = '<p class="empty">No images are published yet.</p>'
+        body = ['<p class="empty">No images are published yet.</p>']
 
     remote_add = (
         f'lxc remote add {esc(remote)} <span class="origin">{esc(URL_PLACEHOLDER)}</span> '
@@ -370,7 +374,7 @@ def render_page(
         if keys
         else ""
     )
-    return (
+    head = (
         "<!DOCTYPE html>\n"
         '<html lang="en">\n<head>\n<meta charset="utf-8">\n'
         '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
@@ -388,7 +392,10 @@ def render_page(
         "Launch the newest version of an image by its alias, or an exact image by its "
         "fingerprint.</p>"
         f"{search}</header>\n"
-        f'<div id="products">{body}</div>\n'
+        '<div id="products">'
+    )
+    tail = (
+        "</div>\n"
         # absolute: the same page is served at / and at /streams/index.html
         '<footer class="muted">Catalog: <a href="/streams/v1/index.json">streams/v1/index.json'
         '</a>, <a href="/streams/v1/images.json">streams/v1/images.json</a></footer>\n'
@@ -396,6 +403,7 @@ def render_page(
         f"<script>{SCRIPT}</script>\n"
         "</body>\n</html>\n"
     )
+    return [head, *body, tail]
 
 
 def page_path(root_dir: str) -> str:
@@ -421,14 +429,17 @@ def write_page(
     """
     if updated is None and state_dir is not None:
         updated = published.read_updated(state_dir)
-    page = render_page(products, updated=updated, title=title, remote_name=remote_name, cache=cache)
-    data = page.encode()
+    # (in pieces, each product's section on its own: the page is never held whole, as text
+    # nor as bytes, nor read back whole to compare)
+    data = [
+        part.encode()
+        for part in _page_parts(
+            products, updated=updated, title=title, remote_name=remote_name, cache=cache
+        )
+    ]
     path = page_path(root_dir)
-    try:
-        if read_regular(path, len(data)) == data:
-            return False
-    except (OSError, TooLarge):
-        pass  # missing, not a regular file, or longer: replaced
+    if holds(path, data):
+        return False  # (missing, not a regular file or other bytes: replaced)
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         write_atomic(path, data)

@@ -50,7 +50,7 @@ CLIENT_UNIFIED_FTYPES = tuple(c.unified_ftype for c in Client)
 Products = Mapping[str, Product]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class BuiltVersion:
     key: VersionKey
     #: the version as published; it keeps its entry's text once encoded (Version.derived), so a
@@ -58,11 +58,17 @@ class BuiltVersion:
     version: Version
     #: "container" and/or "virtual-machine"
     types: frozenset[str]
-    #: serial_sort_key of the serial, kept: the products sort every version at every publish
-    order: tuple[str, str] = field(init=False, repr=False, compare=False)
+    #: the first half of serial_sort_key of the serial (`order`), kept: the products sort
+    #: every version at every publish
+    digits: str = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "order", serial_sort_key(self.key.serial))
+        object.__setattr__(self, "digits", serial_sort_key(self.key.serial)[0])
+
+    @property
+    def order(self) -> tuple[str, str]:
+        """serial_sort_key of the serial."""
+        return (self.digits, self.key.serial)
 
     @property
     def items(self) -> Mapping[str, Item]:
@@ -80,6 +86,17 @@ def _relpath(path: str, root_dir: str) -> str:
 
 def _item(f: FileStat, ftype: str, sha256: str, root_dir: str, **more: str) -> Item:
     return Item(ftype, _relpath(f.path, root_dir), f.size, sha256, **more)
+
+
+#: a version's types, one object each (kept with each of 20,000 versions and more)
+_TYPES = {
+    t: t
+    for t in (
+        frozenset({CONTAINER_TYPE}),
+        frozenset({VM_TYPE}),
+        frozenset({CONTAINER_TYPE, VM_TYPE}),
+    )
+}
 
 
 def build_version(
@@ -126,6 +143,15 @@ def build_version(
 
     items: dict[str, Item] = {}
     types: set[str] = set()
+    paths: dict[str, str] = {}
+
+    def item(f: FileStat, ftype: str, sha256: str, **more: str) -> Item:
+        # (a file listed for both clients: one string for its path)
+        path = paths.get(f.path)
+        if path is None:
+            path = paths[f.path] = _relpath(f.path, root_dir)
+        return Item(ftype, path, f.size, sha256, **more)
+
     if metas and roots:
         for client_ftype in CLIENT_META_FTYPES:
             # the file named for this client if there is one, else the other one
@@ -138,17 +164,17 @@ def build_version(
                 for field_name in COMBINED_FIELDS[root_ftype]:
                     fingerprints[COMBINED_ATTRS[field_name]] = combined
             sha256 = digests.files[meta.path]
-            items[client_ftype] = _item(meta, client_ftype, sha256, root_dir, **fingerprints)
+            items[client_ftype] = item(meta, client_ftype, sha256, **fingerprints)
         for root_ftype, root in roots.items():
             if all((m.path, root.path) in digests.combined for m in metas.values()):
-                items[root_ftype] = _item(root, root_ftype, digests.files[root.path], root_dir)
+                items[root_ftype] = item(root, root_ftype, digests.files[root.path])
                 types.add("virtual-machine" if root_ftype in VM_FTYPES else "container")
     if unified:
         u = unified[0]
         kind = CONTAINER_TYPE if unified_type is None else unified_type(u)
         holds = {"combined_type": VM_TYPE} if kind == VM_TYPE else {}
         for client_ftype in CLIENT_UNIFIED_FTYPES:
-            items[client_ftype] = _item(u, client_ftype, digests.files[u.path], root_dir, **holds)
+            items[client_ftype] = item(u, client_ftype, digests.files[u.path], **holds)
         types.add(kind)
     if not types:
         have = ", ".join(sorted(f.name for f in v.files.values())) or "no files"
@@ -160,7 +186,8 @@ def build_version(
             need = "a metadata tarball and a root filesystem, or a unified tarball"
         log.info("not publishing %s yet: has %s, needs %s", where, have, need)
         return None
-    return BuiltVersion(v.key, Version(v.key.serial, items), frozenset(types))
+    kinds = frozenset(types)
+    return BuiltVersion(v.key, Version(v.key.serial, items), _TYPES.get(kinds, kinds))
 
 
 def default_aliases(key: VersionKey) -> list[str]:

@@ -26,7 +26,7 @@ from lxd_image_server.catalog.gzip_chunks import GzipCache
 from lxd_image_server.catalog.products import UPDATED_FORMAT, Products, catalog_of, index_of
 from lxd_image_server.config import StateDir
 from lxd_image_server.fsutil import fsync_dir as fsync_dir
-from lxd_image_server.fsutil import open_regular
+from lxd_image_server.fsutil import holds
 from lxd_image_server.fsutil import write_atomic as write_atomic
 
 log = logging.getLogger(__name__)
@@ -67,39 +67,6 @@ def catalog_lock(state_dir: str) -> Iterator[None]:
 _LOCK_FLAGS = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY
 
 
-Parts = list[bytes | memoryview]
-
-
-def _holds(path: str, parts: Parts) -> bool:
-    """Whether `path` is a regular file of exactly the bytes `parts`, compared a piece at a
-    time (a 20 MB document is not read whole); a link, a FIFO or another size: False."""
-    try:
-        fd = open_regular(path)
-    except OSError:
-        return False
-    try:
-        if os.fstat(fd).st_size != sum(len(p) for p in parts):
-            return False
-        offset = 0
-        for part in parts:
-            view = memoryview(part)
-            while view:
-                piece = os.pread(fd, min(len(view), _PIECE), offset)
-                if not piece or view[: len(piece)] != piece:
-                    return False
-                offset += len(piece)
-                view = view[len(piece) :]
-        return True
-    except OSError:
-        return False
-    finally:
-        os.close(fd)
-
-
-#: what is compared at a time
-_PIECE = 1 << 20
-
-
 def _is_regular(path: str) -> bool:
     try:
         return stat.S_ISREG(os.lstat(path).st_mode)
@@ -131,25 +98,26 @@ def publish(
     updated = now_updated(now)
     images = dated_catalog(catalog_of(products, ""))
     old_updated = published.read_updated(state_dir)
-    if old_updated not in (None, updated) and _holds(images_path, images(old_updated)):
+    if old_updated not in (None, updated) and holds(images_path, images(old_updated).parts):
         # content unchanged: keep its timestamp so clients' caches stay valid
         updated = old_updated
     images_parts = images(updated)
     index = index_bytes(index_of(products, updated))
-    same_images = _holds(images_path, images_parts)
-    same_index = _holds(index_path, [index])
+    same_images = holds(images_path, images_parts.parts)
+    same_index = holds(index_path, [index])
     gz_present = all(_is_regular(p + ".gz") for p in (images_path, index_path))
     if same_images and same_index and gz_present:
         if old_updated is None:
             _write_record(state_dir, products, updated)  # (missing or damaged)
         return False
-    images_bytes = b"".join(images_parts)
-    del images_parts, images
+    del images
     _write_record(state_dir, products, updated)
     try:
         os.makedirs(streams_dir, exist_ok=True)
-        write_atomic(images_path + ".gz", (images_gz or GzipCache()).compress(images_bytes))
-        write_atomic(images_path, images_bytes)
+        gz = (images_gz or GzipCache()).compress_parts(images_parts)
+        write_atomic(images_path + ".gz", gz)
+        del gz
+        write_atomic(images_path, images_parts.parts)
         fsync_dir(streams_dir)
         write_atomic(index_path + ".gz", GzipCache().compress(index))
         write_atomic(index_path, index)

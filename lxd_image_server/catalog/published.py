@@ -81,19 +81,24 @@ def _lines(version: Version) -> bytes:
     ).encode()
 
 
-def record_bytes(products: Products, updated: str) -> bytes:
-    """The record of a publish of `products`."""
+def record_parts(products: Products, updated: str) -> list[bytes]:
+    """The record of a publish of `products`, in pieces (each version's kept lines)."""
     parts = [_head(updated)]
     parts.extend(
         v.derived("published", _lines) for p in products.values() for v in p.versions.values()
     )
-    return b"".join(parts)
+    return parts
+
+
+def record_bytes(products: Products, updated: str) -> bytes:
+    """The record of a publish of `products`."""
+    return b"".join(record_parts(products, updated))
 
 
 def write(state_dir: str, products: Products, updated: str) -> None:
-    """Writes the record atomically (OSError when it cannot)."""
+    """Writes the record atomically (OSError when it cannot), its pieces never joined."""
     os.makedirs(state_dir, exist_ok=True)
-    write_atomic(StateDir(state_dir).published, record_bytes(products, updated))
+    write_atomic(StateDir(state_dir).published, record_parts(products, updated))
 
 
 def read_updated(state_dir: str) -> str | None:

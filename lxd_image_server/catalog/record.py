@@ -36,7 +36,7 @@ from lxd_image_server.tree.unified import CONTAINER_TYPE, WRITER_PEEK_BYTES, uni
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Ready:
     """A version's digests, valid while its files have identity `ident`."""
 
@@ -108,9 +108,9 @@ class VersionRecord:
         if ready.ident == self.ident:
             return v
         done = set(ready.ident)
-        if any(f.identity not in done for f in v.files.values() if f.role.role is not Role.DELTA):
+        if any(f not in done for f in v.files.values() if f.role.role is not Role.DELTA):
             return None
-        return replace(v, files={n: f for n, f in v.files.items() if f.identity in done})
+        return replace(v, files={n: f for n, f in v.files.items() if f in done})
 
     def entry(self, root_dir: str) -> BuiltVersion | None:
         """The catalog entry of `shown()` (None: not publishable; logged once per change)."""

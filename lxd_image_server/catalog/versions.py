@@ -24,7 +24,7 @@ from collections.abc import Hashable, Iterable, Iterator, Mapping, Set
 
 from lxd_image_server.catalog.hashcache import HashCache
 from lxd_image_server.catalog.hashing import Digests, HashEngine
-from lxd_image_server.catalog.hashjobs import HashJobs, Known, hash_version
+from lxd_image_server.catalog.hashjobs import HashJobs, Known, files_identity, hash_version
 from lxd_image_server.catalog.products import BuiltVersion
 from lxd_image_server.catalog.record import Ready, VersionRecord
 from lxd_image_server.config import Paths
@@ -38,35 +38,49 @@ log = logging.getLogger(__name__)
 
 class ProductView:
     """What a product publishes, derived from its records and the versions hidden in it; made
-    again (`Versions.views`) when its key changes."""
+    again (`Versions.views`) when its key changes. (Parallel lists rather than a tuple per
+    version: a view of every product is kept between publishes.)"""
 
-    __slots__ = ("_built", "_rels", "key", "product", "shown", "versions")
+    __slots__ = ("_built", "_entries", "key", "product", "records", "versions")
 
     def __init__(
-        self, product: str, key: Hashable, shown: list[tuple[VersionRecord, ScannedVersion]]
+        self,
+        product: str,
+        key: Hashable,
+        records: list[VersionRecord],
+        versions: list[ScannedVersion],
     ) -> None:
         self.product = product
         #: (the product's stamp, its hidden versions): equal keys, equal views
         self.key = key
-        #: its versions as they may be published now (record.VersionRecord.shown), each with
-        #: its record, in the scan's order
-        self.shown = shown
-        self.versions = [v for _, v in shown]
-        self._built: list[tuple[ScannedVersion, BuiltVersion]] | None = None
-        self._rels: frozenset[str] = frozenset()
+        #: its versions as they may be published now (record.VersionRecord.shown), in the
+        #: scan's order, and their records (in the same order)
+        self.versions = versions
+        self.records = records
+        #: the indices in those lists of the versions that have an entry, and their entries
+        self._built: list[int] | None = None
+        self._entries: list[BuiltVersion] = []
+
+    def _built_now(self, root_dir: str) -> list[int]:
+        if self._built is None:
+            built, entries = [], []
+            for i, r in enumerate(self.records):
+                b = r.entry(root_dir)
+                if b is not None:
+                    built.append(i)
+                    entries.append(b)
+            self._built, self._entries = built, entries
+        return self._built
 
     def built(self, root_dir: str) -> list[tuple[ScannedVersion, BuiltVersion]]:
         """The entries of those versions that have one (products.products_of's input; the
         pipeline's root_dir never changes)."""
-        if self._built is None:
-            self._built = [(v, b) for r, v in self.shown if (b := r.entry(root_dir)) is not None]
-            self._rels = frozenset(v.key.relpath for v, _ in self._built)
-        return self._built
+        built = self._built_now(root_dir)
+        return [(self.versions[i], b) for i, b in zip(built, self._entries, strict=True)]
 
-    def listed(self, root_dir: str) -> frozenset[str]:
+    def listed(self, root_dir: str) -> Iterator[str]:
         """The version directories (relative to images/) of `built`."""
-        self.built(root_dir)
-        return self._rels
+        return (self.records[i].rel for i in self._built_now(root_dir))
 
     def group(self) -> tuple[Hashable, list[ScannedVersion]]:
         """Its versions under its key (delta_feed.Group)."""
@@ -74,15 +88,19 @@ class ProductView:
 
     def built_group(self, root_dir: str) -> tuple[Hashable, list[ScannedVersion]]:
         """The versions of `built` under a key of their own (delta_feed.Group)."""
-        return (self.key, "built"), [v for v, _ in self.built(root_dir)]
+        return (self.key, "built"), [self.versions[i] for i in self._built_now(root_dir)]
 
     def without(self, doomed: Set[str]) -> ProductView:
         """This view without the versions `doomed` (absolute directories)."""
         gone = frozenset(v.path for v in self.versions if v.path in doomed)
         if not gone:
             return self
+        kept = [i for i, v in enumerate(self.versions) if v.path not in gone]
         return ProductView(
-            self.product, (self.key, gone), [e for e in self.shown if e[1].path not in gone]
+            self.product,
+            (self.key, gone),
+            [self.records[i] for i in kept],
+            [self.versions[i] for i in kept],
         )
 
 
@@ -170,7 +188,7 @@ class Versions:
             key = (self._stamp[product], frozenset(gone))
             view = self._views.get(product)
             if view is None or view.key != key:
-                view = ProductView(product, key, _shown(records, gone))
+                view = ProductView(product, key, *_shown(records, gone))
             views[product] = view
         self._views = views  # (a product gone is forgotten)
         return list(views.values())
@@ -256,7 +274,7 @@ class Versions:
             r.hashed(Ready(r.ident, known.digests()))
             return False
         # what the cache knows is published meanwhile when it is all but deltas (record.py)
-        r.hashed(Ready(tuple(sorted(f.identity for f, _ in known.files)), known.digests()))
+        r.hashed(Ready(files_identity(f for f, _ in known.files), known.digests()))
         cached = {f.path for f, _ in known.files}
         size = sum(f.size for f in v.files.values() if f.path not in cached)
         self.jobs.submit(r.rel, r.ident, size, functools.partial(hash_version, v, known))
@@ -334,8 +352,9 @@ class _Sha256(Mapping[str, str]):
 
 def _shown(
     records: list[VersionRecord], hidden: Set[str]
-) -> list[tuple[VersionRecord, ScannedVersion]]:
-    shown = []
+) -> tuple[list[VersionRecord], list[ScannedVersion]]:
+    """The records not `hidden` whose version may be published, and those versions."""
+    shown, versions = [], []
     for r in records:
         if r.scanned.path in hidden:
             continue
@@ -343,8 +362,9 @@ def _shown(
         if v is None:
             log.debug("not publishing %s yet: still hashing", r.scanned.path)
             continue
-        shown.append((r, v))
-    return shown
+        shown.append(r)
+        versions.append(v)
+    return shown, versions
 
 
 def _under(rel: str, prefix: str) -> bool:

@@ -269,6 +269,16 @@ _ROLES: dict[str, FileRole] = {
 _UNIFIED = FileRole(Role.UNIFIED, "combined")
 
 
+#: each fixed name, as one string (`fixed_name`)
+_FIXED_NAMES = {name: name for name in _ROLES}
+
+
+def fixed_name(name: str) -> str:
+    """`name` as the layout's own string when it is a fixed name (lxd.tar.xz, rootfs.squashfs,
+    ...): one object for that file of every version, rather than one per file scanned."""
+    return _FIXED_NAMES.get(name, name)
+
+
 def classify(name: str) -> FileRole | None:
     """File name -> its role in a version, or None for files we do not publish."""
     role = _ROLES.get(name)

@@ -36,6 +36,7 @@ from lxd_image_server.tree.layout import (
     check_serial,
     check_serial_not_ahead,
     classify,
+    fixed_name,
     is_ignored_name,
 )
 from lxd_image_server.tree.overrides import (
@@ -116,8 +117,17 @@ class FileStat:
     base: str
 
     @classmethod
-    def of(cls, path: str, name: str, role: FileRole, st: os.stat_result, base: str) -> FileStat:
-        """The file at `path` as `st` (a stat of it, no link followed) describes it."""
+    def of(
+        cls,
+        path: str,
+        name: str,
+        role: FileRole,
+        st: os.stat_result,
+        base: str,
+        dev: int | None = None,
+    ) -> FileStat:
+        """The file at `path` as `st` (a stat of it, no link followed) describes it (`dev`:
+        st.st_dev, as an object the caller shares between files)."""
         return cls(
             path=path,
             name=name,
@@ -126,7 +136,7 @@ class FileStat:
             mtime_ns=st.st_mtime_ns,
             ctime_ns=st.st_ctime_ns,
             inode=st.st_ino,
-            dev=st.st_dev,
+            dev=st.st_dev if dev is None else dev,
             base=base,
         )
 
@@ -180,6 +190,8 @@ class Scanner:
         self.img_dir = os.path.abspath(img_dir)
         self.exclude = exclude
         self.clock = clock
+        #: the device of the last file found: kept in FileStats as this one object
+        self._dev = -1
 
     def scan(self, rel_prefix: str = "") -> list[ScannedVersion]:
         """Versions at or below images/<rel_prefix> (a directory path, '' for all)."""
@@ -210,7 +222,7 @@ class Scanner:
                 if version is not None:
                     found.append(version)
             else:
-                self._walk(fd, path, parts, found)
+                self._walk(fd, path, parts, found, {})
             found.sort(key=_key_tuple)
             return found
         finally:
@@ -277,9 +289,17 @@ class Scanner:
             log.warning("skipping %s: cannot list it (%s)", _shown(path), e.strerror or e)
             return None
 
-    def _walk(self, fd: int, path: str, parts: list[str], found: list[ScannedVersion]) -> None:
+    def _walk(
+        self,
+        fd: int,
+        path: str,
+        parts: list[str],
+        found: list[ScannedVersion],
+        serials: dict[str, str],
+    ) -> None:
         """Adds to `found` the versions below the directory `fd` (at `path`, `parts` below
-        images/, fewer than VERSION_DEPTH levels)."""
+        images/, fewer than VERSION_DEPTH levels). `serials`: each serial met in this scan,
+        as one string (products built together share their serials)."""
         entries = self._list(fd, path)
         if entries is None:
             return
@@ -315,11 +335,12 @@ class Scanner:
                 continue
             try:
                 if versions_here:
+                    sub[-1] = serials.setdefault(name, name)
                     version = self._read_version(sub_fd, sub_path, VersionKey(*sub))
                     if version is not None:
                         found.append(version)
                 else:
-                    self._walk(sub_fd, sub_path, sub, found)
+                    self._walk(sub_fd, sub_path, sub, found, serials)
             finally:
                 os.close(sub_fd)
 
@@ -358,7 +379,11 @@ class Scanner:
             st = self._stat_file(entry, file_path)
             if st is None:
                 continue
-            files[name] = FileStat.of(file_path, name, role, st, self.img_dir)
+            dev = self._dev  # (one number for the files of a file system)
+            if st.st_dev != dev:
+                dev = self._dev = st.st_dev
+            name = fixed_name(name)  # (one string for that name in every version)
+            files[name] = FileStat.of(file_path, name, role, st, self.img_dir, dev)
         return ScannedVersion(key=key, path=path, files=files, overrides=overrides)
 
     @staticmethod

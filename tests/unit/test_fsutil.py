@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import threading
 from pathlib import Path
 
 import pytest
 
+from lxd_image_server import fsutil
 from lxd_image_server.fsutil import (
     NotRegularFile,
     TooLarge,
@@ -130,3 +132,50 @@ def test_open_dirs_walks_down_and_never_through_a_link(tmp_path: Path) -> None:
             open_dir_below(str(tmp_path), "a/../secret")
     finally:
         os.close(base)
+
+
+def test_write_atomic_writes_pieces_in_order_through_short_writes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pieces (more than one writev takes, empty ones, views) are written in order, whole,
+    even when the system writes fewer bytes than asked (as it may)."""
+    pieces: list[bytes | memoryview] = [f"{i}:".encode() * (i % 5) for i in range(3000)]
+    pieces[7] = memoryview(b"a view of some bytes")[2:9]
+    expected = b"".join(pieces)
+    calls: list[int] = []
+    real = os.writev
+
+    def short(fd: int, buffers: list[bytes | memoryview]) -> int:
+        calls.append(len(buffers))
+        assert len(buffers) <= 1024
+        # at most 1000 bytes, and never to the end of a piece: a partial one is left over
+        taken = b"".join(buffers)[: min(1000, sum(len(b) for b in buffers) - 1) or 1]
+        return real(fd, [taken])
+
+    monkeypatch.setattr(os, "writev", short)
+    fsutil.write_atomic(str(tmp_path / "f"), pieces)
+    assert (tmp_path / "f").read_bytes() == expected
+    assert len(calls) > 3000 // 1024  # (short writes: far more than one call per batch)
+    monkeypatch.setattr(os, "writev", real)
+    fsutil.write_atomic(str(tmp_path / "g"), pieces)
+    fsutil.write_atomic(str(tmp_path / "h"), expected)
+    assert (tmp_path / "g").read_bytes() == (tmp_path / "h").read_bytes() == expected
+
+
+def test_holds_compares_pieces_with_a_regular_file_only(tmp_path: Path) -> None:
+    data = os.urandom(3 * fsutil.CHUNK_SIZE + 17)
+    (tmp_path / "f").write_bytes(data)
+    cuts = [0, 1, 5000, fsutil.CHUNK_SIZE, fsutil.CHUNK_SIZE + 1, len(data)]
+    pieces: list[bytes | memoryview] = [data[a:b] for a, b in itertools.pairwise(cuts)]
+    pieces.insert(2, b"")
+    pieces[3] = memoryview(pieces[3])
+    assert fsutil.holds(str(tmp_path / "f"), pieces)
+    assert fsutil.holds(str(tmp_path / "f"), [data])
+    changed = bytearray(data)
+    changed[fsutil.CHUNK_SIZE + 3] ^= 1
+    assert not fsutil.holds(str(tmp_path / "f"), [bytes(changed)])
+    assert not fsutil.holds(str(tmp_path / "f"), [data, b"x"])
+    assert not fsutil.holds(str(tmp_path / "f"), [data[:-1]])
+    assert not fsutil.holds(str(tmp_path / "missing"), [b""])
+    os.symlink(tmp_path / "f", tmp_path / "link")
+    assert not fsutil.holds(str(tmp_path / "link"), [data])
