@@ -4,7 +4,8 @@ back to learn what it wrote.
 The record (StateDir.published, `published.json`) holds the catalog's `updated` (kept while
 the content stays the same, so clients' caches stay valid; the page shows it) and each file it
 lists with its size (departures.py: no version leaves without a reason; the watcher: a listed
-file at its listed size is not one being written). publish.py writes it atomically before
+file at its listed size is not one being written; `prune` with a watcher running: the versions
+it chooses from, ops/pruning.py). publish.py writes it atomically before
 images.json: a record ahead of a catalog that a crash left unwritten names only versions whose
 departure was checked already, or that were about to be listed.
 
@@ -122,6 +123,25 @@ def read(state_dir: str) -> Published | None:
         return None
 
 
+def read_versions(state_dir: str) -> dict[str, dict[str, int]] | None:
+    """The version directories the last publish listed (relative to the served root, as items
+    name them: 'images/<os>/.../<serial>'), each with its files' names and sizes; None: no
+    usable record (logged unless it is missing)."""
+    try:
+        data = _read(state_dir, MAX_RECORD_BYTES, whole=True)
+        head, _, body = data.partition(b"\n")
+        _checked_head(head)
+        out: dict[str, dict[str, int]] = {}
+        for directory, files in _entries(body):
+            out.setdefault(directory, {}).update(files)
+        return out
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        _ignored(state_dir, e)
+        return None
+
+
 def _read(state_dir: str, limit: int, whole: bool) -> bytes:
     """The record's bytes (`whole`: all of them, at most `limit`; else its first `limit`)."""
     path = StateDir(state_dir).published
@@ -155,6 +175,13 @@ def _checked_head(line: bytes) -> str:
 
 
 def _files(body: bytes) -> Iterator[tuple[str, int]]:
+    for directory, files in _entries(body):
+        for name, size in files.items():
+            yield f"{directory}/{name}", size
+
+
+def _entries(body: bytes) -> Iterator[tuple[str, dict[str, int]]]:
+    """Each line's version directory and its files (name: size), checked."""
     lines = body.splitlines()
     # (one parse of all the lines: a line is one JSON value, so they join as an array)
     # (its size is bounded by the read; its depth by the shape checked below, once parsed)
@@ -177,7 +204,7 @@ def _files(body: bytes) -> Iterator[tuple[str, int]]:
         for name, size in entry[1].items():
             if "/" in name or name in _NOT_NAMES or type(size) is not int or size < 0:
                 raise ValueError(f"line {n}: not a file name and its size")
-            yield f"{entry[0]}/{name}", size
+        yield entry[0], entry[1]
 
 
 def _relative(path: object) -> bool:

@@ -229,10 +229,21 @@ def prune_cmd(
     """Keep the newest N versions of each product; the others leave the catalog now and
     their files are deleted after the grace period ([prune] grace_period)."""
     from lxd_image_server.ops import pruning
+    from lxd_image_server.privileges import become_writer
 
     paths = tree_paths(g, root_dir, img_dir, streams_dir)
     grace = g.settings.prune_grace
-    outcome = _with_pipeline(g, paths, lambda p: pruning.prune(p, keep, grace, dry_run=dry_run))
+    become_writer(paths)  # as root on the package's tree: as its catalog writer
+    # with a watcher running on the tree, chosen from what it published and published by it
+    outcome = pruning.prune_by_watcher(
+        paths,
+        keep,
+        grace,
+        lambda: _with_pipeline(g, paths, lambda p: p.update_all()),
+        dry_run=dry_run,
+    )
+    if outcome is None:
+        outcome = _with_pipeline(g, paths, lambda p: pruning.prune(p, keep, grace, dry_run=dry_run))
     _report(outcome, dry_run, f"nothing to prune: no product has more than {keep} version(s)")
 
 
