@@ -198,6 +198,8 @@ def _report(outcome: pruning.Outcome, dry_run: bool, nothing: str) -> None:
                 f"{p.product} {p.serial} was already out of the catalog; its files stay until "
                 f"{retention.utc_text(p.expires)}"
             )
+    if outcome.by_watcher:
+        click.echo("published by the running watcher")
     scheduled = {p.path for p in outcome.scheduled}
     for p in outcome.deleted:
         if p.path not in scheduled:

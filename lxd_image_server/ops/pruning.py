@@ -51,6 +51,8 @@ class Outcome:
     deleted: list[Pending] = field(default_factory=list)
     #: --dry-run: (product, serial) that would go
     would: list[tuple[str, str]] = field(default_factory=list)
+    #: the running watcher published the catalog without them
+    by_watcher: bool = False
 
 
 def _prefixes(versions: Iterable[ScannedVersion]) -> set[str]:
@@ -144,6 +146,7 @@ def prune_by_watcher(
             raise WatcherListsThem(
                 f"the running watcher still lists {', '.join(answer.listed)}; see its log"
             )
+        outcome.by_watcher = answer is not None
     outcome.deleted = delete_expired(paths, now=now)
     return outcome
 
@@ -284,6 +287,7 @@ def remove_by_watcher(
         raise WatcherListsThem(
             f"the running watcher still lists {', '.join(answer.listed)}; see its log"
         )
+    outcome.by_watcher = answer is not None
     outcome.deleted = delete_expired(paths, now=now)
     return outcome
 
