@@ -2,8 +2,8 @@
 
 root.py loads them by name when one is used (LazyGroup); what they share with root.py comes
 from common.py, with the one map from errors to exit codes. Commands that change the tree
-publish the result themselves (updating.with_pipeline), under the catalog lock, so they work
-with or without a running watcher.
+hand the publish to the running watcher when there is one (catalog/publish_requests.py), else
+publish the result themselves (updating.with_pipeline), under the catalog lock.
 Exit codes: 0 done, 1 failed (or `verify` found problems), 2 usage error.
 """
 
