@@ -5,7 +5,7 @@ The record (StateDir.published, `published.json`) holds the catalog's `updated` 
 the content stays the same, so clients' caches stay valid; the page shows it) and each file it
 lists with its size (departures.py: no version leaves without a reason; the watcher: a listed
 file at its listed size is not one being written; `prune` with a watcher running: the versions
-it chooses from, ops/pruning.py). publish.py writes it atomically before
+it chooses from, ops/pruning.py, read by read_crowded). publish.py writes it atomically before
 images.json: a record ahead of a catalog that a crash left unwritten names only versions whose
 departure was checked already, or that were about to be listed.
 
@@ -123,17 +123,41 @@ def read(state_dir: str) -> Published | None:
         return None
 
 
-def read_versions(state_dir: str) -> dict[str, dict[str, int]] | None:
-    """The version directories the last publish listed (relative to the served root, as items
-    name them: 'images/<os>/.../<serial>'), each with its files' names and sizes; None: no
-    usable record (logged unless it is missing)."""
+def read_crowded(
+    state_dir: str, prefix: str, more_than: int
+) -> dict[str, dict[str, dict[str, int]]] | None:
+    """The version directories the last publish listed, for the products that had more than
+    `more_than` of them: {'os/release/arch/variant': {serial: {file name: size}}}, relative to
+    `prefix` (the images directory as items name it, 'images/'). None: no usable record
+    (logged unless it is missing).
+
+    Every line must have the shape the writer gives it (a version directory below `prefix`,
+    then its files), and the lines of those products are read and checked whole; the others
+    are only counted (a product with `more_than` versions or fewer cannot change what `prune`
+    chooses), which keeps reading the record of 20,000 versions to a few milliseconds."""
     try:
         data = _read(state_dir, MAX_RECORD_BYTES, whole=True)
         head, _, body = data.partition(b"\n")
         _checked_head(head)
-        out: dict[str, dict[str, int]] = {}
-        for directory, files in _entries(body):
-            out.setdefault(directory, {}).update(files)
+        start = b'["' + prefix.encode()
+        by_product: dict[bytes, list[bytes]] = {}
+        for n, line in enumerate(body.splitlines(), start=2):
+            end = line.find(b'", {', len(start))
+            rel = line[len(start) : end]
+            if not line.startswith(start) or end < 0 or rel.count(b"/") != 4:
+                raise ValueError(f"line {n}: not a version directory below {prefix}")
+            if not line.endswith(b"}]"):
+                raise ValueError(f"line {n}: not a version directory and its files")
+            by_product.setdefault(rel.rpartition(b"/")[0], []).append(line)
+        out: dict[str, dict[str, dict[str, int]]] = {}
+        for lines in by_product.values():
+            if len(lines) <= more_than:
+                continue
+            for directory, files in _entries(b"\n".join(lines)):
+                product, _, serial = directory.removeprefix(prefix).rpartition("/")
+                if not directory.startswith(prefix) or product.count("/") != 3:
+                    raise ValueError(f"{directory[:200]!r} is not a version directory")
+                out.setdefault(product, {}).setdefault(serial, {}).update(files)
         return out
     except FileNotFoundError:
         return None

@@ -20,9 +20,9 @@ import logging
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from lxd_image_server.catalog import publish_requests, published
-from lxd_image_server.catalog.pipeline import Pipeline
 from lxd_image_server.catalog.publish_requests import request_publish, running_watcher
 from lxd_image_server.catalog.retention import (
     Pending,
@@ -37,6 +37,9 @@ from lxd_image_server.catalog.retention import (
 from lxd_image_server.config import Paths
 from lxd_image_server.tree.layout import LayoutError, parse_version_dir, serial_sort_key
 from lxd_image_server.tree.scan import ScannedVersion, Scanner
+
+if TYPE_CHECKING:
+    from lxd_image_server.catalog.pipeline import Pipeline
 
 log = logging.getLogger(__name__)
 
@@ -168,12 +171,12 @@ def _published_beyond(
 ) -> tuple[dict[str, _Listed], list[ScannedVersion]] | None:
     """The products the last publish listed with more than `keep` versions, and their
     versions as scanned now; None (one log line) when the record cannot be chosen from."""
-    record = published.read_versions(paths.state_dir)  # (a damaged one is logged there)
-    if record is None:
+    record = published.read_crowded(paths.state_dir, paths.served_images, keep)
+    if record is None:  # (a damaged one is logged there)
         log.info("no usable record of the last publish: choosing from the whole tree")
         return None
     try:
-        pending = {p.path for p in load(paths.state_dir)}
+        pending = {p.path for p in load(paths.state_dir)} if record else set()
         listed = _by_product(paths, record, pending)
         beyond = {k: p for k, p in listed.items() if len(p.versions) > keep}
         scanned: list[ScannedVersion] = []
@@ -191,25 +194,23 @@ def _published_beyond(
 
 
 def _by_product(
-    paths: Paths, record: dict[str, dict[str, int]], pending: set[str]
+    paths: Paths, record: dict[str, dict[str, dict[str, int]]], pending: set[str]
 ) -> dict[str, _Listed]:
-    """The record's versions by product (but those recorded as pruned); _NotTheTree when it
-    names anything but a version directory of this tree's images/."""
-    prefix = paths.served_images
+    """The record's versions by product key (but those recorded as pruned); _NotTheTree when
+    one is not a version directory as the layout names it."""
     out: dict[str, _Listed] = {}
-    for directory, files in record.items():
-        rel = directory.removeprefix(prefix)
-        try:
-            if rel == directory:
-                raise LayoutError(f"not below {prefix}")
-            key = parse_version_dir(rel.split("/"))
-        except LayoutError as e:
-            raise _NotTheTree(f"it lists {directory[:200]!r}: {e}") from None
-        if key.relpath != rel:
-            raise _NotTheTree(f"it lists {directory[:200]!r}")
-        if os.path.join(paths.img_dir, rel) in pending:
-            continue
-        out.setdefault(key.product, _Listed({})).versions[key.serial] = files
+    for directory, versions in record.items():
+        for serial, files in versions.items():
+            rel = f"{directory}/{serial}"
+            try:
+                key = parse_version_dir(rel.split("/"))
+            except LayoutError as e:
+                raise _NotTheTree(f"it lists {rel[:200]!r}: {e}") from None
+            if key.relpath != rel:
+                raise _NotTheTree(f"it lists {rel[:200]!r}")
+            if os.path.join(paths.img_dir, rel) in pending:
+                continue
+            out.setdefault(key.product, _Listed({})).versions[key.serial] = files
     return out
 
 

@@ -289,7 +289,14 @@ def test_a_stale_record_is_not_used(
         b'{"format": 1, "updated": "x"}\n["elsewhere/busybox/1.35/amd64/default/20240101_1200",'
         b' {"lxd.tar.xz": 100}]\n',
         b'{"format": 1, "updated": "x"}\n["images/busybox/1.35/amd64/default/20240101_1200", '
-        b'{"lxd.tar.xz": -1}]\n',
+        b'{"lxd.tar.xz": -1}]\n["images/busybox/1.35/amd64/default/20240102_1200", '
+        b'{"lxd.tar.xz": 1}]\n',
+        b'{"format": 1, "updated": "x"}\n["images/busybox/1.35/amd64/default/20240101_1200", '
+        b'{"lxd.tar.xz": 100}]\n["images/busybox/1.35/amd64/default/29991301_1200", '
+        b'{"lxd.tar.xz": 1}]\n',
+        b'{"format": 1, "updated": "x"}\n["images/busybox/1.35/amd64/default/20240101_1200", '
+        b'{"lxd.tar.xz": 100}]\n["images/busybox/1.35/amd64/default/20240102_1200", '
+        b'{"lxd.tar.xz": 1}',
         b'{"format": 1, "updated": "x"}\n' + b"[" * 100_000 + b"\n",
     ],
     ids=[
@@ -300,6 +307,8 @@ def test_a_stale_record_is_not_used(
         "not-a-version",
         "outside-images",
         "negative-size",
+        "bad-serial",
+        "truncated",
         "deep",
     ],
 )
