@@ -7,8 +7,9 @@ Builds a tree of --versions versions (two 4 KiB files each, 100 per product, pro
 scale0, scale1, ...), publishes it once with `update` (untimed), and serves an upstream of one
 product (bench:1.0:amd64:default, 4 KiB files) with nginx over TLS on loopback
 (bench_sync.py's). Then, --repeat rounds without a watcher, and --repeat rounds with `watch`
-running on the tree (idle a second before each step, as between real commands), each round on
-a product of its own, timing one command at a time:
+running on the tree (idle a second before each step, as between real commands; one round before
+them untimed: the watcher's first publish encodes every version once), each round on a product
+of its own, timing one command at a time:
 
 - import: a split image (a metadata tarball and a 64 KiB root) as version 100 of the product
   (which then has one version more than the others);
@@ -194,7 +195,7 @@ def watcher(exe: str, state: Path, root: Path, log: Path, timeout: float) -> Ite
             if time.monotonic() > deadline:
                 raise BenchError(f"the watcher's socket not there in {timeout:.0f} s")
             time.sleep(0.05)
-        time.sleep(2.0)  # (its start-up pass over the tree)
+        time.sleep(1.0)
         yield
         if proc.poll() is not None:
             raise BenchError(f"the watcher exited with status {proc.returncode}:\n{tail(log)}")
@@ -295,10 +296,10 @@ def run(argv: list[str]) -> int:
         root, state, log = work / "root", work / "state", work / "log"
         print(f"building a tree of {args.versions} versions ...", flush=True)
         expected = build_tree(root / "images", args.versions)
-        products = args.versions // PER_PRODUCT
-        if products < 2 * args.repeat:
+        rounds = 2 * args.repeat + 1  # (one untimed, the watcher's first publish)
+        if args.versions // PER_PRODUCT < rounds:
             raise BenchError(f"--versions {args.versions}: too few products for the rounds")
-        upstream = Upstream(work, 2 * args.repeat)
+        upstream = Upstream(work, rounds)
         try:
             print("publishing it once (update) ...", flush=True)
             run_timed([exe, "--state-dir", str(state), "update", "--root-dir", str(root)], log,
@@ -312,7 +313,10 @@ def run(argv: list[str]) -> int:
                     alone[s].append(got[s])
             print("starting a watcher on it ...", flush=True)
             with watcher(exe, state, root, log, args.timeout):
-                for r in range(args.repeat, 2 * args.repeat):
+                # untimed: the watcher's first publish encodes every version's entry once
+                r = args.repeat
+                one_round(exe, root, state, work, r, r, upstream, expected, True, args)
+                for r in range(args.repeat + 1, rounds):
                     got = one_round(exe, root, state, work, r, r, upstream, expected, True, args)
                     for s in STEPS:
                         watched[s].append(got[s])
