@@ -163,7 +163,16 @@ class _Listed:
 
 
 class _NotTheTree(Exception):
-    """The record of the last publish does not say what is on disk (the message says where)."""
+    """The record of the last publish cannot be chosen from (the message says why)."""
+
+
+class _Damaged(_NotTheTree):
+    """It names something that is no version directory of the layout."""
+
+
+class _Stale(_NotTheTree):
+    """It no longer says what is on disk for a product (a change the watcher has not
+    published yet, or another tree's record in a shared state directory)."""
 
 
 def _published_beyond(
@@ -184,8 +193,9 @@ def _published_beyond(
         for product, entry in beyond.items():
             scanned += _as_listed(scanner.scan(product.replace(":", "/")), entry, pending)
     except _NotTheTree as e:
-        log.warning(
-            "the record of the last publish %s is not this tree (%s): choosing from the whole tree",
+        log.log(
+            logging.WARNING if isinstance(e, _Damaged) else logging.INFO,
+            "the record of the last publish %s %s: choosing from the whole tree",
             paths.state.published,
             e,
         )
@@ -205,9 +215,9 @@ def _by_product(
             try:
                 key = parse_version_dir(rel.split("/"))
             except LayoutError as e:
-                raise _NotTheTree(f"it lists {rel[:200]!r}: {e}") from None
+                raise _Damaged(f"is damaged: it lists {rel[:200]!r} ({e})") from None
             if key.relpath != rel:
-                raise _NotTheTree(f"it lists {rel[:200]!r}")
+                raise _Damaged(f"is damaged: it lists {rel[:200]!r}")
             if os.path.join(paths.img_dir, rel) in pending:
                 continue
             out.setdefault(key.product, _Listed({})).versions[key.serial] = files
@@ -217,18 +227,19 @@ def _by_product(
 def _as_listed(
     scanned: list[ScannedVersion], entry: _Listed, pending: set[str]
 ) -> list[ScannedVersion]:
-    """`scanned` (a product's versions on disk), or _NotTheTree unless they are the ones
-    `entry` lists with the files it lists at their sizes (versions recorded as pruned, and
-    empty directories, aside)."""
+    """`scanned` (a product's versions on disk), or _Stale unless they are the ones `entry`
+    lists with the files it lists at their sizes (versions recorded as pruned, and empty
+    directories, aside)."""
     on_disk = {v.key.serial: v for v in scanned if v.files and v.path not in pending}
-    for serial in sorted(entry.versions.keys() ^ on_disk.keys()):
-        where = "on disk, not published yet" if serial in on_disk else "gone from disk"
-        raise _NotTheTree(f"{serial} is {where}")
+    differ = sorted(entry.versions.keys() ^ on_disk.keys())
+    if differ:
+        where = "on disk, not published yet" if differ[0] in on_disk else "gone from disk"
+        raise _Stale(f"is not the tree: {differ[0]} is {where}")
     for serial, files in entry.versions.items():
         have = on_disk[serial].files
         for name, size in files.items():
             if name not in have or have[name].size != size:
-                raise _NotTheTree(f"{serial}/{name} changed since")
+                raise _Stale(f"is not the tree: {serial}/{name} changed since")
     return list(on_disk.values())
 
 

@@ -256,7 +256,11 @@ def test_a_record_naming_versions_gone_from_disk_is_not_used(
     ["a file rewritten", "a file deleted", "a version not yet published", "another tree's record"],
 )
 def test_a_stale_record_is_not_used(
-    tree: Paths, watcher: FakeWatcher, tmp_path: Path, change: str
+    tree: Paths,
+    watcher: FakeWatcher,
+    tmp_path: Path,
+    change: str,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     img = Path(tree.img_dir)
     if change == "a file rewritten":  # (its size changed)
@@ -273,7 +277,12 @@ def test_a_stale_record_is_not_used(
         Pipeline(other, cache).update_all()
         cache.close()
         shutil.rmtree(img / rel(P1, SERIALS[3]))
+    caplog.set_level(logging.INFO, logger="lxd_image_server")
     assert by_record(tree, 3) is None
+    # (said once; not a warning: the watcher publishes such a change a moment later)
+    said = [r for r in caplog.records if "the record of the last publish" in r.getMessage()]
+    assert [r.levelno for r in said] == [logging.INFO], caplog.text
+    assert "is not the tree" in said[0].getMessage() and "whole tree" in said[0].getMessage()
     assert not os.path.exists(state_path(tree.state_dir))
     assert watcher.requests == []
 
