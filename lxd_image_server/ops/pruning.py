@@ -181,8 +181,12 @@ def _published_beyond(
     """The products the last publish listed with more than `keep` versions, and their
     versions as scanned now; None (one log line) when the record cannot be chosen from."""
     record = published.read_crowded(paths.state_dir, paths.served_images, keep)
-    if record is None:  # (a damaged one is logged there)
-        log.info("no usable record of the last publish: choosing from the whole tree")
+    if record is None:
+        damaged = os.path.lexists(paths.state.published)  # (then said there, in one line)
+        log.log(
+            logging.DEBUG if damaged else logging.INFO,
+            "no usable record of the last publish: choosing from the whole tree",
+        )
         return None
     try:
         pending = {p.path for p in load(paths.state_dir)} if record else set()
