@@ -103,11 +103,18 @@ def feed(fd: int, sinks: Sequence[Hasher], progress: Progress) -> int:
         hashing.close()
 
 
-def copy(src: int, out: int, sinks: Sequence[Hasher], progress: Progress) -> int:
+def copy(
+    src: int, out: int, sinks: Sequence[Hasher], progress: Progress, threads: bool = True
+) -> int:
     """Copies `src` (from its start) to `out` (a new, empty file opened for reading and
-    writing) and feeds every sink the bytes of `out`. -> bytes copied."""
+    writing) and feeds every sink the bytes of `out`. -> bytes copied.
+    `threads=False`: all of it in the calling thread, a chunk of INLINE_CHUNK at a time (less
+    CPU time than the sinks' threads cost, for a caller that runs beside other work:
+    import_early.py)."""
+    if not threads:
+        return _copy_inline(src, out, sinks, progress, INLINE_CHUNK)
     if os.fstat(src).st_size < THREADED_FROM:
-        return _copy_small(src, out, sinks, progress)
+        return _copy_inline(src, out, sinks, progress, THREADED_FROM)
     hashing = Hashing(sinks)
     size = 0
     kernel = True
@@ -144,12 +151,16 @@ def copy(src: int, out: int, sinks: Sequence[Hasher], progress: Progress) -> int
 #: a source smaller than this (a metadata tarball) is copied and hashed in the calling thread:
 #: the threads and buffers of `Hashing` would cost it more than its hashing
 THREADED_FROM = 1 << 20
+#: the chunk of a copy in the calling thread (`copy(threads=False)`): the read-back is hashed
+#: while it is still in the CPU's cache
+INLINE_CHUNK = 1 << 20
 
 
-def _copy_small(src: int, out: int, sinks: Sequence[Hasher], progress: Progress) -> int:
-    """`copy` in this thread, a buffer of THREADED_FROM bytes at a time (correct at any size,
-    should the source grow meanwhile: only slower)."""
-    buf = bytearray(THREADED_FROM)
+def _copy_inline(
+    src: int, out: int, sinks: Sequence[Hasher], progress: Progress, chunk: int
+) -> int:
+    """`copy` in this thread, a buffer of `chunk` bytes at a time."""
+    buf = bytearray(chunk)
     size = 0
     kernel = True
     while True:
@@ -170,9 +181,9 @@ def _copy_small(src: int, out: int, sinks: Sequence[Hasher], progress: Progress)
         if not n:
             return size
         start_writeback(out, size, n)
-        chunk = memoryview(buf)[:n]
+        data = memoryview(buf)[:n]
         for sink in sinks:
-            sink.update(chunk)
+            sink.update(data)
         size += n
         progress(n)
 

@@ -1,0 +1,278 @@
+"""`import` of one image: its root file system copied into the tree while the command starts.
+
+Most of a small image's import is the copy and the two digests of its root (the file's sha256
+and the fingerprint, sha256(metadata || root)), and neither depends on what the command works
+out before it can place the image (its options, the configuration, what the files are, where
+the version goes). So the console script (cli/early.py reads the command line first) starts
+this copy in a thread before it loads anything else: the root, the larger of the two files
+given (or a unified tarball, alone), is copied by import_copy.copy into a hidden directory of
+images/ (`.import-early-*`) with its digests, computed from the bytes that landed there, the
+metadata tarball's bytes (read as they were then) in front of the fingerprint's.
+
+The import uses that copy (`take`) only if it is what the plan would have copied: the plan's
+root is the same file (device, inode, size, modification time as when it was copied), and the
+metadata tarball the import put into the tree has the digest of the bytes the fingerprint was
+started with. The copy is then renamed into the version's staging directory (same file system,
+else it is not used). In every other case (another file, a changed one, another file system, a
+failed copy), the import copies the file itself as ever, and `close` removes what the early
+copy made (the directories it made for images/ too, if they are still empty).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+from collections.abc import Callable, Sequence
+
+#: typing.TYPE_CHECKING without importing typing (mypy reads any TYPE_CHECKING as true)
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from lxd_image_server.catalog.hashread import Hasher
+
+# (this module is imported before anything else, to start the copy as early as it can: what
+# only the copy needs (hashlib, fsutil, import_copy) is imported in its thread)
+
+#: a root smaller than this is not worth a thread (it is copied with its metadata: import_copy)
+EARLY_FROM = 1 << 20
+#: the metadata tarball is read into its digest whole, before the root: a few KiB; past this
+#: it is not one
+MAX_META = 64 << 20
+STAGING_PREFIX = ".import-early-"
+STAGING_MODE = 0o700
+#: the copy's mode: import_place.FILE_MODE (not imported from there: it loads yaml and tarfile)
+FILE_MODE = 0o644
+PART_NAME = "root.part"
+#: seconds between two progress reports while the import waits for the copy
+POLL = 0.1
+
+
+class _Cancelled(Exception):
+    """The copy was stopped (the command ended without it)."""
+
+
+class Copied:
+    """The early copy's outcome (a plain class: dataclasses costs its import time here)."""
+
+    __slots__ = ("combined", "meta_sha256", "sha256", "size")
+
+    def __init__(self, size: int, sha256: str, combined: str | None, meta_sha256: str | None):
+        self.size = size
+        self.sha256 = sha256
+        #: sha256(metadata || root); None for a unified tarball
+        self.combined = combined
+        #: the metadata tarball's sha256 (of the bytes read before the root's); None: unified
+        self.meta_sha256 = meta_sha256
+
+
+def _identity(st: os.stat_result) -> tuple[int, int, int, int]:
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+class EarlyRoot:
+    """The copy of one image's root, running in a thread from `start` (module docstring)."""
+
+    def __init__(self, files: Sequence[str], img_dir: Callable[[], str]) -> None:
+        """`files`: the one or two files given; `img_dir`: where images/ is (called in the
+        thread: it may read the configuration)."""
+        self.files = tuple(files)
+        self._img_dir = img_dir
+        self._thread: threading.Thread | None = None
+        self._cancel = threading.Event()
+        #: bytes copied so far (written by the thread only)
+        self.done = 0
+        #: why there is no copy (for the debug log), once the thread has ended
+        self.reason = ""
+        self._root: tuple[int, int, int, int] | None = None
+        self._copied: Copied | None = None
+        #: images/ and the staging directory in it, while they are open
+        self._img_fd = -1
+        self._staging = ""
+        self._staging_fd = -1
+        #: the directories the copy made (the deepest last), removed again if still empty
+        self._made: list[str] = []
+
+    def start(self) -> EarlyRoot:
+        if not 1 <= len(self.files) <= 2:
+            raise ValueError("one image: one or two files")
+        self._thread = threading.Thread(target=self._run, name="import-early", daemon=True)
+        self._thread.start()
+        return self
+
+    # -- the thread -------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            self._copy()
+        except _Cancelled:
+            self.reason = "stopped"
+        except Exception as e:  # (any: the import copies the file itself and reports it)
+            self.reason = f"{type(e).__name__}: {e}"
+        if self._copied is None:
+            self._remove_staging()
+
+    def _copy(self) -> None:
+        from lxd_image_server.fsutil import open_regular_stat
+
+        opened = [open_regular_stat(os.path.realpath(f)) for f in self.files]
+        try:
+            opened.sort(key=lambda o: o[1].st_size)
+            root_fd, root_st = opened[-1]
+            if root_st.st_size < EARLY_FROM:
+                self.reason = "a small root"
+                return
+            meta = None
+            if len(opened) == 2:
+                meta_fd, meta_st = opened[0]
+                if meta_st.st_size > MAX_META:
+                    self.reason = "no metadata tarball among the files"
+                    return
+                meta = _hash_all(meta_fd)
+                if meta is None:
+                    self.reason = "no metadata tarball among the files"
+                    return
+            self._root = _identity(root_st)
+            self._make_staging(self._img_dir())
+            self._copied = self._copy_root(root_fd, meta)
+        finally:
+            for fd, _ in opened:
+                os.close(fd)
+
+    def _make_staging(self, img_dir: str) -> None:
+        import secrets
+
+        from lxd_image_server.fsutil import open_dir
+
+        img_dir = os.path.abspath(img_dir)
+        missing = []
+        path = img_dir
+        while not os.path.lexists(path):
+            missing.append(path)
+            path = os.path.dirname(path)
+        for path in reversed(missing):
+            try:
+                os.mkdir(path, 0o755)
+            except FileExistsError:
+                continue
+            self._made.append(path)
+        self._img_fd = open_dir(img_dir)
+        name = f"{STAGING_PREFIX}{secrets.token_hex(6)}"
+        os.mkdir(name, STAGING_MODE, dir_fd=self._img_fd)
+        self._staging = name
+        self._staging_fd = open_dir(name, dir_fd=self._img_fd)
+
+    def _copy_root(self, root_fd: int, meta: Hasher | None) -> Copied:
+        import hashlib
+
+        from lxd_image_server.ops import import_copy
+
+        plain = hashlib.sha256()
+        sinks: list[Hasher] = [plain]
+        combined = meta.copy() if meta is not None else None
+        if combined is not None:
+            sinks.append(combined)
+        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        out = os.open(PART_NAME, flags, FILE_MODE, dir_fd=self._staging_fd)
+        try:
+            os.fchmod(out, FILE_MODE)
+            size = import_copy.copy(root_fd, out, sinks, self._progress, threads=False)
+            os.fsync(out)
+        finally:
+            os.close(out)
+        return Copied(
+            size=size,
+            sha256=plain.hexdigest(),
+            combined=combined.hexdigest() if combined is not None else None,
+            meta_sha256=meta.hexdigest() if meta is not None else None,
+        )
+
+    def _progress(self, n: int) -> None:
+        if self._cancel.is_set():
+            raise _Cancelled()
+        self.done += n
+
+    # -- the import's side ------------------------------------------------------------------
+
+    def take(
+        self,
+        path: str,
+        meta_sha256: str | None,
+        dir_fd: int,
+        name: str,
+        progress: Callable[[int], None],
+    ) -> Copied | None:
+        """The early copy of `path` as `name` in the directory `dir_fd`, if it is what the
+        import would have copied (module docstring), once it is complete (reporting its
+        progress meanwhile); None (nothing changed) if not."""
+        if self._root is None and self._thread is not None and not self._thread.is_alive():
+            return None
+        try:
+            st = os.stat(os.path.realpath(path))
+        except OSError:
+            return None
+        reported = 0
+        while self._thread is not None and self._thread.is_alive():
+            if self._root is not None and self._root != _identity(st):
+                return None  # (not this file: let it run, `close` stops it)
+            self._thread.join(POLL)
+            done = self.done
+            progress(done - reported)
+            reported = done
+        copied = self._copied
+        if copied is None or self._root != _identity(st):
+            return None
+        if copied.meta_sha256 != meta_sha256:
+            return None  # the fingerprint started with other metadata bytes
+        progress(copied.size - reported)
+        try:
+            os.rename(PART_NAME, name, src_dir_fd=self._staging_fd, dst_dir_fd=dir_fd)
+        except OSError as e:
+            if e.errno != errno.EXDEV:
+                raise
+            return None
+        self._copied = None
+        return copied
+
+    def close(self) -> None:
+        """Stops the copy if it still runs; removes what it made that the import did not
+        take. Call before the process gives up its privileges (privileges.become_writer)."""
+        if self._thread is not None:
+            self._cancel.set()
+            self._thread.join()
+        self._remove_staging()
+
+    def _remove_staging(self) -> None:
+        import contextlib
+
+        if self._staging_fd >= 0:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(PART_NAME, dir_fd=self._staging_fd)
+            os.close(self._staging_fd)
+            self._staging_fd = -1
+        if self._staging:
+            os.rmdir(self._staging, dir_fd=self._img_fd)
+            self._staging = ""
+        if self._img_fd >= 0:
+            os.close(self._img_fd)
+            self._img_fd = -1
+        while self._made:
+            try:
+                os.rmdir(self._made.pop())
+            except OSError:
+                break  # (not empty: the import placed its image there)
+        self._copied = None
+
+
+def _hash_all(fd: int) -> Hasher | None:
+    """The sha256 of the file `fd`, None past MAX_META bytes."""
+    import hashlib
+
+    h = hashlib.sha256()
+    offset = 0
+    while offset <= MAX_META:
+        data = os.pread(fd, 1 << 20, offset)
+        if not data:
+            return h
+        h.update(data)
+        offset += len(data)
+    return None
