@@ -10,7 +10,8 @@ Where the kernel cannot copy (another file system on an old kernel, a special fi
 bytes are read and written by this process instead: the same digests, the same file.
 A small source (under THREADED_FROM: a metadata tarball) is copied and hashed the same way in the
 calling thread, a small buffer at a time: threads and two 8 MiB buffers would cost it more than
-its hashing (about 10 ms of each split image's import).
+its hashing (about 10 ms of each split image's import). A caller may also feed some sinks from
+the copying thread itself (`mine`): fewer threads, less CPU time (import_early.py).
 """
 
 from __future__ import annotations
@@ -18,14 +19,18 @@ from __future__ import annotations
 import errno
 import os
 from collections.abc import Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 from lxd_image_server.fsutil import start_writeback
 from lxd_image_server.progress import Progress
 
 if TYPE_CHECKING:
+    from concurrent.futures import Future
+
     from lxd_image_server.catalog.hashread import Hasher
+
+# (concurrent.futures is imported by the threaded copy alone: a metadata tarball, and a root
+# copied as the command starts (import_early.py), are copied without threads)
 
 #: bytes per copy and per hashing read: large enough that the per-call costs vanish, small
 #: enough that two buffers of it are no burden
@@ -41,6 +46,8 @@ class Hashing:
     other (`import` here, and `sync`'s downloads: sync_fetch.py)."""
 
     def __init__(self, sinks: Sequence[Hasher], chunk: int = CHUNK) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
         self.sinks = sinks
         self.pools = [ThreadPoolExecutor(1) for _ in sinks]
         #: (buffer, the hashing of its chunk still running)
@@ -104,18 +111,21 @@ def feed(fd: int, sinks: Sequence[Hasher], progress: Progress) -> int:
 
 
 def copy(
-    src: int, out: int, sinks: Sequence[Hasher], progress: Progress, threads: bool = True
+    src: int,
+    out: int,
+    sinks: Sequence[Hasher],
+    progress: Progress,
+    mine: int = 0,
+    chunk: int = CHUNK,
 ) -> int:
     """Copies `src` (from its start) to `out` (a new, empty file opened for reading and
     writing) and feeds every sink the bytes of `out`. -> bytes copied.
-    `threads=False`: all of it in the calling thread, a chunk of INLINE_CHUNK at a time (less
-    CPU time than the sinks' threads cost, for a caller that runs beside other work:
-    import_early.py)."""
-    if not threads:
-        return _copy_inline(src, out, sinks, progress, INLINE_CHUNK)
-    if os.fstat(src).st_size < THREADED_FROM:
-        return _copy_inline(src, out, sinks, progress, THREADED_FROM)
-    hashing = Hashing(sinks)
+    The first `mine` sinks are fed by the calling thread, between its copies, the others each
+    by a thread of its own; `chunk` bytes at a time. With every sink the caller's, or a small
+    source, no thread is started."""
+    if mine >= len(sinks) or os.fstat(src).st_size < THREADED_FROM:
+        return _copy_inline(src, out, sinks, progress, min(chunk, THREADED_FROM))
+    hashing = Hashing(sinks[mine:], chunk)
     size = 0
     kernel = True
     try:
@@ -123,7 +133,7 @@ def copy(
             n = 0
             if kernel:
                 try:
-                    n = os.copy_file_range(src, out, CHUNK, size, size)
+                    n = os.copy_file_range(src, out, chunk, size, size)
                 except OSError as e:
                     if size or e.errno not in _NO_KERNEL_COPY:
                         raise
@@ -142,18 +152,19 @@ def copy(
                 hashing.wait()
                 return size
             hashing.feed(buf, n)
+            data = memoryview(buf)[:n]
+            for sink in sinks[:mine]:
+                sink.update(data)
             size += n
             progress(n)
     finally:
         hashing.close()
 
 
-#: a source smaller than this (a metadata tarball) is copied and hashed in the calling thread:
-#: the threads and buffers of `Hashing` would cost it more than its hashing
+#: a source smaller than this (a metadata tarball) is copied and hashed in the calling thread,
+#: this many bytes at a time: the threads and buffers of `Hashing` would cost it more than its
+#: hashing
 THREADED_FROM = 1 << 20
-#: the chunk of a copy in the calling thread (`copy(threads=False)`): the read-back is hashed
-#: while it is still in the CPU's cache
-INLINE_CHUNK = 1 << 20
 
 
 def _copy_inline(

@@ -25,7 +25,9 @@ def _source(tmp_path: Path, size: int) -> tuple[Path, bytes]:
     return src, data
 
 
-def _copy(tmp_path: Path, src: Path, prefix: bytes) -> tuple[int, str, str, bytes]:
+def _copy(
+    tmp_path: Path, src: Path, prefix: bytes, mine: int = 0, chunk: int = CHUNK
+) -> tuple[int, str, str, bytes]:
     plain = hashlib.sha256()
     combined = hashlib.sha256(prefix)
     reported: list[int] = []
@@ -33,7 +35,7 @@ def _copy(tmp_path: Path, src: Path, prefix: bytes) -> tuple[int, str, str, byte
     fin = os.open(src, os.O_RDONLY)
     out = os.open(out_path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
     try:
-        size = import_copy.copy(fin, out, [plain, combined], reported.append)
+        size = import_copy.copy(fin, out, [plain, combined], reported.append, mine, chunk)
     finally:
         os.close(fin)
         os.close(out)
@@ -45,6 +47,22 @@ def _copy(tmp_path: Path, src: Path, prefix: bytes) -> tuple[int, str, str, byte
 def test_copy_by_the_kernel_hashes_every_byte(tmp_path: Path, size: int) -> None:
     src, data = _source(tmp_path, size)
     got = _copy(tmp_path, src, b"meta")
+    assert got == (
+        size,
+        hashlib.sha256(data).hexdigest(),
+        hashlib.sha256(b"meta" + data).hexdigest(),
+        data,
+    )
+
+
+@pytest.mark.parametrize("size", [0, 5, SMALL + 3, 3 * SMALL + 1, CHUNK + 1])
+@pytest.mark.parametrize("mine", [1, 2])
+def test_sinks_fed_by_the_copying_thread_get_every_byte(
+    tmp_path: Path, size: int, mine: int
+) -> None:
+    """(import_early.py: the root's sha256 between the copies, the fingerprint in a thread)"""
+    src, data = _source(tmp_path, size)
+    got = _copy(tmp_path, src, b"meta", mine, chunk=2 * SMALL)
     assert got == (
         size,
         hashlib.sha256(data).hexdigest(),
