@@ -95,52 +95,83 @@ class EarlyRoot:
         self._staging_fd = -1
         #: the directories the copy made (the deepest last), removed again if still empty
         self._made: list[str] = []
+        self._img_dir_path = ""
 
     def start(self) -> EarlyRoot:
+        """Opens the files and starts the copy's thread (if there is a root to copy).
+        What the copy needs is loaded here, before the thread starts: loaded in the thread
+        while the command loads its own modules, each waiting for the other's turn with the
+        interpreter's lock, it would start the copy tens of milliseconds later."""
         if not 1 <= len(self.files) <= 2:
             raise ValueError("one image: one or two files")
-        self._thread = threading.Thread(target=self._run, name="import-early", daemon=True)
+        try:
+            root_fd, meta_fd = self._prepare()
+        except Exception as e:  # (any: the import opens the files itself and reports it)
+            self.reason = f"{type(e).__name__}: {e}"
+            return self
+        if root_fd < 0:
+            return self
+        self._thread = threading.Thread(
+            target=self._run, args=(root_fd, meta_fd), name="import-early", daemon=True
+        )
         self._thread.start()
         return self
 
+    def _prepare(self) -> tuple[int, int]:
+        """(root, metadata tarball) opened (-1: none), images/ found, the copy's modules
+        loaded; the root's identity recorded."""
+        import hashlib  # noqa: F401  (loaded for the thread: see `start`)
+
+        from lxd_image_server.fsutil import open_regular_stat
+        from lxd_image_server.ops import import_copy  # noqa: F401  (the same)
+
+        opened: list[tuple[int, os.stat_result]] = []
+        try:
+            for f in self.files:
+                opened.append(open_regular_stat(os.path.realpath(f)))
+            opened.sort(key=lambda o: o[1].st_size)
+            (root_fd, root_st), meta = opened[-1], opened[:-1]
+            if root_st.st_size < EARLY_FROM:
+                self.reason = "a small root"
+            elif meta and meta[0][1].st_size > MAX_META:
+                self.reason = "no metadata tarball among the files"
+            else:
+                self._img_dir_path = os.path.abspath(self._img_dir())
+                self._root = _identity(root_st)
+                return root_fd, meta[0][0] if meta else -1
+        except BaseException:
+            for fd, _ in opened:
+                os.close(fd)
+            raise
+        for fd, _ in opened:
+            os.close(fd)
+        return -1, -1
+
     # -- the thread -------------------------------------------------------------------------
 
-    def _run(self) -> None:
+    def _run(self, root_fd: int, meta_fd: int) -> None:
         try:
-            self._copy()
+            self._copy(root_fd, meta_fd)
         except _Cancelled:
             self.reason = "stopped"
         except Exception as e:  # (any: the import copies the file itself and reports it)
             self.reason = f"{type(e).__name__}: {e}"
+        finally:
+            os.close(root_fd)
+            if meta_fd >= 0:
+                os.close(meta_fd)
         if self._copied is None:
             self._remove_staging()
 
-    def _copy(self) -> None:
-        from lxd_image_server.fsutil import open_regular_stat
-
-        opened = [open_regular_stat(os.path.realpath(f)) for f in self.files]
-        try:
-            opened.sort(key=lambda o: o[1].st_size)
-            root_fd, root_st = opened[-1]
-            if root_st.st_size < EARLY_FROM:
-                self.reason = "a small root"
+    def _copy(self, root_fd: int, meta_fd: int) -> None:
+        meta = None
+        if meta_fd >= 0:
+            meta = _hash_all(meta_fd)
+            if meta is None:
+                self.reason = "no metadata tarball among the files"
                 return
-            meta = None
-            if len(opened) == 2:
-                meta_fd, meta_st = opened[0]
-                if meta_st.st_size > MAX_META:
-                    self.reason = "no metadata tarball among the files"
-                    return
-                meta = _hash_all(meta_fd)
-                if meta is None:
-                    self.reason = "no metadata tarball among the files"
-                    return
-            self._root = _identity(root_st)
-            self._make_staging(self._img_dir())
-            self._copied = self._copy_root(root_fd, meta)
-        finally:
-            for fd, _ in opened:
-                os.close(fd)
+        self._make_staging(self._img_dir_path)
+        self._copied = self._copy_root(root_fd, meta)
 
     def _make_staging(self, img_dir: str) -> None:
         import secrets

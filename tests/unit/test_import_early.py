@@ -42,9 +42,9 @@ def started(files: tuple[Path, ...], img: Path) -> EarlyRoot:
 
 
 def finished(early: EarlyRoot) -> EarlyRoot:
-    """The copy, complete (as when the command reaches the root after it)."""
-    assert early._thread is not None
-    early._thread.join()
+    """The copy, complete (as when the command reaches the root after it), if it started."""
+    if early._thread is not None:
+        early._thread.join()
     return early
 
 
@@ -170,8 +170,9 @@ def test_close_stops_a_running_copy(tmp_path: Path) -> None:
     img = tmp_path / "images"
     img.mkdir()
     early = started(files, img)
+    assert early._thread is not None
     early.close()
-    assert early._thread is not None and not early._thread.is_alive()
+    assert not early._thread.is_alive()
     assert os.listdir(img) == []
 
 
