@@ -77,8 +77,8 @@ class EarlyRoot:
     """The copy of one image's root, running in a thread from `start` (module docstring)."""
 
     def __init__(self, files: Sequence[str], img_dir: Callable[[], str]) -> None:
-        """`files`: the one or two files given; `img_dir`: where images/ is (called in the
-        thread: it may read the configuration)."""
+        """`files`: the one or two files given; `img_dir`: where images/ is (called by
+        `start`: it may read the configuration)."""
         self.files = tuple(files)
         self._img_dir = img_dir
         self._thread: threading.Thread | None = None
@@ -190,7 +190,8 @@ class EarlyRoot:
             except FileExistsError:
                 continue
             self._made.append(path)
-        self._img_fd = open_dir(img_dir)
+        # (images/ itself may be a link, as for the import: import_place.stage)
+        self._img_fd = os.open(img_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         name = f"{STAGING_PREFIX}{secrets.token_hex(6)}"
         os.mkdir(name, STAGING_MODE, dir_fd=self._img_fd)
         self._staging = name
@@ -280,15 +281,18 @@ class EarlyRoot:
         self._remove_staging()
 
     def _remove_staging(self) -> None:
+        """(never raises: what cannot be removed stays, hidden, as an import's staging
+        directory a crash leaves)"""
         import contextlib
 
         if self._staging_fd >= 0:
-            with contextlib.suppress(FileNotFoundError):
+            with contextlib.suppress(OSError):
                 os.unlink(PART_NAME, dir_fd=self._staging_fd)
             os.close(self._staging_fd)
             self._staging_fd = -1
         if self._staging:
-            os.rmdir(self._staging, dir_fd=self._img_fd)
+            with contextlib.suppress(OSError):
+                os.rmdir(self._staging, dir_fd=self._img_fd)
             self._staging = ""
         if self._img_fd >= 0:
             os.close(self._img_fd)

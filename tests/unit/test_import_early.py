@@ -281,3 +281,36 @@ def test_a_failed_import_leaves_nothing_of_the_early_copy(tmp_path: Path) -> Non
     assert proc.returncode == 1, proc.stderr
     assert "not an image file" in proc.stderr
     assert not tree.exists()
+
+
+def test_images_behind_a_link_gets_the_copy_too(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """(images/ itself may be a link, as for every import; nothing below it is followed)"""
+    files = split(tmp_path / "src")
+    (tmp_path / "elsewhere").mkdir()
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "images").symlink_to(tmp_path / "elsewhere")
+    placed, used = place_with(files, tree / "images", started(files, tree / "images"), caplog)
+    assert used
+    assert_of_the_tree(tree / "images", placed)
+    assert hidden(tmp_path / "elsewhere") == []
+
+
+def test_force_replaces_a_version_with_the_copy(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    img = tmp_path / "images"
+    first = split(tmp_path / "first")
+    place(plan_import([str(f) for f in first]), str(img))
+    files = split(tmp_path / "src")
+    early = started(files, img)
+    with caplog.at_level(logging.DEBUG, logger=import_place.__name__):
+        placed = place(plan_import([str(f) for f in files]), str(img), force=True, early=early)
+    early.close()
+    assert placed.replaced
+    assert "its copy started with the command is used" in caplog.text
+    assert_of_the_tree(img, placed)
+    assert (img / VERSION / "rootfs.squashfs").read_bytes() == files[1].read_bytes()
+    assert hidden(img) == []
