@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from lxd_image_server.fsutil import start_writeback
@@ -71,11 +71,13 @@ class Hashing:
                 f.result()
             pending.clear()
 
-    def feed(self, buf: bytearray, n: int) -> None:
-        """Hashes buf[:n] (`buf` from `free_buffer`, left alone until it returns it again)."""
+    def feed(self, buf: bytearray, n: int, skip: int = 0) -> None:
+        """Hashes buf[:n] (`buf` from `free_buffer`, left alone until it returns it again)
+        into every sink but the first `skip` (the caller feeds those itself; a pool's thread
+        starts only when it is first given a chunk)."""
         chunk = memoryview(buf)[:n]
         pending = self.slots[0][1]
-        for pool, sink in zip(self.pools, self.sinks, strict=True):
+        for pool, sink in zip(self.pools[skip:], self.sinks[skip:], strict=True):
             pending.append(pool.submit(sink.update, chunk))
 
     def close(self) -> None:
@@ -117,15 +119,18 @@ def copy(
     progress: Progress,
     mine: int = 0,
     chunk: int = CHUNK,
+    spread: Callable[[], bool] | None = None,
 ) -> int:
     """Copies `src` (from its start) to `out` (a new, empty file opened for reading and
     writing) and feeds every sink the bytes of `out`. -> bytes copied.
     The first `mine` sinks are fed by the calling thread, between its copies, the others each
-    by a thread of its own; `chunk` bytes at a time. With every sink the caller's, or a small
+    by a thread of its own; `chunk` bytes at a time. Once `spread()` is true (checked at each
+    chunk; it stays true), those are given threads of their own too (import_early.py: the
+    command has nothing else to run beside the copy). With every sink the caller's, or a small
     source, no thread is started."""
     if mine >= len(sinks) or os.fstat(src).st_size < THREADED_FROM:
         return _copy_inline(src, out, sinks, progress, min(chunk, THREADED_FROM))
-    hashing = Hashing(sinks[mine:], chunk)
+    hashing = Hashing(sinks, chunk)
     size = 0
     kernel = True
     try:
@@ -151,7 +156,9 @@ def copy(
             if not n:
                 hashing.wait()
                 return size
-            hashing.feed(buf, n)
+            if mine and spread is not None and spread():
+                mine = 0
+            hashing.feed(buf, n, skip=mine)
             data = memoryview(buf)[:n]
             for sink in sinks[:mine]:
                 sink.update(data)

@@ -7,7 +7,10 @@ the version goes). So the console script (cli/early.py reads the command line fi
 this copy in a thread before it loads anything else: the root, the larger of the two files
 given (or a unified tarball, alone), is copied by import_copy.copy into a hidden directory of
 images/ (`.import-early-*`) with its digests, computed from the bytes that landed there, the
-metadata tarball's bytes (read as they were then) in front of the fingerprint's.
+metadata tarball's bytes (read as they were then) in front of the fingerprint's. While the
+command starts beside it, the copying thread computes the root's sha256 itself and one more
+thread the fingerprint (fewer threads than cores: the start-up keeps one); once the command
+waits for the copy, the root's sha256 gets a thread of its own too.
 
 The import uses that copy (`take`) only if it is what the plan would have copied: the plan's
 root is the same file (device, inode, size, modification time as when it was copied), and the
@@ -30,8 +33,8 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from lxd_image_server.catalog.hashread import Hasher
 
-# (this module is imported before anything else, to start the copy as early as it can: what
-# only the copy needs (hashlib, fsutil, import_copy) is imported in its thread)
+# (this module is imported before anything else: what only the copy needs (hashlib, fsutil,
+# import_copy) is imported by `start`, when there is a copy to make)
 
 #: a root smaller than this is not worth a thread (it is copied with its metadata: import_copy)
 EARLY_FROM = 1 << 20
@@ -83,6 +86,8 @@ class EarlyRoot:
         self._img_dir = img_dir
         self._thread: threading.Thread | None = None
         self._cancel = threading.Event()
+        #: set once the command waits for the copy (`take`): nothing else to run beside it
+        self._waited = threading.Event()
         #: bytes copied so far (written by the thread only)
         self.done = 0
         #: why there is no copy (for the debug log), once the thread has ended
@@ -212,9 +217,12 @@ class EarlyRoot:
         try:
             os.fchmod(out, FILE_MODE)
             # the copying thread feeds all sinks but one (the fingerprint's, or a unified
-            # tarball's sha256: then the copy runs beside it)
+            # tarball's sha256: then the copy runs beside it), until the command waits for it
+            # (then each has a thread)
             mine = len(sinks) - 1
-            size = import_copy.copy(root_fd, out, sinks, self._progress, mine, COPY_CHUNK)
+            size = import_copy.copy(
+                root_fd, out, sinks, self._progress, mine, COPY_CHUNK, self._waited.is_set
+            )
             os.fsync(out)
         finally:
             os.close(out)
@@ -250,6 +258,7 @@ class EarlyRoot:
         except OSError:
             return None
         reported = 0
+        self._waited.set()
         while self._thread is not None and self._thread.is_alive():
             if self._root is not None and self._root != _identity(st):
                 return None  # (not this file: let it run, `close` stops it)

@@ -71,6 +71,33 @@ def test_sinks_fed_by_the_copying_thread_get_every_byte(
     )
 
 
+@pytest.mark.parametrize("after", [0, 1, 3, 100])
+def test_sinks_spread_to_threads_midway_get_every_byte_in_order(
+    tmp_path: Path, after: int
+) -> None:
+    """`spread` turns true after `after` chunks: the caller's sinks go to threads from then."""
+    src, data = _source(tmp_path, 7 * SMALL + 99)
+    asked: list[int] = []
+
+    def spread() -> bool:
+        asked.append(1)
+        return len(asked) > after
+
+    plain, combined = hashlib.sha256(), hashlib.sha256(b"m")
+    out = tmp_path / "out"
+    fin = os.open(src, os.O_RDONLY)
+    fout = os.open(out, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        size = import_copy.copy(fin, fout, [plain, combined], lambda n: None, 1, SMALL, spread)
+    finally:
+        os.close(fin)
+        os.close(fout)
+    assert size == len(data) and out.read_bytes() == data
+    assert plain.hexdigest() == hashlib.sha256(data).hexdigest()
+    assert combined.hexdigest() == hashlib.sha256(b"m" + data).hexdigest()
+    assert len(asked) == min(after + 1, 8)  # (asked at each chunk until it said yes)
+
+
 @pytest.mark.parametrize("size", [0, 5, SMALL + 3, CHUNK + 1, 2 * CHUNK + 7])
 @pytest.mark.parametrize("refusal", [errno.EXDEV, errno.EOPNOTSUPP, errno.ENOSYS])
 def test_copy_through_user_space_where_the_kernel_refuses(
