@@ -72,9 +72,7 @@ def test_sinks_fed_by_the_copying_thread_get_every_byte(
 
 
 @pytest.mark.parametrize("after", [0, 1, 3, 100])
-def test_sinks_spread_to_threads_midway_get_every_byte_in_order(
-    tmp_path: Path, after: int
-) -> None:
+def test_sinks_spread_to_threads_midway_get_every_byte_in_order(tmp_path: Path, after: int) -> None:
     """`spread` turns true after `after` chunks: the caller's sinks go to threads from then."""
     src, data = _source(tmp_path, 7 * SMALL + 99)
     asked: list[int] = []
