@@ -113,9 +113,6 @@ def parse(argv: Sequence[str]) -> EarlyImport | None:
     )
 
 
-def start(argv: Sequence[str]) -> EarlyRoot | None:
-    """The root's copy, started, if `argv` asks for one image's import; else None."""
-    early = parse(argv)
-    if early is None:
-        return None
-    return EarlyRoot(early.files, early.images_dir).start()
+def start(request: EarlyImport) -> EarlyRoot:
+    """The root's copy `request` asks for (`parse`), started."""
+    return EarlyRoot(request.files, request.images_dir).start()
