@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import errno
 import os
+import sys
 import threading
 from collections.abc import Callable, Sequence
 
@@ -50,6 +51,12 @@ PART_NAME = "root.part"
 #: the fingerprint by a thread of its own (less CPU time than a thread for each, which counts
 #: while the command's start-up runs beside them: bench/README.md)
 COPY_CHUNK = 4 << 20
+#: the interpreter's switch interval while the copy runs beside the command's start-up
+#: (sys.setswitchinterval; the default is 5 ms): the copy's threads need the interpreter's lock
+#: for a moment between their system calls and digests, and a start-up running Python code (its
+#: imports) would otherwise keep it up to 5 ms each time; at the default, the copy did a fifth
+#: of what it does alone before the command reached the root (bench/README.md)
+SWITCH_INTERVAL = 0.0001
 #: seconds between two progress reports while the import waits for the copy
 POLL = 0.1
 
@@ -101,6 +108,8 @@ class EarlyRoot:
         #: the directories the copy made (the deepest last), removed again if still empty
         self._made: list[str] = []
         self._img_dir_path = ""
+        #: the switch interval to restore once the copy is over (None: not changed)
+        self._switch: float | None = None
 
     def start(self) -> EarlyRoot:
         """Opens the files and starts the copy's thread (if there is a root to copy).
@@ -119,8 +128,15 @@ class EarlyRoot:
         self._thread = threading.Thread(
             target=self._run, args=(root_fd, meta_fd), name="import-early", daemon=True
         )
+        self._switch = sys.getswitchinterval()
+        sys.setswitchinterval(min(self._switch, SWITCH_INTERVAL))
         self._thread.start()
         return self
+
+    def _restore_switch(self) -> None:
+        if self._switch is not None:
+            sys.setswitchinterval(self._switch)
+            self._switch = None
 
     def _prepare(self) -> tuple[int, int]:
         """(root, metadata tarball) opened (-1: none), images/ found, the copy's modules
@@ -266,6 +282,7 @@ class EarlyRoot:
             done = self.done
             progress(done - reported)
             reported = done
+        self._restore_switch()
         copied = self._copied
         if copied is None or self._root != _identity(st):
             return None
@@ -287,6 +304,7 @@ class EarlyRoot:
         if self._thread is not None:
             self._cancel.set()
             self._thread.join()
+        self._restore_switch()
         self._remove_staging()
 
     def _remove_staging(self) -> None:

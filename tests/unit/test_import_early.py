@@ -314,3 +314,19 @@ def test_force_replaces_a_version_with_the_copy(
     assert_of_the_tree(img, placed)
     assert (img / VERSION / "rootfs.squashfs").read_bytes() == files[1].read_bytes()
     assert hidden(img) == []
+
+
+def test_the_switch_interval_is_short_while_the_copy_runs_and_restored_after(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    before = sys.getswitchinterval()
+    files = split(tmp_path / "src")
+    img = tmp_path / "images"
+    early = started(files, img)
+    assert sys.getswitchinterval() == pytest.approx(min(before, import_early.SWITCH_INTERVAL))
+    _, used = place_with(files, img, early, caplog)
+    assert used
+    assert sys.getswitchinterval() == before
+    stopped = started(split(tmp_path / "other"), tmp_path / "images2")
+    stopped.close()
+    assert sys.getswitchinterval() == before
