@@ -4,13 +4,16 @@ Most of a small image's import is the copy and the two digests of its root (the 
 and the fingerprint, sha256(metadata || root)), and neither depends on what the command works
 out before it can place the image (its options, the configuration, what the files are, where
 the version goes). So the console script (cli/early.py reads the command line first) starts
-this copy in a thread before it loads anything else: the root, the larger of the two files
-given (or a unified tarball, alone), is copied by import_copy.copy into a hidden directory of
-images/ (`.import-early-*`) with its digests, computed from the bytes that landed there, the
-metadata tarball's bytes (read as they were then) in front of the fingerprint's. While the
-command starts beside it, the copying thread computes the root's sha256 itself and one more
-thread the fingerprint (fewer threads than cores: the start-up keeps one); once the command
-waits for the copy, the root's sha256 gets a thread of its own too.
+this copy before it loads anything else: the root, the larger of the two files given (or a
+unified tarball, alone), is copied by import_copy.copy into a hidden directory of images/
+(`.import-early-*`) with its digests, computed from the bytes that landed there, the metadata
+tarball's bytes (read as they were then) in front of the fingerprint's.
+The copy runs in a child process (forked while the command has no other thread: it shares no
+interpreter lock with the command's start-up, whose imports would otherwise hold it most of
+the time), which reports on a pipe; where the command has other threads already (as a library
+call may), in a thread, with the interpreter's switch interval short while it runs: the
+copying thread computes the root's sha256 itself and one more thread the fingerprint, and
+once the command waits for the copy the root's sha256 gets a thread of its own too.
 
 The import uses that copy (`take`) only if it is what the plan would have copied: the plan's
 root is the same file (device, inode, size, modification time as when it was copied), and the
@@ -23,11 +26,14 @@ copy made (the directories it made for images/ too, if they are still empty).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
+import signal
 import sys
 import threading
 from collections.abc import Callable, Sequence
+from typing import BinaryIO
 
 #: typing.TYPE_CHECKING without importing typing (mypy reads any TYPE_CHECKING as true)
 TYPE_CHECKING = False
@@ -110,6 +116,9 @@ class EarlyRoot:
         self._img_dir_path = ""
         #: the switch interval to restore once the copy is over (None: not changed)
         self._switch: float | None = None
+        #: the child process copying (-1: none) and its reports
+        self._pid = -1
+        self._pipe: BinaryIO | None = None
 
     def start(self) -> EarlyRoot:
         """Opens the files and starts the copy's thread (if there is a root to copy).
@@ -125,6 +134,16 @@ class EarlyRoot:
             return self
         if root_fd < 0:
             return self
+        try:
+            self._make_staging(self._img_dir_path)
+        except Exception as e:
+            self.reason = f"{type(e).__name__}: {e}"
+            _close(root_fd, meta_fd)
+            self._remove_staging()
+            return self
+        if _alone():
+            self._fork(root_fd, meta_fd)
+            return self
         self._thread = threading.Thread(
             target=self._run, args=(root_fd, meta_fd), name="import-early", daemon=True
         )
@@ -132,6 +151,71 @@ class EarlyRoot:
         sys.setswitchinterval(min(self._switch, SWITCH_INTERVAL))
         self._thread.start()
         return self
+
+    # -- a process of its own (the command has no other thread yet) --------------------------
+
+    def _fork(self, root_fd: int, meta_fd: int) -> None:
+        """The copy in a child process: it shares no interpreter lock with the command's
+        start-up. It reports on a pipe: `p BYTES` as it goes, then `d SIZE SHA256 COMBINED
+        META` (`-` for none) or `e WHY`; it never touches anything but its copy."""
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child
+            os.close(r)
+            self._child(root_fd, meta_fd, w)
+        os.close(w)
+        _close(root_fd, meta_fd)
+        self._pid = pid
+        self._pipe = os.fdopen(r, "rb")
+
+    def _child(self, root_fd: int, meta_fd: int, w: int) -> None:
+        status = 1
+        try:
+            meta = None
+            if meta_fd >= 0:
+                meta = _hash_all(meta_fd)
+            if meta_fd >= 0 and meta is None:
+                _write(w, b"e no metadata tarball among the files\n")
+            else:
+                copied = self._copy_root(root_fd, meta, lambda n: _write(w, b"p %d\n" % n), 0)
+                fields = [copied.sha256, copied.combined or "-", copied.meta_sha256 or "-"]
+                _write(w, f"d {copied.size} {' '.join(fields)}\n".encode())
+                status = 0
+        except BaseException as e:  # (everything: the child only ever ends by _exit)
+            with contextlib.suppress(BaseException):
+                _write(w, f"e {type(e).__name__}: {e}".replace("\n", " ").encode() + b"\n")
+        finally:
+            os._exit(status)
+
+    def _wait_child(self, progress: Callable[[int], None]) -> None:
+        """Reads the child's reports to its end (forwarding its progress), then reaps it."""
+        assert self._pipe is not None
+        for line in self._pipe:
+            kind, _, rest = line.rstrip(b"\n").partition(b" ")
+            if kind == b"p":
+                n = int(rest)
+                self.done += n
+                progress(n)
+            elif kind == b"d":
+                size, sha, combined, meta = rest.decode().split(" ")
+                self._copied = Copied(
+                    int(size), sha, None if combined == "-" else combined,
+                    None if meta == "-" else meta,
+                )  # fmt: skip
+            elif kind == b"e":
+                self.reason = rest.decode(errors="replace")
+        self._reap()
+
+    def _reap(self, kill: bool = False) -> None:
+        if self._pid > 0:
+            if kill:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self._pid, signal.SIGKILL)
+            os.waitpid(self._pid, 0)
+            self._pid = -1
+        if self._pipe is not None:
+            self._pipe.close()
+            self._pipe = None
 
     def _restore_switch(self) -> None:
         if self._switch is not None:
@@ -178,9 +262,7 @@ class EarlyRoot:
         except Exception as e:  # (any: the import copies the file itself and reports it)
             self.reason = f"{type(e).__name__}: {e}"
         finally:
-            os.close(root_fd)
-            if meta_fd >= 0:
-                os.close(meta_fd)
+            _close(root_fd, meta_fd)
         if self._copied is None:
             self._remove_staging()
 
@@ -191,8 +273,7 @@ class EarlyRoot:
             if meta is None:
                 self.reason = "no metadata tarball among the files"
                 return
-        self._make_staging(self._img_dir_path)
-        self._copied = self._copy_root(root_fd, meta)
+        self._copied = self._copy_root(root_fd, meta, self._progress, None)
 
     def _make_staging(self, img_dir: str) -> None:
         import secrets
@@ -218,7 +299,11 @@ class EarlyRoot:
         self._staging = name
         self._staging_fd = open_dir(name, dir_fd=self._img_fd)
 
-    def _copy_root(self, root_fd: int, meta: Hasher | None) -> Copied:
+    def _copy_root(
+        self, root_fd: int, meta: Hasher | None, progress: Callable[[int], None], mine: int | None
+    ) -> Copied:
+        """The copy and its digests (`mine`: sinks the copying thread feeds; None: all but
+        one until the command waits for the copy)."""
         import hashlib
 
         from lxd_image_server.ops import import_copy
@@ -235,10 +320,10 @@ class EarlyRoot:
             # the copying thread feeds all sinks but one (the fingerprint's, or a unified
             # tarball's sha256: then the copy runs beside it), until the command waits for it
             # (then each has a thread)
-            mine = len(sinks) - 1
-            size = import_copy.copy(
-                root_fd, out, sinks, self._progress, mine, COPY_CHUNK, self._waited.is_set
-            )
+            spread = None
+            if mine is None:
+                mine, spread = len(sinks) - 1, self._waited.is_set
+            size = import_copy.copy(root_fd, out, sinks, progress, mine, COPY_CHUNK, spread)
             os.fsync(out)
         finally:
             os.close(out)
@@ -273,6 +358,11 @@ class EarlyRoot:
             st = os.stat(os.path.realpath(path))
         except OSError:
             return None
+        if self._pid > 0:
+            if self._root != _identity(st):
+                return None
+            self._wait_child(progress)
+            return self._rename(path, st, meta_sha256, dir_fd, name, progress, self.done)
         reported = 0
         self._waited.set()
         while self._thread is not None and self._thread.is_alive():
@@ -283,6 +373,19 @@ class EarlyRoot:
             progress(done - reported)
             reported = done
         self._restore_switch()
+        return self._rename(path, st, meta_sha256, dir_fd, name, progress, reported)
+
+    def _rename(
+        self,
+        path: str,
+        st: os.stat_result,
+        meta_sha256: str | None,
+        dir_fd: int,
+        name: str,
+        progress: Callable[[int], None],
+        reported: int,
+    ) -> Copied | None:
+        """The finished copy given its place, if it is the one `take` wants."""
         copied = self._copied
         if copied is None or self._root != _identity(st):
             return None
@@ -304,14 +407,13 @@ class EarlyRoot:
         if self._thread is not None:
             self._cancel.set()
             self._thread.join()
+        self._reap(kill=True)
         self._restore_switch()
         self._remove_staging()
 
     def _remove_staging(self) -> None:
         """(never raises: what cannot be removed stays, hidden, as an import's staging
         directory a crash leaves)"""
-        import contextlib
-
         if self._staging_fd >= 0:
             with contextlib.suppress(OSError):
                 os.unlink(PART_NAME, dir_fd=self._staging_fd)
@@ -330,6 +432,29 @@ class EarlyRoot:
             except OSError:
                 break  # (not empty: the import placed its image there)
         self._copied = None
+
+
+def _alone() -> bool:
+    """Whether this process runs no other thread (Python's or a library's): then it may fork
+    safely."""
+    if threading.active_count() != 1:
+        return False
+    try:
+        return len(os.listdir("/proc/self/task")) == 1
+    except OSError:
+        return False
+
+
+def _close(*fds: int) -> None:
+    for fd in fds:
+        if fd >= 0:
+            os.close(fd)
+
+
+def _write(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 def _hash_all(fd: int) -> Hasher | None:

@@ -103,7 +103,8 @@ def test_full_disk_post(small_disk: Tree) -> None:
 
 def test_full_disk_import_with_its_early_copy(tmp_path: Path) -> None:
     """The root copied as the command starts (ops/import_early.py) fills the disk: the import
-    copies it again, fails with the one message, and nothing of either copy is left."""
+    fails with the one message (on its metadata tarball or on the root, copied again), and
+    nothing of either copy is left."""
     import sys
 
     from ..unit.test_import_early import split
@@ -120,6 +121,5 @@ def test_full_disk_import_with_its_early_copy(tmp_path: Path) -> None:
             check=False,
         )  # fmt: skip
         assert proc.returncode == 1, proc.stderr
-        assert "copied now (OSError: [Errno 28]" in proc.stderr
         assert "no space left" in proc.stderr
         assert [str(p) for p in tiny.rglob(".*")] == []

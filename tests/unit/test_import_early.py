@@ -11,6 +11,8 @@ import os
 import stat
 import subprocess
 import sys
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -37,14 +39,36 @@ def split(directory: Path) -> tuple[Path, Path]:
     return meta_tarball(directory / "meta.tar.xz"), squashfs(directory / "root.squashfs")
 
 
-def started(files: tuple[Path, ...], img: Path) -> EarlyRoot:
-    return EarlyRoot([str(f) for f in files], lambda: str(img)).start()
+Start = Callable[[tuple[Path, ...], Path], EarlyRoot]
+
+
+@pytest.fixture(params=["process", "thread"])
+def started(request: pytest.FixtureRequest) -> Start:
+    """Starts the copy of `files` into `img`: in a child process (the command has no other
+    thread), or in a thread (it has: here one waiting while the copy starts)."""
+
+    def start(files: tuple[Path, ...], img: Path) -> EarlyRoot:
+        early = EarlyRoot([str(f) for f in files], lambda: str(img))
+        if request.param == "process":
+            return early.start()
+        release = threading.Event()
+        other = threading.Thread(target=release.wait)
+        other.start()
+        try:
+            return early.start()
+        finally:
+            release.set()
+            other.join()
+
+    return start
 
 
 def finished(early: EarlyRoot) -> EarlyRoot:
     """The copy, complete (as when the command reaches the root after it), if it started."""
     if early._thread is not None:
         early._thread.join()
+    if early._pid > 0:
+        early._wait_child(lambda n: None)
     return early
 
 
@@ -74,7 +98,7 @@ def place_with(
 
 
 def test_the_copy_is_used_and_its_digests_are_the_trees(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, started: Start
 ) -> None:
     files = split(tmp_path / "src")
     img = tmp_path / "tree" / "images"
@@ -88,7 +112,7 @@ def test_the_copy_is_used_and_its_digests_are_the_trees(
 
 
 def test_a_unified_tarball_is_copied_early_too(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, started: Start
 ) -> None:
     src = tmp_path / "src"
     src.mkdir()
@@ -104,7 +128,7 @@ def test_a_unified_tarball_is_copied_early_too(
 
 
 def test_a_root_rewritten_after_its_copy_is_copied_again(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, started: Start
 ) -> None:
     """The attack: the root's bytes change (same size) once the early copy has them."""
     files = split(tmp_path / "src")
@@ -118,7 +142,7 @@ def test_a_root_rewritten_after_its_copy_is_copied_again(
 
 
 def test_a_rewrite_that_hides_its_time_still_publishes_the_trees_digests(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, started: Start
 ) -> None:
     """Same size, the modification time put back: the copy is taken for the file's, and what
     is published is what the copy holds, with its digests (never the digest of other bytes)."""
@@ -133,7 +157,7 @@ def test_a_rewrite_that_hides_its_time_still_publishes_the_trees_digests(
 
 
 def test_metadata_rewritten_after_the_copy_started_is_not_in_its_fingerprint(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, started: Start
 ) -> None:
     files = split(tmp_path / "src")
     img = tmp_path / "images"
@@ -145,7 +169,7 @@ def test_metadata_rewritten_after_the_copy_started_is_not_in_its_fingerprint(
 
 
 def test_a_copy_of_other_files_is_not_used_and_leaves_nothing(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, started: Start
 ) -> None:
     img = tmp_path / "tree" / "images"
     other = split(tmp_path / "other")
@@ -158,26 +182,29 @@ def test_a_copy_of_other_files_is_not_used_and_leaves_nothing(
     assert hidden(img) == []
 
 
-def test_an_unused_copy_removes_the_directories_it_made(tmp_path: Path) -> None:
+def test_an_unused_copy_removes_the_directories_it_made(tmp_path: Path, started: Start) -> None:
     files = split(tmp_path / "src")
     img = tmp_path / "tree" / "images"
     finished(started(files, img)).close()
     assert not (tmp_path / "tree").exists()
 
 
-def test_close_stops_a_running_copy(tmp_path: Path) -> None:
+def test_close_stops_a_running_copy(tmp_path: Path, started: Start) -> None:
     files = split(tmp_path / "src")
     img = tmp_path / "images"
     img.mkdir()
     early = started(files, img)
-    assert early._thread is not None
+    assert early._thread is not None or early._pid > 0
     early.close()
-    assert not early._thread.is_alive()
+    assert early._thread is None or not early._thread.is_alive()
+    assert early._pid == -1
     assert os.listdir(img) == []
 
 
 @pytest.mark.parametrize("kind", ["fifo", "directory", "missing", "small"])
-def test_what_is_no_root_to_copy_is_left_to_the_import(tmp_path: Path, kind: str) -> None:
+def test_what_is_no_root_to_copy_is_left_to_the_import(
+    tmp_path: Path, kind: str, started: Start
+) -> None:
     meta = meta_tarball(tmp_path / "meta.tar.xz")
     root = tmp_path / "root"
     if kind == "fifo":
@@ -284,7 +311,7 @@ def test_a_failed_import_leaves_nothing_of_the_early_copy(tmp_path: Path) -> Non
 
 
 def test_images_behind_a_link_gets_the_copy_too(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, started: Start
 ) -> None:
     """(images/ itself may be a link, as for every import; nothing below it is followed)"""
     files = split(tmp_path / "src")
@@ -299,7 +326,7 @@ def test_images_behind_a_link_gets_the_copy_too(
 
 
 def test_force_replaces_a_version_with_the_copy(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, started: Start
 ) -> None:
     img = tmp_path / "images"
     first = split(tmp_path / "first")
@@ -317,16 +344,48 @@ def test_force_replaces_a_version_with_the_copy(
 
 
 def test_the_switch_interval_is_short_while_the_copy_runs_and_restored_after(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, started: Start
 ) -> None:
     before = sys.getswitchinterval()
     files = split(tmp_path / "src")
     img = tmp_path / "images"
     early = started(files, img)
-    assert sys.getswitchinterval() == pytest.approx(min(before, import_early.SWITCH_INTERVAL))
+    short = min(before, import_early.SWITCH_INTERVAL) if early._thread else before
+    assert sys.getswitchinterval() == pytest.approx(short)
     _, used = place_with(files, img, early, caplog)
     assert used
     assert sys.getswitchinterval() == before
     stopped = started(split(tmp_path / "other"), tmp_path / "images2")
     stopped.close()
     assert sys.getswitchinterval() == before
+
+
+KILLED = """
+import os, signal, sys
+from lxd_image_server.ops.import_detect import plan_import
+from lxd_image_server.ops.import_early import EarlyRoot
+from lxd_image_server.ops.import_place import place
+meta, root, img = sys.argv[1:]
+early = EarlyRoot([meta, root], lambda: img).start()
+assert early._pid > 0, early.reason  # (no other thread here: a child process copies)
+os.kill(early._pid, signal.SIGKILL)
+placed = place(plan_import([meta, root]), img, early=early)
+early.close()
+print(early._pid, placed.version_dir)
+"""
+
+
+def test_a_copying_process_killed_midway_is_not_used(tmp_path: Path) -> None:
+    """(OOM, a signal): the import copies the root itself; the child is reaped, nothing left.
+    In a process of its own: pytest may run other threads (then the copy is a thread)."""
+    meta, root = split(tmp_path / "src")
+    img = tmp_path / "images"
+    out = subprocess.run(
+        [sys.executable, "-c", KILLED, str(meta), str(root), str(img)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    assert out == ["-1", str(img / VERSION)]
+    assert (img / VERSION / "rootfs.squashfs").read_bytes() == root.read_bytes()
+    assert hidden(img) == []
