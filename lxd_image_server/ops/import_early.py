@@ -142,7 +142,12 @@ class EarlyRoot:
             self._remove_staging()
             return self
         if _alone():
-            self._fork(root_fd, meta_fd)
+            try:
+                self._fork(root_fd, meta_fd)
+            except OSError as e:  # (no process to spare: the import copies the file itself)
+                self.reason = f"{type(e).__name__}: {e}"
+                _close(root_fd, meta_fd)
+                self._remove_staging()
             return self
         self._thread = threading.Thread(
             target=self._run, args=(root_fd, meta_fd), name="import-early", daemon=True
@@ -159,7 +164,11 @@ class EarlyRoot:
         start-up. It reports on a pipe: `p BYTES` as it goes, then `d SIZE SHA256 COMBINED
         META` (`-` for none) or `e WHY`; it never touches anything but its copy."""
         r, w = os.pipe()
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except BaseException:
+            _close(r, w)
+            raise
         if pid == 0:  # the child
             os.close(r)
             self._child(root_fd, meta_fd, w)

@@ -5,6 +5,7 @@ nothing of an unused copy is left behind."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
@@ -389,3 +390,21 @@ def test_a_copying_process_killed_midway_is_not_used(tmp_path: Path) -> None:
     assert out == ["-1", str(img / VERSION)]
     assert (img / VERSION / "rootfs.squashfs").read_bytes() == root.read_bytes()
     assert hidden(img) == []
+
+
+def test_no_process_to_spare_leaves_the_copy_to_the_import(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def refuse() -> int:
+        raise BlockingIOError(errno.EAGAIN, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(import_early, "_alone", lambda: True)
+    monkeypatch.setattr(os, "fork", refuse)
+    files = split(tmp_path / "src")
+    img = tmp_path / "images"
+    early = EarlyRoot([str(f) for f in files], lambda: str(img)).start()
+    assert "Resource temporarily unavailable" in early.reason
+    assert hidden(img) == []
+    placed, used = place_with(files, img, early, caplog)
+    assert not used
+    assert_of_the_tree(img, placed)
