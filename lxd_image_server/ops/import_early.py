@@ -33,11 +33,12 @@ import signal
 import sys
 import threading
 from collections.abc import Callable, Sequence
-from typing import BinaryIO
 
 #: typing.TYPE_CHECKING without importing typing (mypy reads any TYPE_CHECKING as true)
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import BinaryIO
+
     from lxd_image_server.catalog.hashread import Hasher
 
 # (this module is imported before anything else: what only the copy needs (hashlib, fsutil,
