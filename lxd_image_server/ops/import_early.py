@@ -122,10 +122,11 @@ class EarlyRoot:
         self._pipe: BinaryIO | None = None
 
     def start(self) -> EarlyRoot:
-        """Opens the files and starts the copy's thread (if there is a root to copy).
-        What the copy needs is loaded here, before the thread starts: loaded in the thread
-        while the command loads its own modules, each waiting for the other's turn with the
-        interpreter's lock, it would start the copy tens of milliseconds later."""
+        """Opens the files, makes the hidden directory and starts the copy (a child process,
+        or a thread: module docstring), if there is a root to copy. What the copy needs is
+        loaded here first: loaded in a thread while the command loads its own modules, each
+        waiting for the other's turn with the interpreter's lock, it would start the copy tens
+        of milliseconds later."""
         if not 1 <= len(self.files) <= 2:
             raise ValueError("one image: one or two files")
         try:
@@ -201,17 +202,15 @@ class EarlyRoot:
         """Reads the child's reports to its end (forwarding its progress), then reaps it."""
         assert self._pipe is not None
         for line in self._pipe:
-            kind, _, rest = line.rstrip(b"\n").partition(b" ")
-            if kind == b"p":
+            if not line.endswith(b"\n"):
+                break  # (cut short: the child was killed while it wrote)
+            kind, _, rest = line[:-1].partition(b" ")
+            if kind == b"p" and rest.isdigit():
                 n = int(rest)
                 self.done += n
                 progress(n)
             elif kind == b"d":
-                size, sha, combined, meta = rest.decode().split(" ")
-                self._copied = Copied(
-                    int(size), sha, None if combined == "-" else combined,
-                    None if meta == "-" else meta,
-                )  # fmt: skip
+                self._copied = _parse_done(rest)
             elif kind == b"e":
                 self.reason = rest.decode(errors="replace")
         self._reap()
@@ -442,6 +441,21 @@ class EarlyRoot:
             except OSError:
                 break  # (not empty: the import placed its image there)
         self._copied = None
+
+
+def _parse_done(rest: bytes) -> Copied | None:
+    """`SIZE SHA256 COMBINED META` (`-` for none), or None if it is not that."""
+    fields = rest.decode("ascii", errors="replace").split(" ")
+    if len(fields) != 4 or not fields[0].isdigit():
+        return None
+    digests = [None if f == "-" else f for f in fields[1:]]
+    if digests[0] is None or not all(d is None or _is_sha256(d) for d in digests):
+        return None
+    return Copied(int(fields[0]), digests[0], digests[1], digests[2])
+
+
+def _is_sha256(text: str) -> bool:
+    return len(text) == 64 and all(c in "0123456789abcdef" for c in text)
 
 
 def _alone() -> bool:

@@ -408,3 +408,19 @@ def test_no_process_to_spare_leaves_the_copy_to_the_import(
     placed, used = place_with(files, img, early, caplog)
     assert not used
     assert_of_the_tree(img, placed)
+
+
+@pytest.mark.parametrize(
+    ("line", "ok"),
+    [
+        (b"5 " + b"a" * 64 + b" " + b"b" * 64 + b" " + b"c" * 64, True),
+        (b"5 " + b"a" * 64 + b" - -", True),
+        (b"5 " + b"a" * 63 + b" - -", False),
+        (b"5 - - -", False),
+        (b"x " + b"a" * 64 + b" - -", False),
+        (b"5 " + b"a" * 64 + b" -", False),
+        (b"5 " + b"A" * 64 + b" - -", False),
+    ],
+)
+def test_the_childs_report_is_taken_only_whole(line: bytes, ok: bool) -> None:
+    assert (import_early._parse_done(line) is not None) == ok
