@@ -21,7 +21,10 @@ importing all of them into a new, empty tree:
 All copy every byte into the tree and hash it; incus-simplestreams does not fsync, so each
 measurement ends with a syncfs of the tree's file system (write-back included for all). The
 sources are read once before each round (warm). Prints seconds and the ratio to the baseline;
-the goal is <= 0.8x at both sizes (one command per image, the like-for-like row).
+the goal is <= 0.8x at both sizes (one command per image, the like-for-like row). Each round's
+own ratio is printed too (its median): on a shared machine the load drifts between rounds.
+--like-for-like times only the rows of one command per image (the baseline, import and
+--before-exe's), for more rounds in the same time.
 
 --scale-versions N (0: skip) then builds a tree of N versions (two 4 KiB files each, 100 per
 product), publishes it once with `update`, and times one `import` of a small image (1 MiB root)
@@ -102,6 +105,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         metavar="PATH",
         help="another lxd-image-server (e.g. an older release) timed in the same rounds, one "
         "command per image, as the row 'import, before'",
+    )
+    parser.add_argument(
+        "--like-for-like",
+        action="store_true",
+        help="only the rows of one command per image (incus-simplestreams, import and "
+        "--before-exe's): more rounds in the same time, on a machine whose load varies",
     )
     parser.add_argument(
         "--scale-versions",
@@ -200,6 +209,8 @@ def timed_set(cmds: list[list[str]], cwd: Path, log: Path, timeout: float) -> fl
 
 
 VARIANTS = ("base", "ours", "ours-one", "ours-watch", "before")
+#: --like-for-like: one command per image, each tool
+LIKE_FOR_LIKE = ("base", "ours", "before")
 LABELS = {
     "base": BASELINE,
     "ours": "import",
@@ -248,7 +259,11 @@ def one_set(
     print(f"building {count} images of {size} MiB ...", flush=True)
     images = [build_image(src, n, size) for n in range(count)]
     settle()
-    variants = [v for v in VARIANTS if v != "before" or args.before_exe]
+    variants = [
+        v
+        for v in VARIANTS
+        if (v != "before" or args.before_exe) and (not args.like_for_like or v in LIKE_FOR_LIKE)
+    ]
     times: dict[str, list[float]] = {v: [] for v in variants}
     for rnd in range(args.repeat):
         order = variants[rnd % len(variants) :] + variants[: rnd % len(variants)]
@@ -283,6 +298,16 @@ def one_set(
     shutil.rmtree(src, ignore_errors=True)
     base = median(times["base"])
     print(f"  {count}x{size} MiB: " + " | ".join(f"{LABELS[v]} {runs(times[v])}" for v in variants))
+    # (each round's own ratio: the load of a shared machine drifts between rounds more than
+    # within one)
+    per_round = {
+        v: median([t / b for t, b in zip(times[v], times["base"], strict=True)])
+        for v in variants[1:]
+    }
+    print(
+        "  each round's ratio, median: "
+        + ", ".join(f"{LABELS[v]} {r:.2f}" for v, r in per_round.items())
+    )
     rows = [[f"{count} x {size} MiB", LABELS["base"], f"{base:.3f}", "1.00", ""]]
     for v in variants[1:]:
         t = median(times[v])

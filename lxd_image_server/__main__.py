@@ -1,5 +1,5 @@
 """`python3 -m lxd_image_server` is the lxd-image-server command."""
 
-from lxd_image_server.cli.root import console_main
+from lxd_image_server.cli import main
 
-console_main()
+main()

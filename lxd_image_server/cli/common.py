@@ -9,12 +9,15 @@ import importlib
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
 from lxd_image_server.config import ConfigError, Paths
 from lxd_image_server.settings import Settings
+
+if TYPE_CHECKING:
+    from lxd_image_server.ops.import_early import EarlyRoot
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -27,6 +30,9 @@ class Globals:
     verbose: bool = False
     log_file: str = "STDERR"
     log_file_given: bool = False
+    #: `import` of one image: its root's copy, started before the arguments were parsed
+    #: (cli/early.py), or None
+    early: EarlyRoot | None = None
 
     @property
     def state(self) -> str:

@@ -92,6 +92,7 @@ def import_cmd(
         force=force,
         progress_start=terminal_progress("copying"),
         publish_progress=for_terminal(),
+        early=g.early,
     )
     problems = []
     for plan, placed in result.placed:

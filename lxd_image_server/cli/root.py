@@ -14,7 +14,7 @@ import logging
 import os
 import sys
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -24,6 +24,9 @@ from lxd_image_server.cli.common import Globals, handle_errors, tree_options, tr
 from lxd_image_server.config import DEFAULT_STATE_DIR, ConfigError, StateDir
 from lxd_image_server.progress import for_terminal
 from lxd_image_server.settings import Settings
+
+if TYPE_CHECKING:
+    from lxd_image_server.ops.import_early import EarlyRoot
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +104,7 @@ def main(
     ctx: click.Context, config: str | None, state_dir: str | None, log_file: str, verbose: bool
 ) -> None:
     """Serve a directory of LXD and Incus images as a simplestreams remote."""
+    early = ctx.obj  # (console_main: an import's root copy, already started, or None)
     logs.setup(log_file, verbose or logs.truthy(os.environ.get(envnames.DEBUG)))
     settings = load_settings(config)
     given = ctx.get_parameter_source("log_file") is not click.core.ParameterSource.DEFAULT
@@ -111,6 +115,7 @@ def main(
         verbose=verbose or settings.debug,
         log_file=log_file,
         log_file_given=given,
+        early=early,
     )
     apply_logging(g)
 
@@ -189,21 +194,26 @@ def reload(g: Globals) -> None:
     click.echo(f"asked the watcher (pid {pid}) to reload")
 
 
-def console_main() -> None:
+def console_main(early: EarlyRoot | None = None) -> None:
     """The console script (and `python3 -m lxd_image_server`): the command, then, if it leaves
     no thread behind, an exit without the interpreter's teardown (freeing every module and
     object one by one costs a short command as much as its own work: about 20 ms). Output is
     flushed and logging shut down first; every file the commands write is fsynced (or, for the
     hash cache, committed) before they return, so nothing is lost. With a thread still running
-    (none should be) the exit is the ordinary one, which waits for it."""
+    (none should be) the exit is the ordinary one, which waits for it.
+    `early`: an import's root copy started before (cli/early.py), handed to the command
+    (Globals.early) and closed (stopped, what it made removed if unused) whatever happens."""
     try:
-        main()
+        main(obj=early)
     except SystemExit as e:
         if e.code is not None and not isinstance(e.code, int):
             raise
         status = e.code or 0
     else:
         status = 0
+    finally:
+        if early is not None:
+            early.close()
     try:
         sys.stdout.flush()
         sys.stderr.flush()

@@ -10,22 +10,27 @@ Where the kernel cannot copy (another file system on an old kernel, a special fi
 bytes are read and written by this process instead: the same digests, the same file.
 A small source (under THREADED_FROM: a metadata tarball) is copied and hashed the same way in the
 calling thread, a small buffer at a time: threads and two 8 MiB buffers would cost it more than
-its hashing (about 10 ms of each split image's import).
+its hashing (about 10 ms of each split image's import). A caller may also feed some sinks from
+the copying thread itself (`mine`): fewer threads, less CPU time (import_early.py).
 """
 
 from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from lxd_image_server.fsutil import start_writeback
 from lxd_image_server.progress import Progress
 
 if TYPE_CHECKING:
+    from concurrent.futures import Future
+
     from lxd_image_server.catalog.hashread import Hasher
+
+# (concurrent.futures is imported by the threaded copy alone: a metadata tarball, and a root
+# copied as the command starts (import_early.py), are copied without threads)
 
 #: bytes per copy and per hashing read: large enough that the per-call costs vanish, small
 #: enough that two buffers of it are no burden
@@ -41,6 +46,8 @@ class Hashing:
     other (`import` here, and `sync`'s downloads: sync_fetch.py)."""
 
     def __init__(self, sinks: Sequence[Hasher], chunk: int = CHUNK) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
         self.sinks = sinks
         self.pools = [ThreadPoolExecutor(1) for _ in sinks]
         #: (buffer, the hashing of its chunk still running)
@@ -64,11 +71,13 @@ class Hashing:
                 f.result()
             pending.clear()
 
-    def feed(self, buf: bytearray, n: int) -> None:
-        """Hashes buf[:n] (`buf` from `free_buffer`, left alone until it returns it again)."""
+    def feed(self, buf: bytearray, n: int, skip: int = 0) -> None:
+        """Hashes buf[:n] (`buf` from `free_buffer`, left alone until it returns it again)
+        into every sink but the first `skip` (the caller feeds those itself; a pool's thread
+        starts only when it is first given a chunk)."""
         chunk = memoryview(buf)[:n]
         pending = self.slots[0][1]
-        for pool, sink in zip(self.pools, self.sinks, strict=True):
+        for pool, sink in zip(self.pools[skip:], self.sinks[skip:], strict=True):
             pending.append(pool.submit(sink.update, chunk))
 
     def close(self) -> None:
@@ -103,12 +112,25 @@ def feed(fd: int, sinks: Sequence[Hasher], progress: Progress) -> int:
         hashing.close()
 
 
-def copy(src: int, out: int, sinks: Sequence[Hasher], progress: Progress) -> int:
+def copy(
+    src: int,
+    out: int,
+    sinks: Sequence[Hasher],
+    progress: Progress,
+    mine: int = 0,
+    chunk: int = CHUNK,
+    spread: Callable[[], bool] | None = None,
+) -> int:
     """Copies `src` (from its start) to `out` (a new, empty file opened for reading and
-    writing) and feeds every sink the bytes of `out`. -> bytes copied."""
-    if os.fstat(src).st_size < THREADED_FROM:
-        return _copy_small(src, out, sinks, progress)
-    hashing = Hashing(sinks)
+    writing) and feeds every sink the bytes of `out`. -> bytes copied.
+    The first `mine` sinks are fed by the calling thread, between its copies, the others each
+    by a thread of its own; `chunk` bytes at a time. Once `spread()` is true (checked at each
+    chunk; it stays true), those are given threads of their own too (import_early.py: the
+    command has nothing else to run beside the copy). With every sink the caller's, or a small
+    source, no thread is started."""
+    if mine >= len(sinks) or os.fstat(src).st_size < THREADED_FROM:
+        return _copy_inline(src, out, sinks, progress, min(chunk, THREADED_FROM))
+    hashing = Hashing(sinks, chunk)
     size = 0
     kernel = True
     try:
@@ -116,7 +138,7 @@ def copy(src: int, out: int, sinks: Sequence[Hasher], progress: Progress) -> int
             n = 0
             if kernel:
                 try:
-                    n = os.copy_file_range(src, out, CHUNK, size, size)
+                    n = os.copy_file_range(src, out, chunk, size, size)
                 except OSError as e:
                     if size or e.errno not in _NO_KERNEL_COPY:
                         raise
@@ -134,22 +156,29 @@ def copy(src: int, out: int, sinks: Sequence[Hasher], progress: Progress) -> int
             if not n:
                 hashing.wait()
                 return size
-            hashing.feed(buf, n)
+            if mine and spread is not None and spread():
+                mine = 0
+            hashing.feed(buf, n, skip=mine)
+            data = memoryview(buf)[:n]
+            for sink in sinks[:mine]:
+                sink.update(data)
             size += n
             progress(n)
     finally:
         hashing.close()
 
 
-#: a source smaller than this (a metadata tarball) is copied and hashed in the calling thread:
-#: the threads and buffers of `Hashing` would cost it more than its hashing
+#: a source smaller than this (a metadata tarball) is copied and hashed in the calling thread,
+#: this many bytes at a time: the threads and buffers of `Hashing` would cost it more than its
+#: hashing
 THREADED_FROM = 1 << 20
 
 
-def _copy_small(src: int, out: int, sinks: Sequence[Hasher], progress: Progress) -> int:
-    """`copy` in this thread, a buffer of THREADED_FROM bytes at a time (correct at any size,
-    should the source grow meanwhile: only slower)."""
-    buf = bytearray(THREADED_FROM)
+def _copy_inline(
+    src: int, out: int, sinks: Sequence[Hasher], progress: Progress, chunk: int
+) -> int:
+    """`copy` in this thread, a buffer of `chunk` bytes at a time."""
+    buf = bytearray(chunk)
     size = 0
     kernel = True
     while True:
@@ -170,9 +199,9 @@ def _copy_small(src: int, out: int, sinks: Sequence[Hasher], progress: Progress)
         if not n:
             return size
         start_writeback(out, size, n)
-        chunk = memoryview(buf)[:n]
+        data = memoryview(buf)[:n]
         for sink in sinks:
-            sink.update(chunk)
+            sink.update(data)
         size += n
         progress(n)
 

@@ -32,6 +32,7 @@ from lxd_image_server.tree.layout import Role, VersionKey, classify
 if TYPE_CHECKING:
     from lxd_image_server.catalog.hashcache import HashCache
     from lxd_image_server.catalog.hashread import Hasher
+    from lxd_image_server.ops.import_early import Copied, EarlyRoot
 
 log = logging.getLogger(__name__)
 
@@ -78,10 +79,14 @@ class _Transfer:
     """Brings the plan's files to temporary names in one directory (a descriptor: nothing is
     resolved by path inside images/ again); undoes itself on failure."""
 
-    def __init__(self, plan: ImagePlan, move: bool, progress: Progress) -> None:
+    def __init__(
+        self, plan: ImagePlan, move: bool, progress: Progress, early: EarlyRoot | None = None
+    ) -> None:
         self.plan = plan
         self.move = move
         self.progress = progress
+        #: the root's copy started with the command (import_early.py), if any
+        self.early = early
         self.dir_fd = -1
         #: temporary name -> the source it was moved from (to move back on failure)
         self.moved_from: dict[str, str] = {}
@@ -120,6 +125,20 @@ class _Transfer:
         finally:
             os.close(fin)
         return size
+
+    def take_early(self, src: Source, tmp: str, meta_sha256: str | None) -> Copied | None:
+        """The root copied while the command started (import_early.py) as `tmp`, if it is
+        this source's copy (`meta_sha256`: the digest of the metadata tarball placed before
+        it, None for a unified tarball); None: `bring` it."""
+        if self.early is None or self.move:
+            return None
+        copied = self.early.take(src.path, meta_sha256, self.dir_fd, tmp, self.progress)
+        if copied is not None:
+            self.created.append(tmp)
+            log.debug("%s: its copy started with the command is used", src.path)
+        else:
+            log.debug("%s: copied now (%s)", src.path, self.early.reason or "not the early copy's")
+        return copied
 
     def renamed(self, tmp: str, final: str, temporary: bool) -> None:
         """`tmp` is now `final`; still removed (or moved back) on failure if `temporary`."""
@@ -296,9 +315,10 @@ def place(
     force: bool = False,
     progress_start: Callable[[int], Progress] | None = None,
     on_filled: OnFilled | None = None,
+    early: EarlyRoot | None = None,
 ) -> Placed:
     """`stage`, then `reveal`: the image is in the tree when this returns."""
-    return stage(plan, img_dir, move, force, progress_start, on_filled).reveal()
+    return stage(plan, img_dir, move, force, progress_start, on_filled, early).reveal()
 
 
 def stage(
@@ -308,6 +328,7 @@ def stage(
     force: bool = False,
     progress_start: Callable[[int], Progress] | None = None,
     on_filled: OnFilled | None = None,
+    early: EarlyRoot | None = None,
 ) -> Staged:
     """Puts the plan's files into images/<os>/<release>/<arch>/<variant>/<serial>/.
 
@@ -317,6 +338,8 @@ def stage(
     version's other image files are removed (metadata.json is kept), here.
     `on_filled(dir_fd, placed)` is called once every file has its final name in the directory
     `dir_fd`, before the version appears (import_handover.py: its digests handed over).
+    `early`: the root's copy started with the command (import_early.py), used if it is this
+    plan's root.
 
     Below images/ everything is done relative to directory descriptors opened without
     following links (the directories on the way made with fsutil.DirChain, 0755, or 0775 when
@@ -339,7 +362,7 @@ def stage(
         raise ImportFailed(f"cannot read {e.filename}: {e.strerror or e}") from e
     dir_mode = _dir_mode(img_fd)
     chain = DirChain(img_fd)
-    transfer = _Transfer(plan, move, no_progress)
+    transfer = _Transfer(plan, move, no_progress, early)
     tmp_name: str | None = None
     try:
         variant_fd = _walk_down(chain, img_dir, parts[:-1], dir_mode)
@@ -396,21 +419,12 @@ def _fill(plan: ImagePlan, transfer: _Transfer, placed: Placed, into_existing: b
     try:
         for src in plan.sources:
             tmp = f".import-{secrets.token_hex(6)}.part"
-            plain = hashlib.sha256()
-            sinks: list[Hasher] = [plain]
-            combined: Hasher | None = None
-            if src.role is Role.ROOT and meta_hasher is not None:
-                combined = meta_hasher.copy()
-                sinks.append(combined)
-            size = transfer.bring(src, tmp, sinks)
-            digest = plain.hexdigest()
             if src.role is Role.META:
-                meta_hasher = plain
+                size, digest, meta_hasher = _bring_meta(transfer, src, tmp)
+            else:
+                size, digest, fingerprint = _bring_root(transfer, src, tmp, meta_hasher)
+                placed.fingerprint = fingerprint
             name = src.target or f"{digest}.tar.gz"
-            if combined is not None:
-                placed.fingerprint = combined.hexdigest()
-            elif src.role is Role.UNIFIED:
-                placed.fingerprint = digest
             placed.files[name] = (size, digest)
             staged.append((tmp, name))
         _check_fingerprint(plan, placed.fingerprint)
@@ -428,6 +442,32 @@ def _fill(plan: ImagePlan, transfer: _Transfer, placed: Placed, into_existing: b
             )
             os.unlink(stale, dir_fd=directory)
         os.fsync(directory)
+
+
+def _bring_meta(transfer: _Transfer, src: Source, tmp: str) -> tuple[int, str, Hasher]:
+    """The metadata tarball as `tmp`: (size, sha256, its hasher: the fingerprint's start)."""
+    plain = hashlib.sha256()
+    size = transfer.bring(src, tmp, [plain])
+    return size, plain.hexdigest(), plain
+
+
+def _bring_root(
+    transfer: _Transfer, src: Source, tmp: str, meta: Hasher | None
+) -> tuple[int, str, str]:
+    """A root (after its metadata tarball `meta`) or a unified tarball (`meta` None) as
+    `tmp`: (size, sha256, the image's fingerprint)."""
+    early = transfer.take_early(src, tmp, meta.hexdigest() if meta is not None else None)
+    if early is not None:
+        return early.size, early.sha256, early.combined or early.sha256
+    plain = hashlib.sha256()
+    sinks: list[Hasher] = [plain]
+    combined: Hasher | None = None
+    if meta is not None:
+        combined = meta.copy()
+        sinks.append(combined)
+    size = transfer.bring(src, tmp, sinks)
+    digest = plain.hexdigest()
+    return size, digest, combined.hexdigest() if combined is not None else digest
 
 
 def _other_image_files(dir_fd: int, keep: set[str]) -> Iterator[str]:

@@ -41,6 +41,7 @@ from lxd_image_server.settings import Settings
 if TYPE_CHECKING:
     from lxd_image_server.catalog.hashcache import HashCache
     from lxd_image_server.catalog.pipeline import Pipeline
+    from lxd_image_server.ops.import_early import EarlyRoot
 
 # (the pipeline, the hash cache and retention are imported where they are used: an import
 # the running watcher publishes loads none of them; each image imported pays its start-up)
@@ -94,20 +95,25 @@ def import_images(
     force: bool = False,
     progress_start: ProgressStart | None = None,
     publish_progress: ProgressStart | None = None,
+    early: EarlyRoot | None = None,
 ) -> ImportResult:
     """Places the images of `plans` and publishes them once (module docstring).
     ImportFailed (VersionExists) when one cannot be staged: then none is placed.
     `progress_start`: each image's copy; `publish_progress`: hashing, when this command
-    publishes itself."""
+    publishes itself; `early`: a root's copy started with the command (import_early.py),
+    closed here once the images are staged."""
     staged: list[tuple[ImagePlan, Staged]] = []
     with _publisher_loaded(paths):
         try:
             for plan in plans:
-                staged.append((plan, _stage(paths, plan, move, force, progress_start)))
+                staged.append((plan, _stage(paths, plan, move, force, progress_start, early)))
         except BaseException:
             for _, s in reversed(staged):
                 s.abort()
             raise
+        finally:
+            if early is not None:
+                early.close()  # (before this process becomes the catalog writer)
     result = ImportResult()
     for plan, s in staged:
         try:
@@ -177,6 +183,7 @@ def _stage(
     move: bool,
     force: bool,
     progress_start: ProgressStart | None,
+    early: EarlyRoot | None,
 ) -> Staged:
     version_dir = os.path.join(paths.img_dir, plan.key.relpath)
     try:
@@ -187,6 +194,7 @@ def _stage(
             force=force,
             progress_start=progress_start,
             on_filled=lambda fd, placed: _hand_over(paths, fd, placed),
+            early=early,
         )
     except VersionExists as e:
         from lxd_image_server.catalog import retention

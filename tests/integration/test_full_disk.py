@@ -96,3 +96,30 @@ def test_full_disk_post(small_disk: Tree) -> None:
     assert [f["path"] for f in r.json["files"]] == [META]
     assert r.json["failed"][0]["path"] == ROOTFS
     assert small_disk.files() == {META: b"m" * 1000}
+
+
+# -- import --------------------------------------------------------------------------------------
+
+
+def test_full_disk_import_with_its_early_copy(tmp_path: Path) -> None:
+    """The root copied as the command starts (ops/import_early.py) fills the disk: the import
+    fails with the one message (on its metadata tarball or on the root, copied again), and
+    nothing of either copy is left."""
+    import sys
+
+    from ..unit.test_import_early import split
+
+    meta, root = split(tmp_path / "src")
+    with tmpfs(tmp_path / "tiny", "2m") as tiny:
+        command = Path(sys.executable).parent / "lxd-image-server"
+        proc = subprocess.run(
+            [command, "--state-dir", tmp_path / "state", "-v", "import", "--root-dir", tiny,
+             meta, root],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )  # fmt: skip
+        assert proc.returncode == 1, proc.stderr
+        assert "no space left" in proc.stderr
+        assert [str(p) for p in tiny.rglob(".*")] == []

@@ -85,6 +85,21 @@ def test_import_as_root_reads_roots_files_and_publishes_as_the_writer(tree: Path
     assert roots_files(tree) == []
 
 
+def test_import_as_root_with_its_early_copy_leaves_nothing_of_roots(tree: Path) -> None:
+    """A root large enough to be copied as the command starts (ops/import_early.py): the copy
+    is made as root before the command becomes the writer, and nothing of it is left."""
+    from ..unit.test_import_early import split
+
+    private = tree / "private"
+    private.mkdir(mode=0o700)
+    meta, root = split(private)
+    proc = cli(tree, "-v", "import", meta, root, "--root-dir", tree / "root")
+    assert proc.returncode == 0, proc.stderr
+    assert "its copy started with the command is used" in proc.stderr
+    assert roots_files(tree) == []
+    assert list((tree / "root" / "images").rglob(".import*")) == []
+
+
 def test_a_tree_of_roots_own_stays_roots(tmp_path: Path) -> None:
     d = version_dir(tmp_path / "root" / "images")
     write(d / "lxd.tar.xz", blob(300, 1))

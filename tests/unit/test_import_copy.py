@@ -25,7 +25,9 @@ def _source(tmp_path: Path, size: int) -> tuple[Path, bytes]:
     return src, data
 
 
-def _copy(tmp_path: Path, src: Path, prefix: bytes) -> tuple[int, str, str, bytes]:
+def _copy(
+    tmp_path: Path, src: Path, prefix: bytes, mine: int = 0, chunk: int = CHUNK
+) -> tuple[int, str, str, bytes]:
     plain = hashlib.sha256()
     combined = hashlib.sha256(prefix)
     reported: list[int] = []
@@ -33,7 +35,7 @@ def _copy(tmp_path: Path, src: Path, prefix: bytes) -> tuple[int, str, str, byte
     fin = os.open(src, os.O_RDONLY)
     out = os.open(out_path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
     try:
-        size = import_copy.copy(fin, out, [plain, combined], reported.append)
+        size = import_copy.copy(fin, out, [plain, combined], reported.append, mine, chunk)
     finally:
         os.close(fin)
         os.close(out)
@@ -51,6 +53,47 @@ def test_copy_by_the_kernel_hashes_every_byte(tmp_path: Path, size: int) -> None
         hashlib.sha256(b"meta" + data).hexdigest(),
         data,
     )
+
+
+@pytest.mark.parametrize("size", [0, 5, SMALL + 3, 3 * SMALL + 1, CHUNK + 1])
+@pytest.mark.parametrize("mine", [1, 2])
+def test_sinks_fed_by_the_copying_thread_get_every_byte(
+    tmp_path: Path, size: int, mine: int
+) -> None:
+    """(import_early.py: the root's sha256 between the copies, the fingerprint in a thread)"""
+    src, data = _source(tmp_path, size)
+    got = _copy(tmp_path, src, b"meta", mine, chunk=2 * SMALL)
+    assert got == (
+        size,
+        hashlib.sha256(data).hexdigest(),
+        hashlib.sha256(b"meta" + data).hexdigest(),
+        data,
+    )
+
+
+@pytest.mark.parametrize("after", [0, 1, 3, 100])
+def test_sinks_spread_to_threads_midway_get_every_byte_in_order(tmp_path: Path, after: int) -> None:
+    """`spread` turns true after `after` chunks: the caller's sinks go to threads from then."""
+    src, data = _source(tmp_path, 7 * SMALL + 99)
+    asked: list[int] = []
+
+    def spread() -> bool:
+        asked.append(1)
+        return len(asked) > after
+
+    plain, combined = hashlib.sha256(), hashlib.sha256(b"m")
+    out = tmp_path / "out"
+    fin = os.open(src, os.O_RDONLY)
+    fout = os.open(out, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        size = import_copy.copy(fin, fout, [plain, combined], lambda n: None, 1, SMALL, spread)
+    finally:
+        os.close(fin)
+        os.close(fout)
+    assert size == len(data) and out.read_bytes() == data
+    assert plain.hexdigest() == hashlib.sha256(data).hexdigest()
+    assert combined.hexdigest() == hashlib.sha256(b"m" + data).hexdigest()
+    assert len(asked) == min(after + 1, 8)  # (asked at each chunk until it said yes)
 
 
 @pytest.mark.parametrize("size", [0, 5, SMALL + 3, CHUNK + 1, 2 * CHUNK + 7])
