@@ -116,7 +116,7 @@ def read_whole(dir_fd: int, f: FileStat) -> bytes:
     still the file scanned (same device, inode, size, mtime and ctime), and read up to its
     scanned size. Raises FileChanged otherwise, or if it changes while being read."""
     try:
-        fd, st = open_regular_stat(f.name, dir_fd)
+        fd, st = open_regular_stat(f.name, dir_fd, blocking=False)
     except OSError as e:
         raise FileChanged(f"cannot open it ({e.strerror or e})") from e
     try:
