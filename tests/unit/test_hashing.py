@@ -1,4 +1,5 @@
 import os
+import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 
@@ -203,3 +204,71 @@ def test_preloaded_cache_answers_as_the_queries_do(tmp_path, how):
         assert None not in [cache.get(f) for f in files]
     finally:
         cache.close()
+
+
+#: the hash cache's tables as releases before WITHOUT ROWID made them
+_ROWID_SCHEMA = """
+CREATE TABLE files (
+    path TEXT PRIMARY KEY, dev INTEGER, inode INTEGER, size INTEGER,
+    mtime_ns INTEGER, ctime_ns INTEGER, sha256 TEXT NOT NULL);
+CREATE TABLE combined (
+    meta_path TEXT, root_path TEXT, meta_ident TEXT, root_ident TEXT, sha256 TEXT NOT NULL,
+    PRIMARY KEY (meta_path, root_path));
+"""
+
+
+def _table_sql(db_path: str) -> dict[str, str]:
+    db = sqlite3.connect(db_path)
+    try:
+        return dict(db.execute("SELECT name, sql FROM sqlite_master WHERE type = 'table'"))
+    finally:
+        db.close()
+
+
+def test_a_cache_of_an_earlier_release_keeps_its_digests(tmp_path):
+    """Tables with a rowid (before) are converted once when the cache is opened: every digest
+    they held is still answered, so nothing is hashed again, and a second open changes
+    nothing."""
+    tree(tmp_path)
+    versions = scan(tmp_path)
+    db_path = str(tmp_path / "hashes.sqlite3")
+    old = sqlite3.connect(db_path, isolation_level=None)
+    old.executescript(_ROWID_SCHEMA)
+    old.close()
+    made = HashCache(db_path)
+    HashEngine(made).digest(versions)
+    made.close()
+    # the rows written to the tables of before (a copy of what that release wrote)
+    db = sqlite3.connect(db_path, isolation_level=None)
+    files = db.execute("SELECT * FROM files ORDER BY path").fetchall()
+    combined = db.execute("SELECT * FROM combined").fetchall()
+    db.executescript(
+        "ALTER TABLE files RENAME TO f; ALTER TABLE combined RENAME TO c;"
+        + _ROWID_SCHEMA
+        + "INSERT INTO files SELECT * FROM f; INSERT INTO combined SELECT * FROM c;"
+        + "DROP TABLE f; DROP TABLE c;"
+    )
+    db.close()
+    assert all("WITHOUT ROWID" not in sql for sql in _table_sql(db_path).values())
+    assert len(files) == 2 and len(combined) == 1
+
+    for _ in range(2):
+        cache = HashCache(db_path)
+        try:
+            f = {f.name: f for f in versions[0].files.values()}
+            meta, root = f["lxd.tar.xz"], f["rootfs.squashfs"]
+            assert cache.get(meta) == sha(META)
+            assert cache.get(root) == sha(ROOT)
+            assert cache.get_combined(meta, root) == sha(META, ROOT)
+        finally:
+            cache.close()
+        tables = _table_sql(db_path)
+        assert sorted(tables) == ["combined", "files"]
+        assert all("WITHOUT ROWID" in sql for sql in tables.values())
+        db = sqlite3.connect(db_path)
+        assert db.execute("SELECT * FROM files ORDER BY path").fetchall() == files
+        assert db.execute("SELECT * FROM combined").fetchall() == combined
+        db.close()
+    again = Counting()
+    assert digest_once(db_path, versions, progress_start=again.start).files
+    assert again.total is None and again.read == 0  # nothing read again
