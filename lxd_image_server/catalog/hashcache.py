@@ -178,7 +178,7 @@ class HashCache:
         files: Iterable[tuple[FileStat, str]],
         combined: Iterable[tuple[FileStat, FileStat, str]],
     ) -> None:
-        file_rows = [(*f.identity, d) for f, d in files]
+        file_rows = [(f.path, f.dev, f.inode, f.size, f.mtime_ns, f.ctime_ns, d) for f, d in files]
         combined_rows = [(m.path, r.path, _ident(m), _ident(r), d) for m, r, d in combined]
         if not file_rows and not combined_rows:
             return
