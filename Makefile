@@ -79,6 +79,7 @@ bench: venv run-deps
 	$(BIN)/python bench/bench_import.py
 	$(BIN)/python bench/bench_delta.py
 	$(BIN)/python bench/bench_sync.py
+	$(BIN)/python bench/bench_ops.py
 
 # ALLOW_OVERWRITES, ALLOW_DELETES and DEBUG pass through from the environment.
 # Under sudo, the server runs as the user who called sudo (the checkout, and var/ in it, are

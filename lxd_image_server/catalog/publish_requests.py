@@ -1,5 +1,6 @@
-"""Publish requests: a command that placed versions in the tree (`import`) asks the running
-watcher, the tree's one catalog writer, to publish them now, and waits for its answer.
+"""Publish requests: a command that placed versions in the tree (`import`, `sync`) or took
+them out (`prune`, `remove`: recorded as pruned first) asks the running watcher, the tree's one
+catalog writer, to publish them now, and waits for its answer.
 
 The watcher already holds the whole tree scanned, hashed and built: it rescans only the named
 version directories and publishes at once (no debounce), where the command would otherwise

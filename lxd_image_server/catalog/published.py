@@ -4,7 +4,8 @@ back to learn what it wrote.
 The record (StateDir.published, `published.json`) holds the catalog's `updated` (kept while
 the content stays the same, so clients' caches stay valid; the page shows it) and each file it
 lists with its size (departures.py: no version leaves without a reason; the watcher: a listed
-file at its listed size is not one being written). publish.py writes it atomically before
+file at its listed size is not one being written; `prune` with a watcher running: the versions
+it chooses from, ops/pruning.py, read by read_crowded). publish.py writes it atomically before
 images.json: a record ahead of a catalog that a crash left unwritten names only versions whose
 departure was checked already, or that were about to be listed.
 
@@ -127,6 +128,49 @@ def read(state_dir: str) -> Published | None:
         return None
 
 
+def read_crowded(
+    state_dir: str, prefix: str, more_than: int
+) -> dict[str, dict[str, dict[str, int]]] | None:
+    """The version directories the last publish listed, for the products that had more than
+    `more_than` of them: {'os/release/arch/variant': {serial: {file name: size}}}, relative to
+    `prefix` (the images directory as items name it, 'images/'). None: no usable record
+    (logged unless it is missing).
+
+    Every line must have the shape the writer gives it (a version directory below `prefix`,
+    then its files), and the lines of those products are read and checked whole; the others
+    are only counted (a product with `more_than` versions or fewer cannot change what `prune`
+    chooses), which keeps reading the record of 20,000 versions to a few milliseconds."""
+    try:
+        data = _read(state_dir, MAX_RECORD_BYTES, whole=True)
+        head, _, body = data.partition(b"\n")
+        _checked_head(head)
+        start = b'["' + prefix.encode()
+        by_product: dict[bytes, list[bytes]] = {}
+        for n, line in enumerate(body.splitlines(), start=2):
+            end = line.find(b'", {', len(start))
+            rel = line[len(start) : end]
+            if not line.startswith(start) or end < 0 or rel.count(b"/") != 4:
+                raise ValueError(f"line {n}: not a version directory below {prefix}")
+            if not line.endswith(b"}]"):
+                raise ValueError(f"line {n}: not a version directory and its files")
+            by_product.setdefault(rel.rpartition(b"/")[0], []).append(line)
+        out: dict[str, dict[str, dict[str, int]]] = {}
+        for lines in by_product.values():
+            if len(lines) <= more_than:
+                continue
+            for directory, files in _entries(b"\n".join(lines)):
+                product, _, serial = directory.removeprefix(prefix).rpartition("/")
+                if not directory.startswith(prefix) or product.count("/") != 3:
+                    raise ValueError(f"{directory[:200]!r} is not a version directory")
+                out.setdefault(product, {}).setdefault(serial, {}).update(files)
+        return out
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        _ignored(state_dir, e)
+        return None
+
+
 def _read(state_dir: str, limit: int, whole: bool) -> bytes:
     """The record's bytes (`whole`: all of them, at most `limit`; else its first `limit`)."""
     path = StateDir(state_dir).published
@@ -160,6 +204,13 @@ def _checked_head(line: bytes) -> str:
 
 
 def _files(body: bytes) -> Iterator[tuple[str, int]]:
+    for directory, files in _entries(body):
+        for name, size in files.items():
+            yield f"{directory}/{name}", size
+
+
+def _entries(body: bytes) -> Iterator[tuple[str, dict[str, int]]]:
+    """Each line's version directory and its files (name: size), checked."""
     lines = body.splitlines()
     # (one parse of all the lines: a line is one JSON value, so they join as an array)
     # (its size is bounded by the read; its depth by the shape checked below, once parsed)
@@ -182,7 +233,7 @@ def _files(body: bytes) -> Iterator[tuple[str, int]]:
         for name, size in entry[1].items():
             if "/" in name or name in _NOT_NAMES or type(size) is not int or size < 0:
                 raise ValueError(f"line {n}: not a file name and its size")
-            yield f"{entry[0]}/{name}", size
+        yield entry[0], entry[1]
 
 
 def _relative(path: object) -> bool:

@@ -27,7 +27,7 @@ import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from lxd_image_server.catalog.deltas import drop_deltas_on
 from lxd_image_server.catalog.products import Products
@@ -211,8 +211,15 @@ def arrivals(versions: Iterable[ScannedVersion]) -> dict[tuple[str, str], int]:
     return {(v.key.product, v.key.serial): published_at(v) for v in versions}
 
 
+class Versioned(Protocol):
+    """What choosing needs of a product: its versions by serial (model.Product has them)."""
+
+    @property
+    def versions(self) -> Mapping[str, object]: ...
+
+
 def select_prunable(
-    products: Products,
+    products: Mapping[str, Versioned],
     keep: int | Callable[[str], int],
     published: Arrivals | None = None,
     spared: Callable[[str, str, str], None] | None = None,

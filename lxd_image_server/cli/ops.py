@@ -2,8 +2,8 @@
 
 root.py loads them by name when one is used (LazyGroup); what they share with root.py comes
 from common.py, with the one map from errors to exit codes. Commands that change the tree
-publish the result themselves (updating.with_pipeline), under the catalog lock, so they work
-with or without a running watcher.
+hand the publish to the running watcher when there is one (catalog/publish_requests.py), else
+publish the result themselves (updating.with_pipeline), under the catalog lock.
 Exit codes: 0 done, 1 failed (or `verify` found problems), 2 usage error.
 """
 
@@ -198,6 +198,8 @@ def _report(outcome: pruning.Outcome, dry_run: bool, nothing: str) -> None:
                 f"{p.product} {p.serial} was already out of the catalog; its files stay until "
                 f"{retention.utc_text(p.expires)}"
             )
+    if outcome.by_watcher:
+        click.echo("published by the running watcher")
     scheduled = {p.path for p in outcome.scheduled}
     for p in outcome.deleted:
         if p.path not in scheduled:
@@ -229,10 +231,21 @@ def prune_cmd(
     """Keep the newest N versions of each product; the others leave the catalog now and
     their files are deleted after the grace period ([prune] grace_period)."""
     from lxd_image_server.ops import pruning
+    from lxd_image_server.privileges import become_writer
 
     paths = tree_paths(g, root_dir, img_dir, streams_dir)
     grace = g.settings.prune_grace
-    outcome = _with_pipeline(g, paths, lambda p: pruning.prune(p, keep, grace, dry_run=dry_run))
+    become_writer(paths)  # as root on the package's tree: as its catalog writer
+    # with a watcher running on the tree, chosen from what it published and published by it
+    outcome = pruning.prune_by_watcher(
+        paths,
+        keep,
+        grace,
+        lambda: _with_pipeline(g, paths, lambda p: p.update_all()),
+        dry_run=dry_run,
+    )
+    if outcome is None:
+        outcome = _with_pipeline(g, paths, lambda p: pruning.prune(p, keep, grace, dry_run=dry_run))
     _report(outcome, dry_run, f"nothing to prune: no product has more than {keep} version(s)")
 
 

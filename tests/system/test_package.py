@@ -1245,6 +1245,36 @@ def test_update_service_publishes_and_applies_retention(
         container.run(f"rm -f {RETENTION_CONFIG}; systemctl start lxd-image-server.service")
 
 
+def test_prune_as_root_is_published_by_the_packaged_watcher(
+    installed: Installed, server_cert: Path, container: Container
+) -> None:
+    """`prune` run as root (as an admin would), the packaged watcher running: it becomes the
+    writer, chooses from the record of what the watcher published, and hands the versions to
+    the watcher's socket (its unit's user, its sandbox), which publishes without them; only
+    the one product with more versions than --keep loses its oldest."""
+    before = {k: set(p["versions"]) for k, p in catalog(server_cert)["products"].items()}
+    keep = max((len(v) for v in before.values()), default=1)
+    serials = [serial_ago(days=40 + keep - n) for n in range(keep + 1)]  # oldest first
+    for serial in serials:
+        add_version_as_uploader(container, "pruned", serial)
+    wait_for(
+        "the versions to prune are listed",
+        lambda: listed_versions(server_cert, "pruned") == set(serials),
+    )
+    proc = container.run(
+        f"lxd-image-server --verbose prune --keep {keep} --root-dir {ROOT}", timeout=300
+    )
+    assert "published by the running watcher" in proc.stdout, proc
+    assert f"removed busybox:1.35:amd64:pruned {serials[0]} from the catalog" in proc.stdout, proc
+    # chosen from the record, published by the watcher: the command built no catalog
+    assert "whole tree" not in proc.stderr and "catalog.publish" not in proc.stderr, proc
+    after = {k: set(p["versions"]) for k, p in catalog(server_cert)["products"].items()}
+    assert after.pop(f"{PREFIX.replace('/', ':')}:pruned") == set(serials[1:])
+    assert after == before
+    said = journal(container, "lxd-image-server.service")
+    assert f"{PREFIX}/pruned/{serials[0]}" in said, said[-4000:]
+
+
 def free_host_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))

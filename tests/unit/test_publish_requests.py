@@ -8,6 +8,8 @@ import os
 import socket
 import stat
 import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -326,17 +328,20 @@ def test_a_process_that_is_not_the_socket_s_listener_is_not_asked(tmp_path: Path
     """The pid file names a live process, but the socket is someone else's: no request."""
     srv = RequestServer(str(tmp_path / "publish.sock"), IMAGES)
     try:
-        child = os.fork()
-        if child == 0:  # a live process that is not the listener, with "watch" in its argv
-            os.execvp("sleep", ["sleep", "30", "watch"])
+        # a live process that is not the listener, with "watch" in its argv (`sleep 30 watch`
+        # would exit at once: "watch" is no interval)
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "watch"])
         try:
-            (tmp_path / "watch.pid").write_text(f"{child}\n")
+            while not Path(f"/proc/{child.pid}/cmdline").read_bytes():
+                time.sleep(0.01)  # (its exec not complete yet)
+            (tmp_path / "watch.pid").write_text(f"{child.pid}\n")
+            assert pr.running_watcher(str(tmp_path / "watch.pid")) == child.pid
             got = pr.request_publish(
                 str(tmp_path / "publish.sock"), str(tmp_path / "watch.pid"), IMAGES, [V1], 5
             )
         finally:
-            os.kill(child, 9)
-            os.waitpid(child, 0)
+            child.kill()
+            child.wait()
         assert got is None
         assert srv.handle() == []  # what it sent, if anything, was never a request read
     finally:
