@@ -14,6 +14,7 @@ import contextlib
 import logging
 import os
 import sqlite3
+import threading
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
@@ -65,6 +66,8 @@ class HashCache:
         #: is hashed again) or, if older, fails the identity check like any stale row.
         self._files: dict[str, tuple[Any, ...]] | None = None
         self._combined: dict[tuple[str, str], tuple[Any, ...]] | None = None
+        #: the thread writing the rows of a put_many(apart=True), until settled
+        self._writer: threading.Thread | None = None
 
     def _create(self, db: sqlite3.Connection) -> None:
         """The tables, made if missing. Tables of an earlier release (with a rowid, the
@@ -100,6 +103,7 @@ class HashCache:
     def preloaded(self) -> Iterator[None]:
         """Answers lookups from one read of each table instead of one query per file (what
         looking up a whole tree wants); writes go to both."""
+        self._settle()
         if self._db is None:
             yield
             return
@@ -123,11 +127,20 @@ class HashCache:
             self._files = self._combined = None
 
     def close(self) -> None:
+        self._settle()
         if self._db is not None:
             self._db.close()
             self._db = None
 
+    def _settle(self) -> None:
+        """Waits until the rows a put_many(apart=True) is writing are in the database (or
+        failed, logged): every use of the database after put_many sees them."""
+        if self._writer is not None:
+            self._writer.join()
+            self._writer = None
+
     def _query(self, sql: str, args: Sequence[Any]) -> Any:
+        self._settle()
         if self._db is None:
             return None
         try:
@@ -138,15 +151,30 @@ class HashCache:
 
     def _write(self, *writes: tuple[str, Iterable[Sequence[Any]]]) -> None:
         """Each (statement, rows) of `writes`, all in one transaction."""
+        self._settle()
         if self._db is None:
             return
-        try:
-            with self._db:
-                self._db.execute("BEGIN")
-                for sql, rows in writes:
-                    self._db.executemany(sql, rows)
-        except sqlite3.Error as e:
-            log.warning("hash cache write failed (%s); results not cached", e)
+        _write_in(self._db, writes)
+
+    def _write_apart(
+        self, path: str, writes: Sequence[tuple[str, Sequence[Sequence[Any]]]]
+    ) -> None:
+        """_write in a thread of its own, on a connection of its own to `path` (a connection
+        serves the thread that made it; the database's lock orders the two)."""
+
+        def write() -> None:
+            try:
+                db = sqlite3.connect(path, timeout=60, isolation_level=None)
+                try:
+                    db.execute("PRAGMA synchronous=NORMAL")
+                    _write_in(db, writes)
+                finally:
+                    db.close()
+            except sqlite3.Error as e:
+                log.warning("hash cache write failed (%s); results not cached", e)
+
+        self._writer = threading.Thread(target=write, name="hash-cache-write")
+        self._writer.start()
 
     def get(self, f: FileStat) -> str | None:
         if self._files is not None:
@@ -177,15 +205,25 @@ class HashCache:
         self,
         files: Iterable[tuple[FileStat, str]],
         combined: Iterable[tuple[FileStat, FileStat, str]],
+        apart: bool = False,
     ) -> None:
+        """Stores digests. `apart`: written by a thread of its own while the caller goes on
+        (a cold update's 60,000 rows, while it builds and writes the catalog); this cache
+        waits for them before its next use of the database (`_settle`), lookups in a
+        `preloaded` block see them at once, and close() waits for them."""
         file_rows = [(f.path, f.dev, f.inode, f.size, f.mtime_ns, f.ctime_ns, d) for f, d in files]
         combined_rows = [(m.path, r.path, _ident(m), _ident(r), d) for m, r, d in combined]
         if not file_rows and not combined_rows:
             return
-        self._write(
+        writes = (
             ("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?, ?)", file_rows),
             ("INSERT OR REPLACE INTO combined VALUES (?, ?, ?, ?, ?)", combined_rows),
         )
+        if apart and self.path is not None and self._db is not None:
+            self._settle()
+            self._write_apart(self.path, writes)
+        else:
+            self._write(*writes)
         if self._files is not None and self._combined is not None:
             self._files.update((r[0], r[1:]) for r in file_rows)
             self._combined.update(((r[0], r[1]), r[2:]) for r in combined_rows)
@@ -224,6 +262,7 @@ class HashCache:
 
     def forget_except(self, keep_paths: set[str]) -> None:
         """Drops entries of files no longer in the tree (after a full scan)."""
+        self._settle()
         if self._db is None:
             return
         try:
@@ -239,6 +278,19 @@ class HashCache:
                 )
         except sqlite3.Error as e:
             log.warning("hash cache cleanup failed (%s)", e)
+
+
+def _write_in(
+    db: sqlite3.Connection, writes: Iterable[tuple[str, Iterable[Sequence[Any]]]]
+) -> None:
+    """Each (statement, rows) of `writes` on `db`, all in one transaction (logged if not)."""
+    try:
+        with db:
+            db.execute("BEGIN")
+            for sql, rows in writes:
+                db.executemany(sql, rows)
+    except sqlite3.Error as e:
+        log.warning("hash cache write failed (%s); results not cached", e)
 
 
 def _key(f: FileStat) -> Key:

@@ -216,9 +216,10 @@ class Versions:
         rehash: bool = False,
         progress_start: ProgressStart | None = None,
     ) -> Digests:
-        """Every digest of `found`, from the hash cache or read now."""
+        """Every digest of `found`, from the hash cache or read now (those written to the
+        cache while the caller goes on: HashCache.put_many's `apart`)."""
         with self.cache.preloaded():
-            return self.hasher.digest(found, rehash, progress_start)
+            return self.hasher.digest(found, rehash, progress_start, cache_apart=True)
 
     def replace_all(self, found: list[ScannedVersion], digests: Digests) -> None:
         """The records of a full scan: each version with `digests`."""

@@ -2,6 +2,7 @@ import os
 import sqlite3
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -10,7 +11,7 @@ from lxd_image_server.catalog.hashing import HashEngine
 from lxd_image_server.catalog.hashpool import hash_file
 from lxd_image_server.catalog.hashread import FileChanged
 from lxd_image_server.fsutil import CHUNK_SIZE as CHUNK
-from lxd_image_server.tree.scan import ScannedVersion, Scanner
+from lxd_image_server.tree.scan import FileStat, ScannedVersion, Scanner
 
 from .helpers import blob, digest_once, sha, version_dir, write
 
@@ -272,3 +273,77 @@ def test_a_cache_of_an_earlier_release_keeps_its_digests(tmp_path):
     again = Counting()
     assert digest_once(db_path, versions, progress_start=again.start).files
     assert again.total is None and again.read == 0  # nothing read again
+
+
+def _files_of(versions: list[ScannedVersion]) -> tuple[FileStat, FileStat]:
+    f = {f.name: f for f in versions[0].files.values()}
+    return f["lxd.tar.xz"], f["rootfs.squashfs"]
+
+
+def test_digests_written_apart_are_seen_by_every_later_use(tmp_path):
+    """put_many(apart=True) (a full update's new digests, written while it publishes): a
+    lookup right after sees them, forget_except keeps them, and they persist."""
+    tree(tmp_path)
+    versions = scan(tmp_path)
+    meta, root = _files_of(versions)
+    db_path = str(tmp_path / "hashes.sqlite3")
+    cache = HashCache(db_path)
+    try:
+        cache.put_many([(meta, "m" * 64), (root, "r" * 64)], [(meta, root, "c" * 64)], apart=True)
+        assert cache.get(meta) == "m" * 64
+        assert cache.get_combined(meta, root) == "c" * 64
+        cache.put_many([(meta, "n" * 64)], [], apart=True)
+        cache.forget_except({meta.path, root.path})
+    finally:
+        cache.close()
+    again = HashCache(db_path)
+    try:
+        assert again.get(meta) == "n" * 64
+        assert again.get(root) == "r" * 64
+        assert again.get_combined(meta, root) == "c" * 64
+    finally:
+        again.close()
+
+
+def test_a_full_digest_writes_apart_and_close_waits_for_it(tmp_path, monkeypatch):
+    tree(tmp_path)
+    versions = scan(tmp_path)
+    meta, root = _files_of(versions)
+    db_path = str(tmp_path / "hashes.sqlite3")
+    cache = HashCache(db_path)
+    writers: list[object] = []
+    real = cache._write_apart
+
+    def spying(*args: Any) -> None:
+        real(*args)
+        writers.append(cache._writer)
+
+    monkeypatch.setattr(cache, "_write_apart", spying)
+    HashEngine(cache).digest(versions, cache_apart=True)
+    cache.close()
+    assert len(writers) == 1 and cache._writer is None  # written apart, waited for
+    again = HashCache(db_path)
+    try:
+        assert again.get(meta) == sha(META)
+        assert again.get_combined(meta, root) == sha(META, ROOT)
+    finally:
+        again.close()
+
+
+def test_a_failed_write_apart_is_one_warning(tmp_path, caplog):
+    """The database replaced under the cache (its tables gone): the writing thread logs one
+    line, nothing is raised, the caller goes on hashing instead of trusting the cache."""
+    tree(tmp_path)
+    versions = scan(tmp_path)
+    meta, _ = _files_of(versions)
+    db_path = tmp_path / "hashes.sqlite3"
+    cache = HashCache(str(db_path))
+    for p in tmp_path.glob("hashes.sqlite3*"):
+        p.unlink()
+    try:
+        cache.put_many([(meta, "m" * 64)], [], apart=True)
+        cache.close()
+    finally:
+        cache.close()
+    failed = [r for r in caplog.records if "hash cache write failed" in r.getMessage()]
+    assert len(failed) == 1

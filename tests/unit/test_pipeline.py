@@ -141,13 +141,17 @@ class SlowEngine(HashEngine):
         self.release = release
 
     def digest(
-        self, versions: Iterable[ScannedVersion], rehash: bool = False, progress_start=None
+        self,
+        versions: Iterable[ScannedVersion],
+        rehash: bool = False,
+        progress_start=None,
+        cache_apart: bool = False,
     ) -> Digests:
         versions = list(versions)
         if versions:
             self.entered.set()
             assert self.release.wait(WAIT)
-        return super().digest(versions, rehash, progress_start)
+        return super().digest(versions, rehash, progress_start, cache_apart)
 
 
 def slow_update(paths: Paths) -> tuple[threading.Thread, threading.Event, threading.Event]:
