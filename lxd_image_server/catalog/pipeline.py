@@ -165,7 +165,10 @@ class Pipeline:
         if published:
             digests = unchanged.OnDemand(functools.partial(self.known.digest, found))
         else:
-            digests = self.known.digest(found, rehash, self._progress_start)
+            # (`update`: the new digests go to the cache while it publishes; not the watcher,
+            # whose peak memory that would raise, the rows living through the build)
+            apart = self.use is Use.UPDATE
+            digests = self.known.digest(found, rehash, self._progress_start, cache_apart=apart)
         self.known.replace_all(found, digests)
         with catalog_lock(self.paths.state_dir):
             if self._listed.state() != before:
