@@ -266,10 +266,12 @@ class HashCache:
         if self._db is None:
             return
         try:
-            rows = self._db.execute("SELECT path FROM files").fetchall()
-            gone = [(p,) for (p,) in rows if p not in keep_paths]
-            rows = self._db.execute("SELECT meta_path, root_path FROM combined").fetchall()
-            gone_c = [(m, r) for (m, r) in rows if m not in keep_paths or r not in keep_paths]
+            # (row by row from the cursor: no list of every path, 60,000 rows at 20,000
+            # versions, made at the watcher's start, after its first publish)
+            files = self._db.execute("SELECT path FROM files")
+            gone = [(p,) for (p,) in files if p not in keep_paths]
+            combined = self._db.execute("SELECT meta_path, root_path FROM combined")
+            gone_c = [(m, r) for (m, r) in combined if m not in keep_paths or r not in keep_paths]
             with self._db:
                 self._db.execute("BEGIN")
                 self._db.executemany("DELETE FROM files WHERE path = ?", gone)
