@@ -204,9 +204,13 @@ def open_regular(name: str, dir_fd: int | None = None) -> int:
     return open_regular_stat(name, dir_fd)[0]
 
 
-def open_regular_stat(name: str, dir_fd: int | None = None) -> tuple[int, os.stat_result]:
+def open_regular_stat(
+    name: str, dir_fd: int | None = None, blocking: bool = True
+) -> tuple[int, os.stat_result]:
     """open_regular, and the fstat of the descriptor it checked (one system call less for a
-    caller that checks the file's identity too)."""
+    caller that checks the file's identity too). `blocking` False leaves the descriptor
+    non-blocking, which changes nothing in reading a regular file and saves two system calls
+    (what a caller reading thousands of small files wants)."""
     try:
         fd = os.open(name, _READ_FLAGS, dir_fd=dir_fd)
     except OSError as e:
@@ -217,7 +221,8 @@ def open_regular_stat(name: str, dir_fd: int | None = None) -> tuple[int, os.sta
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise NotRegularFile(errno.EINVAL, "not a regular file", name)
-        os.set_blocking(fd, True)
+        if blocking:
+            os.set_blocking(fd, True)
     except BaseException:
         os.close(fd)
         raise
@@ -306,21 +311,21 @@ def load_json_bounded(data: bytes | str, max_bytes: int, max_depth: int) -> Any:
 
 
 def _depth(value: Any) -> int:
-    """How deeply lists and objects nest in a parsed JSON value (a scalar: 0), iteratively."""
-    deepest = 0
-    stack: list[tuple[Any, int]] = [(value, 0)]
-    while stack:
-        item, level = stack.pop()
-        if isinstance(item, dict):
-            children: Any = item.values()
-        elif isinstance(item, list):
-            children = item
-        else:
-            continue
-        level += 1
-        deepest = max(deepest, level)
-        stack.extend((child, level) for child in children)
-    return deepest
+    """How deeply lists and objects nest in a parsed JSON value (a scalar: 0), iteratively:
+    one level at a time, keeping only the containers of the next (a catalog of 20,000
+    versions has half a million values, nearly all scalars)."""
+    if not isinstance(value, (dict, list)):
+        return 0
+    depth, level = 0, [value]
+    while level:
+        depth += 1
+        level = [
+            child
+            for item in level
+            for child in (item.values() if isinstance(item, dict) else item)
+            if isinstance(child, (dict, list))
+        ]
+    return depth
 
 
 # -- directory trees, relative to a descriptor, never through a link ---------------------------

@@ -35,6 +35,8 @@ from lxd_image_server.catalog.model import COMBINED_ATTRS, Catalog, Index, Item,
 _INDENT = " "
 #: a version's entry in images.json: document -> products -> <product> -> versions -> <serial>
 VERSION_LEVEL = 4
+#: a line break and the indentation of each level an item's text may be at
+_INNER = tuple("\n" + _INDENT * level for level in range(VERSION_LEVEL + 4))
 
 
 def _scalar(value: object) -> str | None:
@@ -96,14 +98,23 @@ _ITEM_FIELDS = sorted(
 )
 
 
+#: (`"name": `, attribute) of each field of an item, in _ITEM_FIELDS' order
+_ITEM_KEYS = tuple((f'"{name}": ', attr) for name, attr in _ITEM_FIELDS)
+
+
 def _item_text(item: Item, level: int) -> str:
-    inner = "\n" + _INDENT * (level + 1)
+    # (60,000 items at 20,000 versions: a string is escaped here directly, the rest by
+    # _scalar, which refuses what the catalog does not hold)
     fields = []
-    for name, attr in _ITEM_FIELDS:
+    for key, attr in _ITEM_KEYS:
         value = getattr(item, attr)
         if value is not None:
-            fields.append(f'"{name}": {_scalar(value)}')
-    return "{" + inner + ("," + inner).join(fields) + "\n" + _INDENT * level + "}"
+            text = encode_basestring(value) if type(value) is str else _scalar(value)
+            if text is None:
+                raise TypeError(f"an item's {key[:-2]} holds a container")
+            fields.append(key + text)
+    inner = _INNER[level + 1]
+    return "{" + inner + ("," + inner).join(fields) + _INNER[level] + "}"
 
 
 def _version_text(version: Version) -> bytes:

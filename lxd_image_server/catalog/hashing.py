@@ -81,11 +81,13 @@ class HashEngine:
         versions: Iterable[ScannedVersion],
         rehash: bool = False,
         progress_start: Callable[[int], Progress] | None = None,
+        cache_apart: bool = False,
     ) -> Digests:
         """Digests for every file of `versions`, from the cache where still valid.
 
         `progress_start(total_bytes)` is called once if anything must be read, and returns
-        the callback that receives byte counts as they are hashed.
+        the callback that receives byte counts as they are hashed. `cache_apart`: the new
+        digests are written to the cache by a thread of its own (HashCache.put_many).
         """
         out = Digests()
         work = self._plan(versions, rehash, out)
@@ -98,7 +100,7 @@ class HashEngine:
             _digest_whole(work.whole, out, new_files, new_combined, progress)
         if work.metas or work.roots:
             self._digest_read(work, out, new_files, new_combined, progress)
-        self.cache.put_many(new_files, new_combined)
+        self.cache.put_many(new_files, new_combined, apart=cache_apart)
         return out
 
     def _plan(self, versions: Iterable[ScannedVersion], rehash: bool, out: Digests) -> _Work:

@@ -165,19 +165,23 @@ class Pipeline:
         if published:
             digests = unchanged.OnDemand(functools.partial(self.known.digest, found))
         else:
-            digests = self.known.digest(found, rehash, self._progress_start)
+            # (`update`: the new digests go to the cache while it publishes; not the watcher,
+            # whose peak memory that would raise, the rows living through the build)
+            apart = self.use is Use.UPDATE
+            digests = self.known.digest(found, rehash, self._progress_start, cache_apart=apart)
         self.known.replace_all(found, digests)
         with catalog_lock(self.paths.state_dir):
             if self._listed.state() != before:
                 log.info("the catalog was published by another writer meanwhile; rescanning")
                 self._rescan("")
+            foreground = self.deltas.mode == FOREGROUND
+            changed = self._publish(full=not rehash, deltas_next=foreground)
             if not published:
-                # (under the lock: what another writer cached meanwhile is in this scan)
+                # (under the lock: what another writer cached meanwhile is in this scan; after
+                # the publish, made while the new digests were written to the cache apart)
                 # Published already: the files are those the last full update kept entries
                 # of; entries the watcher added since for files gone again wait for the next.
                 self.known.forget_others()
-            foreground = self.deltas.mode == FOREGROUND
-            changed = self._publish(full=not rehash, deltas_next=foreground)
         if foreground:
             changed = self._publish_deltas() or changed
         return changed

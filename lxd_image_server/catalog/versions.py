@@ -215,10 +215,12 @@ class Versions:
         found: list[ScannedVersion],
         rehash: bool = False,
         progress_start: ProgressStart | None = None,
+        cache_apart: bool = False,
     ) -> Digests:
-        """Every digest of `found`, from the hash cache or read now."""
+        """Every digest of `found`, from the hash cache or read now. `cache_apart`: those
+        read now are written to the cache while the caller goes on (HashCache.put_many)."""
         with self.cache.preloaded():
-            return self.hasher.digest(found, rehash, progress_start)
+            return self.hasher.digest(found, rehash, progress_start, cache_apart=cache_apart)
 
     def replace_all(self, found: list[ScannedVersion], digests: Digests) -> None:
         """The records of a full scan: each version with `digests`."""

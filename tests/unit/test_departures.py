@@ -278,3 +278,58 @@ def test_a_listed_serial_far_ahead_of_the_clock_leaves_as_invalid(paths: Paths) 
     assert p.refresh([""])
     assert listed(paths) == set(SERIALS)
     cache.close()
+
+
+def _without_record_refreshed(paths: Paths) -> Pipeline:
+    """A new writer on the tree as published, the record of that publish gone."""
+    os.unlink(StateDir(paths.state_dir).published)
+    return Pipeline(paths, HashCache(None))
+
+
+def test_without_a_record_nothing_leaving_needs_no_typed_reading(
+    paths: Paths, pipeline: Pipeline, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cold `update` at 20,000 versions: images.json's item paths are enough to see that every
+    version it lists is published again; the typed reading is not made."""
+
+    def typed(*_: object) -> departures.Listing:
+        raise AssertionError("typed reading made")
+
+    monkeypatch.setattr(departures, "listed", typed)
+    fresh = _without_record_refreshed(paths)
+    try:
+        fresh.update_all(rehash=True)  # (rehash: published again, not skipped as unchanged)
+    finally:
+        fresh.cache.close()
+    assert listed(paths) == set(SERIALS)
+
+
+def test_without_a_record_a_version_leaving_is_checked_by_the_typed_reading(
+    paths: Paths, pipeline: Pipeline
+) -> None:
+    """One listed version missing from a partial scan: the quick reading does not decide, the
+    typed one refuses the publish as before."""
+    os.unlink(StateDir(paths.state_dir).published)
+    refused_by_a_new_writer(paths)
+    assert listed(paths) == set(SERIALS)
+
+
+def test_without_a_record_a_catalog_the_typed_reading_refuses_lists_nothing(
+    paths: Paths, pipeline: Pipeline
+) -> None:
+    """An images.json with items whose paths read but which are no catalog (a negative size):
+    as before, taken as listing nothing, so a version leaving it is no departure to refuse."""
+    images = Path(paths.streams_dir, "images.json")
+    doc = json.loads(images.read_bytes())
+    for product in doc["products"].values():
+        for version in product["versions"].values():
+            for item in version["items"].values():
+                item["size"] = -1
+    images.write_text(json.dumps(doc))
+    fresh = _without_record_refreshed(paths)
+    hide_from_scan(fresh, SERIALS[1])
+    try:
+        fresh.update_all()
+    finally:
+        fresh.cache.close()
+    assert listed(paths) == {SERIALS[0], SERIALS[2]}

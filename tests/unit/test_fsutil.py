@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import threading
 from pathlib import Path
@@ -105,6 +106,29 @@ def test_read_bounded_on_an_endless_source() -> None:
 def test_load_json_bounded_refuses_with_value_error(data: bytes) -> None:
     with pytest.raises(ValueError):
         load_json_bounded(data, max_bytes=1000 if len(data) == 2000 else 1 << 20, max_depth=32)
+
+
+@pytest.mark.parametrize(
+    ("value", "depth"),
+    [
+        (1, 0),
+        ("[]", 0),
+        ([], 1),
+        ({}, 1),
+        ([1, "a", None, [], {}], 2),
+        ({"a": [1, {"b": [[{"c": 1}]]}], "d": 2}, 6),
+        # the deepest branch is one among many shallow ones, last or first
+        ([*([i] for i in range(1000)), [[[[1]]]]], 5),
+        ([[[[[1]]]], *({"k": i} for i in range(1000))], 5),
+    ],
+)
+def test_json_depth(value: object, depth: int) -> None:
+    assert fsutil._depth(value) == depth
+    data = json.dumps(value).encode()
+    assert load_json_bounded(data, 1 << 20, depth) == value
+    if depth:
+        with pytest.raises(ValueError, match="nested deeper"):
+            load_json_bounded(data, 1 << 20, depth - 1)
 
 
 def test_load_json_bounded_accepts_what_fits() -> None:

@@ -1,6 +1,8 @@
 import os
+import sqlite3
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -9,7 +11,7 @@ from lxd_image_server.catalog.hashing import HashEngine
 from lxd_image_server.catalog.hashpool import hash_file
 from lxd_image_server.catalog.hashread import FileChanged
 from lxd_image_server.fsutil import CHUNK_SIZE as CHUNK
-from lxd_image_server.tree.scan import ScannedVersion, Scanner
+from lxd_image_server.tree.scan import FileStat, ScannedVersion, Scanner
 
 from .helpers import blob, digest_once, sha, version_dir, write
 
@@ -203,3 +205,145 @@ def test_preloaded_cache_answers_as_the_queries_do(tmp_path, how):
         assert None not in [cache.get(f) for f in files]
     finally:
         cache.close()
+
+
+#: the hash cache's tables as releases before WITHOUT ROWID made them
+_ROWID_SCHEMA = """
+CREATE TABLE files (
+    path TEXT PRIMARY KEY, dev INTEGER, inode INTEGER, size INTEGER,
+    mtime_ns INTEGER, ctime_ns INTEGER, sha256 TEXT NOT NULL);
+CREATE TABLE combined (
+    meta_path TEXT, root_path TEXT, meta_ident TEXT, root_ident TEXT, sha256 TEXT NOT NULL,
+    PRIMARY KEY (meta_path, root_path));
+"""
+
+
+def _table_sql(db_path: str) -> dict[str, str]:
+    db = sqlite3.connect(db_path)
+    try:
+        return dict(db.execute("SELECT name, sql FROM sqlite_master WHERE type = 'table'"))
+    finally:
+        db.close()
+
+
+def test_a_cache_of_an_earlier_release_keeps_its_digests(tmp_path):
+    """Tables with a rowid (before) are converted once when the cache is opened: every digest
+    they held is still answered, so nothing is hashed again, and a second open changes
+    nothing."""
+    tree(tmp_path)
+    versions = scan(tmp_path)
+    db_path = str(tmp_path / "hashes.sqlite3")
+    old = sqlite3.connect(db_path, isolation_level=None)
+    old.executescript(_ROWID_SCHEMA)
+    old.close()
+    made = HashCache(db_path)
+    HashEngine(made).digest(versions)
+    made.close()
+    # the rows written to the tables of before (a copy of what that release wrote)
+    db = sqlite3.connect(db_path, isolation_level=None)
+    files = db.execute("SELECT * FROM files ORDER BY path").fetchall()
+    combined = db.execute("SELECT * FROM combined").fetchall()
+    db.executescript(
+        "ALTER TABLE files RENAME TO f; ALTER TABLE combined RENAME TO c;"
+        + _ROWID_SCHEMA
+        + "INSERT INTO files SELECT * FROM f; INSERT INTO combined SELECT * FROM c;"
+        + "DROP TABLE f; DROP TABLE c;"
+    )
+    db.close()
+    assert all("WITHOUT ROWID" not in sql for sql in _table_sql(db_path).values())
+    assert len(files) == 2 and len(combined) == 1
+
+    for _ in range(2):
+        cache = HashCache(db_path)
+        try:
+            f = {f.name: f for f in versions[0].files.values()}
+            meta, root = f["lxd.tar.xz"], f["rootfs.squashfs"]
+            assert cache.get(meta) == sha(META)
+            assert cache.get(root) == sha(ROOT)
+            assert cache.get_combined(meta, root) == sha(META, ROOT)
+        finally:
+            cache.close()
+        tables = _table_sql(db_path)
+        assert sorted(tables) == ["combined", "files"]
+        assert all("WITHOUT ROWID" in sql for sql in tables.values())
+        db = sqlite3.connect(db_path)
+        assert db.execute("SELECT * FROM files ORDER BY path").fetchall() == files
+        assert db.execute("SELECT * FROM combined").fetchall() == combined
+        db.close()
+    again = Counting()
+    assert digest_once(db_path, versions, progress_start=again.start).files
+    assert again.total is None and again.read == 0  # nothing read again
+
+
+def _files_of(versions: list[ScannedVersion]) -> tuple[FileStat, FileStat]:
+    f = {f.name: f for f in versions[0].files.values()}
+    return f["lxd.tar.xz"], f["rootfs.squashfs"]
+
+
+def test_digests_written_apart_are_seen_by_every_later_use(tmp_path):
+    """put_many(apart=True) (a full update's new digests, written while it publishes): a
+    lookup right after sees them, forget_except keeps them, and they persist."""
+    tree(tmp_path)
+    versions = scan(tmp_path)
+    meta, root = _files_of(versions)
+    db_path = str(tmp_path / "hashes.sqlite3")
+    cache = HashCache(db_path)
+    try:
+        cache.put_many([(meta, "m" * 64), (root, "r" * 64)], [(meta, root, "c" * 64)], apart=True)
+        assert cache.get(meta) == "m" * 64
+        assert cache.get_combined(meta, root) == "c" * 64
+        cache.put_many([(meta, "n" * 64)], [], apart=True)
+        cache.forget_except({meta.path, root.path})
+    finally:
+        cache.close()
+    again = HashCache(db_path)
+    try:
+        assert again.get(meta) == "n" * 64
+        assert again.get(root) == "r" * 64
+        assert again.get_combined(meta, root) == "c" * 64
+    finally:
+        again.close()
+
+
+def test_a_full_digest_writes_apart_and_close_waits_for_it(tmp_path, monkeypatch):
+    tree(tmp_path)
+    versions = scan(tmp_path)
+    meta, root = _files_of(versions)
+    db_path = str(tmp_path / "hashes.sqlite3")
+    cache = HashCache(db_path)
+    writers: list[object] = []
+    real = cache._write_apart
+
+    def spying(*args: Any) -> None:
+        real(*args)
+        writers.append(cache._writer)
+
+    monkeypatch.setattr(cache, "_write_apart", spying)
+    HashEngine(cache).digest(versions, cache_apart=True)
+    cache.close()
+    assert len(writers) == 1 and cache._writer is None  # written apart, waited for
+    again = HashCache(db_path)
+    try:
+        assert again.get(meta) == sha(META)
+        assert again.get_combined(meta, root) == sha(META, ROOT)
+    finally:
+        again.close()
+
+
+def test_a_failed_write_apart_is_one_warning(tmp_path, caplog):
+    """The database replaced under the cache (its tables gone): the writing thread logs one
+    line, nothing is raised, the caller goes on hashing instead of trusting the cache."""
+    tree(tmp_path)
+    versions = scan(tmp_path)
+    meta, _ = _files_of(versions)
+    db_path = tmp_path / "hashes.sqlite3"
+    cache = HashCache(str(db_path))
+    for p in tmp_path.glob("hashes.sqlite3*"):
+        p.unlink()
+    try:
+        cache.put_many([(meta, "m" * 64)], [], apart=True)
+        cache.close()
+    finally:
+        cache.close()
+    failed = [r for r in caplog.records if "hash cache write failed" in r.getMessage()]
+    assert len(failed) == 1

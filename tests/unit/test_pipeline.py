@@ -17,7 +17,7 @@ import pytest
 from lxd_image_server.catalog import hashread
 from lxd_image_server.catalog.hashcache import HashCache
 from lxd_image_server.catalog.hashing import Digests, HashEngine
-from lxd_image_server.catalog.pipeline import Pipeline
+from lxd_image_server.catalog.pipeline import Pipeline, Use
 from lxd_image_server.config import Paths
 from lxd_image_server.tree.scan import FileStat, ScannedVersion
 
@@ -141,13 +141,17 @@ class SlowEngine(HashEngine):
         self.release = release
 
     def digest(
-        self, versions: Iterable[ScannedVersion], rehash: bool = False, progress_start=None
+        self,
+        versions: Iterable[ScannedVersion],
+        rehash: bool = False,
+        progress_start=None,
+        cache_apart: bool = False,
     ) -> Digests:
         versions = list(versions)
         if versions:
             self.entered.set()
             assert self.release.wait(WAIT)
-        return super().digest(versions, rehash, progress_start)
+        return super().digest(versions, rehash, progress_start, cache_apart)
 
 
 def slow_update(paths: Paths) -> tuple[threading.Thread, threading.Event, threading.Event]:
@@ -230,3 +234,32 @@ def test_a_directory_where_the_lock_used_to_be_stops_nothing(paths, cache):
     add_version(paths, SLOW, 1)
     assert Pipeline(paths, cache).update_all()
     assert published(paths) == {SLOW}
+
+
+@pytest.mark.parametrize(("use", "apart"), [(Use.UPDATE, True), (Use.WATCH, False)])
+def test_only_update_writes_its_new_digests_apart(paths, monkeypatch, use, apart):
+    """`update` publishes while its new digests are written to the hash cache (a thread of
+    their own); the watcher's start writes them first (its peak memory). Either way they are
+    in the cache after the publish."""
+    add_version(paths, SLOW, 1)
+    calls: list[bool] = []
+    real = HashCache.put_many
+
+    def spying(self: HashCache, files: Any, combined: Any, apart: bool = False) -> None:
+        calls.append(apart)
+        real(self, files, combined, apart)
+
+    monkeypatch.setattr(HashCache, "put_many", spying)
+    cache = HashCache(paths.cache_path)
+    try:
+        assert Pipeline(paths, cache, use=use).update_all()
+        assert calls == [apart]
+        assert published(paths) == {SLOW}
+    finally:
+        cache.close()
+    again = HashCache(paths.cache_path)
+    try:
+        version = Pipeline(paths, again).known.scanner.scan()[0]
+        assert all(again.get(f) for f in version.files.values())
+    finally:
+        again.close()
