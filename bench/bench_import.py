@@ -37,10 +37,8 @@ A missed goal only prints MISS.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tarfile
@@ -58,6 +56,7 @@ from common import (
     machine_line,
     main_wrapper,
     median,
+    on_disk,
     print_table,
     read_catalog,
     run_timed,
@@ -66,9 +65,13 @@ from common import (
     serial,
     server_exe,
     settle,
+    syncfs,
     tail,
     verdict,
     warm,
+)
+from common import (
+    watcher as running_watcher,
 )
 
 GOAL = 0.8
@@ -79,7 +82,6 @@ SQUASHFS_MAGIC = b"hsqs"
 SCALE_FILE_SIZE = 4 * 1024
 SCALE_PER_PRODUCT = 100
 SCALE_IMAGE_MIB = 1
-STOP_TIMEOUT = 60.0
 
 
 def parse_sets(text: str) -> list[tuple[int, int]]:
@@ -161,22 +163,6 @@ def build_image(directory: Path, n: int, size_mib: int) -> tuple[Path, Path]:
     return meta, root
 
 
-def syncfs(path: Path) -> None:
-    """Writes back what is dirty on `path`'s file system (what the tool left in the cache).
-
-    syncfs(2) through libc (Python has no os.syncfs): only that file system, not what other
-    jobs on the machine left dirty elsewhere (os.sync, the fallback, would time theirs too)."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.syncfs(fd) != 0:
-            raise OSError(ctypes.get_errno(), f"syncfs {path}")
-    except AttributeError:
-        os.sync()
-    finally:
-        os.close(fd)
-
-
 def byte_compile(exe: str) -> None:
     """Byte-compiles the package `exe` runs, as installing it does (Debian's py3compile):
     with PYTHONDONTWRITEBYTECODE set, or a source tree never imported, every command would
@@ -224,32 +210,12 @@ LABELS = {
 def watcher(exe: str, state: Path, root: Path, log: Path, timeout: float) -> Iterator[None]:
     """`watch` running on `root` (its first catalog published) for the block."""
     (root / "images").mkdir(parents=True, exist_ok=True)
-    with open(log, "ab") as out:
-        proc = subprocess.Popen(
-            [exe, "--state-dir", str(state), "watch", "--root-dir", str(root)],
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=out,
-        )
-    try:
-        deadline = time.monotonic() + timeout
-        while not (state / "publish.sock").exists() or read_catalog(root) is None:
-            if proc.poll() is not None:
-                raise BenchError(f"the watcher exited with status {proc.returncode}:\n{tail(log)}")
-            if time.monotonic() > deadline:
-                raise BenchError(f"the watcher published nothing in {timeout:.0f} s")
-            time.sleep(0.05)
+
+    def ready() -> bool:
+        return (state / "publish.sock").exists() and read_catalog(root) is not None
+
+    with running_watcher(exe, state, root, log, timeout, ready, "the watcher's first catalog"):
         yield
-        if proc.poll() is not None:
-            raise BenchError(f"the watcher exited with status {proc.returncode}:\n{tail(log)}")
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
 
 
 def one_set(
@@ -333,22 +299,11 @@ def build_tree(root: Path, versions: int) -> None:
         build_version(variant / serial(n), SCALE_FILE_SIZE)
 
 
-def on_disk(root: Path) -> set[tuple[str, str]]:
-    """(product, serial) of every version directory below images/."""
-    img = root / "images"
-    out = set()
-    for d in img.glob("*/*/*/*/*"):
-        if d.is_dir() and not d.name.startswith("."):
-            parts = d.relative_to(img).parts
-            out.add((":".join(parts[:4]), parts[4]))
-    return out
-
-
 def check_whole(root: Path) -> None:
     """The catalog lists every version on disk, not only the new one."""
     doc = read_catalog(root)
     listed = catalog_versions(doc) if doc is not None else set()
-    missing = on_disk(root) - listed
+    missing = on_disk(root / "images") - listed
     if missing:
         raise BenchError(
             f"the catalog lists {len(listed)} versions; {len(missing)} on disk are missing, "

@@ -30,8 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
-import subprocess
 import sys
 import tarfile
 import time
@@ -49,6 +47,7 @@ from common import (
     machine_line,
     main_wrapper,
     median,
+    on_disk,
     print_table,
     read_catalog,
     run_timed,
@@ -60,6 +59,9 @@ from common import (
     tail,
     verdict,
 )
+from common import (
+    watcher as running_watcher,
+)
 
 from lxd_image_server.service.tls import ensure_certificate
 
@@ -70,7 +72,6 @@ IMAGE_ROOT_SIZE = 64 * 1024
 SYNC_PRODUCT = "bench:1.0:amd64:default"
 SYNC_KEEP = 1000
 STEPS = ("import", "prune", "remove", "sync")
-STOP_TIMEOUT = 60.0
 WATCHER_SAYS = "by the running watcher"
 
 
@@ -133,15 +134,6 @@ def split_image(directory: Path, os_name: str) -> tuple[Path, Path]:
 # -- what the catalog must list -------------------------------------------------------------------
 
 
-def on_disk(img: Path) -> set[tuple[str, str]]:
-    out = set()
-    for d in img.glob("*/*/*/*/*"):
-        if d.is_dir() and not d.name.startswith("."):
-            parts = d.relative_to(img).parts
-            out.add((":".join(parts[:4]), parts[4]))
-    return out
-
-
 def pending(state: Path, img: Path) -> set[tuple[str, str]]:
     """The versions recorded as pruned (out of the catalog, their files kept a while)."""
     try:
@@ -180,33 +172,9 @@ def watcher(exe: str, state: Path, root: Path, log: Path, timeout: float) -> Ite
     """`watch` running on `root` (its socket there, its first pass done) for the block."""
     sock = state / "publish.sock"
     sock.unlink(missing_ok=True)
-    with open(log, "ab") as out:
-        proc = subprocess.Popen(
-            [exe, "--state-dir", str(state), "watch", "--root-dir", str(root)],
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=out,
-        )
-    try:
-        deadline = time.monotonic() + timeout
-        while not sock.exists():
-            if proc.poll() is not None:
-                raise BenchError(f"the watcher exited with status {proc.returncode}:\n{tail(log)}")
-            if time.monotonic() > deadline:
-                raise BenchError(f"the watcher's socket not there in {timeout:.0f} s")
-            time.sleep(0.05)
+    with running_watcher(exe, state, root, log, timeout, sock.exists, "the watcher's socket"):
         time.sleep(1.0)
         yield
-        if proc.poll() is not None:
-            raise BenchError(f"the watcher exited with status {proc.returncode}:\n{tail(log)}")
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
 
 
 class Upstream:

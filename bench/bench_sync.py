@@ -27,7 +27,6 @@ no-change sync must leave the catalog's bytes as they were. A fast wrong answer 
 from __future__ import annotations
 
 import argparse
-import ctypes
 import hashlib
 import json
 import os
@@ -54,6 +53,7 @@ from common import (
     serial,
     server_exe,
     settle,
+    syncfs,
     tail,
     verdict,
     warm,
@@ -228,15 +228,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def syncfs(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        if ctypes.CDLL(None, use_errno=True).syncfs(fd) != 0:
-            os.sync()
-    finally:
-        os.close(fd)
 
 
 def timed(cmd: list[str], log: Path, timeout: float, sync_dir: Path) -> float:

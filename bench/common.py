@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import datetime as dt
 import hashlib
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -37,6 +39,10 @@ META_SIZE = 4 * 1024
 DEFAULT_WORKDIR = "/var/tmp"  # noqa: S108
 #: Serials count minutes from here: YYYYMMDD_HH:MM, the spelling the build seeds use.
 SERIAL_EPOCH = dt.datetime(2024, 1, 1)
+
+
+#: seconds a watcher has to stop after SIGTERM before it is killed
+STOP_TIMEOUT = 60.0
 
 
 class BenchError(Exception):
@@ -321,3 +327,72 @@ def print_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
 def machine_line() -> str:
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
     return f"{os.cpu_count()} CPUs (load {load}), Python {sys.version.split()[0]}"
+
+
+# -- the tree and the programs run on it -----------------------------------------------------------
+
+
+def syncfs(path: Path) -> None:
+    """Writes back what is dirty on `path`'s file system (what the tool left in the cache).
+
+    syncfs(2) through libc (Python has no os.syncfs): only that file system, not what other
+    jobs on the machine left dirty elsewhere (os.sync, the fallback, would time theirs too)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.syncfs(fd) != 0:
+            raise OSError(ctypes.get_errno(), f"syncfs {path}")
+    except AttributeError:
+        os.sync()
+    finally:
+        os.close(fd)
+
+
+def on_disk(img: Path) -> set[tuple[str, str]]:
+    """(product, serial) of every version directory below `img` (images/)."""
+    out = set()
+    for d in img.glob("*/*/*/*/*"):
+        if d.is_dir() and not d.name.startswith("."):
+            parts = d.relative_to(img).parts
+            out.add((":".join(parts[:4]), parts[4]))
+    return out
+
+
+@contextlib.contextmanager
+def watcher(
+    exe: str,
+    state: Path,
+    root: Path,
+    log: Path,
+    timeout: float,
+    ready: Callable[[], bool],
+    what: str,
+) -> Iterator[None]:
+    """`watch` running on `root` for the block, from the time `ready()` holds (`what` names it
+    in the error when it does not within `timeout`); it must still run at the end."""
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(
+            [exe, "--state-dir", str(state), "watch", "--root-dir", str(root)],
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=out,
+        )
+    try:
+        deadline = time.monotonic() + timeout
+        while not ready():
+            if proc.poll() is not None:
+                raise BenchError(f"the watcher exited with status {proc.returncode}:\n{tail(log)}")
+            if time.monotonic() > deadline:
+                raise BenchError(f"{what} not in {timeout:.0f} s")
+            time.sleep(0.05)
+        yield
+        if proc.poll() is not None:
+            raise BenchError(f"the watcher exited with status {proc.returncode}:\n{tail(log)}")
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
