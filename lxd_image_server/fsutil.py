@@ -240,6 +240,24 @@ def open_dir(name: str, dir_fd: int | None = None) -> int:
         raise
 
 
+def make_hidden_dir(dir_fd: int, prefix: str, mode: int) -> tuple[str, int]:
+    """A new directory `prefix` + random in `dir_fd`, of exactly `mode`: its name and its
+    descriptor (the staging directories of `import` and `sync`)."""
+    name = f"{prefix}{secrets.token_hex(6)}"
+    os.mkdir(name, mode, dir_fd=dir_fd)
+    fd = open_dir(name, dir_fd=dir_fd)
+    try:
+        st_mode = os.fstat(fd).st_mode
+        if stat.S_IMODE(st_mode) & 0o777 != mode:
+            # exactly that mode, only when a umask narrowed it (as DirChain does): a chmod
+            # naming the inherited setgid bit is refused by systemd's RestrictSUIDSGID
+            os.fchmod(fd, mode | (st_mode & stat.S_ISGID))
+    except BaseException:
+        os.close(fd)
+        raise
+    return name, fd
+
+
 def open_dir_below(base: str, rel: str) -> int:
     """Opens the directory `rel` (a relative path with '/', or "" for `base` itself) below the
     trusted directory `base`, each component relative to its parent's descriptor without

@@ -285,9 +285,7 @@ class EarlyRoot:
         self._copied = self._copy_root(root_fd, meta, self._progress, None)
 
     def _make_staging(self, img_dir: str) -> None:
-        import secrets
-
-        from lxd_image_server.fsutil import open_dir
+        from lxd_image_server.fsutil import make_hidden_dir
 
         img_dir = os.path.abspath(img_dir)
         missing = []
@@ -303,10 +301,9 @@ class EarlyRoot:
             self._made.append(path)
         # (images/ itself may be a link, as for the import: import_place.stage)
         self._img_fd = os.open(img_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        name = f"{STAGING_PREFIX}{secrets.token_hex(6)}"
-        os.mkdir(name, STAGING_MODE, dir_fd=self._img_fd)
-        self._staging = name
-        self._staging_fd = open_dir(name, dir_fd=self._img_fd)
+        self._staging, self._staging_fd = make_hidden_dir(
+            self._img_fd, STAGING_PREFIX, STAGING_MODE
+        )
 
     def _copy_root(
         self, root_fd: int, meta: Hasher | None, progress: Callable[[int], None], mine: int | None

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from lxd_image_server.fsutil import DirChain, open_dir, open_regular
+from lxd_image_server.fsutil import DirChain, make_hidden_dir, open_dir, open_regular
 from lxd_image_server.ops import import_copy
 from lxd_image_server.ops.import_detect import ImagePlan, Source, open_source
 from lxd_image_server.ops.import_errors import ImportFailed, VersionExists
@@ -214,10 +214,8 @@ def staged(
     normally, after an fsync of it: the version appears whole or not at all. Removed, with what
     is in it, when the block raises (or when `serial` appeared meanwhile: VersionExists), after
     `undo` (which may still take files out of it)."""
-    tmp_name = _make_staging(variant_fd, prefix, mode)
-    fd = -1
+    tmp_name, fd = make_hidden_dir(variant_fd, prefix, mode)
     try:
-        fd = open_dir(tmp_name, dir_fd=variant_fd)
         yield fd
         os.fsync(fd)
         if _exists(serial, variant_fd):
@@ -229,8 +227,7 @@ def staged(
         shutil.rmtree(tmp_name, dir_fd=variant_fd, ignore_errors=True)
         raise
     finally:
-        if fd >= 0:
-            os.close(fd)
+        os.close(fd)
     os.fsync(variant_fd)
 
 
@@ -375,8 +372,7 @@ def stage(
             transfer.dir_fd = _open_dir(parts[-1], variant_fd, version_dir)
             _fill(plan, transfer, placed, into_existing=True)
         else:
-            tmp_name = _make_staging(variant_fd, ".import-", dir_mode)
-            transfer.dir_fd = open_dir(tmp_name, dir_fd=variant_fd)
+            tmp_name, transfer.dir_fd = make_hidden_dir(variant_fd, ".import-", dir_mode)
             _fill(plan, transfer, placed, into_existing=False)
         if on_filled is not None:
             on_filled(transfer.dir_fd, placed)
@@ -393,22 +389,6 @@ def stage(
             raise ImportFailed(f"importing into {version_dir} failed: {e.strerror or e}") from e
         raise
     return Staged(placed, chain, transfer, tmp_name)
-
-
-def _make_staging(variant_fd: int, prefix: str, mode: int) -> str:
-    """A new hidden directory (`prefix` + random, exactly `mode`) in the variant directory."""
-    tmp_name = f"{prefix}{secrets.token_hex(6)}"
-    os.mkdir(tmp_name, mode, dir_fd=variant_fd)
-    fd = open_dir(tmp_name, dir_fd=variant_fd)
-    try:
-        st_mode = os.fstat(fd).st_mode
-        if stat.S_IMODE(st_mode) & 0o777 != mode:
-            # exactly that mode, only when a umask narrowed it (as fsutil.DirChain does): a
-            # chmod naming the inherited setgid bit is refused by systemd's RestrictSUIDSGID
-            os.fchmod(fd, mode | (st_mode & stat.S_ISGID))
-    finally:
-        os.close(fd)
-    return tmp_name
 
 
 def _fill(plan: ImagePlan, transfer: _Transfer, placed: Placed, into_existing: bool) -> None:
