@@ -26,9 +26,10 @@ import json
 import logging
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from json.encoder import encode_basestring
+from typing import TypeVar
 
 from lxd_image_server.catalog.model import Version
 from lxd_image_server.catalog.products import Products
@@ -42,6 +43,8 @@ from lxd_image_server.fsutil import (
 )
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 #: the record's own format
 FORMAT = 1
@@ -117,15 +120,7 @@ def read_updated(state_dir: str) -> str | None:
 
 def read(state_dir: str) -> Published | None:
     """The record of the last publish (None: no usable record; logged unless missing)."""
-    try:
-        data = _read(state_dir, MAX_RECORD_BYTES, whole=True)
-        head, _, body = data.partition(b"\n")
-        return Published(_checked_head(head), dict(_files(body)))
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as e:
-        _ignored(state_dir, e)
-        return None
+    return _whole(state_dir, lambda updated, body: Published(updated, dict(_files(body))))
 
 
 def read_crowded(
@@ -140,30 +135,40 @@ def read_crowded(
     then its files), and the lines of those products are read and checked whole; the others
     are only counted (a product with `more_than` versions or fewer cannot change what `prune`
     chooses), which keeps reading the record of 20,000 versions to a few milliseconds."""
+    return _whole(state_dir, lambda _updated, body: _crowded(body, prefix, more_than))
+
+
+def _crowded(body: bytes, prefix: str, more_than: int) -> dict[str, dict[str, dict[str, int]]]:
+    """read_crowded's choice from the record's lines (ValueError: not the writer's shape)."""
+    start = b'["' + prefix.encode()
+    by_product: dict[bytes, list[bytes]] = {}
+    for n, line in enumerate(body.splitlines(), start=2):
+        end = line.find(b'", {', len(start))
+        rel = line[len(start) : end]
+        if not line.startswith(start) or end < 0 or rel.count(b"/") != 4:
+            raise ValueError(f"line {n}: not a version directory below {prefix}")
+        if not line.endswith(b"}]"):
+            raise ValueError(f"line {n}: not a version directory and its files")
+        by_product.setdefault(rel.rpartition(b"/")[0], []).append(line)
+    out: dict[str, dict[str, dict[str, int]]] = {}
+    for lines in by_product.values():
+        if len(lines) <= more_than:
+            continue
+        for directory, files in _entries(b"\n".join(lines)):
+            product, _, serial = directory.removeprefix(prefix).rpartition("/")
+            if not directory.startswith(prefix) or product.count("/") != 3:
+                raise ValueError(f"{directory[:200]!r} is not a version directory")
+            out.setdefault(product, {}).setdefault(serial, {}).update(files)
+    return out
+
+
+def _whole(state_dir: str, parse: Callable[[str, bytes], T]) -> T | None:
+    """`parse(updated, lines)` of the whole record, its first line checked (None: no usable
+    record, logged unless it is missing)."""
     try:
         data = _read(state_dir, MAX_RECORD_BYTES, whole=True)
         head, _, body = data.partition(b"\n")
-        _checked_head(head)
-        start = b'["' + prefix.encode()
-        by_product: dict[bytes, list[bytes]] = {}
-        for n, line in enumerate(body.splitlines(), start=2):
-            end = line.find(b'", {', len(start))
-            rel = line[len(start) : end]
-            if not line.startswith(start) or end < 0 or rel.count(b"/") != 4:
-                raise ValueError(f"line {n}: not a version directory below {prefix}")
-            if not line.endswith(b"}]"):
-                raise ValueError(f"line {n}: not a version directory and its files")
-            by_product.setdefault(rel.rpartition(b"/")[0], []).append(line)
-        out: dict[str, dict[str, dict[str, int]]] = {}
-        for lines in by_product.values():
-            if len(lines) <= more_than:
-                continue
-            for directory, files in _entries(b"\n".join(lines)):
-                product, _, serial = directory.removeprefix(prefix).rpartition("/")
-                if not directory.startswith(prefix) or product.count("/") != 3:
-                    raise ValueError(f"{directory[:200]!r} is not a version directory")
-                out.setdefault(product, {}).setdefault(serial, {}).update(files)
-        return out
+        return parse(_checked_head(head), body)
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as e:
