@@ -190,7 +190,12 @@ def request_publish(
 ) -> Answer | None:
     """Asks the running watcher to publish `versions` (paths relative to `img_dir`) and
     returns its answer; None when there is no live watcher (of this tree) or the channel
-    failed (logged in one line): then publish by yourself."""
+    failed (logged in one line): then publish by yourself. More versions than one request
+    names (MAX_VERSIONS) are not asked for either: the publish of them all is the whole
+    catalog's anyway."""
+    if len(versions) > MAX_VERSIONS:
+        log.info("%d versions, more than one request names: publishing here", len(versions))
+        return None
     try:
         for rel in versions:
             check_version_path(rel)

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from lxd_image_server.catalog import publish_requests, published
+from lxd_image_server.catalog import published
 from lxd_image_server.catalog.publish_requests import request_publish, running_watcher
 from lxd_image_server.catalog.retention import (
     Pending,
@@ -135,21 +135,7 @@ def prune_by_watcher(
     outcome = Outcome()
     outcome.scheduled, outcome.already = schedule(paths.state_dir, doomed, grace, now=now)
     if outcome.scheduled:
-        rels = [v.key.relpath for v in doomed]
-        answer = None
-        if len(rels) <= publish_requests.MAX_VERSIONS:
-            answer = request_publish(
-                paths.state.publish_socket, paths.state.watch_pid, paths.img_dir, rels
-            )
-        else:
-            log.info("%d versions pruned, more than one request names: publishing here", len(rels))
-        if answer is None:
-            publish_here()
-        elif answer.listed:
-            raise WatcherListsThem(
-                f"the running watcher still lists {', '.join(answer.listed)}; see its log"
-            )
-        outcome.by_watcher = answer is not None
+        outcome.by_watcher = _hand_over(paths, doomed, publish_here)
     outcome.deleted = delete_expired(paths, now=now)
     return outcome
 
@@ -295,17 +281,27 @@ def remove_by_watcher(
     matches = _chosen(found, paths, product, serial)
     outcome = Outcome()
     outcome.scheduled, outcome.already = schedule(paths.state_dir, matches, grace, now=now)
-    rels = [v.key.relpath for v in matches]
+    outcome.by_watcher = _hand_over(paths, matches, publish_here)
+    outcome.deleted = delete_expired(paths, now=now)
+    return outcome
+
+
+def _hand_over(
+    paths: Paths, versions: list[ScannedVersion], publish_here: Callable[[], object]
+) -> bool:
+    """The running watcher publishes the catalog without `versions` (recorded as pruned
+    already): True. False when it did not take them and `publish_here` did;
+    WatcherListsThem when it still lists one."""
+    rels = [v.key.relpath for v in versions]
     answer = request_publish(paths.state.publish_socket, paths.state.watch_pid, paths.img_dir, rels)
     if answer is None:
         publish_here()
-    elif answer.listed:
+        return False
+    if answer.listed:
         raise WatcherListsThem(
             f"the running watcher still lists {', '.join(answer.listed)}; see its log"
         )
-    outcome.by_watcher = answer is not None
-    outcome.deleted = delete_expired(paths, now=now)
-    return outcome
+    return True
 
 
 def _chosen(

@@ -324,6 +324,29 @@ def test_a_watcher_proc_does_not_show_is_asked_if_it_exists(
         pr.running_watcher(str(pid_file))
 
 
+def test_more_versions_than_a_request_names_are_not_asked_for(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A watcher is there, but no request may name that many: publish yourself, without
+    connecting (prune, remove and import of many versions alike)."""
+    monkeypatch.setattr(pr, "_cmdline", lambda pid: b"lxd-image-server\0watch\0")
+    (tmp_path / "watch.pid").write_text(f"{os.getpid()}\n")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        listener.bind(str(tmp_path / "publish.sock"))
+        listener.listen(4)
+        got = pr.request_publish(
+            str(tmp_path / "publish.sock"),
+            str(tmp_path / "watch.pid"),
+            IMAGES,
+            [V1] * (pr.MAX_VERSIONS + 1),
+            1,
+        )
+        assert got is None
+        listener.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            listener.accept()  # nobody connected
+
+
 def test_a_process_that_is_not_the_socket_s_listener_is_not_asked(tmp_path: Path) -> None:
     """The pid file names a live process, but the socket is someone else's: no request."""
     srv = RequestServer(str(tmp_path / "publish.sock"), IMAGES)
