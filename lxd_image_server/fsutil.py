@@ -240,6 +240,15 @@ def open_dir(name: str, dir_fd: int | None = None) -> int:
         raise
 
 
+def exact_dir_mode(fd: int, mode: int) -> None:
+    """Gives the directory `fd` just made exactly the permissions `mode`, only when a umask
+    narrowed them: a chmod naming the setgid bit is refused by systemd's RestrictSUIDSGID, so
+    an inherited setgid bit is kept as it is."""
+    st_mode = os.fstat(fd).st_mode
+    if stat.S_IMODE(st_mode) & 0o777 != mode:
+        os.fchmod(fd, mode | (st_mode & stat.S_ISGID))
+
+
 def make_hidden_dir(dir_fd: int, prefix: str, mode: int) -> tuple[str, int]:
     """A new directory `prefix` + random in `dir_fd`, of exactly `mode`: its name and its
     descriptor (the staging directories of `import` and `sync`)."""
@@ -247,11 +256,7 @@ def make_hidden_dir(dir_fd: int, prefix: str, mode: int) -> tuple[str, int]:
     os.mkdir(name, mode, dir_fd=dir_fd)
     fd = open_dir(name, dir_fd=dir_fd)
     try:
-        st_mode = os.fstat(fd).st_mode
-        if stat.S_IMODE(st_mode) & 0o777 != mode:
-            # exactly that mode, only when a umask narrowed it (as DirChain does): a chmod
-            # naming the inherited setgid bit is refused by systemd's RestrictSUIDSGID
-            os.fchmod(fd, mode | (st_mode & stat.S_ISGID))
+        exact_dir_mode(fd, mode)
     except BaseException:
         os.close(fd)
         raise
@@ -399,11 +404,7 @@ class DirChain:
                 self.created.append(len(self.names))
                 self.names.append(name)
                 self.fds.append(fd)
-                st_mode = os.fstat(fd).st_mode
-                if stat.S_IMODE(st_mode) & 0o777 != mode:
-                    # only when a umask narrowed it; a chmod naming the setgid bit is refused by
-                    # systemd's RestrictSUIDSGID, so the inherited bit is kept as it is
-                    os.fchmod(fd, mode | (st_mode & stat.S_ISGID))
+                exact_dir_mode(fd, mode)
                 os.fsync(parent)
                 return
             self.names.append(name)
