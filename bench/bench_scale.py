@@ -38,7 +38,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -51,6 +50,7 @@ from typing import Any
 
 from common import (
     POLL_INTERVAL,
+    STOP_TIMEOUT,
     BenchError,
     MiB,
     add_common_args,
@@ -67,6 +67,7 @@ from common import (
     serial,
     server_exe,
     settle,
+    stop,
     tail,
     verdict,
     wait_for,
@@ -81,7 +82,6 @@ GOAL_NOCHANGE = 3.0
 GOAL_COLD = 10.0
 GOAL_WATCH_S = 0.5
 GOAL_RSS_MIB = 150.0
-STOP_TIMEOUT = 60.0
 #: the watcher's --rescan-interval here: a new file in a directory without a watch is listed
 #: once unchanged that long (the default is 60 s)
 RESCAN_INTERVAL = 5.0
@@ -264,15 +264,6 @@ def in_catalog(root: Path, item_path: str) -> Callable[[], bool]:
             return False
 
     return check
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(STOP_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 def measure_watch(

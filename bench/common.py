@@ -390,9 +390,14 @@ def watcher(
             raise BenchError(f"the watcher exited with status {proc.returncode}:\n{tail(log)}")
     finally:
         if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop(proc)
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    """Stops `proc` with SIGTERM, or kills it when it has not stopped in STOP_TIMEOUT."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(STOP_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
