@@ -206,8 +206,6 @@ def _by_product(
                 key = parse_version_dir(rel.split("/"))
             except LayoutError as e:
                 raise _Damaged(f"is damaged: it lists {rel[:200]!r} ({e})") from None
-            if key.relpath != rel:
-                raise _Damaged(f"is damaged: it lists {rel[:200]!r}")
             if os.path.join(paths.img_dir, rel) in pending:
                 continue
             out.setdefault(key.product, _Listed({})).versions[key.serial] = files
